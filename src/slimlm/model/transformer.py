@@ -1,0 +1,152 @@
+"""A plain, single-device decoder-only transformer for the Llama family.
+
+RMSNorm -> attention (RoPE, GQA, optional q/k/v bias) -> RMSNorm -> SwiGLU MLP, with
+module names equal to Hugging Face's so checkpoints load with ``load_state_dict``.
+Caching, batching layout and per-layer hooks live outside the model: attention is delegated
+to an :class:`~slimlm.model.attention.AttentionBackend` passed to ``forward``, and the layer
+loop is exposed (``embed`` / ``layers`` / ``head``) for runners that act between layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimlm.model.attention import AttentionBackend, DenseAttention
+from slimlm.model.config import ModelConfig
+from slimlm.model.rope import RotaryEmbedding, apply_rope
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.cfg = layer, cfg
+        d, h, hkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+        qkv_bias = cfg.qkv_bias or cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=qkv_bias)
+        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=cfg.attention_bias)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        d = self.cfg.head_dim
+        q = self.q_proj(x).view(B, T, -1, d).transpose(1, 2)  # (B, Hq, T, d)
+        k = self.k_proj(x).view(B, T, -1, d).transpose(1, 2)  # (B, Hkv, T, d)
+        v = self.v_proj(x).view(B, T, -1, d).transpose(1, 2)  # (B, Hkv, T, d)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attn.attend(self.layer, q, k, v)  # (B, Hq, T, d)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        b = cfg.mlp_bias
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """Decoder-only LM. ``forward(input_ids, position_ids, attn)`` -> logits (B, T', vocab)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rotary = RotaryEmbedding(cfg)
+        self.attn_scale = cfg.head_dim**-0.5
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def windows(self) -> dict[int, int | None]:
+        return {i: self.cfg.window_for_layer(i) for i in range(self.cfg.num_layers)}
+
+    def dense_attention(
+        self, position_ids: torch.Tensor, segment_ids: torch.Tensor | None = None
+    ) -> DenseAttention:
+        return DenseAttention(position_ids, segment_ids, self.attn_scale, self.windows())
+
+    # The three stages, exposed so runners can act between layers.
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)  # (B, T, D)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model.norm(h))  # (B, T, V)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attn: AttentionBackend | None = None,
+        *,
+        segment_ids: torch.Tensor | None = None,
+        logits_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids, position_ids, segment_ids: (B, T). ``attn`` defaults to dense causal
+        attention within segments. ``logits_index`` (B, K) selects which positions get logits
+        (e.g. only the last one of each prompt), saving the vocab projection elsewhere."""
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        if attn is None:
+            attn = self.dense_attention(position_ids, segment_ids)
+        h = self.embed(input_ids)
+        cos, sin = self.rotary(position_ids, h.dtype)
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, attn)
+        if logits_index is not None:
+            h = h.gather(1, logits_index[..., None].expand(-1, -1, h.shape[-1]))  # (B, K, D)
+        return self.head(h)

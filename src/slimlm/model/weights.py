@@ -1,0 +1,157 @@
+"""Hugging Face directory format: read and write config, weights and tokenizer.
+
+Weights come only from safetensors (single or sharded) or, for legacy ``*.bin``/``*.pt``
+checkpoints, from ``torch.load(weights_only=True)``, which refuses arbitrary pickled objects.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from slimlm.errors import ModelLoadError
+from slimlm.model.config import ModelConfig
+from slimlm.model.transformer import CausalLM, RotaryEmbedding
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype '{dtype}'; choose from {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def read_config(path: Path) -> ModelConfig:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ModelLoadError(f"no config.json in {path}")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except ValueError as e:
+        raise ModelLoadError(f"cannot parse {cfg_file}: {e}") from None
+    try:
+        return ModelConfig.from_hf(raw)
+    except KeyError as e:
+        raise ModelLoadError(f"{cfg_file} lacks required key {e}") from None
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise ModelLoadError(f"bad shard index {index}: {e}") from None
+        files = sorted({path / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelLoadError(f"shards listed in {index.name} are missing: {', '.join(missing)}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files
+    legacy = sorted(path.glob("pytorch_model*.bin")) + sorted(path.glob("*.pt"))
+    if legacy:
+        return legacy
+    raise ModelLoadError(f"no weights in {path} (expected *.safetensors)")
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for f in _weight_files(path):
+        if f.suffix == ".safetensors":
+            try:
+                with safe_open(str(f), framework="pt") as sf:
+                    for key in sf.keys():
+                        state[key] = sf.get_tensor(key)
+            except (SafetensorError, OSError, RuntimeError) as e:
+                raise ModelLoadError(f"corrupted safetensors file {f}: {e}") from None
+        else:
+            try:  # never unpickle arbitrary objects
+                loaded = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise ModelLoadError(f"cannot load {f} safely (weights_only=True): {str(e).splitlines()[0]}") from None
+            state.update(loaded.get("state_dict", loaded) if isinstance(loaded, dict) else {})
+    return state
+
+
+def build_model(
+    cfg: ModelConfig,
+    state: dict[str, torch.Tensor],
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    source: str = "checkpoint",
+) -> CausalLM:
+    """Instantiate a model without initialising weights, then assign ``state`` into it."""
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    expected = {k: p.shape for k, p in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensors (e.g. {', '.join(unexpected[:3])})")
+        raise ModelLoadError(f"{source} does not match its config: {'; '.join(parts)}")
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != tuple(shape):
+            raise ModelLoadError(
+                f"{source}: tensor {k} has shape {tuple(state[k].shape)}, config implies {tuple(shape)}"
+            )
+    # copy=True: never keep tensors backed by a memory-mapped file that may change under us
+    state = {k: v.to(device=device, dtype=dtype, copy=True) for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.rotary = RotaryEmbedding(cfg).to(device)  # non-persistent buffers were on meta
+    cfg.torch_dtype = str(dtype).removeprefix("torch.")
+    return model.eval()
+
+
+def save_model_dir(
+    model: CausalLM,
+    path: str | Path,
+    tokenizer=None,
+    generation_config: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write a directory that ``transformers.AutoModelForCausalLM.from_pretrained`` loads."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    state = {
+        k: v.detach().to(dtype or v.dtype).contiguous().cpu()
+        for k, v in model.state_dict().items()
+        if not (cfg.tie_word_embeddings and k == "lm_head.weight")
+    }
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    hf = cfg.to_hf()
+    if dtype is not None:
+        hf["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (path / "config.json").write_text(json.dumps(hf, indent=2))
+    gen = dict(generation_config or {})
+    gen.setdefault("bos_token_id", cfg.bos_token_id)
+    gen.setdefault("eos_token_id", cfg.eos_token_id)
+    (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    if tokenizer is not None:
+        tokenizer.save(path)
+    return path
