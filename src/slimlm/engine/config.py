@@ -1,0 +1,60 @@
+"""EngineConfig: every knob of the serving engine, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class EngineConfig:
+    dtype: str = "float32"
+    device: str = "cpu"
+    block_size: int = 16
+    """Tokens per KV block. Smaller blocks share prefixes more finely; larger ones gather faster."""
+    kv_cache_bytes: int | None = None
+    """Bytes for the KV block pool; None = 30% of available memory, at most 4 GiB (CPU)."""
+    max_num_batched_tokens: int = 512
+    """Token budget of one step (SARATHI chunk size): running decodes first, then prefill
+    chunks fill what is left (Agrawal et al. 2023, decode-maximal batching)."""
+    max_num_seqs: int = 128
+    """Most sequences running at once."""
+    enable_prefix_caching: bool = True
+    """Share KV blocks between requests with a common prefix (hash of full blocks)."""
+    batch_prefix_scheduling: bool = True
+    """BatchLLM (Zheng et al. 2024): order offline batches so prompts sharing a prefix run
+    together, decode-heavy ones first, and never compute a shared prefix twice at once."""
+    kv_policy: str | None = None
+    """Name of a KV-cache policy (see ``slimlm.kvcache.policy``), e.g. "sink"."""
+    kv_policy_args: dict[str, Any] = field(default_factory=dict)
+    speculative: str | None = None
+    """Name of a speculative proposer (see ``slimlm.engine.spec``), e.g. "draft"."""
+    speculative_args: dict[str, Any] = field(default_factory=dict)
+    hooks: list[str] = field(default_factory=list)
+    """Per-layer runner hooks by name (see ``slimlm.engine.hooks``)."""
+    hook_args: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
+            raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
+
+
+def default_kv_bytes(device: str) -> int:
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        return int(free * 0.5)
+    avail = 8 << 30
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(min(avail * 0.3, 4 << 30))

@@ -1,0 +1,182 @@
+"""Attention over the paged KV cache for one engine step.
+
+The step's tokens arrive flattened in one row (decodes first, then prefill chunks, each with
+its own positions). For every layer, :meth:`PagedAttention.attend` writes the new keys and
+values into their slots, then computes attention:
+
+- all decode tokens together: each sequence's kept blocks are gathered (block-wise, into a
+  reused workspace) into a padded (B, Hkv, S, d) batch with a validity mask, one SDPA call;
+- each prefill chunk alone: over its own new keys when it has no earlier context, otherwise
+  over its gathered blocks, with a causal mask from explicit positions.
+
+Every call goes through :func:`slimlm.model.attention.attention` or, when a KV policy caps
+relative distances (LM-Infinite), :func:`capped_attention`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from slimlm.kvcache.manager import EVICTED
+from slimlm.kvcache.policy.base import AttentionSpan
+from slimlm.model.attention import attention
+from slimlm.model.config import ModelConfig
+from slimlm.model.rope import RotaryEmbedding, apply_rope
+
+
+class PagedKVCache:
+    """The KV tensors: per layer, (num_blocks, block_size, Hkv, d) for keys and for values."""
+
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device):
+        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self._ws: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        if not pairs:
+            return
+        src = torch.tensor([s for s, _ in pairs], device=self.k[0].device)
+        dst = torch.tensor([d for _, d in pairs], device=self.k[0].device)
+        for t in self.k + self.v:
+            t[dst] = t[src]
+
+    def gather(self, which: str, layer: int, blocks: torch.Tensor) -> torch.Tensor:
+        """Copy ``blocks`` (n,) of one layer into a reused workspace: (n, block_size, Hkv, d)."""
+        pool = (self.k if which == "k" else self.v)[layer]
+        n = blocks.numel()
+        numel = n * pool[0].numel()
+        ws = self._ws.get(which)
+        if ws is None or ws.numel() < numel:
+            ws = self._ws[which] = torch.empty(max(numel, 1 << 20), dtype=pool.dtype, device=pool.device)
+        out = ws[:numel].view(n, *pool.shape[1:])
+        torch.index_select(pool, 0, blocks, out=out)
+        return out
+
+
+def kept_blocks(table: list[int], num_tokens: int, block_size: int) -> tuple[list[int], list[int]]:
+    """Physical blocks covering the first ``num_tokens`` tokens, skipping evicted ones, and the
+    logical index of each."""
+    n = -(-num_tokens // block_size)
+    phys, logical = [], []
+    for i, b in enumerate(table[:n]):
+        if b != EVICTED:
+            phys.append(b)
+            logical.append(i)
+    return phys, logical
+
+
+def span_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, span: AttentionSpan, window: int | None) -> torch.Tensor:
+    """q_pos (B, T), k_pos (B, S) with -1 for padding -> bool (B, 1, T, S)."""
+    qp, kp = q_pos[:, :, None], k_pos[:, None, :]
+    mask = (kp <= qp) & (kp >= 0)
+    if window is not None:
+        mask &= qp - kp < window
+    if span.window is not None:
+        mask &= (qp - kp < span.window) | (kp < span.sink)
+    return mask[:, None]
+
+
+def capped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+    q_pos: torch.Tensor, k_pos: torch.Tensor, cap: int, rotary: RotaryEmbedding, scale: float,
+) -> torch.Tensor:
+    """Attention where a key farther than ``cap`` from its query scores as if exactly ``cap``
+    away (LM-Infinite's distance ceiling). With RoPE the score of query q_u at p and key k_u at s
+    is <R(p) q_u, R(s) k_u> = <R(p - s) q_u, k_u>; for far keys we use <R(cap) q_u, k_u>, computed
+    as <R(cap - p) q_p, R(-s) k_s> from the cached (rotated) tensors.
+
+    q (B, Hq, T, d); k, v (B, Hkv, S, d); mask (B, 1, T, S); q_pos (B, T); k_pos (B, S).
+    """
+    G = q.shape[1] // k.shape[1]
+    kx, vx = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)  # (B, Hq, S, d)
+    scores = (q @ kx.transpose(-1, -2)) * scale  # (B, Hq, T, S)
+    far = (q_pos[:, :, None] - k_pos[:, None, :] > cap) & (k_pos[:, None, :] >= 0)  # (B, T, S)
+    if bool(far.any()):
+        cols = int(far.any(0).any(0).nonzero().max()) + 1  # far keys are the leading (sink) columns
+        cq, sq = rotary(cap - q_pos, q.dtype)
+        ck, sk = rotary(-k_pos[:, :cols].clamp(min=0), q.dtype)
+        qc = apply_rope(q, cq, sq)  # R(cap - p) q_p
+        ku = apply_rope(kx[:, :, :cols], ck, sk)  # R(-s) k_s
+        capped = (qc @ ku.transpose(-1, -2)) * scale  # (B, Hq, T, cols)
+        scores[..., :cols] = torch.where(far[:, None, :, :cols], capped, scores[..., :cols])
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1).to(vx.dtype) @ vx
+
+
+@dataclass
+class PrefillSegment:
+    rows: slice
+    """This chunk's rows in the flattened step."""
+    q_pos: torch.Tensor  # (1, T)
+    blocks: torch.Tensor | None
+    """Kept blocks covering context + chunk, or None when the chunk is all the context."""
+    k_pos: torch.Tensor  # (1, S)
+
+
+@dataclass
+class DecodeGroup:
+    rows: slice
+    q_pos: torch.Tensor  # (B, 1)
+    blocks: torch.Tensor  # (B * nb,) padded with block 0
+    k_pos: torch.Tensor  # (B, nb * block_size), -1 = padding
+    nb: int
+
+
+class PagedAttention:
+    """The AttentionBackend for one engine step (see the module docstring)."""
+
+    def __init__(
+        self, cache: PagedKVCache, slots: torch.Tensor, decode: DecodeGroup | None,
+        prefills: list[PrefillSegment], span: AttentionSpan, windows: dict[int, int | None],
+        scale: float, rotary: RotaryEmbedding,
+    ):
+        self.cache, self.slots, self.decode, self.prefills = cache, slots, decode, prefills
+        self.span, self.windows, self.scale, self.rotary = span, windows, scale, rotary
+        self._masks: dict[tuple[int, int | None], torch.Tensor] = {}
+
+    def _mask(self, key: int, q_pos, k_pos, window) -> torch.Tensor:
+        if (key, window) not in self._masks:
+            self._masks[key, window] = span_mask(q_pos, k_pos, self.span, window)
+        return self._masks[key, window]
+
+    def _attend(self, q, k, v, mask, q_pos, k_pos):
+        if self.span.distance_cap is not None and self.span.sink > 0:
+            return capped_attention(q, k, v, mask, q_pos, k_pos, self.span.distance_cap, self.rotary, self.scale)
+        return attention(q, k, v, mask, self.scale)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q (1, Hq, T, d); k, v (1, Hkv, T, d)
+        cache, bs = self.cache, self.cache.block_size
+        hkv, d = k.shape[1], k.shape[3]
+        cache.k[layer].view(-1, hkv, d)[self.slots] = k[0].transpose(0, 1)  # (T, Hkv, d)
+        cache.v[layer].view(-1, hkv, d)[self.slots] = v[0].transpose(0, 1)
+        out = torch.empty_like(q)
+        window = self.windows.get(layer)
+        if (g := self.decode) is not None:
+            B = g.q_pos.shape[0]
+            qd = q[0, :, g.rows].transpose(0, 1)[:, :, None]  # (B, Hq, 1, d)
+            kd = cache.gather("k", layer, g.blocks).view(B, g.nb * bs, hkv, d).transpose(1, 2)  # (B, Hkv, S, d)
+            vd = cache.gather("v", layer, g.blocks).view(B, g.nb * bs, hkv, d).transpose(1, 2)
+            mask = self._mask(-1, g.q_pos, g.k_pos, window)
+            o = self._attend(qd, kd, vd, mask, g.q_pos, g.k_pos)  # (B, Hq, 1, d)
+            out[0, :, g.rows] = o[:, :, 0].transpose(0, 1)
+        for i, p in enumerate(self.prefills):
+            qs = q[:, :, p.rows]
+            if p.blocks is None:
+                ks, vs = k[:, :, p.rows], v[:, :, p.rows]
+            else:
+                n = p.blocks.numel()
+                ks = cache.gather("k", layer, p.blocks).view(1, n * bs, hkv, d).transpose(1, 2)
+                vs = cache.gather("v", layer, p.blocks).view(1, n * bs, hkv, d).transpose(1, 2)
+            mask = self._mask(i, p.q_pos, p.k_pos, window)
+            out[:, :, p.rows] = self._attend(qs, ks, vs, mask, p.q_pos, p.k_pos)
+        return out

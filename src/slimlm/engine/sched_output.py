@@ -1,0 +1,39 @@
+"""The scheduler -> runner contract: plain data, no tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ScheduledChunk:
+    seq_id: int
+    token_ids: list[int]
+    """Tokens whose KV this step computes (a prefill chunk, one decode token, or a decode token
+    followed by draft tokens to verify)."""
+    start: int
+    """Position of token_ids[0]; the sequence's earlier tokens are in the cache."""
+    block_table: list[int]
+    """Physical block per logical block (-1 = evicted by the KV policy)."""
+    num_logits: int = 0
+    """Logits wanted for the last ``num_logits`` tokens (0 for a prefill chunk that does not
+    finish the prompt, 1 to sample, 1 + drafts when verifying drafts)."""
+    num_samples: int = 1
+    """Samples drawn from the last logits: n > 1 for the first token of an n-sample request."""
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    """Single-token chunks (decodes) first, then multi-token chunks (prefill, verification)."""
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    """(src, dst) blocks to copy before the step (copy-on-write of forked sequences)."""
+    preempted: list[int] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+    @property
+    def empty(self) -> bool:
+        return not self.chunks

@@ -1,0 +1,9 @@
+"""Speculative and early-exit decoding: proposers draft tokens, the target verifies them.
+
+Importing this package registers every method in ``SPEC_METHODS``.
+"""
+
+from slimlm.engine.spec.base import SPEC_METHODS, Proposer
+from slimlm.engine.spec import draft_model  # noqa: F401  (registers "draft")
+
+__all__ = ["SPEC_METHODS", "Proposer"]

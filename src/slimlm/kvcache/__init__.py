@@ -1,0 +1,1 @@
+"""KV cache: the block pool, prefix cache, per-sequence block tables and eviction policies."""
