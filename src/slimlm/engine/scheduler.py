@@ -171,14 +171,16 @@ class Scheduler:
     def update(self, out: SchedulerOutput, accepted: dict[int, int]) -> None:
         """After the runner: advance each scheduled sequence by the tokens whose KV is now
         valid (``accepted`` overrides for verified drafts), publish full blocks, apply the KV
-        policy. The engine has already appended sampled tokens to each sequence."""
+        policy. Runs before the engine appends this step's sampled tokens."""
         by_id = {s.seq_id: s for s in self.running}
         for c in out.chunks:
             seq = by_id.get(c.seq_id)
             if seq is None or seq.status != SeqStatus.RUNNING:
                 continue
-            seq.num_computed = c.start + accepted.get(c.seq_id, len(c.token_ids))
-            self.kv.commit(seq.seq_id, seq.token_ids, seq.num_computed)
+            n = accepted.get(c.seq_id, len(c.token_ids))
+            seq.num_computed = c.start + n
+            known = seq.token_ids if c.start + n <= seq.num_tokens else seq.token_ids[: c.start] + c.token_ids
+            self.kv.commit(seq.seq_id, known, seq.num_computed)
             if self.policy is not None:
                 drop = self.policy.blocks_to_evict(seq.num_computed, self.kv.tables[seq.seq_id], self.kv.block_size)
                 if drop:

@@ -78,7 +78,7 @@ class DraftModelProposer(Proposer):
                 if i >= seq.num_tokens or basis[i] != seq.token_ids[i]:
                     valid = i
                     break
-            self.computed[sid] = valid
+            self.computed[sid] = min(valid, seq.num_tokens - 1)  # recompute >= 1 token for its logits
             active[sid] = (seq, k)
         probs: dict[int, list[torch.Tensor]] = {sid: [] for sid in active}
         for step in range(self.k):
