@@ -26,13 +26,26 @@ from slimlm.model.config import ModelConfig
 from slimlm.model.rope import RotaryEmbedding, apply_rope
 
 
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """Zeroed KV storage. On CPU it comes from calloc (via numpy), whose large allocations are
+    fresh zero pages the OS commits only when written: resident memory follows the blocks in
+    use, not the pool size. Masked attention needs finite values everywhere, hence zeros."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    import numpy as np
+
+    nbytes = torch.empty((), dtype=dtype).element_size()
+    raw = np.zeros((*shape[:-1], shape[-1] * nbytes), dtype=np.uint8)
+    return torch.from_numpy(raw).view(dtype)
+
+
 class PagedKVCache:
     """The KV tensors: per layer, (num_blocks, block_size, Hkv, d) for keys and for values."""
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device):
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.k = [_zeros(shape, dtype, device) for _ in range(cfg.num_layers)]
+        self.v = [_zeros(shape, dtype, device) for _ in range(cfg.num_layers)]
         self.block_size, self.num_blocks = block_size, num_blocks
         self._ws: dict[str, torch.Tensor] = {}
 

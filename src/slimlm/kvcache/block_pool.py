@@ -8,7 +8,7 @@ until the pool needs room, then the least recently freed one is recycled (LRU).
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import OrderedDict
 
 
 class BlockPool:
@@ -18,7 +18,7 @@ class BlockPool:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_count = [0] * num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # a stack: reuse warm blocks first
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, ref 0, LRU first
         self._hash_to_block: dict[int, int] = {}
         self._block_hash: dict[int, int] = {}
@@ -35,7 +35,7 @@ class BlockPool:
     # ------------------------------------------------------------------ allocate / free
     def allocate(self) -> int:
         if self._free:
-            b = self._free.popleft()
+            b = self._free.pop()
         elif self._evictable:
             b, _ = self._evictable.popitem(last=False)
             del self._hash_to_block[self._block_hash.pop(b)]

@@ -1,0 +1,68 @@
+"""Machine facts recorded with every result, and a check for a busy CPU."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[3]
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_info(threads: int) -> dict:
+    import torch
+
+    info = {
+        "cpu": cpu_model(), "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
+        "python": platform.python_version(), "commit": git_commit(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def cpu_busy(seconds: float = 0.5) -> float:
+    """Fraction of the machine's CPU used by *other* processes over a short window (0..1)."""
+    def snap():
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:]]
+        idle = vals[3] + vals[4]
+        return sum(vals), idle
+
+    try:
+        t0, i0 = snap()
+        self0 = os.times()
+        time.sleep(seconds)
+        t1, i1 = snap()
+        self1 = os.times()
+    except OSError:
+        return 0.0
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = t1 - t0
+    own = ((self1.user - self0.user) + (self1.system - self0.system)) * ticks
+    return max(0.0, (total - (i1 - i0) - own) / total) if total else 0.0
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

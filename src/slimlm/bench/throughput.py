@@ -1,0 +1,140 @@
+"""Offline throughput: the engine against transformers ``generate`` on the same workload.
+
+Workload (the engine issue's): 64 prompts of 50-1500 tokens, half sharing a 400-token system
+prompt, 128 greedy output tokens each (EOS ignored, so every system generates the same count).
+slimlm gets all prompts at once; transformers gets left-padded batches of 8 in the same order,
+with the same weights, dtype and threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+
+def _setup(args: dict[str, Any]):
+    import torch
+
+    torch.set_num_threads(args["threads"])
+    from slimlm.bench.workloads import mixed_prompts
+    from slimlm.model.hub import load
+
+    lm = load(args["model"], dtype=args["dtype"])
+    prompts = mixed_prompts(lm.tokenizer, n=args["num_prompts"], seed=args["seed"])
+    return lm, prompts
+
+
+def worker_slimlm(args: dict[str, Any]) -> dict[str, Any]:
+    from slimlm import LLM, SamplingParams
+    from slimlm.bench.machine import peak_rss_mb
+
+    lm, prompts = _setup(args)
+    llm = LLM(lm, dtype=args["dtype"], **args.get("engine", {}))
+    params = SamplingParams(temperature=0, max_tokens=args["max_tokens"], ignore_eos=True)
+    llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm-up
+    llm.engine.pool.reset_prefix_cache()
+    for k in llm.engine.stats:
+        llm.engine.stats[k] = 0
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    dt = time.perf_counter() - t0
+    gen = sum(len(o.outputs[0].token_ids) for o in outs)
+    st = llm.engine.stats
+    return {
+        "seconds": dt, "tokens_per_s": gen / dt, "generated": gen,
+        "prompt_tokens": float(st["prompt_tokens"]), "computed_prompt_tokens": float(st["computed_prompt_tokens"]),
+        "peak_rss_mb": peak_rss_mb(), "kv_pool_mb": llm.engine.pool.num_blocks * llm.engine.cache.k[0][0].numel()
+        * 2 * len(llm.engine.cache.k) * llm.engine.cache.k[0].element_size() / 2**20,
+        "preemptions": float(llm.engine.scheduler.num_preemptions),
+    }
+
+
+def worker_transformers(args: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    from slimlm.bench.machine import peak_rss_mb
+
+    lm, prompts = _setup(args)
+    path = lm.path
+    del lm
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args["dtype"])).eval()
+    bs, pad = args["hf_batch"], 0
+    padded = 0
+
+    def run(batch_prompts, max_new):
+        nonlocal padded
+        L = max(map(len, batch_prompts))
+        ids = torch.tensor([[pad] * (L - len(p)) + p for p in batch_prompts])
+        mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in batch_prompts])
+        padded += ids.numel()
+        with torch.inference_mode():
+            return model.generate(ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=max_new,
+                                  do_sample=False, pad_token_id=pad)
+
+    run(prompts[:2], 4)  # warm-up
+    padded = 0
+    t0 = time.perf_counter()
+    gen = 0
+    for i in range(0, len(prompts), bs):
+        out = run(prompts[i : i + bs], args["max_tokens"])
+        gen += (out.shape[1] - max(map(len, prompts[i : i + bs]))) * out.shape[0]
+    dt = time.perf_counter() - t0
+    return {"seconds": dt, "tokens_per_s": gen / dt, "generated": gen,
+            "prompt_tokens": float(sum(map(len, prompts))), "computed_prompt_tokens": float(padded),
+            "peak_rss_mb": peak_rss_mb()}
+
+
+WORKERS = {"slimlm": worker_slimlm, "transformers": worker_transformers}
+
+
+def run(model: str, dtype: str = "float32", threads: int = 2, repeats: int = 2, num_prompts: int = 64,
+        max_tokens: int = 128, seed: int = 0, engine: dict | None = None, hf_batch: int = 8,
+        systems: tuple[str, ...] = ("slimlm", "transformers"), log=print) -> dict[str, Any]:
+    from slimlm.bench.machine import cpu_busy, machine_info
+    from slimlm.bench.runner import interleave, summarise
+
+    busy = cpu_busy()
+    if busy > 0.15:
+        log(f"warning: other processes use {busy:.0%} of the CPU; numbers will be noisy")
+    base = dict(model=model, dtype=dtype, threads=threads, num_prompts=num_prompts, max_tokens=max_tokens,
+                seed=seed, engine=engine or {}, hf_batch=hf_batch)
+    results = interleave({s: (__name__, {**base, "system": s}) for s in systems}, repeats, log)
+    summary = {}
+    for name, runs in results.items():
+        ok = [r for r in runs if "error" not in r]
+        if ok:
+            summary[name] = {k: summarise([r[k] for r in ok]) for k in ok[0]}
+    report = {"scenario": "throughput", "settings": base, "machine": machine_info(threads),
+              "cpu_busy_before": busy, "runs": results, "summary": summary}
+    if "slimlm" in summary and "transformers" in summary:
+        report["speedup"] = summary["slimlm"]["tokens_per_s"]["median"] / summary["transformers"]["tokens_per_s"]["median"]
+    return report
+
+
+def table(report: dict[str, Any]) -> str:
+    rows = ["| system | generated tok/s (median, min-max) | prompt tokens computed / total | peak RSS MB |",
+            "|---|---|---|---|"]
+    for name, s in report["summary"].items():
+        tps = s["tokens_per_s"]
+        rows.append(f"| {name} | {tps['median']:.1f} ({tps['min']:.1f}-{tps['max']:.1f}) | "
+                    f"{s['computed_prompt_tokens']['median']:.0f} / {s['prompt_tokens']['median']:.0f} | "
+                    f"{s['peak_rss_mb']['median']:.0f} |")
+    if "speedup" in report:
+        rows.append(f"\nslimlm / transformers: **{report['speedup']:.2f}x** generated tokens/s")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--worker", required=True)
+    args = json.loads(p.parse_args().worker)
+    res = WORKERS[args["system"]](args)
+    sys.stdout.write(json.dumps(res) + "\n")
+
+
+if __name__ == "__main__":
+    main()
