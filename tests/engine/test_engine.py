@@ -176,3 +176,17 @@ def test_bad_prompt_in_batch_raises_before_running(tiny, prompts):
     assert llm.engine.stats["steps"] == 0
     # the engine still works afterwards
     assert llm.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=MAX_NEW), use_tqdm=False)
+
+
+def test_prompt_logprobs_match_a_dense_forward(tiny, prompts):
+    llm = LLM(tiny, max_num_batched_tokens=16, block_size=8)  # several chunks per prompt
+    p = prompts[0]
+    llm.generate([p], SamplingParams(max_tokens=1), use_tqdm=False)  # warm the prefix cache
+    out = llm.generate([p], SamplingParams(max_tokens=1, prompt_logprobs=2), use_tqdm=False)[0]
+    with torch.no_grad():
+        ref = tiny.model(torch.tensor([p]))[0].log_softmax(-1)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(p)
+    got = torch.tensor([out.prompt_logprobs[i][p[i]] for i in range(1, len(p))])
+    want = ref[torch.arange(len(p) - 1), torch.tensor(p[1:])]
+    assert torch.allclose(got, want, atol=1e-4)
+    assert all(len(d) >= 2 for d in out.prompt_logprobs[1:])

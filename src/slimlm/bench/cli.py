@@ -10,25 +10,44 @@ from pathlib import Path
 
 from slimlm.errors import SlimLMError
 
-SCENARIOS = ["throughput"]
+SCENARIOS = ["throughput", "serve"]
+
+
+def _throughput(a, engine: dict, dtype: str, threads: int, log) -> tuple[dict, str]:
+    from slimlm.bench import throughput
+
+    systems = tuple(s for s in ("slimlm", "transformers") if s not in (a.skip or []))
+    report = throughput.run(a.model, dtype=dtype, threads=threads, repeats=a.repeats, num_prompts=a.num_prompts,
+                            max_tokens=a.max_tokens, engine=engine, systems=systems, log=log)
+    return report, throughput.table(report)
+
+
+def _serve(a, engine: dict, dtype: str, threads: int, log) -> tuple[dict, str]:
+    from slimlm.bench import serve_load
+
+    flags = ["--dtype", dtype, "--max-num-batched-tokens", str(a.max_num_batched_tokens),
+             "--block-size", str(a.block_size)]
+    if a.kv_policy:
+        flags += ["--kv-policy", a.kv_policy]
+    report = serve_load.run(a.model, clients=a.clients, seconds=a.seconds, max_tokens=a.max_tokens,
+                            threads=threads, engine_args=flags, log=log)
+    return report, serve_load.table(report)
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
     from slimlm.engine.options import engine_config_from_args
 
-    if a.scenario not in SCENARIOS:
+    runners = {"throughput": _throughput, "serve": _serve}
+    if a.scenario not in runners:
         raise SlimLMError(f"unknown scenario '{a.scenario}'; known: {', '.join(SCENARIOS)}")
     engine = engine_config_from_args(a)
     dtype = engine.pop("dtype")
     engine = {k: v for k, v in engine.items() if v not in (None, {}, [])}
-    threads = a.threads or min(os.cpu_count() or 1, 2 if (os.cpu_count() or 1) <= 2 else os.cpu_count())
-    from slimlm.bench import throughput
-
+    cores = os.cpu_count() or 1
+    threads = a.threads or cores
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    report = throughput.run(a.model, dtype=dtype, threads=threads, repeats=a.repeats, num_prompts=a.num_prompts,
-                            max_tokens=a.max_tokens, engine=engine,
-                            systems=tuple(s for s in ("slimlm", "transformers") if s not in (a.skip or [])), log=log)
-    print(throughput.table(report))
+    report, text = runners[a.scenario](a, engine, dtype, threads, log)
+    print(text)
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(report, indent=2))
@@ -47,5 +66,7 @@ def register(sub) -> None:
     b.add_argument("--num-prompts", type=int, default=64)
     b.add_argument("--max-tokens", type=int, default=128)
     b.add_argument("--skip", action="append", help="skip a system (slimlm, transformers)")
+    b.add_argument("--clients", type=int, default=64, help="serve: concurrent streaming clients")
+    b.add_argument("--seconds", type=float, default=60, help="serve: how long clients keep sending")
     add_engine_args(b)
     b.set_defaults(func=cmd_bench)

@@ -154,20 +154,25 @@ class LLMEngine:
             if not c.num_logits or c.seq_id not in seqs:
                 continue
             seq = seqs[c.seq_id]
-            if c.num_logits > 1:  # verify drafts
-                toks, lps = self.proposer.verify(seq, logits[c.seq_id])
+            rows = logits[c.seq_id]
+            if c.num_drafts:  # verify drafts
+                toks, lps = self.proposer.verify(seq, rows)
                 accepted[c.seq_id] = len(toks)  # decode token + accepted drafts have valid KV
                 new_tokens[c.seq_id] = list(zip(toks, lps))
-                self.stats["draft_tokens"] += c.num_logits - 1
+                self.stats["draft_tokens"] += c.num_drafts
                 self.stats["accepted_draft_tokens"] += len(toks) - 1
-            else:
-                plain.append((seq, logits[c.seq_id][-1]))
+                continue
+            if seq.prompt_logprobs is not None and c.start < seq.prompt_len:
+                self._record_prompt_logprobs(seq, c.start, c.token_ids, rows)
+            if c.sample:
+                plain.append((seq, rows[-1]))
                 if c.num_samples > 1:
                     req = seq.request
                     for j in range(1, c.num_samples):
                         child = self._new_seq(req, j, list(seq.token_ids))
+                        child.prompt_logprobs = seq.prompt_logprobs
                         forks.append((seq, child))
-                        plain.append((child, logits[c.seq_id][-1]))
+                        plain.append((child, rows[-1]))
         if plain:
             toks, lps = sample_next(torch.stack([r for _, r in plain]), [s.sampler for s, _ in plain])
             for (seq, _), t, lp in zip(plain, toks, lps):
@@ -198,6 +203,17 @@ class LLMEngine:
             if req.finished:
                 self.requests.pop(req.request_id, None)
         return outs
+
+    def _record_prompt_logprobs(self, seq: Sequence, start: int, tokens: list[int], rows: torch.Tensor) -> None:
+        """Row i (position start + i) scores the prompt token at position start + i + 1."""
+        from slimlm.engine.sampling import top_logprobs
+
+        k = seq.request.params.prompt_logprobs
+        n = min(len(tokens), seq.prompt_len - 1 - start)
+        if n <= 0:
+            return
+        targets = torch.tensor(seq.token_ids[start + 1 : start + 1 + n], device=rows.device)
+        seq.prompt_logprobs += top_logprobs(rows[:n].float().log_softmax(-1), targets, k)
 
     def _append(self, seq: Sequence, tok: int, lp: dict[int, float] | None) -> bool:
         """Append one token and apply stop conditions; True if the sequence finished."""

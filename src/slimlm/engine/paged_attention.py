@@ -4,8 +4,9 @@ The step's tokens arrive flattened in one row (decodes first, then prefill chunk
 its own positions). For every layer, :meth:`PagedAttention.attend` writes the new keys and
 values into their slots, then computes attention:
 
-- all decode tokens together: each sequence's kept blocks are gathered (block-wise, into a
-  reused workspace) into a padded (B, Hkv, S, d) batch with a validity mask, one SDPA call;
+- decode tokens in a few groups of similar context length: each sequence's kept blocks are
+  gathered (block-wise, into a reused workspace) into a padded (B, Hkv, S, d) batch with a
+  validity mask, one SDPA call per group;
 - each prefill chunk alone: over its own new keys when it has no earlier context, otherwise
   over its gathered blocks, with a causal mask from explicit positions.
 
@@ -137,7 +138,8 @@ class PrefillSegment:
 
 @dataclass
 class DecodeGroup:
-    rows: slice
+    rows: torch.Tensor
+    """(B,) rows of the step holding these single-token queries."""
     q_pos: torch.Tensor  # (B, 1)
     blocks: torch.Tensor  # (B * nb,) padded with block 0
     k_pos: torch.Tensor  # (B, nb * block_size), -1 = padding
@@ -148,11 +150,11 @@ class PagedAttention:
     """The AttentionBackend for one engine step (see the module docstring)."""
 
     def __init__(
-        self, cache: PagedKVCache, slots: torch.Tensor, decode: DecodeGroup | None,
+        self, cache: PagedKVCache, slots: torch.Tensor, decodes: list[DecodeGroup],
         prefills: list[PrefillSegment], span: AttentionSpan, windows: dict[int, int | None],
         scale: float, rotary: RotaryEmbedding,
     ):
-        self.cache, self.slots, self.decode, self.prefills = cache, slots, decode, prefills
+        self.cache, self.slots, self.decodes, self.prefills = cache, slots, decodes, prefills
         self.span, self.windows, self.scale, self.rotary = span, windows, scale, rotary
         self._masks: dict[tuple[int, int | None], torch.Tensor] = {}
 
@@ -174,12 +176,12 @@ class PagedAttention:
         cache.v[layer].view(-1, hkv, d)[self.slots] = v[0].transpose(0, 1)
         out = torch.empty_like(q)
         window = self.windows.get(layer)
-        if (g := self.decode) is not None:
+        for gi, g in enumerate(self.decodes):
             B = g.q_pos.shape[0]
             qd = q[0, :, g.rows].transpose(0, 1)[:, :, None]  # (B, Hq, 1, d)
             kd = cache.gather("k", layer, g.blocks).view(B, g.nb * bs, hkv, d).transpose(1, 2)  # (B, Hkv, S, d)
             vd = cache.gather("v", layer, g.blocks).view(B, g.nb * bs, hkv, d).transpose(1, 2)
-            mask = self._mask(-1, g.q_pos, g.k_pos, window)
+            mask = self._mask(-1 - gi, g.q_pos, g.k_pos, window)
             o = self._attend(qd, kd, vd, mask, g.q_pos, g.k_pos)  # (B, Hq, 1, d)
             out[0, :, g.rows] = o[:, :, 0].transpose(0, 1)
         for i, p in enumerate(self.prefills):

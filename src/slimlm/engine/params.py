@@ -26,6 +26,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     """Return this many top log-probabilities per generated token (plus the chosen one)."""
+    prompt_logprobs: int | None = None
+    """Return log-probabilities of the prompt tokens (and this many alternatives); used to score
+    text (perplexity, multiple choice). Such requests do not read the prefix cache."""
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -46,6 +49,8 @@ class SamplingParams:
             ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in [0, 20]"),
+            ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+             "must be in [0, 20]"),
         ]
         for name, ok, why in checks:
             if not ok:

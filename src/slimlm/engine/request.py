@@ -36,6 +36,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    """Per prompt token: {token: logprob} of it (and the top-k) given what precedes it."""
 
 
 class Sequence:
@@ -51,6 +53,8 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.logprobs: list[dict[int, float]] | None = [] if request.params.logprobs is not None else None
+        self.prompt_logprobs: list[dict[int, float] | None] | None = (
+            [None] if request.params.prompt_logprobs is not None else None)  # the first token has none
         self.detok = IncrementalDetokenizer(request.tokenizer, request.params.skip_special_tokens) \
             if request.tokenizer is not None else None
         self.stop = StopChecker(request.params.stop, request.params.include_stop_str_in_output)
@@ -101,5 +105,6 @@ class Request:
             CompletionOutput(s.index, s.text[: s.visible], s.output_ids, s.finish_reason, s.logprobs, s.stop_reason)
             for s in sorted(self.seqs, key=lambda s: s.index)
         ]
+        first = self.seqs[0] if self.seqs else None
         return RequestOutput(self.request_id, self.prompt, self.prompt_ids, outs, self.finished,
-                             self.num_cached_tokens)
+                             self.num_cached_tokens, first.prompt_logprobs if first else None)

@@ -33,40 +33,29 @@ class ModelRunner:
         bs = self.cache.block_size
         ids, pos, slots = [], [], []
         logit_rows: list[int] = []
-        decode_q, decode_blocks, decode_kpos = [], [], []
         prefills: list[PrefillSegment] = []
+        decodes: list[tuple[int, int, list[int], list[int]]] = []  # (row, position, blocks, logical)
         row = 0
-        n_decode = sum(1 for c in out.chunks if len(c.token_ids) == 1)
-        nb_max = max((len(kept_blocks(c.block_table, c.start + 1, bs)[0])
-                      for c in out.chunks[:n_decode]), default=0)
-        for i, c in enumerate(out.chunks):
+        for c in out.chunks:
             T = len(c.token_ids)
             p = list(range(c.start, c.start + T))
             ids += c.token_ids
             pos += p
             slots += [c.block_table[x // bs] * bs + x % bs for x in p]
             logit_rows += range(row + T - c.num_logits, row + T)
-            phys, logical = kept_blocks(c.block_table, c.start + T, bs)
-            if i < n_decode:
-                pad = nb_max - len(phys)
-                decode_q.append([c.start])
-                decode_blocks += phys + [0] * pad
-                decode_kpos.append([lb * bs + j for lb in logical for j in range(bs)] + [-1] * (pad * bs))
+            if T == 1:
+                decodes.append((row, c.start, *kept_blocks(c.block_table, c.start + 1, bs)))
             elif c.start == 0 and self.span.window is None:  # the chunk is its whole context
                 prefills.append(PrefillSegment(slice(row, row + T), self._tensor([p]), None, self._tensor([p])))
             else:
-                kpos = [lb * bs + j for lb in logical for j in range(bs)]
+                phys, logical = kept_blocks(c.block_table, c.start + T, bs)
                 prefills.append(PrefillSegment(slice(row, row + T), self._tensor([p]), self._tensor(phys),
-                                               self._tensor([kpos])))
+                                               self._kpos([logical])))
             row += T
-        decode = None
-        if n_decode:
-            decode = DecodeGroup(slice(0, n_decode), self._tensor(decode_q), self._tensor(decode_blocks),
-                                 self._tensor(decode_kpos), nb_max)
         positions = self._tensor([pos])  # (1, T)
-        attn = PagedAttention(self.cache, self._tensor(slots), decode, prefills, self.span, self.windows,
-                              self.model.attn_scale, self.model.rotary)
-        h = self._forward(self._tensor([ids]), positions, attn, StepInfo(positions[0], n_decode))
+        attn = PagedAttention(self.cache, self._tensor(slots), self._decode_groups(decodes), prefills, self.span,
+                              self.windows, self.model.attn_scale, self.model.rotary)
+        h = self._forward(self._tensor([ids]), positions, attn, StepInfo(positions[0], len(decodes)))
         logits = self.model.head(h[0, logit_rows])  # (R, V)
         res, r = {}, 0
         for c in out.chunks:
@@ -74,6 +63,33 @@ class ModelRunner:
                 res[c.seq_id] = logits[r : r + c.num_logits]
                 r += c.num_logits
         return res
+
+    def _kpos(self, logical: list[list[int]]) -> torch.Tensor:
+        """Key positions (B, nb * block_size) of padded logical block lists (-1 = padding)."""
+        bs = self.cache.block_size
+        lb = self._tensor(logical)[..., None]  # (B, nb, 1)
+        kpos = lb * bs + torch.arange(bs, device=self.device)  # (B, nb, bs)
+        return kpos.masked_fill(lb < 0, -1).flatten(1)
+
+    def _decode_groups(self, decodes) -> list[DecodeGroup]:
+        """Single-token chunks, batched by context length so padding stays small: sequences are
+        sorted by kept blocks and cut into groups whose longest is at most 1.5x (+4 blocks) the
+        shortest."""
+        groups: list[DecodeGroup] = []
+        order = sorted(decodes, key=lambda d: len(d[2]))
+        i = 0
+        while i < len(order):
+            j, lo = i, max(len(order[i][2]), 1)
+            while j < len(order) and len(order[j][2]) <= max(lo * 1.5, lo + 4):
+                j += 1
+            part = order[i:j]
+            nb = max(len(d[2]) for d in part)
+            blocks = [b for d in part for b in d[2] + [0] * (nb - len(d[2]))]
+            logical = [d[3] + [-1] * (nb - len(d[3])) for d in part]
+            groups.append(DecodeGroup(self._tensor([d[0] for d in part]), self._tensor([[d[1]] for d in part]),
+                                      self._tensor(blocks), self._kpos(logical), nb))
+            i = j
+        return groups
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, attn: PagedAttention, info: StepInfo):
         model = self.model

@@ -16,8 +16,12 @@ class ScheduledChunk:
     block_table: list[int]
     """Physical block per logical block (-1 = evicted by the KV policy)."""
     num_logits: int = 0
-    """Logits wanted for the last ``num_logits`` tokens (0 for a prefill chunk that does not
-    finish the prompt, 1 to sample, 1 + drafts when verifying drafts)."""
+    """Logits wanted for the last ``num_logits`` tokens: 0 for a prefill chunk that does not
+    finish the prompt, 1 to sample, 1 + drafts when verifying, all of them for prompt logprobs."""
+    sample: bool = False
+    """Whether the last token's logits draw the next token (the chunk completes the sequence)."""
+    num_drafts: int = 0
+    """Draft tokens at the end of ``token_ids`` to verify (speculative decoding)."""
     num_samples: int = 1
     """Samples drawn from the last logits: n > 1 for the first token of an n-sample request."""
 

@@ -102,8 +102,8 @@ class Scheduler:
         skipped: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting.popleft()
-            if not self.kv.tables.get(seq.seq_id):
-                cached = self.kv.match_prefix(seq.seq_id, seq.token_ids)
+            if not self.kv.tables.get(seq.seq_id) and seq.request.params.prompt_logprobs is None:
+                cached = self.kv.match_prefix(seq.seq_id, seq.token_ids)  # (prompt logprobs need every row)
                 seq.num_computed = cached
                 if seq.index == 0 and seq.num_tokens == seq.prompt_len:
                     seq.request.num_cached_tokens = cached
@@ -124,23 +124,25 @@ class Scheduler:
 
     def _chunk(self, seq: Sequence, n: int) -> ScheduledChunk:
         completes = seq.num_computed + n >= seq.num_tokens
-        num_logits = 0
+        drafts = 0
         if seq.is_decode and n > 1:  # the decode token followed by drafts to verify
             seq.draft_ids = seq.draft_ids[: n - 1]
             if seq.draft_probs is not None:
                 seq.draft_probs = seq.draft_probs[: n - 1]
             tokens = seq.token_ids[-1:] + seq.draft_ids
-            num_logits = n
+            drafts = n - 1
         else:
             tokens = seq.token_ids[seq.num_computed : seq.num_computed + n]
-            num_logits = 1 if completes else 0
+        num_logits = n if drafts else int(completes)
+        if seq.request.params.prompt_logprobs is not None and seq.num_computed < seq.prompt_len:
+            num_logits = n  # every prompt position scores the token after it
         forks = seq.request.params.n if (seq.index == 0 and completes and not seq.output_ids) else 1
         if self.dedup_prefixes:
             for h in self._hashes(seq)[seq.num_computed // self.kv.block_size :
                                        (seq.num_computed + n) // self.kv.block_size]:
                 self._inflight.setdefault(h, seq.seq_id)
         return ScheduledChunk(seq.seq_id, tokens, seq.num_computed, list(self.kv.tables[seq.seq_id]),
-                              num_logits, forks)
+                              num_logits, completes, drafts, forks)
 
     def _hashes(self, seq: Sequence) -> list[int]:
         if seq.block_hashes is None or len(seq.block_hashes) < seq.num_tokens // self.kv.block_size:
