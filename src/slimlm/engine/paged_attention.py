@@ -171,19 +171,21 @@ class PagedAttention:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q (1, Hq, T, d); k, v (1, Hkv, T, d)
         cache, bs = self.cache, self.cache.block_size
-        hkv, d = k.shape[1], k.shape[3]
-        cache.k[layer].view(-1, hkv, d)[self.slots] = k[0].transpose(0, 1)  # (T, Hkv, d)
-        cache.v[layer].view(-1, hkv, d)[self.slots] = v[0].transpose(0, 1)
-        out = torch.empty_like(q)
+        T, hkv, d = k.shape[2], k.shape[1], k.shape[3]
+        # write the new keys/values into their slots (index_copy_: one cheap op, no advanced indexing)
+        cache.k[layer].view(-1, hkv * d).index_copy_(0, self.slots, k[0].transpose(0, 1).reshape(T, hkv * d))
+        cache.v[layer].view(-1, hkv * d).index_copy_(0, self.slots, v[0].transpose(0, 1).reshape(T, hkv * d))
+        out = torch.empty(T, q.shape[1], d, dtype=q.dtype, device=q.device)  # (T, Hq, d)
         window = self.windows.get(layer)
+        q_rows = q[0].transpose(0, 1)  # (T, Hq, d) view
         for gi, g in enumerate(self.decodes):
             B = g.q_pos.shape[0]
-            qd = q[0, :, g.rows].transpose(0, 1)[:, :, None]  # (B, Hq, 1, d)
+            qd = q_rows.index_select(0, g.rows)[:, :, None]  # (B, Hq, 1, d)
             kd = cache.gather("k", layer, g.blocks).view(B, g.nb * bs, hkv, d).transpose(1, 2)  # (B, Hkv, S, d)
             vd = cache.gather("v", layer, g.blocks).view(B, g.nb * bs, hkv, d).transpose(1, 2)
             mask = self._mask(-1 - gi, g.q_pos, g.k_pos, window)
             o = self._attend(qd, kd, vd, mask, g.q_pos, g.k_pos)  # (B, Hq, 1, d)
-            out[0, :, g.rows] = o[:, :, 0].transpose(0, 1)
+            out.index_copy_(0, g.rows, o[:, :, 0])
         for i, p in enumerate(self.prefills):
             qs = q[:, :, p.rows]
             if p.blocks is None:
@@ -193,5 +195,5 @@ class PagedAttention:
                 ks = cache.gather("k", layer, p.blocks).view(1, n * bs, hkv, d).transpose(1, 2)
                 vs = cache.gather("v", layer, p.blocks).view(1, n * bs, hkv, d).transpose(1, 2)
             mask = self._mask(i, p.q_pos, p.k_pos, window)
-            out[:, :, p.rows] = self._attend(qs, ks, vs, mask, p.q_pos, p.k_pos)
-        return out
+            out[p.rows] = self._attend(qs, ks, vs, mask, p.q_pos, p.k_pos)[0].transpose(0, 1)
+        return out.transpose(0, 1)[None]  # (1, Hq, T, d)
