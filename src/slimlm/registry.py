@@ -11,21 +11,24 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
+    """Maps names to plug-ins (classes or functions); a registered class learns its ``name``."""
+
     def __init__(self, kind: str):
         self.kind = kind
-        self._items: dict[str, type[T]] = {}
+        self._items: dict[str, T] = {}
 
-    def register(self, name: str) -> Callable[[type[T]], type[T]]:
-        def deco(cls: type[T]) -> type[T]:
+    def register(self, name: str) -> Callable[[T], T]:
+        def deco(item: T) -> T:
             if name in self._items:
                 raise ValueError(f"{self.kind} '{name}' registered twice")
-            self._items[name] = cls
-            cls.name = name  # type: ignore[attr-defined]
-            return cls
+            self._items[name] = item
+            if isinstance(item, type):
+                item.name = name  # type: ignore[attr-defined]
+            return item
 
         return deco
 
-    def get(self, name: str) -> type[T]:
+    def get(self, name: str) -> T:
         if name not in self._items:
             raise SlimLMError(f"unknown {self.kind} '{name}'; known: {', '.join(sorted(self._items))}")
         return self._items[name]

@@ -140,7 +140,7 @@ def cache_dir(m: NamedModel) -> Path:
     return slimlm_home() / "models" / m.name
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
@@ -170,7 +170,7 @@ def cache_status(m: NamedModel, verify: bool = True) -> str:
         f = d / name
         if not f.is_file() or f.stat().st_size != info["size"]:
             return "corrupt"
-        if verify and _sha256(f) != info["sha256"]:
+        if verify and sha256_file(f) != info["sha256"]:
             return "corrupt"
     return "ok"
 
@@ -192,7 +192,7 @@ def ensure_cached(m: NamedModel) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     save_model_dir(model, tmp, tokenizer, gen)
     files = {
-        f.name: {"size": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir()) if f.is_file()
+        f.name: {"size": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir()) if f.is_file()
     }
     (tmp / MANIFEST).write_text(json.dumps({"source": _source_id(src), "files": files}, indent=2))
     if d.exists():

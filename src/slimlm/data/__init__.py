@@ -1,0 +1,1 @@
+"""Training data: sources of text, token files with document boundaries, packing and sampling."""

@@ -1,0 +1,85 @@
+"""Build the pieces a run needs from its config: data, model (+ tokenizer), batch sources."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from slimlm.data.loader import BatchSource, PackedLoader
+from slimlm.data.prepare import tokenizer_sha256
+from slimlm.data.tokens import TokenDataset
+from slimlm.data.varlen import VariableLengthSampler
+from slimlm.errors import SlimLMError
+from slimlm.model.transformer import CausalLM
+from slimlm.tokenizer import Tokenizer
+from slimlm.train.config import TrainConfig
+from slimlm.train.distributed import World
+from slimlm.train.presets import model_config, new_model
+
+
+def train_datasets(cfg: TrainConfig) -> list[TokenDataset]:
+    if not cfg.data.train:
+        raise SlimLMError("no training data: set data.train to folders made by `slimlm data prepare`")
+    sets = [TokenDataset(p, "train") for p in cfg.data.train]
+    for ds in sets:
+        if ds.n_tokens == 0:
+            raise SlimLMError(f"{ds.path} has no training tokens")
+        if ds.meta.tokenizer_sha256 != sets[0].meta.tokenizer_sha256:
+            raise SlimLMError(f"{ds.path} and {sets[0].path} were prepared with different tokenizers")
+    return sets
+
+
+def build_model(cfg: TrainConfig, data: TokenDataset) -> tuple[CausalLM, Tokenizer | None]:
+    meta = data.meta
+    if cfg.model.init_from:
+        from slimlm.model.hub import load
+
+        lm = load(cfg.model.init_from)
+        model, tok = lm.model, lm.tokenizer
+        if tok is not None and tokenizer_sha256(tok) != meta.tokenizer_sha256:
+            raise SlimLMError(
+                f"{data.path} was tokenized with another tokenizer than {cfg.model.init_from}; "
+                f"prepare it with --tokenizer {cfg.model.init_from}"
+            )
+    else:
+        vocab = cfg.model.vocab_size or -(-meta.vocab_size // 64) * 64
+        mcfg = model_config(cfg.model.preset, vocab)
+        mcfg.eos_token_id = meta.eos_id
+        model = new_model(mcfg, cfg.model.init_std, cfg.train.seed)
+        tok_dir = Path(data.path) / "tokenizer"
+        tok = Tokenizer.from_dir(tok_dir) if (tok_dir / "tokenizer.json").is_file() else None
+    if model.cfg.vocab_size < meta.vocab_size:
+        raise SlimLMError(f"model vocab_size {model.cfg.vocab_size} is smaller than the data's vocab {meta.vocab_size}")
+    if cfg.data.seq_len > model.cfg.context_length:
+        raise SlimLMError(
+            f"data.seq_len {cfg.data.seq_len} is beyond the model's context ({model.cfg.context_length} tokens)"
+        )
+    return model.float().train(), tok
+
+
+def batch_source(cfg: TrainConfig, sets: list[TokenDataset], world: World) -> BatchSource:
+    d = cfg.data
+    if d.packing == "varlen":
+        if len(sets) > 1:
+            raise SlimLMError("data.packing 'varlen' takes one train folder")
+        return VariableLengthSampler(sets[0], d.micro_batch * d.seq_len * world.size, d.seq_len, d.min_len,
+                                     world.rank, world.size, d.seed)
+    return PackedLoader(sets, d.seq_len, d.micro_batch, d.weights or None, d.packing, world.rank, world.size, d.seed)
+
+
+def val_loaders(cfg: TrainConfig, world: World, warn) -> dict[str, PackedLoader]:
+    out = {}
+    packing = "concat" if cfg.data.packing == "concat" else "document"
+    for p in cfg.data.val or cfg.data.train:
+        try:
+            ds = TokenDataset(p, "val")
+            out[Path(p).name] = PackedLoader([ds], cfg.data.seq_len, cfg.data.micro_batch, None, packing,
+                                             world.rank, world.size, cfg.data.seed, shuffle=False)
+        except SlimLMError as e:
+            warn(f"slimlm: no held-out evaluation for {p}: {e}")
+    return out
+
+
+def autocast(precision: str, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")

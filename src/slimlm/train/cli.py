@@ -1,0 +1,90 @@
+"""`slimlm train`, `slimlm data prepare`, `slimlm tokenizer train`, `slimlm schedule plot`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ALIASES = {"time_budget": "train.time_budget_minutes", "steps": "train.steps", "out": "out_dir"}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from slimlm.train.config import load_config, parse_overrides
+    from slimlm.train.trainer import Trainer
+
+    pairs = [(ALIASES.get(k, k), v) for k, v in parse_overrides(args.overrides)]
+    cfg = load_config(args.config, [x for k, v in pairs for x in (f"--{k}", v)])
+    trainer = Trainer(cfg)
+    try:
+        last = trainer.fit()
+    finally:
+        trainer.close()
+    if trainer.world.main:
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k.startswith(("loss", "val_")))
+        print(f"done: {trainer.step} updates, {trainer.tokens:,} tokens; {shown}", file=sys.stderr)
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from slimlm.data.prepare import prepare
+
+    meta = prepare(args.sources, args.tokenizer, args.out, args.val_fraction, args.max_docs,
+                   progress=not args.no_progress)
+    print(f"{args.out}: train {meta.docs['train']:,} docs / {meta.tokens['train']:,} tokens, "
+          f"val {meta.docs['val']:,} docs / {meta.tokens['val']:,} tokens ({meta.dtype})", file=sys.stderr)
+    return 0
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from slimlm.data.tokenizer_train import train_tokenizer
+
+    tok = train_tokenizer(args.sources, args.out, args.vocab_size, args.val_fraction, args.max_chars)
+    print(f"wrote {Path(args.out) / 'tokenizer.json'} ({tok.vocab_size:,} tokens)", file=sys.stderr)
+    return 0
+
+
+def cmd_schedule_plot(args: argparse.Namespace) -> int:
+    from slimlm.train.config import load_config
+    from slimlm.train.plot import plot
+
+    configs = {Path(c).stem: load_config(c) for c in args.configs}
+    out = plot(configs, args.out, args.runs or [], args.steps)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("train", help="pre-train or continue pre-training a model",
+                       description="Train from a TOML/JSON config; override any key with --section.key value "
+                                   "(e.g. --train.steps 100 --schedule.name cosine); --time-budget MINUTES.")
+    t.add_argument("config", help="TOML or JSON config file")
+    t.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value ...")
+    t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("data", help="prepare training data").add_subparsers(dest="data_command", required=True)
+    p = d.add_parser("prepare", help="tokenize sources into memory-mapped token files")
+    p.add_argument("sources", nargs="+", help="files, folders or corpora (python-stdlib, python-docs, shakespeare)")
+    p.add_argument("--tokenizer", required=True, help="known model name or folder with tokenizer.json")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out")
+    p.add_argument("--max-docs", type=int, default=None, help="at most this many documents per source")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_data_prepare)
+
+    k = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="tokenizer_command", required=True)
+    tt = k.add_parser("train", help="train a byte-level BPE tokenizer")
+    tt.add_argument("sources", nargs="+", help="files, folders or corpora")
+    tt.add_argument("--out", required=True)
+    tt.add_argument("--vocab-size", type=int, default=8192)
+    tt.add_argument("--val-fraction", type=float, default=0.01, help="held-out share, excluded from training")
+    tt.add_argument("--max-chars", type=int, default=None, help="train on at most this many characters")
+    tt.set_defaults(func=cmd_tokenizer_train)
+
+    s = sub.add_parser("schedule", help="learning-rate schedules").add_subparsers(dest="schedule_command", required=True)
+    sp = s.add_parser("plot", help="draw the schedule of one or more configs to a PNG")
+    sp.add_argument("configs", nargs="+")
+    sp.add_argument("--out", default="schedule.png")
+    sp.add_argument("--steps", type=int, default=None, help="horizon (default: each config's train.steps)")
+    sp.add_argument("--runs", nargs="*", help="run folders whose loss curves go in a second panel")
+    sp.set_defaults(func=cmd_schedule_plot)

@@ -1,0 +1,245 @@
+"""The training loop: pre-training and continual pre-training of one model.
+
+    Trainer(cfg).fit()
+
+One update = ``grad_accum`` micro-batches per rank. The loss is the mean over every target token
+of the update across micro-batches and ranks (each micro-batch's summed loss is divided by the
+update's global target count), so accumulation and data parallelism give the same update as one
+big batch. The learning rate is set before each update from the schedule, a pure function of the
+update index; an update whose loss or gradient norm is not finite is skipped and reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from slimlm.data.packing import IGNORE, Batch
+from slimlm.errors import SlimLMError
+from slimlm.train import build, checkpoint, distributed
+from slimlm.train.config import TrainConfig, schedule_name
+from slimlm.train.metrics import MetricsLog
+from slimlm.train.optimizers import build_optimizer
+from slimlm.train.presets import count_params
+from slimlm.train.schedules import Horizon
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Summed next-token cross-entropy over the batch's targets (ignored targets excluded)."""
+    logits = model(batch.input_ids, batch.position_ids, segment_ids=batch.segment_ids)  # (B, T, V)
+    return F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+@dataclass
+class UpdateResult:
+    loss: float
+    grad_norm: float
+    lr: float
+    tokens: int
+    skipped: bool
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        torch.set_num_threads(cfg.train.threads or torch.get_num_threads())
+        self.world = distributed.init_world(cfg.dist, cfg.train.device)
+        self.out = Path(cfg.out_dir)
+        self.sets = build.train_datasets(cfg)
+        self.model, self.tokenizer = build.build_model(cfg, self.sets[0])
+        self.model.to(self.world.device)
+        self.wrapped = distributed.wrap(self.model, self.world, cfg.dist.strategy)
+        self.forward = torch.compile(self.wrapped) if cfg.train.compile else self.wrapped
+        self.optimizer = build_optimizer(self.wrapped, cfg.optim)
+        self.loader = build.batch_source(cfg, self.sets, self.world)
+        self.val = build.val_loaders(cfg, self.world, self.say)
+        d = cfg.data
+        per_micro = d.micro_batch * d.seq_len * self.world.size
+        self.horizon = Horizon(cfg.train.steps, per_micro * cfg.train.grad_accum,
+                               d.micro_batch * self.world.size * cfg.train.grad_accum)
+        self.step, self.tokens, self.skipped, self.budget_fixed = 0, 0, 0, False
+        resumed = self._resume()
+        self.metrics = MetricsLog(self.out, self.step if resumed else None, cfg.log.tensorboard) if self.world.main else None
+
+    def say(self, msg: str) -> None:
+        if self.world.main:
+            log(msg)
+
+    # ------------------------------------------------------------------ resume / save
+    def _resume(self) -> bool:
+        ck = self.cfg.checkpoint
+        if ck.resume_from:
+            path = Path(ck.resume_from)
+        elif ck.resume:
+            path = checkpoint.latest_good(checkpoint.checkpoint_root(self.out), self.say)
+            if path is None:
+                return False
+        else:
+            return False
+        state = checkpoint.load_checkpoint(path)
+        diff = checkpoint.same_shape(state.model_cfg, self.model.cfg)
+        if diff:
+            raise SlimLMError(f"checkpoint {path} is from another model shape ({diff}); use another out_dir")
+        distributed.load_full_states(self.wrapped, self.optimizer, state.model_state, state.optimizer)
+        t = state.trainer
+        self.step, self.tokens, self.skipped = int(t["step"]), int(t["tokens"]), int(t.get("skipped", 0))
+        self.loader.load_state_dict(t["data"])
+        torch.set_rng_state(state.rng["torch"])
+        if t.get("budget_fixed"):  # a time budget fixed the horizon: keep it
+            self.horizon, self.budget_fixed = self.horizon._replace(total_steps=int(t["total_steps"])), True
+        self.say(f"slimlm: resumed from {path} at update {self.step}")
+        return True
+
+    def save(self) -> Path | None:
+        msd, osd = distributed.full_states(self.wrapped, self.optimizer)
+        path = None
+        if self.world.main:
+            model = self.model
+            if self.cfg.dist.strategy == "fsdp2" and self.world.distributed:
+                from slimlm.model.weights import build_model
+
+                model = build_model(self.model.cfg.replace(), msd)
+            state = {
+                "step": self.step, "tokens": self.tokens, "skipped": self.skipped,
+                "total_steps": self.horizon.total_steps, "budget_fixed": self.budget_fixed,
+                "data": self.loader.state_dict(), "schedule": schedule_name(self.cfg.schedule),
+                "config": self.cfg.to_dict(),
+            }
+            path = checkpoint.save_checkpoint(checkpoint.checkpoint_root(self.out), model, osd, state,
+                                              self.tokenizer, self.cfg.checkpoint.keep_last)
+        distributed.barrier(self.world)
+        return path
+
+    # ------------------------------------------------------------------ one update
+    def update(self) -> UpdateResult:
+        cfg, world = self.cfg, self.world
+        batches = [self.loader.next_batch().to(world.device) for _ in range(cfg.train.grad_accum)]
+        n_local = sum(b.target_tokens for b in batches)
+        (n_global,) = distributed.all_reduce_sum([float(n_local)], world)
+        total = torch.zeros((), device=world.device)
+        for i, b in enumerate(batches):
+            sync = i == len(batches) - 1 or not hasattr(self.wrapped, "no_sync")
+            with contextlib.nullcontext() if sync else self.wrapped.no_sync():
+                with build.autocast(cfg.train.precision, world.device):
+                    s = loss_sum(self.forward, b)
+                (s * (world.size / max(n_global, 1.0))).backward()
+            total += s.detach()
+        loss_total, computed = distributed.all_reduce_sum(
+            [total.item(), float(sum(b.computed_tokens for b in batches))], world)
+        loss = loss_total / max(n_global, 1.0)
+        lr = self.cfg.schedule(self.step, self.horizon)
+        grad_norm = self._clip()
+        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if skipped:
+            self.skipped += 1
+            self.say(f"slimlm: update {self.step}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
+                     f"({loss if not math.isfinite(loss) else grad_norm}); update skipped")
+        else:
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += int(computed)
+        return UpdateResult(loss, grad_norm, lr, int(computed), skipped)
+
+    def _clip(self) -> float:
+        params = [p for p in self.wrapped.parameters() if p.grad is not None]
+        clip = self.cfg.optim.clip
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
+            norm = norm.full_tensor()
+        return float(norm)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.wrapped.eval()
+        out = {}
+        for name, loader in self.val.items():
+            loader.load_state_dict({"rows": 0, "cursors": [0]})
+            s = n = 0.0
+            for _ in range(self.cfg.log.eval_batches):
+                b = loader.next_batch().to(self.world.device)
+                with build.autocast(self.cfg.train.precision, self.world.device):
+                    s += loss_sum(self.forward, b).item()
+                n += b.target_tokens
+            s, n = distributed.all_reduce_sum([s, n], self.world)
+            out[f"val_loss/{name}"] = s / max(n, 1.0)
+            out[f"val_ppl/{name}"] = math.exp(min(s / max(n, 1.0), 50.0))
+        self.wrapped.train()
+        return out
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, max_updates: int | None = None) -> dict[str, float]:
+        """Train to the horizon (or ``max_updates`` more updates); returns the last metrics."""
+        cfg = self.cfg
+        self.say(f"slimlm: {count_params(self.model) / 1e6:.1f}M params, {self.horizon.tokens_per_step:,} tokens/update, "
+                 f"{self.world.size} process(es) on {self.world.device}, schedule {schedule_name(cfg.schedule)}")
+        last: dict[str, float] = {}
+        if cfg.log.eval_at_start and self.step == 0 and self.val:
+            last = self.evaluate()
+            self._record({"step": 0, **last})
+        bar = tqdm(total=self.horizon.total_steps, initial=self.step, unit="upd", file=sys.stderr,
+                   disable=not (self.world.main and cfg.log.progress), dynamic_ncols=True)
+        done_here, t_probe, tok_probe = 0, 0.0, 0
+        t_last, tok_last = time.perf_counter(), self.tokens
+        while self.step < self.horizon.total_steps and (max_updates is None or done_here < max_updates):
+            t0 = time.perf_counter()
+            r = self.update()
+            dt = time.perf_counter() - t0
+            done_here += 1
+            if done_here > 1:  # the first update of a process pays for warm-up
+                t_probe, tok_probe = t_probe + dt, tok_probe + r.tokens
+            if cfg.train.time_budget_minutes and not self.budget_fixed and done_here >= cfg.train.budget_probe_steps:
+                self._fix_budget(tok_probe / max(t_probe, 1e-9))
+                bar.total = self.horizon.total_steps
+            now = time.perf_counter()
+            tps = (self.tokens - tok_last) / max(now - t_last, 1e-9)
+            bar.set_postfix(loss=f"{r.loss:.3f}", lr=f"{r.lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
+            bar.update(1)
+            last = {"loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm, "tokens": self.tokens, "tok_per_s": tps}
+            if self.step % cfg.log.every == 0 or self.step == self.horizon.total_steps:
+                self._record({"step": self.step, **last, "skipped": self.skipped})
+                t_last, tok_last = now, self.tokens
+            is_end = self.step == self.horizon.total_steps
+            if self.val and ((cfg.log.eval_every and self.step % cfg.log.eval_every == 0) or is_end):
+                ev = self.evaluate()
+                last.update(ev)
+                self._record({"step": self.step, **ev})
+            if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or is_end:
+                self.save()
+        bar.close()
+        return last
+
+    def _fix_budget(self, tokens_per_s: float) -> None:
+        (tps,) = distributed.all_reduce_sum([tokens_per_s / self.world.size], self.world)
+        budget_s = self.cfg.train.time_budget_minutes * 60
+        steps = max(self.step + 1, int(budget_s * tps / self.horizon.tokens_per_step))
+        self.horizon, self.budget_fixed = self.horizon._replace(total_steps=steps), True
+        self.say(f"slimlm: time budget {self.cfg.train.time_budget_minutes:g} min at {tps:,.0f} tokens/s measured "
+                 f"-> {steps:,} updates ({steps * self.horizon.tokens_per_step / 1e6:.2f}M tokens)")
+
+    def _record(self, rec: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.write(rec)
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+        self.wrapped = self.forward = None  # DDP's reducer holds the process group: release it first
+        gc.collect()
+        distributed.shutdown(self.world)

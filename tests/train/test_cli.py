@@ -1,0 +1,72 @@
+"""`slimlm train` and `slimlm schedule plot` end to end, and bad input as one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from slimlm.cli import main
+from tests.train.helpers import tiny_args
+
+
+def one_line_error(capsys, argv, *words):
+    capsys.readouterr()
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "Traceback" not in err, err
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1, err
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+def test_train_then_plot(prepared, tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[schedule]\nname = "cosine"\nlr = 1e-3\nwarmup_steps = 1\n')
+    assert main(["train", str(cfg), *tiny_args(prepared, tmp_path / "run", "--schedule.name", "cosine"),
+                 "--steps", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "done: 3 updates, 384 tokens; loss" in err and "val_loss/tokens" in err
+    png = tmp_path / "p.png"
+    assert main(["schedule", "plot", str(cfg), "--steps", "50", "--out", str(png), "--runs", str(tmp_path / "run")]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_input(prepared, tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[train]\nsteps = 2\n')
+    one_line_error(capsys, ["train", str(cfg), "--train.stepz", "3"], "unknown config key 'train.stepz'", "grad_accum")
+    one_line_error(capsys, ["train", str(cfg)], "no training data")
+    one_line_error(capsys, ["train", str(cfg), "--data.train", str(tmp_path)], "not prepared")
+    one_line_error(capsys, ["train", str(cfg), *tiny_args(prepared, tmp_path / "r", "--data.seq_len", "4096")],
+                   "beyond the model's context (1024")
+    one_line_error(capsys, ["train", str(cfg), *tiny_args(prepared, tmp_path / "r", "--model.preset", "huge")],
+                   "unknown model preset 'huge'", "tiny-15m")
+    one_line_error(capsys, ["train", str(cfg), *tiny_args(prepared, tmp_path / "r", "--optim.name", "sgdd")],
+                   "unknown optimizer 'sgdd'", "adamw, lamb")
+    # a checkpoint of another shape, and a corrupt one asked for by name
+    assert main(["train", str(cfg), *tiny_args(prepared, tmp_path / "r", "--steps", "1")]) == 0
+    one_line_error(capsys, ["train", str(cfg), *tiny_args(prepared, tmp_path / "r", "--model.vocab_size", "448")],
+                   "another model shape", "vocab_size 384 vs 448")
+    w = tmp_path / "r" / "checkpoints" / "step-00000001" / "optimizer.pt"
+    w.write_bytes(b"garbage")
+    one_line_error(capsys, ["train", str(cfg), *tiny_args(prepared, tmp_path / "s", "--checkpoint.resume_from",
+                                                         str(w.parent))], "corrupt")
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["schedule", "plot", "/nonexistent.toml"], ["not found"]),
+    (["tokenizer", "train", "/nonexistent-dir", "--out", "/tmp/x"], ["neither a file"]),
+])
+def test_other_commands_bad_input(capsys, argv, words):
+    one_line_error(capsys, argv, *words)
+
+
+def test_time_budget_flag(prepared, tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("")
+    argv = ["train", str(cfg), *tiny_args(prepared, tmp_path / "r", "--steps", "100000", "--checkpoint.every", "0",
+                                          "--train.budget_probe_steps", "2"), "--time-budget", "0.003"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "time budget 0.003 min at" in err and "done: " in err
+    assert "done: 100000 updates" not in err
