@@ -20,11 +20,9 @@ def _threads(n: int | None) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from slimlm.engine.llm import LLM
     from slimlm.engine.params import SamplingParams
-    from slimlm.engine.reference import ReferenceDecoder
-    from slimlm.engine.stop import StopChecker
     from slimlm.model.hub import load
-    from slimlm.tokenizer import IncrementalDetokenizer
 
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -36,35 +34,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tok = lm.tokenizer
     if tok is None:
         raise SlimLMError(f"{args.model} has no tokenizer")
-    prompt = args.prompt
-    if prompt == "-":
-        prompt = sys.stdin.read()
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": prompt})
         prompt_ids = tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
     else:
         prompt_ids = tok.encode(prompt)
-    decoder = ReferenceDecoder(lm.model, lm.stop_token_ids())
-    detok = IncrementalDetokenizer(tok)
-    stop = StopChecker(params.stop)
-    text, shown, n = "", 0, 0
+    llm = LLM(lm, dtype=args.dtype, kv_cache_bytes=args.kv_cache_bytes)
     t0 = time.perf_counter()
-    t_first = None
-    for ev in decoder.stream(prompt_ids, params):
-        n += 1
+    t_first, shown, n = None, 0, 0
+    for out in llm.stream(prompt_ids, params):
+        o = out.outputs[0]
         t_first = t_first or time.perf_counter()
-        text += detok.push([ev.token_id]) if ev.finish_reason != "stop" else ""
-        stopped, visible = stop.update(text, shown)
-        sys.stdout.write(text[shown:visible])
+        n = len(o.token_ids)
+        sys.stdout.write(o.text[shown:])
         sys.stdout.flush()
-        shown = visible
-        if stopped:
-            break
-    else:
-        text += detok.flush()
-        stopped, visible = stop.update(text, shown)
-        sys.stdout.write(text[shown:visible if stopped else len(text)])
+        shown = len(o.text)
     sys.stdout.write("\n")
     dt = time.perf_counter() - t0
     decode_s = time.perf_counter() - (t_first or t0)
@@ -124,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--dtype", default="float32", help="float32 or bfloat16")
     g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--kv-cache-bytes", type=int, default=256 << 20, help="KV pool for this one request")
     g.set_defaults(func=cmd_generate)
 
     m = sub.add_parser("models", help="list the known model names and their cache")
@@ -136,6 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst", help="output directory")
     c.add_argument("--dtype", default="float32")
     c.set_defaults(func=cmd_convert)
+    from slimlm.train.cli import register as register_train
+    register_train(sub)
+    from slimlm.bench.cli import register as register_bench
+
+    register_bench(sub)
+    from slimlm.serve.cli import register as register_serve
+
+    register_serve(sub)
+    from slimlm.eval.cli import register as register_eval
+    register_eval(sub)
     return p
 
 

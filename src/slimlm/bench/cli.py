@@ -1,72 +1,75 @@
-"""`slimlm bench SCENARIO`: run a benchmark scenario, print a markdown table, write JSON."""
+"""`slimlm bench SCENARIO`: run a benchmark scenario, print a markdown table, write JSON.
+
+Scenarios are chosen by name from ``SCENARIOS`` (``bench/registry.py``); an unknown name lists
+the known ones. Engine options (``engine/options.py``) apply to slimlm in every scenario.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from pathlib import Path
 
 from slimlm.errors import SlimLMError
 
-SCENARIOS = ["throughput", "serve"]
+SYSTEM_NAMES = ("slimlm", "transformers", "llama.cpp")
 
 
-def _throughput(a, engine: dict, dtype: str, threads: int, log) -> tuple[dict, str]:
-    from slimlm.bench import throughput
-
-    systems = tuple(s for s in ("slimlm", "transformers") if s not in (a.skip or []))
-    report = throughput.run(a.model, dtype=dtype, threads=threads, repeats=a.repeats, num_prompts=a.num_prompts,
-                            max_tokens=a.max_tokens, engine=engine, systems=systems, log=log)
-    return report, throughput.table(report)
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
-def _serve(a, engine: dict, dtype: str, threads: int, log) -> tuple[dict, str]:
-    from slimlm.bench import serve_load
+def engine_settings(a: argparse.Namespace) -> tuple[str, dict]:
+    """(dtype, the engine keywords that are set) from the engine options."""
+    from slimlm.engine.options import engine_config_from_args
 
-    flags = ["--dtype", dtype, "--max-num-batched-tokens", str(a.max_num_batched_tokens),
-             "--block-size", str(a.block_size)]
-    if a.kv_policy:
-        flags += ["--kv-policy", a.kv_policy]
-    report = serve_load.run(a.model, clients=a.clients, seconds=a.seconds, max_tokens=a.max_tokens,
-                            threads=threads, engine_args=flags, log=log)
-    return report, serve_load.table(report)
+    engine = engine_config_from_args(a)
+    dtype = engine.pop("dtype")
+    return dtype, {k: v for k, v in engine.items() if v not in (None, {}, [])}
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    from slimlm.engine.options import engine_config_from_args
+    from slimlm.bench.base import BenchSettings
+    from slimlm.bench.registry import SCENARIOS
+    from slimlm.bench.results import command_line, save, stamp
 
-    runners = {"throughput": _throughput, "serve": _serve}
-    if a.scenario not in runners:
-        raise SlimLMError(f"unknown scenario '{a.scenario}'; known: {', '.join(SCENARIOS)}")
-    engine = engine_config_from_args(a)
-    dtype = engine.pop("dtype")
-    engine = {k: v for k, v in engine.items() if v not in (None, {}, [])}
-    cores = os.cpu_count() or 1
-    threads = a.threads or cores
-    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    report, text = runners[a.scenario](a, engine, dtype, threads, log)
-    print(text)
+    scenario = SCENARIOS.get(a.scenario)()
+    for s in a.skip or []:
+        if s not in SYSTEM_NAMES:
+            raise SlimLMError(f"unknown system '{s}' for --skip; known: {', '.join(SYSTEM_NAMES)}")
+    dtype, engine = engine_settings(a)
+    threads = a.threads or os.cpu_count() or 1
+    settings = BenchSettings(model=a.model, dtype=dtype, threads=threads, engine=engine, repeats=a.repeats,
+                             skip=list(a.skip or []), in_process=a.in_process, log=log)
+    report = stamp(scenario.run(a, settings), "bench", a.scenario, command_line(a.parser, a, "slimlm bench"))
+    print(scenario.table(report))
+    for n in report.get("notes", []):
+        print(f"note: {n}")
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(report, indent=2))
+        log(f"wrote {save(report, a.json)}")
     return 0
 
 
 def register(sub) -> None:
+    from slimlm.bench.registry import SCENARIOS
     from slimlm.engine.options import add_engine_args
     from slimlm.model.hub import DEFAULT_MODEL
 
-    b = sub.add_parser("bench", help="benchmark a scenario against the baselines")
-    b.add_argument("scenario", help=f"one of: {', '.join(SCENARIOS)}")
+    b = sub.add_parser("bench", help="benchmark a scenario against the baselines",
+                       description="Scenarios: " + "; ".join(f"{n}: {SCENARIOS.get(n).help}" for n in SCENARIOS.names()))
+    b.add_argument("scenario", help=f"one of: {', '.join(SCENARIOS.names())}")
     b.add_argument("--model", default=DEFAULT_MODEL)
     b.add_argument("--json", default=None, help="write the full report here")
-    b.add_argument("--repeats", type=int, default=2)
-    b.add_argument("--num-prompts", type=int, default=64)
-    b.add_argument("--max-tokens", type=int, default=128)
-    b.add_argument("--skip", action="append", help="skip a system (slimlm, transformers)")
-    b.add_argument("--clients", type=int, default=64, help="serve: concurrent streaming clients")
-    b.add_argument("--seconds", type=float, default=60, help="serve: how long clients keep sending")
+    b.add_argument("--repeats", type=int, default=2, help="interleaved runs per system")
+    b.add_argument("--max-tokens", type=int, default=None,
+                   help="generated tokens (throughput, serve, decode: 128; memory: 32; frontier: 64)")
+    b.add_argument("--skip", action="append", help=f"skip a system ({', '.join(SYSTEM_NAMES)})")
+    b.add_argument("--gguf", default=None,
+                   help="llama.cpp: a GGUF file, or a type (F32, F16, BF16, Q8_0) to write the same weights as "
+                        "(default F32)")
+    b.add_argument("--in-process", action="store_true",
+                   help="run workers in this process (tests, debugging; no memory isolation)")
+    for name in SCENARIOS.names():
+        SCENARIOS.get(name).add_args(b.add_argument_group(name))
     add_engine_args(b)
-    b.set_defaults(func=cmd_bench)
+    b.set_defaults(func=cmd_bench, parser=b)

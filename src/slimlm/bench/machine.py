@@ -20,10 +20,15 @@ def cpu_model() -> str:
 
 
 def git_commit() -> str | None:
+    """Short commit of the checkout, with "+dirty" when the working tree has changes."""
     try:
         root = Path(__file__).resolve().parents[3]
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                              text=True, timeout=5).stdout.strip() or None
+        run = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True,  # noqa: E731
+                                        timeout=5).stdout.strip()
+        commit = run("rev-parse", "--short", "HEAD") or None
+        if commit and run("status", "--porcelain", "--untracked-files=no"):
+            commit += "+dirty"
+        return commit
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -66,3 +71,33 @@ def peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _status_mb(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now (MB)."""
+    return _status_mb("VmRSS") or peak_rss_mb()
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM). False if
+    unsupported, in which case :func:`window_peak_rss_mb` is the peak since the process began."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def window_peak_rss_mb() -> float:
+    """Peak resident memory since the last :func:`reset_peak_rss` (MB)."""
+    return _status_mb("VmHWM") or peak_rss_mb()

@@ -36,3 +36,24 @@ def mixed_prompts(tokenizer, n: int = 64, lo: int = 50, hi: int = 1500, system_t
         prompts.append((system if shared else []) + pool[start : start + body_len])
     rng.shuffle(prompts)
     return prompts
+
+
+def text_prompt(tokenizer, n: int, offset: int = 0) -> list[int]:
+    """``n`` token ids of real text (the stdlib's .py files in sorted order, from token ``offset``):
+    the same ids for every system given the same tokenizer."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    ids: list[int] = []
+    for f in sorted(root.glob("*.py")):
+        ids += tokenizer.encode(f.read_text(errors="ignore") + "\n", add_special_tokens=False)
+        if len(ids) >= offset + n:
+            return ids[offset : offset + n]
+    raise ValueError(f"the stdlib holds fewer than {offset + n} tokens")
+
+
+def lengths_prompts(tokenizer, lengths: list[int], spacing: int = 10_000) -> list[list[int]]:
+    """One prompt per length, each from its own stretch of text (no shared prefixes)."""
+    if not lengths:
+        return []
+    spacing = max(spacing, max(lengths))
+    ids = text_prompt(tokenizer, spacing * (len(lengths) - 1) + lengths[-1])
+    return [ids[i * spacing : i * spacing + n] for i, n in enumerate(lengths)]

@@ -1,0 +1,60 @@
+"""``decode``: batch-1 greedy decoding, tokens/s and per-token latency (p50 / p99).
+
+One prompt of ``--prompt-tokens`` tokens of real text, then exactly ``--max-tokens`` greedy
+tokens (EOS ignored) per system, after a short warm-up in the same process. Decode tokens/s
+counts tokens after the first (whose time is the prefill's); latency is the gap between
+consecutive tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from slimlm.bench.base import SCENARIOS, WorkerScenario, resolve, standard_systems
+
+
+def decode_metrics(t0: float, times: list[float]) -> dict[str, float]:
+    from slimlm.bench.runner import percentile
+
+    gaps = [(b - a) * 1000 for a, b in zip(times, times[1:])]
+    span = times[-1] - times[0] if len(times) > 1 else float("nan")
+    return {"decode_tok_s": (len(times) - 1) / span if len(times) > 1 else float("nan"),
+            "latency_p50_ms": percentile(gaps, 0.5), "latency_p99_ms": percentile(gaps, 0.99),
+            "ttft_ms": (times[0] - t0) * 1000, "generated": float(len(times))}
+
+
+@SCENARIOS.register("decode")
+class Decode(WorkerScenario):
+    help = "batch-1 decode: tokens/s, per-token latency p50/p99"
+    columns = [("decode_tok_s", "decode tok/s", ".1f"), ("latency_p50_ms", "latency p50 ms", ".1f"),
+               ("latency_p99_ms", "latency p99 ms", ".1f"), ("ttft_ms", "first token ms", ".0f"),
+               ("peak_rss_mb", "peak RSS MB", ".0f")]
+    headline = ("decode_tok_s", True)
+
+    @classmethod
+    def add_args(cls, g) -> None:
+        g.add_argument("--prompt-tokens", type=int, default=None, help="decode, frontier: prompt length (default 64)")
+
+    def systems(self, a, s):
+        extra = {"prompt_tokens": resolve(a.prompt_tokens, 64), "new_tokens": resolve(a.max_tokens, 128)}
+        systems, notes = standard_systems(a, s, extra)
+        return systems, {**s.base_args(), **extra}, notes
+
+    @staticmethod
+    def worker(args: dict[str, Any]) -> dict[str, float]:
+        from slimlm.bench.machine import peak_rss_mb
+        from slimlm.bench.systems import SYSTEMS
+        from slimlm.bench.workloads import text_prompt
+
+        system = SYSTEMS.get(args["system"])(args)
+        system.decode(text_prompt(system.tokenizer, 16, offset=20_000), 4)  # warm-up
+        t0, times = system.decode(text_prompt(system.tokenizer, args["prompt_tokens"]), args["new_tokens"])
+        kv = system.kv_bytes()
+        return {**decode_metrics(t0, times), "peak_rss_mb": peak_rss_mb(),
+                **({"kv_mb": kv / 2**20} if kv is not None else {})}
+
+    def plot(self, report: dict[str, Any], out: Path) -> list[Path]:
+        from slimlm.bench.plots import bars
+
+        return [bars(report["summary"], "decode_tok_s", "decode tokens/s (batch 1)", out.with_suffix(".png"))]

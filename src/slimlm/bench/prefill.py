@@ -1,0 +1,97 @@
+"""``prefill``: time to first token for prompts of several lengths (256 ... 8192 tokens).
+
+Each length has its own stretch of real text; slimlm's prefix cache is reset before each
+prompt, so every prompt is computed. Lengths at or past the model's context are clamped to
+``context - 1`` (noted). The engine's chunk size is ``--max-num-batched-tokens``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from slimlm.bench.base import SCENARIOS, WorkerScenario, int_list, speedups, standard_systems
+from slimlm.bench.base import summary_table
+
+DEFAULT_LENGTHS = [256, 1024, 2048, 4096, 8192]
+
+
+def context_of(model: str) -> int:
+    from slimlm.bench.systems import hf_dir
+    from slimlm.model.config import ModelConfig
+
+    d = hf_dir(model)
+    if d is not None:
+        import json
+
+        return ModelConfig.from_hf(json.loads((d / "config.json").read_text())).context_length
+    from slimlm.model.hub import load
+
+    return load(model).config.context_length
+
+
+def clamp_lengths(lengths: list[int], context: int, unbounded: bool, notes: list[str]) -> list[int]:
+    if unbounded:
+        return lengths
+    out = sorted({min(n, context - 1) for n in lengths})
+    if out != sorted(set(lengths)):
+        notes.append(f"lengths clamped to the model's context: {context - 1} tokens at most")
+    return out
+
+
+@SCENARIOS.register("prefill")
+class Prefill(WorkerScenario):
+    help = "time to first token for prompts of 256...8192 tokens"
+
+    @classmethod
+    def add_args(cls, g) -> None:
+        g.add_argument("--lengths", default=None,
+                       help="prefill, memory: prompt lengths (default 256,1024,2048,4096,8192; memory 1024,4096); "
+                            "packing: the batch's prompt lengths")
+
+    def systems(self, a, s):
+        notes: list[str] = []
+        lengths = clamp_lengths(int_list(a.lengths, DEFAULT_LENGTHS), context_of(s.model), False, notes)
+        extra = {"lengths": lengths, "n_ctx": max(lengths) + 64}
+        systems, more = standard_systems(a, s, extra)
+        return systems, {**s.base_args(), "lengths": lengths}, notes + more
+
+    @staticmethod
+    def worker(args: dict[str, Any]) -> dict[str, float]:
+        from slimlm.bench.machine import peak_rss_mb
+        from slimlm.bench.systems import SYSTEMS
+        from slimlm.bench.workloads import lengths_prompts, text_prompt
+
+        system = SYSTEMS.get(args["system"])(args)
+        system.prefill(text_prompt(system.tokenizer, 32, offset=20_000))  # warm-up
+        res = {}
+        for n, ids in zip(args["lengths"], lengths_prompts(system.tokenizer, args["lengths"])):
+            dt = system.prefill(ids)
+            res[f"ttft_s[{n}]"], res[f"prefill_tok_s[{n}]"] = dt, n / dt
+        return {**res, "peak_rss_mb": peak_rss_mb()}
+
+    def derive(self, report: dict[str, Any]) -> None:
+        report["speedup"] = {str(n): speedups(report["summary"], f"ttft_s[{n}]", False)
+                             for n in report["settings"]["lengths"]}
+
+    def table(self, report: dict[str, Any]) -> str:
+        lengths = report["settings"]["lengths"]
+        cols = [(f"ttft_s[{n}]", f"TTFT {n} tok (s)", ".3f") for n in lengths]
+        text = summary_table(report["summary"], cols)
+        tps = [(f"prefill_tok_s[{n}]", f"{n} tok", ".0f") for n in lengths]
+        text += "\n\nPrefill tokens/s:\n\n" + summary_table(report["summary"], tps)
+        sp = {n: v for n, v in report.get("speedup", {}).items() if v}
+        if sp:
+            others = sorted({k for v in sp.values() for k in v})
+            text += "\n\nslimlm TTFT speed-up: " + "; ".join(
+                f"vs {o}: " + ", ".join(f"{n}: {v[o]:.2f}x" for n, v in sp.items() if o in v) for o in others)
+        return text
+
+    def plot(self, report: dict[str, Any], out: Path) -> list[Path]:
+        from slimlm.bench.plots import lines
+
+        lengths = report["settings"]["lengths"]
+        series = {name: [s.get(f"ttft_s[{n}]", {}).get("median") for n in lengths]
+                  for name, s in report["summary"].items()}
+        return [lines(lengths, series, "prompt tokens", "time to first token (s)", "prefill", out.with_suffix(".png"),
+                      log=True)]

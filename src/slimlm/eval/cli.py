@@ -1,0 +1,113 @@
+"""`slimlm eval TASK` (score a quality task through the engine) and `slimlm report RESULTS_DIR`
+(render every result JSON into markdown tables and PNG plots)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+from slimlm.errors import SlimLMError
+
+EVAL_SYSTEMS = ("slimlm", "transformers")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def scoring_lm(model: str, system: str, dtype: str, threads: int, engine: dict[str, Any]):
+    """The engine (default) or transformers, ready to score."""
+    import torch
+
+    torch.set_num_threads(threads)
+    if system == "transformers":
+        from slimlm.bench.systems import hf_dir, unavailable
+        from slimlm.eval.lm import TransformersLM
+
+        why = unavailable("transformers", model)
+        if why:
+            raise SlimLMError(why)
+        return TransformersLM(hf_dir(model), dtype)
+    from slimlm import LLM
+    from slimlm.eval.lm import EngineLM
+    from slimlm.model.hub import load
+
+    return EngineLM(LLM(load(model, dtype=dtype), dtype=dtype, **engine))
+
+
+def evaluate(task, lm, settings: dict[str, Any], log=log) -> dict[str, Any]:
+    """Run ``task`` on ``lm``; the report (without kind/command stamps)."""
+    from dataclasses import asdict
+
+    from slimlm.bench.base import busy_warning
+    from slimlm.bench.machine import cpu_busy, machine_info
+
+    before = cpu_busy()
+    t0 = time.perf_counter()
+    results = task.run(lm, log)
+    report = {"settings": {**settings, **asdict(task)}, "machine": machine_info(settings["threads"]),
+              "seconds": time.perf_counter() - t0, "results": results, "notes": list(results.get("notes", []))}
+    busy_warning(report, [before, cpu_busy()], log)
+    return report
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from slimlm.bench.cli import engine_settings
+    from slimlm.bench.results import command_line, save, stamp
+    from slimlm.eval.registry import TASKS
+
+    task = TASKS.get(a.task).from_args(a)
+    if a.system not in EVAL_SYSTEMS:
+        raise SlimLMError(f"unknown system '{a.system}'; known: {', '.join(EVAL_SYSTEMS)}")
+    dtype, engine = engine_settings(a)
+    threads = a.threads or os.cpu_count() or 1
+    lm = scoring_lm(a.model, a.system, dtype, threads, engine)
+    settings = {"model": a.model, "system": a.system, "dtype": dtype, "threads": threads,
+                "engine": engine if a.system == "slimlm" else {}}
+    report = stamp(evaluate(task, lm, settings), "eval", a.task, command_line(a.parser, a, "slimlm eval"))
+    print(task.table(report))
+    for n in report["notes"]:
+        print(f"note: {n}")
+    if a.json:
+        log(f"wrote {save(report, a.json)}")
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from slimlm.bench.report import render
+
+    out = Path(a.out)
+    notes = render(a.results_dir, out, Path(a.plots) if a.plots else out.parent / out.stem)
+    for n in notes:
+        print(f"note: {n}", file=sys.stderr)
+    log(f"wrote {out}")
+    return 0
+
+
+def register(sub) -> None:
+    from slimlm.engine.options import add_engine_args
+    from slimlm.eval.registry import TASKS
+    from slimlm.model.hub import DEFAULT_MODEL
+
+    e = sub.add_parser("eval", help="score a quality task through the engine",
+                       description="Tasks: " + "; ".join(f"{n}: {TASKS.get(n).help}" for n in TASKS.names()))
+    e.add_argument("task", help=f"one of: {', '.join(TASKS.names())}")
+    e.add_argument("--model", default=DEFAULT_MODEL)
+    e.add_argument("--json", default=None, help="write the full report here")
+    e.add_argument("--system", default="slimlm", help="slimlm (the engine, default) or transformers (reference)")
+    e.add_argument("--seed", type=int, default=0)
+    for name in TASKS.names():
+        TASKS.get(name).add_args(e.add_argument_group(name))
+    add_engine_args(e)
+    e.set_defaults(func=cmd_eval, parser=e)
+
+    r = sub.add_parser("report", help="render result JSON files into markdown tables and PNG plots")
+    r.add_argument("results_dir")
+    r.add_argument("--out", default="docs/results.md")
+    r.add_argument("--plots", default=None, help="folder for the PNGs (default: next to --out, named after it)")
+    r.set_defaults(func=cmd_report)

@@ -1,0 +1,161 @@
+"""Benchmark scenarios on tiny models: every scenario runs and records what it promises, packing
+is exact, a KV policy shows as memory saved, the frontier catches a broken configuration, and
+mistakes (unknown scenario, missing baseline, corrupt results) are one line or a note."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from slimlm.cli import build_parser, main
+
+FAST = ["--repeats", "1", "--in-process", "--threads", "1"]
+
+
+def bench(args, tmp_path, name):
+    out = tmp_path / f"{name}.json"
+    assert main(["bench", *args, *FAST, "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def finite(x):
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def results(tiny_llama_dir, tmp_path_factory):
+    """decode, prefill, packing and memory on the tiny model, slimlm and transformers."""
+    d = tmp_path_factory.mktemp("results")
+    m = ["--model", str(tiny_llama_dir)]
+    return d, {
+        "decode": bench(["decode", *m, "--max-tokens", "8", "--prompt-tokens", "32"], d, "decode"),
+        "prefill": bench(["prefill", *m, "--lengths", "32,100,1000"], d, "prefill"),
+        "packing": bench(["packing", *m, "--lengths", "8,40,100"], d, "packing"),
+        "memory": bench(["memory", *m, "--lengths", "64,160", "--max-tokens", "8"], d, "memory"),
+    }
+
+
+def test_every_scenario_records_settings_machine_and_each_repeat(results):
+    _, r = results
+    for name, rep in r.items():
+        assert rep["kind"] == "bench" and rep["scenario"] == name
+        assert rep["command"].startswith(f"slimlm bench {name} --model")
+        assert {"cpu", "cores", "threads", "torch", "commit"} <= set(rep["machine"]) and rep["machine"]["threads"] == 1
+        assert all(len(runs) == 1 and "error" not in runs[0] for runs in rep["runs"].values()), rep["runs"]
+        assert "cpu_busy_others" in next(iter(rep["runs"].values()))[0]
+    d = r["decode"]["summary"]
+    assert set(d) == {"slimlm", "transformers"}
+    for s in d.values():
+        assert finite(s["decode_tok_s"]["median"]) and s["generated"]["median"] == 8
+        assert s["latency_p99_ms"]["median"] >= s["latency_p50_ms"]["median"] > 0
+    assert finite(r["decode"]["speedup"]["transformers"])
+    p = r["prefill"]
+    assert p["settings"]["lengths"] == [32, 100, 255]  # clamped to the tiny model's context
+    assert any("clamped" in n for n in p["notes"])
+    assert all(finite(s[f"ttft_s[{n}]"]["median"]) for s in p["summary"].values() for n in (32, 100, 255))
+
+
+def test_llamacpp_missing_is_a_note_not_a_failure(results):
+    import importlib.util
+
+    _, r = results
+    if importlib.util.find_spec("llama_cpp") is None:
+        assert any("llama-cpp-python is not installed" in n for n in r["decode"]["notes"])
+        assert "llama.cpp" not in r["decode"]["summary"]
+
+
+def test_packing_computes_no_padding_and_matches_padded_logits(results, tiny_llama_dir):
+    from slimlm.bench.packing import packed_last_logits, padded_last_logits
+    from slimlm.model.hub import load
+
+    _, r = results
+    s = r["packing"]["summary"]
+    assert set(s) == {"slimlm-padded", "slimlm-packed", "slimlm-engine", "transformers-padded"}
+    assert s["slimlm-packed"]["computed_tokens"]["median"] == 148
+    assert s["slimlm-padded"]["computed_tokens"]["median"] == s["transformers-padded"]["computed_tokens"]["median"] == 300
+    model = load(tiny_llama_dir).model
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (5, 17, 40)]
+    with torch.inference_mode():
+        torch.testing.assert_close(packed_last_logits(model, prompts), padded_last_logits(model, prompts),
+                                   rtol=1e-4, atol=1e-4)
+        alone = torch.stack([model(torch.tensor([p]))[0, -1] for p in prompts])
+        torch.testing.assert_close(packed_last_logits(model, prompts), alone, rtol=1e-4, atol=1e-4)
+
+
+def test_memory_kv_bytes_match_the_model_shape_and_a_kv_policy_saves_memory(results, tiny_llama_dir, tmp_path):
+    _, r = results
+    full = r["memory"]["summary"]
+    per_token = 2 * 2 * 2 * 16 * 4  # K and V x layers x KV heads x head dim x fp32 bytes
+    assert full["transformers"]["kv_bytes_per_token[160]"]["median"] == pytest.approx(per_token, rel=0.02)
+    assert per_token <= full["slimlm"]["kv_bytes_per_token[160]"]["median"] < per_token * 1.15  # block rounding
+    assert finite(full["slimlm"]["peak_rss_mb[160]"]["median"])
+    sink = bench(["memory", "--model", str(tiny_llama_dir), "--lengths", "64,160", "--max-tokens", "8",
+                  "--skip", "transformers", "--kv-policy", "sink", "--kv-policy-arg", "window=32"], tmp_path, "sink")
+    held = sink["summary"]["slimlm"]["kv_mb[160]"]["median"]
+    assert held < 0.5 * full["slimlm"]["kv_mb[160]"]["median"]
+
+
+def test_report_renders_every_result_and_skips_a_corrupt_file(results, tmp_path, capsys):
+    d, _ = results
+    (d / "corrupt.json").write_text('{"kind": "bench", "scenario": ')
+    out = tmp_path / "docs" / "results.md"
+    assert main(["report", str(d), "--out", str(out)]) == 0
+    md = out.read_text()
+    for name in ("decode", "prefill", "packing", "memory"):
+        assert f"### {name} ({name}.json)" in md and f"`slimlm bench {name} --model" in md
+    assert md.index("### decode") < md.index("### prefill") < md.index("### packing") < md.index("### memory")
+    pngs = sorted(p.name for p in (tmp_path / "docs" / "results").glob("*.png"))
+    assert pngs == ["decode.png", "memory-kv.png", "memory-rss.png", "packing.png", "prefill.png"]
+    assert "![decode](results/decode.png)" in md
+    err = capsys.readouterr().err
+    assert "skipped" in err and "corrupt.json" in err and "Traceback" not in err
+    assert "corrupt.json" in md.split("## Skipped")[1]
+
+
+def test_worker_runs_in_its_own_process(tiny_llama_dir, tmp_path):
+    out = tmp_path / "sub.json"
+    assert main(["bench", "decode", "--model", str(tiny_llama_dir), "--max-tokens", "4", "--prompt-tokens", "16",
+                 "--skip", "transformers", "--repeats", "1", "--threads", "1", "--json", str(out)]) == 0
+    run = json.loads(out.read_text())["runs"]["slimlm"][0]
+    assert "error" not in run and run["generated"] == 4
+
+
+def test_frontier_shows_a_broken_configuration_as_a_quality_drop(trained_dir, tiny_data, tmp_path):
+    r = bench(["frontier", "--model", str(trained_dir), "--prompt-tokens", "160", "--max-tokens", "8",
+               "--config", "broken=--kv-policy sink --kv-policy-arg window=1 --kv-policy-arg sink=0",
+               "--quality", "perplexity",
+               "--quality-arg", f'perplexity.corpora=["{tiny_data["corpus"]}"]',
+               "--quality-arg", "perplexity.window=128", "--quality-arg", "perplexity.stride=64"], tmp_path, "frontier")
+    (p,) = [p for p in r["points"] if p["config"] == "broken"]
+    assert p["quality_delta"] < -20  # perplexity at least 20% worse
+    assert p["memory_saved_pct"] > 50  # the policy keeps one block instead of eleven
+    assert r["settings"]["configs"]["broken"]["engine"]["kv_policy"] == "sink"
+    out = tmp_path / "results.md"
+    assert main(["report", str(tmp_path), "--out", str(out)]) == 0
+    assert "## Efficiency frontier" in out.read_text() and (tmp_path / "results" / "frontier.png").is_file()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["bench", "nosuch"], "unknown scenario 'nosuch'; known: decode, frontier, memory, packing, prefill, serve, throughput"),
+    (["bench", "decode", "--skip", "vllm"], "unknown system 'vllm' for --skip"),
+    (["bench", "frontier"], "frontier needs at least one --config"),
+    (["bench", "frontier", "--config", "x=--kv-policy nosuch"], "unknown KV-cache policy 'nosuch'"),
+    (["bench", "frontier", "--config", "x=--no-such-flag"], "--config: unrecognized arguments"),
+])
+def test_user_mistakes_are_one_line_exit_2(argv, needle, tiny_llama_dir, capsys):
+    assert main([*argv, "--model", str(tiny_llama_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and needle in err[-1], err
+    assert not any("Traceback" in line for line in err)
+
+
+def test_throughput_and_serve_keep_their_options():
+    p = build_parser()
+    a = p.parse_args(["bench", "throughput", "--num-prompts", "4", "--max-tokens", "8", "--skip", "transformers"])
+    assert (a.scenario, a.num_prompts, a.max_tokens, a.skip) == ("throughput", 4, 8, ["transformers"])
+    a = p.parse_args(["bench", "serve", "--clients", "3", "--seconds", "2", "--kv-policy", "sink"])
+    assert (a.clients, a.seconds, a.kv_policy) == (3, 2.0, "sink")
