@@ -60,8 +60,7 @@ class DraftModelProposer(Proposer):
     def _budget(self, seq: Sequence) -> int:
         p = seq.request.params
         room = min(p.max_tokens - len(seq.output_ids), self.engine.context_length - seq.num_tokens) - 1
-        no_penalty = p.repetition_penalty == 1.0 and p.presence_penalty == 0 and p.frequency_penalty == 0
-        return max(0, min(self.k, room)) if no_penalty else 0
+        return 0 if seq.sampler.needs_penalties else max(0, min(self.k, room))
 
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence]) -> None:
