@@ -68,6 +68,8 @@ SETTINGS = {
     "no-batchllm": dict(max_num_batched_tokens=64, batch_prefix_scheduling=False),
     "no-cache-no-batchllm": dict(max_num_batched_tokens=512, enable_prefix_caching=False,
                                  batch_prefix_scheduling=False),
+    "pytorch-decode-path": dict(max_num_batched_tokens=64, native_kernels=False),
+    "default-budget": dict(),
 }
 
 

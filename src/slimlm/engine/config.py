@@ -14,9 +14,9 @@ class EngineConfig:
     """Tokens per KV block. Smaller blocks share prefixes more finely; larger ones gather faster."""
     kv_cache_bytes: int | None = None
     """Bytes for the KV block pool; None = 30% of available memory, at most 4 GiB (CPU)."""
-    max_num_batched_tokens: int = 512
+    max_num_batched_tokens: int = 2048
     """Token budget of one step (SARATHI chunk size): running decodes first, then prefill
-    chunks fill what is left (Agrawal et al. 2023, decode-maximal batching)."""
+    chunks fill what is left (Agrawal et al. 2023, decode-maximal batching). vLLM's default."""
     max_num_seqs: int = 128
     """Most sequences running at once."""
     enable_prefix_caching: bool = True
@@ -33,6 +33,8 @@ class EngineConfig:
     hooks: list[str] = field(default_factory=list)
     """Per-layer runner hooks by name (see ``slimlm.engine.hooks``)."""
     hook_args: dict[str, dict[str, Any]] = field(default_factory=dict)
+    native_kernels: bool = True
+    """Use the compiled CPU kernels (``slimlm.kernels``) where they apply; False = PyTorch only."""
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -45,7 +45,7 @@ class LLMEngine:
         self.kv = KVCacheManager(self.pool)
         self.cache = PagedKVCache(cfg, num_blocks, config.block_size, self.model.dtype, self.model.device)
         hooks = [LAYER_HOOKS.get(h)(**config.hook_args.get(h, {})) for h in config.hooks]
-        self.runner = ModelRunner(self.model, self.cache, span, hooks)
+        self.runner = ModelRunner(self.model, self.cache, span, hooks, config.native_kernels)
         self.scheduler = Scheduler(
             self.kv, config.max_num_batched_tokens, config.max_num_seqs, self.policy,
             dedup_prefixes=config.batch_prefix_scheduling and config.enable_prefix_caching,

@@ -15,7 +15,7 @@ from slimlm.model.hub import DEFAULT_MODEL, LoadedModel, load
 
 class LLM:
     """``LLM(model="smollm2-135m-instruct", dtype="float32", block_size=16, kv_cache_bytes=...,
-    max_num_batched_tokens=512, enable_prefix_caching=True, batch_prefix_scheduling=True,
+    max_num_batched_tokens=2048, enable_prefix_caching=True, batch_prefix_scheduling=True,
     kv_policy=None, speculative=None, ...)`` — every keyword of :class:`EngineConfig`."""
 
     def __init__(self, model: str | LoadedModel = DEFAULT_MODEL, **config: Any):

@@ -31,7 +31,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="float32", help="float32 or bfloat16")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--kv-cache-bytes", type=int, default=None, help="KV pool size (default: from free memory)")
-    g.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per step (chunk size)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step (chunk size)")
     g.add_argument("--max-num-seqs", type=int, default=128)
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--no-batch-prefix-scheduling", action="store_true", help="disable BatchLLM ordering")
@@ -40,6 +40,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--speculative", default=None, help=f"one of: {', '.join(SPEC_METHODS.names())}")
     g.add_argument("--speculative-arg", action="append", metavar="K=V", help="e.g. model=PATH k=4")
     g.add_argument("--hook", action="append", help=f"one of: {', '.join(LAYER_HOOKS.names())}")
+    g.add_argument("--no-native-kernels", action="store_true", help="PyTorch ops only (no compiled CPU kernels)")
     g.add_argument("--threads", type=int, default=None)
 
 
@@ -61,5 +62,5 @@ def engine_config_from_args(a: argparse.Namespace) -> dict[str, Any]:
         enable_prefix_caching=not a.no_prefix_caching, batch_prefix_scheduling=not a.no_batch_prefix_scheduling,
         kv_policy=a.kv_policy, kv_policy_args=_kv(a.kv_policy_arg, "--kv-policy-arg"),
         speculative=a.speculative, speculative_args=_kv(a.speculative_arg, "--speculative-arg"),
-        hooks=list(a.hook or []),
+        hooks=list(a.hook or []), native_kernels=not a.no_native_kernels,
     )

@@ -11,17 +11,25 @@ from __future__ import annotations
 import torch
 
 from slimlm.engine.hooks import LayerHook, StepInfo
-from slimlm.engine.paged_attention import DecodeGroup, PagedAttention, PagedKVCache, PrefillSegment, kept_blocks
+from slimlm.engine.paged_attention import (
+    _NATIVE_DTYPES, DecodeGroup, DecodeTable, PagedAttention, PagedKVCache, PrefillSegment, kept_blocks,
+)
 from slimlm.engine.sched_output import SchedulerOutput
 from slimlm.kvcache.policy.base import AttentionSpan
 from slimlm.model.transformer import CausalLM
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, cache: PagedKVCache, span: AttentionSpan, hooks: list[LayerHook]):
+    def __init__(self, model: CausalLM, cache: PagedKVCache, span: AttentionSpan, hooks: list[LayerHook],
+                 native_kernels: bool = True):
         self.model, self.cache, self.span, self.hooks = model, cache, span, hooks
         self.device = model.device
         self.windows = model.windows()
+        self.native = None
+        if native_kernels and self.device.type == "cpu" and cache.k[0].dtype in _NATIVE_DTYPES and span == AttentionSpan():
+            from slimlm import kernels
+
+            self.native = kernels.load("paged_decode")
 
     def _tensor(self, x) -> torch.Tensor:
         return torch.tensor(x, dtype=torch.long, device=self.device)
@@ -53,8 +61,10 @@ class ModelRunner:
                                                self._kpos([logical])))
             row += T
         positions = self._tensor([pos])  # (1, T)
-        attn = PagedAttention(self.cache, self._tensor(slots), self._decode_groups(decodes), prefills, self.span,
-                              self.windows, self.model.attn_scale, self.model.rotary)
+        table = self._decode_table(decodes) if self.native is not None else None
+        groups = self._decode_groups(decodes) if table is None or any(self.windows.values()) else []
+        attn = PagedAttention(self.cache, self._tensor(slots), groups, prefills, self.span, self.windows,
+                              self.model.attn_scale, self.model.rotary, table, self.native)
         h = self._forward(self._tensor([ids]), positions, attn, StepInfo(positions[0], len(decodes)))
         logits = self.model.head(h[0, logit_rows])  # (R, V)
         res, r = {}, 0
@@ -70,6 +80,16 @@ class ModelRunner:
         lb = self._tensor(logical)[..., None]  # (B, nb, 1)
         kpos = lb * bs + torch.arange(bs, device=self.device)  # (B, nb, bs)
         return kpos.masked_fill(lb < 0, -1).flatten(1)
+
+    def _decode_table(self, decodes) -> DecodeTable | None:
+        """One padded block table for the native decode kernel, or None when there are no
+        decodes or a sequence has dropped blocks (then the grouped gather path serves)."""
+        if not decodes or any(len(d[3]) != d[3][-1] + 1 for d in decodes if d[3]):
+            return None
+        nb = max(len(d[2]) for d in decodes)
+        return DecodeTable(self._tensor([d[0] for d in decodes]),
+                           self._tensor([d[2] + [0] * (nb - len(d[2])) for d in decodes]),
+                           self._tensor([d[1] + 1 for d in decodes]))
 
     def _decode_groups(self, decodes) -> list[DecodeGroup]:
         """Single-token chunks, batched by context length so padding stays small: sequences are

@@ -21,7 +21,12 @@ def attention(
 
     q: (B, Hq, Tq, d); k, v: (B, Hkv, Tk, d) with Hq % Hkv == 0; mask: bool, True = may attend,
     broadcastable to (B, 1, Tq, Tk), or None for full attention. Returns (B, Hq, Tq, d).
+
+    On the CPU, half-precision inputs are computed in float32: PyTorch's CPU SDPA kernels are
+    several times slower in bfloat16 than in float32 (and float32 softmax is the more exact).
     """
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        return attention(q.float(), k.float(), v.float(), mask, scale).to(q.dtype)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )

@@ -49,7 +49,7 @@ class DraftModelProposer(Proposer):
         n = max(int(total * self.kv_fraction) // per_block, 4)
         self.kv = KVCacheManager(BlockPool(n, bs, enable_prefix_caching=False))
         cache = PagedKVCache(cfg, n, bs, self.lm.model.dtype, self.lm.model.device)
-        self.runner = ModelRunner(self.lm.model, cache, AttentionSpan(), [])
+        self.runner = ModelRunner(self.lm.model, cache, AttentionSpan(), [], self.engine.config.native_kernels)
         return n * per_block
 
     def release(self, seq: Sequence) -> None:

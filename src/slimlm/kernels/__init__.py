@@ -1,0 +1,79 @@
+"""Native CPU kernels for the few hot loops PyTorch has no fused op for.
+
+Each kernel is one small C file in this folder, compiled on first use with the machine's C
+compiler (``cc -O3 -march=native -fopenmp``) into ``$SLIMLM_HOME/kernels`` and called through
+ctypes on tensors' data pointers. Everything works without them: when no compiler is found,
+the build fails, or ``SLIMLM_NATIVE=0`` is set, :func:`load` returns None and callers use their
+pure-PyTorch path (tests cover both and check they agree).
+
+To add one: put ``name.c`` here with a plain C entry point, declare its argument types in
+``SIGNATURES`` below, and call ``load("name")`` where it is needed, keeping a PyTorch fallback.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_I64, _PTR, _INT, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+
+SIGNATURES: dict[str, dict[str, tuple]] = {
+    "paged_decode": {
+        # q, k_pool, v_pool, dtype, table, lens, out, B, Hq, Hkv, d, block_size, max_blocks, scale, nthreads
+        "slimlm_paged_decode": (_INT, (_PTR, _PTR, _PTR, _INT, _PTR, _PTR, _PTR,
+                                       _I64, _I64, _I64, _I64, _I64, _I64, _F32, _INT)),
+    },
+}
+
+_loaded: dict[str, ctypes.CDLL | None] = {}
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+
+
+def _build(name: str) -> Path:
+    from slimlm.model.hub import slimlm_home
+
+    src = Path(__file__).with_name(f"{name}.c")
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc/gcc) on PATH")
+    key = hashlib.sha256(src.read_bytes() + " ".join([cc, *FLAGS, os.uname().machine]).encode()).hexdigest()[:16]
+    out = slimlm_home() / "kernels" / f"{name}-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp_so = Path(tmp) / out.name
+        res = subprocess.run([cc, *FLAGS, str(src), "-o", str(tmp_so), "-lm"], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
+        os.replace(tmp_so, out)  # atomic: concurrent builders never see a partial file
+    return out
+
+
+def load(name: str) -> ctypes.CDLL | None:
+    """The compiled kernel library ``name`` with its signatures set, or None (use the fallback)."""
+    if name in _loaded:
+        return _loaded[name]
+    lib = None
+    if os.environ.get("SLIMLM_NATIVE", "1") != "0" and sys.platform.startswith("linux"):
+        try:
+            import torch  # noqa: F401  (torch's libgomp must be loaded first so both share one OpenMP pool)
+
+            lib = ctypes.CDLL(str(_build(name)))
+            for fn, (res, args) in SIGNATURES[name].items():
+                f = getattr(lib, fn)
+                f.restype, f.argtypes = res, args
+        except (OSError, RuntimeError, AttributeError) as e:
+            log.warning("slimlm: native kernel %r unavailable (%s); using the PyTorch path", name, e)
+            lib = None
+    _loaded[name] = lib
+    return lib

@@ -1,0 +1,207 @@
+/* Paged decode attention on the CPU: one query token per sequence, keys and values read in
+ * place from the block pool (no gather into a padded batch, one pass over the KV).
+ *
+ * q    (B, Hq, d) float32            out (B, Hq, d) float32
+ * k, v (num_blocks, block_size, Hkv, d), float32 (dtype 0) or bfloat16 (dtype 1)
+ * table (B, max_blocks) int64: physical block of each logical block
+ * lens  (B,) int64: tokens to attend (the context including the new token)
+ *
+ * Work items are sequences, handed out through an atomic counter inside one OpenMP parallel
+ * region (only GOMP_parallel is needed, so any libgomp, torch's included, serves). A sequence
+ * walks its blocks twice: scores of every query head against each key row (fp32 accumulation),
+ * a stable softmax per head, then the weighted sum of value rows. With AVX-512 and a head size
+ * that is a multiple of 16 (up to 128), rows are converted in registers and four dot products
+ * run at once; otherwise a portable loop over a converted row buffer serves.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+static inline float bf16_to_f32(uint16_t x) {
+    uint32_t u = ((uint32_t)x) << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* Prefetch the next block's rows while this one is computed: blocks sit anywhere in the pool. */
+static inline void prefetch_block(const void *pool, size_t elem, const int64_t *tb, int64_t t0, int64_t L,
+                                  int64_t block_size, int64_t W) {
+    const int64_t next = t0 + block_size;
+    if (next >= L) return;
+    const int64_t n = L - next < block_size ? L - next : block_size;
+    const char *p = (const char *)pool + (size_t)(tb[next / block_size] * block_size * W) * elem;
+    for (size_t off = 0; off < (size_t)(n * W) * elem; off += 64) __builtin_prefetch(p + off, 0, 3);
+}
+
+static inline void softmax_rows(float *s, int64_t Hq, int64_t L) {
+    for (int64_t hq = 0; hq < Hq; ++hq) {
+        float *sg = s + hq * L, m = -INFINITY, sum = 0.f;
+#pragma omp simd reduction(max : m)
+        for (int64_t t = 0; t < L; ++t) m = sg[t] > m ? sg[t] : m;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < L; ++t) { sg[t] = expf(sg[t] - m); sum += sg[t]; }
+        const float inv = 1.f / sum;
+#pragma omp simd
+        for (int64_t t = 0; t < L; ++t) sg[t] *= inv;
+    }
+}
+
+#ifdef __AVX512F__
+/* 16 elements at ``base[idx]`` as float32 (bf16 widened in registers). */
+static inline __attribute__((always_inline)) __m512 ld16(const void *base, int64_t idx, const int dtype) {
+    if (dtype == 0) return _mm512_loadu_ps((const float *)base + idx);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + idx));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* The sums of a0..a3, each over its 16 lanes, as one 4-lane vector (a transposing reduction:
+ * about half the shuffles of four separate horizontal sums). */
+static inline __attribute__((always_inline)) __m128 sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+    const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+    const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+    const __m512 t2 = _mm512_add_ps(
+        _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))),
+        _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))));
+    /* each 128-bit lane of t2 now holds (a0, a1, a2, a3) partial sums; add the four lanes */
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(t2), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t2), 1)));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+static inline __attribute__((always_inline)) void decode_avx512(
+    const float *qb, const void *k_pool, const void *v_pool, const int dtype, const int64_t *tb, int64_t L,
+    float *ob, float *s, const int64_t Hq, const int64_t Hkv, const int64_t d, const int64_t block_size,
+    float scale) {
+    const int64_t G = Hq / Hkv, W = Hkv * d, nv = d / 16;
+    const size_t elem = dtype == 0 ? 4 : 2;
+    for (int64_t t0 = 0; t0 < L; t0 += block_size) { /* block by block: no division per token */
+        prefetch_block(k_pool, elem, tb, t0, L, block_size, W);
+        const int64_t n = L - t0 < block_size ? L - t0 : block_size, base = tb[t0 / block_size] * block_size * W;
+        for (int64_t hq = 0; hq < Hq; ++hq) {
+            __m512 qv[8];
+            for (int64_t j = 0; j < nv; ++j) qv[j] = _mm512_loadu_ps(qb + hq * d + 16 * j);
+            const int64_t kh = base + (hq / G) * d;
+            float *sg = s + hq * L + t0;
+            int64_t o = 0;
+            for (; o + 4 <= n; o += 4) { /* four independent dot products in flight */
+                const int64_t r = kh + o * W;
+                __m512 a0 = _mm512_mul_ps(qv[0], ld16(k_pool, r, dtype));
+                __m512 a1 = _mm512_mul_ps(qv[0], ld16(k_pool, r + W, dtype));
+                __m512 a2 = _mm512_mul_ps(qv[0], ld16(k_pool, r + 2 * W, dtype));
+                __m512 a3 = _mm512_mul_ps(qv[0], ld16(k_pool, r + 3 * W, dtype));
+                for (int64_t j = 1; j < nv; ++j) {
+                    a0 = _mm512_fmadd_ps(qv[j], ld16(k_pool, r + 16 * j, dtype), a0);
+                    a1 = _mm512_fmadd_ps(qv[j], ld16(k_pool, r + W + 16 * j, dtype), a1);
+                    a2 = _mm512_fmadd_ps(qv[j], ld16(k_pool, r + 2 * W + 16 * j, dtype), a2);
+                    a3 = _mm512_fmadd_ps(qv[j], ld16(k_pool, r + 3 * W + 16 * j, dtype), a3);
+                }
+                _mm_storeu_ps(sg + o, _mm_mul_ps(_mm_set1_ps(scale), sum4(a0, a1, a2, a3)));
+            }
+            for (; o < n; ++o) {
+                const int64_t r = kh + o * W;
+                __m512 a0 = _mm512_mul_ps(qv[0], ld16(k_pool, r, dtype));
+                for (int64_t j = 1; j < nv; ++j) a0 = _mm512_fmadd_ps(qv[j], ld16(k_pool, r + 16 * j, dtype), a0);
+                sg[o] = scale * _mm512_reduce_add_ps(a0);
+            }
+        }
+    }
+    softmax_rows(s, Hq, L);
+    memset(ob, 0, (size_t)(Hq * d) * sizeof(float));
+    for (int64_t t0 = 0; t0 < L; t0 += block_size) {
+        prefetch_block(v_pool, elem, tb, t0, L, block_size, W);
+        const int64_t n = L - t0 < block_size ? L - t0 : block_size, base = tb[t0 / block_size] * block_size * W;
+        for (int64_t hq = 0; hq < Hq; ++hq) { /* accumulators stay in registers across the block */
+            __m512 acc[8];
+            for (int64_t j = 0; j < nv; ++j) acc[j] = _mm512_loadu_ps(ob + hq * d + 16 * j);
+            const int64_t vh = base + (hq / G) * d;
+            const float *pg = s + hq * L + t0;
+            for (int64_t o = 0; o < n; ++o) {
+                const __m512 w = _mm512_set1_ps(pg[o]);
+                for (int64_t j = 0; j < nv; ++j) acc[j] = _mm512_fmadd_ps(w, ld16(v_pool, vh + o * W + 16 * j, dtype), acc[j]);
+            }
+            for (int64_t j = 0; j < nv; ++j) _mm512_storeu_ps(ob + hq * d + 16 * j, acc[j]);
+        }
+    }
+}
+#endif
+
+/* Portable path: rows converted to float32 into ``row`` (W floats), plain loops. */
+static const float *load_row(const void *pool, int dtype, int64_t off, int64_t n, float *buf) {
+    if (dtype == 0) return (const float *)pool + off;
+    const uint16_t *src = (const uint16_t *)pool + off;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) buf[i] = bf16_to_f32(src[i]);
+    return buf;
+}
+
+static void decode_generic(const float *qb, const void *k_pool, const void *v_pool, int dtype, const int64_t *tb,
+                           int64_t L, float *ob, float *s, float *row, int64_t Hq, int64_t Hkv, int64_t d,
+                           int64_t block_size, float scale) {
+    const int64_t G = Hq / Hkv, W = Hkv * d;
+    for (int64_t t = 0; t < L; ++t) {
+        const float *kr = load_row(k_pool, dtype, (tb[t / block_size] * block_size + t % block_size) * W, W, row);
+        for (int64_t hq = 0; hq < Hq; ++hq) {
+            const float *qg = qb + hq * d, *k = kr + (hq / G) * d;
+            float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t i = 0; i < d; ++i) acc += qg[i] * k[i];
+            s[hq * L + t] = acc * scale;
+        }
+    }
+    softmax_rows(s, Hq, L);
+    memset(ob, 0, (size_t)(Hq * d) * sizeof(float));
+    for (int64_t t = 0; t < L; ++t) {
+        const float *vr = load_row(v_pool, dtype, (tb[t / block_size] * block_size + t % block_size) * W, W, row);
+        for (int64_t hq = 0; hq < Hq; ++hq) {
+            const float p = s[hq * L + t], *v = vr + (hq / G) * d;
+            float *og = ob + hq * d;
+#pragma omp simd
+            for (int64_t i = 0; i < d; ++i) og[i] += p * v[i];
+        }
+    }
+}
+
+int slimlm_paged_decode(const float *q, const void *k_pool, const void *v_pool, int dtype,
+                        const int64_t *table, const int64_t *lens, float *out,
+                        int64_t B, int64_t Hq, int64_t Hkv, int64_t d, int64_t block_size,
+                        int64_t max_blocks, float scale, int nthreads) {
+    if (Hkv <= 0 || Hq % Hkv != 0 || block_size <= 0 || (dtype != 0 && dtype != 1)) return 1;
+    int64_t next = 0;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *row = (float *)malloc((size_t)(Hkv * d) * sizeof(float));
+        int64_t cap = 0;
+        float *s = NULL;
+        if (!row) __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
+        while (row) {
+            const int64_t b = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
+            if (b >= B) break;
+            const int64_t L = lens[b];
+            float *ob = out + b * Hq * d;
+            if (L <= 0) { memset(ob, 0, (size_t)(Hq * d) * sizeof(float)); continue; }
+            if (Hq * L > cap) {
+                free(s);
+                cap = Hq * L;
+                s = (float *)malloc((size_t)cap * sizeof(float));
+                if (!s) { __atomic_store_n(&failed, 1, __ATOMIC_RELAXED); cap = 0; break; }
+            }
+            const float *qb = q + b * Hq * d;
+            const int64_t *tb = table + b * max_blocks;
+#ifdef __AVX512F__
+            if (d == 64 && dtype == 0) { decode_avx512(qb, k_pool, v_pool, 0, tb, L, ob, s, Hq, Hkv, 64, block_size, scale); continue; }
+            if (d == 64 && dtype == 1) { decode_avx512(qb, k_pool, v_pool, 1, tb, L, ob, s, Hq, Hkv, 64, block_size, scale); continue; }
+            if (d % 16 == 0 && d <= 128 && dtype == 0) { decode_avx512(qb, k_pool, v_pool, 0, tb, L, ob, s, Hq, Hkv, d, block_size, scale); continue; }
+            if (d % 16 == 0 && d <= 128 && dtype == 1) { decode_avx512(qb, k_pool, v_pool, 1, tb, L, ob, s, Hq, Hkv, d, block_size, scale); continue; }
+#endif
+            decode_generic(qb, k_pool, v_pool, dtype, tb, L, ob, s, row, Hq, Hkv, d, block_size, scale);
+        }
+        free(s);
+        free(row);
+    }
+    return failed ? 2 : 0;
+}
