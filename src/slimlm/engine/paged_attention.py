@@ -164,7 +164,7 @@ class DecodeTable:
     lens: torch.Tensor  # (B,) int64: tokens each query attends, its own included
 
 
-_NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
 def native_decode(lib, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, dt: DecodeTable,
@@ -174,7 +174,7 @@ def native_decode(lib, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tens
     out = torch.empty_like(q)
     B, Hq, d = q.shape
     _, bs, hkv, _ = k_pool.shape
-    rc = lib.slimlm_paged_decode(q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), _NATIVE_DTYPES[k_pool.dtype],
+    rc = lib.slimlm_paged_decode(q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), NATIVE_DTYPES[k_pool.dtype],
                                  dt.table.data_ptr(), dt.lens.data_ptr(), out.data_ptr(), B, Hq, hkv, d, bs,
                                  dt.table.shape[1], scale, torch.get_num_threads())
     if rc != 0:

@@ -12,7 +12,7 @@ import torch
 
 from slimlm.engine.hooks import LayerHook, StepInfo
 from slimlm.engine.paged_attention import (
-    _NATIVE_DTYPES, DecodeGroup, DecodeTable, PagedAttention, PagedKVCache, PrefillSegment, kept_blocks,
+    NATIVE_DTYPES, DecodeGroup, DecodeTable, PagedAttention, PagedKVCache, PrefillSegment, kept_blocks,
 )
 from slimlm.engine.sched_output import SchedulerOutput
 from slimlm.kvcache.policy.base import AttentionSpan
@@ -26,7 +26,7 @@ class ModelRunner:
         self.device = model.device
         self.windows = model.windows()
         self.native = None
-        if native_kernels and self.device.type == "cpu" and cache.k[0].dtype in _NATIVE_DTYPES and span == AttentionSpan():
+        if native_kernels and self.device.type == "cpu" and cache.k[0].dtype in NATIVE_DTYPES and span == AttentionSpan():
             from slimlm import kernels
 
             self.native = kernels.load("paged_decode")

@@ -38,6 +38,14 @@ _loaded: dict[str, ctypes.CDLL | None] = {}
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
 
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
 def _build(name: str) -> Path:
     from slimlm.model.hub import slimlm_home
 
@@ -45,7 +53,8 @@ def _build(name: str) -> Path:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler (cc/gcc) on PATH")
-    key = hashlib.sha256(src.read_bytes() + " ".join([cc, *FLAGS, os.uname().machine]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(src.read_bytes() + " ".join([cc, *FLAGS, os.uname().machine, _cpu_flags()]).encode())
+    key = key.hexdigest()[:16]  # -march=native: a build is only valid on a CPU with the same features
     out = slimlm_home() / "kernels" / f"{name}-{key}.so"
     if out.exists():
         return out
