@@ -10,7 +10,8 @@ values into their slots, then computes attention:
   each sequence's kept blocks are gathered (block-wise, into a reused workspace) into a padded
   (B, Hkv, S, d) batch with a validity mask, one SDPA call per group;
 - each prefill chunk alone: over its own new keys when it has no earlier context, otherwise
-  over its gathered blocks, with a causal mask from explicit positions.
+  over its gathered blocks, with a causal mask from explicit positions, in blocks of
+  ``Q_BLOCK`` query rows that each see only the keys up to their last position.
 
 Every call goes through :func:`slimlm.model.attention.attention` or, when a KV policy caps
 relative distances (LM-Infinite), :func:`capped_attention`.
@@ -251,6 +252,8 @@ class PagedAttention:
                 n = p.blocks.numel()
                 ks = cache.gather("k", layer, p.blocks).view(1, n * bs, hkv, d).transpose(1, 2)
                 vs = cache.gather("v", layer, p.blocks).view(1, n * bs, hkv, d).transpose(1, 2)
+            if len(p.parts) > 1 and qs.device.type == "cpu" and qs.dtype in (torch.bfloat16, torch.float16):
+                qs, ks, vs = qs.float(), ks.float(), vs.float()  # widen once, not once per query block
             r0 = p.rows.start
             for j, (a, e, n) in enumerate(p.parts):
                 qp, kp = p.q_pos[:, a:e], p.k_pos[:, :n]
