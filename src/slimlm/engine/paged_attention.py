@@ -9,9 +9,12 @@ values into their slots, then computes attention:
   pool (one pass over the KV, no padding); otherwise in a few groups of similar context length:
   each sequence's kept blocks are gathered (block-wise, into a reused workspace) into a padded
   (B, Hkv, S, d) batch with a validity mask, one SDPA call per group;
-- each prefill chunk alone: over its own new keys when it has no earlier context, otherwise
-  over its gathered blocks, with a causal mask from explicit positions, in blocks of
-  ``Q_BLOCK`` query rows that each see only the keys up to their last position.
+- each prefill chunk alone: for a bfloat16 cache on a CPU with AVX512-BF16, when every block is
+  kept and no window applies, by the native kernel ``paged_prefill`` (causal, keys and values
+  read from the pool, bf16 dot products with fp32 accumulation); otherwise over its own new keys
+  when it has no earlier context, or over its gathered blocks, with a causal mask from explicit
+  positions, in blocks of ``Q_BLOCK`` query rows that each see only the keys up to their last
+  position.
 
 Every call goes through :func:`slimlm.model.attention.attention` or, when a KV policy caps
 relative distances (LM-Infinite), :func:`capped_attention`.
@@ -145,6 +148,8 @@ class PrefillSegment:
     k_pos: torch.Tensor  # (1, S), ascending
     parts: list[tuple[int, int, int]] = None  # type: ignore[assignment]
     """(first, end) query rows of each block and how many keys it needs (a prefix of the keys)."""
+    table: torch.Tensor | None = None
+    """Every block of the context + chunk (int64), when all are kept: the native kernel's input."""
 
     def __post_init__(self) -> None:
         if self.parts is None:
@@ -183,6 +188,19 @@ def native_decode(lib, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tens
     return out
 
 
+def native_prefill(lib, q_rows: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor,
+                   q_start: int, out: torch.Tensor, scale: float) -> None:
+    """Causal attention of one bf16 chunk, q_rows (T, Hq, d) at positions q_start.., written
+    into ``out`` (T, Hq, d) bf16; keys and values come from the pools through ``table``."""
+    T, Hq, d = q_rows.shape
+    _, bs, hkv, _ = k_pool.shape
+    rc = lib.slimlm_paged_prefill(q_rows.data_ptr(), q_rows.stride(0), q_rows.stride(1), k_pool.data_ptr(),
+                                  v_pool.data_ptr(), table.data_ptr(), q_start, out.data_ptr(), out.stride(0),
+                                  out.stride(1), T, Hq, hkv, d, bs, scale, torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"paged_prefill kernel failed (code {rc})")
+
+
 @dataclass
 class DecodeGroup:
     rows: torch.Tensor
@@ -200,11 +218,13 @@ class PagedAttention:
         self, cache: PagedKVCache, slots: torch.Tensor, decodes: list[DecodeGroup],
         prefills: list[PrefillSegment], span: AttentionSpan, windows: dict[int, int | None],
         scale: float, rotary: RotaryEmbedding, decode_table: DecodeTable | None = None, native=None,
+        native_prefill=None,
     ):
         """``decode_table`` and ``native`` (the loaded kernel library) enable the native decode
-        path for layers without a window; ``decodes`` serve the other layers."""
+        path for layers without a window; ``decodes`` serve the other layers. ``native_prefill``
+        (the ``paged_prefill`` library) serves prefill chunks that carry a ``table``."""
         self.cache, self.slots, self.decodes, self.prefills = cache, slots, decodes, prefills
-        self.decode_table, self.native = decode_table, native
+        self.decode_table, self.native, self.native_prefill = decode_table, native, native_prefill
         self.span, self.windows, self.scale, self.rotary = span, windows, scale, rotary
         self._masks: dict[tuple, torch.Tensor] = {}
 
@@ -245,6 +265,10 @@ class PagedAttention:
             o = self._attend(qd, kd, vd, mask, g.q_pos, g.k_pos)  # (B, Hq, 1, d)
             out.index_copy_(0, g.rows, o[:, :, 0])
         for i, p in enumerate(self.prefills):
+            if self.native_prefill is not None and p.table is not None and window is None:
+                native_prefill(self.native_prefill, q_rows[p.rows], cache.k[layer], cache.v[layer], p.table,
+                               int(p.q_pos[0, 0]), out[p.rows], self.scale)
+                continue
             qs = q[:, :, p.rows]
             if p.blocks is None:
                 ks, vs = k[:, :, p.rows], v[:, :, p.rows]

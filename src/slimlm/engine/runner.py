@@ -25,11 +25,15 @@ class ModelRunner:
         self.model, self.cache, self.span, self.hooks = model, cache, span, hooks
         self.device = model.device
         self.windows = model.windows()
-        self.native = None
+        self.native = self.native_prefill = None
         if native_kernels and self.device.type == "cpu" and cache.k[0].dtype in NATIVE_DTYPES and span == AttentionSpan():
             from slimlm import kernels
 
             self.native = kernels.load("paged_decode")
+            if cache.k[0].dtype == torch.bfloat16:
+                lib = kernels.load("paged_prefill")
+                if lib is not None and lib.slimlm_prefill_supported(model.cfg.head_dim):
+                    self.native_prefill = lib
 
     def _tensor(self, x) -> torch.Tensor:
         return torch.tensor(x, dtype=torch.long, device=self.device)
@@ -53,18 +57,22 @@ class ModelRunner:
             logit_rows += range(row + T - c.num_logits, row + T)
             if T == 1:
                 decodes.append((row, c.start, *kept_blocks(c.block_table, c.start + 1, bs)))
-            elif c.start == 0 and self.span.window is None:  # the chunk is its whole context
-                prefills.append(PrefillSegment(slice(row, row + T), self._tensor([p]), None, self._tensor([p])))
+                row += T
+                continue
+            phys, logical = kept_blocks(c.block_table, c.start + T, bs)
+            table = self._tensor(phys) if self.native_prefill is not None and len(logical) == logical[-1] + 1 else None
+            if c.start == 0 and self.span.window is None:  # the chunk is its whole context
+                seg = PrefillSegment(slice(row, row + T), self._tensor([p]), None, self._tensor([p]), table=table)
             else:
-                phys, logical = kept_blocks(c.block_table, c.start + T, bs)
-                prefills.append(PrefillSegment(slice(row, row + T), self._tensor([p]), self._tensor(phys),
-                                               self._kpos([logical])))
+                seg = PrefillSegment(slice(row, row + T), self._tensor([p]), self._tensor(phys),
+                                     self._kpos([logical]), table=table)
+            prefills.append(seg)
             row += T
         positions = self._tensor([pos])  # (1, T)
         table = self._decode_table(decodes) if self.native is not None else None
         groups = self._decode_groups(decodes) if table is None or any(self.windows.values()) else []
         attn = PagedAttention(self.cache, self._tensor(slots), groups, prefills, self.span, self.windows,
-                              self.model.attn_scale, self.model.rotary, table, self.native)
+                              self.model.attn_scale, self.model.rotary, table, self.native, self.native_prefill)
         h = self._forward(self._tensor([ids]), positions, attn, StepInfo(positions[0], len(decodes)))
         logits = self.model.head(h[0, logit_rows])  # (R, V)
         res, r = {}, 0

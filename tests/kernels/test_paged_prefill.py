@@ -1,0 +1,113 @@
+"""The native bf16 prefill kernel equals causal dense attention over the same keys, up to bf16
+rounding of its output, for chunks with and without earlier context, every tail shape, head
+sizes 64/128/256 and scattered blocks; and inside the engine it is used and loses no quality
+against the PyTorch bf16 path (both measured against float32)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from slimlm import LLM, SamplingParams, kernels
+from slimlm.engine import paged_attention
+from slimlm.engine.paged_attention import native_prefill
+from slimlm.model.attention import attention
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                reason="no C compiler")
+
+
+@pytest.fixture(scope="module")
+def lib():
+    lib = kernels.load("paged_prefill")
+    assert lib is not None  # a compiler is present, so the kernel must build
+    if not lib.slimlm_prefill_supported(64):
+        pytest.skip("this CPU has no AVX512-BF16: the engine uses the PyTorch prefill path")
+    return lib
+
+
+def make_case(T, q_start, hq, hkv, d, block_size, seed):
+    g = torch.Generator().manual_seed(seed)
+    n = q_start + T
+    nb = -(-n // block_size)
+    n_blocks = nb + 9
+    k_pool = torch.randn(n_blocks, block_size, hkv, d, generator=g).bfloat16()
+    v_pool = torch.randn(n_blocks, block_size, hkv, d, generator=g).bfloat16()
+    table = torch.randperm(n_blocks, generator=g)[:nb].contiguous()
+    q = (2 * torch.randn(hq, T, d, generator=g)).bfloat16()  # head-major, as the model makes it
+    return q.transpose(0, 1), k_pool, v_pool, table  # q rows: a (T, Hq, d) strided view
+
+
+def reference(q_rows, k_pool, v_pool, table, q_start, scale):
+    """float32 causal attention over the gathered keys (the PyTorch path, without rounding)."""
+    T, _, d = q_rows.shape
+    n, hkv = q_start + T, k_pool.shape[2]
+    k = k_pool[table].reshape(-1, hkv, d)[:n].float().transpose(0, 1)[None]
+    v = v_pool[table].reshape(-1, hkv, d)[:n].float().transpose(0, 1)[None]
+    mask = torch.arange(n)[None, :] <= torch.arange(q_start, n)[:, None]
+    return attention(q_rows.float().transpose(0, 1)[None], k, v, mask[None, None], scale)[0].transpose(0, 1)
+
+
+@pytest.mark.parametrize("T,q_start", [(1, 0), (2, 0), (5, 0), (6, 0), (7, 3), (13, 64), (100, 0), (128, 17),
+                                       (65, 511)])
+@pytest.mark.parametrize("block_size", [8, 16])
+def test_matches_causal_dense_attention(lib, T, q_start, block_size):
+    q, k_pool, v_pool, table = make_case(T, q_start, 9, 3, 64, block_size, seed=T * 31 + q_start)
+    out = torch.full((T, 9, 64), float("nan"), dtype=torch.bfloat16)
+    native_prefill(lib, q, k_pool, v_pool, table, q_start, out, 0.125)
+    want = reference(q, k_pool, v_pool, table, q_start, 0.125)
+    err = (out.float() - want).abs()
+    # bf16 output rounding (2^-9 relative) plus bf16 probabilities (as flash kernels use)
+    assert (err <= want.abs() * 2**-7 + 2e-3).all(), err.max()
+
+
+@pytest.mark.parametrize("d,hq,hkv", [(128, 4, 2), (256, 2, 1), (64, 4, 4)])
+def test_other_head_sizes_and_strided_output(lib, d, hq, hkv):
+    T, q_start = 37, 20
+    q, k_pool, v_pool, table = make_case(T, q_start, hq, hkv, d, 8, seed=d)
+    big = torch.zeros(T + 5, hq, d, dtype=torch.bfloat16)
+    native_prefill(lib, q, k_pool, v_pool, table, q_start, big[3 : 3 + T], d**-0.5)
+    want = reference(q, k_pool, v_pool, table, q_start, d**-0.5)
+    assert ((big[3 : 3 + T].float() - want).abs() <= want.abs() * 2**-7 + 2e-3).all()
+    assert big[:3].abs().sum() == 0 and big[3 + T :].abs().sum() == 0  # nothing written outside the rows
+
+
+def test_unsupported_head_sizes_are_refused(lib):
+    assert lib.slimlm_prefill_supported(64) and lib.slimlm_prefill_supported(128)
+    assert not lib.slimlm_prefill_supported(20) and not lib.slimlm_prefill_supported(32)
+    q, k_pool, v_pool, table = make_case(4, 0, 2, 1, 32, 8, seed=0)
+    with pytest.raises(RuntimeError, match="paged_prefill kernel failed"):
+        native_prefill(lib, q, k_pool, v_pool, table, 0, torch.empty(4, 2, 32, dtype=torch.bfloat16), 1.0)
+
+
+def test_engine_uses_it_without_losing_quality(lib, tmp_path, monkeypatch):
+    """Prompt log-probabilities through chunked prefill with shared prefixes: the native bf16
+    path is as close to float32 as the PyTorch bf16 path is."""
+    from tests.conftest import make_hf_model
+    from slimlm.model.hub import load
+
+    make_hf_model(tmp_path, "llama", hidden_size=128, num_attention_heads=2, num_key_value_heads=1)  # d = 64
+    calls = []
+    real = paged_attention.native_prefill
+    monkeypatch.setattr(paged_attention, "native_prefill", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randint(3, 380, (70,), generator=g).tolist()
+    prompts = [shared + torch.randint(3, 380, (int(n),), generator=g).tolist() for n in (5, 40, 90, 150)]
+    prompts += [torch.randint(3, 380, (int(n),), generator=g).tolist() for n in (2, 60, 200)]
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=0)
+
+    def prompt_logprobs(dtype, **kw):
+        llm = LLM(load(tmp_path, dtype=dtype), max_num_batched_tokens=64, block_size=8, **kw)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        return torch.tensor([lp[t] for o, p in zip(outs, prompts) for lp, t in zip(o.prompt_logprobs[1:], p[1:])])
+
+    exact = prompt_logprobs("float32")
+    pytorch_bf16 = prompt_logprobs("bfloat16", native_kernels=False)
+    assert not calls
+    native_bf16 = prompt_logprobs("bfloat16")
+    assert calls  # the kernel served the prefill chunks
+    err_native, err_pytorch = (native_bf16 - exact).abs().mean(), (pytorch_bf16 - exact).abs().mean()
+    print(f"mean |logprob - fp32|: native bf16 {err_native:.5f}, PyTorch bf16 {err_pytorch:.5f}")
+    assert err_native <= 1.25 * err_pytorch + 1e-3, (err_native, err_pytorch)
