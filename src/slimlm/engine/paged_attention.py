@@ -9,9 +9,9 @@ values into their slots, then computes attention:
   pool (one pass over the KV, no padding); otherwise in a few groups of similar context length:
   each sequence's kept blocks are gathered (block-wise, into a reused workspace) into a padded
   (B, Hkv, S, d) batch with a validity mask, one SDPA call per group;
-- each prefill chunk alone: for a bfloat16 cache on a CPU with AVX512-BF16, when every block is
-  kept and no window applies, by the native kernel ``paged_prefill`` (causal, keys and values
-  read from the pool, bf16 dot products with fp32 accumulation); otherwise over its own new keys
+- each prefill chunk alone: on a CPU with AVX-512 (AVX512-BF16 for a bfloat16 cache), when
+  every block is kept and no window applies, by the native kernel ``paged_prefill`` (causal,
+  keys and values read from the pool, fp32 accumulation); otherwise over its own new keys
   when it has no earlier context, or over its gathered blocks, with a causal mask from explicit
   positions, in blocks of ``Q_BLOCK`` query rows that each see only the keys up to their last
   position.
@@ -190,12 +190,16 @@ def native_decode(lib, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tens
 
 def native_prefill(lib, q_rows: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor,
                    q_start: int, out: torch.Tensor, scale: float) -> None:
-    """Causal attention of one bf16 chunk, q_rows (T, Hq, d) at positions q_start.., written
-    into ``out`` (T, Hq, d) bf16; keys and values come from the pools through ``table``."""
+    """Causal attention of one chunk, q_rows (T, Hq, d) at positions q_start.., written into
+    ``out`` (T, Hq, d); keys and values come from the pools through ``table``. q, out and the
+    pools share one dtype (float32 or bfloat16)."""
     T, Hq, d = q_rows.shape
     _, bs, hkv, _ = k_pool.shape
+    if not (q_rows.dtype == out.dtype == k_pool.dtype == v_pool.dtype) or q_rows.stride(2) != 1 or out.stride(2) != 1:
+        raise ValueError("native_prefill: q, out and the pools need one dtype and a contiguous head dimension")
     rc = lib.slimlm_paged_prefill(q_rows.data_ptr(), q_rows.stride(0), q_rows.stride(1), k_pool.data_ptr(),
-                                  v_pool.data_ptr(), table.data_ptr(), q_start, out.data_ptr(), out.stride(0),
+                                  v_pool.data_ptr(), NATIVE_DTYPES[k_pool.dtype], table.data_ptr(), q_start,
+                                  out.data_ptr(), out.stride(0),
                                   out.stride(1), T, Hq, hkv, d, bs, scale, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"paged_prefill kernel failed (code {rc})")

@@ -30,10 +30,9 @@ class ModelRunner:
             from slimlm import kernels
 
             self.native = kernels.load("paged_decode")
-            if cache.k[0].dtype == torch.bfloat16:
-                lib = kernels.load("paged_prefill")
-                if lib is not None and lib.slimlm_prefill_supported(model.cfg.head_dim):
-                    self.native_prefill = lib
+            lib = kernels.load("paged_prefill")
+            if lib is not None and lib.slimlm_prefill_supported(model.cfg.head_dim, NATIVE_DTYPES[cache.k[0].dtype]):
+                self.native_prefill = lib
 
     def _tensor(self, x) -> torch.Tensor:
         return torch.tensor(x, dtype=torch.long, device=self.device)

@@ -33,9 +33,10 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
                                        _I64, _I64, _I64, _I64, _I64, _I64, _F32, _INT)),
     },
     "paged_prefill": {
-        "slimlm_prefill_supported": (_INT, (_I64,)),
-        # q, qs_t, qs_h, k_pool, v_pool, table, q_start, out, os_t, os_h, T, Hq, Hkv, d, block_size, scale, nthreads
-        "slimlm_paged_prefill": (_INT, (_PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _I64,
+        "slimlm_prefill_supported": (_INT, (_I64, _INT)),  # head size, dtype
+        # q, qs_t, qs_h, k_pool, v_pool, dtype, table, q_start, out, os_t, os_h, T, Hq, Hkv, d, block_size,
+        # scale, nthreads
+        "slimlm_paged_prefill": (_INT, (_PTR, _I64, _I64, _PTR, _PTR, _INT, _PTR, _I64, _PTR, _I64, _I64,
                                         _I64, _I64, _I64, _I64, _I64, _F32, _INT)),
     },
 }

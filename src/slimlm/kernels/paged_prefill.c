@@ -1,22 +1,25 @@
-/* Paged causal prefill attention on the CPU for bfloat16 KV caches, with AVX512-BF16 dot products.
+/* Paged causal prefill attention on the CPU: bfloat16 KV caches with AVX512-BF16 dot products,
+ * float32 ones with AVX-512 FMAs.
  *
  * One call serves one prefill chunk of one sequence: T query tokens at positions q_start ..
  * q_start + T - 1 attend causally to the sequence's first q_start + T keys, read from the block
  * pool through its block table (the chunk's own keys are already written there).
  *
- * q    bf16, row t / head h at q + t * qs_t + h * qs_h (head dim contiguous)
- * k, v (num_blocks, block_size, Hkv, d) bf16
+ * dtype 0: float32 everywhere; 1: bfloat16 everywhere
+ * q    row t / head h at q + t * qs_t + h * qs_h (head dim contiguous)
+ * k, v (num_blocks, block_size, Hkv, d)
  * table (ceil(n / block_size),) int64: physical block of each logical block
- * out  bf16, row t / head h at out + t * os_t + h * os_h
+ * out  row t / head h at out + t * os_t + h * os_h
  *
  * Two phases, each one OpenMP parallel region (only GOMP_parallel is needed, as in paged_decode.c):
- *  1. repack: each KV head's keys into groups of 16 keys x (d/2) dimension pairs, and its values
- *     into key pairs x (d/16) blocks of 16 dimensions: the layouts ``vdpbf16ps`` consumes;
+ *  1. repack each KV head's keys into groups of 16 keys (one key per vector lane) and its values
+ *     into contiguous rows; for bf16, keys go as (d/2) dimension pairs and values as key pairs
+ *     x (d/16) blocks of 16 dimensions: the layouts ``vdpbf16ps`` consumes;
  *  2. tiles of R = 6 consecutive query rows of one head, handed out largest first through an
  *     atomic counter. A tile computes its fp32 scores against every key it may see (6 x 64 per
- *     register block), a stable softmax per row (an exact-to-1e-7 vectorised exp, masked keys are
- *     exactly 0), rounds the probabilities to bf16 as flash-attention kernels do, then accumulates
- *     P V in fp32 and divides by the fp32 row sum once.
+ *     register block), a stable softmax per row (an exact-to-2e-7 vectorised exp, masked keys are
+ *     exactly 0), then accumulates P V in fp32 and divides by the fp32 row sum once. In bf16 the
+ *     probabilities are rounded to bf16 for the P V products, as flash-attention kernels do.
  * Work per tile is two passes over the repacked K and V of one head, which stay in L2 while
  * the tiles of that head are served.
  */
@@ -24,24 +27,32 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#ifdef __AVX512F__
 #include <immintrin.h>
+#define SLIMLM_HAVE_AVX512 1
+#ifdef __AVX512BF16__
 #define SLIMLM_HAVE_BF16 1
+#endif
 #endif
 
 #define R 6   /* query rows per tile */
 #define NK 4  /* key groups of 16 per score block */
 
-int slimlm_prefill_supported(int64_t d) {
+/* Whether this build serves head size d with cache dtype 0 (float32) or 1 (bfloat16). */
+int slimlm_prefill_supported(int64_t d, int dtype) {
+    const int shape_ok = d > 0 && d % 64 == 0 && d <= 256;
 #ifdef SLIMLM_HAVE_BF16
-    return d > 0 && d % 64 == 0 && d <= 256;
-#else
-    (void)d;
-    return 0;
+    if (dtype == 1) return shape_ok;
 #endif
+#ifdef SLIMLM_HAVE_AVX512
+    if (dtype == 0) return shape_ok;
+#endif
+    (void)dtype;
+    (void)shape_ok;
+    return 0;
 }
 
-#ifdef SLIMLM_HAVE_BF16
+#ifdef SLIMLM_HAVE_AVX512
 /* exp(x) for x <= 0, relative error ~2e-7: 2^n * p(r) with a two-constant ln 2 reduction. */
 static inline __attribute__((always_inline)) __m512 exp512(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
@@ -61,86 +72,173 @@ static inline __attribute__((always_inline)) __m512 exp512(__m512 x) {
 }
 
 typedef struct {
-    const uint16_t *k, *v;
+    const void *k, *v;
     const int64_t *table;
-    uint32_t *kp, *vp;
-    int64_t n, nkg, nkp, Hkv, d, bs;
+    void *kp, *vp; /* the repacked keys and values */
+    int64_t n, nkg, Hkv, d, bs;
+    int dtype;
     int64_t next;
 } repack_args;
 
-static inline const uint16_t *key_row(const uint16_t *pool, const int64_t *table, int64_t key, int64_t bs,
-                                      int64_t W, int64_t g, int64_t d) {
-    return pool + (table[key / bs] * bs + key % bs) * W + g * d;
+/* Offset (in elements) of key ``key``'s head ``g`` in a pool. */
+static inline int64_t key_off(const int64_t *table, int64_t key, int64_t bs, int64_t W, int64_t g, int64_t d) {
+    return (table[key / bs] * bs + key % bs) * W + g * d;
 }
 
-/* Work items: (head, group of 16 keys). K: kp[((g * nkg + kg) * d/2 + c2) * 16 + lane] holds the
- * dimension pair c2 of key 16 kg + lane. V: vp[((g * nkp + p) * d/16 + cb) * 16 + lane] holds
- * dimension 16 cb + lane of keys 2p and 2p + 1. Keys past n are zero. */
+/* Work items: (head, group of 16 keys); keys past n are zero.
+ * bf16 K: uint32 kp[((g * nkg + kg) * d/2 + c2) * 16 + lane] = dimension pair c2 of key 16 kg + lane
+ * bf16 V: uint32 vp[((g * 8 nkg + p) * d/16 + cb) * 16 + lane] = dimension 16 cb + lane of keys 2p, 2p + 1
+ * fp32 K: float kp[((g * nkg + kg) * d + c) * 16 + lane] = dimension c of key 16 kg + lane
+ * fp32 V: float vp[(g * 16 nkg + key) * d + c] */
 static void repack(repack_args *a) {
-    const int64_t d = a->d, W = a->Hkv * d, half = d / 2, nvb = d / 16;
+    const int64_t d = a->d, W = a->Hkv * d;
     for (;;) {
         const int64_t item = __atomic_fetch_add(&a->next, 1, __ATOMIC_RELAXED);
         if (item >= a->Hkv * a->nkg) break;
         const int64_t g = item / a->nkg, kg = item % a->nkg;
-        uint32_t *dst = a->kp + (g * a->nkg + kg) * half * 16;
-        for (int lane = 0; lane < 16; ++lane) {
-            const int64_t key = kg * 16 + lane;
-            if (key < a->n) {
-                const uint32_t *src = (const uint32_t *)key_row(a->k, a->table, key, a->bs, W, g, d);
-                for (int64_t c2 = 0; c2 < half; ++c2) dst[c2 * 16 + lane] = src[c2];
-            } else {
-                for (int64_t c2 = 0; c2 < half; ++c2) dst[c2 * 16 + lane] = 0;
+        if (a->dtype == 1) {
+            const int64_t half = d / 2, nvb = d / 16, nkp = a->nkg * 8;
+            uint32_t *dst = (uint32_t *)a->kp + (g * a->nkg + kg) * half * 16;
+            for (int lane = 0; lane < 16; ++lane) {
+                const int64_t key = kg * 16 + lane;
+                const uint32_t *src = key < a->n ? (const uint32_t *)((const uint16_t *)a->k + key_off(a->table, key, a->bs, W, g, d)) : NULL;
+                for (int64_t c2 = 0; c2 < half; ++c2) dst[c2 * 16 + lane] = src ? src[c2] : 0;
             }
-        }
-        for (int64_t p = kg * 8; p < kg * 8 + 8 && p < a->nkp; ++p) {
-            uint32_t *vd = a->vp + (g * a->nkp + p) * nvb * 16;
-            const int64_t k0 = 2 * p, k1 = 2 * p + 1;
-            for (int64_t cb = 0; cb < nvb; ++cb) {
-                const __m256i zero = _mm256_setzero_si256();
-                const __m256i lo = k0 < a->n ? _mm256_loadu_si256((const __m256i *)(key_row(a->v, a->table, k0, a->bs, W, g, d) + 16 * cb)) : zero;
-                const __m256i hi = k1 < a->n ? _mm256_loadu_si256((const __m256i *)(key_row(a->v, a->table, k1, a->bs, W, g, d) + 16 * cb)) : zero;
-                const __m512i pair = _mm512_or_si512(_mm512_cvtepu16_epi32(lo), _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
-                _mm512_storeu_si512((void *)(vd + cb * 16), pair);
+            for (int64_t p = kg * 8; p < kg * 8 + 8; ++p) {
+                uint32_t *vd = (uint32_t *)a->vp + (g * nkp + p) * nvb * 16;
+                const int64_t k0 = 2 * p, k1 = 2 * p + 1;
+                const uint16_t *r0 = k0 < a->n ? (const uint16_t *)a->v + key_off(a->table, k0, a->bs, W, g, d) : NULL;
+                const uint16_t *r1 = k1 < a->n ? (const uint16_t *)a->v + key_off(a->table, k1, a->bs, W, g, d) : NULL;
+                for (int64_t cb = 0; cb < nvb; ++cb) {
+                    const __m256i lo = r0 ? _mm256_loadu_si256((const __m256i *)(r0 + 16 * cb)) : _mm256_setzero_si256();
+                    const __m256i hi = r1 ? _mm256_loadu_si256((const __m256i *)(r1 + 16 * cb)) : _mm256_setzero_si256();
+                    _mm512_storeu_si512((void *)(vd + cb * 16), _mm512_or_si512(_mm512_cvtepu16_epi32(lo),
+                                                                               _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16)));
+                }
+            }
+        } else {
+            float *dst = (float *)a->kp + (g * a->nkg + kg) * d * 16;
+            float *vd = (float *)a->vp + (g * a->nkg * 16 + kg * 16) * d;
+            for (int lane = 0; lane < 16; ++lane) {
+                const int64_t key = kg * 16 + lane;
+                if (key < a->n) {
+                    const int64_t off = key_off(a->table, key, a->bs, W, g, d);
+                    const float *src = (const float *)a->k + off;
+                    for (int64_t c = 0; c < d; ++c) dst[c * 16 + lane] = src[c];
+                    memcpy(vd + lane * d, (const float *)a->v + off, (size_t)d * sizeof(float));
+                } else {
+                    for (int64_t c = 0; c < d; ++c) dst[c * 16 + lane] = 0.f;
+                    memset(vd + lane * d, 0, (size_t)d * sizeof(float));
+                }
             }
         }
     }
 }
 
 typedef struct {
-    const uint16_t *q;
-    uint16_t *out;
-    const uint32_t *kp, *vp;
+    const void *q;
+    void *out;
+    const void *kp, *vp;
     int64_t qs_t, qs_h, os_t, os_h;
-    int64_t T, q_start, Hq, Hkv, d, nkg, nkp, ntiles;
+    int64_t T, q_start, Hq, Hkv, d, nkg, ntiles;
     float scale;
+    int dtype;
     int64_t next;
     int failed;
 } tile_args;
 
-static _Thread_local float *tl_s = NULL;
-static _Thread_local uint16_t *tl_p = NULL;
-static _Thread_local int64_t tl_cap = 0;
+/* Softmax of one score row s[0, n) (keys past n get probability 0, up to ncols, a multiple of 2)
+ * into fp32 ``pf`` (may alias s) or, when ``pb`` is given, bf16 ``pb``. Returns 1 / row sum. */
+static inline __attribute__((always_inline)) float softmax_row(const float *s, int64_t n, int64_t ncols, float *pf,
+                                                               uint16_t *pb) {
+    (void)pb; /* used only by bf16 builds */
+    __m512 mv = _mm512_set1_ps(-INFINITY);
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + k));
+    if (k < n) mv = _mm512_mask_max_ps(mv, (__mmask16)((1u << (n - k)) - 1), mv, _mm512_loadu_ps(s + k));
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+    __m512 sum = _mm512_setzero_ps();
+    for (k = 0; k < ncols; k += 16) {
+        const int64_t left = n - k;
+        const __mmask16 live = left <= 0 ? 0 : left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
+        const __m512 e = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(_mm512_loadu_ps(s + k), m)));
+        sum = _mm512_add_ps(sum, e);
+#ifdef SLIMLM_HAVE_BF16
+        if (pb) { _mm256_storeu_si256((__m256i *)(pb + k), (__m256i)_mm512_cvtneps_pbh(e)); continue; }
+#endif
+        _mm512_storeu_ps(pf + k, e);
+    }
+    return 1.0f / _mm512_reduce_add_ps(sum);
+}
 
-/* One tile: rows t0 .. t0 + R - 1 of query head h. */
-static inline void tile(const tile_args *a, int64_t h, int64_t t0, float *S, uint16_t *P, int64_t ldS) {
-    const int64_t d = a->d, half = d / 2, nvb = d / 16, g = h / (a->Hq / a->Hkv);
+/* Rows t0 .. t0 + R - 1 of query head h: their query pointers, key limits, and the tile's. */
+static inline int64_t tile_rows(const tile_args *a, int64_t h, int64_t t0, size_t elem, const void **qr, int64_t *lim) {
     const int64_t rows = a->T - t0 < R ? a->T - t0 : R;
-    const uint32_t *qr[R];
-    int64_t lim[R];
     for (int r = 0; r < R; ++r) {
-        const int64_t t = t0 + (r < rows ? r : 0);
-        qr[r] = (const uint32_t *)(a->q + t * a->qs_t + h * a->qs_h);
+        const int64_t t = t0 + (r < rows ? r : 0); /* rows past the chunk repeat its first row */
+        qr[r] = (const char *)a->q + (t * a->qs_t + h * a->qs_h) * elem;
         lim[r] = a->q_start + t + 1;
     }
-    const int64_t n_tile = lim[rows - 1];
-    const int64_t groups = (n_tile + 15) / 16;
-    /* scores, NK groups of 16 keys at a time (K is padded with zero keys to a multiple of NK groups) */
+    return rows;
+}
+
+static void tile_f32(const tile_args *a, int64_t h, int64_t t0, float *S, int64_t ldS) {
+    const int64_t d = a->d, nvb = d / 16, g = h / (a->Hq / a->Hkv);
+    const float *qr[R];
+    int64_t lim[R];
+    const int64_t rows = tile_rows(a, h, t0, sizeof(float), (const void **)qr, lim), n_tile = lim[rows - 1];
     const __m512 sc = _mm512_set1_ps(a->scale);
-    for (int64_t kg = 0; kg < groups; kg += NK) {
+    for (int64_t kg = 0; kg < (n_tile + 15) / 16; kg += NK) {
         __m512 acc[R][NK];
         for (int r = 0; r < R; ++r)
             for (int j = 0; j < NK; ++j) acc[r][j] = _mm512_setzero_ps();
-        const uint32_t *kb = a->kp + (g * a->nkg + kg) * half * 16;
+        const float *kb = (const float *)a->kp + (g * a->nkg + kg) * d * 16;
+        for (int64_t c = 0; c < d; ++c) {
+            __m512 kv[NK];
+            for (int j = 0; j < NK; ++j) kv[j] = _mm512_loadu_ps(kb + (j * d + c) * 16);
+            for (int r = 0; r < R; ++r) {
+                const __m512 qb = _mm512_set1_ps(qr[r][c]);
+                for (int j = 0; j < NK; ++j) acc[r][j] = _mm512_fmadd_ps(qb, kv[j], acc[r][j]);
+            }
+        }
+        for (int r = 0; r < R; ++r)
+            for (int j = 0; j < NK; ++j) _mm512_storeu_ps(S + r * ldS + (kg + j) * 16, _mm512_mul_ps(acc[r][j], sc));
+    }
+    float inv[R];
+    for (int r = 0; r < R; ++r) inv[r] = softmax_row(S + r * ldS, lim[r], n_tile, S + r * ldS, NULL);
+    for (int64_t cb0 = 0; cb0 < nvb; cb0 += 4) {
+        __m512 acc[R][4];
+        for (int r = 0; r < R; ++r)
+            for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+        const float *vb = (const float *)a->vp + g * a->nkg * 16 * d + cb0 * 16;
+        for (int64_t k = 0; k < n_tile; ++k) {
+            __m512 vv[4];
+            for (int j = 0; j < 4; ++j) vv[j] = _mm512_loadu_ps(vb + k * d + 16 * j);
+            for (int r = 0; r < R; ++r) {
+                const __m512 pb = _mm512_set1_ps(S[r * ldS + k]);
+                for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_fmadd_ps(pb, vv[j], acc[r][j]);
+            }
+        }
+        for (int r = 0; r < rows; ++r) {
+            float *o = (float *)a->out + (t0 + r) * a->os_t + h * a->os_h + cb0 * 16;
+            const __m512 w = _mm512_set1_ps(inv[r]);
+            for (int j = 0; j < 4; ++j) _mm512_storeu_ps(o + 16 * j, _mm512_mul_ps(acc[r][j], w));
+        }
+    }
+}
+
+#ifdef SLIMLM_HAVE_BF16
+static void tile_bf16(const tile_args *a, int64_t h, int64_t t0, float *S, uint16_t *P, int64_t ldS) {
+    const int64_t d = a->d, half = d / 2, nvb = d / 16, g = h / (a->Hq / a->Hkv);
+    const uint32_t *qr[R]; /* bf16 dimension pairs */
+    int64_t lim[R];
+    const int64_t rows = tile_rows(a, h, t0, sizeof(uint16_t), (const void **)qr, lim), n_tile = lim[rows - 1];
+    const __m512 sc = _mm512_set1_ps(a->scale);
+    for (int64_t kg = 0; kg < (n_tile + 15) / 16; kg += NK) { /* K is zero-padded to whole NK groups */
+        __m512 acc[R][NK];
+        for (int r = 0; r < R; ++r)
+            for (int j = 0; j < NK; ++j) acc[r][j] = _mm512_setzero_ps();
+        const uint32_t *kb = (const uint32_t *)a->kp + (g * a->nkg + kg) * half * 16;
         for (int64_t c2 = 0; c2 < half; ++c2) {
             __m512bh kv[NK];
             for (int j = 0; j < NK; ++j) kv[j] = (__m512bh)_mm512_loadu_si512((const void *)(kb + (j * half + c2) * 16));
@@ -152,40 +250,14 @@ static inline void tile(const tile_args *a, int64_t h, int64_t t0, float *S, uin
         for (int r = 0; r < R; ++r)
             for (int j = 0; j < NK; ++j) _mm512_storeu_ps(S + r * ldS + (kg + j) * 16, _mm512_mul_ps(acc[r][j], sc));
     }
-    /* softmax rows: probabilities as bf16 pairs, zero past each row's limit up to an even count */
-    const int64_t npair = (n_tile + 1) / 2, ncols = 2 * npair;
+    const int64_t npair = (n_tile + 1) / 2;
     float inv[R];
-    for (int r = 0; r < R; ++r) {
-        const float *s = S + r * ldS;
-        uint16_t *p = P + r * ldS;
-        const int64_t n = lim[r];
-        __m512 mv = _mm512_set1_ps(-INFINITY);
-        int64_t k = 0;
-        for (; k + 16 <= n; k += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + k));
-        if (k < n) mv = _mm512_mask_max_ps(mv, (__mmask16)((1u << (n - k)) - 1), mv, _mm512_loadu_ps(s + k));
-        const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
-        __m512 sum = _mm512_setzero_ps();
-        for (k = 0; k + 16 <= n; k += 16) {
-            const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + k), m));
-            const __m256bh eb = _mm512_cvtneps_pbh(e);
-            sum = _mm512_add_ps(sum, e);
-            _mm256_storeu_si256((__m256i *)(p + k), (__m256i)eb);
-        }
-        for (; k < ncols; k += 16) { /* the partial vector and the zero padding */
-            const int64_t left = n - k;
-            const __mmask16 live = left <= 0 ? 0 : left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
-            const __m512 e = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(_mm512_loadu_ps(s + k), m)));
-            sum = _mm512_add_ps(sum, e);
-            _mm256_storeu_si256((__m256i *)(p + k), (__m256i)_mm512_cvtneps_pbh(e));
-        }
-        inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
-    }
-    /* P V over key pairs, output dimensions in blocks of 64 */
-    for (int64_t cb0 = 0; cb0 < nvb; cb0 += 4) {
+    for (int r = 0; r < R; ++r) inv[r] = softmax_row(S + r * ldS, lim[r], 2 * npair, NULL, P + r * ldS);
+    for (int64_t cb0 = 0; cb0 < nvb; cb0 += 4) { /* output dimensions in blocks of 64 */
         __m512 acc[R][4];
         for (int r = 0; r < R; ++r)
             for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
-        const uint32_t *vb = a->vp + g * a->nkp * nvb * 16 + cb0 * 16;
+        const uint32_t *vb = (const uint32_t *)a->vp + g * a->nkg * 8 * nvb * 16 + cb0 * 16;
         for (int64_t pi = 0; pi < npair; ++pi) {
             __m512bh vv[4];
             for (int j = 0; j < 4; ++j) vv[j] = (__m512bh)_mm512_loadu_si512((const void *)(vb + (pi * nvb + j) * 16));
@@ -195,13 +267,18 @@ static inline void tile(const tile_args *a, int64_t h, int64_t t0, float *S, uin
             }
         }
         for (int r = 0; r < rows; ++r) {
-            uint16_t *o = a->out + (t0 + r) * a->os_t + h * a->os_h + cb0 * 16;
+            uint16_t *o = (uint16_t *)a->out + (t0 + r) * a->os_t + h * a->os_h + cb0 * 16;
             const __m512 w = _mm512_set1_ps(inv[r]);
             for (int j = 0; j < 4; ++j)
                 _mm256_storeu_si256((__m256i *)(o + 16 * j), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][j], w)));
         }
     }
 }
+#endif
+
+static _Thread_local float *tl_s = NULL;
+static _Thread_local uint16_t *tl_p = NULL;
+static _Thread_local int64_t tl_cap = 0;
 
 static void tiles(tile_args *a) {
     const int64_t ld = a->nkg * 16; /* covers every key plus the NK-group padding */
@@ -219,41 +296,44 @@ static void tiles(tile_args *a) {
         if (item >= a->Hkv * per_head) break;
         /* KV head by KV head (its K and V stay in cache), longest tiles first within a head */
         const int64_t g = item / per_head, rem = item % per_head;
-        const int64_t tix = a->ntiles - 1 - rem / G, h = g * G + rem % G;
-        tile(a, h, tix * R, tl_s, tl_p, ld);
+        const int64_t t0 = (a->ntiles - 1 - rem / G) * R, h = g * G + rem % G;
+#ifdef SLIMLM_HAVE_BF16
+        if (a->dtype == 1) { tile_bf16(a, h, t0, tl_s, tl_p, ld); continue; }
+#endif
+        tile_f32(a, h, t0, tl_s, ld);
     }
 }
 #endif
 
-int slimlm_paged_prefill(const uint16_t *q, int64_t qs_t, int64_t qs_h, const uint16_t *k_pool,
-                         const uint16_t *v_pool, const int64_t *table, int64_t q_start, uint16_t *out,
-                         int64_t os_t, int64_t os_h, int64_t T, int64_t Hq, int64_t Hkv, int64_t d,
-                         int64_t block_size, float scale, int nthreads) {
-#ifdef SLIMLM_HAVE_BF16
-    if (!slimlm_prefill_supported(d) || Hkv <= 0 || Hq % Hkv != 0 || block_size <= 0 || T <= 0 || q_start < 0) return 1;
+int slimlm_paged_prefill(const void *q, int64_t qs_t, int64_t qs_h, const void *k_pool, const void *v_pool, int dtype,
+                         const int64_t *table, int64_t q_start, void *out, int64_t os_t, int64_t os_h, int64_t T,
+                         int64_t Hq, int64_t Hkv, int64_t d, int64_t block_size, float scale, int nthreads) {
+    if (!slimlm_prefill_supported(d, dtype) || Hkv <= 0 || Hq % Hkv != 0 || block_size <= 0 || T <= 0 || q_start < 0)
+        return 1;
+#ifdef SLIMLM_HAVE_AVX512
     const int64_t n = q_start + T;
-    const int64_t nkg = ((n + 16 * NK - 1) / (16 * NK)) * NK, nkp = nkg * 8;
-    static _Thread_local uint32_t *kp = NULL, *vp = NULL;
-    static _Thread_local int64_t cap = 0;
-    const int64_t need = Hkv * nkg * 16 * (d / 2); /* uint32 words, the same for K and V */
+    const int64_t nkg = ((n + 16 * NK - 1) / (16 * NK)) * NK;
+    static _Thread_local void *kp = NULL, *vp = NULL;
+    static _Thread_local size_t cap = 0;
+    const size_t need = (size_t)(Hkv * nkg * 16 * d) * (dtype == 1 ? 2 : 4); /* bytes, each of K and V */
     if (need > cap) {
         free(kp);
         free(vp);
-        kp = (uint32_t *)malloc((size_t)need * sizeof(uint32_t));
-        vp = (uint32_t *)malloc((size_t)need * sizeof(uint32_t));
+        kp = malloc(need);
+        vp = malloc(need);
         cap = (kp && vp) ? need : 0;
         if (!cap) return 2;
     }
-    repack_args ra = {k_pool, v_pool, table, kp, vp, n, nkg, nkp, Hkv, d, block_size, 0};
+    repack_args ra = {k_pool, v_pool, table, kp, vp, n, nkg, Hkv, d, block_size, dtype, 0};
 #pragma omp parallel num_threads(nthreads)
     repack(&ra);
-    tile_args ta = {q, out, kp, vp, qs_t, qs_h, os_t, os_h, T, q_start, Hq, Hkv, d, nkg, nkp, (T + R - 1) / R, scale, 0, 0};
+    tile_args ta = {q, out, kp, vp, qs_t, qs_h, os_t, os_h, T, q_start, Hq, Hkv, d, nkg, (T + R - 1) / R, scale, dtype, 0, 0};
 #pragma omp parallel num_threads(nthreads)
     tiles(&ta);
     return ta.failed ? 2 : 0;
 #else
     (void)q; (void)qs_t; (void)qs_h; (void)k_pool; (void)v_pool; (void)table; (void)q_start; (void)out;
-    (void)os_t; (void)os_h; (void)T; (void)Hq; (void)Hkv; (void)d; (void)block_size; (void)scale; (void)nthreads;
+    (void)os_t; (void)os_h; (void)Hq; (void)scale; (void)nthreads;
     return 1;
 #endif
 }
