@@ -11,7 +11,9 @@
  * walks its blocks twice: scores of every query head against each key row (fp32 accumulation),
  * a stable softmax per head, then the weighted sum of value rows. With AVX-512 and a head size
  * that is a multiple of 16 (up to 128), rows are converted in registers and four dot products
- * run at once; otherwise a portable loop over a converted row buffer serves.
+ * run at once; with AVX512-BF16 and a bf16 pool (head size a multiple of 32), the scores use
+ * bf16 dot products on the keys as stored, the query split into two bf16 parts; otherwise a
+ * portable loop over a converted row buffer serves.
  */
 #include <math.h>
 #include <stdint.h>
@@ -72,12 +74,72 @@ static inline __attribute__((always_inline)) __m128 sum4(__m512 a0, __m512 a1, _
     return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
+#ifdef __AVX512BF16__
+/* Scores for a bf16 pool with AVX512-BF16 dot products: each fp32 query is split into
+ * hi + lo bf16 parts (hi = bf16(q), lo = bf16(q - hi), 16 significant bits together), so the
+ * keys are used as stored, without widening, and the scores keep about fp32 accuracy. */
+static inline __attribute__((always_inline)) void bf16_scores(
+    const float *qb, const uint16_t *k_pool, const int64_t *tb, int64_t L, float *s, const int64_t Hq,
+    const int64_t Hkv, const int64_t d, const int64_t block_size, float scale) {
+    const int64_t G = Hq / Hkv, W = Hkv * d, n2 = d / 32;
+    __m512bh qs[Hq][2][4]; /* per head: hi / lo parts, 32 dimensions a vector (d <= 128) */
+    for (int64_t hq = 0; hq < Hq; ++hq)
+        for (int64_t j = 0; j < n2; ++j) {
+            __m256i hi[2], lo[2];
+            for (int h = 0; h < 2; ++h) {
+                const __m512 x = _mm512_loadu_ps(qb + hq * d + 32 * j + 16 * h);
+                const __m256bh xh = _mm512_cvtneps_pbh(x);
+                const __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)xh), 16));
+                hi[h] = (__m256i)xh;
+                lo[h] = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(x, back));
+            }
+            qs[hq][0][j] = (__m512bh)_mm512_inserti64x4(_mm512_castsi256_si512(hi[0]), hi[1], 1);
+            qs[hq][1][j] = (__m512bh)_mm512_inserti64x4(_mm512_castsi256_si512(lo[0]), lo[1], 1);
+        }
+    const __m128 sc = _mm_set1_ps(scale);
+    for (int64_t t0 = 0; t0 < L; t0 += block_size) {
+        prefetch_block(k_pool, 2, tb, t0, L, block_size, W);
+        const int64_t n = L - t0 < block_size ? L - t0 : block_size, base = tb[t0 / block_size] * block_size * W;
+        for (int64_t hq = 0; hq < Hq; ++hq) {
+            const uint16_t *kh = k_pool + base + (hq / G) * d;
+            float *sg = s + hq * L + t0;
+            int64_t o = 0;
+            for (; o + 4 <= n; o += 4) { /* four keys in flight */
+                __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+                for (int64_t j = 0; j < n2; ++j)
+                    for (int i = 0; i < 4; ++i) {
+                        const __m512bh k = (__m512bh)_mm512_loadu_si512((const void *)(kh + (o + i) * W + 32 * j));
+                        a[i] = _mm512_dpbf16_ps(a[i], qs[hq][0][j], k);
+                        a[i] = _mm512_dpbf16_ps(a[i], qs[hq][1][j], k);
+                    }
+                _mm_storeu_ps(sg + o, _mm_mul_ps(sc, sum4(a[0], a[1], a[2], a[3])));
+            }
+            for (; o < n; ++o) {
+                __m512 a0 = _mm512_setzero_ps();
+                for (int64_t j = 0; j < n2; ++j) {
+                    const __m512bh k = (__m512bh)_mm512_loadu_si512((const void *)(kh + o * W + 32 * j));
+                    a0 = _mm512_dpbf16_ps(a0, qs[hq][0][j], k);
+                    a0 = _mm512_dpbf16_ps(a0, qs[hq][1][j], k);
+                }
+                sg[o] = scale * _mm512_reduce_add_ps(a0);
+            }
+        }
+    }
+}
+#endif
+
 static inline __attribute__((always_inline)) void decode_avx512(
     const float *qb, const void *k_pool, const void *v_pool, const int dtype, const int64_t *tb, int64_t L,
     float *ob, float *s, const int64_t Hq, const int64_t Hkv, const int64_t d, const int64_t block_size,
     float scale) {
     const int64_t G = Hq / Hkv, W = Hkv * d, nv = d / 16;
     const size_t elem = dtype == 0 ? 4 : 2;
+#ifdef __AVX512BF16__
+    if (dtype == 1 && d % 32 == 0) {
+        bf16_scores(qb, (const uint16_t *)k_pool, tb, L, s, Hq, Hkv, d, block_size, scale);
+        goto values;
+    }
+#endif
     for (int64_t t0 = 0; t0 < L; t0 += block_size) { /* block by block: no division per token */
         prefetch_block(k_pool, elem, tb, t0, L, block_size, W);
         const int64_t n = L - t0 < block_size ? L - t0 : block_size, base = tb[t0 / block_size] * block_size * W;
@@ -109,6 +171,9 @@ static inline __attribute__((always_inline)) void decode_avx512(
             }
         }
     }
+#ifdef __AVX512BF16__
+values:
+#endif
     softmax_rows(s, Hq, L);
     memset(ob, 0, (size_t)(Hq * d) * sizeof(float));
     for (int64_t t0 = 0; t0 < L; t0 += block_size) {
