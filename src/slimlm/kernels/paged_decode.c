@@ -75,27 +75,16 @@ static inline __attribute__((always_inline)) __m128 sum4(__m512 a0, __m512 a1, _
 }
 
 #ifdef __AVX512BF16__
-/* Scores for a bf16 pool with AVX512-BF16 dot products: each fp32 query is split into
- * hi + lo bf16 parts (hi = bf16(q), lo = bf16(q - hi), 16 significant bits together), so the
- * keys are used as stored, without widening, and the scores keep about fp32 accuracy. */
-static inline __attribute__((always_inline)) void bf16_scores(
-    const float *qb, const uint16_t *k_pool, const int64_t *tb, int64_t L, float *s, const int64_t Hq,
-    const int64_t Hkv, const int64_t d, const int64_t block_size, float scale) {
+#define MAX_BF16_HEADS 64 /* query heads the bf16 scoring path keeps split on the stack */
+
+/* Scores of every query head against the keys of blocks, with AVX512-BF16 dot products on the
+ * keys as stored (no widening). ``qs`` holds each head's query as bf16 hi + lo parts (32
+ * dimensions a vector); with ``use_lo`` 0 the lo parts are all zero (a bf16 model's queries)
+ * and are skipped. */
+static inline __attribute__((always_inline)) void bf16_score_blocks(
+    __m512bh (*qs)[2][4], const int use_lo, const uint16_t *k_pool, const int64_t *tb, int64_t L, float *s,
+    const int64_t Hq, const int64_t Hkv, const int64_t d, const int64_t block_size, float scale) {
     const int64_t G = Hq / Hkv, W = Hkv * d, n2 = d / 32;
-    __m512bh qs[Hq][2][4]; /* per head: hi / lo parts, 32 dimensions a vector (d <= 128) */
-    for (int64_t hq = 0; hq < Hq; ++hq)
-        for (int64_t j = 0; j < n2; ++j) {
-            __m256i hi[2], lo[2];
-            for (int h = 0; h < 2; ++h) {
-                const __m512 x = _mm512_loadu_ps(qb + hq * d + 32 * j + 16 * h);
-                const __m256bh xh = _mm512_cvtneps_pbh(x);
-                const __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)xh), 16));
-                hi[h] = (__m256i)xh;
-                lo[h] = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(x, back));
-            }
-            qs[hq][0][j] = (__m512bh)_mm512_inserti64x4(_mm512_castsi256_si512(hi[0]), hi[1], 1);
-            qs[hq][1][j] = (__m512bh)_mm512_inserti64x4(_mm512_castsi256_si512(lo[0]), lo[1], 1);
-        }
     const __m128 sc = _mm_set1_ps(scale);
     for (int64_t t0 = 0; t0 < L; t0 += block_size) {
         prefetch_block(k_pool, 2, tb, t0, L, block_size, W);
@@ -110,7 +99,7 @@ static inline __attribute__((always_inline)) void bf16_scores(
                     for (int i = 0; i < 4; ++i) {
                         const __m512bh k = (__m512bh)_mm512_loadu_si512((const void *)(kh + (o + i) * W + 32 * j));
                         a[i] = _mm512_dpbf16_ps(a[i], qs[hq][0][j], k);
-                        a[i] = _mm512_dpbf16_ps(a[i], qs[hq][1][j], k);
+                        if (use_lo) a[i] = _mm512_dpbf16_ps(a[i], qs[hq][1][j], k);
                     }
                 _mm_storeu_ps(sg + o, _mm_mul_ps(sc, sum4(a[0], a[1], a[2], a[3])));
             }
@@ -119,12 +108,42 @@ static inline __attribute__((always_inline)) void bf16_scores(
                 for (int64_t j = 0; j < n2; ++j) {
                     const __m512bh k = (__m512bh)_mm512_loadu_si512((const void *)(kh + o * W + 32 * j));
                     a0 = _mm512_dpbf16_ps(a0, qs[hq][0][j], k);
-                    a0 = _mm512_dpbf16_ps(a0, qs[hq][1][j], k);
+                    if (use_lo) a0 = _mm512_dpbf16_ps(a0, qs[hq][1][j], k);
                 }
                 sg[o] = scale * _mm512_reduce_add_ps(a0);
             }
         }
     }
+}
+
+/* Scores for a bf16 pool (head size a multiple of 32, at most 128; at most MAX_BF16_HEADS query
+ * heads). Each fp32 query is split into hi = bf16(q) and lo = bf16(q - hi): 16 significant bits
+ * together, error about 2^-17 relative. A bf16 model's queries are exact in bf16, so their lo
+ * parts are zero and only the hi products run. */
+static void bf16_scores(const float *qb, const uint16_t *k_pool, const int64_t *tb, int64_t L, float *s,
+                        int64_t Hq, int64_t Hkv, int64_t d, int64_t block_size, float scale) {
+    const int64_t n2 = d / 32;
+    __m512bh qs[MAX_BF16_HEADS][2][4];
+    __mmask16 any_lo = 0;
+    for (int64_t hq = 0; hq < Hq; ++hq)
+        for (int64_t j = 0; j < n2; ++j) {
+            __m256i hi[2], lo[2];
+            for (int h = 0; h < 2; ++h) {
+                const __m512 x = _mm512_loadu_ps(qb + hq * d + 32 * j + 16 * h);
+                const __m256bh xh = _mm512_cvtneps_pbh(x);
+                const __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)xh), 16));
+                const __m512 rest = _mm512_sub_ps(x, back);
+                any_lo |= _mm512_cmpneq_ps_mask(rest, _mm512_setzero_ps());
+                hi[h] = (__m256i)xh;
+                lo[h] = (__m256i)_mm512_cvtneps_pbh(rest);
+            }
+            qs[hq][0][j] = (__m512bh)_mm512_inserti64x4(_mm512_castsi256_si512(hi[0]), hi[1], 1);
+            qs[hq][1][j] = (__m512bh)_mm512_inserti64x4(_mm512_castsi256_si512(lo[0]), lo[1], 1);
+        }
+    if (any_lo)
+        bf16_score_blocks(qs, 1, k_pool, tb, L, s, Hq, Hkv, d, block_size, scale);
+    else
+        bf16_score_blocks(qs, 0, k_pool, tb, L, s, Hq, Hkv, d, block_size, scale);
 }
 #endif
 
@@ -134,13 +153,14 @@ static inline __attribute__((always_inline)) void decode_avx512(
     float scale) {
     const int64_t G = Hq / Hkv, W = Hkv * d, nv = d / 16;
     const size_t elem = dtype == 0 ? 4 : 2;
+    int scored = 0;
 #ifdef __AVX512BF16__
-    if (dtype == 1 && d % 32 == 0) {
+    if (dtype == 1 && d % 32 == 0 && Hq <= MAX_BF16_HEADS) {
         bf16_scores(qb, (const uint16_t *)k_pool, tb, L, s, Hq, Hkv, d, block_size, scale);
-        goto values;
+        scored = 1;
     }
 #endif
-    for (int64_t t0 = 0; t0 < L; t0 += block_size) { /* block by block: no division per token */
+    for (int64_t t0 = 0; t0 < L && !scored; t0 += block_size) { /* block by block: no division per token */
         prefetch_block(k_pool, elem, tb, t0, L, block_size, W);
         const int64_t n = L - t0 < block_size ? L - t0 : block_size, base = tb[t0 / block_size] * block_size * W;
         for (int64_t hq = 0; hq < Hq; ++hq) {
@@ -171,9 +191,6 @@ static inline __attribute__((always_inline)) void decode_avx512(
             }
         }
     }
-#ifdef __AVX512BF16__
-values:
-#endif
     softmax_rows(s, Hq, L);
     memset(ob, 0, (size_t)(Hq * d) * sizeof(float));
     for (int64_t t0 = 0; t0 < L; t0 += block_size) {
