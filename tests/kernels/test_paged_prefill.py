@@ -100,6 +100,8 @@ def test_unsupported_inputs_are_refused(lib):
     q, k_pool, v_pool, table = make_case(4, 0, 2, 1, 64, 8, seed=0, dtype=torch.float32)
     with pytest.raises(ValueError, match="one dtype"):
         native_prefill(lib, q, k_pool, v_pool, table, 0, torch.empty(4, 2, 64, dtype=torch.bfloat16), 1.0)
+    with pytest.raises(ValueError, match="covering every key"):  # 4 queries after 9 keys need 2 blocks of 8
+        native_prefill(lib, q, k_pool, v_pool, table[:1], 9, torch.empty(4, 2, 64), 1.0)
 
 
 def d64_model(path):

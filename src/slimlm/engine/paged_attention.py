@@ -197,6 +197,9 @@ def native_prefill(lib, q_rows: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
     _, bs, hkv, _ = k_pool.shape
     if not (q_rows.dtype == out.dtype == k_pool.dtype == v_pool.dtype) or q_rows.stride(2) != 1 or out.stride(2) != 1:
         raise ValueError("native_prefill: q, out and the pools need one dtype and a contiguous head dimension")
+    if not (k_pool.is_contiguous() and v_pool.is_contiguous() and table.dtype == torch.int64 and table.is_contiguous()
+            and table.numel() * bs >= q_start + T):
+        raise ValueError("native_prefill: contiguous pools and an int64 table covering every key are needed")
     rc = lib.slimlm_paged_prefill(q_rows.data_ptr(), q_rows.stride(0), q_rows.stride(1), k_pool.data_ptr(),
                                   v_pool.data_ptr(), NATIVE_DTYPES[k_pool.dtype], table.data_ptr(), q_start,
                                   out.data_ptr(), out.stride(0),

@@ -71,6 +71,8 @@ static inline __attribute__((always_inline)) __m512 exp512(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+typedef uint32_t __attribute__((may_alias)) u32_alias; /* bf16 pairs read as one word */
+
 typedef struct {
     const void *k, *v;
     const int64_t *table;
@@ -101,7 +103,7 @@ static void repack(repack_args *a) {
             uint32_t *dst = (uint32_t *)a->kp + (g * a->nkg + kg) * half * 16;
             for (int lane = 0; lane < 16; ++lane) {
                 const int64_t key = kg * 16 + lane;
-                const uint32_t *src = key < a->n ? (const uint32_t *)((const uint16_t *)a->k + key_off(a->table, key, a->bs, W, g, d)) : NULL;
+                const u32_alias *src = key < a->n ? (const u32_alias *)((const uint16_t *)a->k + key_off(a->table, key, a->bs, W, g, d)) : NULL;
                 for (int64_t c2 = 0; c2 < half; ++c2) dst[c2 * 16 + lane] = src ? src[c2] : 0;
             }
             for (int64_t p = kg * 8; p < kg * 8 + 8; ++p) {
@@ -147,7 +149,7 @@ typedef struct {
     int failed;
 } tile_args;
 
-/* Softmax of one score row s[0, n) (keys past n get probability 0, up to ncols, a multiple of 2)
+/* Softmax of one score row s[0, n) (keys past n get probability 0, up to ncols)
  * into fp32 ``pf`` (may alias s) or, when ``pb`` is given, bf16 ``pb``. Returns 1 / row sum. */
 static inline __attribute__((always_inline)) float softmax_row(const float *s, int64_t n, int64_t ncols, float *pf,
                                                                uint16_t *pb) {
@@ -230,7 +232,7 @@ static void tile_f32(const tile_args *a, int64_t h, int64_t t0, float *S, int64_
 #ifdef SLIMLM_HAVE_BF16
 static void tile_bf16(const tile_args *a, int64_t h, int64_t t0, float *S, uint16_t *P, int64_t ldS) {
     const int64_t d = a->d, half = d / 2, nvb = d / 16, g = h / (a->Hq / a->Hkv);
-    const uint32_t *qr[R]; /* bf16 dimension pairs */
+    const u32_alias *qr[R]; /* bf16 dimension pairs */
     int64_t lim[R];
     const int64_t rows = tile_rows(a, h, t0, sizeof(uint16_t), (const void **)qr, lim), n_tile = lim[rows - 1];
     const __m512 sc = _mm512_set1_ps(a->scale);
@@ -330,6 +332,12 @@ int slimlm_paged_prefill(const void *q, int64_t qs_t, int64_t qs_h, const void *
     tile_args ta = {q, out, kp, vp, qs_t, qs_h, os_t, os_h, T, q_start, Hq, Hkv, d, nkg, (T + R - 1) / R, scale, dtype, 0, 0};
 #pragma omp parallel num_threads(nthreads)
     tiles(&ta);
+    if (cap > ((size_t)64 << 20)) { /* keep small scratch for the next call, give large back */
+        free(kp);
+        free(vp);
+        kp = vp = NULL;
+        cap = 0;
+    }
     return ta.failed ? 2 : 0;
 #else
     (void)q; (void)qs_t; (void)qs_h; (void)k_pool; (void)v_pool; (void)table; (void)q_start; (void)out;
