@@ -1,4 +1,4 @@
-"""Native CPU kernels for the few hot loops PyTorch has no fused op for.
+"""Native CPU kernels for the few hot loops where PyTorch has no fused op, or none as fast.
 
 Each kernel is one small C file in this folder, compiled on first use with the machine's C
 compiler (``cc -O3 -march=native -fopenmp``) into ``$SLIMLM_HOME/kernels`` and called through
