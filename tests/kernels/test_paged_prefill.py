@@ -66,7 +66,7 @@ def reference(q_rows, k_pool, v_pool, table, q_start, scale):
 
 
 @pytest.mark.parametrize("T,q_start", [(1, 0), (2, 0), (5, 0), (6, 0), (7, 3), (13, 64), (100, 0), (128, 17),
-                                       (65, 511)])
+                                       (65, 511), (300, 7000)])
 @pytest.mark.parametrize("block_size", [8, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matches_causal_dense_attention(lib, T, q_start, block_size, dtype):
