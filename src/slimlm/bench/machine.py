@@ -33,12 +33,28 @@ def git_commit() -> str | None:
         return None
 
 
+SIMD_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+"""CPU features that decide which kernel paths run (native kernels, bf16 matmuls)."""
+
+
+def cpu_features() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return [f for f in SIMD_FLAGS if f in flags]
+    except OSError:
+        pass
+    return []
+
+
 def machine_info(threads: int) -> dict:
     import torch
 
     info = {
         "cpu": cpu_model(), "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
-        "python": platform.python_version(), "commit": git_commit(),
+        "python": platform.python_version(), "commit": git_commit(), "cpu_features": cpu_features(),
+        "native_kernels": os.environ.get("SLIMLM_NATIVE", "1") != "0",
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
