@@ -159,3 +159,30 @@ def test_throughput_and_serve_keep_their_options():
     assert (a.scenario, a.num_prompts, a.max_tokens, a.skip) == ("throughput", 4, 8, ["transformers"])
     a = p.parse_args(["bench", "serve", "--clients", "3", "--seconds", "2", "--kv-policy", "sink"])
     assert (a.clients, a.seconds, a.kv_policy) == (3, 2.0, "sink")
+
+
+def test_kernels_times_both_paths_and_notes_what_it_cannot_serve(tiny_llama_dir, tmp_path, capsys):
+    """The tiny model's head size (16) is too small for paged_prefill: a note, PyTorch timings only;
+    decode runs on both paths. A head-size-64 model gets the prefill kernel too."""
+    from tests.conftest import make_hf_model
+
+    from slimlm import kernels
+
+    args = ["kernels", "--lengths", "40,70", "--batch", "3", "--dtype", "float32"]
+    rep = bench([*args, "--model", str(tiny_llama_dir)], tmp_path, "k16")
+    assert rep["settings"]["head_dim"] == 16 and rep["settings"]["batch"] == 3
+    for n in (40, 70):
+        assert finite(rep["summary"][f"prefill[{n}]/pytorch"]["ms"]["median"])
+        assert finite(rep["summary"][f"decode[{n}]/pytorch"]["ms"]["median"])
+        if kernels.load("paged_decode") is not None:
+            assert finite(rep["summary"][f"decode[{n}]/native"]["ms"]["median"])
+        assert f"prefill[{n}]/native" not in rep["summary"]
+    assert any("paged_prefill" in n for n in rep["notes"])
+    assert "| prefill, 1 x 40 tokens |" in capsys.readouterr().out
+
+    d64 = tmp_path / "d64"
+    make_hf_model(d64, "llama", hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
+    rep = bench([*args, "--model", str(d64)], tmp_path, "k64")
+    lib = kernels.load("paged_prefill")
+    if lib is not None and lib.slimlm_prefill_supported(64, 0):
+        assert finite(rep["summary"]["prefill[70]/native"]["ms"]["median"]) and not rep["notes"]
