@@ -140,7 +140,7 @@ def test_frontier_shows_a_broken_configuration_as_a_quality_drop(trained_dir, ti
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["bench", "nosuch"], "unknown scenario 'nosuch'; known: decode, frontier, memory, packing, prefill, serve, throughput"),
+    (["bench", "nosuch"], "unknown scenario 'nosuch'; known: decode, frontier, kernels, memory, packing, prefill, serve, throughput"),
     (["bench", "decode", "--skip", "vllm"], "unknown system 'vllm' for --skip"),
     (["bench", "frontier"], "frontier needs at least one --config"),
     (["bench", "frontier", "--config", "x=--kv-policy nosuch"], "unknown KV-cache policy 'nosuch'"),
