@@ -30,20 +30,6 @@ CALLS = 5
 """Calls timed per path per round (the round's figure is their median)."""
 
 
-def model_config(model: str):
-    import json
-
-    from slimlm.bench.systems import hf_dir
-    from slimlm.model.config import ModelConfig
-
-    d = hf_dir(model)
-    if d is not None:
-        return ModelConfig.from_hf(json.loads((d / "config.json").read_text()))
-    from slimlm.model.hub import load
-
-    return load(model).config
-
-
 class _Case:
     """One layer's pool and inputs for a prefill of ``n`` tokens or ``batch`` decodes at ``n``."""
 
@@ -123,6 +109,8 @@ class Kernels(Scenario):
         from slimlm.engine.paged_attention import NATIVE_DTYPES
         from slimlm.errors import SlimLMError
         from slimlm.model.weights import parse_dtype
+
+        from slimlm.bench.systems import model_config
 
         torch.set_num_threads(s.threads)
         cfg = model_config(s.model)

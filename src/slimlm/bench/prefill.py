@@ -17,17 +17,9 @@ DEFAULT_LENGTHS = [256, 1024, 2048, 4096, 8192]
 
 
 def context_of(model: str) -> int:
-    from slimlm.bench.systems import hf_dir
-    from slimlm.model.config import ModelConfig
+    from slimlm.bench.systems import model_config
 
-    d = hf_dir(model)
-    if d is not None:
-        import json
-
-        return ModelConfig.from_hf(json.loads((d / "config.json").read_text())).context_length
-    from slimlm.model.hub import load
-
-    return load(model).config.context_length
+    return model_config(model).context_length
 
 
 def clamp_lengths(lengths: list[int], context: int, unbounded: bool, notes: list[str]) -> list[int]:

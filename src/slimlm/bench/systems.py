@@ -56,6 +56,20 @@ def hf_dir(model: str) -> Path | None:
     return p if (p / "config.json").is_file() else None
 
 
+def model_config(model: str):
+    """``model``'s ModelConfig, from its config.json when there is a directory (no weights loaded)."""
+    import json
+
+    from slimlm.model.config import ModelConfig
+
+    d = hf_dir(model)
+    if d is not None:
+        return ModelConfig.from_hf(json.loads((d / "config.json").read_text()))
+    from slimlm.model.hub import load
+
+    return load(model).config
+
+
 def unavailable(system: str, model: str) -> str | None:
     """Why ``system`` cannot run here (a note for the report), or None."""
     if system == "transformers":
