@@ -34,40 +34,39 @@ class _Case:
     """One layer's pool and inputs for a prefill of ``n`` tokens or ``batch`` decodes at ``n``."""
 
     def __init__(self, cfg, dtype: torch.dtype, n: int, batch: int, seed: int = 0):
-        from slimlm.engine.paged_attention import PagedKVCache
+        from slimlm.kvcache.spec import KVCacheSpec
+        from slimlm.kvcache.storage import PagedKVCache
 
         g = torch.Generator().manual_seed(seed)
         self.cfg, self.n, self.batch = cfg, n, batch
         self.nb = -(-n // BLOCK)
-        self.cache = PagedKVCache(dataclasses.replace(cfg, num_layers=1), batch * self.nb + 8, BLOCK, dtype, "cpu")
-        for t in (self.cache.k[0], self.cache.v[0]):
+        spec = KVCacheSpec.from_model(dataclasses.replace(cfg, num_layers=1), dtype)
+        self.cache = PagedKVCache(spec, batch * self.nb + 8, BLOCK, "cpu")
+        for t in (self.cache.k[0][0], self.cache.v[0][0]):
             t.copy_(torch.randn(t.shape, generator=g).to(dtype))
         self.tables = torch.randperm(self.cache.num_blocks, generator=g)[: batch * self.nb].view(batch, self.nb)
         self.scale = cfg.head_dim**-0.5
         self.g = g
 
     def qkv(self, rows: int):
-        c, dt = self.cfg, self.cache.k[0].dtype
+        c, dt = self.cfg, self.cache.k[0][0].dtype
         q = torch.randn(1, rows, c.num_heads, c.head_dim, generator=self.g).to(dt).transpose(1, 2)
         k = torch.randn(1, rows, c.num_kv_heads, c.head_dim, generator=self.g).to(dt).transpose(1, 2)
         return q, k, torch.randn_like(k)
 
     def prefill(self, native):
-        from slimlm.engine.paged_attention import PagedAttention, PrefillSegment
-        from slimlm.kvcache.policy.base import AttentionSpan
+        from slimlm.engine.paged_attention import AttentionPaths, PagedAttention, PrefillSegment
 
         n, table = self.n, self.tables[0].contiguous()
         pos = torch.arange(n)[None]
         slots = table[pos[0] // BLOCK] * BLOCK + pos[0] % BLOCK
         seg = PrefillSegment(slice(0, n), pos, None, pos, table=table if native is not None else None)
-        attn = PagedAttention(self.cache, slots, [], [seg], AttentionSpan(), {}, self.scale, None,
-                              native_prefill=native)
+        attn = PagedAttention(self.cache, AttentionPaths(native_prefill=native), slots, [], [seg], {}, self.scale, None)
         q, k, v = self.qkv(n)
         return lambda: attn.attend(0, q, k, v)
 
     def decode(self, native):
-        from slimlm.engine.paged_attention import DecodeGroup, DecodeTable, PagedAttention
-        from slimlm.kvcache.policy.base import AttentionSpan
+        from slimlm.engine.paged_attention import AttentionPaths, DecodeGroup, DecodeTable, PagedAttention
 
         B, n, tables = self.batch, self.n, self.tables.contiguous()
         rows = torch.arange(B)
@@ -78,8 +77,8 @@ class _Case:
             dt = None
             kpos = torch.arange(self.nb * BLOCK).expand(B, -1).contiguous()
             groups = [DecodeGroup(rows, torch.full((B, 1), n - 1), tables.flatten(), kpos, self.nb)]
-        attn = PagedAttention(self.cache, slots, groups, [], AttentionSpan(), {}, self.scale, None,
-                              decode_table=dt, native=native)
+        attn = PagedAttention(self.cache, AttentionPaths(native_decode=native), slots, groups, [], {}, self.scale,
+                              None, decode_table=dt)
         q, k, v = self.qkv(B)
         return lambda: attn.attend(0, q, k, v)
 

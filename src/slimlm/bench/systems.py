@@ -123,7 +123,6 @@ def _threads(n: int) -> None:
 class SlimlmSystem(System):
     def __init__(self, args: dict[str, Any]):
         from slimlm import LLM
-        from slimlm.engine.paged_attention import PagedKVCache
         from slimlm.model.hub import load
 
         _threads(args["threads"])
@@ -131,7 +130,7 @@ class SlimlmSystem(System):
         self.llm = LLM(lm, dtype=args["dtype"], **args.get("engine", {}))
         self.tokenizer, self.context_length = lm.tokenizer, lm.config.context_length
         eng = self.llm.engine
-        self.block_bytes = PagedKVCache.bytes_per_block(lm.config, eng.config.block_size, lm.model.dtype)
+        self.block_bytes = eng.bytes_per_block
         self._peak_blocks = 0
 
     def _run(self, ids: list[int], n: int) -> tuple[float, list[float]]:

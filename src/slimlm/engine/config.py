@@ -24,6 +24,10 @@ class EngineConfig:
     batch_prefix_scheduling: bool = True
     """BatchLLM (Zheng et al. 2024): order offline batches so prompts sharing a prefix run
     together, decode-heavy ones first, and never compute a shared prefix twice at once."""
+    kv_cache_dtype: str = "auto"
+    """Storage format of the KV cache (see ``slimlm.kvcache.codec``): "auto" (the model's
+    dtype), "float32", "bfloat16", "float16", or quantized "int8" (per-token scales) and
+    "int4" (per-token groups of 32 channels)."""
     kv_policy: str | None = None
     """Name of a KV-cache policy (see ``slimlm.kvcache.policy``), e.g. "sink"."""
     kv_policy_args: dict[str, Any] = field(default_factory=dict)
@@ -43,6 +47,9 @@ class EngineConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
             raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
+        from slimlm.kvcache.codec import KV_CODECS
+
+        KV_CODECS.get(self.kv_cache_dtype)  # unknown names list the known ones
 
 
 def default_kv_bytes(device: str) -> int:

@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import itertools
+import time
 from typing import Any
 
 import torch
 
 from slimlm.engine.config import EngineConfig, default_kv_bytes
 from slimlm.engine.hooks import LAYER_HOOKS
-from slimlm.engine.paged_attention import PagedKVCache
+from slimlm.engine.paged_attention import AttentionPaths
 from slimlm.engine.params import SamplingParams
 from slimlm.engine.request import Request, RequestOutput, Sequence, SeqStatus
-from slimlm.engine.runner import ModelRunner
+from slimlm.engine.runner import ModelRunner, RunnerOutput
 from slimlm.engine.sampling import SequenceSampler, sample_next
 from slimlm.engine.scheduler import Scheduler
-from slimlm.engine.spec import SPEC_METHODS, Proposer
+from slimlm.engine.spec import SPEC_METHODS, Proposer, ProposerContext
 from slimlm.errors import SlimLMError
 from slimlm.kvcache.block_pool import BlockPool
 from slimlm.kvcache.manager import KVCacheManager
 from slimlm.kvcache.policy import KV_POLICIES, AttentionSpan
+from slimlm.kvcache.spec import KVCacheSpec
+from slimlm.kvcache.storage import PagedKVCache
 from slimlm.model.hub import LoadedModel
 
 
@@ -31,31 +34,48 @@ class LLMEngine:
         cfg = self.model.cfg
         self.context_length = cfg.context_length
         self.policy = KV_POLICIES.get(config.kv_policy)(**config.kv_policy_args) if config.kv_policy else None
+        token_policy = self.policy is not None and self.policy.granularity == "token"
+        self.spec = KVCacheSpec.from_model(cfg, self.model.dtype, config.kv_cache_dtype)
+        if token_policy and self.spec.has_windows:
+            raise SlimLMError(f"kv_policy={config.kv_policy!r} compacts tokens, which sliding-window layers "
+                              "cannot follow (their masks need positions); use a model without sliding windows")
         span = self.policy.span() if self.policy else AttentionSpan()
-        per_block = PagedKVCache.bytes_per_block(cfg, config.block_size, self.model.dtype)
+        # a compacted sequence's blocks no longer hold its prefix: token policies share nothing
+        prefix_caching = config.enable_prefix_caching and not token_policy
+        per_block = self.spec.bytes_per_block(config.block_size)
+        self.bytes_per_block = per_block
         kv_bytes = config.kv_cache_bytes or default_kv_bytes(config.device)
         self.proposer: Proposer | None = None
         if config.speculative:
-            self.proposer = SPEC_METHODS.get(config.speculative)(self, **config.speculative_args)
+            ctx = ProposerContext(self.model, config, self.context_length, cfg.vocab_size)
+            self.proposer = SPEC_METHODS.get(config.speculative)(ctx, **config.speculative_args)
             kv_bytes -= self.proposer.kv_bytes(kv_bytes)
         num_blocks = kv_bytes // per_block
         if num_blocks < 1:
             raise SlimLMError(f"kv_cache_bytes={kv_bytes} holds no KV block ({per_block} bytes each)")
-        self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.pool = BlockPool(num_blocks, config.block_size, prefix_caching)
         self.kv = KVCacheManager(self.pool)
-        self.cache = PagedKVCache(cfg, num_blocks, config.block_size, self.model.dtype, self.model.device)
-        hooks = [LAYER_HOOKS.get(h)(**config.hook_args.get(h, {})) for h in config.hooks]
-        self.runner = ModelRunner(self.model, self.cache, span, hooks, config.native_kernels)
+        track = token_policy and self.policy.observe_attention
+        self.cache = PagedKVCache(self.spec, num_blocks, config.block_size, self.model.device, track_attention=track)
+        paths = AttentionPaths.choose(self.cache, cfg.head_dim, span, track, config.native_kernels)
+        self.hooks = [LAYER_HOOKS.get(h)(**config.hook_args.get(h, {})) for h in config.hooks]
+        self.runner = ModelRunner(self.model, self.cache, paths, self.hooks)
+        if self.proposer is not None:
+            self.runner.capture |= set(self.proposer.hidden_layers())
         self.scheduler = Scheduler(
             self.kv, config.max_num_batched_tokens, config.max_num_seqs, self.policy,
-            dedup_prefixes=config.batch_prefix_scheduling and config.enable_prefix_caching,
+            dedup_prefixes=config.batch_prefix_scheduling and prefix_caching,
             num_drafts=(lambda s: len(s.draft_ids)) if self.proposer else None,
         )
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._arrival = itertools.count()
         self.stats = {"prompt_tokens": 0, "computed_prompt_tokens": 0, "generated_tokens": 0, "steps": 0,
-                      "draft_tokens": 0, "accepted_draft_tokens": 0}
+                      "draft_tokens": 0, "accepted_draft_tokens": 0, "verify_steps": 0, "kv_peak_bytes": 0}
+
+    def kv_bytes_in_use(self) -> int:
+        """KV bytes the pool's referenced blocks hold now (all layers, in the codec's format)."""
+        return self.pool.num_used() * self.bytes_per_block
 
     @classmethod
     def from_model(cls, model: str = "smollm2-135m-instruct", **config: Any) -> LLMEngine:
@@ -141,8 +161,14 @@ class LLMEngine:
         if out.empty:
             return []
         self.stats["steps"] += 1
-        logits = self.runner.execute(out)
+        now = time.time()
+        result = self.runner.execute(out)
+        logits = result.logits
         seqs = {s.seq_id: s for s in self.scheduler.running}
+        for c in out.chunks:
+            m = seqs[c.seq_id].request.metrics
+            if m.first_scheduled_time is None:
+                m.first_scheduled_time = now
         for c in out.chunks:  # prompt tokens whose KV was computed (not taken from the cache)
             plen = seqs[c.seq_id].prompt_len
             self.stats["computed_prompt_tokens"] += max(0, min(plen, c.start + len(c.token_ids)) - c.start)
@@ -156,11 +182,14 @@ class LLMEngine:
             seq = seqs[c.seq_id]
             rows = logits[c.seq_id]
             if c.num_drafts:  # verify drafts
-                toks, lps = self.proposer.verify(seq, rows)
+                toks, lps, path = self.proposer.verify(seq, rows, c.tree_parents)
+                if path is not None:  # a tree: move the accepted path's KV to the front of the chunk
+                    self._keep_path(c, path)
                 accepted[c.seq_id] = len(toks)  # decode token + accepted drafts have valid KV
                 new_tokens[c.seq_id] = list(zip(toks, lps))
                 self.stats["draft_tokens"] += c.num_drafts
                 self.stats["accepted_draft_tokens"] += len(toks) - 1
+                self.stats["verify_steps"] += 1
                 continue
             if seq.prompt_logprobs is not None and c.start < seq.prompt_len:
                 self._record_prompt_logprobs(seq, c.start, c.token_ids, rows)
@@ -180,6 +209,11 @@ class LLMEngine:
                 if seq.seq_id not in seqs:
                     seqs[seq.seq_id] = seq
         self.scheduler.update(out, accepted)
+        if self.policy is not None and self.policy.granularity == "token":
+            for c in out.chunks:
+                seq = seqs.get(c.seq_id)
+                if seq is not None and seq.status == SeqStatus.RUNNING:
+                    self._compact(seq)
         for parent, child in forks:
             copies = self.kv.fork(parent.seq_id, child.seq_id, parent.prompt_len)
             child.num_computed = parent.prompt_len
@@ -188,21 +222,72 @@ class LLMEngine:
                 self.scheduler.add(child)
             else:
                 self.scheduler.add_running(child, copies)
+        self._account_kv(out, seqs)
         changed: dict[str, Request] = {}
+        now = time.time()
         for sid, toks in new_tokens.items():
             seq = seqs[sid]
+            m = seq.request.metrics
+            m.first_token_time = m.first_token_time or now
+            m.last_token_time = now
             for t, lp in toks:
                 if self._append(seq, t, lp):
                     break
             changed[seq.request.request_id] = seq.request
         if self.proposer is not None:
-            self.proposer.propose([s for s in self.scheduler.running if s.is_decode and not s.finished])
+            live = [s for s in self.scheduler.running if s.is_decode and not s.finished]
+            self.proposer.propose(live, out, result)
         outs = []
         for req in changed.values():
-            outs.append(req.output())
             if req.finished:
+                req.metrics.finished_time = now
                 self.requests.pop(req.request_id, None)
+            outs.append(req.output())
         return outs
+
+    def _keep_path(self, c, path: list[int]) -> None:
+        """After tree verification: copy the KV of the accepted path's nodes to storage
+        indices kv_start.. (the chain the sequence continues from); the chunk then reads as
+        that chain for the scheduler's update."""
+        bs = self.config.block_size
+        slot = lambda i: c.block_table[i // bs] * bs + i % bs  # noqa: E731
+        pairs = [(slot(c.kv_start + n), slot(c.kv_start + i)) for i, n in enumerate(path) if n != i]
+        self.cache.move_slots([a for a, _ in pairs], [b for _, b in pairs])
+        c.token_ids = [c.token_ids[n] for n in path]
+        c.tree_parents = None
+
+    def _compact(self, seq: Sequence) -> None:
+        """Token-level KV policy: once the sequence stores more than its budget (plus slack),
+        keep the rows the policy selects per layer and head, move them to the front of the
+        sequence's blocks and give the rest back to the pool."""
+        policy, bs = self.policy, self.config.block_size
+        stored = seq.num_stored
+        keep = policy.budget(seq.num_computed)
+        if stored <= keep + policy.slack(bs):
+            return
+        table = self.kv.tables[seq.seq_id]
+        mass = None
+        if self.cache.mass is not None:
+            blocks = torch.tensor(table, device=self.cache.device)
+            mass = torch.stack([m.index_select(0, blocks).flatten(0, 1)[:stored].T for m in self.cache.mass])  # (L, H, S)
+        idx = policy.select(mass, stored, keep)
+        self.cache.compact(table, idx)
+        self.kv.truncate(seq.seq_id, keep)
+        seq.kv_dropped += stored - keep
+
+    def _account_kv(self, out, seqs: dict[int, Sequence]) -> None:
+        """Per-request peak KV bytes and the engine's peak, after eviction and compaction."""
+        used = self.kv_bytes_in_use()
+        if used > self.stats["kv_peak_bytes"]:
+            self.stats["kv_peak_bytes"] = used
+        reqs = {seqs[c.seq_id].request.request_id: seqs[c.seq_id].request for c in out.chunks if c.seq_id in seqs}
+        for req in reqs.values():
+            live = [s for s in req.seqs if not s.finished]
+            if len(live) == 1:
+                n = len(self.kv.held_blocks(live[0].seq_id))
+            else:
+                n = len({b for s in live for b in self.kv.held_blocks(s.seq_id)})
+            req.metrics.kv_peak_bytes = max(req.metrics.kv_peak_bytes, n * self.bytes_per_block)
 
     def _record_prompt_logprobs(self, seq: Sequence, start: int, tokens: list[int], rows: torch.Tensor) -> None:
         """Row i (position start + i) scores the prompt token at position start + i + 1."""
@@ -249,5 +334,7 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
+        for h in self.hooks:
+            h.release(seq.seq_id)
         if self.proposer is not None:
             self.proposer.release(seq)

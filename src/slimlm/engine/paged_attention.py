@@ -1,90 +1,48 @@
 """Attention over the paged KV cache for one engine step.
 
-The step's tokens arrive flattened in one row (decodes first, then prefill chunks, each with
-its own positions). For every layer, :meth:`PagedAttention.attend` writes the new keys and
-values into their slots, then computes attention:
+The step's tokens arrive flattened in one row (decodes first, then multi-token chunks, each
+with its own positions). The runner builds the step's metadata once (:class:`StepAttention`:
+decode table / groups, prefill segments, slots); for every layer, :meth:`PagedAttention.attend`
+writes the new keys and values into their slots through the KV codec, then computes attention
+with the paths the :class:`AttentionPaths` chosen at start-up allow:
 
-- decode tokens: on the CPU, when every block is kept and no window applies, by the native
-  kernel :mod:`slimlm.kernels` ``paged_decode``, which reads keys and values in place from the
-  pool (one pass over the KV, no padding); otherwise in a few groups of similar context length:
-  each sequence's kept blocks are gathered (block-wise, into a reused workspace) into a padded
-  (B, Hkv, S, d) batch with a validity mask, one SDPA call per group;
-- each prefill chunk alone: on a CPU with AVX-512 (AVX512-BF16 for a bfloat16 cache), when
-  every block is kept and no window applies, by the native kernel ``paged_prefill`` (causal,
-  keys and values read from the pool, fp32 accumulation); otherwise over its own new keys
-  when it has no earlier context, or over its gathered blocks, with a causal mask from explicit
-  positions, in blocks of ``Q_BLOCK`` query rows that each see only the keys up to their last
-  position.
+- decode tokens: the native ``paged_decode`` kernel, reading the stored format in place
+  (plain or quantized pools; it also accumulates attention mass for score-based policies);
+  otherwise in groups of similar context length over gathered, decoded blocks;
+- each multi-token chunk alone: the native ``paged_prefill`` kernel (plain pools, causal, no
+  mass, no tree); otherwise over its gathered context with an explicit mask, in blocks of
+  ``Q_BLOCK`` query rows that each see only the keys up to their last storage index.
 
-Every call goes through :func:`slimlm.model.attention.attention` or, when a KV policy caps
-relative distances (LM-Infinite), :func:`capped_attention`.
+Masks are built in *storage* indices (a sequence's stored rows 0..n-1): a token policy may
+have compacted the context, and since keys carry their RoPE rotation they need no position.
+Where positions matter (sliding windows, LM-Infinite's span and distance cap) no compaction
+happens, and storage index equals position. A speculative tree chunk replaces causality
+inside the chunk by its ancestor mask.
+
+Only some rows may query a layer (a per-layer plan: LazyLLM's pruned tokens, early exits):
+``attend(..., q_rows)`` then serves those rows only, and every row still writes its KV.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from slimlm.kernels.ops import NATIVE_DTYPES, native_decode, native_prefill
 from slimlm.kvcache.manager import EVICTED
 from slimlm.kvcache.policy.base import AttentionSpan
+from slimlm.kvcache.storage import PagedKVCache
 from slimlm.model.attention import attention
-from slimlm.model.config import ModelConfig
 from slimlm.model.rope import RotaryEmbedding, apply_rope
 
-
-def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
-    """Zeroed KV storage. On CPU it comes from calloc (via numpy), whose large allocations are
-    fresh zero pages the OS commits only when written: resident memory follows the blocks in
-    use, not the pool size. Masked attention needs finite values everywhere, hence zeros."""
-    if torch.device(device).type != "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
-    import numpy as np
-
-    nbytes = torch.empty((), dtype=dtype).element_size()
-    raw = np.zeros((*shape[:-1], shape[-1] * nbytes), dtype=np.uint8)
-    return torch.from_numpy(raw).view(dtype)
-
-
-class PagedKVCache:
-    """The KV tensors: per layer, (num_blocks, block_size, Hkv, d) for keys and for values."""
-
-    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device):
-        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.k = [_zeros(shape, dtype, device) for _ in range(cfg.num_layers)]
-        self.v = [_zeros(shape, dtype, device) for _ in range(cfg.num_layers)]
-        self.block_size, self.num_blocks = block_size, num_blocks
-        self._ws: dict[str, torch.Tensor] = {}
-
-    @staticmethod
-    def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-        elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
-
-    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        if not pairs:
-            return
-        src = torch.tensor([s for s, _ in pairs], device=self.k[0].device)
-        dst = torch.tensor([d for _, d in pairs], device=self.k[0].device)
-        for t in self.k + self.v:
-            t[dst] = t[src]
-
-    def gather(self, which: str, layer: int, blocks: torch.Tensor) -> torch.Tensor:
-        """Copy ``blocks`` (n,) of one layer into a reused workspace: (n, block_size, Hkv, d)."""
-        pool = (self.k if which == "k" else self.v)[layer]
-        n = blocks.numel()
-        numel = n * pool[0].numel()
-        ws = self._ws.get(which)
-        if ws is None or ws.numel() < numel:
-            ws = self._ws[which] = torch.empty(max(numel, 1 << 20), dtype=pool.dtype, device=pool.device)
-        out = ws[:numel].view(n, *pool.shape[1:])
-        torch.index_select(pool, 0, blocks, out=out)
-        return out
+__all__ = ["NATIVE_DTYPES", "AttentionPaths", "DecodeGroup", "DecodeTable", "PagedAttention", "PrefillSegment",
+           "capped_attention", "kept_blocks", "native_decode", "native_prefill", "span_mask"]
 
 
 def kept_blocks(table: list[int], num_tokens: int, block_size: int) -> tuple[list[int], list[int]]:
-    """Physical blocks covering the first ``num_tokens`` tokens, skipping evicted ones, and the
-    logical index of each."""
+    """Physical blocks covering the first ``num_tokens`` stored tokens, skipping evicted ones,
+    and the logical index of each."""
     n = -(-num_tokens // block_size)
     phys, logical = [], []
     for i, b in enumerate(table[:n]):
@@ -132,24 +90,48 @@ def capped_attention(
     return scores.softmax(-1).to(vx.dtype) @ vx
 
 
+def attention_with_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Explicit softmax attention that also returns each key's attention mass, summed over
+    the queries and over the query heads of its KV head.
+
+    q (B, Hq, T, d); k, v (B, Hkv, S, d); mask (B, 1, T, S). Returns (B, Hq, T, d), (B, Hkv, S).
+    """
+    B, Hq, T, d = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    qf = q.float().reshape(B, Hkv, G * T, d)
+    scores = (qf @ k.float().transpose(-1, -2)).view(B, Hkv, G, T, -1) * scale  # (B, Hkv, G, T, S)
+    scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+    p = scores.softmax(-1)
+    out = (p.view(B, Hkv, G * T, -1) @ v.float()).view(B, Hq, T, d)
+    return out.to(q.dtype), p.sum((2, 3))
+
+
 Q_BLOCK = 128
 """Prefill queries are attended in blocks of this many rows, each against only the keys up to
-its last position: causality then costs about half of the full (T, S) score matrix, as PyTorch's
-CPU kernel computes every key block it is given (measured: 1500-token prompt, 38 -> 20 ms a layer)."""
+its last storage index: causality then costs about half of the full (T, S) score matrix, as
+PyTorch's CPU kernel computes every key block it is given (1500-token prompt: 38 -> 20 ms a layer)."""
 
 
 @dataclass
 class PrefillSegment:
-    rows: slice
-    """This chunk's rows in the flattened step."""
-    q_pos: torch.Tensor  # (1, T)
+    """One multi-token chunk (a prefill chunk or a speculative verification chunk)."""
+
+    rows: slice | torch.Tensor
+    """This chunk's rows in the flattened step (a tensor of rows once a layer plan drops some)."""
+    q_pos: torch.Tensor  # (1, T) storage indices of the queries
     blocks: torch.Tensor | None
     """Kept blocks covering context + chunk, or None when the chunk is all the context."""
-    k_pos: torch.Tensor  # (1, S), ascending
-    parts: list[tuple[int, int, int]] = None  # type: ignore[assignment]
-    """(first, end) query rows of each block and how many keys it needs (a prefix of the keys)."""
+    k_pos: torch.Tensor  # (1, S) storage indices of the keys, ascending (-1 = padding)
     table: torch.Tensor | None = None
     """Every block of the context + chunk (int64), when all are kept: the native kernel's input."""
+    tree: torch.Tensor | None = None
+    """(T, T) bool ancestor mask among the chunk's own tokens (speculative tree), or None."""
+    kv_start: int = 0
+    """Storage index of the chunk's first token (the keys before it are its context)."""
+    parts: list[tuple[int, int, int]] = field(default=None)  # type: ignore[assignment]
+    """(first, end) query rows of each block and how many keys it needs (a prefix of the keys)."""
 
     def __post_init__(self) -> None:
         if self.parts is None:
@@ -158,6 +140,13 @@ class PrefillSegment:
             last = self.q_pos[0, [e - 1 for e in ends]]
             needed = torch.searchsorted(self.k_pos[0], last, right=True).tolist()
             self.parts = [(a, e, n) for a, e, n in zip([0] + ends[:-1], ends, needed)]
+
+    def restrict(self, local: torch.Tensor) -> PrefillSegment:
+        """The same chunk with only the queries at local indices ``local`` (ascending)."""
+        rows = self.rows
+        base = torch.arange(rows.start, rows.stop, device=local.device) if isinstance(rows, slice) else rows
+        tree = self.tree[local] if self.tree is not None else None
+        return PrefillSegment(base[local], self.q_pos[:, local], self.blocks, self.k_pos, None, tree, self.kv_start)
 
 
 @dataclass
@@ -170,44 +159,6 @@ class DecodeTable:
     lens: torch.Tensor  # (B,) int64: tokens each query attends, its own included
 
 
-NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-
-
-def native_decode(lib, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, dt: DecodeTable,
-                  scale: float) -> torch.Tensor:
-    """q (B, Hq, d) -> attention output (B, Hq, d) in float32, read straight from the pools."""
-    q = q.float().contiguous()
-    out = torch.empty_like(q)
-    B, Hq, d = q.shape
-    _, bs, hkv, _ = k_pool.shape
-    rc = lib.slimlm_paged_decode(q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), NATIVE_DTYPES[k_pool.dtype],
-                                 dt.table.data_ptr(), dt.lens.data_ptr(), out.data_ptr(), B, Hq, hkv, d, bs,
-                                 dt.table.shape[1], scale, torch.get_num_threads())
-    if rc != 0:
-        raise RuntimeError(f"paged_decode kernel failed (code {rc})")
-    return out
-
-
-def native_prefill(lib, q_rows: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor,
-                   q_start: int, out: torch.Tensor, scale: float) -> None:
-    """Causal attention of one chunk, q_rows (T, Hq, d) at positions q_start.., written into
-    ``out`` (T, Hq, d); keys and values come from the pools through ``table``. q, out and the
-    pools share one dtype (float32 or bfloat16)."""
-    T, Hq, d = q_rows.shape
-    _, bs, hkv, _ = k_pool.shape
-    if not (q_rows.dtype == out.dtype == k_pool.dtype == v_pool.dtype) or q_rows.stride(2) != 1 or out.stride(2) != 1:
-        raise ValueError("native_prefill: q, out and the pools need one dtype and a contiguous head dimension")
-    if not (k_pool.is_contiguous() and v_pool.is_contiguous() and table.dtype == torch.int64 and table.is_contiguous()
-            and table.numel() * bs >= q_start + T):
-        raise ValueError("native_prefill: contiguous pools and an int64 table covering every key are needed")
-    rc = lib.slimlm_paged_prefill(q_rows.data_ptr(), q_rows.stride(0), q_rows.stride(1), k_pool.data_ptr(),
-                                  v_pool.data_ptr(), NATIVE_DTYPES[k_pool.dtype], table.data_ptr(), q_start,
-                                  out.data_ptr(), out.stride(0),
-                                  out.stride(1), T, Hq, hkv, d, bs, scale, torch.get_num_threads())
-    if rc != 0:
-        raise RuntimeError(f"paged_prefill kernel failed (code {rc})")
-
-
 @dataclass
 class DecodeGroup:
     rows: torch.Tensor
@@ -218,76 +169,184 @@ class DecodeGroup:
     nb: int
 
 
+@dataclass(frozen=True)
+class AttentionPaths:
+    """Which attention paths serve this engine, chosen once at start-up from the model, the
+    device, the KV spec and the policy (see :meth:`choose`)."""
+
+    native_decode: object | None = None
+    """The loaded ``paged_decode`` library, or None."""
+    native_prefill: object | None = None
+    """The loaded ``paged_prefill`` library, or None."""
+    span: AttentionSpan = AttentionSpan()
+    track_mass: bool = False
+
+    @classmethod
+    def choose(cls, cache: PagedKVCache, head_dim: int, span: AttentionSpan, track_mass: bool,
+               native_kernels: bool) -> AttentionPaths:
+        decode = prefill = None
+        codec = cache.codec
+        if native_kernels and cache.device.type == "cpu" and span == AttentionSpan() and codec.native_code is not None:
+            from slimlm import kernels
+
+            decode = kernels.load("paged_decode")
+            if not track_mass and codec.native_code in (0, 1):
+                lib = kernels.load("paged_prefill")
+                if lib is not None and lib.slimlm_prefill_supported(head_dim, codec.native_code):
+                    prefill = lib
+        return cls(decode, prefill, span, track_mass)
+
+
 class PagedAttention:
     """The AttentionBackend for one engine step (see the module docstring)."""
 
-    def __init__(
-        self, cache: PagedKVCache, slots: torch.Tensor, decodes: list[DecodeGroup],
-        prefills: list[PrefillSegment], span: AttentionSpan, windows: dict[int, int | None],
-        scale: float, rotary: RotaryEmbedding, decode_table: DecodeTable | None = None, native=None,
-        native_prefill=None,
-    ):
-        """``decode_table`` and ``native`` (the loaded kernel library) enable the native decode
-        path for layers without a window; ``decodes`` serve the other layers. ``native_prefill``
-        (the ``paged_prefill`` library) serves prefill chunks that carry a ``table``."""
-        self.cache, self.slots, self.decodes, self.prefills = cache, slots, decodes, prefills
-        self.decode_table, self.native, self.native_prefill = decode_table, native, native_prefill
-        self.span, self.windows, self.scale, self.rotary = span, windows, scale, rotary
+    def __init__(self, cache: PagedKVCache, paths: AttentionPaths, slots: torch.Tensor,
+                 decodes: list[DecodeGroup], prefills: list[PrefillSegment], windows: dict[int, int | None],
+                 scale: float, rotary: RotaryEmbedding, decode_table: DecodeTable | None = None):
+        """``decode_table`` enables the native decode path for layers without a window;
+        ``decodes`` serve the other layers (and every layer without the native kernel)."""
+        self.cache, self.paths, self.slots, self.decodes, self.prefills = cache, paths, slots, decodes, prefills
+        self.decode_table = decode_table
+        self.windows, self.scale, self.rotary = windows, scale, rotary
         self._masks: dict[tuple, torch.Tensor] = {}
+        self._restricted: dict[int, tuple] = {}
 
-    def _mask(self, key, q_pos, k_pos, window) -> torch.Tensor:
+    # ------------------------------------------------------------------ helpers
+    def _mask(self, key, q_pos, k_pos, window, tree=None, kv_start=0) -> torch.Tensor:
         if (key, window) not in self._masks:
-            self._masks[key, window] = span_mask(q_pos, k_pos, self.span, window)
+            m = span_mask(q_pos, k_pos, self.paths.span, window)
+            if tree is not None:  # inside the chunk: ancestors only
+                inner = k_pos[0] >= kv_start  # (S,)
+                cols = inner.nonzero()[:, 0]
+                m = m.clone()
+                m[0, 0][:, cols] = tree[:, (k_pos[0, cols] - kv_start)]
+            self._masks[key, window] = m
         return self._masks[key, window]
 
-    def _attend(self, q, k, v, mask, q_pos, k_pos):
-        if self.span.distance_cap is not None and self.span.sink > 0:
-            return capped_attention(q, k, v, mask, q_pos, k_pos, self.span.distance_cap, self.rotary, self.scale)
+    def _attend(self, layer, q, k, v, mask, q_pos, k_pos, key_slots):
+        span = self.paths.span
+        if span.distance_cap is not None and span.sink > 0:
+            return capped_attention(q, k, v, mask, q_pos, k_pos, span.distance_cap, self.rotary, self.scale)
+        if self.paths.track_mass:
+            out, m = attention_with_mass(q, k, v, mask, self.scale)  # m (B, Hkv, S)
+            valid = key_slots >= 0
+            mass = self.cache.mass[layer].view(-1, m.shape[1])
+            mass.index_add_(0, key_slots[valid], m.transpose(1, 2)[valid])
+            return out
         return attention(q, k, v, mask, self.scale)
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # q (1, Hq, T, d); k, v (1, Hkv, T, d)
+    def _key_slots(self, blocks: torch.Tensor, k_pos: torch.Tensor, B: int) -> torch.Tensor | None:
+        """Flat slots (B, S) of gathered keys (-1 for padding), only when mass is tracked."""
+        if not self.paths.track_mass:
+            return None
+        bs = self.cache.block_size
+        s = (blocks.view(B, -1, 1) * bs + torch.arange(bs, device=blocks.device)).view(B, -1)
+        return s.masked_fill(k_pos < 0, -1)
+
+    def _restrict(self, q_rows: torch.Tensor):
+        """Decode groups / table / prefill segments serving only ``q_rows`` (cached per set)."""
+        key = id(q_rows)
+        if key in self._restricted and self._restricted[key][0] is q_rows:
+            return self._restricted[key][1:]
+        keep = torch.zeros(int(self.slots.numel()), dtype=torch.bool, device=q_rows.device)
+        keep[q_rows] = True
+        table = None
+        if self.decode_table is not None:
+            dt = self.decode_table
+            sel = keep[dt.rows]
+            table = DecodeTable(dt.rows[sel], dt.table[sel], dt.lens[sel]) if bool(sel.any()) else None
+        groups = []
+        for g in self.decodes:
+            sel = keep[g.rows]
+            if bool(sel.any()):
+                blocks = g.blocks.view(-1, g.nb)[sel].flatten()
+                groups.append(DecodeGroup(g.rows[sel], g.q_pos[sel], blocks, g.k_pos[sel], g.nb))
+        prefills = []
+        for p in self.prefills:
+            rows = torch.arange(p.rows.start, p.rows.stop, device=q_rows.device) if isinstance(p.rows, slice) else p.rows
+            local = keep[rows].nonzero()[:, 0]
+            if local.numel() == rows.numel():
+                prefills.append(p)
+            elif local.numel():
+                prefills.append(p.restrict(local))
+        self._restricted[key] = (q_rows, table, groups, prefills)
+        return table, groups, prefills
+
+    # ------------------------------------------------------------------ attend
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               q_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """q (1, Hq, R, d) for the step's rows ``q_rows`` (all T rows when None); k, v
+        (1, Hkv, T, d) for every row. Returns (1, Hq, R, d)."""
         cache, bs = self.cache, self.cache.block_size
         T, hkv, d = k.shape[2], k.shape[1], k.shape[3]
-        # write the new keys/values into their slots (index_copy_: one cheap op, no advanced indexing)
-        cache.k[layer].view(-1, hkv * d).index_copy_(0, self.slots, k[0].transpose(0, 1).reshape(T, hkv * d))
-        cache.v[layer].view(-1, hkv * d).index_copy_(0, self.slots, v[0].transpose(0, 1).reshape(T, hkv * d))
+        cache.write(layer, self.slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
+        if cache.mass is not None:
+            cache.mass[layer].view(-1, hkv).index_fill_(0, self.slots, 0.0)  # fresh keys start at zero
+        if q_rows is None:
+            table, decodes, prefills = self.decode_table, self.decodes, self.prefills
+        else:
+            table, decodes, prefills = self._restrict(q_rows)
+        # queries are indexed by step row; with q_rows we scatter them into a (T, Hq, d) buffer
+        q_full = q[0].transpose(0, 1)  # (R, Hq, d) view
+        if q_rows is not None:
+            buf = q.new_zeros(T, q.shape[1], d)
+            buf.index_copy_(0, q_rows, q_full)
+            q_full = buf
         out = torch.empty(T, q.shape[1], d, dtype=q.dtype, device=q.device)  # (T, Hq, d)
         window = self.windows.get(layer)
-        q_rows = q[0].transpose(0, 1)  # (T, Hq, d) view
-        if self.native is not None and self.decode_table is not None and window is None:
-            dt = self.decode_table
-            o = native_decode(self.native, q_rows.index_select(0, dt.rows), cache.k[layer], cache.v[layer], dt,
-                              self.scale)
-            out.index_copy_(0, dt.rows, o.to(out.dtype))
+        lib = self.paths.native_decode
+        if lib is not None and table is not None and window is None:
+            kp, vp = cache.pools(layer)
+            mass = cache.mass[layer] if cache.mass is not None else None
+            o = native_decode(lib, q_full.index_select(0, table.rows), kp, vp, cache.codec.native_code, table.table,
+                              table.lens, self.scale, mass)
+            out.index_copy_(0, table.rows, o.to(out.dtype))
             decodes = []
-        else:
-            decodes = self.decodes
         for gi, g in enumerate(decodes):
             B = g.q_pos.shape[0]
-            qd = q_rows.index_select(0, g.rows)[:, :, None]  # (B, Hq, 1, d)
+            qd = q_full.index_select(0, g.rows)[:, :, None]  # (B, Hq, 1, d)
             kd = cache.gather("k", layer, g.blocks).view(B, g.nb * bs, hkv, d).transpose(1, 2)  # (B, Hkv, S, d)
             vd = cache.gather("v", layer, g.blocks).view(B, g.nb * bs, hkv, d).transpose(1, 2)
-            mask = self._mask(-1 - gi, g.q_pos, g.k_pos, window)
-            o = self._attend(qd, kd, vd, mask, g.q_pos, g.k_pos)  # (B, Hq, 1, d)
+            mask = self._mask(("d", id(g)), g.q_pos, g.k_pos, window)
+            o = self._attend(layer, qd, kd, vd, mask, g.q_pos, g.k_pos, self._key_slots(g.blocks, g.k_pos, B))
             out.index_copy_(0, g.rows, o[:, :, 0])
-        for i, p in enumerate(self.prefills):
-            if self.native_prefill is not None and p.table is not None and window is None:
-                native_prefill(self.native_prefill, q_rows[p.rows], cache.k[layer], cache.v[layer], p.table,
-                               int(p.q_pos[0, 0]), out[p.rows], self.scale)
-                continue
-            qs = q[:, :, p.rows]
-            if p.blocks is None:
-                ks, vs = k[:, :, p.rows], v[:, :, p.rows]
+        for p in prefills:
+            self._prefill(layer, p, q_full, k, v, out, window)
+        if q_rows is not None:
+            out = out.index_select(0, q_rows)
+        return out.transpose(0, 1)[None]  # (1, Hq, R, d)
+
+    def _prefill(self, layer, p: PrefillSegment, q_full, k, v, out, window) -> None:
+        cache, bs = self.cache, self.cache.block_size
+        hkv, d = k.shape[1], k.shape[3]
+        if self.paths.native_prefill is not None and p.table is not None and window is None and p.tree is None \
+                and isinstance(p.rows, slice):
+            kp, vp = cache.pools(layer)
+            native_prefill(self.paths.native_prefill, q_full[p.rows], kp[0], vp[0], p.table, int(p.q_pos[0, 0]),
+                           out[p.rows], self.scale)
+            return
+        rows = p.rows
+        qs = (q_full[rows] if isinstance(rows, slice) else q_full.index_select(0, rows)).transpose(0, 1)[None]
+        key_slots = None
+        if p.blocks is None:  # the chunk is all its context: its own new keys
+            ks, vs = k[:, :, rows], v[:, :, rows]
+            if self.paths.track_mass:
+                key_slots = self.slots[rows][None]
+        else:
+            n = p.blocks.numel()
+            ks = cache.gather("k", layer, p.blocks).view(1, n * bs, hkv, d).transpose(1, 2)
+            vs = cache.gather("v", layer, p.blocks).view(1, n * bs, hkv, d).transpose(1, 2)
+            key_slots = self._key_slots(p.blocks, p.k_pos, 1)
+        if len(p.parts) > 1 and qs.device.type == "cpu" and qs.dtype in (torch.bfloat16, torch.float16):
+            qs, ks, vs = qs.float(), ks.float(), vs.float()  # widen once, not once per query block
+        for j, (a, e, n) in enumerate(p.parts):
+            qp, kp = p.q_pos[:, a:e], p.k_pos[:, :n]
+            tree = p.tree[a:e] if p.tree is not None else None
+            mask = self._mask(("p", id(p), j), qp, kp, window, tree, p.kv_start)
+            o = self._attend(layer, qs[:, :, a:e], ks[:, :, :n], vs[:, :, :n], mask, qp, kp,
+                             key_slots[:, :n] if key_slots is not None else None)
+            dst = o[0].transpose(0, 1).to(out.dtype)  # (e - a, Hq, d)
+            if isinstance(rows, slice):
+                out[rows.start + a : rows.start + e] = dst
             else:
-                n = p.blocks.numel()
-                ks = cache.gather("k", layer, p.blocks).view(1, n * bs, hkv, d).transpose(1, 2)
-                vs = cache.gather("v", layer, p.blocks).view(1, n * bs, hkv, d).transpose(1, 2)
-            if len(p.parts) > 1 and qs.device.type == "cpu" and qs.dtype in (torch.bfloat16, torch.float16):
-                qs, ks, vs = qs.float(), ks.float(), vs.float()  # widen once, not once per query block
-            r0 = p.rows.start
-            for j, (a, e, n) in enumerate(p.parts):
-                qp, kp = p.q_pos[:, a:e], p.k_pos[:, :n]
-                mask = self._mask((i, j), qp, kp, window)
-                out[r0 + a : r0 + e] = self._attend(qs[:, :, a:e], ks[:, :, :n], vs[:, :, :n], mask, qp, kp)[0].transpose(0, 1)
-        return out.transpose(0, 1)[None]  # (1, Hq, T, d)
+                out.index_copy_(0, rows[a:e], dst)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 from slimlm.engine.params import SamplingParams
@@ -29,6 +30,28 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestMetrics:
+    """Per-request timings (``time.time()`` seconds, vLLM's field names) and KV memory."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+    kv_peak_bytes: int = 0
+    """The most KV bytes the request held at once: all its sequences' blocks (a block shared
+    between its samples counted once), all layers, after eviction and in the KV codec's format."""
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def time_in_queue(self) -> float | None:
+        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt: str | None
@@ -38,6 +61,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     prompt_logprobs: list[dict[int, float] | None] | None = None
     """Per prompt token: {token: logprob} of it (and the top-k) given what precedes it."""
+    metrics: RequestMetrics | None = None
 
 
 class Sequence:
@@ -48,6 +72,7 @@ class Sequence:
         self.token_ids = token_ids
         self.prompt_len = len(request.prompt_ids)
         self.num_computed = 0
+        self.kv_dropped = 0  # tokens seen but no longer stored (a token-level KV policy compacted them)
         self.status = SeqStatus.WAITING
         self.sampler = sampler
         self.finish_reason: str | None = None
@@ -63,6 +88,7 @@ class Sequence:
         self.block_hashes: list[int] | None = None  # filled lazily by the scheduler
         self.draft_ids: list[int] = []  # speculative tokens proposed for the next step
         self.draft_probs = None  # (k, V) draft distribution for sampled requests
+        self.draft_parents: list[int] | None = None  # tree drafts: parent of each draft (-1 = last token)
 
     @property
     def output_ids(self) -> list[int]:
@@ -71,6 +97,11 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_stored(self) -> int:
+        """Tokens whose KV the sequence's blocks hold (its storage length)."""
+        return self.num_computed - self.kv_dropped
 
     @property
     def num_uncomputed(self) -> int:
@@ -95,6 +126,7 @@ class Request:
     arrival: int
     seqs: list[Sequence] = field(default_factory=list)
     num_cached_tokens: int = 0
+    metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.time()))
 
     @property
     def finished(self) -> bool:
@@ -107,4 +139,4 @@ class Request:
         ]
         first = self.seqs[0] if self.seqs else None
         return RequestOutput(self.request_id, self.prompt, self.prompt_ids, outs, self.finished,
-                             self.num_cached_tokens, first.prompt_logprobs if first else None)
+                             self.num_cached_tokens, first.prompt_logprobs if first else None, self.metrics)

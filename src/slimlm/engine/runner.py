@@ -1,88 +1,134 @@
 """The model runner: turns a SchedulerOutput into one forward pass over the paged KV cache.
 
-It never decides who runs. Per step it (1) copies forked blocks, (2) flattens all chunks into
-one row — prepacking: prompts of different lengths share the row with their own positions, so
-no compute goes to padding — (3) runs the layers with the step's :class:`PagedAttention` and
-the registered hooks, and (4) returns logits only for the rows that need them.
+It never decides who runs. Per step it (1) copies forked blocks, (2) builds the step's
+attention metadata once — every chunk flattened into one row (prepacking: prompts of different
+lengths share the row with their own positions, so no compute goes to padding), slots from
+each chunk's storage indices, RoPE positions (depths for a speculative tree), the row ->
+sequence map — (3) runs the model's own decoder layers with the per-layer row plans the hooks
+return, and (4) returns a :class:`RunnerOutput`: logits only for the rows that need them, and
+the hidden states of those rows at the layers plug-ins asked for.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
-from slimlm.engine.hooks import LayerHook, StepInfo
+from slimlm.engine.hooks import LayerHook, Segment, StepInfo, combine_plans
 from slimlm.engine.paged_attention import (
-    NATIVE_DTYPES, DecodeGroup, DecodeTable, PagedAttention, PagedKVCache, PrefillSegment, kept_blocks,
+    AttentionPaths, DecodeGroup, DecodeTable, PagedAttention, PrefillSegment, kept_blocks,
 )
-from slimlm.engine.sched_output import SchedulerOutput
-from slimlm.kvcache.policy.base import AttentionSpan
+from slimlm.engine.sched_output import ScheduledChunk, SchedulerOutput
+from slimlm.kvcache.storage import PagedKVCache
 from slimlm.model.transformer import CausalLM
 
 
+@dataclass
+class RunnerOutput:
+    logits: dict[int, torch.Tensor] = field(default_factory=dict)
+    """seq_id -> (num_logits, V) for the chunks that asked for logits."""
+    hidden: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)
+    """seq_id -> {layer: (num_logits, D)}: the hidden states entering ``layer`` (``num_layers``
+    = after the last layer, before the final norm) of the rows that have logits, for each
+    layer in ``ModelRunner.capture``."""
+
+
+def tree_positions(start: int, parents: list[int]) -> list[int]:
+    """Positions of a flattened draft tree: the root (token 0) at ``start``, each node one
+    past its parent. ``parents[i]`` is the index of token i's parent (-1 for the root)."""
+    pos = []
+    for i, p in enumerate(parents):
+        pos.append(start if p < 0 else pos[p] + 1)
+    return pos
+
+
+def tree_mask(parents: list[int]) -> list[list[bool]]:
+    """(T, T) ancestor-or-self mask of a flattened tree (parents precede children)."""
+    T = len(parents)
+    m = [[False] * T for _ in range(T)]
+    for i, p in enumerate(parents):
+        if p >= 0:
+            m[i] = list(m[p])
+        m[i][i] = True
+    return m
+
+
 class ModelRunner:
-    def __init__(self, model: CausalLM, cache: PagedKVCache, span: AttentionSpan, hooks: list[LayerHook],
-                 native_kernels: bool = True):
-        self.model, self.cache, self.span, self.hooks = model, cache, span, hooks
+    def __init__(self, model: CausalLM, cache: PagedKVCache, paths: AttentionPaths, hooks: list[LayerHook]):
+        self.model, self.cache, self.paths, self.hooks = model, cache, paths, hooks
         self.device = model.device
         self.windows = model.windows()
-        self.native = self.native_prefill = None
-        if native_kernels and self.device.type == "cpu" and cache.k[0].dtype in NATIVE_DTYPES and span == AttentionSpan():
-            from slimlm import kernels
-
-            self.native = kernels.load("paged_decode")
-            lib = kernels.load("paged_prefill")
-            if lib is not None and lib.slimlm_prefill_supported(model.cfg.head_dim, NATIVE_DTYPES[cache.k[0].dtype]):
-                self.native_prefill = lib
+        self.capture: set[int] = set()
+        """Layers whose entering hidden states the step returns (for proposers and hooks)."""
+        for h in hooks:
+            h.bind(model)
 
     def _tensor(self, x) -> torch.Tensor:
         return torch.tensor(x, dtype=torch.long, device=self.device)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> dict[int, torch.Tensor]:
-        """Returns {seq_id: logits (num_logits, V)} for chunks that asked for logits."""
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
         self.cache.copy_blocks(out.block_copies)
         bs = self.cache.block_size
-        ids, pos, slots = [], [], []
+        span = self.paths.span
+        ids, pos, slots, row_seq, row_out = [], [], [], [], []
         logit_rows: list[int] = []
         prefills: list[PrefillSegment] = []
-        decodes: list[tuple[int, int, list[int], list[int]]] = []  # (row, position, blocks, logical)
+        segments: list[Segment] = []
+        decodes: list[tuple[int, int, list[int], list[int]]] = []  # (row, storage index, blocks, logical)
         row = 0
         for c in out.chunks:
             T = len(c.token_ids)
-            p = list(range(c.start, c.start + T))
+            p = tree_positions(c.start, c.tree_parents) if c.tree_parents else list(range(c.start, c.start + T))
             ids += c.token_ids
             pos += p
-            slots += [c.block_table[x // bs] * bs + x % bs for x in p]
+            slots += [c.block_table[x // bs] * bs + x % bs for x in range(c.kv_start, c.kv_start + T)]
+            row_seq += [c.seq_id] * T
+            row_out += [x >= c.prompt_len for x in p]
             logit_rows += range(row + T - c.num_logits, row + T)
+            segments.append(Segment(c.seq_id, row, row + T, not c.tree_parents and p[-1] < c.prompt_len))
             if T == 1:
-                decodes.append((row, c.start, *kept_blocks(c.block_table, c.start + 1, bs)))
-                row += T
-                continue
-            phys, logical = kept_blocks(c.block_table, c.start + T, bs)
-            table = self._tensor(phys) if self.native_prefill is not None and len(logical) == logical[-1] + 1 else None
-            if c.start == 0 and self.span.window is None:  # the chunk is its whole context
-                seg = PrefillSegment(slice(row, row + T), self._tensor([p]), None, self._tensor([p]), table=table)
+                decodes.append((row, c.kv_start, *kept_blocks(c.block_table, c.kv_start + 1, bs)))
             else:
-                seg = PrefillSegment(slice(row, row + T), self._tensor([p]), self._tensor(phys),
-                                     self._kpos([logical]), table=table)
-            prefills.append(seg)
+                prefills.append(self._segment(c, row, T))
             row += T
         positions = self._tensor([pos])  # (1, T)
-        table = self._decode_table(decodes) if self.native is not None else None
+        table = self._decode_table(decodes) if self.paths.native_decode is not None else None
         groups = self._decode_groups(decodes) if table is None or any(self.windows.values()) else []
-        attn = PagedAttention(self.cache, self._tensor(slots), groups, prefills, self.span, self.windows,
-                              self.model.attn_scale, self.model.rotary, table, self.native, self.native_prefill)
-        h = self._forward(self._tensor([ids]), positions, attn, StepInfo(positions[0], len(decodes)))
-        logits = self.model.head(h[0, logit_rows])  # (R, V)
-        res, r = {}, 0
+        attn = PagedAttention(self.cache, self.paths, self._tensor(slots), groups, prefills, self.windows,
+                              self.model.attn_scale, self.model.rotary, table)
+        lr = self._tensor(logit_rows)
+        info = StepInfo(positions[0], len(decodes), self._tensor(row_seq),
+                        torch.tensor(row_out, dtype=torch.bool, device=self.device), lr, tuple(segments))
+        h, hidden = self._forward(self._tensor([ids]), positions, attn, info)
+        logits = self.model.head(h[0, lr])  # (R, V)
+        res = RunnerOutput()
+        r = 0
         for c in out.chunks:
             if c.num_logits:
-                res[c.seq_id] = logits[r : r + c.num_logits]
+                res.logits[c.seq_id] = logits[r : r + c.num_logits]
+                if hidden:
+                    res.hidden[c.seq_id] = {i: x[r : r + c.num_logits] for i, x in hidden.items()}
                 r += c.num_logits
         return res
 
+    def _segment(self, c: ScheduledChunk, row: int, T: int) -> PrefillSegment:
+        bs = self.cache.block_size
+        q = self._tensor([list(range(c.kv_start, c.kv_start + T))])  # storage indices
+        tree = torch.tensor(tree_mask(c.tree_parents), device=self.device) if c.tree_parents else None
+        phys, logical = kept_blocks(c.block_table, c.kv_start + T, bs)
+        all_kept = len(logical) == logical[-1] + 1
+        table = self._tensor(phys) if self.paths.native_prefill is not None and all_kept and tree is None else None
+        if c.kv_start == 0 and self.paths.span.window is None and tree is None and self.cache.codec.lossless:
+            # the chunk is its whole context: its own new keys (a lossy codec reads them back
+            # through the cache, so every chunking sees the same stored keys)
+            return PrefillSegment(slice(row, row + T), q, None, q, table=table)
+        return PrefillSegment(slice(row, row + T), q, self._tensor(phys), self._kpos([logical]), table=table,
+                              tree=tree, kv_start=c.kv_start)
+
     def _kpos(self, logical: list[list[int]]) -> torch.Tensor:
-        """Key positions (B, nb * block_size) of padded logical block lists (-1 = padding)."""
+        """Key storage indices (B, nb * block_size) of padded logical block lists (-1 = padding)."""
         bs = self.cache.block_size
         lb = self._tensor(logical)[..., None]  # (B, nb, 1)
         kpos = lb * bs + torch.arange(bs, device=self.device)  # (B, nb, bs)
@@ -119,27 +165,26 @@ class ModelRunner:
         return groups
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, attn: PagedAttention, info: StepInfo):
-        model = self.model
+        model, hooks = self.model, self.hooks
         h = model.embed(ids)  # (1, T, D)
         cos, sin = model.rotary(positions, h.dtype)
-        hooks = self.hooks
-        for h_ in hooks:
-            h_.begin_step(info)
+        hidden: dict[int, torch.Tensor] = {}
+        for hk in hooks:
+            hk.begin_step(info)
+        active = None  # rows still running (None = all)
+        T = ids.shape[1]
         for i, layer in enumerate(model.model.layers):
+            if i in self.capture:
+                hidden[i] = h[0, info.logit_rows]
             for hk in hooks:
                 h = hk.before_layer(i, h, info)
-            h = h + layer.self_attn(layer.input_layernorm(h), cos, sin, attn)
-            skip = None
-            for hk in hooks:
-                rows = hk.skip_mlp_rows(i, info)
-                if rows is not None:
-                    skip = rows if skip is None else skip | rows
-            if skip is None:
-                h = h + layer.mlp(layer.post_attention_layernorm(h))
-            else:
-                keep = (~skip).nonzero()[:, 0]
-                if keep.numel():
-                    hk_ = h[:, keep]
-                    h = h.clone()
-                    h[:, keep] = hk_ + layer.mlp(layer.post_attention_layernorm(hk_))
-        return h
+            plan = None
+            if hooks or active is not None:
+                plans = [p for p in (hk.plan(i, h, info, active) for hk in hooks) if p is not None]
+                plan = combine_plans(plans, active, info.logit_rows, T)
+                active = plan.q_rows if plan is not None else None
+            h = layer(h, cos, sin, attn, plan)
+        if len(model.model.layers) in self.capture:
+            hidden[len(model.model.layers)] = h[0, info.logit_rows]
+        return h, hidden
+

@@ -24,6 +24,20 @@ class ScheduledChunk:
     """Draft tokens at the end of ``token_ids`` to verify (speculative decoding)."""
     num_samples: int = 1
     """Samples drawn from the last logits: n > 1 for the first token of an n-sample request."""
+    kv_start: int = -1
+    """Storage index of token_ids[0] in the sequence's blocks: ``start`` unless a token-level
+    KV policy compacted the sequence (then fewer tokens are stored than were seen). -1 on
+    construction means ``start``."""
+    prompt_len: int = 0
+    """The sequence's prompt length: rows at positions >= it hold generated tokens."""
+    tree_parents: list[int] | None = None
+    """For a speculative tree: the index of each token's parent within ``token_ids`` (-1 for
+    token 0, the last accepted token). Tokens then sit at their depth's position and attend to
+    their ancestors only. None for a chain."""
+
+    def __post_init__(self) -> None:
+        if self.kv_start < 0:
+            self.kv_start = self.start
 
 
 @dataclass

@@ -84,7 +84,7 @@ class Scheduler:
                 n = 1 + min(self.num_drafts(seq), budget - 1)
             else:
                 n = min(seq.num_uncomputed, budget)
-            while not self.kv.allocate(seq.seq_id, seq.num_computed + n):
+            while not self.kv.allocate(seq.seq_id, seq.num_stored + n):
                 victim = self._pick_victim(exclude=scheduled)
                 if victim is None:
                     break
@@ -93,7 +93,7 @@ class Scheduler:
                     break
             if seq.status != SeqStatus.RUNNING:
                 continue
-            if self.kv.num_new_blocks(seq.seq_id, seq.num_computed + n) > 0:
+            if self.kv.num_new_blocks(seq.seq_id, seq.num_stored + n) > 0:
                 continue  # could not grow it even alone; retry next step
             out.chunks.append(self._chunk(seq, n))
             scheduled.add(seq.seq_id)
@@ -102,8 +102,12 @@ class Scheduler:
         skipped: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting.popleft()
-            if not self.kv.tables.get(seq.seq_id) and seq.request.params.prompt_logprobs is None:
-                cached = self.kv.match_prefix(seq.seq_id, seq.token_ids)  # (prompt logprobs need every row)
+            table = self.kv.tables.get(seq.seq_id)
+            if seq.request.params.prompt_logprobs is None and seq.num_computed == len(table or []) * self.kv.block_size:
+                # nothing computed beyond cached blocks: (re)match, which also picks up blocks that
+                # a leader published while this sequence waited (BatchLLM dedup); prompt
+                # logprobs need every row computed
+                cached = self.kv.match_prefix(seq.seq_id, seq.token_ids)
                 seq.num_computed = cached
                 if seq.index == 0 and seq.num_tokens == seq.prompt_len:
                     seq.request.num_cached_tokens = cached
@@ -111,7 +115,7 @@ class Scheduler:
                 skipped.append(seq)
                 continue
             n = min(seq.num_uncomputed, budget)
-            if not self.kv.allocate(seq.seq_id, seq.num_computed + n):
+            if not self.kv.allocate(seq.seq_id, seq.num_stored + n):
                 self.waiting.appendleft(seq)
                 break
             seq.status = SeqStatus.RUNNING
@@ -125,10 +129,14 @@ class Scheduler:
     def _chunk(self, seq: Sequence, n: int) -> ScheduledChunk:
         completes = seq.num_computed + n >= seq.num_tokens
         drafts = 0
+        parents = None
         if seq.is_decode and n > 1:  # the decode token followed by drafts to verify
-            seq.draft_ids = seq.draft_ids[: n - 1]
+            seq.draft_ids = seq.draft_ids[: n - 1]  # a tree stays a tree: parents precede children
             if seq.draft_probs is not None:
                 seq.draft_probs = seq.draft_probs[: n - 1]
+            if seq.draft_parents is not None:
+                seq.draft_parents = seq.draft_parents[: n - 1]
+                parents = [-1] + [p + 1 for p in seq.draft_parents]  # index 0 is the last token
             tokens = seq.token_ids[-1:] + seq.draft_ids
             drafts = n - 1
         else:
@@ -142,7 +150,8 @@ class Scheduler:
                                        (seq.num_computed + n) // self.kv.block_size]:
                 self._inflight.setdefault(h, seq.seq_id)
         return ScheduledChunk(seq.seq_id, tokens, seq.num_computed, list(self.kv.tables[seq.seq_id]),
-                              num_logits, completes, drafts, forks)
+                              num_logits, completes, drafts, forks, tree_parents=parents,
+                              kv_start=seq.num_stored, prompt_len=seq.prompt_len)
 
     def _hashes(self, seq: Sequence) -> list[int]:
         if seq.block_hashes is None or len(seq.block_hashes) < seq.num_tokens // self.kv.block_size:
@@ -162,7 +171,9 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.kv.free(seq.seq_id)
-        seq.num_computed = 0
+        seq.num_computed = seq.kv_dropped = 0
+        if self.policy is not None:
+            self.policy.reset(seq.seq_id)
         seq.status = SeqStatus.WAITING
         self.running.remove(seq)
         self.waiting.appendleft(seq)
@@ -179,11 +190,11 @@ class Scheduler:
             seq = by_id.get(c.seq_id)
             if seq is None or seq.status != SeqStatus.RUNNING:
                 continue
-            n = accepted.get(c.seq_id, len(c.token_ids))
+            n = accepted.get(c.seq_id, len(c.token_ids))  # accepted tree paths were moved to the front
             seq.num_computed = c.start + n
             known = seq.token_ids if c.start + n <= seq.num_tokens else seq.token_ids[: c.start] + c.token_ids
             self.kv.commit(seq.seq_id, known, seq.num_computed)
-            if self.policy is not None:
+            if self.policy is not None and self.policy.granularity == "block":
                 drop = self.policy.blocks_to_evict(seq.num_computed, self.kv.tables[seq.seq_id], self.kv.block_size)
                 if drop:
                     self.kv.evict(seq.seq_id, drop)
@@ -191,6 +202,8 @@ class Scheduler:
     def finish(self, seq: Sequence) -> None:
         seq.status = SeqStatus.FINISHED
         self.kv.free(seq.seq_id)
+        if self.policy is not None:
+            self.policy.reset(seq.seq_id)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:

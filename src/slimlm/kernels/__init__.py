@@ -28,8 +28,9 @@ _I64, _PTR, _INT, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c
 
 SIGNATURES: dict[str, dict[str, tuple]] = {
     "paged_decode": {
-        # q, k_pool, v_pool, dtype, table, lens, out, B, Hq, Hkv, d, block_size, max_blocks, scale, nthreads
-        "slimlm_paged_decode": (_INT, (_PTR, _PTR, _PTR, _INT, _PTR, _PTR, _PTR,
+        # q, k_pool, v_pool, k_aux, k_aux2, v_aux, v_aux2, dtype, table, lens, out, mass,
+        # B, Hq, Hkv, d, block_size, max_blocks, scale, nthreads
+        "slimlm_paged_decode": (_INT, (_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _PTR, _PTR, _PTR, _PTR,
                                        _I64, _I64, _I64, _I64, _I64, _I64, _F32, _INT)),
     },
     "paged_prefill": {

@@ -2,9 +2,15 @@
  * place from the block pool (no gather into a padded batch, one pass over the KV).
  *
  * q    (B, Hq, d) float32            out (B, Hq, d) float32
- * k, v (num_blocks, block_size, Hkv, d), float32 (dtype 0) or bfloat16 (dtype 1)
+ * k, v (num_blocks, block_size, Hkv, d), float32 (dtype 0) or bfloat16 (dtype 1); or quantized
+ *      (the KV codecs of slimlm.kvcache.codec): int8 (dtype 2) with one fp16 scale per
+ *      (slot, head) in k_aux/v_aux, or int4 (dtype 3) as (slot, Hkv, d/2) bytes (even channel in
+ *      the low nibble) with fp16 scale and minimum per (slot, head, group of 32) in *_aux/*_aux2
  * table (B, max_blocks) int64: physical block of each logical block
  * lens  (B,) int64: tokens to attend (the context including the new token)
+ * mass  NULL, or (num_blocks * block_size, Hkv) float32: each attended key's softmax
+ *       probabilities, summed over the query heads of its KV head, are added to its slot
+ *       (attention-score KV policies such as H2O read them)
  *
  * Work items are sequences, handed out through an atomic counter inside one OpenMP parallel
  * region (only GOMP_parallel is needed, so any libgomp, torch's included, serves). A sequence
@@ -13,7 +19,7 @@
  * that is a multiple of 16 (up to 128), rows are converted in registers and four dot products
  * run at once; with AVX512-BF16 and a bf16 pool (head size a multiple of 32), the scores use
  * bf16 dot products on the keys as stored, the query split into two bf16 parts; otherwise a
- * portable loop over a converted row buffer serves.
+ * portable loop over a converted row buffer serves (and serves the quantized pools).
  */
 #include <math.h>
 #include <stdint.h>
@@ -211,21 +217,71 @@ static inline __attribute__((always_inline)) void decode_avx512(
 }
 #endif
 
-/* Portable path: rows converted to float32 into ``row`` (W floats), plain loops. */
-static const float *load_row(const void *pool, int dtype, int64_t off, int64_t n, float *buf) {
-    if (dtype == 0) return (const float *)pool + off;
-    const uint16_t *src = (const uint16_t *)pool + off;
+static inline float f16_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    uint32_t u;
+    if (e == 0) {
+        if (m == 0) u = sign;
+        else { /* subnormal: normalise */
+            int sh = 0;
+            uint32_t mm = m;
+            while (!(mm & 0x400)) { mm <<= 1; ++sh; }
+            u = sign | ((uint32_t)(113 - sh) << 23) | ((mm & 0x3ff) << 13);
+        }
+    } else if (e == 31) u = sign | 0x7f800000u | (m << 13);
+    else u = sign | ((e + 112) << 23) | (m << 13);
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+#define I4_GROUP 32
+
+/* One stored row (slot) of all Hkv heads as float32 (W = Hkv * d values). */
+typedef struct { const void *data, *aux, *aux2; int dtype; int64_t Hkv, d; } pool_t;
+
+static const float *load_row(const pool_t *p, int64_t slot, float *buf) {
+    const int64_t W = p->Hkv * p->d;
+    if (p->dtype == 0) return (const float *)p->data + slot * W;
+    if (p->dtype == 1) {
+        const uint16_t *src = (const uint16_t *)p->data + slot * W;
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) buf[i] = bf16_to_f32(src[i]);
+        for (int64_t i = 0; i < W; ++i) buf[i] = bf16_to_f32(src[i]);
+        return buf;
+    }
+    if (p->dtype == 2) {
+        const int8_t *src = (const int8_t *)p->data + slot * W;
+        const uint16_t *sc = (const uint16_t *)p->aux + slot * p->Hkv;
+        for (int64_t h = 0; h < p->Hkv; ++h) {
+            const float s = f16_to_f32(sc[h]);
+#pragma omp simd
+            for (int64_t i = 0; i < p->d; ++i) buf[h * p->d + i] = (float)src[h * p->d + i] * s;
+        }
+        return buf;
+    }
+    /* int4 */
+    const int64_t G = p->d / I4_GROUP;
+    const uint8_t *src = (const uint8_t *)p->data + slot * (W / 2);
+    const uint16_t *sc = (const uint16_t *)p->aux + slot * p->Hkv * G, *mn = (const uint16_t *)p->aux2 + slot * p->Hkv * G;
+    for (int64_t h = 0; h < p->Hkv; ++h)
+        for (int64_t g = 0; g < G; ++g) {
+            const float s = f16_to_f32(sc[h * G + g]), m = f16_to_f32(mn[h * G + g]);
+            const uint8_t *b = src + (h * p->d + g * I4_GROUP) / 2;
+            float *o = buf + h * p->d + g * I4_GROUP;
+            for (int64_t i = 0; i < I4_GROUP / 2; ++i) {
+                o[2 * i] = (float)(b[i] & 15) * s + m;
+                o[2 * i + 1] = (float)(b[i] >> 4) * s + m;
+            }
+        }
     return buf;
 }
 
-static void decode_generic(const float *qb, const void *k_pool, const void *v_pool, int dtype, const int64_t *tb,
+static void decode_generic(const float *qb, const pool_t *kp, const pool_t *vp, const int64_t *tb,
                            int64_t L, float *ob, float *s, float *row, int64_t Hq, int64_t Hkv, int64_t d,
                            int64_t block_size, float scale) {
-    const int64_t G = Hq / Hkv, W = Hkv * d;
+    const int64_t G = Hq / Hkv;
     for (int64_t t = 0; t < L; ++t) {
-        const float *kr = load_row(k_pool, dtype, (tb[t / block_size] * block_size + t % block_size) * W, W, row);
+        const float *kr = load_row(kp, tb[t / block_size] * block_size + t % block_size, row);
         for (int64_t hq = 0; hq < Hq; ++hq) {
             const float *qg = qb + hq * d, *k = kr + (hq / G) * d;
             float acc = 0.f;
@@ -237,7 +293,7 @@ static void decode_generic(const float *qb, const void *k_pool, const void *v_po
     softmax_rows(s, Hq, L);
     memset(ob, 0, (size_t)(Hq * d) * sizeof(float));
     for (int64_t t = 0; t < L; ++t) {
-        const float *vr = load_row(v_pool, dtype, (tb[t / block_size] * block_size + t % block_size) * W, W, row);
+        const float *vr = load_row(vp, tb[t / block_size] * block_size + t % block_size, row);
         for (int64_t hq = 0; hq < Hq; ++hq) {
             const float p = s[hq * L + t], *v = vr + (hq / G) * d;
             float *og = ob + hq * d;
@@ -247,11 +303,16 @@ static void decode_generic(const float *qb, const void *k_pool, const void *v_po
     }
 }
 
-int slimlm_paged_decode(const float *q, const void *k_pool, const void *v_pool, int dtype,
-                        const int64_t *table, const int64_t *lens, float *out,
+int slimlm_paged_decode(const float *q, const void *k_pool, const void *v_pool, const void *k_aux,
+                        const void *k_aux2, const void *v_aux, const void *v_aux2, int dtype,
+                        const int64_t *table, const int64_t *lens, float *out, float *mass,
                         int64_t B, int64_t Hq, int64_t Hkv, int64_t d, int64_t block_size,
                         int64_t max_blocks, float scale, int nthreads) {
-    if (Hkv <= 0 || Hq % Hkv != 0 || block_size <= 0 || (dtype != 0 && dtype != 1)) return 1;
+    if (Hkv <= 0 || Hq % Hkv != 0 || block_size <= 0 || dtype < 0 || dtype > 3) return 1;
+    if (dtype >= 2 && !(k_aux && v_aux)) return 1;
+    if (dtype == 3 && (d % I4_GROUP != 0 || !(k_aux2 && v_aux2))) return 1;
+    const pool_t kp = {k_pool, k_aux, k_aux2, dtype, Hkv, d}, vp = {v_pool, v_aux, v_aux2, dtype, Hkv, d};
+    const int64_t G = Hq / Hkv;
     int64_t next = 0;
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
@@ -274,13 +335,20 @@ int slimlm_paged_decode(const float *q, const void *k_pool, const void *v_pool, 
             }
             const float *qb = q + b * Hq * d;
             const int64_t *tb = table + b * max_blocks;
+            int done = 0;
 #ifdef __AVX512F__
-            if (d == 64 && dtype == 0) { decode_avx512(qb, k_pool, v_pool, 0, tb, L, ob, s, Hq, Hkv, 64, block_size, scale); continue; }
-            if (d == 64 && dtype == 1) { decode_avx512(qb, k_pool, v_pool, 1, tb, L, ob, s, Hq, Hkv, 64, block_size, scale); continue; }
-            if (d % 16 == 0 && d <= 128 && dtype == 0) { decode_avx512(qb, k_pool, v_pool, 0, tb, L, ob, s, Hq, Hkv, d, block_size, scale); continue; }
-            if (d % 16 == 0 && d <= 128 && dtype == 1) { decode_avx512(qb, k_pool, v_pool, 1, tb, L, ob, s, Hq, Hkv, d, block_size, scale); continue; }
+            if (d == 64 && dtype == 0) { decode_avx512(qb, k_pool, v_pool, 0, tb, L, ob, s, Hq, Hkv, 64, block_size, scale); done = 1; }
+            else if (d == 64 && dtype == 1) { decode_avx512(qb, k_pool, v_pool, 1, tb, L, ob, s, Hq, Hkv, 64, block_size, scale); done = 1; }
+            else if (d % 16 == 0 && d <= 128 && dtype == 0) { decode_avx512(qb, k_pool, v_pool, 0, tb, L, ob, s, Hq, Hkv, d, block_size, scale); done = 1; }
+            else if (d % 16 == 0 && d <= 128 && dtype == 1) { decode_avx512(qb, k_pool, v_pool, 1, tb, L, ob, s, Hq, Hkv, d, block_size, scale); done = 1; }
 #endif
-            decode_generic(qb, k_pool, v_pool, dtype, tb, L, ob, s, row, Hq, Hkv, d, block_size, scale);
+            if (!done) decode_generic(qb, &kp, &vp, tb, L, ob, s, row, Hq, Hkv, d, block_size, scale);
+            if (mass) { /* s holds the softmax probabilities (Hq, L); sequences own their slots */
+                for (int64_t t = 0; t < L; ++t) {
+                    float *m = mass + (tb[t / block_size] * block_size + t % block_size) * Hkv;
+                    for (int64_t hq = 0; hq < Hq; ++hq) m[hq / G] += s[hq * L + t];
+                }
+            }
         }
         free(s);
         free(row);

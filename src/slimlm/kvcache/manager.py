@@ -30,13 +30,14 @@ class KVCacheManager:
     # ------------------------------------------------------------------ prefix cache
     def match_prefix(self, seq_id: int, token_ids: list[int]) -> int:
         """Attach cached blocks for the longest cached prefix of ``token_ids``; returns how many
-        tokens need no compute. At least one token is always left to compute (for its logits)."""
+        tokens need no compute. At least one token is always left to compute (for its logits).
+        A sequence whose table holds only blocks matched earlier extends its match from there
+        (a waiting sequence picks up what another one published meanwhile)."""
         table = self.table(seq_id)
-        assert not table, "match_prefix on a sequence that already has blocks"
         hashes = block_hashes(token_ids, self.block_size)
         if len(hashes) * self.block_size == len(token_ids):
             hashes = hashes[:-1]  # a fully cached prompt recomputes its last block
-        for h in hashes:
+        for h in hashes[len(table):]:
             b = self.pool.lookup(h)
             if b is None:
                 break
@@ -116,6 +117,22 @@ class KVCacheManager:
         if parent in self._lossy:
             self._lossy.add(child)
         return copies
+
+    def truncate(self, seq_id: int, num_tokens: int) -> list[int]:
+        """Keep only the blocks covering the first ``num_tokens`` stored tokens (after a
+        compaction moved the kept tokens to the front); returns the blocks freed."""
+        table = self.tables[seq_id]
+        keep = self.blocks_for(num_tokens)
+        freed = [b for b in table[keep:] if b != EVICTED]
+        for b in freed:
+            self.pool.free(b)
+        del table[keep:]
+        self._lossy.add(seq_id)
+        self._registered[seq_id] = min(self._registered.get(seq_id, 0), keep)
+        return freed
+
+    def held_blocks(self, seq_id: int) -> list[int]:
+        return [b for b in self.tables.get(seq_id, []) if b != EVICTED]
 
     def evict(self, seq_id: int, logical_blocks: list[int]) -> int:
         """Drop blocks chosen by a KV policy; their KV is gone for this sequence. Returns count."""

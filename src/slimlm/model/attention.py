@@ -58,10 +58,12 @@ class AttentionBackend(Protocol):
     """Where a layer's keys and values go and which of them each query sees.
 
     ``attend`` receives the new tokens' q (B, Hq, T, d) and k, v (B, Hkv, T, d), already rotated,
-    stores k and v if it caches them, and returns the attention output (B, Hq, T, d).
+    stores k and v if it caches them, and returns the attention output (B, Hq, T, d). With
+    ``q_rows`` (R,) only those rows query: q is (B, Hq, R, d) and so is the output.
     """
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               q_rows: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 class DenseAttention:
@@ -87,5 +89,10 @@ class DenseAttention:
             self._masks[window] = build_mask(p, p, s, s, window)
         return self._masks[window]
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return attention(q, k, v, self.mask(self.windows.get(layer)), self.scale)
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               q_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``q_rows``: the rows of ``q`` among the T keys' rows (a per-layer row plan)."""
+        mask = self.mask(self.windows.get(layer))
+        if q_rows is not None:
+            mask = mask[:, :, q_rows]
+        return attention(q, k, v, mask, self.scale)

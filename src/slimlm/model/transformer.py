@@ -9,6 +9,8 @@ loop is exposed (``embed`` / ``layers`` / ``head``) for runners that act between
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,16 +47,25 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=cfg.attention_bias)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend,
+        q_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Every row writes its keys and values; only rows ``q_rows`` (all when None) query.
+        Returns (B, R, D) for the querying rows."""
         B, T, _ = x.shape
         d = self.cfg.head_dim
-        q = self.q_proj(x).view(B, T, -1, d).transpose(1, 2)  # (B, Hq, T, d)
         k = self.k_proj(x).view(B, T, -1, d).transpose(1, 2)  # (B, Hkv, T, d)
         v = self.v_proj(x).view(B, T, -1, d).transpose(1, 2)  # (B, Hkv, T, d)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attn.attend(self.layer, q, k, v)  # (B, Hq, T, d)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        k = apply_rope(k, cos, sin)
+        if q_rows is None:
+            q = apply_rope(self.q_proj(x).view(B, T, -1, d).transpose(1, 2), cos, sin)  # (B, Hq, T, d)
+            out = attn.attend(self.layer, q, k, v)  # (B, Hq, T, d)
+        else:
+            R = q_rows.numel()
+            q = self.q_proj(x[:, q_rows]).view(B, R, -1, d).transpose(1, 2)  # (B, Hq, R, d)
+            q = apply_rope(q, cos[:, q_rows], sin[:, q_rows])
+            out = attn.attend(self.layer, q, k, v, q_rows)  # (B, Hq, R, d)
+        return self.o_proj(out.transpose(1, 2).reshape(B, out.shape[2], -1))
 
 
 class MLP(nn.Module):
@@ -69,6 +80,21 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+@dataclass
+class RowPlan:
+    """Which rows of a step run a layer (a per-layer plan from the engine's layer hooks).
+
+    Rows outside ``q_rows`` pass the layer unchanged (their hidden state is carried up) but
+    still write the layer's keys and values, computed from that hidden state, so later tokens
+    find a complete cache (LazyLLM's pruned tokens, early exits). Rows outside ``mlp_rows`` skip
+    the MLP sub-block (FFN skipping)."""
+
+    q_rows: torch.Tensor | None = None
+    """(R,) rows that attend and continue; None = all."""
+    mlp_rows: torch.Tensor | None = None
+    """(M,) rows that run the MLP (a subset of ``q_rows``); None = all of ``q_rows``."""
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -78,10 +104,21 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend,
+        plan: RowPlan | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        if plan is None:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        rows = plan.q_rows
+        a = self.self_attn(self.input_layernorm(x), cos, sin, attn, rows)  # (B, R, D)
+        x = x + a if rows is None else x.index_add(1, rows, a)
+        mlp_rows = plan.mlp_rows if plan.mlp_rows is not None else rows
+        if mlp_rows is None:
+            return x + self.mlp(self.post_attention_layernorm(x))
+        if mlp_rows.numel() == 0:
+            return x
+        return x.index_add(1, mlp_rows, self.mlp(self.post_attention_layernorm(x[:, mlp_rows])))
 
 
 class Backbone(nn.Module):

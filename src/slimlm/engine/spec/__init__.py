@@ -3,7 +3,7 @@
 Importing this package registers every method in ``SPEC_METHODS``.
 """
 
-from slimlm.engine.spec.base import SPEC_METHODS, Proposer
+from slimlm.engine.spec.base import SPEC_METHODS, Proposer, ProposerContext
 from slimlm.engine.spec import draft_model  # noqa: F401  (registers "draft")
 
-__all__ = ["SPEC_METHODS", "Proposer"]
+__all__ = ["SPEC_METHODS", "Proposer", "ProposerContext"]

@@ -3,6 +3,12 @@
 The draft model runs batched over all drafting sequences with its own paged KV cache (a slice
 of the engine's KV budget). Its cache keeps the tokens it has seen; after verification only
 the prefix that still matches the sequence is kept (rollback), the rest is recomputed.
+
+With ``tree=True`` greedy requests draft a small tree: the chain of the draft's argmax tokens
+plus, at the first draft position, the draft's second choice as another branch (top-2
+branching: when the draft's first guess is wrong, its runner-up often is right). The target
+verifies both branches in the same step under a tree attention mask; output stays identical.
+A sequence whose draft cache runs short simply gets no drafts this step (plain decoding).
 """
 
 from __future__ import annotations
@@ -11,31 +17,34 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from slimlm.engine.paged_attention import PagedKVCache
+from slimlm.engine.paged_attention import AttentionPaths
 from slimlm.engine.runner import ModelRunner
 from slimlm.engine.sched_output import ScheduledChunk, SchedulerOutput
-from slimlm.engine.spec.base import SPEC_METHODS, Proposer
+from slimlm.engine.spec.base import SPEC_METHODS, Proposer, ProposerContext
 from slimlm.engine.spec.verify import target_probs
 from slimlm.errors import SlimLMError
 from slimlm.kvcache.block_pool import BlockPool
 from slimlm.kvcache.manager import KVCacheManager
 from slimlm.kvcache.policy.base import AttentionSpan
+from slimlm.kvcache.spec import KVCacheSpec
+from slimlm.kvcache.storage import PagedKVCache
 
 if TYPE_CHECKING:
-    from slimlm.engine.engine import LLMEngine
     from slimlm.engine.request import Sequence
 
 
 @SPEC_METHODS.register("draft")
 class DraftModelProposer(Proposer):
-    def __init__(self, engine: LLMEngine, model, k: int = 4, kv_fraction: float = 0.2):
+    def __init__(self, ctx: ProposerContext, model, k: int = 4, kv_fraction: float = 0.2, tree: bool = False):
         from slimlm.model.hub import LoadedModel, load
 
         if k < 1:
             raise ValueError(f"speculative k must be at least 1, got {k}")
-        self.engine, self.k, self.kv_fraction = engine, k, kv_fraction
-        self.lm = model if isinstance(model, LoadedModel) else load(model, engine.config.dtype, engine.config.device)
-        self.vocab = engine.model.cfg.vocab_size
+        if not 0.0 < kv_fraction < 1.0:
+            raise ValueError(f"speculative kv_fraction must be in (0, 1), got {kv_fraction}")
+        self.ctx, self.k, self.kv_fraction, self.tree = ctx, k, kv_fraction, bool(tree)
+        self.lm = model if isinstance(model, LoadedModel) else load(model, ctx.config.dtype, ctx.config.device)
+        self.vocab = ctx.vocab_size
         if self.lm.model.cfg.vocab_size > self.vocab:
             raise SlimLMError(
                 f"draft model vocab ({self.lm.model.cfg.vocab_size}) is larger than the target's ({self.vocab})"
@@ -44,12 +53,14 @@ class DraftModelProposer(Proposer):
         self.basis: dict[int, list[int]] = {}
 
     def kv_bytes(self, total: int) -> int:
-        cfg, bs = self.lm.model.cfg, self.engine.config.block_size
-        per_block = PagedKVCache.bytes_per_block(cfg, bs, self.lm.model.dtype)
+        cfg, bs = self.lm.model.cfg, self.ctx.config.block_size
+        spec = KVCacheSpec.from_model(cfg, self.lm.model.dtype)
+        per_block = spec.bytes_per_block(bs)
         n = max(int(total * self.kv_fraction) // per_block, 4)
         self.kv = KVCacheManager(BlockPool(n, bs, enable_prefix_caching=False))
-        cache = PagedKVCache(cfg, n, bs, self.lm.model.dtype, self.lm.model.device)
-        self.runner = ModelRunner(self.lm.model, cache, AttentionSpan(), [], self.engine.config.native_kernels)
+        cache = PagedKVCache(spec, n, bs, self.lm.model.device)
+        paths = AttentionPaths.choose(cache, cfg.head_dim, AttentionSpan(), False, self.ctx.config.native_kernels)
+        self.runner = ModelRunner(self.lm.model, cache, paths, [])
         return n * per_block
 
     def release(self, seq: Sequence) -> None:
@@ -59,15 +70,15 @@ class DraftModelProposer(Proposer):
 
     def _budget(self, seq: Sequence) -> int:
         p = seq.request.params
-        room = min(p.max_tokens - len(seq.output_ids), self.engine.context_length - seq.num_tokens) - 1
+        room = min(p.max_tokens - len(seq.output_ids), self.ctx.context_length - seq.num_tokens) - 1
         return 0 if seq.sampler.needs_penalties else max(0, min(self.k, room))
 
     @torch.inference_mode()
-    def propose(self, seqs: list[Sequence]) -> None:
-        active = {}
+    def propose(self, seqs: list[Sequence], sched: SchedulerOutput | None = None, result=None) -> None:
+        active: dict[int, tuple[Sequence, int]] = {}
         for seq in seqs:
             k = self._budget(seq)
-            seq.draft_ids, seq.draft_probs = [], None
+            seq.draft_ids, seq.draft_probs, seq.draft_parents = [], None, None
             if k == 0:
                 continue
             sid = seq.seq_id
@@ -80,14 +91,16 @@ class DraftModelProposer(Proposer):
             self.computed[sid] = min(valid, seq.num_tokens - 1)  # recompute >= 1 token for its logits
             active[sid] = (seq, k)
         probs: dict[int, list[torch.Tensor]] = {sid: [] for sid in active}
+        second: dict[int, int] = {}  # runner-up token at the first draft position (tree drafts)
         for step in range(self.k):
             chunks, live = [], []
-            for sid, (seq, k) in active.items():
+            for sid, (seq, k) in list(active.items()):
                 if step >= k:
                     continue
                 toks = seq.token_ids + seq.draft_ids
-                if not self.kv.allocate(sid, len(toks)):
+                if not self.kv.allocate(sid, len(toks)):  # draft cache short: plain decoding this step
                     self.release(seq)
+                    del active[sid]
                     continue
                 start = self.computed[sid]
                 chunks.append(ScheduledChunk(sid, toks[start:], start, list(self.kv.tables[sid]), 1))
@@ -97,14 +110,17 @@ class DraftModelProposer(Proposer):
             if not chunks:
                 break
             chunks.sort(key=lambda c: len(c.token_ids) != 1)
-            logits = self.runner.execute(SchedulerOutput(chunks))
+            logits = self.runner.execute(SchedulerOutput(chunks)).logits
             for seq in live:
                 row = logits[seq.seq_id][-1:]
                 if row.shape[-1] < self.vocab:
                     row = torch.nn.functional.pad(row, (0, self.vocab - row.shape[-1]), value=float("-inf"))
                 params = seq.request.params
                 if params.greedy:
-                    tok = int(row.argmax())
+                    top = row[0].topk(2).indices.tolist()
+                    tok = top[0]
+                    if step == 0 and self.tree:
+                        second[seq.seq_id] = top[1]
                 else:
                     q = target_probs(row, params)[0]
                     tok = int(torch.multinomial(q, 1, generator=seq.sampler.generator))
@@ -113,3 +129,7 @@ class DraftModelProposer(Proposer):
         for sid, (seq, _) in active.items():
             if probs.get(sid) and seq.draft_ids:
                 seq.draft_probs = torch.stack(probs[sid][: len(seq.draft_ids)])
+            if sid in second and seq.draft_ids:
+                n = len(seq.draft_ids)  # chain: each node's parent is the previous one; then the branch
+                seq.draft_parents = [-1] + list(range(n - 1)) + [-1]
+                seq.draft_ids = seq.draft_ids + [second[sid]]

@@ -52,3 +52,28 @@ def verify_sampled(
         dist = residual / total if total > 0 else p[i]
         return out + [int(torch.multinomial(dist, 1, generator=generator))]
     return out + [int(torch.multinomial(p[len(drafts)], 1, generator=generator))]
+
+
+def verify_tree_greedy(target_logits: torch.Tensor, tokens: list[int], parents: list[int]) -> tuple[list[int], list[int]]:
+    """Greedy verification of a draft tree. ``tokens`` (T,) are the flattened tree with the
+    last accepted token at index 0, ``parents[i]`` the parent index of token i (-1 for the
+    root); ``target_logits`` (T, V) are the target's logits at every node.
+
+    Walks from the root, each time to the child whose token is the target's argmax. Returns
+    the tokens to append (accepted drafts + the target's next token) and the node path (root
+    first) whose KV is valid. The output equals plain greedy decoding.
+    """
+    best = target_logits.argmax(-1).tolist()
+    children: dict[int, dict[int, int]] = {}
+    for i, p in enumerate(parents):
+        if p >= 0:
+            children.setdefault(p, {}).setdefault(tokens[i], i)
+    out, path, node = [], [0], 0
+    while True:
+        t = best[node]
+        out.append(t)
+        nxt = children.get(node, {}).get(t)
+        if nxt is None:
+            return out, path
+        path.append(nxt)
+        node = nxt

@@ -1,18 +1,32 @@
-"""The KV-cache policy extension point.
+"""The KV-cache policy extension point: which tokens' KV each sequence keeps.
 
-A policy decides, per sequence, which logical KV blocks to keep as the sequence grows; the
-engine frees the blocks it drops, so memory stays bounded. It also states the attention span
-the kept tokens imply (sink tokens, a local window, a distance ceiling), which the runner turns
-into the attention mask, so that chunked prefill and decode see exactly what the policy keeps.
+Two kinds, one base:
 
-How to add one: see "Adding a KV-cache policy" in docs/architecture.md.
+- **Block policies** (``granularity = "block"``; LM-Infinite's sink + window) decide per
+  sequence which logical blocks to drop as it grows (``blocks_to_evict``); the engine frees
+  them. They state the attention span the kept tokens imply (sink, window, distance ceiling),
+  which the runner turns into the attention mask, so chunked prefill and decode see exactly
+  what the policy keeps.
+- **Token policies** (``granularity = "token"``; H2O) choose, per layer and per KV head, which
+  stored tokens to keep once a sequence holds more than its budget (``select``). The engine
+  then compacts the kept rows to the front of the sequence's blocks and frees the blocks left
+  over: memory is really given back, and every attention path (native kernels included) keeps
+  reading a dense run of keys. Keys carry their RoPE rotation from when they were computed, so
+  they need no positions after compaction. A token policy that sets ``observe_attention``
+  is shown the attention mass each stored key received (summed over the query heads of its
+  KV head, accumulated over every query since the key was written) — kvpress's "press" idea,
+  here inside continuous batching and kept per sequence.
+
+How to add one: see "How to add a KV-cache policy" in docs/architecture.md.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import ABC
 from dataclasses import dataclass
 from typing import ClassVar
+
+import torch
 
 from slimlm.registry import Registry
 
@@ -29,12 +43,18 @@ class AttentionSpan:
 
 class KVPolicy(ABC):
     name: ClassVar[str]
+    granularity: ClassVar[str] = "block"
+    """"block": ``blocks_to_evict``; "token": ``budget`` + ``select`` with compaction."""
+    observe_attention: ClassVar[bool] = False
+    """Token policies: accumulate the attention mass of every stored key (costs a scoring
+    attention path: the native prefill kernel is not used)."""
 
-    @abstractmethod
+    # ------------------------------------------------------------------ block policies
     def blocks_to_evict(self, num_computed: int, table: list[int], block_size: int) -> list[int]:
         """Logical block indices to drop once ``num_computed`` tokens of the sequence are in
         the cache and the next query position is ``num_computed``. ``table`` holds the physical
         block per logical block (-1 where already evicted)."""
+        return []
 
     def span(self) -> AttentionSpan:
         """The attention span the kept tokens imply; the default is full causal attention."""
@@ -45,6 +65,24 @@ class KVPolicy(ABC):
         ``chunk_tokens`` new tokens at once (None: unbounded). Lets the scheduler admit inputs
         longer than the pool or the model's context."""
         return None
+
+    # ------------------------------------------------------------------ token policies
+    def budget(self, num_tokens: int) -> int:
+        """Stored tokens a sequence of ``num_tokens`` (positions seen) keeps after compaction."""
+        return num_tokens
+
+    def slack(self, block_size: int) -> int:
+        """Tokens stored beyond the budget before a compaction runs (amortizes its cost)."""
+        return block_size
+
+    def select(self, mass: torch.Tensor | None, num_stored: int, keep: int) -> torch.Tensor:
+        """Indices (L, Hkv, keep) of the stored tokens to keep, ascending per row. ``mass``
+        (L, Hkv, num_stored): accumulated attention per stored key (None unless
+        ``observe_attention``)."""
+        raise NotImplementedError
+
+    def reset(self, seq_id: int) -> None:
+        """The sequence finished or was preempted: drop any state kept for it."""
 
 
 KV_POLICIES: Registry[KVPolicy] = Registry("KV-cache policy")

@@ -1,0 +1,104 @@
+"""The layer-plan extension point: hooks that decide, per step and per layer, which rows run.
+
+The runner calls every registered hook before each decoder layer. A hook sees the step
+(:class:`StepInfo`: each row's position, sequence and whether it is a prompt or a generated
+token, the chunks, the rows whose logits are needed) and the hidden states, and may return a
+:class:`~slimlm.model.transformer.RowPlan`: the rows that keep running (the others leave the
+step at this layer: their hidden state is carried up and their keys/values are still written
+in the later layers) and the rows that run the MLP. Rows that left never come back within the
+step; rows whose logits are needed never leave. Hooks may keep per-sequence state (keyed by
+``StepInfo.row_seq``) and drop it in ``release``.
+
+How to add one: subclass :class:`LayerHook` in a new file of this folder, register it with
+``@LAYER_HOOKS.register("name")``, import it in ``__init__.py``; the parametrized test in
+tests/engine/test_hooks.py runs every registered hook.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from slimlm.model.transformer import CausalLM, RowPlan
+from slimlm.registry import Registry
+
+
+@dataclass
+class Segment:
+    """One chunk of the step: rows [start, end) of sequence ``seq_id``."""
+
+    seq_id: int
+    start: int
+    end: int
+    prefill: bool
+    """All rows are prompt tokens (a prefill chunk)."""
+
+
+@dataclass
+class StepInfo:
+    positions: torch.Tensor
+    """(T,) position of each row of the step."""
+    num_decode_rows: int
+    """Rows [0, num_decode_rows) are single-token chunks."""
+    row_seq: torch.Tensor | None = None
+    """(T,) sequence id of each row."""
+    row_output: torch.Tensor | None = None
+    """(T,) bool: the row holds a generated token (its position is past the prompt), whatever
+    chunk it came in (decode, verification, or recompute after preemption)."""
+    logit_rows: torch.Tensor | None = None
+    """(R,) rows whose logits the step needs: they run every layer."""
+    segments: tuple[Segment, ...] = ()
+
+
+class LayerHook:
+    def bind(self, model: CausalLM) -> None:
+        """Called once when the engine starts, with the model the hook will see."""
+
+    def begin_step(self, info: StepInfo) -> None:
+        """Called once per step before the first layer."""
+
+    def before_layer(self, layer: int, h: torch.Tensor, info: StepInfo) -> torch.Tensor:
+        """h: (1, T, D). Return the hidden states the layer should see."""
+        return h
+
+    def plan(self, layer: int, h: torch.Tensor, info: StepInfo, active: torch.Tensor | None) -> RowPlan | None:
+        """Rows that run ``layer``: ``active`` (None = all) are the rows still running. Return
+        None to change nothing."""
+        return None
+
+    def release(self, seq_id: int) -> None:
+        """The sequence finished or was preempted: drop any state kept for it."""
+
+
+LAYER_HOOKS: Registry[LayerHook] = Registry("layer hook")
+
+
+def combine_plans(plans: list[RowPlan], active: torch.Tensor | None, keep: torch.Tensor | None,
+                  num_rows: int) -> RowPlan | None:
+    """One plan from several hooks' plans: a row runs if every hook lets it; rows in ``keep``
+    (those whose logits are needed) always run."""
+    if not plans and active is None:
+        return None
+    device = keep.device if keep is not None else None
+    run = torch.ones(num_rows, dtype=torch.bool, device=device) if active is None else _mask(active, num_rows)
+    mlp = None
+    for p in plans:
+        if p.q_rows is not None:
+            run &= _mask(p.q_rows, num_rows)
+        if p.mlp_rows is not None:
+            m = _mask(p.mlp_rows, num_rows)
+            mlp = m if mlp is None else mlp & m
+    if keep is not None:
+        run[keep] = True  # they never left: plans are combined the same way at every layer
+    q_rows = None if bool(run.all()) else run.nonzero()[:, 0]
+    mlp_rows = None if mlp is None else (mlp & run).nonzero()[:, 0]
+    if q_rows is None and mlp_rows is None:
+        return None
+    return RowPlan(q_rows, mlp_rows)
+
+
+def _mask(rows: torch.Tensor, n: int) -> torch.Tensor:
+    m = torch.zeros(n, dtype=torch.bool, device=rows.device)
+    m[rows] = True
+    return m

@@ -1,0 +1,88 @@
+"""Checked Python entry points of the native kernels.
+
+The C code trusts its pointers, so every call goes through these wrappers, which check what
+the kernel would otherwise read out of bounds or misinterpret: dtypes and contiguity of every
+tensor, block ids inside the pool, lengths inside the table's capacity. A failed check raises
+ValueError before the kernel runs. The checks are a few reductions over small index tensors
+(microseconds a step).
+"""
+
+from __future__ import annotations
+
+import torch
+
+NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+"""Plain pool dtypes and their codes (quantized codecs carry their own ``native_code``)."""
+
+
+def _check_pool(parts: list[torch.Tensor], code: int) -> None:
+    if not all(t.is_contiguous() for t in parts):
+        raise ValueError("native kernels need contiguous KV pools")
+    expect = {0: [torch.float32], 1: [torch.bfloat16], 2: [torch.int8, torch.float16],
+              3: [torch.uint8, torch.float16, torch.float16]}.get(code)
+    if expect is None or [t.dtype for t in parts] != expect:
+        raise ValueError(f"native kernels: pool parts {[t.dtype for t in parts]} do not match dtype code {code}")
+
+
+def _check_table(table: torch.Tensor, num_blocks: int) -> None:
+    if table.dtype != torch.int64 or not table.is_contiguous():
+        raise ValueError("native kernels need a contiguous int64 block table")
+    if table.numel() and (int(table.min()) < 0 or int(table.max()) >= num_blocks):
+        raise ValueError(f"native kernels: block table holds ids outside the pool [0, {num_blocks})")
+
+
+def native_decode(lib, q: torch.Tensor, k_parts: list[torch.Tensor], v_parts: list[torch.Tensor], code: int,
+                  table: torch.Tensor, lens: torch.Tensor, scale: float,
+                  mass: torch.Tensor | None = None) -> torch.Tensor:
+    """q (B, Hq, d) -> attention output (B, Hq, d) in float32, keys and values read in place
+    from the pools (``k_parts``: the codec's tensors, data first). ``table`` (B, max_blocks)
+    int64, ``lens`` (B,) int64 tokens each query attends. ``mass`` (slots, Hkv) float32, if
+    given, receives the attention probabilities per key."""
+    k0 = k_parts[0]
+    num_blocks, bs, hkv = k0.shape[0], k0.shape[1], k0.shape[2]
+    q = q.float().contiguous()
+    B, Hq, d = q.shape
+    _check_pool(k_parts, code)
+    _check_pool(v_parts, code)
+    _check_table(table, num_blocks)
+    if table.dim() != 2 or table.shape[0] != B or lens.shape != (B,) or lens.dtype != torch.int64:
+        raise ValueError("native_decode: table (B, max_blocks) and lens (B,) int64 are needed")
+    if B and (int(lens.min()) < 0 or int(lens.max()) > table.shape[1] * bs):
+        raise ValueError("native_decode: a length exceeds its block table's capacity")
+    if Hq % hkv or (code < 3 and k0.shape[3] != d) or (code == 3 and k0.shape[3] * 2 != d):
+        raise ValueError("native_decode: head counts or head size do not match the pool")
+    if mass is not None and (mass.dtype != torch.float32 or not mass.is_contiguous()
+                             or mass.numel() != num_blocks * bs * hkv):
+        raise ValueError("native_decode: mass must be a contiguous float32 (slots, Hkv) tensor")
+    out = torch.empty_like(q)
+    aux = [t.data_ptr() for t in k_parts[1:]] + [None] * (3 - len(k_parts))
+    vaux = [t.data_ptr() for t in v_parts[1:]] + [None] * (3 - len(v_parts))
+    rc = lib.slimlm_paged_decode(q.data_ptr(), k0.data_ptr(), v_parts[0].data_ptr(), aux[0], aux[1], vaux[0], vaux[1],
+                                 code, table.data_ptr(), lens.data_ptr(), out.data_ptr(),
+                                 mass.data_ptr() if mass is not None else None, B, Hq, hkv, d, bs,
+                                 table.shape[1], scale, torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"paged_decode kernel failed (code {rc})")
+    return out
+
+
+def native_prefill(lib, q_rows: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor,
+                   q_start: int, out: torch.Tensor, scale: float) -> None:
+    """Causal attention of one chunk, q_rows (T, Hq, d) at storage indices q_start.., written
+    into ``out`` (T, Hq, d); keys and values come from the pools through ``table``. q, out and
+    the pools share one dtype (float32 or bfloat16)."""
+    T, Hq, d = q_rows.shape
+    num_blocks, bs, hkv, _ = k_pool.shape
+    if not (q_rows.dtype == out.dtype == k_pool.dtype == v_pool.dtype) or q_rows.stride(2) != 1 or out.stride(2) != 1:
+        raise ValueError("native_prefill: q, out and the pools need one dtype and a contiguous head dimension")
+    if k_pool.dtype not in NATIVE_DTYPES or not (k_pool.is_contiguous() and v_pool.is_contiguous()):
+        raise ValueError("native_prefill: contiguous float32 or bfloat16 pools are needed")
+    _check_table(table, num_blocks)
+    if table.numel() * bs < q_start + T or Hq % hkv or k_pool.shape[3] != d:
+        raise ValueError("native_prefill: the table must cover every key and head sizes must match the pool")
+    rc = lib.slimlm_paged_prefill(q_rows.data_ptr(), q_rows.stride(0), q_rows.stride(1), k_pool.data_ptr(),
+                                  v_pool.data_ptr(), NATIVE_DTYPES[k_pool.dtype], table.data_ptr(), q_start,
+                                  out.data_ptr(), out.stride(0),
+                                  out.stride(1), T, Hq, hkv, d, bs, scale, torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"paged_prefill kernel failed (code {rc})")

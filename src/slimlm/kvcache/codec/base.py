@@ -1,0 +1,69 @@
+"""The KV codec extension point: how one layer's keys or values are stored in the block pool.
+
+A codec owns the storage format of one pool (keys or values of one storage group): it
+allocates the tensors, encodes new rows into their slots, and decodes gathered blocks back to
+the compute dtype. Every attention path reads through it: the PyTorch path decodes gathered
+blocks, the native decode kernel reads the stored format in place (``native_code``).
+
+How to add one: subclass :class:`KVCodec` in a new file of this folder, register it with
+``@KV_CODECS.register("name")``, import it in ``__init__.py``; ``tests/kvcache/test_codecs.py``
+runs every registered codec through the round-trip and engine tests.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+from slimlm.registry import Registry
+
+
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """Zeroed storage. On CPU it comes from calloc (via numpy), whose large allocations are
+    fresh zero pages the OS commits only when written: resident memory follows the blocks in
+    use, not the pool size. Masked attention needs finite values everywhere, hence zeros."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    import numpy as np
+
+    nbytes = torch.empty((), dtype=dtype).element_size()
+    raw = np.zeros((*shape[:-1], shape[-1] * nbytes), dtype=np.uint8)
+    return torch.from_numpy(raw).view(dtype)
+
+
+class KVCodec(ABC):
+    """Storage of (num_blocks, block_size, Hkv, d) rows. ``tensors`` holds the stored parts:
+    ``data`` first (the native kernels' pool), then any scales; every part is indexed by
+    (block, slot, head, ...) so block copies and slot moves treat all parts alike."""
+
+    name: ClassVar[str]
+    native_code: ClassVar[int | None] = None
+    """The dtype code the native kernels read in place (None: they cannot)."""
+
+    def __init__(self, compute_dtype: torch.dtype, head_dim: int):
+        self.compute_dtype, self.head_dim = compute_dtype, head_dim
+
+    @abstractmethod
+    def bytes_per_row(self, num_kv_heads: int) -> int:
+        """Stored bytes of one token's row (all its KV heads), scales included."""
+
+    @abstractmethod
+    def allocate(self, num_blocks: int, block_size: int, num_kv_heads: int, device) -> list[torch.Tensor]:
+        """The zeroed storage tensors, ``data`` first."""
+
+    @abstractmethod
+    def write(self, tensors: list[torch.Tensor], slots: torch.Tensor, x: torch.Tensor) -> None:
+        """Store rows ``x`` (T, Hkv, d) into flat slots ``slots`` (T,) (slot = block * B + offset)."""
+
+    @abstractmethod
+    def read(self, tensors: list[torch.Tensor], blocks: torch.Tensor) -> torch.Tensor:
+        """Decode whole blocks (n,) -> (n, block_size, Hkv, d) in the compute dtype."""
+
+    @property
+    def lossless(self) -> bool:
+        return False
+
+
+KV_CODECS: Registry[KVCodec] = Registry("KV cache dtype")

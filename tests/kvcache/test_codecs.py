@@ -1,0 +1,156 @@
+"""KV codecs: every registered codec round-trips within its stated error, stores the bytes it
+claims, is read alike by the native decode kernel and the PyTorch path, and inside the engine
+gives exactly what a dense, unbatched decoder with the same quantization gives."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from slimlm import LLM, SamplingParams
+from slimlm.errors import SlimLMError
+from slimlm.kvcache.codec import KV_CODECS
+from slimlm.model.attention import attention
+from slimlm.model.hub import load
+from tests.engine.test_engine import make_prompts
+
+
+def roundtrip(codec, x: torch.Tensor, block_size: int = 8) -> torch.Tensor:
+    """x (T, H, d) through the codec's storage and back."""
+    T, H, d = x.shape
+    nb = -(-T // block_size)
+    parts = codec.allocate(nb, block_size, H, "cpu")
+    codec.write(parts, torch.arange(T), x)
+    return codec.read(parts, torch.arange(nb)).reshape(-1, H, d)[:T]
+
+
+@pytest.mark.parametrize("name", KV_CODECS.names())
+def test_round_trip_error_and_bytes(name):
+    torch.manual_seed(0)
+    codec = KV_CODECS.get(name)(torch.float32, 64)
+    x = torch.randn(37, 3, 64) * torch.rand(37, 3, 1) * 4  # rows of different scales
+    y = roundtrip(codec, x)
+    err = (y - x).abs()
+    if name in ("auto", "float32"):
+        assert torch.equal(y, x) and codec.lossless
+    elif name in ("bfloat16", "float16"):
+        assert err.max() <= x.abs().max() * 2**-7
+    elif name == "int8":  # half a step of max|row| / 127, plus fp16 rounding of the scale
+        bound = x.abs().amax(-1, keepdim=True) / 127 * (0.5 + 64 * 2**-11)
+        assert (err <= bound + 1e-6).all()
+    elif name == "int4":  # half a step of (max - min) / 15 per group of 32, plus fp16 rounding
+        g = x.view(37, 3, 2, 32)
+        step = (g.amax(-1, keepdim=True) - g.amin(-1, keepdim=True)) / 15
+        bound = (step * 0.5 + (g.abs().amax(-1, keepdim=True) + step * 15) * 2**-10).expand_as(g).reshape(37, 3, 64)
+        assert (err <= bound + 1e-6).all()
+    want = {"auto": 256, "float32": 256, "bfloat16": 128, "float16": 128, "int8": 66, "int4": 40}[name]
+    assert codec.bytes_per_row(1) == want
+    assert sum(t[0, 0].numel() * t.element_size() for t in codec.allocate(1, 1, 3, "cpu")) == 3 * want
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
+@pytest.mark.parametrize("name", ["int8", "int4", "bfloat16"])
+def test_native_decode_reads_quantized_pools(name):
+    from slimlm import kernels
+    from slimlm.kernels.ops import native_decode
+
+    lib = kernels.load("paged_decode")
+    torch.manual_seed(1)
+    codec = KV_CODECS.get(name)(torch.float32, 64)
+    bs, H, Hq, nb = 8, 2, 6, 6
+    k, v = codec.allocate(nb, bs, H, "cpu"), codec.allocate(nb, bs, H, "cpu")
+    xk, xv = torch.randn(nb * bs, H, 64), torch.randn(nb * bs, H, 64)
+    codec.write(k, torch.arange(nb * bs), xk)
+    codec.write(v, torch.arange(nb * bs), xv)
+    table = torch.tensor([[4, 1, 3, 0], [5, 2, 0, 0]])
+    lens = torch.tensor([29, 11])
+    q = torch.randn(2, Hq, 64)
+    mass = torch.zeros(nb * bs, H)
+    got = native_decode(lib, q, k, v, codec.native_code, table, lens, 0.125, mass)
+    for b in range(2):
+        kk = codec.read(k, table[b]).reshape(-1, H, 64)[: lens[b]].transpose(0, 1)[None]
+        vv = codec.read(v, table[b]).reshape(-1, H, 64)[: lens[b]].transpose(0, 1)[None]
+        want = attention(q[b][None, :, None], kk, vv, None, 0.125)[0, :, 0]
+        torch.testing.assert_close(got[b], want, rtol=1e-4, atol=1e-4)
+    # the mass of each sequence's keys: every query head's probabilities, summed per KV head
+    assert torch.allclose(mass.sum(), torch.tensor(2.0 * Hq), atol=1e-4)
+    assert mass.view(nb, bs, H)[[1, 2]].sum() > 0 and mass.view(nb, bs, H)[0, 5:].sum() == 0  # 29 tokens: 5 in block 0
+
+
+def test_native_decode_refuses_bad_inputs():
+    from slimlm import kernels
+    from slimlm.kernels.ops import native_decode
+
+    lib = kernels.load("paged_decode")
+    if lib is None:
+        pytest.skip("no native kernel here")
+    k = torch.zeros(4, 8, 1, 16)
+    q = torch.zeros(1, 2, 16)
+    with pytest.raises(ValueError, match="outside the pool"):
+        native_decode(lib, q, [k], [k], 0, torch.tensor([[0, 9]]), torch.tensor([10]), 1.0)
+    with pytest.raises(ValueError, match="capacity"):
+        native_decode(lib, q, [k], [k], 0, torch.tensor([[0, 1]]), torch.tensor([17]), 1.0)
+    with pytest.raises(ValueError, match="do not match dtype code"):
+        native_decode(lib, q, [k], [k], 1, torch.tensor([[0, 1]]), torch.tensor([10]), 1.0)
+    with pytest.raises(ValueError, match="contiguous"):
+        native_decode(lib, q, [k.transpose(0, 1)], [k], 0, torch.tensor([[0, 1]]), torch.tensor([10]), 1.0)
+
+
+class QuantDense:
+    """Dense, unbatched reference: every key and value passes through the codec, then causal
+    attention over all of them."""
+
+    def __init__(self, codec, scale):
+        self.codec, self.scale = codec, scale
+
+    def attend(self, layer, q, k, v, q_rows=None):
+        rt = lambda x: roundtrip(self.codec, x[0].transpose(0, 1)).transpose(0, 1)[None]  # noqa: E731
+        T = k.shape[2]
+        mask = torch.ones(T, T, dtype=torch.bool).tril()[None, None]
+        return attention(q, rt(k), rt(v), mask, self.scale)
+
+
+def dense_greedy(lm, codec_name, prompt, n):
+    codec = KV_CODECS.get(codec_name)(lm.model.dtype, lm.model.cfg.head_dim)
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            pos = torch.arange(len(ids))[None]
+            logits = lm.model(torch.tensor([ids]), pos, QuantDense(codec, lm.model.attn_scale))
+            ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    return load(tiny_llama_dir)
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+@pytest.mark.parametrize("settings", [dict(max_num_batched_tokens=16, block_size=8),
+                                      dict(max_num_batched_tokens=64, block_size=16),
+                                      dict(max_num_batched_tokens=512, block_size=8, enable_prefix_caching=False),
+                                      dict(max_num_batched_tokens=64, block_size=8, native_kernels=False)])
+def test_quantized_engine_equals_dense_reference(tiny, name, settings):
+    prompts = make_prompts(6, seed=7)
+    p = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    llm = LLM(tiny, kv_cache_dtype=name, **settings)
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, p, use_tqdm=False)]
+    want = [dense_greedy(tiny, name, pr, 8) for pr in prompts]
+    assert got == want
+    assert llm.engine.pool.num_free() == llm.engine.pool.num_blocks
+
+
+def test_kv_bytes_follow_the_codec(tiny):
+    c = tiny.model.cfg
+    d, H, L = c.head_dim, c.num_kv_heads, c.num_layers
+    for name, per_head in [("auto", 4 * d), ("bfloat16", 2 * d), ("int8", d + 2), ("int4", d // 2 + 4 * d // 16)]:
+        eng = LLM(tiny, kv_cache_dtype=name, block_size=8).engine
+        assert eng.bytes_per_block == 2 * L * 8 * H * per_head, name
+
+
+def test_unknown_codec_lists_the_valid_ones(tiny):
+    with pytest.raises(SlimLMError, match="known: auto, bfloat16, float16, float32, int4, int8"):
+        LLM(tiny, kv_cache_dtype="int3")

@@ -1,0 +1,175 @@
+"""H2O inside continuous batching: its choice of tokens, its memory, and exact agreement with a
+dense, unbatched implementation of the same method fed the same chunks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slimlm import LLM, SamplingParams
+from slimlm.errors import SlimLMError
+from slimlm.kvcache.policy import KV_POLICIES
+from slimlm.kvcache.policy.h2o import H2OPolicy
+from slimlm.model.hub import load
+from slimlm.model.rope import apply_rope
+from tests.engine.test_engine import make_prompts
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    return load(tiny_llama_dir)
+
+
+def test_select_keeps_recent_window_and_heaviest_per_head():
+    pol = H2OPolicy(budget=6, recent_ratio=0.5, min_tokens=1)
+    mass = torch.zeros(1, 2, 12)
+    mass[0, 0, [1, 4, 7]] = torch.tensor([5.0, 3.0, 4.0])
+    mass[0, 1, [0, 2, 3]] = torch.tensor([1.0, 2.0, 2.5])
+    mass[0, :, 9:] = 100.0  # recent tokens are kept anyway, whatever their mass
+    keep = pol.select(mass, 12, 6)
+    assert keep[0, 0].tolist() == [1, 4, 7, 9, 10, 11]
+    assert keep[0, 1].tolist() == [0, 2, 3, 9, 10, 11]
+    shared = H2OPolicy(budget=6, recent_ratio=0.5, min_tokens=1, per_head=False).select(mass, 12, 6)
+    assert torch.equal(shared[0, 0], shared[0, 1]) and shared[0, 0].tolist() == [1, 4, 7, 9, 10, 11]
+
+
+def test_budget_fraction_and_count():
+    assert H2OPolicy(budget=0.2, min_tokens=8).budget(100) == 20
+    assert H2OPolicy(budget=0.2, min_tokens=32).budget(100) == 32
+    assert H2OPolicy(budget=0.2, min_tokens=32).budget(20) == 20
+    assert H2OPolicy(budget=50, min_tokens=8).budget(1000) == 50
+
+
+@pytest.mark.parametrize("args,msg", [({"budget": 0.0}, "in \\(0, 1\\]"), ({"budget": 1.5}, "in \\(0, 1\\]"),
+                                      ({"budget": 8}, "below min_tokens"), ({"budget": "x"}, "fraction"),
+                                      ({"recent_ratio": 2}, "recent_ratio")])
+def test_bad_arguments_are_refused(tiny, args, msg):
+    with pytest.raises((ValueError, SlimLMError), match=msg):
+        LLM(tiny, kv_policy="h2o", kv_policy_args=args)
+
+
+class DenseH2O:
+    """One sequence, no paging: stored K/V/mass per layer as (Hkv, S, d) tensors, attention by
+    explicit softmax, compaction by the policy after every chunk: H2O as the paper writes it,
+    fed the same chunks the engine scheduled."""
+
+    def __init__(self, lm, policy, block_size):
+        self.lm, self.policy, self.bs = lm, policy, block_size
+        m = lm.model
+        L, H, d = m.cfg.num_layers, m.cfg.num_kv_heads, m.cfg.head_dim
+        self.K = [torch.zeros(H, 0, d) for _ in range(L)]
+        self.V = [torch.zeros(H, 0, d) for _ in range(L)]
+        self.M = [torch.zeros(H, 0) for _ in range(L)]
+        self.seen = 0
+
+    @torch.no_grad()
+    def chunk(self, tokens: list[int]) -> torch.Tensor:
+        m = self.lm.model
+        cfg = m.cfg
+        T, d, G = len(tokens), cfg.head_dim, cfg.num_heads // cfg.num_kv_heads
+        pos = torch.arange(self.seen, self.seen + T)[None]
+        h = m.embed(torch.tensor([tokens]))
+        cos, sin = m.rotary(pos, h.dtype)
+        for i, layer in enumerate(m.model.layers):
+            att = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = apply_rope(att.q_proj(x).view(1, T, -1, d).transpose(1, 2), cos, sin)[0]  # (Hq, T, d)
+            k = apply_rope(att.k_proj(x).view(1, T, -1, d).transpose(1, 2), cos, sin)[0]  # (Hkv, T, d)
+            v = att.v_proj(x).view(1, T, -1, d).transpose(1, 2)[0]
+            K, V = torch.cat([self.K[i], k], 1), torch.cat([self.V[i], v], 1)
+            S = K.shape[1]
+            mask = torch.ones(T, S, dtype=torch.bool)
+            mask[:, S - T:] = torch.ones(T, T, dtype=torch.bool).tril()
+            s = (q @ K.repeat_interleave(G, 0).transpose(-1, -2)) * m.attn_scale  # (Hq, T, S)
+            p = s.masked_fill(~mask, float("-inf")).softmax(-1)
+            out = p @ V.repeat_interleave(G, 0)  # (Hq, T, d)
+            self.M[i] = torch.cat([self.M[i], torch.zeros(K.shape[0], T)], 1) + p.view(-1, G, T, S).sum((1, 2))
+            self.K[i], self.V[i] = K, V
+            h = h + att.o_proj(out.transpose(0, 1).reshape(1, T, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        self.seen += T
+        S = self.K[0].shape[1]
+        keep = self.policy.budget(self.seen)
+        if S > keep + self.policy.slack(self.bs):
+            idx = self.policy.select(torch.stack(self.M), S, keep)  # (L, H, keep)
+            for i in range(len(self.K)):
+                gi = idx[i]
+                self.K[i] = torch.gather(self.K[i], 1, gi[..., None].expand(-1, -1, d))
+                self.V[i] = torch.gather(self.V[i], 1, gi[..., None].expand(-1, -1, d))
+                self.M[i] = torch.gather(self.M[i], 1, gi)
+        return m.head(h[:, -1:])[0, -1]
+
+
+def engine_chunks(llm, prompts, params):
+    """Run the engine, recording the chunk lengths each sequence was given."""
+    eng = llm.engine
+    real = eng.runner.execute
+    log: dict[int, list[int]] = {}
+
+    def spy(out):
+        for c in out.chunks:
+            log.setdefault(c.seq_id, []).append(len(c.token_ids))
+        return real(out)
+
+    eng.runner.execute = spy
+    rids = [eng.add_request(p, params) for p in prompts]
+    outs, peak = {}, 0
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.finished:
+                outs[o.request_id] = o
+        peak = max(peak, eng.pool.num_used())
+    seq_of = {rid: outs[rid] for rid in rids}
+    return [seq_of[r] for r in rids], log, peak
+
+
+@pytest.mark.parametrize("settings", [dict(max_num_batched_tokens=16, block_size=8),
+                                      dict(max_num_batched_tokens=64, block_size=16),
+                                      dict(max_num_batched_tokens=512, block_size=8, native_kernels=False)])
+def test_engine_equals_dense_h2o_on_the_same_chunks(tiny, settings):
+    prompts = [(p * 3)[:200] for p in make_prompts(5, seed=12)]  # 60-200 tokens
+    args = {"budget": 0.3, "min_tokens": 16}
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    llm = LLM(tiny, kv_policy="h2o", kv_policy_args=args, **settings)
+    eng = llm.engine
+    by_seq_before = set()
+    outs, log, peak = engine_chunks(llm, prompts, params)
+    assert eng.pool.num_free() == eng.pool.num_blocks
+    seq_ids = sorted(log)  # sequences were created in prompt order
+    for prompt, out, sid in zip(prompts, outs, seq_ids):
+        ref = DenseH2O(tiny, KV_POLICIES.get("h2o")(**args), settings["block_size"])
+        ids, pos, got = list(prompt), 0, []
+        for n in log[sid]:
+            logits = ref.chunk(ids[pos : pos + n])
+            pos += n
+            if pos == len(ids):
+                ids.append(int(logits.argmax()))
+                got.append(ids[-1])
+        assert got[: len(out.outputs[0].token_ids)] == out.outputs[0].token_ids
+    del by_seq_before
+
+
+def test_memory_is_given_back(tiny):
+    """A fixed budget bounds each sequence's blocks whatever its length; the pool's peak
+    follows the budget, not the prompts."""
+    prompts = [(p * 4)[:200] for p in make_prompts(6, seed=13)]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    full = LLM(tiny, block_size=8, max_num_batched_tokens=32)
+    _, _, peak_full = engine_chunks(full, prompts, params)
+    h2o = LLM(tiny, kv_policy="h2o", kv_policy_args={"budget": 32, "min_tokens": 16}, block_size=8,
+              max_num_batched_tokens=32)
+    outs, _, peak = engine_chunks(h2o, prompts, params)
+    assert all(len(o.outputs[0].token_ids) == 40 for o in outs)
+    bound = h2o.engine.policy.max_blocks(32, 8)
+    assert peak <= len(prompts) * bound < peak_full
+    assert max(o.metrics.kv_peak_bytes for o in outs) <= bound * h2o.engine.bytes_per_block
+    assert h2o.engine.stats["kv_peak_bytes"] == peak * h2o.engine.bytes_per_block
+
+
+def test_token_policies_refuse_sliding_windows(tmp_path):
+    from tests.conftest import make_hf_model
+
+    make_hf_model(tmp_path, "mistral", sliding_window=32)
+    with pytest.raises(SlimLMError, match="sliding-window"):
+        LLM(load(tmp_path), kv_policy="h2o")
