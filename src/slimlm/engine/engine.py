@@ -40,8 +40,10 @@ class LLMEngine:
             raise SlimLMError(f"kv_policy={config.kv_policy!r} compacts tokens, which sliding-window layers "
                               "cannot follow (their masks need positions); use a model without sliding windows")
         span = self.policy.span() if self.policy else AttentionSpan()
-        # a compacted sequence's blocks no longer hold its prefix: token policies share nothing
-        prefix_caching = config.enable_prefix_caching and not token_policy
+        self.hooks = [LAYER_HOOKS.get(h)(**config.hook_args.get(h, {})) for h in config.hooks]
+        # a compacted sequence's blocks no longer hold its prefix, and some hooks make a
+        # prefix's KV depend on what follows it: then no prefix is shared
+        prefix_caching = config.enable_prefix_caching and not token_policy and all(h.prefix_exact for h in self.hooks)
         per_block = self.spec.bytes_per_block(config.block_size)
         self.bytes_per_block = per_block
         kv_bytes = config.kv_cache_bytes or default_kv_bytes(config.device)
@@ -58,7 +60,6 @@ class LLMEngine:
         track = token_policy and self.policy.observe_attention
         self.cache = PagedKVCache(self.spec, num_blocks, config.block_size, self.model.device, track_attention=track)
         paths = AttentionPaths.choose(self.cache, cfg.head_dim, span, track, config.native_kernels)
-        self.hooks = [LAYER_HOOKS.get(h)(**config.hook_args.get(h, {})) for h in config.hooks]
         self.runner = ModelRunner(self.model, self.cache, paths, self.hooks)
         if self.proposer is not None:
             self.runner.capture |= set(self.proposer.hidden_layers())

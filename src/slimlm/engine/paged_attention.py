@@ -130,6 +130,9 @@ class PrefillSegment:
     """(T, T) bool ancestor mask among the chunk's own tokens (speculative tree), or None."""
     kv_start: int = 0
     """Storage index of the chunk's first token (the keys before it are its context)."""
+    key_rows: slice | None = None
+    """The whole chunk's rows, whose new keys it attends when ``blocks`` is None (``rows``
+    unless a layer plan dropped queries)."""
     parts: list[tuple[int, int, int]] = field(default=None)  # type: ignore[assignment]
     """(first, end) query rows of each block and how many keys it needs (a prefix of the keys)."""
 
@@ -146,7 +149,8 @@ class PrefillSegment:
         rows = self.rows
         base = torch.arange(rows.start, rows.stop, device=local.device) if isinstance(rows, slice) else rows
         tree = self.tree[local] if self.tree is not None else None
-        return PrefillSegment(base[local], self.q_pos[:, local], self.blocks, self.k_pos, None, tree, self.kv_start)
+        return PrefillSegment(base[local], self.q_pos[:, local], self.blocks, self.k_pos, None, tree, self.kv_start,
+                              self.key_rows or self.rows)
 
 
 @dataclass
@@ -329,9 +333,10 @@ class PagedAttention:
         qs = (q_full[rows] if isinstance(rows, slice) else q_full.index_select(0, rows)).transpose(0, 1)[None]
         key_slots = None
         if p.blocks is None:  # the chunk is all its context: its own new keys
-            ks, vs = k[:, :, rows], v[:, :, rows]
+            kr = p.key_rows or rows
+            ks, vs = k[:, :, kr], v[:, :, kr]
             if self.paths.track_mass:
-                key_slots = self.slots[rows][None]
+                key_slots = self.slots[kr][None]
         else:
             n = p.blocks.numel()
             ks = cache.gather("k", layer, p.blocks).view(1, n * bs, hkv, d).transpose(1, 2)

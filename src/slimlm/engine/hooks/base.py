@@ -17,6 +17,7 @@ tests/engine/test_hooks.py runs every registered hook.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -52,6 +53,12 @@ class StepInfo:
 
 
 class LayerHook:
+    prefix_exact: ClassVar[bool] = True
+    """Whether the KV a sequence computes stays a function of its tokens alone. A hook whose
+    plan depends on more (LazyLLM ranks a prompt's tokens against its last one; FFN skipping
+    treats prompt and generated tokens differently) sets False, and the engine then shares no
+    prefix blocks, since another request's cached prefix would differ from its own."""
+
     def bind(self, model: CausalLM) -> None:
         """Called once when the engine starts, with the model the hook will see."""
 

@@ -19,6 +19,8 @@ from slimlm.model.transformer import RowPlan
 @LAYER_HOOKS.register("ffn_skip")
 @dataclass
 class FFNSkip(LayerHook):
+    prefix_exact = False
+
     layers: list[int] = field(default_factory=list)
     """Layers whose MLP generated tokens skip."""
 

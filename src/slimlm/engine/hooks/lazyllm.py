@@ -30,6 +30,8 @@ from slimlm.model.transformer import CausalLM, RowPlan
 @LAYER_HOOKS.register("lazyllm")
 @dataclass
 class LazyLLM(LayerHook):
+    prefix_exact = False
+
     layers: list[float] = field(default_factory=lambda: [1 / 3, 2 / 3])
     """Pruning layers, as fractions of the depth (floats in (0, 1)) or layer indices (ints)."""
     keep: list[float] = field(default_factory=lambda: [0.5, 0.25])
