@@ -38,6 +38,8 @@ class RequestOutput:
     num_cached_tokens: int = 0
     prompt_logprobs: list[dict[int, float] | None] | None = None
     """Per prompt token: {token: logprob} of it (and the top-k) given what precedes it."""
+    error: str | None = None
+    """Set when this request failed on its own (e.g. its sampling); the others went on."""
 
 
 class Sequence:
@@ -95,10 +97,11 @@ class Request:
     arrival: int
     seqs: list[Sequence] = field(default_factory=list)
     num_cached_tokens: int = 0
+    error: str | None = None
 
     @property
     def finished(self) -> bool:
-        return len(self.seqs) == self.params.n and all(s.finished for s in self.seqs)
+        return self.error is not None or (len(self.seqs) == self.params.n and all(s.finished for s in self.seqs))
 
     def output(self) -> RequestOutput:
         outs = [
@@ -107,4 +110,4 @@ class Request:
         ]
         first = self.seqs[0] if self.seqs else None
         return RequestOutput(self.request_id, self.prompt, self.prompt_ids, outs, self.finished,
-                             self.num_cached_tokens, first.prompt_logprobs if first else None)
+                             self.num_cached_tokens, first.prompt_logprobs if first else None, self.error)
