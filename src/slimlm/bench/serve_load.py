@@ -5,9 +5,9 @@ clients (httpx, streaming chat completions) that each send requests back to back
 deadline, then waits (bounded) for the streams in flight. Reports completed and failed
 requests, incomplete streams, generated tokens/s and time-to-first-token percentiles.
 
-Adversarial mix (``abusive_share`` > 0): the run alternates windows of normal clients alone
-and windows where that share of the clients instead sends malformed and abusive requests back
-to back (poisoned sampling values, huge ``n``, oversized and pathological bodies, bad Unicode,
+Adversarial mix (``abusive_share`` > 0): after a warm-up, the run alternates windows of the
+normal clients alone and windows where abusive clients join them (that share of all clients),
+sending malformed and abusive requests back to back (poisoned sampling values, huge ``n``, oversized and pathological bodies, bad Unicode,
 unsupported fields, forged control tokens, abandoned requests). It reports the normal requests'
 completed / failed counts and TTFT p50 / p99 in both kinds of window, what the abusive requests
 got back, the server's RSS before and after, and the KV blocks in use at the end (must be 0).
@@ -163,9 +163,12 @@ async def _abuser(i: int, url: str, model: str, deadline: float, stats: dict) ->
 
 
 async def _drive_adversarial(url: str, model: str, clients: int, seconds: float, max_tokens: int,
-                             share: float, windows: int) -> dict:
-    """Alternate windows: all clients normal / ``share`` of them abusive."""
-    n_bad = max(1, round(clients * share))
+                             share: float, windows: int, pid: int | None = None) -> dict:
+    """After a discarded warm-up, alternate windows: ``clients`` normal clients alone / the same
+    normal clients plus abusive ones making up ``share`` of all clients."""
+    n_bad = max(1, round(clients * share / (1 - share)))
+    await _drive(url, model, clients, min(5.0, seconds / 4), max_tokens)  # warm-up, not counted
+    rss0 = _rss_bytes(pid) if pid else None
     normal = {"clean": _new_stats(), "mixed": _new_stats()}
     abuse = {"sent": 0, "abandoned": 0, "errors": []}
     wall = {"clean": 0.0, "mixed": 0.0}
@@ -174,13 +177,12 @@ async def _drive_adversarial(url: str, model: str, clients: int, seconds: float,
         kind = "clean" if w % 2 == 0 else "mixed"
         t0 = time.perf_counter()
         deadline = t0 + span
-        good = clients if kind == "clean" else clients - n_bad
-        tasks = [_client(i, url, model, deadline, max_tokens, normal[kind]) for i in range(good)]
+        tasks = [_client(i, url, model, deadline, max_tokens, normal[kind]) for i in range(clients)]
         if kind == "mixed":
             tasks += [_abuser(j, url, model, deadline, abuse) for j in range(n_bad)]
         await asyncio.gather(*tasks)
         wall[kind] += time.perf_counter() - t0
-    return {"normal": normal, "abusive": abuse, "wall": wall, "abusive_clients": n_bad}
+    return {"normal": normal, "abusive": abuse, "wall": wall, "abusive_clients": n_bad, "rss0": rss0}
 
 
 def _rss_bytes(pid: int) -> int | None:
@@ -198,7 +200,10 @@ def run(model: str, clients: int = 64, seconds: float = 60, max_tokens: int = 64
         engine_args: list[str] | None = None, log=print, abusive_share: float = 0.0,
         windows: int = 2) -> dict[str, Any]:
     from slimlm.bench.machine import machine_info
+    from slimlm.errors import SlimLMError
 
+    if not 0 <= abusive_share < 1:
+        raise SlimLMError(f"--abusive-share must be in [0, 1), got {abusive_share}")
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "slimlm.cli", "serve", "--model", model, "--port", str(port),
@@ -222,11 +227,11 @@ def run(model: str, clients: int = 64, seconds: float = 60, max_tokens: int = 64
             time.sleep(0.5)
         log(f"server up on {url}; {clients} clients for {seconds:.0f} s")
         if abusive_share > 0:
-            rss0 = _rss_bytes(proc.pid)
-            adv = asyncio.run(_drive_adversarial(url, model, clients, seconds, max_tokens, abusive_share, windows))
+            adv = asyncio.run(_drive_adversarial(url, model, clients, seconds, max_tokens, abusive_share, windows,
+                                                 proc.pid))
             metrics = _settled_metrics(url)
             return _adversarial_report(model, clients, seconds, max_tokens, engine_args, threads, abusive_share,
-                                       adv, rss0, _rss_bytes(proc.pid), metrics)
+                                       adv, adv["rss0"], _rss_bytes(proc.pid), metrics)
         stats = asyncio.run(_drive(url, model, clients, seconds, max_tokens))
         metrics = httpx.get(url + "/metrics", timeout=10).text
     finally:
@@ -308,8 +313,8 @@ def adversarial_table(r: dict[str, Any]) -> str:
     a = r["abusive"]
     mb = lambda b: f"{b / 2**20:.0f} MiB" if b else "?"  # noqa: E731
     rows = [
-        f"abusive share: {r['settings']['abusive_share']:.0%} of {r['settings']['clients']} clients "
-        f"({r['settings']['abusive_clients']} abusive)",
+        f"abusive share: {r['settings']['abusive_share']:.0%}: {r['settings']['clients']} normal clients, "
+        f"+{r['settings']['abusive_clients']} abusive in the mixed windows",
         "| window | normal completed | normal failed | incomplete | generated tok/s | TTFT p50 | TTFT p99 |",
         "|---|---|---|---|---|---|---|",
     ]

@@ -397,7 +397,7 @@ def build_app(engine, model_name: str, config: ServeConfig | None = None, *, api
         else:
             prompt_ids = list(prompt)
         request.scope["state"]["access"]["prompt_tokens"] = len(prompt_ids)
-        params = make_params(request, body, prompt_ids, body.logprobs, "prompt")
+        params = await asyncio.to_thread(make_params, request, body, prompt_ids, body.logprobs, "prompt")
         return await respond(request, body, prompt_ids, params, chat=False)
 
     @app.post("/v1/chat/completions")
@@ -413,7 +413,7 @@ def build_app(engine, model_name: str, config: ServeConfig | None = None, *, api
             raise APIError(400, f"chat template failed: {e}", param="messages") from None
         request.scope["state"]["access"]["prompt_tokens"] = len(prompt_ids)
         k = body.top_logprobs or 0
-        params = make_params(request, body, prompt_ids, k if body.logprobs else None, "messages")
+        params = await asyncio.to_thread(make_params, request, body, prompt_ids, k if body.logprobs else None, "messages")
         return await respond(request, body, prompt_ids, params, chat=True, top_k_lp=k)
 
     return app
