@@ -405,3 +405,17 @@ def test_access_log_line_per_request(server, caplog):
 def test_the_server_is_idle_after_all_that(server):
     assert kv_idle(server.engine)
     assert httpx.get(server.url + "/v1/models", headers=AUTH).status_code == 200
+
+
+def test_periodic_stats_line(tiny, caplog):
+    s = Server(new_engine(tiny), stats_interval_s=0.05)
+    try:
+        with caplog.at_level(logging.INFO, logger="slimlm.serve"):
+            s.engine.runner.hooks.append(Slow(0.02))
+            assert s.post("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 10,
+                                              "ignore_eos": True}).status_code == 200
+            time.sleep(0.2)
+        stats = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stats: ")]
+        assert stats and "KV " in stats[0] and "generation" in stats[0] and "tok/s" in stats[0]
+    finally:
+        s.stop()
