@@ -162,26 +162,54 @@ async def _abuser(i: int, url: str, model: str, deadline: float, stats: dict) ->
                     stats["errors"].append(f"{kind}: {type(e).__name__}")
 
 
+def _abuse_window(url: str, model: str, n_bad: int, seconds: float) -> dict:
+    """One mixed window's abusive clients, in their own process (so their client-side work, e.g.
+    building a 5 MiB body, does not delay the normal clients' event loop and their TTFT)."""
+    stats: dict[str, Any] = {"sent": 0, "abandoned": 0, "errors": []}
+
+    async def go():
+        deadline = time.perf_counter() + seconds
+        await asyncio.gather(*(_abuser(j, url, model, deadline, stats) for j in range(n_bad)))
+
+    asyncio.run(go())
+    return stats
+
+
+def _merge(into: dict, part: dict) -> None:
+    for k, v in part.items():
+        into[k] = into.get(k, [] if isinstance(v, list) else 0) + v
+
+
 async def _drive_adversarial(url: str, model: str, clients: int, seconds: float, max_tokens: int,
                              share: float, windows: int, pid: int | None = None) -> dict:
     """After a discarded warm-up, alternate windows: ``clients`` normal clients alone / the same
     normal clients plus abusive ones making up ``share`` of all clients."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     n_bad = max(1, round(clients * share / (1 - share)))
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(pool, _rss_bytes, 0)  # start the worker before measuring
     await _drive(url, model, clients, min(5.0, seconds / 4), max_tokens)  # warm-up, not counted
     rss0 = _rss_bytes(pid) if pid else None
     normal = {"clean": _new_stats(), "mixed": _new_stats()}
     abuse = {"sent": 0, "abandoned": 0, "errors": []}
     wall = {"clean": 0.0, "mixed": 0.0}
     span = seconds / (2 * windows)
-    for w in range(2 * windows):
-        kind = "clean" if w % 2 == 0 else "mixed"
-        t0 = time.perf_counter()
-        deadline = t0 + span
-        tasks = [_client(i, url, model, deadline, max_tokens, normal[kind]) for i in range(clients)]
-        if kind == "mixed":
-            tasks += [_abuser(j, url, model, deadline, abuse) for j in range(n_bad)]
-        await asyncio.gather(*tasks)
-        wall[kind] += time.perf_counter() - t0
+    try:
+        for w in range(2 * windows):
+            kind = "clean" if w % 2 == 0 else "mixed"
+            t0 = time.perf_counter()
+            deadline = t0 + span
+            tasks = [_client(i, url, model, deadline, max_tokens, normal[kind]) for i in range(clients)]
+            bad = loop.run_in_executor(pool, _abuse_window, url, model, n_bad, span) if kind == "mixed" else None
+            await asyncio.gather(*tasks)
+            if bad is not None:
+                _merge(abuse, await bad)
+            wall[kind] += time.perf_counter() - t0
+    finally:
+        pool.shutdown()
     return {"normal": normal, "abusive": abuse, "wall": wall, "abusive_clients": n_bad, "rss0": rss0}
 
 
