@@ -183,3 +183,24 @@ def test_n_counts_in_the_kv_check(tiny):
     if eng._blocks_needed(40, big) > eng.pool.num_blocks:
         with pytest.raises(ValueError, match="x n"):
             eng.validate([5] * 40, big)
+
+
+def test_an_unexpected_sampling_error_fails_only_its_request(tiny, monkeypatch):
+    import slimlm.engine.engine as engine_mod
+
+    real = engine_mod.sample_next
+
+    def flaky(logits, samplers):
+        if any(s.params.seed == 666 for s in samplers):
+            raise RuntimeError("boom")
+        return real(logits, samplers)
+
+    monkeypatch.setattr(engine_mod, "sample_next", flaky)
+    p = [7, 8, 9, 10, 11]
+    eng = engine(tiny)
+    good = eng.add_request(p, SamplingParams(temperature=0, max_tokens=6))
+    bad = eng.add_request(p, SamplingParams(temperature=1.0, seed=666, max_tokens=6))
+    outs = run(eng)
+    assert "RuntimeError: boom" in outs[bad].error
+    assert outs[good].error is None and outs[good].outputs[0].token_ids == greedy_alone(tiny, p, 6)
+    assert eng.pool.num_used() == 0 and not eng.requests

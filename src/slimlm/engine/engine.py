@@ -231,8 +231,10 @@ class LLMEngine:
                 return plain, toks, lps
             except SamplingError as e:
                 bad = {plain[i][0].request.request_id: plain[i][0].request for i in e.rows}
-            except Exception as e:  # noqa: BLE001 - unknown: find the culprits row by row
-                bad = {}
+                why = "sampling failed: the distribution is not finite (temperature or penalties too extreme)"
+            except Exception as e:  # noqa: BLE001 - unknown: find the culprits row by row (this advances
+                bad = {}  # the others' generators once more: they stay valid, not batch-independent)
+                why = f"sampling failed: {type(e).__name__}: {e}"
                 for seq, row in plain:
                     try:
                         sample_next(row[None], [seq.sampler])
@@ -242,8 +244,7 @@ class LLMEngine:
                 if not bad:
                     raise e
             for rid, req in bad.items():
-                failed[rid] = self._fail(req, "sampling failed: the distribution is not finite "
-                                              "(temperature or penalties too extreme for this model)")
+                failed[rid] = self._fail(req, why)
             plain = [(s, r) for s, r in plain if s.request.request_id not in bad]
         return [], [], []
 
