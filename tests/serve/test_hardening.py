@@ -243,7 +243,9 @@ def test_an_oversized_body_gets_413_and_health_stays_fast(server):
     def chunks():  # no Content-Length: counted as it arrives
         for _ in range(40):
             yield b" " * (16 << 10)
-    r = httpx.post(server.url + "/v1/chat/completions", content=chunks(), headers={**AUTH, "Content-Type": "application/json"})
+
+    r = httpx.post(server.url + "/v1/chat/completions", content=chunks(),
+                   headers={**AUTH, "Content-Type": "application/json"})
     assert_error(r, 413)
     t0 = time.perf_counter()
     assert httpx.get(server.url + "/health").status_code == 200

@@ -62,7 +62,7 @@ class Sequence:
         self.stop = StopChecker(request.params.stop, request.params.include_stop_str_in_output)
         self.text = ""
         self.visible = 0  # characters of text released (stop strings may hold some back)
-        self.block_hashes: list[int] | None = None  # filled lazily by the scheduler
+        self.block_hashes: list[bytes] | None = None  # filled lazily by the scheduler (sha256 chain keys)
         self.draft_ids: list[int] = []  # speculative tokens proposed for the next step
         self.draft_probs = None  # (k, V) draft distribution for sampled requests
 

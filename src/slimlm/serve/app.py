@@ -413,7 +413,8 @@ def build_app(engine, model_name: str, config: ServeConfig | None = None, *, api
             raise APIError(400, f"chat template failed: {e}", param="messages") from None
         request.scope["state"]["access"]["prompt_tokens"] = len(prompt_ids)
         k = body.top_logprobs or 0
-        params = await asyncio.to_thread(make_params, request, body, prompt_ids, k if body.logprobs else None, "messages")
+        lp = k if body.logprobs else None
+        params = await asyncio.to_thread(make_params, request, body, prompt_ids, lp, "messages")
         return await respond(request, body, prompt_ids, params, chat=True, top_k_lp=k)
 
     return app
