@@ -9,8 +9,9 @@ Adversarial mix (``abusive_share`` > 0): after a warm-up, the run alternates win
 normal clients alone and windows where abusive clients join them (that share of all clients),
 sending malformed and abusive requests back to back (poisoned sampling values, huge ``n``,
 oversized and pathological bodies, bad Unicode, unsupported fields, forged control tokens,
-abandoned requests). It reports the normal requests' completed / failed counts and TTFT p50 / p99 in both kinds of window, what the abusive requests
-got back, the server's RSS before and after, and the KV blocks in use at the end (must be 0).
+abandoned requests). It reports the normal requests' completed / failed counts and TTFT
+p50 / p99 in both kinds of window, what the abusive requests got back, the server's RSS before
+and after, and the KV blocks in use at the end (must be 0).
 """
 
 from __future__ import annotations
