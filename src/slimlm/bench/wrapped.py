@@ -56,6 +56,8 @@ class Serve(Scenario):
     def add_args(cls, g) -> None:
         g.add_argument("--clients", type=int, default=64, help="serve: concurrent streaming clients")
         g.add_argument("--seconds", type=float, default=60, help="serve: how long clients keep sending")
+        g.add_argument("--abusive-share", type=float, default=0.0,
+                       help="serve: share of clients sending malformed / abusive requests (adversarial mix)")
 
     def run(self, a, s: BenchSettings) -> dict[str, Any]:
         from slimlm.bench import serve_load
@@ -67,7 +69,8 @@ class Serve(Scenario):
             flags += ["--kv-policy", a.kv_policy]
         busy = cpu_busy()
         report = serve_load.run(s.model, clients=a.clients, seconds=a.seconds, max_tokens=resolve(a.max_tokens, 128),
-                                threads=s.threads, engine_args=flags, log=s.log)
+                                threads=s.threads, engine_args=flags, log=s.log,
+                                abusive_share=getattr(a, "abusive_share", 0.0))
         busy_warning(report, [busy], s.log)
         return report
 

@@ -13,8 +13,8 @@ from slimlm.engine.hooks import LAYER_HOOKS
 from slimlm.engine.paged_attention import AttentionPaths
 from slimlm.engine.params import SamplingParams
 from slimlm.engine.request import Request, RequestOutput, Sequence, SeqStatus
-from slimlm.engine.runner import ModelRunner, RunnerOutput
-from slimlm.engine.sampling import SequenceSampler, sample_next
+from slimlm.engine.runner import ModelRunner
+from slimlm.engine.sampling import SamplingError, SequenceSampler, sample_next
 from slimlm.engine.scheduler import Scheduler
 from slimlm.engine.spec import SPEC_METHODS, Proposer, ProposerContext
 from slimlm.errors import SlimLMError
@@ -101,6 +101,8 @@ class LLMEngine:
         vocab = self.model.cfg.vocab_size
         if any(t < 0 or t >= vocab for t in ids):
             raise ValueError(f"prompt has token ids outside the vocabulary [0, {vocab})")
+        if params.top_k > vocab:
+            raise ValueError(f"top_k must be -1, 0 or at most the vocabulary size {vocab}, got {params.top_k}")
         bounded = self.policy is not None and self.policy.max_blocks(1, 1) is not None
         if not bounded and len(ids) >= self.context_length:
             raise ValueError(
@@ -110,17 +112,20 @@ class LLMEngine:
         need = self._blocks_needed(len(ids), params)
         if need > self.pool.num_blocks:
             raise ValueError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) needs {need} KV blocks; "
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens})"
+                f"{f' x n ({params.n})' if params.n > 1 else ''} needs {need} KV blocks; "
                 f"the pool has {self.pool.num_blocks} (raise kv_cache_bytes)"
             )
         return ids
 
     def _blocks_needed(self, prompt_len: int, params: SamplingParams) -> int:
         total = self.kv.blocks_for(prompt_len + params.max_tokens + 1)
+        per_fork = self.kv.blocks_for(params.max_tokens + 1) + 1  # n > 1: shared prompt, own outputs
         if self.policy is not None:
             bound = self.policy.max_blocks(self.config.max_num_batched_tokens, self.config.block_size)
-            total = min(total, bound) if bound is not None else total
-        return total
+            if bound is not None:
+                total, per_fork = min(total, bound), min(per_fork, bound)
+        return total + (params.n - 1) * per_fork
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
@@ -131,8 +136,9 @@ class LLMEngine:
             raise ValueError(f"request_id {rid!r} is already in use")
         req = Request(rid, prompt if isinstance(prompt, str) else None, ids, params, self.tokenizer,
                       next(self._arrival))
+        seq = self._new_seq(req, 0, list(ids))  # may raise: nothing is stored before this
         self.requests[rid] = req
-        self.scheduler.add(self._new_seq(req, 0, list(ids)))
+        self.scheduler.add(seq)
         self.stats["prompt_tokens"] += len(ids)
         return rid
 
@@ -140,6 +146,8 @@ class LLMEngine:
         sampler = SequenceSampler(req.params, req.prompt_ids, index, self.model.device)
         seq = Sequence(next(self._ids) + 1_000_000_000, req, index, token_ids, sampler)
         req.seqs.append(seq)
+        if req.params.cache_salt is not None:
+            self.kv.salts[seq.seq_id] = req.params.cache_salt
         return seq
 
     def abort(self, request_id: str) -> bool:
@@ -174,6 +182,7 @@ class LLMEngine:
             plen = seqs[c.seq_id].prompt_len
             self.stats["computed_prompt_tokens"] += max(0, min(plen, c.start + len(c.token_ids)) - c.start)
         accepted: dict[int, int] = {}
+        failed: dict[str, Request] = {}  # requests that failed this step (the others go on)
         new_tokens: dict[int, list[int]] = {}
         plain = []  # (seq, row) for ordinary sampling, batched
         forks = []
@@ -198,13 +207,18 @@ class LLMEngine:
                 plain.append((seq, rows[-1]))
                 if c.num_samples > 1:
                     req = seq.request
-                    for j in range(1, c.num_samples):
-                        child = self._new_seq(req, j, list(seq.token_ids))
-                        child.prompt_logprobs = seq.prompt_logprobs
-                        forks.append((seq, child))
-                        plain.append((child, rows[-1]))
+                    try:
+                        for j in range(1, c.num_samples):
+                            child = self._new_seq(req, j, list(seq.token_ids))
+                            child.prompt_logprobs = seq.prompt_logprobs
+                            forks.append((seq, child))
+                            plain.append((child, rows[-1]))
+                    except Exception as e:  # noqa: BLE001 - fails this request only
+                        failed[req.request_id] = self._fail(req, e)
+        plain = [(s, r) for s, r in plain if s.request.request_id not in failed]
+        forks = [(p, c) for p, c in forks if p.request.request_id not in failed]
         if plain:
-            toks, lps = sample_next(torch.stack([r for _, r in plain]), [s.sampler for s, _ in plain])
+            plain, toks, lps = self._sample_isolated(plain, failed)
             for (seq, _), t, lp in zip(plain, toks, lps):
                 new_tokens.setdefault(seq.seq_id, []).append((t, lp))
                 if seq.seq_id not in seqs:
@@ -224,10 +238,12 @@ class LLMEngine:
             else:
                 self.scheduler.add_running(child, copies)
         self._account_kv(out, seqs)
-        changed: dict[str, Request] = {}
+        changed: dict[str, Request] = dict(failed)
         now = time.time()
         for sid, toks in new_tokens.items():
             seq = seqs[sid]
+            if seq.finished:  # its request failed this step
+                continue
             m = seq.request.metrics
             m.first_token_time = m.first_token_time or now
             m.last_token_time = now
@@ -290,6 +306,43 @@ class LLMEngine:
                 n = len({b for s in live for b in self.kv.held_blocks(s.seq_id)})
             req.metrics.kv_peak_bytes = max(req.metrics.kv_peak_bytes, n * self.bytes_per_block)
 
+    # ------------------------------------------------------------------ failure isolation
+    def _sample_isolated(self, plain: list, failed: dict[str, Request]) -> tuple[list, list, list]:
+        """``sample_next`` over the batch; a row that cannot be sampled fails its own request and
+        the rest is sampled again (SamplingError is raised before any generator draws, so the
+        others sample exactly what they would alone)."""
+        while plain:
+            try:
+                toks, lps = sample_next(torch.stack([r for _, r in plain]), [s.sampler for s, _ in plain])
+                return plain, toks, lps
+            except SamplingError as e:
+                bad = {plain[i][0].request.request_id: plain[i][0].request for i in e.rows}
+                why = "sampling failed: the distribution is not finite (temperature or penalties too extreme)"
+            except Exception as e:  # noqa: BLE001 - unknown: find the culprits row by row (this advances
+                bad = {}  # the others' generators once more: they stay valid, not batch-independent)
+                why = f"sampling failed: {type(e).__name__}: {e}"
+                for seq, row in plain:
+                    try:
+                        sample_next(row[None], [seq.sampler])
+                        seq.sampler.output_ids.pop()
+                    except Exception:  # noqa: BLE001
+                        bad[seq.request.request_id] = seq.request
+                if not bad:
+                    raise e
+            for rid, req in bad.items():
+                failed[rid] = self._fail(req, why)
+            plain = [(s, r) for s, r in plain if s.request.request_id not in bad]
+        return [], [], []
+
+    def _fail(self, req: Request, err: Exception | str) -> Request:
+        """Fail one request: its sequences finish (KV freed), its output carries the error."""
+        req.error = str(err) or type(err).__name__
+        for s in req.seqs:
+            if not s.finished:
+                s.finish_reason = "error"
+                self._finish(s)
+        return req
+
     def _record_prompt_logprobs(self, seq: Sequence, start: int, tokens: list[int], rows: torch.Tensor) -> None:
         """Row i (position start + i) scores the prompt token at position start + i + 1."""
         from slimlm.engine.sampling import top_logprobs
@@ -337,5 +390,6 @@ class LLMEngine:
         self.scheduler.finish(seq)
         for h in self.hooks:
             h.release(seq.seq_id)
+        self.kv.salts.pop(seq.seq_id, None)
         if self.proposer is not None:
             self.proposer.release(seq)

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+"""OpenAI's ``seed`` is a 64-bit signed integer."""
+MAX_TEMPERATURE = 2.0
+"""OpenAI's limit on ``temperature``."""
+GREEDY_BELOW = 1e-5
+"""Temperatures below this are greedy (as vLLM): dividing logits by 1e-300 overflows to inf."""
+MAX_REPETITION_PENALTY = 100.0
+"""Repetition penalties are bounded so that penalised logits stay finite."""
 
 
 @dataclass
@@ -31,6 +41,9 @@ class SamplingParams:
     text (perplexity, multiple choice). Such requests do not read the prefix cache."""
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    cache_salt: str | None = None
+    """Prefix-cache isolation (as vLLM's ``cache_salt``): requests only share cached KV blocks with
+    requests that carry the same salt. The server sets it per API key and/or from the request."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -38,14 +51,26 @@ class SamplingParams:
         self.stop = [s for s in self.stop if s]
         if self.top_k == -1:
             self.top_k = 0
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+        for name in ("n", "max_tokens", "top_k", "seed", "logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise ValueError(f"{name} must be an integer, got {v!r}")
         checks = [
             ("n", self.n >= 1, "must be at least 1"),
             ("max_tokens", self.max_tokens >= 1, "must be at least 1"),
-            ("temperature", self.temperature >= 0, "must be non-negative"),
+            ("temperature", 0 <= self.temperature <= MAX_TEMPERATURE, f"must be in [0, {MAX_TEMPERATURE:g}]"),
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("top_k", self.top_k >= 0, "must be -1, 0 or positive"),
             ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
-            ("repetition_penalty", self.repetition_penalty > 0, "must be positive"),
+            ("repetition_penalty", 1 / MAX_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY,
+             f"must be in [{1 / MAX_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}]"),
+            ("seed", self.seed is None or SEED_MIN <= self.seed <= SEED_MAX,
+             f"must fit a 64-bit signed integer [{SEED_MIN}, {SEED_MAX}]"),
             ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in [0, 20]"),
@@ -58,4 +83,4 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW

@@ -62,6 +62,8 @@ class RequestOutput:
     prompt_logprobs: list[dict[int, float] | None] | None = None
     """Per prompt token: {token: logprob} of it (and the top-k) given what precedes it."""
     metrics: RequestMetrics | None = None
+    error: str | None = None
+    """Set when this request failed on its own (e.g. its sampling); the others went on."""
 
 
 class Sequence:
@@ -85,7 +87,7 @@ class Sequence:
         self.stop = StopChecker(request.params.stop, request.params.include_stop_str_in_output)
         self.text = ""
         self.visible = 0  # characters of text released (stop strings may hold some back)
-        self.block_hashes: list[int] | None = None  # filled lazily by the scheduler
+        self.block_hashes: list[bytes] | None = None  # filled lazily by the scheduler (sha256 chain keys)
         self.draft_ids: list[int] = []  # speculative tokens proposed for the next step
         self.draft_probs = None  # (k, V) draft distribution for sampled requests
         self.draft_parents: list[int] | None = None  # tree drafts: parent of each draft (-1 = last token)
@@ -127,10 +129,11 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     num_cached_tokens: int = 0
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.time()))
+    error: str | None = None
 
     @property
     def finished(self) -> bool:
-        return len(self.seqs) == self.params.n and all(s.finished for s in self.seqs)
+        return self.error is not None or (len(self.seqs) == self.params.n and all(s.finished for s in self.seqs))
 
     def output(self) -> RequestOutput:
         outs = [
@@ -139,4 +142,5 @@ class Request:
         ]
         first = self.seqs[0] if self.seqs else None
         return RequestOutput(self.request_id, self.prompt, self.prompt_ids, outs, self.finished,
-                             self.num_cached_tokens, first.prompt_logprobs if first else None, self.metrics)
+                             self.num_cached_tokens, first.prompt_logprobs if first else None, self.metrics,
+                             self.error)

@@ -10,6 +10,15 @@ from __future__ import annotations
 import torch
 
 
+class SamplingError(ValueError):
+    """Rows whose sampling distribution is not a finite probability vector. Raised before any
+    generator draws or any state changes, so the other rows can be sampled again unchanged."""
+
+    def __init__(self, rows: list[int]):
+        super().__init__(f"sampling distribution is not finite for rows {rows}")
+        self.rows = rows
+
+
 def apply_penalties(
     logits: torch.Tensor,
     seen: torch.Tensor,
@@ -132,7 +141,11 @@ def sample_next(
                 torch.tensor([samplers[i].params.top_p for i in sampled], device=dev),
                 torch.tensor([samplers[i].params.min_p for i in sampled], device=dev),
             )
-        tokens[idx] = draw(sub.softmax(-1), [samplers[i].generator for i in sampled])
+        probs = sub.softmax(-1)
+        bad = ~torch.isfinite(probs).all(-1) | ~(probs.sum(-1) > 0)  # (len(sampled),)
+        if bad.any():
+            raise SamplingError([sampled[i] for i in bad.nonzero()[:, 0].tolist()])
+        tokens[idx] = draw(probs, [samplers[i].generator for i in sampled])
     lps: list[dict[int, float] | None] = [None] * B
     if raw_logprobs is not None:
         for i, s in enumerate(samplers):

@@ -7,7 +7,7 @@ to ``EVICTED`` once a KV policy dropped it.
 
 from __future__ import annotations
 
-from slimlm.kvcache.block_pool import BlockPool, block_hashes
+from slimlm.kvcache.block_pool import BlockPool, block_contents, block_hashes, salt_key
 
 EVICTED = -1
 
@@ -20,6 +20,7 @@ class KVCacheManager:
         self._hashes: dict[int, list[int]] = {}
         self._registered: dict[int, int] = {}  # seq -> number of leading blocks already published
         self._lossy: set[int] = set()  # seqs whose later KV depends on evicted context
+        self.salts: dict[int, str] = {}  # seq -> prefix-cache salt (set by the engine per request)
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -34,22 +35,25 @@ class KVCacheManager:
         A sequence whose table holds only blocks matched earlier extends its match from there
         (a waiting sequence picks up what another one published meanwhile)."""
         table = self.table(seq_id)
-        hashes = block_hashes(token_ids, self.block_size)
+        salt = self.salts.get(seq_id)
+        hashes = block_hashes(token_ids, self.block_size, salt=salt)
         if len(hashes) * self.block_size == len(token_ids):
             hashes = hashes[:-1]  # a fully cached prompt recomputes its last block
-        for h in hashes[len(table):]:
-            b = self.pool.lookup(h)
+        contents = block_contents(token_ids, self.block_size, hashes, salt=salt)
+        for h, content in list(zip(hashes, contents))[len(table):]:
+            b = self.pool.lookup(h, content)
             if b is None:
                 break
             table.append(b)
         self._registered[seq_id] = len(table)
         return len(table) * self.block_size
 
-    def cached_prefix_tokens(self, token_ids: list[int]) -> int:
+    def cached_prefix_tokens(self, token_ids: list[int], salt: str | None = None) -> int:
         """Tokens of ``token_ids`` already in the prefix cache (no references taken)."""
         n = 0
-        for h in block_hashes(token_ids, self.block_size):
-            if not self.pool.is_cached(h):
+        hashes = block_hashes(token_ids, self.block_size, salt=salt)
+        for h, content in zip(hashes, block_contents(token_ids, self.block_size, hashes, salt=salt)):
+            if not self.pool.is_cached(h, content):
                 break
             n += self.block_size
         return n
@@ -64,12 +68,15 @@ class KVCacheManager:
         if full <= done:
             return
         hashes = self._hashes.setdefault(seq_id, [])
+        salt = self.salts.get(seq_id)
         if len(hashes) < full:
             parent = hashes[-1] if hashes else None
             hashes += block_hashes(token_ids[len(hashes) * self.block_size : full * self.block_size],
-                                   self.block_size, parent)
+                                   self.block_size, parent, salt)
+        root = salt_key(salt)
         for i in range(done, full):
-            self.pool.register(table[i], hashes[i])
+            content = (hashes[i - 1] if i else root, tuple(token_ids[i * self.block_size : (i + 1) * self.block_size]))
+            self.pool.register(table[i], hashes[i], content)
         self._registered[seq_id] = full
 
     # ------------------------------------------------------------------ allocation

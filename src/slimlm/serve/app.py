@@ -1,13 +1,15 @@
 """The OpenAI-compatible API: /v1/models, /v1/completions, /v1/chat/completions, /health, /metrics.
 
-Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``. A client that
-disconnects has its request aborted (its KV blocks return to the pool).
+Every error uses OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` with a 4xx for
+anything the client sent (bad JSON, bad Unicode, unsupported fields, limits). Parsing, the chat
+template and tokenization run off the event loop. A client that disconnects has its request
+aborted at the next engine step, streaming or not (its KV blocks return to the pool).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import hashlib
 import json
 import time
 import uuid
@@ -19,20 +21,26 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slimlm.engine.request import RequestOutput
-from slimlm.serve.async_engine import AsyncEngine, QueueFullError
+from slimlm.serve.async_engine import AsyncEngine, QueueFullError, RequestFailed, ServerShutdown
+from slimlm.serve.chat_input import ChatEncoder
+from slimlm.serve.config import ServeConfig
+from slimlm.serve.guard import Guard
 from slimlm.serve.metrics import Metrics
-from slimlm.serve.protocol import ChatCompletionRequest, CompletionRequest
+from slimlm.serve.protocol import ChatCompletionRequest, CompletionRequest, UnsupportedField
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
 
 
-def error_response(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None):
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status)
+def error_response(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None,
+                   headers=None):
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status,
+                        headers=headers)
 
 
 def _param_of(message: str) -> str | None:
@@ -40,96 +48,201 @@ def _param_of(message: str) -> str | None:
     return first if first.isidentifier() else None
 
 
-def build_app(engine, model_name: str, api_key: str | None = None, max_queue: int = 256,
-              default_max_tokens: int = 256) -> FastAPI:
+def _load_json(raw: bytes):
+    """Parse a body; APIError(400) for malformed JSON, pathological nesting or invalid Unicode."""
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        raise APIError(400, "the JSON body is nested too deeply", code="invalid_json") from None
+    except ValueError as e:  # includes bytes that are not UTF-8
+        raise APIError(400, f"malformed JSON body: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the JSON body must be an object", code="invalid_json")
+    try:  # JSON may spell lone surrogates ("\ud800"): not text any tokenizer can take
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, "the body contains invalid Unicode (a lone surrogate such as \\ud800)",
+                       code="invalid_unicode") from None
+    except RecursionError:
+        raise APIError(400, "the JSON body is nested too deeply", code="invalid_json") from None
+    return data
+
+
+class ServerState:
+    """What the process-level server (SIGTERM handling) needs to reach inside the app."""
+
+    def __init__(self):
+        self.engine: AsyncEngine | None = None
+        self.draining = False
+
+    def begin_shutdown(self) -> None:
+        self.draining = True
+
+    def drain(self) -> None:
+        if self.engine is not None:
+            self.engine.drain()
+
+
+def build_app(engine, model_name: str, config: ServeConfig | None = None, *, api_key: str | None = None,
+              **overrides) -> FastAPI:
+    """The FastAPI app over ``engine``. ``config`` (or its fields as keywords) sets the limits;
+    ``api_key`` is a shorthand for ``api_keys=[api_key]``."""
+    if config is None:
+        unknown = set(overrides) - set(ServeConfig.names())
+        if unknown:
+            raise ValueError(f"unknown server settings {sorted(unknown)}; valid: {ServeConfig.names()}")
+        if api_key:
+            overrides.setdefault("api_keys", [api_key])
+        config = ServeConfig(**overrides)
+    cfg = config
     metrics = Metrics()
-    state: dict = {}
+    state = ServerState()
 
     async def lifespan(app: FastAPI):
-        state["engine"] = AsyncEngine(engine, max_queue=max_queue, metrics=metrics)
+        state.engine = AsyncEngine(engine, max_queue=cfg.max_queue, metrics=metrics,
+                                   stats_interval_s=cfg.stats_interval_s)
         yield
-        state["engine"].shutdown()
+        state.engine.shutdown()
 
     app = FastAPI(title="slimlm", lifespan=lifespan)
+    app.state.slimlm = state
+    app.add_middleware(Guard, config=cfg, draining=lambda: state.draining)
     tok = engine.tokenizer
+    chat_encoder = ChatEncoder(tok)
+    bounded_context = engine.policy is not None and engine.policy.max_blocks(1, 1) is not None
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError):
         metrics.requests.labels("error").inc()
-        return error_response(e.status, e.message, e.type, e.param, e.code)
+        return error_response(e.status, e.message, e.type, e.param, e.code, e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, e: RequestValidationError):
         metrics.requests.labels("error").inc()
-        errs = e.errors()
-        first = errs[0] if errs else {}
-        if first.get("type") == "json_invalid":
-            return error_response(400, f"malformed JSON body: {first.get('msg', '')}", param=None, code="invalid_json")
+        first = (e.errors() or [{}])[0]
         loc = [str(x) for x in first.get("loc", []) if x != "body"]
-        return error_response(422, f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid')}",
+        return error_response(400, f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid')}",
                               param=".".join(loc) or None, code="invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException):
         return error_response(e.status_code, str(e.detail), "invalid_request_error")
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            got = request.headers.get("authorization", "")
-            expected = f"Bearer {api_key}"
-            if not hmac.compare_digest(got.encode(), expected.encode()):
-                return error_response(401, "invalid or missing API key", "authentication_error",
-                                      code="invalid_api_key")
-        return await call_next(request)
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, e: Exception):
+        return error_response(500, f"internal server error: {type(e).__name__}", "server_error")
 
     def check_model(name: str) -> None:
         if name != model_name:
             raise APIError(404, f"the model '{name}' does not exist; this server serves '{model_name}'",
                            param="model", code="model_not_found")
 
-    def validate(prompt_ids: list[int], params) -> None:
+    def resolve_max_tokens(body, prompt_len: int, param: str) -> int:
+        """OpenAI's context check with the numbers; the default is clipped to the room left."""
+        want = body.requested_max_tokens
+        name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        if want is not None and want < 1:
+            raise APIError(400, f"{name} must be at least 1, got {want}", param=name, code="invalid_value")
+        if bounded_context:
+            return want if want is not None else cfg.default_max_tokens
+        ctx = engine.context_length
+        if want is None:
+            if prompt_len >= ctx:
+                raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, your {param} "
+                                    f"has {prompt_len} tokens. Please reduce the length of the {param}.",
+                               param=param, code="context_length_exceeded")
+            return min(cfg.default_max_tokens, ctx - prompt_len)
+        if prompt_len + want > ctx:
+            raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
+                                f"{prompt_len + want} tokens ({prompt_len} in the {param}, {want} in the completion). "
+                                f"Please reduce the length of the {param} or completion.",
+                           param=param, code="context_length_exceeded")
+        return want
+
+    def cache_salt(request: Request, body) -> str | None:
+        parts = []
+        key = request.scope.get("state", {}).get("api_key")
+        if cfg.cache_isolation == "key" and key is not None:
+            parts.append("key:" + hashlib.sha256(key.encode()).hexdigest())
+        if body.cache_salt:
+            parts.append("salt:" + body.cache_salt)
+        return "\n".join(parts) or None
+
+    def make_params(request: Request, body, prompt_ids: list[int], logprobs: int | None, param: str):
+        if body.n > cfg.max_n:
+            raise APIError(400, f"n must be at most {cfg.max_n} on this server (--max-n), got {body.n}", param="n",
+                           code="invalid_value")
+        max_tokens = resolve_max_tokens(body, len(prompt_ids), param)
         try:
+            params = body.sampling_params(max_tokens, logprobs, cache_salt(request, body))
             engine.validate(prompt_ids, params)
         except ValueError as e:
             msg = str(e)
-            if "context" in msg:
-                raise APIError(413, msg, param="messages", code="context_length_exceeded") from None
-            raise APIError(400, msg, param=_param_of(msg)) from None
+            raise APIError(400, msg, param=_param_of(msg) or (param if "prompt" in msg else None),
+                           code="invalid_value") from None
+        return params
 
-    def make_params(body, logprobs):
-        try:
-            return body.sampling_params(default_max_tokens, logprobs)
-        except ValueError as e:
-            raise APIError(400, str(e), param=_param_of(str(e))) from None
+    async def parse(request: Request, model_cls):
+        data = await asyncio.to_thread(_load_json, await request.body())
+        from pydantic import ValidationError
 
-    async def run(request: Request, prompt_ids: list[int], params) -> AsyncIterator[RequestOutput]:
-        rid = uuid.uuid4().hex
         try:
-            q = state["engine"].submit(rid, prompt_ids, params)
+            body = model_cls.model_validate(data)
+            body.check_fields()
+        except ValidationError as e:
+            first = e.errors()[0]
+            loc = ".".join(str(x) for x in first["loc"])
+            msg = f"Missing required parameter: '{loc}'" if first["type"] == "missing" else f"{loc}: {first['msg']}"
+            raise APIError(400, msg, param=loc, code="invalid_value") from None
+        except UnsupportedField as e:
+            raise APIError(400, str(e), param=e.field, code="unsupported_parameter") from None
+        except RecursionError:
+            raise APIError(400, "the JSON body is nested too deeply", code="invalid_json") from None
+        check_model(body.model)
+        return body
+
+    async def watch_disconnect(request: Request, rid: str, gone: list) -> None:
+        """Non-streaming: abort the request as soon as its client goes away."""
+        while True:
+            msg = await request.receive()
+            if msg["type"] == "http.disconnect":
+                gone.append(True)
+                state.engine.abort(rid)
+                return
+
+    async def run(rid: str, prompt_ids: list[int], params, access: dict) -> AsyncIterator[RequestOutput]:
+        try:
+            q = state.engine.submit(rid, prompt_ids, params)
         except QueueFullError as e:
-            raise APIError(429, str(e), "rate_limit_error", code="queue_full") from None
+            raise APIError(429, str(e), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
+        except ServerShutdown as e:
+            raise APIError(503, str(e), "server_error", code="server_shutting_down") from None
         metrics.tokens_in.inc(len(prompt_ids))
-        done = False
+        t0, done = time.perf_counter(), False
         try:
             while True:
-                try:
-                    item = await asyncio.wait_for(q.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
+                item = await q.get()
                 if item is None:
                     done = True
                     return
+                if isinstance(item, ServerShutdown):
+                    done = True
+                    raise APIError(503, str(item), "server_error", code="server_shutting_down",
+                                   headers={"Retry-After": "5"})
+                if isinstance(item, RequestFailed):
+                    done = True
+                    raise APIError(500, f"this request failed: {item}", "server_error", code="request_failed")
                 if isinstance(item, Exception):
                     done = True
-                    raise APIError(500 if isinstance(item, RuntimeError) else 400, str(item),
-                                   "server_error" if isinstance(item, RuntimeError) else "invalid_request_error")
+                    raise APIError(400, str(item), param=_param_of(str(item)))
+                n = sum(len(o.token_ids) for o in item.outputs)
+                if n and "ttft" not in access:
+                    access["ttft"] = time.perf_counter() - t0
+                access["output_tokens"] = n
                 yield item
         finally:
             if not done:
-                state["engine"].abort(rid)
+                state.engine.abort(rid)
                 metrics.requests.labels("aborted").inc()
             else:
                 metrics.requests.labels("ok").inc()
@@ -185,12 +298,18 @@ def build_app(engine, model_name: str, api_key: str | None = None, max_queue: in
         kind = "chat.completion" if chat else "text_completion"
         cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
-        validate(prompt_ids, params)
+        access = request.scope["state"]["access"]
+        access["id"] = cid
+        rid = cid
         if not body.stream:
-            final = None
-            async for out in run(request, prompt_ids, params):
-                final = out
-            if final is None:
+            final, gone = None, []
+            watcher = asyncio.create_task(watch_disconnect(request, rid, gone))
+            try:
+                async for out in run(rid, prompt_ids, params, access):
+                    final = out
+            finally:
+                watcher.cancel()
+            if gone or final is None or not final.finished:
                 return Response(status_code=499)
             choices = []
             for o in final.outputs:
@@ -204,16 +323,14 @@ def build_app(engine, model_name: str, api_key: str | None = None, max_queue: in
                     "usage": usage(prompt_ids, final)}
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        gen = run(request, prompt_ids, params)
-        try:  # surface queue-full before the 200 status line goes out
+        gen = run(rid, prompt_ids, params, access)
+        try:  # surface queue-full (and other early errors) before the 200 status line goes out
             first = await gen.__anext__()
         except StopAsyncIteration:
             first = None
 
         async def events():
-            sent_text = {}
-            sent_tokens = {}
-            last = None
+            sent_text, sent_tokens, last = {}, {}, None
             obj = "chat.completion.chunk" if chat else "text_completion"
             try:
                 if chat:
@@ -258,32 +375,15 @@ def build_app(engine, model_name: str, api_key: str | None = None, max_queue: in
                 yield "data: [DONE]\n\n"
             except APIError as e:
                 yield sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
+                yield "data: [DONE]\n\n"
             finally:
                 await gen.aclose()
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    async def parse(request: Request, model_cls):
-        raw = await request.body()
-        try:
-            data = json.loads(raw)
-        except ValueError as e:
-            raise APIError(400, f"malformed JSON body: {e}", code="invalid_json") from None
-        if not isinstance(data, dict):
-            raise APIError(400, "the JSON body must be an object", code="invalid_json")
-        from pydantic import ValidationError
-
-        try:
-            return model_cls.model_validate(data)
-        except ValidationError as e:
-            first = e.errors()[0]
-            loc = ".".join(str(x) for x in first["loc"])
-            raise APIError(422, f"{loc}: {first['msg']}", param=loc, code="invalid_value") from None
-
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await parse(request, CompletionRequest)
-        check_model(body.model)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
             if len(prompt) != 1:
@@ -293,24 +393,28 @@ def build_app(engine, model_name: str, api_key: str | None = None, max_queue: in
         if isinstance(prompt, str):
             if not prompt:
                 raise APIError(400, "prompt is empty", param="prompt")
-            prompt_ids = tok.encode(prompt)
+            prompt_ids = await asyncio.to_thread(tok.encode, prompt)
         else:
             prompt_ids = list(prompt)
-        params = make_params(body, body.logprobs)
+        request.scope["state"]["access"]["prompt_tokens"] = len(prompt_ids)
+        params = await asyncio.to_thread(make_params, request, body, prompt_ids, body.logprobs, "prompt")
         return await respond(request, body, prompt_ids, params, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await parse(request, ChatCompletionRequest)
-        check_model(body.model)
-        msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
-            text = tok.apply_chat_template(msgs, add_generation_prompt=body.add_generation_prompt)
-        except Exception as e:  # template errors are the client's
+            msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
+        except UnsupportedField as e:
+            raise APIError(400, str(e), param=e.field, code="unsupported_parameter") from None
+        try:
+            prompt_ids = await asyncio.to_thread(chat_encoder.encode, msgs, body.add_generation_prompt)
+        except Exception as e:  # noqa: BLE001 - template errors are the client's
             raise APIError(400, f"chat template failed: {e}", param="messages") from None
-        prompt_ids = tok.encode(text, add_special_tokens=False)
+        request.scope["state"]["access"]["prompt_tokens"] = len(prompt_ids)
         k = body.top_logprobs or 0
-        params = make_params(body, k if body.logprobs else None)
+        lp = k if body.logprobs else None
+        params = await asyncio.to_thread(make_params, request, body, prompt_ids, lp, "messages")
         return await respond(request, body, prompt_ids, params, chat=True, top_k_lp=k)
 
     return app
