@@ -192,3 +192,32 @@ def test_prompt_logprobs_match_a_dense_forward(tiny, prompts):
     want = ref[torch.arange(len(p) - 1), torch.tensor(p[1:])]
     assert torch.allclose(got, want, atol=1e-4)
     assert all(len(d) >= 2 for d in out.prompt_logprobs[1:])
+
+
+def test_in_flight_dedup_never_computes_more_than_without_it(tiny):
+    """BatchLLM's dedup makes followers wait for the leader's blocks; they must then pick them up
+    from the prefix cache (4 prompts sharing 160 tokens, block 8, budget 64)."""
+    import random
+
+    rng = random.Random(0)
+    shared = [rng.randrange(3, 380) for _ in range(160)]
+    prompts = [shared + [rng.randrange(3, 380) for _ in range(20)] for _ in range(4)]
+    p = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    computed = {}
+    for dedup in (True, False):
+        llm = LLM(tiny, block_size=8, max_num_batched_tokens=64, batch_prefix_scheduling=dedup)
+        llm.generate(prompts, p, use_tqdm=False)
+        computed[dedup] = llm.engine.stats["computed_prompt_tokens"]
+    assert computed[True] <= computed[False]
+    assert computed[True] <= 160 + 4 * 24  # the shared prefix once, each tail (+ its partial block) once
+
+
+def test_request_metrics(tiny):
+    llm = LLM(tiny, block_size=8)
+    out = llm.generate([list(range(3, 60))], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+                       use_tqdm=False)[0]
+    m = out.metrics
+    assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.last_token_time <= m.finished_time
+    assert m.time_to_first_token >= 0
+    # 57 prompt tokens + 9 whose KV was computed = 66 tokens = 9 blocks of 8
+    assert m.kv_peak_bytes == 9 * llm.engine.bytes_per_block
