@@ -134,7 +134,7 @@ async def _abuser(i: int, url: str, model: str, deadline: float, stats: dict) ->
     kinds = abusive_requests(model)
     k = i
     async with httpx.AsyncClient(timeout=httpx.Timeout(60.0)) as http:
-        while time.perf_counter() < deadline:
+        while k == i or time.perf_counter() < deadline:  # at least one request, however slow the start
             kind, body = kinds[k % len(kinds)]
             k += 1
             stats["sent"] += 1
