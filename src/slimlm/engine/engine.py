@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from slimlm.engine.config import EngineConfig, default_kv_bytes
+from slimlm.engine.config import EngineConfig, default_kv_bytes, format_size
 from slimlm.engine.hooks import LAYER_HOOKS
 from slimlm.engine.paged_attention import PagedKVCache
 from slimlm.engine.params import SamplingParams
@@ -33,7 +33,9 @@ class LLMEngine:
         self.policy = KV_POLICIES.get(config.kv_policy)(**config.kv_policy_args) if config.kv_policy else None
         span = self.policy.span() if self.policy else AttentionSpan()
         per_block = PagedKVCache.bytes_per_block(cfg, config.block_size, self.model.dtype)
-        kv_bytes = config.kv_cache_bytes or default_kv_bytes(config.device)
+        self.kv_block_bytes = per_block
+        full_context = per_block * -(-(cfg.context_length + 1) // config.block_size)
+        kv_bytes = config.kv_cache_bytes or default_kv_bytes(config.device, min_bytes=full_context)
         self.proposer: Proposer | None = None
         if config.speculative:
             self.proposer = SPEC_METHODS.get(config.speculative)(self, **config.speculative_args)
@@ -90,7 +92,8 @@ class LLMEngine:
         if need > self.pool.num_blocks:
             raise ValueError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) needs {need} KV blocks; "
-                f"the pool has {self.pool.num_blocks} (raise kv_cache_bytes)"
+                f"the pool has {self.pool.num_blocks}: set kv_cache_bytes to at least "
+                f"{format_size(need * self.kv_block_bytes)} (--kv-cache-bytes), or lower max_tokens"
             )
         return ids
 

@@ -13,8 +13,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from slimlm.train.config import load_config, parse_overrides
     from slimlm.train.trainer import Trainer
 
-    pairs = [(ALIASES.get(k, k), v) for k, v in parse_overrides(args.overrides)]
+    overrides = [o for o in args.overrides if o != "--print-config"]
+    pairs = [(ALIASES.get(k, k), v) for k, v in parse_overrides(overrides)]
     cfg = load_config(args.config, [x for k, v in pairs for x in (f"--{k}", v)])
+    if args.print_config or len(overrides) < len(args.overrides):
+        from slimlm.train.config_toml import to_toml
+
+        print(to_toml(cfg.to_dict()), end="")
+        return 0
     trainer = Trainer(cfg)
     try:
         last = trainer.fit()
@@ -57,7 +63,10 @@ def cmd_schedule_plot(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="pre-train or continue pre-training a model",
                        description="Train from a TOML/JSON config; override any key with --section.key value "
-                                   "(e.g. --train.steps 100 --schedule.name cosine); --time-budget MINUTES.")
+                                   "(e.g. --train.steps 100 --schedule.name cosine); --time-budget MINUTES. "
+                                   "--print-config prints the effective config (after overrides) as TOML "
+                                   "and exits; an unknown key lists the valid ones.")
+    t.add_argument("--print-config", action="store_true", help="print the effective config as TOML and exit")
     t.add_argument("config", help="TOML or JSON config file")
     t.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value ...")
     t.set_defaults(func=cmd_train)
@@ -85,6 +94,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp = s.add_parser("plot", help="draw the schedule of one or more configs to a PNG")
     sp.add_argument("configs", nargs="+")
     sp.add_argument("--out", default="schedule.png")
-    sp.add_argument("--steps", type=int, default=None, help="horizon (default: each config's train.steps)")
+    sp.add_argument("--train.steps", "--steps", dest="steps", type=int, default=None,
+                    help="horizon, as train's --train.steps (default: each config's train.steps)")
     sp.add_argument("--runs", nargs="*", help="run folders whose loss curves go in a second panel")
     sp.set_defaults(func=cmd_schedule_plot)
