@@ -66,6 +66,9 @@ class SlimParser(argparse.ArgumentParser):
         return msg
 
     def error(self, message: str):
+        kinds = {"int": "an integer", "float": "a number"}
+        message = re.sub(r"invalid (int|float) value: ('.*')",
+                         lambda m: f"invalid value {m.group(2)}: expected {kinds[m.group(1)]}", message)
         m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
         if m:
             choices = re.findall(r"'([^']*)'", m.group(2))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TextIO
 
 from slimlm.engine.llm import LLM
@@ -63,7 +63,8 @@ class ChatSession:
 
     def _fit(self) -> list[int]:
         """Token ids of the conversation; drops the oldest turns until the reply has room."""
-        limit = self.llm.context_length - self.params.max_tokens
+        ctx = self.llm.context_length
+        limit = ctx - min(self.params.max_tokens, ctx // 4)
         while True:
             _, ids = self.llm._chat_ids(self.messages())
             if len(ids) <= limit or len(self.history) <= 1:
@@ -81,7 +82,9 @@ class ChatSession:
         try:
             ids = self._fit()
             st.prompt_tokens = len(ids)
-            for out in self.llm.stream(ids, self.params):
+            room = self.llm.context_length - len(ids)  # the reply is capped to what is left
+            params = replace(self.params, max_tokens=max(1, min(self.params.max_tokens, room)))
+            for out in self.llm.stream(ids, params):
                 started = True
                 c = out.outputs[0]
                 if c.token_ids and not st.output_tokens:

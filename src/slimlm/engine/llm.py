@@ -99,16 +99,18 @@ class LLM:
     def _validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """The engine's checks, and prompt + max_tokens within the model's context (unless a KV
         policy bounds memory and lifts the context limit)."""
-        ids = self.engine.validate(prompt, params)
+        if isinstance(prompt, str) and self.tokenizer is not None:
+            prompt = self.tokenizer.encode(prompt)
+        ids = list(prompt) if isinstance(params, SamplingParams) else self.engine.validate(prompt, params)
         policy = self.engine.policy
         bounded = policy is not None and policy.max_blocks(1, 1) is not None
-        if not bounded and len(ids) + params.max_tokens > self.context_length:
+        if not bounded and len(ids) < self.context_length < len(ids) + params.max_tokens:
             raise ValueError(
                 f"prompt ({_n(len(ids), 'token')}) + max_tokens ({params.max_tokens}) = "
                 f"{len(ids) + params.max_tokens} is past the model's context of {self.context_length} tokens; "
                 f"use max_tokens <= {max(self.context_length - len(ids), 0)}"
             )
-        return ids
+        return self.engine.validate(ids, params)
 
     def _chat_ids(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> tuple[str, list[int]]:
         if self.tokenizer is None:
