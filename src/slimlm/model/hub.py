@@ -171,6 +171,13 @@ def _source_id(m: NamedModel, src: Path) -> dict[str, Any]:
             "size": src.stat().st_size, "converter": CONVERTER_VERSION}
 
 
+def _legacy_same(source: Any, src: Path) -> bool:
+    """A manifest from before content keys ({path, size, mtime}) for this very file: accepted, so
+    upgrading slimlm does not rewrite the cache (and older checkouts sharing it do not fight)."""
+    return (isinstance(source, dict) and set(source) == {"path", "size", "mtime"}
+            and source["path"] == str(src) and source["size"] == src.stat().st_size)
+
+
 def cache_status(m: NamedModel, verify: bool = True) -> str:
     """'ok', 'missing', 'stale' or 'corrupt' for the cache of ``m``."""
     d = cache_dir(m)
@@ -182,7 +189,7 @@ def cache_status(m: NamedModel, verify: bool = True) -> str:
         src = package_file(m)
     except (ValueError, ModelLoadError):
         return "corrupt"
-    if manifest.get("source") != _source_id(m, src):
+    if manifest.get("source") != _source_id(m, src) and not _legacy_same(manifest.get("source"), src):
         return "stale"
     for name, info in manifest.get("files", {}).items():
         f = d / name
