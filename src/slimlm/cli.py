@@ -75,7 +75,12 @@ class SlimParser(argparse.ArgumentParser):
             close = difflib.get_close_matches(m.group(1), choices, n=1)
             if close:
                 message += f"; did you mean '{close[0]}'?"
-        super().error(message)
+        self.exit(2, f"{self.short_usage()}\n{self.prog}: error: {message}\n")
+
+    def short_usage(self) -> str:
+        """One usage line: the positionals, and where the options are listed."""
+        pos = [a.metavar or a.dest for a in self._actions if not a.option_strings and a.help != argparse.SUPPRESS]
+        return f"usage: {self.prog} [options] {' '.join(map(str, pos))}  ({self.prog} --help lists the options)"
 
 
 def build_parser() -> argparse.ArgumentParser:

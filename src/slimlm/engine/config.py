@@ -60,10 +60,10 @@ def parse_size(text: str | int, name: str = "size") -> int:
     try:
         value = float(s[: len(s) - len(unit)])
     except ValueError:
-        raise ValueError(f"{name} {text!r} is not a size; use bytes or a number with K, M, G or T "
-                         "(e.g. 512M, 2G)") from None
+        raise ValueError(f"{name + ' ' if name else ''}{text!r} is not a size; use bytes or a number with K, M, "
+                         "G or T (e.g. 512M, 2G)") from None
     if value <= 0:
-        raise ValueError(f"{name} must be positive, got {text!r}")
+        raise ValueError(f"{name + ' ' if name else 'a size '}must be positive, got {text!r}")
     return int(value * SIZE_UNITS[unit])
 
 

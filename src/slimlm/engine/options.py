@@ -132,7 +132,7 @@ def _choice_type(name: str, valid: Callable[[], list[str]]) -> Callable[[str], s
 
 def _size(value: str) -> int:
     try:
-        return parse_size(value, "size")
+        return parse_size(value, "")
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 

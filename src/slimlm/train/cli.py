@@ -71,7 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value ...")
     t.set_defaults(func=cmd_train)
 
-    d = sub.add_parser("data", help="prepare training data").add_subparsers(dest="data_command", required=True)
+    d = sub.add_parser("data", help="prepare training data").add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     p = d.add_parser("prepare", help="tokenize sources into memory-mapped token files")
     p.add_argument("sources", nargs="+", help="files, folders or corpora (python-stdlib, python-docs, shakespeare)")
     p.add_argument("--tokenizer", required=True, help="known model name or folder with tokenizer.json")
@@ -81,7 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_data_prepare)
 
-    k = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="tokenizer_command", required=True)
+    k = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
     tt = k.add_parser("train", help="train a byte-level BPE tokenizer")
     tt.add_argument("sources", nargs="+", help="files, folders or corpora")
     tt.add_argument("--out", required=True)
@@ -90,7 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     tt.add_argument("--max-chars", type=int, default=None, help="train on at most this many characters")
     tt.set_defaults(func=cmd_tokenizer_train)
 
-    s = sub.add_parser("schedule", help="learning-rate schedules").add_subparsers(dest="schedule_command", required=True)
+    s = sub.add_parser("schedule", help="learning-rate schedules").add_subparsers(dest="schedule_command", required=True, metavar="COMMAND")
     sp = s.add_parser("plot", help="draw the schedule of one or more configs to a PNG")
     sp.add_argument("configs", nargs="+")
     sp.add_argument("--out", default="schedule.png")
