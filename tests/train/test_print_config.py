@@ -27,3 +27,12 @@ def test_to_toml_values():
     text = to_toml({"a": None, "b": True, "c": 1e-8, "d": [1, 2], "e": 'say "hi"\n', "s": {"x": 1, "t": {"y": "z"}}})
     assert tomllib.loads(text) == {"a": "none", "b": True, "c": 1e-8, "d": [1, 2], "e": 'say "hi"\n',
                                    "s": {"x": 1, "t": {"y": "z"}}}
+
+
+def test_train_help_lists_the_config_keys():
+    from slimlm.cli import build_parser
+
+    parsers = build_parser()._subparsers._group_actions[0].choices  # argparse keeps no public map
+    text = parsers["train"].format_help()
+    for shown in ["--print-config", "[train] steps,", "warmup_steps", "[optim] name,", "wsd"]:
+        assert shown in text, shown

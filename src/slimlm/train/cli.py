@@ -60,8 +60,29 @@ def cmd_schedule_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def config_keys() -> str:
+    """Every config key by section, for ``train --help``."""
+    import dataclasses
+    import typing
+
+    from slimlm.train.config import TrainConfig
+    from slimlm.train.schedules import SCHEDULES
+
+    lines, top = [], []
+    for f in dataclasses.fields(TrainConfig):
+        kind = typing.get_type_hints(TrainConfig)[f.name]
+        if f.name == "schedule":
+            lines.append(f"  [schedule] name ({', '.join(SCHEDULES.names())}), "
+                         + ", ".join(x.name for x in dataclasses.fields(kind)) + ", and the named schedule's fields")
+        elif dataclasses.is_dataclass(kind):
+            lines.append(f"  [{f.name}] " + ", ".join(x.name for x in dataclasses.fields(kind)))
+        else:
+            top.append(f.name)
+    return "config keys (--section.key VALUE):\n  " + ", ".join(top) + "\n" + "\n".join(lines)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    t = sub.add_parser("train", help="pre-train or continue pre-training a model",
+    t = sub.add_parser("train", help="pre-train or continue pre-training a model", epilog=config_keys(),
                        description="Train from a TOML/JSON config; override any key with --section.key value "
                                    "(e.g. --train.steps 100 --schedule.name cosine); --time-budget MINUTES. "
                                    "--print-config prints the effective config (after overrides) as TOML "
