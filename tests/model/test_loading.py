@@ -249,3 +249,17 @@ def test_concurrent_cache_builders_convert_once(tmp_path, monkeypatch):
         t.join()
     assert len(builds) == 1 and len(paths) == 3 and hub.cache_status(m) == "ok"
     assert sorted(p.name for p in hub.cache_dir(m).parent.iterdir()) == ["tiny-test", "tiny-test.lock"]
+
+
+def test_cache_from_before_content_keys_is_kept_not_rebuilt(tmp_path, monkeypatch):
+    m, pkg = _tiny_named(tmp_path, monkeypatch)
+    load("tiny-test")
+    man = hub.cache_dir(m) / hub.MANIFEST
+    manifest = json.loads(man.read_text())
+    src = pkg / "tiny.gguf"
+    manifest["source"] = {"path": str(src), "size": src.stat().st_size, "mtime": int(src.stat().st_mtime)}
+    man.write_text(json.dumps(manifest))  # as older slimlm wrote it
+    assert hub.cache_status(m) == "ok"
+    manifest["source"]["size"] += 1  # a different file at that path
+    man.write_text(json.dumps(manifest))
+    assert hub.cache_status(m) == "stale"
