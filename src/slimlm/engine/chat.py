@@ -148,7 +148,7 @@ def repl(session: ChatSession, inp: TextIO = sys.stdin, out: TextIO = sys.stdout
             elif cmd in ("/help", "/?"):
                 say("\n".join(f"  {k:<15} {v}" for k, v in COMMANDS.items()))
             else:
-                say(f"unknown command {cmd!r}; commands: {', '.join(k.split()[0] for k in COMMANDS)}")
+                say(f"unknown command {cmd!r}; commands: {', '.join(dict.fromkeys(k.split()[0] for k in COMMANDS))}")
             continue
         try:
             for piece in session.send(text):
