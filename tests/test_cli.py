@@ -159,3 +159,12 @@ def test_convert_writes_files_readable_by_others(tmp_path, tiny_llama_dir):
     os.umask(mask)
     for f in (tmp_path / "out").iterdir():
         assert f.stat().st_mode & 0o777 == 0o666 & ~mask, f
+
+
+def test_generate_sizes_its_kv_pool_for_the_request(capsys, tiny_llama_dir):
+    rc, _, err = run(capsys, "generate", "--model", str(tiny_llama_dir), "--max-tokens", "253", "--temperature", "0",
+                     "hello")  # prompt 3 + 253 = the whole 256-token context
+    assert rc == 0, err
+    rc, _, err = run(capsys, "generate", "--model", str(tiny_llama_dir), "--max-tokens", "100",
+                     "--kv-cache-bytes", "8K", "hello")
+    assert rc == 2 and "set kv_cache_bytes to at least" in err and "(--kv-cache-bytes)" in err, err
