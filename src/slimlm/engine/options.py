@@ -138,13 +138,13 @@ def _size(value: str) -> int:
 
 
 def _typed(t: type) -> Callable[[str], Any]:
+    what = {int: "an integer", float: "a number"}.get(t, f"a {t.__name__}")
+
     def read(value: str) -> Any:
         try:
             return t(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an' if t is int else 'a'} "
-                                             f"{ {int: 'integer', float: 'number'}.get(t, t.__name__)}, "
-                                             f"got {value!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
 
     read.__name__ = t.__name__
     return read
