@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.stamp-install
 PROMPT ?= Explain in two sentences why small language models are useful.
 
-.PHONY: setup run test bench clean
+.PHONY: setup run chat test bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ setup: $(STAMP)
 
 run: setup
 	$(VENV)/bin/slimlm generate --chat --temperature 0 --max-tokens 96 "$(PROMPT)"
+
+chat: setup
+	$(VENV)/bin/slimlm chat
 
 test: setup
 	$(PY) -m pytest

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -192,3 +193,73 @@ def test_sharded_safetensors(tmp_path):
     with torch.no_grad():
         assert torch.allclose(logits(load(tmp_path / "sharded")), ref(IDS).logits, atol=1e-5)
     del transformers
+
+
+def _tiny_named(tmp_path, monkeypatch, where: str = "fakepkg"):
+    make_hf_model(tmp_path / "hf", "llama")
+    src = load(tmp_path / "hf")
+    pkg = tmp_path / where
+    pkg.mkdir()
+    write_gguf(src.model, src.tokenizer, pkg / "tiny.gguf", "F32")
+    m = hub.NamedModel("tiny-test", "fakepkg", "0", "tiny.gguf", "test model")
+    monkeypatch.setitem(hub.KNOWN_MODELS, m.name, m)
+    monkeypatch.setattr(hub, "package_file", lambda _m: pkg / "tiny.gguf")
+    monkeypatch.setenv("SLIMLM_HOME", str(tmp_path / "home"))
+    return m, pkg
+
+
+def test_named_model_cache_is_keyed_by_content_not_location(tmp_path, monkeypatch, capsys):
+    m, pkg = _tiny_named(tmp_path, monkeypatch)
+    load("tiny-test")
+    weights = hub.cache_dir(m) / "model.safetensors"
+    built = weights.stat().st_mtime_ns
+    other = tmp_path / "other-venv" / "site-packages" / "fakepkg"  # a second checkout / reinstall
+    other.mkdir(parents=True)
+    shutil.copy(pkg / "tiny.gguf", other / "tiny.gguf")
+    os.utime(other / "tiny.gguf", (1, 1))
+    monkeypatch.setattr(hub, "package_file", lambda _m: other / "tiny.gguf")
+    capsys.readouterr()
+    assert hub.cache_status(m) == "ok"
+    load("tiny-test")
+    assert weights.stat().st_mtime_ns == built and "rebuilding" not in capsys.readouterr().err
+    monkeypatch.setattr(hub, "installed_version", lambda _m: "0.2")  # a new release of the package
+    assert hub.cache_status(m) == "stale"
+    monkeypatch.setattr(hub, "CONVERTER_VERSION", hub.CONVERTER_VERSION + 1)
+    load("tiny-test")
+    assert hub.cache_status(m) == "ok"
+    manifest = json.loads((hub.cache_dir(m) / hub.MANIFEST).read_text())
+    assert manifest["source"] == {"package": "fakepkg", "version": "0.2", "file": "tiny.gguf",
+                                  "size": (other / "tiny.gguf").stat().st_size,
+                                  "converter": hub.CONVERTER_VERSION}
+    assert str(tmp_path) not in json.dumps(manifest)
+
+
+def test_concurrent_cache_builders_convert_once(tmp_path, monkeypatch):
+    import threading
+
+    m, _ = _tiny_named(tmp_path, monkeypatch)
+    builds = []
+    real = hub._build
+    monkeypatch.setattr(hub, "_build", lambda *a: (builds.append(1), real(*a)))
+    paths = []
+    threads = [threading.Thread(target=lambda: paths.append(hub.ensure_cached(m))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1 and len(paths) == 3 and hub.cache_status(m) == "ok"
+    assert sorted(p.name for p in hub.cache_dir(m).parent.iterdir()) == ["tiny-test", "tiny-test.lock"]
+
+
+def test_cache_from_before_content_keys_is_kept_not_rebuilt(tmp_path, monkeypatch):
+    m, pkg = _tiny_named(tmp_path, monkeypatch)
+    load("tiny-test")
+    man = hub.cache_dir(m) / hub.MANIFEST
+    manifest = json.loads(man.read_text())
+    src = pkg / "tiny.gguf"
+    manifest["source"] = {"path": str(src), "size": src.stat().st_size, "mtime": int(src.stat().st_mtime)}
+    man.write_text(json.dumps(manifest))  # as older slimlm wrote it
+    assert hub.cache_status(m) == "ok"
+    manifest["source"]["size"] += 1  # a different file at that path
+    man.write_text(json.dumps(manifest))
+    assert hub.cache_status(m) == "stale"

@@ -19,19 +19,11 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def engine_settings(a: argparse.Namespace) -> tuple[str, dict]:
-    """(dtype, the engine keywords that are set) from the engine options."""
-    from slimlm.engine.options import engine_config_from_args
-
-    engine = engine_config_from_args(a)
-    dtype = engine.pop("dtype")
-    return dtype, {k: v for k, v in engine.items() if v not in (None, {}, [])}
-
-
 def cmd_bench(a: argparse.Namespace) -> int:
     from slimlm.bench.base import BenchSettings
     from slimlm.bench.registry import SCENARIOS
     from slimlm.bench.results import command_line, save, stamp
+    from slimlm.engine.options import engine_settings
 
     scenario = SCENARIOS.get(a.scenario)()
     for s in a.skip or []:

@@ -12,8 +12,9 @@ class EngineConfig:
     device: str = "cpu"
     block_size: int = 16
     """Tokens per KV block. Smaller blocks share prefixes more finely; larger ones gather faster."""
-    kv_cache_bytes: int | None = None
-    """Bytes for the KV block pool; None = 30% of available memory, at most 4 GiB (CPU)."""
+    kv_cache_bytes: int | str | None = None
+    """Bytes for the KV block pool, an int or a size such as "512M" or "2G"; None = 30% of available
+    memory, at most 4 GiB (CPU), and never less than one full-context sequence."""
     max_num_batched_tokens: int = 2048
     """Token budget of one step (SARATHI chunk size): running decodes first, then prefill
     chunks fill what is left (Agrawal et al. 2023, decode-maximal batching). vLLM's default."""
@@ -42,6 +43,8 @@ class EngineConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.kv_cache_bytes, str):
+            self.kv_cache_bytes = parse_size(self.kv_cache_bytes, "kv_cache_bytes")
         for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -52,7 +55,41 @@ class EngineConfig:
         KV_CODECS.get(self.kv_cache_dtype)  # unknown names list the known ones
 
 
-def default_kv_bytes(device: str) -> int:
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str | int, name: str = "size") -> int:
+    """Bytes from ``"512M"``, ``"2G"``, ``"1.5GiB"``, ``"4096"`` (powers of 1024; B, iB optional)."""
+    if isinstance(text, int):
+        return text
+    s = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    unit = s[-1:] if s[-1:] in SIZE_UNITS else ""
+    try:
+        value = float(s[: len(s) - len(unit)])
+    except ValueError:
+        raise ValueError(f"{name + ' ' if name else ''}{text!r} is not a size; use bytes or a number with K, M, "
+                         "G or T (e.g. 512M, 2G)") from None
+    if value <= 0:
+        raise ValueError(f"{name + ' ' if name else 'a size '}must be positive, got {text!r}")
+    return int(value * SIZE_UNITS[unit])
+
+
+def format_size(n: int) -> str:
+    """``512M``-style text that :func:`parse_size` reads back (rounded up to the unit shown)."""
+    for unit in ("T", "G", "M", "K"):
+        if n >= SIZE_UNITS[unit]:
+            return f"{-(-n // SIZE_UNITS[unit])}{unit}"
+    return str(n)
+
+
+def default_kv_bytes(device: str, min_bytes: int = 0) -> int:
+    """30% of free memory (50% of free GPU memory), at most 4 GiB on the CPU, but at least
+    ``min_bytes`` (the engine passes one full-context sequence, so any request the model's context
+    allows fits)."""
+    return max(_free_share(device), min_bytes)
+
+
+def _free_share(device: str) -> int:
     import torch
 
     if device.startswith("cuda") and torch.cuda.is_available():

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from slimlm.engine.config import EngineConfig, default_kv_bytes
+from slimlm.engine.config import EngineConfig, default_kv_bytes, format_size
 from slimlm.engine.hooks import LAYER_HOOKS
 from slimlm.engine.paged_attention import AttentionPaths
 from slimlm.engine.params import SamplingParams
@@ -46,7 +46,8 @@ class LLMEngine:
         prefix_caching = config.enable_prefix_caching and not token_policy and all(h.prefix_exact for h in self.hooks)
         per_block = self.spec.bytes_per_block(config.block_size)
         self.bytes_per_block = per_block
-        kv_bytes = config.kv_cache_bytes or default_kv_bytes(config.device)
+        full_context = per_block * -(-(cfg.context_length + 1) // config.block_size)
+        kv_bytes = config.kv_cache_bytes or default_kv_bytes(config.device, min_bytes=full_context)
         self.proposer: Proposer | None = None
         if config.speculative:
             ctx = ProposerContext(self.model, config, self.context_length, cfg.vocab_size)
@@ -114,7 +115,8 @@ class LLMEngine:
             raise ValueError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens})"
                 f"{f' x n ({params.n})' if params.n > 1 else ''} needs {need} KV blocks; "
-                f"the pool has {self.pool.num_blocks} (raise kv_cache_bytes)"
+                f"the pool has {self.pool.num_blocks}: set kv_cache_bytes to at least "
+                f"{format_size(need * self.bytes_per_block)} (--kv-cache-bytes), or lower max_tokens"
             )
         return ids
 

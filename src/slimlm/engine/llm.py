@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 from slimlm.engine.batch_prefix import prefix_order
 from slimlm.engine.config import EngineConfig
 from slimlm.engine.engine import LLMEngine
 from slimlm.engine.params import SamplingParams
-from slimlm.engine.request import RequestOutput
+from slimlm.engine.request import CompletionOutput, RequestOutput
 from slimlm.model.hub import DEFAULT_MODEL, LoadedModel, load
 
 
@@ -47,7 +48,7 @@ class LLM:
         ids = []
         for i, (p, sp) in enumerate(zip(prompts, params)):
             try:
-                ids.append(self.engine.validate(p, sp))
+                ids.append(self._validate(p, sp))
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
         order = list(range(len(prompts)))
@@ -84,21 +85,75 @@ class LLM:
     ) -> list[RequestOutput]:
         """Apply the chat template to each conversation, then generate."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        texts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt) for c in convs]
-        ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        texts, ids = zip(*[self._chat_ids(c, add_generation_prompt) for c in convs]) if convs else ((), ())
+        ids = list(ids)
         outs = self.generate(ids, sampling_params, use_tqdm)
         for o, t in zip(outs, texts):
             o.prompt = t
         return outs
 
-    def stream(self, prompt: str | list[int], sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
-        """Yield the request's output after every step that changed it (text so far)."""
-        rid = self.engine.add_request(prompt, sampling_params or SamplingParams())
-        while True:
-            outs = [o for o in self.engine.step() if o.request_id == rid]
-            for o in outs:
-                yield o
-                if o.finished:
-                    return
-            if not self.engine.has_unfinished():
-                return
+    @property
+    def context_length(self) -> int:
+        return self.engine.context_length
+
+    def _validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """The engine's checks, and prompt + max_tokens within the model's context (unless a KV
+        policy bounds memory and lifts the context limit)."""
+        if isinstance(prompt, str) and self.tokenizer is not None:
+            prompt = self.tokenizer.encode(prompt)
+        ids = list(prompt) if isinstance(params, SamplingParams) else self.engine.validate(prompt, params)
+        policy = self.engine.policy
+        bounded = policy is not None and policy.max_blocks(1, 1) is not None
+        if not bounded and len(ids) < self.context_length < len(ids) + params.max_tokens:
+            raise ValueError(
+                f"prompt ({_n(len(ids), 'token')}) + max_tokens ({params.max_tokens}) = "
+                f"{len(ids) + params.max_tokens} is past the model's context of {self.context_length} tokens; "
+                f"use max_tokens <= {max(self.context_length - len(ids), 0)}"
+            )
+        return self.engine.validate(ids, params)
+
+    def _chat_ids(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> tuple[str, list[int]]:
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer; this model has none")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        return text, self.tokenizer.encode(text, add_special_tokens=False)
+
+    def stream(
+        self,
+        prompt: str | list[int] | list[dict[str, str]],
+        sampling_params: SamplingParams | None = None,
+    ) -> Iterator[RequestOutput]:
+        """Stream one request as deltas, like vLLM's ``RequestOutputKind.DELTA`` and OpenAI's
+        streaming chunks: each yielded output's ``text`` / ``token_ids`` (/ ``logprobs``) hold only
+        what is new since the previous yield, per sample; ``"".join`` of the texts is the whole
+        output. The last one has ``finished=True`` and the ``finish_reason``. ``prompt`` is text,
+        token ids, or chat messages (the chat template is applied)."""
+        params = sampling_params or SamplingParams()
+        text = prompt if isinstance(prompt, str) else None
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            text, prompt = self._chat_ids(prompt)  # type: ignore[arg-type]
+        ids = self._validate(prompt, params)  # type: ignore[arg-type]
+        rid = self.engine.add_request(ids, params)
+        seen: dict[int, tuple[int, int]] = {}  # sample index -> (chars, tokens) already yielded
+        try:
+            while self.engine.has_unfinished():
+                for o in self.engine.step():
+                    if o.request_id != rid:
+                        continue
+                    deltas = []
+                    for c in o.outputs:
+                        chars, toks = seen.get(c.index, (0, 0))
+                        seen[c.index] = (len(c.text), len(c.token_ids))
+                        deltas.append(CompletionOutput(
+                            c.index, c.text[chars:], c.token_ids[toks:], c.finish_reason,
+                            c.logprobs[toks:] if c.logprobs is not None else None, c.stop_reason))
+                    yield replace(o, prompt=text, outputs=deltas)
+                    if o.finished:
+                        return
+        finally:
+            if rid in self.engine.requests and not all(s.finished for s in self.engine.requests[rid].seqs):
+                self.engine.abort(rid)  # the consumer stopped early: free the KV blocks
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"

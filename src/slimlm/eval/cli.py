@@ -55,8 +55,8 @@ def evaluate(task, lm, settings: dict[str, Any], log=log) -> dict[str, Any]:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from slimlm.bench.cli import engine_settings
     from slimlm.bench.results import command_line, save, stamp
+    from slimlm.engine.options import engine_settings
     from slimlm.eval.registry import TASKS
 
     task = TASKS.get(a.task).from_args(a)

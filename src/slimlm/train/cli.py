@@ -13,8 +13,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from slimlm.train.config import load_config, parse_overrides
     from slimlm.train.trainer import Trainer
 
-    pairs = [(ALIASES.get(k, k), v) for k, v in parse_overrides(args.overrides)]
+    overrides = [o for o in args.overrides if o != "--print-config"]
+    pairs = [(ALIASES.get(k, k), v) for k, v in parse_overrides(overrides)]
     cfg = load_config(args.config, [x for k, v in pairs for x in (f"--{k}", v)])
+    if args.print_config or len(overrides) < len(args.overrides):
+        from slimlm.train.config_toml import to_toml
+
+        print(to_toml(cfg.to_dict()), end="")
+        return 0
     trainer = Trainer(cfg)
     try:
         last = trainer.fit()
@@ -54,15 +60,39 @@ def cmd_schedule_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def config_keys() -> str:
+    """Every config key by section, for ``train --help``."""
+    import dataclasses
+    import typing
+
+    from slimlm.train.config import TrainConfig
+    from slimlm.train.schedules import SCHEDULES
+
+    lines, top = [], []
+    for f in dataclasses.fields(TrainConfig):
+        kind = typing.get_type_hints(TrainConfig)[f.name]
+        if f.name == "schedule":
+            lines.append(f"  [schedule] name ({', '.join(SCHEDULES.names())}), "
+                         + ", ".join(x.name for x in dataclasses.fields(kind)) + ", and the named schedule's fields")
+        elif dataclasses.is_dataclass(kind):
+            lines.append(f"  [{f.name}] " + ", ".join(x.name for x in dataclasses.fields(kind)))
+        else:
+            top.append(f.name)
+    return "config keys (--section.key VALUE):\n  " + ", ".join(top) + "\n" + "\n".join(lines)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    t = sub.add_parser("train", help="pre-train or continue pre-training a model",
+    t = sub.add_parser("train", help="pre-train or continue pre-training a model", epilog=config_keys(),
                        description="Train from a TOML/JSON config; override any key with --section.key value "
-                                   "(e.g. --train.steps 100 --schedule.name cosine); --time-budget MINUTES.")
+                                   "(e.g. --train.steps 100 --schedule.name cosine); --time-budget MINUTES. "
+                                   "--print-config prints the effective config (after overrides) as TOML "
+                                   "and exits; an unknown key lists the valid ones.")
+    t.add_argument("--print-config", action="store_true", help="print the effective config as TOML and exit")
     t.add_argument("config", help="TOML or JSON config file")
     t.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value ...")
     t.set_defaults(func=cmd_train)
 
-    d = sub.add_parser("data", help="prepare training data").add_subparsers(dest="data_command", required=True)
+    d = sub.add_parser("data", help="prepare training data").add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     p = d.add_parser("prepare", help="tokenize sources into memory-mapped token files")
     p.add_argument("sources", nargs="+", help="files, folders or corpora (python-stdlib, python-docs, shakespeare)")
     p.add_argument("--tokenizer", required=True, help="known model name or folder with tokenizer.json")
@@ -72,7 +102,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_data_prepare)
 
-    k = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="tokenizer_command", required=True)
+    k = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
     tt = k.add_parser("train", help="train a byte-level BPE tokenizer")
     tt.add_argument("sources", nargs="+", help="files, folders or corpora")
     tt.add_argument("--out", required=True)
@@ -81,10 +111,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     tt.add_argument("--max-chars", type=int, default=None, help="train on at most this many characters")
     tt.set_defaults(func=cmd_tokenizer_train)
 
-    s = sub.add_parser("schedule", help="learning-rate schedules").add_subparsers(dest="schedule_command", required=True)
+    s = sub.add_parser("schedule", help="learning-rate schedules").add_subparsers(dest="schedule_command", required=True, metavar="COMMAND")
     sp = s.add_parser("plot", help="draw the schedule of one or more configs to a PNG")
     sp.add_argument("configs", nargs="+")
     sp.add_argument("--out", default="schedule.png")
-    sp.add_argument("--steps", type=int, default=None, help="horizon (default: each config's train.steps)")
+    sp.add_argument("--train.steps", "--steps", dest="steps", type=int, default=None,
+                    help="horizon, as train's --train.steps (default: each config's train.steps)")
     sp.add_argument("--runs", nargs="*", help="run folders whose loss curves go in a second panel")
     sp.set_defaults(func=cmd_schedule_plot)

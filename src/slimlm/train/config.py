@@ -263,5 +263,6 @@ def coerce(v: Any, kind: Any, key: str) -> Any:
         if kind is str:
             return str(v)
     except (TypeError, ValueError):
-        raise SlimLMError(f"config key '{key}' needs a {getattr(kind, '__name__', kind)}, got {v!r}") from None
+        what = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(kind, str(kind))
+        raise SlimLMError(f"config key '{key}' needs {what}, got {v!r}") from None
     return v
