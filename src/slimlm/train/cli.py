@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -11,18 +12,36 @@ ALIASES = {"time_budget": "train.time_budget_minutes", "steps": "train.steps", "
 
 def cmd_train(args: argparse.Namespace) -> int:
     from slimlm.train.config import load_config, parse_overrides
+    from slimlm.train.interrupt import EXIT_CODES, resume_command
     from slimlm.train.trainer import Trainer
 
-    pairs = [(ALIASES.get(k, k), v) for k, v in parse_overrides(args.overrides)]
+    overrides = [a for a in args.overrides if a != "--allow-config-change"]
+    if len(overrides) < len(args.overrides):
+        overrides += ["--checkpoint.allow_config_change", "true"]
+    pairs = [(ALIASES.get(k, k), v) for k, v in parse_overrides(overrides)]
     cfg = load_config(args.config, [x for k, v in pairs for x in (f"--{k}", v)])
     trainer = Trainer(cfg)
+    if trainer.finished:
+        trainer.close()
+        if trainer.world.main:
+            print(f"{cfg.out_dir} already finished: {trainer.step} of {trainer.horizon.total_steps} updates done, "
+                  f"final checkpoint {trainer.checkpoint}; nothing to train (raise --train.steps to continue it, "
+                  f"or pick another --out_dir to start over)", file=sys.stderr)
+        return 0
     try:
         last = trainer.fit()
     finally:
         trainer.close()
-    if trainer.world.main:
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k.startswith(("loss", "val_")))
-        print(f"done: {trainer.step} updates, {trainer.tokens:,} tokens; {shown}", file=sys.stderr)
+    if not trainer.world.main:
+        return EXIT_CODES.get(getattr(signal, trainer.interrupted, None), 0) if trainer.interrupted else 0
+    if trainer.interrupted:
+        cmd = resume_command(args.config, args.overrides, cfg.checkpoint.resume, cfg.checkpoint.resume_from)
+        print(f"interrupted ({trainer.interrupted}) at update {trainer.step} of {trainer.horizon.total_steps}; "
+              f"checkpoint {trainer.checkpoint}; resume with: {cmd}", file=sys.stderr)
+        return EXIT_CODES.get(getattr(signal, trainer.interrupted, None), 1)
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k.startswith(("loss", "val_")))
+    print(f"done: {trainer.step} updates, {trainer.tokens:,} tokens; {shown}; final checkpoint {trainer.checkpoint}",
+          file=sys.stderr)
     return 0
 
 
@@ -57,7 +76,9 @@ def cmd_schedule_plot(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="pre-train or continue pre-training a model",
                        description="Train from a TOML/JSON config; override any key with --section.key value "
-                                   "(e.g. --train.steps 100 --schedule.name cosine); --time-budget MINUTES.")
+                                   "(e.g. --train.steps 100 --schedule.name cosine); --time-budget MINUTES. "
+                                   "Ctrl-C / SIGTERM checkpoints the current update and prints the resume command; "
+                                   "--allow-config-change resumes a run whose technique settings changed.")
     t.add_argument("config", help="TOML or JSON config file")
     t.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value ...")
     t.set_defaults(func=cmd_train)

@@ -115,6 +115,9 @@ class CheckpointConfig:
     resume_from: str | None = None
     """Continue from this checkpoint folder (its weights, optimizer, data position and update
     count) into out_dir: e.g. branch a WSD decay from a stable-phase checkpoint of another run."""
+    allow_config_change: bool = False
+    """Resume even though technique settings (``TECHNIQUE_KEYS``) differ from the checkpoint's
+    (``slimlm train ... --allow-config-change``); otherwise such a resume is refused."""
 
 
 @dataclass
@@ -162,6 +165,28 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["schedule"] = {"name": schedule_name(self.schedule), **d["schedule"]}
         return d
+
+
+#: Config keys (prefixes of flattened keys) that define *what* is trained: resuming with any of them
+#: changed mixes two recipes in one run, so it is refused unless checkpoint.allow_config_change.
+TECHNIQUE_KEYS = ("model.", "optim.name", "optim.galore.")
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def technique_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """'key: saved -> now' for each technique key that differs between two ``to_dict()`` configs."""
+    a, b = flatten(saved), flatten(now)
+    keys = sorted(k for k in set(a) | set(b) if k.startswith(TECHNIQUE_KEYS) and a.get(k) != b.get(k))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
 
 
 def schedule_name(s: Schedule) -> str:

@@ -26,11 +26,12 @@ from tqdm import tqdm
 from slimlm.data.packing import IGNORE, Batch
 from slimlm.errors import SlimLMError
 from slimlm.train import build, checkpoint, distributed
-from slimlm.train.config import TrainConfig, schedule_name
+from slimlm.train.config import TrainConfig, schedule_name, technique_changes
+from slimlm.train.interrupt import StopSignals
 from slimlm.train.metrics import MetricsLog
 from slimlm.train.optimizers import build_optimizer
 from slimlm.train.presets import count_params
-from slimlm.train.schedules import Horizon
+from slimlm.train.schedules import Horizon, horizon_warnings
 
 
 def log(msg: str) -> None:
@@ -71,7 +72,15 @@ class Trainer:
         self.horizon = Horizon(cfg.train.steps, per_micro * cfg.train.grad_accum,
                                d.micro_batch * self.world.size * cfg.train.grad_accum)
         self.step, self.tokens, self.skipped, self.budget_fixed = 0, 0, 0, False
+        self.checkpoint: Path | None = None
+        """The newest checkpoint of this run (written or resumed from)."""
+        self.interrupted = ""
+        """Name of the signal (SIGINT / SIGTERM) that stopped fit() early, else empty."""
         resumed = self._resume()
+        self.finished = resumed and self.step >= self.horizon.total_steps
+        """The run in out_dir had already reached its horizon before this process started."""
+        if self.budget_fixed or not cfg.train.time_budget_minutes:  # else: once the budget fixes the horizon
+            self._warn_horizon()
         self.metrics = MetricsLog(self.out, self.step if resumed else None, cfg.log.tensorboard) if self.world.main else None
 
     def say(self, msg: str) -> None:
@@ -93,15 +102,28 @@ class Trainer:
         diff = checkpoint.same_shape(state.model_cfg, self.model.cfg)
         if diff:
             raise SlimLMError(f"checkpoint {path} is from another model shape ({diff}); use another out_dir")
-        distributed.load_full_states(self.wrapped, self.optimizer, state.model_state, state.optimizer)
+        changed = technique_changes(state.trainer.get("config", {}), self.cfg.to_dict())
+        if changed and not ck.allow_config_change:
+            raise SlimLMError(f"checkpoint {path} was trained with other technique settings ({'; '.join(changed)}); "
+                              "resume with the same settings, or pass --allow-config-change")
+        if any(c.startswith("optim.") for c in changed):  # allowed above: another optimizer's state does not fit
+            distributed.load_full_model_state(self.wrapped, state.model_state)
+            self.say("slimlm: warning: the optimizer changed; its state starts fresh (weights and data position resume)")
+        else:
+            distributed.load_full_states(self.wrapped, self.optimizer, state.model_state, state.optimizer)
         t = state.trainer
         self.step, self.tokens, self.skipped = int(t["step"]), int(t["tokens"]), int(t.get("skipped", 0))
         self.loader.load_state_dict(t["data"])
         torch.set_rng_state(state.rng["torch"])
         if t.get("budget_fixed"):  # a time budget fixed the horizon: keep it
             self.horizon, self.budget_fixed = self.horizon._replace(total_steps=int(t["total_steps"])), True
+        self.checkpoint = path
         self.say(f"slimlm: resumed from {path} at update {self.step}")
         return True
+
+    def _warn_horizon(self) -> None:
+        for w in horizon_warnings(self.cfg.schedule, self.horizon.total_steps):
+            self.say(f"slimlm: warning: {w}")
 
     def save(self) -> Path | None:
         msd, osd = distributed.full_states(self.wrapped, self.optimizer)
@@ -121,6 +143,7 @@ class Trainer:
             path = checkpoint.save_checkpoint(checkpoint.checkpoint_root(self.out), model, osd, state,
                                               self.tokenizer, self.cfg.checkpoint.keep_last)
         distributed.barrier(self.world)
+        self.checkpoint = path if path is not None else self.checkpoint
         return path
 
     # ------------------------------------------------------------------ one update
@@ -195,6 +218,13 @@ class Trainer:
             self._record({"step": 0, **last})
         bar = tqdm(total=self.horizon.total_steps, initial=self.step, unit="upd", file=sys.stderr,
                    disable=not (self.world.main and cfg.log.progress), dynamic_ncols=True)
+        with StopSignals() as stop:
+            last = self._loop(max_updates, bar, stop, last)
+        bar.close()
+        return last
+
+    def _loop(self, max_updates: int | None, bar: tqdm, stop: StopSignals, last: dict[str, float]) -> dict[str, float]:
+        cfg = self.cfg
         done_here, t_probe, tok_probe = 0, 0.0, 0
         t_last, tok_last = time.perf_counter(), self.tokens
         while self.step < self.horizon.total_steps and (max_updates is None or done_here < max_updates):
@@ -220,10 +250,22 @@ class Trainer:
                 ev = self.evaluate()
                 last.update(ev)
                 self._record({"step": self.step, **ev})
-            if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or is_end:
+            saved = (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or is_end
+            if saved:
                 self.save()
-        bar.close()
+            if self._stop_requested(stop):  # SIGINT / SIGTERM: keep this update, then stop
+                if not saved:
+                    self.save()
+                self.interrupted = stop.name or "signal"
+                break
         return last
+
+    def _stop_requested(self, stop: StopSignals) -> bool:
+        """Whether any rank received a stop signal (all ranks stop at the same update)."""
+        (n,) = distributed.all_reduce_sum([float(stop.received is not None)], self.world)
+        if n and not stop.received:
+            stop.received = 15  # another rank's SIGTERM (torchrun forwards signals to every worker)
+        return n > 0
 
     def _fix_budget(self, tokens_per_s: float) -> None:
         (tps,) = distributed.all_reduce_sum([tokens_per_s / self.world.size], self.world)
@@ -232,6 +274,7 @@ class Trainer:
         self.horizon, self.budget_fixed = self.horizon._replace(total_steps=steps), True
         self.say(f"slimlm: time budget {self.cfg.train.time_budget_minutes:g} min at {tps:,.0f} tokens/s measured "
                  f"-> {steps:,} updates ({steps * self.horizon.tokens_per_step / 1e6:.2f}M tokens)")
+        self._warn_horizon()
 
     def _record(self, rec: dict) -> None:
         if self.metrics is not None:
