@@ -59,9 +59,31 @@ class DataConfig:
 
 
 @dataclass
+class LowRankConfig:
+    """Gradient low-rank projection for ``optim.name = "galore"`` and ``"gradnorm_lorp"``."""
+
+    rank: int = 128
+    """r: rank of the subspace each layer matrix's Adam state lives in (GaLore, Zhao et al., 2024,
+    Sec. 5: 128 for 60M, 256 for 130M-350M, 512 for 1B); at most the matrix's smaller dimension."""
+    update_proj_gap: int = 200
+    """T: updates between refreshes of the projector (an SVD of the current gradient); GaLore uses 200."""
+    scale: float = 0.25
+    """alpha: the projected-back update is multiplied by this (GaLore uses 0.25)."""
+    proj_type: str = "std"
+    """'std': project on the smaller side of each matrix (GaLore's default); 'left' or 'right'."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 1 or self.update_proj_gap < 1 or self.scale <= 0:
+            raise SlimLMError(f"optim.galore needs rank >= 1, update_proj_gap >= 1 and scale > 0; got rank {self.rank}, "
+                              f"update_proj_gap {self.update_proj_gap}, scale {self.scale}")
+        if self.proj_type not in ("std", "left", "right"):
+            raise SlimLMError(f"optim.galore.proj_type must be std, left or right; got '{self.proj_type}'")
+
+
+@dataclass
 class OptimConfig:
     name: str = "adamw"
-    """Optimizer from ``slimlm.train.optimizers.OPTIMIZERS`` (adamw, lamb)."""
+    """Optimizer from ``slimlm.train.optimizers.OPTIMIZERS`` (adamw, lamb, galore, gradnorm_lorp)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     """Adam moments' decay (0.95 for beta2 as in GPT-3 and Llama)."""
     eps: float = 1e-8
@@ -69,6 +91,8 @@ class OptimConfig:
     """Decoupled weight decay on matrices (Loshchilov & Hutter, 2019)."""
     clip: float = 1.0
     """Clip the global gradient norm to this (0 = off)."""
+    galore: LowRankConfig = field(default_factory=LowRankConfig)
+    """Low-rank projection settings (used by the galore and gradnorm_lorp optimizers only)."""
 
 
 @dataclass
