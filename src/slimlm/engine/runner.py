@@ -128,18 +128,18 @@ class ModelRunner:
         for i, layer in enumerate(model.model.layers):
             for hk in hooks:
                 h = hk.before_layer(i, h, info)
-            h = h + layer.self_attn(layer.input_layernorm(h), cos, sin, attn)
+            h = layer.attn_block(h, cos, sin, attn)
             skip = None
             for hk in hooks:
                 rows = hk.skip_mlp_rows(i, info)
                 if rows is not None:
                     skip = rows if skip is None else skip | rows
             if skip is None:
-                h = h + layer.mlp(layer.post_attention_layernorm(h))
+                h = layer.mlp_block(h)
             else:
                 keep = (~skip).nonzero()[:, 0]
                 if keep.numel():
                     hk_ = h[:, keep]
                     h = h.clone()
-                    h[:, keep] = hk_ + layer.mlp(layer.post_attention_layernorm(hk_))
+                    h[:, keep] = layer.mlp_block(hk_)
         return h

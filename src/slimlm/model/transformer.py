@@ -76,12 +76,22 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_ln = cfg.post_ln(layer)  # Mix-LN / Post-LN: the same norms, applied after the residual add
+
+    def attn_block(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+        if self.post_ln:
+            return self.input_layernorm(x + self.self_attn(x, cos, sin, attn))
+        return x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
+
+    def mlp_block(self, x: torch.Tensor) -> torch.Tensor:
+        if self.post_ln:
+            return self.post_attention_layernorm(x + self.mlp(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return self.mlp_block(self.attn_block(x, cos, sin, attn))
 
 
 class Backbone(nn.Module):

@@ -37,6 +37,10 @@ def build_model(cfg: TrainConfig, data: TokenDataset) -> tuple[CausalLM, Tokeniz
 
         lm = load(cfg.model.init_from)
         model, tok = lm.model, lm.tokenizer
+        if (cfg.model.norm_placement, cfg.model.post_ln_fraction) != ("pre", 0.25) and (
+                cfg.model.norm_placement, cfg.model.post_ln_fraction) != (model.cfg.norm_placement, model.cfg.post_ln_fraction):
+            raise SlimLMError(f"model.norm_placement / post_ln_fraction shape new models; {cfg.model.init_from} keeps "
+                              f"its own ({model.cfg.norm_placement}, {model.cfg.post_ln_fraction})")
         if tok is not None and tokenizer_sha256(tok) != meta.tokenizer_sha256:
             raise SlimLMError(
                 f"{data.path} was tokenized with another tokenizer than {cfg.model.init_from}; "
@@ -44,7 +48,8 @@ def build_model(cfg: TrainConfig, data: TokenDataset) -> tuple[CausalLM, Tokeniz
             )
     else:
         vocab = cfg.model.vocab_size or -(-meta.vocab_size // 64) * 64
-        mcfg = model_config(cfg.model.preset, vocab)
+        mcfg = model_config(cfg.model.preset, vocab).replace(
+            norm_placement=cfg.model.norm_placement, post_ln_fraction=cfg.model.post_ln_fraction)
         mcfg.eos_token_id = meta.eos_id
         model = new_model(mcfg, cfg.model.init_std, cfg.train.seed)
         tok_dir = Path(data.path) / "tokenizer"

@@ -29,6 +29,16 @@ class ModelSpec:
     """Vocabulary of a new model; default: the data's tokenizer, rounded up to a multiple of 64."""
     init_std: float = 0.02
     """Std of the normal init of a new model's matrices (GPT-2, Radford et al., 2019)."""
+    norm_placement: str = "pre"
+    """'pre', 'post' or 'mix' (Mix-LN, Li et al., 2024: Post-LN in the first layers, Pre-LN after)."""
+    post_ln_fraction: float = 0.25
+    """Mix-LN's alpha: share of the layers, from the first, that use Post-LN (the paper's 0.25)."""
+
+    def __post_init__(self) -> None:
+        if self.norm_placement not in ("pre", "post", "mix"):
+            raise SlimLMError(f"model.norm_placement must be pre, post or mix; got '{self.norm_placement}'")
+        if not 0.0 <= self.post_ln_fraction <= 1.0:
+            raise SlimLMError(f"model.post_ln_fraction must be in [0, 1]; got {self.post_ln_fraction}")
 
 
 @dataclass

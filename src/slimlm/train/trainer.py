@@ -29,6 +29,7 @@ from slimlm.train import build, checkpoint, distributed
 from slimlm.train.config import TrainConfig, schedule_name, technique_changes
 from slimlm.train.interrupt import StopSignals
 from slimlm.train.metrics import MetricsLog
+from slimlm.train.galore import state_bytes
 from slimlm.train.optimizers import build_optimizer
 from slimlm.train.presets import count_params
 from slimlm.train.schedules import Horizon, horizon_warnings
@@ -232,6 +233,10 @@ class Trainer:
             r = self.update()
             dt = time.perf_counter() - t0
             done_here += 1
+            if done_here == 1:  # optimizer state exists from the first step on (GaLore: its memory saving)
+                nbytes = state_bytes(self.optimizer)
+                self._record({"step": self.step, "optim_state_bytes": nbytes})
+                self.say(f"slimlm: optimizer state {nbytes / 2**20:.1f} MiB on this process")
             if done_here > 1:  # the first update of a process pays for warm-up
                 t_probe, tok_probe = t_probe + dt, tok_probe + r.tokens
             if cfg.train.time_budget_minutes and not self.budget_fixed and done_here >= cfg.train.budget_probe_steps:
