@@ -91,3 +91,4 @@ def test_gguf_refuses_a_mixln_model(mix_dir, tmp_path):
     lm = load(mix_dir)
     with pytest.raises(UnsupportedArchitectureError, match="GGUF has no mix-LN layers"):
         write_gguf(lm.model, lm.tokenizer, tmp_path / "m.gguf")
+

@@ -32,7 +32,18 @@ def train_datasets(cfg: TrainConfig) -> list[TokenDataset]:
 
 def build_model(cfg: TrainConfig, data: TokenDataset) -> tuple[CausalLM, Tokenizer | None]:
     meta = data.meta
-    if cfg.model.init_from:
+    if cfg.model.growth.source and cfg.model.init_from:
+        raise SlimLMError("model.init_from and model.growth.source are exclusive: growth starts from its source")
+    if cfg.model.growth.source:
+        from slimlm.model.hub import load
+        from slimlm.train.growth import grow
+
+        g = cfg.model.growth
+        lm = load(g.source)
+        model, tok = grow(lm.model.float(), g.operator, g.factor), lm.tokenizer
+        if tok is not None and tokenizer_sha256(tok) != meta.tokenizer_sha256:
+            raise SlimLMError(f"{data.path} was tokenized with another tokenizer than {g.source}")
+    elif cfg.model.init_from:
         from slimlm.model.hub import load
 
         lm = load(cfg.model.init_from)
@@ -50,6 +61,8 @@ def build_model(cfg: TrainConfig, data: TokenDataset) -> tuple[CausalLM, Tokeniz
         vocab = cfg.model.vocab_size or -(-meta.vocab_size // 64) * 64
         mcfg = model_config(cfg.model.preset, vocab).replace(
             norm_placement=cfg.model.norm_placement, post_ln_fraction=cfg.model.post_ln_fraction)
+        if cfg.model.num_layers:
+            mcfg = mcfg.replace(num_layers=cfg.model.num_layers)
         mcfg.eos_token_id = meta.eos_id
         model = new_model(mcfg, cfg.model.init_std, cfg.train.seed)
         tok_dir = Path(data.path) / "tokenizer"

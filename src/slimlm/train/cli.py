@@ -73,6 +73,23 @@ def cmd_schedule_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_layer_effect(args: argparse.Namespace) -> int:
+    from slimlm.data.loader import PackedLoader
+    from slimlm.data.tokens import TokenDataset
+    from slimlm.model.hub import load
+    from slimlm.train.layer_effect import layer_effects
+
+    lm = load(args.model)
+    loader = PackedLoader([TokenDataset(args.data, args.split)], args.seq_len, args.micro_batch, None, "document",
+                          0, 1, 0, shuffle=False)
+    base, effects = layer_effects(lm.model, [loader.next_batch() for _ in range(args.batches)])
+    print(f"{lm.path}: held-out loss {base:.4f} ({lm.model.cfg.norm_placement}-LN)")
+    print("layer  angular_distance  loss_increase_when_dropped")
+    for e in effects:
+        print(f"{e.layer:5d}  {e.angular_distance:16.4f}  {e.drop_delta:26.4f}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="pre-train or continue pre-training a model",
                        description="Train from a TOML/JSON config; override any key with --section.key value "
@@ -101,6 +118,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     tt.add_argument("--val-fraction", type=float, default=0.01, help="held-out share, excluded from training")
     tt.add_argument("--max-chars", type=int, default=None, help="train on at most this many characters")
     tt.set_defaults(func=cmd_tokenizer_train)
+
+    le = sub.add_parser("layer-effect", help="per-layer angular distance and loss when each layer is dropped",
+                        description="How much each layer contributes (Mix-LN vs Pre-LN): angular distance between "
+                                    "a layer's input and output, and the held-out loss increase without it.")
+    le.add_argument("model", help="model name, HF directory or a training run folder")
+    le.add_argument("--data", required=True, help="prepared token folder")
+    le.add_argument("--split", default="val", choices=["train", "val"])
+    le.add_argument("--batches", type=int, default=4)
+    le.add_argument("--micro-batch", type=int, default=4)
+    le.add_argument("--seq-len", type=int, default=256)
+    le.set_defaults(func=cmd_layer_effect)
 
     s = sub.add_parser("schedule", help="learning-rate schedules").add_subparsers(dest="schedule_command", required=True)
     sp = s.add_parser("plot", help="draw the schedule of one or more configs to a PNG")

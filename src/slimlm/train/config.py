@@ -20,6 +20,26 @@ from slimlm.train.schedules import SCHEDULES, WSD, Schedule
 
 
 @dataclass
+class GrowthConfig:
+    source: str | None = None
+    """Trained smaller model to grow from (a model directory, checkpoint or run folder); None: no growth."""
+    operator: str = "stack"
+    """Growth operator from ``slimlm.train.growth.GROWTH_OPERATORS``: 'stack' is G_stack (Du et al.,
+    2024: the whole layer stack repeated), 'interleave' repeats each layer in place."""
+    factor: float = 2.0
+    """Depth growth factor g: the grown model has g x the source's layers (the paper's g = 4; any
+    factor that gives a whole number of layers)."""
+
+    def __post_init__(self) -> None:
+        from slimlm.train.growth import GROWTH_OPERATORS
+
+        if self.operator not in GROWTH_OPERATORS:
+            raise SlimLMError(f"model.growth.operator '{self.operator}' is unknown; known: {', '.join(GROWTH_OPERATORS.names())}")
+        if self.factor < 1:
+            raise SlimLMError(f"model.growth.factor must be >= 1; got {self.factor:g}")
+
+
+@dataclass
 class ModelSpec:
     preset: str = "micro"
     """Shape from ``slimlm.train.presets.PRESETS`` for training from scratch."""
@@ -27,18 +47,24 @@ class ModelSpec:
     """Known model name or HF directory to continue pre-training from (its shape wins over preset)."""
     vocab_size: int | None = None
     """Vocabulary of a new model; default: the data's tokenizer, rounded up to a multiple of 64."""
+    num_layers: int | None = None
+    """Override the preset's depth (e.g. a shallower model to grow with model.growth)."""
     init_std: float = 0.02
     """Std of the normal init of a new model's matrices (GPT-2, Radford et al., 2019)."""
     norm_placement: str = "pre"
     """'pre', 'post' or 'mix' (Mix-LN, Li et al., 2024: Post-LN in the first layers, Pre-LN after)."""
     post_ln_fraction: float = 0.25
     """Mix-LN's alpha: share of the layers, from the first, that use Post-LN (the paper's 0.25)."""
+    growth: GrowthConfig = field(default_factory=GrowthConfig)
+    """Start from a smaller trained model grown deeper (G_stack) instead of a random init."""
 
     def __post_init__(self) -> None:
         if self.norm_placement not in ("pre", "post", "mix"):
             raise SlimLMError(f"model.norm_placement must be pre, post or mix; got '{self.norm_placement}'")
         if not 0.0 <= self.post_ln_fraction <= 1.0:
             raise SlimLMError(f"model.post_ln_fraction must be in [0, 1]; got {self.post_ln_fraction}")
+        if self.num_layers is not None and self.num_layers < 1:
+            raise SlimLMError(f"model.num_layers must be >= 1; got {self.num_layers}")
 
 
 @dataclass
