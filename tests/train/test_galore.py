@@ -127,3 +127,22 @@ def test_kill_and_resume_is_step_exact(prepared, tmp_path, name):
              for p in ("ref", "cut")}
     assert curve["cut"] == curve["ref"] and len(curve["ref"]) == 6
     assert curve["ref"][6] < curve["ref"][1]
+
+
+def test_runs_compare_reports_memory_loss_and_tokens_to_reach(tmp_path, capsys):
+    import json
+
+    from slimlm.cli import main
+    from slimlm.train.compare import tokens_to_reach
+
+    assert tokens_to_reach([(100, 5.0), (200, 4.0), (300, 3.0)], 3.5) == 250.0
+    assert tokens_to_reach([(100, 5.0)], 4.0) is None
+    for name, mem, vals in (("base", 1000, [5.0, 4.0]), ("low", 400, [4.5, 3.5])):
+        (tmp_path / name).mkdir()
+        recs = [{"step": 1, "optim_state_bytes": mem}, {"step": 1, "loss": 6.0, "tokens": 100, "tok_per_s": 50.0},
+                {"step": 1, "val_loss/x": vals[0]}, {"step": 2, "loss": 5.0, "tokens": 200, "tok_per_s": 70.0},
+                {"step": 2, "val_loss/x": vals[1]}]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert main(["runs", "compare", str(tmp_path / "base"), str(tmp_path / "low")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[2].split() == ["low", "3.5000", "-12.50%", "0.0", "-60.0%", "60", "200", "150"]

@@ -90,6 +90,13 @@ def cmd_layer_effect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs_compare(args: argparse.Namespace) -> int:
+    from slimlm.train.compare import compare
+
+    print("\n".join(compare(args.baseline, args.runs)))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="pre-train or continue pre-training a model",
                        description="Train from a TOML/JSON config; override any key with --section.key value "
@@ -129,6 +136,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     le.add_argument("--micro-batch", type=int, default=4)
     le.add_argument("--seq-len", type=int, default=256)
     le.set_defaults(func=cmd_layer_effect)
+
+    r = sub.add_parser("runs", help="finished training runs").add_subparsers(dest="runs_command", required=True)
+    rc = r.add_parser("compare", help="final held-out loss, optimizer memory, tokens/s and tokens to reach the "
+                                      "baseline's final loss, each run against the first")
+    rc.add_argument("baseline", help="the baseline run folder")
+    rc.add_argument("runs", nargs="+", help="run folders to compare with it")
+    rc.set_defaults(func=cmd_runs_compare)
 
     s = sub.add_parser("schedule", help="learning-rate schedules").add_subparsers(dest="schedule_command", required=True)
     sp = s.add_parser("plot", help="draw the schedule of one or more configs to a PNG")
