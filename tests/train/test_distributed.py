@@ -20,10 +20,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 GALORE = ("--optim.name", "galore", "--optim.galore.rank", "4", "--optim.galore.update_proj_gap", "2")
+MOE = ("--model.moe.num_experts", "4", "--model.moe.intermediate_size", "32", "--model.moe.balance", "global")
 
 
-@pytest.mark.parametrize("strategy,technique", [("ddp", ()), ("fsdp2", ()), ("ddp", GALORE), ("fsdp2", GALORE)],
-                         ids=["ddp", "fsdp2", "ddp-galore", "fsdp2-galore"])
+@pytest.mark.parametrize("strategy,technique", [("ddp", ()), ("fsdp2", ()), ("ddp", GALORE), ("fsdp2", GALORE),
+                                                ("ddp", MOE)],
+                         ids=["ddp", "fsdp2", "ddp-galore", "fsdp2-galore", "ddp-moe-global-balance"])
 def test_two_process_run_matches_single_process(prepared, tmp_path, strategy, technique):
     out = tmp_path / "dist"
     out.mkdir()

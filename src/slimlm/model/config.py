@@ -59,6 +59,14 @@ class ModelConfig:
     layers keep larger gradients and contribute more."""
     post_ln_fraction: float = 0.25
     """Mix-LN's alpha: share of the layers (the first ones) that use Post-LN (0.25 in the paper)."""
+    num_experts: int = 0
+    """Mixture-of-experts MLP with this many routed experts (0: dense MLP); MiniCPM-MoE uses 8."""
+    num_experts_per_tok: int = 2
+    """Top-k: experts each token is routed to (MiniCPM-MoE and Mixtral: 2)."""
+    num_shared_experts: int = 0
+    """Experts every token goes through besides the routed ones (DeepSeekMoE)."""
+    moe_intermediate_size: int = 0
+    """Hidden width of each expert; 0 means intermediate_size."""
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
     """Unrecognised config.json keys, written back unchanged by ``to_hf``."""
 
@@ -78,6 +86,11 @@ class ModelConfig:
             raise ValueError(f"norm_placement must be one of {', '.join(NORM_PLACEMENTS)}; got '{self.norm_placement}'")
         if not 0.0 <= self.post_ln_fraction <= 1.0:
             raise ValueError(f"post_ln_fraction must be in [0, 1]; got {self.post_ln_fraction}")
+        if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok {self.num_experts_per_tok} must be between 1 and num_experts "
+                             f"{self.num_experts}")
+        if self.num_experts < 0 or self.num_shared_experts < 0 or self.moe_intermediate_size < 0:
+            raise ValueError("num_experts, num_shared_experts and moe_intermediate_size must be >= 0")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ROPE_TYPES:
             raise UnsupportedArchitectureError(
@@ -160,6 +173,7 @@ class ModelConfig:
             "model_type", "architectures", "hidden_act", "transformers_version",
             "original_max_position_embeddings", "attention_dropout", "initializer_range",
             "use_cache", "pretraining_tp", "norm_placement", "post_ln_fraction",
+            "num_local_experts", "num_experts_per_tok", "num_shared_experts", "moe_intermediate_size",
         }
         act = cfg.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
@@ -189,6 +203,10 @@ class ModelConfig:
             torch_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
             norm_placement=cfg.get("norm_placement", "pre"),
             post_ln_fraction=float(cfg.get("post_ln_fraction", 0.25)),
+            num_experts=int(cfg.get("num_local_experts", 0)),
+            num_experts_per_tok=int(cfg.get("num_experts_per_tok", 2)),
+            num_shared_experts=int(cfg.get("num_shared_experts", 0)),
+            moe_intermediate_size=int(cfg.get("moe_intermediate_size", 0)),
             extra={k: v for k, v in cfg.items() if k not in known},
         )
 
@@ -217,6 +235,9 @@ class ModelConfig:
         )
         if self.norm_placement != "pre":  # slimlm-only keys: transformers ignores them (see docs/training.md)
             cfg.update(norm_placement=self.norm_placement, post_ln_fraction=self.post_ln_fraction)
+        if self.num_experts:  # Mixtral's key names; slimlm's module names (see docs/training.md)
+            cfg.update(num_local_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
+                       num_shared_experts=self.num_shared_experts, moe_intermediate_size=self.moe_intermediate_size)
         if self.model_type == "llama":
             cfg.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
         if self.model_type == "qwen2":

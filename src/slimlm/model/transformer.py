@@ -15,6 +15,7 @@ from torch import nn
 
 from slimlm.model.attention import AttentionBackend, DenseAttention
 from slimlm.model.config import ModelConfig
+from slimlm.model.moe import MoEMLP
 from slimlm.model.rope import RotaryEmbedding, apply_rope
 
 
@@ -73,7 +74,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.self_attn = Attention(cfg, layer)
-        self.mlp = MLP(cfg)
+        self.mlp = MoEMLP(cfg, MLP) if cfg.num_experts else MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_ln = cfg.post_ln(layer)  # Mix-LN / Post-LN: the same norms, applied after the residual add

@@ -63,6 +63,10 @@ def build_model(cfg: TrainConfig, data: TokenDataset) -> tuple[CausalLM, Tokeniz
             norm_placement=cfg.model.norm_placement, post_ln_fraction=cfg.model.post_ln_fraction)
         if cfg.model.num_layers:
             mcfg = mcfg.replace(num_layers=cfg.model.num_layers)
+        moe = cfg.model.moe
+        if moe.num_experts:
+            mcfg = mcfg.replace(num_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
+                                num_shared_experts=moe.shared_experts, moe_intermediate_size=moe.intermediate_size)
         mcfg.eos_token_id = meta.eos_id
         model = new_model(mcfg, cfg.model.init_std, cfg.train.seed)
         tok_dir = Path(data.path) / "tokenizer"

@@ -40,6 +40,31 @@ class GrowthConfig:
 
 
 @dataclass
+class MoESpec:
+    num_experts: int = 0
+    """Routed experts per MoE MLP (0: dense model). MiniCPM-MoE: 8."""
+    top_k: int = 2
+    """Experts per token (MiniCPM-MoE, Mixtral: 2)."""
+    shared_experts: int = 0
+    """Experts every token also goes through (DeepSeekMoE's shared experts)."""
+    intermediate_size: int = 0
+    """Width of each expert's MLP (0: the preset's intermediate_size)."""
+    aux_loss_weight: float = 0.01
+    """Weight of the load-balancing loss (Switch Transformer and Mixtral use 0.01; 0 turns it off)."""
+    balance: str = "global"
+    """Expert frequencies f_i of the balancing loss over the 'global' batch (all micro-batches and
+    ranks; Qiu et al., 2025, "Demons in the Detail") or per 'micro_batch' (the usual implementation)."""
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 0 or self.shared_experts < 0 or self.intermediate_size < 0 or self.aux_loss_weight < 0:
+            raise SlimLMError("model.moe.num_experts, shared_experts, intermediate_size and aux_loss_weight must be >= 0")
+        if self.num_experts and not 1 <= self.top_k <= self.num_experts:
+            raise SlimLMError(f"model.moe.top_k {self.top_k} must be between 1 and model.moe.num_experts {self.num_experts}")
+        if self.balance not in ("global", "micro_batch"):
+            raise SlimLMError(f"model.moe.balance must be global or micro_batch; got '{self.balance}'")
+
+
+@dataclass
 class ModelSpec:
     preset: str = "micro"
     """Shape from ``slimlm.train.presets.PRESETS`` for training from scratch."""
@@ -55,6 +80,8 @@ class ModelSpec:
     """'pre', 'post' or 'mix' (Mix-LN, Li et al., 2024: Post-LN in the first layers, Pre-LN after)."""
     post_ln_fraction: float = 0.25
     """Mix-LN's alpha: share of the layers, from the first, that use Post-LN (the paper's 0.25)."""
+    moe: MoESpec = field(default_factory=MoESpec)
+    """Mixture-of-experts MLPs for a new model (MiniCPM-MoE shape) and their balancing loss."""
     growth: GrowthConfig = field(default_factory=GrowthConfig)
     """Start from a smaller trained model grown deeper (G_stack) instead of a random init."""
 

@@ -34,8 +34,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def lowrank_targets(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """The decoder layers' matrices (attention and MLP projections), by name."""
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.dim() == 2 and "layers." in n]
+    """The decoder layers' matrices (attention and MLP projections, not MoE routers), by name."""
+    return [(n, p) for n, p in model.named_parameters()
+            if p.requires_grad and p.dim() == 2 and "layers." in n and not n.endswith("mlp.gate.weight")]
 
 
 def lowrank_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

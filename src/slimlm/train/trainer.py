@@ -29,6 +29,7 @@ from slimlm.train import build, checkpoint, distributed
 from slimlm.train.config import TrainConfig, schedule_name, technique_changes
 from slimlm.train.interrupt import StopSignals
 from slimlm.train.metrics import MetricsLog
+from slimlm.train.moe_balance import LoadBalance
 from slimlm.train.galore import state_bytes
 from slimlm.train.optimizers import build_optimizer
 from slimlm.train.presets import count_params
@@ -66,6 +67,9 @@ class Trainer:
         self.wrapped = distributed.wrap(self.model, self.world, cfg.dist.strategy)
         self.forward = torch.compile(self.wrapped) if cfg.train.compile else self.wrapped
         self.optimizer = build_optimizer(self.wrapped, cfg.optim)
+        self.balance = LoadBalance(self.model, cfg.model.moe.balance, cfg.model.moe.aux_loss_weight, self.world)
+        self.extra: dict[str, float] = {}
+        """Technique metrics of the last update (MoE balancing loss and load entropy)."""
         self.loader = build.batch_source(cfg, self.sets, self.world)
         self.val = build.val_loaders(cfg, self.world, self.say)
         d = cfg.data
@@ -152,15 +156,25 @@ class Trainer:
         cfg, world = self.cfg, self.world
         batches = [self.loader.next_batch().to(world.device) for _ in range(cfg.train.grad_accum)]
         n_local = sum(b.target_tokens for b in batches)
-        (n_global,) = distributed.all_reduce_sum([float(n_local)], world)
-        total = torch.zeros((), device=world.device)
+        n_global, routed = distributed.all_reduce_sum(
+            [float(n_local), float(sum(b.computed_tokens for b in batches))], world)
+        total, aux = torch.zeros((), device=world.device), torch.zeros((), device=world.device)
+        if self.balance.active:
+            self.balance.begin_update(routed, len(batches))
         for i, b in enumerate(batches):
             sync = i == len(batches) - 1 or not hasattr(self.wrapped, "no_sync")
             with contextlib.nullcontext() if sync else self.wrapped.no_sync():
                 with build.autocast(cfg.train.precision, world.device):
                     s = loss_sum(self.forward, b)
-                (s * (world.size / max(n_global, 1.0))).backward()
+                    a = self.balance.loss() if self.balance.active else None
+                obj = s * (world.size / max(n_global, 1.0))
+                (obj if a is None else obj + a).backward()
             total += s.detach()
+            if a is not None:
+                aux += a.detach().float()
+        if self.balance.active:
+            (a_sum,) = distributed.all_reduce_sum([aux.item()], world)
+            self.extra = {"moe_aux_loss": a_sum / world.size, "moe_load_entropy": self.balance.load_entropy()}
         loss_total, computed = distributed.all_reduce_sum(
             [total.item(), float(sum(b.computed_tokens for b in batches))], world)
         loss = loss_total / max(n_global, 1.0)
@@ -246,7 +260,8 @@ class Trainer:
             tps = (self.tokens - tok_last) / max(now - t_last, 1e-9)
             bar.set_postfix(loss=f"{r.loss:.3f}", lr=f"{r.lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
             bar.update(1)
-            last = {"loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm, "tokens": self.tokens, "tok_per_s": tps}
+            last = {"loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm, "tokens": self.tokens, "tok_per_s": tps,
+                    **self.extra}
             if self.step % cfg.log.every == 0 or self.step == self.horizon.total_steps:
                 self._record({"step": self.step, **last, "skipped": self.skipped})
                 t_last, tok_last = now, self.tokens
