@@ -86,7 +86,7 @@ def batch_source(cfg: TrainConfig, sets: list[TokenDataset], world: World) -> Ba
         if len(sets) > 1:
             raise SlimLMError("data.packing 'varlen' takes one train folder")
         return VariableLengthSampler(sets[0], d.micro_batch * d.seq_len * world.size, d.seq_len, d.min_len,
-                                     world.rank, world.size, d.seed)
+                                     world.rank, world.size, d.seed, d.curriculum, d.curriculum_cycles)
     return PackedLoader(sets, d.seq_len, d.micro_batch, d.weights or None, d.packing, world.rank, world.size, d.seed)
 
 

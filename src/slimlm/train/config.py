@@ -111,12 +111,24 @@ class DataConfig:
     """Sequences per rank per forward (for 'varlen': micro_batch * seq_len tokens per forward)."""
     min_len: int = 32
     """'varlen': shortest chunk kept."""
+    curriculum: str = "uniform"
+    """'varlen': order of the length buckets (``slimlm.data.curriculum.CURRICULA``): 'uniform', or
+    'grow' (Dataset Decomposition's short-to-long curriculum, Pouransari et al., 2024, Sec. 3.2)."""
+    curriculum_cycles: int = 1
+    """'grow': short-to-long rounds per epoch (the paper's cyclic curriculum)."""
     seed: int = 0
     """Seeds the document order of every epoch."""
 
     def __post_init__(self) -> None:
         if self.packing not in ("document", "concat", "varlen"):
             raise SlimLMError(f"data.packing must be document, concat or varlen; got '{self.packing}'")
+        from slimlm.data.curriculum import CURRICULA
+
+        CURRICULA.get(self.curriculum)  # unknown names list the known ones
+        if self.curriculum_cycles < 1:
+            raise SlimLMError(f"data.curriculum_cycles must be >= 1; got {self.curriculum_cycles}")
+        if self.curriculum != "uniform" and self.packing != "varlen":
+            raise SlimLMError(f"data.curriculum '{self.curriculum}' orders length buckets: it needs data.packing = 'varlen'")
         if self.seq_len < 2 or self.micro_batch < 1:
             raise SlimLMError("data.seq_len must be >= 2 and data.micro_batch >= 1")
 
@@ -256,7 +268,7 @@ class TrainConfig:
 
 #: Config keys (prefixes of flattened keys) that define *what* is trained: resuming with any of them
 #: changed mixes two recipes in one run, so it is refused unless checkpoint.allow_config_change.
-TECHNIQUE_KEYS = ("model.", "optim.name", "optim.galore.")
+TECHNIQUE_KEYS = ("model.", "optim.name", "optim.galore.", "data.packing", "data.curriculum")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

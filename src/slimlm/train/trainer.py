@@ -72,6 +72,9 @@ class Trainer:
         """Technique metrics of the last update (MoE balancing loss and load entropy)."""
         self.loader = build.batch_source(cfg, self.sets, self.world)
         self.val = build.val_loaders(cfg, self.world, self.say)
+        if hasattr(self.loader, "attention_cost"):  # varlen: what Dataset Decomposition saves
+            self.say(f"slimlm: varlen buckets keep {self.loader.kept_fraction:.1%} of the tokens; attention work "
+                     f"{self.loader.attention_cost:.1%} of fixed {cfg.data.seq_len}-token rows")
         d = cfg.data
         per_micro = d.micro_batch * d.seq_len * self.world.size
         self.horizon = Horizon(cfg.train.steps, per_micro * cfg.train.grad_accum,
@@ -120,6 +123,13 @@ class Trainer:
         self.step, self.tokens, self.skipped = int(t["step"]), int(t["tokens"]), int(t.get("skipped", 0))
         self.loader.load_state_dict(t["data"])
         torch.set_rng_state(state.rng["torch"])
+        if "cuda" in state.rng and torch.cuda.is_available():  # saved since checkpoints began; now restored too
+            cuda_states = state.rng["cuda"]
+            if len(cuda_states) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(cuda_states)
+            else:
+                self.say(f"slimlm: warning: checkpoint has {len(cuda_states)} CUDA RNG states for "
+                         f"{torch.cuda.device_count()} visible GPUs; CUDA RNG not restored")
         if t.get("budget_fixed"):  # a time budget fixed the horizon: keep it
             self.horizon, self.budget_fixed = self.horizon._replace(total_steps=int(t["total_steps"])), True
         self.checkpoint = path
