@@ -248,6 +248,33 @@ class DistConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """Training objective: a mixture of token-prediction targets (TokenUnify, Chen et al., 2024);
+    the default is plain next-token prediction. See ``slimlm.train.token_mixture``."""
+
+    next_token: float = 1.0
+    """Weight of next-token prediction."""
+    next_all: float = 0.0
+    """Weight of next-all-token prediction: the mean loss of predicting each of the next ``horizon`` tokens."""
+    random_position: float = 0.0
+    """Weight of predicting the token at one random offset k in [2, horizon] (drawn per update)."""
+    horizon: int = 4
+    """K: how far ahead next_all and random_position look."""
+
+    def __post_init__(self) -> None:
+        ws = (self.next_token, self.next_all, self.random_position)
+        if min(ws) < 0 or sum(ws) <= 0:
+            raise SlimLMError(f"objective weights (next_token {self.next_token}, next_all {self.next_all}, "
+                              f"random_position {self.random_position}) must be >= 0 and sum to a positive value")
+        if self.horizon < 1:
+            raise SlimLMError(f"objective.horizon must be >= 1; got {self.horizon}")
+
+    @property
+    def plain(self) -> bool:
+        return self.next_all == 0 and self.random_position == 0
+
+
+@dataclass
 class TrainConfig:
     out_dir: str = "runs/run"
     """Checkpoints, metrics.jsonl and TensorBoard logs go here."""
@@ -259,6 +286,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -268,7 +296,7 @@ class TrainConfig:
 
 #: Config keys (prefixes of flattened keys) that define *what* is trained: resuming with any of them
 #: changed mixes two recipes in one run, so it is refused unless checkpoint.allow_config_change.
-TECHNIQUE_KEYS = ("model.", "optim.name", "optim.galore.", "data.packing", "data.curriculum")
+TECHNIQUE_KEYS = ("model.", "optim.name", "optim.galore.", "data.packing", "data.curriculum", "objective.")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

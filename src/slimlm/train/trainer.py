@@ -34,6 +34,7 @@ from slimlm.train.galore import state_bytes
 from slimlm.train.optimizers import build_optimizer
 from slimlm.train.presets import count_params
 from slimlm.train.schedules import Horizon, horizon_warnings
+from slimlm.train.token_mixture import mixture_loss_sum
 
 
 def log(msg: str) -> None:
@@ -175,7 +176,7 @@ class Trainer:
             sync = i == len(batches) - 1 or not hasattr(self.wrapped, "no_sync")
             with contextlib.nullcontext() if sync else self.wrapped.no_sync():
                 with build.autocast(cfg.train.precision, world.device):
-                    s = loss_sum(self.forward, b)
+                    s = self._objective(b)
                     a = self.balance.loss() if self.balance.active else None
                 obj = s * (world.size / max(n_global, 1.0))
                 (obj if a is None else obj + a).backward()
@@ -203,6 +204,13 @@ class Trainer:
         self.step += 1
         self.tokens += int(computed)
         return UpdateResult(loss, grad_norm, lr, int(computed), skipped)
+
+    def _objective(self, b: Batch) -> torch.Tensor:
+        o = self.cfg.objective
+        if o.plain and o.next_token == 1.0:
+            return loss_sum(self.forward, b)
+        gen = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + self.step)  # resumable: a function of the step
+        return mixture_loss_sum(self.forward, b, o.next_token, o.next_all, o.random_position, o.horizon, gen)
 
     def _clip(self) -> float:
         params = [p for p in self.wrapped.parameters() if p.grad is not None]
