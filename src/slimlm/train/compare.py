@@ -38,7 +38,8 @@ def summarize(run: str | Path) -> RunSummary:
     if not keys:
         raise SlimLMError(f"{run} has no held-out evaluation in its metrics")
     tok = {r["step"]: r["tokens"] for r in recs if "tokens" in r}
-    curve = [(tok.get(r["step"], 0), r[keys[0]]) for r in recs if keys[0] in r]
+    per_update = tok[max(tok)] / max(tok) if tok and max(tok) else 0  # evaluations between logged updates
+    curve = [(tok.get(r["step"], round(r["step"] * per_update)), r[keys[0]]) for r in recs if keys[0] in r]
     mem = next((r["optim_state_bytes"] for r in recs if "optim_state_bytes" in r), None)
     tps = [r["tok_per_s"] for r in recs if "tok_per_s" in r]
     return RunSummary(Path(run).name, curve[-1][1], max(tok.values(), default=0), mem,
