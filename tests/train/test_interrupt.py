@@ -38,7 +38,6 @@ def signal_at(monkeypatch, step: int, sig: int) -> None:
 def test_signal_checkpoints_the_current_update_and_prints_the_resume_command(prepared, tmp_path, capsys,
                                                                             monkeypatch, sig, code):
     ref = tmp_path / "ref"
-
     t = Trainer(tiny_config(prepared, ref, "--checkpoint.every", "0"))
     t.fit()
     t.close()
