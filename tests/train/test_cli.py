@@ -42,7 +42,7 @@ def test_bad_input(prepared, tmp_path, capsys):
     one_line_error(capsys, ["train", str(cfg), *tiny_args(prepared, tmp_path / "r", "--model.preset", "huge")],
                    "unknown model preset 'huge'", "tiny-15m")
     one_line_error(capsys, ["train", str(cfg), *tiny_args(prepared, tmp_path / "r", "--optim.name", "sgdd")],
-                   "unknown optimizer 'sgdd'", "adamw, lamb")
+                   "unknown optimizer 'sgdd'", "adamw, galore, gradnorm_lorp, lamb")
     # a checkpoint of another shape, and a corrupt one asked for by name
     assert main(["train", str(cfg), *tiny_args(prepared, tmp_path / "r", "--steps", "1")]) == 0
     one_line_error(capsys, ["train", str(cfg), *tiny_args(prepared, tmp_path / "r", "--model.vocab_size", "448")],

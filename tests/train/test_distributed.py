@@ -19,14 +19,20 @@ from tests.train.helpers import tiny_args, tiny_config
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_two_process_run_matches_single_process(prepared, tmp_path, strategy):
+GALORE = ("--optim.name", "galore", "--optim.galore.rank", "4", "--optim.galore.update_proj_gap", "2")
+MOE = ("--model.moe.num_experts", "4", "--model.moe.intermediate_size", "32", "--model.moe.balance", "global")
+
+
+@pytest.mark.parametrize("strategy,technique", [("ddp", ()), ("fsdp2", ()), ("ddp", GALORE), ("fsdp2", GALORE),
+                                                ("ddp", MOE)],
+                         ids=["ddp", "fsdp2", "ddp-galore", "fsdp2-galore", "ddp-moe-global-balance"])
+def test_two_process_run_matches_single_process(prepared, tmp_path, strategy, technique):
     out = tmp_path / "dist"
     out.mkdir()
-    extra = ["--train.steps", "4", "--checkpoint.every", "0", "--dist.strategy", strategy]
+    extra = ["--train.steps", "4", "--checkpoint.every", "0", "--dist.strategy", strategy, *technique]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "tests.train.dist_worker", str(out), *tiny_args(prepared, out, *extra)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     try:

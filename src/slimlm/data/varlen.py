@@ -8,9 +8,9 @@ batch_tokens / L sequences of length L, so attention cost follows the real docum
 no sequence mixes documents or needs a mask. Chunks shorter than ``min_len`` and each bucket's
 remainder that does not fill a batch are left out (reported by ``kept_fraction``).
 
-The batch order of an epoch is a permutation seeded by (seed, epoch): uniform over batches,
-i.e. buckets are sampled in proportion to their tokens. The Dataset Decomposition curriculum
-replaces :meth:`batch_order`.
+The batch order of an epoch is seeded by (seed, epoch) and chosen by name from
+``slimlm.data.curriculum.CURRICULA``: 'uniform' (a permutation: buckets sampled in proportion to
+their tokens) or 'grow' (the paper's short-to-long curriculum, in cycles).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from slimlm.data.curriculum import CURRICULA
 from slimlm.data.packing import Batch, collate
 from slimlm.data.tokens import TokenDataset
 from slimlm.errors import SlimLMError
@@ -46,7 +47,12 @@ class VariableLengthSampler:
         rank: int = 0,
         world: int = 1,
         seed: int = 0,
+        curriculum: str = "uniform",
+        cycles: int = 1,
     ):
+        self.curriculum, self.cycles = CURRICULA.get(curriculum), cycles
+        if cycles < 1:
+            raise SlimLMError(f"data.curriculum_cycles must be >= 1; got {cycles}")
         for name, v in (("max_len", max_len), ("min_len", min_len)):
             if v <= 0 or v & (v - 1):
                 raise SlimLMError(f"{name} must be a power of two, got {v}")
@@ -55,6 +61,7 @@ class VariableLengthSampler:
                 f"batch_tokens ({batch_tokens}) must be a multiple of max_len x world ({max_len} x {world})"
             )
         self.ds, self.batch_tokens, self.rank, self.world, self.seed = dataset, batch_tokens, rank, world, seed
+        self.max_len = max_len
         buckets: dict[int, list[int]] = {}
         for d, n in enumerate(dataset.lengths):
             start = int(dataset.offsets[d])
@@ -74,15 +81,21 @@ class VariableLengthSampler:
         used = sum(n * self.batch_tokens for n in self.batches_per_epoch.values())
         return used / max(1, int((self.ds.lengths - 1).sum()))
 
+    @property
+    def attention_cost(self) -> float:
+        """Attention score work per epoch (sum of L^2 over sequences) / the same tokens in max_len rows."""
+        used = {k: n * self.batch_tokens for k, n in self.batches_per_epoch.items()}  # tokens per length
+        return sum(t * k for k, t in used.items()) / max(1, sum(used.values()) * self.max_len)
+
     def batch_order(self, epoch: int) -> list[tuple[int, np.ndarray]]:
-        """The epoch's batches as (length, chunk starts), shuffled."""
+        """The epoch's batches as (length, chunk starts), in the curriculum's order."""
         rng = np.random.default_rng([self.seed, epoch])
-        batches = []
+        by_length = {}
         for length, starts in self.buckets.items():
             per = self.batch_tokens // length
             perm = rng.permutation(starts)
-            batches += [(length, perm[i * per : (i + 1) * per]) for i in range(self.batches_per_epoch[length])]
-        return [batches[i] for i in rng.permutation(len(batches))]
+            by_length[length] = [(length, perm[i * per : (i + 1) * per]) for i in range(self.batches_per_epoch[length])]
+        return self.curriculum(by_length, rng, self.cycles)
 
     def next_batch(self) -> Batch:
         n = sum(self.batches_per_epoch.values())

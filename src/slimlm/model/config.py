@@ -21,6 +21,7 @@ SUPPORTED_ARCHITECTURES = {
 }
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+NORM_PLACEMENTS = ("pre", "post", "mix")
 
 
 @dataclass
@@ -52,6 +53,20 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     torch_dtype: str = "float32"
+    norm_placement: str = "pre"
+    """'pre' (Llama), 'post' (original Transformer) or 'mix': Mix-LN (Li et al., 2024), Post-LN in
+    the first ``int(post_ln_fraction * num_layers)`` layers and Pre-LN in the rest, so the deeper
+    layers keep larger gradients and contribute more."""
+    post_ln_fraction: float = 0.25
+    """Mix-LN's alpha: share of the layers (the first ones) that use Post-LN (0.25 in the paper)."""
+    num_experts: int = 0
+    """Mixture-of-experts MLP with this many routed experts (0: dense MLP); MiniCPM-MoE uses 8."""
+    num_experts_per_tok: int = 2
+    """Top-k: experts each token is routed to (MiniCPM-MoE and Mixtral: 2)."""
+    num_shared_experts: int = 0
+    """Experts every token goes through besides the routed ones (DeepSeekMoE)."""
+    moe_intermediate_size: int = 0
+    """Hidden width of each expert; 0 means intermediate_size."""
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
     """Unrecognised config.json keys, written back unchanged by ``to_hf``."""
 
@@ -67,6 +82,15 @@ class ModelConfig:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
+        if self.norm_placement not in NORM_PLACEMENTS:
+            raise ValueError(f"norm_placement must be one of {', '.join(NORM_PLACEMENTS)}; got '{self.norm_placement}'")
+        if not 0.0 <= self.post_ln_fraction <= 1.0:
+            raise ValueError(f"post_ln_fraction must be in [0, 1]; got {self.post_ln_fraction}")
+        if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok {self.num_experts_per_tok} must be between 1 and num_experts "
+                             f"{self.num_experts}")
+        if self.num_experts < 0 or self.num_shared_experts < 0 or self.moe_intermediate_size < 0:
+            raise ValueError("num_experts, num_shared_experts and moe_intermediate_size must be >= 0")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ROPE_TYPES:
             raise UnsupportedArchitectureError(
@@ -85,6 +109,12 @@ class ModelConfig:
         if params.get("rope_type") == "dynamic":
             return int(self.max_position_embeddings * float(params["factor"]))
         return self.max_position_embeddings
+
+    def post_ln(self, layer: int) -> bool:
+        """Whether ``layer`` normalizes after its residual additions (Post-LN) instead of before."""
+        if self.norm_placement == "mix":
+            return layer < int(self.post_ln_fraction * self.num_layers)
+        return self.norm_placement == "post"
 
     def window_for_layer(self, layer: int) -> int | None:
         return self.sliding_window if layer in self.sliding_layers else None
@@ -142,7 +172,8 @@ class ModelConfig:
             "mlp_bias", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype",
             "model_type", "architectures", "hidden_act", "transformers_version",
             "original_max_position_embeddings", "attention_dropout", "initializer_range",
-            "use_cache", "pretraining_tp",
+            "use_cache", "pretraining_tp", "norm_placement", "post_ln_fraction",
+            "num_local_experts", "num_experts_per_tok", "num_shared_experts", "moe_intermediate_size",
         }
         act = cfg.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
@@ -170,6 +201,12 @@ class ModelConfig:
             eos_token_id=cfg.get("eos_token_id"),
             pad_token_id=cfg.get("pad_token_id"),
             torch_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
+            norm_placement=cfg.get("norm_placement", "pre"),
+            post_ln_fraction=float(cfg.get("post_ln_fraction", 0.25)),
+            num_experts=int(cfg.get("num_local_experts", 0)),
+            num_experts_per_tok=int(cfg.get("num_experts_per_tok", 2)),
+            num_shared_experts=int(cfg.get("num_shared_experts", 0)),
+            moe_intermediate_size=int(cfg.get("moe_intermediate_size", 0)),
             extra={k: v for k, v in cfg.items() if k not in known},
         )
 
@@ -196,6 +233,11 @@ class ModelConfig:
             pad_token_id=self.pad_token_id,
             torch_dtype=self.torch_dtype,
         )
+        if self.norm_placement != "pre":  # slimlm-only keys: transformers ignores them (see docs/training.md)
+            cfg.update(norm_placement=self.norm_placement, post_ln_fraction=self.post_ln_fraction)
+        if self.num_experts:  # Mixtral's key names; slimlm's module names (see docs/training.md)
+            cfg.update(num_local_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
+                       num_shared_experts=self.num_shared_experts, moe_intermediate_size=self.moe_intermediate_size)
         if self.model_type == "llama":
             cfg.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
         if self.model_type == "qwen2":

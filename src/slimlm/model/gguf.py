@@ -214,6 +214,12 @@ def write_gguf(model, tokenizer: Tokenizer, path: str | Path, qtype: str = "F32"
     import gguf
 
     cfg: ModelConfig = model.cfg
+    if cfg.num_experts:
+        raise UnsupportedArchitectureError("GGUF export of slimlm's mixture-of-experts layers is not supported; "
+                                           "keep this model as a Hugging Face directory")
+    if cfg.norm_placement != "pre":
+        raise UnsupportedArchitectureError(f"GGUF has no {cfg.norm_placement}-LN layers (llama.cpp computes Pre-LN); "
+                                           "keep this model as a Hugging Face directory")
     arch = GGUF_ARCHS[cfg.model_type]
     qt = gguf.GGMLQuantizationType[qtype]
     path = Path(path)

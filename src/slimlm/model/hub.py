@@ -99,6 +99,7 @@ def load(
         if not path.exists():
             known = ", ".join(KNOWN_MODELS)
             raise ModelLoadError(f"model '{src}' not found: no such path, and not a known name ({known})")
+    path = newest_run_checkpoint(path)
     if path.is_dir() and not (path / "config.json").exists():
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
@@ -126,6 +127,19 @@ def load(
             "they do not belong together"
         )
     return LoadedModel(model, tokenizer, path, gen, time.perf_counter() - t0)
+
+
+def newest_run_checkpoint(path: Path) -> Path:
+    """A training run folder (``slimlm train``'s out_dir) stands for its newest good checkpoint;
+    any other path is returned as it is."""
+    if not path.is_dir() or (path / "config.json").exists() or not (path / "checkpoints").is_dir():
+        return path
+    from slimlm.train.checkpoint import latest_good  # lazy: train imports this module
+
+    found = latest_good(path / "checkpoints")
+    if found is None:
+        raise ModelLoadError(f"run folder {path} has no complete checkpoint yet")
+    return found
 
 
 # ---------------------------------------------------------------------------- named model cache

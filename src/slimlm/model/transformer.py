@@ -17,6 +17,7 @@ from torch import nn
 
 from slimlm.model.attention import AttentionBackend, DenseAttention
 from slimlm.model.config import ModelConfig
+from slimlm.model.moe import MoEMLP
 from slimlm.model.rope import RotaryEmbedding, apply_rope
 
 
@@ -99,26 +100,39 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.self_attn = Attention(cfg, layer)
-        self.mlp = MLP(cfg)
+        self.mlp = MoEMLP(cfg, MLP) if cfg.num_experts else MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_ln = cfg.post_ln(layer)  # Mix-LN / Post-LN: the same norms, applied after the residual add
+
+    def attn_block(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend,
+                   rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention sub-block with its residual (Pre-LN, or Post-LN for Mix-LN's first
+        layers); only ``rows`` (all when None) change, every row writes its keys and values."""
+        if self.post_ln:
+            a = self.self_attn(x, cos, sin, attn, rows)  # (B, R, D)
+            if rows is None:
+                return self.input_layernorm(x + a)
+            return x.index_copy(1, rows, self.input_layernorm(x[:, rows] + a))
+        a = self.self_attn(self.input_layernorm(x), cos, sin, attn, rows)
+        return x + a if rows is None else x.index_add(1, rows, a)
+
+    def mlp_block(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The MLP sub-block with its residual, for ``rows`` (all when None)."""
+        if rows is not None:
+            return x if rows.numel() == 0 else x.index_copy(1, rows, self.mlp_block(x[:, rows]))
+        if self.post_ln:
+            return self.post_attention_layernorm(x + self.mlp(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend,
         plan: RowPlan | None = None,
     ) -> torch.Tensor:
         if plan is None:
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
-            return x + self.mlp(self.post_attention_layernorm(x))
-        rows = plan.q_rows
-        a = self.self_attn(self.input_layernorm(x), cos, sin, attn, rows)  # (B, R, D)
-        x = x + a if rows is None else x.index_add(1, rows, a)
-        mlp_rows = plan.mlp_rows if plan.mlp_rows is not None else rows
-        if mlp_rows is None:
-            return x + self.mlp(self.post_attention_layernorm(x))
-        if mlp_rows.numel() == 0:
-            return x
-        return x.index_add(1, mlp_rows, self.mlp(self.post_attention_layernorm(x[:, mlp_rows])))
+            return self.mlp_block(self.attn_block(x, cos, sin, attn))
+        x = self.attn_block(x, cos, sin, attn, plan.q_rows)
+        return self.mlp_block(x, plan.mlp_rows if plan.mlp_rows is not None else plan.q_rows)
 
 
 class Backbone(nn.Module):

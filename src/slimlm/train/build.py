@@ -32,11 +32,26 @@ def train_datasets(cfg: TrainConfig) -> list[TokenDataset]:
 
 def build_model(cfg: TrainConfig, data: TokenDataset) -> tuple[CausalLM, Tokenizer | None]:
     meta = data.meta
-    if cfg.model.init_from:
+    if cfg.model.growth.source and cfg.model.init_from:
+        raise SlimLMError("model.init_from and model.growth.source are exclusive: growth starts from its source")
+    if cfg.model.growth.source:
+        from slimlm.model.hub import load
+        from slimlm.train.growth import grow
+
+        g = cfg.model.growth
+        lm = load(g.source)
+        model, tok = grow(lm.model.float(), g.operator, g.factor), lm.tokenizer
+        if tok is not None and tokenizer_sha256(tok) != meta.tokenizer_sha256:
+            raise SlimLMError(f"{data.path} was tokenized with another tokenizer than {g.source}")
+    elif cfg.model.init_from:
         from slimlm.model.hub import load
 
         lm = load(cfg.model.init_from)
         model, tok = lm.model, lm.tokenizer
+        if (cfg.model.norm_placement, cfg.model.post_ln_fraction) != ("pre", 0.25) and (
+                cfg.model.norm_placement, cfg.model.post_ln_fraction) != (model.cfg.norm_placement, model.cfg.post_ln_fraction):
+            raise SlimLMError(f"model.norm_placement / post_ln_fraction shape new models; {cfg.model.init_from} keeps "
+                              f"its own ({model.cfg.norm_placement}, {model.cfg.post_ln_fraction})")
         if tok is not None and tokenizer_sha256(tok) != meta.tokenizer_sha256:
             raise SlimLMError(
                 f"{data.path} was tokenized with another tokenizer than {cfg.model.init_from}; "
@@ -44,7 +59,14 @@ def build_model(cfg: TrainConfig, data: TokenDataset) -> tuple[CausalLM, Tokeniz
             )
     else:
         vocab = cfg.model.vocab_size or -(-meta.vocab_size // 64) * 64
-        mcfg = model_config(cfg.model.preset, vocab)
+        mcfg = model_config(cfg.model.preset, vocab).replace(
+            norm_placement=cfg.model.norm_placement, post_ln_fraction=cfg.model.post_ln_fraction)
+        if cfg.model.num_layers:
+            mcfg = mcfg.replace(num_layers=cfg.model.num_layers)
+        moe = cfg.model.moe
+        if moe.num_experts:
+            mcfg = mcfg.replace(num_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
+                                num_shared_experts=moe.shared_experts, moe_intermediate_size=moe.intermediate_size)
         mcfg.eos_token_id = meta.eos_id
         model = new_model(mcfg, cfg.model.init_std, cfg.train.seed)
         tok_dir = Path(data.path) / "tokenizer"
@@ -64,7 +86,7 @@ def batch_source(cfg: TrainConfig, sets: list[TokenDataset], world: World) -> Ba
         if len(sets) > 1:
             raise SlimLMError("data.packing 'varlen' takes one train folder")
         return VariableLengthSampler(sets[0], d.micro_batch * d.seq_len * world.size, d.seq_len, d.min_len,
-                                     world.rank, world.size, d.seed)
+                                     world.rank, world.size, d.seed, d.curriculum, d.curriculum_cycles)
     return PackedLoader(sets, d.seq_len, d.micro_batch, d.weights or None, d.packing, world.rank, world.size, d.seed)
 
 

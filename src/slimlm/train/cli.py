@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -11,24 +12,43 @@ ALIASES = {"time_budget": "train.time_budget_minutes", "steps": "train.steps", "
 
 def cmd_train(args: argparse.Namespace) -> int:
     from slimlm.train.config import load_config, parse_overrides
+    from slimlm.train.interrupt import EXIT_CODES, resume_command
     from slimlm.train.trainer import Trainer
 
-    overrides = [o for o in args.overrides if o != "--print-config"]
+    given = [o for o in args.overrides if o != "--print-config"]
+    print_config = args.print_config or len(given) < len(args.overrides)
+    overrides = [a for a in given if a != "--allow-config-change"]
+    if len(overrides) < len(given):
+        overrides += ["--checkpoint.allow_config_change", "true"]
     pairs = [(ALIASES.get(k, k), v) for k, v in parse_overrides(overrides)]
     cfg = load_config(args.config, [x for k, v in pairs for x in (f"--{k}", v)])
-    if args.print_config or len(overrides) < len(args.overrides):
+    if print_config:
         from slimlm.train.config_toml import to_toml
 
         print(to_toml(cfg.to_dict()), end="")
         return 0
     trainer = Trainer(cfg)
+    if trainer.finished:
+        trainer.close()
+        if trainer.world.main:
+            print(f"{cfg.out_dir} already finished: {trainer.step} of {trainer.horizon.total_steps} updates done, "
+                  f"final checkpoint {trainer.checkpoint}; nothing to train (raise --train.steps to continue it, "
+                  f"or pick another --out_dir to start over)", file=sys.stderr)
+        return 0
     try:
         last = trainer.fit()
     finally:
         trainer.close()
-    if trainer.world.main:
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k.startswith(("loss", "val_")))
-        print(f"done: {trainer.step} updates, {trainer.tokens:,} tokens; {shown}", file=sys.stderr)
+    if not trainer.world.main:
+        return EXIT_CODES.get(getattr(signal, trainer.interrupted, None), 0) if trainer.interrupted else 0
+    if trainer.interrupted:
+        cmd = resume_command(args.config, args.overrides, cfg.checkpoint.resume, cfg.checkpoint.resume_from)
+        print(f"interrupted ({trainer.interrupted}) at update {trainer.step} of {trainer.horizon.total_steps}; "
+              f"checkpoint {trainer.checkpoint}; resume with: {cmd}", file=sys.stderr)
+        return EXIT_CODES.get(getattr(signal, trainer.interrupted, None), 1)
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k.startswith(("loss", "val_")))
+    print(f"done: {trainer.step} updates, {trainer.tokens:,} tokens; {shown}; final checkpoint {trainer.checkpoint}",
+          file=sys.stderr)
     return 0
 
 
@@ -81,12 +101,38 @@ def config_keys() -> str:
     return "config keys (--section.key VALUE):\n  " + ", ".join(top) + "\n" + "\n".join(lines)
 
 
+def cmd_layer_effect(args: argparse.Namespace) -> int:
+    from slimlm.data.loader import PackedLoader
+    from slimlm.data.tokens import TokenDataset
+    from slimlm.model.hub import load
+    from slimlm.train.layer_effect import layer_effects
+
+    lm = load(args.model)
+    loader = PackedLoader([TokenDataset(args.data, args.split)], args.seq_len, args.micro_batch, None, "document",
+                          0, 1, 0, shuffle=False)
+    base, effects = layer_effects(lm.model, [loader.next_batch() for _ in range(args.batches)])
+    print(f"{lm.path}: held-out loss {base:.4f} ({lm.model.cfg.norm_placement}-LN)")
+    print("layer  angular_distance  loss_increase_when_dropped")
+    for e in effects:
+        print(f"{e.layer:5d}  {e.angular_distance:16.4f}  {e.drop_delta:26.4f}")
+    return 0
+
+
+def cmd_runs_compare(args: argparse.Namespace) -> int:
+    from slimlm.train.compare import compare
+
+    print("\n".join(compare(args.baseline, args.runs)))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="pre-train or continue pre-training a model", epilog=config_keys(),
                        description="Train from a TOML/JSON config; override any key with --section.key value "
                                    "(e.g. --train.steps 100 --schedule.name cosine); --time-budget MINUTES. "
                                    "--print-config prints the effective config (after overrides) as TOML "
-                                   "and exits; an unknown key lists the valid ones.")
+                                   "and exits; an unknown key lists the valid ones. Ctrl-C / SIGTERM checkpoints "
+                                   "the current update and prints the resume command; --allow-config-change "
+                                   "resumes a run whose technique settings changed.")
     t.add_argument("--print-config", action="store_true", help="print the effective config as TOML and exit")
     t.add_argument("config", help="TOML or JSON config file")
     t.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value ...")
@@ -110,6 +156,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     tt.add_argument("--val-fraction", type=float, default=0.01, help="held-out share, excluded from training")
     tt.add_argument("--max-chars", type=int, default=None, help="train on at most this many characters")
     tt.set_defaults(func=cmd_tokenizer_train)
+
+    le = sub.add_parser("layer-effect", help="per-layer angular distance and loss when each layer is dropped",
+                        description="How much each layer contributes (Mix-LN vs Pre-LN): angular distance between "
+                                    "a layer's input and output, and the held-out loss increase without it.")
+    le.add_argument("model", help="model name, HF directory or a training run folder")
+    le.add_argument("--data", required=True, help="prepared token folder")
+    le.add_argument("--split", default="val", choices=["train", "val"])
+    le.add_argument("--batches", type=int, default=4)
+    le.add_argument("--micro-batch", type=int, default=4)
+    le.add_argument("--seq-len", type=int, default=256)
+    le.set_defaults(func=cmd_layer_effect)
+
+    r = sub.add_parser("runs", help="finished training runs").add_subparsers(dest="runs_command", required=True,
+                                                                             metavar="COMMAND")
+    rc = r.add_parser("compare", help="final held-out loss, optimizer memory, tokens/s and tokens to reach the "
+                                      "baseline's final loss, each run against the first")
+    rc.add_argument("baseline", help="the baseline run folder")
+    rc.add_argument("runs", nargs="+", help="run folders to compare with it")
+    rc.set_defaults(func=cmd_runs_compare)
 
     s = sub.add_parser("schedule", help="learning-rate schedules").add_subparsers(dest="schedule_command", required=True, metavar="COMMAND")
     sp = s.add_parser("plot", help="draw the schedule of one or more configs to a PNG")

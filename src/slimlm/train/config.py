@@ -20,6 +20,51 @@ from slimlm.train.schedules import SCHEDULES, WSD, Schedule
 
 
 @dataclass
+class GrowthConfig:
+    source: str | None = None
+    """Trained smaller model to grow from (a model directory, checkpoint or run folder); None: no growth."""
+    operator: str = "stack"
+    """Growth operator from ``slimlm.train.growth.GROWTH_OPERATORS``: 'stack' is G_stack (Du et al.,
+    2024: the whole layer stack repeated), 'interleave' repeats each layer in place."""
+    factor: float = 2.0
+    """Depth growth factor g: the grown model has g x the source's layers (the paper's g = 4; any
+    factor that gives a whole number of layers)."""
+
+    def __post_init__(self) -> None:
+        from slimlm.train.growth import GROWTH_OPERATORS
+
+        if self.operator not in GROWTH_OPERATORS:
+            raise SlimLMError(f"model.growth.operator '{self.operator}' is unknown; known: {', '.join(GROWTH_OPERATORS.names())}")
+        if self.factor < 1:
+            raise SlimLMError(f"model.growth.factor must be >= 1; got {self.factor:g}")
+
+
+@dataclass
+class MoESpec:
+    num_experts: int = 0
+    """Routed experts per MoE MLP (0: dense model). MiniCPM-MoE: 8."""
+    top_k: int = 2
+    """Experts per token (MiniCPM-MoE, Mixtral: 2)."""
+    shared_experts: int = 0
+    """Experts every token also goes through (DeepSeekMoE's shared experts)."""
+    intermediate_size: int = 0
+    """Width of each expert's MLP (0: the preset's intermediate_size)."""
+    aux_loss_weight: float = 0.01
+    """Weight of the load-balancing loss (Switch Transformer and Mixtral use 0.01; 0 turns it off)."""
+    balance: str = "global"
+    """Expert frequencies f_i of the balancing loss over the 'global' batch (all micro-batches and
+    ranks; Qiu et al., 2025, "Demons in the Detail") or per 'micro_batch' (the usual implementation)."""
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 0 or self.shared_experts < 0 or self.intermediate_size < 0 or self.aux_loss_weight < 0:
+            raise SlimLMError("model.moe.num_experts, shared_experts, intermediate_size and aux_loss_weight must be >= 0")
+        if self.num_experts and not 1 <= self.top_k <= self.num_experts:
+            raise SlimLMError(f"model.moe.top_k {self.top_k} must be between 1 and model.moe.num_experts {self.num_experts}")
+        if self.balance not in ("global", "micro_batch"):
+            raise SlimLMError(f"model.moe.balance must be global or micro_batch; got '{self.balance}'")
+
+
+@dataclass
 class ModelSpec:
     preset: str = "micro"
     """Shape from ``slimlm.train.presets.PRESETS`` for training from scratch."""
@@ -27,8 +72,26 @@ class ModelSpec:
     """Known model name or HF directory to continue pre-training from (its shape wins over preset)."""
     vocab_size: int | None = None
     """Vocabulary of a new model; default: the data's tokenizer, rounded up to a multiple of 64."""
+    num_layers: int | None = None
+    """Override the preset's depth (e.g. a shallower model to grow with model.growth)."""
     init_std: float = 0.02
     """Std of the normal init of a new model's matrices (GPT-2, Radford et al., 2019)."""
+    norm_placement: str = "pre"
+    """'pre', 'post' or 'mix' (Mix-LN, Li et al., 2024: Post-LN in the first layers, Pre-LN after)."""
+    post_ln_fraction: float = 0.25
+    """Mix-LN's alpha: share of the layers, from the first, that use Post-LN (the paper's 0.25)."""
+    moe: MoESpec = field(default_factory=MoESpec)
+    """Mixture-of-experts MLPs for a new model (MiniCPM-MoE shape) and their balancing loss."""
+    growth: GrowthConfig = field(default_factory=GrowthConfig)
+    """Start from a smaller trained model grown deeper (G_stack) instead of a random init."""
+
+    def __post_init__(self) -> None:
+        if self.norm_placement not in ("pre", "post", "mix"):
+            raise SlimLMError(f"model.norm_placement must be pre, post or mix; got '{self.norm_placement}'")
+        if not 0.0 <= self.post_ln_fraction <= 1.0:
+            raise SlimLMError(f"model.post_ln_fraction must be in [0, 1]; got {self.post_ln_fraction}")
+        if self.num_layers is not None and self.num_layers < 1:
+            raise SlimLMError(f"model.num_layers must be >= 1; got {self.num_layers}")
 
 
 @dataclass
@@ -48,20 +111,54 @@ class DataConfig:
     """Sequences per rank per forward (for 'varlen': micro_batch * seq_len tokens per forward)."""
     min_len: int = 32
     """'varlen': shortest chunk kept."""
+    curriculum: str = "uniform"
+    """'varlen': order of the length buckets (``slimlm.data.curriculum.CURRICULA``): 'uniform', or
+    'grow' (Dataset Decomposition's short-to-long curriculum, Pouransari et al., 2024, Sec. 3.2)."""
+    curriculum_cycles: int = 1
+    """'grow': short-to-long rounds per epoch (the paper's cyclic curriculum)."""
     seed: int = 0
     """Seeds the document order of every epoch."""
 
     def __post_init__(self) -> None:
         if self.packing not in ("document", "concat", "varlen"):
             raise SlimLMError(f"data.packing must be document, concat or varlen; got '{self.packing}'")
+        from slimlm.data.curriculum import CURRICULA
+
+        CURRICULA.get(self.curriculum)  # unknown names list the known ones
+        if self.curriculum_cycles < 1:
+            raise SlimLMError(f"data.curriculum_cycles must be >= 1; got {self.curriculum_cycles}")
+        if self.curriculum != "uniform" and self.packing != "varlen":
+            raise SlimLMError(f"data.curriculum '{self.curriculum}' orders length buckets: it needs data.packing = 'varlen'")
         if self.seq_len < 2 or self.micro_batch < 1:
             raise SlimLMError("data.seq_len must be >= 2 and data.micro_batch >= 1")
 
 
 @dataclass
+class LowRankConfig:
+    """Gradient low-rank projection for ``optim.name = "galore"`` and ``"gradnorm_lorp"``."""
+
+    rank: int = 128
+    """r: rank of the subspace each layer matrix's Adam state lives in (GaLore, Zhao et al., 2024,
+    Sec. 5: 128 for 60M, 256 for 130M-350M, 512 for 1B); at most the matrix's smaller dimension."""
+    update_proj_gap: int = 200
+    """T: updates between refreshes of the projector (an SVD of the current gradient); GaLore uses 200."""
+    scale: float = 0.25
+    """alpha: the projected-back update is multiplied by this (GaLore uses 0.25)."""
+    proj_type: str = "std"
+    """'std': project on the smaller side of each matrix (GaLore's default); 'left' or 'right'."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 1 or self.update_proj_gap < 1 or self.scale <= 0:
+            raise SlimLMError(f"optim.galore needs rank >= 1, update_proj_gap >= 1 and scale > 0; got rank {self.rank}, "
+                              f"update_proj_gap {self.update_proj_gap}, scale {self.scale}")
+        if self.proj_type not in ("std", "left", "right"):
+            raise SlimLMError(f"optim.galore.proj_type must be std, left or right; got '{self.proj_type}'")
+
+
+@dataclass
 class OptimConfig:
     name: str = "adamw"
-    """Optimizer from ``slimlm.train.optimizers.OPTIMIZERS`` (adamw, lamb)."""
+    """Optimizer from ``slimlm.train.optimizers.OPTIMIZERS`` (adamw, lamb, galore, gradnorm_lorp)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     """Adam moments' decay (0.95 for beta2 as in GPT-3 and Llama)."""
     eps: float = 1e-8
@@ -69,6 +166,8 @@ class OptimConfig:
     """Decoupled weight decay on matrices (Loshchilov & Hutter, 2019)."""
     clip: float = 1.0
     """Clip the global gradient norm to this (0 = off)."""
+    galore: LowRankConfig = field(default_factory=LowRankConfig)
+    """Low-rank projection settings (used by the galore and gradnorm_lorp optimizers only)."""
 
 
 @dataclass
@@ -115,6 +214,9 @@ class CheckpointConfig:
     resume_from: str | None = None
     """Continue from this checkpoint folder (its weights, optimizer, data position and update
     count) into out_dir: e.g. branch a WSD decay from a stable-phase checkpoint of another run."""
+    allow_config_change: bool = False
+    """Resume even though technique settings (``TECHNIQUE_KEYS``) differ from the checkpoint's
+    (``slimlm train ... --allow-config-change``); otherwise such a resume is refused."""
 
 
 @dataclass
@@ -146,6 +248,33 @@ class DistConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """Training objective: a mixture of token-prediction targets (TokenUnify, Chen et al., 2024);
+    the default is plain next-token prediction. See ``slimlm.train.token_mixture``."""
+
+    next_token: float = 1.0
+    """Weight of next-token prediction."""
+    next_all: float = 0.0
+    """Weight of next-all-token prediction: the mean loss of predicting each of the next ``horizon`` tokens."""
+    random_position: float = 0.0
+    """Weight of predicting the token at one random offset k in [2, horizon] (drawn per update)."""
+    horizon: int = 4
+    """K: how far ahead next_all and random_position look."""
+
+    def __post_init__(self) -> None:
+        ws = (self.next_token, self.next_all, self.random_position)
+        if min(ws) < 0 or sum(ws) <= 0:
+            raise SlimLMError(f"objective weights (next_token {self.next_token}, next_all {self.next_all}, "
+                              f"random_position {self.random_position}) must be >= 0 and sum to a positive value")
+        if self.horizon < 1:
+            raise SlimLMError(f"objective.horizon must be >= 1; got {self.horizon}")
+
+    @property
+    def plain(self) -> bool:
+        return self.next_all == 0 and self.random_position == 0
+
+
+@dataclass
 class TrainConfig:
     out_dir: str = "runs/run"
     """Checkpoints, metrics.jsonl and TensorBoard logs go here."""
@@ -157,11 +286,34 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["schedule"] = {"name": schedule_name(self.schedule), **d["schedule"]}
         return d
+
+
+#: Config keys (prefixes of flattened keys) that define *what* is trained: resuming with any of them
+#: changed mixes two recipes in one run, so it is refused unless checkpoint.allow_config_change.
+TECHNIQUE_KEYS = ("model.", "optim.name", "optim.galore.", "data.packing", "data.curriculum", "objective.")
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def technique_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """'key: saved -> now' for each technique key that differs between two ``to_dict()`` configs."""
+    a, b = flatten(saved), flatten(now)
+    keys = sorted(k for k in set(a) | set(b) if k.startswith(TECHNIQUE_KEYS) and a.get(k) != b.get(k))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
 
 
 def schedule_name(s: Schedule) -> str:

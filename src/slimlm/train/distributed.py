@@ -17,7 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 
 from slimlm.errors import SlimLMError
 from slimlm.train.config import DistConfig
@@ -95,6 +96,11 @@ def load_full_states(
 ) -> None:
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
                    options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+
+
+def load_full_model_state(model: nn.Module, model_state: dict[str, Any]) -> None:
+    """Weights only (the optimizer starts fresh: its kind changed on resume)."""
+    set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
 
 
 def barrier(world: World) -> None:

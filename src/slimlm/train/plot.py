@@ -48,7 +48,8 @@ def plot(configs: dict[str, TrainConfig], out: str | Path, runs: list[str | Path
             line = ax.plot(*zip(*train), label=f"{Path(run).name} train", alpha=0.8) if train else None
             for key in sorted({k for r in recs for k in r if k.startswith("val_loss/")}):
                 tok = {r["step"]: r["tokens"] for r in recs if "tokens" in r}
-                pts = [(tok.get(r["step"], 0), r[key]) for r in recs if key in r]
+                per_update = tok[max(tok)] / max(tok) if tok and max(tok) else 0  # evals between logged updates
+                pts = [(tok.get(r["step"], round(r["step"] * per_update)), r[key]) for r in recs if key in r]
                 color = line[0].get_color() if line else None
                 ax.plot(*zip(*pts), "o--", color=color, label=f"{Path(run).name} {key}")
         ax.set_xlabel("tokens")

@@ -236,3 +236,21 @@ class Rewarm(Schedule):
         if s < self.warmup_steps:
             return self.start_lr + (self.lr - self.start_lr) * (s + 1) / self.warmup_steps
         return self.lr * decay(self.decay_shape, progress(s, self.warmup_steps, h.total_steps), self.min_lr_ratio)
+
+
+def horizon_warnings(s: Schedule, total_steps: int) -> list[str]:
+    """What is wrong with running ``s`` for ``total_steps`` updates (shortened runs): a warm-up
+    that fills the run, or a decay that would start inside the warm-up."""
+    out = []
+    if s.warmup_steps >= total_steps:
+        out.append(f"schedule.warmup_steps {s.warmup_steps} >= the run's {total_steps} updates: the whole run is "
+                   f"warm-up and the lr never reaches its peak {s.lr:g}; lower schedule.warmup_steps")
+    start = None
+    if isinstance(s, WSD):
+        start = s.decay_begins(total_steps)
+    elif isinstance(s, Power):
+        start = total_steps - round(s.decay_fraction * total_steps)
+    if start is not None and start < s.warmup_steps < total_steps:
+        out.append(f"the decay starts at update {start}, inside the warm-up (schedule.warmup_steps "
+                   f"{s.warmup_steps}): the lr decays before reaching its peak; lower schedule.warmup_steps")
+    return out

@@ -26,11 +26,15 @@ from tqdm import tqdm
 from slimlm.data.packing import IGNORE, Batch
 from slimlm.errors import SlimLMError
 from slimlm.train import build, checkpoint, distributed
-from slimlm.train.config import TrainConfig, schedule_name
+from slimlm.train.config import TrainConfig, schedule_name, technique_changes
+from slimlm.train.interrupt import StopSignals
 from slimlm.train.metrics import MetricsLog
+from slimlm.train.moe_balance import LoadBalance
+from slimlm.train.galore import state_bytes
 from slimlm.train.optimizers import build_optimizer
 from slimlm.train.presets import count_params
-from slimlm.train.schedules import Horizon
+from slimlm.train.schedules import Horizon, horizon_warnings
+from slimlm.train.token_mixture import mixture_loss_sum
 
 
 def log(msg: str) -> None:
@@ -64,14 +68,28 @@ class Trainer:
         self.wrapped = distributed.wrap(self.model, self.world, cfg.dist.strategy)
         self.forward = torch.compile(self.wrapped) if cfg.train.compile else self.wrapped
         self.optimizer = build_optimizer(self.wrapped, cfg.optim)
+        self.balance = LoadBalance(self.model, cfg.model.moe.balance, cfg.model.moe.aux_loss_weight, self.world)
+        self.extra: dict[str, float] = {}
+        """Technique metrics of the last update (MoE balancing loss and load entropy)."""
         self.loader = build.batch_source(cfg, self.sets, self.world)
         self.val = build.val_loaders(cfg, self.world, self.say)
+        if hasattr(self.loader, "attention_cost"):  # varlen: what Dataset Decomposition saves
+            self.say(f"slimlm: varlen buckets keep {self.loader.kept_fraction:.1%} of the tokens; attention work "
+                     f"{self.loader.attention_cost:.1%} of fixed {cfg.data.seq_len}-token rows")
         d = cfg.data
         per_micro = d.micro_batch * d.seq_len * self.world.size
         self.horizon = Horizon(cfg.train.steps, per_micro * cfg.train.grad_accum,
                                d.micro_batch * self.world.size * cfg.train.grad_accum)
         self.step, self.tokens, self.skipped, self.budget_fixed = 0, 0, 0, False
+        self.checkpoint: Path | None = None
+        """The newest checkpoint of this run (written or resumed from)."""
+        self.interrupted = ""
+        """Name of the signal (SIGINT / SIGTERM) that stopped fit() early, else empty."""
         resumed = self._resume()
+        self.finished = resumed and self.step >= self.horizon.total_steps
+        """The run in out_dir had already reached its horizon before this process started."""
+        if self.budget_fixed or not cfg.train.time_budget_minutes:  # else: once the budget fixes the horizon
+            self._warn_horizon()
         self.metrics = MetricsLog(self.out, self.step if resumed else None, cfg.log.tensorboard) if self.world.main else None
 
     def say(self, msg: str) -> None:
@@ -93,15 +111,35 @@ class Trainer:
         diff = checkpoint.same_shape(state.model_cfg, self.model.cfg)
         if diff:
             raise SlimLMError(f"checkpoint {path} is from another model shape ({diff}); use another out_dir")
-        distributed.load_full_states(self.wrapped, self.optimizer, state.model_state, state.optimizer)
+        changed = technique_changes(state.trainer.get("config", {}), self.cfg.to_dict())
+        if changed and not ck.allow_config_change:
+            raise SlimLMError(f"checkpoint {path} was trained with other technique settings ({'; '.join(changed)}); "
+                              "resume with the same settings, or pass --allow-config-change")
+        if any(c.startswith("optim.") for c in changed):  # allowed above: another optimizer's state does not fit
+            distributed.load_full_model_state(self.wrapped, state.model_state)
+            self.say("slimlm: warning: the optimizer changed; its state starts fresh (weights and data position resume)")
+        else:
+            distributed.load_full_states(self.wrapped, self.optimizer, state.model_state, state.optimizer)
         t = state.trainer
         self.step, self.tokens, self.skipped = int(t["step"]), int(t["tokens"]), int(t.get("skipped", 0))
         self.loader.load_state_dict(t["data"])
         torch.set_rng_state(state.rng["torch"])
+        if "cuda" in state.rng and torch.cuda.is_available():  # saved since checkpoints began; now restored too
+            cuda_states = state.rng["cuda"]
+            if len(cuda_states) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(cuda_states)
+            else:
+                self.say(f"slimlm: warning: checkpoint has {len(cuda_states)} CUDA RNG states for "
+                         f"{torch.cuda.device_count()} visible GPUs; CUDA RNG not restored")
         if t.get("budget_fixed"):  # a time budget fixed the horizon: keep it
             self.horizon, self.budget_fixed = self.horizon._replace(total_steps=int(t["total_steps"])), True
+        self.checkpoint = path
         self.say(f"slimlm: resumed from {path} at update {self.step}")
         return True
+
+    def _warn_horizon(self) -> None:
+        for w in horizon_warnings(self.cfg.schedule, self.horizon.total_steps):
+            self.say(f"slimlm: warning: {w}")
 
     def save(self) -> Path | None:
         msd, osd = distributed.full_states(self.wrapped, self.optimizer)
@@ -121,6 +159,7 @@ class Trainer:
             path = checkpoint.save_checkpoint(checkpoint.checkpoint_root(self.out), model, osd, state,
                                               self.tokenizer, self.cfg.checkpoint.keep_last)
         distributed.barrier(self.world)
+        self.checkpoint = path if path is not None else self.checkpoint
         return path
 
     # ------------------------------------------------------------------ one update
@@ -128,15 +167,25 @@ class Trainer:
         cfg, world = self.cfg, self.world
         batches = [self.loader.next_batch().to(world.device) for _ in range(cfg.train.grad_accum)]
         n_local = sum(b.target_tokens for b in batches)
-        (n_global,) = distributed.all_reduce_sum([float(n_local)], world)
-        total = torch.zeros((), device=world.device)
+        n_global, routed = distributed.all_reduce_sum(
+            [float(n_local), float(sum(b.computed_tokens for b in batches))], world)
+        total, aux = torch.zeros((), device=world.device), torch.zeros((), device=world.device)
+        if self.balance.active:
+            self.balance.begin_update(routed, len(batches))
         for i, b in enumerate(batches):
             sync = i == len(batches) - 1 or not hasattr(self.wrapped, "no_sync")
             with contextlib.nullcontext() if sync else self.wrapped.no_sync():
                 with build.autocast(cfg.train.precision, world.device):
-                    s = loss_sum(self.forward, b)
-                (s * (world.size / max(n_global, 1.0))).backward()
+                    s = self._objective(b)
+                    a = self.balance.loss() if self.balance.active else None
+                obj = s * (world.size / max(n_global, 1.0))
+                (obj if a is None else obj + a).backward()
             total += s.detach()
+            if a is not None:
+                aux += a.detach().float()
+        if self.balance.active:
+            (a_sum,) = distributed.all_reduce_sum([aux.item()], world)
+            self.extra = {"moe_aux_loss": a_sum / world.size, "moe_load_entropy": self.balance.load_entropy()}
         loss_total, computed = distributed.all_reduce_sum(
             [total.item(), float(sum(b.computed_tokens for b in batches))], world)
         loss = loss_total / max(n_global, 1.0)
@@ -155,6 +204,13 @@ class Trainer:
         self.step += 1
         self.tokens += int(computed)
         return UpdateResult(loss, grad_norm, lr, int(computed), skipped)
+
+    def _objective(self, b: Batch) -> torch.Tensor:
+        o = self.cfg.objective
+        if o.plain and o.next_token == 1.0:
+            return loss_sum(self.forward, b)
+        gen = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + self.step)  # resumable: a function of the step
+        return mixture_loss_sum(self.forward, b, o.next_token, o.next_all, o.random_position, o.horizon, gen)
 
     def _clip(self) -> float:
         params = [p for p in self.wrapped.parameters() if p.grad is not None]
@@ -195,6 +251,13 @@ class Trainer:
             self._record({"step": 0, **last})
         bar = tqdm(total=self.horizon.total_steps, initial=self.step, unit="upd", file=sys.stderr,
                    disable=not (self.world.main and cfg.log.progress), dynamic_ncols=True)
+        with StopSignals() as stop:
+            last = self._loop(max_updates, bar, stop, last)
+        bar.close()
+        return last
+
+    def _loop(self, max_updates: int | None, bar: tqdm, stop: StopSignals, last: dict[str, float]) -> dict[str, float]:
+        cfg = self.cfg
         done_here, t_probe, tok_probe = 0, 0.0, 0
         t_last, tok_last = time.perf_counter(), self.tokens
         while self.step < self.horizon.total_steps and (max_updates is None or done_here < max_updates):
@@ -202,6 +265,10 @@ class Trainer:
             r = self.update()
             dt = time.perf_counter() - t0
             done_here += 1
+            if done_here == 1:  # optimizer state exists from the first step on (GaLore: its memory saving)
+                nbytes = state_bytes(self.optimizer)
+                self._record({"step": self.step, "optim_state_bytes": nbytes})
+                self.say(f"slimlm: optimizer state {nbytes / 2**20:.1f} MiB on this process")
             if done_here > 1:  # the first update of a process pays for warm-up
                 t_probe, tok_probe = t_probe + dt, tok_probe + r.tokens
             if cfg.train.time_budget_minutes and not self.budget_fixed and done_here >= cfg.train.budget_probe_steps:
@@ -211,7 +278,8 @@ class Trainer:
             tps = (self.tokens - tok_last) / max(now - t_last, 1e-9)
             bar.set_postfix(loss=f"{r.loss:.3f}", lr=f"{r.lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
             bar.update(1)
-            last = {"loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm, "tokens": self.tokens, "tok_per_s": tps}
+            last = {"loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm, "tokens": self.tokens, "tok_per_s": tps,
+                    **self.extra}
             if self.step % cfg.log.every == 0 or self.step == self.horizon.total_steps:
                 self._record({"step": self.step, **last, "skipped": self.skipped})
                 t_last, tok_last = now, self.tokens
@@ -220,10 +288,22 @@ class Trainer:
                 ev = self.evaluate()
                 last.update(ev)
                 self._record({"step": self.step, **ev})
-            if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or is_end:
+            saved = (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or is_end
+            if saved:
                 self.save()
-        bar.close()
+            if self._stop_requested(stop):  # SIGINT / SIGTERM: keep this update, then stop
+                if not saved:
+                    self.save()
+                self.interrupted = stop.name or "signal"
+                break
         return last
+
+    def _stop_requested(self, stop: StopSignals) -> bool:
+        """Whether any rank received a stop signal (all ranks stop at the same update)."""
+        (n,) = distributed.all_reduce_sum([float(stop.received is not None)], self.world)
+        if n and not stop.received:
+            stop.received = 15  # another rank's SIGTERM (torchrun forwards signals to every worker)
+        return n > 0
 
     def _fix_budget(self, tokens_per_s: float) -> None:
         (tps,) = distributed.all_reduce_sum([tokens_per_s / self.world.size], self.world)
@@ -232,6 +312,7 @@ class Trainer:
         self.horizon, self.budget_fixed = self.horizon._replace(total_steps=steps), True
         self.say(f"slimlm: time budget {self.cfg.train.time_budget_minutes:g} min at {tps:,.0f} tokens/s measured "
                  f"-> {steps:,} updates ({steps * self.horizon.tokens_per_step / 1e6:.2f}M tokens)")
+        self._warn_horizon()
 
     def _record(self, rec: dict) -> None:
         if self.metrics is not None:
