@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_serve(sub)
     from slimlm.eval.cli import register as register_eval
     register_eval(sub)
+    from slimlm.compress.cli import register as register_compress
+    register_compress(sub)
     return p
 
 

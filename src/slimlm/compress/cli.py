@@ -1,0 +1,72 @@
+"""`slimlm prune`, `slimlm distill`, `slimlm finetune`, `slimlm lowrank`, `slimlm select`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _int_list(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got '{s}'") from None
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    import torch
+
+    from slimlm.compress.calib import calibration_windows
+    from slimlm.compress.importance import measure
+    from slimlm.compress.prune import PruneConfig, prune
+    from slimlm.model.hub import load
+    from slimlm.model.weights import save_model_dir
+    from slimlm.train.presets import count_params
+
+    pc = PruneConfig(args.hidden, args.intermediate, args.heads, args.kv_heads, args.layers, args.drop_layers or [])
+    lm = load(args.src)
+    pc.validate(lm.model.cfg)  # bad targets fail before calibration
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    windows = calibration_windows(args.calib, lm.tokenizer, args.calib_tokens, args.seq_len)
+    imp = measure(lm.model.float(), windows)
+    for line in imp.ranking():
+        print(line, file=sys.stderr)
+    pruned, plan = prune(lm.model, imp, pc)
+    out = save_model_dir(pruned, args.dst, lm.tokenizer, lm.generation_config)
+    report = {
+        "source": str(args.src), "calib": args.calib, "calib_tokens": imp.tokens,
+        "params_before": count_params(lm.model), "params_after": count_params(pruned),
+        "kept_layers": plan.layers, "kept_channels": plan.channels.tolist(),
+        "kept_heads": {str(k): v.tolist() for k, v in plan.heads.items()},
+        "layer_importance": imp.layers.tolist(), "head_importance": imp.heads.tolist(),
+        "channel_importance": imp.channels.tolist(),
+    }
+    (out / "prune_report.json").write_text(json.dumps(report))
+    print(f"wrote {out}: {report['params_before'] / 1e6:.1f}M -> {report['params_after'] / 1e6:.1f}M params "
+          f"(layers {len(plan.layers)}, hidden {pruned.cfg.hidden_size}, heads {pruned.cfg.num_heads}/"
+          f"{pruned.cfg.num_kv_heads}, intermediate {pruned.cfg.intermediate_size}); ranking in prune_report.json",
+          file=sys.stderr)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prune", help="Minitron width/depth pruning by activation importance",
+                       description="Rank heads, KV groups, neurons, channels and layers by their activations on a "
+                                   "calibration set and keep the most important ones (Minitron).")
+    p.add_argument("src", help="known model name or HF directory")
+    p.add_argument("dst", help="output HF directory")
+    p.add_argument("--calib", default="python-docs", help="corpus name, file, folder or prepared token folder")
+    p.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens")
+    p.add_argument("--seq-len", type=int, default=256, help="calibration window length")
+    p.add_argument("--hidden", type=int, default=None, help="embedding channels to keep")
+    p.add_argument("--intermediate", type=int, default=None, help="MLP neurons to keep per layer")
+    p.add_argument("--heads", type=int, default=None, help="query heads to keep per layer")
+    p.add_argument("--kv-heads", type=int, default=None, help="KV groups to keep per layer")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--layers", type=int, default=None, help="layers to keep (by block importance)")
+    g.add_argument("--drop-layers", type=_int_list, default=None, help="comma-separated layer indices to drop")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_prune)
