@@ -52,6 +52,35 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finish(trainer, last: dict) -> None:
+    if trainer.world.main:
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k.startswith(("loss", "val_")))
+        print(f"done: {trainer.step} updates, {trainer.tokens:,} tokens; {shown}; "
+              f"checkpoints in {trainer.out / 'checkpoints'}", file=sys.stderr)
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from slimlm.compress.distill import DistillConfig, DistillObjective, load_teacher
+    from slimlm.compress.run_config import load_run
+    from slimlm.train.presets import count_params
+    from slimlm.train.trainer import Trainer
+
+    cfg, dcfg = load_run(args.config, args.overrides, "distill", DistillConfig)
+    trainer = Trainer(cfg)
+    try:
+        teacher = load_teacher(dcfg, trainer.model, trainer.tokenizer, trainer.world.device)
+        trainer.objective = DistillObjective(dcfg, teacher, trainer.model, cfg.model.init_from)
+        trainer.say(f"slimlm: distilling from {dcfg.teacher} ({count_params(teacher) / 1e6:.1f}M params), "
+                    f"T={dcfg.temperature:g}, weights kl {dcfg.kl_weight:g} / lm {dcfg.lm_weight:g} / hidden "
+                    f"{dcfg.hidden_weight:g}" + (f", teacher off after update {dcfg.teacher_until_step}"
+                                                 if dcfg.teacher_until_step else ""))
+        last = trainer.fit()
+    finally:
+        trainer.close()
+    _finish(trainer, last)
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="Minitron width/depth pruning by activation importance",
                        description="Rank heads, KV groups, neurons, channels and layers by their activations on a "
@@ -70,3 +99,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--drop-layers", type=_int_list, default=None, help="comma-separated layer indices to drop")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_prune)
+
+    d = sub.add_parser("distill", help="knowledge distillation: a training run with a teacher",
+                       description="Train the student (model.init_from) on the data with a [distill] section: "
+                                   "teacher, temperature, kl/lm/hidden weights, teacher_until_step (SALT). "
+                                   "Override any key with --section.key value.")
+    d.add_argument("config", help="TOML or JSON config ([distill] + the `slimlm train` sections)")
+    d.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value ...")
+    d.set_defaults(func=cmd_distill)

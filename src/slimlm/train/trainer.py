@@ -53,13 +53,18 @@ class UpdateResult:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: TrainConfig, objective=None, adapt=None):
+        """``objective(forward, batch, step) -> summed loss`` replaces the LM loss of updates (held-out
+        evaluation stays the LM loss); ``adapt(model)`` changes the model (adapters, frozen weights)
+        before it is wrapped and its optimizer built. Both are how ``slimlm.compress`` runs here."""
+        self.cfg, self.objective = cfg, objective
         torch.set_num_threads(cfg.train.threads or torch.get_num_threads())
         self.world = distributed.init_world(cfg.dist, cfg.train.device)
         self.out = Path(cfg.out_dir)
         self.sets = build.train_datasets(cfg)
         self.model, self.tokenizer = build.build_model(cfg, self.sets[0])
+        if adapt is not None:
+            adapt(self.model)
         self.model.to(self.world.device)
         self.wrapped = distributed.wrap(self.model, self.world, cfg.dist.strategy)
         self.forward = torch.compile(self.wrapped) if cfg.train.compile else self.wrapped
@@ -134,7 +139,7 @@ class Trainer:
             sync = i == len(batches) - 1 or not hasattr(self.wrapped, "no_sync")
             with contextlib.nullcontext() if sync else self.wrapped.no_sync():
                 with build.autocast(cfg.train.precision, world.device):
-                    s = loss_sum(self.forward, b)
+                    s = self.objective(self.forward, b, self.step) if self.objective else loss_sum(self.forward, b)
                 (s * (world.size / max(n_global, 1.0))).backward()
             total += s.detach()
         loss_total, computed = distributed.all_reduce_sum(
