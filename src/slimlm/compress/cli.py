@@ -81,6 +81,38 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def optimizer_bytes(optimizer) -> int:
+    return sum(v.numel() * v.element_size() for st in optimizer.state.values() for v in st.values()
+               if hasattr(v, "numel") and v.dim() > 0)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from slimlm.compress.adapters import METHODS, FinetuneConfig, trainable
+    from slimlm.compress.run_config import load_run
+    from slimlm.train.presets import count_params
+    from slimlm.train.trainer import Trainer
+
+    overrides = list(args.overrides) + (["--finetune.method", args.method] if args.method else [])
+    cfg, fcfg = load_run(args.config, overrides, "finetune", FinetuneConfig)
+    method = METHODS.get(fcfg.method)(fcfg)
+    trainer = Trainer(cfg, adapt=method.apply)
+    try:
+        n_train, n_all = trainable(trainer.model), count_params(trainer.model)
+        per = 2 if cfg.optim.name in ("adamw", "lamb") else 0
+        trainer.say(f"slimlm: finetune {fcfg.method}: {n_train:,} trainable of {n_all:,} parameters "
+                    f"({100 * n_train / max(n_all, 1):.3f}%); optimizer state {per} fp32 moments per trainable "
+                    f"parameter = {per * 4 * n_train / 2**20:.2f} MiB")
+        last = trainer.fit()
+        if trainer.world.main and trainer.step >= trainer.horizon.total_steps:
+            for path in method.export(trainer.model, trainer.out, trainer.tokenizer):
+                trainer.say(f"slimlm: wrote {path}")
+            trainer.say(f"slimlm: optimizer state measured {optimizer_bytes(trainer.optimizer) / 2**20:.2f} MiB")
+    finally:
+        trainer.close()
+    _finish(trainer, last)
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="Minitron width/depth pruning by activation importance",
                        description="Rank heads, KV groups, neurons, channels and layers by their activations on a "
@@ -107,3 +139,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("config", help="TOML or JSON config ([distill] + the `slimlm train` sections)")
     d.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value ...")
     d.set_defaults(func=cmd_distill)
+
+    f = sub.add_parser("finetune", help="parameter-efficient fine-tuning (lora, compacter, norm)",
+                       description="Fine-tune model.init_from with a [finetune] section (method, rank, alpha, "
+                                   "targets, n, bottleneck, save). Override any key with --section.key value.")
+    f.add_argument("config", help="TOML or JSON config ([finetune] + the `slimlm train` sections)")
+    f.add_argument("--method", default=None, help="lora, compacter or norm (overrides finetune.method)")
+    f.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value ...")
+    f.set_defaults(func=cmd_finetune)
