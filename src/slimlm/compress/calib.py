@@ -44,3 +44,20 @@ def calibration_windows(spec: str, tokenizer: Tokenizer | None, n_tokens: int, s
     if n == 0:
         raise SlimLMError(f"calibration data '{spec}' has fewer than {seq_len} tokens")
     return torch.from_numpy(ids[: n * seq_len].copy()).view(n, seq_len)  # (N, T)
+
+
+@torch.no_grad()
+def window_perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> float:
+    """exp(mean next-token cross-entropy) of ``model`` over the windows (N, T): a quick before/after
+    figure on the calibration data itself (held-out quality comes from `slimlm eval`)."""
+    import math
+
+    import torch.nn.functional as F
+
+    total, n = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        ids = windows[i : i + batch_size].to(model.device)  # (b, T)
+        logits = model(ids)[:, :-1].float()  # (b, T-1, V)
+        total += F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
+        n += ids[:, 1:].numel()
+    return math.exp(total / max(n, 1))

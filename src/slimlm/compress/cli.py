@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from slimlm.errors import SlimLMError
+
 
 def _int_list(s: str) -> list[int]:
     try:
@@ -66,7 +68,15 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from slimlm.train.trainer import Trainer
 
     cfg, dcfg = load_run(args.config, args.overrides, "distill", DistillConfig)
-    trainer = Trainer(cfg)
+    adapt = None
+    if dcfg.lowrank:
+        from slimlm.compress.lowrank import refactor
+
+        if not cfg.model.init_from:
+            raise SlimLMError("distill.lowrank needs model.init_from: the `slimlm lowrank` output")
+        init = cfg.model.init_from
+        adapt = lambda model: refactor(model, init)  # noqa: E731
+    trainer = Trainer(cfg, adapt=adapt)
     try:
         teacher = load_teacher(dcfg, trainer.model, trainer.tokenizer, trainer.world.device)
         trainer.objective = DistillObjective(dcfg, teacher, trainer.model, cfg.model.init_from)
@@ -75,9 +85,46 @@ def cmd_distill(args: argparse.Namespace) -> int:
                     f"{dcfg.hidden_weight:g}" + (f", teacher off after update {dcfg.teacher_until_step}"
                                                  if dcfg.teacher_until_step else ""))
         last = trainer.fit()
+        if dcfg.lowrank and trainer.world.main and trainer.step >= trainer.horizon.total_steps:
+            import json
+
+            from slimlm.compress.lowrank import LOWRANK_FILE, save_lowrank
+
+            ranks = json.loads((Path(cfg.model.init_from) / LOWRANK_FILE).read_text())["ranks"]
+            trainer.say(f"slimlm: wrote {save_lowrank(trainer.model, ranks, trainer.out / 'final', trainer.tokenizer)}")
     finally:
         trainer.close()
     _finish(trainer, last)
+    return 0
+
+
+def cmd_lowrank(args: argparse.Namespace) -> int:
+    import torch
+
+    from slimlm.compress.calib import calibration_windows, window_perplexity
+    from slimlm.compress.lowrank import (LowRankConfig, check_rank, factored_params, input_scales, lowrank,
+                                         save_lowrank)
+    from slimlm.model.hub import load
+
+    from slimlm.compress.adapters.base import LINEARS
+
+    cfg = LowRankConfig(args.rank, args.energy, args.targets.split(",") if args.targets else list(LINEARS))
+    lm = load(args.src)
+    model = lm.model.float()
+    check_rank(model, cfg)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    windows = calibration_windows(args.calib, lm.tokenizer, args.calib_tokens, args.seq_len)
+    before_params, before_ppl = factored_params(model), window_perplexity(model, windows)
+    scales = input_scales(model, windows, cfg.targets) if args.activation_aware else None
+    ranks = lowrank(model, cfg, scales)
+    after_params, after_ppl = factored_params(model), window_perplexity(model, windows)
+    out = save_lowrank(model, ranks, Path(args.dst), lm.tokenizer, lm.generation_config)
+    rs = sorted(ranks.values())
+    print(f"wrote {out}: {len(ranks)} layers factored (rank {rs[0]}..{rs[-1]}); params {before_params / 1e6:.2f}M -> "
+          f"{after_params / 1e6:.2f}M factored; calibration perplexity {before_ppl:.2f} -> {after_ppl:.2f} "
+          f"({windows.numel():,} tokens of {args.calib}); recover with `slimlm distill` and distill.lowrank = true",
+          file=sys.stderr)
     return 0
 
 
@@ -119,7 +166,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "calibration set and keep the most important ones (Minitron).")
     p.add_argument("src", help="known model name or HF directory")
     p.add_argument("dst", help="output HF directory")
-    p.add_argument("--calib", default="python-docs", help="corpus name, file, folder or prepared token folder")
+    p.add_argument("--calib", default="python-stdlib", help="corpus name, file, folder or prepared token folder")
     p.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens")
     p.add_argument("--seq-len", type=int, default=256, help="calibration window length")
     p.add_argument("--hidden", type=int, default=None, help="embedding channels to keep")
@@ -147,3 +194,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--method", default=None, help="lora, compacter or norm (overrides finetune.method)")
     f.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value ...")
     f.set_defaults(func=cmd_finetune)
+
+    lr = sub.add_parser("lowrank", help="PELA: replace linear weights by SVD low-rank factors",
+                        description="Factor the linear layers (truncated SVD, optionally activation-aware) at a "
+                                    "rank or an energy share; recover with `slimlm distill` (distill.lowrank = true).")
+    lr.add_argument("src", help="known model name or HF directory")
+    lr.add_argument("dst", help="output HF directory (products + lowrank.json)")
+    g = lr.add_mutually_exclusive_group(required=True)
+    g.add_argument("--rank", type=int, default=None, help="rank of every factored layer")
+    g.add_argument("--energy", type=float, default=None, help="keep this share of the squared singular values")
+    lr.add_argument("--targets", default=None, help="comma-separated module names (default: all seven linears)")
+    lr.add_argument("--activation-aware", action="store_true", help="weight the SVD by input-channel activations")
+    lr.add_argument("--calib", default="python-stdlib", help="corpus, file, folder or prepared token folder")
+    lr.add_argument("--calib-tokens", type=int, default=4096)
+    lr.add_argument("--seq-len", type=int, default=256)
+    lr.add_argument("--threads", type=int, default=None)
+    lr.set_defaults(func=cmd_lowrank)

@@ -49,6 +49,9 @@ class DistillConfig:
     """If > 0, the KL over the teacher's top-k tokens only (both renormalised over them)."""
     teacher_until_step: int = 0
     """SALT: distil for this many updates, then train on the LM loss alone (0: teacher throughout)."""
+    lowrank: bool = False
+    """PELA recovery: the student is a `slimlm lowrank` output; train its factors (rebuilt from
+    lowrank.json), not dense weights, and write the result to out_dir/final the same way."""
 
     def __post_init__(self) -> None:
         if not self.teacher:
