@@ -128,6 +128,46 @@ def cmd_lowrank(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scoring_model(name: str, data, role: str):
+    from slimlm.data.prepare import tokenizer_sha256
+    from slimlm.model.hub import load
+
+    lm = load(name)
+    if lm.tokenizer is not None and tokenizer_sha256(lm.tokenizer) != data.meta.tokenizer_sha256:
+        raise SlimLMError(f"{role} {name} uses another tokenizer than {data.path}; prepare the data with its tokenizer")
+    if lm.model.cfg.vocab_size < data.meta.vocab_size:
+        raise SlimLMError(f"{role} {name} has {lm.model.cfg.vocab_size} tokens, the data {data.meta.vocab_size}")
+    return lm.model.float().eval()
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    import torch
+
+    from slimlm.compress.select import SelectConfig, choose, doc_logprob, write_selection
+    from slimlm.data.tokens import TokenDataset
+
+    cfg = SelectConfig(args.method, args.keep, args.max_tokens, args.skip_easiest)
+    if cfg.method == "miniplm" and not args.reference:
+        raise SlimLMError("--method miniplm needs --reference (a small model with the same tokenizer)")
+    if Path(args.out).exists():
+        raise SlimLMError(f"{args.out} exists; choose a new output folder (selection never overwrites data)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = TokenDataset(args.data, "train")
+    teacher = _scoring_model(args.teacher, data, "teacher")
+    reference = _scoring_model(args.reference, data, "reference") if cfg.method == "miniplm" else None
+    scores = doc_logprob(teacher, data, cfg.max_tokens)
+    if reference is not None:
+        scores = scores - doc_logprob(reference, data, cfg.max_tokens)
+    kept = choose(scores, cfg.keep, cfg.skip_easiest if cfg.method == "salt" else 0.0)
+    meta = write_selection(data, kept, Path(args.out), {"method": cfg.method, "teacher": args.teacher,
+                                                        "reference": args.reference, "scores": scores.tolist()})
+    print(f"wrote {args.out}: kept {len(kept)} of {data.n_docs} documents ({meta.tokens['train']:,} of "
+          f"{data.n_tokens:,} tokens) by {cfg.method} score {scores[kept].mean():.3f} (all: {scores.mean():.3f})",
+          file=sys.stderr)
+    return 0
+
+
 def optimizer_bytes(optimizer) -> int:
     return sum(v.numel() * v.element_size() for st in optimizer.state.values() for v in st.values()
                if hasattr(v, "numel") and v.dim() > 0)
@@ -210,3 +250,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     lr.add_argument("--seq-len", type=int, default=256)
     lr.add_argument("--threads", type=int, default=None)
     lr.set_defaults(func=cmd_lowrank)
+
+    se = sub.add_parser("select", help="offline data selection with a teacher (MiniPLM, SALT)",
+                        description="Score the documents of a prepared folder with the teacher (and a reference) "
+                                    "and write the kept ones as a new prepared folder.")
+    se.add_argument("data", help="prepared token folder (its train split is scored)")
+    se.add_argument("out", help="new prepared folder for the selection")
+    se.add_argument("--teacher", required=True, help="known model name or HF directory")
+    se.add_argument("--reference", default=None, help="miniplm: the small reference model")
+    se.add_argument("--method", default="miniplm", help="miniplm or salt")
+    se.add_argument("--keep", type=float, default=0.5, help="share of documents kept")
+    se.add_argument("--skip-easiest", type=float, default=0.0, help="salt: share of lowest-loss documents dropped")
+    se.add_argument("--max-tokens", type=int, default=512, help="tokens scored per document")
+    se.add_argument("--threads", type=int, default=None)
+    se.set_defaults(func=cmd_select)
