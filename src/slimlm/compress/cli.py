@@ -168,6 +168,17 @@ def cmd_select(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_draft_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from slimlm.compress.draft_bench import draft_bench
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    r = draft_bench(args.target, args.draft, args.k, args.prompt_tokens, args.max_tokens, args.repeats, args.dtype)
+    print("\n".join(r.lines()))
+    return 0
+
+
 def optimizer_bytes(optimizer) -> int:
     return sum(v.numel() * v.element_size() for st in optimizer.state.values() for v in st.values()
                if hasattr(v, "numel") and v.dim() > 0)
@@ -264,3 +275,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     se.add_argument("--max-tokens", type=int, default=512, help="tokens scored per document")
     se.add_argument("--threads", type=int, default=None)
     se.set_defaults(func=cmd_select)
+
+    db = sub.add_parser("draft-bench", help="batch-1 greedy decode with and without a draft model",
+                        description="Acceptance rate, tokens per target step and decode tok/s of the target with "
+                                    "and without speculative decoding by DRAFT (interleaved repeats, medians).")
+    db.add_argument("draft", help="the draft model's HF directory")
+    db.add_argument("--target", default="smollm2-135m-instruct")
+    db.add_argument("--k", type=int, default=4, help="draft tokens per step")
+    db.add_argument("--prompt-tokens", type=int, default=128)
+    db.add_argument("--max-tokens", type=int, default=64)
+    db.add_argument("--repeats", type=int, default=3)
+    db.add_argument("--dtype", default="float32")
+    db.add_argument("--threads", type=int, default=None)
+    db.set_defaults(func=cmd_draft_bench)
