@@ -37,6 +37,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     for line in imp.ranking():
         print(line, file=sys.stderr)
     pruned, plan = prune(lm.model, imp, pc)
+    if args.random_init:  # the same shape, trained from scratch: Minitron's baseline
+        from slimlm.train.presets import new_model
+
+        pruned = new_model(pruned.cfg, 0.02, args.seed)
     out = save_model_dir(pruned, args.dst, lm.tokenizer, lm.generation_config)
     report = {
         "source": str(args.src), "calib": args.calib, "calib_tokens": imp.tokens,
@@ -227,6 +231,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--layers", type=int, default=None, help="layers to keep (by block importance)")
     g.add_argument("--drop-layers", type=_int_list, default=None, help="comma-separated layer indices to drop")
+    p.add_argument("--random-init", action="store_true",
+                   help="write the pruned shape with fresh random weights (the from-scratch baseline)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --random-init")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_prune)
 

@@ -127,6 +127,8 @@ class DistillObjective:
             if not self.uses_teacher(step):
                 return lm  # SALT: the teacher is switched off
             loss = loss + cfg.lm_weight * lm
+        if not (cfg.kl_weight or cfg.hidden_weight):
+            return loss  # LM loss alone (e.g. the from-scratch baseline): the teacher is not run
         t_hidden: dict[int, torch.Tensor] = {}
         with torch.no_grad(), capture_layers(self.teacher, sorted(set(self.pairs)), t_hidden):
             t_logits = self.teacher(batch.input_ids, batch.position_ids, segment_ids=batch.segment_ids)
