@@ -128,3 +128,9 @@ def test_bad_distill_config_is_one_line(prepared, student_dir, teacher_dir, tmp_
         from slimlm.compress.run_config import load_run
 
         load_run(None, ["--distill.teacher", "x", "--distill.nope", "1"], "distill", DistillConfig)
+
+
+def test_top_k_kl_over_the_whole_vocabulary_is_the_full_kl():
+    s, t = torch.randn(3, 9), torch.randn(3, 9)
+    torch.testing.assert_close(kl_sum(s, t, 1.5, top_k=9), kl_sum(s, t, 1.5))
+    assert kl_sum(s, t, 1.0, top_k=2).item() != kl_sum(s, t, 1.0).item()

@@ -112,3 +112,15 @@ def test_validate_rejects_both_layer_options():
     cfg = ModelConfig(vocab_size=10, hidden_size=8, intermediate_size=8, num_layers=2, num_heads=2, num_kv_heads=1)
     with pytest.raises(SlimLMError, match="not both"):
         PruneConfig(layers=1, drop_layers=[0]).validate(cfg)
+
+
+def test_random_init_keeps_the_shape_not_the_weights(src_dir, tmp_path):
+    from tests.data.conftest import make_corpus
+
+    corpus = make_corpus(tmp_path / "calib", n_docs=3)
+    common = ["--calib", str(corpus), "--calib-tokens", "64", "--seq-len", "32", "--layers", "2", "--threads", "1"]
+    assert main(["prune", str(src_dir), str(tmp_path / "a"), *common]) == 0
+    assert main(["prune", str(src_dir), str(tmp_path / "b"), *common, "--random-init"]) == 0
+    a, b = load(tmp_path / "a").model, load(tmp_path / "b").model
+    assert a.cfg == b.cfg
+    assert not torch.equal(a.model.layers[0].mlp.up_proj.weight, b.model.layers[0].mlp.up_proj.weight)
