@@ -92,7 +92,7 @@ def ft_args(prepared, base, out, method, *extra):
 
 
 def test_norm_only_updates_nothing_but_norms(prepared, base_dir, tmp_path, capsys):
-    assert main(ft_args(prepared, base_dir, tmp_path / "run", "norm")) == 0
+    assert main([*ft_args(prepared, base_dir, tmp_path / "run", "lora"), "--method", "norm"]) == 0  # --method wins
     err = capsys.readouterr().err
     assert "trainable of" in err and "optimizer state measured" in err
     before = load_file(base_dir / "model.safetensors")

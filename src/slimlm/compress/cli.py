@@ -215,8 +215,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from slimlm.train.presets import count_params
     from slimlm.train.trainer import Trainer
 
-    overrides = list(args.overrides) + (["--finetune.method", args.method] if args.method else [])
-    cfg, fcfg = load_run(args.config, overrides, "finetune", FinetuneConfig)
+    cfg, fcfg = load_run(args.config, args.overrides, "finetune", FinetuneConfig)
     method = METHODS.get(fcfg.method)(fcfg)
     trainer = Trainer(cfg, adapt=method.apply)
     try:
@@ -270,8 +269,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Fine-tune model.init_from with a [finetune] section (method, rank, alpha, "
                                    "targets, n, bottleneck, save). Override any key with --section.key value.")
     f.add_argument("config", help="TOML or JSON config ([finetune] + the `slimlm train` sections)")
-    f.add_argument("--method", default=None, help="lora, compacter or norm (overrides finetune.method)")
-    f.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value ...")
+    f.add_argument("overrides", nargs=argparse.REMAINDER,
+                   help="--method lora|compacter|norm (= --finetune.method), --out DIR, --section.key value ...")
     f.set_defaults(func=cmd_finetune)
 
     lr = sub.add_parser("lowrank", help="PELA: replace linear weights by SVD low-rank factors",

@@ -15,7 +15,8 @@ from slimlm.errors import SlimLMError
 from slimlm.train.config import TrainConfig, build, parse_overrides, read_file
 
 T = TypeVar("T")
-ALIASES = {"time_budget": "train.time_budget_minutes", "steps": "train.steps", "out": "out_dir"}
+ALIASES = {"time_budget": "train.time_budget_minutes", "steps": "train.steps", "out": "out_dir",
+           "method": "finetune.method"}
 
 
 def load_run(path: str | Path | None, overrides: list[str], section: str, cls: type[T]) -> tuple[TrainConfig, T]:
