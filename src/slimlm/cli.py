@@ -25,6 +25,7 @@ SUBCOMMANDS = [
     "slimlm.train.cli",  # train, data, tokenizer, schedule
     "slimlm.bench.cli",  # bench
     "slimlm.serve.cli",  # serve
+    "slimlm.compress.cli",  # prune, distill, lowrank, finetune, select, rationales, draft-bench
     "slimlm.eval.cli",  # eval, report
 ]
 """Modules with a ``register(subparsers)`` function, in the order ``slimlm --help`` lists them."""
@@ -86,12 +87,6 @@ class SlimParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from slimlm import __version__
 
-    p = SlimParser(prog="slimlm", description="Serve, compress and train small language models "
-                                              "(slimlm --help; slimlm COMMAND --help for a command's options).")
-    p.add_argument("--version", action="version", version=f"slimlm {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in SUBCOMMANDS:
-        importlib.import_module(module).register(sub)
     return p
 
 

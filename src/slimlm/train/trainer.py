@@ -57,13 +57,18 @@ class UpdateResult:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: TrainConfig, objective=None, adapt=None):
+        """``objective(forward, batch, step) -> summed loss`` replaces the LM loss of updates (held-out
+        evaluation stays the LM loss); ``adapt(model)`` changes the model (adapters, frozen weights)
+        before it is wrapped and its optimizer built. Both are how ``slimlm.compress`` runs here."""
+        self.cfg, self.objective = cfg, objective
         torch.set_num_threads(cfg.train.threads or torch.get_num_threads())
         self.world = distributed.init_world(cfg.dist, cfg.train.device)
         self.out = Path(cfg.out_dir)
         self.sets = build.train_datasets(cfg)
         self.model, self.tokenizer = build.build_model(cfg, self.sets[0])
+        if adapt is not None:
+            adapt(self.model)
         self.model.to(self.world.device)
         self.wrapped = distributed.wrap(self.model, self.world, cfg.dist.strategy)
         self.forward = torch.compile(self.wrapped) if cfg.train.compile else self.wrapped
@@ -206,6 +211,10 @@ class Trainer:
         return UpdateResult(loss, grad_norm, lr, int(computed), skipped)
 
     def _objective(self, b: Batch) -> torch.Tensor:
+        """The summed training loss of one micro-batch: a given objective (distillation), else
+        the configured token-prediction mixture, else plain next-token loss."""
+        if self.objective is not None:
+            return self.objective(self.forward, b, self.step)
         o = self.cfg.objective
         if o.plain and o.next_token == 1.0:
             return loss_sum(self.forward, b)

@@ -1,0 +1,328 @@
+"""`slimlm prune`, `slimlm distill`, `slimlm finetune`, `slimlm lowrank`, `slimlm select`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from slimlm.errors import SlimLMError
+
+
+def _int_list(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got '{s}'") from None
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    import torch
+
+    from slimlm.compress.calib import calibration_windows
+    from slimlm.compress.importance import measure
+    from slimlm.compress.prune import PruneConfig, prune
+    from slimlm.model.hub import load
+    from slimlm.model.weights import save_model_dir
+    from slimlm.train.presets import count_params
+
+    pc = PruneConfig(args.hidden, args.intermediate, args.heads, args.kv_heads, args.layers, args.drop_layers or [])
+    lm = load(args.src)
+    pc.validate(lm.model.cfg)  # bad targets fail before calibration
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    windows = calibration_windows(args.calib, lm.tokenizer, args.calib_tokens, args.seq_len)
+    imp = measure(lm.model.float(), windows)
+    for line in imp.ranking():
+        print(line, file=sys.stderr)
+    pruned, plan = prune(lm.model, imp, pc)
+    if args.random_init:  # the same shape, trained from scratch: Minitron's baseline
+        from slimlm.train.presets import new_model
+
+        pruned = new_model(pruned.cfg, 0.02, args.seed)
+    out = save_model_dir(pruned, args.dst, lm.tokenizer, lm.generation_config)
+    report = {
+        "source": str(args.src), "calib": args.calib, "calib_tokens": imp.tokens,
+        "params_before": count_params(lm.model), "params_after": count_params(pruned),
+        "kept_layers": plan.layers, "kept_channels": plan.channels.tolist(),
+        "kept_heads": {str(k): v.tolist() for k, v in plan.heads.items()},
+        "layer_importance": imp.layers.tolist(), "head_importance": imp.heads.tolist(),
+        "channel_importance": imp.channels.tolist(),
+    }
+    (out / "prune_report.json").write_text(json.dumps(report))
+    print(f"wrote {out}: {report['params_before'] / 1e6:.1f}M -> {report['params_after'] / 1e6:.1f}M params "
+          f"(layers {len(plan.layers)}, hidden {pruned.cfg.hidden_size}, heads {pruned.cfg.num_heads}/"
+          f"{pruned.cfg.num_kv_heads}, intermediate {pruned.cfg.intermediate_size}); ranking in prune_report.json",
+          file=sys.stderr)
+    return 0
+
+
+def _finish(trainer, last: dict) -> None:
+    if trainer.world.main:
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k.startswith(("loss", "val_")))
+        print(f"done: {trainer.step} updates, {trainer.tokens:,} tokens; {shown}; "
+              f"checkpoints in {trainer.out / 'checkpoints'}", file=sys.stderr)
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from slimlm.compress.distill import DistillConfig, DistillObjective, load_teacher
+    from slimlm.compress.run_config import load_run
+    from slimlm.train.presets import count_params
+    from slimlm.train.trainer import Trainer
+
+    cfg, dcfg = load_run(args.config, args.overrides, "distill", DistillConfig)
+    adapt = None
+    if dcfg.lowrank:
+        from slimlm.compress.lowrank import refactor
+
+        if not cfg.model.init_from:
+            raise SlimLMError("distill.lowrank needs model.init_from: the `slimlm lowrank` output")
+        init = cfg.model.init_from
+        adapt = lambda model: refactor(model, init)  # noqa: E731
+    trainer = Trainer(cfg, adapt=adapt)
+    try:
+        teacher = load_teacher(dcfg, trainer.model, trainer.tokenizer, trainer.world.device)
+        trainer.objective = DistillObjective(dcfg, teacher, trainer.model, cfg.model.init_from)
+        trainer.say(f"slimlm: distilling from {dcfg.teacher} ({count_params(teacher) / 1e6:.1f}M params), "
+                    f"T={dcfg.temperature:g}, weights kl {dcfg.kl_weight:g} / lm {dcfg.lm_weight:g} / hidden "
+                    f"{dcfg.hidden_weight:g}" + (f", teacher off after update {dcfg.teacher_until_step}"
+                                                 if dcfg.teacher_until_step else ""))
+        last = trainer.fit()
+        if dcfg.lowrank and trainer.world.main and trainer.step >= trainer.horizon.total_steps:
+            import json
+
+            from slimlm.compress.lowrank import LOWRANK_FILE, save_lowrank
+
+            ranks = json.loads((Path(cfg.model.init_from) / LOWRANK_FILE).read_text())["ranks"]
+            trainer.say(f"slimlm: wrote {save_lowrank(trainer.model, ranks, trainer.out / 'final', trainer.tokenizer)}")
+    finally:
+        trainer.close()
+    _finish(trainer, last)
+    return 0
+
+
+def cmd_lowrank(args: argparse.Namespace) -> int:
+    import torch
+
+    from slimlm.compress.calib import calibration_windows, window_perplexity
+    from slimlm.compress.lowrank import (LowRankConfig, check_rank, factored_params, input_scales, lowrank,
+                                         save_lowrank)
+    from slimlm.model.hub import load
+
+    from slimlm.compress.adapters.base import LINEARS
+
+    cfg = LowRankConfig(args.rank, args.energy, args.targets.split(",") if args.targets else list(LINEARS))
+    lm = load(args.src)
+    model = lm.model.float()
+    check_rank(model, cfg)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    windows = calibration_windows(args.calib, lm.tokenizer, args.calib_tokens, args.seq_len)
+    before_params, before_ppl = factored_params(model), window_perplexity(model, windows)
+    scales = input_scales(model, windows, cfg.targets) if args.activation_aware else None
+    ranks = lowrank(model, cfg, scales)
+    after_params, after_ppl = factored_params(model), window_perplexity(model, windows)
+    out = save_lowrank(model, ranks, Path(args.dst), lm.tokenizer, lm.generation_config)
+    rs = sorted(ranks.values())
+    print(f"wrote {out}: {len(ranks)} layers factored (rank {rs[0]}..{rs[-1]}); params {before_params / 1e6:.2f}M -> "
+          f"{after_params / 1e6:.2f}M factored; calibration perplexity {before_ppl:.2f} -> {after_ppl:.2f} "
+          f"({windows.numel():,} tokens of {args.calib}); recover with `slimlm distill` and distill.lowrank = true",
+          file=sys.stderr)
+    return 0
+
+
+def _scoring_model(name: str, data, role: str):
+    from slimlm.data.prepare import tokenizer_sha256
+    from slimlm.model.hub import load
+
+    lm = load(name)
+    if lm.tokenizer is not None and tokenizer_sha256(lm.tokenizer) != data.meta.tokenizer_sha256:
+        raise SlimLMError(f"{role} {name} uses another tokenizer than {data.path}; prepare the data with its tokenizer")
+    if lm.model.cfg.vocab_size < data.meta.vocab_size:
+        raise SlimLMError(f"{role} {name} has {lm.model.cfg.vocab_size} tokens, the data {data.meta.vocab_size}")
+    return lm.model.float().eval()
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    import torch
+
+    from slimlm.compress.select import SelectConfig, choose, doc_logprob, write_selection
+    from slimlm.data.tokens import TokenDataset
+
+    cfg = SelectConfig(args.method, args.keep, args.max_tokens, args.skip_easiest)
+    if cfg.method == "miniplm" and not args.reference:
+        raise SlimLMError("--method miniplm needs --reference (a small model with the same tokenizer)")
+    if Path(args.out).exists():
+        raise SlimLMError(f"{args.out} exists; choose a new output folder (selection never overwrites data)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = TokenDataset(args.data, "train")
+    teacher = _scoring_model(args.teacher, data, "teacher")
+    reference = _scoring_model(args.reference, data, "reference") if cfg.method == "miniplm" else None
+    scores = doc_logprob(teacher, data, cfg.max_tokens)
+    if reference is not None:
+        scores = scores - doc_logprob(reference, data, cfg.max_tokens)
+    kept = choose(scores, cfg.keep, cfg.skip_easiest if cfg.method == "salt" else 0.0)
+    meta = write_selection(data, kept, Path(args.out), {"method": cfg.method, "teacher": args.teacher,
+                                                        "reference": args.reference, "scores": scores.tolist()})
+    print(f"wrote {args.out}: kept {len(kept)} of {data.n_docs} documents ({meta.tokens['train']:,} of "
+          f"{data.n_tokens:,} tokens) by {cfg.method} score {scores[kept].mean():.3f} (all: {scores.mean():.3f})",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_draft_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from slimlm.compress.draft_bench import draft_bench
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    r = draft_bench(args.target, args.draft, args.k, args.prompt_tokens, args.max_tokens, args.repeats, args.dtype)
+    print("\n".join(r.lines()))
+    return 0
+
+
+def cmd_rationales(args: argparse.Namespace) -> int:
+    from slimlm.compress.rationale import generate_rationales, rationale_prompts, write_rationales
+    from slimlm.engine.llm import LLM
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise SlimLMError(f"{out} exists and is not empty; choose a new folder")
+    task = Path(args.task)
+    if not task.is_file():
+        from slimlm.eval.data import bigbench_task
+
+        task = bigbench_task(args.task)
+    pairs = rationale_prompts(task, args.n, args.seed)
+    llm = LLM(args.teacher)
+    rationales = generate_rationales(llm, pairs, args.max_tokens)
+    label_dir, rat_dir = write_rationales(pairs, rationales, out)
+    print(f"wrote {len(pairs)} examples: {label_dir} and {rat_dir}; prepare both with `slimlm data prepare` and "
+          f"mix them with data.weights", file=sys.stderr)
+    return 0
+
+
+def optimizer_bytes(optimizer) -> int:
+    return sum(v.numel() * v.element_size() for st in optimizer.state.values() for v in st.values()
+               if hasattr(v, "numel") and v.dim() > 0)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from slimlm.compress.adapters import METHODS, FinetuneConfig, trainable
+    from slimlm.compress.run_config import load_run
+    from slimlm.train.presets import count_params
+    from slimlm.train.trainer import Trainer
+
+    cfg, fcfg = load_run(args.config, args.overrides, "finetune", FinetuneConfig)
+    method = METHODS.get(fcfg.method)(fcfg)
+    trainer = Trainer(cfg, adapt=method.apply)
+    try:
+        n_train, n_all = trainable(trainer.model), count_params(trainer.model)
+        per = 2 if cfg.optim.name in ("adamw", "lamb") else 0
+        trainer.say(f"slimlm: finetune {fcfg.method}: {n_train:,} trainable of {n_all:,} parameters "
+                    f"({100 * n_train / max(n_all, 1):.3f}%); optimizer state {per} fp32 moments per trainable "
+                    f"parameter = {per * 4 * n_train / 2**20:.2f} MiB")
+        last = trainer.fit()
+        if trainer.world.main and trainer.step >= trainer.horizon.total_steps:
+            for path in method.export(trainer.model, trainer.out, trainer.tokenizer):
+                trainer.say(f"slimlm: wrote {path}")
+            trainer.say(f"slimlm: optimizer state measured {optimizer_bytes(trainer.optimizer) / 2**20:.2f} MiB")
+    finally:
+        trainer.close()
+    _finish(trainer, last)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prune", help="Minitron width/depth pruning by activation importance",
+                       description="Rank heads, KV groups, neurons, channels and layers by their activations on a "
+                                   "calibration set and keep the most important ones (Minitron).")
+    p.add_argument("src", help="known model name or HF directory")
+    p.add_argument("dst", help="output HF directory")
+    p.add_argument("--calib", default="python-stdlib", help="corpus name, file, folder or prepared token folder")
+    p.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens")
+    p.add_argument("--seq-len", type=int, default=256, help="calibration window length")
+    p.add_argument("--hidden", type=int, default=None, help="embedding channels to keep")
+    p.add_argument("--intermediate", type=int, default=None, help="MLP neurons to keep per layer")
+    p.add_argument("--heads", type=int, default=None, help="query heads to keep per layer")
+    p.add_argument("--kv-heads", type=int, default=None, help="KV groups to keep per layer")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--layers", type=int, default=None, help="layers to keep (by block importance)")
+    g.add_argument("--drop-layers", type=_int_list, default=None, help="comma-separated layer indices to drop")
+    p.add_argument("--random-init", action="store_true",
+                   help="write the pruned shape with fresh random weights (the from-scratch baseline)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --random-init")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_prune)
+
+    d = sub.add_parser("distill", help="knowledge distillation: a training run with a teacher",
+                       description="Train the student (model.init_from) on the data with a [distill] section: "
+                                   "teacher, temperature, kl/lm/hidden weights, teacher_until_step (SALT). "
+                                   "Override any key with --section.key value.")
+    d.add_argument("config", help="TOML or JSON config ([distill] + the `slimlm train` sections)")
+    d.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value ...")
+    d.set_defaults(func=cmd_distill)
+
+    f = sub.add_parser("finetune", help="parameter-efficient fine-tuning (lora, compacter, norm)",
+                       description="Fine-tune model.init_from with a [finetune] section (method, rank, alpha, "
+                                   "targets, n, bottleneck, save). Override any key with --section.key value.")
+    f.add_argument("config", help="TOML or JSON config ([finetune] + the `slimlm train` sections)")
+    f.add_argument("overrides", nargs=argparse.REMAINDER,
+                   help="--method lora|compacter|norm (= --finetune.method), --out DIR, --section.key value ...")
+    f.set_defaults(func=cmd_finetune)
+
+    lr = sub.add_parser("lowrank", help="PELA: replace linear weights by SVD low-rank factors",
+                        description="Factor the linear layers (truncated SVD, optionally activation-aware) at a "
+                                    "rank or an energy share; recover with `slimlm distill` (distill.lowrank = true).")
+    lr.add_argument("src", help="known model name or HF directory")
+    lr.add_argument("dst", help="output HF directory (products + lowrank.json)")
+    g = lr.add_mutually_exclusive_group(required=True)
+    g.add_argument("--rank", type=int, default=None, help="rank of every factored layer")
+    g.add_argument("--energy", type=float, default=None, help="keep this share of the squared singular values")
+    lr.add_argument("--targets", default=None, help="comma-separated module names (default: all seven linears)")
+    lr.add_argument("--activation-aware", action="store_true", help="weight the SVD by input-channel activations")
+    lr.add_argument("--calib", default="python-stdlib", help="corpus, file, folder or prepared token folder")
+    lr.add_argument("--calib-tokens", type=int, default=4096)
+    lr.add_argument("--seq-len", type=int, default=256)
+    lr.add_argument("--threads", type=int, default=None)
+    lr.set_defaults(func=cmd_lowrank)
+
+    se = sub.add_parser("select", help="offline data selection with a teacher (MiniPLM, SALT)",
+                        description="Score the documents of a prepared folder with the teacher (and a reference) "
+                                    "and write the kept ones as a new prepared folder.")
+    se.add_argument("data", help="prepared token folder (its train split is scored)")
+    se.add_argument("out", help="new prepared folder for the selection")
+    se.add_argument("--teacher", required=True, help="known model name or HF directory")
+    se.add_argument("--reference", default=None, help="miniplm: the small reference model")
+    se.add_argument("--method", default="miniplm", help="miniplm or salt")
+    se.add_argument("--keep", type=float, default=0.5, help="share of documents kept")
+    se.add_argument("--skip-easiest", type=float, default=0.0, help="salt: share of lowest-loss documents dropped")
+    se.add_argument("--max-tokens", type=int, default=512, help="tokens scored per document")
+    se.add_argument("--threads", type=int, default=None)
+    se.set_defaults(func=cmd_select)
+
+    ra = sub.add_parser("rationales", help="distilling step-by-step: teacher rationales for a labelled task",
+                        description="Write [label] and [rationale] documents for a BIG-bench multiple-choice task, "
+                                    "the rationales generated by the teacher (greedy, batched).")
+    ra.add_argument("task", help="BIG-bench task name or a task.json file")
+    ra.add_argument("out", help="new folder: OUT/label and OUT/rationale")
+    ra.add_argument("--teacher", default="smollm2-135m-instruct")
+    ra.add_argument("--n", type=int, default=64, help="examples")
+    ra.add_argument("--max-tokens", type=int, default=64, help="tokens per rationale")
+    ra.add_argument("--seed", type=int, default=0, help="which examples, when the task has more than --n")
+    ra.set_defaults(func=cmd_rationales)
+
+    db = sub.add_parser("draft-bench", help="batch-1 greedy decode with and without a draft model",
+                        description="Acceptance rate, tokens per target step and decode tok/s of the target with "
+                                    "and without speculative decoding by DRAFT (interleaved repeats, medians).")
+    db.add_argument("draft", help="the draft model's HF directory")
+    db.add_argument("--target", default="smollm2-135m-instruct")
+    db.add_argument("--k", type=int, default=4, help="draft tokens per step")
+    db.add_argument("--prompt-tokens", type=int, default=128)
+    db.add_argument("--max-tokens", type=int, default=64)
+    db.add_argument("--repeats", type=int, default=3)
+    db.add_argument("--dtype", default="float32")
+    db.add_argument("--threads", type=int, default=None)
+    db.set_defaults(func=cmd_draft_bench)

@@ -1,0 +1,136 @@
+"""Distillation as a trainer objective: KL zero for student = teacher, loss falls, resume, bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from slimlm.cli import main
+from slimlm.compress.distill import DistillConfig, DistillObjective, kl_sum
+from slimlm.compress.importance import measure
+from slimlm.compress.prune import PruneConfig, prune
+from slimlm.data.loader import PackedLoader
+from slimlm.data.tokens import TokenDataset
+from slimlm.errors import SlimLMError
+from slimlm.model.hub import load
+from slimlm.model.weights import save_model_dir
+from slimlm.train.metrics import read_metrics
+from slimlm.train.trainer import loss_sum
+from tests.conftest import make_hf_model
+from tests.train.helpers import tiny_args
+
+from tests.train.conftest import one_thread, prepared, tokenizer_dir  # noqa: F401,E402  (shared fixtures)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, tokenizer_dir):
+    path = tmp_path_factory.mktemp("teacher")
+    make_hf_model(path, "llama", num_hidden_layers=3)
+    return path
+
+
+@pytest.fixture(scope="module")
+def student_dir(teacher_dir, tmp_path_factory):
+    lm = load(teacher_dir)
+    imp = measure(lm.model, torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(0)))
+    pruned, _ = prune(lm.model, imp, PruneConfig(hidden=32, heads=2, intermediate=64, layers=2))
+    path = tmp_path_factory.mktemp("student")
+    save_model_dir(pruned, path, lm.tokenizer)
+    import json
+
+    (path / "prune_report.json").write_text(json.dumps({"kept_layers": _.layers, "kept_channels": _.channels.tolist()}))
+    return path
+
+
+def batch(prepared):
+    return PackedLoader([TokenDataset(prepared, "train")], 32, 2, None, "document", 0, 1, 0).next_batch()
+
+
+def test_kl_is_zero_when_student_is_teacher(teacher_dir, prepared):
+    model = load(teacher_dir).model
+    obj = DistillObjective(DistillConfig(teacher="x", hidden_weight=1.0), copy.deepcopy(model), model)
+    assert obj(model, batch(prepared), 0).item() == 0.0
+    x = torch.randn(5, 11)
+    assert kl_sum(x, x, 2.0).item() == 0.0 and kl_sum(x, x.flip(0), 2.0).item() > 0
+
+
+def test_kl_matches_its_definition():
+    s, t = torch.randn(4, 7), torch.randn(4, 7)
+    p, q = torch.softmax(t / 2, -1), torch.softmax(s / 2, -1)
+    torch.testing.assert_close(kl_sum(s, t, 2.0), (p * (p.log() - q.log())).sum() * 4)
+
+
+def test_salt_switches_the_teacher_off(teacher_dir, prepared):
+    model = load(teacher_dir).model
+
+    class Refuses(torch.nn.Module):
+        cfg = model.cfg
+
+        def forward(self, *a, **k):
+            raise AssertionError("teacher ran after teacher_until_step")
+
+    obj = DistillObjective(DistillConfig(teacher="x", teacher_until_step=3), Refuses(), model)
+    b = batch(prepared)
+    assert obj.uses_teacher(2) and not obj.uses_teacher(3)
+    torch.testing.assert_close(obj(model, b, 3), loss_sum(model, b))
+
+
+def distill_args(prepared, student_dir, teacher_dir, out, *extra):
+    config = out.parent / f"{out.name}.toml"
+    config.write_text(f'[model]\ninit_from = "{student_dir}"\n[distill]\nteacher = "{teacher_dir}"\n'
+                      'hidden_weight = 0.5\ntemperature = 2.0\n')
+    return ["distill", str(config),
+            *tiny_args(prepared, out, "--train.steps", "8", "--schedule.warmup_steps", "1", "--checkpoint.every", "4",
+                       *extra)]
+
+
+def test_distill_loss_falls_and_resumes_step_exactly(prepared, student_dir, teacher_dir, tmp_path, capsys):
+    ref = tmp_path / "ref"
+    assert main([a for a in distill_args(prepared, student_dir, teacher_dir, ref)]) == 0
+    err = capsys.readouterr().err
+    assert "distilling from" in err and "done: 8 updates" in err
+    ref_losses = {r["step"]: r["loss"] for r in read_metrics(ref / "metrics.jsonl") if "loss" in r}
+    assert ref_losses[8] < ref_losses[1]
+    # killed after update 5 (checkpoint at 4), then resumed: the same losses, update for update
+    from slimlm.compress.cli import cmd_distill  # noqa: F401  (the same code path as the CLI)
+    from slimlm.compress.distill import load_teacher
+    from slimlm.compress.run_config import load_run
+    from slimlm.train.trainer import Trainer
+
+    run = tmp_path / "run"
+    args = distill_args(prepared, student_dir, teacher_dir, run)
+    cfg, dcfg = load_run(args[1], args[2:], "distill", DistillConfig)
+    t = Trainer(cfg)
+    t.objective = DistillObjective(dcfg, load_teacher(dcfg, t.model, t.tokenizer, t.world.device), t.model,
+                                   cfg.model.init_from)
+    t.fit(max_updates=5)
+    t.close()
+    assert main(distill_args(prepared, student_dir, teacher_dir, run)) == 0
+    assert "resumed from" in capsys.readouterr().err
+    got = {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
+    assert got == ref_losses
+
+
+def test_teacher_with_another_vocabulary_is_refused(prepared, student_dir, tmp_path, capsys):
+    other = tmp_path / "other"
+    make_hf_model(other, "llama", vocab_size=512)
+    rc = main(distill_args(prepared, student_dir, other, tmp_path / "o"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "teacher vocabulary (512 tokens) differs from the student's (384)" in err
+
+
+def test_bad_distill_config_is_one_line(prepared, student_dir, teacher_dir, tmp_path, capsys):
+    rc = main(distill_args(prepared, student_dir, teacher_dir, tmp_path / "o", "--distill.temperature", "0"))
+    assert rc == 2 and "distill.temperature must be > 0" in capsys.readouterr().err
+    with pytest.raises(SlimLMError, match="valid keys in \\[distill\\]"):
+        from slimlm.compress.run_config import load_run
+
+        load_run(None, ["--distill.teacher", "x", "--distill.nope", "1"], "distill", DistillConfig)
+
+
+def test_top_k_kl_over_the_whole_vocabulary_is_the_full_kl():
+    s, t = torch.randn(3, 9), torch.randn(3, 9)
+    torch.testing.assert_close(kl_sum(s, t, 1.5, top_k=9), kl_sum(s, t, 1.5))
+    assert kl_sum(s, t, 1.0, top_k=2).item() != kl_sum(s, t, 1.0).item()
