@@ -87,6 +87,12 @@ class SlimParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from slimlm import __version__
 
+    p = SlimParser(prog="slimlm", description="Serve, compress and train small language models "
+                                              "(slimlm --help; slimlm COMMAND --help for a command's options).")
+    p.add_argument("--version", action="version", version=f"slimlm {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in SUBCOMMANDS:
+        importlib.import_module(module).register(sub)
     return p
 
 
