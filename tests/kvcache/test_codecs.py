@@ -143,6 +143,21 @@ def test_quantized_engine_equals_dense_reference(tiny, name, settings):
     assert llm.engine.pool.num_free() == llm.engine.pool.num_blocks
 
 
+@pytest.mark.parametrize("name", ["int8", "int4", "bfloat16"])
+def test_quantized_engine_with_native_kernels_at_head_size_64(tmp_path, name):
+    """Head size 64: the native decode kernel reads the quantized pool in place and the native
+    prefill kernel reads the decoded context; still exactly the dense reference."""
+    from tests.conftest import make_hf_model
+
+    make_hf_model(tmp_path, "llama", hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
+    lm = load(tmp_path)
+    prompts = make_prompts(4, seed=8)
+    p = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    llm = LLM(lm, kv_cache_dtype=name, block_size=8, max_num_batched_tokens=64)
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, p, use_tqdm=False)]
+    assert got == [dense_greedy(lm, name, pr, 6) for pr in prompts]
+
+
 def test_kv_bytes_follow_the_codec(tiny):
     c = tiny.model.cfg
     d, H, L = c.head_dim, c.num_kv_heads, c.num_layers

@@ -184,21 +184,26 @@ class AttentionPaths:
     """The loaded ``paged_prefill`` library, or None."""
     span: AttentionSpan = AttentionSpan()
     track_mass: bool = False
+    prefill_decodes: bool = False
+    """The pool is not in the compute dtype (quantized, or another float): the prefill kernel
+    reads the chunk's context decoded into a workspace (the decode the PyTorch path does too)."""
 
     @classmethod
     def choose(cls, cache: PagedKVCache, head_dim: int, span: AttentionSpan, track_mass: bool,
                native_kernels: bool) -> AttentionPaths:
         decode = prefill = None
         codec = cache.codec
-        if native_kernels and cache.device.type == "cpu" and span == AttentionSpan() and codec.native_code is not None:
+        if native_kernels and cache.device.type == "cpu" and span == AttentionSpan():
             from slimlm import kernels
 
-            decode = kernels.load("paged_decode")
-            if not track_mass and codec.native_code in (0, 1):
+            if codec.native_code is not None:
+                decode = kernels.load("paged_decode")
+            compute = NATIVE_DTYPES.get(cache.spec.compute_dtype)  # the kernel reads q's dtype
+            if not track_mass and compute is not None:
                 lib = kernels.load("paged_prefill")
-                if lib is not None and lib.slimlm_prefill_supported(head_dim, codec.native_code):
+                if lib is not None and lib.slimlm_prefill_supported(head_dim, compute):
                     prefill = lib
-        return cls(decode, prefill, span, track_mass)
+        return cls(decode, prefill, span, track_mass, codec.native_code != NATIVE_DTYPES.get(cache.spec.compute_dtype))
 
 
 class PagedAttention:
@@ -325,8 +330,13 @@ class PagedAttention:
         hkv, d = k.shape[1], k.shape[3]
         if self.paths.native_prefill is not None and p.table is not None and window is None and p.tree is None \
                 and isinstance(p.rows, slice):
-            kp, vp = cache.pools(layer)
-            native_prefill(self.paths.native_prefill, q_full[p.rows], kp[0], vp[0], p.table, int(p.q_pos[0, 0]),
+            if self.paths.prefill_decodes:  # decode the context once into a dense workspace
+                kp, vp = cache.gather("k", layer, p.table).contiguous(), cache.gather("v", layer, p.table).contiguous()
+                table = torch.arange(p.table.numel(), device=p.table.device)
+            else:
+                (kp, *_), (vp, *_) = cache.pools(layer)
+                table = p.table
+            native_prefill(self.paths.native_prefill, q_full[p.rows], kp, vp, table, int(p.q_pos[0, 0]),
                            out[p.rows], self.scale)
             return
         rows = p.rows
