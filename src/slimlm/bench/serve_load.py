@@ -237,7 +237,10 @@ def run(model: str, clients: int = 64, seconds: float = 60, max_tokens: int = 64
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "slimlm.cli", "serve", "--model", model, "--port", str(port),
            "--threads", str(threads), "--max-queue", str(max(256, clients * 2)), *(engine_args or [])]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    import tempfile
+
+    errlog = tempfile.TemporaryFile("w+")  # the server logs a line per request: a pipe nobody reads would fill and block it
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errlog, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         import httpx
@@ -245,7 +248,8 @@ def run(model: str, clients: int = 64, seconds: float = 60, max_tokens: int = 64
         deadline = time.time() + 180
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {proc.stderr.read()[-500:]}")
+                errlog.seek(0)
+                raise RuntimeError(f"server exited: {errlog.read()[-500:]}")
             try:
                 if httpx.get(url + "/health", timeout=1).status_code == 200:
                     break
@@ -270,6 +274,7 @@ def run(model: str, clients: int = 64, seconds: float = 60, max_tokens: int = 64
         except subprocess.TimeoutExpired:
             proc.kill()
             rc = None
+        errlog.close()
     ttft = stats.pop("ttft")
     return {
         "scenario": "serve", "settings": {"model": model, "clients": clients, "seconds": seconds,

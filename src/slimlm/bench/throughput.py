@@ -46,8 +46,8 @@ def worker_slimlm(args: dict[str, Any]) -> dict[str, Any]:
     return {
         "seconds": dt, "tokens_per_s": gen / dt, "generated": gen,
         "prompt_tokens": float(st["prompt_tokens"]), "computed_prompt_tokens": float(st["computed_prompt_tokens"]),
-        "peak_rss_mb": peak_rss_mb(), "kv_pool_mb": llm.engine.pool.num_blocks * llm.engine.cache.k[0][0].numel()
-        * 2 * len(llm.engine.cache.k) * llm.engine.cache.k[0].element_size() / 2**20,
+        "peak_rss_mb": peak_rss_mb(), "kv_pool_mb": llm.engine.pool.num_blocks * llm.engine.bytes_per_block / 2**20,
+        "kv_peak_mb": st["kv_peak_bytes"] / 2**20,
         "preemptions": float(llm.engine.scheduler.num_preemptions),
     }
 
@@ -116,13 +116,14 @@ def run(model: str, dtype: str = "float32", threads: int = 2, repeats: int = 2, 
 
 
 def table(report: dict[str, Any]) -> str:
-    rows = ["| system | generated tok/s (median, min-max) | prompt tokens computed / total | peak RSS MB |",
-            "|---|---|---|---|"]
+    rows = ["| system | generated tok/s (median, min-max) | prompt tokens computed / total | peak RSS MB | "
+            "KV at peak MB |", "|---|---|---|---|---|"]
     for name, s in report["summary"].items():
         tps = s["tokens_per_s"]
+        kv = f"{s['kv_peak_mb']['median']:.1f}" if "kv_peak_mb" in s else "—"
         rows.append(f"| {name} | {tps['median']:.1f} ({tps['min']:.1f}-{tps['max']:.1f}) | "
                     f"{s['computed_prompt_tokens']['median']:.0f} / {s['prompt_tokens']['median']:.0f} | "
-                    f"{s['peak_rss_mb']['median']:.0f} |")
+                    f"{s['peak_rss_mb']['median']:.0f} | {kv} |")
     if "speedup" in report:
         rows.append(f"\nslimlm / transformers: **{report['speedup']:.2f}x** generated tokens/s")
     return "\n".join(rows)

@@ -178,7 +178,8 @@ def cmd_draft_bench(args: argparse.Namespace) -> int:
     from slimlm.compress.draft_bench import draft_bench
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    r = draft_bench(args.target, args.draft, args.k, args.prompt_tokens, args.max_tokens, args.repeats, args.dtype)
+    r = draft_bench(args.target, args.draft, args.k, args.prompt_tokens, args.max_tokens, args.repeats, args.dtype,
+                    args.tree)
     print("\n".join(r.lines()))
     return 0
 
@@ -320,6 +321,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     db.add_argument("draft", help="the draft model's HF directory")
     db.add_argument("--target", default="smollm2-135m-instruct")
     db.add_argument("--k", type=int, default=4, help="draft tokens per step")
+    db.add_argument("--tree", action="store_true", help="top-2 branching at the first draft position")
     db.add_argument("--prompt-tokens", type=int, default=128)
     db.add_argument("--max-tokens", type=int, default=64)
     db.add_argument("--repeats", type=int, default=3)

@@ -6,7 +6,8 @@ speculative, plain, ...) in one process; the figures are medians and the speed-u
 of the medians of this run. Acceptance comes from the engine's counters:
 
     acceptance rate          accepted draft tokens / proposed draft tokens
-    tokens per target step   generated tokens / verification steps (1 = no gain, k + 1 = all accepted)
+    tokens per target step   (accepted drafts + one target token) per verification step
+                             (1 = no gain, k + 1 = all accepted)
 """
 
 from __future__ import annotations
@@ -50,14 +51,14 @@ def _decode(llm: LLM, prompt: list[int], max_tokens: int) -> tuple[list[int], fl
 
 
 def draft_bench(target: str, draft: str, k: int = 4, prompt_tokens: int = 128, max_tokens: int = 64,
-                repeats: int = 3, dtype: str = "float32") -> DraftReport:
+                repeats: int = 3, dtype: str = "float32", tree: bool = False) -> DraftReport:
     from slimlm.bench.workloads import text_prompt
     from slimlm.model.hub import load
 
     lm = load(target, dtype=dtype)
     prompt = text_prompt(lm.tokenizer, prompt_tokens)
     plain = LLM(lm, dtype=dtype)
-    spec = LLM(lm, dtype=dtype, speculative="draft", speculative_args={"model": draft, "k": k})
+    spec = LLM(lm, dtype=dtype, speculative="draft", speculative_args={"model": draft, "k": k, "tree": tree})
     _decode(plain, prompt, 8), _decode(spec, prompt, 8)  # warm-up
     s0 = dict(spec.engine.stats)
     times: dict[str, list[float]] = {"plain": [], "spec": []}
@@ -71,6 +72,6 @@ def draft_bench(target: str, draft: str, k: int = 4, prompt_tokens: int = 128, m
     return DraftReport(
         statistics.median(times["plain"]), statistics.median(times["spec"]),
         st["accepted_draft_tokens"] / max(st["draft_tokens"], 1),
-        st["generated_tokens"] / max(st["steps"], 1),
+        (st["accepted_draft_tokens"] + st["verify_steps"]) / max(st["verify_steps"], 1),
         outs["plain"] == outs["spec"], repeats,
     )
