@@ -207,6 +207,7 @@ def test_metrics(server, client):
     text = httpx.get(server.url + "/metrics").text
     for name in ["slimlm_requests_running", "slimlm_requests_waiting", "slimlm_prompt_tokens_total",
                  "slimlm_generation_tokens_total", "slimlm_kv_blocks_used", "slimlm_kv_blocks_free",
+                 "slimlm_kv_bytes_in_use",
                  "slimlm_time_to_first_token_seconds_bucket", "slimlm_time_per_output_token_seconds_bucket"]:
         assert name in text, name
 

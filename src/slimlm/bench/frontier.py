@@ -155,8 +155,8 @@ class Frontier(Scenario):
     def table(self, report: dict[str, Any]) -> str:
         summ = report["summary"]
         metrics = list(dict.fromkeys(p["metric"] for p in report["points"]))
-        rows = ["| config | flags | decode tok/s | speed-up | KV MB held | KV saved | "
-                + " | ".join(metrics) + " |", "|---" * (6 + len(metrics)) + "|"]
+        rows = ["| config | flags | first token ms | decode tok/s | speed-up | KV MB held | KV saved | "
+                + " | ".join(metrics) + " |", "|---" * (7 + len(metrics)) + "|"]
         flags = {"baseline": "(command line)"}
         flags.update({f.partition("=")[0].strip(): f.partition("=")[2] for f in report["settings"]["config_flags"]})
         for c in report["quality"]:
@@ -172,7 +172,8 @@ class Frontier(Scenario):
                     qcells.append(f"{p['value']:.3f}")
                 else:
                     qcells.append(f"{p['value']:.3f} ({p['quality_delta']:+.1f})")
-            rows.append(f"| {c} | `{flags.get(c, '')}` | {cell(summ.get(c, {}).get('decode_tok_s'), '.1f')} | "
+            rows.append(f"| {c} | `{flags.get(c, '')}` | {cell(summ.get(c, {}).get('ttft_ms'), '.0f')} | "
+                        f"{cell(summ.get(c, {}).get('decode_tok_s'), '.1f')} | "
                         f"{'-' if sp is None else f'{sp:+.0f}%'} | {cell(summ.get(c, {}).get('kv_mb'), '.1f')} | "
                         f"{'-' if ms is None else f'{ms:+.0f}%'} | " + " | ".join(qcells) + " |")
         st = report["settings"]

@@ -17,6 +17,8 @@ class Metrics:
         self.waiting = Gauge("slimlm_requests_waiting", "Sequences waiting in the engine", registry=r)
         self.kv_used = Gauge("slimlm_kv_blocks_used", "KV blocks in use", registry=r)
         self.kv_free = Gauge("slimlm_kv_blocks_free", "KV blocks free (incl. reusable cached ones)", registry=r)
+        self.kv_bytes = Gauge("slimlm_kv_bytes_in_use", "KV bytes the blocks in use hold (all layers, in the "
+                              "KV cache dtype's format)", registry=r)
         self.ttft = Histogram("slimlm_time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS,
                               registry=r)
         self.itl = Histogram("slimlm_time_per_output_token_seconds", "Time per output token after the first",
@@ -28,4 +30,5 @@ class Metrics:
         self.waiting.set(len(sched.waiting))
         self.kv_used.set(engine.pool.num_used())
         self.kv_free.set(engine.pool.num_free())
+        self.kv_bytes.set(engine.kv_bytes_in_use())
         return generate_latest(self.registry)
