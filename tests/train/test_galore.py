@@ -15,11 +15,9 @@ from slimlm.errors import SlimLMError
 from slimlm.train.config import LowRankConfig, OptimConfig
 from slimlm.train.galore import state_bytes
 from slimlm.train.gradnorm_lorp import weight_norm_grads
-from slimlm.train.metrics import read_metrics
 from slimlm.train.optimizers import build_optimizer, lowrank_groups
 from slimlm.train.presets import model_config, new_model
-from slimlm.train.trainer import Trainer
-from tests.train.helpers import tiny_config
+from tests.train.helpers import losses_after_kill_and_resume
 
 LOWRANK = LowRankConfig(rank=8, update_proj_gap=2, scale=0.25)
 
@@ -113,18 +111,7 @@ def test_a_rank_above_a_matrix_dimension_is_refused_before_any_step():
 def test_kill_and_resume_is_step_exact(prepared, tmp_path, name):
     extra = ("--optim.name", name, "--optim.galore.rank", "4", "--optim.galore.update_proj_gap", "2")
 
-    def run(out, max_updates=None):
-        t = Trainer(tiny_config(prepared, out, *extra))
-        try:
-            t.fit(max_updates)
-        finally:
-            t.close()
-
-    run(tmp_path / "ref")
-    run(tmp_path / "cut", max_updates=4)  # checkpoint at 3, killed after 4
-    run(tmp_path / "cut")
-    curve = {p: {r["step"]: r["loss"] for r in read_metrics(tmp_path / p / "metrics.jsonl") if "loss" in r}
-             for p in ("ref", "cut")}
+    curve = losses_after_kill_and_resume(prepared, tmp_path, *extra)
     assert curve["cut"] == curve["ref"] and len(curve["ref"]) == 6
     assert curve["ref"][6] < curve["ref"][1]
 

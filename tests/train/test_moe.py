@@ -17,8 +17,7 @@ from slimlm.train.distributed import World
 from slimlm.train.metrics import read_metrics
 from slimlm.train.moe_balance import LoadBalance
 from slimlm.train.presets import model_config, new_model
-from slimlm.train.trainer import Trainer
-from tests.train.helpers import tiny_config
+from tests.train.helpers import losses_after_kill_and_resume
 
 MOE = dict(num_experts=4, num_experts_per_tok=2, num_shared_experts=1, moe_intermediate_size=32)
 
@@ -101,17 +100,8 @@ MOE_ARGS = ("--model.moe.num_experts", "4", "--model.moe.top_k", "2", "--model.m
 def test_moe_trains_and_resumes_step_exactly(prepared, tmp_path, balance):
     extra = (*MOE_ARGS, "--model.moe.balance", balance, "--train.grad_accum", "2")
 
-    def run(out, max_updates=None):
-        t = Trainer(tiny_config(prepared, out, *extra))
-        try:
-            t.fit(max_updates)
-        finally:
-            t.close()
-
-    run(tmp_path / "ref")
-    run(tmp_path / "cut", max_updates=4)
-    run(tmp_path / "cut")
-    recs = {p: [r for r in read_metrics(tmp_path / p / "metrics.jsonl") if "loss" in r] for p in ("ref", "cut")}
-    assert [r["loss"] for r in recs["cut"]] == [r["loss"] for r in recs["ref"]]
-    assert all(0 < r["moe_load_entropy"] <= 1 and r["moe_aux_loss"] > 0 for r in recs["ref"])
-    assert recs["ref"][-1]["loss"] < recs["ref"][0]["loss"]
+    curve = losses_after_kill_and_resume(prepared, tmp_path, *extra)
+    assert curve["cut"] == curve["ref"]
+    recs = [r for r in read_metrics(tmp_path / "ref" / "metrics.jsonl") if "loss" in r]
+    assert all(0 < r["moe_load_entropy"] <= 1 and r["moe_aux_loss"] > 0 for r in recs)
+    assert recs[-1]["loss"] < recs[0]["loss"]

@@ -8,11 +8,10 @@ import torch
 from slimlm.data.packing import IGNORE, Batch
 from slimlm.errors import SlimLMError
 from slimlm.train.config import ObjectiveConfig
-from slimlm.train.metrics import read_metrics
 from slimlm.train.presets import model_config, new_model
 from slimlm.train.token_mixture import mixture_loss_sum
-from slimlm.train.trainer import Trainer, loss_sum
-from tests.train.helpers import tiny_config
+from slimlm.train.trainer import loss_sum
+from tests.train.helpers import losses_after_kill_and_resume
 
 
 def packed_batch() -> Batch:
@@ -70,15 +69,6 @@ def test_bad_weights_are_one_line_errors():
 def test_mixture_trains_and_resumes_step_exactly(prepared, tmp_path):
     extra = ("--objective.next_all", "0.5", "--objective.random_position", "0.5", "--objective.horizon", "3")
 
-    def run(out, max_updates=None):
-        t = Trainer(tiny_config(prepared, out, *extra))
-        try:
-            t.fit(max_updates)
-        finally:
-            t.close()
-
-    run(tmp_path / "ref")
-    run(tmp_path / "cut", max_updates=4)
-    run(tmp_path / "cut")
-    curves = [[r["loss"] for r in read_metrics(tmp_path / p / "metrics.jsonl") if "loss" in r] for p in ("ref", "cut")]
-    assert curves[0] == curves[1] and curves[0][-1] < curves[0][0]
+    curve = losses_after_kill_and_resume(prepared, tmp_path, *extra)
+    ref = [curve["ref"][k] for k in sorted(curve["ref"])]
+    assert curve["cut"] == curve["ref"] and ref[-1] < ref[0]
