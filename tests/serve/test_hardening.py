@@ -23,16 +23,11 @@ from slimlm.serve.chat_input import ChatEncoder
 from slimlm.serve.protocol import ChatCompletionRequest
 from slimlm.serve.server import GracefulServer, uvicorn_config
 from slimlm.serve.config import ServeConfig
+from tests.serve.test_server import free_port
 
 MODEL = "tiny"
 KEY = "sk-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

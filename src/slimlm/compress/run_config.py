@@ -11,8 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, TypeVar
 
-from slimlm.errors import SlimLMError
-from slimlm.train.config import TrainConfig, build, parse_overrides, read_file
+from slimlm.train.config import TrainConfig, apply_overrides, build, parse_overrides, read_file
 
 T = TypeVar("T")
 ALIASES = {"time_budget": "train.time_budget_minutes", "steps": "train.steps", "out": "out_dir",
@@ -21,14 +20,6 @@ ALIASES = {"time_budget": "train.time_budget_minutes", "steps": "train.steps", "
 
 def load_run(path: str | Path | None, overrides: list[str], section: str, cls: type[T]) -> tuple[TrainConfig, T]:
     raw: dict[str, Any] = read_file(Path(path)) if path is not None else {}
-    for key, value in parse_overrides(overrides):
-        key = ALIASES.get(key, key)
-        *sections, last = key.split(".")
-        node = raw
-        for s in sections:
-            node = node.setdefault(s, {})
-            if not isinstance(node, dict):
-                raise SlimLMError(f"--{key}: '{s}' is not a section")
-        node[last] = value
+    apply_overrides(raw, [(ALIASES.get(k, k), v) for k, v in parse_overrides(overrides)])
     own = raw.pop(section, {})
     return build(TrainConfig, raw, ""), build(cls, own, section)

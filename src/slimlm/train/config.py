@@ -322,10 +322,14 @@ def schedule_name(s: Schedule) -> str:
 
 # ---------------------------------------------------------------------------- reading
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    raw: dict[str, Any] = {}
-    if path is not None:
-        raw = read_file(Path(path))
-    for key, value in parse_overrides(overrides or []):
+    raw: dict[str, Any] = read_file(Path(path)) if path is not None else {}
+    apply_overrides(raw, parse_overrides(overrides or []))
+    return build(TrainConfig, raw, "")
+
+
+def apply_overrides(raw: dict[str, Any], pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Set each dotted ``section.key`` of ``pairs`` in the raw (file) config, in place."""
+    for key, value in pairs:
         *sections, last = key.split(".")
         node = raw
         for s in sections:
@@ -333,7 +337,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             if not isinstance(node, dict):
                 raise SlimLMError(f"--{key}: '{s}' is not a section")
         node[last] = value
-    return build(TrainConfig, raw, "")
+    return raw
 
 
 def read_file(path: Path) -> dict[str, Any]:
