@@ -25,6 +25,7 @@ SUBCOMMANDS = [
     "slimlm.train.cli",  # train, data, tokenizer, schedule
     "slimlm.bench.cli",  # bench
     "slimlm.serve.cli",  # serve
+    "slimlm.batch.cli",  # batch
     "slimlm.compress.cli",  # prune, distill, lowrank, finetune, select, rationales, draft-bench
     "slimlm.eval.cli",  # eval, report
 ]
