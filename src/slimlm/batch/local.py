@@ -65,7 +65,9 @@ async def _guarded(host: AppHost, row: Row) -> dict[str, Any]:
         return error_record(row.line, row.custom_id, "internal_error", f"{type(e).__name__}: {e}")
 
 
-async def run_rows(host: AppHost, items, write: Writer, concurrency: int) -> None:
+async def run_rows(host: AppHost, items, write, concurrency: int, stop: bool = True) -> None:
+    """Run ``items`` (rows and ready error records) with at most ``concurrency`` in flight, writing
+    each record as it is done; ``stop`` ends the app's engine afterwards (a worker keeps it)."""
     pending: set[asyncio.Task] = set()
     try:
         for item in items:
@@ -84,7 +86,8 @@ async def run_rows(host: AppHost, items, write: Writer, concurrency: int) -> Non
     finally:
         for t in pending:
             t.cancel()
-        await host.stop()
+        if stop:
+            await host.stop()
 
 
 def open_output(input_path: Path, output: Path, progress: bool) -> tuple[set[int], TextIO, Any]:
