@@ -178,6 +178,8 @@ class AsyncEngine:
         for out in outs:
             if out.finished:
                 self._engine_seqs.pop(out.request_id, None)
+                if self.metrics is not None:
+                    self.metrics.tokens_cached.inc(out.num_cached_tokens)
             s = self._streams.get(out.request_id)
             if s is None:
                 continue

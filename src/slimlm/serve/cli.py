@@ -44,6 +44,14 @@ def cmd_serve(a: argparse.Namespace) -> int:
         raise SlimLMError(str(e)) from None
     if serve_cfg.metrics_auth and not keys:
         raise SlimLMError("--metrics-auth needs --api-key (or SLIMLM_API_KEY)")
+    if a.replicas < 1:
+        raise SlimLMError(f"--replicas must be at least 1, got {a.replicas}")
+    if a.replicas > 1 or a.ray_address:  # Ray Serve: cluster/replicas.py
+        from dataclasses import asdict
+
+        from slimlm.cluster.replicas import serve_on_ray
+
+        return serve_on_ray(a, asdict(serve_cfg), engine_config_from_args(a))
     if a.threads:
         torch.set_num_threads(a.threads)
     cfg = EngineConfig(**engine_config_from_args(a))
@@ -62,6 +70,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
+    from slimlm.cluster.routing import ROUTERS
     from slimlm.engine.options import add_engine_args
     from slimlm.model.hub import DEFAULT_MODEL
     from slimlm.serve.config import ServeConfig
@@ -92,5 +101,14 @@ def register(sub) -> None:
                    help="seconds between stats log lines (0: off)")
     s.add_argument("--no-access-log", action="store_true", help="no per-request log line")
     s.add_argument("--log-level", default="warning", help="uvicorn's log level")
+    r = s.add_argument_group("replicas", "several engines behind one ingress on Ray Serve (pip install "
+                                         "slimlm[ray]; docs/deployment.md)")
+    r.add_argument("--replicas", type=int, default=1, help="engine replicas (more than 1: Ray Serve)")
+    r.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster (HOST:PORT, ray://HOST:PORT); default: start a local one")
+    r.add_argument("--routing", default="prefix", choices=ROUTERS.names(),
+                   help="prefix: requests sharing their first KV blocks go to the same replica")
+    r.add_argument("--max-imbalance", type=int, default=4,
+                   help="prefix routing: requests in flight a replica may have above the least-loaded one")
     add_engine_args(s)
     s.set_defaults(func=cmd_serve)

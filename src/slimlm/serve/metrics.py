@@ -12,6 +12,8 @@ class Metrics:
         self.registry = r = CollectorRegistry()
         self.requests = Counter("slimlm_requests", "Requests received, by outcome", ["outcome"], registry=r)
         self.tokens_in = Counter("slimlm_prompt_tokens", "Prompt tokens received", registry=r)
+        self.tokens_cached = Counter("slimlm_prefix_cache_hit_tokens", "Prompt tokens served from the prefix "
+                                     "cache (finished requests)", registry=r)
         self.tokens_out = Counter("slimlm_generation_tokens", "Tokens generated", registry=r)
         self.running = Gauge("slimlm_requests_running", "Sequences running in the engine", registry=r)
         self.waiting = Gauge("slimlm_requests_waiting", "Sequences waiting in the engine", registry=r)
