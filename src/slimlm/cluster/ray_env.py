@@ -35,10 +35,10 @@ def check_address(address: str, timeout_s: float = 5.0) -> None:
 def init_ray(address: str | None, num_cpus: int | None = None):
     """Join the cluster at ``address``, or start a local Ray instance (``num_cpus`` for it)."""
     ray = require_ray()
-    if ray.is_initialized():
-        return ray
     if address:
         check_address(address)
+    if ray.is_initialized():
+        return ray
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     kw = {"address": address} if address else {"num_cpus": num_cpus, "include_dashboard": False}
     try:

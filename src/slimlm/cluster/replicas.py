@@ -13,7 +13,7 @@ only to live ones; a request whose replica fails before its response started is 
 replica; one that fails mid-stream ends with an OpenAI-shaped error event and ``[DONE]`` (a
 non-streaming one with a 502). ``GET /metrics`` merges every replica's metrics with a
 ``replica="i"`` label, plus the router's own (``slimlm_router_*``); ``GET /health`` is 200 while
-at least one replica answers.
+at least one replica answers. Each response names its replica in the ``x-slimlm-replica`` header.
 """
 
 from __future__ import annotations
@@ -41,10 +41,14 @@ def load_tokenizer(model: str):
     """The model's tokenizer without its weights where the format allows (HF directories, named models)."""
     from pathlib import Path
 
+    from slimlm.errors import ModelLoadError
     from slimlm.model.hub import KNOWN_MODELS, ensure_cached, load, newest_run_checkpoint
     from slimlm.tokenizer import Tokenizer
 
     path = ensure_cached(KNOWN_MODELS[model]) if model in KNOWN_MODELS else Path(model).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model '{model}' not found: no such path, and not a known name "
+                             f"({', '.join(KNOWN_MODELS)})")
     path = newest_run_checkpoint(path)
     if path.is_dir() and (path / "tokenizer.json").is_file():
         return Tokenizer.from_dir(path)
@@ -209,6 +213,7 @@ class Ingress:
         sse = any(k.lower() == b"content-type" and b"event-stream" in v for k, v in raw)
         resp = StreamingResponse(self._relay(gen, r, sse), status_code=start["status"])
         resp.raw_headers = [(k, v) for k, v in raw if k.lower() != b"content-length"]
+        resp.raw_headers.append((b"x-slimlm-replica", str(r).encode()))
         return resp
 
     async def _relay(self, gen, r: int, sse: bool):
@@ -341,6 +346,8 @@ def serve_on_ray(a, serve_kw: dict[str, Any], engine_kw: dict[str, Any]) -> int:
 
     name = a.served_model_name or a.model
     spec = replica_spec(a.model, name, engine_kw, serve_kw, a.routing, a.max_imbalance, a.threads)
+    if load_tokenizer(a.model) is None:  # a bad --model fails here, not in every replica
+        raise SlimLMError(f"{a.model} has no tokenizer; the server needs one")
     try:
         start(spec, a.replicas, a.host, a.port, a.ray_address)
     except (RuntimeError, OSError) as e:
