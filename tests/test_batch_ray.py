@@ -1,0 +1,37 @@
+"""`slimlm batch --ray`: the same records as the local job, from engines on Ray Data workers."""
+
+from __future__ import annotations
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from slimlm.cli import main  # noqa: E402
+from tests.test_batch import check_equal, records, reference, requests, write_lines  # noqa: E402,F401
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+def test_ray_batch_equals_llm_generate_and_resumes(tmp_path, tiny_llama_dir, reference, local_ray):  # noqa: F811
+    rows = requests()
+    inp = write_lines(tmp_path / "in.jsonl", rows[:3] + ["{broken"] + rows[3:])
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"id": "batch_req_1", "custom_id": "p0", "line": 1, "response": null, "error": null}\n')
+    argv = ["batch", str(inp), str(out), "--model", str(tiny_llama_dir), "--ray", "--workers", "2",
+            "--rows-per-task", "2", "--no-progress", "--threads", "1"]
+    assert main(argv) == 0
+    lines = out.read_text().splitlines()
+    assert len(lines) == len(rows) + 1  # line 1 was already done: not redone
+    got = records(out)
+    assert got.pop(None)["error"]["message"].startswith("line 4:")
+    assert got.pop("p0")["response"] is None
+    check_equal(got, {k: v for k, v in reference.items() if k != "p0"})
+    assert main(argv) == 0 and out.read_text().splitlines() == lines  # everything done: nothing added
