@@ -131,6 +131,21 @@ def latest_good(root: Path, log=lambda msg: print(msg, file=sys.stderr)) -> Path
     return None
 
 
+def with_tied_names(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with every name of a tied parameter: safetensors stores a shared tensor once
+    (``lm_head.weight`` with tied embeddings), and under torchrun ``set_state_dict`` wants each name."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    out = dict(state)
+    for names in groups.values():
+        have = next((n for n in names if n in out), None)
+        if have is not None:
+            for n in names:
+                out.setdefault(n, out[have])
+    return out
+
+
 def load_checkpoint(path: Path) -> Checkpoint:
     problem = verify(path)
     if problem is not None:

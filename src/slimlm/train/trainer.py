@@ -113,6 +113,7 @@ class Trainer:
         else:
             return False
         state = checkpoint.load_checkpoint(path)
+        state.model_state = checkpoint.with_tied_names(self.model, state.model_state)
         diff = checkpoint.same_shape(state.model_cfg, self.model.cfg)
         if diff:
             raise SlimLMError(f"checkpoint {path} is from another model shape ({diff}); use another out_dir")
