@@ -78,3 +78,21 @@ def test_bad_settings():
         PrefixAffinityRouter(0)
     with pytest.raises(ValueError):
         PrefixAffinityRouter(2, max_imbalance=-1)
+
+
+def test_prefix_routing_keeps_the_hit_rate_of_one_engine(tiny_llama_dir):
+    """The measurement behind docs/deployment.md, on the tiny model and token-id prompts."""
+    import random
+
+    from slimlm.cluster.routing_bench import hit_rate
+    from slimlm.model.hub import load
+
+    lm = load(tiny_llama_dir)
+    prompts = [[10 + g] * 64 + [100 + q, 200 + g] for g in range(4) for q in range(6)]
+    random.Random(0).shuffle(prompts)
+    got = {p: hit_rate(lm, {}, prompts, 2, p, wave=4) for p in (None, "round_robin", "prefix")}
+    one, rr, px = (got[p]["hit_rate"] for p in (None, "round_robin", "prefix"))
+    assert got["prefix"]["prompt_tokens"] == got["round_robin"]["prompt_tokens"] == 24 * 66
+    assert px > rr and px == pytest.approx(one)  # 4 groups x 4 full blocks, each computed once
+    assert got["prefix"]["cached_tokens"] == (24 - 4) * 64
+    assert sum(got["prefix"]["requests_per_replica"]) == 24 and min(got["prefix"]["requests_per_replica"]) > 0
