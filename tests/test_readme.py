@@ -19,6 +19,7 @@ SKIP = {
     "path/to/": "a placeholder path",
     "slimlm chat": "interactive (tests/engine/test_stream_chat.py drives the REPL)",
     "slimlm serve": "a long-running server (tests/serve)",
+    "slimlm batch": "needs a batch file (tests/test_batch.py)",
     "slimlm bench": "minutes of benchmarking (tests/bench)",
     "slimlm eval": "minutes of scoring (tests/eval)",
     "slimlm report": "needs result files (tests/bench)",
