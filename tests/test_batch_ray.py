@@ -35,3 +35,12 @@ def test_ray_batch_equals_llm_generate_and_resumes(tmp_path, tiny_llama_dir, ref
     assert got.pop("p0")["response"] is None
     check_equal(got, {k: v for k, v in reference.items() if k != "p0"})
     assert main(argv) == 0 and out.read_text().splitlines() == lines  # everything done: nothing added
+
+
+def test_unreachable_ray_address_is_one_line(tmp_path, tiny_llama_dir, capsys):
+    inp = write_lines(tmp_path / "in.jsonl", requests()[:1])
+    assert main(["batch", str(inp), str(tmp_path / "o.jsonl"), "--model", str(tiny_llama_dir), "--ray",
+                 "--ray-address", "127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot reach the Ray cluster at 127.0.0.1:1" in err[0]
+    assert not (tmp_path / "o.jsonl").exists()

@@ -11,7 +11,8 @@ Failures: Serve health-checks every replica (``check_health``: the engine thread
 replaces one whose process dies. The ingress probes replicas every ``PROBE_S`` seconds and routes
 only to live ones; a request whose replica fails before its response started is retried on another
 replica; one that fails mid-stream ends with an OpenAI-shaped error event and ``[DONE]`` (a
-non-streaming one with a 502). ``GET /metrics`` merges every replica's metrics with a
+non-streaming answer is sent whole, so its replica's failure comes before it started and is
+retried). ``GET /metrics`` merges every replica's metrics with a
 ``replica="i"`` label, plus the router's own (``slimlm_router_*``); ``GET /health`` is 200 while
 at least one replica answers. Each response names its replica in the ``x-slimlm-replica`` header.
 """
@@ -329,21 +330,23 @@ def replica_spec(model: str, name: str, engine_kw: dict[str, Any], serve_kw: dic
 def start(spec: dict[str, Any], replicas: int, host: str = "127.0.0.1", port: int = 8000,
           address: str | None = None) -> None:
     """Start (or join) Ray, then the replicas and the ingress on http://host:port; returns when ready."""
-    from ray import serve
-
     from slimlm.cluster.ray_env import init_ray
 
     if replicas < 1:
         raise ValueError(f"--replicas must be at least 1, got {replicas}")
     init_ray(address, num_cpus=None if address else max(replicas, os.cpu_count() or 1))
+    from ray import serve
+
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_application(spec, replicas), name="slimlm", route_prefix="/")
 
 
 def serve_on_ray(a, serve_kw: dict[str, Any], engine_kw: dict[str, Any]) -> int:
     """`slimlm serve --replicas N [--ray-address A]`: run until SIGTERM / Ctrl-C."""
+    from slimlm.cluster.ray_env import require_ray
     from slimlm.errors import SlimLMError
 
+    require_ray()  # without the extra: one line saying how to install it
     name = a.served_model_name or a.model
     spec = replica_spec(a.model, name, engine_kw, serve_kw, a.routing, a.max_imbalance, a.threads)
     if load_tokenizer(a.model) is None:  # a bad --model fails here, not in every replica
