@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -12,12 +14,15 @@ from tests.test_batch import check_equal, records, reference, requests, write_li
 
 @pytest.fixture(scope="module")
 def local_ray():
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
     yield
     if started:
         ray.shutdown()
+    for sig, handler in handlers.items():  # ray.init turns SIGTERM into SystemExit in this process
+        signal.signal(sig, handler)
 
 
 def test_ray_batch_equals_llm_generate_and_resumes(tmp_path, tiny_llama_dir, reference, local_ray):  # noqa: F811

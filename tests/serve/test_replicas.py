@@ -29,6 +29,7 @@ SYSTEMS = [f"You are assistant number {g}. " + "Paged attention stores keys and 
 def cluster(tiny_llama_dir):
     from ray import serve
 
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
@@ -41,6 +42,8 @@ def cluster(tiny_llama_dir):
     serve.shutdown()
     if started:
         ray.shutdown()
+    for sig, handler in handlers.items():  # ray.init turns SIGTERM into SystemExit in this process
+        signal.signal(sig, handler)
 
 
 def post(url, path, body, key=KEY, timeout=120):
