@@ -38,6 +38,11 @@ class EngineConfig:
     hooks: list[str] = field(default_factory=list)
     """Per-layer runner hooks by name (see ``slimlm.engine.hooks``)."""
     hook_args: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rope_extension: str | None = None
+    """Run a RoPE model past its trained context without training (``slimlm.model.rope_extension``):
+    "dca" (Dual Chunk Attention, An et al. 2024 / Qwen2.5-1M), "yarn", "dynamic", or "extrapolate"
+    (plain RoPE, the baseline). Raises the context check to ``context`` (default 4x trained)."""
+    rope_extension_args: dict[str, Any] = field(default_factory=dict)
     native_kernels: bool = True
     """Use the compiled CPU kernels (``slimlm.kernels``) where they apply; False = PyTorch only."""
     seed: int = 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -24,6 +25,24 @@ from slimlm.kvcache.policy import KV_POLICIES, AttentionSpan
 from slimlm.kvcache.spec import KVCacheSpec
 from slimlm.kvcache.storage import PagedKVCache
 from slimlm.model.hub import LoadedModel
+from slimlm.model.rope_extension import ROPE_EXTENSIONS, RopeExtension
+
+
+def rope_extension(cfg, config: EngineConfig, policy) -> RopeExtension | None:
+    """The configured RoPE extension, checked against what it cannot follow."""
+    if config.rope_extension is None:
+        if config.rope_extension_args:
+            raise SlimLMError("rope_extension_args given without rope_extension")
+        return None
+    cls = ROPE_EXTENSIONS.get(config.rope_extension)
+    if policy is not None:
+        raise SlimLMError(f"rope_extension={config.rope_extension!r} cannot be combined with a KV policy")
+    if any(w for w in (cfg.window_for_layer(i) for i in range(cfg.num_layers))):
+        raise SlimLMError("rope_extension does not support sliding-window layers")
+    try:
+        return cls(cfg, **config.rope_extension_args)
+    except TypeError as e:
+        raise SlimLMError(f"rope_extension={config.rope_extension!r}: {e}") from None
 
 
 class LLMEngine:
@@ -34,6 +53,9 @@ class LLMEngine:
         cfg = self.model.cfg
         self.context_length = cfg.context_length
         self.policy = KV_POLICIES.get(config.kv_policy)(**config.kv_policy_args) if config.kv_policy else None
+        self.rope_ext = rope_extension(cfg, config, self.policy)
+        if self.rope_ext is not None:
+            self.context_length = self.rope_ext.context
         token_policy = self.policy is not None and self.policy.granularity == "token"
         self.spec = KVCacheSpec.from_model(cfg, self.model.dtype, config.kv_cache_dtype)
         if token_policy and self.spec.has_windows:
@@ -46,7 +68,7 @@ class LLMEngine:
         prefix_caching = config.enable_prefix_caching and not token_policy and all(h.prefix_exact for h in self.hooks)
         per_block = self.spec.bytes_per_block(config.block_size)
         self.bytes_per_block = per_block
-        full_context = per_block * -(-(cfg.context_length + 1) // config.block_size)
+        full_context = per_block * -(-(self.context_length + 1) // config.block_size)
         kv_bytes = config.kv_cache_bytes or default_kv_bytes(config.device, min_bytes=full_context)
         self.proposer: Proposer | None = None
         if config.speculative:
@@ -60,8 +82,9 @@ class LLMEngine:
         self.kv = KVCacheManager(self.pool)
         track = token_policy and self.policy.observe_attention
         self.cache = PagedKVCache(self.spec, num_blocks, config.block_size, self.model.device, track_attention=track)
-        paths = AttentionPaths.choose(self.cache, cfg.head_dim, span, track, config.native_kernels)
-        self.runner = ModelRunner(self.model, self.cache, paths, self.hooks)
+        dca = self.rope_ext.dual_chunk if self.rope_ext is not None else None
+        paths = AttentionPaths.choose(self.cache, cfg.head_dim, span, track, config.native_kernels and dca is None)
+        self.runner = ModelRunner(self.model, self.cache, replace(paths, dual_chunk=dca), self.hooks, self.rope_ext)
         if self.proposer is not None:
             self.runner.capture |= set(self.proposer.hidden_layers())
         self.scheduler = Scheduler(

@@ -187,6 +187,9 @@ class AttentionPaths:
     prefill_decodes: bool = False
     """The pool is not in the compute dtype (quantized, or another float): the prefill kernel
     reads the chunk's context decoded into a workspace (the decode the PyTorch path does too)."""
+    dual_chunk: object | None = None
+    """Dual Chunk Attention (``model/rope_extension.py``): every path goes through
+    ``dca_attention`` with true positions (storage index == position: no compaction)."""
 
     @classmethod
     def choose(cls, cache: PagedKVCache, head_dim: int, span: AttentionSpan, track_mass: bool,
@@ -234,6 +237,10 @@ class PagedAttention:
 
     def _attend(self, layer, q, k, v, mask, q_pos, k_pos, key_slots):
         span = self.paths.span
+        if self.paths.dual_chunk is not None:
+            from slimlm.model.rope_extension import dca_attention
+
+            return dca_attention(q, k, v, mask, q_pos, k_pos, self.paths.dual_chunk, self.rotary.inv_freq, self.scale)
         if span.distance_cap is not None and span.sink > 0:
             return capped_attention(q, k, v, mask, q_pos, k_pos, span.distance_cap, self.rotary, self.scale)
         if self.paths.track_mass:

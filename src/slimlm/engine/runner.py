@@ -55,8 +55,12 @@ def tree_mask(parents: list[int]) -> list[list[bool]]:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, cache: PagedKVCache, paths: AttentionPaths, hooks: list[LayerHook]):
+    def __init__(self, model: CausalLM, cache: PagedKVCache, paths: AttentionPaths, hooks: list[LayerHook],
+                 rope_ext=None):
         self.model, self.cache, self.paths, self.hooks = model, cache, paths, hooks
+        self.rope_ext = rope_ext
+        """A RoPE extension (``model/rope_extension.py``): its rotary and rope positions."""
+        self.rotary = rope_ext.rotary().to(model.device) if rope_ext is not None else model.rotary
         self.device = model.device
         self.windows = model.windows()
         self.capture: set[int] = set()
@@ -97,7 +101,7 @@ class ModelRunner:
         table = self._decode_table(decodes) if self.paths.native_decode is not None else None
         groups = self._decode_groups(decodes) if table is None or any(self.windows.values()) else []
         attn = PagedAttention(self.cache, self.paths, self._tensor(slots), groups, prefills, self.windows,
-                              self.model.attn_scale, self.model.rotary, table)
+                              self.model.attn_scale, self.rotary, table)
         lr = self._tensor(logit_rows)
         info = StepInfo(positions[0], len(decodes), self._tensor(row_seq),
                         torch.tensor(row_out, dtype=torch.bool, device=self.device), lr, tuple(segments))
@@ -167,7 +171,8 @@ class ModelRunner:
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, attn: PagedAttention, info: StepInfo):
         model, hooks = self.model, self.hooks
         h = model.embed(ids)  # (1, T, D)
-        cos, sin = model.rotary(positions, h.dtype)
+        rope_pos = self.rope_ext.rope_positions(positions) if self.rope_ext is not None else positions
+        cos, sin = self.rotary(rope_pos, h.dtype)
         hidden: dict[int, torch.Tensor] = {}
         for hk in hooks:
             hk.begin_step(info)
