@@ -28,6 +28,18 @@ from slimlm.model.hub import LoadedModel
 from slimlm.model.rope_extension import ROPE_EXTENSIONS, RopeExtension
 
 
+def check_layout(engine: LLMEngine, ids: list[int], layout) -> None:
+    """A set-based layout fits these ids and this engine (what it cannot follow is refused)."""
+    if len(layout.positions) != len(ids):
+        raise ValueError(f"layout has {len(layout.positions)} positions for {len(ids)} prompt tokens")
+    if engine.proposer is not None:
+        raise ValueError("set-based prompts cannot be combined with speculative decoding")
+    if engine.rope_ext is not None and engine.rope_ext.dual_chunk is not None:
+        raise ValueError("set-based prompts cannot be combined with rope_extension='dca'")
+    if engine.policy is not None and engine.policy.granularity == "token":
+        raise ValueError(f"set-based prompts cannot be combined with kv_policy={engine.config.kv_policy!r}")
+
+
 def rope_extension(cfg, config: EngineConfig, policy) -> RopeExtension | None:
     """The configured RoPE extension, checked against what it cannot follow."""
     if config.rope_extension is None:
@@ -110,8 +122,9 @@ class LLMEngine:
         return cls(load(model, dtype=cfg.dtype, device=cfg.device), cfg)
 
     # ------------------------------------------------------------------ requests
-    def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
-        """Token ids of ``prompt``; ValueError naming the problem if the request cannot run."""
+    def validate(self, prompt: str | list[int], params: SamplingParams, layout=None) -> list[int]:
+        """Token ids of ``prompt``; ValueError naming the problem if the request cannot run.
+        ``layout``: a ``PromptLayout`` (set-based prompt) for these ids."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         if isinstance(prompt, str):
@@ -127,11 +140,15 @@ class LLMEngine:
             raise ValueError(f"prompt has token ids outside the vocabulary [0, {vocab})")
         if params.top_k > vocab:
             raise ValueError(f"top_k must be -1, 0 or at most the vocabulary size {vocab}, got {params.top_k}")
+        if layout is not None:
+            check_layout(self, ids, layout)
+        span = layout.span if layout is not None else len(ids)
         bounded = self.policy is not None and self.policy.max_blocks(1, 1) is not None
-        if not bounded and len(ids) >= self.context_length:
+        if not bounded and span >= self.context_length:
             raise ValueError(
-                f"prompt has {len(ids)} tokens; the model's context is {self.context_length} "
-                "(a KV policy such as 'sink' lifts this)"
+                (f"prompt spans {span} positions" if layout is not None else f"prompt has {span} tokens")
+                + f"; the model's context is {self.context_length} "
+                "(a KV policy such as 'sink' or a rope_extension lifts this)"
             )
         need = self._blocks_needed(len(ids), params)
         if need > self.pool.num_blocks:
@@ -153,14 +170,14 @@ class LLMEngine:
         return total + (params.n - 1) * per_fork
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, layout=None) -> str:
         params = params or SamplingParams()
-        ids = self.validate(prompt, params)
+        ids = self.validate(prompt, params, layout)
         rid = request_id if request_id is not None else str(next(self._ids))
         if rid in self.requests:
             raise ValueError(f"request_id {rid!r} is already in use")
         req = Request(rid, prompt if isinstance(prompt, str) else None, ids, params, self.tokenizer,
-                      next(self._arrival))
+                      next(self._arrival), layout=layout)
         seq = self._new_seq(req, 0, list(ids))  # may raise: nothing is stored before this
         self.requests[rid] = req
         self.scheduler.add(seq)
@@ -171,8 +188,11 @@ class LLMEngine:
         sampler = SequenceSampler(req.params, req.prompt_ids, index, self.model.device)
         seq = Sequence(next(self._ids) + 1_000_000_000, req, index, token_ids, sampler)
         req.seqs.append(seq)
-        if req.params.cache_salt is not None:
-            self.kv.salts[seq.seq_id] = req.params.cache_salt
+        salt = req.params.cache_salt
+        if req.layout is not None:  # a set's KV depends on its layout, not only its tokens
+            salt = f"{salt or ''}\0{req.layout.digest()}"
+        if salt is not None:
+            self.kv.salts[seq.seq_id] = salt
         return seq
 
     def abort(self, request_id: str) -> bool:

@@ -130,6 +130,8 @@ class Request:
     num_cached_tokens: int = 0
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.time()))
     error: str | None = None
+    layout: object | None = None
+    """``PromptLayout`` of a segmented prompt with a set (``engine/segments.py``), else None."""
 
     @property
     def finished(self) -> bool:

@@ -19,6 +19,7 @@ from slimlm.engine.hooks import LayerHook, Segment, StepInfo, combine_plans
 from slimlm.engine.paged_attention import (
     AttentionPaths, DecodeGroup, DecodeTable, PagedAttention, PrefillSegment, kept_blocks,
 )
+from slimlm.engine.segments import set_allow_mask
 from slimlm.engine.sched_output import ScheduledChunk, SchedulerOutput
 from slimlm.kvcache.storage import PagedKVCache
 from slimlm.model.transformer import CausalLM
@@ -86,13 +87,13 @@ class ModelRunner:
             T = len(c.token_ids)
             p = tree_positions(c.start, c.tree_parents) if c.tree_parents else list(range(c.start, c.start + T))
             ids += c.token_ids
-            pos += p
+            pos += c.layout.positions_for(c.start, T) if c.layout is not None else p
             slots += [c.block_table[x // bs] * bs + x % bs for x in range(c.kv_start, c.kv_start + T)]
             row_seq += [c.seq_id] * T
             row_out += [x >= c.prompt_len for x in p]
             logit_rows += range(row + T - c.num_logits, row + T)
             segments.append(Segment(c.seq_id, row, row + T, not c.tree_parents and p[-1] < c.prompt_len))
-            if T == 1:
+            if T == 1 and not (c.layout is not None and c.layout.in_set(c.start, 1)):
                 decodes.append((row, c.kv_start, *kept_blocks(c.block_table, c.kv_start + 1, bs)))
             else:
                 prefills.append(self._segment(c, row, T))
@@ -123,13 +124,18 @@ class ModelRunner:
         tree = torch.tensor(tree_mask(c.tree_parents), device=self.device) if c.tree_parents else None
         phys, logical = kept_blocks(c.block_table, c.kv_start + T, bs)
         all_kept = len(logical) == logical[-1] + 1
-        table = self._tensor(phys) if self.paths.native_prefill is not None and all_kept and tree is None else None
+        sets = c.layout is not None and c.layout.in_set(c.start, T)  # a set-based mask (engine/segments.py)
+        table = self._tensor(phys) if self.paths.native_prefill is not None and all_kept and tree is None \
+            and not sets else None
         if c.kv_start == 0 and self.paths.span.window is None and tree is None and self.cache.codec.lossless:
             # the chunk is its whole context: its own new keys (a lossy codec reads them back
             # through the cache, so every chunking sees the same stored keys)
-            return PrefillSegment(slice(row, row + T), q, None, q, table=table)
-        return PrefillSegment(slice(row, row + T), q, self._tensor(phys), self._kpos([logical]), table=table,
-                              tree=tree, kv_start=c.kv_start)
+            allow = set_allow_mask(c.layout, q[0], q[0]) if sets else None
+            return PrefillSegment(slice(row, row + T), q, None, q, table=table, allow=allow)
+        k_pos = self._kpos([logical])
+        allow = set_allow_mask(c.layout, q[0], k_pos[0]) if sets else None
+        return PrefillSegment(slice(row, row + T), q, self._tensor(phys), k_pos, table=table,
+                              tree=tree, kv_start=c.kv_start, allow=allow)
 
     def _kpos(self, logical: list[list[int]]) -> torch.Tensor:
         """Key storage indices (B, nb * block_size) of padded logical block lists (-1 = padding)."""

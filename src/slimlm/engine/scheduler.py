@@ -151,7 +151,7 @@ class Scheduler:
                 self._inflight.setdefault(h, seq.seq_id)
         return ScheduledChunk(seq.seq_id, tokens, seq.num_computed, list(self.kv.tables[seq.seq_id]),
                               num_logits, completes, drafts, forks, tree_parents=parents,
-                              kv_start=seq.num_stored, prompt_len=seq.prompt_len)
+                              kv_start=seq.num_stored, prompt_len=seq.prompt_len, layout=seq.request.layout)
 
     def _hashes(self, seq: Sequence) -> list[int]:
         if seq.block_hashes is None or len(seq.block_hashes) < seq.num_tokens // self.kv.block_size:
