@@ -19,8 +19,8 @@ from slimlm.engine.hooks import LayerHook, Segment, StepInfo, combine_plans
 from slimlm.engine.paged_attention import (
     AttentionPaths, DecodeGroup, DecodeTable, PagedAttention, PrefillSegment, kept_blocks,
 )
-from slimlm.engine.segments import set_allow_mask
 from slimlm.engine.sched_output import ScheduledChunk, SchedulerOutput
+from slimlm.engine.segments import set_allow_mask
 from slimlm.kvcache.storage import PagedKVCache
 from slimlm.model.transformer import CausalLM
 
