@@ -167,26 +167,29 @@ def dca_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     three score matrices. Returns (B, Hq, T, d).
     """
     c, s = dc.chunk_len, dc.chunk_size
-    G = q.shape[1] // k.shape[1]
+    B, Hq, T, d = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
     work = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
-    qf = q.to(work)
-    kx = k.repeat_interleave(G, 1).to(work)  # (B, Hq, S, d)
-    vx = v.repeat_interleave(G, 1).to(work)
+    qf, kf, vf = q.to(work), k.to(work), v.to(work)
     qi = q_pos % c  # the rotation q already carries
     cs, ss = _rotation(inv_freq, (qi + c).clamp(max=s - 1) - qi, work)
     q_succ = apply_rope(qf, cs, ss)
     ci, si = _rotation(inv_freq, (s - 1) - qi, work)
     q_inter = apply_rope(qf, ci, si)
+
+    def scores_of(qx: torch.Tensor, kx: torch.Tensor) -> torch.Tensor:  # grouped heads, no repeat of k
+        return (qx.reshape(B, Hkv, G * T, d) @ kx.transpose(-1, -2)).view(B, Hkv, G, T, -1)
+
     qc, kc = q_pos // c, k_pos // c  # chunk ids
     first = int(qc.min()) - 1  # keys of chunks < first are inter for every query here
     cut = int(torch.searchsorted(k_pos[0].contiguous(), torch.tensor([first * c], device=k_pos.device))) \
         if first > 0 and k_pos.shape[0] == 1 else 0
-    scores = torch.empty(q.shape[0], q.shape[1], q.shape[2], k.shape[2], dtype=work, device=q.device)
-    if cut:
-        scores[..., :cut] = q_inter @ kx[:, :, :cut].transpose(-1, -2)
-    kl = kx[:, :, cut:].transpose(-1, -2)
-    d = qc[:, :, None] - kc[:, None, cut:]  # (B, T, S') chunk distance
-    local = torch.where((d == 0)[:, None], qf @ kl, torch.where((d == 1)[:, None], q_succ @ kl, q_inter @ kl))
-    scores[..., cut:] = local
-    scores = (scores * scale).masked_fill(~mask, float("-inf"))
-    return (scores.softmax(-1) @ vx).to(q.dtype)
+    kl = kf[:, :, cut:]
+    dist = (qc[:, :, None] - kc[:, None, cut:])[:, None, None]  # (B, 1, 1, T, S') chunk distance
+    local = torch.where(dist == 0, scores_of(qf, kl), torch.where(dist == 1, scores_of(q_succ, kl),
+                                                                   scores_of(q_inter, kl)))
+    scores = torch.cat([scores_of(q_inter, kf[:, :, :cut]), local], -1) if cut else local  # (B, Hkv, G, T, S)
+    scores = (scores * scale).masked_fill(~mask[:, :, None], float("-inf"))
+    out = scores.softmax(-1).view(B, Hkv, G * T, -1) @ vf  # (B, Hkv, G*T, d)
+    return out.view(B, Hq, T, d).to(q.dtype)
