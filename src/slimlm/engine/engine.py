@@ -32,11 +32,11 @@ def check_layout(engine: LLMEngine, ids: list[int], layout) -> None:
     """A set-based layout fits these ids and this engine (what it cannot follow is refused)."""
     if len(layout.positions) != len(ids):
         raise ValueError(f"layout has {len(layout.positions)} positions for {len(ids)} prompt tokens")
-    if engine.proposer is not None:
+    if engine.proposer is not None and layout.has_sets:
         raise ValueError("set-based prompts cannot be combined with speculative decoding")
     if engine.rope_ext is not None and engine.rope_ext.dual_chunk is not None:
-        raise ValueError("set-based prompts cannot be combined with rope_extension='dca'")
-    if engine.policy is not None and engine.policy.granularity == "token":
+        raise ValueError("segmented prompts (sets, chunks) cannot be combined with rope_extension='dca'")
+    if engine.policy is not None and engine.policy.granularity == "token" and layout.has_sets:
         raise ValueError(f"set-based prompts cannot be combined with kv_policy={engine.config.kv_policy!r}")
 
 
@@ -104,6 +104,7 @@ class LLMEngine:
             dedup_prefixes=config.batch_prefix_scheduling and prefix_caching,
             num_drafts=(lambda s: len(s.draft_ids)) if self.proposer else None,
         )
+        self.blender = None  # CacheBlend, built with the first prompt that has chunks
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._arrival = itertools.count()
@@ -179,18 +180,49 @@ class LLMEngine:
         req = Request(rid, prompt if isinstance(prompt, str) else None, ids, params, self.tokenizer,
                       next(self._arrival), layout=layout)
         seq = self._new_seq(req, 0, list(ids))  # may raise: nothing is stored before this
+        if layout is not None and layout.chunks:
+            self._blend(seq, layout.chunks)
         self.requests[rid] = req
         self.scheduler.add(seq)
         self.stats["prompt_tokens"] += len(ids)
         return rid
+
+    def _blend(self, seq: Sequence, chunks) -> None:
+        """CacheBlend (``engine/cacheblend.py``): write the blended KV of all prompt tokens but
+        the last into the sequence's blocks; the engine computes the last one. A pool too short
+        for it now leaves the prompt to an ordinary prefill (the request never fails for it)."""
+        n = seq.prompt_len - 1
+        if n < 1 or seq.request.params.prompt_logprobs is not None or not self.kv.allocate(seq.seq_id, n):
+            return  # prompt logprobs need every row computed: an ordinary prefill
+        if self.blender is None:
+            from slimlm.engine.cacheblend import CacheBlend
+            from slimlm.kvcache.chunk_store import ChunkStore
+
+            self.blender = CacheBlend(self.model, self.runner.rotary, ChunkStore(self.config.chunk_store_bytes),
+                                      self.config.blend_recompute_ratio)
+        before = self.blender.stats["recomputed_tokens"]
+        try:
+            kv = self.blender.prefill(seq.token_ids[:n], list(chunks))
+        except Exception:
+            self.kv.free(seq.seq_id)
+            raise
+        bs = self.config.block_size
+        table = self.kv.tables[seq.seq_id]
+        slots = torch.tensor([table[i // bs] * bs + i % bs for i in range(n)], device=self.model.device)
+        for layer, (k, v) in enumerate(kv):
+            self.cache.write(layer, slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
+        seq.num_computed, seq.kv_preset = n, True
+        self.stats["computed_prompt_tokens"] += self.blender.stats["recomputed_tokens"] - before
 
     def _new_seq(self, req: Request, index: int, token_ids: list[int]) -> Sequence:
         sampler = SequenceSampler(req.params, req.prompt_ids, index, self.model.device)
         seq = Sequence(next(self._ids) + 1_000_000_000, req, index, token_ids, sampler)
         req.seqs.append(seq)
         salt = req.params.cache_salt
-        if req.layout is not None:  # a set's KV depends on its layout, not only its tokens
+        if req.layout is not None:  # a set's (or a blend's) KV depends on its layout, not only its tokens
             salt = f"{salt or ''}\0{req.layout.digest()}"
+            if req.layout.chunks:
+                salt += f"\0blend {self.config.blend_recompute_ratio}"
         if salt is not None:
             self.kv.salts[seq.seq_id] = salt
         return seq

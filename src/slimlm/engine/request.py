@@ -91,6 +91,7 @@ class Sequence:
         self.draft_ids: list[int] = []  # speculative tokens proposed for the next step
         self.draft_probs = None  # (k, V) draft distribution for sampled requests
         self.draft_parents: list[int] | None = None  # tree drafts: parent of each draft (-1 = last token)
+        self.kv_preset = False  # its first num_computed tokens' KV was written by CacheBlend (no prefix match)
 
     @property
     def output_ids(self) -> list[int]:

@@ -8,6 +8,8 @@ A prompt may be a list of segments instead of one text::
                                 "Answer:"]}])
 
 - a string (or ``{"text": str}``, or ``{"ids": [int, ...]}``) is ordinary text;
+- ``{"chunk": text}`` (or ``{"chunk": {"ids": [...]}}``) is text whose KV is kept and reused
+  wherever it appears in later prompts, blended in by CacheBlend (``engine/cacheblend.py``);
 - ``{"set": [element, ...]}`` (two or more elements, each a string / ``{"text"}`` / ``{"ids"}``)
   is an unordered set: every element starts at the same position (the set's start) and no
   element's tokens attend to another element's tokens. Whatever follows the set starts after
@@ -37,6 +39,8 @@ class PromptLayout:
     """Set id of each prompt token (-1: not in a set)."""
     elements: tuple[int, ...]
     """Element index within its set (-1: not in a set)."""
+    chunks: tuple[tuple[int, int], ...] = ()
+    """(start, end) token spans of reusable chunks (CacheBlend, ``engine/cacheblend.py``)."""
 
     @property
     def has_sets(self) -> bool:
@@ -56,7 +60,7 @@ class PromptLayout:
         return any(s >= 0 for s in self.sets[start : start + n])
 
     def digest(self) -> str:
-        h = hashlib.sha256(repr((self.positions, self.sets, self.elements)).encode())
+        h = hashlib.sha256(repr((self.positions, self.sets, self.elements, self.chunks)).encode())
         return "layout:" + h.hexdigest()
 
 
@@ -84,8 +88,19 @@ def build_segments(segments: Any, encode: Callable[[str], list[int]]) -> tuple[l
     sets: list[int] = []
     elems: list[int] = []
     p = 0
+    chunks: list[tuple[int, int]] = []
     for i, seg in enumerate(segments):
-        if isinstance(seg, dict) and "set" in seg:
+        if isinstance(seg, dict) and "chunk" in seg:
+            if set(seg) != {"chunk"}:
+                raise ValueError(f"segment {i}: a chunk is {{'chunk': text}} or {{'chunk': {{'ids': [...]}}}}")
+            t = _piece(seg["chunk"], encode, f"segment {i}")
+            chunks.append((len(ids), len(ids) + len(t)))
+            ids += t
+            pos += range(p, p + len(t))
+            sets += [-1] * len(t)
+            elems += [-1] * len(t)
+            p += len(t)
+        elif isinstance(seg, dict) and "set" in seg:
             members = seg["set"]
             if set(seg) != {"set"} or not isinstance(members, list):
                 raise ValueError(f"segment {i}: a set is {{'set': [element, ...]}}")
@@ -110,8 +125,10 @@ def build_segments(segments: Any, encode: Callable[[str], list[int]]) -> tuple[l
             sets += [-1] * len(t)
             elems += [-1] * len(t)
             p += len(t)
-    layout = PromptLayout(tuple(pos), tuple(sets), tuple(elems))
-    return ids, layout if layout.has_sets else None
+    layout = PromptLayout(tuple(pos), tuple(sets), tuple(elems), tuple(chunks))
+    if chunks and layout.has_sets:
+        raise ValueError("a prompt cannot have both chunks and sets")
+    return ids, layout if layout.has_sets or chunks else None
 
 
 def set_allow_mask(layout: PromptLayout, q_idx, k_idx):
@@ -152,5 +169,7 @@ def _has_text(segments: Any) -> bool:
         if isinstance(s, str) or (isinstance(s, dict) and "text" in s):
             return True
         if isinstance(s, dict) and isinstance(s.get("set"), list) and _has_text(s["set"]):
+            return True
+        if isinstance(s, dict) and "chunk" in s and _has_text([s["chunk"]]):
             return True
     return False

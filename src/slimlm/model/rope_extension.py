@@ -35,7 +35,7 @@ import torch
 
 from slimlm.errors import SlimLMError
 from slimlm.model.config import ModelConfig
-from slimlm.model.rope import RotaryEmbedding, apply_rope
+from slimlm.model.rope import RotaryEmbedding, apply_rope, rotation
 from slimlm.registry import Registry
 
 ROPE_EXTENSIONS: Registry[type[RopeExtension]] = Registry("rope extension")
@@ -149,14 +149,6 @@ class DualChunkExtension(RopeExtension):
         return positions % self.dual_chunk.chunk_len
 
 
-def _rotation(inv_freq: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype):
-    """cos/sin (B, T, d) of a rotation by ``delta`` (B, T), with no scale (re-rotating a query
-    already rotated by the model's cos/sin, whose scale it keeps)."""
-    freqs = delta[..., None].float() * inv_freq  # (B, T, d/2)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
 def dca_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, q_pos: torch.Tensor,
                   k_pos: torch.Tensor, dc: DualChunk, inv_freq: torch.Tensor, scale: float) -> torch.Tensor:
     """Dual chunk attention over keys rotated by ``j mod c``, queries rotated by ``i mod c``.
@@ -173,9 +165,9 @@ def dca_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     work = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
     qf, kf, vf = q.to(work), k.to(work), v.to(work)
     qi = q_pos % c  # the rotation q already carries
-    cs, ss = _rotation(inv_freq, (qi + c).clamp(max=s - 1) - qi, work)
+    cs, ss = rotation(inv_freq, (qi + c).clamp(max=s - 1) - qi, work)
     q_succ = apply_rope(qf, cs, ss)
-    ci, si = _rotation(inv_freq, (s - 1) - qi, work)
+    ci, si = rotation(inv_freq, (s - 1) - qi, work)
     q_inter = apply_rope(qf, ci, si)
 
     def scores_of(qx: torch.Tensor, kx: torch.Tensor) -> torch.Tensor:  # grouped heads, no repeat of k
