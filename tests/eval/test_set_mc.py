@@ -44,3 +44,18 @@ def test_mc_set_refuses_transformers(tiny_llama_dir, tmp_path, capsys):
     assert main(["eval", "mc-set", "--model", str(tiny_llama_dir), "--task-json", str(f), "--system",
                  "transformers"]) == 2
     assert "needs the slimlm engine" in capsys.readouterr().err
+
+
+def test_rag_chunks_with_full_recompute_answer_as_flat_prompts(tiny_llama_dir, tiny_data, tmp_path):
+    base = ["eval", "rag", "--model", str(tiny_llama_dir), "--filler", str(tiny_data["filler"]), "--queries", "3",
+            "--passages-per-query", "2", "--passage-tokens", "12",
+            "--threads", "1", "--kv-cache-bytes", "16M"]
+    res = {}
+    for name, extra in [("flat", ["--rag-mode", "flat"]), ("full", ["--blend-recompute-ratio", "1"]),
+                        ("reuse", ["--blend-recompute-ratio", "0"])]:
+        out = tmp_path / f"{name}.json"
+        assert main([*base, *extra, "--json", str(out)]) == 0
+        res[name] = json.loads(out.read_text())["results"]
+    assert [t["answer"] for t in res["flat"]["trials"]] == [t["answer"] for t in res["full"]["trials"]]
+    assert res["reuse"]["computed_tokens_per_query"] < res["full"]["computed_tokens_per_query"]
+    assert res["flat"]["prompt_tokens_per_query"] == res["full"]["prompt_tokens_per_query"]
