@@ -130,3 +130,12 @@ def test_bad_extension_name_and_combinations(tiny):
         LLM(tiny, kv_cache_bytes="8M", rope_extension="ntk")
     with pytest.raises(SlimLMError, match="KV policy"):
         LLM(tiny, kv_cache_bytes="8M", rope_extension="dca", kv_policy="sink")
+
+
+def test_dca_batched_decodes_equal_one_at_a_time(tiny):
+    prompts = [[(13 * i + j) % 350 + 3 for i in range(n)] for j, n in enumerate((70, 130, 20))]
+    sp = SamplingParams(temperature=0, max_tokens=12)
+    llm = LLM(tiny, kv_cache_bytes="8M", rope_extension="dca", rope_extension_args=DCA, native_kernels=False)
+    together = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+    alone = [llm.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+    assert together == alone

@@ -154,9 +154,9 @@ def dca_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     """Dual chunk attention over keys rotated by ``j mod c``, queries rotated by ``i mod c``.
 
     q (B, Hq, T, d); k, v (B, Hkv, S, d); mask (B, 1, T, S) bool (causality, padding); q_pos
-    (B, T), k_pos (B, S) true positions (-1 = padding). Keys before the previous chunk of every
-    query in the block only need the inter rotation, so only the last two chunks' keys pay for
-    three score matrices. Returns (B, Hq, T, d).
+    (B, T), k_pos (B, S) true positions (-1 = padding; ascending when B == 1). With one sequence
+    (a prefill chunk) the queries are split by chunk and each group's keys fall in three ranges,
+    one product each, so DCA costs what dense attention costs. Returns (B, Hq, T, d).
     """
     c, s = dc.chunk_len, dc.chunk_size
     B, Hq, T, d = q.shape
@@ -174,14 +174,22 @@ def dca_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
         return (qx.reshape(B, Hkv, G * T, d) @ kx.transpose(-1, -2)).view(B, Hkv, G, T, -1)
 
     qc, kc = q_pos // c, k_pos // c  # chunk ids
-    first = int(qc.min()) - 1  # keys of chunks < first are inter for every query here
-    cut = int(torch.searchsorted(k_pos[0].contiguous(), torch.tensor([first * c], device=k_pos.device))) \
-        if first > 0 and k_pos.shape[0] == 1 else 0
-    kl = kf[:, :, cut:]
-    dist = (qc[:, :, None] - kc[:, None, cut:])[:, None, None]  # (B, 1, 1, T, S') chunk distance
-    local = torch.where(dist == 0, scores_of(qf, kl), torch.where(dist == 1, scores_of(q_succ, kl),
-                                                                   scores_of(q_inter, kl)))
-    scores = torch.cat([scores_of(q_inter, kf[:, :, :cut]), local], -1) if cut else local  # (B, Hkv, G, T, S)
+    if B == 1 and int(qc.min()) != int(qc.max()):  # queries across a chunk boundary: one call per chunk
+        parts = []
+        for chunk in qc[0].unique().tolist():
+            rows = (qc[0] == chunk).nonzero()[:, 0]
+            parts.append(dca_attention(q[:, :, rows], k, v, mask[:, :, rows], q_pos[:, rows], k_pos, dc, inv_freq,
+                                       scale))
+        return torch.cat(parts, 2)
+    if B == 1:  # one query chunk Q: keys split into older chunks | chunk Q-1 | chunk Q, one product each
+        Q = int(qc[0, 0])
+        a, b = torch.searchsorted(k_pos[0].contiguous(), torch.tensor([(Q - 1) * c, Q * c], device=k_pos.device)).tolist()
+        scores = torch.cat([scores_of(q_inter, kf[:, :, :a]), scores_of(q_succ, kf[:, :, a:b]),
+                            scores_of(qf, kf[:, :, b:])], -1)  # (1, Hkv, G, T, S)
+    else:  # decode groups: per pair
+        dist = (qc[:, :, None] - kc[:, None, :])[:, None, None]  # (B, 1, 1, T, S) chunk distance
+        scores = torch.where(dist == 0, scores_of(qf, kf), torch.where(dist == 1, scores_of(q_succ, kf),
+                                                                        scores_of(q_inter, kf)))
     scores = (scores * scale).masked_fill(~mask[:, :, None], float("-inf"))
     out = scores.softmax(-1).view(B, Hkv, G * T, -1) @ vf  # (B, Hkv, G*T, d)
     return out.view(B, Hq, T, d).to(q.dtype)
