@@ -115,3 +115,10 @@ def test_segments_refused_where_the_engine_cannot_follow(tiny):
     llm = LLM(tiny, kv_cache_bytes="8M", rope_extension="dca", rope_extension_args={"chunk_size": 64})
     with pytest.raises(ValueError, match="dca"):
         llm.generate([_prompt([0, 1, 2, 3])], SamplingParams(max_tokens=2), use_tqdm=False)
+
+
+def test_stream_takes_segments(tiny):
+    llm = LLM(tiny, kv_cache_bytes="8M")
+    sp = SamplingParams(temperature=0, max_tokens=6)
+    ids = [t for o in llm.stream(_prompt([3, 1, 0, 2]), sp) for t in o.outputs[0].token_ids]
+    assert ids == llm.generate([_prompt([0, 1, 2, 3])], sp, use_tqdm=False)[0].outputs[0].token_ids

@@ -127,7 +127,7 @@ class LLM:
 
     def stream(
         self,
-        prompt: str | list[int] | list[dict[str, str]],
+        prompt: str | list[int] | list[dict[str, str]] | dict,
         sampling_params: SamplingParams | None = None,
     ) -> Iterator[RequestOutput]:
         """Stream one request as deltas, like vLLM's ``RequestOutputKind.DELTA`` and OpenAI's
@@ -137,10 +137,14 @@ class LLM:
         token ids, or chat messages (the chat template is applied)."""
         params = sampling_params or SamplingParams()
         text = prompt if isinstance(prompt, str) else None
+        layout = None
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
             text, prompt = self._chat_ids(prompt)  # type: ignore[arg-type]
-        ids = self._validate(prompt, params)  # type: ignore[arg-type]
-        rid = self.engine.add_request(ids, params)
+        if isinstance(prompt, dict):  # {"segments": [...]}
+            ids, layout = prepare(self.engine, prompt, params)
+        else:
+            ids = self._validate(prompt, params)  # type: ignore[arg-type]
+        rid = self.engine.add_request(ids, params, layout=layout)
         seen: dict[int, tuple[int, int]] = {}  # sample index -> (chars, tokens) already yielded
         try:
             while self.engine.has_unfinished():
