@@ -130,6 +130,8 @@ def test_bad_extension_name_and_combinations(tiny):
         LLM(tiny, kv_cache_bytes="8M", rope_extension="ntk")
     with pytest.raises(SlimLMError, match="KV policy"):
         LLM(tiny, kv_cache_bytes="8M", rope_extension="dca", kv_policy="sink")
+    with pytest.raises(SlimLMError, match="layer hooks"):
+        LLM(tiny, kv_cache_bytes="8M", rope_extension="yarn", hooks=["lazyllm"])
 
 
 def test_dca_batched_decodes_equal_one_at_a_time(tiny):

@@ -47,8 +47,9 @@ def rope_extension(cfg, config: EngineConfig, policy) -> RopeExtension | None:
             raise SlimLMError("rope_extension_args given without rope_extension")
         return None
     cls = ROPE_EXTENSIONS.get(config.rope_extension)
-    if policy is not None:
-        raise SlimLMError(f"rope_extension={config.rope_extension!r} cannot be combined with a KV policy")
+    if policy is not None or config.hooks or config.speculative:
+        raise SlimLMError(f"rope_extension={config.rope_extension!r} cannot be combined with a KV policy, "
+                          "layer hooks or speculative decoding")
     if any(w for w in (cfg.window_for_layer(i) for i in range(cfg.num_layers))):
         raise SlimLMError("rope_extension does not support sliding-window layers")
     try:
