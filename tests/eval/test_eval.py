@@ -88,6 +88,17 @@ def test_needle_grid_is_deterministic_and_skips_what_does_not_fit(tiny_llama_dir
     assert len(r1["results"]["trials"]) == 2 * 2 * 2
 
 
+def test_needle_runs_past_the_trained_context_with_a_rope_extension(tiny_llama_dir, tiny_data, tmp_path):
+    args = ["needle", "--model", str(tiny_llama_dir), "--filler", str(tiny_data["filler"]),
+            "--lengths", "200,400", "--depths", "0.5", "--trials", "1", "--rope-extension", "dca",
+            "--rope-extension-arg", "chunk_size=128", "--rope-extension-arg", "context=512"]
+    r = run_eval(args, tmp_path, "dca.json")
+    grid = r["results"]["grid"]
+    assert grid["400"]["0.5"] is not None and not any("skipped" in n for n in r["notes"])
+    assert any("length 400 is past the model's trained context (256)" in n for n in r["notes"])
+    assert not any("length 200 " in n for n in r["notes"])
+
+
 def test_mc_follows_bigbench_layout_and_chance(tmp_path):
     task = {"examples": [{"input": "2+2?", "target_scores": {"4": 1, "5": 0, "6": 0}},
                          {"input": "Sky?", "target_scores": {"blue": 1, "green": 1, "red": 0, "x": 0}},
@@ -133,7 +144,7 @@ def test_bigbench_task_is_read_from_the_cache(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["eval", "nosuch"], "unknown task 'nosuch'; known: mc, needle, perplexity"),
+    (["eval", "nosuch"], "unknown task 'nosuch'; known: mc, mc-set, needle, perplexity, rag"),
     (["eval", "perplexity", "--corpus", "nosuchcorpus"], "unknown corpus 'nosuchcorpus'"),
     (["eval", "perplexity", "--system", "vllm"], "unknown system 'vllm'"),
     (["report", "/nonexistent/results"], "does not exist"),

@@ -234,3 +234,22 @@ def test_sigterm_graceful_shutdown(tiny_llama_dir):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_segments_field_set_based_prompt(tiny, server, client):
+    sets = ["Paged attention", "Once upon a time", "The quick brown fox"]
+    segs = lambda order: ["Small language", {"set": [sets[i] for i in order]}, " models are"]  # noqa: E731
+    texts = []
+    for order in ([0, 1, 2], [2, 0, 1]):
+        r = post(server, "/v1/completions", {"model": MODEL, "segments": segs(order), "max_tokens": 8,
+                                             "temperature": 0})
+        assert r.status_code == 200, r.text
+        texts.append(r.json()["choices"][0]["text"])
+    ref = LLM(tiny).generate([{"segments": segs([1, 2, 0])}], SamplingParams(temperature=0, max_tokens=8),
+                             use_tqdm=False)[0].outputs[0].text
+    assert texts == [ref, ref]
+    for body, msg in [({"segments": ["a", {"set": ["b"]}]}, "at least 2 elements"),
+                      ({"segments": ["a"], "prompt": "b"}, "exactly one of"),
+                      ({"segments": [{"ids": [5] * 400}]}, "")]:
+        r = post(server, "/v1/completions", {"model": MODEL, "max_tokens": 2, **body})
+        assert r.status_code == 400 and msg in r.json()["error"]["message"], r.text

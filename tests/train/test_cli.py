@@ -70,3 +70,23 @@ def test_time_budget_flag(prepared, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "time budget 0.003 min at" in err and "done: " in err
     assert "done: 100000 updates" not in err
+
+
+def test_abf_raises_the_rope_base_and_the_context(prepared, tmp_path, capsys):
+    import json
+
+    from slimlm.model.hub import load
+
+    run = tmp_path / "abf"
+    conf = tmp_path / "abf.toml"
+    conf.write_text("[train]\nsteps = 2\n")
+    assert main(["train", str(conf), *tiny_args(prepared, run, "--model.rope_theta", "500000", "--model.context_length", "4096",
+                                     "--data.seq_len", "128"), "--steps", "2"]) == 0
+    ckpts = sorted(p for p in run.rglob("config.json"))
+    cfg = json.loads(ckpts[-1].read_text())
+    assert cfg["rope_theta"] == 500000 and cfg["max_position_embeddings"] == 4096
+    lm = load(str(ckpts[-1].parent))
+    assert lm.model.cfg.rope_theta == 500000
+    assert float(lm.model.rotary.inv_freq[1]) == pytest.approx(500000 ** (-2 / lm.model.cfg.head_dim), rel=1e-5)
+    one_line_error(capsys, ["train", str(conf), *tiny_args(prepared, tmp_path / "bad", "--model.rope_theta", "-1")],
+                   "model.rope_theta must be positive")

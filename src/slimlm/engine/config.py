@@ -38,6 +38,17 @@ class EngineConfig:
     hooks: list[str] = field(default_factory=list)
     """Per-layer runner hooks by name (see ``slimlm.engine.hooks``)."""
     hook_args: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rope_extension: str | None = None
+    """Run a RoPE model past its trained context without training (``slimlm.model.rope_extension``):
+    "dca" (Dual Chunk Attention, An et al. 2024 / Qwen2.5-1M), "yarn", "dynamic", or "extrapolate"
+    (plain RoPE, the baseline). Raises the context check to ``context`` (default 4x trained)."""
+    rope_extension_args: dict[str, Any] = field(default_factory=dict)
+    blend_recompute_ratio: float = 0.15
+    """CacheBlend (Yao et al. 2024): the fraction of a reused chunk's tokens recomputed (those
+    whose KV deviates most at an early layer) for prompts with ``{"chunk": ...}`` segments.
+    0 = plain reuse of the chunks' KV, 1 = a full prefill; the paper uses 0.15."""
+    chunk_store_bytes: int | str = "256M"
+    """Memory for the CacheBlend chunk KV store (least-recently-used chunks go first)."""
     native_kernels: bool = True
     """Use the compiled CPU kernels (``slimlm.kernels``) where they apply; False = PyTorch only."""
     seed: int = 0
@@ -45,6 +56,11 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if isinstance(self.kv_cache_bytes, str):
             self.kv_cache_bytes = parse_size(self.kv_cache_bytes, "kv_cache_bytes")
+        self.chunk_store_bytes = parse_size(self.chunk_store_bytes, "chunk_store_bytes")
+        if self.chunk_store_bytes <= 0:
+            raise ValueError(f"chunk_store_bytes must be positive, got {self.chunk_store_bytes}")
+        if not 0 <= self.blend_recompute_ratio <= 1:
+            raise ValueError(f"blend_recompute_ratio must be in [0, 1], got {self.blend_recompute_ratio}")
         for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

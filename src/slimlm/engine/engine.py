@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -24,6 +25,37 @@ from slimlm.kvcache.policy import KV_POLICIES, AttentionSpan
 from slimlm.kvcache.spec import KVCacheSpec
 from slimlm.kvcache.storage import PagedKVCache
 from slimlm.model.hub import LoadedModel
+from slimlm.model.rope_extension import ROPE_EXTENSIONS, RopeExtension
+
+
+def check_layout(engine: LLMEngine, ids: list[int], layout) -> None:
+    """A set-based layout fits these ids and this engine (what it cannot follow is refused)."""
+    if len(layout.positions) != len(ids):
+        raise ValueError(f"layout has {len(layout.positions)} positions for {len(ids)} prompt tokens")
+    if engine.proposer is not None and layout.has_sets:
+        raise ValueError("set-based prompts cannot be combined with speculative decoding")
+    if engine.rope_ext is not None and engine.rope_ext.dual_chunk is not None:
+        raise ValueError("segmented prompts (sets, chunks) cannot be combined with rope_extension='dca'")
+    if engine.policy is not None and engine.policy.granularity == "token" and layout.has_sets:
+        raise ValueError(f"set-based prompts cannot be combined with kv_policy={engine.config.kv_policy!r}")
+
+
+def rope_extension(cfg, config: EngineConfig, policy) -> RopeExtension | None:
+    """The configured RoPE extension, checked against what it cannot follow."""
+    if config.rope_extension is None:
+        if config.rope_extension_args:
+            raise SlimLMError("rope_extension_args given without rope_extension")
+        return None
+    cls = ROPE_EXTENSIONS.get(config.rope_extension)
+    if policy is not None or config.hooks or config.speculative:
+        raise SlimLMError(f"rope_extension={config.rope_extension!r} cannot be combined with a KV policy, "
+                          "layer hooks or speculative decoding")
+    if any(w for w in (cfg.window_for_layer(i) for i in range(cfg.num_layers))):
+        raise SlimLMError("rope_extension does not support sliding-window layers")
+    try:
+        return cls(cfg, **config.rope_extension_args)
+    except TypeError as e:
+        raise SlimLMError(f"rope_extension={config.rope_extension!r}: {e}") from None
 
 
 class LLMEngine:
@@ -34,6 +66,9 @@ class LLMEngine:
         cfg = self.model.cfg
         self.context_length = cfg.context_length
         self.policy = KV_POLICIES.get(config.kv_policy)(**config.kv_policy_args) if config.kv_policy else None
+        self.rope_ext = rope_extension(cfg, config, self.policy)
+        if self.rope_ext is not None:
+            self.context_length = self.rope_ext.context
         token_policy = self.policy is not None and self.policy.granularity == "token"
         self.spec = KVCacheSpec.from_model(cfg, self.model.dtype, config.kv_cache_dtype)
         if token_policy and self.spec.has_windows:
@@ -46,7 +81,7 @@ class LLMEngine:
         prefix_caching = config.enable_prefix_caching and not token_policy and all(h.prefix_exact for h in self.hooks)
         per_block = self.spec.bytes_per_block(config.block_size)
         self.bytes_per_block = per_block
-        full_context = per_block * -(-(cfg.context_length + 1) // config.block_size)
+        full_context = per_block * -(-(self.context_length + 1) // config.block_size)
         kv_bytes = config.kv_cache_bytes or default_kv_bytes(config.device, min_bytes=full_context)
         self.proposer: Proposer | None = None
         if config.speculative:
@@ -60,8 +95,9 @@ class LLMEngine:
         self.kv = KVCacheManager(self.pool)
         track = token_policy and self.policy.observe_attention
         self.cache = PagedKVCache(self.spec, num_blocks, config.block_size, self.model.device, track_attention=track)
-        paths = AttentionPaths.choose(self.cache, cfg.head_dim, span, track, config.native_kernels)
-        self.runner = ModelRunner(self.model, self.cache, paths, self.hooks)
+        dca = self.rope_ext.dual_chunk if self.rope_ext is not None else None
+        paths = AttentionPaths.choose(self.cache, cfg.head_dim, span, track, config.native_kernels and dca is None)
+        self.runner = ModelRunner(self.model, self.cache, replace(paths, dual_chunk=dca), self.hooks, self.rope_ext)
         if self.proposer is not None:
             self.runner.capture |= set(self.proposer.hidden_layers())
         self.scheduler = Scheduler(
@@ -69,6 +105,7 @@ class LLMEngine:
             dedup_prefixes=config.batch_prefix_scheduling and prefix_caching,
             num_drafts=(lambda s: len(s.draft_ids)) if self.proposer else None,
         )
+        self.blender = None  # CacheBlend, built with the first prompt that has chunks
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._arrival = itertools.count()
@@ -87,8 +124,9 @@ class LLMEngine:
         return cls(load(model, dtype=cfg.dtype, device=cfg.device), cfg)
 
     # ------------------------------------------------------------------ requests
-    def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
-        """Token ids of ``prompt``; ValueError naming the problem if the request cannot run."""
+    def validate(self, prompt: str | list[int], params: SamplingParams, layout=None) -> list[int]:
+        """Token ids of ``prompt``; ValueError naming the problem if the request cannot run.
+        ``layout``: a ``PromptLayout`` (set-based prompt) for these ids."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         if isinstance(prompt, str):
@@ -104,11 +142,15 @@ class LLMEngine:
             raise ValueError(f"prompt has token ids outside the vocabulary [0, {vocab})")
         if params.top_k > vocab:
             raise ValueError(f"top_k must be -1, 0 or at most the vocabulary size {vocab}, got {params.top_k}")
+        if layout is not None:
+            check_layout(self, ids, layout)
+        span = layout.span if layout is not None else len(ids)
         bounded = self.policy is not None and self.policy.max_blocks(1, 1) is not None
-        if not bounded and len(ids) >= self.context_length:
+        if not bounded and span >= self.context_length:
             raise ValueError(
-                f"prompt has {len(ids)} tokens; the model's context is {self.context_length} "
-                "(a KV policy such as 'sink' lifts this)"
+                (f"prompt spans {span} positions" if layout is not None else f"prompt has {span} tokens")
+                + f"; the model's context is {self.context_length} "
+                "(a KV policy such as 'sink' or a rope_extension lifts this)"
             )
         need = self._blocks_needed(len(ids), params)
         if need > self.pool.num_blocks:
@@ -130,26 +172,60 @@ class LLMEngine:
         return total + (params.n - 1) * per_fork
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, layout=None) -> str:
         params = params or SamplingParams()
-        ids = self.validate(prompt, params)
+        ids = self.validate(prompt, params, layout)
         rid = request_id if request_id is not None else str(next(self._ids))
         if rid in self.requests:
             raise ValueError(f"request_id {rid!r} is already in use")
         req = Request(rid, prompt if isinstance(prompt, str) else None, ids, params, self.tokenizer,
-                      next(self._arrival))
+                      next(self._arrival), layout=layout)
         seq = self._new_seq(req, 0, list(ids))  # may raise: nothing is stored before this
+        if layout is not None and layout.chunks:
+            self._blend(seq, layout.chunks)
         self.requests[rid] = req
         self.scheduler.add(seq)
         self.stats["prompt_tokens"] += len(ids)
         return rid
 
+    def _blend(self, seq: Sequence, chunks) -> None:
+        """CacheBlend (``engine/cacheblend.py``): write the blended KV of all prompt tokens but
+        the last into the sequence's blocks; the engine computes the last one. A pool too short
+        for it now leaves the prompt to an ordinary prefill (the request never fails for it)."""
+        n = seq.prompt_len - 1
+        if n < 1 or seq.request.params.prompt_logprobs is not None or not self.kv.allocate(seq.seq_id, n):
+            return  # prompt logprobs need every row computed: an ordinary prefill
+        if self.blender is None:
+            from slimlm.engine.cacheblend import CacheBlend
+            from slimlm.kvcache.chunk_store import ChunkStore
+
+            self.blender = CacheBlend(self.model, self.runner.rotary, ChunkStore(self.config.chunk_store_bytes),
+                                      self.config.blend_recompute_ratio)
+        before = self.blender.stats["recomputed_tokens"]
+        try:
+            kv = self.blender.prefill(seq.token_ids[:n], list(chunks))
+        except Exception:
+            self.kv.free(seq.seq_id)
+            raise
+        bs = self.config.block_size
+        table = self.kv.tables[seq.seq_id]
+        slots = torch.tensor([table[i // bs] * bs + i % bs for i in range(n)], device=self.model.device)
+        for layer, (k, v) in enumerate(kv):
+            self.cache.write(layer, slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
+        seq.num_computed, seq.kv_preset = n, True
+        self.stats["computed_prompt_tokens"] += self.blender.stats["recomputed_tokens"] - before
+
     def _new_seq(self, req: Request, index: int, token_ids: list[int]) -> Sequence:
         sampler = SequenceSampler(req.params, req.prompt_ids, index, self.model.device)
         seq = Sequence(next(self._ids) + 1_000_000_000, req, index, token_ids, sampler)
         req.seqs.append(seq)
-        if req.params.cache_salt is not None:
-            self.kv.salts[seq.seq_id] = req.params.cache_salt
+        salt = req.params.cache_salt
+        if req.layout is not None:  # a set's (or a blend's) KV depends on its layout, not only its tokens
+            salt = f"{salt or ''}\0{req.layout.digest()}"
+            if req.layout.chunks:
+                salt += f"\0blend {self.config.blend_recompute_ratio}"
+        if salt is not None:
+            self.kv.salts[seq.seq_id] = salt
         return seq
 
     def abort(self, request_id: str) -> bool:

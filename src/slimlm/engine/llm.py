@@ -11,6 +11,7 @@ from slimlm.engine.config import EngineConfig
 from slimlm.engine.engine import LLMEngine
 from slimlm.engine.params import SamplingParams
 from slimlm.engine.request import CompletionOutput, RequestOutput
+from slimlm.engine.segments import prepare
 from slimlm.model.hub import DEFAULT_MODEL, LoadedModel, load
 
 
@@ -36,19 +37,25 @@ class LLM:
 
     def generate(
         self,
-        prompts: str | list[int] | Sequence[str] | Sequence[list[int]],
+        prompts: str | list[int] | dict | Sequence[str] | Sequence[list[int]] | Sequence[dict],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """One RequestOutput per prompt, in order. Every prompt is validated before anything runs."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        """One RequestOutput per prompt, in order. Every prompt is validated before anything runs.
+        A prompt is text, token ids, or ``{"segments": [...]}`` (``engine/segments.py``: sets of
+        unordered segments)."""
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
         params = self._params_list(sampling_params, len(prompts))
-        ids = []
+        ids, layouts = [], {}
         for i, (p, sp) in enumerate(zip(prompts, params)):
             try:
-                ids.append(self._validate(p, sp))
+                if isinstance(p, dict):  # {"segments": [...]}: engine/segments.py
+                    p_ids, layouts[i] = prepare(self.engine, p, sp)
+                    ids.append(p_ids)
+                else:
+                    ids.append(self._validate(p, sp))
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
         order = list(range(len(prompts)))
@@ -56,7 +63,7 @@ class LLM:
             order = prefix_order(ids, [p.max_tokens for p in params], self.engine.config.block_size)
         base = f"gen-{id(self)}-{self.engine.stats['steps']}-"
         for i in order:
-            self.engine.add_request(ids[i], params[i], request_id=base + str(i))
+            self.engine.add_request(ids[i], params[i], request_id=base + str(i), layout=layouts.get(i))
         results: dict[str, RequestOutput] = {}
         bar = None
         if use_tqdm and len(prompts) > 1:
@@ -120,7 +127,7 @@ class LLM:
 
     def stream(
         self,
-        prompt: str | list[int] | list[dict[str, str]],
+        prompt: str | list[int] | list[dict[str, str]] | dict,
         sampling_params: SamplingParams | None = None,
     ) -> Iterator[RequestOutput]:
         """Stream one request as deltas, like vLLM's ``RequestOutputKind.DELTA`` and OpenAI's
@@ -130,10 +137,14 @@ class LLM:
         token ids, or chat messages (the chat template is applied)."""
         params = sampling_params or SamplingParams()
         text = prompt if isinstance(prompt, str) else None
+        layout = None
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
             text, prompt = self._chat_ids(prompt)  # type: ignore[arg-type]
-        ids = self._validate(prompt, params)  # type: ignore[arg-type]
-        rid = self.engine.add_request(ids, params)
+        if isinstance(prompt, dict):  # {"segments": [...]}
+            ids, layout = prepare(self.engine, prompt, params)
+        else:
+            ids = self._validate(prompt, params)  # type: ignore[arg-type]
+        rid = self.engine.add_request(ids, params, layout=layout)
         seen: dict[int, tuple[int, int]] = {}  # sample index -> (chars, tokens) already yielded
         try:
             while self.engine.has_unfinished():

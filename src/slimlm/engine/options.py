@@ -54,6 +54,7 @@ CHOICES: dict[str, Callable[[], list[str]]] = {
     "speculative": _registry("slimlm.engine.spec", "SPEC_METHODS"),
     "hooks": _registry("slimlm.engine.hooks", "LAYER_HOOKS"),
     "kv_cache_dtype": _registry("slimlm.kvcache.codec", "KV_CODECS"),
+    "rope_extension": _registry("slimlm.model.rope_extension", "ROPE_EXTENSIONS"),
 }
 """Fields whose values are names: field -> a function listing the valid ones."""
 
@@ -62,6 +63,7 @@ HELP = {
     "device": "torch device (cpu, cuda, cuda:1, ...)",
     "kv_policy_args": "settings of --kv-policy (e.g. window=256)",
     "speculative_args": "settings of --speculative (e.g. model=PATH k=4)",
+    "rope_extension_args": "settings of --rope-extension (e.g. context=32768 chunk_size=6144 local_window=384)",
     "hook_args": "settings of a --hook (e.g. ffn_skip.layers=[3,4])",
     "seed": "engine seed (sampling without a per-request seed)",
 }

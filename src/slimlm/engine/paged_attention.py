@@ -135,6 +135,8 @@ class PrefillSegment:
     unless a layer plan dropped queries)."""
     parts: list[tuple[int, int, int]] = field(default=None)  # type: ignore[assignment]
     """(first, end) query rows of each block and how many keys it needs (a prefix of the keys)."""
+    allow: torch.Tensor | None = None
+    """(T, S) bool: pairs a set-based prompt allows (``engine/segments.py``), ANDed with causality."""
 
     def __post_init__(self) -> None:
         if self.parts is None:
@@ -149,8 +151,9 @@ class PrefillSegment:
         rows = self.rows
         base = torch.arange(rows.start, rows.stop, device=local.device) if isinstance(rows, slice) else rows
         tree = self.tree[local] if self.tree is not None else None
+        allow = self.allow[local] if self.allow is not None else None
         return PrefillSegment(base[local], self.q_pos[:, local], self.blocks, self.k_pos, None, tree, self.kv_start,
-                              self.key_rows or self.rows)
+                              self.key_rows or self.rows, allow=allow)
 
 
 @dataclass
@@ -187,6 +190,9 @@ class AttentionPaths:
     prefill_decodes: bool = False
     """The pool is not in the compute dtype (quantized, or another float): the prefill kernel
     reads the chunk's context decoded into a workspace (the decode the PyTorch path does too)."""
+    dual_chunk: object | None = None
+    """Dual Chunk Attention (``model/rope_extension.py``): every path goes through
+    ``dca_attention`` with true positions (storage index == position: no compaction)."""
 
     @classmethod
     def choose(cls, cache: PagedKVCache, head_dim: int, span: AttentionSpan, track_mass: bool,
@@ -221,9 +227,11 @@ class PagedAttention:
         self._restricted: dict[int, tuple] = {}
 
     # ------------------------------------------------------------------ helpers
-    def _mask(self, key, q_pos, k_pos, window, tree=None, kv_start=0) -> torch.Tensor:
+    def _mask(self, key, q_pos, k_pos, window, tree=None, kv_start=0, allow=None) -> torch.Tensor:
         if (key, window) not in self._masks:
             m = span_mask(q_pos, k_pos, self.paths.span, window)
+            if allow is not None:
+                m = m & allow[None, None]
             if tree is not None:  # inside the chunk: ancestors only
                 inner = k_pos[0] >= kv_start  # (S,)
                 cols = inner.nonzero()[:, 0]
@@ -234,6 +242,10 @@ class PagedAttention:
 
     def _attend(self, layer, q, k, v, mask, q_pos, k_pos, key_slots):
         span = self.paths.span
+        if self.paths.dual_chunk is not None:
+            from slimlm.model.rope_extension import dca_attention
+
+            return dca_attention(q, k, v, mask, q_pos, k_pos, self.paths.dual_chunk, self.rotary.inv_freq, self.scale)
         if span.distance_cap is not None and span.sink > 0:
             return capped_attention(q, k, v, mask, q_pos, k_pos, span.distance_cap, self.rotary, self.scale)
         if self.paths.track_mass:
@@ -357,7 +369,8 @@ class PagedAttention:
         for j, (a, e, n) in enumerate(p.parts):
             qp, kp = p.q_pos[:, a:e], p.k_pos[:, :n]
             tree = p.tree[a:e] if p.tree is not None else None
-            mask = self._mask(("p", id(p), j), qp, kp, window, tree, p.kv_start)
+            allow = p.allow[a:e, :n] if p.allow is not None else None
+            mask = self._mask(("p", id(p), j), qp, kp, window, tree, p.kv_start, allow)
             o = self._attend(layer, qs[:, :, a:e], ks[:, :, :n], vs[:, :, :n], mask, qp, kp,
                              key_slots[:, :n] if key_slots is not None else None)
             dst = o[0].transpose(0, 1).to(out.dtype)  # (e - a, Hq, d)

@@ -91,6 +91,7 @@ class Sequence:
         self.draft_ids: list[int] = []  # speculative tokens proposed for the next step
         self.draft_probs = None  # (k, V) draft distribution for sampled requests
         self.draft_parents: list[int] | None = None  # tree drafts: parent of each draft (-1 = last token)
+        self.kv_preset = False  # its first num_computed tokens' KV was written by CacheBlend (no prefix match)
 
     @property
     def output_ids(self) -> list[int]:
@@ -130,6 +131,8 @@ class Request:
     num_cached_tokens: int = 0
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.time()))
     error: str | None = None
+    layout: object | None = None
+    """``PromptLayout`` of a segmented prompt with a set (``engine/segments.py``), else None."""
 
     @property
     def finished(self) -> bool:

@@ -20,6 +20,7 @@ from slimlm.engine.paged_attention import (
     AttentionPaths, DecodeGroup, DecodeTable, PagedAttention, PrefillSegment, kept_blocks,
 )
 from slimlm.engine.sched_output import ScheduledChunk, SchedulerOutput
+from slimlm.engine.segments import set_allow_mask
 from slimlm.kvcache.storage import PagedKVCache
 from slimlm.model.transformer import CausalLM
 
@@ -55,8 +56,12 @@ def tree_mask(parents: list[int]) -> list[list[bool]]:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, cache: PagedKVCache, paths: AttentionPaths, hooks: list[LayerHook]):
+    def __init__(self, model: CausalLM, cache: PagedKVCache, paths: AttentionPaths, hooks: list[LayerHook],
+                 rope_ext=None):
         self.model, self.cache, self.paths, self.hooks = model, cache, paths, hooks
+        self.rope_ext = rope_ext
+        """A RoPE extension (``model/rope_extension.py``): its rotary and rope positions."""
+        self.rotary = rope_ext.rotary().to(model.device) if rope_ext is not None else model.rotary
         self.device = model.device
         self.windows = model.windows()
         self.capture: set[int] = set()
@@ -82,13 +87,13 @@ class ModelRunner:
             T = len(c.token_ids)
             p = tree_positions(c.start, c.tree_parents) if c.tree_parents else list(range(c.start, c.start + T))
             ids += c.token_ids
-            pos += p
+            pos += c.layout.positions_for(c.start, T) if c.layout is not None else p
             slots += [c.block_table[x // bs] * bs + x % bs for x in range(c.kv_start, c.kv_start + T)]
             row_seq += [c.seq_id] * T
             row_out += [x >= c.prompt_len for x in p]
             logit_rows += range(row + T - c.num_logits, row + T)
             segments.append(Segment(c.seq_id, row, row + T, not c.tree_parents and p[-1] < c.prompt_len))
-            if T == 1:
+            if T == 1 and not (c.layout is not None and c.layout.in_set(c.start, 1)):
                 decodes.append((row, c.kv_start, *kept_blocks(c.block_table, c.kv_start + 1, bs)))
             else:
                 prefills.append(self._segment(c, row, T))
@@ -97,7 +102,7 @@ class ModelRunner:
         table = self._decode_table(decodes) if self.paths.native_decode is not None else None
         groups = self._decode_groups(decodes) if table is None or any(self.windows.values()) else []
         attn = PagedAttention(self.cache, self.paths, self._tensor(slots), groups, prefills, self.windows,
-                              self.model.attn_scale, self.model.rotary, table)
+                              self.model.attn_scale, self.rotary, table)
         lr = self._tensor(logit_rows)
         info = StepInfo(positions[0], len(decodes), self._tensor(row_seq),
                         torch.tensor(row_out, dtype=torch.bool, device=self.device), lr, tuple(segments))
@@ -119,13 +124,18 @@ class ModelRunner:
         tree = torch.tensor(tree_mask(c.tree_parents), device=self.device) if c.tree_parents else None
         phys, logical = kept_blocks(c.block_table, c.kv_start + T, bs)
         all_kept = len(logical) == logical[-1] + 1
-        table = self._tensor(phys) if self.paths.native_prefill is not None and all_kept and tree is None else None
+        sets = c.layout is not None and c.layout.in_set(c.start, T)  # a set-based mask (engine/segments.py)
+        table = self._tensor(phys) if self.paths.native_prefill is not None and all_kept and tree is None \
+            and not sets else None
         if c.kv_start == 0 and self.paths.span.window is None and tree is None and self.cache.codec.lossless:
             # the chunk is its whole context: its own new keys (a lossy codec reads them back
             # through the cache, so every chunking sees the same stored keys)
-            return PrefillSegment(slice(row, row + T), q, None, q, table=table)
-        return PrefillSegment(slice(row, row + T), q, self._tensor(phys), self._kpos([logical]), table=table,
-                              tree=tree, kv_start=c.kv_start)
+            allow = set_allow_mask(c.layout, q[0], q[0]) if sets else None
+            return PrefillSegment(slice(row, row + T), q, None, q, table=table, allow=allow)
+        k_pos = self._kpos([logical])
+        allow = set_allow_mask(c.layout, q[0], k_pos[0]) if sets else None
+        return PrefillSegment(slice(row, row + T), q, self._tensor(phys), k_pos, table=table,
+                              tree=tree, kv_start=c.kv_start, allow=allow)
 
     def _kpos(self, logical: list[list[int]]) -> torch.Tensor:
         """Key storage indices (B, nb * block_size) of padded logical block lists (-1 = padding)."""
@@ -167,7 +177,8 @@ class ModelRunner:
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, attn: PagedAttention, info: StepInfo):
         model, hooks = self.model, self.hooks
         h = model.embed(ids)  # (1, T, D)
-        cos, sin = model.rotary(positions, h.dtype)
+        rope_pos = self.rope_ext.rope_positions(positions) if self.rope_ext is not None else positions
+        cos, sin = self.rotary(rope_pos, h.dtype)
         hidden: dict[int, torch.Tensor] = {}
         for hk in hooks:
             hk.begin_step(info)

@@ -34,6 +34,9 @@ class ScheduledChunk:
     """For a speculative tree: the index of each token's parent within ``token_ids`` (-1 for
     token 0, the last accepted token). Tokens then sit at their depth's position and attend to
     their ancestors only. None for a chain."""
+    layout: object | None = None
+    """The request's ``PromptLayout`` (``engine/segments.py``) when its prompt has a set: RoPE
+    positions and the set mask come from it. None: position = index, causal mask."""
 
     def __post_init__(self) -> None:
         if self.kv_start < 0:

@@ -103,7 +103,8 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting.popleft()
             table = self.kv.tables.get(seq.seq_id)
-            if seq.request.params.prompt_logprobs is None and seq.num_computed == len(table or []) * self.kv.block_size:
+            if seq.request.params.prompt_logprobs is None and seq.num_computed == len(table or []) * self.kv.block_size \
+                    and not seq.kv_preset:
                 # nothing computed beyond cached blocks: (re)match, which also picks up blocks that
                 # a leader published while this sequence waited (BatchLLM dedup); prompt
                 # logprobs need every row computed
@@ -151,7 +152,7 @@ class Scheduler:
                 self._inflight.setdefault(h, seq.seq_id)
         return ScheduledChunk(seq.seq_id, tokens, seq.num_computed, list(self.kv.tables[seq.seq_id]),
                               num_logits, completes, drafts, forks, tree_parents=parents,
-                              kv_start=seq.num_stored, prompt_len=seq.prompt_len)
+                              kv_start=seq.num_stored, prompt_len=seq.prompt_len, layout=seq.request.layout)
 
     def _hashes(self, seq: Sequence) -> list[int]:
         if seq.block_hashes is None or len(seq.block_hashes) < seq.num_tokens // self.kv.block_size:
@@ -172,6 +173,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.kv.free(seq.seq_id)
         seq.num_computed = seq.kv_dropped = 0
+        seq.kv_preset = False  # recomputed as an ordinary prefill
         if self.policy is not None:
             self.policy.reset(seq.seq_id)
         seq.status = SeqStatus.WAITING

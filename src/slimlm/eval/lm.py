@@ -15,6 +15,8 @@ class ScoringLM(ABC):
     tokenizer: Any
     context_length: int | None
     """Longest input the system accepts (None: unbounded, e.g. a KV policy with a window)."""
+    trained_length: int | None = None
+    """The model's trained context (a RoPE extension or a KV policy may accept more)."""
 
     @abstractmethod
     def prompt_logprobs(self, prompts: list[list[int]]) -> list[list[float]]:
@@ -31,6 +33,7 @@ class EngineLM(ScoringLM):
         eng = llm.engine
         bounded = eng.policy is not None and eng.policy.max_blocks(1, 1) is not None
         self.context_length = None if bounded else eng.context_length
+        self.trained_length = eng.model.cfg.context_length
 
     def prompt_logprobs(self, prompts: list[list[int]]) -> list[list[float]]:
         from slimlm import SamplingParams
@@ -59,7 +62,7 @@ class TransformersLM(ScoringLM):
         transformers.logging.set_verbosity_error()
         self.model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
         self.tokenizer = Tokenizer.from_dir(path)
-        self.context_length = self.model.config.max_position_embeddings
+        self.context_length = self.trained_length = self.model.config.max_position_embeddings
         gen = self.model.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else self.model.config.eos_token_id
         self.eos = sorted(set([eos] if isinstance(eos, int) else list(eos or [])) | set(self.tokenizer.stop_token_ids()))

@@ -126,7 +126,13 @@ class Needle(Task):
                 cell = [tr["correct"] for tr in trials if tr["length"] == n and tr["depth"] == d]
                 if cell:
                     grid[str(n)][str(d)] = sum(cell) / len(cell)
-        notes = [f"length {n} skipped: longer than the model's context ({lm.context_length})" for n in skipped]
+        notes = [f"length {n} skipped: with max_new_tokens it is past the context this system accepts "
+                 f"({lm.context_length}); a RoPE extension (--rope-extension dca|yarn|extrapolate, "
+                 "--rope-extension-arg context=N) lifts it" for n in skipped]
+        trained = lm.trained_length
+        notes += [f"length {n} is past the model's trained context ({trained}): positions beyond it were never "
+                  "seen in training" for n in self.lengths if trained is not None and n not in skipped
+                  and n + self.max_new_tokens > trained]
         done = [tr["correct"] for tr in trials]
         return {"grid": grid, "accuracy": sum(done) / len(done) if done else None, "trials": trials, "notes": notes}
 

@@ -121,3 +121,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (B, H, T, d); cos/sin: (B, T, d)."""
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+def rotation(inv_freq: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin (B, T, d) of a rotation by ``delta`` (B, T) positions, without the cos/sin scale:
+    for re-rotating a query or key already rotated by the model's (scaled) cos/sin, since
+    R(a) R(b) = R(a + b) (DCA's query rotations, CacheBlend's moved chunks)."""
+    freqs = delta[..., None].float() * inv_freq  # (B, T, d/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)

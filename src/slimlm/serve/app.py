@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slimlm.engine.request import RequestOutput
+from slimlm.engine.segments import build_segments
 from slimlm.serve.async_engine import AsyncEngine, QueueFullError, RequestFailed, ServerShutdown
 from slimlm.serve.chat_input import ChatEncoder
 from slimlm.serve.config import ServeConfig
@@ -168,14 +169,14 @@ def build_app(engine, model_name: str, config: ServeConfig | None = None, *, api
             parts.append("salt:" + body.cache_salt)
         return "\n".join(parts) or None
 
-    def make_params(request: Request, body, prompt_ids: list[int], logprobs: int | None, param: str):
+    def make_params(request: Request, body, prompt_ids: list[int], logprobs: int | None, param: str, layout=None):
         if body.n > cfg.max_n:
             raise APIError(400, f"n must be at most {cfg.max_n} on this server (--max-n), got {body.n}", param="n",
                            code="invalid_value")
-        max_tokens = resolve_max_tokens(body, len(prompt_ids), param)
+        max_tokens = resolve_max_tokens(body, layout.span if layout is not None else len(prompt_ids), param)
         try:
             params = body.sampling_params(max_tokens, logprobs, cache_salt(request, body))
-            engine.validate(prompt_ids, params)
+            engine.validate(prompt_ids, params, layout)
         except ValueError as e:
             msg = str(e)
             raise APIError(400, msg, param=_param_of(msg) or (param if "prompt" in msg else None),
@@ -210,9 +211,9 @@ def build_app(engine, model_name: str, config: ServeConfig | None = None, *, api
                 state.engine.abort(rid)
                 return
 
-    async def run(rid: str, prompt_ids: list[int], params, access: dict) -> AsyncIterator[RequestOutput]:
+    async def run(rid: str, prompt_ids: list[int], params, access: dict, layout=None) -> AsyncIterator[RequestOutput]:
         try:
-            q = state.engine.submit(rid, prompt_ids, params)
+            q = state.engine.submit(rid, prompt_ids, params, layout)
         except QueueFullError as e:
             raise APIError(429, str(e), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
         except ServerShutdown as e:
@@ -294,7 +295,8 @@ def build_app(engine, model_name: str, config: ServeConfig | None = None, *, api
     def sse(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    async def respond(request: Request, body, prompt_ids: list[int], params, chat: bool, top_k_lp: int = 0):
+    async def respond(request: Request, body, prompt_ids: list[int], params, chat: bool, top_k_lp: int = 0,
+                      layout=None):
         kind = "chat.completion" if chat else "text_completion"
         cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
@@ -305,7 +307,7 @@ def build_app(engine, model_name: str, config: ServeConfig | None = None, *, api
             final, gone = None, []
             watcher = asyncio.create_task(watch_disconnect(request, rid, gone))
             try:
-                async for out in run(rid, prompt_ids, params, access):
+                async for out in run(rid, prompt_ids, params, access, layout):
                     final = out
             finally:
                 watcher.cancel()
@@ -323,7 +325,7 @@ def build_app(engine, model_name: str, config: ServeConfig | None = None, *, api
                     "usage": usage(prompt_ids, final)}
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        gen = run(rid, prompt_ids, params, access)
+        gen = run(rid, prompt_ids, params, access, layout)
         try:  # surface queue-full (and other early errors) before the 200 status line goes out
             first = await gen.__anext__()
         except StopAsyncIteration:
@@ -384,6 +386,16 @@ def build_app(engine, model_name: str, config: ServeConfig | None = None, *, api
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await parse(request, CompletionRequest)
+        if body.segments is not None:  # set-based / segmented prompt (engine/segments.py)
+            try:
+                prompt_ids, layout = await asyncio.to_thread(
+                    build_segments, body.segments, lambda t: tok.encode(t, add_special_tokens=False))
+            except ValueError as e:
+                raise APIError(400, str(e), param="segments", code="invalid_value") from None
+            request.scope["state"]["access"]["prompt_tokens"] = len(prompt_ids)
+            params = await asyncio.to_thread(make_params, request, body, prompt_ids, body.logprobs, "segments",
+                                             layout)
+            return await respond(request, body, prompt_ids, params, chat=False, layout=layout)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
             if len(prompt) != 1:

@@ -58,7 +58,7 @@ class AsyncEngine:
         self.stats_interval_s = stats_interval_s
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._adds: deque[tuple[str, list[int], SamplingParams]] = deque()  # not yet in the engine
+        self._adds: deque[tuple[str, list[int], SamplingParams, object]] = deque()  # not yet in the engine
         self._aborts: deque[str] = deque()
         self._streams: dict[str, _Stream] = {}
         self._seqs = 0  # sequences in flight (sum of n)
@@ -70,8 +70,9 @@ class AsyncEngine:
         self._thread.start()
 
     # ------------------------------------------------------------------ handler side
-    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> asyncio.Queue:
-        """Queue a validated request; its outputs (then None) arrive on the returned queue."""
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, layout=None) -> asyncio.Queue:
+        """Queue a validated request; its outputs (then None) arrive on the returned queue.
+        ``layout``: a set-based prompt's ``PromptLayout`` (``engine/segments.py``)."""
         with self._lock:
             if self._stop:
                 raise ServerShutdown("the server is shutting down")
@@ -81,7 +82,7 @@ class AsyncEngine:
             stream = _Stream(asyncio.Queue(), asyncio.get_running_loop(), params.n)
             self._streams[request_id] = stream
             self._seqs += params.n
-            self._adds.append((request_id, prompt_ids, params))
+            self._adds.append((request_id, prompt_ids, params, layout))
         self._wake.set()
         return stream.queue
 
@@ -131,14 +132,14 @@ class AsyncEngine:
             with self._lock:
                 if not self._adds:
                     return
-                rid, ids, params = self._adds[0]
+                rid, ids, params, layout = self._adds[0]
                 if self._engine_seqs and sum(self._engine_seqs.values()) + params.n > cap:
                     return
                 self._adds.popleft()
             if rid not in self._streams:  # aborted while waiting here
                 continue
             try:
-                eng.add_request(ids, params, request_id=rid)
+                eng.add_request(ids, params, request_id=rid, layout=layout)
                 self._engine_seqs[rid] = params.n
                 self._prompt_since += len(ids)
             except Exception as e:  # noqa: BLE001 - this request only

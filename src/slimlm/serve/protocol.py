@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from slimlm.engine.params import SamplingParams
 
@@ -128,7 +128,16 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]
+    prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]] | None = None
+    segments: list[Any] | None = None
+    """Instead of ``prompt``: a list of segments, each a string, {"text": str}, {"ids": [int]} or
+    {"set": [segment, ...]} (an unordered set: Set-Based Prompting; ``engine/segments.py``)."""
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> CompletionRequest:
+        if (self.prompt is None) == (self.segments is None):
+            raise ValueError("give exactly one of 'prompt' and 'segments'")
+        return self
     logprobs: StrictInt | None = Field(default=None, ge=0, le=5)
 
 

@@ -71,6 +71,10 @@ def build_model(cfg: TrainConfig, data: TokenDataset) -> tuple[CausalLM, Tokeniz
         model = new_model(mcfg, cfg.model.init_std, cfg.train.seed)
         tok_dir = Path(data.path) / "tokenizer"
         tok = Tokenizer.from_dir(tok_dir) if (tok_dir / "tokenizer.json").is_file() else None
+    if cfg.model.rope_theta is not None or cfg.model.context_length is not None:
+        from slimlm.train.long_context import extend_context
+
+        model = extend_context(model, cfg.model.rope_theta, cfg.model.context_length)
     if model.cfg.vocab_size < meta.vocab_size:
         raise SlimLMError(f"model vocab_size {model.cfg.vocab_size} is smaller than the data's vocab {meta.vocab_size}")
     if cfg.data.seq_len > model.cfg.context_length:

@@ -84,6 +84,12 @@ class ModelSpec:
     """Mixture-of-experts MLPs for a new model (MiniCPM-MoE shape) and their balancing loss."""
     growth: GrowthConfig = field(default_factory=GrowthConfig)
     """Start from a smaller trained model grown deeper (G_stack) instead of a random init."""
+    rope_theta: float | None = None
+    """ABF (Xiong et al. 2023): the RoPE base for continued pre-training on long sequences (e.g.
+    the model's 100,000 -> 1,000,000); None keeps the model's. See train/long_context.py."""
+    context_length: int | None = None
+    """The context the model states from now on (max_position_embeddings), so data.seq_len may
+    exceed the old one; None keeps the model's."""
 
     def __post_init__(self) -> None:
         if self.norm_placement not in ("pre", "post", "mix"):

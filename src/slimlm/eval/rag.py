@@ -1,0 +1,114 @@
+"""``rag``: a RAG-style workload for chunk KV reuse (CacheBlend, ``engine/cacheblend.py``).
+
+A pool of ``pool`` passages, each ``passage_tokens`` of essay text with one fact inserted
+("The access code of the NAME office is NNNNN."). Each query takes ``k`` passages from the pool
+(seeded; so passages recur across queries, in other orders and offsets), one of them holding the
+fact asked for, and ends with the primed question "The access code of the NAME office is". A
+query is correct when the first number of the greedy answer is the code.
+
+``--rag-mode flat`` sends one text prompt (full prefill; prefix caching only helps the shared
+instruction); ``chunks`` sends the passages as ``{"chunk": ...}`` segments, so their KV is reused
+and blended with ``blend_recompute_ratio``. Queries run one after another (a server answering
+them as they come), so each query's time to first token is its own. Reported: accuracy, prompt
+tokens computed per query (deterministic) and the mean TTFT (noisy; for a quiet machine).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from slimlm.errors import SlimLMError
+from slimlm.eval.base import TASKS, Task
+from slimlm.eval.lm import EngineLM, ScoringLM
+
+NAMES = ["Lisbon", "Oslo", "Denver", "Cairo", "Quito", "Perth", "Dublin", "Lagos", "Kyoto", "Tunis", "Bergen",
+         "Austin", "Hanoi", "Porto", "Zurich", "Malmo"]
+INTRO = "Read the passages below, then answer the question.\n\n"
+FACT = " The access code of the {name} office is {code}. "
+QUESTION = "\nQuestion: what is the access code of the {name} office?\nAnswer: The access code of the {name} office is"
+
+
+@TASKS.register("rag")
+@dataclass
+class Rag(Task):
+    help = "RAG workload: k passages per query from a reused pool, one holds the answer (CacheBlend)"
+    cli = {"mode": "--rag-mode", "queries": "--queries", "filler": "--filler", "k": "--passages-per-query",
+           "passage_tokens": "--passage-tokens"}
+
+    mode: str = "chunks"
+    """flat (one text prompt, full prefill) or chunks (passages as reusable chunks)."""
+    queries: int = 16
+    pool: int = 8
+    k: int = 4
+    passage_tokens: int = 200
+    filler: str = "essays"
+
+    @classmethod
+    def add_args(cls, g) -> None:
+        g.add_argument("--rag-mode", help="rag: flat or chunks (default chunks)")
+        g.add_argument("--queries", type=int, help="rag: queries (default 16)")
+        g.add_argument("--passages-per-query", type=int, help="rag: passages in each prompt (default 4)")
+        g.add_argument("--passage-tokens", type=int, help="rag: essay tokens per passage (default 200)")
+
+    def run(self, lm: ScoringLM, log=print) -> dict[str, Any]:
+        from slimlm import SamplingParams
+        from slimlm.eval.needle import filler_ids
+
+        if self.mode not in ("flat", "chunks"):
+            raise SlimLMError(f"rag mode must be flat or chunks, got {self.mode!r}")
+        if not isinstance(lm, EngineLM):
+            raise SlimLMError("rag needs the slimlm engine; use --system slimlm")
+        if not 1 <= self.k <= self.pool <= len(NAMES):
+            raise SlimLMError(f"rag needs 1 <= k <= pool <= {len(NAMES)}")
+        tok = lm.tokenizer
+        text = tok.decode(filler_ids(self.filler, tok))
+        rng = random.Random(self.seed)
+        passages, facts = [], []
+        words = text.split()
+        for i in range(self.pool):
+            name, code = NAMES[i], str(rng.randint(10000, 99999))
+            start = rng.randrange(len(words) - 400)
+            body = " ".join(words[start : start + 400])
+            ids = tok.encode(body, add_special_tokens=False)[: self.passage_tokens]
+            half = tok.decode(ids[: len(ids) // 2]), tok.decode(ids[len(ids) // 2 :])
+            passages.append(half[0] + FACT.format(name=name, code=code) + half[1] + "\n\n")
+            facts.append((name, code))
+        llm = lm.llm
+        sp = SamplingParams(temperature=0, max_tokens=8)
+        trials = []
+        for q in range(self.queries):
+            picked = rng.sample(range(self.pool), self.k)
+            target = rng.choice(picked)
+            name, code = facts[target]
+            question = QUESTION.format(name=name)
+            if self.mode == "flat":
+                prompt: Any = INTRO + "".join(passages[i] for i in picked) + question
+            else:
+                prompt = {"segments": [INTRO] + [{"chunk": passages[i]} for i in picked] + [question]}
+            before = llm.engine.stats["computed_prompt_tokens"]
+            out = llm.generate([prompt], sp, use_tqdm=False)[0]
+            answer = out.outputs[0].text
+            m = re.search(r"\d+", answer)
+            trials.append({"passages": picked, "target": target, "answer": answer,
+                           "correct": m is not None and m.group() == code, "prompt_tokens": len(out.prompt_token_ids),
+                           "computed_tokens": llm.engine.stats["computed_prompt_tokens"] - before,
+                           "ttft_s": out.metrics.time_to_first_token})
+        n = len(trials)
+        log(f"rag: {n} queries, {self.k} of {self.pool} passages each, mode {self.mode}")
+        return {"accuracy": sum(t["correct"] for t in trials) / n,
+                "prompt_tokens_per_query": sum(t["prompt_tokens"] for t in trials) / n,
+                "computed_tokens_per_query": sum(t["computed_tokens"] for t in trials) / n,
+                "ttft_mean_s": sum(t["ttft_s"] for t in trials) / n, "trials": trials,
+                "notes": ["ttft_mean_s is wall time on this machine: compare runs only on a quiet machine"]}
+
+    def table(self, report: dict[str, Any]) -> str:
+        r = report["results"]
+        return ("| mode | accuracy | prompt tokens / query | computed tokens / query |\n|---|---|---|---|\n"
+                f"| {report['settings']['mode']} | {r['accuracy']:.3f} | {r['prompt_tokens_per_query']:.0f} | "
+                f"{r['computed_tokens_per_query']:.0f} |")
+
+    def headline(self, results: dict[str, Any]) -> list[tuple[str, float, bool]]:
+        return [("rag acc", results["accuracy"], True)]

@@ -1,0 +1,195 @@
+"""Running a RoPE model past its trained context, without training (``rope_extension``).
+
+An extension states the longest sequence the engine then accepts (``context``, default 4x the
+trained range) and how positions reach the model:
+
+- ``extrapolate``: plain RoPE past the trained range (the baseline: relative distances the
+  model never saw);
+- ``yarn``: YaRN with ``factor = context / trained`` (Peng et al. 2023), see ``model/rope.py``;
+- ``dynamic``: dynamic NTK scaling with the same factor;
+- ``dca``: Dual Chunk Attention (An et al. 2024, "Training-Free Long-Context Scaling of LLMs";
+  Qwen2.5-1M's length extrapolation): the sequence is cut into chunks of ``c = chunk_size -
+  local_window`` tokens; keys are rotated by ``j mod c``; a query at i is rotated three ways:
+
+  ======================  ==========================  ================================
+  key j                   query rotated by            relative distance
+  ======================  ==========================  ================================
+  same chunk (intra)      ``i mod c``                 ``i - j`` (exact)
+  previous chunk (succ)   ``min(i mod c + c, s - 1)`` ``i - j`` while ``i mod c < w``,
+                                                      else capped below ``s = chunk_size``
+  older chunks (inter)    ``s - 1``                   ``s - 1 - (j mod c)`` in ``[w, s)``
+  ======================  ==========================  ================================
+
+  so no relative distance reaches ``chunk_size`` (< the trained context). Below ``c`` tokens
+  every key is intra and DCA *is* standard attention (tested exactly).
+
+The engine keeps storage index == position for these (no token policy compacts), rotates keys
+by :meth:`RopeExtension.rope_positions` and, for DCA, attends through :func:`dca_attention`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from slimlm.errors import SlimLMError
+from slimlm.model.config import ModelConfig
+from slimlm.model.rope import RotaryEmbedding, apply_rope, rotation
+from slimlm.registry import Registry
+
+ROPE_EXTENSIONS: Registry[type[RopeExtension]] = Registry("rope extension")
+
+
+@dataclass
+class RopeExtension:
+    """Base: plain RoPE, the engine's context raised to ``context`` tokens."""
+
+    cfg: ModelConfig
+    context: int | None = None
+    """Longest sequence (prompt + output) the engine accepts; None = 4x the trained context."""
+
+    name = "extrapolate"
+
+    def __post_init__(self) -> None:
+        trained = self.cfg.context_length
+        if self.context is None:
+            self.context = 4 * trained
+        self.context = int(self.context)
+        if self.context < 2:
+            raise SlimLMError(f"rope_extension context must be at least 2 tokens, got {self.context}")
+
+    @property
+    def trained(self) -> int:
+        return self.cfg.context_length
+
+    def rotary(self) -> RotaryEmbedding:
+        """The rotary embedding the engine uses (cos/sin for rope positions)."""
+        return RotaryEmbedding(self.cfg)
+
+    def rope_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """Positions that rotate the step's queries and keys (what the cache stores)."""
+        return positions
+
+    @property
+    def dual_chunk(self) -> DualChunk | None:
+        return None
+
+
+ROPE_EXTENSIONS.register("extrapolate")(RopeExtension)
+
+
+def _scaled(ext: RopeExtension, kind: str) -> RotaryEmbedding:
+    if (ext.cfg.rope_scaling or {}).get("rope_type", "default") != "default":
+        raise SlimLMError(f"rope_extension={ext.name!r}: the model already scales RoPE "
+                          f"({ext.cfg.rope_scaling['rope_type']}); use 'extrapolate' or 'dca'")
+    factor = max(ext.context / ext.trained, 1.0)
+    params = {"rope_type": kind, "factor": factor, "original_max_position_embeddings": ext.trained}
+    cfg = replace(ext.cfg, rope_scaling=params)
+    if kind == "yarn":
+        cfg = replace(cfg, max_position_embeddings=ext.context)
+    return RotaryEmbedding(cfg)
+
+
+@ROPE_EXTENSIONS.register("yarn")
+@dataclass
+class YarnExtension(RopeExtension):
+    """YaRN, factor = context / trained (Peng et al. 2023)."""
+
+    def rotary(self) -> RotaryEmbedding:
+        return _scaled(self, "yarn")
+
+
+@ROPE_EXTENSIONS.register("dynamic")
+@dataclass
+class DynamicExtension(RopeExtension):
+    """Dynamic NTK-aware scaling, factor = context / trained."""
+
+    def rotary(self) -> RotaryEmbedding:
+        return _scaled(self, "dynamic")
+
+
+@dataclass(frozen=True)
+class DualChunk:
+    chunk_size: int
+    """s: the largest relative distance + 1 DCA ever shows the model (< the trained context)."""
+    local_window: int
+    """w: queries this close to their chunk's start see the previous chunk at exact distances."""
+
+    @property
+    def chunk_len(self) -> int:
+        return self.chunk_size - self.local_window
+
+
+@ROPE_EXTENSIONS.register("dca")
+@dataclass
+class DualChunkExtension(RopeExtension):
+    """Dual Chunk Attention (module docstring)."""
+
+    chunk_size: int | None = None
+    """s; None = 3/4 of the trained context (ChunkLlama's choice)."""
+    local_window: int | None = None
+    """w; None = s / 16."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        s = int(self.chunk_size) if self.chunk_size is not None else self.trained * 3 // 4
+        if s >= self.trained:
+            raise SlimLMError(f"dca chunk_size {s} must be below the trained context ({self.trained})")
+        w = int(self.local_window) if self.local_window is not None else s // 16
+        if s < 2 or not 0 <= w < s:
+            raise SlimLMError(f"dca needs chunk_size >= 2 and 0 <= local_window < chunk_size; got {s}, {w}")
+        self.chunk_size, self.local_window = s, w
+
+    @property
+    def dual_chunk(self) -> DualChunk:
+        return DualChunk(self.chunk_size, self.local_window)
+
+    def rope_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        return positions % self.dual_chunk.chunk_len
+
+
+def dca_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, q_pos: torch.Tensor,
+                  k_pos: torch.Tensor, dc: DualChunk, inv_freq: torch.Tensor, scale: float) -> torch.Tensor:
+    """Dual chunk attention over keys rotated by ``j mod c``, queries rotated by ``i mod c``.
+
+    q (B, Hq, T, d); k, v (B, Hkv, S, d); mask (B, 1, T, S) bool (causality, padding); q_pos
+    (B, T), k_pos (B, S) true positions (-1 = padding; ascending when B == 1). With one sequence
+    (a prefill chunk) the queries are split by chunk and each group's keys fall in three ranges,
+    one product each, so DCA costs what dense attention costs. Returns (B, Hq, T, d).
+    """
+    c, s = dc.chunk_len, dc.chunk_size
+    B, Hq, T, d = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    work = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
+    qf, kf, vf = q.to(work), k.to(work), v.to(work)
+    qi = q_pos % c  # the rotation q already carries
+    cs, ss = rotation(inv_freq, (qi + c).clamp(max=s - 1) - qi, work)
+    q_succ = apply_rope(qf, cs, ss)
+    ci, si = rotation(inv_freq, (s - 1) - qi, work)
+    q_inter = apply_rope(qf, ci, si)
+
+    def scores_of(qx: torch.Tensor, kx: torch.Tensor) -> torch.Tensor:  # grouped heads, no repeat of k
+        return (qx.reshape(B, Hkv, G * T, d) @ kx.transpose(-1, -2)).view(B, Hkv, G, T, -1)
+
+    qc, kc = q_pos // c, k_pos // c  # chunk ids
+    if B == 1 and int(qc.min()) != int(qc.max()):  # queries across a chunk boundary: one call per chunk
+        parts = []
+        for chunk in qc[0].unique().tolist():
+            rows = (qc[0] == chunk).nonzero()[:, 0]
+            parts.append(dca_attention(q[:, :, rows], k, v, mask[:, :, rows], q_pos[:, rows], k_pos, dc, inv_freq,
+                                       scale))
+        return torch.cat(parts, 2)
+    if B == 1:  # one query chunk Q: keys split into older chunks | chunk Q-1 | chunk Q, one product each
+        Q = int(qc[0, 0])
+        a, b = torch.searchsorted(k_pos[0].contiguous(), torch.tensor([(Q - 1) * c, Q * c], device=k_pos.device)).tolist()
+        scores = torch.cat([scores_of(q_inter, kf[:, :, :a]), scores_of(q_succ, kf[:, :, a:b]),
+                            scores_of(qf, kf[:, :, b:])], -1)  # (1, Hkv, G, T, S)
+    else:  # decode groups: per pair
+        dist = (qc[:, :, None] - kc[:, None, :])[:, None, None]  # (B, 1, 1, T, S) chunk distance
+        scores = torch.where(dist == 0, scores_of(qf, kf), torch.where(dist == 1, scores_of(q_succ, kf),
+                                                                        scores_of(q_inter, kf)))
+    scores = (scores * scale).masked_fill(~mask[:, :, None], float("-inf"))
+    out = scores.softmax(-1).view(B, Hkv, G * T, -1) @ vf  # (B, Hkv, G*T, d)
+    return out.view(B, Hq, T, d).to(q.dtype)

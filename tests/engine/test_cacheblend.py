@@ -1,0 +1,138 @@
+"""CacheBlend: 100 % recompute is a full prefill, 0 % is plain reuse (checked against chunks
+computed alone at their offsets), the chunk store is LRU and never fails a request."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimlm import LLM, SamplingParams
+from slimlm.kvcache.chunk_store import ChunkStore
+from slimlm.model.attention import attention
+from slimlm.model.hub import load
+
+HEAD, TAIL = [5, 6, 7], [8, 9, 11]
+CHUNKS = [list(range(10 + 20 * i, 30 + 20 * i)) for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    return load(str(tiny_llama_dir))
+
+
+def _prompt(order=(0, 1, 2)):
+    return {"segments": [{"ids": HEAD}] + [{"chunk": {"ids": CHUNKS[i]}} for i in order] + [{"ids": TAIL}]}
+
+
+def _flat(order=(0, 1, 2)):
+    return HEAD + [t for i in order for t in CHUNKS[i]] + TAIL
+
+
+SP = SamplingParams(temperature=0, max_tokens=8, logprobs=0)
+
+
+def _lps(out):
+    return torch.tensor([next(iter(d.values())) for d in out.outputs[0].logprobs])
+
+
+def test_full_recompute_is_a_full_prefill(tiny):
+    full = LLM(tiny, kv_cache_bytes="8M").generate([_flat()], SP, use_tqdm=False)[0]
+    llm = LLM(tiny, kv_cache_bytes="8M", blend_recompute_ratio=1.0)
+    llm.generate([_prompt((2, 1, 0))], SP, use_tqdm=False)  # fills the store in another order
+    out = llm.generate([_prompt()], SP, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == full.outputs[0].token_ids
+    assert torch.allclose(_lps(out), _lps(full), atol=1e-4)
+    assert llm.engine.blender.store.stats["hits"] == 3
+
+
+class ReuseReference:
+    """Every chunk's KV computed alone at its offset positions; the other tokens fresh, seeing them."""
+
+    def __init__(self, chunk_kv: dict, rows: torch.Tensor, T: int, scale: float):
+        self.chunk_kv, self.rows, self.scale = chunk_kv, rows, scale
+        idx = torch.arange(T)
+        self.mask = (idx[None, :] <= idx[:, None])[None, None]
+
+    def attend(self, layer, q, k, v, q_rows=None):
+        K, V = k.clone(), v.clone()
+        K[:, :, self.rows], V[:, :, self.rows] = self.chunk_kv[layer]
+        return attention(q, K, V, self.mask, self.scale)
+
+
+class Capture:
+    def __init__(self, T, scale):
+        idx = torch.arange(T)
+        self.mask, self.scale, self.kv = (idx[None, :] <= idx[:, None])[None, None], scale, {}
+
+    def attend(self, layer, q, k, v, q_rows=None):
+        self.kv[layer] = (k, v)
+        return attention(q, k, v, self.mask, self.scale)
+
+
+def test_zero_recompute_is_plain_reuse(tiny):
+    model, flat = tiny.model, _flat()
+    parts: dict[int, list] = {}
+    start = len(HEAD)
+    with torch.no_grad():
+        for c in CHUNKS:  # each chunk alone, directly at its offset (no rotation trick)
+            cap = Capture(len(c), model.attn_scale)
+            model(torch.tensor([c]), torch.arange(start, start + len(c))[None], cap)
+            for layer, kv in cap.kv.items():
+                parts.setdefault(layer, []).append(kv)
+            start += len(c)
+        chunk_kv = {layer: (torch.cat([k for k, _ in kv], 2), torch.cat([v for _, v in kv], 2))
+                    for layer, kv in parts.items()}
+        rows = torch.arange(len(HEAD), len(HEAD) + sum(map(len, CHUNKS)))
+        ref = ReuseReference(chunk_kv, rows, len(flat), model.attn_scale)
+        logits = model(torch.tensor([flat]), torch.arange(len(flat))[None], ref)[0, -1].log_softmax(-1)
+    out = LLM(tiny, kv_cache_bytes="8M", blend_recompute_ratio=0.0).generate([_prompt()], SP, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids[0] == int(logits.argmax())
+    assert abs(float(_lps(out)[0]) - float(logits.max())) < 1e-4
+
+
+def test_partial_recompute_counts_and_stays_between(tiny):
+    llm = LLM(tiny, kv_cache_bytes="8M", blend_recompute_ratio=0.25)
+    llm.generate([_prompt()], SP, use_tqdm=False)
+    st = llm.engine.blender.stats
+    n_prompt = len(_flat()) - 1
+    assert st["recomputed_tokens"] == len(HEAD) + len(TAIL) - 1 + 15  # 25 % of the 60 chunk tokens
+    assert st["probe_tokens"] == n_prompt
+
+
+def test_store_is_lru_and_never_fails_a_request(tiny):
+    cfg = tiny.model.cfg
+    per_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 4
+    llm = LLM(tiny, kv_cache_bytes="8M", chunk_store_bytes=per_token * 45, blend_recompute_ratio=0.0)
+    outs = llm.generate([_prompt()], SP, use_tqdm=False)  # 3 chunks of 20 tokens, room for 2
+    store = llm.engine.blender.store
+    assert len(store) == 2 and store.stats["evictions"] == 1 and CHUNKS[0] not in store
+    assert len(outs[0].outputs[0].token_ids) == 8
+    big = {"segments": [{"ids": HEAD}, {"chunk": {"ids": list(range(10, 70))}}, {"ids": TAIL}]}
+    assert len(llm.generate([big], SP, use_tqdm=False)[0].outputs[0].token_ids) == 8  # larger than the store
+    assert len(store) == 2
+
+
+def test_chunk_store_unit():
+    s = ChunkStore(100)
+    kv = lambda n: [(torch.zeros(n), torch.zeros(n))]  # noqa: E731  8n bytes
+    assert s.put([1], kv(5)) and s.put([2], kv(5))
+    s.get([1])  # 1 is now most recent
+    assert s.put([3], kv(5)) and [1] in s and [2] not in s
+    assert not s.put([4], kv(20)) and len(s) == 2
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"blend_recompute_ratio": 1.5}, r"blend_recompute_ratio must be in \[0, 1\]"),
+    ({"blend_recompute_ratio": -0.1}, r"blend_recompute_ratio must be in \[0, 1\]"),
+    ({"chunk_store_bytes": 0}, "chunk_store_bytes must be positive"),
+])
+def test_bad_settings(tiny, kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        LLM(tiny, kv_cache_bytes="8M", **kw)
+
+
+def test_chunks_and_sets_do_not_mix(tiny):
+    llm = LLM(tiny, kv_cache_bytes="8M")
+    bad = {"segments": [{"chunk": {"ids": [5, 6]}}, {"set": [{"ids": [7]}, {"ids": [8]}]}]}
+    with pytest.raises(ValueError, match="both chunks and sets"):
+        llm.generate([bad], SP, use_tqdm=False)

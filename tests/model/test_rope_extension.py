@@ -1,0 +1,143 @@
+"""RoPE extensions: DCA reduces to standard attention below its chunk, matches a dense
+definition past it, lifts the context check; bad settings are one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimlm import LLM, SamplingParams
+from slimlm.errors import SlimLMError
+from slimlm.model.attention import attention
+from slimlm.model.hub import load
+from slimlm.model.rope import apply_rope
+
+DCA = {"chunk_size": 64, "local_window": 8}  # chunk_len c = 56; the tiny model is trained to 256
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    return load(str(tiny_llama_dir))
+
+
+def _lp(out) -> list[float]:
+    return [next(iter(d.values())) for d in out.prompt_logprobs[1:]]
+
+
+def test_dca_below_the_chunk_is_standard_attention(tiny):
+    prompts = [[(7 * i + j) % 300 + 3 for i in range(n)] for j, n in enumerate((12, 40, 55))]
+    sp = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+    plain = LLM(tiny, kv_cache_bytes="8M").generate(prompts, sp, use_tqdm=False)
+    dca = LLM(tiny, kv_cache_bytes="8M", rope_extension="dca", rope_extension_args=DCA).generate(
+        prompts, sp, use_tqdm=False)
+    for a, b in zip(plain, dca):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert torch.allclose(torch.tensor(_lp(a)), torch.tensor(_lp(b)), atol=1e-5)
+    # greedy continuations up to the chunk length are the same tokens
+    g = SamplingParams(temperature=0, max_tokens=20)
+    p = [prompts[0]]
+    assert (LLM(tiny, kv_cache_bytes="8M").generate(p, g, use_tqdm=False)[0].outputs[0].token_ids
+            == LLM(tiny, kv_cache_bytes="8M", rope_extension="dca", rope_extension_args=DCA)
+            .generate(p, g, use_tqdm=False)[0].outputs[0].token_ids)
+
+
+class DenseDCA:
+    """The definition, pair by pair: un-rotate q and k, then score each (i, j) at the relative
+    distance DCA assigns it (intra: i - j; previous chunk: min(i%c + c, s-1) - j%c; older:
+    s-1 - j%c)."""
+
+    def __init__(self, pos: torch.Tensor, rotary, s: int, w: int, scale: float):
+        self.pos, self.rotary, self.s, self.c, self.scale = pos, rotary, s, s - w, scale
+
+    def attend(self, layer, q, k, v, q_rows=None):
+        c, s = self.c, self.s
+        p = self.pos  # (1, T)
+        back = self.rotary(-(p % c), q.dtype)
+        q0, k0 = apply_rope(q, *back), apply_rope(k, *back)  # unrotated
+        i, j = p[0][:, None], p[0][None, :]
+        qi = torch.where(i // c == j // c, i % c, torch.where(i // c - j // c == 1, (i % c + c).clamp(max=s - 1),
+                                                              torch.full_like(i, s - 1)))
+        dist = qi - j % c  # (T, T)
+        G = q.shape[1] // k.shape[1]
+        k0 = k0.repeat_interleave(G, 1)
+        scores = torch.zeros(q.shape[1], p.shape[1], p.shape[1])
+        for d in dist.unique().tolist():
+            cos, sin = self.rotary(torch.full_like(p, d), q.dtype)
+            sc = apply_rope(q0, cos, sin)[0] @ k0[0].transpose(-1, -2)  # (H, T, T)
+            scores = torch.where(dist == d, sc, scores)
+        scores = (scores * self.scale).masked_fill(~(j <= i), float("-inf"))
+        return (scores.softmax(-1) @ v.repeat_interleave(G, 1)[0])[None]
+
+
+def test_dca_past_the_chunk_matches_a_dense_definition(tiny):
+    model = tiny.model
+    T = 150  # chunks of 56: intra, successive and inter pairs
+    ids = [(11 * i) % 350 + 3 for i in range(T)]
+    pos = torch.arange(T)[None]
+    ref_attn = DenseDCA(pos, model.rotary, 64, 8, model.attn_scale)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), pos % 56, ref_attn)[0].log_softmax(-1)  # (T, V)
+    ref = logits[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+    for chunk in (2048, 37):  # one prefill, and chunked prefill (context from the paged cache)
+        llm = LLM(tiny, kv_cache_bytes="8M", rope_extension="dca", rope_extension_args=DCA,
+                  max_num_batched_tokens=chunk, native_kernels=True)
+        out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+        assert torch.allclose(torch.tensor(_lp(out)), ref, atol=2e-4), chunk
+    # a decode step: the next token's distribution also follows the definition
+    nxt = int(logits[-1].argmax())
+    assert out.outputs[0].token_ids == [nxt]
+
+
+def test_dca_dense_attention_helper_agrees_with_sdpa_below_the_chunk():
+    from slimlm.model.rope_extension import DualChunk, dca_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 20, 16), torch.randn(1, 2, 20, 16), torch.randn(1, 2, 20, 16)
+    pos = torch.arange(20)[None]
+    mask = (pos[0][None, :] <= pos[0][:, None])[None, None]
+    inv = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+    out = dca_attention(q, k, v, mask, pos, pos, DualChunk(32, 4), inv, 0.25)
+    assert torch.allclose(out, attention(q, k, v, mask, 0.25), atol=1e-5)
+
+
+def test_extensions_lift_the_context_check(tiny):
+    ids = [5] * 300  # past the trained 256
+    sp = SamplingParams(temperature=0, max_tokens=3)
+    with pytest.raises(ValueError, match="context"):
+        LLM(tiny, kv_cache_bytes="8M").generate([ids], sp, use_tqdm=False)
+    for name in ("dca", "yarn", "dynamic", "extrapolate"):
+        args = dict(DCA) if name == "dca" else {}
+        llm = LLM(tiny, kv_cache_bytes="8M", rope_extension=name, rope_extension_args={**args, "context": 512})
+        assert llm.context_length == 512
+        assert len(llm.generate([ids], sp, use_tqdm=False)[0].outputs[0].token_ids) == 3
+        with pytest.raises(ValueError, match="context"):
+            llm.generate([[5] * 600], sp, use_tqdm=False)
+
+
+@pytest.mark.parametrize("args, msg", [
+    ({"chunk_size": 256}, "below the trained context"),
+    ({"chunk_size": 300}, "below the trained context"),
+    ({"chunk_size": 64, "local_window": 64}, "local_window < chunk_size"),
+    ({"chunk": 3}, "unexpected keyword"),
+])
+def test_bad_dca_settings(tiny, args, msg):
+    with pytest.raises(SlimLMError, match=msg):
+        LLM(tiny, kv_cache_bytes="8M", rope_extension="dca", rope_extension_args=args)
+
+
+def test_bad_extension_name_and_combinations(tiny):
+    with pytest.raises(SlimLMError, match="known: dca, dynamic, extrapolate, yarn"):
+        LLM(tiny, kv_cache_bytes="8M", rope_extension="ntk")
+    with pytest.raises(SlimLMError, match="KV policy"):
+        LLM(tiny, kv_cache_bytes="8M", rope_extension="dca", kv_policy="sink")
+    with pytest.raises(SlimLMError, match="layer hooks"):
+        LLM(tiny, kv_cache_bytes="8M", rope_extension="yarn", hooks=["lazyllm"])
+
+
+def test_dca_batched_decodes_equal_one_at_a_time(tiny):
+    prompts = [[(13 * i + j) % 350 + 3 for i in range(n)] for j, n in enumerate((70, 130, 20))]
+    sp = SamplingParams(temperature=0, max_tokens=12)
+    llm = LLM(tiny, kv_cache_bytes="8M", rope_extension="dca", rope_extension_args=DCA, native_kernels=False)
+    together = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+    alone = [llm.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+    assert together == alone
