@@ -26,6 +26,7 @@ SUBCOMMANDS = [
     "slimlm.bench.cli",  # bench
     "slimlm.serve.cli",  # serve
     "slimlm.compress.cli",  # prune, distill, lowrank, finetune, select, rationales, draft-bench
+    "slimlm.compress.spec_cli",  # train-adapter, spec-bench
     "slimlm.eval.cli",  # eval, report
 ]
 """Modules with a ``register(subparsers)`` function, in the order ``slimlm --help`` lists them."""
