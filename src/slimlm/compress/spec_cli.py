@@ -64,7 +64,7 @@ def register(sub) -> None:
     t.add_argument("out", help="folder to write adapter.json + adapter.safetensors")
     t.add_argument("--method", choices=METHODS, default="kangaroo")
     t.add_argument("--model", default="smollm2-135m-instruct", help="the target (frozen)")
-    t.add_argument("--data", default="python-docs", help="corpus name, file, folder or prepared token folder")
+    t.add_argument("--data", default="python-stdlib", help="corpus name, file, folder or prepared token folder")
     t.add_argument("--tokens", type=int, default=32768, help="training + held-out tokens")
     t.add_argument("--seq-len", type=int, default=256)
     t.add_argument("--exit-layer", type=int, default=2, help="layers of the target the draft runs before the adapter")
