@@ -342,7 +342,7 @@ def test_bild_keeps_small_model_tokens_within_the_rollback_distance(target, nois
 
 
 def test_bild_sampled_requests_run(target, noisy_draft):
-    llm = LLM(target, speculative="bild", speculative_args={"model": noisy_draft, "fallback": 0.0, "rollback": 3.0})
+    llm = LLM(target, speculative="bild", speculative_args={"model": noisy_draft, "fallback": 0.0, "rollback": 10.0})
     outs = llm.generate(make_prompts(4, seed=15), SamplingParams(temperature=0.9, max_tokens=12, seed=1,
                                                                   ignore_eos=True, logprobs=1), use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 12 and len(o.outputs[0].logprobs) == 12 for o in outs)
