@@ -384,3 +384,26 @@ def test_bild_bad_input_is_one_line(target, noisy_draft, foreign_tokenizer_model
         args["model"] = foreign_tokenizer_model if args.pop("foreign", False) else noisy_draft
     with pytest.raises(SlimLMError, match=match):
         LLM(target, speculative="bild", speculative_args=args)
+
+
+def test_train_adapter_cli_trains_and_refuses_bad_input(tiny_llama_dir, tmp_path, capsys):
+    """`slimlm train-adapter` writes an adapter the engine loads; an exit layer outside the
+    model and a missing adapter are one-line errors (exit 2)."""
+    from slimlm.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text("Small language models are fast to serve and cheap to train. " * 60)
+    out = tmp_path / "ad"
+    assert main(["train-adapter", str(out), "--model", str(tiny_llama_dir), "--data", str(text), "--tokens", "512",
+                 "--seq-len", "32", "--exit-layer", "1", "--steps", "5", "--head-vocab", "64"]) == 0
+    assert "training tokens" in capsys.readouterr().err
+    llm = LLM(load(tiny_llama_dir), speculative="kangaroo", speculative_args={"adapter": str(out), "threshold": 0})
+    assert llm.engine.proposer.token_map.numel() == 64
+    assert len(llm.generate([[5, 6, 7]], SamplingParams(max_tokens=6, temperature=0), use_tqdm=False)[0]
+               .outputs[0].token_ids) == 6
+    assert main(["train-adapter", str(tmp_path / "x"), "--model", str(tiny_llama_dir), "--data", str(text),
+                 "--exit-layer", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "outside the model" in err and len(err.strip().splitlines()) == 1
+    assert main(["generate", "--model", str(tiny_llama_dir), "--speculative", "kangaroo", "hi"]) == 2
+    assert "needs a trained adapter" in capsys.readouterr().err
