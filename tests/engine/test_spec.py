@@ -143,3 +143,267 @@ def test_a_draft_cache_too_small_degrades_to_plain_decoding(target, draft):
     assert len(llm.engine.proposer.kv.pool.ref_count) < 10  # a handful of draft blocks for 16 sequences
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, p, use_tqdm=False)]
     assert got == base and llm.engine.stats["draft_tokens"] > 0
+
+
+# ---------------------------------------------------------------- every lossless method (issue 17)
+def self_text(lm, n=24, length=64, seed=0):
+    """Token windows of the model's own greedy text: what a trained draft should learn."""
+    from tests.engine.test_engine import make_prompts as mp
+
+    outs = LLM(lm).generate([(p * 8)[:8] for p in mp(n, seed=seed)],
+                            SamplingParams(temperature=0, max_tokens=length, ignore_eos=True), use_tqdm=False)
+    return torch.tensor([list(o.prompt_token_ids[:8]) + list(o.outputs[0].token_ids)[: length - 8] for o in outs])
+
+
+@pytest.fixture(scope="module")
+def kangaroo_adapter(target, tmp_path_factory):
+    from slimlm.compress.spec_train import AdapterTrainConfig, train_kangaroo
+    from slimlm.engine.spec.kangaroo import save_adapter
+
+    ad, meta = train_kangaroo(target.model, self_text(target), AdapterTrainConfig(exit_layer=1, head_vocab=0, steps=60,
+                                                                                 lr=3e-3), log=None)
+    assert meta["train"]["heldout_top1_agreement"] > meta["train"]["heldout_top1_agreement_init"]
+    return str(save_adapter(tmp_path_factory.mktemp("kangaroo"), "kangaroo", ad, meta))
+
+
+LOSSLESS = {
+    "draft": lambda f: {"model": f["draft"], "k": 3},
+    "kangaroo": lambda f: {"adapter": f["kangaroo_adapter"], "k": 4, "threshold": 0.0},
+    "kangaroo-exit": lambda f: {"adapter": f["kangaroo_adapter"], "k": 4, "threshold": 0.01},
+    "kangaroo-tree": lambda f: {"adapter": f["kangaroo_adapter"], "k": 3, "threshold": 0.0, "tree": True},
+}
+
+
+@pytest.mark.parametrize("settings", [dict(max_num_batched_tokens=64),
+                                      dict(block_size=8, max_num_batched_tokens=32, preempt=True),
+                                      dict(enable_prefix_caching=False, native_kernels=False)])
+@pytest.mark.parametrize("method", list(LOSSLESS))
+def test_every_lossless_method_is_greedy_identical_in_mixed_batches(target, draft, kangaroo_adapter, method, settings):
+    """Greedy requests mixed with sampled and logprob requests, with and without forced
+    preemption: greedy outputs equal plain decoding; drafts were proposed and some accepted."""
+    settings = dict(settings)
+    c = target.model.cfg
+    if settings.pop("preempt", False):
+        settings["kv_cache_bytes"] = 2 * c.num_layers * 8 * c.num_kv_heads * c.head_dim * 4 * 40
+    prompts = make_prompts(12, seed=4)
+    greedy = SamplingParams(temperature=0, max_tokens=18, ignore_eos=True)
+    sampled = SamplingParams(temperature=0.8, max_tokens=10, seed=3, ignore_eos=True)
+    withlp = SamplingParams(temperature=0, max_tokens=12, logprobs=2, ignore_eos=True)
+    params = [greedy if i % 3 == 0 else sampled if i % 3 == 1 else withlp for i in range(len(prompts))]
+    base = LLM(target, **settings).generate(prompts, params, use_tqdm=False)
+    name = method.split("-")[0]
+    args = LOSSLESS[method]({"draft": draft, "kangaroo_adapter": kangaroo_adapter})
+    llm = LLM(target, speculative=name, speculative_args=args, **settings)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    for i, (a, b) in enumerate(zip(outs, base)):
+        if params[i].greedy:
+            assert a.outputs[0].token_ids == b.outputs[0].token_ids, (method, i)
+        else:
+            assert len(a.outputs[0].token_ids) == 10
+    st = llm.engine.stats
+    assert st["draft_tokens"] > 0 and st["accepted_draft_tokens"] > 0
+    if settings.get("kv_cache_bytes"):
+        assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.pool.num_free() == llm.engine.pool.num_blocks
+
+
+def test_kangaroo_sampled_output_follows_the_target(target, kangaroo_adapter):
+    """Marginal of the 2nd token (the first drafted one) vs. the exact target marginal."""
+    prompt = make_prompts(1, seed=5)[0]
+    model = target.model
+    with torch.no_grad():
+        first = model(torch.tensor([prompt]))[0, -1].float()
+        top = first.topk(3)
+        p1 = torch.zeros_like(first).scatter(0, top.indices, top.values.softmax(-1))
+        exact = torch.zeros_like(first)
+        for t in top.indices.tolist():
+            tk = model(torch.tensor([prompt + [t]]))[0, -1].float().topk(3)
+            exact.scatter_add_(0, tk.indices, p1[t] * tk.values.softmax(-1))
+    llm = LLM(target, speculative="kangaroo", speculative_args={"adapter": kangaroo_adapter, "k": 2, "threshold": 0})
+    counts = torch.zeros_like(exact)
+    for rep in range(2):
+        out = llm.generate([prompt], SamplingParams(temperature=1.0, top_k=3, max_tokens=3, n=1000,
+                                                    seed=11 + rep * 5000), use_tqdm=False)[0]
+        for c in out.outputs:
+            counts[c.token_ids[1]] += 1
+    st = llm.engine.stats
+    assert 0 < st["accepted_draft_tokens"] < st["draft_tokens"]
+    tv = 0.5 * float((counts / counts.sum() - exact).abs().sum())
+    assert tv < 0.05, tv
+
+
+def test_kangaroo_early_exit_drafts_fewer_and_accepts_more(target, kangaroo_adapter):
+    prompts = make_prompts(8, seed=9)
+    p = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    rates = {}
+    for thr in (0.0, 0.015):  # the tiny target is nearly uniform: its confident drafts are rare
+        llm = LLM(target, speculative="kangaroo", speculative_args={"adapter": kangaroo_adapter, "k": 4,
+                                                                    "threshold": thr})
+        llm.generate(prompts, p, use_tqdm=False)
+        st = llm.engine.stats
+        rates[thr] = (st["draft_tokens"], st["accepted_draft_tokens"] / max(st["draft_tokens"], 1))
+    assert 0 < rates[0.015][0] < rates[0.0][0] and rates[0.015][1] > rates[0.0][1]
+
+
+@pytest.mark.parametrize("args, match", [
+    ({}, "needs a trained adapter"),
+    ({"adapter": "/nonexistent"}, "not a trained adapter folder"),
+    ({"threshold": 1.5}, "threshold must be in"),
+])
+def test_kangaroo_bad_input_is_one_line(target, kangaroo_adapter, args, match):
+    from slimlm.errors import SlimLMError
+
+    if "threshold" in args:
+        args = {**args, "adapter": kangaroo_adapter}
+    with pytest.raises(SlimLMError, match=match):
+        LLM(target, speculative="kangaroo", speculative_args=args)
+
+
+def test_kangaroo_adapter_of_another_model_is_refused(draft, kangaroo_adapter):
+    from slimlm.errors import SlimLMError
+
+    with pytest.raises(SlimLMError, match="another model"):
+        LLM(draft, speculative="kangaroo", speculative_args={"adapter": kangaroo_adapter})
+
+
+def test_exit_layer_outside_the_model_is_refused(target):
+    from slimlm.compress.spec_train import AdapterTrainConfig, train_kangaroo
+    from slimlm.errors import SlimLMError
+
+    for layer in (0, target.model.cfg.num_layers, 99):
+        with pytest.raises(SlimLMError, match="outside the model"):
+            train_kangaroo(target.model, torch.zeros(4, 8, dtype=torch.long), AdapterTrainConfig(exit_layer=layer))
+
+
+@pytest.mark.parametrize("where", ["propose", "bad-draft", "verify"])
+def test_a_failing_proposer_degrades_only_its_request(target, draft, where):
+    """The proposer fails for one request (raises in propose, returns a draft outside the
+    vocabulary, or raises in verify): that request continues with plain decoding, the others
+    keep drafting, and every greedy output is unchanged."""
+    from slimlm.engine.spec.draft_model import DraftModelProposer
+
+    prompts = make_prompts(6, seed=12)
+    p = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
+    base = [o.outputs[0].token_ids for o in LLM(target).generate(prompts, p, use_tqdm=False)]
+    llm = LLM(target, speculative="draft", speculative_args={"model": draft, "k": 3})
+    prop = llm.engine.proposer
+    bad = prompts[2]
+    orig, orig_verify = DraftModelProposer.propose, prop.verify
+
+    def propose(seqs, sched=None, result=None):
+        if where == "propose" and any(s.request.prompt_ids == bad for s in seqs):
+            raise RuntimeError("draft exploded")
+        orig(prop, seqs, sched, result)
+        for s in seqs:
+            if where == "bad-draft" and s.request.prompt_ids == bad and s.draft_ids:
+                s.draft_ids[0] = 10**9
+
+    def verify(seq, logits, parents=None):
+        if where == "verify" and seq.request.prompt_ids == bad:
+            raise IndexError("malformed draft")
+        return orig_verify(seq, logits, parents)
+
+    prop.propose, prop.verify = propose, verify
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, p, use_tqdm=False)]
+    assert got == base
+    guard = llm.engine.spec_guard
+    assert guard.failures == 1 and not guard.disabled  # forgotten when the request finished
+    assert llm.engine.stats["accepted_draft_tokens"] > 0
+    assert llm.engine.pool.num_free() == llm.engine.pool.num_blocks
+
+
+# ---------------------------------------------------------------- BiLD (lossy)
+def test_bild_with_a_tiny_rollback_distance_is_the_target(target, noisy_draft):
+    """Rollback 1e-6 nats keeps only drafts the target is certain of, i.e. its own argmax:
+    greedy output equals plain decoding; fallback 1 means the small model never decodes."""
+    prompts = make_prompts(8, seed=13)
+    p = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    base = [o.outputs[0].token_ids for o in LLM(target).generate(prompts, p, use_tqdm=False)]
+    for args in ({"fallback": 0.0, "rollback": 1e-6}, {"fallback": 1.0, "rollback": 5.0}):
+        llm = LLM(target, speculative="bild", speculative_args={"model": noisy_draft, "k": 4, **args})
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, p, use_tqdm=False)] == base
+    assert llm.engine.stats["draft_tokens"] == 0
+
+
+def test_bild_keeps_small_model_tokens_within_the_rollback_distance(target, noisy_draft):
+    prompts = make_prompts(8, seed=14)
+    p = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    base = [o.outputs[0].token_ids for o in LLM(target).generate(prompts, p, use_tqdm=False)]
+    stats = {}
+    for rb in (0.5, 50.0):
+        llm = LLM(target, speculative="bild", speculative_args={"model": noisy_draft, "k": 4, "fallback": 0.0,
+                                                                "rollback": rb})
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, p, use_tqdm=False)]
+        st = llm.engine.stats
+        stats[rb] = st["accepted_draft_tokens"] / st["draft_tokens"]
+        assert llm.engine.pool.num_free() == llm.engine.pool.num_blocks
+    assert stats[50.0] == 1.0 and stats[0.5] < 1.0  # a huge distance keeps every small-model token
+    assert got != base  # ... and changes the output: lossy
+
+
+def test_bild_sampled_requests_run(target, noisy_draft):
+    llm = LLM(target, speculative="bild", speculative_args={"model": noisy_draft, "fallback": 0.0, "rollback": 10.0})
+    outs = llm.generate(make_prompts(4, seed=15), SamplingParams(temperature=0.9, max_tokens=12, seed=1,
+                                                                  ignore_eos=True, logprobs=1), use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 12 and len(o.outputs[0].logprobs) == 12 for o in outs)
+    assert llm.engine.stats["accepted_draft_tokens"] > 0
+
+
+@pytest.fixture(scope="module")
+def foreign_tokenizer_model(tmp_path_factory):
+    """A draft whose tokenizer was trained on other text (other ids for the same strings)."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    path = tmp_path_factory.mktemp("foreign")
+    make_hf_model(path, "llama", seed=3, num_hidden_layers=1)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["zebra quantum xylophone " * 50, "lorem ipsum dolor " * 50],
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>",
+                                                                                "<|im_end|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(path / "tokenizer.json"))
+    json.loads((path / "tokenizer_config.json").read_text())
+    return load(path)
+
+
+@pytest.mark.parametrize("args, match", [
+    ({}, "needs a small model"),
+    ({"fallback": 1.5}, "fallback must be in"),
+    ({"rollback": 0}, "rollback must be a positive"),
+    ({"rollback": -1.0}, "rollback must be a positive"),
+    ({"foreign": True}, "tokenizer differs"),
+])
+def test_bild_bad_input_is_one_line(target, noisy_draft, foreign_tokenizer_model, args, match):
+    from slimlm.errors import SlimLMError
+
+    args = dict(args)
+    if args:
+        args["model"] = foreign_tokenizer_model if args.pop("foreign", False) else noisy_draft
+    with pytest.raises(SlimLMError, match=match):
+        LLM(target, speculative="bild", speculative_args=args)
+
+
+def test_train_adapter_cli_trains_and_refuses_bad_input(tiny_llama_dir, tmp_path, capsys):
+    """`slimlm train-adapter` writes an adapter the engine loads; an exit layer outside the
+    model and a missing adapter are one-line errors (exit 2)."""
+    from slimlm.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text("Small language models are fast to serve and cheap to train. " * 60)
+    out = tmp_path / "ad"
+    assert main(["train-adapter", str(out), "--model", str(tiny_llama_dir), "--data", str(text), "--tokens", "512",
+                 "--seq-len", "32", "--exit-layer", "1", "--steps", "5", "--head-vocab", "64"]) == 0
+    assert "training tokens" in capsys.readouterr().err
+    llm = LLM(load(tiny_llama_dir), speculative="kangaroo", speculative_args={"adapter": str(out), "threshold": 0})
+    assert llm.engine.proposer.token_map.numel() == 64
+    assert len(llm.generate([[5, 6, 7]], SamplingParams(max_tokens=6, temperature=0), use_tqdm=False)[0]
+               .outputs[0].token_ids) == 6
+    assert main(["train-adapter", str(tmp_path / "x"), "--model", str(tiny_llama_dir), "--data", str(text),
+                 "--exit-layer", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "outside the model" in err and len(err.strip().splitlines()) == 1
+    assert main(["generate", "--model", str(tiny_llama_dir), "--speculative", "kangaroo", "hi"]) == 2
+    assert "needs a trained adapter" in capsys.readouterr().err

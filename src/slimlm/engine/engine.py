@@ -18,6 +18,7 @@ from slimlm.engine.runner import ModelRunner
 from slimlm.engine.sampling import SamplingError, SequenceSampler, sample_next
 from slimlm.engine.scheduler import Scheduler
 from slimlm.engine.spec import SPEC_METHODS, Proposer, ProposerContext
+from slimlm.engine.spec.guard import ProposerGuard
 from slimlm.errors import SlimLMError
 from slimlm.kvcache.block_pool import BlockPool
 from slimlm.kvcache.manager import KVCacheManager
@@ -85,9 +86,10 @@ class LLMEngine:
         kv_bytes = config.kv_cache_bytes or default_kv_bytes(config.device, min_bytes=full_context)
         self.proposer: Proposer | None = None
         if config.speculative:
-            ctx = ProposerContext(self.model, config, self.context_length, cfg.vocab_size)
+            ctx = ProposerContext(self.model, config, self.context_length, cfg.vocab_size, self.tokenizer)
             self.proposer = SPEC_METHODS.get(config.speculative)(ctx, **config.speculative_args)
             kv_bytes -= self.proposer.kv_bytes(kv_bytes)
+        self.spec_guard = ProposerGuard(self.proposer, cfg.vocab_size) if self.proposer is not None else None
         num_blocks = kv_bytes // per_block
         if num_blocks < 1:
             raise SlimLMError(f"kv_cache_bytes={kv_bytes} holds no KV block ({per_block} bytes each)")
@@ -269,8 +271,13 @@ class LLMEngine:
                 continue
             seq = seqs[c.seq_id]
             rows = logits[c.seq_id]
+            got = self.spec_guard.verify(seq, rows, c.tree_parents) if c.num_drafts else None
+            if c.num_drafts and got is None:  # the proposer failed: a plain step from the first row
+                accepted[c.seq_id] = 1
+                plain.append((seq, rows[0]))
+                continue
             if c.num_drafts:  # verify drafts
-                toks, lps, path = self.proposer.verify(seq, rows, c.tree_parents)
+                toks, lps, path = got
                 if path is not None:  # a tree: move the accepted path's KV to the front of the chunk
                     self._keep_path(c, path)
                 accepted[c.seq_id] = len(toks)  # decode token + accepted drafts have valid KV
@@ -331,7 +338,7 @@ class LLMEngine:
             changed[seq.request.request_id] = seq.request
         if self.proposer is not None:
             live = [s for s in self.scheduler.running if s.is_decode and not s.finished]
-            self.proposer.propose(live, out, result)
+            self.spec_guard.propose(live, out, result)
         outs = []
         for req in changed.values():
             if req.finished:
@@ -469,5 +476,5 @@ class LLMEngine:
         for h in self.hooks:
             h.release(seq.seq_id)
         self.kv.salts.pop(seq.seq_id, None)
-        if self.proposer is not None:
-            self.proposer.release(seq)
+        if self.spec_guard is not None:
+            self.spec_guard.release(seq)

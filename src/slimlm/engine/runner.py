@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from slimlm.engine.hooks import LayerHook, Segment, StepInfo, combine_plans
+from slimlm.engine.hooks import LayerHook, Segment, StepInfo, bypass_plan, combine_plans
 from slimlm.engine.paged_attention import (
     AttentionPaths, DecodeGroup, DecodeTable, PagedAttention, PrefillSegment, kept_blocks,
 )
@@ -194,6 +194,9 @@ class ModelRunner:
                 plans = [p for p in (hk.plan(i, h, info, active) for hk in hooks) if p is not None]
                 plan = combine_plans(plans, active, info.logit_rows, T)
                 active = plan.q_rows if plan is not None else None
+                runs, plan = bypass_plan(hooks, i, info, plan, T)  # SkipDecode: rows skipping this layer only
+                if not runs:
+                    continue
             h = layer(h, cos, sin, attn, plan)
         if len(model.model.layers) in self.capture:
             hidden[len(model.model.layers)] = h[0, info.logit_rows]

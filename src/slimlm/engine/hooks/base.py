@@ -74,6 +74,14 @@ class LayerHook:
         None to change nothing."""
         return None
 
+    def bypass(self, layer: int, info: StepInfo) -> torch.Tensor | None:
+        """Rows that skip ``layer`` entirely and run the layers above it (SkipDecode skips the
+        lower layers). Unlike rows that leave, they come back; their keys and values at
+        ``layer`` are written from the state they carry (or not at all when no row runs the
+        layer), so a hook that bypasses must only do so where no later query reads them.
+        Rows whose logits are needed may bypass. None = no row."""
+        return None
+
     def release(self, seq_id: int) -> None:
         """The sequence finished or was preempted: drop any state kept for it."""
 
@@ -103,6 +111,24 @@ def combine_plans(plans: list[RowPlan], active: torch.Tensor | None, keep: torch
     if q_rows is None and mlp_rows is None:
         return None
     return RowPlan(q_rows, mlp_rows)
+
+
+def bypass_plan(hooks: list[LayerHook], layer: int, info: StepInfo, plan: RowPlan | None,
+                num_rows: int) -> tuple[bool, RowPlan | None]:
+    """(whether any row runs ``layer``, the layer's plan) after the hooks' bypassed rows are
+    taken out of ``plan`` for this layer only."""
+    byp = [b for b in (hk.bypass(layer, info) for hk in hooks) if b is not None and b.numel()]
+    if not byp:
+        return True, plan
+    dev = byp[0].device
+    run = torch.ones(num_rows, dtype=torch.bool, device=dev) if plan is None or plan.q_rows is None \
+        else _mask(plan.q_rows, num_rows)
+    mlp = run.clone() if plan is None or plan.mlp_rows is None else _mask(plan.mlp_rows, num_rows)
+    for b in byp:
+        run[b] = False
+    if not bool(run.any()):
+        return False, None
+    return True, RowPlan(run.nonzero()[:, 0], (mlp & run).nonzero()[:, 0])
 
 
 def _mask(rows: torch.Tensor, n: int) -> torch.Tensor:

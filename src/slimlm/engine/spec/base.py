@@ -46,6 +46,8 @@ class ProposerContext:
     config: EngineConfig
     context_length: int
     vocab_size: int
+    tokenizer: object | None = None
+    """The target's tokenizer (a draft model must share it), None when the model has none."""
 
 
 class Proposer(ABC):

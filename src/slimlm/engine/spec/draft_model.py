@@ -68,6 +68,24 @@ class DraftModelProposer(Proposer):
         self.computed.pop(seq.seq_id, None)
         self.basis.pop(seq.seq_id, None)
 
+    token_map: torch.Tensor | None = None
+    """(S,) vocabulary ids of the draft head's S outputs when it scores only a subset of the
+    vocabulary (the others get probability 0); None = the first columns of the vocabulary."""
+
+    def _full_row(self, row: torch.Tensor) -> torch.Tensor:
+        """The draft's logits (1, S) as (1, V) over the target's vocabulary (-inf elsewhere)."""
+        if self.token_map is not None:
+            full = row.new_full((1, self.vocab), float("-inf"))
+            return full.index_copy_(1, self.token_map, row)
+        if row.shape[-1] < self.vocab:
+            row = torch.nn.functional.pad(row, (0, self.vocab - row.shape[-1]), value=float("-inf"))
+        return row
+
+    def _stop(self, seq: Sequence, row: torch.Tensor, step: int) -> bool:
+        """Whether drafting stops for ``seq`` before proposing from ``row`` (1, V) at draft
+        position ``step`` (an early exit on low confidence). Plain drafting never stops."""
+        return False
+
     def _budget(self, seq: Sequence) -> int:
         p = seq.request.params
         room = min(p.max_tokens - len(seq.output_ids), self.ctx.context_length - seq.num_tokens) - 1
@@ -92,10 +110,11 @@ class DraftModelProposer(Proposer):
             active[sid] = (seq, k)
         probs: dict[int, list[torch.Tensor]] = {sid: [] for sid in active}
         second: dict[int, int] = {}  # runner-up token at the first draft position (tree drafts)
+        stopped: set[int] = set()  # sequences whose drafting stopped early (``_stop``)
         for step in range(self.k):
             chunks, live = [], []
             for sid, (seq, k) in list(active.items()):
-                if step >= k:
+                if step >= k or sid in stopped:
                     continue
                 toks = seq.token_ids + seq.draft_ids
                 if not self.kv.allocate(sid, len(toks)):  # draft cache short: plain decoding this step
@@ -112,10 +131,11 @@ class DraftModelProposer(Proposer):
             chunks.sort(key=lambda c: len(c.token_ids) != 1)
             logits = self.runner.execute(SchedulerOutput(chunks)).logits
             for seq in live:
-                row = logits[seq.seq_id][-1:]
-                if row.shape[-1] < self.vocab:
-                    row = torch.nn.functional.pad(row, (0, self.vocab - row.shape[-1]), value=float("-inf"))
+                row = self._full_row(logits[seq.seq_id][-1:])
                 params = seq.request.params
+                if self._stop(seq, row, step):  # early exit: this and later drafts are not proposed
+                    stopped.add(seq.seq_id)
+                    continue
                 if params.greedy:
                     top = row[0].topk(2).indices.tolist()
                     tok = top[0]

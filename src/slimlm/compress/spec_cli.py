@@ -1,0 +1,93 @@
+"""`slimlm train-adapter` (Kangaroo adapter, Judge head) and `slimlm spec-bench`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from slimlm.errors import SlimLMError
+
+METHODS = ("kangaroo",)
+
+
+def cmd_train_adapter(args: argparse.Namespace) -> int:
+    import torch
+
+    from slimlm.compress.calib import calibration_windows
+    from slimlm.compress.spec_train import AdapterTrainConfig, train_kangaroo
+    from slimlm.engine.spec.kangaroo import check_exit_layer, save_adapter
+    from slimlm.model.hub import load
+
+    if args.steps < 1 or args.batch_size < 1 or args.lr <= 0:
+        raise SlimLMError("--steps and --batch-size must be at least 1 and --lr positive")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = load(args.model)
+    check_exit_layer(args.exit_layer, lm.model.cfg.num_layers)  # before any data is read
+    windows = calibration_windows(args.data, lm.tokenizer, args.tokens, args.seq_len)
+    cfg = AdapterTrainConfig(args.exit_layer, args.head_vocab, args.steps, args.batch_size, args.lr, seed=args.seed)
+    log = (lambda m: print(m, file=sys.stderr))
+    adapter, meta = train_kangaroo(lm.model, windows, cfg, log)
+    meta["train"].update({"data": args.data, "model": args.model})
+    out = save_adapter(args.out, args.method, adapter, meta)
+    tr = meta["train"]
+    print(f"wrote {out}: {tr['tokens']:,} training tokens, {tr['cpu_seconds']} CPU s ({tr['wall_seconds']} s wall); "
+          f"held-out top-1 agreement with the target {tr['heldout_top1_agreement_init']:.3f} -> "
+          f"{tr['heldout_top1_agreement']:.3f}", file=sys.stderr)
+    return 0
+
+
+def cmd_spec_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from slimlm.compress.spec_bench import spec_bench
+    from slimlm.engine.options import engine_config_from_args
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    cfg = engine_config_from_args(args)
+    if not cfg.get("speculative") and not cfg.get("hooks"):
+        raise SlimLMError("spec-bench compares a method with plain decoding: give --speculative NAME or --hook NAME")
+    r = spec_bench(args.model, cfg, args.prompts, args.prompt_tokens, args.max_tokens, args.repeats, args.batch)
+    print("\n".join(r.lines()))
+    if args.json:
+        print(json.dumps(r.__dict__))
+    return 0
+
+
+def register(sub) -> None:
+    from slimlm.engine.options import add_engine_args
+
+    t = sub.add_parser("train-adapter", help="train a speculative method's adapter with the target frozen",
+                       description="Kangaroo: the adapter (one attention block + norm) after the target's first "
+                                   "EXIT_LAYER layers learns the target's next-token distribution on offline text.")
+    t.add_argument("out", help="folder to write adapter.json + adapter.safetensors")
+    t.add_argument("--method", choices=METHODS, default="kangaroo")
+    t.add_argument("--model", default="smollm2-135m-instruct", help="the target (frozen)")
+    t.add_argument("--data", default="python-stdlib", help="corpus name, file, folder or prepared token folder")
+    t.add_argument("--tokens", type=int, default=32768, help="training + held-out tokens")
+    t.add_argument("--seq-len", type=int, default=256)
+    t.add_argument("--exit-layer", type=int, default=2, help="layers of the target the draft runs before the adapter")
+    t.add_argument("--head-vocab", type=int, default=4096,
+                   help="draft head over this many most frequent tokens (0 = whole vocabulary)")
+    t.add_argument("--steps", type=int, default=300)
+    t.add_argument("--batch-size", type=int, default=4, help="windows per step")
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=None)
+    t.set_defaults(func=cmd_train_adapter)
+
+    b = sub.add_parser("spec-bench", help="a speculative method or layer hook against plain decoding",
+                       description="Greedy decode of the same prompts with and without the engine options given "
+                                   "(interleaved repeats, medians): tok/s, acceptance rate, tokens per "
+                                   "verification step, and whether the outputs are identical.")
+    b.add_argument("--model", default="smollm2-135m-instruct")
+    b.add_argument("--prompts", type=int, default=4, help="different prompts (text from the stdlib)")
+    b.add_argument("--batch", type=int, default=1, help="prompts decoded together (1 = batch-1 decode)")
+    b.add_argument("--prompt-tokens", type=int, default=128)
+    b.add_argument("--max-tokens", type=int, default=64)
+    b.add_argument("--repeats", type=int, default=1)
+    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--json", action="store_true", help="also print the report as JSON")
+    add_engine_args(b)
+    b.set_defaults(func=cmd_spec_bench)
