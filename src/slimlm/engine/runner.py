@@ -120,7 +120,7 @@ class ModelRunner:
         phys, logical = kept_blocks(c.block_table, c.kv_start + T, bs)
         all_kept = len(logical) == logical[-1] + 1
         table = self._tensor(phys) if self.paths.native_prefill is not None and all_kept and tree is None else None
-        if c.kv_start == 0 and self.paths.span.window is None and tree is None and self.cache.codec.lossless:
+        if c.kv_start == 0 and self.paths.span.window is None and tree is None and self.cache.lossless:
             # the chunk is its whole context: its own new keys (a lossy codec reads them back
             # through the cache, so every chunking sees the same stored keys)
             return PrefillSegment(slice(row, row + T), q, None, q, table=table)
