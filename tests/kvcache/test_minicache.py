@@ -238,5 +238,5 @@ def test_bad_settings_are_one_line_errors(tiny4, args, msg):
 
 
 def test_speculative_decoding_is_refused(tiny4):
-    with pytest.raises(SlimLMError, match="speculative"):
-        LLM(tiny4, kv_policy="minicache", kv_policy_args={"start": 0}, speculative="ngram")
+    with pytest.raises(SlimLMError, match="cannot roll back"):
+        LLM(tiny4, kv_policy="minicache", kv_policy_args={"start": 0}, speculative="draft")
