@@ -97,10 +97,28 @@ def test_capped_attention_is_attention_when_nothing_is_far(tiny):
     assert torch.allclose(got, attention(q, k, v, mask, 0.25), atol=1e-5)
 
 
+POLICY_ARGS = {"minicache": {"start": 0}}  # the tiny model has 2 layers: merge them
+
+
+@pytest.mark.parametrize("codec", ["auto", "int8", "int4"])
 @pytest.mark.parametrize("name", KV_POLICIES.names())
-def test_every_policy_runs_in_the_engine(tiny, name):
+def test_every_policy_runs_in_the_engine(tiny, name, codec):
+    """Every policy with every kind of codec: batched, with prefix caching, and under preemption
+    (a pool of 24 blocks for 6 prompts of up to 20 blocks); the pool is empty afterwards."""
     prompts = make_prompts(6, seed=2)
-    llm = LLM(tiny, kv_policy=name, max_num_batched_tokens=32, block_size=8)
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
-    assert all(len(o.outputs[0].token_ids) == 6 for o in outs)
-    assert llm.engine.pool.num_free() == llm.engine.pool.num_blocks
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    kw = dict(kv_policy=name, kv_policy_args=POLICY_ARGS.get(name, {}), kv_cache_dtype=codec,
+              max_num_batched_tokens=32, block_size=8)
+    llm = LLM(tiny, **kw)
+    bpb = llm.engine.bytes_per_block
+    runs = {"batched": llm, "preempted": LLM(tiny, kv_cache_bytes=24 * bpb, enable_prefix_caching=False, **kw)}
+    for run, engine_llm in runs.items():
+        outs = engine_llm.generate(prompts, params, use_tqdm=False)
+        eng = engine_llm.engine
+        assert all(len(o.outputs[0].token_ids) == 6 for o in outs), run
+        assert eng.pool.num_free() == eng.pool.num_blocks, run
+    pre = runs["preempted"].engine
+    assert pre.scheduler.num_preemptions > 0 or pre.policy.granularity == "token"  # h2o keeps 20%: no pressure
+    eng = runs["batched"].engine
+    if eng.pool.enable_prefix_caching:  # token policies switch it off (compacted blocks hold no prefix)
+        assert eng.stats["computed_prompt_tokens"] < eng.stats["prompt_tokens"]

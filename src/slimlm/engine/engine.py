@@ -21,6 +21,7 @@ from slimlm.engine.spec import SPEC_METHODS, Proposer, ProposerContext
 from slimlm.engine.spec.guard import ProposerGuard
 from slimlm.errors import SlimLMError
 from slimlm.kvcache.block_pool import BlockPool
+from slimlm.kvcache.compose import check_composition
 from slimlm.kvcache.manager import KVCacheManager
 from slimlm.kvcache.policy import KV_POLICIES, AttentionSpan
 from slimlm.kvcache.spec import KVCacheSpec
@@ -71,7 +72,9 @@ class LLMEngine:
         if self.rope_ext is not None:
             self.context_length = self.rope_ext.context
         token_policy = self.policy is not None and self.policy.granularity == "token"
-        self.spec = KVCacheSpec.from_model(cfg, self.model.dtype, config.kv_cache_dtype)
+        shared, merge = self.policy.layer_sharing(cfg.num_layers, config.block_size) if self.policy else ({}, None)
+        self.spec = KVCacheSpec.from_model(cfg, self.model.dtype, config.kv_cache_dtype, shared, merge)
+        check_composition(self.spec, config.kv_policy, config.speculative)
         if token_policy and self.spec.has_windows:
             raise SlimLMError(f"kv_policy={config.kv_policy!r} compacts tokens, which sliding-window layers "
                               "cannot follow (their masks need positions); use a model without sliding windows")

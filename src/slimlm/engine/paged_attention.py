@@ -199,7 +199,7 @@ class AttentionPaths:
                native_kernels: bool) -> AttentionPaths:
         decode = prefill = None
         codec = cache.codec
-        if native_kernels and cache.device.type == "cpu" and span == AttentionSpan():
+        if native_kernels and cache.device.type == "cpu" and span == AttentionSpan() and not cache.state:
             from slimlm import kernels
 
             if codec.native_code is not None:

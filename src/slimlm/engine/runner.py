@@ -127,7 +127,7 @@ class ModelRunner:
         sets = c.layout is not None and c.layout.in_set(c.start, T)  # a set-based mask (engine/segments.py)
         table = self._tensor(phys) if self.paths.native_prefill is not None and all_kept and tree is None \
             and not sets else None
-        if c.kv_start == 0 and self.paths.span.window is None and tree is None and self.cache.codec.lossless:
+        if c.kv_start == 0 and self.paths.span.window is None and tree is None and self.cache.lossless:
             # the chunk is its whole context: its own new keys (a lossy codec reads them back
             # through the cache, so every chunking sees the same stored keys)
             allow = set_allow_mask(c.layout, q[0], q[0]) if sets else None

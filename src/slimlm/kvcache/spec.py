@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from slimlm.kvcache.codec import KV_CODECS, KVCodec
+from slimlm.kvcache.merge import MAGNITUDE_DTYPE, MergeSpec
 from slimlm.model.config import ModelConfig
 
 
@@ -22,6 +23,8 @@ class LayerKVSpec:
     """Index of the storage this layer reads and writes (layers may share one)."""
     window: int | None
     """Sliding window of the layer (keys older than this are masked), or None."""
+    member: int = 0
+    """Position of the layer among those sharing its storage (0: the first, which owns it)."""
 
 
 @dataclass(frozen=True)
@@ -31,17 +34,27 @@ class KVCacheSpec:
     num_kv_heads: int
     head_dim: int
     compute_dtype: torch.dtype
+    merge: MergeSpec | None = None
+    """Layers sharing a storage merge their states (MiniCache: shared directions, per-layer
+    magnitudes, retention rows); None: a shared storage is simply shared."""
 
     @classmethod
     def from_model(cls, cfg: ModelConfig, compute_dtype: torch.dtype, kv_cache_dtype: str = "auto",
-                   shared: dict[int, int] | None = None) -> KVCacheSpec:
+                   shared: dict[int, int] | None = None, merge: MergeSpec | None = None) -> KVCacheSpec:
         """``shared`` maps a layer to the layer whose storage it uses (cross-layer sharing)."""
         KV_CODECS.get(kv_cache_dtype)  # unknown names list the known ones
         shared = shared or {}
         owners = sorted({shared.get(i, i) for i in range(cfg.num_layers)})
         index = {layer: k for k, layer in enumerate(owners)}
-        layers = tuple(LayerKVSpec(index[shared.get(i, i)], cfg.window_for_layer(i)) for i in range(cfg.num_layers))
-        return cls(layers, kv_cache_dtype, cfg.num_kv_heads, cfg.head_dim, compute_dtype)
+        seen: dict[int, int] = {}
+        layers = []
+        for i in range(cfg.num_layers):
+            s = index[shared.get(i, i)]
+            layers.append(LayerKVSpec(s, cfg.window_for_layer(i), seen.get(s, 0)))
+            seen[s] = seen.get(s, 0) + 1
+        if merge is not None and max(seen.values()) > 2:
+            raise ValueError("merged storages hold two layers each")
+        return cls(tuple(layers), kv_cache_dtype, cfg.num_kv_heads, cfg.head_dim, compute_dtype, merge)
 
     @property
     def num_storages(self) -> int:
@@ -51,11 +64,28 @@ class KVCacheSpec:
         return KV_CODECS.get(self.codec_name)(self.compute_dtype, self.head_dim)
 
     def bytes_per_token(self) -> int:
-        """KV bytes one token holds across all storages (keys and values, scales included)."""
+        """KV bytes one token holds across all storages (keys and values, scales included;
+        without the retention rows of merged storages, which are per block)."""
         return 2 * self.num_storages * self.codec().bytes_per_row(self.num_kv_heads)
 
+    @property
+    def merged_storages(self) -> list[int]:
+        """Storages whose layers merge (those shared by two layers, with a merge spec)."""
+        if self.merge is None:
+            return []
+        return sorted({s.storage for s in self.layers if s.member == 1})
+
     def bytes_per_block(self, block_size: int) -> int:
-        return self.bytes_per_token() * block_size
+        """Everything one block holds: rows, and for merged storages per-layer magnitudes of keys
+        and values (fp16 per token and head), a state byte per token and the retention rows."""
+        total = self.bytes_per_token() * block_size
+        m = len(self.merged_storages)
+        if m:
+            mag = torch.empty((), dtype=MAGNITUDE_DTYPE).element_size()
+            per_storage = block_size * (2 * 2 * self.num_kv_heads * mag + 1) \
+                + 2 * self.merge.rows * self.codec().bytes_per_row(self.num_kv_heads)
+            total += m * per_storage
+        return total
 
     @property
     def has_windows(self) -> bool:

@@ -7,12 +7,20 @@ slot moves (accepted speculative tree paths) and per-head compaction (token-leve
 that evict tokens and give their blocks back). With ``track_attention`` it also keeps, per
 layer, the attention mass each stored key received (float32, (num_blocks, block_size, Hkv)),
 moved with the keys: what score-based policies such as H2O read.
+
+Merged storages (the spec's ``merge``; MiniCache, see :mod:`slimlm.kvcache.merge`): the
+storage's first layer writes its rows as they are; the second reads them back, merges each
+token's pair into one direction written over the row, keeps both magnitudes, or, for a token
+whose pair disagrees most, keeps it unmerged in one of the block's retention rows. Reads
+rebuild each layer's rows. Every extra part is indexed by block first, so block copies move
+it with the rows.
 """
 
 from __future__ import annotations
 
 import torch
 
+from slimlm.kvcache import merge as mg
 from slimlm.kvcache.codec.base import zeros
 from slimlm.kvcache.spec import KVCacheSpec
 
@@ -27,6 +35,23 @@ class PagedKVCache:
         self.mass = [zeros((num_blocks, block_size, H), torch.float32, device) for _ in spec.layers] \
             if track_attention else None
         self._ws: dict[str, torch.Tensor] = {}
+        # merged storages: state per slot, retention rows, per-layer magnitudes of k and v
+        self.state: dict[int, torch.Tensor] = {}
+        self.rk: dict[int, list[torch.Tensor]] = {}
+        self.rv: dict[int, list[torch.Tensor]] = {}
+        self.mag: dict[int, torch.Tensor] = {}  # layer -> (num_blocks, block_size, 2, H): k, v
+        for st in spec.merged_storages:
+            self.state[st] = zeros((num_blocks, block_size), torch.int8, device)
+            self.rk[st] = self.codec.allocate(num_blocks, spec.merge.rows, H, device)
+            self.rv[st] = self.codec.allocate(num_blocks, spec.merge.rows, H, device)
+        for i, ls in enumerate(spec.layers):
+            if ls.storage in self.state:
+                self.mag[i] = zeros((num_blocks, block_size, 2, H), mg.MAGNITUDE_DTYPE, device)
+
+    @property
+    def lossless(self) -> bool:
+        """Reading a slot back gives exactly what was written (the prefill may use new keys)."""
+        return self.codec.lossless and not self.state
 
     # ------------------------------------------------------------------ layer views
     def storage(self, layer: int) -> int:
@@ -37,19 +62,65 @@ class PagedKVCache:
         return self.k[s], self.v[s]
 
     def _parts(self) -> list[torch.Tensor]:
-        return [t for parts in self.k + self.v for t in parts] + (self.mass or [])
+        merged = [*self.state.values(), *self.mag.values()] + [t for d in (self.rk, self.rv) for p in d.values() for t in p]
+        return [t for parts in self.k + self.v for t in parts] + (self.mass or []) + merged
+
+    def merged(self, layer: int) -> bool:
+        return self.storage(layer) in self.state
 
     # ------------------------------------------------------------------ writes / reads
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v (T, Hkv, d) into ``slots`` (T,)."""
         kp, vp = self.pools(layer)
+        if self.merged(layer) and self.spec.layers[layer].member == 1:
+            self._merge_write(layer, slots, k, v)
+            return
         self.codec.write(kp, slots, k)
         self.codec.write(vp, slots, v)
+        if self.merged(layer):  # the slots hold this layer's raw rows; later slots of the block are stale
+            st = self.state[self.storage(layer)]
+            bs = self.block_size
+            first = torch.full((self.num_blocks,), bs, dtype=torch.long, device=self.device)
+            first.scatter_reduce_(0, slots // bs, slots % bs, "amin")
+            st.masked_fill_(torch.arange(bs, device=self.device)[None, :] >= first[:, None], mg.RAW)
+
+    def _read_slots(self, parts: list[torch.Tensor], slots: torch.Tensor) -> torch.Tensor:
+        """Decoded rows (T, H, d) at flat ``slots``."""
+        bs = self.block_size
+        ub, inv = torch.unique(slots // bs, return_inverse=True)
+        return self.codec.read(parts, ub)[inv, slots % bs]
+
+    def _merge_write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """The second layer of a merged storage: merge with the first layer's rows at ``slots``."""
+        s, spec, bs = self.storage(layer), self.spec.merge, self.block_size
+        first = next(i for i, ls in enumerate(self.spec.layers) if ls.storage == s and ls.member == 0)
+        kp, vp = self.k[s], self.v[s]
+        ek, nk0, nk1, dk = mg.slerp(self._read_slots(kp, slots), k, spec.t)  # (T, H, d), (T, H) x3
+        ev, nv0, nv1, dv = mg.slerp(self._read_slots(vp, slots), v, spec.t)
+        st = self.state[s]
+        blocks = slots // bs
+        used = (st.index_select(0, blocks) >= 2).sum(-1)  # rows taken before these (later slots are raw)
+        row = mg.retain(mg.distance(dk, dv), blocks, used, spec.threshold, spec.rows)  # (T,)
+        keep, mrg = row >= 0, row < 0
+        if bool(keep.any()):
+            rslots = blocks[keep] * spec.rows + row[keep]
+            self.codec.write(self.rk[s], rslots, k[keep])
+            self.codec.write(self.rv[s], rslots, v[keep])
+        if bool(mrg.any()):
+            ms = slots[mrg]
+            self.codec.write(kp, ms, ek[mrg].to(k.dtype))
+            self.codec.write(vp, ms, ev[mrg].to(v.dtype))
+            H = k.shape[1]
+            self.mag[first].view(-1, 2, H).index_copy_(0, ms, torch.stack([nk0, nv0], 1)[mrg].to(mg.MAGNITUDE_DTYPE))
+            self.mag[layer].view(-1, 2, H).index_copy_(0, ms, torch.stack([nk1, nv1], 1)[mrg].to(mg.MAGNITUDE_DTYPE))
+        st.view(-1).index_copy_(0, slots, torch.where(keep, row + 2, mg.MERGED).to(torch.int8))
 
     def gather(self, which: str, layer: int, blocks: torch.Tensor) -> torch.Tensor:
         """Blocks (n,) of one layer decoded to the compute dtype: (n, block_size, Hkv, d). Plain
         storage is copied into a reused workspace (no allocation per call)."""
         parts = self.pools(layer)[0 if which == "k" else 1]
+        if self.merged(layer):
+            return self._merged_read(which, layer, parts, blocks)
         if len(parts) > 1 or parts[0].dtype != self.spec.compute_dtype:
             return self.codec.read(parts, blocks)
         pool = parts[0]
@@ -60,6 +131,21 @@ class PagedKVCache:
             ws = self._ws[which] = torch.empty(max(numel, 1 << 20), dtype=pool.dtype, device=pool.device)
         out = ws[:numel].view(n, *pool.shape[1:])
         torch.index_select(pool, 0, blocks, out=out)
+        return out
+
+    def _merged_read(self, which: str, layer: int, parts: list[torch.Tensor], blocks: torch.Tensor) -> torch.Tensor:
+        """Rows of one layer of a merged storage: magnitude x shared direction, or the token's own
+        unmerged state (the row for the first layer, its retention row for the second)."""
+        s = self.storage(layer)
+        data = self.codec.read(parts, blocks)  # (n, B, H, d)
+        st = self.state[s].index_select(0, blocks).long()  # (n, B)
+        mag = self.mag[layer].index_select(0, blocks)[:, :, 0 if which == "k" else 1]  # (n, B, H)
+        out = torch.where((st == mg.MERGED)[..., None, None], data * mag.to(data.dtype)[..., None], data)
+        if self.spec.layers[layer].member == 1 and self.spec.merge.rows:
+            ret = self.codec.read((self.rk if which == "k" else self.rv)[s], blocks)  # (n, R, H, d)
+            idx = (st - 2).clamp(0, self.spec.merge.rows - 1)  # (n, B)
+            own = ret.gather(1, idx[..., None, None].expand(-1, -1, *ret.shape[2:]))  # (n, B, H, d)
+            out = torch.where((st >= 2)[..., None, None], own, out)
         return out
 
     # ------------------------------------------------------------------ moves

@@ -16,6 +16,8 @@ Two kinds, one base:
   is shown the attention mass each stored key received (summed over the query heads of its
   KV head, accumulated over every query since the key was written) — kvpress's "press" idea,
   here inside continuous batching and kept per sequence.
+- **Layer policies** (``granularity = "layer"``; MiniCache) evict nothing: they shape the KV
+  spec at start-up (``layer_sharing``: which layers share a storage and how they merge).
 
 How to add one: see "How to add a KV-cache policy" in docs/architecture.md.
 """
@@ -28,6 +30,7 @@ from typing import ClassVar
 
 import torch
 
+from slimlm.kvcache.merge import MergeSpec
 from slimlm.registry import Registry
 
 
@@ -44,7 +47,8 @@ class AttentionSpan:
 class KVPolicy(ABC):
     name: ClassVar[str]
     granularity: ClassVar[str] = "block"
-    """"block": ``blocks_to_evict``; "token": ``budget`` + ``select`` with compaction."""
+    """"block": ``blocks_to_evict``; "token": ``budget`` + ``select`` with compaction;
+    "layer": ``layer_sharing``."""
     observe_attention: ClassVar[bool] = False
     """Token policies: accumulate the attention mass of every stored key (costs a scoring
     attention path: the native prefill kernel is not used)."""
@@ -80,6 +84,12 @@ class KVPolicy(ABC):
         (L, Hkv, num_stored): accumulated attention per stored key (None unless
         ``observe_attention``)."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ layer policies
+    def layer_sharing(self, depth: int, block_size: int) -> tuple[dict[int, int], MergeSpec | None]:
+        """Layers mapped to the layer whose storage they share, and how shared storages merge
+        (ValueError when the model cannot take the setting)."""
+        return {}, None
 
     def reset(self, seq_id: int) -> None:
         """The sequence finished or was preempted: drop any state kept for it."""

@@ -1,0 +1,21 @@
+"""Which KV methods compose, decided at engine start-up: a combination that cannot work is
+refused with one line, never silently ignored.
+
+Supported (tested in tests/kvcache/test_compose.py): every ``kv_cache_dtype`` (plain, int8,
+int4) with every KV policy (sink, h2o, minicache); prefix caching and preemption with all of
+them (token policies switch prefix caching off: a compacted block no longer holds its prefix).
+Refused: token policies on sliding-window models (checked in the engine), merged layers
+(minicache) with speculative decoding (a rejected draft's merged rows cannot be unmerged) or
+with a single-layer model.
+"""
+
+from __future__ import annotations
+
+from slimlm.errors import SlimLMError
+from slimlm.kvcache.spec import KVCacheSpec
+
+
+def check_composition(spec: KVCacheSpec, kv_policy: str | None, speculative: str | None) -> None:
+    if spec.merge is not None and speculative:
+        raise SlimLMError(f"kv_policy={kv_policy!r} merges layers' KV, which speculative decoding "
+                          f"({speculative!r}) cannot roll back; use one or the other")
