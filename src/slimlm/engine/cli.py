@@ -56,7 +56,7 @@ def _load(a: argparse.Namespace):
     from slimlm.model.hub import load
 
     torch.set_num_threads(a.threads or os.cpu_count() or 1)
-    lm = load(a.model, dtype=a.dtype, device=a.device)
+    lm = load(a.model, a.dtype, a.device, a.weights, a.weights_group_size)
     if lm.tokenizer is None:
         raise SlimLMError(f"{a.model} has no tokenizer (tokenizer.json); generate and chat need one")
     return lm

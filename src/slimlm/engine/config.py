@@ -38,6 +38,13 @@ class EngineConfig:
     hooks: list[str] = field(default_factory=list)
     """Per-layer runner hooks by name (see ``slimlm.engine.hooks``)."""
     hook_args: dict[str, dict[str, Any]] = field(default_factory=dict)
+    weights: str = "auto"
+    """What the linear layers hold (slimlm.model.quant): "auto" (as stored: float checkpoints and
+    GGUF files de-quantized into dtype), "int8" (symmetric, per output channel), "int4"
+    (asymmetric, groups of weights_group_size input channels), "gguf" (a GGUF's own
+    quantization, packed: Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K)."""
+    weights_group_size: int | None = None
+    """Input channels per scale for weights int8 / int4 (int4 default 32; int8 default: per channel)."""
     native_kernels: bool = True
     """Use the compiled CPU kernels (``slimlm.kernels``) where they apply; False = PyTorch only."""
     seed: int = 0
@@ -51,6 +58,9 @@ class EngineConfig:
         if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
             raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
         from slimlm.kvcache.codec import KV_CODECS
+        from slimlm.model.quant import check_weights
+
+        check_weights(self.weights, self.weights_group_size)
 
         KV_CODECS.get(self.kv_cache_dtype)  # unknown names list the known ones
 

@@ -54,6 +54,7 @@ CHOICES: dict[str, Callable[[], list[str]]] = {
     "speculative": _registry("slimlm.engine.spec", "SPEC_METHODS"),
     "hooks": _registry("slimlm.engine.hooks", "LAYER_HOOKS"),
     "kv_cache_dtype": _registry("slimlm.kvcache.codec", "KV_CODECS"),
+    "weights": lambda: list(__import__("slimlm.model.quant", fromlist=["WEIGHTS"]).WEIGHTS),
 }
 """Fields whose values are names: field -> a function listing the valid ones."""
 

@@ -130,9 +130,9 @@ def load(
                                  "use weights int8 or int4")
         cfg = read_config(path)
         stored = _stored_weights(cfg, path)
-        if stored != "dense" and weights not in ("dense", stored):
+        if stored != "dense" and weights not in ("auto", stored):
             raise ModelLoadError(f"{path} holds {stored} weights; it cannot be loaded as {weights}")
-        pack = PackOnLoad(weights if stored == "dense" else "dense", group_size)
+        pack = PackOnLoad(weights if stored == "dense" else "auto", group_size)
         state = read_state_dict(path, pack)
         if pack.modules:
             cfg.extra["quantization_config"] = pack.config()
@@ -145,6 +145,8 @@ def load(
                 gen = json.loads((path / "generation_config.json").read_text())
             except ValueError:
                 gen = {}
+    if weights == "auto":
+        weights = "dense"
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise ModelLoadError(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}: "

@@ -35,8 +35,13 @@ def _lib():
     return kernels.load("qlinear")
 
 
-def _use_native(x2: torch.Tensor, native: bool) -> bool:
-    return native and x2.device.type == "cpu" and 0 < x2.shape[0] <= NATIVE_MAX_ROWS and _lib() is not None
+LANES = 16
+"""The kernel's lanes: int8 groups must be a multiple of 16 channels, int4 groups of 32."""
+
+
+def _use_native(x2: torch.Tensor, native: bool, group: int) -> bool:
+    return (native and x2.device.type == "cpu" and 0 < x2.shape[0] <= NATIVE_MAX_ROWS and group % LANES == 0
+            and _lib() is not None)
 
 
 @dataclass
@@ -74,7 +79,7 @@ class Int8Weight:
 
     def matmul(self, x: torch.Tensor, native: bool = True) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        if not _use_native(x2, native):
+        if not _use_native(x2, native, self.group_size):
             return F.linear(x, self.dequantize(x.dtype))
         N, K = self.q.shape
         xf = x2.float().contiguous()
@@ -131,7 +136,7 @@ class Int4Weight:
 
     def matmul(self, x: torch.Tensor, native: bool = True) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        if not _use_native(x2, native):
+        if not _use_native(x2, native, self.group_size // 2):
             return F.linear(x, self.dequantize(x.dtype))
         N, K = self.shape
         xf = x2.float().contiguous()

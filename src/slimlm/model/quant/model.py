@@ -2,7 +2,8 @@
 
 ``weights`` (``LLM(weights=...)``, ``--weights``) picks what the linear layers hold:
 
-- ``"dense"``: the model's dtype (no packing);
+- ``"auto"``: as stored: a float checkpoint or a GGUF de-quantized into the model's dtype, a
+  checkpoint written by ``slimlm quantize`` packed as it is;
 - ``"int8"``: symmetric int8, one scale per output channel (or per ``group_size`` channels);
 - ``"int4"``: asymmetric int4 in groups of ``group_size`` (default 32) input channels, a scale and
   a minimum per group;
@@ -28,14 +29,14 @@ from torch import nn
 from slimlm.model.quant.formats import PackedWeight, check_group, quantize_int4, quantize_int8
 from slimlm.model.quant.linear import QuantEmbedding, QuantLinear, _Packed
 
-WEIGHTS = ("dense", "int8", "int4", "gguf")
+WEIGHTS = ("auto", "int8", "int4", "gguf")
 """Valid values of ``weights``."""
 DEFAULT_GROUP = {"int4": 32, "int8": None}
 HEAD_MODULES = ("model.embed_tokens", "lm_head")
 
 
 def check_weights(weights: str | None, group_size: int | None = None) -> str:
-    w = weights or "dense"
+    w = weights or "auto"
     if w not in WEIGHTS:
         raise ValueError(f"unknown weights {weights!r}; valid: {', '.join(WEIGHTS)}")
     if group_size is not None and w not in ("int8", "int4"):
@@ -68,7 +69,7 @@ def quantize_model(model: nn.Module, weights: str, group_size: int | None = None
     weights = check_weights(weights, group_size)
     if weights == "gguf":
         raise ValueError("weights 'gguf' keeps a GGUF file's own quantization: load the .gguf with weights='gguf'")
-    if weights == "dense":
+    if weights == "auto":
         return model
     dtype = model.dtype
     targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and is_target(n)]
@@ -90,6 +91,20 @@ def quantize_model(model: nn.Module, weights: str, group_size: int | None = None
             model.lm_head.share(q)
     record(model, weights)
     return model
+
+
+def serve_weights(lm, weights: str, group_size: int | None = None):
+    """``lm`` (a LoadedModel) holding ``weights``: a dense one is packed in place for int8 / int4;
+    "auto" takes it as it is; any other mismatch is an error (re-packing packed weights would
+    compound their rounding)."""
+    if weights in ("auto", lm.weights):
+        return lm
+    if lm.weights == "dense" and weights in ("int8", "int4"):
+        quantize_model(lm.model, weights, group_size)
+        lm.weights = weights
+        return lm
+    raise ValueError(f"the model holds {lm.weights} weights; it cannot be served as {weights} "
+                     f"(load it with weights={weights!r} instead)")
 
 
 def record(model: nn.Module, weights: str) -> None:
