@@ -8,7 +8,9 @@ from typing import Any
 
 @dataclass
 class EngineConfig:
-    dtype: str = "float32"
+    dtype: str = "auto"
+    """Weights, activations and KV cache dtype: "auto" is bfloat16 on a GPU or a CPU with native
+    bf16 (AVX512-BF16 / AMX), float32 otherwise (slimlm.model.dtype_auto)."""
     device: str = "cpu"
     block_size: int = 16
     """Tokens per KV block. Smaller blocks share prefixes more finely; larger ones gather faster."""

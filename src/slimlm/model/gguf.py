@@ -66,10 +66,10 @@ def _field(reader, key: str, default: Any = None) -> Any:
     return f.contents()
 
 
-def read_gguf(path: str | Path, weights: str = "dense", group_size: int | None = None,
+def read_gguf(path: str | Path, weights: str = "auto", group_size: int | None = None,
               ) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer | None, dict]:
     """Returns (config, state dict in HF names, tokenizer, generation config). ``weights``
-    "dense": every tensor de-quantized to float32; "gguf": quantized tensors kept packed
+    "auto": every tensor de-quantized to float32; "gguf": quantized tensors kept packed
     (``slimlm.model.quant``); "int8" / "int4": de-quantized, then re-packed in that format."""
     import gguf
 

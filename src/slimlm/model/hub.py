@@ -98,7 +98,7 @@ def load(
     from slimlm.model.quant import check_weights
 
     t0 = time.perf_counter()
-    dt = parse_dtype(dtype)
+    dt = parse_dtype(dtype, device)
     weights = check_weights(weights, group_size)
     src = str(name_or_path)
     if src in KNOWN_MODELS and weights == "gguf":

@@ -33,11 +33,17 @@ def default_file_mode() -> int:
     return 0o666 & ~mask
 
 
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def parse_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """A torch dtype from a name; "auto" is bf16 where the device computes it natively
+    (``slimlm.model.dtype_auto``)."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        from slimlm.model.dtype_auto import auto_dtype
+
+        dtype = auto_dtype(str(device))
     if dtype not in DTYPES:
-        raise ModelLoadError(f"unknown dtype '{dtype}'; choose from {', '.join(DTYPES)}")
+        raise ModelLoadError(f"unknown dtype '{dtype}'; choose from auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
