@@ -213,3 +213,20 @@ def test_kernels_times_both_paths_and_notes_what_it_cannot_serve(tiny_llama_dir,
     lib = kernels.load("paged_prefill")
     if lib is not None and lib.slimlm_prefill_supported(64, 0):
         assert finite(rep["summary"]["prefill[70]/native"]["ms"]["median"]) and not rep["notes"]
+
+
+def test_throughput_sweeps_transformers_batch_sizes_and_compares_with_the_best(monkeypatch):
+    from slimlm.bench import runner, throughput
+
+    speeds = {"slimlm": 100.0, "transformers bs8": 10.0, "transformers bs16": 25.0, "transformers bs32": 20.0}
+    seen = {}
+
+    def fake(jobs, repeats, log):
+        seen.update({k: a.get("hf_batch") for k, (_, a) in jobs.items()})
+        return {k: [{"tokens_per_s": speeds[k], "seconds": 1.0}] for k in jobs}
+
+    monkeypatch.setattr(runner, "interleave", fake)
+    monkeypatch.setattr("slimlm.bench.machine.cpu_busy", lambda *a: 0.0)
+    r = throughput.run("m", hf_batches=(8, 16, 32), repeats=1, log=lambda *_: None)
+    assert seen == {"slimlm": None, "transformers bs8": 8, "transformers bs16": 16, "transformers bs32": 32}
+    assert r["best_transformers"] == "transformers bs16" and r["speedup"] == 4.0
