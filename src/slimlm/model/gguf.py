@@ -166,15 +166,38 @@ def _read_tensors(reader, cfg: ModelConfig, arch: str, path: Path, pack) -> dict
                 warned.add(kind)
                 warn(f"GGUF type {kind} has no packed kernel; its tensors are loaded de-quantized "
                      f"(packed: {', '.join(PACKED_TYPES)})")
-        try:
-            arr = gguf.quants.dequantize(t.data, t.tensor_type)
-        except NotImplementedError:
-            raise ModelLoadError(f"{path.name}: tensor {t.name} has unsupported type {t.tensor_type.name}") from None
-        w = torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))
+        if pack.wants(name, len(shape)) and pack.weights in ("int8", "int4") and len(shape) == 2:
+            packed = pack_rows(t, shape, pack, name, path)  # row blocks: no full fp32 copy at once
+            if rotary:
+                packed = permute_rows(packed, lambda x: _unpermute(x, heads))
+            state.update(pack.add(name.rpartition(".")[0], packed))
+            continue
+        w = torch.from_numpy(_dequantize(t, path).reshape(shape))
         if rotary:
             w = _unpermute(w, heads)
         state.update(pack(name, w))
     return state
+
+
+def _dequantize(t, path: Path, rows: slice | None = None) -> np.ndarray:
+    import gguf
+
+    data = t.data if rows is None else t.data[rows]
+    try:
+        return np.array(gguf.quants.dequantize(data, t.tensor_type), dtype=np.float32)
+    except NotImplementedError:
+        raise ModelLoadError(f"{path.name}: tensor {t.name} has unsupported type {t.tensor_type.name}") from None
+
+
+def pack_rows(t, shape: tuple[int, ...], pack, name: str, path: Path):
+    """De-quantize and re-pack a 2-D GGUF tensor a block of rows at a time."""
+    from slimlm.model.quant.model import CHUNK_ROWS, concat_rows, quantize_weight
+
+    n, k = shape
+    module = name.rpartition(".")[0]
+    parts = [quantize_weight(module, torch.from_numpy(_dequantize(t, path, slice(i, i + CHUNK_ROWS)).reshape(-1, k)),
+                             pack.weights, pack.group_size) for i in range(0, n, CHUNK_ROWS)]
+    return concat_rows(parts)
 
 
 def _hf_name(name: str) -> str | None:

@@ -101,7 +101,9 @@ def load(
     dt = parse_dtype(dtype, device)
     weights = check_weights(weights, group_size)
     src = str(name_or_path)
-    if src in KNOWN_MODELS and weights == "gguf":
+    if src in KNOWN_MODELS and weights != "auto":
+        # packed weights come from the package's GGUF (its fp32 cache holds the same values, but
+        # reading 540 MB of it would put those pages in resident memory)
         path = package_file(KNOWN_MODELS[src])
     elif src in KNOWN_MODELS:
         path = ensure_cached(KNOWN_MODELS[src])

@@ -51,8 +51,15 @@ def is_target(name: str) -> bool:
     return name.startswith("model.layers.") and name.rsplit(".", 1)[-1].endswith("_proj")
 
 
+CHUNK_ROWS = 4096
+"""Rows quantized at a time: the fp32 temporaries of a 49k-row embedding stay small."""
+
+
 def quantize_weight(name: str, w: torch.Tensor, weights: str, group_size: int | None) -> PackedWeight:
     """The packed form of weight ``name`` (a module name) under ``weights`` int8 / int4."""
+    if w.shape[0] > CHUNK_ROWS:
+        parts = [quantize_weight(name, w[i:i + CHUNK_ROWS], weights, group_size) for i in range(0, w.shape[0], CHUNK_ROWS)]
+        return concat_rows(parts)
     if name in HEAD_MODULES or weights == "int8":
         g = None if name in HEAD_MODULES else group_size
         if g is not None:
@@ -61,6 +68,13 @@ def quantize_weight(name: str, w: torch.Tensor, weights: str, group_size: int | 
     g = group_size or DEFAULT_GROUP["int4"]
     check_group(w.shape[1], g, "int4", name)
     return quantize_int4(w, g)
+
+
+def concat_rows(parts: list[PackedWeight]) -> PackedWeight:
+    """Row blocks of one weight, packed alike, as one packed weight."""
+    first = parts[0]
+    cat = {n: torch.cat([p.tensors()[n] for p in parts]) for n in first.tensors()}
+    return type(first)(cat["qweight"], cat["scales"], *([cat["mins"]] if "mins" in cat else []), first.group_size)
 
 
 def quantize_model(model: nn.Module, weights: str, group_size: int | None = None) -> nn.Module:
