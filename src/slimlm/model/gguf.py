@@ -144,7 +144,7 @@ def _read_tensors(reader, cfg: ModelConfig, arch: str, path: Path, pack) -> dict
     plain = {"F32", "F16", "BF16"}
     state: dict[str, torch.Tensor] = {}
     size = path.stat().st_size
-    for t in tqdm(reader.tensors, desc=f"de-quantizing {path.name}", unit="tensor", leave=False,
+    for t in tqdm(reader.tensors, desc=f"reading {path.name}", unit="tensor", leave=False,
                   disable=len(reader.tensors) < 50):
         if t.data_offset + t.n_bytes > size:
             raise ModelLoadError(f"corrupted or truncated GGUF file {path}: tensor {t.name} runs past the end")
