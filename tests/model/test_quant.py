@@ -251,3 +251,37 @@ def test_engine_greedy_equals_the_dequantized_model(tiny_llama_dir, weights):
     got = [o.outputs[0].token_ids for o in q.generate(prompts, sp, use_tqdm=False)]
     want = [o.outputs[0].token_ids for o in ref.generate(prompts, sp, use_tqdm=False)]
     assert got == want
+
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there was a little robot who"]
+
+
+def _agreement(a: list[int], b: list[int]) -> int:
+    """Tokens until the first difference."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("weights", ["gguf", "int8", "int4"])
+def test_default_model_greedy_agreement_with_its_dequantized_copy(smollm2_dir, weights, capsys):
+    """Packed default model vs the same values de-quantized to fp32 (for gguf: the plain load,
+    which de-quantizes the very file). The kernel sums in another order, so a near-tie can flip a
+    token; the agreement is printed, and every prompt must agree on its first 16 tokens."""
+    from slimlm.engine.llm import LLM
+    from slimlm.engine.params import SamplingParams
+    from slimlm.model.hub import DEFAULT_MODEL, load
+
+    sp = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    packed = LLM(load(DEFAULT_MODEL, "float32", weights=weights), dtype="float32")
+    if weights == "gguf":
+        ref_lm = load(DEFAULT_MODEL, "float32")
+    else:
+        ref_lm = load(DEFAULT_MODEL, "float32", weights=weights)
+        ref_lm.model, ref_lm.weights = dequantize_model(ref_lm.model), "dense"
+    ref = LLM(ref_lm, dtype="float32")
+    got = [o.outputs[0].token_ids for o in packed.generate(PROMPTS, sp, use_tqdm=False)]
+    want = [o.outputs[0].token_ids for o in ref.generate(PROMPTS, sp, use_tqdm=False)]
+    agree = [_agreement(g, w) for g, w in zip(got, want)]
+    with capsys.disabled():
+        print(f"\n{weights}: greedy tokens agreeing with the de-quantized model, of 32: {agree}")
+    assert min(agree) >= 16, agree
