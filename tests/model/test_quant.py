@@ -285,3 +285,34 @@ def test_default_model_greedy_agreement_with_its_dequantized_copy(smollm2_dir, w
     with capsys.disabled():
         print(f"\n{weights}: greedy tokens agreeing with the de-quantized model, of 32: {agree}")
     assert min(agree) >= 16, agree
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--weights", "int4", "--group-size", "48"], "group size 48 does not divide"),
+    (["--weights", "int3"], "invalid choice: 'int3'"),
+])
+def test_quantize_cli_bad_input_is_one_line(tmp_path, tiny_llama_dir, capsys, flags, needle):
+    from slimlm.cli import main
+
+    try:
+        rc = main(["quantize", str(tiny_llama_dir), str(tmp_path / "q"), *flags])
+    except SystemExit as e:  # argparse's own errors (the console script exits with them)
+        rc = e.code
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert needle in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_quantize_cli_writes_a_checkpoint_slimlm_loads_packed(tmp_path, tiny_llama_dir):
+    from slimlm.cli import main
+
+    assert main(["quantize", str(tiny_llama_dir), str(tmp_path / "q"), "--weights", "int8", "--group-size", "32"]) == 0
+    lm = _tiny(tmp_path / "q")
+    assert lm.weights == "int8" and lm.model.model.layers[0].mlp.down_proj.group_size == 32
+    assert main(["convert", str(tmp_path / "q"), str(tmp_path / "dense")]) == 0  # de-quantized for transformers
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    ids = torch.randint(0, 300, (1, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, lm.model(ids), rtol=1e-4, atol=1e-4)
