@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 torch.set_num_threads(2)
+# dtype="auto" would pick bf16 on CPUs with AVX512-BF16 / AMX: tests compare with fp32 references
+os.environ.setdefault("SLIMLM_AUTO_DTYPE", "float32")
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "

@@ -31,7 +31,7 @@ SKIP = {
     "slimlm.train.bench": "a training benchmark",
     "rm -rf": "deletes the model cache",
 }
-RUN = ("slimlm generate", "slimlm models", "slimlm convert")
+RUN = ("slimlm generate", "slimlm models", "slimlm convert", "slimlm quantize")
 
 
 def blocks(lang: str) -> list[str]:
@@ -87,6 +87,9 @@ def test_readme_shell_example(cmd, smollm2_dir, tmp_path, monkeypatch, capfd):
     if argv[1] == "convert":
         out = tmp_path / argv[3]
         assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    if argv[1] == "quantize":
+        cfg = (tmp_path / argv[3] / "config.json").read_text()
+        assert '"quant_method": "slimlm"' in cfg and "packed modules" in r.err
     if argv[1] == "models":
         assert "smollm2-135m-instruct" in r.out and " ok " in r.out
 

@@ -47,7 +47,7 @@ def test_every_scenario_records_settings_machine_and_each_repeat(results):
         assert all(len(runs) == 1 and "error" not in runs[0] for runs in rep["runs"].values()), rep["runs"]
         assert "cpu_busy_others" in next(iter(rep["runs"].values()))[0]
     d = r["decode"]["summary"]
-    assert set(d) == {"slimlm", "transformers"}
+    assert set(d) - {"llama.cpp"} == {"slimlm", "transformers"}  # llama.cpp when llama-cpp-python is installed
     for s in d.values():
         assert finite(s["decode_tok_s"]["median"]) and s["generated"]["median"] == 8
         assert s["latency_p99_ms"]["median"] >= s["latency_p50_ms"]["median"] > 0
@@ -124,6 +124,33 @@ def test_worker_runs_in_its_own_process(tiny_llama_dir, tmp_path):
     assert "error" not in run and run["generated"] == 4
 
 
+def test_precisions_give_one_row_per_system_and_precision(tiny_llama_dir, tmp_path):
+    r = bench(["decode", "--model", str(tiny_llama_dir), "--max-tokens", "4", "--prompt-tokens", "16",
+               "--precisions", "fp32,int8,int4", "--skip", "llama.cpp"], tmp_path, "precisions")
+    assert set(r["summary"]) == {"slimlm fp32", "slimlm int8", "slimlm int4", "transformers fp32"}
+    assert all(s["generated"]["median"] == 4 for s in r["summary"].values())
+    from slimlm.bench.precision import pair_ratios
+
+    fake = {"slimlm int4": {"decode_tok_s": {"median": 30.0}}, "llama.cpp Q4_1": {"decode_tok_s": {"median": 20.0}}}
+    assert pair_ratios(fake, {"int4": ["slimlm int4", "llama.cpp Q4_1"]}, "decode_tok_s", True) == {
+        "int4 vs llama.cpp Q4_1": 1.5}
+
+
+def test_peak_rss_is_the_workers_own():
+    """VmHWM, not ru_maxrss: the latter survives exec and carried the parent's peak into workers."""
+    import subprocess
+    import sys
+
+    big = bytearray(300 << 20)
+    big[::4096] = b"x" * len(range(0, 300 << 20, 4096))  # touch every page: the parent's peak grows by 300 MB
+    code = "from slimlm.bench.machine import peak_rss_mb; print(peak_rss_mb())"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    del big
+    from slimlm.bench.machine import peak_rss_mb
+
+    assert child < peak_rss_mb() - 200
+
+
 def test_frontier_shows_a_broken_configuration_as_a_quality_drop(trained_dir, tiny_data, tmp_path):
     r = bench(["frontier", "--model", str(trained_dir), "--prompt-tokens", "160", "--max-tokens", "8",
                "--config", "broken=--kv-policy sink --kv-policy-arg window=1 --kv-policy-arg sink=0",
@@ -186,3 +213,20 @@ def test_kernels_times_both_paths_and_notes_what_it_cannot_serve(tiny_llama_dir,
     lib = kernels.load("paged_prefill")
     if lib is not None and lib.slimlm_prefill_supported(64, 0):
         assert finite(rep["summary"]["prefill[70]/native"]["ms"]["median"]) and not rep["notes"]
+
+
+def test_throughput_sweeps_transformers_batch_sizes_and_compares_with_the_best(monkeypatch):
+    from slimlm.bench import runner, throughput
+
+    speeds = {"slimlm": 100.0, "transformers bs8": 10.0, "transformers bs16": 25.0, "transformers bs32": 20.0}
+    seen = {}
+
+    def fake(jobs, repeats, log):
+        seen.update({k: a.get("hf_batch") for k, (_, a) in jobs.items()})
+        return {k: [{"tokens_per_s": speeds[k], "seconds": 1.0}] for k in jobs}
+
+    monkeypatch.setattr(runner, "interleave", fake)
+    monkeypatch.setattr("slimlm.bench.machine.cpu_busy", lambda *a: 0.0)
+    r = throughput.run("m", hf_batches=(8, 16, 32), repeats=1, log=lambda *_: None)
+    assert seen == {"slimlm": None, "transformers bs8": 8, "transformers bs16": 16, "transformers bs32": 32}
+    assert r["best_transformers"] == "transformers bs16" and r["speedup"] == 4.0

@@ -35,11 +35,27 @@ class Decode(WorkerScenario):
     @classmethod
     def add_args(cls, g) -> None:
         g.add_argument("--prompt-tokens", type=int, default=None, help="decode, frontier: prompt length (default 64)")
+        g.add_argument("--precisions", default=None,
+                       help="decode, prefill: equal-precision rows of slimlm and llama.cpp (and transformers for "
+                            "fp32/bf16), e.g. fp32,bf16,int8,int4,gguf (bench/precision.py)")
 
     def systems(self, a, s):
         extra = {"prompt_tokens": resolve(a.prompt_tokens, 64), "new_tokens": resolve(a.max_tokens, 128)}
+        if a.precisions:
+            from slimlm.bench.precision import precision_systems
+
+            systems, notes, self.pairs = precision_systems(a, s, extra)
+            return systems, {**s.base_args(), **extra, "precisions": a.precisions, "pairs": self.pairs}, notes
         systems, notes = standard_systems(a, s, extra)
         return systems, {**s.base_args(), **extra}, notes
+
+    def derive(self, report: dict[str, Any]) -> None:
+        pairs = report["settings"].get("pairs")
+        if not pairs:
+            return super().derive(report)
+        from slimlm.bench.precision import pair_ratios
+
+        report["speedup"] = pair_ratios(report["summary"], pairs, "decode_tok_s", True)
 
     @staticmethod
     def worker(args: dict[str, Any]) -> dict[str, float]:

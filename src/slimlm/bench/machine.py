@@ -84,6 +84,12 @@ def cpu_busy(seconds: float = 0.5) -> float:
 
 
 def peak_rss_mb() -> float:
+    """This process's own peak resident memory: VmHWM of its address space. (``ru_maxrss``
+    survives ``exec``, so a worker forked from a parent that loaded a model reported the
+    parent's peak as its own.)"""
+    hwm = _status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -45,6 +45,11 @@ class Prefill(WorkerScenario):
         notes: list[str] = []
         lengths = clamp_lengths(int_list(a.lengths, DEFAULT_LENGTHS), context_of(s.model), False, notes)
         extra = {"lengths": lengths, "n_ctx": max(lengths) + 64}
+        if getattr(a, "precisions", None):
+            from slimlm.bench.precision import precision_systems
+
+            systems, more, pairs = precision_systems(a, s, extra)
+            return systems, {**s.base_args(), "lengths": lengths, "precisions": a.precisions, "pairs": pairs}, notes + more
         systems, more = standard_systems(a, s, extra)
         return systems, {**s.base_args(), "lengths": lengths}, notes + more
 
@@ -63,6 +68,13 @@ class Prefill(WorkerScenario):
         return {**res, "peak_rss_mb": peak_rss_mb()}
 
     def derive(self, report: dict[str, Any]) -> None:
+        pairs = report["settings"].get("pairs")
+        if pairs:
+            from slimlm.bench.precision import pair_ratios
+
+            report["speedup"] = {str(n): pair_ratios(report["summary"], pairs, f"ttft_s[{n}]", False)
+                                 for n in report["settings"]["lengths"]}
+            return
         report["speedup"] = {str(n): speedups(report["summary"], f"ttft_s[{n}]", False)
                              for n in report["settings"]["lengths"]}
 

@@ -126,7 +126,9 @@ class SlimlmSystem(System):
         from slimlm.model.hub import load
 
         _threads(args["threads"])
-        lm = load(args["model"], dtype=args["dtype"])
+        engine = args.get("engine", {})  # packed weights are packed while loading (no fp32 copy)
+        lm = load(args["model"], dtype=args["dtype"], weights=engine.get("weights"),
+                  group_size=engine.get("weights_group_size"))
         self.llm = LLM(lm, dtype=args["dtype"], **args.get("engine", {}))
         self.tokenizer, self.context_length = lm.tokenizer, lm.config.context_length
         eng = self.llm.engine

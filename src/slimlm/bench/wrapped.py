@@ -16,9 +16,13 @@ class Throughput(Scenario):
     @classmethod
     def add_args(cls, g) -> None:
         g.add_argument("--num-prompts", type=int, default=None, help="throughput: prompts (default 64)")
+        g.add_argument("--hf-batch-sizes", default=None,
+                       help="throughput: transformers batch sizes, one row each; the best is the ratio's "
+                            "baseline (default 8,16,32,64)")
 
     def run(self, a, s: BenchSettings) -> dict[str, Any]:
         from slimlm.bench import throughput
+        from slimlm.bench.base import int_list
         from slimlm.bench.systems import unavailable
 
         notes = []
@@ -30,7 +34,8 @@ class Throughput(Scenario):
             notes.append("llama.cpp not measured in throughput: llama-cpp-python serves one sequence at a time")
         report = throughput.run(s.model, dtype=s.dtype, threads=s.threads, repeats=s.repeats,
                                 num_prompts=resolve(a.num_prompts, 64), max_tokens=resolve(a.max_tokens, 128),
-                                engine=s.engine, systems=tuple(systems), log=s.log)
+                                engine=s.engine, systems=tuple(systems), log=s.log,
+                                hf_batches=tuple(int_list(a.hf_batch_sizes, [8, 16, 32, 64])))
         report["notes"] = notes + [f"{k} failed: {r['error']}" for k, runs in report["runs"].items()
                                    for r in runs if "error" in r]
         busy_warning(report, [report.get("cpu_busy_before", 0.0)] +

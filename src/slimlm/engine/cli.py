@@ -56,7 +56,7 @@ def _load(a: argparse.Namespace):
     from slimlm.model.hub import load
 
     torch.set_num_threads(a.threads or os.cpu_count() or 1)
-    lm = load(a.model, dtype=a.dtype, device=a.device)
+    lm = load(a.model, a.dtype, a.device, a.weights, a.weights_group_size)
     if lm.tokenizer is None:
         raise SlimLMError(f"{a.model} has no tokenizer (tokenizer.json); generate and chat need one")
     return lm
@@ -68,12 +68,10 @@ def _llm(a: argparse.Namespace, lm, need_tokens: int | None):
     from slimlm.engine.llm import LLM
     from slimlm.engine.options import engine_config_from_args
     from slimlm.kvcache.spec import KVCacheSpec
-    from slimlm.model.weights import parse_dtype
-
     engine = engine_config_from_args(a)
     if engine["kv_cache_bytes"] is None:
         tokens = min(need_tokens or lm.config.context_length, lm.config.context_length) + 1
-        spec = KVCacheSpec.from_model(lm.config, parse_dtype(engine["dtype"]), engine.get("kv_cache_dtype", "auto"))
+        spec = KVCacheSpec.from_model(lm.config, lm.model.dtype, engine.get("kv_cache_dtype", "auto"))
         need = spec.bytes_per_block(engine["block_size"]) * -(-tokens // engine["block_size"])
         if engine.get("speculative"):  # the proposer takes its share of the pool first
             need = int(need / (1 - float(engine.get("speculative_args", {}).get("kv_fraction", 0.2)))) + 1
@@ -115,10 +113,23 @@ def cmd_generate(a: argparse.Namespace) -> int:
     print(
         f"[{_n(n, 'token')} in {dt:.2f} s: {n / dt:.1f} tok/s; prompt {_n(len(prompt_ids), 'token')}, "
         f"first token {((t_first or t0) - t0) * 1000:.0f} ms, decode {max(n - 1, 0) / max(decode_s, 1e-9):.1f} tok/s; "
-        f"model load {lm.load_seconds:.2f} s]",
+        f"model load {lm.load_seconds:.2f} s; {_precision(a, lm)}]",
         file=sys.stderr,
     )
     return 0
+
+
+def _precision(a: argparse.Namespace, lm) -> str:
+    """The dtype (and how "auto" chose it) and the weights' format, for the stats line."""
+    dtype = str(lm.model.dtype).removeprefix("torch.")
+    if a.dtype == "auto":
+        from slimlm.model.dtype_auto import NATIVE_BF16_FLAGS
+
+        why = "native bf16" if dtype == "bfloat16" else f"no {' / '.join(NATIVE_BF16_FLAGS)}"
+        dtype = f"dtype auto -> {dtype} ({why})"
+    else:
+        dtype = f"dtype {dtype}"
+    return f"{dtype}, weights {lm.weights}"
 
 
 def cmd_chat(a: argparse.Namespace) -> int:

@@ -8,7 +8,9 @@ from typing import Any
 
 @dataclass
 class EngineConfig:
-    dtype: str = "float32"
+    dtype: str = "auto"
+    """Weights, activations and KV cache dtype: "auto" is bfloat16 on a GPU or a CPU with native
+    bf16 (AVX512-BF16 / AMX), float32 otherwise (slimlm.model.dtype_auto)."""
     device: str = "cpu"
     block_size: int = 16
     """Tokens per KV block. Smaller blocks share prefixes more finely; larger ones gather faster."""
@@ -49,6 +51,13 @@ class EngineConfig:
     0 = plain reuse of the chunks' KV, 1 = a full prefill; the paper uses 0.15."""
     chunk_store_bytes: int | str = "256M"
     """Memory for the CacheBlend chunk KV store (least-recently-used chunks go first)."""
+    weights: str = "auto"
+    """What the linear layers hold (slimlm.model.quant): "auto" (as stored: float checkpoints and
+    GGUF files de-quantized into dtype), "int8" (symmetric, per output channel), "int4"
+    (asymmetric, groups of weights_group_size input channels), "gguf" (a GGUF's own
+    quantization, packed: Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K)."""
+    weights_group_size: int | None = None
+    """Input channels per scale for weights int8 / int4 (int4 default 32; int8 default: per channel)."""
     native_kernels: bool = True
     """Use the compiled CPU kernels (``slimlm.kernels``) where they apply; False = PyTorch only."""
     seed: int = 0
@@ -67,6 +76,9 @@ class EngineConfig:
         if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
             raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
         from slimlm.kvcache.codec import KV_CODECS
+        from slimlm.model.quant import check_weights
+
+        check_weights(self.weights, self.weights_group_size)
 
         KV_CODECS.get(self.kv_cache_dtype)  # unknown names list the known ones
 

@@ -27,6 +27,7 @@ from slimlm.kvcache.policy import KV_POLICIES, AttentionSpan
 from slimlm.kvcache.spec import KVCacheSpec
 from slimlm.kvcache.storage import PagedKVCache
 from slimlm.model.hub import LoadedModel
+from slimlm.model.quant.model import serve_weights
 from slimlm.model.rope_extension import ROPE_EXTENSIONS, RopeExtension
 
 
@@ -63,6 +64,7 @@ def rope_extension(cfg, config: EngineConfig, policy) -> RopeExtension | None:
 class LLMEngine:
     def __init__(self, lm: LoadedModel, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
+        lm = serve_weights(lm, config.weights, config.weights_group_size)  # int8 / int4 of a loaded model
         self.lm, self.model, self.tokenizer = lm, lm.model, lm.tokenizer
         self.stop_token_ids = lm.stop_token_ids()
         cfg = self.model.cfg
@@ -126,7 +128,7 @@ class LLMEngine:
         from slimlm.model.hub import load
 
         cfg = EngineConfig(**config)
-        return cls(load(model, dtype=cfg.dtype, device=cfg.device), cfg)
+        return cls(load(model, cfg.dtype, cfg.device, cfg.weights, cfg.weights_group_size), cfg)
 
     # ------------------------------------------------------------------ requests
     def validate(self, prompt: str | list[int], params: SamplingParams, layout=None) -> list[int]:

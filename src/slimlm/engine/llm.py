@@ -22,7 +22,8 @@ class LLM:
 
     def __init__(self, model: str | LoadedModel = DEFAULT_MODEL, **config: Any):
         cfg = EngineConfig(**config)
-        lm = model if isinstance(model, LoadedModel) else load(model, dtype=cfg.dtype, device=cfg.device)
+        lm = model if isinstance(model, LoadedModel) else load(model, cfg.dtype, cfg.device, cfg.weights,
+                                                                  cfg.weights_group_size)
         self.engine = LLMEngine(lm, cfg)
         self.tokenizer = lm.tokenizer
 

@@ -36,7 +36,7 @@ from slimlm.errors import SlimLMError
 def _dtypes() -> list[str]:
     from slimlm.model.weights import DTYPES
 
-    return list(DTYPES)
+    return ["auto", *DTYPES]
 
 
 def _registry(module: str, attr: str) -> Callable[[], list[str]]:
@@ -55,11 +55,11 @@ CHOICES: dict[str, Callable[[], list[str]]] = {
     "hooks": _registry("slimlm.engine.hooks", "LAYER_HOOKS"),
     "kv_cache_dtype": _registry("slimlm.kvcache.codec", "KV_CODECS"),
     "rope_extension": _registry("slimlm.model.rope_extension", "ROPE_EXTENSIONS"),
+    "weights": lambda: list(__import__("slimlm.model.quant", fromlist=["WEIGHTS"]).WEIGHTS),
 }
 """Fields whose values are names: field -> a function listing the valid ones."""
 
 HELP = {
-    "dtype": "weights, activations and KV cache dtype",
     "device": "torch device (cpu, cuda, cuda:1, ...)",
     "kv_policy_args": "settings of --kv-policy (e.g. window=256)",
     "speculative_args": "settings of --speculative (e.g. model=PATH k=4)",
@@ -240,5 +240,7 @@ def engine_config_from_args(a: argparse.Namespace) -> dict[str, Any]:
 def engine_settings(a: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     """(dtype, the engine keywords that are set), for bench and eval."""
     engine = engine_config_from_args(a)
-    dtype = engine.pop("dtype", EngineConfig.dtype)
+    from slimlm.model.dtype_auto import resolve_dtype
+
+    dtype = resolve_dtype(engine.pop("dtype", EngineConfig.dtype), engine.get("device", "cpu"))
     return dtype, {k: v for k, v in engine.items() if v not in (None, {}, [])}

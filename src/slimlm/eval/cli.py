@@ -35,7 +35,8 @@ def scoring_lm(model: str, system: str, dtype: str, threads: int, engine: dict[s
     from slimlm.eval.lm import EngineLM
     from slimlm.model.hub import load
 
-    return EngineLM(LLM(load(model, dtype=dtype), dtype=dtype, **engine))
+    lm = load(model, dtype=dtype, weights=engine.get("weights"), group_size=engine.get("weights_group_size"))
+    return EngineLM(LLM(lm, dtype=dtype, **engine))
 
 
 def evaluate(task, lm, settings: dict[str, Any], log=log) -> dict[str, Any]:

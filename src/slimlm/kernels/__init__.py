@@ -40,6 +40,12 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
         "slimlm_paged_prefill": (_INT, (_PTR, _I64, _I64, _PTR, _PTR, _INT, _PTR, _I64, _PTR, _I64, _I64,
                                         _I64, _I64, _I64, _I64, _I64, _F32, _INT)),
     },
+    "qlinear": {
+        # x, q, scale, y, M, N, K, G, nthreads
+        "slimlm_q8_linear": (_INT, (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _INT)),
+        # x, q, scale, min, y, M, N, K, G, nthreads
+        "slimlm_q4_linear": (_INT, (_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _INT)),
+    },
 }
 
 _loaded: dict[str, ctypes.CDLL | None] = {}

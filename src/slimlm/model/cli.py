@@ -1,4 +1,5 @@
-"""`slimlm models` (known names and their cache) and `slimlm convert` (write an HF directory)."""
+"""`slimlm models` (known names and their cache), `slimlm convert` (write an HF directory) and
+`slimlm quantize` (write a checkpoint with packed int8 / int4 weights)."""
 
 from __future__ import annotations
 
@@ -28,9 +29,27 @@ def cmd_convert(a: argparse.Namespace) -> int:
     from slimlm.model.hub import load
     from slimlm.model.weights import parse_dtype, save_model_dir
 
+    from slimlm.model.quant import dequantize_model
+
     lm = load(a.src)
+    if lm.weights != "dense":  # a quantized checkpoint: written de-quantized, for transformers
+        dequantize_model(lm.model)
     out = save_model_dir(lm.model, a.dst, lm.tokenizer, lm.generation_config, dtype=parse_dtype(a.dtype))
     print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_quantize(a: argparse.Namespace) -> int:
+    from slimlm.model.hub import load
+    from slimlm.model.quant import packed_bytes
+    from slimlm.model.weights import save_model_dir
+
+    lm = load(a.src, weights=a.weights, group_size=a.group_size)
+    out = save_model_dir(lm.model, a.dst, lm.tokenizer, lm.generation_config)
+    q = lm.model.cfg.extra.get("quantization_config", {})
+    kinds = sorted({f"{k} g{g}" for k, g in q.get("modules", {}).values()})
+    print(f"wrote {out}: {len(q.get('modules', {}))} packed modules ({', '.join(kinds)}), "
+          f"{packed_bytes(lm.model) / 2**20:.1f} MiB of weights", file=sys.stderr)
     return 0
 
 
@@ -47,3 +66,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("dst", help="output directory")
     c.add_argument("--dtype", default="float32", choices=list(DTYPES), help="dtype of the written weights")
     c.set_defaults(func=cmd_convert)
+
+    q = sub.add_parser("quantize", help="write a checkpoint with packed int8 / int4 weights (safetensors + config)")
+    q.add_argument("src", help="known name, HF directory or .gguf file")
+    q.add_argument("dst", help="output directory (slimlm loads it packed; `slimlm convert` de-quantizes it)")
+    q.add_argument("--weights", required=True, choices=["int8", "int4", "gguf"],
+                   help="int8: symmetric, per output channel (or group); int4: asymmetric groups; "
+                        "gguf: a GGUF's own quantization as it is")
+    q.add_argument("--group-size", type=int, default=None,
+                   help="input channels per scale (int4 default 32; int8 default: the whole row)")
+    q.set_defaults(func=cmd_quantize)

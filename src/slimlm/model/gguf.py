@@ -66,8 +66,11 @@ def _field(reader, key: str, default: Any = None) -> Any:
     return f.contents()
 
 
-def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer | None, dict]:
-    """Returns (config, state dict in HF names as float32, tokenizer, generation config)."""
+def read_gguf(path: str | Path, weights: str = "auto", group_size: int | None = None,
+              ) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer | None, dict]:
+    """Returns (config, state dict in HF names, tokenizer, generation config). ``weights``
+    "auto": every tensor de-quantized to float32; "gguf": quantized tensors kept packed
+    (``slimlm.model.quant``); "int8" / "int4": de-quantized, then re-packed in that format."""
     import gguf
 
     path = Path(path)
@@ -119,35 +122,82 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], T
         eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
         pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
     )
-    state = _read_tensors(reader, cfg, arch, path)
+    from slimlm.model.quant.load import PackOnLoad
+
+    pack = PackOnLoad(weights, group_size)
+    state = _read_tensors(reader, cfg, arch, path, pack)
+    if pack.modules:
+        cfg.extra["quantization_config"] = pack.config()
     tokenizer = _read_tokenizer(reader, path) if tokens else None
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
     return cfg, state, tokenizer, gen
 
 
-def _read_tensors(reader, cfg: ModelConfig, arch: str, path: Path) -> dict[str, torch.Tensor]:
+def _read_tensors(reader, cfg: ModelConfig, arch: str, path: Path, pack) -> dict[str, torch.Tensor]:
     import gguf
     from tqdm import tqdm
 
+    from slimlm.model.quant.gguf_packed import PACKED_TYPES, pack_gguf, permute_rows
+    from slimlm.model.quant.model import warn
+
+    warned: set[str] = set()
+    plain = {"F32", "F16", "BF16"}
     state: dict[str, torch.Tensor] = {}
     size = path.stat().st_size
-    for t in tqdm(reader.tensors, desc=f"de-quantizing {path.name}", unit="tensor", leave=False,
+    for t in tqdm(reader.tensors, desc=f"reading {path.name}", unit="tensor", leave=False,
                   disable=len(reader.tensors) < 50):
         if t.data_offset + t.n_bytes > size:
             raise ModelLoadError(f"corrupted or truncated GGUF file {path}: tensor {t.name} runs past the end")
-        try:
-            arr = gguf.quants.dequantize(t.data, t.tensor_type)
-        except NotImplementedError:
-            raise ModelLoadError(f"{path.name}: tensor {t.name} has unsupported type {t.tensor_type.name}") from None
-        shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # ggml order -> row-major
-        w = torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))
         name = _hf_name(t.name)
         if name is None:
             raise ModelLoadError(f"{path.name}: unexpected tensor {t.name}")
-        if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
-            w = _unpermute(w, cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads)
-        state[name] = w
+        heads = cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads
+        rotary = arch == "llama" and (".q_proj." in name or ".k_proj." in name)
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # ggml order -> row-major
+        kind = t.tensor_type.name
+        if pack.weights == "gguf" and kind not in plain and pack.wants(name, len(shape)):
+            packed = pack_gguf(t.data, kind, *shape) if kind in PACKED_TYPES else None
+            if packed is not None:
+                if rotary:
+                    packed = permute_rows(packed, lambda x: _unpermute(x, heads))
+                state.update(pack.add(name.rpartition(".")[0], packed))
+                continue
+            if kind not in warned:
+                warned.add(kind)
+                warn(f"GGUF type {kind} has no packed kernel; its tensors are loaded de-quantized "
+                     f"(packed: {', '.join(PACKED_TYPES)})")
+        if pack.wants(name, len(shape)) and pack.weights in ("int8", "int4") and len(shape) == 2:
+            packed = pack_rows(t, shape, pack, name, path)  # row blocks: no full fp32 copy at once
+            if rotary:
+                packed = permute_rows(packed, lambda x: _unpermute(x, heads))
+            state.update(pack.add(name.rpartition(".")[0], packed))
+            continue
+        w = torch.from_numpy(_dequantize(t, path).reshape(shape))
+        if rotary:
+            w = _unpermute(w, heads)
+        state.update(pack(name, w))
     return state
+
+
+def _dequantize(t, path: Path, rows: slice | None = None) -> np.ndarray:
+    import gguf
+
+    data = t.data if rows is None else t.data[rows]
+    try:
+        return np.array(gguf.quants.dequantize(data, t.tensor_type), dtype=np.float32)
+    except NotImplementedError:
+        raise ModelLoadError(f"{path.name}: tensor {t.name} has unsupported type {t.tensor_type.name}") from None
+
+
+def pack_rows(t, shape: tuple[int, ...], pack, name: str, path: Path):
+    """De-quantize and re-pack a 2-D GGUF tensor a block of rows at a time."""
+    from slimlm.model.quant.model import CHUNK_ROWS, concat_rows, quantize_weight
+
+    n, k = shape
+    module = name.rpartition(".")[0]
+    parts = [quantize_weight(module, torch.from_numpy(_dequantize(t, path, slice(i, i + CHUNK_ROWS)).reshape(-1, k)),
+                             pack.weights, pack.group_size) for i in range(0, n, CHUNK_ROWS)]
+    return concat_rows(parts)
 
 
 def _hf_name(name: str) -> str | None:

@@ -69,6 +69,8 @@ class LoadedModel:
     path: Path
     generation_config: dict[str, Any] = field(default_factory=dict)
     load_seconds: float = 0.0
+    weights: str = "dense"
+    """What the linear layers hold: "dense", "int8", "int4" or "gguf" (slimlm.model.quant)."""
 
     @property
     def config(self) -> ModelConfig:
@@ -87,12 +89,23 @@ def load(
     name_or_path: str | Path = DEFAULT_MODEL,
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
+    weights: str | None = None,
+    group_size: int | None = None,
 ) -> LoadedModel:
-    """Load a named model, a Hugging Face directory or a ``.gguf`` file."""
+    """Load a named model, a Hugging Face directory or a ``.gguf`` file. ``weights`` "int8" /
+    "int4" pack the linear layers while loading; "gguf" keeps a GGUF's own quantization packed
+    (a named model then loads from its GGUF file); see ``slimlm.model.quant``."""
+    from slimlm.model.quant import check_weights
+
     t0 = time.perf_counter()
-    dt = parse_dtype(dtype)
+    dt = parse_dtype(dtype, device)
+    weights = check_weights(weights, group_size)
     src = str(name_or_path)
-    if src in KNOWN_MODELS:
+    if src in KNOWN_MODELS and weights != "auto":
+        # packed weights come from the package's GGUF (its fp32 cache holds the same values, but
+        # reading 540 MB of it would put those pages in resident memory)
+        path = package_file(KNOWN_MODELS[src])
+    elif src in KNOWN_MODELS:
         path = ensure_cached(KNOWN_MODELS[src])
     else:
         path = Path(src).expanduser()
@@ -109,11 +122,24 @@ def load(
             raise ModelLoadError(f"{path} is a file; expected a model directory or a .gguf file")
         from slimlm.model.gguf import read_gguf
 
-        cfg, state, tokenizer, gen = read_gguf(path)
+        cfg, state, tokenizer, gen = read_gguf(path, weights, group_size)
         model = build_model(cfg, state, dt, device, source=str(path))
     else:
+        from slimlm.model.quant.load import PackOnLoad
+
+        if weights == "gguf":
+            raise ModelLoadError(f"weights 'gguf' keeps a GGUF file's quantization, and {path} is not a .gguf file; "
+                                 "use weights int8 or int4")
         cfg = read_config(path)
-        model = build_model(cfg, read_state_dict(path), dt, device, source=str(path))
+        stored = _stored_weights(cfg, path)
+        if stored != "dense" and weights not in ("auto", stored):
+            raise ModelLoadError(f"{path} holds {stored} weights; it cannot be loaded as {weights}")
+        pack = PackOnLoad(weights if stored == "dense" else "auto", group_size)
+        state = read_state_dict(path, pack)
+        if pack.modules:
+            cfg.extra["quantization_config"] = pack.config()
+        model = build_model(cfg, state, dt, device, source=str(path))
+        weights = stored if stored != "dense" else weights
         tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
         gen = {}
         if (path / "generation_config.json").is_file():
@@ -121,12 +147,24 @@ def load(
                 gen = json.loads((path / "generation_config.json").read_text())
             except ValueError:
                 gen = {}
+    if weights == "auto":
+        weights = "dense"
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise ModelLoadError(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}: "
             "they do not belong together"
         )
-    return LoadedModel(model, tokenizer, path, gen, time.perf_counter() - t0)
+    return LoadedModel(model, tokenizer, path, gen, time.perf_counter() - t0, weights)
+
+
+def _stored_weights(cfg: ModelConfig, path: Path) -> str:
+    from slimlm.model.quant import spec
+
+    try:
+        q = spec(cfg)
+    except ValueError as e:
+        raise ModelLoadError(f"{path}: {e}") from None
+    return q["weights"] if q else "dense"
 
 
 def newest_run_checkpoint(path: Path) -> Path:

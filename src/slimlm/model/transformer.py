@@ -158,11 +158,11 @@ class CausalLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.model.norm.weight.dtype  # the head may hold packed low-bit weights
 
     def windows(self) -> dict[int, int | None]:
         return {i: self.cfg.window_for_layer(i) for i in range(self.cfg.num_layers)}

@@ -33,11 +33,17 @@ def default_file_mode() -> int:
     return 0o666 & ~mask
 
 
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def parse_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """A torch dtype from a name; "auto" is bf16 where the device computes it natively
+    (``slimlm.model.dtype_auto``)."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        from slimlm.model.dtype_auto import auto_dtype
+
+        dtype = auto_dtype(str(device))
     if dtype not in DTYPES:
-        raise ModelLoadError(f"unknown dtype '{dtype}'; choose from {', '.join(DTYPES)}")
+        raise ModelLoadError(f"unknown dtype '{dtype}'; choose from auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -76,14 +82,17 @@ def _weight_files(path: Path) -> list[Path]:
     raise ModelLoadError(f"no weights in {path} (expected *.safetensors)")
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path, transform=None) -> dict[str, torch.Tensor]:
+    """``transform(key, tensor) -> entries``, if given, is applied to each tensor as it is read
+    (packing weights on load, so the full-precision state never exists at once)."""
     state: dict[str, torch.Tensor] = {}
     for f in _weight_files(path):
         if f.suffix == ".safetensors":
             try:
                 with safe_open(str(f), framework="pt") as sf:
                     for key in sf.keys():
-                        state[key] = sf.get_tensor(key)
+                        t = sf.get_tensor(key)
+                        state.update(transform(key, t) if transform else {key: t})
             except (SafetensorError, OSError, RuntimeError) as e:
                 raise ModelLoadError(f"corrupted safetensors file {f}: {e}") from None
         else:
@@ -91,7 +100,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 loaded = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:
                 raise ModelLoadError(f"cannot load {f} safely (weights_only=True): {str(e).splitlines()[0]}") from None
-            state.update(loaded.get("state_dict", loaded) if isinstance(loaded, dict) else {})
+            loaded = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else {}
+            for key, t in loaded.items():
+                state.update(transform(key, t) if transform else {key: t})
     return state
 
 
@@ -103,14 +114,19 @@ def build_model(
     source: str = "checkpoint",
 ) -> CausalLM:
     """Instantiate a model without initialising weights, then assign ``state`` into it."""
+    from slimlm.model import quant
+
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
     if cfg.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
+        state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}
+    packed = quant.spec(cfg)  # a quantized checkpoint: its packed modules, by name
     with torch.device("meta"):
         model = CausalLM(cfg)
+        if packed:
+            quant.prepare(model, packed["modules"])
     expected = {k: p.shape for k, p in model.state_dict().items()}
     if cfg.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
+        expected = {k: v for k, v in expected.items() if not k.startswith("lm_head.")}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -126,9 +142,12 @@ def build_model(
                 f"{source}: tensor {k} has shape {tuple(state[k].shape)}, config implies {tuple(shape)}"
             )
     # copy=True: never keep tensors backed by a memory-mapped file that may change under us
-    state = {k: v.to(device=device, dtype=dtype, copy=True) for k, v in state.items()}
+    keep = quant.packed_keys(model)  # packed buffers keep their own dtypes
+    state = {k: v.to(device=device, dtype=None if k in keep else dtype, copy=True) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
-    if cfg.tie_word_embeddings:
+    if packed:
+        quant.finish(model, dtype)
+    elif cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.rotary = RotaryEmbedding(cfg).to(device)  # non-persistent buffers were on meta
     cfg.torch_dtype = str(dtype).removeprefix("torch.")
@@ -146,10 +165,13 @@ def save_model_dir(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
+    from slimlm.model.quant import packed_keys
+
+    keep = packed_keys(model)
     state = {
-        k: v.detach().to(dtype or v.dtype).contiguous().cpu()
+        k: v.detach().to(v.dtype if k in keep else dtype or v.dtype).contiguous().cpu()
         for k, v in model.state_dict().items()
-        if not (cfg.tie_word_embeddings and k == "lm_head.weight")
+        if not (cfg.tie_word_embeddings and k.startswith("lm_head."))
     }
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
     os.chmod(path / "model.safetensors", default_file_mode())  # safetensors writes 0600

@@ -55,7 +55,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     cfg = EngineConfig(**engine_config_from_args(a))
-    lm = load(a.model, dtype=cfg.dtype, device=cfg.device)
+    lm = load(a.model, cfg.dtype, cfg.device, cfg.weights, cfg.weights_group_size)
     if lm.tokenizer is None:
         raise SlimLMError(f"{a.model} has no tokenizer; the server needs one")
     engine = LLMEngine(lm, cfg)

@@ -1,0 +1,199 @@
+"""Packed weight formats: a linear layer's (N, K) weight held in low-bit groups, never as fp32.
+
+Two layouts cover every format slimlm serves (GGUF's included), each in groups of ``G`` input
+channels per output row:
+
+- :class:`Int8Weight`: ``q`` int8 (N, K), ``scale`` fp32 (N, K/G); ``w = scale * q`` (symmetric).
+  int8 per channel is G = K; GGUF Q8_0 is G = 32; GGUF Q6_K is G = 16 (``q - 32`` fits int8).
+- :class:`Int4Weight`: ``q`` uint8 (N, K/2), ``scale`` and ``min`` fp32 (N, K/G);
+  ``w = scale * q + min`` with q in 0..15 (asymmetric). Byte j of a group holds element j in its
+  low nibble and element j + G/2 in its high one (llama.cpp's Q4_0 / Q4_1 block layout).
+  GGUF Q4_0 is min = -8 * scale, Q4_1 is its own min, Q4_K is min = -dmin * m per 32-group.
+
+``matmul(x)`` runs the native kernel (``kernels/qlinear.c``) for few rows on the CPU (decode), and
+otherwise de-quantizes the weight to ``x.dtype`` for one ``F.linear`` (prefill, other devices, no
+compiler): the pure-PyTorch path, always available, and the reference the kernel is tested on.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+NATIVE_MAX_ROWS = 16
+"""Rows of x up to which the native kernel beats de-quantize + dense matmul (decode batches)."""
+
+
+def _lib():
+    if os.environ.get("SLIMLM_NATIVE", "1") == "0":
+        return None
+    from slimlm import kernels
+
+    return kernels.load("qlinear")
+
+
+LANES = 16
+"""The kernel's lanes: int8 groups must be a multiple of 16 channels, int4 groups of 32."""
+
+
+def _use_native(x2: torch.Tensor, native: bool, group: int) -> bool:
+    return (native and x2.device.type == "cpu" and 0 < x2.shape[0] <= NATIVE_MAX_ROWS and group % LANES == 0
+            and _lib() is not None)
+
+
+@dataclass
+class Int8Weight:
+    q: torch.Tensor
+    """(N, K) int8."""
+    scale: torch.Tensor
+    """(N, K/G) float32."""
+    group_size: int
+
+    kind = "int8"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)  # type: ignore[return-value]
+
+    def nbytes(self) -> int:
+        return self.q.numel() * self.q.element_size() + self.scale.numel() * 4
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"qweight": self.q, "scales": self.scale}
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        N, K = self.q.shape
+        G = self.group_size
+        w = self.q.view(N, K // G, G).float() * self.scale[..., None]  # (N, K/G, G)
+        return w.view(N, K).to(dtype)
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """De-quantized rows ``ids`` (an embedding lookup): (*ids.shape, K)."""
+        G, K = self.group_size, self.q.shape[1]
+        q = self.q[ids.reshape(-1)].view(-1, K // G, G).float()  # (R, K/G, G)
+        w = q * self.scale[ids.reshape(-1)][..., None]
+        return w.view(*ids.shape, K).to(dtype)
+
+    def matmul(self, x: torch.Tensor, native: bool = True) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if not _use_native(x2, native, self.group_size):
+            return F.linear(x, self.dequantize(x.dtype))
+        N, K = self.q.shape
+        xf = x2.float().contiguous()
+        y = torch.empty(xf.shape[0], N, dtype=torch.float32)
+        rc = _lib().slimlm_q8_linear(xf.data_ptr(), self.q.data_ptr(), self.scale.data_ptr(), y.data_ptr(),
+                                     xf.shape[0], N, K, self.group_size, torch.get_num_threads())
+        if rc:
+            raise ValueError(f"qlinear kernel refused shapes (rows {xf.shape[0]}, {N}x{K}, group {self.group_size})")
+        return y.to(x.dtype).view(*x.shape[:-1], N)
+
+    def to(self, device: torch.device | str) -> Int8Weight:
+        return Int8Weight(self.q.to(device), self.scale.to(device), self.group_size)
+
+
+@dataclass
+class Int4Weight:
+    q: torch.Tensor
+    """(N, K/2) uint8, two 4-bit values a byte (see the module docstring for the order)."""
+    scale: torch.Tensor
+    """(N, K/G) float32."""
+    min: torch.Tensor
+    """(N, K/G) float32."""
+    group_size: int
+
+    kind = "int4"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.q.shape[0], self.q.shape[1] * 2)
+
+    def nbytes(self) -> int:
+        return self.q.numel() + (self.scale.numel() + self.min.numel()) * 4
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"qweight": self.q, "scales": self.scale, "mins": self.min}
+
+    def codes(self) -> torch.Tensor:
+        """(N, K) the 4-bit values as uint8, in natural channel order."""
+        N, K = self.shape
+        G = self.group_size
+        b = self.q.view(N, K // G, G // 2)
+        return torch.cat([b & 15, b >> 4], dim=-1).view(N, K)  # (N, K/G, G) -> (N, K)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        N, K = self.shape
+        G = self.group_size
+        w = self.codes().view(N, K // G, G).float() * self.scale[..., None] + self.min[..., None]
+        return w.view(N, K).to(dtype)
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        sub = Int4Weight(self.q[flat], self.scale[flat], self.min[flat], self.group_size)
+        return sub.dequantize(dtype).view(*ids.shape, self.shape[1])
+
+    def matmul(self, x: torch.Tensor, native: bool = True) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if not _use_native(x2, native, self.group_size // 2):
+            return F.linear(x, self.dequantize(x.dtype))
+        N, K = self.shape
+        xf = x2.float().contiguous()
+        y = torch.empty(xf.shape[0], N, dtype=torch.float32)
+        rc = _lib().slimlm_q4_linear(xf.data_ptr(), self.q.data_ptr(), self.scale.data_ptr(), self.min.data_ptr(),
+                                     y.data_ptr(), xf.shape[0], N, K, self.group_size, torch.get_num_threads())
+        if rc:
+            raise ValueError(f"qlinear kernel refused shapes (rows {xf.shape[0]}, {N}x{K}, group {self.group_size})")
+        return y.to(x.dtype).view(*x.shape[:-1], N)
+
+    def to(self, device: torch.device | str) -> Int4Weight:
+        return Int4Weight(self.q.to(device), self.scale.to(device), self.min.to(device), self.group_size)
+
+
+PackedWeight = Int8Weight | Int4Weight
+
+
+def check_group(K: int, group_size: int, kind: str, name: str = "layer") -> None:
+    """A group size must divide the layer's input size (and be even for int4)."""
+    if group_size < 1 or K % group_size or (kind == "int4" and group_size % 2):
+        valid = [g for g in (16, 32, 64, 128, 256) if K % g == 0]
+        raise ValueError(f"group size {group_size} does not divide {name}'s {K} input channels"
+                         f"{' evenly into even groups' if kind == 'int4' else ''}; "
+                         f"valid here: {', '.join(map(str, valid)) or 'none (use int8 per channel)'}")
+
+
+def quantize_int8(w: torch.Tensor, group_size: int | None = None) -> Int8Weight:
+    """Symmetric int8, one scale per row (``group_size`` None) or per group: round(w / s),
+    s = max|w| / 127."""
+    w = w.detach().float()
+    N, K = w.shape
+    G = group_size or K
+    check_group(K, G, "int8")
+    wg = w.view(N, K // G, G)
+    scale = wg.abs().amax(-1) / 127.0  # (N, K/G)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.round(wg / scale[..., None]).clamp(-127, 127).to(torch.int8)
+    return Int8Weight(q.view(N, K).contiguous(), scale.contiguous(), G)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = 32) -> Int4Weight:
+    """Asymmetric int4 per group: w ~ scale * q + min, q = round((w - min) / scale) in 0..15,
+    scale = (max - min) / 15, min = the group's minimum."""
+    w = w.detach().float()
+    N, K = w.shape
+    G = group_size
+    check_group(K, G, "int4")
+    wg = w.view(N, K // G, G)
+    lo, hi = wg.amin(-1), wg.amax(-1)  # (N, K/G)
+    scale = (hi - lo) / 15.0
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.round((wg - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)  # (N, K/G, G)
+    return Int4Weight(pack_nibbles(q, G), scale.contiguous(), lo.contiguous(), G)
+
+
+def pack_nibbles(q: torch.Tensor, G: int) -> torch.Tensor:
+    """(N, K/G, G) 4-bit codes -> (N, K/2) bytes: element j low, element j + G/2 high."""
+    N = q.shape[0]
+    h = G // 2
+    return (q[..., :h] | (q[..., h:] << 4)).reshape(N, -1).contiguous()
