@@ -69,27 +69,36 @@ def noisy_draft(tmp_path_factory):
     return load(path)
 
 
+@torch.no_grad()
+def exact_second_token_marginal(model, prompt: list[int]) -> torch.Tensor:
+    """The target's exact marginal of the 2nd generated token under temperature 1, top_k 3."""
+    first = model(torch.tensor([prompt]))[0, -1].float()
+    top = first.topk(3)
+    p1 = torch.zeros_like(first).scatter(0, top.indices, top.values.softmax(-1))
+    exact = torch.zeros_like(first)
+    for t in top.indices.tolist():
+        tk = model(torch.tensor([prompt + [t]]))[0, -1].float().topk(3)
+        exact.scatter_add_(0, tk.indices, p1[t] * tk.values.softmax(-1))
+    return exact
+
+
+def second_token_counts(llm, prompt: list[int], like: torch.Tensor) -> torch.Tensor:
+    """Counts of the 2nd generated token over 2 x 1000 samples (temperature 1, top_k 3)."""
+    counts = torch.zeros_like(like)
+    for rep in range(2):
+        out = llm.generate([prompt], SamplingParams(temperature=1.0, top_k=3, max_tokens=3, n=1000,
+                                                    seed=11 + rep * 5000), use_tqdm=False)[0]
+        for c in out.outputs:
+            counts[c.token_ids[1]] += 1
+    return counts
+
+
 def test_sampled_speculation_matches_target_marginal(target, noisy_draft):
     """Marginal of the 2nd token (the first drafted one) vs. the exact target marginal."""
     prompt = make_prompts(1, seed=5)[0]
-    params = SamplingParams(temperature=1.0, top_k=3, max_tokens=3, n=1000, seed=11)
-    model = target.model
-    with torch.no_grad():
-        first = model(torch.tensor([prompt]))[0, -1].float()
-        top = first.topk(3)
-        p1 = torch.zeros_like(first).scatter(0, top.indices, top.values.softmax(-1))
-        exact = torch.zeros_like(first)
-        for t in top.indices.tolist():
-            nxt = model(torch.tensor([prompt + [t]]))[0, -1].float()
-            tk = nxt.topk(3)
-            exact.scatter_add_(0, tk.indices, p1[t] * tk.values.softmax(-1))
+    exact = exact_second_token_marginal(target.model, prompt)
     llm = LLM(target, speculative="draft", speculative_args={"model": noisy_draft, "k": 2})
-    counts = torch.zeros_like(exact)
-    for rep in range(2):
-        out = llm.generate([prompt], SamplingParams(**{**params.__dict__, "seed": 11 + rep * 5000}),
-                           use_tqdm=False)[0]
-        for c in out.outputs:
-            counts[c.token_ids[1]] += 1
+    counts = second_token_counts(llm, prompt, exact)
     st = llm.engine.stats
     assert 0 < st["accepted_draft_tokens"] < st["draft_tokens"]  # both branches of the rule ran
     emp = counts / counts.sum()
@@ -210,22 +219,9 @@ def test_every_lossless_method_is_greedy_identical_in_mixed_batches(target, draf
 def test_kangaroo_sampled_output_follows_the_target(target, kangaroo_adapter):
     """Marginal of the 2nd token (the first drafted one) vs. the exact target marginal."""
     prompt = make_prompts(1, seed=5)[0]
-    model = target.model
-    with torch.no_grad():
-        first = model(torch.tensor([prompt]))[0, -1].float()
-        top = first.topk(3)
-        p1 = torch.zeros_like(first).scatter(0, top.indices, top.values.softmax(-1))
-        exact = torch.zeros_like(first)
-        for t in top.indices.tolist():
-            tk = model(torch.tensor([prompt + [t]]))[0, -1].float().topk(3)
-            exact.scatter_add_(0, tk.indices, p1[t] * tk.values.softmax(-1))
+    exact = exact_second_token_marginal(target.model, prompt)
     llm = LLM(target, speculative="kangaroo", speculative_args={"adapter": kangaroo_adapter, "k": 2, "threshold": 0})
-    counts = torch.zeros_like(exact)
-    for rep in range(2):
-        out = llm.generate([prompt], SamplingParams(temperature=1.0, top_k=3, max_tokens=3, n=1000,
-                                                    seed=11 + rep * 5000), use_tqdm=False)[0]
-        for c in out.outputs:
-            counts[c.token_ids[1]] += 1
+    counts = second_token_counts(llm, prompt, exact)
     st = llm.engine.stats
     assert 0 < st["accepted_draft_tokens"] < st["draft_tokens"]
     tv = 0.5 * float((counts / counts.sum() - exact).abs().sum())
