@@ -27,6 +27,8 @@ from slimlm.kvcache.policy import KV_POLICIES, AttentionSpan
 from slimlm.kvcache.spec import KVCacheSpec
 from slimlm.kvcache.storage import PagedKVCache
 from slimlm.model.hub import LoadedModel
+from slimlm.model.fuse import fuse_projections
+from slimlm.model.weights import release_freed_heap
 from slimlm.model.quant.model import serve_weights
 from slimlm.model.rope_extension import ROPE_EXTENSIONS, RopeExtension
 
@@ -65,6 +67,8 @@ class LLMEngine:
     def __init__(self, lm: LoadedModel, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
         lm = serve_weights(lm, config.weights, config.weights_group_size)  # int8 / int4 of a loaded model
+        if fuse_projections(lm.model):  # q/k/v and gate/up as one matmul each (model/fuse.py)
+            release_freed_heap()  # the separate projections' storage
         self.lm, self.model, self.tokenizer = lm, lm.model, lm.tokenizer
         self.stop_token_ids = lm.stop_token_ids()
         cfg = self.model.cfg

@@ -60,7 +60,7 @@ def native_decode(lib, q: torch.Tensor, k_parts: list[torch.Tensor], v_parts: li
     rc = lib.slimlm_paged_decode(q.data_ptr(), k0.data_ptr(), v_parts[0].data_ptr(), aux[0], aux[1], vaux[0], vaux[1],
                                  code, table.data_ptr(), lens.data_ptr(), out.data_ptr(),
                                  mass.data_ptr() if mass is not None else None, B, Hq, hkv, d, bs,
-                                 table.shape[1], scale, torch.get_num_threads())
+                                 table.shape[1], scale, min(torch.get_num_threads(), max(B, 1)))
     if rc != 0:
         raise RuntimeError(f"paged_decode kernel failed (code {rc})")
     return out

@@ -7,6 +7,8 @@ The tokenizer is rebuilt from the GGUF metadata (BPE vocab, merges, special toke
 
 from __future__ import annotations
 
+import gc
+
 from pathlib import Path
 from typing import Any
 
@@ -124,11 +126,16 @@ def read_gguf(path: str | Path, weights: str = "auto", group_size: int | None = 
     )
     from slimlm.model.quant.load import PackOnLoad
 
+    tokenizer = _read_tokenizer(reader, path) if tokens else None
+    # the reader's metadata (the vocabulary and merges as tens of thousands of small arrays)
+    # takes more memory than a packed small model: drop it before the tensors are read
+    tokens = None
+    reader.fields.clear()
+    gc.collect()
     pack = PackOnLoad(weights, group_size)
     state = _read_tensors(reader, cfg, arch, path, pack)
     if pack.modules:
         cfg.extra["quantization_config"] = pack.config()
-    tokenizer = _read_tokenizer(reader, path) if tokens else None
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
     return cfg, state, tokenizer, gen
 

@@ -29,7 +29,9 @@ import torch
 from slimlm.errors import ModelLoadError
 from slimlm.model.config import ModelConfig
 from slimlm.model.transformer import CausalLM
-from slimlm.model.weights import build_model, parse_dtype, read_config, read_state_dict, save_model_dir
+from slimlm.model.weights import (
+    build_model, parse_dtype, read_config, read_state_dict, release_freed_heap, save_model_dir,
+)
 from slimlm.tokenizer import Tokenizer
 
 
@@ -149,6 +151,7 @@ def load(
                 gen = {}
     if weights == "auto":
         weights = "dense"
+    release_freed_heap()
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise ModelLoadError(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}: "

@@ -17,6 +17,7 @@ from torch import nn
 
 from slimlm.model.attention import AttentionBackend, DenseAttention
 from slimlm.model.config import ModelConfig
+from slimlm.model.fuse import fused_ok
 from slimlm.model.moe import MoEMLP
 from slimlm.model.rope import RotaryEmbedding, apply_rope
 
@@ -37,6 +38,9 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    qkv: nn.Module | None = None
+    """q/k/v as one projection, set for serving by ``model/fuse.py`` (not a sub-module)."""
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer, self.cfg = layer, cfg
@@ -46,6 +50,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=qkv_bias)
         self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=cfg.attention_bias)
+        self.sizes = (h * d, hkv * d, hkv * d)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend,
@@ -55,6 +60,10 @@ class Attention(nn.Module):
         Returns (B, R, D) for the querying rows."""
         B, T, _ = x.shape
         d = self.cfg.head_dim
+        if q_rows is None and fused_ok(self.qkv, self.q_proj):
+            q, k, v = (t.view(B, T, -1, d).transpose(1, 2) for t in self.qkv(x).split(self.sizes, -1))
+            out = attn.attend(self.layer, apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
         k = self.k_proj(x).view(B, T, -1, d).transpose(1, 2)  # (B, Hkv, T, d)
         v = self.v_proj(x).view(B, T, -1, d).transpose(1, 2)  # (B, Hkv, T, d)
         k = apply_rope(k, cos, sin)
@@ -70,6 +79,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    gate_up: nn.Module | None = None
+    """gate and up as one projection, set for serving by ``model/fuse.py`` (not a sub-module)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         b = cfg.mlp_bias
@@ -78,6 +90,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_ok(self.gate_up, self.gate_proj):
+            g, u = self.gate_up(x).chunk(2, -1)
+            return self.down_proj(F.silu(g) * u)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

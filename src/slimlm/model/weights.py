@@ -26,6 +26,22 @@ DTYPES = {
 }
 
 
+def release_freed_heap() -> None:
+    """Return freed heap pages to the OS (glibc ``malloc_trim``). Loading frees many temporary
+    buffers (de-quantized or converted tensors); without this their pages stay in the resident
+    set until reused. A no-op elsewhere."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def default_file_mode() -> int:
     """0o666 less the process umask: the mode ``open()`` gives a new file."""
     mask = os.umask(0)
