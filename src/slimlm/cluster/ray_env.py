@@ -91,7 +91,8 @@ def init_ray(address: str | None, num_cpus: int | None = None):
     if ray.is_initialized():
         return ray
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    kw = {"address": address} if address else {"num_cpus": num_cpus, "include_dashboard": False}
+    # "local": a new instance even when a `ray start` cluster runs on this machine (ray.init() would join it)
+    kw = {"address": address} if address else {"address": "local", "num_cpus": num_cpus, "include_dashboard": False}
     if address:
         enable_token_auth()
     try:
