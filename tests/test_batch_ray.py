@@ -17,7 +17,7 @@ def local_ray():
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
     yield
     if started:
         ray.shutdown()

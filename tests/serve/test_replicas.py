@@ -18,6 +18,7 @@ ray = pytest.importorskip("ray")
 
 from slimlm.cli import main  # noqa: E402
 from slimlm.cluster import replicas  # noqa: E402
+from tests.conftest import make_hf_model  # noqa: E402
 from tests.serve.test_server import free_port  # noqa: E402
 
 KEY = "sk-replicas"
@@ -26,15 +27,18 @@ SYSTEMS = [f"You are assistant number {g}. " + "Paged attention stores keys and 
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_llama_dir):
+def cluster(tmp_path_factory):
     from ray import serve
+
+    model = tmp_path_factory.mktemp("tiny-long")  # the tiny model with room for requests that outlive a kill
+    make_hf_model(model, "llama", max_position_embeddings=2048)
 
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
     port = free_port()
-    spec = replicas.replica_spec(str(tiny_llama_dir), "tiny", {"max_num_seqs": 16},
+    spec = replicas.replica_spec(str(model), "tiny", {"max_num_seqs": 16},
                                  {"api_keys": [KEY], "stats_interval_s": 0, "access_log": False}, threads=1)
     replicas.start(spec, 2, port=port)
     url = f"http://127.0.0.1:{port}"
@@ -122,24 +126,53 @@ def _first_event(lines) -> str:
     raise AssertionError("the stream ended without an event")
 
 
-def test_a_killed_replica_fails_only_its_requests_and_is_replaced(cluster):
-    def long(prompt):
-        return httpx.stream("POST", cluster + "/v1/completions", timeout=120, headers={"Authorization": f"Bearer {KEY}"},
-                            json={"model": "tiny", "prompt": prompt, "max_tokens": 230, "ignore_eos": True,
-                                  "stream": True, "temperature": 0})
+def _counter(text: str, name: str) -> float:
+    return sum(float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith(name + " "))
 
-    with long("Once upon a time") as a, long("def add(a, b):") as b:
+
+LONG = 1200  # tokens: a few seconds of the tiny model, so the requests are still running at the kill
+
+
+def test_a_killed_replica_fails_only_its_requests_and_is_replaced(cluster):
+    shared = "Once upon a time, in a land of paged attention, "  # 23 tokens: a full block, routed by prefix
+
+    def long(prompt, stream=True):
+        return {"model": "tiny", "prompt": prompt, "max_tokens": LONG, "ignore_eos": True, "stream": stream,
+                "temperature": 0}
+
+    def stream(prompt):
+        return httpx.stream("POST", cluster + "/v1/completions", timeout=120,
+                            headers={"Authorization": f"Bearer {KEY}"}, json=long(prompt))
+
+    retries_before = _counter(httpx.get(cluster + "/metrics", timeout=30).text, "slimlm_router_retries_total")
+    with stream(shared) as a, stream("def add(a, b):") as b:
         victim, survivor = int(a.headers["x-slimlm-replica"]), int(b.headers["x-slimlm-replica"])
         assert victim != survivor  # the second goes to the least-loaded replica
         lines_a, lines_b = a.iter_lines(), b.iter_lines()
         events_a, events_b = [_first_event(lines_a)], [_first_event(lines_b)]
+        # a non-streamed request on the victim (it shares a's prefix): nothing is sent before it finishes,
+        # so when its replica dies it is retried on the other one
+        quiet: dict = {}
+        body = long(shared + "and", stream=False)
+        t = threading.Thread(target=lambda: quiet.update(r=post(cluster, "/v1/completions", body)))
+        t.start()
+        deadline = time.time() + 60
+        while metric(httpx.get(cluster + "/metrics", timeout=30).text, "slimlm_requests_running", victim) < 2:
+            assert time.time() < deadline, "the non-streamed request never reached the victim"
+            time.sleep(0.2)
         os.kill(_pid(victim), signal.SIGKILL)
         events_a += [x for x in lines_a if x.startswith("data: ")]
         events_b += [x for x in lines_b if x.startswith("data: ")]
+        t.join(120)
     assert events_a[-1] == "data: [DONE]"
     assert json.loads(events_a[-2][6:])["error"]["code"] == "replica_failed", events_a[-3:]
     assert events_b[-1] == "data: [DONE]" and all("error" not in json.loads(x[6:]) for x in events_b[:-1])
     assert json.loads(events_b[-2][6:])["choices"][0]["finish_reason"] == "length"
+    r = quiet["r"]
+    assert r.status_code == 200 and r.headers["x-slimlm-replica"] == str(survivor), r.text
+    assert r.json()["usage"]["completion_tokens"] == LONG
+    retries = _counter(httpx.get(cluster + "/metrics", timeout=30).text, "slimlm_router_retries_total")
+    assert retries - retries_before == 1
     other = post(cluster, "/v1/completions", {"model": "tiny", "prompt": "while one replica is down", "max_tokens": 2})
     assert other.status_code == 200
     deadline = time.time() + 240

@@ -35,6 +35,7 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
     },
     "paged_prefill": {
         "slimlm_prefill_supported": (_INT, (_I64, _INT)),  # head size, dtype
+        "slimlm_prefill_release": (None, (_INT,)),  # nthreads
         # q, qs_t, qs_h, k_pool, v_pool, dtype, table, q_start, out, os_t, os_h, T, Hq, Hkv, d, block_size,
         # scale, nthreads
         "slimlm_paged_prefill": (_INT, (_PTR, _I64, _I64, _PTR, _PTR, _INT, _PTR, _I64, _PTR, _I64, _I64,
@@ -50,6 +51,15 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
 
 _loaded: dict[str, ctypes.CDLL | None] = {}
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+MARCH_ENV = "SLIMLM_KERNEL_MARCH"
+"""Set to a ``-march`` value (e.g. ``x86-64-v3``: AVX2, no AVX-512) to build the kernels for
+another CPU level than this one's; the portable code paths are then what runs (tests and
+benchmarks of a CPU without AVX-512 on this machine)."""
+
+
+def _flags() -> list[str]:
+    march = os.environ.get(MARCH_ENV)
+    return [f"-march={march}" if f == "-march=native" and march else f for f in FLAGS]
 
 
 def _cpu_flags() -> str:
@@ -67,7 +77,8 @@ def _build(name: str) -> Path:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler (cc/gcc) on PATH")
-    key = hashlib.sha256(src.read_bytes() + " ".join([cc, *FLAGS, os.uname().machine, _cpu_flags()]).encode())
+    flags = _flags()
+    key = hashlib.sha256(src.read_bytes() + " ".join([cc, *flags, os.uname().machine, _cpu_flags()]).encode())
     key = key.hexdigest()[:16]  # -march=native: a build is only valid on a CPU with the same features
     out = slimlm_home() / "kernels" / f"{name}-{key}.so"
     if out.exists():
@@ -75,7 +86,7 @@ def _build(name: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_so = Path(tmp) / out.name
-        res = subprocess.run([cc, *FLAGS, str(src), "-o", str(tmp_so), "-lm"], capture_output=True, text=True)
+        res = subprocess.run([cc, *flags, str(src), "-o", str(tmp_so), "-lm"], capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"{cc} failed: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
         os.replace(tmp_so, out)  # atomic: concurrent builders never see a partial file

@@ -1,10 +1,20 @@
-"""Checked Python entry points of the native kernels.
+"""Checked entry points of the native kernels, also registered as ``torch.library`` ops.
 
 The C code trusts its pointers, so every call goes through these wrappers, which check what
 the kernel would otherwise read out of bounds or misinterpret: dtypes and contiguity of every
 tensor, block ids inside the pool, lengths inside the table's capacity. A failed check raises
 ValueError before the kernel runs. The checks are a few reductions over small index tensors
 (microseconds a step).
+
+Ops: ``torch.ops.slimlm.paged_decode`` and ``torch.ops.slimlm.paged_prefill`` (schemas below,
+mutated arguments declared, a CPU implementation = the checked call, and a fake implementation
+that checks shapes and dtypes and allocates the output), so ``torch.compile`` traces a model
+that uses them as one opaque op each instead of breaking the graph at a ctypes call, and
+``torch.library.opcheck`` accepts them. The wrappers :func:`native_decode` / :func:`native_prefill`
+call the op while ``torch.compile`` traces and the implementation directly in eager mode: the
+dispatcher costs about 10 us a call (measured here: 15 us vs 3.6 us for a plain Python call that
+allocates the output; ``torch.library.custom_op`` about 90 us), and the engine makes two calls
+per layer per step. Both paths run the same checks and the same kernel.
 """
 
 from __future__ import annotations
@@ -24,11 +34,78 @@ def _check_pool(parts: list[torch.Tensor], code: int) -> None:
         raise ValueError(f"native kernels: pool parts {[t.dtype for t in parts]} do not match dtype code {code}")
 
 
+def decode_threads(num_seqs: int) -> int:
+    """Threads for a decode call: never more than its work items (sequences). A thread with no
+    work still joins the parallel region's closing barrier, and on a busy machine that barrier
+    waits for a descheduled thread's next time slice: batch-1 decode steps measured 2.5-5x
+    slower with 2 threads than with 1 while other processes used the cores."""
+    return max(1, min(torch.get_num_threads(), num_seqs))
+
+
 def _check_table(table: torch.Tensor, num_blocks: int) -> None:
     if table.dtype != torch.int64 or not table.is_contiguous():
         raise ValueError("native kernels need a contiguous int64 block table")
     if table.numel() and (int(table.min()) < 0 or int(table.max()) >= num_blocks):
         raise ValueError(f"native kernels: block table holds ids outside the pool [0, {num_blocks})")
+
+
+_LIBS: dict[str, object] = {}
+"""The libraries the wrappers were handed (the ops' implementations call the same ones)."""
+
+
+def _lib(name: str):
+    lib = _LIBS.get(name)
+    if lib is None:
+        from slimlm import kernels
+
+        lib = kernels.load(name)
+        if lib is None:
+            raise RuntimeError(f"the native {name} kernel is unavailable (no compiler, a failed build or "
+                               "SLIMLM_NATIVE=0); use the PyTorch path")
+        _LIBS[name] = lib
+    return lib
+
+
+def _decode_shapes(q, k_parts, v_parts, code, table, lens, mass) -> None:
+    """The checks that need no tensor data (the fake implementation runs these too)."""
+    k0 = k_parts[0]
+    num_blocks, bs, hkv = k0.shape[0], k0.shape[1], k0.shape[2]
+    B, Hq, d = q.shape
+    _check_pool(k_parts, code)
+    _check_pool(v_parts, code)
+    if table.dtype != torch.int64 or table.dim() != 2 or table.shape[0] != B or lens.shape != (B,) \
+            or lens.dtype != torch.int64:
+        raise ValueError("native_decode: table (B, max_blocks) and lens (B,) int64 are needed")
+    if Hq % hkv or (code < 3 and k0.shape[3] != d) or (code == 3 and k0.shape[3] * 2 != d):
+        raise ValueError("native_decode: head counts or head size do not match the pool")
+    if mass is not None and (mass.dtype != torch.float32 or mass.numel() != num_blocks * bs * hkv):
+        raise ValueError("native_decode: mass must be a contiguous float32 (slots, Hkv) tensor")
+
+
+def _decode_impl(q: torch.Tensor, k_parts: list[torch.Tensor], v_parts: list[torch.Tensor], code: int,
+                 table: torch.Tensor, lens: torch.Tensor, scale: float, mass: torch.Tensor | None) -> torch.Tensor:
+    k0 = k_parts[0]
+    num_blocks, bs, hkv = k0.shape[0], k0.shape[1], k0.shape[2]
+    q = q.float().contiguous()
+    B, Hq, d = q.shape
+    _decode_shapes(q, k_parts, v_parts, code, table, lens, mass)
+    _check_table(table, num_blocks)
+    if not lens.is_contiguous():
+        raise ValueError("native_decode: lens must be contiguous")
+    if B and (int(lens.min()) < 0 or int(lens.max()) > table.shape[1] * bs):
+        raise ValueError("native_decode: a length exceeds its block table's capacity")
+    if mass is not None and not mass.is_contiguous():
+        raise ValueError("native_decode: mass must be a contiguous float32 (slots, Hkv) tensor")
+    out = torch.empty_like(q)
+    aux = [t.data_ptr() for t in k_parts[1:]] + [None] * (3 - len(k_parts))
+    vaux = [t.data_ptr() for t in v_parts[1:]] + [None] * (3 - len(v_parts))
+    rc = _lib("paged_decode").slimlm_paged_decode(
+        q.data_ptr(), k0.data_ptr(), v_parts[0].data_ptr(), aux[0], aux[1], vaux[0], vaux[1], code,
+        table.data_ptr(), lens.data_ptr(), out.data_ptr(), mass.data_ptr() if mass is not None else None, B, Hq,
+        hkv, d, bs, table.shape[1], scale, decode_threads(B))
+    if rc != 0:
+        raise RuntimeError(f"paged_decode kernel failed (code {rc})")
+    return out
 
 
 def native_decode(lib, q: torch.Tensor, k_parts: list[torch.Tensor], v_parts: list[torch.Tensor], code: int,
@@ -37,52 +114,84 @@ def native_decode(lib, q: torch.Tensor, k_parts: list[torch.Tensor], v_parts: li
     """q (B, Hq, d) -> attention output (B, Hq, d) in float32, keys and values read in place
     from the pools (``k_parts``: the codec's tensors, data first). ``table`` (B, max_blocks)
     int64, ``lens`` (B,) int64 tokens each query attends. ``mass`` (slots, Hkv) float32, if
-    given, receives the attention probabilities per key."""
-    k0 = k_parts[0]
-    num_blocks, bs, hkv = k0.shape[0], k0.shape[1], k0.shape[2]
-    q = q.float().contiguous()
-    B, Hq, d = q.shape
-    _check_pool(k_parts, code)
-    _check_pool(v_parts, code)
+    given, receives the attention probabilities per key. ``lib``: the loaded ``paged_decode``."""
+    if lib is not None:
+        _LIBS["paged_decode"] = lib
+    if torch.compiler.is_compiling():
+        return torch.ops.slimlm.paged_decode(q, list(k_parts), list(v_parts), code, table, lens, scale, mass)
+    return _decode_impl(q, k_parts, v_parts, code, table, lens, scale, mass)
+
+
+def _prefill_shapes(q_rows, k_pool, v_pool, table, q_start, out) -> None:
+    T, Hq, d = q_rows.shape
+    num_blocks, bs, hkv, _ = k_pool.shape
+    if not (q_rows.dtype == out.dtype == k_pool.dtype == v_pool.dtype) or q_rows.stride(2) != 1 or out.stride(2) != 1:
+        raise ValueError("native_prefill: q, out and the pools need one dtype and a contiguous head dimension")
+    if out.shape != q_rows.shape:
+        raise ValueError("native_prefill: out must have q's shape (T, Hq, d)")
+    if k_pool.dtype not in NATIVE_DTYPES or v_pool.shape != k_pool.shape:
+        raise ValueError("native_prefill: contiguous float32 or bfloat16 pools are needed")
+    if table.dtype != torch.int64:
+        raise ValueError("native kernels need a contiguous int64 block table")
+    if table.numel() * bs < q_start + T or Hq % hkv or k_pool.shape[3] != d:
+        raise ValueError("native_prefill: the table must cover every key and head sizes must match the pool")
+
+
+def _prefill_impl(q_rows: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor,
+                  q_start: int, out: torch.Tensor, scale: float) -> None:
+    T, Hq, d = q_rows.shape
+    num_blocks, bs, hkv, _ = k_pool.shape
+    _prefill_shapes(q_rows, k_pool, v_pool, table, q_start, out)
+    if not (k_pool.is_contiguous() and v_pool.is_contiguous()):
+        raise ValueError("native_prefill: contiguous float32 or bfloat16 pools are needed")
     _check_table(table, num_blocks)
-    if table.dim() != 2 or table.shape[0] != B or lens.shape != (B,) or lens.dtype != torch.int64:
-        raise ValueError("native_decode: table (B, max_blocks) and lens (B,) int64 are needed")
-    if B and (int(lens.min()) < 0 or int(lens.max()) > table.shape[1] * bs):
-        raise ValueError("native_decode: a length exceeds its block table's capacity")
-    if Hq % hkv or (code < 3 and k0.shape[3] != d) or (code == 3 and k0.shape[3] * 2 != d):
-        raise ValueError("native_decode: head counts or head size do not match the pool")
-    if mass is not None and (mass.dtype != torch.float32 or not mass.is_contiguous()
-                             or mass.numel() != num_blocks * bs * hkv):
-        raise ValueError("native_decode: mass must be a contiguous float32 (slots, Hkv) tensor")
-    out = torch.empty_like(q)
-    aux = [t.data_ptr() for t in k_parts[1:]] + [None] * (3 - len(k_parts))
-    vaux = [t.data_ptr() for t in v_parts[1:]] + [None] * (3 - len(v_parts))
-    rc = lib.slimlm_paged_decode(q.data_ptr(), k0.data_ptr(), v_parts[0].data_ptr(), aux[0], aux[1], vaux[0], vaux[1],
-                                 code, table.data_ptr(), lens.data_ptr(), out.data_ptr(),
-                                 mass.data_ptr() if mass is not None else None, B, Hq, hkv, d, bs,
-                                 table.shape[1], scale, min(torch.get_num_threads(), max(B, 1)))
+    rc = _lib("paged_prefill").slimlm_paged_prefill(
+        q_rows.data_ptr(), q_rows.stride(0), q_rows.stride(1), k_pool.data_ptr(), v_pool.data_ptr(),
+        NATIVE_DTYPES[k_pool.dtype], table.data_ptr(), q_start, out.data_ptr(), out.stride(0), out.stride(1), T, Hq,
+        hkv, d, bs, scale, torch.get_num_threads())
     if rc != 0:
-        raise RuntimeError(f"paged_decode kernel failed (code {rc})")
-    return out
+        raise RuntimeError(f"paged_prefill kernel failed (code {rc})")
 
 
 def native_prefill(lib, q_rows: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor,
                    q_start: int, out: torch.Tensor, scale: float) -> None:
     """Causal attention of one chunk, q_rows (T, Hq, d) at storage indices q_start.., written
     into ``out`` (T, Hq, d); keys and values come from the pools through ``table``. q, out and
-    the pools share one dtype (float32 or bfloat16)."""
-    T, Hq, d = q_rows.shape
-    num_blocks, bs, hkv, _ = k_pool.shape
-    if not (q_rows.dtype == out.dtype == k_pool.dtype == v_pool.dtype) or q_rows.stride(2) != 1 or out.stride(2) != 1:
-        raise ValueError("native_prefill: q, out and the pools need one dtype and a contiguous head dimension")
-    if k_pool.dtype not in NATIVE_DTYPES or not (k_pool.is_contiguous() and v_pool.is_contiguous()):
-        raise ValueError("native_prefill: contiguous float32 or bfloat16 pools are needed")
-    _check_table(table, num_blocks)
-    if table.numel() * bs < q_start + T or Hq % hkv or k_pool.shape[3] != d:
-        raise ValueError("native_prefill: the table must cover every key and head sizes must match the pool")
-    rc = lib.slimlm_paged_prefill(q_rows.data_ptr(), q_rows.stride(0), q_rows.stride(1), k_pool.data_ptr(),
-                                  v_pool.data_ptr(), NATIVE_DTYPES[k_pool.dtype], table.data_ptr(), q_start,
-                                  out.data_ptr(), out.stride(0),
-                                  out.stride(1), T, Hq, hkv, d, bs, scale, torch.get_num_threads())
-    if rc != 0:
-        raise RuntimeError(f"paged_prefill kernel failed (code {rc})")
+    the pools share one dtype (float32 or bfloat16). ``lib``: the loaded ``paged_prefill``."""
+    if lib is not None:
+        _LIBS["paged_prefill"] = lib
+    if torch.compiler.is_compiling():
+        torch.ops.slimlm.paged_prefill(q_rows, k_pool, v_pool, table, q_start, out, scale)
+        return
+    _prefill_impl(q_rows, k_pool, v_pool, table, q_start, out, scale)
+
+
+def release_prefill_scratch() -> None:
+    """Give back the prefill kernel's scratch (its per-thread tile buffers and the calling thread's
+    repacked K/V); the next call allocates what it needs again. A no-op when it is not loaded."""
+    from slimlm import kernels
+
+    lib = _LIBS.get("paged_prefill") or kernels._loaded.get("paged_prefill")
+    if lib is not None:
+        lib.slimlm_prefill_release(torch.get_num_threads())
+
+
+# ---------------------------------------------------------------------- torch.library registration
+_DEF = torch.library.Library("slimlm", "DEF")
+_DEF.define("paged_decode(Tensor q, Tensor[] k_parts, Tensor[] v_parts, int code, Tensor table, Tensor lens, "
+            "float scale, Tensor(a!)? mass) -> Tensor")
+_DEF.define("paged_prefill(Tensor q_rows, Tensor k_pool, Tensor v_pool, Tensor table, int q_start, Tensor(a!) out, "
+            "float scale) -> ()")
+_DEF.impl("paged_decode", _decode_impl, "CPU")
+_DEF.impl("paged_prefill", _prefill_impl, "CPU")
+
+
+@torch.library.register_fake("slimlm::paged_decode", lib=_DEF)
+def _decode_fake(q, k_parts, v_parts, code, table, lens, scale, mass):
+    _decode_shapes(q, k_parts, v_parts, code, table, lens, mass)
+    return q.new_empty(q.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("slimlm::paged_prefill", lib=_DEF)
+def _prefill_fake(q_rows, k_pool, v_pool, table, q_start, out, scale):
+    _prefill_shapes(q_rows, k_pool, v_pool, table, q_start, out)

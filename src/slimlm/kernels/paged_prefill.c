@@ -281,6 +281,15 @@ static void tile_bf16(const tile_args *a, int64_t h, int64_t t0, float *S, uint1
 static _Thread_local float *tl_s = NULL;
 static _Thread_local uint16_t *tl_p = NULL;
 static _Thread_local int64_t tl_cap = 0;
+#define TL_KEEP 16384 /* keys: per-thread tile scratch up to R x 16k x 6 B (~0.6 MB) is kept between calls */
+
+static void release_tiles(void) {
+    free(tl_s);
+    free(tl_p);
+    tl_s = NULL;
+    tl_p = NULL;
+    tl_cap = 0;
+}
 
 static void tiles(tile_args *a) {
     const int64_t ld = a->nkg * 16; /* covers every key plus the NK-group padding */
@@ -304,8 +313,34 @@ static void tiles(tile_args *a) {
 #endif
         tile_f32(a, h, t0, tl_s, ld);
     }
+    if (tl_cap > TL_KEEP) release_tiles(); /* long prompts: give large buffers back after the call */
 }
 #endif
+
+#ifdef SLIMLM_HAVE_AVX512
+static _Thread_local void *kp = NULL, *vp = NULL; /* the calling thread's repacked K and V */
+static _Thread_local size_t cap = 0;
+
+static void release_repack(void) {
+    free(kp);
+    free(vp);
+    kp = vp = NULL;
+    cap = 0;
+}
+#endif
+
+/* Free the scratch every call keeps for the next: the repacked K/V of the calling thread and
+ * the tile buffers of each of nthreads OpenMP threads (an OpenMP pool lives as long as the
+ * process, so its threads' buffers are otherwise never given back). */
+void slimlm_prefill_release(int nthreads) {
+#ifdef SLIMLM_HAVE_AVX512
+    release_repack();
+#pragma omp parallel num_threads(nthreads)
+    release_tiles();
+#else
+    (void)nthreads;
+#endif
+}
 
 int slimlm_paged_prefill(const void *q, int64_t qs_t, int64_t qs_h, const void *k_pool, const void *v_pool, int dtype,
                          const int64_t *table, int64_t q_start, void *out, int64_t os_t, int64_t os_h, int64_t T,
@@ -315,8 +350,6 @@ int slimlm_paged_prefill(const void *q, int64_t qs_t, int64_t qs_h, const void *
 #ifdef SLIMLM_HAVE_AVX512
     const int64_t n = q_start + T;
     const int64_t nkg = ((n + 16 * NK - 1) / (16 * NK)) * NK;
-    static _Thread_local void *kp = NULL, *vp = NULL;
-    static _Thread_local size_t cap = 0;
     const size_t need = (size_t)(Hkv * nkg * 16 * d) * (dtype == 1 ? 2 : 4); /* bytes, each of K and V */
     if (need > cap) {
         free(kp);
@@ -332,12 +365,7 @@ int slimlm_paged_prefill(const void *q, int64_t qs_t, int64_t qs_h, const void *
     tile_args ta = {q, out, kp, vp, qs_t, qs_h, os_t, os_h, T, q_start, Hq, Hkv, d, nkg, (T + R - 1) / R, scale, dtype, 0, 0};
 #pragma omp parallel num_threads(nthreads)
     tiles(&ta);
-    if (cap > ((size_t)64 << 20)) { /* keep small scratch for the next call, give large back */
-        free(kp);
-        free(vp);
-        kp = vp = NULL;
-        cap = 0;
-    }
+    if (cap > ((size_t)64 << 20)) release_repack(); /* keep small scratch for the next call, give large back */
     return ta.failed ? 2 : 0;
 #else
     (void)q; (void)qs_t; (void)qs_h; (void)k_pool; (void)v_pool; (void)table; (void)q_start; (void)out;
