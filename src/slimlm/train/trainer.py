@@ -72,7 +72,7 @@ class Trainer:
         self.model.to(self.world.device)
         self.wrapped = distributed.wrap(self.model, self.world, cfg.dist.strategy)
         self.forward = torch.compile(self.wrapped) if cfg.train.compile else self.wrapped
-        self.optimizer = build_optimizer(self.wrapped, cfg.optim)
+        self.optimizer = build_optimizer(self.wrapped, cfg.optim, self.model.cfg)
         self.balance = LoadBalance(self.model, cfg.model.moe.balance, cfg.model.moe.aux_loss_weight, self.world)
         self.extra: dict[str, float] = {}
         """Technique metrics of the last update (MoE balancing loss and load entropy)."""
@@ -204,7 +204,7 @@ class Trainer:
                      f"({loss if not math.isfinite(loss) else grad_norm}); update skipped")
         else:
             for g in self.optimizer.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g.get("lr_mult", 1.0)  # μP's per-layer multipliers (model/mup.py), else 1
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
