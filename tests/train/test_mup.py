@@ -155,3 +155,33 @@ def test_bad_values_are_one_line_errors(prepared, tmp_path, capsys):
     one_line_error(capsys, [*base, "--model.hidden_size", "90"], "model.hidden_size 90", "model.num_heads 4")
     one_line_error(capsys, [*base, "--model.hidden_size", "100"], "odd head width 25")
     one_line_error(capsys, [*base, "--model.num_kv_heads", "3"], "num_kv_heads")
+
+
+def test_runs_lr_sweep_groups_by_width_and_parameterization(prepared, tmp_path, capsys):
+    from slimlm.cli import main
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[train]\nsteps = 2\n')
+    runs = []
+    for par, lr in (("standard", "1e-3"), ("standard", "1e-2"), ("mup", "1e-3")):
+        run = tmp_path / f"{par}-{lr}"
+        assert main(["train", str(cfg), *tiny_args(prepared, run, "--train.steps", "2", "--schedule.lr", lr,
+                                                   "--model.parameterization", par, "--model.mup.base_width", "32")]) == 0
+        runs.append(str(run))
+    capsys.readouterr()
+    assert main(["runs", "lr-sweep", *runs, "--out", str(tmp_path / "s.png")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[2:] == ["1.00e-03", "1.00e-02", "best", "lr"]
+    std = next(r for r in out if r.startswith("standard")).split()
+    mp = next(r for r in out if r.startswith("mup")).split()
+    assert std[1] == "64" and mp[1] == "64" and mp[3] == "-"
+    from slimlm.train.compare import summarize
+
+    finals = [summarize(r).final_val for r in runs]
+    assert float(std[2]) == pytest.approx(finals[0], abs=1e-4) and float(std[3]) == pytest.approx(finals[1], abs=1e-4)
+    assert std[4] == ("1.00e-03" if finals[0] < finals[1] else "1.00e-02")
+    assert (tmp_path / "s.png").stat().st_size > 1000
+    one_line_error(capsys, ["runs", "lr-sweep", str(tmp_path)], "no good checkpoint")
+    assert main(["runs", "lr-sweep", *runs[:2], "--shared-width", "64"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert [r.split()[2:4] for r in rows[1:]] == [std[2:4], std[2:4]] and rows[1].startswith("mup")

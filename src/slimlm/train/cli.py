@@ -125,6 +125,16 @@ def cmd_runs_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs_lr_sweep(args: argparse.Namespace) -> int:
+    from slimlm.train import sweep
+
+    g = sweep.groups(args.runs, args.shared_width)
+    print("\n".join(sweep.table(g)))
+    if args.out:
+        print(f"wrote {sweep.plot(g, args.out)}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="pre-train or continue pre-training a model", epilog=config_keys(),
                        description="Train from a TOML/JSON config; override any key with --section.key value "
@@ -175,6 +185,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     rc.add_argument("baseline", help="the baseline run folder")
     rc.add_argument("runs", nargs="+", help="run folders to compare with it")
     rc.set_defaults(func=cmd_runs_compare)
+    rl = r.add_parser("lr-sweep", help="final held-out loss per peak lr, grouped by width and parameterization "
+                                       "(does the best lr transfer across widths? μP vs standard)")
+    rl.add_argument("runs", nargs="+", help="finished run folders of the sweep")
+    rl.add_argument("--out", default=None, help="also draw the sweep to this PNG")
+    rl.add_argument("--shared-width", type=int, default=None,
+                    help="the μP base width: standard runs at this width also count as μP runs (the same model there)")
+    rl.set_defaults(func=cmd_runs_lr_sweep)
 
     s = sub.add_parser("schedule", help="learning-rate schedules").add_subparsers(dest="schedule_command", required=True, metavar="COMMAND")
     sp = s.add_parser("plot", help="draw the schedule of one or more configs to a PNG")

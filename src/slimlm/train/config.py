@@ -241,6 +241,10 @@ class LoopConfig:
     from the throughput measured over the first ``budget_probe_steps`` updates."""
     budget_probe_steps: int = 5
     """Updates over which throughput is measured for the time budget (the first is not timed)."""
+    attention: str = "dense"
+    """Document-masked attention: 'dense' (a T x T mask into SDPA), 'varlen' (each document its
+    own causal SDPA call, no mask; any device) or 'flex' (flex_attention block masks; training
+    needs CUDA). The same numbers either way; see ``slimlm.train.doc_attention``."""
     compile: bool = False
     """torch.compile the model: inductor fuses the norm / RoPE / SwiGLU element-wise work (about
     7% faster per update for tiny-15m on CPU); the first update pays the compilation (~50 s on
@@ -249,6 +253,8 @@ class LoopConfig:
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16"):
             raise SlimLMError(f"train.precision must be fp32 or bf16; got '{self.precision}'")
+        if self.attention not in ("dense", "varlen", "flex"):
+            raise SlimLMError(f"train.attention must be dense, varlen or flex; got '{self.attention}'")
         if self.device not in ("auto", "cpu", "cuda"):
             raise SlimLMError(f"train.device must be auto, cpu or cuda; got '{self.device}'")
         if self.steps < 1 or self.grad_accum < 1 or self.budget_probe_steps < 2:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from slimlm.data.packing import IGNORE, Batch
 from slimlm.errors import SlimLMError
-from slimlm.train import build, checkpoint, distributed
+from slimlm.train import build, checkpoint, distributed, doc_attention
 from slimlm.train.config import TrainConfig, schedule_name, technique_changes
 from slimlm.train.interrupt import StopSignals
 from slimlm.train.metrics import MetricsLog
@@ -70,6 +70,10 @@ class Trainer:
         if adapt is not None:
             adapt(self.model)
         self.model.to(self.world.device)
+        if cfg.train.attention == "flex" and self.world.device.type != "cuda":
+            raise SlimLMError("train.attention 'flex' needs CUDA: flex_attention has no backward on the CPU in "
+                              "torch " + torch.__version__.split("+")[0] + "; use train.attention 'varlen'")
+        doc_attention.install(self.model, cfg.train.attention)  # the document-mask path (train/doc_attention.py)
         self.wrapped = distributed.wrap(self.model, self.world, cfg.dist.strategy)
         self.forward = torch.compile(self.wrapped) if cfg.train.compile else self.wrapped
         self.optimizer = build_optimizer(self.wrapped, cfg.optim, self.model.cfg)
