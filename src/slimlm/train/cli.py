@@ -135,6 +135,13 @@ def cmd_runs_lr_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs_consolidate(args: argparse.Namespace) -> int:
+    from slimlm.train.sharded_checkpoint import consolidate
+
+    print(f"wrote {consolidate(args.checkpoint, args.out)}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="pre-train or continue pre-training a model", epilog=config_keys(),
                        description="Train from a TOML/JSON config; override any key with --section.key value "
@@ -192,6 +199,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     rl.add_argument("--shared-width", type=int, default=None,
                     help="the μP base width: standard runs at this width also count as μP runs (the same model there)")
     rl.set_defaults(func=cmd_runs_lr_sweep)
+    co = r.add_parser("consolidate", help="a sharded checkpoint (checkpoint.sharded) as a Hugging Face directory")
+    co.add_argument("checkpoint", help="a step-XXXXXXXX folder with a dcp/ sub-folder")
+    co.add_argument("--out", required=True, help="the model directory to write")
+    co.set_defaults(func=cmd_runs_consolidate)
 
     s = sub.add_parser("schedule", help="learning-rate schedules").add_subparsers(dest="schedule_command", required=True, metavar="COMMAND")
     sp = s.add_parser("plot", help="draw the schedule of one or more configs to a PNG")

@@ -272,6 +272,10 @@ class CheckpointConfig:
     resume_from: str | None = None
     """Continue from this checkpoint folder (its weights, optimizer, data position and update
     count) into out_dir: e.g. branch a WSD decay from a stable-phase checkpoint of another run."""
+    sharded: bool = False
+    """With several processes: every rank writes its own shards of the model and optimizer state
+    through torch.distributed.checkpoint (no gather to rank 0); ``slimlm runs consolidate`` makes
+    one a Hugging Face directory. See ``slimlm.train.sharded_checkpoint``."""
     allow_config_change: bool = False
     """Resume even though technique settings (``TECHNIQUE_KEYS``) differ from the checkpoint's
     (``slimlm train ... --allow-config-change``); otherwise such a resume is refused."""
