@@ -20,7 +20,7 @@ for w in 64 256 128; do
         --schedule.lr "$lr" --schedule.warmup_steps 10 --model.num_layers 4 \
         --model.hidden_size "$w" --model.num_heads "$heads" --model.num_kv_heads "$kv" \
         --model.intermediate_size $((3 * w)) --model.parameterization "$par" --model.mup.base_width 64 \
-        --log.eval_every 0 2>&1 | grep -E "^(done|error)" | sed "s|^|$run: |"
+        --log.eval_every 0 2>&1 | grep -E "^(done|error)" | sed "s|^|$run: |" || true
     done
   done
 done
