@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GaLore vs AdamW at equal tokens, each at its own best peak lr, 3 seeds (docs/training.md).
 # Model: the μP sweep's width-256 standard model (4 layers, head width 32, 3x MLP); 100 updates of
-# 4 x 128 tokens. AdamW's lr sweep is recipes/mup-sweep.sh's standard-w256 runs (1e-3..1.6e-2, seed 0);
-# GaLore's is run here (4e-3, 8e-3, 1.6e-2; rank 64, projector every 50 updates, alpha 0.25).
+# 4 x 128 tokens. AdamW's lr sweep is recipes/mup-sweep.sh's standard-w256 runs (1e-3..1.6e-2, seed 0)
+# plus 5e-4 here (1e-3 was the lowest of that grid and the best); GaLore's is run here (2e-3..1.6e-2;
+# rank 64, projector every 50 updates, alpha 0.25).
 # Then seeds 1 and 2 (model init and data order) at each optimizer's best lr: ADAMW_LR / GALORE_LR.
 #   bash recipes/galore-seeds.sh [OUT_ROOT] [MUP_ROOT]
 set -uo pipefail
@@ -16,9 +17,10 @@ train() {  # run-folder, overrides...
   $SLIMLM train recipes/tiny15m-stdlib-short.toml --out_dir "$run" --train.steps 100 --schedule.warmup_steps 10 \
     --log.eval_every 0 $M "$@" 2>&1 | grep -E "^(done|error)" | sed "s|^|$run: |" || true
 }
-for lr in 4e-3 8e-3 1.6e-2; do train "$OUT/galore-lr$lr-seed0" $G --schedule.lr $lr; done
+for lr in 2e-3 4e-3 8e-3 1.6e-2; do train "$OUT/galore-lr$lr-seed0" $G --schedule.lr $lr; done
+train "$OUT/adamw-lr5e-4-seed0" --schedule.lr 5e-4
 best() { $SLIMLM runs lr-sweep "$@" | awk 'NR==2 {print $NF}'; }
-ADAMW_LR=${ADAMW_LR:-$(best "$MUP"/standard-w256-lr*)}
+ADAMW_LR=${ADAMW_LR:-$(best "$MUP"/standard-w256-lr* "$OUT"/adamw-lr*-seed0)}
 GALORE_LR=${GALORE_LR:-$(best "$OUT"/galore-lr*-seed0)}
 echo "best lr: adamw $ADAMW_LR, galore $GALORE_LR"
 for seed in 1 2; do
