@@ -4,7 +4,7 @@
 
 Each run folder is read for its final held-out loss (metrics.jsonl), its peak lr (the run's saved
 config) and its model's width and parameterization (its checkpoint's config.json). Runs are
-grouped by (parameterization, width); the table gives each group's loss per lr and its best lr,
+grouped by (parameterization, width), the optimizer named when it is not AdamW ('standard+galore'); the table gives each group's loss per lr and its best lr,
 the figure one panel per parameterization with a curve per width (MiniCPM's Fig. 3 shape).
 """
 
@@ -37,9 +37,11 @@ def point(run: str | Path) -> SweepPoint:
         state = json.loads((ck / "trainer_state.json").read_text())
         model = json.loads((ck / "config.json").read_text())
         lr = float(state["config"]["schedule"]["lr"])
+        optim = state["config"].get("optim", {}).get("name", "adamw")
     except (OSError, ValueError, KeyError) as e:
         raise SlimLMError(f"{ck}: cannot read its config ({e})") from None
-    return SweepPoint(Path(run).name, model.get("parameterization", "standard"), int(model["hidden_size"]), lr,
+    par = model.get("parameterization", "standard")
+    return SweepPoint(Path(run).name, par if optim == "adamw" else f"{par}+{optim}", int(model["hidden_size"]), lr,
                       summarize(run).final_val)
 
 
