@@ -19,7 +19,7 @@ def main() -> None:
     faulthandler.dump_traceback_later(int(os.environ.get("HANG_S", "60")), exit=True)  # a hang ends with a traceback, not a stuck CI
     out = Path(sys.argv[1])
     t = Trainer(load_config(None, sys.argv[2:]))
-    t.fit()
+    t.fit(int(os.environ["MAX_UPDATES"]) if os.environ.get("MAX_UPDATES") else None)  # a cut run (resume tests)
     full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in t.wrapped.state_dict().items()}
     flat = torch.cat([v.detach().float().flatten() for v in full.values()])
     gathered = [torch.zeros_like(flat) for _ in range(t.world.size)]

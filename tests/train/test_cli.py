@@ -90,3 +90,31 @@ def test_abf_raises_the_rope_base_and_the_context(prepared, tmp_path, capsys):
     assert float(lm.model.rotary.inv_freq[1]) == pytest.approx(500000 ** (-2 / lm.model.cfg.head_dim), rel=1e-5)
     one_line_error(capsys, ["train", str(conf), *tiny_args(prepared, tmp_path / "bad", "--model.rope_theta", "-1")],
                    "model.rope_theta must be positive")
+
+
+@pytest.fixture(scope="module")
+def source_2_layers(tmp_path_factory, prepared):
+    """A saved 2-layer micro model with the test data's vocabulary (a G_stack growth source)."""
+    from slimlm.data.tokens import TokenDataset
+    from slimlm.model.weights import save_model_dir
+    from slimlm.train.presets import model_config, new_model
+
+    vocab = -(-TokenDataset(prepared, "train").meta.vocab_size // 64) * 64
+    return save_model_dir(new_model(model_config("micro", vocab)), tmp_path_factory.mktemp("src") / "m")
+
+
+@pytest.mark.parametrize("extra,words", [
+    (("--optim.name", "galore", "--optim.galore.rank", "65"), ["optim.galore.rank 65 is larger than a dimension"]),
+    (("--model.norm_placement", "mix", "--model.post_ln_fraction", "1.5"), ["model.post_ln_fraction", "[0, 1]"]),
+    (("--model.growth.factor", "1.25"), ["model.growth.factor 1.25 gives 2.5 layers from 2"]),
+    (("--model.moe.num_experts", "4", "--model.moe.top_k", "5"), ["model.moe.top_k 5", "model.moe.num_experts 4"]),
+    (("--objective.next_token", "0"), ["objective weights", "sum to a positive value"]),
+    (("--model.parameterization", "mup", "--model.mup.base_width", "-64"), ["model.mup.base_width"]),
+], ids=["galore-rank", "post-ln-fraction", "growth-factor", "moe-top-k", "mixture-weights", "mup-base-width"])
+def test_issue15_bad_input_is_one_line_before_any_step(prepared, tmp_path, capsys, source_2_layers, extra, words):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[train]\nsteps = 2\n')
+    if "--model.growth.factor" in extra:
+        extra = (*extra, "--model.growth.source", str(source_2_layers))
+    one_line_error(capsys, ["train", str(cfg), *tiny_args(prepared, tmp_path / "r", *extra)], *words)
+    assert not (tmp_path / "r" / "checkpoints").exists() and not (tmp_path / "r" / "metrics.jsonl").exists()

@@ -67,6 +67,16 @@ class ModelConfig:
     """Experts every token goes through besides the routed ones (DeepSeekMoE)."""
     moe_intermediate_size: int = 0
     """Hidden width of each expert; 0 means intermediate_size."""
+    parameterization: str = "standard"
+    """'standard' or 'mup' (μP, maximal update parameterization: see ``slimlm.model.mup``)."""
+    mup_base_width: int = 0
+    """μP: the base (proxy) model's hidden width d0; the width multiplier is hidden_size / d0."""
+    mup_input_multiplier: float = 1.0
+    """μP: factor on the embedding output (MiniCPM's scale_emb)."""
+    mup_output_multiplier: float = 1.0
+    """μP: factor on the logits at the base width (divided by the width multiplier)."""
+    mup_base_head_dim: int = 0
+    """μP: the base model's head width for the 1/d attention scale (0: this model's head_dim)."""
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
     """Unrecognised config.json keys, written back unchanged by ``to_hf``."""
 
@@ -91,6 +101,9 @@ class ModelConfig:
                              f"{self.num_experts}")
         if self.num_experts < 0 or self.num_shared_experts < 0 or self.moe_intermediate_size < 0:
             raise ValueError("num_experts, num_shared_experts and moe_intermediate_size must be >= 0")
+        from slimlm.model import mup
+
+        mup.check(self)
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ROPE_TYPES:
             raise UnsupportedArchitectureError(
@@ -174,6 +187,7 @@ class ModelConfig:
             "original_max_position_embeddings", "attention_dropout", "initializer_range",
             "use_cache", "pretraining_tp", "norm_placement", "post_ln_fraction",
             "num_local_experts", "num_experts_per_tok", "num_shared_experts", "moe_intermediate_size",
+            "parameterization", "mup_base_width", "mup_input_multiplier", "mup_output_multiplier", "mup_base_head_dim",
         }
         act = cfg.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
@@ -207,6 +221,11 @@ class ModelConfig:
             num_experts_per_tok=int(cfg.get("num_experts_per_tok", 2)),
             num_shared_experts=int(cfg.get("num_shared_experts", 0)),
             moe_intermediate_size=int(cfg.get("moe_intermediate_size", 0)),
+            parameterization=cfg.get("parameterization", "standard"),
+            mup_base_width=int(cfg.get("mup_base_width", 0)),
+            mup_input_multiplier=float(cfg.get("mup_input_multiplier", 1.0)),
+            mup_output_multiplier=float(cfg.get("mup_output_multiplier", 1.0)),
+            mup_base_head_dim=int(cfg.get("mup_base_head_dim", 0)),
             extra={k: v for k, v in cfg.items() if k not in known},
         )
 
@@ -238,6 +257,10 @@ class ModelConfig:
         if self.num_experts:  # Mixtral's key names; slimlm's module names (see docs/training.md)
             cfg.update(num_local_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
                        num_shared_experts=self.num_shared_experts, moe_intermediate_size=self.moe_intermediate_size)
+        if self.parameterization != "standard":  # slimlm-only keys: transformers ignores them (see model/mup.py)
+            cfg.update(parameterization=self.parameterization, mup_base_width=self.mup_base_width,
+                       mup_input_multiplier=self.mup_input_multiplier, mup_output_multiplier=self.mup_output_multiplier,
+                       mup_base_head_dim=self.mup_base_head_dim)
         if self.model_type == "llama":
             cfg.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
         if self.model_type == "qwen2":

@@ -277,6 +277,9 @@ def write_gguf(model, tokenizer: Tokenizer, path: str | Path, qtype: str = "F32"
     if cfg.norm_placement != "pre":
         raise UnsupportedArchitectureError(f"GGUF has no {cfg.norm_placement}-LN layers (llama.cpp computes Pre-LN); "
                                            "keep this model as a Hugging Face directory")
+    if cfg.parameterization != "standard":
+        raise UnsupportedArchitectureError("GGUF has no μP multipliers (embedding, logit, attention scale); "
+                                           "keep this model as a Hugging Face directory")
     arch = GGUF_ARCHS[cfg.model_type]
     qt = gguf.GGMLQuantizationType[qtype]
     path = Path(path)

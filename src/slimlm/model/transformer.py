@@ -17,6 +17,7 @@ from torch import nn
 
 from slimlm.model.attention import AttentionBackend, DenseAttention
 from slimlm.model.config import ModelConfig
+from slimlm.model import mup
 from slimlm.model.fuse import fused_ok
 from slimlm.model.moe import MoEMLP
 from slimlm.model.rope import RotaryEmbedding, apply_rope
@@ -169,7 +170,8 @@ class CausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg)
-        self.attn_scale = cfg.head_dim**-0.5
+        self.attn_scale = mup.attention_scale(cfg)  # head_dim**-0.5 unless μP
+        self.embed_mult, self.logit_mult = mup.embedding_multiplier(cfg), mup.logit_multiplier(cfg)  # 1, 1 unless μP
 
     @property
     def device(self) -> torch.device:
@@ -189,10 +191,12 @@ class CausalLM(nn.Module):
 
     # The three stages, exposed so runners can act between layers.
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(input_ids)  # (B, T, D)
+        h = self.model.embed_tokens(input_ids)  # (B, T, D)
+        return h if self.embed_mult == 1.0 else h * self.embed_mult
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.model.norm(h))  # (B, T, V)
+        h = self.model.norm(h)
+        return self.lm_head(h if self.logit_mult == 1.0 else h * self.logit_mult)  # (B, T, V)
 
     def forward(
         self,

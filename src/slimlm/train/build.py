@@ -11,6 +11,7 @@ from slimlm.data.prepare import tokenizer_sha256
 from slimlm.data.tokens import TokenDataset
 from slimlm.data.varlen import VariableLengthSampler
 from slimlm.errors import SlimLMError
+from slimlm.model.config import ModelConfig
 from slimlm.model.transformer import CausalLM
 from slimlm.tokenizer import Tokenizer
 from slimlm.train.config import TrainConfig
@@ -46,6 +47,9 @@ def build_model(cfg: TrainConfig, data: TokenDataset) -> tuple[CausalLM, Tokeniz
     elif cfg.model.init_from:
         from slimlm.model.hub import load
 
+        if cfg.model.parameterization != "standard":
+            raise SlimLMError("model.parameterization shapes new models; a model continued with model.init_from "
+                              "keeps its own")
         lm = load(cfg.model.init_from)
         model, tok = lm.model, lm.tokenizer
         if (cfg.model.norm_placement, cfg.model.post_ln_fraction) != ("pre", 0.25) and (
@@ -63,6 +67,7 @@ def build_model(cfg: TrainConfig, data: TokenDataset) -> tuple[CausalLM, Tokeniz
             norm_placement=cfg.model.norm_placement, post_ln_fraction=cfg.model.post_ln_fraction)
         if cfg.model.num_layers:
             mcfg = mcfg.replace(num_layers=cfg.model.num_layers)
+        mcfg = shaped(mcfg, cfg.model)
         moe = cfg.model.moe
         if moe.num_experts:
             mcfg = mcfg.replace(num_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
@@ -82,6 +87,30 @@ def build_model(cfg: TrainConfig, data: TokenDataset) -> tuple[CausalLM, Tokeniz
             f"data.seq_len {cfg.data.seq_len} is beyond the model's context ({model.cfg.context_length} tokens)"
         )
     return model.float().train(), tok
+
+
+def shaped(mcfg: ModelConfig, spec) -> ModelConfig:
+    """The preset's config with the spec's width overrides and parameterization (one-line errors)."""
+    widths = {k: getattr(spec, k) for k in ("hidden_size", "intermediate_size", "num_heads", "num_kv_heads")
+              if getattr(spec, k) is not None}
+    if spec.parameterization == "mup":
+        m = spec.mup
+        widths.update(parameterization="mup", mup_base_width=m.base_width, mup_input_multiplier=m.input_multiplier,
+                      mup_output_multiplier=m.output_multiplier, mup_base_head_dim=m.base_head_dim)
+    if not widths:
+        return mcfg
+    if "hidden_size" in widths or "num_heads" in widths:
+        widths["head_dim"] = 0  # recomputed from hidden_size / num_heads
+    hidden, heads = widths.get("hidden_size", mcfg.hidden_size), widths.get("num_heads", mcfg.num_heads)
+    if hidden % heads:
+        raise SlimLMError(f"model.hidden_size {hidden} is not a multiple of model.num_heads {heads}")
+    if (hidden // heads) % 2:
+        raise SlimLMError(f"model.hidden_size {hidden} / model.num_heads {heads} gives an odd head width "
+                          f"{hidden // heads}; RoPE needs an even one")
+    try:
+        return mcfg.replace(**widths)
+    except ValueError as e:
+        raise SlimLMError(f"model: {e}") from None
 
 
 def batch_source(cfg: TrainConfig, sets: list[TokenDataset], world: World) -> BatchSource:

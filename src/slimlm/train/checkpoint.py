@@ -41,10 +41,15 @@ STEP_DIR = re.compile(r"^step-(\d{8})$")
 class Checkpoint:
     path: Path
     model_cfg: ModelConfig
-    model_state: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]
+    model_state: dict[str, torch.Tensor] | None
+    """None for a sharded checkpoint (``sharded_checkpoint``): its states load onto the wrapped model."""
+    optimizer: dict[str, Any] | None
     rng: dict[str, Any]
     trainer: dict[str, Any]
+
+    @property
+    def sharded(self) -> bool:
+        return self.model_state is None
 
 
 def checkpoint_root(out_dir: str | Path) -> Path:
@@ -60,17 +65,25 @@ def save_checkpoint(
     keep_last: int = 3,
 ) -> Path:
     step = int(trainer_state["step"])
-    final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     save_model_dir(model, tmp, tokenizer)
     torch.save(optimizer_state, tmp / "optimizer.pt")
+    return seal(root, tmp, trainer_state, keep_last)
+
+
+def seal(root: Path, tmp: Path, trainer_state: dict[str, Any], keep_last: int) -> Path:
+    """Finish a checkpoint written into ``tmp``: RNG and trainer state, the manifest of every file
+    (sub-folders too: sharded checkpoints), then the atomic rename and pruning."""
+    step = int(trainer_state["step"])
+    final = root / f"step-{step:08d}"
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(rng, tmp / "rng.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-    files = {f.name: {"size": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir()) if f.is_file()}
+    files = {f.relative_to(tmp).as_posix(): {"size": f.stat().st_size, "sha256": sha256_file(f)}
+             for f in sorted(tmp.rglob("*")) if f.is_file()}
     (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2))
     if final.exists():  # re-saving a step (e.g. after falling back past a corrupt one)
         old = root / f".old-{final.name}-{os.getpid()}"
@@ -152,8 +165,9 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise SlimLMError(f"checkpoint {path} is corrupt: {problem}")
     try:
         cfg = read_config(path)
-        state = read_state_dict(path)
-        optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        sharded = (path / "dcp").is_dir()  # torch.distributed.checkpoint shards (sharded_checkpoint.py)
+        state = None if sharded else read_state_dict(path)
+        optimizer = None if sharded else torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
         trainer = json.loads((path / "trainer_state.json").read_text())
     except (ModelLoadError, OSError, ValueError, RuntimeError) as e:

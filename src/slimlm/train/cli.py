@@ -118,10 +118,52 @@ def cmd_layer_effect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_expert_load(args: argparse.Namespace) -> int:
+    from slimlm.data.loader import PackedLoader
+    from slimlm.data.tokens import TokenDataset
+    from slimlm.model.hub import load
+    from slimlm.errors import SlimLMError
+    from slimlm.train.expert_load import expert_load, report
+
+    domains, vocab = {}, 0
+    for spec in args.data:
+        name, eq, folder = spec.partition("=")
+        if not eq or not name or not folder:
+            raise SlimLMError(f"--data wants NAME=FOLDER (e.g. code=data/stdlib-8k); got '{spec}'")
+        ds = TokenDataset(folder, args.split)
+        vocab = max(vocab, ds.meta.vocab_size)
+        loader = PackedLoader([ds], args.seq_len, args.micro_batch, None, "document", 0, 1, 0, shuffle=False)
+        domains[name] = [loader.next_batch() for _ in range(args.batches)]
+    lm = load(args.model)
+    if lm.model.cfg.vocab_size < vocab:
+        raise SlimLMError(f"the data's vocabulary ({vocab}) is larger than the model's ({lm.model.cfg.vocab_size}): "
+                          "prepare it with the model's tokenizer")
+    print(f"{lm.path}: expert load per domain ({args.batches} x {args.micro_batch} x {args.seq_len} tokens each)")
+    print("\n".join(report(expert_load(lm.model.float(), domains))))
+    return 0
+
+
 def cmd_runs_compare(args: argparse.Namespace) -> int:
     from slimlm.train.compare import compare
 
     print("\n".join(compare(args.baseline, args.runs)))
+    return 0
+
+
+def cmd_runs_lr_sweep(args: argparse.Namespace) -> int:
+    from slimlm.train import sweep
+
+    g = sweep.groups(args.runs, args.shared_width)
+    print("\n".join(sweep.table(g)))
+    if args.out:
+        print(f"wrote {sweep.plot(g, args.out)}")
+    return 0
+
+
+def cmd_runs_consolidate(args: argparse.Namespace) -> int:
+    from slimlm.train.sharded_checkpoint import consolidate
+
+    print(f"wrote {consolidate(args.checkpoint, args.out)}")
     return 0
 
 
@@ -168,6 +210,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     le.add_argument("--seq-len", type=int, default=256)
     le.set_defaults(func=cmd_layer_effect)
 
+    el = sub.add_parser("expert-load", help="per-domain expert load and specialization of a mixture-of-experts model",
+                        description="Share of routing choices per expert for each domain's held-out tokens, "
+                                    "its entropy, and the Jensen-Shannon divergence between domains (specialization).")
+    el.add_argument("model", help="model name, HF directory or a training run folder")
+    el.add_argument("--data", action="append", required=True, metavar="NAME=FOLDER",
+                    help="a domain: its name and a prepared token folder (repeat for each domain)")
+    el.add_argument("--split", default="val", choices=["train", "val"])
+    el.add_argument("--batches", type=int, default=4)
+    el.add_argument("--micro-batch", type=int, default=4)
+    el.add_argument("--seq-len", type=int, default=256)
+    el.set_defaults(func=cmd_expert_load)
+
     r = sub.add_parser("runs", help="finished training runs").add_subparsers(dest="runs_command", required=True,
                                                                              metavar="COMMAND")
     rc = r.add_parser("compare", help="final held-out loss, optimizer memory, tokens/s and tokens to reach the "
@@ -175,6 +229,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     rc.add_argument("baseline", help="the baseline run folder")
     rc.add_argument("runs", nargs="+", help="run folders to compare with it")
     rc.set_defaults(func=cmd_runs_compare)
+    rl = r.add_parser("lr-sweep", help="final held-out loss per peak lr, grouped by width and parameterization "
+                                       "(does the best lr transfer across widths? μP vs standard)")
+    rl.add_argument("runs", nargs="+", help="finished run folders of the sweep")
+    rl.add_argument("--out", default=None, help="also draw the sweep to this PNG")
+    rl.add_argument("--shared-width", type=int, default=None,
+                    help="the μP base width: standard runs at this width also count as μP runs (the same model there)")
+    rl.set_defaults(func=cmd_runs_lr_sweep)
+    co = r.add_parser("consolidate", help="a sharded checkpoint (checkpoint.sharded) as a Hugging Face directory")
+    co.add_argument("checkpoint", help="a step-XXXXXXXX folder with a dcp/ sub-folder")
+    co.add_argument("--out", required=True, help="the model directory to write")
+    co.set_defaults(func=cmd_runs_consolidate)
 
     s = sub.add_parser("schedule", help="learning-rate schedules").add_subparsers(dest="schedule_command", required=True, metavar="COMMAND")
     sp = s.add_parser("plot", help="draw the schedule of one or more configs to a PNG")

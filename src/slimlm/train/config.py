@@ -65,6 +65,33 @@ class MoESpec:
 
 
 @dataclass
+class MuPSpec:
+    """μP settings (``model.parameterization = "mup"``; formulas in ``slimlm.model.mup``)."""
+
+    base_width: int = 256
+    """d0: hidden width of the base (proxy) model the hyper-parameters were tuned at (MiniCPM: 256).
+    The width multiplier m = hidden_size / base_width divides the hidden matrices' Adam lr, their
+    init variance and the logits."""
+    input_multiplier: float = 1.0
+    """Factor on the embedding output (MiniCPM's scale_emb = 12)."""
+    output_multiplier: float = 1.0
+    """Factor on the logits at the base width."""
+    base_head_dim: int = 0
+    """Head width of the base model, for μP's 1/d attention scale sqrt(base_head_dim) / head_dim
+    (0: the model's own head_dim, i.e. heads are added as the model widens)."""
+
+    def __post_init__(self) -> None:
+        if self.base_width < 1:
+            raise SlimLMError(f"model.mup.base_width must be >= 1; got {self.base_width}")
+        for k in ("input_multiplier", "output_multiplier"):
+            v = getattr(self, k)
+            if not (v > 0 and v != float("inf")):
+                raise SlimLMError(f"model.mup.{k} must be a positive number; got {v}")
+        if self.base_head_dim < 0:
+            raise SlimLMError(f"model.mup.base_head_dim must be >= 0; got {self.base_head_dim}")
+
+
+@dataclass
 class ModelSpec:
     preset: str = "micro"
     """Shape from ``slimlm.train.presets.PRESETS`` for training from scratch."""
@@ -74,6 +101,19 @@ class ModelSpec:
     """Vocabulary of a new model; default: the data's tokenizer, rounded up to a multiple of 64."""
     num_layers: int | None = None
     """Override the preset's depth (e.g. a shallower model to grow with model.growth)."""
+    hidden_size: int | None = None
+    """Override the preset's width (a μP width sweep); set num_heads with it to keep head_dim."""
+    intermediate_size: int | None = None
+    """Override the preset's MLP width."""
+    num_heads: int | None = None
+    """Override the preset's attention heads (head_dim = hidden_size / num_heads)."""
+    num_kv_heads: int | None = None
+    """Override the preset's key/value heads (must divide num_heads)."""
+    parameterization: str = "standard"
+    """'standard' or 'mup' (μP, Yang et al., 2022; MiniCPM's wind tunnel): width-independent init,
+    per-layer lr multipliers and a logit multiplier, so an lr tuned at model.mup.base_width transfers."""
+    mup: MuPSpec = field(default_factory=MuPSpec)
+    """μP's base width and multipliers (used with parameterization = 'mup')."""
     init_std: float = 0.02
     """Std of the normal init of a new model's matrices (GPT-2, Radford et al., 2019)."""
     norm_placement: str = "pre"
@@ -98,6 +138,12 @@ class ModelSpec:
             raise SlimLMError(f"model.post_ln_fraction must be in [0, 1]; got {self.post_ln_fraction}")
         if self.num_layers is not None and self.num_layers < 1:
             raise SlimLMError(f"model.num_layers must be >= 1; got {self.num_layers}")
+        for k in ("hidden_size", "intermediate_size", "num_heads", "num_kv_heads"):
+            v = getattr(self, k)
+            if v is not None and v < 1:
+                raise SlimLMError(f"model.{k} must be >= 1; got {v}")
+        if self.parameterization not in ("standard", "mup"):
+            raise SlimLMError(f"model.parameterization must be standard or mup; got '{self.parameterization}'")
 
 
 @dataclass
@@ -195,6 +241,10 @@ class LoopConfig:
     from the throughput measured over the first ``budget_probe_steps`` updates."""
     budget_probe_steps: int = 5
     """Updates over which throughput is measured for the time budget (the first is not timed)."""
+    attention: str = "dense"
+    """Document-masked attention: 'dense' (a T x T mask into SDPA), 'varlen' (each document its
+    own causal SDPA call, no mask; any device) or 'flex' (flex_attention block masks; training
+    needs CUDA). The same numbers either way; see ``slimlm.train.doc_attention``."""
     compile: bool = False
     """torch.compile the model: inductor fuses the norm / RoPE / SwiGLU element-wise work (about
     7% faster per update for tiny-15m on CPU); the first update pays the compilation (~50 s on
@@ -203,6 +253,8 @@ class LoopConfig:
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16"):
             raise SlimLMError(f"train.precision must be fp32 or bf16; got '{self.precision}'")
+        if self.attention not in ("dense", "varlen", "flex"):
+            raise SlimLMError(f"train.attention must be dense, varlen or flex; got '{self.attention}'")
         if self.device not in ("auto", "cpu", "cuda"):
             raise SlimLMError(f"train.device must be auto, cpu or cuda; got '{self.device}'")
         if self.steps < 1 or self.grad_accum < 1 or self.budget_probe_steps < 2:
@@ -220,6 +272,10 @@ class CheckpointConfig:
     resume_from: str | None = None
     """Continue from this checkpoint folder (its weights, optimizer, data position and update
     count) into out_dir: e.g. branch a WSD decay from a stable-phase checkpoint of another run."""
+    sharded: bool = False
+    """With several processes: every rank writes its own shards of the model and optimizer state
+    through torch.distributed.checkpoint (no gather to rank 0); ``slimlm runs consolidate`` makes
+    one a Hugging Face directory. See ``slimlm.train.sharded_checkpoint``."""
     allow_config_change: bool = False
     """Resume even though technique settings (``TECHNIQUE_KEYS``) differ from the checkpoint's
     (``slimlm train ... --allow-config-change``); otherwise such a resume is refused."""

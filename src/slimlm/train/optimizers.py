@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimlm.model import mup
+from slimlm.model.config import ModelConfig
 from slimlm.train.config import OptimConfig
 from slimlm.train.galore import GaLoreAdamW, check_rank
 from slimlm.train.gradnorm_lorp import GradNormLoRP
@@ -79,9 +81,15 @@ def gradnorm_lorp(groups: list[dict[str, Any]], cfg: OptimConfig) -> torch.optim
 LOWRANK = {"galore", "gradnorm_lorp"}
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, model_cfg: ModelConfig | None = None) -> torch.optim.Optimizer:
+    """Groups for ``cfg.name``; with a μP ``model_cfg`` each group is split by lr multiplier
+    (``lr_mult``: the trainer sets lr = schedule lr x lr_mult)."""
     factory = OPTIMIZERS.get(cfg.name)
     if cfg.name in LOWRANK:
         check_rank(lowrank_targets(model), cfg.galore.rank)
-        return factory(lowrank_groups(model, cfg.weight_decay), cfg)
-    return factory(param_groups(model, cfg.weight_decay), cfg)
+        groups = lowrank_groups(model, cfg.weight_decay)
+    else:
+        groups = param_groups(model, cfg.weight_decay)
+    if model_cfg is not None:
+        groups = mup.split_lr_groups(groups, list(model.named_parameters()), model_cfg)
+    return factory(groups, cfg)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from slimlm.errors import SlimLMError
+from slimlm.model import mup
 from slimlm.model.config import ModelConfig
 from slimlm.model.transformer import CausalLM
 
@@ -56,7 +57,8 @@ def model_config(name: str, vocab_size: int) -> ModelConfig:
 
 def new_model(cfg: ModelConfig, init_std: float = 0.02, seed: int = 0) -> CausalLM:
     """A freshly initialised model: matrices N(0, std), residual outputs N(0, std / sqrt(2 L))
-    (GPT-2's scaled init, Radford et al., 2019), norms 1, biases 0."""
+    (GPT-2's scaled init, Radford et al., 2019), norms 1, biases 0; under μP the decoder layers'
+    matrices' std is further divided by sqrt(width multiplier) (``slimlm.model.mup``)."""
     torch.manual_seed(seed)
     model = CausalLM(cfg)
     out_std = init_std / math.sqrt(2 * cfg.num_layers)
@@ -64,7 +66,7 @@ def new_model(cfg: ModelConfig, init_std: float = 0.02, seed: int = 0) -> Causal
         for name, m in model.named_modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 std = out_std if name.endswith(("o_proj", "down_proj")) else init_std
-                m.weight.normal_(0.0, std)
+                m.weight.normal_(0.0, std * mup.init_scale(cfg, f"{name}.weight", m.weight.dim()))
                 if getattr(m, "bias", None) is not None:
                     m.bias.zero_()
     return model

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from slimlm.data.packing import IGNORE, Batch
 from slimlm.errors import SlimLMError
-from slimlm.train import build, checkpoint, distributed
+from slimlm.train import build, checkpoint, distributed, doc_attention, sharded_checkpoint
 from slimlm.train.config import TrainConfig, schedule_name, technique_changes
 from slimlm.train.interrupt import StopSignals
 from slimlm.train.metrics import MetricsLog
@@ -70,9 +70,13 @@ class Trainer:
         if adapt is not None:
             adapt(self.model)
         self.model.to(self.world.device)
+        if cfg.train.attention == "flex" and self.world.device.type != "cuda":
+            raise SlimLMError("train.attention 'flex' needs CUDA: flex_attention has no backward on the CPU in "
+                              "torch " + torch.__version__.split("+")[0] + "; use train.attention 'varlen'")
+        doc_attention.install(self.model, cfg.train.attention)  # the document-mask path (train/doc_attention.py)
         self.wrapped = distributed.wrap(self.model, self.world, cfg.dist.strategy)
         self.forward = torch.compile(self.wrapped) if cfg.train.compile else self.wrapped
-        self.optimizer = build_optimizer(self.wrapped, cfg.optim)
+        self.optimizer = build_optimizer(self.wrapped, cfg.optim, self.model.cfg)
         self.balance = LoadBalance(self.model, cfg.model.moe.balance, cfg.model.moe.aux_loss_weight, self.world)
         self.extra: dict[str, float] = {}
         """Technique metrics of the last update (MoE balancing loss and load entropy)."""
@@ -113,7 +117,8 @@ class Trainer:
         else:
             return False
         state = checkpoint.load_checkpoint(path)
-        state.model_state = checkpoint.with_tied_names(self.model, state.model_state)
+        if not state.sharded:
+            state.model_state = checkpoint.with_tied_names(self.model, state.model_state)
         diff = checkpoint.same_shape(state.model_cfg, self.model.cfg)
         if diff:
             raise SlimLMError(f"checkpoint {path} is from another model shape ({diff}); use another out_dir")
@@ -121,9 +126,13 @@ class Trainer:
         if changed and not ck.allow_config_change:
             raise SlimLMError(f"checkpoint {path} was trained with other technique settings ({'; '.join(changed)}); "
                               "resume with the same settings, or pass --allow-config-change")
-        if any(c.startswith("optim.") for c in changed):  # allowed above: another optimizer's state does not fit
-            distributed.load_full_model_state(self.wrapped, state.model_state)
+        fresh_optimizer = any(c.startswith("optim.") for c in changed)  # allowed above: another optimizer's state does not fit
+        if fresh_optimizer:
             self.say("slimlm: warning: the optimizer changed; its state starts fresh (weights and data position resume)")
+        if state.sharded:  # torch.distributed.checkpoint shards, resharded onto this run's processes
+            sharded_checkpoint.load(path, self.wrapped, None if fresh_optimizer else self.optimizer)
+        elif fresh_optimizer:
+            distributed.load_full_model_state(self.wrapped, state.model_state)
         else:
             distributed.load_full_states(self.wrapped, self.optimizer, state.model_state, state.optimizer)
         t = state.trainer
@@ -148,6 +157,11 @@ class Trainer:
             self.say(f"slimlm: warning: {w}")
 
     def save(self) -> Path | None:
+        if self.cfg.checkpoint.sharded and self.world.distributed:  # every rank writes its shards, no gather
+            self.checkpoint = sharded_checkpoint.save(checkpoint.checkpoint_root(self.out), self.wrapped, self.optimizer,
+                                                      self._trainer_state(), self.model.cfg, self.tokenizer,
+                                                      self.cfg.checkpoint.keep_last, self.world)
+            return self.checkpoint
         msd, osd = distributed.full_states(self.wrapped, self.optimizer)
         path = None
         if self.world.main:
@@ -156,17 +170,19 @@ class Trainer:
                 from slimlm.model.weights import build_model
 
                 model = build_model(self.model.cfg.replace(), msd)
-            state = {
-                "step": self.step, "tokens": self.tokens, "skipped": self.skipped,
-                "total_steps": self.horizon.total_steps, "budget_fixed": self.budget_fixed,
-                "data": self.loader.state_dict(), "schedule": schedule_name(self.cfg.schedule),
-                "config": self.cfg.to_dict(),
-            }
-            path = checkpoint.save_checkpoint(checkpoint.checkpoint_root(self.out), model, osd, state,
+            path = checkpoint.save_checkpoint(checkpoint.checkpoint_root(self.out), model, osd, self._trainer_state(),
                                               self.tokenizer, self.cfg.checkpoint.keep_last)
         distributed.barrier(self.world)
         self.checkpoint = path if path is not None else self.checkpoint
         return path
+
+    def _trainer_state(self) -> dict:
+        return {
+            "step": self.step, "tokens": self.tokens, "skipped": self.skipped,
+            "total_steps": self.horizon.total_steps, "budget_fixed": self.budget_fixed,
+            "data": self.loader.state_dict(), "schedule": schedule_name(self.cfg.schedule),
+            "config": self.cfg.to_dict(),
+        }
 
     # ------------------------------------------------------------------ one update
     def update(self) -> UpdateResult:
@@ -204,7 +220,7 @@ class Trainer:
                      f"({loss if not math.isfinite(loss) else grad_norm}); update skipped")
         else:
             for g in self.optimizer.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g.get("lr_mult", 1.0)  # μP's per-layer multipliers (model/mup.py), else 1
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
