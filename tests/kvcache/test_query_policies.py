@@ -129,3 +129,19 @@ def test_summary_is_built_once_per_shared_prefix(tiny):
 def test_bad_settings_are_one_line(tiny, name, args, msg):
     with pytest.raises(ValueError, match=msg):
         LLM(tiny, kv_policy=name, kv_policy_args=args)
+
+
+def test_eval_reports_the_bytes_read(tiny_llama_dir, tmp_path):
+    import json
+
+    from slimlm.cli import main
+
+    filler = tmp_path / "filler.txt"
+    filler.write_text("The quick brown fox jumps over the lazy dog. Small language models are fast to serve. " * 40)
+    out = tmp_path / "r.json"
+    assert main(["eval", "needle", "--model", str(tiny_llama_dir), "--lengths", "160", "--depths", "0.5", "--trials",
+                 "2", "--filler", str(filler), "--threads", "1", "--kv-policy", "squeezed", "--kv-policy-arg",
+                 "min_prefix=32", "--kv-policy-arg", "clusters=4", "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    st = rep["kv_policy_stats"]
+    assert 0 < st["bytes_read"] < st["bytes_full"] and any("decode attention read" in n for n in rep["notes"])

@@ -81,6 +81,15 @@ def cmd_eval(a: argparse.Namespace) -> int:
     settings = {"model": a.model, "system": a.system, "dtype": dtype, "threads": threads,
                 "engine": engine if a.system in ("slimlm", "kvpress") else {}}
     report = stamp(evaluate(task, lm, settings), "eval", a.task, command_line(a.parser, a, "slimlm eval"))
+    pol = getattr(getattr(getattr(lm, "llm", None), "engine", None), "policy", None)
+    if getattr(pol, "stats", None):  # query policies count keys and bytes read per decoded (row, layer)
+        st = report["kv_policy_stats"] = dict(pol.stats)
+        if st.get("bytes_full"):
+            report["notes"].append(f"kv_policy {a.kv_policy}: decode attention read {st['bytes_read']:,} of "
+                                   f"{st['bytes_full']:,} KV bytes ({st['bytes_read'] / st['bytes_full']:.3f}), "
+                                   f"{st['keys_attended']:,} of {st['keys_stored']:,} keys, over "
+                                   f"{st['decode_rows']:,} decoded (token, layer) rows; prefix summaries built "
+                                   f"{st['summaries_built']}, reused {st['summary_hits']}")
     print(task.table(report))
     for n in report["notes"]:
         print(f"note: {n}")

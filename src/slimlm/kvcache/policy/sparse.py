@@ -47,7 +47,7 @@ class QueryPolicy(KVPolicy):
         self.stats: dict[str, int] = {"decode_rows": 0, "summaries_built": 0, "summary_hits": 0,
                                       "keys_stored": 0, "keys_attended": 0, "bytes_full": 0, "bytes_read": 0}
         """Deterministic counters: per decoded (row, layer), keys stored vs attended and the KV
-        bytes a full read and this method read (elements x ``elem_bytes``)."""
+        bytes a full read and this method read (elements x the compute dtype's size)."""
         self.elem_bytes = 2
 
     def prefix_len(self, q_pos: int) -> int:
@@ -82,6 +82,7 @@ class QueryPolicy(KVPolicy):
         k_pos (B, S) (-1: padding). Returns (k, v, mask) with mask (B, Hq, 1, S)."""
         B, Hq = q.shape[:2]
         Hkv, S, d = k.shape[1:]
+        self.elem_bytes = k.element_size()  # the compute dtype the pool is read in
         out_mask = mask.expand(B, Hq, 1, S).clone()
         cloned = False
         for b in range(B):
