@@ -145,3 +145,11 @@ def test_eval_reports_the_bytes_read(tiny_llama_dir, tmp_path):
     rep = json.loads(out.read_text())
     st = rep["kv_policy_stats"]
     assert 0 < st["bytes_read"] < st["bytes_full"] and any("decode attention read" in n for n in rep["notes"])
+
+
+@pytest.mark.parametrize("name", ["squeezed", "shadowkv"])
+def test_speculative_decoding_is_refused(tiny, name):
+    from slimlm.errors import SlimLMError
+
+    with pytest.raises(SlimLMError, match="selects keys per decode query"):
+        LLM(tiny, kv_policy=name, kv_policy_args=ARGS[name], speculative="draft")
