@@ -45,3 +45,31 @@ def test_bad_press_and_unscorable_task_are_one_line(tiny_llama_dir, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: unknown press 'nope'") and len(err.splitlines()) == 1
     assert main([*args, "--press-ratio", "1.5"]) == 2
+
+
+def test_frontier_kvpress_points(tiny_llama_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from slimlm.bench.base import BenchSettings
+    from slimlm.bench.frontier import Frontier
+    from slimlm.errors import SlimLMError
+    from slimlm.eval.needle import Needle
+    from slimlm.eval.perplexity import Perplexity
+
+    filler = tmp_path / "f.txt"
+    filler.write_text("The quick brown fox jumps over the lazy dog. Small models are fast to serve. " * 40)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("some prose to score. " * 80)
+    tasks = {"needle": Needle(lengths=[200], depths=[0.5], trials=2, filler=str(filler)),
+             "perplexity": Perplexity(corpora=[str(corpus)], window=64, stride=32)}
+    s = BenchSettings(str(tiny_llama_dir), "float32", 1, {}, 1, log=lambda m: None)
+    quality, busy = {}, []
+    notes, presses = Frontier.kvpress_quality(SimpleNamespace(kvpress=["snapkv:0.5"]), s, tasks, quality, busy)
+    assert set(quality["kvpress-snapkv-0.5"]) == {"needle"}  # perplexity is refused with a note
+    assert any("perplexity not scored" in n for n in notes)
+    assert presses["kvpress-snapkv-0.5"]["ratio"] == 0.5 and len(presses["kvpress-snapkv-0.5"]["kv_tokens_kept"]) == 2
+    quality["baseline"] = {"needle": quality["kvpress-snapkv-0.5"]["needle"]}
+    pts = Frontier().points({"summary": {}, "quality": quality, "kvpress": presses})
+    assert [p["memory_saved_pct"] for p in pts if p["config"] != "baseline"] == [50.0]
+    with pytest.raises(SlimLMError, match="PRESS:RATIO"):
+        Frontier.kvpress_quality(SimpleNamespace(kvpress=["snapkv"]), s, tasks, {}, [])
