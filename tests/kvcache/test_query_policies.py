@@ -117,6 +117,12 @@ def test_summary_is_built_once_per_shared_prefix(tiny):
     st = llm.engine.policy.stats
     assert st["summaries_built"] == tiny.model.cfg.num_layers  # one per layer, shared by both prompts
     assert st["summary_hits"] > 0 and llm.engine.stats["computed_prompt_tokens"] < llm.engine.stats["prompt_tokens"]
+    # two different prefixes decoding side by side keep one summary each (no thrashing)
+    other = shared_prompts()[2][:40] + doc[:80]
+    llm = LLM(tiny, kv_policy="squeezed", kv_policy_args=args, block_size=8)
+    llm.generate([prompts[0], other + [5] * 12], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                 use_tqdm=False)
+    assert llm.engine.policy.stats["summaries_built"] == 2 * tiny.model.cfg.num_layers
 
 
 @pytest.mark.parametrize("name,args,msg", [
