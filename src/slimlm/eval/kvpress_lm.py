@@ -20,8 +20,8 @@ installed with ``--no-deps`` next to this environment's transformers it works th
 adaptations made here, at run time, without touching kvpress: its forward hook reads the cache
 under the name ``past_key_values`` and a ``cache_position`` (newer transformers pass ``cache`` and
 no cache position; the hook here only ever runs in the prefill, so the position is 0 .. q_len - 1),
-and a missing ``datasets`` is replaced by a module whose ``load_dataset`` raises (only kvpress's
-DuoAttention press uses it, not run here).
+and a missing ``datasets`` is replaced, while kvpress is imported, by a module whose
+``load_dataset`` raises (only kvpress's DuoAttention press uses it, not run here).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _import_kvpress():
     why = unavailable()
     if why:
         raise SlimLMError(why)
-    if "datasets" not in sys.modules and importlib.util.find_spec("datasets") is None:
+    if "kvpress" not in sys.modules and importlib.util.find_spec("datasets") is None:
         stub = types.ModuleType("datasets")
 
         def load_dataset(*a, **k):
@@ -61,6 +61,11 @@ def _import_kvpress():
 
         stub.load_dataset = load_dataset
         sys.modules["datasets"] = stub
+        try:
+            import kvpress
+        finally:  # kvpress holds its own reference; nothing else should find a stub "datasets"
+            sys.modules.pop("datasets", None)
+        return kvpress
     import kvpress
 
     return kvpress
