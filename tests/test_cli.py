@@ -35,7 +35,7 @@ def test_mistyped_subcommand_suggests_the_closest(capsys):
 @pytest.mark.parametrize("argv, words", [
     (["generate", "--kv-cache-bytes", "1X", "hi"], ["'1X'", "512M", "2G"]),
     (["generate", "--dtype", "fp8", "hi"], ["'fp8'", "float32", "bfloat16", "fp16"]),
-    (["serve", "--kv-policy", "sinc"], ["'sinc'", "did you mean 'sink'", "valid: h2o, minicache, sink"]),
+    (["serve", "--kv-policy", "sinc"], ["'sinc'", "did you mean 'sink'", "valid: h2o, minicache, shadowkv, sink, squeezed"]),
     (["generate", "--max-tokens", "many", "hi"], ["'many'", "integer"]),
     (["convert", "a", "b", "--dtype", "int3"], ["'int3'", "float32"]),
 ])

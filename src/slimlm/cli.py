@@ -29,6 +29,7 @@ SUBCOMMANDS = [
     "slimlm.compress.cli",  # prune, distill, lowrank, finetune, select, rationales, draft-bench
     "slimlm.compress.spec_cli",  # train-adapter, spec-bench
     "slimlm.eval.cli",  # eval, report
+    "slimlm.kvcache.cli",  # compress-kv
 ]
 """Modules with a ``register(subparsers)`` function, in the order ``slimlm --help`` lists them."""
 

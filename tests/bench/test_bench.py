@@ -170,7 +170,7 @@ def test_frontier_shows_a_broken_configuration_as_a_quality_drop(trained_dir, ti
     (["bench", "nosuch"], "unknown scenario 'nosuch'; known: decode, frontier, kernels, memory, packing, prefill, serve, throughput"),
     (["bench", "decode", "--skip", "vllm"], "unknown system 'vllm' for --skip"),
     (["bench", "frontier"], "frontier needs at least one --config"),
-    (["bench", "frontier", "--config", "x=--kv-policy nosuch"], "--kv-policy: invalid choice 'nosuch'; valid: h2o, minicache, sink"),
+    (["bench", "frontier", "--config", "x=--kv-policy nosuch"], "--kv-policy: invalid choice 'nosuch'; valid: h2o, minicache, shadowkv, sink, squeezed"),
     (["bench", "frontier", "--config", "x=--no-such-flag"], "--config: unrecognized arguments"),
 ])
 def test_user_mistakes_are_one_line_exit_2(argv, needle, tiny_llama_dir, capsys):

@@ -97,7 +97,8 @@ def test_capped_attention_is_attention_when_nothing_is_far(tiny):
     assert torch.allclose(got, attention(q, k, v, mask, 0.25), atol=1e-5)
 
 
-POLICY_ARGS = {"minicache": {"start": 0}}  # the tiny model has 2 layers: merge them
+POLICY_ARGS = {"minicache": {"start": 0},  # the tiny model has 2 layers: merge them
+               "shadowkv": {"rank": 4}}  # below its head size (16)
 
 
 @pytest.mark.parametrize("codec", ["auto", "int8", "int4"])

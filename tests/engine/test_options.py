@@ -53,7 +53,7 @@ def test_help_comes_from_the_field_docstrings():
     docs = field_docs()
     assert docs["block_size"].startswith("Tokens per KV block")
     help_text = " ".join(parser().format_help().split())
-    assert "Tokens per KV block" in help_text and "one of: h2o, minicache, sink" in help_text
+    assert "Tokens per KV block" in help_text and "one of: h2o, minicache, shadowkv, sink, squeezed" in help_text
 
 
 @pytest.mark.parametrize("argv", [["--kv-policy-arg", "window"], ["--hook-arg", "ffn_skip"]])

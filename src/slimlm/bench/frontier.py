@@ -74,6 +74,9 @@ class Frontier(Scenario):
         g.add_argument("--config", action="append", metavar="NAME='FLAGS'",
                        help="frontier: a configuration: name and engine flags (repeatable)")
         g.add_argument("--quality", default=None, help="frontier: quality tasks, comma-separated (default perplexity,needle)")
+        g.add_argument("--kvpress", action="append", metavar="PRESS:RATIO",
+                       help="frontier: a kvpress point (optional baseline, quality only), e.g. snapkv:0.5 "
+                            "(repeatable; skipped with a note when kvpress is not installed)")
         g.add_argument("--quality-arg", action="append", metavar="TASK.FIELD=VALUE",
                        help="frontier: a quality task setting (JSON value), e.g. needle.lengths=[512,1024]")
 
@@ -123,16 +126,55 @@ class Frontier(Scenario):
                 busy.append(rep["cpu_busy_others_max"])
                 quality[name][t] = {"results": rep["results"], "seconds": rep["seconds"]}
             del lm
+        notes, presses = self.kvpress_quality(a, s, tasks, quality, busy)
         report = {"scenario": "frontier",
                   "settings": {**s.base_args(), "repeats": s.repeats, "prompt_tokens": prompt, "new_tokens": new,
                                "configs": {n: {"dtype": dt, "engine": eng} for n, (dt, eng) in configs.items()},
                                "config_flags": list(a.config),
                                "tasks": {t: {k: v for k, v in vars(task).items()} for t, task in tasks.items()}},
                   "machine": machine_info(s.threads), "runs": runs, "summary": summary, "quality": quality,
-                  "notes": [f"{k} speed run failed: {r['error']}" for k, rs in runs.items() for r in rs if "error" in r]}
+                  "kvpress": presses,
+                  "notes": [f"{k} speed run failed: {r['error']}" for k, rs in runs.items() for r in rs if "error" in r]
+                  + notes}
         report["points"] = self.points(report)
         busy_warning(report, busy, s.log)
         return report
+
+    @staticmethod
+    def kvpress_quality(a, s: BenchSettings, tasks, quality, busy) -> tuple[list[str], dict[str, Any]]:
+        """Quality of each ``--kvpress PRESS:RATIO`` point (kvpress on transformers, same examples);
+        its KV saved is the press ratio (it keeps that share of every layer's tokens). Tasks a press cannot score are noted."""
+        from slimlm.eval.cli import evaluate, scoring_lm
+        from slimlm.eval.kvpress_lm import unavailable
+
+        if not a.kvpress:
+            return [], {}
+        why = unavailable()
+        if why:
+            return [why], {}
+        notes, presses = [], {}
+        for spec in a.kvpress:
+            press, sep, ratio = spec.partition(":")
+            try:
+                ratio_f = float(ratio)
+            except ValueError:
+                raise SlimLMError(f"--kvpress expects PRESS:RATIO, e.g. snapkv:0.5, got {spec!r}") from None
+            name = f"kvpress-{press}-{ratio_f:g}"
+            s.log(f"quality: {name}")
+            lm = scoring_lm(s.model, "kvpress", "float32", s.threads, {"press": press, "ratio": ratio_f})
+            quality[name] = {}
+            for t, task in tasks.items():
+                try:
+                    rep = evaluate(task, lm, {"model": s.model, "dtype": "float32", "threads": s.threads,
+                                              "engine": {"press": press, "ratio": ratio_f}}, s.log)
+                except SlimLMError as e:
+                    notes.append(f"{name}: {t} not scored: {e}")
+                    continue
+                busy.append(rep["cpu_busy_others_max"])
+                quality[name][t] = {"results": rep["results"], "seconds": rep["seconds"]}
+            presses[name] = {"press": press, "ratio": ratio_f, "kv_tokens_kept": list(lm.kept)}
+            del lm
+        return notes, presses
 
     def points(self, report: dict[str, Any]) -> list[dict[str, Any]]:
         from slimlm.eval.registry import TASKS
@@ -144,12 +186,15 @@ class Frontier(Scenario):
         pts = []
         for c in qual:
             tps, kv = med(c, "decode_tok_s"), med(c, "kv_mb")
+            saved = (1 - kv / base_kv) * 100 if kv is not None and base_kv else None
+            if c in report.get("kvpress", {}):  # no speed run; the KV kept by the press, per prompt token
+                saved = report["kvpress"][c]["ratio"] * 100
             for t, q in qual[c].items():
                 for m, v, hib in TASKS.get(t)().headline(q["results"]):
                     pts.append({"config": c, "metric": m, "value": v, "baseline_value": base_q.get(m, (None,))[0],
                                 "quality_delta": quality_delta(v, base_q.get(m, (None,))[0], hib),
                                 "speedup_pct": (tps / base_tps - 1) * 100 if tps and base_tps else None,
-                                "memory_saved_pct": (1 - kv / base_kv) * 100 if kv is not None and base_kv else None})
+                                "memory_saved_pct": saved})
         return pts
 
     def table(self, report: dict[str, Any]) -> str:

@@ -78,6 +78,8 @@ class LLMEngine:
         if self.rope_ext is not None:
             self.context_length = self.rope_ext.context
         token_policy = self.policy is not None and self.policy.granularity == "token"
+        if self.policy is not None:
+            self.policy.validate(cfg)
         shared, merge = self.policy.layer_sharing(cfg.num_layers, config.block_size) if self.policy else ({}, None)
         self.spec = KVCacheSpec.from_model(cfg, self.model.dtype, config.kv_cache_dtype, shared, merge)
         check_composition(self.spec, config.kv_policy, config.speculative)
@@ -107,7 +109,8 @@ class LLMEngine:
         track = token_policy and self.policy.observe_attention
         self.cache = PagedKVCache(self.spec, num_blocks, config.block_size, self.model.device, track_attention=track)
         dca = self.rope_ext.dual_chunk if self.rope_ext is not None else None
-        paths = AttentionPaths.choose(self.cache, cfg.head_dim, span, track, config.native_kernels and dca is None)
+        sparse = self.policy if self.policy is not None and self.policy.sparse_decode else None
+        paths = AttentionPaths.choose(self.cache, cfg.head_dim, span, track, config.native_kernels and dca is None, sparse)
         self.runner = ModelRunner(self.model, self.cache, replace(paths, dual_chunk=dca), self.hooks, self.rope_ext)
         if self.proposer is not None:
             self.runner.capture |= set(self.proposer.hidden_layers())

@@ -190,26 +190,29 @@ class AttentionPaths:
     prefill_decodes: bool = False
     """The pool is not in the compute dtype (quantized, or another float): the prefill kernel
     reads the chunk's context decoded into a workspace (the decode the PyTorch path does too)."""
+    sparse: object | None = None
+    """A query KV policy (Squeezed Attention, ShadowKV): decode keys chosen per query."""
     dual_chunk: object | None = None
     """Dual Chunk Attention (``model/rope_extension.py``): every path goes through
     ``dca_attention`` with true positions (storage index == position: no compaction)."""
 
     @classmethod
     def choose(cls, cache: PagedKVCache, head_dim: int, span: AttentionSpan, track_mass: bool,
-               native_kernels: bool) -> AttentionPaths:
+               native_kernels: bool, sparse: object | None = None) -> AttentionPaths:
         decode = prefill = None
         codec = cache.codec
         if native_kernels and cache.device.type == "cpu" and span == AttentionSpan() and not cache.state:
             from slimlm import kernels
 
-            if codec.native_code is not None:
+            if codec.native_code is not None and sparse is None:
                 decode = kernels.load("paged_decode")
             compute = NATIVE_DTYPES.get(cache.spec.compute_dtype)  # the kernel reads q's dtype
             if not track_mass and compute is not None:
                 lib = kernels.load("paged_prefill")
                 if lib is not None and lib.slimlm_prefill_supported(head_dim, compute):
                     prefill = lib
-        return cls(decode, prefill, span, track_mass, codec.native_code != NATIVE_DTYPES.get(cache.spec.compute_dtype))
+        return cls(decode, prefill, span, track_mass, codec.native_code != NATIVE_DTYPES.get(cache.spec.compute_dtype),
+                   sparse)
 
 
 class PagedAttention:
@@ -329,6 +332,9 @@ class PagedAttention:
             kd = cache.gather("k", layer, g.blocks).view(B, g.nb * bs, hkv, d).transpose(1, 2)  # (B, Hkv, S, d)
             vd = cache.gather("v", layer, g.blocks).view(B, g.nb * bs, hkv, d).transpose(1, 2)
             mask = self._mask(("d", id(g)), g.q_pos, g.k_pos, window)
+            if self.paths.sparse is not None:
+                kd, vd, mask = self.paths.sparse.decode_attention(layer, qd, kd, vd, mask, g.q_pos, g.k_pos,
+                                                                  self.rotary)
             o = self._attend(layer, qd, kd, vd, mask, g.q_pos, g.k_pos, self._key_slots(g.blocks, g.k_pos, B))
             out.index_copy_(0, g.rows, o[:, :, 0])
         for p in prefills:

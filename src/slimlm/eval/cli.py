@@ -11,7 +11,7 @@ from typing import Any
 
 from slimlm.errors import SlimLMError
 
-EVAL_SYSTEMS = ("slimlm", "transformers")
+EVAL_SYSTEMS = ("slimlm", "transformers", "kvpress")
 
 
 def log(msg: str) -> None:
@@ -23,6 +23,16 @@ def scoring_lm(model: str, system: str, dtype: str, threads: int, engine: dict[s
     import torch
 
     torch.set_num_threads(threads)
+    if system == "kvpress":  # engine: {"press": NAME, "ratio": R, "keep_last": N} (slimlm.eval.kvpress_lm)
+        from slimlm.bench.systems import hf_dir
+        from slimlm.eval.kvpress_lm import KVPressLM, unavailable as kvpress_unavailable
+
+        why = kvpress_unavailable() or (None if hf_dir(model) else f"kvpress baseline skipped: {model} is not a "
+                                        "Hugging Face directory (`slimlm convert` one)")
+        if why:
+            raise SlimLMError(why)
+        return KVPressLM(hf_dir(model), dtype, engine.get("press", "snapkv"), engine.get("ratio", 0.5),
+                         engine.get("keep_last", 0))
     if system == "transformers":
         from slimlm.bench.systems import hf_dir, unavailable
         from slimlm.eval.lm import TransformersLM
@@ -65,10 +75,21 @@ def cmd_eval(a: argparse.Namespace) -> int:
         raise SlimLMError(f"unknown system '{a.system}'; known: {', '.join(EVAL_SYSTEMS)}")
     dtype, engine = engine_settings(a)
     threads = a.threads or os.cpu_count() or 1
+    if a.system == "kvpress":
+        engine = {"press": a.press, "ratio": a.press_ratio, "keep_last": a.press_keep_last}
     lm = scoring_lm(a.model, a.system, dtype, threads, engine)
     settings = {"model": a.model, "system": a.system, "dtype": dtype, "threads": threads,
-                "engine": engine if a.system == "slimlm" else {}}
+                "engine": engine if a.system in ("slimlm", "kvpress") else {}}
     report = stamp(evaluate(task, lm, settings), "eval", a.task, command_line(a.parser, a, "slimlm eval"))
+    pol = getattr(getattr(getattr(lm, "llm", None), "engine", None), "policy", None)
+    if getattr(pol, "stats", None):  # query policies count keys and bytes read per decoded (row, layer)
+        st = report["kv_policy_stats"] = dict(pol.stats)
+        if st.get("bytes_full"):
+            report["notes"].append(f"kv_policy {a.kv_policy}: decode attention read {st['bytes_read']:,} of "
+                                   f"{st['bytes_full']:,} KV bytes ({st['bytes_read'] / st['bytes_full']:.3f}), "
+                                   f"{st['keys_attended']:,} of {st['keys_stored']:,} keys, over "
+                                   f"{st['decode_rows']:,} decoded (token, layer) rows; prefix summaries built "
+                                   f"{st['summaries_built']}, reused {st['summary_hits']}")
     print(task.table(report))
     for n in report["notes"]:
         print(f"note: {n}")
@@ -100,7 +121,12 @@ def register(sub) -> None:
     e.add_argument("task", help=f"one of: {', '.join(TASKS.names())}")
     e.add_argument("--model", default=DEFAULT_MODEL)
     e.add_argument("--json", default=None, help="write the full report here")
-    e.add_argument("--system", default="slimlm", help="slimlm (the engine, default) or transformers (reference)")
+    e.add_argument("--system", default="slimlm",
+                   help="slimlm (the engine, default), transformers (reference) or kvpress (optional baseline)")
+    e.add_argument("--press", default="snapkv", help="kvpress: the press (streamingllm, snapkv, observed, knorm, ...)")
+    e.add_argument("--press-ratio", type=float, default=0.5, help="kvpress: share of the KV the press removes")
+    e.add_argument("--press-keep-last", type=int, default=0,
+                   help="kvpress: last prompt tokens left out of the compression (default 0: the whole prompt)")
     e.add_argument("--seed", type=int, default=0)
     for name in TASKS.names():
         TASKS.get(name).add_args(e.add_argument_group(name))

@@ -4,6 +4,6 @@ Importing this package registers every policy in ``KV_POLICIES``.
 """
 
 from slimlm.kvcache.policy.base import KV_POLICIES, AttentionSpan, KVPolicy
-from slimlm.kvcache.policy import h2o, minicache, sink  # noqa: F401  (registers the policies)
+from slimlm.kvcache.policy import h2o, minicache, shadowkv, sink, squeezed  # noqa: F401  (registers the policies)
 
 __all__ = ["KV_POLICIES", "AttentionSpan", "KVPolicy"]

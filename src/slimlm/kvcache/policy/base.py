@@ -18,6 +18,9 @@ Two kinds, one base:
   here inside continuous batching and kept per sequence.
 - **Layer policies** (``granularity = "layer"``; MiniCache) evict nothing: they shape the KV
   spec at start-up (``layer_sharing``: which layers share a storage and how they merge).
+- **Query policies** (``granularity = "query"``; Squeezed Attention, ShadowKV) evict nothing:
+  at decode each query attends to a subset of the stored keys it picks from a summary of a long
+  prefix (``decode_attention``; :mod:`slimlm.kvcache.policy.sparse`).
 
 How to add one: see "How to add a KV-cache policy" in docs/architecture.md.
 """
@@ -49,6 +52,8 @@ class KVPolicy(ABC):
     granularity: ClassVar[str] = "block"
     """"block": ``blocks_to_evict``; "token": ``budget`` + ``select`` with compaction;
     "layer": ``layer_sharing``."""
+    sparse_decode: ClassVar[bool] = False
+    """Query policies: the decode path calls ``decode_attention`` (no native decode kernel)."""
     observe_attention: ClassVar[bool] = False
     """Token policies: accumulate the attention mass of every stored key (costs a scoring
     attention path: the native prefill kernel is not used)."""
@@ -90,6 +95,9 @@ class KVPolicy(ABC):
         """Layers mapped to the layer whose storage they share, and how shared storages merge
         (ValueError when the model cannot take the setting)."""
         return {}, None
+
+    def validate(self, cfg) -> None:
+        """Checks against the model at engine start-up (ValueError, one line)."""
 
     def reset(self, seq_id: int) -> None:
         """The sequence finished or was preempted: drop any state kept for it."""

@@ -1,0 +1,101 @@
+"""ShadowKV (Sun et al., 2024): low-rank pre-RoPE keys, chunk landmarks, sparse decode that
+rebuilds only the keys it needs.
+
+Per layer and KV head, the keys of a long prefix are un-rotated (pre-RoPE) and factored by SVD to
+rank ``rank`` (A: P x r, B: r x d); the prefix is cut into chunks of ``chunk`` tokens, each with a
+landmark (the mean of its post-RoPE keys); the ``outliers`` share of chunks whose keys agree
+least with their landmark (lowest minimum cosine) are kept exact. At decode, each KV head scores
+the landmarks (softmax of q · landmark per query head, summed over the head's query group), takes
+its ``budget`` share of the best chunks, rebuilds their keys from the factors (A_sel B, then RoPE
+at their positions), and attends to them, the outlier chunks and every key after the prefix (the
+question and the generated tokens) with their values.
+
+Here it is a query policy (:mod:`slimlm.kvcache.policy.sparse`): factors and landmarks are built
+once per (layer, prefix) and shared by requests with the same prefix. What is built and what is
+not: the *method's* attention (low-rank rebuilt keys, landmark selection, exact outliers) is what
+the engine computes at decode, and the bytes it would read per decoded token (landmarks, the
+B factors, the selected rows of A, the selected values, outliers and the tail) are counted in
+``stats``. The second tier is not built: the paged pool still holds every key and value, so the
+memory saving and the speed-up of the paper are not realized on this path (on a CPU there is no
+faster tier to move values off; the saving that would matter is the pool's key bytes, P x d ->
+(P + d) x r per head). The PyTorch decode path applies it (no native decode kernel).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimlm.kvcache.policy.base import KV_POLICIES
+from slimlm.kvcache.policy.sparse import QueryPolicy
+from slimlm.model.rope import apply_rope
+
+
+@KV_POLICIES.register("shadowkv")
+class ShadowKVPolicy(QueryPolicy):
+    def __init__(self, rank: int = 16, chunk: int = 8, budget: float = 0.125, outliers: float = 0.02, **kw):
+        """``rank``: of the pre-RoPE key factors per layer and KV head (< head size); ``chunk``:
+        tokens per landmark; ``budget``: share of the prefix's chunks each KV head rebuilds and
+        attends; ``outliers``: share of chunks kept exact. ``prefix``, ``granule``, ``recent``,
+        ``min_prefix``: see :mod:`slimlm.kvcache.policy.sparse`."""
+        super().__init__(**kw)
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"shadowkv rank must be a positive integer, got {rank!r}")
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"shadowkv chunk must be a positive integer, got {chunk!r}")
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
+            raise ValueError(f"shadowkv budget must be a fraction in (0, 1], got {budget!r}")
+        if isinstance(outliers, bool) or not isinstance(outliers, (int, float)) or not 0 <= outliers < 1:
+            raise ValueError(f"shadowkv outliers must be a fraction in [0, 1), got {outliers!r}")
+        self.rank, self.chunk, self.budget_, self.outliers = rank, chunk, float(budget), float(outliers)
+
+    def __repr__(self) -> str:
+        return f"ShadowKVPolicy(rank={self.rank}, chunk={self.chunk}, budget={self.budget_})"
+
+    def validate(self, cfg) -> None:
+        if self.rank >= cfg.head_dim:
+            raise ValueError(f"shadowkv rank {self.rank} is not below the head size {cfg.head_dim} (no saving)")
+
+    def prefix_len(self, q_pos: int) -> int:
+        return super().prefix_len(q_pos) // self.chunk * self.chunk
+
+    def summary(self, layer, keys, values, positions, rotary):
+        Hkv, P, d = keys.shape
+        cos, sin = rotary(-positions[None], torch.float32)  # rotation by -p undoes RoPE
+        pre = apply_rope(keys.float()[None], cos, sin)[0]  # (Hkv, P, d)
+        U, S, Vh = torch.linalg.svd(pre, full_matrices=False)
+        r = min(self.rank, d)
+        A, B = U[..., :r] * S[:, None, :r], Vh[:, :r]  # (Hkv, P, r), (Hkv, r, d)
+        nc = P // self.chunk
+        post = keys.float().view(Hkv, nc, self.chunk, d)
+        land = post.mean(2)  # (Hkv, nc, d)
+        cosim = torch.nn.functional.cosine_similarity(post, land[:, :, None], dim=-1).amin(-1)  # (Hkv, nc)
+        n_out = int(self.outliers * nc)
+        out = torch.zeros(Hkv, nc, dtype=torch.bool)
+        if n_out:
+            out.scatter_(1, cosim.topk(n_out, dim=-1, largest=False).indices, True)
+        return A, B, land, out, positions
+
+    def select(self, summary, q, k_prefix, rotary, P):
+        A, B, land, out, pos = summary
+        Hkv, nc, d = land.shape
+        Hq = q.shape[0]
+        g = Hq // Hkv
+        r = A.shape[-1]
+        s = (q.float().view(Hkv, g, 1, d) * land[:, None]).sum(-1) / d**0.5  # (Hkv, g, nc)
+        s = s.softmax(-1).sum(1).masked_fill(out, float("-inf"))  # outliers are always kept
+        n_sel = min(nc - int(out[0].sum()), max(1, round(self.budget_ * nc)))
+        sel = s.topk(n_sel, dim=-1).indices  # (Hkv, n_sel)
+        chunks = torch.zeros(Hkv, nc, dtype=torch.bool)
+        chunks.scatter_(1, sel, True)
+        rows = chunks.repeat_interleave(self.chunk, 1)  # (Hkv, P) rebuilt rows
+        k_new = k_prefix.float().clone()
+        cos, sin = rotary(pos[None], torch.float32)  # (1, P, d)
+        for h in range(Hkv):
+            idx = rows[h].nonzero()[:, 0]
+            pre = A[h, idx] @ B[h]  # (n, d)
+            k_new[h, idx] = apply_rope(pre[None, None], cos[:, idx], sin[:, idx])[0, 0]
+        keep = (rows | out.repeat_interleave(self.chunk, 1)).repeat_interleave(g, 0)  # (Hq, P)
+        n_rows = n_sel * self.chunk
+        n_out = int(out[0].sum()) * self.chunk
+        read = (Hkv * (nc * d + r * d + n_rows * r + n_rows * d + 2 * n_out * d)) * self.elem_bytes
+        return keep, k_new, read
