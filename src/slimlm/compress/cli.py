@@ -66,39 +66,126 @@ def _finish(trainer, last: dict) -> None:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from slimlm.compress.distill import DistillConfig, DistillObjective, load_teacher
+    from slimlm.compress.distill import (DistillConfig, DistillObjective, add_projection, drop_projection,
+                                         load_teacher, needs_projection)
     from slimlm.compress.run_config import load_run
+    from slimlm.model.weights import read_config
     from slimlm.train.presets import count_params
     from slimlm.train.trainer import Trainer
 
     cfg, dcfg = load_run(args.config, args.overrides, "distill", DistillConfig)
-    adapt = None
+    steps = []
     if dcfg.lowrank:
         from slimlm.compress.lowrank import refactor
 
         if not cfg.model.init_from:
             raise SlimLMError("distill.lowrank needs model.init_from: the `slimlm lowrank` output")
         init = cfg.model.init_from
-        adapt = lambda model: refactor(model, init)  # noqa: E731
+        steps.append(lambda model: refactor(model, init))
+    teacher_lm = None
+    if dcfg.hidden_weight or not dcfg.topk_cache:
+        teacher_lm = _load_teacher_lm(dcfg.teacher)
+        if needs_projection(dcfg, _student_cfg(cfg, read_config), teacher_lm.model.cfg, cfg.model.init_from):
+            width = teacher_lm.model.cfg.hidden_size
+            steps.append(lambda model: add_projection(model, width))
+    adapt = (lambda model: [f(model) for f in steps]) if steps else None
     trainer = Trainer(cfg, adapt=adapt)
     try:
-        teacher = load_teacher(dcfg, trainer.model, trainer.tokenizer, trainer.world.device)
-        trainer.objective = DistillObjective(dcfg, teacher, trainer.model, cfg.model.init_from)
-        trainer.say(f"slimlm: distilling from {dcfg.teacher} ({count_params(teacher) / 1e6:.1f}M params), "
+        cache = None
+        if dcfg.topk_cache:
+            from slimlm.compress.topk_cache import TopKCache
+            from slimlm.data.prepare import tokenizer_sha256
+
+            cache = TopKCache(dcfg.topk_cache)
+            cache.check(trainer.model.cfg.vocab_size, tokenizer_sha256(trainer.tokenizer) if trainer.tokenizer else None,
+                        cfg.data.seq_len)
+        teacher = (load_teacher(dcfg, trainer.model, trainer.tokenizer, trainer.world.device, teacher_lm)
+                   if teacher_lm is not None else None)
+        trainer.objective = DistillObjective(dcfg, teacher, trainer.model, cfg.model.init_from, cache)
+        src = f"the top-k cache {dcfg.topk_cache}" if cache is not None and teacher is None else dcfg.teacher
+        size = f" ({count_params(teacher) / 1e6:.1f}M params)" if teacher is not None else ""
+        trainer.say(f"slimlm: distilling from {src}{size}, "
                     f"T={dcfg.temperature:g}, weights kl {dcfg.kl_weight:g} / lm {dcfg.lm_weight:g} / hidden "
                     f"{dcfg.hidden_weight:g}" + (f", teacher off after update {dcfg.teacher_until_step}"
-                                                 if dcfg.teacher_until_step else ""))
+                                                 if dcfg.teacher_until_step else "")
+                    + (", learned hidden-state projection" if hasattr(trainer.model, "distill_proj") else ""))
         last = trainer.fit()
-        if dcfg.lowrank and trainer.world.main and trainer.step >= trainer.horizon.total_steps:
+        done = trainer.world.main and trainer.step >= trainer.horizon.total_steps
+        if done and dcfg.lowrank:
             import json
 
             from slimlm.compress.lowrank import LOWRANK_FILE, save_lowrank
 
+            drop_projection(trainer.model)
             ranks = json.loads((Path(cfg.model.init_from) / LOWRANK_FILE).read_text())["ranks"]
             trainer.say(f"slimlm: wrote {save_lowrank(trainer.model, ranks, trainer.out / 'final', trainer.tokenizer)}")
+        elif done and hasattr(trainer.model, "distill_proj"):
+            from slimlm.model.weights import save_model_dir
+
+            drop_projection(trainer.model)  # the projection only served the loss
+            trainer.say(f"slimlm: wrote {save_model_dir(trainer.model, trainer.out / 'final', trainer.tokenizer)} "
+                        "(the student without its distillation projection)")
     finally:
         trainer.close()
     _finish(trainer, last)
+    return 0
+
+
+def _load_teacher_lm(name: str):
+    from slimlm.model.hub import load
+
+    return load(name)
+
+
+def _student_cfg(cfg, read_config):
+    """The student's model config before the trainer builds it (its init_from, or the preset's)."""
+    if cfg.model.init_from:
+        from slimlm.model.hub import load, newest_run_checkpoint
+
+        path = Path(cfg.model.init_from)
+        if path.is_dir() and (newest_run_checkpoint(path) / "config.json").is_file():
+            return read_config(newest_run_checkpoint(path))
+        return load(cfg.model.init_from).model.cfg
+    from slimlm.train.presets import model_config
+
+    return model_config(cfg.model.preset, cfg.model.vocab_size or 0)
+
+
+def cmd_distill_cache(args: argparse.Namespace) -> int:
+    import torch
+
+    from slimlm.compress.distill import DistillConfig
+    from slimlm.compress.run_config import load_run
+    from slimlm.compress.topk_cache import write_cache
+    from slimlm.data.loader import PackedLoader
+    from slimlm.data.prepare import tokenizer_sha256
+    from slimlm.train import build
+
+    cfg, dcfg = load_run(args.config, args.overrides, "distill", DistillConfig)
+    if not dcfg.topk_cache or not dcfg.top_k:
+        raise SlimLMError("distill-cache needs distill.topk_cache (the output folder) and distill.top_k")
+    out = Path(dcfg.topk_cache)
+    if out.exists() and any(out.iterdir()):
+        raise SlimLMError(f"{out} exists and is not empty; choose a new distill.topk_cache folder")
+    if cfg.data.packing == "varlen":
+        raise SlimLMError("distill-cache replays the packed loader; data.packing 'varlen' is not supported")
+    if args.processes < 1:
+        raise SlimLMError(f"--processes must be >= 1, got {args.processes}")
+    torch.set_num_threads(cfg.train.threads or torch.get_num_threads())
+    sets = build.train_datasets(cfg)
+    lm = _load_teacher_lm(dcfg.teacher)
+    tok_sha = sets[0].meta.tokenizer_sha256
+    if lm.tokenizer is not None and tokenizer_sha256(lm.tokenizer) != tok_sha:
+        raise SlimLMError(f"teacher {dcfg.teacher} uses another tokenizer than {sets[0].path}; distillation needs "
+                          "the same tokenizer")
+    teacher = lm.model.float().eval()
+    d = cfg.data
+    # one process replays every rank's rows: rank r of P takes rows r::P of the same global batches
+    loader = PackedLoader(sets, d.seq_len, d.micro_batch * args.processes, d.weights or None, d.packing, 0, 1, d.seed)
+    n = write_cache(teacher, loader, cfg.train.steps * cfg.train.grad_accum, dcfg.top_k, out,
+                    {"teacher": dcfg.teacher, "vocab_size": teacher.cfg.vocab_size, "tokenizer_sha256": tok_sha})
+    print(f"wrote {out}: teacher top-{dcfg.top_k} logits of {n} rows x {d.seq_len} tokens "
+          f"({cfg.train.steps} updates); distil with --distill.topk_cache {out}", file=sys.stderr)
     return 0
 
 
@@ -265,6 +352,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("config", help="TOML or JSON config ([distill] + the `slimlm train` sections)")
     d.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value ...")
     d.set_defaults(func=cmd_distill)
+
+    dc = sub.add_parser("distill-cache", help="write the teacher's top-k logits for a distillation run to disk",
+                        description="Replay the run's data loader for train.steps updates, run the teacher once per "
+                                    "row and write its top-k logits to distill.topk_cache; `slimlm distill` then "
+                                    "reads them instead of running the teacher.")
+    dc.add_argument("config", help="the distillation config ([distill] with top_k and topk_cache)")
+    dc.add_argument("--processes", type=int, default=1, help="data-parallel processes of the run (rows of every rank)")
+    dc.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value ...")
+    dc.set_defaults(func=cmd_distill_cache)
 
     f = sub.add_parser("finetune", help="parameter-efficient fine-tuning (lora, compacter, norm)",
                        description="Fine-tune model.init_from with a [finetune] section (method, rank, alpha, "
