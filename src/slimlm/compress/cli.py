@@ -305,7 +305,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     cfg, fcfg = load_run(args.config, args.overrides, "finetune", FinetuneConfig)
     method = METHODS.get(fcfg.method)(fcfg)
-    trainer = Trainer(cfg, adapt=method.apply)
+    adapt = method.apply
+    if fcfg.new_tokens:
+        from slimlm.compress.vocab import fold_new_rows, new_token_ids, train_new_rows
+
+        if not cfg.model.init_from:
+            raise SlimLMError("finetune.new_tokens needs model.init_from: a folder made by `slimlm extend-vocab`")
+        ids = new_token_ids(cfg.model.init_from)
+        adapt = lambda model: (method.apply(model), train_new_rows(model, ids))  # noqa: E731
+    trainer = Trainer(cfg, adapt=adapt)
     try:
         n_train, n_all = trainable(trainer.model), count_params(trainer.model)
         per = 2 if cfg.optim.name in ("adamw", "lamb") else 0
@@ -314,12 +322,39 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                     f"parameter = {per * 4 * n_train / 2**20:.2f} MiB")
         last = trainer.fit()
         if trainer.world.main and trainer.step >= trainer.horizon.total_steps:
+            if fcfg.new_tokens:
+                fold_new_rows(trainer.model)  # the trained rows back into the weights
             for path in method.export(trainer.model, trainer.out, trainer.tokenizer):
                 trainer.say(f"slimlm: wrote {path}")
             trainer.say(f"slimlm: optimizer state measured {optimizer_bytes(trainer.optimizer) / 2**20:.2f} MiB")
     finally:
         trainer.close()
     _finish(trainer, last)
+    return 0
+
+
+def cmd_extend_vocab(args: argparse.Namespace) -> int:
+    from slimlm.compress.vocab import VOCAB_FILE, extend
+    from slimlm.model.hub import load
+    from slimlm.model.weights import save_model_dir
+
+    if (args.tokens is None) == (args.tokens_file is None):
+        raise SlimLMError("give exactly one of --tokens or --tokens-file")
+    if args.tokens is not None:
+        tokens = [t for t in args.tokens.split(",")]
+    else:
+        f = Path(args.tokens_file)
+        if not f.is_file():
+            raise SlimLMError(f"--tokens-file {f} does not exist")
+        tokens = [t for t in f.read_text().splitlines() if t.strip()]
+    lm = load(args.src)
+    before = lm.model.cfg.vocab_size
+    ids = extend(lm, tokens)
+    out = save_model_dir(lm.model, args.dst, lm.tokenizer, lm.generation_config)
+    (out / VOCAB_FILE).write_text(json.dumps({"source": str(args.src), "tokens": tokens, "ids": ids}, indent=1))
+    print(f"wrote {out}: {len(tokens)} new tokens (ids {min(ids)}..{max(ids)}), vocabulary {before} -> "
+          f"{lm.model.cfg.vocab_size} rows; prepare data with --tokenizer {out}, then `slimlm finetune` with "
+          "finetune.new_tokens = true", file=sys.stderr)
     return 0
 
 
@@ -369,6 +404,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("overrides", nargs=argparse.REMAINDER,
                    help="--method lora|compacter|norm (= --finetune.method), --out DIR, --section.key value ...")
     f.set_defaults(func=cmd_finetune)
+
+    ev = sub.add_parser("extend-vocab", help="add tokens of a new domain to a model's tokenizer and embedding",
+                        description="Add tokens (e.g. a new token domain) to the tokenizer, grow the embedding/head "
+                                    "(new rows start at the mean row) and write a new HF directory; fine-tune it "
+                                    "with finetune.new_tokens = true to train the new rows with LoRA.")
+    ev.add_argument("src", help="known model name or HF directory")
+    ev.add_argument("dst", help="output HF directory (+ extended_vocab.json)")
+    ev.add_argument("--tokens", default=None, help="comma-separated new tokens")
+    ev.add_argument("--tokens-file", default=None, help="a file with one new token per line")
+    ev.set_defaults(func=cmd_extend_vocab)
 
     lr = sub.add_parser("lowrank", help="PELA: replace linear weights by SVD low-rank factors",
                         description="Factor the linear layers (truncated SVD, optionally activation-aware) at a "
