@@ -231,3 +231,46 @@ def test_bad_cache_settings_are_one_line(prepared, student_dir, teacher_dir, tmp
     assert "distill.topk_cache needs distill.top_k" in capsys.readouterr().err
     assert main(["distill", *args, "--distill.projection", "mlp"]) == 2
     assert "distill.projection must be 'auto' or 'learned'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["salt", "projection", "topk-cache", "lowrank"])
+def test_every_distill_mode_resumes_step_exactly(prepared, student_dir, teacher_dir, tmp_path, mode, monkeypatch,
+                                                 capsys):
+    """A run killed after update 5 (checkpoint at 4) and started again continues step for step."""
+    from slimlm.train.trainer import Trainer
+
+    student, section = student_dir, 'top_k = 16\ntemperature = 2.0\n'
+    if mode == "salt":
+        section += "teacher_until_step = 6\nhidden_weight = 0.5\n"
+    elif mode == "projection":
+        student = tmp_path / "narrow"
+        make_hf_model(student, "llama", hidden_size=48, intermediate_size=96)
+        section += 'hidden_weight = 0.5\nprojection = "learned"\n'
+    elif mode == "topk-cache":
+        section += f'topk_cache = "{tmp_path / "cache"}"\n'
+    else:
+        student = tmp_path / "lr"
+        assert main(["lowrank", str(teacher_dir), str(student), "--rank", "8", "--calib", str(prepared),
+                     "--calib-tokens", "128", "--seq-len", "32"]) == 0
+        section += "lowrank = true\n"
+
+    def args(out):
+        config = tmp_path / f"{out}.toml"
+        config.write_text(f'[model]\ninit_from = "{student}"\n[distill]\nteacher = "{teacher_dir}"\n{section}')
+        return [str(config), *tiny_args(prepared, tmp_path / out, "--train.steps", "8", "--checkpoint.every", "4")]
+
+    if mode == "topk-cache":
+        assert main(["distill-cache", *args("ref")]) == 0
+    assert main(["distill", *args("ref")]) == 0
+    fit = Trainer.fit
+    monkeypatch.setattr(Trainer, "fit", lambda self, max_updates=None: fit(self, 5))
+    assert main(["distill", *args("cut")]) == 0  # stopped after update 5, as if killed
+    monkeypatch.undo()
+    assert not (tmp_path / "cut" / "final").exists()
+    assert main(["distill", *args("cut")]) == 0
+    assert "resumed from" in capsys.readouterr().err
+
+    def losses(out):
+        return {r["step"]: r["loss"] for r in read_metrics(tmp_path / out / "metrics.jsonl") if "loss" in r}
+
+    assert losses("cut") == losses("ref") and len(losses("ref")) == 8
