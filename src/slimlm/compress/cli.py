@@ -237,7 +237,9 @@ def cmd_select(args: argparse.Namespace) -> int:
     from slimlm.compress.select import SelectConfig, choose, doc_logprob, write_selection
     from slimlm.data.tokens import TokenDataset
 
-    cfg = SelectConfig(args.method, args.keep, args.max_tokens, args.skip_easiest)
+    cfg = SelectConfig(args.method, args.keep, args.max_tokens, args.seed, args.skip_easiest)
+    if cfg.method != "random" and not args.teacher:
+        raise SlimLMError(f"--method {cfg.method} needs --teacher (a model with the data's tokenizer)")
     if cfg.method == "miniplm" and not args.reference:
         raise SlimLMError("--method miniplm needs --reference (a small model with the same tokenizer)")
     if Path(args.out).exists():
@@ -245,6 +247,16 @@ def cmd_select(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     data = TokenDataset(args.data, "train")
+    if cfg.method == "random":
+        import numpy as np
+
+        scores = np.random.default_rng(cfg.seed).random(data.n_docs)
+        kept = choose(scores, cfg.keep)
+        meta = write_selection(data, kept, Path(args.out), {"method": "random", "seed": cfg.seed,
+                                                            "scores": scores.tolist()})
+        print(f"wrote {args.out}: kept {len(kept)} of {data.n_docs} documents ({meta.tokens['train']:,} of "
+              f"{data.n_tokens:,} tokens) at random (seed {cfg.seed})", file=sys.stderr)
+        return 0
     teacher = _scoring_model(args.teacher, data, "teacher")
     reference = _scoring_model(args.reference, data, "reference") if cfg.method == "miniplm" else None
     scores = doc_logprob(teacher, data, cfg.max_tokens)
@@ -436,9 +448,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "and write the kept ones as a new prepared folder.")
     se.add_argument("data", help="prepared token folder (its train split is scored)")
     se.add_argument("out", help="new prepared folder for the selection")
-    se.add_argument("--teacher", required=True, help="known model name or HF directory")
+    se.add_argument("--teacher", default=None, help="known model name or HF directory (not for --method random)")
     se.add_argument("--reference", default=None, help="miniplm: the small reference model")
-    se.add_argument("--method", default="miniplm", help="miniplm or salt")
+    se.add_argument("--method", default="miniplm", help="miniplm, salt or random (the baseline)")
+    se.add_argument("--seed", type=int, default=0, help="random: the sample's seed")
     se.add_argument("--keep", type=float, default=0.5, help="share of documents kept")
     se.add_argument("--skip-easiest", type=float, default=0.0, help="salt: share of lowest-loss documents dropped")
     se.add_argument("--max-tokens", type=int, default=512, help="tokens scored per document")
