@@ -274,3 +274,19 @@ def test_every_distill_mode_resumes_step_exactly(prepared, student_dir, teacher_
         return {r["step"]: r["loss"] for r in read_metrics(tmp_path / out / "metrics.jsonl") if "loss" in r}
 
     assert losses("cut") == losses("ref") and len(losses("ref")) == 8
+
+
+def test_teacher_with_another_tokenizer_of_the_same_size_is_refused(prepared, student_dir, teacher_dir, tmp_path,
+                                                                      capsys):
+    import json
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(teacher_dir, other)
+    tj = json.loads((other / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[100:102]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # same size, two tokens swapped
+    (other / "tokenizer.json").write_text(json.dumps(tj))
+    rc = main(distill_args(prepared, student_dir, other, tmp_path / "o"))
+    assert rc == 2 and "teacher and student tokenizers differ" in capsys.readouterr().err
