@@ -26,7 +26,7 @@ SUBCOMMANDS = [
     "slimlm.bench.cli",  # bench
     "slimlm.serve.cli",  # serve
     "slimlm.batch.cli",  # batch
-    "slimlm.compress.cli",  # prune, distill, lowrank, finetune, select, rationales, draft-bench
+    "slimlm.compress.cli",  # prune, distill, distill-cache, lowrank, finetune, extend-vocab, select, rationales, draft-bench
     "slimlm.compress.spec_cli",  # train-adapter, spec-bench
     "slimlm.eval.cli",  # eval, report
     "slimlm.kvcache.cli",  # compress-kv

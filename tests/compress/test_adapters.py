@@ -138,3 +138,38 @@ def test_bad_finetune_config(kw, msg):
 def test_rank_larger_than_the_matrix_is_refused(base_dir):
     with pytest.raises(SlimLMError, match="finetune.rank 100 is larger than q_proj's 64x64 matrix"):
         METHODS.get("lora")(FinetuneConfig(rank=100)).apply(load(base_dir).model)
+
+
+def test_engine_serves_the_compacter_folder_with_equal_logits(prepared, base_dir, tmp_path):
+    """`finetune --method compacter` writes out/compacter; hub.load (the engine's loader) attaches the
+    adapters again: its logits equal the trained adapter model's, and greedy generation through
+    the engine is the adapter model's greedy continuation."""
+    from slimlm.compress.adapters.compacter import CompacterLinear
+    from slimlm.engine.llm import LLM
+
+    model = load(base_dir).model
+    method = METHODS.get("compacter")(FinetuneConfig(method="compacter", n=2, bottleneck=4, rank=1))
+    method.apply(model)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, CompacterLinear):
+                m.up.t.copy_(torch.randn(m.up.t.shape, generator=g) * 0.5)  # a trained, non-identity adapter
+    out = tmp_path / "run"
+    method.export(model, out, load(base_dir).tokenizer)
+    served = load(out / "compacter").model
+    assert any(isinstance(m, CompacterLinear) for m in served.modules())
+    with torch.no_grad():
+        ref = model(ids())
+        assert not torch.allclose(ref, load(base_dir).model(ids()), atol=1e-3)
+        torch.testing.assert_close(served(ids()), ref)
+    prompt = ids()[0].tolist()
+    from slimlm.engine.params import SamplingParams
+
+    sp = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    got = LLM(str(out / "compacter")).generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(6):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    assert list(got) == seq[len(prompt):]

@@ -52,19 +52,20 @@ def test_cli_then_recovery_trains_the_factors(src_dir, prepared, tmp_path, capsy
                  "--seq-len", "32", "--activation-aware", "--threads", "1"]) == 0
     err = capsys.readouterr().err
     assert "layers factored (rank 8..8)" in err and "calibration perplexity" in err
-    model = load(dst).model  # an ordinary HF directory holding the products
-    n_dense = sum(p.numel() for p in model.parameters())
-    refactor(model, dst)
-    assert sum(p.numel() for p in model.parameters()) < n_dense
+    model = load(dst).model  # slimlm loads the factors; the folder's weights are the dense products
+    assert isinstance(model.model.layers[0].mlp.up_proj, LowRankLinear)
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in load(src_dir).model.parameters())
     cfg = tmp_path / "d.toml"
     cfg.write_text(f'[model]\ninit_from = "{dst}"\n[distill]\nteacher = "{src_dir}"\nlowrank = true\n')
     assert main(["distill", str(cfg), *tiny_args(prepared, tmp_path / "run")]) == 0
     assert "wrote" in capsys.readouterr().err
     final = tmp_path / "run" / "final"
     assert json.loads((final / "lowrank.json").read_text())["ranks"]["model.layers.0.mlp.up_proj"] == 8
-    W = load(final).model.model.layers[1].mlp.up_proj.weight
-    assert torch.linalg.matrix_rank(W.double(), rtol=1e-6) == 8  # recovery kept rank 8
-    before = load(dst).model.model.layers[1].mlp.up_proj.weight
+    lin = load(final).model.model.layers[1].mlp.up_proj
+    W = (lin.up @ lin.down).detach()
+    assert lin.down.shape[0] == 8 and torch.linalg.matrix_rank(W.double(), rtol=1e-6) == 8  # recovery kept rank 8
+    before = load(dst).model.model.layers[1].mlp.up_proj
+    before = (before.up @ before.down).detach()
     assert not torch.allclose(W, before)  # and did train
 
 
@@ -83,3 +84,39 @@ def test_bad_lowrank_input(src_dir, tmp_path, capsys, args, msg):
 def test_config_needs_rank_or_energy():
     with pytest.raises(SlimLMError, match="exactly one of --rank or --energy"):
         LowRankConfig()
+
+
+def test_engine_serves_the_factors_with_equal_logits(src_dir, tmp_path):
+    """A `slimlm lowrank` folder loads factored (x -> down -> up): logits equal to the low-rank model
+    in memory, the engine's greedy tokens equal its greedy tokens, and transformers loads the same
+    function from the dense products."""
+    import copy
+
+    import transformers
+
+    from slimlm.compress.lowrank import save_lowrank
+    from slimlm.engine.llm import LLM
+    from slimlm.engine.params import SamplingParams
+
+    lm = load(src_dir)
+    model = lm.model
+    ranks = lowrank(model, LowRankConfig(rank=8))
+    factored = copy.deepcopy(model)
+    save_lowrank(model, ranks, tmp_path / "lr", lm.tokenizer)
+    served = load(tmp_path / "lr").model
+    n = sum(isinstance(m, LowRankLinear) for m in served.modules())
+    assert n == len(ranks) == 2 * 7
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = factored(ids)
+        torch.testing.assert_close(served(ids), ref, rtol=1e-5, atol=1e-5)  # same factors (layouts may differ)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "lr", attn_implementation="eager")
+        torch.testing.assert_close(hf(ids).logits, ref, rtol=1e-4, atol=1e-4)
+    prompt = ids[0].tolist()
+    out = LLM(str(tmp_path / "lr")).generate([prompt], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True),
+                                             use_tqdm=False)[0].outputs[0].token_ids
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(6):
+            seq.append(int(factored(torch.tensor([seq]))[0, -1].argmax()))
+    assert list(out) == seq[len(prompt):]

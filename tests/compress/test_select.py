@@ -62,3 +62,15 @@ def test_salt_keeps_the_learnable_documents(prepared, models, tmp_path):
 def test_miniplm_needs_a_reference(prepared, models, tmp_path, capsys):
     assert main(["select", str(prepared), str(tmp_path / "x"), "--teacher", str(models[0])]) == 2
     assert "needs --reference" in capsys.readouterr().err
+
+
+def test_random_baseline_is_seeded_and_needs_no_model(prepared, tmp_path, capsys):
+    from slimlm.data.tokens import TokenDataset
+
+    for name in ("a", "b"):
+        assert main(["select", str(prepared), str(tmp_path / name), "--method", "random", "--keep", "0.5"]) == 0
+    assert "at random (seed 0)" in capsys.readouterr().err
+    assert (tmp_path / "a" / "train.bin").read_bytes() == (tmp_path / "b" / "train.bin").read_bytes()
+    assert TokenDataset(tmp_path / "a", "train").n_docs == round(0.5 * TokenDataset(prepared, "train").n_docs)
+    assert main(["select", str(prepared), str(tmp_path / "c"), "--method", "salt"]) == 2
+    assert "--method salt needs --teacher" in capsys.readouterr().err

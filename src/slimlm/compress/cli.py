@@ -66,39 +66,126 @@ def _finish(trainer, last: dict) -> None:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from slimlm.compress.distill import DistillConfig, DistillObjective, load_teacher
+    from slimlm.compress.distill import (DistillConfig, DistillObjective, add_projection, drop_projection,
+                                         load_teacher, needs_projection)
     from slimlm.compress.run_config import load_run
+    from slimlm.model.weights import read_config
     from slimlm.train.presets import count_params
     from slimlm.train.trainer import Trainer
 
     cfg, dcfg = load_run(args.config, args.overrides, "distill", DistillConfig)
-    adapt = None
+    steps = []
     if dcfg.lowrank:
         from slimlm.compress.lowrank import refactor
 
         if not cfg.model.init_from:
             raise SlimLMError("distill.lowrank needs model.init_from: the `slimlm lowrank` output")
         init = cfg.model.init_from
-        adapt = lambda model: refactor(model, init)  # noqa: E731
+        steps.append(lambda model: refactor(model, init))
+    teacher_lm = None
+    if dcfg.hidden_weight or not dcfg.topk_cache:
+        teacher_lm = _load_teacher_lm(dcfg.teacher)
+        if needs_projection(dcfg, _student_cfg(cfg, read_config), teacher_lm.model.cfg, cfg.model.init_from):
+            width = teacher_lm.model.cfg.hidden_size
+            steps.append(lambda model: add_projection(model, width))
+    adapt = (lambda model: [f(model) for f in steps]) if steps else None
     trainer = Trainer(cfg, adapt=adapt)
     try:
-        teacher = load_teacher(dcfg, trainer.model, trainer.tokenizer, trainer.world.device)
-        trainer.objective = DistillObjective(dcfg, teacher, trainer.model, cfg.model.init_from)
-        trainer.say(f"slimlm: distilling from {dcfg.teacher} ({count_params(teacher) / 1e6:.1f}M params), "
+        cache = None
+        if dcfg.topk_cache:
+            from slimlm.compress.topk_cache import TopKCache
+            from slimlm.data.prepare import tokenizer_sha256
+
+            cache = TopKCache(dcfg.topk_cache)
+            cache.check(trainer.model.cfg.vocab_size, tokenizer_sha256(trainer.tokenizer) if trainer.tokenizer else None,
+                        cfg.data.seq_len)
+        teacher = (load_teacher(dcfg, trainer.model, trainer.tokenizer, trainer.world.device, teacher_lm)
+                   if teacher_lm is not None else None)
+        trainer.objective = DistillObjective(dcfg, teacher, trainer.model, cfg.model.init_from, cache)
+        src = f"the top-k cache {dcfg.topk_cache}" if cache is not None and teacher is None else dcfg.teacher
+        size = f" ({count_params(teacher) / 1e6:.1f}M params)" if teacher is not None else ""
+        trainer.say(f"slimlm: distilling from {src}{size}, "
                     f"T={dcfg.temperature:g}, weights kl {dcfg.kl_weight:g} / lm {dcfg.lm_weight:g} / hidden "
                     f"{dcfg.hidden_weight:g}" + (f", teacher off after update {dcfg.teacher_until_step}"
-                                                 if dcfg.teacher_until_step else ""))
+                                                 if dcfg.teacher_until_step else "")
+                    + (", learned hidden-state projection" if hasattr(trainer.model, "distill_proj") else ""))
         last = trainer.fit()
-        if dcfg.lowrank and trainer.world.main and trainer.step >= trainer.horizon.total_steps:
+        done = trainer.world.main and trainer.step >= trainer.horizon.total_steps
+        if done and dcfg.lowrank:
             import json
 
             from slimlm.compress.lowrank import LOWRANK_FILE, save_lowrank
 
+            drop_projection(trainer.model)
             ranks = json.loads((Path(cfg.model.init_from) / LOWRANK_FILE).read_text())["ranks"]
             trainer.say(f"slimlm: wrote {save_lowrank(trainer.model, ranks, trainer.out / 'final', trainer.tokenizer)}")
+        elif done and hasattr(trainer.model, "distill_proj"):
+            from slimlm.model.weights import save_model_dir
+
+            drop_projection(trainer.model)  # the projection only served the loss
+            trainer.say(f"slimlm: wrote {save_model_dir(trainer.model, trainer.out / 'final', trainer.tokenizer)} "
+                        "(the student without its distillation projection)")
     finally:
         trainer.close()
     _finish(trainer, last)
+    return 0
+
+
+def _load_teacher_lm(name: str):
+    from slimlm.model.hub import load
+
+    return load(name)
+
+
+def _student_cfg(cfg, read_config):
+    """The student's model config before the trainer builds it (its init_from, or the preset's)."""
+    if cfg.model.init_from:
+        from slimlm.model.hub import load, newest_run_checkpoint
+
+        path = Path(cfg.model.init_from)
+        if path.is_dir() and (newest_run_checkpoint(path) / "config.json").is_file():
+            return read_config(newest_run_checkpoint(path))
+        return load(cfg.model.init_from).model.cfg
+    from slimlm.train.presets import model_config
+
+    return model_config(cfg.model.preset, cfg.model.vocab_size or 0)
+
+
+def cmd_distill_cache(args: argparse.Namespace) -> int:
+    import torch
+
+    from slimlm.compress.distill import DistillConfig
+    from slimlm.compress.run_config import load_run
+    from slimlm.compress.topk_cache import write_cache
+    from slimlm.data.loader import PackedLoader
+    from slimlm.data.prepare import tokenizer_sha256
+    from slimlm.train import build
+
+    cfg, dcfg = load_run(args.config, args.overrides, "distill", DistillConfig)
+    if not dcfg.topk_cache or not dcfg.top_k:
+        raise SlimLMError("distill-cache needs distill.topk_cache (the output folder) and distill.top_k")
+    out = Path(dcfg.topk_cache)
+    if out.exists() and any(out.iterdir()):
+        raise SlimLMError(f"{out} exists and is not empty; choose a new distill.topk_cache folder")
+    if cfg.data.packing == "varlen":
+        raise SlimLMError("distill-cache replays the packed loader; data.packing 'varlen' is not supported")
+    if args.processes < 1:
+        raise SlimLMError(f"--processes must be >= 1, got {args.processes}")
+    torch.set_num_threads(cfg.train.threads or torch.get_num_threads())
+    sets = build.train_datasets(cfg)
+    lm = _load_teacher_lm(dcfg.teacher)
+    tok_sha = sets[0].meta.tokenizer_sha256
+    if lm.tokenizer is not None and tokenizer_sha256(lm.tokenizer) != tok_sha:
+        raise SlimLMError(f"teacher {dcfg.teacher} uses another tokenizer than {sets[0].path}; distillation needs "
+                          "the same tokenizer")
+    teacher = lm.model.float().eval()
+    d = cfg.data
+    # one process replays every rank's rows: rank r of P takes rows r::P of the same global batches
+    loader = PackedLoader(sets, d.seq_len, d.micro_batch * args.processes, d.weights or None, d.packing, 0, 1, d.seed)
+    n = write_cache(teacher, loader, cfg.train.steps * cfg.train.grad_accum, dcfg.top_k, out,
+                    {"teacher": dcfg.teacher, "vocab_size": teacher.cfg.vocab_size, "tokenizer_sha256": tok_sha})
+    print(f"wrote {out}: teacher top-{dcfg.top_k} logits of {n} rows x {d.seq_len} tokens "
+          f"({cfg.train.steps} updates); distil with --distill.topk_cache {out}", file=sys.stderr)
     return 0
 
 
@@ -150,7 +237,9 @@ def cmd_select(args: argparse.Namespace) -> int:
     from slimlm.compress.select import SelectConfig, choose, doc_logprob, write_selection
     from slimlm.data.tokens import TokenDataset
 
-    cfg = SelectConfig(args.method, args.keep, args.max_tokens, args.skip_easiest)
+    cfg = SelectConfig(args.method, args.keep, args.max_tokens, args.seed, args.skip_easiest)
+    if cfg.method != "random" and not args.teacher:
+        raise SlimLMError(f"--method {cfg.method} needs --teacher (a model with the data's tokenizer)")
     if cfg.method == "miniplm" and not args.reference:
         raise SlimLMError("--method miniplm needs --reference (a small model with the same tokenizer)")
     if Path(args.out).exists():
@@ -158,6 +247,16 @@ def cmd_select(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     data = TokenDataset(args.data, "train")
+    if cfg.method == "random":
+        import numpy as np
+
+        scores = np.random.default_rng(cfg.seed).random(data.n_docs)
+        kept = choose(scores, cfg.keep)
+        meta = write_selection(data, kept, Path(args.out), {"method": "random", "seed": cfg.seed,
+                                                            "scores": scores.tolist()})
+        print(f"wrote {args.out}: kept {len(kept)} of {data.n_docs} documents ({meta.tokens['train']:,} of "
+              f"{data.n_tokens:,} tokens) at random (seed {cfg.seed})", file=sys.stderr)
+        return 0
     teacher = _scoring_model(args.teacher, data, "teacher")
     reference = _scoring_model(args.reference, data, "reference") if cfg.method == "miniplm" else None
     scores = doc_logprob(teacher, data, cfg.max_tokens)
@@ -218,7 +317,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     cfg, fcfg = load_run(args.config, args.overrides, "finetune", FinetuneConfig)
     method = METHODS.get(fcfg.method)(fcfg)
-    trainer = Trainer(cfg, adapt=method.apply)
+    adapt = method.apply
+    if fcfg.new_tokens:
+        from slimlm.compress.vocab import fold_new_rows, new_token_ids, train_new_rows
+
+        if not cfg.model.init_from:
+            raise SlimLMError("finetune.new_tokens needs model.init_from: a folder made by `slimlm extend-vocab`")
+        ids = new_token_ids(cfg.model.init_from)
+        adapt = lambda model: (method.apply(model), train_new_rows(model, ids))  # noqa: E731
+    trainer = Trainer(cfg, adapt=adapt)
     try:
         n_train, n_all = trainable(trainer.model), count_params(trainer.model)
         per = 2 if cfg.optim.name in ("adamw", "lamb") else 0
@@ -227,12 +334,39 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                     f"parameter = {per * 4 * n_train / 2**20:.2f} MiB")
         last = trainer.fit()
         if trainer.world.main and trainer.step >= trainer.horizon.total_steps:
+            if fcfg.new_tokens:
+                fold_new_rows(trainer.model)  # the trained rows back into the weights
             for path in method.export(trainer.model, trainer.out, trainer.tokenizer):
                 trainer.say(f"slimlm: wrote {path}")
             trainer.say(f"slimlm: optimizer state measured {optimizer_bytes(trainer.optimizer) / 2**20:.2f} MiB")
     finally:
         trainer.close()
     _finish(trainer, last)
+    return 0
+
+
+def cmd_extend_vocab(args: argparse.Namespace) -> int:
+    from slimlm.compress.vocab import VOCAB_FILE, extend
+    from slimlm.model.hub import load
+    from slimlm.model.weights import save_model_dir
+
+    if (args.tokens is None) == (args.tokens_file is None):
+        raise SlimLMError("give exactly one of --tokens or --tokens-file")
+    if args.tokens is not None:
+        tokens = [t for t in args.tokens.split(",")]
+    else:
+        f = Path(args.tokens_file)
+        if not f.is_file():
+            raise SlimLMError(f"--tokens-file {f} does not exist")
+        tokens = [t for t in f.read_text().splitlines() if t.strip()]
+    lm = load(args.src)
+    before = lm.model.cfg.vocab_size
+    ids = extend(lm, tokens)
+    out = save_model_dir(lm.model, args.dst, lm.tokenizer, lm.generation_config)
+    (out / VOCAB_FILE).write_text(json.dumps({"source": str(args.src), "tokens": tokens, "ids": ids}, indent=1))
+    print(f"wrote {out}: {len(tokens)} new tokens (ids {min(ids)}..{max(ids)}), vocabulary {before} -> "
+          f"{lm.model.cfg.vocab_size} rows; prepare data with --tokenizer {out}, then `slimlm finetune` with "
+          "finetune.new_tokens = true", file=sys.stderr)
     return 0
 
 
@@ -266,6 +400,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value ...")
     d.set_defaults(func=cmd_distill)
 
+    dc = sub.add_parser("distill-cache", help="write the teacher's top-k logits for a distillation run to disk",
+                        description="Replay the run's data loader for train.steps updates, run the teacher once per "
+                                    "row and write its top-k logits to distill.topk_cache; `slimlm distill` then "
+                                    "reads them instead of running the teacher.")
+    dc.add_argument("config", help="the distillation config ([distill] with top_k and topk_cache)")
+    dc.add_argument("--processes", type=int, default=1, help="data-parallel processes of the run (rows of every rank)")
+    dc.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value ...")
+    dc.set_defaults(func=cmd_distill_cache)
+
     f = sub.add_parser("finetune", help="parameter-efficient fine-tuning (lora, compacter, norm)",
                        description="Fine-tune model.init_from with a [finetune] section (method, rank, alpha, "
                                    "targets, n, bottleneck, save). Override any key with --section.key value.")
@@ -273,6 +416,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("overrides", nargs=argparse.REMAINDER,
                    help="--method lora|compacter|norm (= --finetune.method), --out DIR, --section.key value ...")
     f.set_defaults(func=cmd_finetune)
+
+    ev = sub.add_parser("extend-vocab", help="add tokens of a new domain to a model's tokenizer and embedding",
+                        description="Add tokens (e.g. a new token domain) to the tokenizer, grow the embedding/head "
+                                    "(new rows start at the mean row) and write a new HF directory; fine-tune it "
+                                    "with finetune.new_tokens = true to train the new rows with LoRA.")
+    ev.add_argument("src", help="known model name or HF directory")
+    ev.add_argument("dst", help="output HF directory (+ extended_vocab.json)")
+    ev.add_argument("--tokens", default=None, help="comma-separated new tokens")
+    ev.add_argument("--tokens-file", default=None, help="a file with one new token per line")
+    ev.set_defaults(func=cmd_extend_vocab)
 
     lr = sub.add_parser("lowrank", help="PELA: replace linear weights by SVD low-rank factors",
                         description="Factor the linear layers (truncated SVD, optionally activation-aware) at a "
@@ -295,9 +448,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "and write the kept ones as a new prepared folder.")
     se.add_argument("data", help="prepared token folder (its train split is scored)")
     se.add_argument("out", help="new prepared folder for the selection")
-    se.add_argument("--teacher", required=True, help="known model name or HF directory")
+    se.add_argument("--teacher", default=None, help="known model name or HF directory (not for --method random)")
     se.add_argument("--reference", default=None, help="miniplm: the small reference model")
-    se.add_argument("--method", default="miniplm", help="miniplm or salt")
+    se.add_argument("--method", default="miniplm", help="miniplm, salt or random (the baseline)")
+    se.add_argument("--seed", type=int, default=0, help="random: the sample's seed")
     se.add_argument("--keep", type=float, default=0.5, help="share of documents kept")
     se.add_argument("--skip-easiest", type=float, default=0.0, help="salt: share of lowest-loss documents dropped")
     se.add_argument("--max-tokens", type=int, default=512, help="tokens scored per document")

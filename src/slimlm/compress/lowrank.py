@@ -160,11 +160,15 @@ def factored_params(model: CausalLM) -> int:
 
 
 def save_lowrank(model: CausalLM, ranks: dict[str, int], path: Path, tokenizer=None, generation_config=None) -> Path:
-    """Products as an HF directory + lowrank.json (densifies ``model`` in place)."""
+    """Products as an HF directory + lowrank.json + the factors (lowrank.safetensors, which slimlm
+    serves; ``slimlm.compress.serving``). Densifies ``model`` in place."""
+    from slimlm.compress.serving import lowrank_factors, save_lowrank_factors
     from slimlm.model.weights import save_model_dir
 
+    factors = lowrank_factors(model)
     densify(model)
     out = save_model_dir(model, path, tokenizer, generation_config)
+    save_lowrank_factors(factors, out)
     (out / LOWRANK_FILE).write_text(json.dumps({"ranks": ranks}, indent=1))
     return out
 
@@ -180,6 +184,8 @@ def refactor(model: CausalLM, model_dir: str | Path) -> dict[str, int]:
     for name, r in ranks.items():
         parent_name, attr = name.rsplit(".", 1)
         lin = getattr(modules[parent_name], attr)
+        if isinstance(lin, LowRankLinear):
+            continue  # already factored (hub.load serves a low-rank folder factored)
         down, up = factor(lin.weight.detach().float(), int(r))
         setattr(modules[parent_name], attr,
                 LowRankLinear(down, up, None if lin.bias is None else lin.bias.detach().clone()).to(lin.weight.device))

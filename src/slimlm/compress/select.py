@@ -28,17 +28,20 @@ from slimlm.data.tokens import TokenDataset, TokenMeta, TokenWriter
 from slimlm.errors import SlimLMError
 from slimlm.model.transformer import CausalLM
 
-SCORERS = ("miniplm", "salt")
+SCORERS = ("miniplm", "salt", "random")
 
 
 @dataclass
 class SelectConfig:
     method: str = "miniplm"
-    """'miniplm' (teacher-vs-reference gap) or 'salt' (small teacher's learnable examples)."""
+    """'miniplm' (teacher-vs-reference gap), 'salt' (small teacher's learnable examples) or 'random'
+    (a seeded uniform sample: the baseline a selection must beat at equal tokens)."""
     keep: float = 0.5
     """Share of the train documents kept."""
     max_tokens: int = 512
     """Tokens of each document scored (its start)."""
+    seed: int = 0
+    """'random': the sample's seed."""
     skip_easiest: float = 0.0
     """'salt': share of the lowest-loss documents dropped before keeping."""
 

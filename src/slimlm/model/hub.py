@@ -141,6 +141,9 @@ def load(
         if pack.modules:
             cfg.extra["quantization_config"] = pack.config()
         model = build_model(cfg, state, dt, device, source=str(path))
+        from slimlm.compress.serving import restore  # low-rank factors / Compacter adapters named in the folder
+
+        model = restore(model, path, packed=bool(pack.modules) or stored != "dense")
         weights = stored if stored != "dense" else weights
         tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
         gen = {}

@@ -37,6 +37,9 @@ class FinetuneConfig:
     """Compacter: adapter bottleneck width k (a multiple of n)."""
     seed: int = 0
     """Seeds the adapters' random init, so a resumed run rebuilds the same starting point."""
+    new_tokens: bool = False
+    """Also train the embedding (and output) rows of the tokens added by `slimlm extend-vocab` to
+    model.init_from (its extended_vocab.json): a new token domain (``slimlm.compress.vocab``)."""
     save: str = "merged"
     """LoRA: 'merged' (B A added into the weights: a plain HF directory), 'adapter' (PEFT's layout:
     adapter_model.safetensors + adapter_config.json, which ``peft`` loads) or 'both'."""
@@ -51,6 +54,9 @@ class FinetuneConfig:
             raise SlimLMError(f"finetune.targets '{bad[0] if bad else ''}' matches no module; valid: {', '.join(LINEARS)}")
         if self.save not in ("merged", "adapter", "both"):
             raise SlimLMError(f"finetune.save must be merged, adapter or both; got '{self.save}'")
+        if self.new_tokens and self.method == "lora" and self.save != "merged":
+            raise SlimLMError(f"finetune.new_tokens trains embedding rows that PEFT's adapter layout cannot hold; "
+                              f"use finetune.save = 'merged' (got '{self.save}')")
         if self.bottleneck % self.n:
             raise SlimLMError(f"finetune.bottleneck {self.bottleneck} must be a multiple of finetune.n {self.n}")
 

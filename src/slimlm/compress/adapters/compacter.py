@@ -91,11 +91,42 @@ class Compacter(Method):
                                                   cfg.bottleneck, cfg.rank, gen).to(model.device)
 
     def export(self, model: CausalLM, out: Path, tokenizer=None, generation_config=None) -> list[Path]:
-        """The adapter tensors only (the base model is unchanged): adapter/compacter.safetensors."""
+        """``adapter/``: the adapter tensors only (compacter.safetensors + adapter_config.json);
+        ``compacter/``: a servable folder, the frozen base weights as a plain HF directory plus the
+        adapters (compacter/adapters.safetensors + compacter.json), which ``slimlm.model.hub.load`` (and so
+        the engine and server) attaches again (``slimlm.compress.serving``)."""
+        from slimlm.compress.serving import COMPACTER_FILE, COMPACTER_WEIGHTS
+        from slimlm.model.weights import save_model_dir
+
         path = out / "adapter"
         path.mkdir(parents=True, exist_ok=True)
         state = {k: p.detach().float().contiguous().cpu() for k, p in model.named_parameters() if p.requires_grad}
+        meta = {"method": "compacter", "n": self.cfg.n, "bottleneck": self.cfg.bottleneck, "rank": self.cfg.rank}
         save_file(state, str(path / "compacter.safetensors"), metadata={"format": "pt"})
-        (path / "adapter_config.json").write_text(json.dumps(
-            {"method": "compacter", "n": self.cfg.n, "bottleneck": self.cfg.bottleneck, "rank": self.cfg.rank}, indent=2))
-        return [path]
+        (path / "adapter_config.json").write_text(json.dumps(meta, indent=2))
+        served = save_model_dir(strip(model), out / "compacter", tokenizer, generation_config)
+        (served / COMPACTER_WEIGHTS).parent.mkdir(exist_ok=True)
+        save_file(state, str(served / COMPACTER_WEIGHTS), metadata={"format": "pt"})
+        (served / COMPACTER_FILE).write_text(json.dumps(meta, indent=2))
+        return [path, served]
+
+
+def strip(model: CausalLM) -> CausalLM:
+    """The base model (a shallow copy sharing the frozen weights) without the adapters."""
+    import copy
+
+    base = copy.copy(model)
+    base._modules = dict(model._modules)
+    base._modules.pop("compacter_shared", None)
+    base.model = copy.deepcopy(model.model)
+    for layer in base.model.layers:
+        for parent, attr in ((layer.self_attn, "o_proj"), (layer.mlp, "down_proj")):
+            child = getattr(parent, attr)
+            if isinstance(child, CompacterLinear):
+                lin = nn.Linear(child.weight.shape[1], child.weight.shape[0], bias=child.bias is not None)
+                lin.weight, lin.bias = child.weight, child.bias
+                setattr(parent, attr, lin)
+    if model.cfg.tie_word_embeddings:
+        base.lm_head = copy.copy(model.lm_head)
+        base.lm_head.weight = base.model.embed_tokens.weight
+    return base
