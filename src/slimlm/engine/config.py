@@ -45,6 +45,10 @@ class EngineConfig:
     "dca" (Dual Chunk Attention, An et al. 2024 / Qwen2.5-1M), "yarn", "dynamic", or "extrapolate"
     (plain RoPE, the baseline). Raises the context check to ``context`` (default 4x trained)."""
     rope_extension_args: dict[str, Any] = field(default_factory=dict)
+    sparse_prefill: str | None = None
+    """Sparse attention for long prefill chunks (``slimlm.engine.sparse_prefill``): "vertical-slash"
+    (MInference / Qwen2.5-1M), a per-head pattern chosen from a short probe; decode stays dense."""
+    sparse_prefill_args: dict[str, Any] = field(default_factory=dict)
     blend_recompute_ratio: float = 0.15
     """CacheBlend (Yao et al. 2024): the fraction of a reused chunk's tokens recomputed (those
     whose KV deviates most at an early layer) for prompts with ``{"chunk": ...}`` segments.

@@ -28,6 +28,7 @@ from slimlm.kvcache.spec import KVCacheSpec
 from slimlm.kvcache.storage import PagedKVCache
 from slimlm.model.hub import LoadedModel
 from slimlm.model.quant.model import serve_weights
+from slimlm.engine import sparse_prefill
 from slimlm.model.rope_extension import ROPE_EXTENSIONS, RopeExtension
 
 
@@ -104,7 +105,11 @@ class LLMEngine:
         self.cache = PagedKVCache(self.spec, num_blocks, config.block_size, self.model.device, track_attention=track)
         dca = self.rope_ext.dual_chunk if self.rope_ext is not None else None
         paths = AttentionPaths.choose(self.cache, cfg.head_dim, span, track, config.native_kernels and dca is None)
-        self.runner = ModelRunner(self.model, self.cache, replace(paths, dual_chunk=dca), self.hooks, self.rope_ext)
+        sparse = sparse_prefill.build(config.sparse_prefill, config.sparse_prefill_args)
+        if sparse is not None and (self.policy is not None or dca is not None):
+            raise SlimLMError("sparse_prefill cannot be combined with a KV policy or rope_extension='dca'")
+        paths = replace(paths, dual_chunk=dca, sparse=sparse)
+        self.runner = ModelRunner(self.model, self.cache, paths, self.hooks, self.rope_ext)
         if self.proposer is not None:
             self.runner.capture |= set(self.proposer.hidden_layers())
         self.scheduler = Scheduler(
