@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slimlm.engine.request import RequestOutput
 from slimlm.engine.segments import build_segments, chat_segments
+from slimlm.errors import SlimLMError
 from slimlm.serve.async_engine import AsyncEngine, QueueFullError, RequestFailed, ServerShutdown
 from slimlm.serve.chat_input import ChatEncoder
 from slimlm.serve.config import ServeConfig
@@ -430,7 +431,7 @@ def build_app(engine, model_name: str, config: ServeConfig | None = None, *, api
                 d["segments"] = (m.model_extra or {}).get("segments")
             try:
                 prompt_ids, layout = await asyncio.to_thread(chat_prompt_segments, msgs, body.add_generation_prompt)
-            except ValueError as e:
+            except (ValueError, SlimLMError) as e:
                 raise APIError(400, str(e), param="messages", code="invalid_value") from None
             request.scope["state"]["access"]["prompt_tokens"] = len(prompt_ids)
             k = body.top_logprobs or 0
