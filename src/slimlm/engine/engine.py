@@ -212,7 +212,7 @@ class LLMEngine:
             from slimlm.kvcache.chunk_store import ChunkStore
 
             self.blender = CacheBlend(self.model, self.runner.rotary, ChunkStore(self.config.chunk_store_bytes),
-                                      self.config.blend_recompute_ratio)
+                                      self.config.blend_recompute_ratio, self.config.blend_select_layer)
         before = self.blender.stats["recomputed_tokens"]
         try:
             kv = self.blender.prefill(seq.token_ids[:n], list(chunks))
@@ -235,7 +235,7 @@ class LLMEngine:
         if req.layout is not None:  # a set's (or a blend's) KV depends on its layout, not only its tokens
             salt = f"{salt or ''}\0{req.layout.digest()}"
             if req.layout.chunks:
-                salt += f"\0blend {self.config.blend_recompute_ratio}"
+                salt += f"\0blend {self.config.blend_recompute_ratio} {self.config.blend_select_layer}"
         if salt is not None:
             self.kv.salts[seq.seq_id] = salt
         return seq
