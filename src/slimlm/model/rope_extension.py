@@ -185,7 +185,8 @@ def dca_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
         return torch.cat(parts, 2)
     if B == 1:  # one query chunk Q: keys split into older chunks | chunk Q-1 | chunk Q, one fused call each
         Q = int(qc[0, 0])
-        a, b = torch.searchsorted(k_pos[0].contiguous(), torch.tensor([(Q - 1) * c, Q * c], device=k_pos.device)).tolist()
+        kp = k_pos[0].masked_fill(k_pos[0] < 0, torch.iinfo(k_pos.dtype).max)  # padding sorts last
+        a, b = torch.searchsorted(kp.contiguous(), torch.tensor([(Q - 1) * c, Q * c], device=k_pos.device)).tolist()
         pieces = [(qx, lo, hi) for qx, lo, hi in ((q_inter, 0, a), (q_succ, a, b), (qf, b, k.shape[2])) if hi > lo]
         outs = [_partial_attention(qx.reshape(B, Hkv, G * T, d), kf[:, :, lo:hi], vf[:, :, lo:hi],
                                    mask[:, :, :, lo:hi], G, scale) for qx, lo, hi in pieces]
