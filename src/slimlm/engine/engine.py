@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from slimlm.engine import sparse_prefill
 from slimlm.engine.config import EngineConfig, default_kv_bytes, format_size
 from slimlm.engine.hooks import LAYER_HOOKS
 from slimlm.engine.paged_attention import AttentionPaths
@@ -28,7 +29,6 @@ from slimlm.kvcache.spec import KVCacheSpec
 from slimlm.kvcache.storage import PagedKVCache
 from slimlm.model.hub import LoadedModel
 from slimlm.model.quant.model import serve_weights
-from slimlm.engine import sparse_prefill
 from slimlm.model.rope_extension import ROPE_EXTENSIONS, RopeExtension
 
 

@@ -346,8 +346,8 @@ class PagedAttention:
         if sparse is not None and not (p.tree is None and p.allow is None and window is None
                                        and sparse.applies(p.k_pos.shape[1])):
             sparse = None
-        if sparse is None and self.paths.native_prefill is not None and p.table is not None and window is None and p.tree is None \
-                and isinstance(p.rows, slice):
+        if sparse is None and self.paths.native_prefill is not None and p.table is not None and window is None \
+                and p.tree is None and isinstance(p.rows, slice):
             if self.paths.prefill_decodes:  # decode the context once into a dense workspace
                 kp, vp = cache.gather("k", layer, p.table).contiguous(), cache.gather("v", layer, p.table).contiguous()
                 table = torch.arange(p.table.numel(), device=p.table.device)

@@ -146,7 +146,8 @@ def chat_segments(messages: list[dict[str, Any]], render: Callable[[list[dict[st
     for i, (mark, m) in enumerate(zip(marks, messages)):
         before, found, text = text.partition(mark)
         if not found or mark in text:
-            raise ValueError("this model's chat template transforms message content, so segments cannot be placed in it")
+            raise ValueError("this model's chat template transforms message content, so segments cannot be "
+                             "placed in it")
         if before:
             out.append({"ids": encode_template(before)})
         segs = m.get("segments")

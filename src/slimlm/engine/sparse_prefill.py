@@ -53,7 +53,8 @@ class VerticalSlash:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise SlimLMError(f"sparse_prefill vertical-slash: {name} must be a positive integer, got {v!r}")
         if not 0 <= self.local <= self.slash:
-            raise SlimLMError(f"sparse_prefill vertical-slash: local must be in [0, slash={self.slash}], got {self.local}")
+            raise SlimLMError(f"sparse_prefill vertical-slash: local must be in [0, slash={self.slash}], "
+                              f"got {self.local}")
 
     def applies(self, num_keys: int) -> bool:
         return num_keys >= self.min_keys

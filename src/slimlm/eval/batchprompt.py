@@ -218,10 +218,11 @@ class BatchPrompt(Task):
             rows[str(n)] = {"single_round": plain, "bpe": bpe,
                             "seas": scored(seas["pred"], seas["tokens"], seas["calls"], seas["runs"],
                                            {"rounds_per_item": seas["rounds_per_item"]})}
-            log(f"batchprompt: N={n} acc {plain['acc']:.3f} / BPE {bpe['acc']:.3f} / SEAS {rows[str(n)]['seas']['acc']:.3f}")
+            log(f"batchprompt: N={n} acc {plain['acc']:.3f} / BPE {bpe['acc']:.3f} / "
+                f"SEAS {rows[str(n)]['seas']['acc']:.3f}")
+        majority = max(gold.count(i) for i in set(gold)) / len(gold)
         return {"task": path.parent.name if path.name == "task.json" else path.stem, "labels": labels,
-                "n": len(items), "chance": 1 / len(labels), "majority": max(gold.count(i) for i in set(gold)) / len(gold),
-                "rows": rows}
+                "n": len(items), "chance": 1 / len(labels), "majority": majority, "rows": rows}
 
     def seas(self, runner: BatchRunner, items: list[int], first: list[dict[int, Answer]],
              spent: list[tuple[int, int]], n: int) -> dict[str, Any]:
