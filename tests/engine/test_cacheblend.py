@@ -99,6 +99,22 @@ def test_partial_recompute_counts_and_stays_between(tiny):
     assert st["probe_tokens"] == n_prompt
 
 
+@pytest.mark.parametrize("layer", [0, 1])
+def test_layers_up_to_the_selection_layer_are_exact(tiny, layer):
+    from slimlm.engine.cacheblend import CacheBlend, _Capture
+
+    ids = _flat()[:-1]
+    spans = [(len(HEAD) + 20 * i, len(HEAD) + 20 * (i + 1)) for i in range(3)]
+    m = tiny.model
+    full = _Capture(len(ids), m.attn_scale, m.device)
+    with torch.inference_mode():
+        CacheBlend(m, m.rotary, ChunkStore(1 << 24), 1.0)._run(ids, torch.arange(len(ids)), full)
+        kv = CacheBlend(m, m.rotary, ChunkStore(1 << 24), 0.25, select_layer=layer).prefill(ids, spans)
+    for i, (k, v) in enumerate(kv):
+        same = torch.allclose(k, full.kv[i][0], atol=1e-5) and torch.allclose(v, full.kv[i][1], atol=1e-5)
+        assert same == (i <= layer), i  # the probe's layers are a full prefill; later ones are blended
+
+
 def test_store_is_lru_and_never_fails_a_request(tiny):
     cfg = tiny.model.cfg
     per_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 4
@@ -125,6 +141,7 @@ def test_chunk_store_unit():
     ({"blend_recompute_ratio": 1.5}, r"blend_recompute_ratio must be in \[0, 1\]"),
     ({"blend_recompute_ratio": -0.1}, r"blend_recompute_ratio must be in \[0, 1\]"),
     ({"chunk_store_bytes": 0}, "chunk_store_bytes must be positive"),
+    ({"blend_select_layer": -1}, "blend_select_layer must be a layer index"),
 ])
 def test_bad_settings(tiny, kw, msg):
     with pytest.raises(ValueError, match=msg):

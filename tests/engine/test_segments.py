@@ -122,3 +122,14 @@ def test_stream_takes_segments(tiny):
     sp = SamplingParams(temperature=0, max_tokens=6)
     ids = [t for o in llm.stream(_prompt([3, 1, 0, 2]), sp) for t in o.outputs[0].token_ids]
     assert ids == llm.generate([_prompt([0, 1, 2, 3])], sp, use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_segments_past_the_extended_context_are_one_line(tiny):
+    llm = LLM(tiny, kv_cache_bytes="8M", rope_extension="yarn", rope_extension_args={"context": 512})
+    sp = SamplingParams(temperature=0, max_tokens=2)
+    ok = {"segments": [{"ids": [5] * 300}, {"set": [{"ids": [6] * 20}, {"ids": [7] * 30}]}]}
+    assert len(llm.generate([ok], sp, use_tqdm=False)[0].outputs[0].token_ids) == 2  # past the trained 256
+    with pytest.raises(ValueError, match="context") as e:
+        llm.generate([{"segments": [{"ids": [5] * 480}, {"set": [{"ids": [6] * 20}, {"ids": [7] * 40}]}]}], sp,
+                     use_tqdm=False)
+    assert "\n" not in str(e.value)

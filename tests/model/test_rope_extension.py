@@ -141,3 +141,20 @@ def test_dca_batched_decodes_equal_one_at_a_time(tiny):
     together = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
     alone = [llm.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
     assert together == alone
+
+
+def test_dca_key_ranges_with_block_padding():
+    """Keys gathered in blocks end with padding (-1); a query chunk that starts near the end must
+    still find its own keys (the ranges are looked up with padding sorted last)."""
+    from slimlm.model.rope_extension import DualChunk, dca_attention
+
+    torch.manual_seed(0)
+    L, pad, c = 60, 13, 28  # DualChunk(32, 4): c = 28; the last 4 tokens are chunk 2
+    q, k, v = torch.randn(1, 4, 4, 16), torch.randn(1, 2, L + pad, 16), torch.randn(1, 2, L + pad, 16)
+    kp = torch.cat([torch.arange(L), torch.full((pad,), -1)])[None]
+    qp = torch.arange(L - 4, L)[None]
+    mask = ((kp[0][None, :] <= qp[0][:, None]) & (kp[0][None, :] >= 0))[None, None]
+    inv = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+    out = dca_attention(q, k, v, mask, qp, kp, DualChunk(32, 4), inv, 0.25)
+    ref = dca_attention(q, k[:, :, :L], v[:, :, :L], mask[..., :L], qp, kp[:, :L], DualChunk(32, 4), inv, 0.25)
+    assert torch.allclose(out, ref, atol=1e-6)

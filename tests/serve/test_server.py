@@ -253,3 +253,35 @@ def test_segments_field_set_based_prompt(tiny, server, client):
                       ({"segments": [{"ids": [5] * 400}]}, "")]:
         r = post(server, "/v1/completions", {"model": MODEL, "max_tokens": 2, **body})
         assert r.status_code == 400 and msg in r.json()["error"]["message"], r.text
+
+
+def test_chat_messages_with_segments(tiny, server):
+    sets = ["Paged attention", "Once upon a time", "The quick brown fox"]
+
+    def body(order, **kw):
+        return {"model": MODEL, "max_tokens": 6, "temperature": 0, "messages": [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "segments": ["Which is a story opening?", {"set": [sets[i] for i in order]}], **kw}]}
+
+    texts = []
+    for order in ([0, 1, 2], [2, 0, 1], [1, 2, 0]):
+        r = post(server, "/v1/chat/completions", body(order))
+        assert r.status_code == 200, r.text
+        texts.append(r.json()["choices"][0]["message"]["content"])
+    assert texts[0] == texts[1] == texts[2]
+    # the same prompt through LLM.generate: the template's text around the message's segments
+    from slimlm.engine.segments import chat_segments
+
+    tok = LLM(tiny).tokenizer
+    msgs = body([0, 1, 2])["messages"]
+    segs = chat_segments(msgs, lambda m: tok.apply_chat_template(m, add_generation_prompt=True),
+                         lambda t: tok.encode(t, add_special_tokens=False),
+                         lambda t: tok.encode(t, add_special_tokens=False))
+    ref = LLM(tiny).generate([{"segments": segs}], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
+    assert texts[0] == ref[0].outputs[0].text
+    for bad, msg in [({"segments": ["a", {"set": ["b"]}]}, "at least 2 elements"),
+                     ({"segments": ["a"], "content": "b"}, "not both"),
+                     ({"segments": []}, "non-empty")]:
+        r = post(server, "/v1/chat/completions", {"model": MODEL, "max_tokens": 2,
+                                                  "messages": [{"role": "user", **bad}]})
+        assert r.status_code == 400 and msg in r.json()["error"]["message"], r.text

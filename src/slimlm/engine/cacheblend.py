@@ -13,8 +13,10 @@ chunk's KV is computed alone at positions 0..n-1 once and kept in a :class:`Chun
    KV (squared L2 over heads, keys + values) are the ones to recompute: a fraction ``ratio`` of
    the chunk tokens. Tokens outside chunks (instructions, the question) have no cached KV and
    are always computed;
-3. *blend*: every layer runs on the selected tokens only; each attends over the reused KV with
-   the selected tokens' rows replaced by their fresh KV (causal by position).
+3. *blend*: layers 0 .. ``select_layer`` keep the selection probe's fresh KV for every token
+   (the paper recomputes the first layer in full); every layer runs on the selected tokens only;
+   each attends over the reused KV with the selected tokens' rows replaced by their fresh KV
+   (causal by position).
 
 ``ratio = 0`` is plain reuse (chunks' KV as cached, only the other tokens computed);
 ``ratio = 1`` recomputes everything, which is a full prefill (both tested). The prompt's last
@@ -111,16 +113,17 @@ class CacheBlend:
             in_chunk[a:b] = True
         return out, in_chunk
 
-    def select(self, ids: list[int], reused: list, in_chunk: torch.Tensor) -> torch.Tensor:
+    def select(self, ids: list[int], reused: list, in_chunk: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Rows to recompute (ascending): every non-chunk token and the ``ratio`` of chunk tokens
-        whose KV deviates most at ``select_layer``."""
+        whose KV deviates most at ``select_layer``; and the probe's fresh KV of layers 0 ..
+        ``select_layer`` for every token ({} when no probe ran)."""
         n_chunk = int(in_chunk.sum())
         want = min(n_chunk, math.ceil(self.ratio * n_chunk - 1e-9))
         always = (~in_chunk).nonzero()[:, 0]
         if want == 0:
-            return always
+            return always, {}
         if want == n_chunk:
-            return torch.arange(len(ids), device=in_chunk.device)
+            return torch.arange(len(ids), device=in_chunk.device), {}
         T, L = len(ids), self.select_layer
         cap = _Capture(T, self.model.attn_scale, self.model.device)
         self._run(ids, torch.arange(T, device=self.model.device), cap, layers=L + 1)
@@ -129,7 +132,7 @@ class CacheBlend:
         dev = ((kf - kc).float() ** 2).sum((0, 1, 3)) + ((vf - vc).float() ** 2).sum((0, 1, 3))  # (T,)
         dev = dev.masked_fill(~in_chunk, float("-inf"))
         top = dev.topk(want).indices
-        return torch.cat([always, top]).sort().values
+        return torch.cat([always, top]).sort().values, cap.kv
 
     # ------------------------------------------------------------------ the blend
     @torch.inference_mode()
@@ -137,7 +140,9 @@ class CacheBlend:
         """Blended KV (1, Hkv, T, d) per layer for ``ids`` (the prompt without its last token)."""
         spans = [(a, min(b, len(ids))) for a, b in spans if a < len(ids)]
         reused, in_chunk = self.reused_kv(ids, spans)
-        sel = self.select(ids, reused, in_chunk)
+        sel, fresh = self.select(ids, reused, in_chunk)
+        for layer, kv in fresh.items():  # the probe computed these layers for every token: keep them
+            reused[layer] = kv
         self.stats["blended_prompts"] += 1
         self.stats["prompt_tokens"] += len(ids)
         self.stats["recomputed_tokens"] += int(sel.numel())

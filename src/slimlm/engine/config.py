@@ -45,10 +45,17 @@ class EngineConfig:
     "dca" (Dual Chunk Attention, An et al. 2024 / Qwen2.5-1M), "yarn", "dynamic", or "extrapolate"
     (plain RoPE, the baseline). Raises the context check to ``context`` (default 4x trained)."""
     rope_extension_args: dict[str, Any] = field(default_factory=dict)
+    sparse_prefill: str | None = None
+    """Sparse attention for long prefill chunks (``slimlm.engine.sparse_prefill``): "vertical-slash"
+    (MInference / Qwen2.5-1M), a per-head pattern chosen from a short probe; decode stays dense."""
+    sparse_prefill_args: dict[str, Any] = field(default_factory=dict)
     blend_recompute_ratio: float = 0.15
     """CacheBlend (Yao et al. 2024): the fraction of a reused chunk's tokens recomputed (those
     whose KV deviates most at an early layer) for prompts with ``{"chunk": ...}`` segments.
     0 = plain reuse of the chunks' KV, 1 = a full prefill; the paper uses 0.15."""
+    blend_select_layer: int = 1
+    """CacheBlend: the layer whose KV deviation picks the recomputed tokens; layers up to it are
+    computed for every token (their fresh KV is kept)."""
     chunk_store_bytes: int | str = "256M"
     """Memory for the CacheBlend chunk KV store (least-recently-used chunks go first)."""
     weights: str = "auto"
@@ -70,6 +77,9 @@ class EngineConfig:
             raise ValueError(f"chunk_store_bytes must be positive, got {self.chunk_store_bytes}")
         if not 0 <= self.blend_recompute_ratio <= 1:
             raise ValueError(f"blend_recompute_ratio must be in [0, 1], got {self.blend_recompute_ratio}")
+        if isinstance(self.blend_select_layer, bool) or not isinstance(self.blend_select_layer, int) \
+                or self.blend_select_layer < 0:
+            raise ValueError(f"blend_select_layer must be a layer index >= 0, got {self.blend_select_layer!r}")
         for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

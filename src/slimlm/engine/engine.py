@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from slimlm.engine import sparse_prefill
 from slimlm.engine.config import EngineConfig, default_kv_bytes, format_size
 from slimlm.engine.hooks import LAYER_HOOKS
 from slimlm.engine.paged_attention import AttentionPaths
@@ -111,7 +112,11 @@ class LLMEngine:
         dca = self.rope_ext.dual_chunk if self.rope_ext is not None else None
         sparse = self.policy if self.policy is not None and self.policy.sparse_decode else None
         paths = AttentionPaths.choose(self.cache, cfg.head_dim, span, track, config.native_kernels and dca is None, sparse)
-        self.runner = ModelRunner(self.model, self.cache, replace(paths, dual_chunk=dca), self.hooks, self.rope_ext)
+        sparse_pf = sparse_prefill.build(config.sparse_prefill, config.sparse_prefill_args)
+        if sparse_pf is not None and (self.policy is not None or dca is not None):
+            raise SlimLMError("sparse_prefill cannot be combined with a KV policy or rope_extension='dca'")
+        paths = replace(paths, dual_chunk=dca, sparse_prefill=sparse_pf)
+        self.runner = ModelRunner(self.model, self.cache, paths, self.hooks, self.rope_ext)
         if self.proposer is not None:
             self.runner.capture |= set(self.proposer.hidden_layers())
         self.scheduler = Scheduler(
@@ -214,7 +219,7 @@ class LLMEngine:
             from slimlm.kvcache.chunk_store import ChunkStore
 
             self.blender = CacheBlend(self.model, self.runner.rotary, ChunkStore(self.config.chunk_store_bytes),
-                                      self.config.blend_recompute_ratio)
+                                      self.config.blend_recompute_ratio, self.config.blend_select_layer)
         before = self.blender.stats["recomputed_tokens"]
         try:
             kv = self.blender.prefill(seq.token_ids[:n], list(chunks))
@@ -237,7 +242,7 @@ class LLMEngine:
         if req.layout is not None:  # a set's (or a blend's) KV depends on its layout, not only its tokens
             salt = f"{salt or ''}\0{req.layout.digest()}"
             if req.layout.chunks:
-                salt += f"\0blend {self.config.blend_recompute_ratio}"
+                salt += f"\0blend {self.config.blend_recompute_ratio} {self.config.blend_select_layer}"
         if salt is not None:
             self.kv.salts[seq.seq_id] = salt
         return seq

@@ -55,6 +55,7 @@ CHOICES: dict[str, Callable[[], list[str]]] = {
     "hooks": _registry("slimlm.engine.hooks", "LAYER_HOOKS"),
     "kv_cache_dtype": _registry("slimlm.kvcache.codec", "KV_CODECS"),
     "rope_extension": _registry("slimlm.model.rope_extension", "ROPE_EXTENSIONS"),
+    "sparse_prefill": _registry("slimlm.engine.sparse_prefill", "SPARSE_PREFILL"),
     "weights": lambda: list(__import__("slimlm.model.quant", fromlist=["WEIGHTS"]).WEIGHTS),
 }
 """Fields whose values are names: field -> a function listing the valid ones."""
@@ -64,6 +65,7 @@ HELP = {
     "kv_policy_args": "settings of --kv-policy (e.g. window=256)",
     "speculative_args": "settings of --speculative (e.g. model=PATH k=4)",
     "rope_extension_args": "settings of --rope-extension (e.g. context=32768 chunk_size=6144 local_window=384)",
+    "sparse_prefill_args": "settings of --sparse-prefill (e.g. vertical=1024 slash=64 min_keys=4096)",
     "hook_args": "settings of a --hook (e.g. ffn_skip.layers=[3,4])",
     "seed": "engine seed (sampling without a per-request seed)",
 }

@@ -195,6 +195,8 @@ class AttentionPaths:
     dual_chunk: object | None = None
     """Dual Chunk Attention (``model/rope_extension.py``): every path goes through
     ``dca_attention`` with true positions (storage index == position: no compaction)."""
+    sparse_prefill: object | None = None
+    """Sparse prefill (``engine/sparse_prefill.py``): long prefill chunks attend its pattern."""
 
     @classmethod
     def choose(cls, cache: PagedKVCache, head_dim: int, span: AttentionSpan, track_mass: bool,
@@ -346,8 +348,12 @@ class PagedAttention:
     def _prefill(self, layer, p: PrefillSegment, q_full, k, v, out, window) -> None:
         cache, bs = self.cache, self.cache.block_size
         hkv, d = k.shape[1], k.shape[3]
-        if self.paths.native_prefill is not None and p.table is not None and window is None and p.tree is None \
-                and isinstance(p.rows, slice):
+        sparse = self.paths.sparse_prefill
+        if sparse is not None and not (p.tree is None and p.allow is None and window is None
+                                       and sparse.applies(p.k_pos.shape[1])):
+            sparse = None
+        if sparse is None and self.paths.native_prefill is not None and p.table is not None and window is None \
+                and p.tree is None and isinstance(p.rows, slice):
             if self.paths.prefill_decodes:  # decode the context once into a dense workspace
                 kp, vp = cache.gather("k", layer, p.table).contiguous(), cache.gather("v", layer, p.table).contiguous()
                 table = torch.arange(p.table.numel(), device=p.table.device)
@@ -370,6 +376,13 @@ class PagedAttention:
             ks = cache.gather("k", layer, p.blocks).view(1, n * bs, hkv, d).transpose(1, 2)
             vs = cache.gather("v", layer, p.blocks).view(1, n * bs, hkv, d).transpose(1, 2)
             key_slots = self._key_slots(p.blocks, p.k_pos, 1)
+        if sparse is not None:
+            dst = sparse.attend(qs, ks, vs, p.q_pos, p.k_pos, self.scale)[0].transpose(0, 1).to(out.dtype)
+            if isinstance(rows, slice):
+                out[rows] = dst
+            else:
+                out.index_copy_(0, rows, dst)
+            return
         if len(p.parts) > 1 and qs.device.type == "cpu" and qs.dtype in (torch.bfloat16, torch.float16):
             qs, ks, vs = qs.float(), ks.float(), vs.float()  # widen once, not once per query block
         for j, (a, e, n) in enumerate(p.parts):

@@ -131,6 +131,39 @@ def build_segments(segments: Any, encode: Callable[[str], list[int]]) -> tuple[l
     return ids, layout if layout.has_sets or chunks else None
 
 
+def chat_segments(messages: list[dict[str, Any]], render: Callable[[list[dict[str, Any]]], str],
+                  encode_template: Callable[[str], list[int]], encode_text: Callable[[str], list[int]]) -> list[Any]:
+    """Chat messages, each with ``content`` (text) or ``segments`` (a segment list), as one
+    segment list: the chat template's own text around every message, the messages' segments in
+    their places. ``render`` applies the template to messages; template text is encoded with
+    ``encode_template`` (control tokens), message text with ``encode_text``."""
+    import secrets
+
+    nonce = secrets.token_hex(8)
+    marks = [f"\u2063{nonce}:{i}\u2063" for i in range(len(messages))]
+    text = render([{**m, "content": k} for m, k in zip(messages, marks)])
+    out: list[Any] = []
+    for i, (mark, m) in enumerate(zip(marks, messages)):
+        before, found, text = text.partition(mark)
+        if not found or mark in text:
+            raise ValueError("this model's chat template transforms message content, so segments cannot be "
+                             "placed in it")
+        if before:
+            out.append({"ids": encode_template(before)})
+        segs = m.get("segments")
+        if segs is not None:
+            if m.get("content"):
+                raise ValueError(f"message {i}: give 'content' or 'segments', not both")
+            if not isinstance(segs, list) or not segs:
+                raise ValueError(f"message {i}: segments must be a non-empty list")
+            out += segs
+        elif m.get("content"):
+            out.append({"ids": encode_text(m["content"])})
+    if text:
+        out.append({"ids": encode_template(text)})
+    return [s for s in out if s != {"ids": []}]
+
+
 def set_allow_mask(layout: PromptLayout, q_idx, k_idx):
     """(T, S) bool: may query storage index q_idx[t] see key k_idx[s] as far as sets go
     (False when both are in the same set but in different elements). Indices past the prompt

@@ -156,7 +156,9 @@ def dca_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     q (B, Hq, T, d); k, v (B, Hkv, S, d); mask (B, 1, T, S) bool (causality, padding); q_pos
     (B, T), k_pos (B, S) true positions (-1 = padding; ascending when B == 1). With one sequence
     (a prefill chunk) the queries are split by chunk and each group's keys fall in three ranges,
-    one product each, so DCA costs what dense attention costs. Returns (B, Hq, T, d).
+    one fused attention call each (flash attention on CPU, memory linear in the keys), merged
+    exactly through their log-sum-exps: DCA costs what dense attention costs. Decode groups
+    (B > 1) score pair by pair. Returns (B, Hq, T, d).
     """
     c, s = dc.chunk_len, dc.chunk_size
     B, Hq, T, d = q.shape
@@ -181,15 +183,52 @@ def dca_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
             parts.append(dca_attention(q[:, :, rows], k, v, mask[:, :, rows], q_pos[:, rows], k_pos, dc, inv_freq,
                                        scale))
         return torch.cat(parts, 2)
-    if B == 1:  # one query chunk Q: keys split into older chunks | chunk Q-1 | chunk Q, one product each
+    if B == 1:  # one query chunk Q: keys split into older chunks | chunk Q-1 | chunk Q, one fused call each
         Q = int(qc[0, 0])
-        a, b = torch.searchsorted(k_pos[0].contiguous(), torch.tensor([(Q - 1) * c, Q * c], device=k_pos.device)).tolist()
-        scores = torch.cat([scores_of(q_inter, kf[:, :, :a]), scores_of(q_succ, kf[:, :, a:b]),
-                            scores_of(qf, kf[:, :, b:])], -1)  # (1, Hkv, G, T, S)
-    else:  # decode groups: per pair
-        dist = (qc[:, :, None] - kc[:, None, :])[:, None, None]  # (B, 1, 1, T, S) chunk distance
-        scores = torch.where(dist == 0, scores_of(qf, kf), torch.where(dist == 1, scores_of(q_succ, kf),
-                                                                        scores_of(q_inter, kf)))
+        kp = k_pos[0].masked_fill(k_pos[0] < 0, torch.iinfo(k_pos.dtype).max)  # padding sorts last
+        a, b = torch.searchsorted(kp.contiguous(), torch.tensor([(Q - 1) * c, Q * c], device=k_pos.device)).tolist()
+        pieces = [(qx, lo, hi) for qx, lo, hi in ((q_inter, 0, a), (q_succ, a, b), (qf, b, k.shape[2])) if hi > lo]
+        outs = [_partial_attention(qx.reshape(B, Hkv, G * T, d), kf[:, :, lo:hi], vf[:, :, lo:hi],
+                                   mask[:, :, :, lo:hi], G, scale) for qx, lo, hi in pieces]
+        return _merge(outs).view(B, Hq, T, d).to(q.dtype)
+    # decode groups: per pair
+    dist = (qc[:, :, None] - kc[:, None, :])[:, None, None]  # (B, 1, 1, T, S) chunk distance
+    scores = torch.where(dist == 0, scores_of(qf, kf), torch.where(dist == 1, scores_of(q_succ, kf),
+                                                                    scores_of(q_inter, kf)))
     scores = (scores * scale).masked_fill(~mask[:, :, None], float("-inf"))
     out = scores.softmax(-1).view(B, Hkv, G * T, -1) @ vf  # (B, Hkv, G*T, d)
     return out.view(B, Hq, T, d).to(q.dtype)
+
+
+def _partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, G: int,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention over one key range, with its log-sum-exp so ranges merge exactly.
+
+    q (B, Hkv, G*T, d) (grouped query heads, row g*T + t); k, v (B, Hkv, n, d); mask (B, 1, T, n)
+    bool. Returns out (B, Hkv, G*T, d) and lse (B, Hkv, G*T) (-inf for rows with no key here).
+    On CPU this is one fused flash-attention call (memory linear in n); elsewhere the scores.
+    """
+    rows = mask.any(-1).repeat(1, 1, G)  # (B, 1, G*T): the row has a key in this range
+    full = bool(mask.all())
+    if q.device.type == "cpu":
+        bias = None
+        if not full:
+            bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+            bias = bias.repeat(1, 1, G, 1)  # (B, 1, G*T, n)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias, scale=scale)
+    else:
+        scores = (q @ k.transpose(-1, -2)) * scale  # (B, Hkv, G*T, n)
+        if not full:
+            scores = scores.masked_fill(~mask.repeat(1, 1, G, 1), float("-inf"))
+        lse = scores.logsumexp(-1)
+        out = (scores - lse[..., None]).exp().nan_to_num(0.0) @ v
+    return out, lse.masked_fill(~rows, float("-inf"))
+
+
+def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """One softmax over the union of key ranges from each range's (out, lse)."""
+    if len(parts) == 1:
+        return parts[0][0]
+    lse = torch.stack([p[1] for p in parts])  # (R, B, H, T)
+    w = (lse - lse.logsumexp(0)).exp().nan_to_num(0.0)  # each range's share of the softmax mass
+    return sum(wi[..., None] * o for wi, (o, _) in zip(w, parts))

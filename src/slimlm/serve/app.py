@@ -21,7 +21,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slimlm.engine.request import RequestOutput
-from slimlm.engine.segments import build_segments
+from slimlm.engine.segments import build_segments, chat_segments
+from slimlm.errors import SlimLMError
 from slimlm.serve.async_engine import AsyncEngine, QueueFullError, RequestFailed, ServerShutdown
 from slimlm.serve.chat_input import ChatEncoder
 from slimlm.serve.config import ServeConfig
@@ -412,6 +413,12 @@ def build_app(engine, model_name: str, config: ServeConfig | None = None, *, api
         params = await asyncio.to_thread(make_params, request, body, prompt_ids, body.logprobs, "prompt")
         return await respond(request, body, prompt_ids, params, chat=False)
 
+    def chat_prompt_segments(msgs, add_generation_prompt):
+        render = lambda m: tok.apply_chat_template(m, add_generation_prompt=add_generation_prompt)  # noqa: E731
+        segs = chat_segments([{k: v for k, v in m.items() if v is not None} for m in msgs], render,
+                             lambda t: tok.encode(t, add_special_tokens=False), chat_encoder.encode_text)
+        return build_segments(segs, chat_encoder.encode_text)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await parse(request, ChatCompletionRequest)
@@ -419,6 +426,18 @@ def build_app(engine, model_name: str, config: ServeConfig | None = None, *, api
             msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
         except UnsupportedField as e:
             raise APIError(400, str(e), param=e.field, code="unsupported_parameter") from None
+        if any((m.model_extra or {}).get("segments") is not None for m in body.messages):  # engine/segments.py
+            for m, d in zip(body.messages, msgs):
+                d["segments"] = (m.model_extra or {}).get("segments")
+            try:
+                prompt_ids, layout = await asyncio.to_thread(chat_prompt_segments, msgs, body.add_generation_prompt)
+            except (ValueError, SlimLMError) as e:
+                raise APIError(400, str(e), param="messages", code="invalid_value") from None
+            request.scope["state"]["access"]["prompt_tokens"] = len(prompt_ids)
+            k = body.top_logprobs or 0
+            params = await asyncio.to_thread(make_params, request, body, prompt_ids, k if body.logprobs else None,
+                                             "messages", layout)
+            return await respond(request, body, prompt_ids, params, chat=True, top_k_lp=k, layout=layout)
         try:
             prompt_ids = await asyncio.to_thread(chat_encoder.encode, msgs, body.add_generation_prompt)
         except Exception as e:  # noqa: BLE001 - template errors are the client's

@@ -1,0 +1,132 @@
+"""Sparse prefill for long prompts (``sparse_prefill``): MInference's vertical-slash pattern
+(Jiang et al. 2024), as Qwen2.5-1M uses it, chosen per head from a short probe.
+
+For each prefill chunk with at least ``min_keys`` keys, every query head gets its own pattern
+from the attention of the chunk's last ``probe`` queries to all keys:
+
+- **vertical**: the ``vertical`` key columns with the most probe attention (sinks, headings,
+  the needle...): every query attends them;
+- **slash**: the ``slash`` diagonals (query position - key position) with the most probe
+  attention, the offsets below ``local`` always among them: every query attends the keys at
+  those distances.
+
+A query at i attends key j <= i iff j is a vertical column or i - j is a slash offset. The
+queries run in blocks of ``block``; a block gathers only its candidate keys (the verticals and
+the slash diagonals' ranges), so a chunk costs about T x (vertical + slash x block) scores
+instead of T x S. ``VerticalSlash(vertical >= S)`` is the full pattern: dense attention (tested).
+
+Decode steps and short chunks stay dense. The engine keeps storage index == position (no token
+policy) so a key's column is its position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from slimlm.errors import SlimLMError
+from slimlm.registry import Registry
+
+SPARSE_PREFILL: Registry[type] = Registry("sparse prefill pattern")
+
+
+@SPARSE_PREFILL.register("vertical-slash")
+@dataclass(frozen=True)
+class VerticalSlash:
+    vertical: int = 1024
+    """Key columns every query attends (per head)."""
+    slash: int = 64
+    """Diagonals (relative distances) every query attends (per head), the local ones included."""
+    local: int = 64
+    """Distances 0 .. local-1 are always slash diagonals (the local window)."""
+    probe: int = 64
+    """The chunk's last queries whose attention picks the pattern."""
+    block: int = 64
+    """Queries per block (a block gathers its candidate keys once)."""
+    min_keys: int = 4096
+    """Chunks with fewer keys stay dense."""
+
+    def __post_init__(self) -> None:
+        for name in ("vertical", "slash", "probe", "block", "min_keys"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise SlimLMError(f"sparse_prefill vertical-slash: {name} must be a positive integer, got {v!r}")
+        if not 0 <= self.local <= self.slash:
+            raise SlimLMError(f"sparse_prefill vertical-slash: local must be in [0, slash={self.slash}], "
+                              f"got {self.local}")
+
+    def applies(self, num_keys: int) -> bool:
+        return num_keys >= self.min_keys
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+               scale: float) -> torch.Tensor:
+        """q (1, Hq, T, d) at positions q_pos (1, T) ascending; k, v (1, Hkv, S, d) with k_pos
+        (1, S) == arange(L) then -1 padding. Returns (1, Hq, T, d)."""
+        _, Hq, T, d = q.shape
+        Hkv, S = k.shape[1], k.shape[2]
+        G = Hq // Hkv
+        work = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
+        qf = q[0].to(work)  # (Hq, T, d)
+        kx = k[0].to(work).repeat_interleave(G, 0)  # (Hq, S, d)
+        vx = v[0].to(work).repeat_interleave(G, 0)
+        kp, qp = k_pos[0], q_pos[0]
+        valid = kp >= 0
+        cols_v, offs, is_v, is_s = self._pattern(qf, kx, qp, kp, valid, scale)
+        out = torch.empty(Hq, T, d, dtype=work, device=q.device)
+        step = torch.arange(self.block, device=q.device)
+        heads = torch.arange(Hq, device=q.device)[:, None]
+        for a in range(0, T, self.block):
+            e = min(a + self.block, T)
+            p0, p1 = int(qp[a]), int(qp[e - 1])
+            diag = ((p0 - offs)[:, :, None] + step[: e - a]).flatten(1)  # (Hq, ns * B) key positions
+            cand = torch.cat([cols_v, diag], 1).clamp(min=-1)
+            cand = torch.where((cand <= p1) & (cand < S), cand, -1)
+            cand, _ = cand.sort(1)
+            dup = torch.zeros_like(cand, dtype=torch.bool)
+            dup[:, 1:] = cand[:, 1:] == cand[:, :-1]
+            cand = cand.masked_fill(dup, -1)  # (Hq, K), -1 = no key
+            col = cand.clamp(min=0)
+            kc, vc = kx[heads, col], vx[heads, col]  # (Hq, K, d)
+            scores = (qf[:, a:e] @ kc.transpose(-1, -2)) * scale  # (Hq, B, K)
+            dist = qp[a:e][None, :, None] - col[:, None, :]  # (Hq, B, K)
+            ok = (cand >= 0)[:, None] & (dist >= 0) & valid[col][:, None]
+            on_slash = is_s.gather(1, dist.clamp(min=0, max=is_s.shape[1] - 1).flatten(1)).view_as(dist)
+            ok &= is_v.gather(1, col)[:, None] | on_slash
+            scores = scores.masked_fill(~ok, float("-inf"))
+            out[:, a:e] = scores.softmax(-1) @ vc
+        return out[None].to(q.dtype)
+
+    def _pattern(self, qf, kx, qp, kp, valid, scale) -> tuple[torch.Tensor, ...]:
+        """Per head: the vertical columns (Hq, nv) and slash offsets (Hq, ns) the probe attends
+        most, and the same as masks over columns (Hq, S) and offsets (Hq, last position + 1)."""
+        Hq, T, _ = qf.shape
+        S = kx.shape[1]
+        m = min(self.probe, T)
+        pq = qp[T - m :]  # (m,)
+        dist = pq[:, None] - kp[None, :]  # (m, S)
+        causal = (dist >= 0) & valid[None, :]
+        att = ((qf[:, T - m :] @ kx.transpose(-1, -2)) * scale).masked_fill(~causal, float("-inf")).softmax(-1)
+        n_off = int(qp[-1]) + 1  # offsets 0 .. last position
+        vert = att.sum(1).masked_fill(~valid, -1.0)  # (Hq, S)
+        cols = vert.topk(min(self.vertical, S), -1).indices  # padding columns are masked later
+        is_v = torch.zeros(Hq, S, dtype=torch.bool, device=qf.device).scatter_(1, cols, True)
+        slash = torch.zeros(Hq, n_off, dtype=att.dtype, device=qf.device)
+        idx = dist.clamp(min=0, max=n_off - 1).expand(Hq, m, S).reshape(Hq, -1)
+        slash.scatter_add_(1, idx, (att * causal).reshape(Hq, -1))
+        slash[:, : self.local] = float("inf")  # the local window always
+        offs = slash.topk(min(self.slash, n_off), -1).indices
+        is_s = torch.zeros(Hq, n_off, dtype=torch.bool, device=qf.device).scatter_(1, offs, True)
+        return cols, offs, is_v, is_s
+
+
+def build(name: str | None, args: dict) -> VerticalSlash | None:
+    if name is None:
+        if args:
+            raise SlimLMError("sparse_prefill_args given without sparse_prefill")
+        return None
+    cls = SPARSE_PREFILL.get(name)
+    try:
+        return cls(**args)
+    except TypeError as e:
+        raise SlimLMError(f"sparse_prefill={name!r}: {e}") from None
