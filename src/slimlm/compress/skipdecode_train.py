@@ -2,9 +2,9 @@
 monotone schedule it will be served with (``hooks=["skipdecode"]``).
 
 Each training window is a "prompt" of ``prompt_len`` tokens followed by a "generated" part.
-Position p >= prompt_len - 1 carries generated index g = p - (prompt_len - 1) (the last prompt
-row is g = 0, as in the engine hook) and bypasses the lowest ``skipped(g)`` layers, with the
-hook's own schedule; prompt rows run every layer. This is exactly the served computation: a
+Position p >= prompt_len (a generated token as input) carries generated index g = p - prompt_len,
+as in the engine hook, and bypasses the lowest ``skipped(g)`` layers, with the hook's own
+schedule; prompt rows run every layer. This is exactly the served computation: a
 bypassed row keeps its hidden state through the skipped layers, and since ``skipped`` never
 decreases with the position, every row that runs a layer attends only to earlier rows that ran
 it too (the keys a bypassed row would write there are never read), so a dense causal forward
@@ -41,7 +41,7 @@ class SkipTrainConfig:
 
 def layer_skips(hook: SkipDecode, T: int, prompt_len: int) -> torch.Tensor:
     """(T,) layers bypassed per position of a window whose prompt is ``prompt_len`` tokens."""
-    return torch.tensor([hook.skipped(p - (prompt_len - 1)) if p >= prompt_len - 1 else 0 for p in range(T)])
+    return torch.tensor([hook.skipped(p - prompt_len) if p >= prompt_len else 0 for p in range(T)])
 
 
 def skip_forward(model, ids: torch.Tensor, skips: torch.Tensor | None) -> torch.Tensor:
@@ -110,7 +110,7 @@ def train_skipdecode(model, windows: torch.Tensor, cfg: SkipTrainConfig, log=pri
     model.eval().requires_grad_(False)
     after = {"skip": generated_perplexity(model, held_w, skips, cfg.prompt_len),
              "plain": generated_perplexity(model, held_w, None, cfg.prompt_len)}
-    gen = skips[cfg.prompt_len - 1 : -1]
+    gen = skips[cfg.prompt_len :]
     return {
         "min_layers": hook.min_layers, "ramp": cfg.ramp, "prompt_len": cfg.prompt_len, "seq_len": T,
         "mean_layers_skipped_generated": round(float(gen.float().mean()), 3), "num_layers": hook.num_layers,
