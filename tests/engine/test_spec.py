@@ -397,6 +397,14 @@ def test_bild_bad_input_is_one_line(target, noisy_draft, foreign_tokenizer_model
         LLM(target, speculative="bild", speculative_args=args)
 
 
+def test_draft_with_another_tokenizer_is_refused(target, foreign_tokenizer_model):
+    from slimlm.errors import SlimLMError
+
+    with pytest.raises(SlimLMError, match="tokenizer differs") as e:
+        LLM(target, speculative="draft", speculative_args={"model": foreign_tokenizer_model})
+    assert "\n" not in str(e.value)
+
+
 def test_train_adapter_cli_trains_and_refuses_bad_input(tiny_llama_dir, tmp_path, capsys):
     """`slimlm train-adapter` writes an adapter the engine loads; an exit layer outside the
     model and a missing adapter are one-line errors (exit 2)."""
