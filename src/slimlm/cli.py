@@ -27,7 +27,7 @@ SUBCOMMANDS = [
     "slimlm.serve.cli",  # serve
     "slimlm.batch.cli",  # batch
     "slimlm.compress.cli",  # prune, distill, distill-cache, lowrank, finetune, extend-vocab, select, rationales, draft-bench
-    "slimlm.compress.spec_cli",  # train-adapter, spec-bench
+    "slimlm.compress.spec_cli",  # train-adapter, skipdecode-tune, spec-bench
     "slimlm.eval.cli",  # eval, report
     "slimlm.kvcache.cli",  # compress-kv
 ]

@@ -175,8 +175,22 @@ def kangaroo_adapter(target, tmp_path_factory):
     return str(save_adapter(tmp_path_factory.mktemp("kangaroo"), "kangaroo", ad, meta))
 
 
+@pytest.fixture(scope="module")
+def chimera_adapter(target, tmp_path_factory):
+    from slimlm.compress.spec_train import ChimeraTrainConfig, train_chimera
+    from slimlm.engine.spec.kangaroo import save_adapter
+
+    net, meta = train_chimera(target.model, self_text(target), ChimeraTrainConfig(head_vocab=0, steps=60, batch_size=32,
+                                                                                  lr=3e-3), log=None)
+    assert meta["train"]["heldout_top1_agreement"] > meta["train"]["heldout_top1_agreement_init"]
+    return str(save_adapter(tmp_path_factory.mktemp("chimera"), "chimera", net, meta))
+
+
 LOSSLESS = {
     "draft": lambda f: {"model": f["draft"], "k": 3},
+    "chimera": lambda f: {"adapter": f["chimera_adapter"], "k": 4},
+    "chimera-tree": lambda f: {"adapter": f["chimera_adapter"], "k": 3, "tree": True},
+    "chimera-exit": lambda f: {"adapter": f["chimera_adapter"], "k": 6, "threshold": 0.02},
     "kangaroo": lambda f: {"adapter": f["kangaroo_adapter"], "k": 4, "threshold": 0.0},
     "kangaroo-exit": lambda f: {"adapter": f["kangaroo_adapter"], "k": 4, "threshold": 0.01},
     "kangaroo-tree": lambda f: {"adapter": f["kangaroo_adapter"], "k": 3, "threshold": 0.0, "tree": True},
@@ -187,7 +201,8 @@ LOSSLESS = {
                                       dict(block_size=8, max_num_batched_tokens=32, preempt=True),
                                       dict(enable_prefix_caching=False, native_kernels=False)])
 @pytest.mark.parametrize("method", list(LOSSLESS))
-def test_every_lossless_method_is_greedy_identical_in_mixed_batches(target, draft, kangaroo_adapter, method, settings):
+def test_every_lossless_method_is_greedy_identical_in_mixed_batches(target, draft, kangaroo_adapter, chimera_adapter,
+                                                                    method, settings):
     """Greedy requests mixed with sampled and logprob requests, with and without forced
     preemption: greedy outputs equal plain decoding; drafts were proposed and some accepted."""
     settings = dict(settings)
@@ -201,7 +216,7 @@ def test_every_lossless_method_is_greedy_identical_in_mixed_batches(target, draf
     params = [greedy if i % 3 == 0 else sampled if i % 3 == 1 else withlp for i in range(len(prompts))]
     base = LLM(target, **settings).generate(prompts, params, use_tqdm=False)
     name = method.split("-")[0]
-    args = LOSSLESS[method]({"draft": draft, "kangaroo_adapter": kangaroo_adapter})
+    args = LOSSLESS[method]({"draft": draft, "kangaroo_adapter": kangaroo_adapter, "chimera_adapter": chimera_adapter})
     llm = LLM(target, speculative=name, speculative_args=args, **settings)
     outs = llm.generate(prompts, params, use_tqdm=False)
     for i, (a, b) in enumerate(zip(outs, base)):
@@ -382,6 +397,14 @@ def test_bild_bad_input_is_one_line(target, noisy_draft, foreign_tokenizer_model
         LLM(target, speculative="bild", speculative_args=args)
 
 
+def test_draft_with_another_tokenizer_is_refused(target, foreign_tokenizer_model):
+    from slimlm.errors import SlimLMError
+
+    with pytest.raises(SlimLMError, match="tokenizer differs") as e:
+        LLM(target, speculative="draft", speculative_args={"model": foreign_tokenizer_model})
+    assert "\n" not in str(e.value)
+
+
 def test_train_adapter_cli_trains_and_refuses_bad_input(tiny_llama_dir, tmp_path, capsys):
     """`slimlm train-adapter` writes an adapter the engine loads; an exit layer outside the
     model and a missing adapter are one-line errors (exit 2)."""
@@ -403,3 +426,124 @@ def test_train_adapter_cli_trains_and_refuses_bad_input(tiny_llama_dir, tmp_path
     assert "outside the model" in err and len(err.strip().splitlines()) == 1
     assert main(["generate", "--model", str(tiny_llama_dir), "--speculative", "kangaroo", "hi"]) == 2
     assert "needs a trained adapter" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- Chimera light draft, Judge decoding
+def test_chimera_sampled_output_follows_the_target(target, chimera_adapter):
+    """Marginal of the 2nd token (the first drafted one) vs. the exact target marginal. The
+    prompt is the model's own text (a random prompt is too far from what the tiny draft learned
+    for any of its top-3 tokens to be the target's)."""
+    prompt = self_text(target, n=1, seed=7)[0, :12].tolist()
+    exact = exact_second_token_marginal(target.model, prompt)
+    llm = LLM(target, speculative="chimera", speculative_args={"adapter": chimera_adapter, "k": 2})
+    counts = second_token_counts(llm, prompt, exact)
+    st = llm.engine.stats
+    assert 0 < st["accepted_draft_tokens"] < st["draft_tokens"]
+    tv = 0.5 * float((counts / counts.sum() - exact).abs().sum())
+    assert tv < 0.05, tv
+
+
+def test_chimera_batched_rows_accept_differently_and_free_everything(target, chimera_adapter):
+    """Several requests in one batch, each with its own acceptance per step; the proposer
+    keeps no state for finished requests."""
+    prompts = make_prompts(6, seed=21)
+    p = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    llm = LLM(target, speculative="chimera", speculative_args={"adapter": chimera_adapter, "k": 4})
+    prop = llm.engine.proposer
+    seen: list[tuple[int, ...]] = []
+    orig = prop.verify
+
+    def verify(seq, logits, parents=None):
+        n = len(seq.draft_ids)
+        toks, lps, path = orig(seq, logits, parents)
+        seen.append((seq.seq_id, n, len(toks) - 1))
+        return toks, lps, path
+
+    prop.verify = verify
+    llm.generate(prompts, p, use_tqdm=False)
+    assert len({s for s, _, _ in seen}) == 6 and len({a for _, _, a in seen}) > 1
+    assert not prop.state and not prop.row
+
+
+@pytest.fixture(scope="module")
+def judge_head(target, tmp_path_factory):
+    from slimlm.compress.spec_train import JudgeTrainConfig, train_judge
+    from slimlm.engine.spec.kangaroo import save_adapter
+
+    head, meta = train_judge(target.model, self_text(target), JudgeTrainConfig(corrupt_every=4, steps=200), log=None)
+    assert meta["train"]["heldout_accept_correct"] > meta["train"]["heldout_accept_wrong"]
+    return str(save_adapter(tmp_path_factory.mktemp("judge"), "judge", head, meta))
+
+
+def test_judge_accepts_mismatched_drafts_and_is_exact_at_accept_1(target, chimera_adapter, judge_head):
+    """accept = 1: exact verification (outputs identical); lower accept: the judge keeps
+    drafts the target's argmax rejects (more accepted, output changes: lossy); accept -> 0
+    keeps every draft. Sampled requests in the same batch run under the lossless rule."""
+    prompts = make_prompts(8, seed=4)
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    sampled = SamplingParams(temperature=0.8, max_tokens=10, seed=3, ignore_eos=True)
+    params = [greedy if i % 4 else sampled for i in range(len(prompts))]
+    base = LLM(target).generate(prompts, params, use_tqdm=False)
+    rates, judged = {}, {}
+    for acc in (1.0, 0.5, 1e-6):
+        llm = LLM(target, speculative="judge", speculative_args={"adapter": chimera_adapter, "head": judge_head,
+                                                                 "k": 4, "accept": acc})
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        same = [a.outputs[0].token_ids == b.outputs[0].token_ids for a, b, p in zip(outs, base, params) if p.greedy]
+        st = llm.engine.stats
+        rates[acc] = st["accepted_draft_tokens"] / st["draft_tokens"]
+        judged[acc] = llm.engine.proposer.counts["judge_accepted"]
+        if acc == 1.0:
+            assert all(same) and judged[acc] == 0
+        assert all(len(o.outputs[0].token_ids) == p.max_tokens for o, p in zip(outs, params))
+        assert llm.engine.pool.num_free() == llm.engine.pool.num_blocks
+    assert rates[1.0] < rates[0.5] <= rates[1e-6] and judged[0.5] > 0
+    assert not all(same)  # accept -> 0: lossy
+
+
+@pytest.mark.parametrize("method, args, match", [
+    ("chimera", {}, "needs a trained adapter"),
+    ("chimera", {"adapter": "KANGAROO"}, "trained for 'kangaroo'"),
+    ("chimera", {"adapter": "CHIMERA", "threshold": -0.1}, "threshold must be in"),
+    ("judge", {"adapter": "CHIMERA"}, "needs a trained judge head"),
+    ("judge", {"adapter": "CHIMERA", "head": "JUDGE", "accept": 1.5}, "accept must be in"),
+    ("judge", {"adapter": "CHIMERA", "head": "JUDGE", "accept": 0}, "accept must be in"),
+    ("judge", {"adapter": "CHIMERA", "head": "CHIMERA"}, "trained for 'chimera'"),
+    ("judge", {"head": "JUDGE"}, "needs a trained adapter"),
+])
+def test_light_draft_bad_input_is_one_line(target, kangaroo_adapter, chimera_adapter, judge_head, method, args, match):
+    from slimlm.errors import SlimLMError
+
+    where = {"KANGAROO": kangaroo_adapter, "CHIMERA": chimera_adapter, "JUDGE": judge_head}
+    args = {k: where.get(v, v) if isinstance(v, str) else v for k, v in args.items()}
+    with pytest.raises(SlimLMError, match=match) as e:
+        LLM(target, speculative=method, speculative_args=args)
+    assert "\n" not in str(e.value)
+
+
+def test_chimera_adapter_of_another_model_is_refused(draft, chimera_adapter):
+    from slimlm.errors import SlimLMError
+
+    with pytest.raises(SlimLMError, match="another model"):
+        LLM(draft, speculative="chimera", speculative_args={"adapter": chimera_adapter})
+
+
+def test_train_adapter_cli_chimera_and_judge(tiny_llama_dir, tmp_path, capsys):
+    from slimlm.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text("Small language models are fast to serve and cheap to train. " * 60)
+    base = ["--model", str(tiny_llama_dir), "--data", str(text), "--tokens", "512", "--seq-len", "32"]
+    assert main(["train-adapter", str(tmp_path / "c"), "--method", "chimera", *base, "--steps", "5",
+                 "--batch-size", "16", "--head-vocab", "64"]) == 0
+    assert "top-1 agreement" in capsys.readouterr().err
+    assert main(["train-adapter", str(tmp_path / "j"), "--method", "judge", *base, "--steps", "5"]) == 0
+    assert "held-out accuracy" in capsys.readouterr().err
+    llm = LLM(load(tiny_llama_dir), speculative="judge",
+              speculative_args={"adapter": str(tmp_path / "c"), "head": str(tmp_path / "j"), "accept": 0.9})
+    assert llm.engine.proposer.token_map.numel() == 64
+    assert len(llm.generate([[5, 6, 7]], SamplingParams(max_tokens=6, temperature=0), use_tqdm=False)[0]
+               .outputs[0].token_ids) == 6
+    assert main(["train-adapter", str(tmp_path / "x"), "--method", "chimera", *base, "--depth", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--depth" in err and len(err.strip().splitlines()) == 1

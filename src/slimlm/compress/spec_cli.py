@@ -1,4 +1,5 @@
-"""`slimlm train-adapter` (Kangaroo adapter, Judge head) and `slimlm spec-bench`."""
+"""`slimlm train-adapter` (Kangaroo adapter, Chimera draft, Judge head), `slimlm skipdecode-tune`
+and `slimlm spec-bench`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 
 from slimlm.errors import SlimLMError
 
-METHODS = ("kangaroo",)
+METHODS = ("kangaroo", "chimera", "judge")
 
 
 def cmd_train_adapter(args: argparse.Namespace) -> int:
@@ -24,17 +25,70 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     lm = load(args.model)
-    check_exit_layer(args.exit_layer, lm.model.cfg.num_layers)  # before any data is read
+    if args.method == "kangaroo":
+        check_exit_layer(args.exit_layer, lm.model.cfg.num_layers)  # before any data is read
+    elif args.depth < 1:
+        raise SlimLMError(f"--depth must be at least 1, got {args.depth}")
     windows = calibration_windows(args.data, lm.tokenizer, args.tokens, args.seq_len)
-    cfg = AdapterTrainConfig(args.exit_layer, args.head_vocab, args.steps, args.batch_size, args.lr, seed=args.seed)
     log = (lambda m: print(m, file=sys.stderr))
-    adapter, meta = train_kangaroo(lm.model, windows, cfg, log)
+    if args.method == "chimera":
+        from slimlm.compress.spec_train import ChimeraTrainConfig, train_chimera
+
+        ccfg = ChimeraTrainConfig(args.depth, args.head_vocab, args.steps, args.batch_size, args.lr, seed=args.seed)
+        adapter, meta = train_chimera(lm.model, windows, ccfg, log)
+    elif args.method == "judge":
+        from slimlm.compress.spec_train import JudgeTrainConfig, train_judge
+
+        adapter, meta = train_judge(lm.model, windows, JudgeTrainConfig(steps=args.steps, lr=args.lr, seed=args.seed),
+                                    log)
+    else:
+        cfg = AdapterTrainConfig(args.exit_layer, args.head_vocab, args.steps, args.batch_size, args.lr, seed=args.seed)
+        adapter, meta = train_kangaroo(lm.model, windows, cfg, log)
     meta["train"].update({"data": args.data, "model": args.model})
     out = save_adapter(args.out, args.method, adapter, meta)
     tr = meta["train"]
+    if args.method == "judge":
+        quality = (f"held-out accuracy {tr['heldout_accuracy']:.3f}, accepts {tr['heldout_accept_correct']:.3f} of "
+                   f"correct tokens ({tr['heldout_accept_correct_mismatched']} of those the target would reject) "
+                   f"and {tr['heldout_accept_wrong']:.3f} of wrong ones at 0.5")
+    else:
+        quality = (f"held-out top-1 agreement with the target {tr['heldout_top1_agreement_init']:.3f} -> "
+                   f"{tr['heldout_top1_agreement']:.3f}")
     print(f"wrote {out}: {tr['tokens']:,} training tokens, {tr['cpu_seconds']} CPU s ({tr['wall_seconds']} s wall); "
-          f"held-out top-1 agreement with the target {tr['heldout_top1_agreement_init']:.3f} -> "
-          f"{tr['heldout_top1_agreement']:.3f}", file=sys.stderr)
+          f"{quality}", file=sys.stderr)
+    return 0
+
+
+def cmd_skipdecode_tune(args: argparse.Namespace) -> int:
+    import torch
+
+    from slimlm.compress.calib import calibration_windows
+    from slimlm.compress.skipdecode_train import SkipTrainConfig, train_skipdecode
+    from slimlm.model.hub import load
+    from slimlm.model.weights import save_model_dir
+
+    if args.steps < 1 or args.batch_size < 1 or args.lr <= 0:
+        raise SlimLMError("--steps and --batch-size must be at least 1 and --lr positive")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = load(args.model, dtype="float32")
+    n = lm.model.cfg.num_layers
+    if args.min_layers is not None and not 1 <= args.min_layers <= n:
+        raise SlimLMError(f"--min-layers {args.min_layers} is outside the model: it must be in 1..{n}")
+    if args.ramp < 1:
+        raise SlimLMError(f"--ramp must be at least 1, got {args.ramp}")
+    windows = calibration_windows(args.data, lm.tokenizer, args.tokens, args.seq_len)
+    cfg = SkipTrainConfig(args.min_layers, args.ramp, args.prompt_len, args.steps, args.batch_size, args.lr,
+                          seed=args.seed)
+    rep = train_skipdecode(lm.model, windows, cfg, lambda m: print(m, file=sys.stderr))
+    rep.update({"data": args.data, "model": args.model})
+    out = save_model_dir(lm.model, args.out, lm.tokenizer, lm.generation_config)
+    (out / "skipdecode_train.json").write_text(json.dumps(rep, indent=1))
+    b, a = rep["heldout_ppl_before"], rep["heldout_ppl_after"]
+    print(f"wrote {out}: {rep['tokens_seen']:,} tokens seen, {rep['cpu_seconds']} CPU s; held-out perplexity of the "
+          f"generated part with skipping {b['skip']:.3f} -> {a['skip']:.3f}, without {b['plain']:.3f} -> "
+          f"{a['plain']:.3f}; serve with --hook skipdecode --hook-arg skipdecode.min_layers={rep['min_layers']} "
+          f"--hook-arg skipdecode.ramp={rep['ramp']}", file=sys.stderr)
     return 0
 
 
@@ -59,7 +113,9 @@ def register(sub) -> None:
     from slimlm.engine.options import add_engine_args
 
     t = sub.add_parser("train-adapter", help="train a speculative method's adapter with the target frozen",
-                       description="Kangaroo: the adapter (one attention block + norm) after the target's first "
+                       description="Chimera: a light draft (trigram encoder + fusion MLP) on the target's final hidden "
+                                   "state learns the target's next DEPTH tokens' distributions. "
+                                   "Kangaroo: the adapter (one attention block + norm) after the target's first "
                                    "EXIT_LAYER layers learns the target's next-token distribution on offline text.")
     t.add_argument("out", help="folder to write adapter.json + adapter.safetensors")
     t.add_argument("--method", choices=METHODS, default="kangaroo")
@@ -70,12 +126,33 @@ def register(sub) -> None:
     t.add_argument("--exit-layer", type=int, default=2, help="layers of the target the draft runs before the adapter")
     t.add_argument("--head-vocab", type=int, default=4096,
                    help="draft head over this many most frequent tokens (0 = whole vocabulary)")
+    t.add_argument("--depth", type=int, default=4, help="chimera: draft steps the adapter learns")
     t.add_argument("--steps", type=int, default=300)
-    t.add_argument("--batch-size", type=int, default=4, help="windows per step")
+    t.add_argument("--batch-size", type=int, default=4,
+                   help="windows per step (kangaroo) / positions per step (chimera, e.g. 256)")
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=None)
     t.set_defaults(func=cmd_train_adapter)
+
+    k = sub.add_parser("skipdecode-tune", help="fine-tune a model to exit early on SkipDecode's schedule",
+                       description="Trains the decoder layers with the lower layers bypassed on SkipDecode's "
+                                   "monotone schedule after a PROMPT_LEN-token prompt (the served computation); "
+                                   "writes a model folder and the held-out perplexity before/after.")
+    k.add_argument("out", help="model folder to write")
+    k.add_argument("--model", default="smollm2-135m-instruct")
+    k.add_argument("--data", default="python-stdlib", help="corpus name, file, folder or prepared token folder")
+    k.add_argument("--tokens", type=int, default=16384, help="training + held-out tokens")
+    k.add_argument("--seq-len", type=int, default=128)
+    k.add_argument("--prompt-len", type=int, default=64, help="tokens of each window treated as the prompt")
+    k.add_argument("--min-layers", type=int, default=None, help="as the hook's min_layers (default 3/4 of the layers)")
+    k.add_argument("--ramp", type=int, default=32, help="as the hook's ramp")
+    k.add_argument("--steps", type=int, default=60)
+    k.add_argument("--batch-size", type=int, default=2)
+    k.add_argument("--lr", type=float, default=3e-5)
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--threads", type=int, default=None)
+    k.set_defaults(func=cmd_skipdecode_tune)
 
     b = sub.add_parser("spec-bench", help="a speculative method or layer hook against plain decoding",
                        description="Greedy decode of the same prompts with and without the engine options given "

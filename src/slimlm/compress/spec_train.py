@@ -117,3 +117,223 @@ def train_kangaroo(model, windows: torch.Tensor, cfg: AdapterTrainConfig, log=pr
                   "wall_seconds": round(time.time() - wall0, 1), "threads": torch.get_num_threads()},
     }
     return ad, meta
+
+
+@dataclass
+class ChimeraTrainConfig:
+    depth: int = 4
+    """Draft steps the adapter learns (its step embeddings); drafting deeper reuses the last."""
+    head_vocab: int = 4096
+    steps: int = 1000
+    batch_size: int = 256
+    """Positions per step (each trains all ``depth`` draft steps)."""
+    lr: float = 2e-3
+    mlp_mult: int = 2
+    heldout: float = 0.1
+    seed: int = 0
+    feature_batch: int = 4
+    """Windows per target forward when the features are computed."""
+
+
+@torch.no_grad()
+def _final_features(model, windows: torch.Tensor, token_map, batch_size: int):
+    """Per window: the target's final hidden state (pre-norm) and its logits on the head
+    subset (bfloat16 to halve the memory), both (N, T, .)."""
+    hs, ts = [], []
+    w = model.lm_head.weight if token_map is None else model.lm_head.weight.index_select(0, token_map)
+    for i in range(0, windows.shape[0], batch_size):
+        ids = windows[i : i + batch_size]
+        pos = torch.arange(ids.shape[1]).expand_as(ids)
+        attn = model.dense_attention(pos)
+        h = model.embed(ids)
+        cos, sin = model.rotary(pos, h.dtype)
+        for layer in model.model.layers:
+            h = layer(h, cos, sin, attn)
+        hs.append(h.clone())
+        ts.append(torch.nn.functional.linear(model.model.norm(h), w).to(torch.bfloat16))
+    return torch.cat(hs), torch.cat(ts)
+
+
+def _chimera_batch(ids, H, Z, depth: int, wi: torch.Tensor, p: torch.Tensor):
+    """Rows for positions (wi, p): hidden H[wi, p] predicts, at draft step j, the token
+    p + 2 + j from the trigram ids[p-1+j .. p+1+j]; its target is Z[wi, p+1+j]."""
+    j = torch.arange(depth)
+    pj = p[:, None] + j[None]  # (B, depth)
+    tri = torch.stack([ids[wi[:, None], pj - 1], ids[wi[:, None], pj], ids[wi[:, None], pj + 1]], -1)
+    return H[wi, p][:, None].expand(-1, depth, -1), tri, j.expand(p.shape[0], -1), Z[wi[:, None], pj + 1].float()
+
+
+def train_chimera(model, windows: torch.Tensor, cfg: ChimeraTrainConfig, log=print):
+    """Returns (draft, meta for adapter.json). The draft learns the target's next-token
+    distributions (soft cross-entropy) ``depth`` tokens ahead of its last hidden state."""
+    from slimlm.engine.spec.chimera import ChimeraDraft
+
+    mc = model.cfg
+    T = windows.shape[1]
+    if windows.shape[0] < 2:
+        raise SlimLMError("adapter training needs at least 2 token windows (one is held out); give more tokens")
+    if cfg.depth < 1 or T < cfg.depth + 4:
+        raise SlimLMError(f"chimera depth must be >= 1 and the windows longer than depth + 3 (seq_len {T})")
+    model = model.float().eval().requires_grad_(False)
+    cpu0, wall0 = time.process_time(), time.time()
+    g = torch.Generator().manual_seed(cfg.seed)
+    n_held = max(1, int(round(windows.shape[0] * cfg.heldout)))
+    train_w, held_w = windows[n_held:], windows[:n_held]
+    token_map = _frequent_tokens(train_w, cfg.head_vocab, mc.vocab_size)
+    H, Z = _final_features(model, train_w, token_map, cfg.feature_batch)
+    Hh, Zh = _final_features(model, held_w, token_map, cfg.feature_batch)
+    cpu_feat = time.process_time() - cpu0
+    w = model.lm_head.weight if token_map is None else model.lm_head.weight.index_select(0, token_map)
+    emb = model.model.embed_tokens
+    torch.manual_seed(cfg.seed)
+    net = ChimeraDraft(mc.hidden_size, cfg.depth, mc.rms_norm_eps, cfg.mlp_mult)
+    net.norm_h.load_state_dict(model.model.norm.state_dict())
+    net.norm.load_state_dict(model.model.norm.state_dict())
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * max(0.05, 1 - s / cfg.steps))
+    hi = T - cfg.depth - 1  # p + 1 + (depth - 1) <= T - 1
+
+    def logits_of(h, tri, j):
+        return torch.nn.functional.linear(net(h, emb(tri).flatten(-2), j), w)
+
+    def agreement(ids, H_, Z_):
+        """Held-out top-1 agreement with the target per draft step (teacher-forced)."""
+        n = ids.shape[0]
+        wi = torch.arange(n).repeat_interleave(hi - 1)
+        p = torch.arange(1, hi).repeat(n)
+        with torch.no_grad():
+            h, tri, j, z = _chimera_batch(ids, H_, Z_, cfg.depth, wi, p)
+            return (logits_of(h, tri, j).argmax(-1) == z.argmax(-1)).float().mean(0).tolist()
+
+    before = agreement(held_w, Hh, Zh)
+    loss_v = float("nan")
+    for step in range(cfg.steps):
+        wi = torch.randint(0, train_w.shape[0], (cfg.batch_size,), generator=g)
+        p = torch.randint(1, hi, (cfg.batch_size,), generator=g)
+        h, tri, j, z = _chimera_batch(train_w, H, Z, cfg.depth, wi, p)
+        loss = -(z.softmax(-1) * logits_of(h, tri, j).log_softmax(-1)).sum(-1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        loss_v = loss.item()
+        if log and (step % 100 == 0 or step == cfg.steps - 1):
+            log(f"step {step}: soft cross-entropy {loss_v:.4f}")
+    after = agreement(held_w, Hh, Zh)
+    meta = {
+        "depth": cfg.depth, "mlp_mult": cfg.mlp_mult, "hidden_size": mc.hidden_size, "num_layers": mc.num_layers,
+        "vocab_size": mc.vocab_size, "token_map": None if token_map is None else token_map.tolist(),
+        "train": {"windows": int(train_w.shape[0]), "seq_len": T, "tokens": int(train_w.numel()),
+                  "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "final_loss": loss_v,
+                  "heldout_tokens": int(held_w.numel()),
+                  "heldout_top1_agreement_init": round(sum(before) / len(before), 4),
+                  "heldout_top1_agreement": round(sum(after) / len(after), 4),
+                  "heldout_top1_agreement_per_step": [round(a, 4) for a in after],
+                  "cpu_seconds_features": round(cpu_feat, 1),
+                  "cpu_seconds": round(time.process_time() - cpu0, 1),
+                  "wall_seconds": round(time.time() - wall0, 1), "threads": torch.get_num_threads(),
+                  "parameters": sum(p.numel() for p in net.parameters())},
+    }
+    return net, meta
+
+
+@dataclass
+class JudgeTrainConfig:
+    corrupt_every: int = 8
+    """One position in this many is corrupted per window (and paired with its clean twin)."""
+    top: int = 5
+    """Wrong tokens are drawn from the target's top ``top`` at the position."""
+    steps: int = 400
+    lr: float = 1e-2
+    heldout: float = 0.1
+    seed: int = 0
+    feature_batch: int = 4
+
+
+@torch.no_grad()
+def _final_hidden(model, ids: torch.Tensor):
+    pos = torch.arange(ids.shape[1]).expand_as(ids)
+    attn = model.dense_attention(pos)
+    h = model.embed(ids)
+    cos, sin = model.rotary(pos, h.dtype)
+    for layer in model.model.layers:
+        h = layer(h, cos, sin, attn)
+    return h
+
+
+@torch.no_grad()
+def _judge_features(model, windows: torch.Tensor, cfg: JudgeTrainConfig, g: torch.Generator):
+    """Features (M, D) and labels (M,): the final hidden state at a position whose input token
+    is the text's own (1) or a plausible wrong one (0), same context. Also, per pair, whether
+    the text's token was the target's argmax (where the judge can add acceptance: it is not)."""
+    feats, labels, mism = [], [], []
+    T = windows.shape[1]
+    for i in range(0, windows.shape[0], cfg.feature_batch):
+        ids = windows[i : i + cfg.feature_batch]
+        h = _final_hidden(model, ids)
+        top = model.head(h).topk(cfg.top + 1, -1).indices  # (B, T, top+1): predictions for t + 1
+        bad = ids.clone()
+        rows, cols, wrong = [], [], []
+        for b in range(ids.shape[0]):
+            off = int(torch.randint(0, cfg.corrupt_every, (1,), generator=g))
+            for t in range(max(off, 1), T, cfg.corrupt_every):
+                cand = [c for c in top[b, t - 1].tolist() if c != int(ids[b, t])][: cfg.top]
+                c = cand[int(torch.randint(0, len(cand), (1,), generator=g))]
+                rows.append(b)
+                cols.append(t)
+                wrong.append(c)
+                mism.append(int(top[b, t - 1, 0]) != int(ids[b, t]))
+        r, c = torch.tensor(rows), torch.tensor(cols)
+        bad[r, c] = torch.tensor(wrong)
+        hb = _final_hidden(model, bad)
+        feats += [h[r, c], hb[r, c]]
+        labels += [torch.ones(len(rows)), torch.zeros(len(rows))]
+    n = len(mism)
+    return torch.cat(feats), torch.cat(labels), torch.tensor(mism, dtype=torch.bool), n
+
+
+def train_judge(model, windows: torch.Tensor, cfg: JudgeTrainConfig, log=print):
+    """Returns (head, meta). Logistic regression of "correct token" on the target's final
+    hidden state; reports held-out accuracy, and the acceptance of correct tokens the target
+    would have rejected (text token != target argmax) vs of wrong tokens at accept = 0.5."""
+    from slimlm.engine.spec.judge import JudgeHead
+
+    mc = model.cfg
+    if windows.shape[0] < 2:
+        raise SlimLMError("judge training needs at least 2 token windows (one is held out); give more tokens")
+    model = model.float().eval().requires_grad_(False)
+    cpu0, wall0 = time.process_time(), time.time()
+    g = torch.Generator().manual_seed(cfg.seed)
+    n_held = max(1, int(round(windows.shape[0] * cfg.heldout)))
+    X, y, _, _ = _judge_features(model, windows[n_held:], cfg, g)
+    Xh, yh, mh, nh = _judge_features(model, windows[:n_held], cfg, g)
+    cpu_feat = time.process_time() - cpu0
+    torch.manual_seed(cfg.seed)
+    head = JudgeHead(mc.hidden_size)
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    loss_v = float("nan")
+    for step in range(cfg.steps):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(X), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_v = loss.item()
+        if log and (step % 100 == 0 or step == cfg.steps - 1):
+            log(f"step {step}: logistic loss {loss_v:.4f}")
+    with torch.no_grad():
+        p = torch.sigmoid(head(Xh)) >= 0.5
+    pos, neg = p[:nh], p[nh:]
+    meta = {
+        "hidden_size": mc.hidden_size, "num_layers": mc.num_layers, "vocab_size": mc.vocab_size,
+        "train": {"windows": int(windows.shape[0] - n_held), "seq_len": int(windows.shape[1]),
+                  "tokens": int(windows[n_held:].numel()), "pairs": int(X.shape[0] // 2), "steps": cfg.steps,
+                  "final_loss": loss_v, "heldout_pairs": nh,
+                  "heldout_accuracy": round(float((p.float() == yh).float().mean()), 4),
+                  "heldout_accept_correct": round(float(pos.float().mean()), 4),
+                  "heldout_accept_correct_mismatched": round(float(pos[mh].float().mean()), 4) if mh.any() else None,
+                  "heldout_accept_wrong": round(float(neg.float().mean()), 4),
+                  "cpu_seconds_features": round(cpu_feat, 1),
+                  "cpu_seconds": round(time.process_time() - cpu0, 1),
+                  "wall_seconds": round(time.time() - wall0, 1), "threads": torch.get_num_threads()},
+    }
+    return head, meta

@@ -270,6 +270,8 @@ class LLMEngine:
         now = time.time()
         result = self.runner.execute(out)
         logits = result.logits
+        if self.proposer is not None:
+            self.proposer.step_result = result  # its hidden states, for verify (Judge decoding)
         seqs = {s.seq_id: s for s in self.scheduler.running}
         for c in out.chunks:
             m = seqs[c.seq_id].request.metrics

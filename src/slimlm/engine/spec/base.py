@@ -53,6 +53,10 @@ class ProposerContext:
 class Proposer(ABC):
     name: ClassVar[str]
 
+    step_result: RunnerOutput | None = None
+    """The runner's output of the step being verified (set by the engine before ``verify``):
+    the hidden states of the verified rows, for acceptance rules that read them (Judge)."""
+
     def hidden_layers(self) -> list[int]:
         """Layers whose entering hidden states (of the rows with logits) the runner output
         should carry for this proposer (``num_layers`` = the final hidden state)."""

@@ -34,19 +34,6 @@ from slimlm.errors import SlimLMError
 if TYPE_CHECKING:
     from slimlm.engine.request import Sequence
 
-PROBE = "The quick brown fox, 12345 + def f(x): return x**2  # naïve café ✓"
-
-
-def check_same_tokenizer(ctx: ProposerContext, lm, method: str) -> None:
-    """One-line error when the small model's tokenizer is not the target's."""
-    a, b = ctx.tokenizer, lm.tokenizer
-    if a is None or b is None:
-        return
-    if a.vocab_size != b.vocab_size or a.encode(PROBE) != b.encode(PROBE) or a.tok.get_vocab() != b.tok.get_vocab():
-        raise SlimLMError(f"speculative={method!r}: the small model's tokenizer differs from the target's "
-                          f"({b.vocab_size} vs {a.vocab_size} tokens); use a model with the same tokenizer")
-
-
 @SPEC_METHODS.register("bild")
 class BiLDProposer(DraftModelProposer):
     def __init__(self, ctx: ProposerContext, model=None, fallback: float = 0.5, rollback: float = 2.0, k: int = 8,
@@ -60,7 +47,6 @@ class BiLDProposer(DraftModelProposer):
         if not isinstance(rollback, (int, float)) or not 0.0 < float(rollback) < math.inf:
             raise SlimLMError(f"bild rollback must be a positive number of nats, got {rollback!r}")
         super().__init__(ctx, model, k=k, kv_fraction=kv_fraction)
-        check_same_tokenizer(ctx, self.lm, "bild")
         self.fallback, self.rollback = float(fallback), float(rollback)
 
     def _stop(self, seq: Sequence, row: torch.Tensor, step: int) -> bool:

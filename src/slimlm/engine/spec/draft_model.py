@@ -33,6 +33,19 @@ if TYPE_CHECKING:
     from slimlm.engine.request import Sequence
 
 
+PROBE = "The quick brown fox, 12345 + def f(x): return x**2  # naïve café ✓"
+
+
+def check_same_tokenizer(ctx: ProposerContext, lm, method: str) -> None:
+    """One-line error when the small model's tokenizer is not the target's."""
+    a, b = ctx.tokenizer, lm.tokenizer
+    if a is None or b is None:
+        return
+    if a.vocab_size != b.vocab_size or a.encode(PROBE) != b.encode(PROBE) or a.tok.get_vocab() != b.tok.get_vocab():
+        raise SlimLMError(f"speculative={method!r}: the small model's tokenizer differs from the target's "
+                          f"({b.vocab_size} vs {a.vocab_size} tokens); use a model with the same tokenizer")
+
+
 @SPEC_METHODS.register("draft")
 class DraftModelProposer(Proposer):
     def __init__(self, ctx: ProposerContext, model, k: int = 4, kv_fraction: float = 0.2, tree: bool = False):
@@ -49,6 +62,7 @@ class DraftModelProposer(Proposer):
             raise SlimLMError(
                 f"draft model vocab ({self.lm.model.cfg.vocab_size}) is larger than the target's ({self.vocab})"
             )
+        check_same_tokenizer(ctx, self.lm, self.name)
         self.computed: dict[int, int] = {}
         self.basis: dict[int, list[int]] = {}
 
