@@ -114,7 +114,7 @@ def test_serve_replicas_join_a_ray_start_cluster(head, tiny_llama_dir):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 0
+    assert proc.returncode == 0, proc.stderr.read()[-3000:]
 
 
 def test_a_join_without_the_token_is_one_line(head, tmp_path, tiny_llama_dir):

@@ -144,7 +144,7 @@ def test_bigbench_task_is_read_from_the_cache(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["eval", "nosuch"], "unknown task 'nosuch'; known: mc, mc-set, needle, perplexity, rag"),
+    (["eval", "nosuch"], "unknown task 'nosuch'; known: batchprompt, mc, mc-set, needle, perplexity, rag"),
     (["eval", "perplexity", "--corpus", "nosuchcorpus"], "unknown corpus 'nosuchcorpus'"),
     (["eval", "perplexity", "--system", "vllm"], "unknown system 'vllm'"),
     (["report", "/nonexistent/results"], "does not exist"),

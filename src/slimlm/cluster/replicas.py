@@ -328,17 +328,29 @@ def replica_spec(model: str, name: str, engine_kw: dict[str, Any], serve_kw: dic
 
 
 def start(spec: dict[str, Any], replicas: int, host: str = "127.0.0.1", port: int = 8000,
-          address: str | None = None) -> None:
-    """Start (or join) Ray, then the replicas and the ingress on http://host:port; returns when ready."""
+          address: str | None = None, on_connect=None) -> None:
+    """Start (or join) Ray, then the replicas and the ingress on http://host:port; returns when
+    ready. ``on_connect()`` runs once Ray is connected (the caller re-installs its signal handlers)."""
     from slimlm.cluster.ray_env import init_ray
 
     if replicas < 1:
         raise ValueError(f"--replicas must be at least 1, got {replicas}")
     init_ray(address, num_cpus=None if address else max(replicas, os.cpu_count() or 1))
+    if on_connect is not None:
+        on_connect()
     from ray import serve
 
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_application(spec, replicas), name="slimlm", route_prefix="/")
+
+
+def _own_signals(handler) -> None:
+    """(Re-)install ``handler`` for SIGTERM / SIGINT. Ray installs handlers of its own when it
+    connects: a Python one that exits with the signal number, and a C++ one (behind Python's
+    back, so ``signal.getsignal`` does not show it) that logs and then aborts the process.
+    ``signal.signal`` always re-installs at the C level, so this is done unconditionally."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
 
 
 def serve_on_ray(a, serve_kw: dict[str, Any], engine_kw: dict[str, Any]) -> int:
@@ -351,16 +363,28 @@ def serve_on_ray(a, serve_kw: dict[str, Any], engine_kw: dict[str, Any]) -> int:
     spec = replica_spec(a.model, name, engine_kw, serve_kw, a.routing, a.max_imbalance, a.threads)
     if load_tokenizer(a.model) is None:  # a bad --model fails here, not in every replica
         raise SlimLMError(f"{a.model} has no tokenizer; the server needs one")
+    stop = threading.Event()
+
+    def on_signal(*_):
+        stop.set()
+
+    # Ray installs its own driver handler (sys.exit(signum)) when it connects, and may again
+    # later: a SIGTERM at any point, start-up included, ends in the same clean drain
+    _own_signals(on_signal)
     try:
-        start(spec, a.replicas, a.host, a.port, a.ray_address)
+        start(spec, a.replicas, a.host, a.port, a.ray_address, on_connect=lambda: _own_signals(on_signal))
+    except SystemExit:
+        stop.set()
     except (RuntimeError, OSError) as e:
         raise SlimLMError(f"could not start the replicas: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-    print(f"slimlm: serving '{name}' on http://{a.host}:{a.port}/v1 with {a.replicas} replicas on Ray Serve "
-          f"(routing: {a.routing})", file=sys.stderr)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(1.0):
+    if not stop.is_set():
+        print(f"slimlm: serving '{name}' on http://{a.host}:{a.port}/v1 with {a.replicas} replicas on Ray Serve "
+              f"(routing: {a.routing})", file=sys.stderr)
+    try:
+        while not stop.is_set():
+            _own_signals(on_signal)
+            stop.wait(1.0)
+    except SystemExit:
         pass
     from ray import serve
 
