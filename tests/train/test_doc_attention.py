@@ -54,6 +54,20 @@ def test_varlen_attention_equals_the_dense_mask(dtype):
         torch.testing.assert_close(a, b, **tol)
 
 
+def test_varlen_attention_under_bf16_autocast_equals_the_dense_mask():
+    """fp32 q/k/v with bf16 autocast (the trainer's mixed precision): attention returns bf16, and
+    the per-document pieces are gathered in that dtype (this failed with a dtype mismatch)."""
+    pos, seg = packed(seed=2)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(3, 4, 24, 8, generator=g)
+    k, v = (torch.randn(3, 2, 24, 8, generator=g) for _ in range(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dense = DenseAttention(pos, seg, 0.3, {}).attend(0, q, k, v)
+        varlen = VarlenAttention(pos, seg, 0.3, {}).attend(0, q, k, v)
+    assert varlen.dtype == dense.dtype
+    torch.testing.assert_close(varlen.float(), dense.float(), atol=1e-2, rtol=1e-2)
+
+
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_attention_block_mask_equals_the_dense_mask_forward():
     pos, seg = packed(T=32)

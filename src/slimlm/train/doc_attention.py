@@ -69,10 +69,11 @@ class VarlenAttention(DenseAttention):
             return _sdpa_causal(q, k, v, self.scale)  # one document per row
         B, Hq, T, d = q.shape
         flat = [x.transpose(1, 2).reshape(B * T, x.shape[1], d) for x in (q, k, v)]  # (B*T, H, d)
-        out = q.new_empty(B * T, Hq, d)
+        out = None  # in the attention's output dtype (bf16 under autocast while q is fp32)
         for L, idx in self.spans.items():
             qs, ks, vs = (x[idx].transpose(1, 2) for x in flat)  # (n, H, L, d)
-            out = out.index_put((idx.flatten(),), _sdpa_causal(qs, ks, vs, self.scale).transpose(1, 2).reshape(-1, Hq, d))
+            r = _sdpa_causal(qs, ks, vs, self.scale).transpose(1, 2).reshape(-1, Hq, d)
+            out = (r.new_empty(B * T, Hq, d) if out is None else out).index_put((idx.flatten(),), r)
         return out.view(B, T, Hq, d).transpose(1, 2)
 
 
