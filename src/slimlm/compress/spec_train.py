@@ -20,6 +20,15 @@ import torch
 from slimlm.errors import SlimLMError
 
 
+def _train_record(cfg, train_w: torch.Tensor, held_w: torch.Tensor, final_loss: float, cpu0: float,
+                  wall0: float, **extra) -> dict:
+    """What a trained draft part records about its run (saved beside its weights)."""
+    return {"windows": int(train_w.shape[0]), "seq_len": int(train_w.shape[1]), "tokens": int(train_w.numel()),
+            "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "final_loss": final_loss,
+            "heldout_tokens": int(held_w.numel()), **extra, "cpu_seconds": round(time.process_time() - cpu0, 1),
+            "wall_seconds": round(time.time() - wall0, 1), "threads": torch.get_num_threads()}
+
+
 @dataclass
 class AdapterTrainConfig:
     exit_layer: int = 2
@@ -110,11 +119,8 @@ def train_kangaroo(model, windows: torch.Tensor, cfg: AdapterTrainConfig, log=pr
     meta = {
         "exit_layer": cfg.exit_layer, "hidden_size": mc.hidden_size, "num_layers": mc.num_layers,
         "vocab_size": mc.vocab_size, "token_map": None if token_map is None else token_map.tolist(),
-        "train": {"windows": int(train_w.shape[0]), "seq_len": T, "tokens": int(train_w.numel()),
-                  "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "final_loss": loss_v,
-                  "heldout_tokens": int(held_w.numel()), "heldout_top1_agreement_init": before,
-                  "heldout_top1_agreement": after, "cpu_seconds": round(time.process_time() - cpu0, 1),
-                  "wall_seconds": round(time.time() - wall0, 1), "threads": torch.get_num_threads()},
+        "train": _train_record(cfg, train_w, held_w, loss_v, cpu0, wall0, heldout_top1_agreement_init=before,
+                               heldout_top1_agreement=after),
     }
     return ad, meta
 
@@ -223,16 +229,12 @@ def train_chimera(model, windows: torch.Tensor, cfg: ChimeraTrainConfig, log=pri
     meta = {
         "depth": cfg.depth, "mlp_mult": cfg.mlp_mult, "hidden_size": mc.hidden_size, "num_layers": mc.num_layers,
         "vocab_size": mc.vocab_size, "token_map": None if token_map is None else token_map.tolist(),
-        "train": {"windows": int(train_w.shape[0]), "seq_len": T, "tokens": int(train_w.numel()),
-                  "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "final_loss": loss_v,
-                  "heldout_tokens": int(held_w.numel()),
-                  "heldout_top1_agreement_init": round(sum(before) / len(before), 4),
-                  "heldout_top1_agreement": round(sum(after) / len(after), 4),
-                  "heldout_top1_agreement_per_step": [round(a, 4) for a in after],
-                  "cpu_seconds_features": round(cpu_feat, 1),
-                  "cpu_seconds": round(time.process_time() - cpu0, 1),
-                  "wall_seconds": round(time.time() - wall0, 1), "threads": torch.get_num_threads(),
-                  "parameters": sum(p.numel() for p in net.parameters())},
+        "train": _train_record(cfg, train_w, held_w, loss_v, cpu0, wall0,
+                               heldout_top1_agreement_init=round(sum(before) / len(before), 4),
+                               heldout_top1_agreement=round(sum(after) / len(after), 4),
+                               heldout_top1_agreement_per_step=[round(a, 4) for a in after],
+                               cpu_seconds_features=round(cpu_feat, 1),
+                               parameters=sum(p.numel() for p in net.parameters())),
     }
     return net, meta
 
