@@ -235,6 +235,22 @@ def test_gguf_type_without_kernel_loads_dequantized_with_a_warning(tmp_path, tin
     assert not isinstance(lm.model.model.layers[0].mlp.up_proj, QuantLinear)
 
 
+def test_gguf_strict_refuses_a_type_without_kernel_and_packs_the_others(tmp_path, tiny_llama_dir):
+    from slimlm.engine.llm import LLM
+    from slimlm.model.gguf import write_gguf
+
+    src = _tiny(tiny_llama_dir)
+    q50 = write_gguf(src.model, src.tokenizer, tmp_path / "q50.gguf", "Q5_0")
+    with pytest.raises(ModelLoadError, match=r"tensor \S+ is Q5_0, which has no packed kernel"):
+        _tiny(q50, weights="gguf-strict")
+    with pytest.raises(ModelLoadError, match="no packed kernel"):
+        LLM(str(q50), weights="gguf-strict")
+    q41 = write_gguf(src.model, src.tokenizer, tmp_path / "q41.gguf", "Q4_1")
+    strict = _tiny(q41, weights="gguf-strict")
+    assert strict.weights == "gguf" and isinstance(strict.model.model.layers[0].mlp.up_proj, QuantLinear)
+    assert LLM(str(q41), weights="gguf-strict").generate([[5, 9]])[0].outputs[0].token_ids
+
+
 @pytest.mark.parametrize("weights", ["int8", "int4"])
 def test_engine_greedy_equals_the_dequantized_model(tiny_llama_dir, weights):
     from slimlm.engine.llm import LLM

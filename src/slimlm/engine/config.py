@@ -62,7 +62,8 @@ class EngineConfig:
     """What the linear layers hold (slimlm.model.quant): "auto" (as stored: float checkpoints and
     GGUF files de-quantized into dtype), "int8" (symmetric, per output channel), "int4"
     (asymmetric, groups of weights_group_size input channels), "gguf" (a GGUF's own
-    quantization, packed: Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K)."""
+    quantization, packed: Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K; a type without a packed kernel is
+    de-quantized with a warning), "gguf-strict" (as "gguf", but such a type is an error)."""
     weights_group_size: int | None = None
     """Input channels per scale for weights int8 / int4 (int4 default 32; int8 default: per channel)."""
     native_kernels: bool = True

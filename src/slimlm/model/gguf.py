@@ -68,11 +68,13 @@ def _field(reader, key: str, default: Any = None) -> Any:
     return f.contents()
 
 
-def read_gguf(path: str | Path, weights: str = "auto", group_size: int | None = None,
+def read_gguf(path: str | Path, weights: str = "auto", group_size: int | None = None, strict: bool = False,
               ) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer | None, dict]:
     """Returns (config, state dict in HF names, tokenizer, generation config). ``weights``
     "auto": every tensor de-quantized to float32; "gguf": quantized tensors kept packed
-    (``slimlm.model.quant``); "int8" / "int4": de-quantized, then re-packed in that format."""
+    (``slimlm.model.quant``); "int8" / "int4": de-quantized, then re-packed in that format.
+    A quantized type without a packed kernel is de-quantized with a warning, or with ``strict``
+    (``weights="gguf-strict"``) refused before anything is read."""
     import gguf
 
     path = Path(path)
@@ -133,6 +135,8 @@ def read_gguf(path: str | Path, weights: str = "auto", group_size: int | None = 
     reader.fields.clear()
     gc.collect()
     pack = PackOnLoad(weights, group_size)
+    if strict and weights == "gguf":
+        _check_packable(reader, path, pack)
     state = _read_tensors(reader, cfg, arch, path, pack)
     if pack.modules:
         cfg.extra["quantization_config"] = pack.config()
@@ -184,6 +188,17 @@ def _read_tensors(reader, cfg: ModelConfig, arch: str, path: Path, pack) -> dict
             w = _unpermute(w, heads)
         state.update(pack(name, w))
     return state
+
+
+def _check_packable(reader, path: Path, pack) -> None:
+    from slimlm.model.quant.gguf_packed import PACKED_TYPES
+
+    for t in reader.tensors:
+        name, kind = _hf_name(t.name), t.tensor_type.name
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        if name and kind not in ("F32", "F16", "BF16") and pack.wants(name, len(shape)) and kind not in PACKED_TYPES:
+            raise ModelLoadError(f"{path.name}: tensor {t.name} is {kind}, which has no packed kernel "
+                                 f"(packed: {', '.join(PACKED_TYPES)}); use weights='gguf' to load it de-quantized")
 
 
 def _dequantize(t, path: Path, rows: slice | None = None) -> np.ndarray:

@@ -98,10 +98,13 @@ def load(
     "int4" pack the linear layers while loading; "gguf" keeps a GGUF's own quantization packed
     (a named model then loads from its GGUF file); see ``slimlm.model.quant``."""
     from slimlm.model.quant import check_weights
+    from slimlm.model.quant.model import packed_kind
 
     t0 = time.perf_counter()
     dt = parse_dtype(dtype, device)
     weights = check_weights(weights, group_size)
+    strict = weights == "gguf-strict"
+    weights = packed_kind(weights)
     src = str(name_or_path)
     if src in KNOWN_MODELS and weights != "auto":
         # packed weights come from the package's GGUF (its fp32 cache holds the same values, but
@@ -124,7 +127,7 @@ def load(
             raise ModelLoadError(f"{path} is a file; expected a model directory or a .gguf file")
         from slimlm.model.gguf import read_gguf
 
-        cfg, state, tokenizer, gen = read_gguf(path, weights, group_size)
+        cfg, state, tokenizer, gen = read_gguf(path, weights, group_size, strict=strict)
         model = build_model(cfg, state, dt, device, source=str(path))
     else:
         from slimlm.model.quant.load import PackOnLoad

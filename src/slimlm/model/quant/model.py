@@ -29,8 +29,9 @@ from torch import nn
 from slimlm.model.quant.formats import PackedWeight, check_group, quantize_int4, quantize_int8
 from slimlm.model.quant.linear import QuantEmbedding, QuantLinear, _Packed
 
-WEIGHTS = ("auto", "int8", "int4", "gguf")
-"""Valid values of ``weights``."""
+WEIGHTS = ("auto", "int8", "int4", "gguf", "gguf-strict")
+"""Valid values of ``weights``. "gguf-strict" is "gguf" where a quantized type without a packed
+kernel is an error instead of a de-quantized fallback with a warning."""
 DEFAULT_GROUP = {"int4": 32, "int8": None}
 HEAD_MODULES = ("model.embed_tokens", "lm_head")
 
@@ -44,6 +45,11 @@ def check_weights(weights: str | None, group_size: int | None = None) -> str:
     if group_size is not None and (group_size < 1 or (w == "int4" and group_size % 2)):
         raise ValueError(f"group size must be a positive{' even' if w == 'int4' else ''} integer, got {group_size}")
     return w
+
+
+def packed_kind(weights: str) -> str:
+    """The format ``weights`` loads as ("gguf-strict" is "gguf" with a stricter loader)."""
+    return "gguf" if weights == "gguf-strict" else weights
 
 
 def is_target(name: str) -> bool:
@@ -81,7 +87,7 @@ def quantize_model(model: nn.Module, weights: str, group_size: int | None = None
     """Replace ``model``'s dense projections, embedding and head by packed ones, in place (the
     fp32 weights are released). Returns the model."""
     weights = check_weights(weights, group_size)
-    if weights == "gguf":
+    if packed_kind(weights) == "gguf":
         raise ValueError("weights 'gguf' keeps a GGUF file's own quantization: load the .gguf with weights='gguf'")
     if weights == "auto":
         return model
@@ -111,6 +117,7 @@ def serve_weights(lm, weights: str, group_size: int | None = None):
     """``lm`` (a LoadedModel) holding ``weights``: a dense one is packed in place for int8 / int4;
     "auto" takes it as it is; any other mismatch is an error (re-packing packed weights would
     compound their rounding)."""
+    weights = packed_kind(weights)
     if weights in ("auto", lm.weights):
         return lm
     if lm.weights == "dense" and weights in ("int8", "int4"):
