@@ -3,11 +3,15 @@ Fusion"): reuse the KV of text chunks that are not a prefix, and recompute a few
 chunks attend to each other again.
 
 A prompt given as segments may mark chunks (``{"chunk": text}``, ``engine/segments.py``). Each
-chunk's KV is computed alone at positions 0..n-1 once and kept in a :class:`ChunkStore`
-(``kvcache/chunk_store.py``, LRU, bounded in bytes). For a new prompt:
+chunk's KV is computed once and kept in a :class:`ChunkStore` (``kvcache/chunk_store.py``, LRU,
+bounded in bytes): with ``chunk_context="prefix"`` (default) after the prompt's tokens before its
+first chunk (the instruction; positions P..P+n-1, keyed by prefix + chunk), so the chunk does not
+start cold as the beginning of a text (Block-Attention / APE); with ``"none"`` alone at positions
+0..n-1 (the paper). On SmolLM2-135M the prefix halves the reused KV's deviation from a full
+prefill (docs/prompts.md). For a new prompt:
 
 1. every chunk's cached keys are moved to the chunk's offset by a RoPE rotation
-   (R(start) R(j) = R(start + j); values need nothing);
+   (R(start - P) R(P + j) = R(start + j); values need nothing);
 2. *selection* (paper section 4.2): the first ``select_layer + 1`` layers run over all tokens
    with fresh KV; at ``select_layer`` the tokens whose fresh KV deviates most from the reused
    KV (squared L2 over heads, keys + values) are the ones to recompute: a fraction ``ratio`` of
