@@ -85,7 +85,8 @@ def test_zero_recompute_is_plain_reuse(tiny):
         rows = torch.arange(len(HEAD), len(HEAD) + sum(map(len, CHUNKS)))
         ref = ReuseReference(chunk_kv, rows, len(flat), model.attn_scale)
         logits = model(torch.tensor([flat]), torch.arange(len(flat))[None], ref)[0, -1].log_softmax(-1)
-    out = LLM(tiny, kv_cache_bytes="8M", blend_recompute_ratio=0.0).generate([_prompt()], SP, use_tqdm=False)[0]
+    out = LLM(tiny, kv_cache_bytes="8M", blend_recompute_ratio=0.0,
+              blend_chunk_context="none").generate([_prompt()], SP, use_tqdm=False)[0]
     assert out.outputs[0].token_ids[0] == int(logits.argmax())
     assert abs(float(_lps(out)[0]) - float(logits.max())) < 1e-4
 
@@ -115,10 +116,48 @@ def test_layers_up_to_the_selection_layer_are_exact(tiny, layer):
         assert same == (i <= layer), i  # the probe's layers are a full prefill; later ones are blended
 
 
+def test_prefix_context_first_chunk_is_exact_and_keys_are_moved(tiny):
+    """Chunks computed after the prompt's prefix (the default): at 0 % recompute the first chunk
+    (which directly follows the prefix) has exactly the full prefill's KV in every layer, and
+    every chunk's layer-0 keys (token and position only) equal the full prefill's: the RoPE move
+    from the cached positions P.. to the chunk's offset is right. Computed alone, the first
+    chunk's deeper KV differs (it starts cold)."""
+    from slimlm.engine.cacheblend import CacheBlend, _Capture
+
+    ids = _flat()[:-1]
+    spans = [(len(HEAD) + 20 * i, len(HEAD) + 20 * (i + 1)) for i in range(3)]
+    m = tiny.model
+    full = _Capture(len(ids), m.attn_scale, m.device)
+    with torch.inference_mode():
+        CacheBlend(m, m.rotary, ChunkStore(1 << 24), 1.0)._run(ids, torch.arange(len(ids)), full)
+        pre = CacheBlend(m, m.rotary, ChunkStore(1 << 24), 0.0, chunk_context="prefix").prefill(ids, spans)
+        cold = CacheBlend(m, m.rotary, ChunkStore(1 << 24), 0.0, chunk_context="none").prefill(ids, spans)
+    a, b = spans[0]
+    for i, (k, v) in enumerate(pre):
+        fk, fv = full.kv[i]
+        assert torch.allclose(k[:, :, :b], fk[:, :, :b], atol=1e-5) and torch.allclose(v[:, :, :b], fv[:, :, :b], atol=1e-5)
+    assert torch.allclose(pre[0][0], full.kv[0][0], atol=1e-5)  # all chunks moved right (layer 0)
+    assert not torch.allclose(pre[-1][0][:, :, b:], full.kv[len(pre) - 1][0][:, :, b:], atol=1e-3)  # later chunks are reused
+    assert not torch.allclose(cold[-1][0][:, :, a:b], full.kv[len(pre) - 1][0][:, :, a:b], atol=1e-3)
+
+
+def test_prefix_context_keys_the_store_by_prefix(tiny):
+    llm = LLM(tiny, kv_cache_bytes="8M", blend_recompute_ratio=0.0)
+    llm.generate([_prompt()], SP, use_tqdm=False)
+    store = llm.engine.blender.store
+    assert store.stats["misses"] == 3 and len(store) == 3
+    llm.generate([_prompt((2, 0, 1))], SP, use_tqdm=False)  # same prefix, other order: all hits
+    assert store.stats["hits"] == 3
+    other = {"segments": [{"ids": [4, 5]}] + [{"chunk": {"ids": c}} for c in CHUNKS] + [{"ids": TAIL}]}
+    llm.generate([other], SP, use_tqdm=False)  # another prefix: new entries
+    assert store.stats["misses"] == 6 and len(store) == 6
+
+
 def test_store_is_lru_and_never_fails_a_request(tiny):
     cfg = tiny.model.cfg
     per_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 4
-    llm = LLM(tiny, kv_cache_bytes="8M", chunk_store_bytes=per_token * 45, blend_recompute_ratio=0.0)
+    llm = LLM(tiny, kv_cache_bytes="8M", chunk_store_bytes=per_token * 45, blend_recompute_ratio=0.0,
+              blend_chunk_context="none")
     outs = llm.generate([_prompt()], SP, use_tqdm=False)  # 3 chunks of 20 tokens, room for 2
     store = llm.engine.blender.store
     assert len(store) == 2 and store.stats["evictions"] == 1 and CHUNKS[0] not in store
@@ -142,6 +181,7 @@ def test_chunk_store_unit():
     ({"blend_recompute_ratio": -0.1}, r"blend_recompute_ratio must be in \[0, 1\]"),
     ({"chunk_store_bytes": 0}, "chunk_store_bytes must be positive"),
     ({"blend_select_layer": -1}, "blend_select_layer must be a layer index"),
+    ({"blend_chunk_context": "suffix"}, "blend_chunk_context must be prefix or none"),
 ])
 def test_bad_settings(tiny, kw, msg):
     with pytest.raises(ValueError, match=msg):

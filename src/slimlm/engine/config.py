@@ -56,6 +56,11 @@ class EngineConfig:
     blend_select_layer: int = 1
     """CacheBlend: the layer whose KV deviation picks the recomputed tokens; layers up to it are
     computed for every token (their fresh KV is kept)."""
+    blend_chunk_context: str = "prefix"
+    """CacheBlend: what a chunk's cached KV is computed after. "prefix": the prompt's tokens before
+    its first chunk (the instruction / system prompt; the store keys the chunk by it), so the
+    chunk does not start cold as an attention sink (as Block-Attention / APE); "none": the chunk
+    alone at positions 0.. (reusable after any prefix)."""
     chunk_store_bytes: int | str = "256M"
     """Memory for the CacheBlend chunk KV store (least-recently-used chunks go first)."""
     weights: str = "auto"
@@ -78,6 +83,8 @@ class EngineConfig:
             raise ValueError(f"chunk_store_bytes must be positive, got {self.chunk_store_bytes}")
         if not 0 <= self.blend_recompute_ratio <= 1:
             raise ValueError(f"blend_recompute_ratio must be in [0, 1], got {self.blend_recompute_ratio}")
+        if self.blend_chunk_context not in ("prefix", "none"):
+            raise ValueError(f"blend_chunk_context must be prefix or none, got {self.blend_chunk_context!r}")
         if isinstance(self.blend_select_layer, bool) or not isinstance(self.blend_select_layer, int) \
                 or self.blend_select_layer < 0:
             raise ValueError(f"blend_select_layer must be a layer index >= 0, got {self.blend_select_layer!r}")

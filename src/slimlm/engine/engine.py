@@ -219,7 +219,8 @@ class LLMEngine:
             from slimlm.kvcache.chunk_store import ChunkStore
 
             self.blender = CacheBlend(self.model, self.runner.rotary, ChunkStore(self.config.chunk_store_bytes),
-                                      self.config.blend_recompute_ratio, self.config.blend_select_layer)
+                                      self.config.blend_recompute_ratio, self.config.blend_select_layer,
+                                      self.config.blend_chunk_context)
         before = self.blender.stats["recomputed_tokens"]
         try:
             kv = self.blender.prefill(seq.token_ids[:n], list(chunks))
@@ -242,7 +243,8 @@ class LLMEngine:
         if req.layout is not None:  # a set's (or a blend's) KV depends on its layout, not only its tokens
             salt = f"{salt or ''}\0{req.layout.digest()}"
             if req.layout.chunks:
-                salt += f"\0blend {self.config.blend_recompute_ratio} {self.config.blend_select_layer}"
+                salt += (f"\0blend {self.config.blend_recompute_ratio} {self.config.blend_select_layer} "
+                         f"{self.config.blend_chunk_context}")
         if salt is not None:
             self.kv.salts[seq.seq_id] = salt
         return seq
