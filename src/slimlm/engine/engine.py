@@ -384,14 +384,14 @@ class LLMEngine:
         policy, bs = self.policy, self.config.block_size
         stored = seq.num_stored
         keep = policy.budget(seq.num_computed)
-        if stored <= keep + policy.slack(bs):
+        if stored <= keep + policy.slack(bs) or policy.defer(seq.num_computed, seq.prompt_len):
             return
         table = self.kv.tables[seq.seq_id]
         mass = None
         if self.cache.mass is not None:
             blocks = torch.tensor(table, device=self.cache.device)
             mass = torch.stack([m.index_select(0, blocks).flatten(0, 1)[:stored].T for m in self.cache.mass])  # (L, H, S)
-        idx = policy.select(mass, stored, keep)
+        idx = policy.select_seq(seq.seq_id, mass, stored, seq.num_computed, keep)
         self.cache.compact(table, idx)
         self.kv.truncate(seq.seq_id, keep)
         seq.kv_dropped += stored - keep
