@@ -222,3 +222,21 @@ def test_token_policies_refuse_sliding_windows(tmp_path):
     make_hf_model(tmp_path, "mistral", sliding_window=32)
     with pytest.raises(SlimLMError, match="sliding-window"):
         LLM(load(tmp_path), kv_policy="h2o")
+
+
+@pytest.mark.parametrize("args", [{"schedule": "prompt"}, {"schedule": "online"}, {"score": "mean"}])
+def test_parallel_samples_fork_the_compacted_cache(tiny, args):
+    """n > 1 forks the prompt's KV after H2O compacted it: each child continues from the kept
+    tokens (storage length and the policy's per-sequence state), so greedy children agree
+    with a single greedy sample (one prompt: its chunks, which the online schedule depends on,
+    are then the same in both runs)."""
+    prompts = [(make_prompts(1, seed=12)[0] * 3)[:200]]
+    kw = dict(kv_policy="h2o", kv_policy_args={"budget": 0.3, "min_tokens": 16, **args}, block_size=8,
+              max_num_batched_tokens=64)
+    one = LLM(tiny, **kw).generate(prompts, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+                                   use_tqdm=False)
+    llm = LLM(tiny, **kw)
+    two = llm.generate(prompts, SamplingParams(n=2, temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
+    for a, b in zip(one, two):
+        assert [c.token_ids for c in b.outputs] == [a.outputs[0].token_ids] * 2
+    assert llm.engine.pool.num_free() == llm.engine.pool.num_blocks

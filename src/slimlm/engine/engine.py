@@ -334,10 +334,15 @@ class LLMEngine:
                 if seq is not None and seq.status == SeqStatus.RUNNING:
                     self._compact(seq)
         for parent, child in forks:
-            copies = self.kv.fork(parent.seq_id, child.seq_id, parent.prompt_len)
-            child.num_computed = parent.prompt_len
+            # a token policy compacts (in place) and scores blocks per sequence: the child gets
+            # its own copy of what the parent stores
+            token = self.policy is not None and self.policy.granularity == "token"
+            copies = self.kv.fork(parent.seq_id, child.seq_id, parent.num_stored, share=not token)
+            child.num_computed, child.kv_dropped = parent.prompt_len, parent.kv_dropped
+            if copies is not None and self.policy is not None:
+                self.policy.fork(parent.seq_id, child.seq_id)
             if copies is None:  # pool short: recompute the prompt later (prefix cache helps)
-                child.num_computed = 0
+                child.num_computed = child.kv_dropped = 0
                 self.scheduler.add(child)
             else:
                 self.scheduler.add_running(child, copies)

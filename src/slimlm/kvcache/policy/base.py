@@ -110,6 +110,10 @@ class KVPolicy(ABC):
     def validate(self, cfg) -> None:
         """Checks against the model at engine start-up (ValueError, one line)."""
 
+    def fork(self, parent: int, child: int) -> None:
+        """``child`` (a parallel sample) starts from ``parent``'s stored KV: copy any state kept
+        for it."""
+
     def reset(self, seq_id: int) -> None:
         """The sequence finished or was preempted: drop any state kept for it."""
 

@@ -118,6 +118,10 @@ class H2OPolicy(KVPolicy):
         self._pos[seq_id] = (torch.gather(pos, -1, idx), num_seen)
         return idx
 
+    def fork(self, parent: int, child: int) -> None:
+        if parent in self._pos:
+            self._pos[child] = self._pos[parent]  # never modified in place: sharing is safe
+
     def reset(self, seq_id: int) -> None:
         self._pos.pop(seq_id, None)
 
