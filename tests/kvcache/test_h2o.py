@@ -52,15 +52,18 @@ def test_bad_arguments_are_refused(tiny, args, msg):
 class DenseH2O:
     """One sequence, no paging: stored K/V/mass per layer as (Hkv, S, d) tensors, attention by
     explicit softmax, compaction by the policy after every chunk: H2O as the paper writes it,
-    fed the same chunks the engine scheduled."""
+    fed the same chunks the engine scheduled. Its schedule: with ``schedule="prompt"`` the first
+    compaction waits for the prompt's last chunk; ``score="mean"`` divides each key's mass by
+    the queries that saw it (positions kept beside K/V)."""
 
-    def __init__(self, lm, policy, block_size):
-        self.lm, self.policy, self.bs = lm, policy, block_size
+    def __init__(self, lm, policy, block_size, prompt_len):
+        self.lm, self.policy, self.bs, self.prompt_len = lm, policy, block_size, prompt_len
         m = lm.model
         L, H, d = m.cfg.num_layers, m.cfg.num_kv_heads, m.cfg.head_dim
         self.K = [torch.zeros(H, 0, d) for _ in range(L)]
         self.V = [torch.zeros(H, 0, d) for _ in range(L)]
         self.M = [torch.zeros(H, 0) for _ in range(L)]
+        self.P = [torch.zeros(H, 0, dtype=torch.long) for _ in range(L)]
         self.seen = 0
 
     @torch.no_grad()
@@ -86,18 +89,24 @@ class DenseH2O:
             out = p @ V.repeat_interleave(G, 0)  # (Hq, T, d)
             self.M[i] = torch.cat([self.M[i], torch.zeros(K.shape[0], T)], 1) + p.view(-1, G, T, S).sum((1, 2))
             self.K[i], self.V[i] = K, V
+            self.P[i] = torch.cat([self.P[i], pos[0].expand(K.shape[0], T)], 1)
             h = h + att.o_proj(out.transpose(0, 1).reshape(1, T, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         self.seen += T
         S = self.K[0].shape[1]
         keep = self.policy.budget(self.seen)
-        if S > keep + self.policy.slack(self.bs):
-            idx = self.policy.select(torch.stack(self.M), S, keep)  # (L, H, keep)
+        waits = self.policy.schedule == "prompt" and self.seen < self.prompt_len
+        if S > keep + self.policy.slack(self.bs) and not waits:
+            score = torch.stack(self.M)
+            if self.policy.score == "mean":
+                score = score / (self.seen - torch.stack(self.P)).float()
+            idx = self.policy.select(score, S, keep)  # (L, H, keep)
             for i in range(len(self.K)):
                 gi = idx[i]
                 self.K[i] = torch.gather(self.K[i], 1, gi[..., None].expand(-1, -1, d))
                 self.V[i] = torch.gather(self.V[i], 1, gi[..., None].expand(-1, -1, d))
                 self.M[i] = torch.gather(self.M[i], 1, gi)
+                self.P[i] = torch.gather(self.P[i], 1, gi)
         return m.head(h[:, -1:])[0, -1]
 
 
@@ -124,12 +133,16 @@ def engine_chunks(llm, prompts, params):
     return [seq_of[r] for r in rids], log, peak
 
 
-@pytest.mark.parametrize("settings", [dict(max_num_batched_tokens=16, block_size=8),
-                                      dict(max_num_batched_tokens=64, block_size=16),
-                                      dict(max_num_batched_tokens=512, block_size=8, native_kernels=False)])
-def test_engine_equals_dense_h2o_on_the_same_chunks(tiny, settings):
+@pytest.mark.parametrize("settings,schedule", [
+    (dict(max_num_batched_tokens=16, block_size=8), {}),
+    (dict(max_num_batched_tokens=64, block_size=16), {}),
+    (dict(max_num_batched_tokens=512, block_size=8, native_kernels=False), {}),
+    (dict(max_num_batched_tokens=32, block_size=8), {"score": "mean"}),
+    (dict(max_num_batched_tokens=16, block_size=8), {"schedule": "online"}),
+    (dict(max_num_batched_tokens=64, block_size=16), {"schedule": "online", "score": "mean"})])
+def test_engine_equals_dense_h2o_on_the_same_chunks(tiny, settings, schedule):
     prompts = [(p * 3)[:200] for p in make_prompts(5, seed=12)]  # 60-200 tokens
-    args = {"budget": 0.3, "min_tokens": 16}
+    args = {"budget": 0.3, "min_tokens": 16, **schedule}
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     llm = LLM(tiny, kv_policy="h2o", kv_policy_args=args, **settings)
     eng = llm.engine
@@ -138,7 +151,7 @@ def test_engine_equals_dense_h2o_on_the_same_chunks(tiny, settings):
     assert eng.pool.num_free() == eng.pool.num_blocks
     seq_ids = sorted(log)  # sequences were created in prompt order
     for prompt, out, sid in zip(prompts, outs, seq_ids):
-        ref = DenseH2O(tiny, KV_POLICIES.get("h2o")(**args), settings["block_size"])
+        ref = DenseH2O(tiny, KV_POLICIES.get("h2o")(**args), settings["block_size"], len(prompt))
         ids, pos, got = list(prompt), 0, []
         for n in log[sid]:
             logits = ref.chunk(ids[pos : pos + n])
@@ -157,8 +170,8 @@ def test_memory_is_given_back(tiny):
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     full = LLM(tiny, block_size=8, max_num_batched_tokens=32)
     _, _, peak_full = engine_chunks(full, prompts, params)
-    h2o = LLM(tiny, kv_policy="h2o", kv_policy_args={"budget": 32, "min_tokens": 16}, block_size=8,
-              max_num_batched_tokens=32)
+    h2o = LLM(tiny, kv_policy="h2o", kv_policy_args={"budget": 32, "min_tokens": 16, "schedule": "online"},
+              block_size=8, max_num_batched_tokens=32)
     outs, _, peak = engine_chunks(h2o, prompts, params)
     assert all(len(o.outputs[0].token_ids) == 40 for o in outs)
     bound = h2o.engine.policy.max_blocks(32, 8)
@@ -167,9 +180,63 @@ def test_memory_is_given_back(tiny):
     assert h2o.engine.stats["kv_peak_bytes"] == peak * h2o.engine.bytes_per_block
 
 
+def test_prompt_schedule_holds_the_prompt_then_the_budget(tiny):
+    """schedule="prompt": nothing is evicted before a prompt's last chunk; from then on every
+    sequence holds at most budget + slack tokens (+ the step's new token), and the pool's peak
+    stays below full KV's."""
+    prompts = [(p * 4)[:200] for p in make_prompts(6, seed=13)]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    full = LLM(tiny, block_size=8, max_num_batched_tokens=64)
+    _, _, peak_full = engine_chunks(full, prompts, params)
+    llm = LLM(tiny, kv_policy="h2o", kv_policy_args={"budget": 32, "min_tokens": 16}, block_size=8,
+              max_num_batched_tokens=64)
+    eng = llm.engine
+    assert eng.policy.max_blocks(64, 8) is None  # the prompt is held whole: no fixed bound
+    for p in prompts:
+        eng.add_request(p, params)
+    peak, dropped_early = 0, 0
+    while eng.has_unfinished():
+        eng.step()
+        peak = max(peak, eng.pool.num_used())
+        for seq in eng.scheduler.running:
+            held = len(eng.kv.held_blocks(seq.seq_id))
+            if seq.num_computed < seq.prompt_len:
+                dropped_early += seq.kv_dropped
+            else:
+                assert held <= -(-(32 + 8 + 1) // 8)
+    assert dropped_early == 0
+    assert eng.pool.num_free() == eng.pool.num_blocks
+    assert peak < peak_full
+
+
+def test_bad_schedule_and_score_are_refused(tiny):
+    with pytest.raises((ValueError, SlimLMError), match="schedule must be one of prompt, online"):
+        LLM(tiny, kv_policy="h2o", kv_policy_args={"schedule": "later"})
+    with pytest.raises((ValueError, SlimLMError), match="score must be one of sum, mean"):
+        LLM(tiny, kv_policy="h2o", kv_policy_args={"score": "max"})
+
+
 def test_token_policies_refuse_sliding_windows(tmp_path):
     from tests.conftest import make_hf_model
 
     make_hf_model(tmp_path, "mistral", sliding_window=32)
     with pytest.raises(SlimLMError, match="sliding-window"):
         LLM(load(tmp_path), kv_policy="h2o")
+
+
+@pytest.mark.parametrize("args", [{"schedule": "prompt"}, {"schedule": "online"}, {"score": "mean"}])
+def test_parallel_samples_fork_the_compacted_cache(tiny, args):
+    """n > 1 forks the prompt's KV after H2O compacted it: each child continues from the kept
+    tokens (storage length and the policy's per-sequence state), so greedy children agree
+    with a single greedy sample (one prompt: its chunks, which the online schedule depends on,
+    are then the same in both runs)."""
+    prompts = [(make_prompts(1, seed=12)[0] * 3)[:200]]
+    kw = dict(kv_policy="h2o", kv_policy_args={"budget": 0.3, "min_tokens": 16, **args}, block_size=8,
+              max_num_batched_tokens=64)
+    one = LLM(tiny, **kw).generate(prompts, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+                                   use_tqdm=False)
+    llm = LLM(tiny, **kw)
+    two = llm.generate(prompts, SamplingParams(n=2, temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
+    for a, b in zip(one, two):
+        assert [c.token_ids for c in b.outputs] == [a.outputs[0].token_ids] * 2
+    assert llm.engine.pool.num_free() == llm.engine.pool.num_blocks

@@ -336,10 +336,15 @@ class LLMEngine:
                 if seq is not None and seq.status == SeqStatus.RUNNING:
                     self._compact(seq)
         for parent, child in forks:
-            copies = self.kv.fork(parent.seq_id, child.seq_id, parent.prompt_len)
-            child.num_computed = parent.prompt_len
+            # a token policy compacts (in place) and scores blocks per sequence: the child gets
+            # its own copy of what the parent stores
+            token = self.policy is not None and self.policy.granularity == "token"
+            copies = self.kv.fork(parent.seq_id, child.seq_id, parent.num_stored, share=not token)
+            child.num_computed, child.kv_dropped = parent.prompt_len, parent.kv_dropped
+            if copies is not None and self.policy is not None:
+                self.policy.fork(parent.seq_id, child.seq_id)
             if copies is None:  # pool short: recompute the prompt later (prefix cache helps)
-                child.num_computed = 0
+                child.num_computed = child.kv_dropped = 0
                 self.scheduler.add(child)
             else:
                 self.scheduler.add_running(child, copies)
@@ -386,14 +391,14 @@ class LLMEngine:
         policy, bs = self.policy, self.config.block_size
         stored = seq.num_stored
         keep = policy.budget(seq.num_computed)
-        if stored <= keep + policy.slack(bs):
+        if stored <= keep + policy.slack(bs) or policy.defer(seq.num_computed, seq.prompt_len):
             return
         table = self.kv.tables[seq.seq_id]
         mass = None
         if self.cache.mass is not None:
             blocks = torch.tensor(table, device=self.cache.device)
             mass = torch.stack([m.index_select(0, blocks).flatten(0, 1)[:stored].T for m in self.cache.mass])  # (L, H, S)
-        idx = policy.select(mass, stored, keep)
+        idx = policy.select_seq(seq.seq_id, mass, stored, seq.num_computed, keep)
         self.cache.compact(table, idx)
         self.kv.truncate(seq.seq_id, keep)
         seq.kv_dropped += stored - keep

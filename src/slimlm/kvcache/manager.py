@@ -101,11 +101,21 @@ class KVCacheManager:
         self._registered.pop(seq_id, None)
         self._lossy.discard(seq_id)
 
-    def fork(self, parent: int, child: int, num_tokens: int) -> list[tuple[int, int]] | None:
+    def fork(self, parent: int, child: int, num_tokens: int, share: bool = True) -> list[tuple[int, int]] | None:
         """Share ``parent``'s full blocks with ``child``; copy the partly filled last block
-        (copy-on-write at the point where they diverge). Returns (src, dst) copies for the
-        runner, or None if the pool is short."""
+        (copy-on-write at the point where they diverge). ``share=False`` copies every block
+        (a token policy rewrites a sequence's blocks in place and scores them per sequence).
+        Returns (src, dst) copies for the runner, or None if the pool is short."""
         src = self.tables[parent][: self.blocks_for(num_tokens)]
+        if not share:
+            if self.pool.num_free() < len(src):
+                return None
+            copies = [(b, self.pool.allocate()) for b in src]
+            self.tables[child] = [d for _, d in copies]
+            self._registered[child] = self._registered.get(parent, 0)
+            if parent in self._lossy:
+                self._lossy.add(child)
+            return copies
         partial = num_tokens % self.block_size != 0
         if partial and self.pool.num_free() < 1:
             return None

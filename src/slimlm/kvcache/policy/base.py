@@ -90,6 +90,17 @@ class KVPolicy(ABC):
         ``observe_attention``)."""
         raise NotImplementedError
 
+    def defer(self, num_computed: int, prompt_len: int) -> bool:
+        """Hold off compaction for now (e.g. until the prompt has been read whole, so scores
+        reflect all of it). Default: compact as soon as the budget is exceeded."""
+        return False
+
+    def select_seq(self, seq_id: int, mass: torch.Tensor | None, num_stored: int, num_seen: int,
+                   keep: int) -> torch.Tensor:
+        """``select`` with the sequence's id and the positions it has seen, for policies that
+        keep per-sequence state (e.g. each stored key's position); the default is ``select``."""
+        return self.select(mass, num_stored, keep)
+
     # ------------------------------------------------------------------ layer policies
     def layer_sharing(self, depth: int, block_size: int) -> tuple[dict[int, int], MergeSpec | None]:
         """Layers mapped to the layer whose storage they share, and how shared storages merge
@@ -98,6 +109,10 @@ class KVPolicy(ABC):
 
     def validate(self, cfg) -> None:
         """Checks against the model at engine start-up (ValueError, one line)."""
+
+    def fork(self, parent: int, child: int) -> None:
+        """``child`` (a parallel sample) starts from ``parent``'s stored KV: copy any state kept
+        for it."""
 
     def reset(self, seq_id: int) -> None:
         """The sequence finished or was preempted: drop any state kept for it."""

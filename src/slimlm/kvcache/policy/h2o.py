@@ -5,13 +5,36 @@ the most recent tokens preserves quality at a fraction of the KV. H2O keeps, per
 per head, a recent window and the tokens with the largest accumulated attention scores (the
 sum of the softmax probabilities every later query gave them), evicting the rest greedily.
 
-Here, inside continuous batching: the attention mass is accumulated by the attention paths as
-the sequence is prefilled (chunk by chunk) and decoded; when a sequence stores more than its
-budget plus ``slack`` tokens, each (layer, KV head) keeps its own ``recent`` newest tokens and
-its heaviest hitters among the rest (``per_head=False``: one choice per layer from the mass
-summed over heads), and the engine compacts and frees blocks. The budget is a fraction of the
-tokens the sequence has seen (a float in (0, 1]) or a token count (an int), at least
-``min_tokens``.
+Here, inside continuous batching: the attention paths accumulate each stored key's attention
+mass as the sequence is prefilled (chunk by chunk) and decoded. When a sequence stores more
+than its budget plus ``slack`` tokens, each (layer, KV head) keeps its own ``recent`` newest
+tokens and its heaviest hitters among the rest (``per_head=False``: one choice per layer from
+the mass summed over heads), and the engine compacts and frees blocks. The budget is a
+fraction of the tokens the sequence has seen (a float in (0, 1]) or a token count (an int), at
+least ``min_tokens``.
+
+When it decides (``schedule``):
+
+- ``"prompt"`` (default): nothing is evicted while the prompt is being read; the first
+  compaction runs once the prompt's last chunk is computed, on the mass every prompt query
+  gave (the question at the end of a prompt included, as kvpress scores a whole prompt), and
+  from then on H2O evicts online at every step of decode. Peak memory: a sequence holds its
+  whole prompt's KV until its prompt completes, then ``budget + slack``; across a batch the
+  transient is the prompts in prefill at once, which the scheduler's token budget
+  (``max_num_batched_tokens``) bounds for prompts shorter than it (a prompt completed in a
+  step is compacted in that step). A longer prompt is held whole while its chunks run.
+- ``"online"``: compact after every chunk, prefill included (the memory bound of
+  ``max_blocks`` holds for count budgets at every moment, so prompts longer than the pool can
+  run), but early chunks are scored before the rest of the prompt is seen.
+
+What a key's score is (``score``):
+
+- ``"sum"``: its accumulated mass (H2O's accumulated attention): keys seen by more queries
+  score higher, which favours old tokens.
+- ``"mean"``: its mass divided by the number of queries that could see it (positions seen
+  minus its own position), the average attention it received, as kvpress's
+  ObservedAttentionPress scores; the policy keeps each stored key's position per sequence
+  to know that count after compactions.
 """
 
 from __future__ import annotations
@@ -20,6 +43,9 @@ import torch
 
 from slimlm.kvcache.policy.base import KV_POLICIES, KVPolicy
 
+SCHEDULES = ("prompt", "online")
+SCORES = ("sum", "mean")
+
 
 @KV_POLICIES.register("h2o")
 class H2OPolicy(KVPolicy):
@@ -27,12 +53,14 @@ class H2OPolicy(KVPolicy):
     observe_attention = True
 
     def __init__(self, budget: float | int = 0.2, recent_ratio: float = 0.5, per_head: bool = True,
-                 min_tokens: int = 32, block_slack: int = 1):
+                 min_tokens: int = 32, block_slack: int = 1, schedule: str = "prompt", score: str = "sum"):
         """``budget``: tokens kept, a fraction (0, 1] of the sequence's tokens or a count (H2O's
         headline setting is 20 %); ``recent_ratio``: share of the budget given to the newest
         tokens (H2O splits half/half); ``per_head``: heavy hitters per KV head (H2O) or once per
         layer; ``min_tokens``: never compact below this; ``block_slack``: blocks stored beyond the
-        budget before compacting (amortizes the compaction)."""
+        budget before compacting (amortizes the compaction); ``schedule``: "prompt" (first
+        eviction once the prompt is read) or "online" (after every chunk); ``score``: "sum"
+        (accumulated mass) or "mean" (mass per observing query)."""
         if isinstance(budget, bool) or not isinstance(budget, (int, float)):
             raise ValueError(f"h2o budget must be a fraction in (0, 1] or a token count, got {budget!r}")
         if isinstance(budget, float) and not 0.0 < budget <= 1.0:
@@ -46,11 +74,18 @@ class H2OPolicy(KVPolicy):
         if isinstance(budget, int) and budget < min_tokens:
             raise ValueError(f"h2o budget ({budget} tokens) is below min_tokens ({min_tokens}); "
                              f"raise the budget or lower min_tokens")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"h2o schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+        if score not in SCORES:
+            raise ValueError(f"h2o score must be one of {', '.join(SCORES)}, got {score!r}")
         self.budget_, self.recent_ratio, self.per_head = budget, recent_ratio, per_head
         self.min_tokens, self.block_slack = min_tokens, block_slack
+        self.schedule, self.score = schedule, score
+        self._pos: dict[int, tuple[torch.Tensor, int]] = {}  # seq -> (kept keys' positions (L, H, K), seen then)
 
     def __repr__(self) -> str:
-        return f"H2OPolicy(budget={self.budget_}, recent_ratio={self.recent_ratio}, per_head={self.per_head})"
+        return (f"H2OPolicy(budget={self.budget_}, recent_ratio={self.recent_ratio}, per_head={self.per_head}, "
+                f"schedule={self.schedule!r}, score={self.score!r})")
 
     def budget(self, num_tokens: int) -> int:
         b = self.budget_
@@ -60,10 +95,35 @@ class H2OPolicy(KVPolicy):
     def slack(self, block_size: int) -> int:
         return self.block_slack * block_size
 
+    def defer(self, num_computed: int, prompt_len: int) -> bool:
+        return self.schedule == "prompt" and num_computed < prompt_len
+
     def max_blocks(self, chunk_tokens: int, block_size: int) -> int | None:
-        if isinstance(self.budget_, float):
-            return None
+        if isinstance(self.budget_, float) or self.schedule == "prompt":
+            return None  # a fraction grows with the sequence; "prompt" holds the whole prompt
         return -(-(self.budget_ + self.slack(block_size) + chunk_tokens) // block_size) + 1
+
+    def select_seq(self, seq_id: int, mass: torch.Tensor | None, num_stored: int, num_seen: int,
+                   keep: int) -> torch.Tensor:
+        if self.score == "sum":
+            return self.select(mass, num_stored, keep)
+        assert mass is not None
+        L, H, S = mass.shape
+        prev = self._pos.get(seq_id)
+        fresh = torch.arange(prev[1] if prev else 0, num_seen, device=mass.device).expand(L, H, -1)
+        pos = fresh if prev is None else torch.cat([prev[0], fresh], -1)
+        if pos.shape[-1] != S:  # storage and positions disagree (cannot happen: compaction is ours)
+            raise RuntimeError(f"h2o: {S} stored keys but {pos.shape[-1]} known positions for sequence {seq_id}")
+        idx = self.select(mass / (num_seen - pos).clamp(min=1).to(mass.dtype), num_stored, keep)
+        self._pos[seq_id] = (torch.gather(pos, -1, idx), num_seen)
+        return idx
+
+    def fork(self, parent: int, child: int) -> None:
+        if parent in self._pos:
+            self._pos[child] = self._pos[parent]  # never modified in place: sharing is safe
+
+    def reset(self, seq_id: int) -> None:
+        self._pos.pop(seq_id, None)
 
     def select(self, mass: torch.Tensor | None, num_stored: int, keep: int) -> torch.Tensor:
         assert mass is not None  # (L, H, S)
