@@ -38,6 +38,25 @@ def _lib():
 LANES = 16
 """The kernel's lanes: int8 groups must be a multiple of 16 channels, int4 groups of 32."""
 
+KERNEL_ENV = "SLIMLM_QLINEAR"
+"""``vnni`` (the default where the kernels were built with AVX512-VNNI): activations quantized to
+int8 per block of 32 channels and integer dot products, as llama.cpp does; ``fp32``: the
+fp32-activation kernel (the de-quantized matmul up to summation order; the reference). Read at
+each call, so one process can A/B the two."""
+
+
+def kernel_mode() -> str:
+    """The decode kernel a call takes now: ``"vnni"`` or ``"fp32"``."""
+    want = os.environ.get(KERNEL_ENV, "vnni")
+    if want not in ("vnni", "fp32"):
+        raise ValueError(f"{KERNEL_ENV}={want!r}: valid values are vnni, fp32")
+    lib = _lib()
+    return "vnni" if want == "vnni" and lib is not None and lib.slimlm_qlinear_has_vnni() else "fp32"
+
+
+def _vnni_group_ok(kind: str, group: int) -> bool:
+    return group % 32 == 0 if kind == "int8" else (group == 32 or group % 64 == 0)
+
 
 def _use_native(x2: torch.Tensor, native: bool, group: int) -> bool:
     return (native and x2.device.type == "cpu" and 0 < x2.shape[0] <= NATIVE_MAX_ROWS and group % LANES == 0
@@ -84,7 +103,9 @@ class Int8Weight:
         N, K = self.q.shape
         xf = x2.float().contiguous()
         y = torch.empty(xf.shape[0], N, dtype=torch.float32)
-        rc = _lib().slimlm_q8_linear(xf.data_ptr(), self.q.data_ptr(), self.scale.data_ptr(), y.data_ptr(),
+        vnni = _vnni_group_ok("int8", self.group_size) and kernel_mode() == "vnni"
+        fn = _lib().slimlm_q8_linear_vnni if vnni else _lib().slimlm_q8_linear
+        rc = fn(xf.data_ptr(), self.q.data_ptr(), self.scale.data_ptr(), y.data_ptr(),
                                      xf.shape[0], N, K, self.group_size, torch.get_num_threads())
         if rc:
             raise ValueError(f"qlinear kernel refused shapes (rows {xf.shape[0]}, {N}x{K}, group {self.group_size})")
@@ -141,7 +162,9 @@ class Int4Weight:
         N, K = self.shape
         xf = x2.float().contiguous()
         y = torch.empty(xf.shape[0], N, dtype=torch.float32)
-        rc = _lib().slimlm_q4_linear(xf.data_ptr(), self.q.data_ptr(), self.scale.data_ptr(), self.min.data_ptr(),
+        vnni = _vnni_group_ok("int4", self.group_size) and kernel_mode() == "vnni"
+        fn = _lib().slimlm_q4_linear_vnni if vnni else _lib().slimlm_q4_linear
+        rc = fn(xf.data_ptr(), self.q.data_ptr(), self.scale.data_ptr(), self.min.data_ptr(),
                                      y.data_ptr(), xf.shape[0], N, K, self.group_size, torch.get_num_threads())
         if rc:
             raise ValueError(f"qlinear kernel refused shapes (rows {xf.shape[0]}, {N}x{K}, group {self.group_size})")
