@@ -166,6 +166,21 @@ static void quant_x32(const float *x, int8_t *xq, float *xs, int64_t M, int64_t 
         }
 }
 
+/* xs (M, nb) -> xv (M, nb/2, 16): lanes 0-7 the even block's scale, 8-15 the odd one's (the lanes of
+ * one vpdpbusd over 64 bytes) */
+static void expand_xs(const float *xs, float *xv, int64_t M, int64_t nb) {
+    const int64_t np = nb / 2;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t p = 0; p < np; p++)
+            for (int l = 0; l < 16; l++) xv[(m * np + p) * 16 + l] = xs[m * nb + 2 * p + (l >= 8)];
+}
+
+/* two consecutive floats -> lanes 0-7 a[0], 8-15 a[1] */
+static inline __m512 pair_bcast(const float *a) {
+    const __m512i idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double *)a))));
+}
+
 static inline float hsum8(__m256 v) {
     __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     a = _mm_add_ps(a, _mm_movehl_ps(a, a));
@@ -185,8 +200,10 @@ int slimlm_q8_linear_vnni(const float *x, const int8_t *q, const float *scale, f
     int8_t *xq = malloc(M * K);
     float *xs = malloc(sizeof(float) * M * nb);
     int32_t *gi = malloc(sizeof(int32_t) * nb); /* block -> weight group */
-    if (!xq || !xs || !gi) { free(xq); free(xs); free(gi); return 2; }
+    float *xv2 = malloc(sizeof(float) * (M * (nb / 2) * 16 + 1));
+    if (!xq || !xs || !gi || !xv2) { free(xq); free(xs); free(gi); free(xv2); return 2; }
     quant_x32(x, xq, xs, M, K);
+    expand_xs(xs, xv2, M, nb);
     for (int64_t b = 0; b < nb; b++) gi[b] = (int32_t)(b / bpg);
     (void)ng;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
@@ -199,14 +216,16 @@ int slimlm_q8_linear_vnni(const float *x, const int8_t *q, const float *scale, f
             const __m512i zero = _mm512_setzero_si512();
             __m512 acc = _mm512_setzero_ps();
             int64_t b = 0;
+            const float *xvm = xv2 + m * (nb / 2) * 16;
             for (; b + 2 <= nb; b += 2) {
                 __m512i wv = _mm512_loadu_si512((const void *)(w + b * 32));
                 __m512i xv = _mm512_loadu_si512((const void *)(xm + b * 32));
                 __m512i sx = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv), zero, xv); /* x * sign(w) */
                 __m512i d = _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(wv), sx);
-                __m512 dv = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s[gi[b]] * xsm[b]),
-                                                 _mm512_set1_ps(s[gi[b + 1]] * xsm[b + 1]));
-                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), dv, acc);
+                __m512 ws = G == 32 ? pair_bcast(s + b)
+                            : G % 64 == 0 ? _mm512_set1_ps(s[gi[b]])
+                                          : _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s[gi[b]]), _mm512_set1_ps(s[gi[b + 1]]));
+                acc = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(xvm + b * 8)), ws, acc);
             }
             float t = _mm512_reduce_add_ps(acc);
             if (b < nb) {
@@ -218,7 +237,7 @@ int slimlm_q8_linear_vnni(const float *x, const int8_t *q, const float *scale, f
             y[m * N + n] = t;
         }
     }
-    free(xq); free(xs); free(gi);
+    free(xq); free(xs); free(gi); free(xv2);
     return 0;
 #endif
 }
@@ -234,8 +253,10 @@ int slimlm_q4_linear_vnni(const float *x, const uint8_t *q, const float *scale, 
     int8_t *xq = malloc(M * K);
     float *xs = malloc(sizeof(float) * M * nb);
     float *xsum = malloc(sizeof(float) * M * ng); /* exact sum of x over each group: the mins' term */
-    if (!xq || !xs || !xsum) { free(xq); free(xs); free(xsum); return 2; }
+    float *xv2 = malloc(sizeof(float) * (M * (nb / 2) * 16 + 1));
+    if (!xq || !xs || !xsum || !xv2) { free(xq); free(xs); free(xsum); free(xv2); return 2; }
     quant_x32(x, xq, xs, M, K);
+    expand_xs(xs, xv2, M, nb);
     for (int64_t m = 0; m < M; m++)
         for (int64_t g = 0; g < ng; g++) {
             float a = 0.f;
@@ -253,7 +274,9 @@ int slimlm_q4_linear_vnni(const float *x, const uint8_t *q, const float *scale, 
             const float *xsm = xs + m * nb, *xsu = xsum + m * ng;
             __m512 acc = _mm512_setzero_ps();
             float t = 0.f, accm = 0.f;
+            __m512 accv = _mm512_setzero_ps();
             if (G == 32) { /* two groups per step: 32 bytes -> [lo0 | hi0 | lo1 | hi1] = x[64g .. 64g+64) */
+                const float *xvm = xv2 + m * (nb / 2) * 16;
                 int64_t g = 0;
                 for (; g + 2 <= ng; g += 2) {
                     __m256i bv = _mm256_loadu_si256((const __m256i *)(w + g * 16));
@@ -261,10 +284,12 @@ int slimlm_q4_linear_vnni(const float *x, const uint8_t *q, const float *scale, 
                     __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1); /* lo0 lo1 hi0 hi1 */
                     z = _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0));             /* lo0 hi0 lo1 hi1 */
                     __m512i d = _mm512_dpbusd_epi32(zero, z, _mm512_loadu_si512((const void *)(xm + g * 32)));
-                    __m512 dv = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s[g] * xsm[g]),
-                                                     _mm512_set1_ps(s[g + 1] * xsm[g + 1]));
-                    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), dv, acc);
-                    accm += mn[g] * xsu[g] + mn[g + 1] * xsu[g + 1];
+                    acc = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(xvm + g * 8)),
+                                          pair_bcast(s + g), acc);
+                }
+                for (int64_t g0 = 0; g0 < g; g0 += 16) { /* the mins' term, 16 groups a step */
+                    __mmask16 k = (__mmask16)(g - g0 >= 16 ? 0xFFFF : (1u << (g - g0)) - 1);
+                    accv = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, mn + g0), _mm512_maskz_loadu_ps(k, xsu + g0), accv);
                 }
                 if (g < ng) {
                     __m128i bv = _mm_loadu_si128((const __m128i *)(w + g * 16));
@@ -296,10 +321,10 @@ int slimlm_q4_linear_vnni(const float *x, const uint8_t *q, const float *scale, 
                     accm += mn[g] * xsu[g];
                 }
             }
-            y[m * N + n] = _mm512_reduce_add_ps(acc) + t + accm;
+            y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc, accv)) + t + accm;
         }
     }
-    free(xq); free(xs); free(xsum);
+    free(xq); free(xs); free(xsum); free(xv2);
     return 0;
 #endif
 }
