@@ -9,6 +9,8 @@
  * de-quantized matmul up to summation order). Rows of W are split between threads; each row is
  * read once and applied to every row of x while it is in L1. AVX-512 intrinsics where the
  * compiler targets it (gcc vectorized the portable loops only 4 lanes wide: 2.5-3x slower).
+ * These two are the reference; the *_vnni entry points below (x rounded to int8, integer dot
+ * products) are what decode runs by default where the build has AVX512-VNNI.
  */
 #include <stdint.h>
 #include <stdlib.h>

@@ -10,7 +10,9 @@ channels per output row:
   low nibble and element j + G/2 in its high one (llama.cpp's Q4_0 / Q4_1 block layout).
   GGUF Q4_0 is min = -8 * scale, Q4_1 is its own min, Q4_K is min = -dmin * m per 32-group.
 
-``matmul(x)`` runs the native kernel (``kernels/qlinear.c``) for few rows on the CPU (decode), and
+``matmul(x)`` runs the native kernel (``kernels/qlinear.c``) for few rows on the CPU (decode): by
+default x rounded to int8 per block of 32 and AVX512-VNNI integer dot products where the build has
+them (``SLIMLM_QLINEAR=fp32``: fp32 activations, the reference), and
 otherwise de-quantizes the weight to ``x.dtype`` for one ``F.linear`` (prefill, other devices, no
 compiler): the pure-PyTorch path, always available, and the reference the kernel is tested on.
 """
