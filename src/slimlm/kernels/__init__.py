@@ -46,6 +46,10 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
         "slimlm_q8_linear": (_INT, (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _INT)),
         # x, q, scale, min, y, M, N, K, G, nthreads
         "slimlm_q4_linear": (_INT, (_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _INT)),
+        # the same two on int8-quantized activations (AVX512-VNNI builds; 3 = not built here)
+        "slimlm_q8_linear_vnni": (_INT, (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _INT)),
+        "slimlm_q4_linear_vnni": (_INT, (_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _INT)),
+        "slimlm_qlinear_has_vnni": (_INT, ()),
     },
 }
 

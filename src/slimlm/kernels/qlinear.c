@@ -9,6 +9,8 @@
  * de-quantized matmul up to summation order). Rows of W are split between threads; each row is
  * read once and applied to every row of x while it is in L1. AVX-512 intrinsics where the
  * compiler targets it (gcc vectorized the portable loops only 4 lanes wide: 2.5-3x slower).
+ * These two are the reference; the *_vnni entry points below (x rounded to int8, integer dot
+ * products) are what decode runs by default where the build has AVX512-VNNI.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -119,4 +121,212 @@ int slimlm_q4_linear(const float *x, const uint8_t *q, const float *scale, const
     }
     free(xsum);
     return 0;
+}
+
+/* ---- VNNI path: x quantized to int8, integer dot products ------------------------------------
+ *
+ * Each row of x is quantized to int8 per block of 32 channels (symmetric: xs = max|x| / 127,
+ * xq = round(x / xs)); then per 32-block an integer dot product of the weight codes and xq
+ * (`vpdpbusd`: u8 x s8 -> int32, 4 products per int32 lane), converted to float and scaled by
+ * w_scale * xs, accumulated in float lanes and reduced once per output. llama.cpp's Q8_0 / Q8_1
+ * activations, the same error: |x - xs * xq| <= xs / 2 per channel, so each output is off the
+ * de-quantized fp32 matmul by at most sum over blocks of (max|x_block| / 254) * sum|w_block|
+ * (the int4 mins' term uses the exact float sum of x per group, so it adds no error).
+ *   int8 weights (s8 x s8): vpdpbusd takes u8 x s8, so |w| times x with w's sign (exact).
+ *   int4 weights: codes are 0..15, u8 as they are; low / high nibbles of a group's bytes line
+ *   up with x[0, G/2) and x[G/2, G). Groups: int8 any multiple of 32, int4 32 or a multiple of 64.
+ * Built only where the compiler targets AVX512-VNNI (+BW, VL); elsewhere the entry points
+ * return 3 and callers use the fp32-activation kernels above. */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define SLIMLM_VNNI 1
+#endif
+
+int slimlm_qlinear_has_vnni(void) {
+#ifdef SLIMLM_VNNI
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#ifdef SLIMLM_VNNI
+/* x (M, K) float -> xq (M, K) int8, xs (M, K/32) float; K % 32 == 0 */
+static void quant_x32(const float *x, int8_t *xq, float *xs, int64_t M, int64_t K) {
+    const int64_t nb = K / 32;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t b = 0; b < nb; b++) {
+            const float *xb = x + m * K + b * 32;
+            __m512 a0 = _mm512_loadu_ps(xb), a1 = _mm512_loadu_ps(xb + 16);
+            float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1)));
+            float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+            __m512 iv = _mm512_set1_ps(inv);
+            __m128i q0 = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(a0, iv))); /* nearest-even */
+            __m128i q1 = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(a1, iv)));
+            _mm_storeu_si128((__m128i *)(xq + m * K + b * 32), q0);
+            _mm_storeu_si128((__m128i *)(xq + m * K + b * 32 + 16), q1);
+            xs[m * nb + b] = s;
+        }
+}
+
+/* xs (M, nb) -> xv (M, nb/2, 16): lanes 0-7 the even block's scale, 8-15 the odd one's (the lanes of
+ * one vpdpbusd over 64 bytes) */
+static void expand_xs(const float *xs, float *xv, int64_t M, int64_t nb) {
+    const int64_t np = nb / 2;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t p = 0; p < np; p++)
+            for (int l = 0; l < 16; l++) xv[(m * np + p) * 16 + l] = xs[m * nb + 2 * p + (l >= 8)];
+}
+
+/* two consecutive floats -> lanes 0-7 a[0], 8-15 a[1] */
+static inline __m512 pair_bcast(const float *a) {
+    const __m512i idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double *)a))));
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+    a = _mm_add_ss(a, _mm_movehdup_ps(a));
+    return _mm_cvtss_f32(a);
+}
+#endif
+
+int slimlm_q8_linear_vnni(const float *x, const int8_t *q, const float *scale, float *y,
+                          int64_t M, int64_t N, int64_t K, int64_t G, int nthreads) {
+#ifndef SLIMLM_VNNI
+    (void)x; (void)q; (void)scale; (void)y; (void)M; (void)N; (void)K; (void)G; (void)nthreads;
+    return 3;
+#else
+    if (M <= 0 || N <= 0 || K <= 0 || G <= 0 || K % G || G % 32) return 1;
+    const int64_t nb = K / 32, ng = K / G, bpg = G / 32;
+    int8_t *xq = malloc(M * K);
+    float *xs = malloc(sizeof(float) * M * nb);
+    int32_t *gi = malloc(sizeof(int32_t) * nb); /* block -> weight group */
+    float *xv2 = malloc(sizeof(float) * (M * (nb / 2) * 16 + 1));
+    if (!xq || !xs || !gi || !xv2) { free(xq); free(xs); free(gi); free(xv2); return 2; }
+    quant_x32(x, xq, xs, M, K);
+    expand_xs(xs, xv2, M, nb);
+    for (int64_t b = 0; b < nb; b++) gi[b] = (int32_t)(b / bpg);
+    (void)ng;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t *w = q + n * K;
+        const float *s = scale + n * ng;
+        for (int64_t m = 0; m < M; m++) {
+            const int8_t *xm = xq + m * K;
+            const float *xsm = xs + m * nb;
+            const __m512i zero = _mm512_setzero_si512();
+            __m512 acc = _mm512_setzero_ps();
+            int64_t b = 0;
+            const float *xvm = xv2 + m * (nb / 2) * 16;
+            for (; b + 2 <= nb; b += 2) {
+                __m512i wv = _mm512_loadu_si512((const void *)(w + b * 32));
+                __m512i xv = _mm512_loadu_si512((const void *)(xm + b * 32));
+                __m512i sx = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv), zero, xv); /* x * sign(w) */
+                __m512i d = _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(wv), sx);
+                __m512 ws = G == 32 ? pair_bcast(s + b)
+                            : G % 64 == 0 ? _mm512_set1_ps(s[gi[b]])
+                                          : _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s[gi[b]]), _mm512_set1_ps(s[gi[b + 1]]));
+                acc = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(xvm + b * 8)), ws, acc);
+            }
+            float t = _mm512_reduce_add_ps(acc);
+            if (b < nb) {
+                __m256i wv = _mm256_loadu_si256((const __m256i *)(w + b * 32));
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xm + b * 32));
+                __m256i d = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
+                t += hsum8(_mm256_cvtepi32_ps(d)) * (s[gi[b]] * xsm[b]);
+            }
+            y[m * N + n] = t;
+        }
+    }
+    free(xq); free(xs); free(gi); free(xv2);
+    return 0;
+#endif
+}
+
+int slimlm_q4_linear_vnni(const float *x, const uint8_t *q, const float *scale, const float *mins, float *y,
+                          int64_t M, int64_t N, int64_t K, int64_t G, int nthreads) {
+#ifndef SLIMLM_VNNI
+    (void)x; (void)q; (void)scale; (void)mins; (void)y; (void)M; (void)N; (void)K; (void)G; (void)nthreads;
+    return 3;
+#else
+    if (M <= 0 || N <= 0 || K <= 0 || G <= 0 || K % G || !(G == 32 || G % 64 == 0)) return 1;
+    const int64_t nb = K / 32, ng = K / G, h = G / 2;
+    int8_t *xq = malloc(M * K);
+    float *xs = malloc(sizeof(float) * M * nb);
+    float *xsum = malloc(sizeof(float) * M * ng); /* exact sum of x over each group: the mins' term */
+    float *xv2 = malloc(sizeof(float) * (M * (nb / 2) * 16 + 1));
+    if (!xq || !xs || !xsum || !xv2) { free(xq); free(xs); free(xsum); free(xv2); return 2; }
+    quant_x32(x, xq, xs, M, K);
+    expand_xs(xs, xv2, M, nb);
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < ng; g++) {
+            float a = 0.f;
+            for (int64_t k = 0; k < G; k++) a += x[m * K + g * G + k];
+            xsum[m * ng + g] = a;
+        }
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *w = q + n * (K / 2);
+        const float *s = scale + n * ng, *mn = mins + n * ng;
+        const __m256i lo4 = _mm256_set1_epi8(15);
+        const __m512i zero = _mm512_setzero_si512();
+        for (int64_t m = 0; m < M; m++) {
+            const int8_t *xm = xq + m * K;
+            const float *xsm = xs + m * nb, *xsu = xsum + m * ng;
+            __m512 acc = _mm512_setzero_ps();
+            float t = 0.f, accm = 0.f;
+            __m512 accv = _mm512_setzero_ps();
+            if (G == 32) { /* two groups per step: 32 bytes -> [lo0 | hi0 | lo1 | hi1] = x[64g .. 64g+64) */
+                const float *xvm = xv2 + m * (nb / 2) * 16;
+                int64_t g = 0;
+                for (; g + 2 <= ng; g += 2) {
+                    __m256i bv = _mm256_loadu_si256((const __m256i *)(w + g * 16));
+                    __m256i lo = _mm256_and_si256(bv, lo4), hi = _mm256_and_si256(_mm256_srli_epi16(bv, 4), lo4);
+                    __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1); /* lo0 lo1 hi0 hi1 */
+                    z = _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0));             /* lo0 hi0 lo1 hi1 */
+                    __m512i d = _mm512_dpbusd_epi32(zero, z, _mm512_loadu_si512((const void *)(xm + g * 32)));
+                    acc = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(xvm + g * 8)),
+                                          pair_bcast(s + g), acc);
+                }
+                for (int64_t g0 = 0; g0 < g; g0 += 16) { /* the mins' term, 16 groups a step */
+                    __mmask16 k = (__mmask16)(g - g0 >= 16 ? 0xFFFF : (1u << (g - g0)) - 1);
+                    accv = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, mn + g0), _mm512_maskz_loadu_ps(k, xsu + g0), accv);
+                }
+                if (g < ng) {
+                    __m128i bv = _mm_loadu_si128((const __m128i *)(w + g * 16));
+                    __m128i l4 = _mm_set1_epi8(15);
+                    __m128i lo = _mm_and_si128(bv, l4), hi = _mm_and_si128(_mm_srli_epi16(bv, 4), l4);
+                    __m256i z = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+                    __m256i d = _mm256_dpbusd_epi32(_mm256_setzero_si256(), z,
+                                                    _mm256_loadu_si256((const __m256i *)(xm + g * 32)));
+                    t += hsum8(_mm256_cvtepi32_ps(d)) * (s[g] * xsm[g]);
+                    accm += mn[g] * xsu[g];
+                }
+            } else { /* G % 64 == 0: 32 bytes of a group -> x[j0, j0+32) (low) and x[h+j0, h+j0+32) (high) */
+                for (int64_t g = 0; g < ng; g++) {
+                    const uint8_t *bg = w + g * h;
+                    const int8_t *xg = xm + g * G;
+                    const float *xsg = xsm + g * (G / 32);
+                    for (int64_t j0 = 0; j0 < h; j0 += 32) {
+                        __m256i bv = _mm256_loadu_si256((const __m256i *)(bg + j0));
+                        __m256i lo = _mm256_and_si256(bv, lo4), hi = _mm256_and_si256(_mm256_srli_epi16(bv, 4), lo4);
+                        __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+                        __m512i xv = _mm512_inserti64x4(
+                            _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(xg + j0))),
+                            _mm256_loadu_si256((const __m256i *)(xg + h + j0)), 1);
+                        __m512i d = _mm512_dpbusd_epi32(zero, z, xv);
+                        __m512 dv = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s[g] * xsg[j0 / 32]),
+                                                         _mm512_set1_ps(s[g] * xsg[(h + j0) / 32]));
+                        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), dv, acc);
+                    }
+                    accm += mn[g] * xsu[g];
+                }
+            }
+            y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc, accv)) + t + accm;
+        }
+    }
+    free(xq); free(xs); free(xsum); free(xv2);
+    return 0;
+#endif
 }

@@ -10,7 +10,9 @@ channels per output row:
   low nibble and element j + G/2 in its high one (llama.cpp's Q4_0 / Q4_1 block layout).
   GGUF Q4_0 is min = -8 * scale, Q4_1 is its own min, Q4_K is min = -dmin * m per 32-group.
 
-``matmul(x)`` runs the native kernel (``kernels/qlinear.c``) for few rows on the CPU (decode), and
+``matmul(x)`` runs the native kernel (``kernels/qlinear.c``) for few rows on the CPU (decode): by
+default x rounded to int8 per block of 32 and AVX512-VNNI integer dot products where the build has
+them (``SLIMLM_QLINEAR=fp32``: fp32 activations, the reference), and
 otherwise de-quantizes the weight to ``x.dtype`` for one ``F.linear`` (prefill, other devices, no
 compiler): the pure-PyTorch path, always available, and the reference the kernel is tested on.
 """
@@ -38,10 +40,78 @@ def _lib():
 LANES = 16
 """The kernel's lanes: int8 groups must be a multiple of 16 channels, int4 groups of 32."""
 
+KERNEL_ENV = "SLIMLM_QLINEAR"
+"""``vnni`` (the default where the kernels were built with AVX512-VNNI): activations quantized to
+int8 per block of 32 channels and integer dot products, as llama.cpp does; ``fp32``: the
+fp32-activation kernel (the de-quantized matmul up to summation order; the reference). Read at
+each call, so one process can A/B the two."""
 
-def _use_native(x2: torch.Tensor, native: bool, group: int) -> bool:
-    return (native and x2.device.type == "cpu" and 0 < x2.shape[0] <= NATIVE_MAX_ROWS and group % LANES == 0
-            and _lib() is not None)
+
+def _want() -> str:
+    want = os.environ.get(KERNEL_ENV, "vnni")
+    if want not in ("vnni", "fp32"):
+        raise ValueError(f"{KERNEL_ENV}={want!r}: valid values are vnni, fp32")
+    return want
+
+
+def kernel_mode() -> str:
+    """The decode kernel a call takes now: ``"vnni"`` or ``"fp32"``."""
+    want, lib = _want(), _lib()
+    return "vnni" if want == "vnni" and lib is not None and lib.slimlm_qlinear_has_vnni() else "fp32"
+
+
+def _vnni_group_ok(kind: str, group: int) -> bool:
+    return group % 32 == 0 if kind == "int8" else (group == 32 or group % 64 == 0)
+
+
+_fns: dict[tuple, tuple] = {}
+
+
+def _native_fn(kind: str, group: int):
+    """The kernel entry point for this layout and the current switches, or None (PyTorch path).
+    Cached per (layout, switches) and per loaded library: a decode step makes ~120 calls, and
+    the Python around a kernel call of tens of microseconds is what costs at batch 1."""
+    from slimlm import kernels
+
+    key = (kind, group, os.environ.get(KERNEL_ENV, "vnni"), os.environ.get("SLIMLM_NATIVE", "1"))
+    hit = _fns.get(key)
+    if hit is not None and hit[0] is kernels._loaded.get("qlinear"):
+        return hit[1]
+    want = _want()
+    lib = _lib()
+    fn = None
+    if lib is not None and group % (LANES if kind == "int8" else 2 * LANES) == 0:
+        vnni = want == "vnni" and lib.slimlm_qlinear_has_vnni() and _vnni_group_ok(kind, group)
+        fn = getattr(lib, f"slimlm_{'q8' if kind == 'int8' else 'q4'}_linear{'_vnni' if vnni else ''}")
+    _fns[key] = (kernels._loaded.get("qlinear"), fn)
+    return fn
+
+
+def native_linear(kind: str, group: int, x: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """``x @ W^T`` by the native kernel for a packed weight given as its tensors ``t`` (``qweight``,
+    ``scales``, ``mins``), or None where the kernel does not apply (too many rows, not the CPU,
+    no compiler, a group it does not take): the caller then takes the PyTorch path."""
+    K = x.shape[-1]
+    n = x.numel()
+    if not x.is_cpu or n == 0 or n > NATIVE_MAX_ROWS * K:
+        return None
+    fn = _native_fn(kind, group)
+    if fn is None:
+        return None
+    f32 = x.dtype == torch.float32
+    xf = x if f32 and x.is_contiguous() else x.float().contiguous()
+    q = t["qweight"]
+    N, M = q.shape[0], n // K
+    y = torch.empty(x.shape[:-1] + (N,))
+    if kind == "int8":
+        rc = fn(xf.data_ptr(), q.data_ptr(), t["scales"].data_ptr(), y.data_ptr(), M, N, K, group,
+                torch.get_num_threads())
+    else:
+        rc = fn(xf.data_ptr(), q.data_ptr(), t["scales"].data_ptr(), t["mins"].data_ptr(), y.data_ptr(), M, N, K,
+                group, torch.get_num_threads())
+    if rc:
+        raise ValueError(f"qlinear kernel refused shapes (rows {M}, {N}x{K}, group {group})")
+    return y if f32 else y.to(x.dtype)
 
 
 @dataclass
@@ -78,17 +148,8 @@ class Int8Weight:
         return w.view(*ids.shape, K).to(dtype)
 
     def matmul(self, x: torch.Tensor, native: bool = True) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        if not _use_native(x2, native, self.group_size):
-            return F.linear(x, self.dequantize(x.dtype))
-        N, K = self.q.shape
-        xf = x2.float().contiguous()
-        y = torch.empty(xf.shape[0], N, dtype=torch.float32)
-        rc = _lib().slimlm_q8_linear(xf.data_ptr(), self.q.data_ptr(), self.scale.data_ptr(), y.data_ptr(),
-                                     xf.shape[0], N, K, self.group_size, torch.get_num_threads())
-        if rc:
-            raise ValueError(f"qlinear kernel refused shapes (rows {xf.shape[0]}, {N}x{K}, group {self.group_size})")
-        return y.to(x.dtype).view(*x.shape[:-1], N)
+        y = native_linear("int8", self.group_size, x, self.tensors()) if native else None
+        return F.linear(x, self.dequantize(x.dtype)) if y is None else y
 
     def to(self, device: torch.device | str) -> Int8Weight:
         return Int8Weight(self.q.to(device), self.scale.to(device), self.group_size)
@@ -135,17 +196,8 @@ class Int4Weight:
         return sub.dequantize(dtype).view(*ids.shape, self.shape[1])
 
     def matmul(self, x: torch.Tensor, native: bool = True) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        if not _use_native(x2, native, self.group_size // 2):
-            return F.linear(x, self.dequantize(x.dtype))
-        N, K = self.shape
-        xf = x2.float().contiguous()
-        y = torch.empty(xf.shape[0], N, dtype=torch.float32)
-        rc = _lib().slimlm_q4_linear(xf.data_ptr(), self.q.data_ptr(), self.scale.data_ptr(), self.min.data_ptr(),
-                                     y.data_ptr(), xf.shape[0], N, K, self.group_size, torch.get_num_threads())
-        if rc:
-            raise ValueError(f"qlinear kernel refused shapes (rows {xf.shape[0]}, {N}x{K}, group {self.group_size})")
-        return y.to(x.dtype).view(*x.shape[:-1], N)
+        y = native_linear("int4", self.group_size, x, self.tensors()) if native else None
+        return F.linear(x, self.dequantize(x.dtype)) if y is None else y
 
     def to(self, device: torch.device | str) -> Int4Weight:
         return Int4Weight(self.q.to(device), self.scale.to(device), self.min.to(device), self.group_size)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimlm.model.quant.formats import Int4Weight, Int8Weight, PackedWeight
+from slimlm.model.quant.formats import Int4Weight, Int8Weight, PackedWeight, native_linear
 
 
 def _empty(kind: str, N: int, K: int, G: int) -> PackedWeight:
@@ -59,7 +59,9 @@ class QuantLinear(_Packed):
         return cls(_empty(kind, out_features, in_features, group_size), b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.packed().matmul(x, self.native)
+        y = native_linear(self.kind, self.group_size, x, self._buffers) if self.native else None  # decode rows
+        if y is None:
+            y = self.packed().matmul(x, False)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
