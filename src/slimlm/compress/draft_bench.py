@@ -14,7 +14,7 @@ k + 1 tokens; batch-1 decode on a CPU is bound by reading the weights, so the ve
 about one target step and a draft step ``c`` target steps, c = the draft's weight-matmul
 multiply-adds per token over the target's (:func:`cost_ratio`). The FLOPs model's speed-up is then
 tokens per step / (k c + 1): a draft breaks even at k c + 1 tokens per step, i.e. an acceptance
-rate (accepted / proposed) of c (+ 0 per extra k), and reaches a speed-up s at s (k c + 1) tokens
+rate (accepted / proposed) of c whatever k, and reaches a speed-up s at s (k c + 1) tokens
 per step (:func:`needed`). These are deterministic; the measured tok/s say how far the machine
 departs from the model.
 """
