@@ -50,14 +50,17 @@ CONFIGS = {
     # KL + LM + hidden-state loss through the learned projection (its weights sync like the student's)
     "distill": lambda m: (f'[model]\ninit_from = "{m / "student"}"\n[distill]\nteacher = "{m / "teacher"}"\n'
                           'temperature = 2.0\nlm_weight = 0.5\nhidden_weight = 0.5\n'),
+    # the same under FSDP2 (sharded student; the projection is sharded with the root module)
+    "distill-fsdp2": lambda m: CONFIGS["distill"](m) + '[dist]\nstrategy = "fsdp2"\n',
     "finetune": lambda m: f'[model]\ninit_from = "{m / "teacher"}"\n[finetune]\nmethod = "lora"\nrank = 2\n',
 }
 
 
-@pytest.mark.parametrize("mode", ["distill", "finetune"])
+@pytest.mark.parametrize("mode", ["distill", "distill-fsdp2", "finetune"])
 def test_two_processes_match_one(prepared, models, tmp_path, mode):
     config = tmp_path / f"{mode}.toml"
     config.write_text(CONFIGS[mode](models))
+    mode = mode.split("-")[0]
     extra = ("--train.steps", "4", "--checkpoint.every", "4", "--optim.weight_decay", "0.0")
     err = torchrun([mode, str(config), *tiny_args(prepared, tmp_path / "two", *extra)])
     assert err.count("2 process(es) on cpu") == 1
@@ -75,3 +78,8 @@ def test_two_processes_match_one(prepared, models, tmp_path, mode):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+    if mode == "distill":  # the exported student (without its projection) is the same too
+        a, b = (load_file(p / "final" / "model.safetensors") for p in (tmp_path / "two", tmp_path / "one"))
+        assert a.keys() == b.keys() and not any(k.startswith("distill_proj") for k in a)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)

@@ -111,19 +111,25 @@ def cmd_distill(args: argparse.Namespace) -> int:
                     + (", learned hidden-state projection" if hasattr(trainer.model, "distill_proj") else ""))
         last = trainer.fit()
         done = trainer.world.main and trainer.step >= trainer.horizon.total_steps
+        student = trainer.model
+        if done and cfg.dist.strategy == "fsdp2" and trainer.world.distributed:
+            student = trainer.full_model  # the sharded model cannot be written; its gathered copy can
+            if student is None:
+                done = False
+                trainer.say("slimlm: sharded checkpoints: `final` not written; consolidate the last checkpoint")
         if done and dcfg.lowrank:
             import json
 
             from slimlm.compress.lowrank import LOWRANK_FILE, save_lowrank
 
-            drop_projection(trainer.model)
+            drop_projection(student)
             ranks = json.loads((Path(cfg.model.init_from) / LOWRANK_FILE).read_text())["ranks"]
-            trainer.say(f"slimlm: wrote {save_lowrank(trainer.model, ranks, trainer.out / 'final', trainer.tokenizer)}")
-        elif done and hasattr(trainer.model, "distill_proj"):
+            trainer.say(f"slimlm: wrote {save_lowrank(student, ranks, trainer.out / 'final', trainer.tokenizer)}")
+        elif done and hasattr(student, "distill_proj"):
             from slimlm.model.weights import save_model_dir
 
-            drop_projection(trainer.model)  # the projection only served the loss
-            trainer.say(f"slimlm: wrote {save_model_dir(trainer.model, trainer.out / 'final', trainer.tokenizer)} "
+            drop_projection(student)  # the projection only served the loss
+            trainer.say(f"slimlm: wrote {save_model_dir(student, trainer.out / 'final', trainer.tokenizer)} "
                         "(the student without its distillation projection)")
     finally:
         trainer.close()
@@ -304,6 +310,34 @@ def cmd_rationales(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_seqkd(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from slimlm.compress.seqkd import continuation_prompts, generate_continuations, write_documents
+    from slimlm.engine.llm import LLM
+    from slimlm.model.hub import load
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise SlimLMError(f"{out} exists and is not empty; choose a new folder")
+    if args.max_tokens < 1 or args.batch < 1:
+        raise SlimLMError(f"--max-tokens and --batch must be positive (got {args.max_tokens}, {args.batch})")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = load(args.teacher)
+    prompts = continuation_prompts(lm.tokenizer, args.prompts, args.prompt_tokens, args.skip_tokens, args.spacing)
+    t0 = time.perf_counter()
+    conts = generate_continuations(LLM(lm), prompts, args.max_tokens, args.batch)
+    dt = time.perf_counter() - t0
+    n = write_documents(lm.tokenizer, prompts, conts, out)
+    print(f"wrote {n} documents to {out}: {args.prompt_tokens} prompt + {args.max_tokens} generated tokens each "
+          f"({sum(map(len, conts))} generated tokens in {dt:.0f} s); prepare them with `slimlm data prepare {out} "
+          f"--tokenizer {args.teacher}` and distil the draft on them", file=sys.stderr)
+    return 0
+
+
 def optimizer_bytes(optimizer) -> int:
     return sum(v.numel() * v.element_size() for st in optimizer.state.values() for v in st.values()
                if hasattr(v, "numel") and v.dim() > 0)
@@ -468,6 +502,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     ra.add_argument("--max-tokens", type=int, default=64, help="tokens per rationale")
     ra.add_argument("--seed", type=int, default=0, help="which examples, when the task has more than --n")
     ra.set_defaults(func=cmd_rationales)
+
+    sk = sub.add_parser("seqkd", help="sequence-level KD data: the teacher's greedy continuations of stdlib text",
+                        description="Cut prompts from the stdlib text past the decode benchmark's prompts and write "
+                                    "the teacher's greedy continuations (batched engine), one text file each "
+                                    "(DistillSpec: distil a draft on the target's own outputs).")
+    sk.add_argument("out", help="new folder of .txt documents")
+    sk.add_argument("--teacher", default="smollm2-135m-instruct")
+    sk.add_argument("--prompts", type=int, default=256)
+    sk.add_argument("--prompt-tokens", type=int, default=128)
+    sk.add_argument("--max-tokens", type=int, default=64, help="generated tokens per prompt")
+    sk.add_argument("--skip-tokens", type=int, default=40_000, help="stdlib tokens skipped (the benchmark's prompts)")
+    sk.add_argument("--spacing", type=int, default=None, help="tokens between prompt starts (default: --prompt-tokens)")
+    sk.add_argument("--batch", type=int, default=32, help="prompts per engine call")
+    sk.add_argument("--threads", type=int, default=None)
+    sk.set_defaults(func=cmd_seqkd)
 
     db = sub.add_parser("draft-bench", help="batch-1 greedy decode with and without a draft model",
                         description="Acceptance rate, tokens per target step and decode tok/s of the target with "

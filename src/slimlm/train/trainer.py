@@ -61,7 +61,8 @@ class Trainer:
         """``objective(forward, batch, step) -> summed loss`` replaces the LM loss of updates (held-out
         evaluation stays the LM loss); ``adapt(model)`` changes the model (adapters, frozen weights)
         before it is wrapped and its optimizer built. Both are how ``slimlm.compress`` runs here."""
-        self.cfg, self.objective = cfg, objective
+        self.cfg, self.objective, self.adapt = cfg, objective, adapt
+        self.full_model = None
         torch.set_num_threads(cfg.train.threads or torch.get_num_threads())
         self.world = distributed.init_world(cfg.dist, cfg.train.device)
         self.out = Path(cfg.out_dir)
@@ -169,12 +170,22 @@ class Trainer:
             if self.cfg.dist.strategy == "fsdp2" and self.world.distributed:
                 from slimlm.model.weights import build_model
 
-                model = build_model(self.model.cfg.replace(), msd)
+                model = build_model(self.model.cfg.replace(), msd) if self.adapt is None else self._adapted(msd)
+                self.full_model = model  # the unsharded copy of the last save (compress writes its exports from it)
             path = checkpoint.save_checkpoint(checkpoint.checkpoint_root(self.out), model, osd, self._trainer_state(),
                                               self.tokenizer, self.cfg.checkpoint.keep_last)
         distributed.barrier(self.world)
         self.checkpoint = path if path is not None else self.checkpoint
         return path
+
+    def _adapted(self, msd: dict) -> torch.nn.Module:
+        """A plain copy of the adapted model (adapters, distillation projection, factors) holding ``msd``."""
+        from slimlm.model.transformer import CausalLM
+
+        model = CausalLM(self.model.cfg.replace())
+        self.adapt(model)
+        model.load_state_dict(msd)
+        return model
 
     def _trainer_state(self) -> dict:
         return {
