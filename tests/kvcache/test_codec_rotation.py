@@ -56,6 +56,24 @@ def test_int4_round_trip_equals_rotated_reference(d, group):
     torch.testing.assert_close(roundtrip(codec, x), reference_int4(x, group), atol=2e-6, rtol=0)
 
 
+def test_keys_are_rotated_values_are_not(monkeypatch):
+    """int4 rotates the key pool only (values measured slightly worse rotated); the knob
+    ``ROTATE`` selects the pools, and a value codec without rotation is the plain int4 grid."""
+    torch.manual_seed(6)
+    k, v = (KV_CODECS.get("int4")(torch.float32, 64, role) for role in ("k", "v"))
+    assert k.rotates and not v.rotates
+    x = torch.randn(16, 2, 64)
+    g = x.view(16, 2, 2, 32)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    s, m = ((hi - lo) / 15).half().float(), lo.half().float()
+    torch.testing.assert_close(roundtrip(v, x), (((g - m) / s).round().clamp(0, 15) * s + m).view_as(x),
+                               atol=1e-6, rtol=0)
+    monkeypatch.setattr(int4_mod, "ROTATE", ("k", "v"))
+    assert KV_CODECS.get("int4")(torch.float32, 64, "v").rotates
+    with pytest.raises(ValueError, match="role"):
+        KV_CODECS.get("int4")(torch.float32, 64, "q")
+
+
 def test_scores_are_invariant_under_the_rotation():
     """q . k from the model's space (read back) equals the rotated query against the stored,
     rotated rows: what the native decode kernel computes."""
@@ -79,7 +97,7 @@ def test_rotation_cuts_the_error_of_keys_with_outlier_channels(monkeypatch):
     x = torch.randn(256, 2, 64)
     x[..., [3, 35, 60]] *= 20
     rot = KV_CODECS.get("int4")(torch.float32, 64)
-    monkeypatch.setattr(int4_mod, "ROTATE", False)
+    monkeypatch.setattr(int4_mod, "ROTATE", ())
     plain = KV_CODECS.get("int4")(torch.float32, 64)
     assert not plain.rotates and plain.bytes_per_row(2) == rot.bytes_per_row(2)
     e_rot = (roundtrip(rot, x) - x).norm() / x.norm()
@@ -90,13 +108,14 @@ def test_rotation_cuts_the_error_of_keys_with_outlier_channels(monkeypatch):
 class QuantDenseH2O(DenseH2O):
     """DenseH2O whose stored keys and values pass through a codec (the same quantization)."""
 
-    def __init__(self, lm, policy, block_size, codec):
+    def __init__(self, lm, policy, block_size, codecs):
         super().__init__(lm, policy, block_size)
-        self.codec = codec
+        self.codecs = codecs  # keys', values'
 
     @torch.no_grad()
     def chunk(self, tokens):
-        m, rt = self.lm.model, lambda x: roundtrip(self.codec, x.transpose(0, 1)).transpose(0, 1)  # noqa: E731
+        m = self.lm.model
+        rt = lambda c, x: roundtrip(c, x.transpose(0, 1)).transpose(0, 1)  # noqa: E731
         cfg = m.cfg
         T, d, G = len(tokens), cfg.head_dim, cfg.num_heads // cfg.num_kv_heads
         pos = torch.arange(self.seen, self.seen + T)[None]
@@ -106,8 +125,8 @@ class QuantDenseH2O(DenseH2O):
             att = layer.self_attn
             x = layer.input_layernorm(h)
             q = apply_rope(att.q_proj(x).view(1, T, -1, d).transpose(1, 2), cos, sin)[0]
-            k = rt(apply_rope(att.k_proj(x).view(1, T, -1, d).transpose(1, 2), cos, sin)[0])
-            v = rt(att.v_proj(x).view(1, T, -1, d).transpose(1, 2)[0])
+            k = rt(self.codecs[0], apply_rope(att.k_proj(x).view(1, T, -1, d).transpose(1, 2), cos, sin)[0])
+            v = rt(self.codecs[1], att.v_proj(x).view(1, T, -1, d).transpose(1, 2)[0])
             K, V = torch.cat([self.K[i], k], 1), torch.cat([self.V[i], v], 1)
             S = K.shape[1]
             mask = torch.ones(T, S, dtype=torch.bool)
@@ -151,13 +170,13 @@ def test_h2o_with_rotated_int4_equals_dense_h2o(head64, native):
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     llm = LLM(head64, kv_policy="h2o", kv_policy_args=args, kv_cache_dtype="int4", block_size=8,
               max_num_batched_tokens=32, native_kernels=native)
-    assert llm.engine.cache.codec.rotates
+    assert llm.engine.cache.codec.rotates and not llm.engine.cache.vcodec.rotates
     assert (llm.engine.runner.paths.native_decode is not None) == native
     outs, log, _ = engine_chunks(llm, prompts, params)
     assert llm.engine.pool.num_free() == llm.engine.pool.num_blocks
-    codec = KV_CODECS.get("int4")(torch.float32, 64)
+    codecs = [KV_CODECS.get("int4")(torch.float32, 64, role) for role in ("k", "v")]
     for prompt, out, sid in zip(prompts, outs, sorted(log)):
-        ref = QuantDenseH2O(head64, KV_POLICIES.get("h2o")(**args), 8, codec)
+        ref = QuantDenseH2O(head64, KV_POLICIES.get("h2o")(**args), 8, codecs)
         ids, pos, got = list(prompt), 0, []
         for n in log[sid]:
             logits = ref.chunk(ids[pos : pos + n])

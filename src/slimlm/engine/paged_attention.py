@@ -325,11 +325,12 @@ class PagedAttention:
         if lib is not None and table is not None and window is None:
             kp, vp = cache.pools(layer)
             mass = cache.mass[layer] if cache.mass is not None else None
-            codec = cache.codec  # a rotating codec stores rows @ R: query in, output out of that space
+            # a rotating codec stores rows @ R: the query goes into the keys' space, the output
+            # comes out of the values'
             qn = q_full.index_select(0, table.rows)
-            qn = codec.to_storage(qn).to(qn.dtype)
-            o = native_decode(lib, qn, kp, vp, codec.native_code, table.table, table.lens, self.scale, mass)
-            out.index_copy_(0, table.rows, codec.from_storage(o).to(out.dtype))
+            qn = cache.codec.to_storage(qn).to(qn.dtype)
+            o = native_decode(lib, qn, kp, vp, cache.codec.native_code, table.table, table.lens, self.scale, mass)
+            out.index_copy_(0, table.rows, cache.vcodec.from_storage(o).to(out.dtype))
             decodes = []
         for gi, g in enumerate(decodes):
             B = g.q_pos.shape[0]

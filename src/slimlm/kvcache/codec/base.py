@@ -45,11 +45,14 @@ class KVCodec(ABC):
     rotates: bool = False
     """Rows are stored rotated, ``x @ R`` with R orthogonal (``codec/rotation.py``), and read back
     rotated back: PyTorch readers see the model's space. A reader of the stored rows in place
-    (the native decode kernel) rotates the query by :meth:`to_storage` before and the output by
-    :meth:`from_storage` after (keys and values are both rotated)."""
+    (the native decode kernel) rotates the query by the key codec's :meth:`to_storage` before and
+    the output by the value codec's :meth:`from_storage` after."""
 
-    def __init__(self, compute_dtype: torch.dtype, head_dim: int):
-        self.compute_dtype, self.head_dim = compute_dtype, head_dim
+    def __init__(self, compute_dtype: torch.dtype, head_dim: int, role: str = "k"):
+        """``role``: "k" or "v", the pool this instance stores (a codec may treat them apart)."""
+        if role not in ("k", "v"):
+            raise ValueError(f"a KV codec's role is 'k' or 'v', got {role!r}")
+        self.compute_dtype, self.head_dim, self.role = compute_dtype, head_dim, role
 
     def to_storage(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., d) into the stored rows' space, float32 (``x @ R``; x itself without rotation)."""

@@ -30,16 +30,17 @@ import torch
 from slimlm.kvcache.codec.base import KV_CODECS, KVCodec, zeros
 
 GROUP = 32
-ROTATE = True
+ROTATE: tuple[str, ...] = ("k",)
+"""The pools stored rotated: keys (values lose slightly when rotated, see the module docstring)."""
 
 
 @KV_CODECS.register("int4")
 class Int4Codec(KVCodec):
     native_code = 3
 
-    def __init__(self, compute_dtype: torch.dtype, head_dim: int):
-        super().__init__(compute_dtype, head_dim)
-        self.rotates = ROTATE
+    def __init__(self, compute_dtype: torch.dtype, head_dim: int, role: str = "k"):
+        super().__init__(compute_dtype, head_dim, role)
+        self.rotates = role in ROTATE
         self.group = GROUP if head_dim % GROUP == 0 else 16
         if head_dim % self.group:
             raise ValueError(f"kv_cache_dtype='int4' needs a head size divisible by 16, got {head_dim}")

@@ -15,16 +15,17 @@ import torch
 
 from slimlm.kvcache.codec.base import KV_CODECS, KVCodec, zeros
 
-ROTATE = False
+ROTATE: tuple[str, ...] = ()
+"""The pools stored rotated (none: int8 is within its target unrotated; an experiment knob)."""
 
 
 @KV_CODECS.register("int8")
 class Int8Codec(KVCodec):
     native_code = 2
 
-    def __init__(self, compute_dtype: torch.dtype, head_dim: int):
-        super().__init__(compute_dtype, head_dim)
-        self.rotates = ROTATE
+    def __init__(self, compute_dtype: torch.dtype, head_dim: int, role: str = "k"):
+        super().__init__(compute_dtype, head_dim, role)
+        self.rotates = role in ROTATE
 
     def bytes_per_row(self, num_kv_heads: int) -> int:
         return num_kv_heads * (self.head_dim + 2)
