@@ -1,26 +1,24 @@
-"""int4 KV: Hadamard-rotated rows, asymmetric 4-bit quantization in groups of channels, per
-token and KV head.
+"""int4 KV: asymmetric 4-bit quantization in groups of channels, per token and KV head; keys
+Hadamard-rotated first.
 
-Each row x (d,) of one head is first rotated, x @ R with R the normalized Hadamard matrix of
+A key row k (d,) of one head is first rotated, k @ R with R the normalized Hadamard matrix of
 size d (a seeded random orthogonal matrix when d is not a power of two; ``codec/rotation.py``,
 the QuaRot idea). Keys have a few large channels (the low-frequency RoPE pairs; KIVI, Liu et al.
-2024): unrotated, one group's 15 steps are spent on them and the small channels round to a
-step or two. The rotation spreads that energy over every channel, so each group's range shrinks
-to the row's typical spread; attention is unchanged, (q R) . (k R) = q . k. Values are rotated
-too (the output is rotated back), which helps them less but costs nothing extra.
+2024): unrotated, a group's 15 steps are spent on them and the small channels round to a step
+or two. The rotation spreads that energy over every channel, so each group's range shrinks to
+the row's typical spread; attention is unchanged, (q R) . (k R) = q . k (the native decode
+kernel gets the query rotated). Values are not rotated: they have no such channels, and
+rotated they measured slightly worse (``docs/results/raw/kv_int4_study.py``; ``ROTATE``
+selects the rotated pools, set before the engine starts: ``()`` is the unrotated codec).
 
-The rotated row is cut into groups of ``GROUP`` channels; a group is stored as 4-bit codes
+The row is cut into groups of ``GROUP`` channels; a group is stored as 4-bit codes
 c = round((x - m) / s) in [0, 15] with m = min, s = (max - min) / 15 (fp16 scale and minimum),
 two codes per byte. Asymmetric, because a group's values are rarely centred on zero and the
 minimum costs two bytes. Per token (not KIVI's per channel over tokens) because a token's row
 arrives once and is never re-quantized: blocks stay independent (prefix sharing, copies,
-compaction) and the native decode kernel reads them in place (with the query rotated before and
-the output after, ``KVCodec.to_storage`` / ``from_storage``). Storage: d / 2 + 4 * d / 32
+compaction) and the native decode kernel reads them in place. Storage: d / 2 + 4 * d / 32
 bytes per token-head (40 for d = 64, against 256 in fp32). Heads narrower than 32 channels or
 not a multiple of 32 use groups of 16 (PyTorch path only: the native kernel reads groups of 32).
-
-``ROTATE = False`` (set before the engine starts) gives the unrotated codec, for comparison
-(docs/techniques.md, "int4 KV").
 """
 
 from __future__ import annotations
