@@ -40,11 +40,15 @@ def test_round_trip_error_and_bytes(name):
     elif name == "int8":  # half a step of max|row| / 127, plus fp16 rounding of the scale
         bound = x.abs().amax(-1, keepdim=True) / 127 * (0.5 + 64 * 2**-11)
         assert (err <= bound + 1e-6).all()
-    elif name == "int4":  # half a step of (max - min) / 15 per group of 32, plus fp16 rounding
-        g = x.view(37, 3, 2, 32)
+    elif name == "int4":  # half a step of (max - min) / 15 per group of 32, plus fp16 rounding,
+        # in the stored (rotated) space; the rotation is orthogonal, so row errors keep their norm
+        assert codec.rotates
+        xr, yr = codec.to_storage(x), codec.to_storage(y)
+        g = xr.view(37, 3, 2, 32)
         step = (g.amax(-1, keepdim=True) - g.amin(-1, keepdim=True)) / 15
         bound = (step * 0.5 + (g.abs().amax(-1, keepdim=True) + step * 15) * 2**-10).expand_as(g).reshape(37, 3, 64)
-        assert (err <= bound + 1e-6).all()
+        assert ((yr - xr).abs() <= bound + 1e-5).all()
+        torch.testing.assert_close(err.norm(dim=-1), (yr - xr).norm(dim=-1), rtol=1e-4, atol=1e-5)
     want = {"auto": 256, "float32": 256, "bfloat16": 128, "float16": 128, "int8": 66, "int4": 40}[name]
     assert codec.bytes_per_row(1) == want
     assert sum(t[0, 0].numel() * t.element_size() for t in codec.allocate(1, 1, 3, "cpu")) == 3 * want
@@ -58,20 +62,22 @@ def test_native_decode_reads_quantized_pools(name):
 
     lib = kernels.load("paged_decode")
     torch.manual_seed(1)
-    codec = KV_CODECS.get(name)(torch.float32, 64)
+    codec, vcodec = KV_CODECS.get(name)(torch.float32, 64), KV_CODECS.get(name)(torch.float32, 64, "v")
     bs, H, Hq, nb = 8, 2, 6, 6
-    k, v = codec.allocate(nb, bs, H, "cpu"), codec.allocate(nb, bs, H, "cpu")
+    k, v = codec.allocate(nb, bs, H, "cpu"), vcodec.allocate(nb, bs, H, "cpu")
     xk, xv = torch.randn(nb * bs, H, 64), torch.randn(nb * bs, H, 64)
     codec.write(k, torch.arange(nb * bs), xk)
-    codec.write(v, torch.arange(nb * bs), xv)
+    vcodec.write(v, torch.arange(nb * bs), xv)
     table = torch.tensor([[4, 1, 3, 0], [5, 2, 0, 0]])
     lens = torch.tensor([29, 11])
     q = torch.randn(2, Hq, 64)
     mass = torch.zeros(nb * bs, H)
-    got = native_decode(lib, q, k, v, codec.native_code, table, lens, 0.125, mass)
+    # a rotating codec's stored rows are x @ R: the caller rotates q in and the output out
+    got = vcodec.from_storage(native_decode(lib, codec.to_storage(q).contiguous(), k, v, codec.native_code, table,
+                                            lens, 0.125, mass))
     for b in range(2):
         kk = codec.read(k, table[b]).reshape(-1, H, 64)[: lens[b]].transpose(0, 1)[None]
-        vv = codec.read(v, table[b]).reshape(-1, H, 64)[: lens[b]].transpose(0, 1)[None]
+        vv = vcodec.read(v, table[b]).reshape(-1, H, 64)[: lens[b]].transpose(0, 1)[None]
         want = attention(q[b][None, :, None], kk, vv, None, 0.125)[0, :, 0]
         torch.testing.assert_close(got[b], want, rtol=1e-4, atol=1e-4)
     # the mass of each sequence's keys: every query head's probabilities, summed per KV head
@@ -102,23 +108,23 @@ class QuantDense:
     """Dense, unbatched reference: every key and value passes through the codec, then causal
     attention over all of them."""
 
-    def __init__(self, codec, scale):
-        self.codec, self.scale = codec, scale
+    def __init__(self, codecs, scale):
+        self.codecs, self.scale = codecs, scale  # keys', values'
 
     def attend(self, layer, q, k, v, q_rows=None):
-        rt = lambda x: roundtrip(self.codec, x[0].transpose(0, 1)).transpose(0, 1)[None]  # noqa: E731
+        rt = lambda c, x: roundtrip(c, x[0].transpose(0, 1)).transpose(0, 1)[None]  # noqa: E731
         T = k.shape[2]
         mask = torch.ones(T, T, dtype=torch.bool).tril()[None, None]
-        return attention(q, rt(k), rt(v), mask, self.scale)
+        return attention(q, rt(self.codecs[0], k), rt(self.codecs[1], v), mask, self.scale)
 
 
 def dense_greedy(lm, codec_name, prompt, n):
-    codec = KV_CODECS.get(codec_name)(lm.model.dtype, lm.model.cfg.head_dim)
+    codecs = [KV_CODECS.get(codec_name)(lm.model.dtype, lm.model.cfg.head_dim, role) for role in ("k", "v")]
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(n):
             pos = torch.arange(len(ids))[None]
-            logits = lm.model(torch.tensor([ids]), pos, QuantDense(codec, lm.model.attn_scale))
+            logits = lm.model(torch.tensor([ids]), pos, QuantDense(codecs, lm.model.attn_scale))
             ids.append(int(logits[0, -1].argmax()))
     return ids[len(prompt):]
 

@@ -50,7 +50,7 @@ class DenseMiniCache:
 
     def __init__(self, lm, pairs, t, threshold, rows, bs, codec="auto"):
         self.lm, self.t, self.threshold, self.rows, self.bs = lm, t, threshold, rows, bs
-        self.codec = KV_CODECS.get(codec)(lm.model.dtype, lm.model.cfg.head_dim)
+        self.codecs = {r: KV_CODECS.get(codec)(lm.model.dtype, lm.model.cfg.head_dim, r) for r in ("k", "v")}
         self.second = {b: a for a, b in pairs}
         cfg = lm.model.cfg
         H, d = cfg.num_kv_heads, cfg.head_dim
@@ -60,21 +60,22 @@ class DenseMiniCache:
         self.retained = self.merged = 0
         self.seen = 0
 
-    def stored(self, x):
-        """(Hkv, T, d) as the codec gives it back (write, then read)."""
+    def stored(self, x, role="k"):
+        """(Hkv, T, d) as the codec of keys or values gives it back (write, then read)."""
         H, T, d = x.shape
-        parts = self.codec.allocate(1, T, H, "cpu")
-        self.codec.write(parts, torch.arange(T), x.transpose(0, 1))
-        return self.codec.read(parts, torch.tensor([0]))[0].transpose(0, 1)
+        codec = self.codecs[role]
+        parts = codec.allocate(1, T, H, "cpu")
+        codec.write(parts, torch.arange(T), x.transpose(0, 1))
+        return codec.read(parts, torch.tensor([0]))[0].transpose(0, 1)
 
     def _merge(self, layer, x0k, x0v, x1k, x1v):
         """(Hkv, T, d) states of both layers (the first as stored) -> what each reads."""
         ek, nk0, nk1, dk = slerp(x0k.transpose(0, 1), x1k.transpose(0, 1), self.t)  # (T, H, d), (T, H)
         ev, nv0, nv1, dv = slerp(x0v.transpose(0, 1), x1v.transpose(0, 1), self.t)
-        ek, ev = (self.stored(e.transpose(0, 1)).transpose(0, 1) for e in (ek, ev))  # directions through the codec
+        ek, ev = (self.stored(e.transpose(0, 1), r).transpose(0, 1) for e, r in ((ek, "k"), (ev, "v")))  # via the codec
         r16 = lambda n: n.to(MAGNITUDE_DTYPE).float()[..., None]  # noqa: E731  (magnitudes kept in fp16)
         out = [ek * r16(nk0), ev * r16(nv0), ek * r16(nk1), ev * r16(nv1)]
-        raw = [x.transpose(0, 1) for x in (x0k, x0v, self.stored(x1k), self.stored(x1v))]
+        raw = [x.transpose(0, 1) for x in (x0k, x0v, self.stored(x1k), self.stored(x1v, "v"))]
         used = self.used[layer]
         for j in range(x0k.shape[1]):
             block = (self.seen + j) // self.bs
@@ -104,7 +105,7 @@ class DenseMiniCache:
             k = apply_rope(att.k_proj(x).view(1, T, -1, d).transpose(1, 2), cos, sin)[0]  # (Hkv, T, d)
             v = att.v_proj(x).view(1, T, -1, d).transpose(1, 2)[0]
             if i not in self.second:  # what the layer reads back of its own chunk
-                k, v = self.stored(k), self.stored(v)
+                k, v = self.stored(k), self.stored(v, "v")
             raw[i] = (k, v)
             if i in self.second:  # the pair's chunk is merged now: both layers read the merged rows
                 a = self.second[i]

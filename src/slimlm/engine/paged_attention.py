@@ -7,7 +7,8 @@ writes the new keys and values into their slots through the KV codec, then compu
 with the paths the :class:`AttentionPaths` chosen at start-up allow:
 
 - decode tokens: the native ``paged_decode`` kernel, reading the stored format in place
-  (plain or quantized pools; it also accumulates attention mass for score-based policies);
+  (plain or quantized pools; it also accumulates attention mass for score-based policies; a
+  codec that stores rows rotated gets the query rotated before and the output after);
   otherwise in groups of similar context length over gathered, decoded blocks;
 - each multi-token chunk alone: the native ``paged_prefill`` kernel (plain pools, causal, no
   mass, no tree); otherwise over its gathered context with an explicit mask, in blocks of
@@ -324,9 +325,12 @@ class PagedAttention:
         if lib is not None and table is not None and window is None:
             kp, vp = cache.pools(layer)
             mass = cache.mass[layer] if cache.mass is not None else None
-            o = native_decode(lib, q_full.index_select(0, table.rows), kp, vp, cache.codec.native_code, table.table,
-                              table.lens, self.scale, mass)
-            out.index_copy_(0, table.rows, o.to(out.dtype))
+            # a rotating codec stores rows @ R: the query goes into the keys' space, the output
+            # comes out of the values'
+            qn = q_full.index_select(0, table.rows)
+            qn = cache.codec.to_storage(qn).to(qn.dtype)
+            o = native_decode(lib, qn, kp, vp, cache.codec.native_code, table.table, table.lens, self.scale, mass)
+            out.index_copy_(0, table.rows, cache.vcodec.from_storage(o).to(out.dtype))
             decodes = []
         for gi, g in enumerate(decodes):
             B = g.q_pos.shape[0]

@@ -60,8 +60,8 @@ class KVCacheSpec:
     def num_storages(self) -> int:
         return 1 + max(s.storage for s in self.layers)
 
-    def codec(self) -> KVCodec:
-        return KV_CODECS.get(self.codec_name)(self.compute_dtype, self.head_dim)
+    def codec(self, role: str = "k") -> KVCodec:
+        return KV_CODECS.get(self.codec_name)(self.compute_dtype, self.head_dim, role)
 
     def bytes_per_token(self) -> int:
         """KV bytes one token holds across all storages (keys and values, scales included;

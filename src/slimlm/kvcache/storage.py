@@ -27,11 +27,11 @@ from slimlm.kvcache.spec import KVCacheSpec
 
 class PagedKVCache:
     def __init__(self, spec: KVCacheSpec, num_blocks: int, block_size: int, device, track_attention: bool = False):
-        self.spec, self.codec = spec, spec.codec()
+        self.spec, self.codec, self.vcodec = spec, spec.codec("k"), spec.codec("v")  # keys', values' codec
         self.block_size, self.num_blocks, self.device = block_size, num_blocks, torch.device(device)
         H = spec.num_kv_heads
         self.k = [self.codec.allocate(num_blocks, block_size, H, device) for _ in range(spec.num_storages)]
-        self.v = [self.codec.allocate(num_blocks, block_size, H, device) for _ in range(spec.num_storages)]
+        self.v = [self.vcodec.allocate(num_blocks, block_size, H, device) for _ in range(spec.num_storages)]
         self.mass = [zeros((num_blocks, block_size, H), torch.float32, device) for _ in spec.layers] \
             if track_attention else None
         self._ws: dict[str, torch.Tensor] = {}
@@ -43,7 +43,7 @@ class PagedKVCache:
         for st in spec.merged_storages:
             self.state[st] = zeros((num_blocks, block_size), torch.int8, device)
             self.rk[st] = self.codec.allocate(num_blocks, spec.merge.rows, H, device)
-            self.rv[st] = self.codec.allocate(num_blocks, spec.merge.rows, H, device)
+            self.rv[st] = self.vcodec.allocate(num_blocks, spec.merge.rows, H, device)
         for i, ls in enumerate(spec.layers):
             if ls.storage in self.state:
                 self.mag[i] = zeros((num_blocks, block_size, 2, H), mg.MAGNITUDE_DTYPE, device)
@@ -51,7 +51,7 @@ class PagedKVCache:
     @property
     def lossless(self) -> bool:
         """Reading a slot back gives exactly what was written (the prefill may use new keys)."""
-        return self.codec.lossless and not self.state
+        return self.codec.lossless and self.vcodec.lossless and not self.state
 
     # ------------------------------------------------------------------ layer views
     def storage(self, layer: int) -> int:
@@ -76,7 +76,7 @@ class PagedKVCache:
             self._merge_write(layer, slots, k, v)
             return
         self.codec.write(kp, slots, k)
-        self.codec.write(vp, slots, v)
+        self.vcodec.write(vp, slots, v)
         if self.merged(layer):  # the slots hold this layer's raw rows; later slots of the block are stale
             st = self.state[self.storage(layer)]
             bs = self.block_size
@@ -84,19 +84,19 @@ class PagedKVCache:
             first.scatter_reduce_(0, slots // bs, slots % bs, "amin")
             st.masked_fill_(torch.arange(bs, device=self.device)[None, :] >= first[:, None], mg.RAW)
 
-    def _read_slots(self, parts: list[torch.Tensor], slots: torch.Tensor) -> torch.Tensor:
+    def _read_slots(self, parts: list[torch.Tensor], slots: torch.Tensor, codec) -> torch.Tensor:
         """Decoded rows (T, H, d) at flat ``slots``."""
         bs = self.block_size
         ub, inv = torch.unique(slots // bs, return_inverse=True)
-        return self.codec.read(parts, ub)[inv, slots % bs]
+        return codec.read(parts, ub)[inv, slots % bs]
 
     def _merge_write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """The second layer of a merged storage: merge with the first layer's rows at ``slots``."""
         s, spec, bs = self.storage(layer), self.spec.merge, self.block_size
         first = next(i for i, ls in enumerate(self.spec.layers) if ls.storage == s and ls.member == 0)
         kp, vp = self.k[s], self.v[s]
-        ek, nk0, nk1, dk = mg.slerp(self._read_slots(kp, slots), k, spec.t)  # (T, H, d), (T, H) x3
-        ev, nv0, nv1, dv = mg.slerp(self._read_slots(vp, slots), v, spec.t)
+        ek, nk0, nk1, dk = mg.slerp(self._read_slots(kp, slots, self.codec), k, spec.t)  # (T, H, d), (T, H) x3
+        ev, nv0, nv1, dv = mg.slerp(self._read_slots(vp, slots, self.vcodec), v, spec.t)
         st = self.state[s]
         blocks = slots // bs
         used = (st.index_select(0, blocks) >= 2).sum(-1)  # rows taken before these (later slots are raw)
@@ -105,11 +105,11 @@ class PagedKVCache:
         if bool(keep.any()):
             rslots = blocks[keep] * spec.rows + row[keep]
             self.codec.write(self.rk[s], rslots, k[keep])
-            self.codec.write(self.rv[s], rslots, v[keep])
+            self.vcodec.write(self.rv[s], rslots, v[keep])
         if bool(mrg.any()):
             ms = slots[mrg]
             self.codec.write(kp, ms, ek[mrg].to(k.dtype))
-            self.codec.write(vp, ms, ev[mrg].to(v.dtype))
+            self.vcodec.write(vp, ms, ev[mrg].to(v.dtype))
             H = k.shape[1]
             self.mag[first].view(-1, 2, H).index_copy_(0, ms, torch.stack([nk0, nv0], 1)[mrg].to(mg.MAGNITUDE_DTYPE))
             self.mag[layer].view(-1, 2, H).index_copy_(0, ms, torch.stack([nk1, nv1], 1)[mrg].to(mg.MAGNITUDE_DTYPE))
@@ -122,7 +122,7 @@ class PagedKVCache:
         if self.merged(layer):
             return self._merged_read(which, layer, parts, blocks)
         if len(parts) > 1 or parts[0].dtype != self.spec.compute_dtype:
-            return self.codec.read(parts, blocks)
+            return (self.codec if which == "k" else self.vcodec).read(parts, blocks)
         pool = parts[0]
         n = blocks.numel()
         numel = n * pool[0].numel()
@@ -137,12 +137,13 @@ class PagedKVCache:
         """Rows of one layer of a merged storage: magnitude x shared direction, or the token's own
         unmerged state (the row for the first layer, its retention row for the second)."""
         s = self.storage(layer)
-        data = self.codec.read(parts, blocks)  # (n, B, H, d)
+        codec = self.codec if which == "k" else self.vcodec
+        data = codec.read(parts, blocks)  # (n, B, H, d)
         st = self.state[s].index_select(0, blocks).long()  # (n, B)
         mag = self.mag[layer].index_select(0, blocks)[:, :, 0 if which == "k" else 1]  # (n, B, H)
         out = torch.where((st == mg.MERGED)[..., None, None], data * mag.to(data.dtype)[..., None], data)
         if self.spec.layers[layer].member == 1 and self.spec.merge.rows:
-            ret = self.codec.read((self.rk if which == "k" else self.rv)[s], blocks)  # (n, R, H, d)
+            ret = codec.read((self.rk if which == "k" else self.rv)[s], blocks)  # (n, R, H, d)
             idx = (st - 2).clamp(0, self.spec.merge.rows - 1)  # (n, B)
             own = ret.gather(1, idx[..., None, None].expand(-1, -1, *ret.shape[2:]))  # (n, B, H, d)
             out = torch.where((st >= 2)[..., None, None], own, out)

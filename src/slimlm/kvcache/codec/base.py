@@ -42,8 +42,33 @@ class KVCodec(ABC):
     native_code: ClassVar[int | None] = None
     """The dtype code the native kernels read in place (None: they cannot)."""
 
-    def __init__(self, compute_dtype: torch.dtype, head_dim: int):
-        self.compute_dtype, self.head_dim = compute_dtype, head_dim
+    rotates: bool = False
+    """Rows are stored rotated, ``x @ R`` with R orthogonal (``codec/rotation.py``), and read back
+    rotated back: PyTorch readers see the model's space. A reader of the stored rows in place
+    (the native decode kernel) rotates the query by the key codec's :meth:`to_storage` before and
+    the output by the value codec's :meth:`from_storage` after."""
+
+    def __init__(self, compute_dtype: torch.dtype, head_dim: int, role: str = "k"):
+        """``role``: "k" or "v", the pool this instance stores (a codec may treat them apart)."""
+        if role not in ("k", "v"):
+            raise ValueError(f"a KV codec's role is 'k' or 'v', got {role!r}")
+        self.compute_dtype, self.head_dim, self.role = compute_dtype, head_dim, role
+
+    def to_storage(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., d) into the stored rows' space, float32 (``x @ R``; x itself without rotation)."""
+        if not self.rotates:
+            return x
+        from slimlm.kvcache.codec.rotation import rotation
+
+        return x.float() @ rotation(self.head_dim, x.device)
+
+    def from_storage(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., d) from the stored rows' space back to the model's, float32 (``x @ R^T``)."""
+        if not self.rotates:
+            return x
+        from slimlm.kvcache.codec.rotation import rotation
+
+        return x.float() @ rotation(self.head_dim, x.device).T
 
     @abstractmethod
     def bytes_per_row(self, num_kv_heads: int) -> int:

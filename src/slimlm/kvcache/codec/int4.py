@@ -1,13 +1,24 @@
-"""int4 KV: asymmetric 4-bit quantization in groups of channels, per token and KV head.
+"""int4 KV: asymmetric 4-bit quantization in groups of channels, per token and KV head; keys
+Hadamard-rotated first.
 
-Each row of one head is cut into groups of ``GROUP`` channels; a group is stored as 4-bit
-codes c = round((x - m) / s) in [0, 15] with m = min, s = (max - min) / 15 (fp16 scale and
-minimum), two codes per byte. Asymmetric, because a group's values are rarely centred on zero
-and the minimum costs two bytes; groups of 32 channels, because keys have a few large
-channels (KIVI, Liu et al. 2024) and one scale over a whole 64-wide head lets those dominate.
-Storage: d / 2 + 4 * d / 32 bytes per token-head (40 for d = 64, against 256 in fp32).
-Heads narrower than 32 channels or not a multiple of 32 use groups of 16 (PyTorch path only:
-the native kernel reads groups of 32).
+A key row k (d,) of one head is first rotated, k @ R with R the normalized Hadamard matrix of
+size d (a seeded random orthogonal matrix when d is not a power of two; ``codec/rotation.py``,
+the QuaRot idea). Keys have a few large channels (the low-frequency RoPE pairs; KIVI, Liu et al.
+2024): unrotated, a group's 15 steps are spent on them and the small channels round to a step
+or two. The rotation spreads that energy over every channel, so each group's range shrinks to
+the row's typical spread; attention is unchanged, (q R) . (k R) = q . k (the native decode
+kernel gets the query rotated). Values are not rotated: they have no such channels, and
+rotated they measured slightly worse (``docs/results/raw/kv_int4_study.py``; ``ROTATE``
+selects the rotated pools, set before the engine starts: ``()`` is the unrotated codec).
+
+The row is cut into groups of ``GROUP`` channels; a group is stored as 4-bit codes
+c = round((x - m) / s) in [0, 15] with m = min, s = (max - min) / 15 (fp16 scale and minimum),
+two codes per byte. Asymmetric, because a group's values are rarely centred on zero and the
+minimum costs two bytes. Per token (not KIVI's per channel over tokens) because a token's row
+arrives once and is never re-quantized: blocks stay independent (prefix sharing, copies,
+compaction) and the native decode kernel reads them in place. Storage: d / 2 + 4 * d / 32
+bytes per token-head (40 for d = 64, against 256 in fp32). Heads narrower than 32 channels or
+not a multiple of 32 use groups of 16 (PyTorch path only: the native kernel reads groups of 32).
 """
 
 from __future__ import annotations
@@ -17,19 +28,22 @@ import torch
 from slimlm.kvcache.codec.base import KV_CODECS, KVCodec, zeros
 
 GROUP = 32
+ROTATE: tuple[str, ...] = ("k",)
+"""The pools stored rotated: keys (values lose slightly when rotated, see the module docstring)."""
 
 
 @KV_CODECS.register("int4")
 class Int4Codec(KVCodec):
     native_code = 3
 
-    def __init__(self, compute_dtype: torch.dtype, head_dim: int):
-        super().__init__(compute_dtype, head_dim)
+    def __init__(self, compute_dtype: torch.dtype, head_dim: int, role: str = "k"):
+        super().__init__(compute_dtype, head_dim, role)
+        self.rotates = role in ROTATE
         self.group = GROUP if head_dim % GROUP == 0 else 16
         if head_dim % self.group:
             raise ValueError(f"kv_cache_dtype='int4' needs a head size divisible by 16, got {head_dim}")
         self.groups = head_dim // self.group
-        if self.group != GROUP:
+        if self.group != 32:
             self.native_code = None  # type: ignore[misc]
 
     def bytes_per_row(self, num_kv_heads: int) -> int:
@@ -43,7 +57,7 @@ class Int4Codec(KVCodec):
     def write(self, tensors, slots, x):
         data, scale, mins = tensors
         T, H, d = x.shape
-        g = x.float().view(T, H, self.groups, self.group)
+        g = self.to_storage(x.float()).view(T, H, self.groups, self.group)
         lo, hi = g.amin(-1), g.amax(-1)  # (T, H, G)
         s16 = ((hi - lo) / 15.0).clamp(min=1e-8).to(torch.float16)
         m16 = lo.to(torch.float16)
@@ -61,4 +75,5 @@ class Int4Codec(KVCodec):
         c = torch.stack([p & 15, p >> 4], dim=-1).view(n, B, H, self.groups, self.group).float()
         s = scale.index_select(0, blocks).float()[..., None]  # (n, B, H, G, 1)
         m = mins.index_select(0, blocks).float()[..., None]
-        return (c * s + m).view(n, B, H, self.head_dim).to(self.compute_dtype)
+        x = (c * s + m).view(n, B, H, self.head_dim)
+        return self.from_storage(x).to(self.compute_dtype)

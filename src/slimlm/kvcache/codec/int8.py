@@ -15,10 +15,17 @@ import torch
 
 from slimlm.kvcache.codec.base import KV_CODECS, KVCodec, zeros
 
+ROTATE: tuple[str, ...] = ()
+"""The pools stored rotated (none: int8 is within its target unrotated; an experiment knob)."""
+
 
 @KV_CODECS.register("int8")
 class Int8Codec(KVCodec):
     native_code = 2
+
+    def __init__(self, compute_dtype: torch.dtype, head_dim: int, role: str = "k"):
+        super().__init__(compute_dtype, head_dim, role)
+        self.rotates = role in ROTATE
 
     def bytes_per_row(self, num_kv_heads: int) -> int:
         return num_kv_heads * (self.head_dim + 2)
@@ -30,7 +37,7 @@ class Int8Codec(KVCodec):
     def write(self, tensors, slots, x):
         data, scale = tensors
         T, H, d = x.shape
-        xf = x.float()
+        xf = self.to_storage(x.float())
         s = (xf.abs().amax(-1) / 127.0).clamp(min=1e-8)  # (T, H)
         s16 = s.to(torch.float16)
         q = (xf / s16.float()[..., None]).round().clamp(-127, 127).to(torch.int8)  # (T, H, d)
@@ -41,4 +48,4 @@ class Int8Codec(KVCodec):
         data, scale = tensors
         q = data.index_select(0, blocks)  # (n, B, H, d)
         s = scale.index_select(0, blocks)  # (n, B, H)
-        return (q.float() * s.float()[..., None]).to(self.compute_dtype)
+        return self.from_storage(q.float() * s.float()[..., None]).to(self.compute_dtype)

@@ -12,8 +12,8 @@ _NATIVE = {torch.float32: 0, torch.bfloat16: 1}
 class PlainCodec(KVCodec):
     storage_dtype: torch.dtype
 
-    def __init__(self, compute_dtype: torch.dtype, head_dim: int):
-        super().__init__(compute_dtype, head_dim)
+    def __init__(self, compute_dtype: torch.dtype, head_dim: int, role: str = "k"):
+        super().__init__(compute_dtype, head_dim, role)
         self.storage_dtype = getattr(self, "fixed_dtype", None) or compute_dtype
         self.native_code = _NATIVE.get(self.storage_dtype)  # type: ignore[misc]
 
