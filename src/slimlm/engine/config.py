@@ -41,7 +41,7 @@ class EngineConfig:
     """Keep each row's numerics independent of what else the step holds, so greedy output is
     the same at any batch size and with or without speculative decoding, in bf16 too: a lone
     decode row runs as two identical rows (a reduced-precision matmul rounds a single row
-    differently from several; no cost on a memory-bound decode step) and a chain of drafts is
+    differently from several; the weights are still read once) and a chain of drafts is
     verified row by row through the decode attention path, as plain decode steps would attend.
     False: the fastest path per step (bf16 near-ties may then flip between batch sizes)."""
     hooks: list[str] = field(default_factory=list)
