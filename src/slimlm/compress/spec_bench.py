@@ -9,6 +9,9 @@ the engine's counters and is deterministic:
     tokens per verify step   (accepted drafts + one target token) per verification step
     token agreement          fraction of generated tokens equal to plain greedy decoding (1.0
                              for a lossless method; below for lossy ones, up to the first change)
+    reference match          task quality, a code-completion task: fraction of generated tokens
+                             equal to the source file's real continuation, up to the first
+                             difference (plain decoding's and the method's, side by side)
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ class SpecReport:
     generated rows run and skipped), for FLOPs saved."""
     flops_saved: float | None = None
     """Fraction of the per-generated-token matmul FLOPs (layers + LM head) the hooks skipped."""
+    plain_reference: float | None = None
+    """Plain decoding's reference match (see the module docstring)."""
+    spec_reference: float | None = None
+    """The method's reference match."""
 
     def lines(self) -> list[str]:
         return [
@@ -47,6 +54,8 @@ class SpecReport:
             f"  method       {self.spec_tok_s:7.1f} tok/s  ({self.spec_tok_s / self.plain_tok_s:.2f}x)",
             f"  acceptance rate {self.acceptance:.3f}, tokens per verify step {self.tokens_per_step:.2f}, "
             f"outputs identical: {self.identical} (token agreement {self.agreement:.3f})",
+            f"  reference match (code completion, the text's real continuation): plain {self.plain_reference:.3f}, "
+            f"method {self.spec_reference:.3f}",
         ] + ([f"  hooks: {self.hook_counts}, matmul FLOPs per generated token saved {self.flops_saved:.3f}"]
              if self.hook_counts else [])
 
@@ -79,7 +88,9 @@ def spec_bench(model: str, engine: dict[str, Any], n_prompts: int = 4, prompt_to
 
     dtype = engine.get("dtype", "float32")
     lm = load(model, dtype=dtype)
-    prompts = [text_prompt(lm.tokenizer, prompt_tokens, offset=i * 5000) for i in range(n_prompts)]
+    texts = [text_prompt(lm.tokenizer, prompt_tokens + max_tokens, offset=i * 5000) for i in range(n_prompts)]
+    prompts = [t[:prompt_tokens] for t in texts]
+    refs = [t[prompt_tokens:] for t in texts]
     plain = LLM(lm, dtype=dtype)
     spec = LLM(lm, **engine)
     _run(plain, prompts[:1], 1, 4), _run(spec, prompts[:1], 1, 4)  # warm-up
@@ -100,7 +111,7 @@ def spec_bench(model: str, engine: dict[str, Any], n_prompts: int = 4, prompt_to
         st["accepted_draft_tokens"] / max(st["draft_tokens"], 1),
         (st["accepted_draft_tokens"] + st["verify_steps"]) / max(st["verify_steps"], 1),
         outs["plain"] == outs["spec"], _agreement(outs["spec"], outs["plain"]), sum(map(len, outs["plain"])), repeats,
-        counts, saved,
+        counts, saved, _agreement(outs["plain"], refs), _agreement(outs["spec"], refs),
     )
 
 

@@ -37,6 +37,13 @@ class EngineConfig:
     speculative: str | None = None
     """Name of a speculative proposer (see ``slimlm.engine.spec``), e.g. "draft"."""
     speculative_args: dict[str, Any] = field(default_factory=dict)
+    batch_invariant: bool = True
+    """Keep each row's numerics independent of what else the step holds, so greedy output is
+    the same at any batch size and with or without speculative decoding, in bf16 too: a lone
+    decode row runs as two identical rows (a reduced-precision matmul rounds a single row
+    differently from several; the weights are still read once) and a chain of drafts is
+    verified row by row through the decode attention path, as plain decode steps would attend.
+    False: the fastest path per step (bf16 near-ties may then flip between batch sizes)."""
     hooks: list[str] = field(default_factory=list)
     """Per-layer runner hooks by name (see ``slimlm.engine.hooks``)."""
     hook_args: dict[str, dict[str, Any]] = field(default_factory=dict)

@@ -117,6 +117,7 @@ class LLMEngine:
             raise SlimLMError("sparse_prefill cannot be combined with a KV policy or rope_extension='dca'")
         paths = replace(paths, dual_chunk=dca, sparse_prefill=sparse_pf)
         self.runner = ModelRunner(self.model, self.cache, paths, self.hooks, self.rope_ext)
+        self.runner.batch_invariant = config.batch_invariant
         if self.proposer is not None:
             self.runner.capture |= set(self.proposer.hidden_layers())
         self.scheduler = Scheduler(

@@ -66,6 +66,8 @@ class ModelRunner:
         self.windows = model.windows()
         self.capture: set[int] = set()
         """Layers whose entering hidden states the step returns (for proposers and hooks)."""
+        self.batch_invariant = False
+        """Rows round the same whatever the step's batch (``EngineConfig.batch_invariant``)."""
         for h in hooks:
             h.bind(model)
 
@@ -82,7 +84,7 @@ class ModelRunner:
         prefills: list[PrefillSegment] = []
         segments: list[Segment] = []
         decodes: list[tuple[int, int, list[int], list[int]]] = []  # (row, storage index, blocks, logical)
-        row = 0
+        row = single = 0
         for c in out.chunks:
             T = len(c.token_ids)
             p = tree_positions(c.start, c.tree_parents) if c.tree_parents else list(range(c.start, c.start + T))
@@ -95,19 +97,27 @@ class ModelRunner:
             segments.append(Segment(c.seq_id, row, row + T, not c.tree_parents and p[-1] < c.prompt_len))
             if T == 1 and not (c.layout is not None and c.layout.in_set(c.start, 1)):
                 decodes.append((row, c.kv_start, *kept_blocks(c.block_table, c.kv_start + 1, bs)))
+                single += 1
+            elif self._verify_rows(c):  # each row attends its own prefix, as a decode step
+                decodes += [(row + r, c.kv_start + r, *kept_blocks(c.block_table, c.kv_start + r + 1, bs))
+                            for r in range(T)]
             else:
                 prefills.append(self._segment(c, row, T))
             row += T
+        twin = row == 1 and bool(decodes) and self._pad_lone_row()
+        if twin:  # a lone decode row runs twice: the matmuls take their multi-row path
+            ids, pos, slots, row_seq, row_out = ids * 2, pos * 2, slots * 2, row_seq * 2, row_out * 2
+            decodes.append((1, *decodes[0][1:]))
         positions = self._tensor([pos])  # (1, T)
         table = self._decode_table(decodes) if self.paths.native_decode is not None else None
         groups = self._decode_groups(decodes) if table is None or any(self.windows.values()) else []
         attn = PagedAttention(self.cache, self.paths, self._tensor(slots), groups, prefills, self.windows,
                               self.model.attn_scale, self.rotary, table)
         lr = self._tensor(logit_rows)
-        info = StepInfo(positions[0], len(decodes), self._tensor(row_seq),
+        info = StepInfo(positions[0], single, self._tensor(row_seq),
                         torch.tensor(row_out, dtype=torch.bool, device=self.device), lr, tuple(segments))
         h, hidden = self._forward(self._tensor([ids]), positions, attn, info)
-        logits = self.model.head(h[0, lr])  # (R, V)
+        logits = self.model.head(h[0])[:1] if twin else self.model.head(h[0, lr])  # (R, V)
         res = RunnerOutput()
         r = 0
         for c in out.chunks:
@@ -117,6 +127,12 @@ class ModelRunner:
                     res.hidden[c.seq_id] = {i: x[r : r + c.num_logits] for i, x in hidden.items()}
                 r += c.num_logits
         return res
+
+    def _verify_rows(self, c: ScheduledChunk) -> bool:
+        return self.batch_invariant and c.num_drafts > 0 and not c.tree_parents and c.layout is None
+
+    def _pad_lone_row(self) -> bool:
+        return self.batch_invariant and not self.hooks and self.model.dtype in (torch.bfloat16, torch.float16)
 
     def _segment(self, c: ScheduledChunk, row: int, T: int) -> PrefillSegment:
         bs = self.cache.block_size

@@ -52,11 +52,12 @@ class JudgeHead(nn.Module):
 @SPEC_METHODS.register("judge")
 class JudgeProposer(ChimeraProposer):
     def __init__(self, ctx: ProposerContext, head: str | None = None, adapter: str | None = None, k: int = 4,
-                 accept: float = 0.5, threshold: float = 0.0):
+                 accept: float = 0.999, threshold: float = 0.0):
         """``head``: folder from ``slimlm train-adapter --method judge``; ``adapter``: the
         Chimera draft (``--method chimera``); ``accept``: judge probability in (0, 1] above
-        which a mismatched draft is kept (1 = exact verification); ``threshold``: the draft's
-        early exit, as Chimera's."""
+        which a mismatched draft is kept (1 = exact verification; the default 0.999 was chosen
+        by a sweep on SmolLM2-135M, docs/techniques.md: lower values traded task quality for
+        tokens per step); ``threshold``: the draft's early exit, as Chimera's."""
         check_threshold("judge accept", accept)
         if float(accept) <= 0.0:
             raise SlimLMError("judge accept must be in (0, 1]: 0 would accept every draft")
