@@ -108,47 +108,13 @@ def test_rotation_cuts_the_error_of_keys_with_outlier_channels(monkeypatch):
 class QuantDenseH2O(DenseH2O):
     """DenseH2O whose stored keys and values pass through a codec (the same quantization)."""
 
-    def __init__(self, lm, policy, block_size, codecs):
-        super().__init__(lm, policy, block_size)
+    def __init__(self, lm, policy, block_size, prompt_len, codecs):
+        super().__init__(lm, policy, block_size, prompt_len)
         self.codecs = codecs  # keys', values'
 
-    @torch.no_grad()
-    def chunk(self, tokens):
-        m = self.lm.model
+    def store(self, k, v):
         rt = lambda c, x: roundtrip(c, x.transpose(0, 1)).transpose(0, 1)  # noqa: E731
-        cfg = m.cfg
-        T, d, G = len(tokens), cfg.head_dim, cfg.num_heads // cfg.num_kv_heads
-        pos = torch.arange(self.seen, self.seen + T)[None]
-        h = m.embed(torch.tensor([tokens]))
-        cos, sin = m.rotary(pos, h.dtype)
-        for i, layer in enumerate(m.model.layers):
-            att = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = apply_rope(att.q_proj(x).view(1, T, -1, d).transpose(1, 2), cos, sin)[0]
-            k = rt(self.codecs[0], apply_rope(att.k_proj(x).view(1, T, -1, d).transpose(1, 2), cos, sin)[0])
-            v = rt(self.codecs[1], att.v_proj(x).view(1, T, -1, d).transpose(1, 2)[0])
-            K, V = torch.cat([self.K[i], k], 1), torch.cat([self.V[i], v], 1)
-            S = K.shape[1]
-            mask = torch.ones(T, S, dtype=torch.bool)
-            mask[:, S - T:] = torch.ones(T, T, dtype=torch.bool).tril()
-            s = (q @ K.repeat_interleave(G, 0).transpose(-1, -2)) * m.attn_scale
-            p = s.masked_fill(~mask, float("-inf")).softmax(-1)
-            out = p @ V.repeat_interleave(G, 0)
-            self.M[i] = torch.cat([self.M[i], torch.zeros(K.shape[0], T)], 1) + p.view(-1, G, T, S).sum((1, 2))
-            self.K[i], self.V[i] = K, V
-            h = h + att.o_proj(out.transpose(0, 1).reshape(1, T, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        self.seen += T
-        S = self.K[0].shape[1]
-        keep = self.policy.budget(self.seen)
-        if S > keep + self.policy.slack(self.bs):
-            idx = self.policy.select(torch.stack(self.M), S, keep)
-            for i in range(len(self.K)):
-                gi = idx[i]
-                self.K[i] = torch.gather(self.K[i], 1, gi[..., None].expand(-1, -1, d))
-                self.V[i] = torch.gather(self.V[i], 1, gi[..., None].expand(-1, -1, d))
-                self.M[i] = torch.gather(self.M[i], 1, gi)
-        return m.head(h[:, -1:])[0, -1]
+        return rt(self.codecs[0], k), rt(self.codecs[1], v)
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +142,7 @@ def test_h2o_with_rotated_int4_equals_dense_h2o(head64, native):
     assert llm.engine.pool.num_free() == llm.engine.pool.num_blocks
     codecs = [KV_CODECS.get("int4")(torch.float32, 64, role) for role in ("k", "v")]
     for prompt, out, sid in zip(prompts, outs, sorted(log)):
-        ref = QuantDenseH2O(head64, KV_POLICIES.get("h2o")(**args), 8, codecs)
+        ref = QuantDenseH2O(head64, KV_POLICIES.get("h2o")(**args), 8, len(prompt), codecs)
         ids, pos, got = list(prompt), 0, []
         for n in log[sid]:
             logits = ref.chunk(ids[pos : pos + n])

@@ -66,6 +66,10 @@ class DenseH2O:
         self.P = [torch.zeros(H, 0, dtype=torch.long) for _ in range(L)]
         self.seen = 0
 
+    def store(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the cache keeps of a chunk's keys and values (Hkv, T, d): here, exactly them."""
+        return k, v
+
     @torch.no_grad()
     def chunk(self, tokens: list[int]) -> torch.Tensor:
         m = self.lm.model
@@ -80,6 +84,7 @@ class DenseH2O:
             q = apply_rope(att.q_proj(x).view(1, T, -1, d).transpose(1, 2), cos, sin)[0]  # (Hq, T, d)
             k = apply_rope(att.k_proj(x).view(1, T, -1, d).transpose(1, 2), cos, sin)[0]  # (Hkv, T, d)
             v = att.v_proj(x).view(1, T, -1, d).transpose(1, 2)[0]
+            k, v = self.store(k, v)
             K, V = torch.cat([self.K[i], k], 1), torch.cat([self.V[i], v], 1)
             S = K.shape[1]
             mask = torch.ones(T, S, dtype=torch.bool)
