@@ -100,8 +100,9 @@ def test_partial_recompute_counts_and_stays_between(tiny):
     assert st["probe_tokens"] == n_prompt
 
 
-@pytest.mark.parametrize("layer", [0, 1])
-def test_layers_up_to_the_selection_layer_are_exact(tiny, layer):
+def _full_prefill(tiny):
+    """The flat prompt's ids, its three 20-token chunk spans, the model, and the full prefill's
+    captured KV (the reference)."""
     from slimlm.engine.cacheblend import CacheBlend, _Capture
 
     ids = _flat()[:-1]
@@ -110,6 +111,15 @@ def test_layers_up_to_the_selection_layer_are_exact(tiny, layer):
     full = _Capture(len(ids), m.attn_scale, m.device)
     with torch.inference_mode():
         CacheBlend(m, m.rotary, ChunkStore(1 << 24), 1.0)._run(ids, torch.arange(len(ids)), full)
+    return ids, spans, m, full
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_layers_up_to_the_selection_layer_are_exact(tiny, layer):
+    from slimlm.engine.cacheblend import CacheBlend
+
+    ids, spans, m, full = _full_prefill(tiny)
+    with torch.inference_mode():
         kv = CacheBlend(m, m.rotary, ChunkStore(1 << 24), 0.25, select_layer=layer).prefill(ids, spans)
     for i, (k, v) in enumerate(kv):
         same = torch.allclose(k, full.kv[i][0], atol=1e-5) and torch.allclose(v, full.kv[i][1], atol=1e-5)
@@ -122,14 +132,10 @@ def test_prefix_context_first_chunk_is_exact_and_keys_are_moved(tiny):
     every chunk's layer-0 keys (token and position only) equal the full prefill's: the RoPE move
     from the cached positions P.. to the chunk's offset is right. Computed alone, the first
     chunk's deeper KV differs (it starts cold)."""
-    from slimlm.engine.cacheblend import CacheBlend, _Capture
+    from slimlm.engine.cacheblend import CacheBlend
 
-    ids = _flat()[:-1]
-    spans = [(len(HEAD) + 20 * i, len(HEAD) + 20 * (i + 1)) for i in range(3)]
-    m = tiny.model
-    full = _Capture(len(ids), m.attn_scale, m.device)
+    ids, spans, m, full = _full_prefill(tiny)
     with torch.inference_mode():
-        CacheBlend(m, m.rotary, ChunkStore(1 << 24), 1.0)._run(ids, torch.arange(len(ids)), full)
         pre = CacheBlend(m, m.rotary, ChunkStore(1 << 24), 0.0, chunk_context="prefix").prefill(ids, spans)
         cold = CacheBlend(m, m.rotary, ChunkStore(1 << 24), 0.0, chunk_context="none").prefill(ids, spans)
     a, b = spans[0]

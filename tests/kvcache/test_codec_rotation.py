@@ -18,7 +18,7 @@ from slimlm.model.hub import load
 from slimlm.model.rope import apply_rope
 from tests.engine.test_engine import make_prompts
 from tests.kvcache.test_codecs import roundtrip
-from tests.kvcache.test_h2o import DenseH2O, engine_chunks
+from tests.kvcache.test_h2o import DenseH2O, assert_reference_follows, engine_chunks
 
 
 @pytest.mark.parametrize("d", [16, 64, 48])
@@ -143,11 +143,4 @@ def test_h2o_with_rotated_int4_equals_dense_h2o(head64, native):
     codecs = [KV_CODECS.get("int4")(torch.float32, 64, role) for role in ("k", "v")]
     for prompt, out, sid in zip(prompts, outs, sorted(log)):
         ref = QuantDenseH2O(head64, KV_POLICIES.get("h2o")(**args), 8, len(prompt), codecs)
-        ids, pos, got = list(prompt), 0, []
-        for n in log[sid]:
-            logits = ref.chunk(ids[pos : pos + n])
-            pos += n
-            if pos == len(ids):
-                ids.append(int(logits.argmax()))
-                got.append(ids[-1])
-        assert got[: len(out.outputs[0].token_ids)] == out.outputs[0].token_ids
+        assert_reference_follows(ref, prompt, log[sid], out)

@@ -115,6 +115,19 @@ class DenseH2O:
         return m.head(h[:, -1:])[0, -1]
 
 
+def assert_reference_follows(ref, prompt, chunks, out):
+    """Feed ``ref`` the chunk lengths the engine scheduled for this sequence (greedy: each
+    completed chunk's argmax is the next token); its tokens must equal the engine's."""
+    ids, pos, got = list(prompt), 0, []
+    for n in chunks:
+        logits = ref.chunk(ids[pos : pos + n])
+        pos += n
+        if pos == len(ids):
+            ids.append(int(logits.argmax()))
+            got.append(ids[-1])
+    assert got[: len(out.outputs[0].token_ids)] == out.outputs[0].token_ids
+
+
 def engine_chunks(llm, prompts, params):
     """Run the engine, recording the chunk lengths each sequence was given."""
     eng = llm.engine
@@ -157,14 +170,7 @@ def test_engine_equals_dense_h2o_on_the_same_chunks(tiny, settings, schedule):
     seq_ids = sorted(log)  # sequences were created in prompt order
     for prompt, out, sid in zip(prompts, outs, seq_ids):
         ref = DenseH2O(tiny, KV_POLICIES.get("h2o")(**args), settings["block_size"], len(prompt))
-        ids, pos, got = list(prompt), 0, []
-        for n in log[sid]:
-            logits = ref.chunk(ids[pos : pos + n])
-            pos += n
-            if pos == len(ids):
-                ids.append(int(logits.argmax()))
-                got.append(ids[-1])
-        assert got[: len(out.outputs[0].token_ids)] == out.outputs[0].token_ids
+        assert_reference_follows(ref, prompt, log[sid], out)
     del by_seq_before
 
 

@@ -28,6 +28,17 @@ static float hsum(const float *a) {
 }
 #endif
 
+/* xsum[m, g] = sum of x[m] over group g (G channels): the int4 minimums' term, exact in fp32 */
+static void group_sums(const float *x, float *xsum, int64_t M, int64_t K, int64_t G) {
+    const int64_t ng = K / G;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < ng; g++) {
+            float a = 0.f;
+            for (int64_t k = 0; k < G; k++) a += x[m * K + g * G + k];
+            xsum[m * ng + g] = a;
+        }
+}
+
 int slimlm_q8_linear(const float *x, const int8_t *q, const float *scale, float *y,
                      int64_t M, int64_t N, int64_t K, int64_t G, int nthreads) {
     if (M <= 0 || N <= 0 || K <= 0 || G <= 0 || K % G || G % L) return 1;
@@ -71,12 +82,7 @@ int slimlm_q4_linear(const float *x, const uint8_t *q, const float *scale, const
     const int64_t ng = K / G, h = G / 2;
     float *xsum = malloc(sizeof(float) * M * ng); /* sum of x over each group: the mins' term */
     if (!xsum) return 2;
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t g = 0; g < ng; g++) {
-            float a = 0.f;
-            for (int64_t k = 0; k < G; k++) a += x[m * K + g * G + k];
-            xsum[m * ng + g] = a;
-        }
+    group_sums(x, xsum, M, K, G);
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *w = q + n * (K / 2);
@@ -259,12 +265,7 @@ int slimlm_q4_linear_vnni(const float *x, const uint8_t *q, const float *scale, 
     if (!xq || !xs || !xsum || !xv2) { free(xq); free(xs); free(xsum); free(xv2); return 2; }
     quant_x32(x, xq, xs, M, K);
     expand_xs(xs, xv2, M, nb);
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t g = 0; g < ng; g++) {
-            float a = 0.f;
-            for (int64_t k = 0; k < G; k++) a += x[m * K + g * G + k];
-            xsum[m * ng + g] = a;
-        }
+    group_sums(x, xsum, M, K, G);
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *w = q + n * (K / 2);
