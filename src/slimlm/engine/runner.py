@@ -68,6 +68,11 @@ class ModelRunner:
         """Layers whose entering hidden states the step returns (for proposers and hooks)."""
         self.batch_invariant = False
         """Rows round the same whatever the step's batch (``EngineConfig.batch_invariant``)."""
+        self.dense_lowp = any(isinstance(m, torch.nn.Linear) and m.weight.dtype in (torch.bfloat16, torch.float16)
+                              for m in model.modules())
+        """A dense bf16 / fp16 linear layer exists: only those round a single row differently
+        (the packed-weight kernels compute every row alone, so a twin row would be pure cost
+        there: 8 % of a gguf batch-1 step)."""
         for h in hooks:
             h.bind(model)
 
@@ -132,16 +137,7 @@ class ModelRunner:
         return self.batch_invariant and c.num_drafts > 0 and not c.tree_parents and c.layout is None
 
     def _pad_lone_row(self) -> bool:
-        return self.batch_invariant and not self.hooks and self._dense_lowp_linear()
-
-    def _dense_lowp_linear(self) -> bool:
-        """Whether a dense bf16 / fp16 linear layer exists: only those round a single row
-        differently (the packed-weight kernels compute every row alone, so twin rows would be
-        pure cost there: 8 % of a gguf batch-1 step)."""
-        if getattr(self, "_lowp", None) is None:
-            self._lowp = any(isinstance(m, torch.nn.Linear) and m.weight.dtype in (torch.bfloat16, torch.float16)
-                             for m in self.model.modules())
-        return self._lowp
+        return self.batch_invariant and not self.hooks and self.dense_lowp
 
     def _segment(self, c: ScheduledChunk, row: int, T: int) -> PrefillSegment:
         bs = self.cache.block_size
