@@ -22,6 +22,7 @@ from slimlm.engine.paged_attention import (
 from slimlm.engine.sched_output import ScheduledChunk, SchedulerOutput
 from slimlm.engine.segments import set_allow_mask
 from slimlm.kvcache.storage import PagedKVCache
+from slimlm.model.quant.native_layers import native_decode_layers
 from slimlm.model.transformer import CausalLM
 
 
@@ -73,6 +74,9 @@ class ModelRunner:
         """A dense bf16 / fp16 linear layer exists: only those round a single row differently
         (the packed-weight kernels compute every row alone, so a twin row would be pure cost
         there: 8 % of a gguf batch-1 step)."""
+        self.native_layers = native_decode_layers(model, cache, paths, hooks, rope_ext)
+        """All-decode steps of a fully packed model through whole layers in one native call
+        (``model/quant/native_layers.py``), or None: the layer-by-layer path."""
         for h in hooks:
             h.bind(model)
 
@@ -197,6 +201,8 @@ class ModelRunner:
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, attn: PagedAttention, info: StepInfo):
         model, hooks = self.model, self.hooks
+        if self.native_layers is not None and self.native_layers.applies(attn, ids.shape[1]):
+            return self.native_layers.forward(ids, positions, attn, self.rotary, self.capture, info.logit_rows)
         h = model.embed(ids)  # (1, T, D)
         rope_pos = self.rope_ext.rope_positions(positions) if self.rope_ext is not None else positions
         cos, sin = self.rotary(rope_pos, h.dtype)

@@ -51,7 +51,17 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
         "slimlm_q4_linear_vnni": (_INT, (_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _INT)),
         "slimlm_qlinear_has_vnni": (_INT, ()),
     },
+    "decode_layer": {
+        # h, M, first, last, dims, ptrs, desc, cos, sin, slots, table, lens, eps, scale, nthreads
+        "slimlm_decode_layers": (_INT, (_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR,
+                                        _F32, _F32, _INT)),
+        "slimlm_decode_layer_sizes": (_INT, (_PTR, _PTR, _PTR)),
+        "slimlm_qlinear_has_vnni": (_INT, ()),
+    },
 }
+
+INCLUDES: dict[str, list[str]] = {"decode_layer": ["qlinear.c", "paged_decode.c"]}
+"""Kernel files another one ``#include``s (part of its build key, so editing them rebuilds it)."""
 
 _loaded: dict[str, ctypes.CDLL | None] = {}
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
@@ -82,7 +92,8 @@ def _build(name: str) -> Path:
     if cc is None:
         raise RuntimeError("no C compiler (cc/gcc) on PATH")
     flags = _flags()
-    key = hashlib.sha256(src.read_bytes() + " ".join([cc, *flags, os.uname().machine, _cpu_flags()]).encode())
+    text = src.read_bytes() + b"".join(src.with_name(f).read_bytes() for f in INCLUDES.get(name, []))
+    key = hashlib.sha256(text + " ".join([cc, *flags, os.uname().machine, _cpu_flags()]).encode())
     key = key.hexdigest()[:16]  # -march=native: a build is only valid on a CPU with the same features
     out = slimlm_home() / "kernels" / f"{name}-{key}.so"
     if out.exists():

@@ -1,0 +1,142 @@
+/* Decode rows through whole decoder layers in one native call (packed weights, fp32 activations).
+ *
+ * For M decode rows (one query token each, M small) and layers [first, last), each layer is
+ *   xn = RMSNorm(h) * ln1                      (fp32, as F.rms_norm: x * rsqrt(mean(x^2) + eps) * w)
+ *   qkv = xn @ Wqkv^T (+ b)                    (the fused q/k/v projection, packed int8 / int4)
+ *   q, k = RoPE(q), RoPE(k)                    (x * cos + rotate_half(x) * sin, HF's half rotation)
+ *   k, v -> the paged pool at each row's slot  (float32 or bfloat16 pool, round to nearest even)
+ *   a = paged decode attention of q            (slimlm_paged_decode of paged_decode.c, unchanged)
+ *   h += a @ Wo^T (+ b)
+ *   xn = RMSNorm(h) * ln2; g, u = xn @ Wgu^T (+ b); h += (silu(g) * u) @ Wdown^T (+ b)
+ * with h (M, D) updated in place. The matmuls are the entry points of qlinear.c (included here, so
+ * one library holds both and nothing is copied); each is one OpenMP region over output rows, as
+ * when PyTorch calls them one by one. What this saves is everything between them: ~10 aten ops,
+ * their dispatch and the Python of a layer, ~30 ms of an 86 ms SmolLM2-135M step at 1 thread.
+ *
+ * Per layer the caller gives NPTR pointers (ln1, ln2; q, scale, mins, bias of the four weights in
+ * the order qkv, o, gate_up, down; k pool, v pool) and NDESC integers (kind 0 int8 / 1 int4,
+ * group size, 1 = VNNI kernel, of each weight); the model's sizes in dims[] (see DIM_*). Every
+ * elementwise step rounds as PyTorch's fp32 ops do (no FMA contraction: -std=c11), so the result
+ * differs from the layer-by-layer path only in RMSNorm's summation order and SiLU's exp.
+ * Returns 0, or the first failing kernel's code (1 bad shapes, 2 out of memory, 4 a slot, block id or
+ * length outside the pool / table: checked before anything is written).
+ */
+#include "qlinear.c"
+#undef L /* qlinear.c's lane count; paged_decode.c names a length L */
+#include "paged_decode.c"
+
+enum { W_QKV, W_O, W_GU, W_DOWN, NW };
+#define NPTR (2 + 4 * NW + 2)
+#define NDESC (3 * NW)
+enum { DIM_D, DIM_HQ, DIM_HKV, DIM_HD, DIM_I, DIM_BS, DIM_POOL, DIM_MAXB, DIM_NBLOCKS, NDIM };
+
+int slimlm_decode_layer_sizes(int *nptr, int *ndesc, int *ndim) {
+    *nptr = NPTR; *ndesc = NDESC; *ndim = NDIM;
+    return 0;
+}
+
+static int qlin(const int64_t *wd, const void *const *wp, const float *x, float *y, int64_t M, int64_t N,
+                int64_t K, int nthreads) {
+    const int64_t kind = wd[0], G = wd[1], vnni = wd[2];
+    int rc;
+    if (kind == 0)
+        rc = vnni ? slimlm_q8_linear_vnni(x, wp[0], wp[1], y, M, N, K, G, nthreads)
+                  : slimlm_q8_linear(x, wp[0], wp[1], y, M, N, K, G, nthreads);
+    else
+        rc = vnni ? slimlm_q4_linear_vnni(x, wp[0], wp[1], wp[2], y, M, N, K, G, nthreads)
+                  : slimlm_q4_linear(x, wp[0], wp[1], wp[2], y, M, N, K, G, nthreads);
+    const float *b = wp[3];
+    if (!rc && b)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t n = 0; n < N; n++) y[m * N + n] += b[n];
+    return rc;
+}
+
+static void rms_norm(const float *x, const float *w, float *y, int64_t M, int64_t D, float eps) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * D;
+        float s = 0.f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t i = 0; i < D; i++) s += xm[i] * xm[i];
+        const float r = 1.f / sqrtf(s / (float)D + eps);
+        for (int64_t i = 0; i < D; i++) y[m * D + i] = (xm[i] * r) * w[i];
+    }
+}
+
+/* x (d) rotated by cos/sin (d) into out (d): x * cos + rotate_half(x) * sin */
+static void rope(const float *x, const float *c, const float *s, float *out, int64_t d) {
+    const int64_t h = d / 2;
+    for (int64_t i = 0; i < h; i++) out[i] = x[i] * c[i] + (-x[i + h]) * s[i];
+    for (int64_t i = h; i < d; i++) out[i] = x[i] * c[i] + x[i - h] * s[i];
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, NaN kept quiet (torch's) */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
+static void store_row(void *pool, int pool_dtype, int64_t off, const float *x, int64_t n) {
+    if (pool_dtype == 0) {
+        memcpy((float *)pool + off, x, (size_t)n * sizeof(float));
+    } else {
+        uint16_t *p = (uint16_t *)pool + off;
+        for (int64_t i = 0; i < n; i++) p[i] = f32_to_bf16(x[i]);
+    }
+}
+
+int slimlm_decode_layers(float *h, int64_t M, int64_t first, int64_t last, const int64_t *dims,
+                         const void *const *ptrs, const int64_t *desc, const float *cos, const float *sin,
+                         const int64_t *slots, const int64_t *table, const int64_t *lens, float eps, float scale,
+                         int nthreads) {
+    const int64_t D = dims[DIM_D], Hq = dims[DIM_HQ], Hkv = dims[DIM_HKV], d = dims[DIM_HD], I = dims[DIM_I];
+    const int64_t bs = dims[DIM_BS], maxb = dims[DIM_MAXB], nblocks = dims[DIM_NBLOCKS];
+    const int pool_dtype = (int)dims[DIM_POOL];
+    if (M <= 0 || first < 0 || last < first || d % 2 || Hkv <= 0 || Hq % Hkv || (pool_dtype != 0 && pool_dtype != 1))
+        return 1;
+    for (int64_t m = 0; m < M; m++) { /* the pointers are trusted, the step's indices are not */
+        if (slots[m] < 0 || slots[m] >= nblocks * bs || lens[m] < 1 || lens[m] > maxb * bs) return 4;
+        for (int64_t j = 0; j < maxb; j++)
+            if (table[m * maxb + j] < 0 || table[m * maxb + j] >= nblocks) return 4;
+    }
+    const int64_t Nq = Hq * d, Nkv = Hkv * d, Nqkv = Nq + 2 * Nkv;
+    float *xn = malloc(sizeof(float) * M * (D + Nqkv + 2 * Nq + D + 3 * I) + sizeof(float) * d);
+    if (!xn) return 2;
+    float *qkv = xn + M * D, *qr = qkv + M * Nqkv, *att = qr + M * Nq, *o = att + M * Nq, *gu = o + M * D;
+    float *act = gu + M * 2 * I, *kr = act + M * I;
+    const int dthreads = (int)(M < nthreads ? M : nthreads);
+    int rc = 0;
+    for (int64_t l = first; l < last && !rc; l++) {
+        const void *const *p = ptrs + l * NPTR;
+        const int64_t *wd = desc + l * NDESC;
+        void *kpool = (void *)p[2 + 4 * NW], *vpool = (void *)p[3 + 4 * NW];
+        rms_norm(h, p[0], xn, M, D, eps);
+        if ((rc = qlin(wd + 3 * W_QKV, p + 2 + 4 * W_QKV, xn, qkv, M, Nqkv, D, nthreads))) break;
+        for (int64_t m = 0; m < M; m++) {
+            const float *row = qkv + m * Nqkv, *c = cos + m * d, *s = sin + m * d;
+            for (int64_t hh = 0; hh < Hq; hh++) rope(row + hh * d, c, s, qr + m * Nq + hh * d, d);
+            for (int64_t hh = 0; hh < Hkv; hh++) {
+                rope(row + Nq + hh * d, c, s, kr, d);
+                store_row(kpool, pool_dtype, (slots[m] * Hkv + hh) * d, kr, d);
+                store_row(vpool, pool_dtype, (slots[m] * Hkv + hh) * d, row + Nq + Nkv + hh * d, d);
+            }
+        }
+        if ((rc = slimlm_paged_decode(qr, kpool, vpool, NULL, NULL, NULL, NULL, pool_dtype, table, lens, att, NULL, M,
+                                      Hq, Hkv, d, bs, maxb, scale, dthreads)))
+            break;
+        if ((rc = qlin(wd + 3 * W_O, p + 2 + 4 * W_O, att, o, M, D, Nq, nthreads))) break;
+        for (int64_t i = 0; i < M * D; i++) h[i] = h[i] + o[i];
+        rms_norm(h, p[1], xn, M, D, eps);
+        if ((rc = qlin(wd + 3 * W_GU, p + 2 + 4 * W_GU, xn, gu, M, 2 * I, D, nthreads))) break;
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t i = 0; i < I; i++) {
+                const float g = gu[m * 2 * I + i];
+                act[m * I + i] = (g / (1.f + expf(-g))) * gu[m * 2 * I + I + i];
+            }
+        if ((rc = qlin(wd + 3 * W_DOWN, p + 2 + 4 * W_DOWN, act, o, M, D, I, nthreads))) break;
+        for (int64_t i = 0; i < M * D; i++) h[i] = h[i] + o[i];
+    }
+    free(xn);
+    return rc;
+}

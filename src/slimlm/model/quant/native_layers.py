@@ -1,0 +1,195 @@
+"""Decode steps through whole decoder layers in one native call (``kernels/decode_layer.c``).
+
+A batch-1 decode step of a packed model spends about a third of its time outside the matmuls:
+RMSNorm, RoPE, the KV write, residual adds, SiLU, reshapes, each an aten op with its dispatch and
+the Python of the layer around it. When every projection of every layer is packed and nothing
+needs a layer's internals, the runner hands a step whose rows are all decode rows to
+:class:`NativeDecodeLayers`, which runs the layers ``[first, last)`` in one C call per range
+(the whole stack, or up to each layer whose entering hidden states a proposer captures).
+
+Chosen once, at the runner's construction (:func:`native_decode_layers`; :func:`unsupported`
+says why not). It needs: float32 activations on the CPU; per layer the fused q/k/v and gate/up
+projections (``model/fuse.py``) and o / down, all :class:`QuantLinear` with a native kernel;
+Pre-LN, SiLU MLP, no sliding window, no MoE; a plain float32 / bfloat16 KV pool (no quantized,
+rotating or merged storage, no attention mass); the native decode attention; no layer hooks,
+RoPE extension, sparse-decode policy or span. Otherwise, and for any step with a prefill chunk,
+a dropped block or more than ``NATIVE_MAX_ROWS`` rows, the layer-by-layer PyTorch path serves
+(it is also the reference: tests compare the two). ``SLIMLM_DECODE_LAYER=0`` turns it off.
+
+The C code holds raw pointers to the weights and pools, so this object keeps references to
+every tensor it points at; the model must not be modified while an engine serves it (as for
+the fused projections).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+
+from slimlm.model.quant.formats import KERNEL_ENV, NATIVE_MAX_ROWS, _native_fn
+from slimlm.model.quant.linear import QuantLinear
+
+ENV = "SLIMLM_DECODE_LAYER"
+"""``0`` turns the native layer path off (the per-op path serves every step; for A/B runs)."""
+
+_NPTR, _NDESC, _NDIM = 2 + 4 * 4 + 2, 3 * 4, 9  # kernels/decode_layer.c: NPTR, NDESC, NDIM
+
+
+def unsupported(model, cache, paths, hooks, rope_ext) -> str | None:
+    """Why the native layer path cannot serve this model / cache / plug-ins, or None if it can."""
+    from slimlm.kvcache.codec.plain import PlainCodec
+    from slimlm.kvcache.policy.base import AttentionSpan
+    from slimlm.model.fuse import fused_ok
+    from slimlm.model.transformer import MLP, Attention
+
+    if os.environ.get(ENV, "1") == "0":
+        return f"{ENV}=0"
+    if hooks:
+        return "layer hooks plan the rows of each layer"
+    if rope_ext is not None:
+        return "a RoPE extension rotates by its own positions"
+    if paths.native_decode is None or paths.track_mass or paths.sparse is not None or paths.dual_chunk is not None \
+            or paths.span != AttentionSpan():
+        return "decode attention is not the plain native kernel (KV policy, span or no kernel)"
+    if model.device.type != "cpu" or model.dtype != torch.float32:
+        return "activations are not float32 on the CPU"
+    if any(w is not None for w in model.windows().values()):
+        return "sliding-window layers"
+    if cache.state or cache.mass is not None:
+        return "merged or mass-tracking KV storage"
+    for codec in (cache.codec, cache.vcodec):
+        if not isinstance(codec, PlainCodec) or codec.native_code not in (0, 1) or codec.rotates:
+            return f"KV codec stores {getattr(codec, 'storage_dtype', 'quantized')} rows"
+    for layer in model.model.layers:
+        a, mlp = layer.self_attn, layer.mlp
+        if layer.post_ln or type(a) is not Attention or type(mlp) is not MLP:
+            return "a layer is not Pre-LN attention + SwiGLU MLP"
+        if not (fused_ok(a.qkv, a.q_proj) and fused_ok(mlp.gate_up, mlp.gate_proj)):
+            return "q/k/v or gate/up are not fused"
+        for m in (a.qkv, a.o_proj, mlp.gate_up, mlp.down_proj):
+            if type(m) is not QuantLinear or not m.native or _native_fn(m.kind, m.group_size) is None:
+                return "a projection is not packed with a native kernel"
+        for n in (layer.input_layernorm, layer.post_attention_layernorm):
+            if n.weight.dtype != torch.float32:
+                return "norm weights are not float32"
+    from slimlm import kernels
+
+    if kernels.load("decode_layer") is None:
+        return "the decode_layer kernel is unavailable"
+    return None
+
+
+def native_decode_layers(model, cache, paths, hooks, rope_ext) -> NativeDecodeLayers | None:
+    """The native layer path for this runner, or None (see :func:`unsupported`)."""
+    if unsupported(model, cache, paths, hooks, rope_ext) is not None:
+        return None
+    from slimlm import kernels
+
+    return NativeDecodeLayers(kernels.load("decode_layer"), model, cache)
+
+
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().float().contiguous()
+
+
+class NativeDecodeLayers:
+    def __init__(self, lib, model, cache):
+        cfg = model.cfg
+        self.lib, self.model = lib, model
+        self.num_layers = cfg.num_layers
+        self.eps = float(model.model.layers[0].input_layernorm.eps)
+        self.scale = float(model.attn_scale)
+        self._keep: list[torch.Tensor] = []  # every tensor a pointer below refers to
+        self._mods: list[QuantLinear] = []
+        ptrs: list[int | None] = []
+        for i, layer in enumerate(model.model.layers):
+            if float(layer.input_layernorm.eps) != self.eps or float(layer.post_attention_layernorm.eps) != self.eps:
+                raise ValueError("native decode layers: one RMSNorm eps for every layer is needed")
+            row: list[torch.Tensor | None] = [_f32(layer.input_layernorm.weight),
+                                              _f32(layer.post_attention_layernorm.weight)]
+            a, mlp = layer.self_attn, layer.mlp
+            for m in (a.qkv, a.o_proj, mlp.gate_up, mlp.down_proj):
+                self._mods.append(m)
+                row += [m.qweight, m.scales, m._buffers.get("mins"), _f32(m.bias)]
+            kp, vp = cache.pools(i)
+            row += [kp[0], vp[0]]
+            for t in row:
+                if t is not None and not t.is_contiguous():
+                    raise ValueError("native decode layers: a weight or pool is not contiguous")
+            self._keep += [t for t in row if t is not None]
+            ptrs += [t.data_ptr() if t is not None else None for t in row]
+        assert len(ptrs) == _NPTR * self.num_layers
+        self.ptrs = (ctypes.c_void_p * len(ptrs))(*ptrs)
+        k0 = cache.pools(0)[0][0]
+        self.dims = (ctypes.c_int64 * _NDIM)(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                             cfg.intermediate_size, cache.block_size, cache.codec.native_code, 0,
+                                             k0.shape[0])
+        self.desc = (ctypes.c_int64 * (_NDESC * self.num_layers))()
+        self._mode: tuple | None = None
+        n = (ctypes.c_int(), ctypes.c_int(), ctypes.c_int())
+        lib.slimlm_decode_layer_sizes(*(ctypes.byref(x) for x in n))
+        if tuple(x.value for x in n) != (_NPTR, _NDESC, _NDIM):
+            raise RuntimeError("decode_layer kernel and its Python wrapper disagree on the table sizes")
+
+    def _set_mode(self) -> None:
+        """Kernel per weight (VNNI or fp32 activations), re-read when ``SLIMLM_QLINEAR`` changes."""
+        mode = (os.environ.get(KERNEL_ENV, "vnni"), os.environ.get("SLIMLM_NATIVE", "1"))
+        if mode == self._mode:
+            return
+        for j, m in enumerate(self._mods):
+            fn = _native_fn(m.kind, m.group_size)
+            if fn is None:
+                raise RuntimeError("native decode layers: a packed kernel became unavailable")
+            self.desc[3 * j: 3 * j + 3] = [0 if m.kind == "int8" else 1, m.group_size, int(fn.__name__.endswith("_vnni"))]
+        self._mode = mode
+
+    @staticmethod
+    def applies(attn, T: int) -> bool:
+        """The step's rows are all single-token decodes on the native table (no prefill chunk,
+        no dropped block), few enough for the packed kernels."""
+        t = attn.decode_table
+        return not attn.prefills and t is not None and t.rows.numel() == T <= NATIVE_MAX_ROWS
+
+    def run(self, h: torch.Tensor, first: int, last: int, cos: torch.Tensor, sin: torch.Tensor,
+            slots: torch.Tensor, table: torch.Tensor, lens: torch.Tensor) -> None:
+        """h (M, D) float32 through layers [first, last), in place; cos / sin (M, head_dim); slots,
+        lens (M,) and table (M, max_blocks) int64 (checked against the pool in C)."""
+        M, D = h.shape
+        d = self.dims[3]
+        if h.dtype != torch.float32 or not h.is_contiguous() or D != self.dims[0]:
+            raise ValueError("native decode layers: h must be contiguous float32 (rows, hidden)")
+        for t, shape in ((cos, (M, d)), (sin, (M, d))):
+            if t.dtype != torch.float32 or not t.is_contiguous() or tuple(t.shape) != shape:
+                raise ValueError("native decode layers: cos / sin must be contiguous float32 (rows, head_dim)")
+        for t in (slots, table, lens):
+            if t.dtype != torch.int64 or not t.is_contiguous() or t.shape[0] != M:
+                raise ValueError("native decode layers: slots, table and lens must be contiguous int64, one row each")
+        if not 0 <= first <= last <= self.num_layers:
+            raise ValueError(f"native decode layers: layers [{first}, {last}) outside [0, {self.num_layers})")
+        self._set_mode()
+        self.dims[7] = table.shape[1]
+        rc = self.lib.slimlm_decode_layers(h.data_ptr(), M, first, last, self.dims, self.ptrs, self.desc,
+                                           cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), table.data_ptr(),
+                                           lens.data_ptr(), self.eps, self.scale, torch.get_num_threads())
+        if rc == 4:
+            raise ValueError("native decode layers: a slot, block id or length lies outside the KV pool")
+        if rc:
+            raise RuntimeError(f"decode_layer kernel failed (code {rc})")
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, attn, rotary, capture: set[int],
+                logit_rows: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The runner's ``_forward`` for an all-decode step: (h (1, T, D), captured hidden states)."""
+        h = self.model.embed(ids)[0].contiguous()  # (T, D)
+        cos, sin = rotary(positions, h.dtype)  # (1, T, d)
+        cos, sin = cos[0].contiguous(), sin[0].contiguous()
+        t = attn.decode_table
+        hidden: dict[int, torch.Tensor] = {}
+        start = 0
+        for c in sorted(x for x in capture if 0 <= x <= self.num_layers):
+            self.run(h, start, c, cos, sin, attn.slots, t.table, t.lens)
+            hidden[c] = h[logit_rows]  # a copy: h changes in place
+            start = c
+        self.run(h, start, self.num_layers, cos, sin, attn.slots, t.table, t.lens)
+        return h[None], hidden
