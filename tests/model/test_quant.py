@@ -114,23 +114,6 @@ def test_vnni_kernel_within_the_activation_rounding_bound(fmt, rows):
     assert rel < 0.02, rel  # measured: about 0.5 % (int8 x int8 per block of 32)
 
 
-@pytest.mark.parametrize("fmt", ["int8-channel", "int8-g32", "int4-g32"])
-def test_vnni_four_row_blocks_equal_single_rows_bitwise(fmt, monkeypatch):
-    """The kernels compute 4 output rows side by side (one x load, 4 chains) and the leftover rows
-    alone; each row's arithmetic is the same either way: a row computed in a block equals it alone."""
-    _vnni_lib()
-    monkeypatch.setenv("SLIMLM_QLINEAR", "vnni")
-    make, (n, k) = VNNI_FORMATS[fmt]
-    torch.manual_seed(7)
-    p = make(torch.randn(n, k) * 0.05)
-    x = torch.randn(2, k)
-    whole = p.matmul(x)  # (2, n): rows 0..95 in blocks of 4, row 96 alone
-    t = p.tensors()
-    for j in (0, 5, 96):
-        one = type(p)(*(v[j:j + 1] for v in t.values()), p.group_size).matmul(x)  # row j alone
-        assert torch.equal(whole[:, j:j + 1], one)
-
-
 def test_vnni_kernel_exact_on_int8_representable_activations():
     """x already on an int8 grid per block: the integer path is exact up to fp32 rounding."""
     _vnni_lib()

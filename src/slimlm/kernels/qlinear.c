@@ -141,11 +141,6 @@ int slimlm_q4_linear(const float *x, const uint8_t *q, const float *scale, const
  *   int8 weights (s8 x s8): vpdpbusd takes u8 x s8, so |w| times x with w's sign (exact).
  *   int4 weights: codes are 0..15, u8 as they are; low / high nibbles of a group's bytes line
  *   up with x[0, G/2) and x[G/2, G). Groups: int8 any multiple of 32, int4 32 or a multiple of 64.
- * Output rows go in blocks of ROWS = 4 (int8, and int4 with G == 32: GGUF Q4_0 / Q4_1 and slimlm's
- * int4): one load of each x block serves 4 weight rows and 4 accumulation chains run side by side;
- * the leftover rows go one by one with the same per-row arithmetic (bitwise equal results).
- * Measured same-process, 1 thread, loaded machine (the four SmolLM2 layer shapes): int8 per channel
- * 12.7x, int8 G32 2.7x, int4 G32 1.00x (there the nibble shuffles bound it).
  * Built only where the compiler targets AVX512-VNNI (+BW, VL); elsewhere the entry points
  * return 3 and callers use the fp32-activation kernels above. */
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -161,8 +156,6 @@ int slimlm_qlinear_has_vnni(void) {
 }
 
 #ifdef SLIMLM_VNNI
-#define ROWS 4 /* output rows computed side by side (independent accumulation chains) */
-
 /* x (M, K) float -> xq (M, K) int8, xs (M, K/32) float; K % 32 == 0 */
 static void quant_x32(const float *x, int8_t *xq, float *xs, int64_t M, int64_t K) {
     const int64_t nb = K / 32;
@@ -202,89 +195,6 @@ static inline float hsum8(__m256 v) {
     a = _mm_add_ss(a, _mm_movehdup_ps(a));
     return _mm_cvtss_f32(a);
 }
-
-/* Rows n .. n+R-1 (R = 1 or 4) of the int4 G == 32 kernel for one row of x: the x block is loaded once
- * for R weight rows and R accumulation chains run side by side (instruction-level parallelism; each
- * row's arithmetic is the single-row order, so the results are bitwise the same for any R). */
-static inline __attribute__((always_inline)) void q4_g32_rows(const int R, const uint8_t *q, const float *scale,
-                                                               const float *mins, int64_t n, int64_t K, int64_t ng,
-                                                               const int8_t *xm, const float *xvm, const float *xsm,
-                                                               const float *xsu, float *yo) {
-    const __m256i lo4 = _mm256_set1_epi8(15);
-    const __m512i zero = _mm512_setzero_si512();
-    __m512 acc[4], accv[4];
-    float t[4], accm[4];
-    for (int r = 0; r < R; r++) { acc[r] = accv[r] = _mm512_setzero_ps(); t[r] = accm[r] = 0.f; }
-    int64_t g = 0;
-    for (; g + 2 <= ng; g += 2) {
-        const __m512i xv = _mm512_loadu_si512((const void *)(xm + g * 32));
-        const __m512 xsv = _mm512_loadu_ps(xvm + g * 8);
-        for (int r = 0; r < R; r++) {
-            __m256i bv = _mm256_loadu_si256((const __m256i *)(q + (n + r) * (K / 2) + g * 16));
-            __m256i lo = _mm256_and_si256(bv, lo4), hi = _mm256_and_si256(_mm256_srli_epi16(bv, 4), lo4);
-            __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1); /* lo0 lo1 hi0 hi1 */
-            z = _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0));             /* lo0 hi0 lo1 hi1 */
-            __m512i d = _mm512_dpbusd_epi32(zero, z, xv);
-            acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), xsv), pair_bcast(scale + (n + r) * ng + g),
-                                     acc[r]);
-        }
-    }
-    for (int r = 0; r < R; r++) {
-        const float *mn = mins + (n + r) * ng, *s = scale + (n + r) * ng;
-        const uint8_t *w = q + (n + r) * (K / 2);
-        for (int64_t g0 = 0; g0 < g; g0 += 16) { /* the mins' term, 16 groups a step */
-            __mmask16 k = (__mmask16)(g - g0 >= 16 ? 0xFFFF : (1u << (g - g0)) - 1);
-            accv[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, mn + g0), _mm512_maskz_loadu_ps(k, xsu + g0), accv[r]);
-        }
-        if (g < ng) {
-            __m128i bv = _mm_loadu_si128((const __m128i *)(w + g * 16));
-            __m128i l4 = _mm_set1_epi8(15);
-            __m128i lo = _mm_and_si128(bv, l4), hi = _mm_and_si128(_mm_srli_epi16(bv, 4), l4);
-            __m256i z = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
-            __m256i d = _mm256_dpbusd_epi32(_mm256_setzero_si256(), z, _mm256_loadu_si256((const __m256i *)(xm + g * 32)));
-            t[r] += hsum8(_mm256_cvtepi32_ps(d)) * (s[g] * xsm[g]);
-            accm[r] += mn[g] * xsu[g];
-        }
-        yo[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], accv[r])) + t[r] + accm[r];
-    }
-}
-
-/* Rows n .. n+R-1 of the int8 kernel for one row of x (as q4_g32_rows: x loaded once, R chains). */
-static inline __attribute__((always_inline)) void q8_rows(const int R, const int8_t *q, const float *scale, int64_t n,
-                                                           int64_t K, int64_t G, int64_t ng, int64_t nb,
-                                                           const int32_t *gi, const int8_t *xm, const float *xvm,
-                                                           const float *xsm, float *yo) {
-    const __m512i zero = _mm512_setzero_si512();
-    __m512 acc[4];
-    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
-    int64_t b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        const __m512i xv = _mm512_loadu_si512((const void *)(xm + b * 32));
-        const __m512 xsv = _mm512_loadu_ps(xvm + b * 8);
-        for (int r = 0; r < R; r++) {
-            const float *s = scale + (n + r) * ng;
-            __m512i wv = _mm512_loadu_si512((const void *)(q + (n + r) * K + b * 32));
-            __m512i sx = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv), zero, xv); /* x * sign(w) */
-            __m512i d = _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(wv), sx);
-            __m512 ws = G == 32 ? pair_bcast(s + b)
-                        : G % 64 == 0 ? _mm512_set1_ps(s[gi[b]])
-                                      : _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s[gi[b]]), _mm512_set1_ps(s[gi[b + 1]]));
-            acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), xsv), ws, acc[r]);
-        }
-    }
-    for (int r = 0; r < R; r++) {
-        const float *s = scale + (n + r) * ng;
-        float t = _mm512_reduce_add_ps(acc[r]);
-        if (b < nb) {
-            const int8_t *w = q + (n + r) * K;
-            __m256i wv = _mm256_loadu_si256((const __m256i *)(w + b * 32));
-            __m256i xv = _mm256_loadu_si256((const __m256i *)(xm + b * 32));
-            __m256i d = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
-            t += hsum8(_mm256_cvtepi32_ps(d)) * (s[gi[b]] * xsm[b]);
-        }
-        yo[r] = t;
-    }
-}
 #endif
 
 int slimlm_q8_linear_vnni(const float *x, const int8_t *q, const float *scale, float *y,
@@ -303,21 +213,36 @@ int slimlm_q8_linear_vnni(const float *x, const int8_t *q, const float *scale, f
     quant_x32(x, xq, xs, M, K);
     expand_xs(xs, xv2, M, nb);
     for (int64_t b = 0; b < nb; b++) gi[b] = (int32_t)(b / bpg);
-    const int64_t N4 = N / ROWS, items = N4 + N % ROWS; /* blocks of ROWS outputs, then single rows */
+    (void)ng;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t i = 0; i < items; i++) {
-        const int64_t n = i < N4 ? i * ROWS : N4 * ROWS + (i - N4);
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t *w = q + n * K;
+        const float *s = scale + n * ng;
         for (int64_t m = 0; m < M; m++) {
-            float *yo = y + m * N + n;
             const int8_t *xm = xq + m * K;
-            const float *xvm = xv2 + m * (nb / 2) * 16, *xsm = xs + m * nb;
-            if (i < N4) {
-                float r4[ROWS];
-                q8_rows(ROWS, q, scale, n, K, G, ng, nb, gi, xm, xvm, xsm, r4);
-                for (int r = 0; r < ROWS; r++) yo[r] = r4[r];
-            } else {
-                q8_rows(1, q, scale, n, K, G, ng, nb, gi, xm, xvm, xsm, yo);
+            const float *xsm = xs + m * nb;
+            const __m512i zero = _mm512_setzero_si512();
+            __m512 acc = _mm512_setzero_ps();
+            int64_t b = 0;
+            const float *xvm = xv2 + m * (nb / 2) * 16;
+            for (; b + 2 <= nb; b += 2) {
+                __m512i wv = _mm512_loadu_si512((const void *)(w + b * 32));
+                __m512i xv = _mm512_loadu_si512((const void *)(xm + b * 32));
+                __m512i sx = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv), zero, xv); /* x * sign(w) */
+                __m512i d = _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(wv), sx);
+                __m512 ws = G == 32 ? pair_bcast(s + b)
+                            : G % 64 == 0 ? _mm512_set1_ps(s[gi[b]])
+                                          : _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s[gi[b]]), _mm512_set1_ps(s[gi[b + 1]]));
+                acc = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(xvm + b * 8)), ws, acc);
             }
+            float t = _mm512_reduce_add_ps(acc);
+            if (b < nb) {
+                __m256i wv = _mm256_loadu_si256((const __m256i *)(w + b * 32));
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xm + b * 32));
+                __m256i d = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
+                t += hsum8(_mm256_cvtepi32_ps(d)) * (s[gi[b]] * xsm[b]);
+            }
+            y[m * N + n] = t;
         }
     }
     free(xq); free(xs); free(gi); free(xv2);
@@ -341,27 +266,6 @@ int slimlm_q4_linear_vnni(const float *x, const uint8_t *q, const float *scale, 
     quant_x32(x, xq, xs, M, K);
     expand_xs(xs, xv2, M, nb);
     group_sums(x, xsum, M, K, G);
-    if (G == 32) {
-        const int64_t N4 = N / ROWS, items = N4 + N % ROWS;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-        for (int64_t i = 0; i < items; i++) {
-            const int64_t n = i < N4 ? i * ROWS : N4 * ROWS + (i - N4);
-            for (int64_t m = 0; m < M; m++) {
-                float *yo = y + m * N + n;
-                const int8_t *xm = xq + m * K;
-                const float *xvm = xv2 + m * (nb / 2) * 16, *xsm = xs + m * nb, *xsu = xsum + m * ng;
-                if (i < N4) {
-                    float r4[ROWS];
-                    q4_g32_rows(ROWS, q, scale, mins, n, K, ng, xm, xvm, xsm, xsu, r4);
-                    for (int r = 0; r < ROWS; r++) yo[r] = r4[r];
-                } else {
-                    q4_g32_rows(1, q, scale, mins, n, K, ng, xm, xvm, xsm, xsu, yo);
-                }
-            }
-        }
-        free(xq); free(xs); free(xsum); free(xv2);
-        return 0;
-    }
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *w = q + n * (K / 2);
