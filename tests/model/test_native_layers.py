@@ -2,7 +2,7 @@
 layer-by-layer path: with the fp32-activation kernels, greedy tokens identical and logits within
 1e-4 (measured: < 1e-6; the two differ only in RMSNorm's summation order and SiLU's exp) for int8 /
 int4 / GGUF Q4_1 and Q8_0 layouts, batched, with prefix caching, under preemption, with captured
-hidden states. With the VNNI kernels (int8 activations) a 1e-7 difference can flip an activation's
+hidden states, and q/k/v biases (Qwen2). With the VNNI kernels (int8 activations) a 1e-7 difference can flip an activation's
 rounding, so the two paths are then compared on one step from the same state (within the VNNI
 rounding bound) rather than on whole greedy runs, which may part at a near tie. And the path is
 chosen only where it is exact."""
@@ -78,10 +78,22 @@ def q41(tmp_path_factory, tiny_llama_dir):
     return out
 
 
-@pytest.mark.parametrize("weights", ["int8", "int4", "Q4_1", "Q8_0"])
-def test_native_layers_equal_the_layer_path_batched_with_prefix_caching(weights, tiny_llama_dir, q41, monkeypatch):
+@pytest.fixture(scope="module")
+def tiny_qwen2_dir(tmp_path_factory):
+    from tests.conftest import make_hf_model
+
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    make_hf_model(path, "qwen2")  # q/k/v biases
+    return path
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4", "Q4_1", "Q8_0", "qwen2-int4"])
+def test_native_layers_equal_the_layer_path_batched_with_prefix_caching(weights, tiny_llama_dir, q41, tiny_qwen2_dir,
+                                                                       monkeypatch):
     if weights.startswith("Q"):
         lm_fn, kw = (lambda: load(q41[weights], weights="gguf")), {}
+    elif weights.startswith("qwen2"):
+        lm_fn, kw = (lambda: load(tiny_qwen2_dir)), {"weights": "int4"}
     else:
         lm_fn, kw = (lambda: load(tiny_llama_dir)), {"weights": weights}
     a, b = _pair(lm_fn, monkeypatch, **kw)

@@ -1,7 +1,7 @@
 """Tried and not kept: the VNNI kernels computing 4 output rows side by side (one x load, 4 chains).
 Same-process A/B of two builds of kernels/qlinear.c (old.so: one row at a time; new.so: the 4-row
 version: `git show bc277cd:src/slimlm/kernels/qlinear.c`), built with
-`cc -O3 -march=native -fopenmp -shared -fPIC -std=c11 X.c -o /tmp/ilp/X.so -lm`;, 30 distinct copies of the four SmolLM2 layer
+`cc -O3 -march=native -fopenmp -shared -fPIC -std=c11 X.c -o /tmp/ilp/X.so -lm`; 30 distinct copies of the four SmolLM2 layer
 shapes so the weights stream from DRAM as in a real step; the order alternates per round."""
 import ctypes, torch, time, statistics, sys
 torch.set_num_threads(1)

@@ -6,8 +6,10 @@ import sys, time
 
 def mem():
     with open("/proc/self/status") as f:
-        d = {l.split(":")[0]: int(l.split()[1]) // 1024 for l in f if l.startswith(("VmRSS", "VmHWM"))}
-    return d["VmRSS"], d["VmHWM"]
+        d = {l.split(":")[0]: int(l.split()[1]) // 1024 for l in f if l.startswith(("VmRSS", "VmHWM", "RssAnon", "RssFile"))}
+    with open("/proc/self/maps") as f:
+        mapped = sorted({l.split()[-1].rsplit("/", 1)[-1] for l in f if l.rstrip().endswith((".gguf", ".safetensors"))})
+    return d["VmRSS"], d["VmHWM"], d["RssAnon"], d["RssFile"], ", ".join(mapped) or "-"
 
 
 rows = []
@@ -36,6 +38,6 @@ phase("engine built (16 MB KV)")
 llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
 phase("16 tokens decoded")
 print(f"weights {w}: model tensors (packed + norms) {pb / 2**20:.1f} MiB")
-print("| phase | RSS MiB | peak MiB |\n|---|---|---|")
-for n, r, h in rows:
-    print(f"| {n} | {r} | {h} |")
+print("| phase | RSS MiB | peak MiB | anonymous | file-backed | weight files mapped |\n|---|---|---|---|---|---|")
+for n, *v in rows:
+    print("| " + " | ".join(map(str, [n, *v])) + " |")
