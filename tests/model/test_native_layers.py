@@ -106,12 +106,12 @@ def test_native_layers_under_preemption_and_bf16_kv(tiny_llama_dir, monkeypatch)
     lm = load(tiny_llama_dir)
     c = lm.model.cfg
     bpb = 2 * c.num_layers * 8 * c.num_kv_heads * c.head_dim * 4
-    kw = dict(weights="int4", block_size=8, max_num_batched_tokens=64, kv_cache_bytes=20 * bpb)
+    kw = dict(weights="int4", block_size=8, max_num_batched_tokens=64, kv_cache_bytes=9 * bpb)
     a, b = _pair(lambda: load(tiny_llama_dir), monkeypatch, **kw)
-    eng = _compare(a, b, make_prompts(8, seed=2))
+    eng = _compare(a, b, [p[:30] for p in make_prompts(5, seed=2)])  # 5 blocks each, 9 in the pool
     assert eng.scheduler.num_preemptions > 0
     a, b = _pair(lambda: load(tiny_llama_dir), monkeypatch, weights="int8", kv_cache_dtype="bfloat16")
-    _compare(a, b, make_prompts(3, seed=3))
+    _compare(a, b, make_prompts(2, seed=3))
 
 
 def test_native_layers_only_where_exact(tiny_llama_dir, monkeypatch):
