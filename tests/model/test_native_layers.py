@@ -169,3 +169,19 @@ def test_native_layers_with_vnni_kernels_near_the_layer_path(weights, tiny_llama
         logits.append(next(iter(seen[1].logits.values())))
     rel = float((logits[0] - logits[1]).norm() / logits[1].norm())
     assert rel < 0.03, rel
+
+
+def test_native_layers_on_a_cpu_without_avx512(tiny_llama_dir, monkeypatch):
+    """The kernels built for x86-64-v3 (AVX2: the portable qlinear and decode loops): same tokens."""
+    import platform
+
+    from slimlm import kernels
+    from slimlm.kernels import ops
+
+    if platform.machine() != "x86_64":
+        pytest.skip("x86-64 only")
+    monkeypatch.setenv(kernels.MARCH_ENV, "x86-64-v3")
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setattr(ops, "_LIBS", {})
+    a, b = _pair(lambda: load(tiny_llama_dir), monkeypatch, weights="int4")
+    _compare(a, b, [[5, 9, 33, 71], [100, 3]])
