@@ -1,0 +1,187 @@
+/* Sparse paged decode attention on the CPU: one query token per sequence, each KV head attends
+ * only a given list of its sequence's tokens plus a dense tail (the query KV policies: Squeezed
+ * Attention, ShadowKV). Keys and values are read in place from the block pool; a selected key
+ * may instead come from an explicit float32 buffer (ShadowKV's keys rebuilt from low-rank
+ * factors).
+ *
+ * q      (B, Hq, d) float32                      out (B, Hq, d) float32
+ * k, v   (num_blocks, block_size, Hkv, d) pools: float32 (dtype 0), bfloat16 (1), int8 (2) with
+ *        one fp16 scale per (slot, head) in *_aux, int4 (3) as (slot, Hkv, d/2) bytes (even
+ *        channel in the low nibble) with fp16 scale / minimum per (slot, head, 32 channels) in
+ *        *_aux / *_aux2 (the formats of slimlm.kvcache.codec)
+ * table  (B, max_blocks) int64: physical block of each logical block
+ * idx    (B, Hkv, N) int32: logical token indices each KV head attends; the first cnt[b, h] used
+ * cnt    (B, Hkv) int64
+ * qmask  NULL, or (B, Hkv, G, N) uint8: 0 where query head g of the group skips entry j
+ * kbuf   NULL, or (B, Hkv, N, d) float32: entries j < nbuf[b, h] take their key from here
+ * nbuf   (B, Hkv) int64 (ignored when kbuf is NULL)
+ * tail   (B, 2) int64: tokens [tail[b,0], tail[b,1]) attended by every query head, from the pool
+ *
+ * Work items are (sequence, KV head) pairs handed out through an atomic counter inside one
+ * OpenMP parallel region. An item reads each of its key rows once for the G query heads of its
+ * group (scores kept in a per-thread buffer), takes a stable softmax per query head, then reads
+ * each value row once and accumulates it into the G outputs. Returns 0, 1 on bad arguments, 2
+ * when scratch memory could not be allocated.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define I4_GROUP 32
+
+static inline float bf16f(uint16_t x) {
+    uint32_t u = ((uint32_t)x) << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline float f16f(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    uint32_t u;
+    if (e == 0) {
+        if (m == 0) u = sign;
+        else {
+            int sh = 0;
+            uint32_t mm = m;
+            while (!(mm & 0x400)) { mm <<= 1; ++sh; }
+            u = sign | ((uint32_t)(113 - sh) << 23) | ((mm & 0x3ff) << 13);
+        }
+    } else if (e == 31) u = sign | 0x7f800000u | (m << 13);
+    else u = sign | ((e + 112) << 23) | (m << 13);
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+typedef struct { const void *data, *aux, *aux2; int dtype; int64_t Hkv, d; } pool_t;
+
+/* Head h of stored row ``slot`` as float32 (a pointer into the pool for float32, else ``buf``). */
+static inline const float *head_row(const pool_t *p, int64_t slot, int64_t h, float *buf) {
+    const int64_t d = p->d, off = (slot * p->Hkv + h) * d;
+    switch (p->dtype) {
+    case 0:
+        return (const float *)p->data + off;
+    case 1: {
+        const uint16_t *src = (const uint16_t *)p->data + off;
+#pragma omp simd
+        for (int64_t i = 0; i < d; ++i) buf[i] = bf16f(src[i]);
+        return buf;
+    }
+    case 2: {
+        const int8_t *src = (const int8_t *)p->data + off;
+        const float s = f16f(((const uint16_t *)p->aux)[slot * p->Hkv + h]);
+#pragma omp simd
+        for (int64_t i = 0; i < d; ++i) buf[i] = (float)src[i] * s;
+        return buf;
+    }
+    default: {
+        const int64_t ng = d / I4_GROUP;
+        const uint8_t *src = (const uint8_t *)p->data + off / 2;
+        const uint16_t *sc = (const uint16_t *)p->aux + (slot * p->Hkv + h) * ng;
+        const uint16_t *mn = (const uint16_t *)p->aux2 + (slot * p->Hkv + h) * ng;
+        for (int64_t g = 0; g < ng; ++g) {
+            const float s = f16f(sc[g]), m = f16f(mn[g]);
+            const uint8_t *b = src + g * I4_GROUP / 2;
+            float *o = buf + g * I4_GROUP;
+            for (int64_t i = 0; i < I4_GROUP / 2; ++i) {
+                o[2 * i] = (float)(b[i] & 15) * s + m;
+                o[2 * i + 1] = (float)(b[i] >> 4) * s + m;
+            }
+        }
+        return buf;
+    }
+    }
+}
+
+static inline float dot(const float *a, const float *b, int64_t d) {
+    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < d; ++i) acc += a[i] * b[i];
+    return acc;
+}
+
+/* Entry j of an item: the token's pool slot. */
+static inline int64_t slot_of(const int64_t *tb, int64_t tok, int64_t block_size) {
+    return tb[tok / block_size] * block_size + tok % block_size;
+}
+
+static void attend_item(const float *qg, const pool_t *kp, const pool_t *vp, const int64_t *tb, int64_t h,
+                        const int32_t *ix, int64_t n, const uint8_t *qm, int64_t N, const float *kb, int64_t nb,
+                        int64_t t0, int64_t t1, float *og, float *s, float *row, int64_t G, int64_t d,
+                        int64_t block_size, float scale) {
+    const int64_t M = n + (t1 > t0 ? t1 - t0 : 0);
+    for (int64_t j = 0; j < M; ++j) { /* scores: each key row read once for the group */
+        const float *k;
+        if (j < n && j < nb) k = kb + j * d;
+        else k = head_row(kp, slot_of(tb, j < n ? ix[j] : t0 + (j - n), block_size), h, row);
+        for (int64_t g = 0; g < G; ++g)
+            s[g * M + j] = (j < n && qm && !qm[g * N + j]) ? -INFINITY : dot(qg + g * d, k, d) * scale;
+    }
+    for (int64_t g = 0; g < G; ++g) { /* stable softmax per query head */
+        float *sg = s + g * M, m = -INFINITY, sum = 0.f;
+        for (int64_t j = 0; j < M; ++j) m = sg[j] > m ? sg[j] : m;
+        if (m == -INFINITY) { memset(sg, 0, (size_t)M * sizeof(float)); continue; }
+        for (int64_t j = 0; j < M; ++j) { sg[j] = expf(sg[j] - m); sum += sg[j]; }
+        const float inv = 1.f / sum;
+        for (int64_t j = 0; j < M; ++j) sg[j] *= inv;
+    }
+    memset(og, 0, (size_t)(G * d) * sizeof(float));
+    for (int64_t j = 0; j < M; ++j) { /* values: each row read once, weighted into every head */
+        int any = 0;
+        for (int64_t g = 0; g < G; ++g) any |= s[g * M + j] != 0.f;
+        if (!any) continue;
+        const float *v = head_row(vp, slot_of(tb, j < n ? ix[j] : t0 + (j - n), block_size), h, row);
+        for (int64_t g = 0; g < G; ++g) {
+            const float p = s[g * M + j];
+            float *o = og + g * d;
+#pragma omp simd
+            for (int64_t i = 0; i < d; ++i) o[i] += p * v[i];
+        }
+    }
+}
+
+int slimlm_sparse_decode(const float *q, const void *k_pool, const void *v_pool, const void *k_aux,
+                         const void *k_aux2, const void *v_aux, const void *v_aux2, int dtype,
+                         const int64_t *table, int64_t max_blocks, const int32_t *idx, const int64_t *cnt,
+                         int64_t N, const uint8_t *qmask, const float *kbuf, const int64_t *nbuf,
+                         const int64_t *tail, float *out, int64_t B, int64_t Hq, int64_t Hkv, int64_t d,
+                         int64_t block_size, float scale, int nthreads) {
+    if (Hkv <= 0 || Hq % Hkv != 0 || block_size <= 0 || dtype < 0 || dtype > 3 || d <= 0) return 1;
+    if (dtype >= 2 && !(k_aux && v_aux)) return 1;
+    if (dtype == 3 && (d % I4_GROUP != 0 || !(k_aux2 && v_aux2))) return 1;
+    const pool_t kp = {k_pool, k_aux, k_aux2, dtype, Hkv, d}, vp = {v_pool, v_aux, v_aux2, dtype, Hkv, d};
+    const int64_t G = Hq / Hkv, items = B * Hkv;
+    int64_t next = 0;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *row = (float *)malloc((size_t)d * sizeof(float));
+        int64_t cap = 0;
+        float *s = NULL;
+        if (!row) __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
+        while (row) {
+            const int64_t it = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
+            if (it >= items) break;
+            const int64_t b = it / Hkv, h = it % Hkv;
+            const int64_t n = cnt[it], nb = kbuf ? nbuf[it] : 0;
+            const int64_t t0 = tail[2 * b], t1 = tail[2 * b + 1];
+            const int64_t M = n + (t1 > t0 ? t1 - t0 : 0);
+            float *og = out + (b * Hq + h * G) * d;
+            if (M <= 0) { memset(og, 0, (size_t)(G * d) * sizeof(float)); continue; }
+            if (G * M > cap) {
+                free(s);
+                cap = G * M;
+                s = (float *)malloc((size_t)cap * sizeof(float));
+                if (!s) { __atomic_store_n(&failed, 1, __ATOMIC_RELAXED); cap = 0; break; }
+            }
+            attend_item(q + (b * Hq + h * G) * d, &kp, &vp, table + b * max_blocks, h, idx + it * N, n,
+                        qmask ? qmask + it * G * N : NULL, N, kbuf ? kbuf + it * N * d : NULL, nb, t0, t1, og, s,
+                        row, G, d, block_size, scale);
+        }
+        free(s);
+        free(row);
+    }
+    return failed ? 2 : 0;
+}
