@@ -75,16 +75,40 @@ class ShadowKVPolicy(QueryPolicy):
             out.scatter_(1, cosim.topk(n_out, dim=-1, largest=False).indices, True)
         return A, B, land, out, positions
 
+    def _chunks(self, summary, q) -> tuple[torch.Tensor, int]:
+        """(Hkv, n_sel) the chunks each KV head rebuilds, by landmark score (outliers excluded)."""
+        A, B, land, out, pos = summary
+        Hkv, nc, d = land.shape
+        g = q.shape[0] // Hkv
+        s = (q.float().view(Hkv, g, 1, d) * land[:, None]).sum(-1) / d**0.5  # (Hkv, g, nc)
+        s = s.softmax(-1).sum(1).masked_fill(out, float("-inf"))  # outliers are always kept
+        n_sel = min(nc - int(out[0].sum()), max(1, round(self.budget_ * nc)))
+        return s.topk(n_sel, dim=-1).indices, n_sel
+
+    def select_native(self, summary, q, rotary, P):
+        A, B, land, out, pos = summary
+        Hkv, nc, d = land.shape
+        r = A.shape[-1]
+        sel, n_sel = self._chunks(summary, q)
+        offs = torch.arange(self.chunk, device=q.device)
+        rows = (sel.sort(-1).values[..., None] * self.chunk + offs).flatten(1)  # (Hkv, m) rebuilt rows
+        pre = torch.bmm(A.gather(1, rows[..., None].expand(-1, -1, r)), B)  # (Hkv, m, r) @ (Hkv, r, d)
+        cos, sin = rotary(rows, torch.float32)  # (Hkv, m, d)
+        k_new = apply_rope(pre[:, None], cos, sin)[:, 0]  # (Hkv, m, d)
+        n_out = int(out[0].sum())
+        out_rows = (out.nonzero()[:, 1].view(Hkv, n_out)[..., None] * self.chunk + offs).flatten(1)
+        idx = torch.cat([rows, out_rows], 1)  # (Hkv, m + outlier rows)
+        m, o = n_sel * self.chunk, n_out * self.chunk
+        read = (Hkv * (nc * d + r * d + m * r + m * d + 2 * o * d)) * self.elem_bytes
+        return list(idx), None, k_new, read, m + o
+
     def select(self, summary, q, k_prefix, rotary, P):
         A, B, land, out, pos = summary
         Hkv, nc, d = land.shape
         Hq = q.shape[0]
         g = Hq // Hkv
         r = A.shape[-1]
-        s = (q.float().view(Hkv, g, 1, d) * land[:, None]).sum(-1) / d**0.5  # (Hkv, g, nc)
-        s = s.softmax(-1).sum(1).masked_fill(out, float("-inf"))  # outliers are always kept
-        n_sel = min(nc - int(out[0].sum()), max(1, round(self.budget_ * nc)))
-        sel = s.topk(n_sel, dim=-1).indices  # (Hkv, n_sel)
+        sel, n_sel = self._chunks(summary, q)
         chunks = torch.zeros(Hkv, nc, dtype=torch.bool)
         chunks.scatter_(1, sel, True)
         rows = chunks.repeat_interleave(self.chunk, 1)  # (Hkv, P) rebuilt rows
