@@ -107,6 +107,117 @@ static inline int64_t slot_of(const int64_t *tb, int64_t tok, int64_t block_size
     return tb[tok / block_size] * block_size + tok % block_size;
 }
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+
+/* 16 elements at ``base[idx]`` as float32 (bf16 widened in registers). */
+static inline __attribute__((always_inline)) __m512 ld16(const void *base, int64_t idx, const int dtype) {
+    if (dtype == 0) return _mm512_loadu_ps((const float *)base + idx);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + idx));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* Horizontal sums of four vectors as the four lanes of one. */
+static inline __attribute__((always_inline)) __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 e) {
+    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    const __m512 ce = _mm512_add_ps(_mm512_unpacklo_ps(c, e), _mm512_unpackhi_ps(c, e));
+    const __m512 x = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(ce))),
+                                   _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(ce))));
+    const __m256 y = _mm256_add_ps(_mm512_castps512_ps256(x), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+    return _mm_add_ps(_mm256_castps256_ps128(y), _mm256_extractf128_ps(y, 1));
+}
+
+/* Scores s[g * M + j0 + i] of the G query heads against rows off[i] (element offsets into base,
+ * one dtype), four rows at a time. */
+static inline __attribute__((always_inline)) void score_rows(const float *qg, const void *base, const int dtype,
+                                                             const int64_t *off, int64_t cnt, int64_t j0, float *s,
+                                                             int64_t M, int64_t G, int64_t nv, float scale) {
+    const __m128 sc = _mm_set1_ps(scale);
+    for (int64_t g = 0; g < G; ++g) {
+        __m512 qv[8];
+        for (int64_t c = 0; c < nv; ++c) qv[c] = _mm512_loadu_ps(qg + g * nv * 16 + 16 * c);
+        float *sg = s + g * M + j0;
+        int64_t i = 0;
+        for (; i + 4 <= cnt; i += 4) {
+            __m512 a0 = _mm512_mul_ps(qv[0], ld16(base, off[i], dtype));
+            __m512 a1 = _mm512_mul_ps(qv[0], ld16(base, off[i + 1], dtype));
+            __m512 a2 = _mm512_mul_ps(qv[0], ld16(base, off[i + 2], dtype));
+            __m512 a3 = _mm512_mul_ps(qv[0], ld16(base, off[i + 3], dtype));
+            for (int64_t c = 1; c < nv; ++c) {
+                a0 = _mm512_fmadd_ps(qv[c], ld16(base, off[i] + 16 * c, dtype), a0);
+                a1 = _mm512_fmadd_ps(qv[c], ld16(base, off[i + 1] + 16 * c, dtype), a1);
+                a2 = _mm512_fmadd_ps(qv[c], ld16(base, off[i + 2] + 16 * c, dtype), a2);
+                a3 = _mm512_fmadd_ps(qv[c], ld16(base, off[i + 3] + 16 * c, dtype), a3);
+            }
+            _mm_storeu_ps(sg + i, _mm_mul_ps(sc, hsum4(a0, a1, a2, a3)));
+        }
+        for (; i < cnt; ++i) {
+            __m512 a0 = _mm512_mul_ps(qv[0], ld16(base, off[i], dtype));
+            for (int64_t c = 1; c < nv; ++c) a0 = _mm512_fmadd_ps(qv[c], ld16(base, off[i] + 16 * c, dtype), a0);
+            sg[i] = scale * _mm512_reduce_add_ps(a0);
+        }
+    }
+}
+
+#define TILE 64
+
+/* attend_item for float32 / bfloat16 pools with a head size that is a multiple of 16 (<= 128). */
+static void attend_item_avx512(const float *qg, const pool_t *kp, const pool_t *vp, const int64_t *tb, int64_t h,
+                               const int32_t *ix, int64_t n, const uint8_t *qm, int64_t N, const float *kb,
+                               int64_t nb, int64_t t0, int64_t t1, float *og, float *s, int64_t G, int64_t d,
+                               int64_t block_size, float scale) {
+    const int dtype = kp->dtype;
+    const int64_t M = n + (t1 > t0 ? t1 - t0 : 0), W = kp->Hkv * d, nv = d / 16;
+    int64_t off[TILE];
+    for (int64_t j0 = 0; j0 < M; j0 += TILE) { /* scores, a tile of rows at a time */
+        const int64_t cnt = M - j0 < TILE ? M - j0 : TILE;
+        int64_t i = 0;
+        for (; i < cnt && j0 + i < nb; ++i) off[i] = (j0 + i) * d; /* rebuilt keys from kb (float32) */
+        if (i) score_rows(qg, kb, 0, off, i, j0, s, M, G, nv, scale);
+        const int64_t first = i;
+        for (; i < cnt; ++i) {
+            const int64_t j = j0 + i;
+            off[i - first] = slot_of(tb, j < n ? ix[j] : t0 + (j - n), block_size) * W + h * d;
+        }
+        if (cnt > first) score_rows(qg, kp->data, dtype, off, cnt - first, j0 + first, s, M, G, nv, scale);
+    }
+    if (qm)
+        for (int64_t g = 0; g < G; ++g)
+            for (int64_t j = 0; j < n; ++j)
+                if (!qm[g * N + j]) s[g * M + j] = -INFINITY;
+    for (int64_t g = 0; g < G; ++g) {
+        float *sg = s + g * M, m = -INFINITY, sum = 0.f;
+#pragma omp simd reduction(max : m)
+        for (int64_t j = 0; j < M; ++j) m = sg[j] > m ? sg[j] : m;
+        if (m == -INFINITY) { memset(sg, 0, (size_t)M * sizeof(float)); continue; }
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < M; ++j) { sg[j] = expf(sg[j] - m); sum += sg[j]; }
+        const float inv = 1.f / sum;
+#pragma omp simd
+        for (int64_t j = 0; j < M; ++j) sg[j] *= inv;
+    }
+    memset(og, 0, (size_t)(G * d) * sizeof(float));
+    for (int64_t j0 = 0; j0 < M; j0 += TILE) { /* values: a tile's rows stay in cache for the G heads */
+        const int64_t cnt = M - j0 < TILE ? M - j0 : TILE;
+        for (int64_t i = 0; i < cnt; ++i) {
+            const int64_t j = j0 + i;
+            off[i] = slot_of(tb, j < n ? ix[j] : t0 + (j - n), block_size) * W + h * d;
+        }
+        for (int64_t g = 0; g < G; ++g) {
+            __m512 acc[8];
+            for (int64_t c = 0; c < nv; ++c) acc[c] = _mm512_loadu_ps(og + g * d + 16 * c);
+            const float *pg = s + g * M + j0;
+            for (int64_t i = 0; i < cnt; ++i) {
+                if (pg[i] == 0.f) continue; /* masked for this head */
+                const __m512 w = _mm512_set1_ps(pg[i]);
+                for (int64_t c = 0; c < nv; ++c) acc[c] = _mm512_fmadd_ps(w, ld16(vp->data, off[i] + 16 * c, dtype), acc[c]);
+            }
+            for (int64_t c = 0; c < nv; ++c) _mm512_storeu_ps(og + g * d + 16 * c, acc[c]);
+        }
+    }
+}
+#endif
+
 static void attend_item(const float *qg, const pool_t *kp, const pool_t *vp, const int64_t *tb, int64_t h,
                         const int32_t *ix, int64_t n, const uint8_t *qm, int64_t N, const float *kb, int64_t nb,
                         int64_t t0, int64_t t1, float *og, float *s, float *row, int64_t G, int64_t d,
@@ -176,6 +287,14 @@ int slimlm_sparse_decode(const float *q, const void *k_pool, const void *v_pool,
                 s = (float *)malloc((size_t)cap * sizeof(float));
                 if (!s) { __atomic_store_n(&failed, 1, __ATOMIC_RELAXED); cap = 0; break; }
             }
+#ifdef __AVX512F__
+            if (dtype <= 1 && d % 16 == 0 && d <= 128) {
+                attend_item_avx512(q + (b * Hq + h * G) * d, &kp, &vp, table + b * max_blocks, h, idx + it * N, n,
+                                   qmask ? qmask + it * G * N : NULL, N, kbuf ? kbuf + it * N * d : NULL, nb, t0, t1,
+                                   og, s, G, d, block_size, scale);
+                continue;
+            }
+#endif
             attend_item(q + (b * Hq + h * G) * d, &kp, &vp, table + b * max_blocks, h, idx + it * N, n,
                         qmask ? qmask + it * G * N : NULL, N, kbuf ? kbuf + it * N * d : NULL, nb, t0, t1, og, s,
                         row, G, d, block_size, scale);
