@@ -18,8 +18,8 @@ Two seams in the engine. With the native kernels (CPU, a pool format the kernels
 decode path calls :meth:`QueryPolicy.attend_native`: the policy picks each KV head's tokens from
 the summary (``select_native``) and ``kernels/sparse_decode.c`` attends only those, read in place
 from the pool, plus the tail after the prefix — nothing else of the prefix is read. Its summaries
-are cached under the prefix's physical blocks (and checked against their first and last stored
-rows); a write into one of those blocks (a freed block reused) drops the summary
+are cached under the prefix's physical blocks (and checked against each block's last stored
+row); a write into one of those blocks (a freed block reused) drops the summary
 (:meth:`QueryPolicy.written`). Otherwise the PyTorch decode path calls ``decode_attention`` with
 the gathered keys/values and the mask (the fingerprint above identifies the prefix).
 """
@@ -146,11 +146,11 @@ class QueryPolicy(KVPolicy):
             rows.append((qp, L, P if in_order and self.min_prefix <= P <= L else 0))
         return rows
 
-    def _native_summary(self, layer: int, cache, blocks: torch.Tensor, P: int, rotary) -> Any:
+    def _native_summary(self, layer: int, cache, blocks: torch.Tensor, key: tuple, P: int, rotary) -> Any:
+        """The summary of the prefix held in ``blocks``; ``key`` = ("blocks", P, the block ids)."""
         raw = cache.pools(layer)[0][0]  # (num_blocks, block_size, Hkv, ...): the stored key rows
-        check = torch.stack([raw[blocks, 0], raw[blocks, -1]])
+        check = raw[blocks, -1]  # each block's last stored key row (besides the write invalidation)
         entries = self._cache.setdefault(layer, OrderedDict())
-        key = ("blocks", P, tuple(blocks.tolist()))
         hit = entries.get(key)
         if hit is not None and torch.equal(hit[1], check):
             entries.move_to_end(key)
@@ -175,6 +175,8 @@ class QueryPolicy(KVPolicy):
         bs = cache.block_size
         if "plan" not in meta:
             meta["plan"], meta["table"] = self._plan(g, bs), g.blocks.view(B, g.nb)
+            meta["keys"] = [("blocks", P, tuple(meta["table"][b, : -(-P // bs)].tolist())) if P else None
+                            for b, (_, _, P) in enumerate(meta["plan"])]
         plan, table = meta["plan"], meta["table"]
         Hkv = cache.spec.num_kv_heads
         self.elem_bytes = torch.empty((), dtype=cache.spec.compute_dtype).element_size()
@@ -188,7 +190,7 @@ class QueryPolicy(KVPolicy):
                 self.stats["keys_attended"] += L
                 self.stats["bytes_read"] += 2 * L * Hkv * d * self.elem_bytes
                 continue
-            s = self._native_summary(layer, cache, table[b, : -(-P // bs)], P, rotary)
+            s = self._native_summary(layer, cache, table[b, : -(-P // bs)], meta["keys"][b], P, rotary)
             idx, qmask, kbuf, read, attended = self.select_native(s, q[b], rotary, P)
             picks.append((idx, qmask, kbuf))
             self.stats["keys_attended"] += attended + (L - P)
