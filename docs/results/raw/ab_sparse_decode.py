@@ -32,6 +32,7 @@ text = "".join(p.read_text() for p in sorted(Path(sysconfig.get_paths()["stdlib"
 ids = llm.tokenizer.encode(text)[: a.tokens]
 assert len(ids) == a.tokens
 eng, full = llm.engine, llm.engine.runner.paths
+eng.runner.batch_invariant = False  # no twin decode row (it doubles every configuration's attention alike)
 lib = kernels.load("sparse_decode")
 configs = {"full": full}
 for name in ("squeezed", "shadowkv"):

@@ -80,10 +80,18 @@ class ShadowKVPolicy(QueryPolicy):
         A, B, land, out, pos = summary
         Hkv, nc, d = land.shape
         g = q.shape[0] // Hkv
-        s = (q.float().view(Hkv, g, 1, d) * land[:, None]).sum(-1) / d**0.5  # (Hkv, g, nc)
+        s = torch.bmm(q.float().view(Hkv, g, d), land.transpose(1, 2)) / d**0.5  # (Hkv, g, nc)
         s = s.softmax(-1).sum(1).masked_fill(out, float("-inf"))  # outliers are always kept
         n_sel = min(nc - int(out[0].sum()), max(1, round(self.budget_ * nc)))
         return s.topk(n_sel, dim=-1).indices, n_sel
+
+    def _rope_table(self, rotary, P: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos / sin (P, d) of the prefix's positions, the same for every layer: computed once per
+        prefix length (the last one kept)."""
+        if getattr(self, "_rope", (None,))[0] != P:
+            cos, sin = rotary(torch.arange(P)[None], torch.float32)
+            self._rope = (P, cos[0], sin[0])
+        return self._rope[1], self._rope[2]
 
     def select_native(self, summary, q, rotary, P):
         A, B, land, out, pos = summary
@@ -93,8 +101,8 @@ class ShadowKVPolicy(QueryPolicy):
         offs = torch.arange(self.chunk, device=q.device)
         rows = (sel.sort(-1).values[..., None] * self.chunk + offs).flatten(1)  # (Hkv, m) rebuilt rows
         pre = torch.bmm(A.gather(1, rows[..., None].expand(-1, -1, r)), B)  # (Hkv, m, r) @ (Hkv, r, d)
-        cos, sin = rotary(rows, torch.float32)  # (Hkv, m, d)
-        k_new = apply_rope(pre[:, None], cos, sin)[:, 0]  # (Hkv, m, d)
+        cos, sin = self._rope_table(rotary, P)
+        k_new = apply_rope(pre[:, None], cos[rows], sin[rows])[:, 0]  # (Hkv, m, d)
         n_out = int(out[0].sum())
         out_rows = (out.nonzero()[:, 1].view(Hkv, n_out)[..., None] * self.chunk + offs).flatten(1)
         idx = torch.cat([rows, out_rows], 1)  # (Hkv, m + outlier rows)

@@ -85,7 +85,7 @@ class SqueezedPolicy(QueryPolicy):
         Hkv, C, d = cents.shape
         Hq = q.shape[0]
         kv_of = torch.arange(Hq, device=q.device) // (Hq // Hkv)
-        scores = (q.float()[:, None, :] * cents[kv_of]).sum(-1)  # (Hq, C)
+        scores = torch.bmm(q.float().view(Hkv, Hq // Hkv, d), cents.transpose(1, 2)).view(Hq, C)  # (Hq, C)
         sizes = sizes[kv_of]  # (Hq, C)
         order = scores.argsort(-1, descending=True)
         cum = sizes.gather(-1, order).cumsum(-1)
