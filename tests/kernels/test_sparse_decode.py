@@ -106,3 +106,29 @@ def test_bad_indices_are_refused(lib):
         native_sparse_decode(lib, q, k, v, 0, table, idx, torch.tensor([[2]]), torch.tensor([[0, 0]]), 1.0)
     with pytest.raises(ValueError, match="tail"):
         native_sparse_decode(lib, q, k, v, 0, table, idx[..., :1], torch.tensor([[1]]), torch.tensor([[0, 17]]), 1.0)
+
+
+@pytest.mark.parametrize("name", ["float32", "int8"])
+def test_keys_rebuilt_from_factors_equal_an_explicit_key_buffer(lib, name):
+    """ShadowKV's keys rebuilt inside the kernel (RoPE_t(A[t] B)) equal the same keys passed in."""
+    from slimlm.model.rope import apply_rope, rotation
+
+    torch.manual_seed(2)
+    B, Hq, Hkv, d, bs, nbs, P, r = 2, 6, 2, 64, 8, 10, 64, 8
+    codec, vcodec, k, v = _pools(name, B * nbs, bs, Hkv, d, seed=2)
+    table = torch.arange(B * nbs).view(B, nbs).contiguous()
+    A, Bm = torch.randn(Hkv, P, r), torch.randn(Hkv, r, d) / 4
+    cos, sin = rotation(1.0 / 10000 ** (torch.arange(0, d, 2).float() / d), torch.arange(P)[None], torch.float32)
+    cos, sin = cos[0].contiguous(), sin[0].contiguous()
+    N = 20
+    idx = torch.stack([torch.stack([torch.randperm(P)[:N] for _ in range(Hkv)]) for _ in range(B)]).to(torch.int32)
+    cnt, nbuf = torch.tensor([[20, 12], [16, 20]]), torch.tensor([[8, 12], [0, 5]])
+    tail = torch.tensor([[70, 75], [64, 80]])
+    rows = idx.long()
+    kbuf = apply_rope((A[torch.arange(Hkv)[:, None], rows] @ Bm)[:, :, None].flatten(0, 1), cos[rows].flatten(0, 1),
+                      sin[rows].flatten(0, 1))[:, 0].view(B, Hkv, N, d).contiguous()
+    q = torch.randn(B, Hq, d)
+    want = native_sparse_decode(lib, q, k, v, codec.native_code, table, idx, cnt, tail, 0.125, None, kbuf, nbuf)
+    got = native_sparse_decode(lib, q, k, v, codec.native_code, table, idx, cnt, tail, 0.125, None, None, nbuf,
+                               factors=[(A, Bm, cos, sin), (A, Bm, cos, sin)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

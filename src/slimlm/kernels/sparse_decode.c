@@ -14,7 +14,12 @@
  * cnt    (B, Hkv) int64
  * qmask  NULL, or (B, Hkv, G, N) uint8: 0 where query head g of the group skips entry j
  * kbuf   NULL, or (B, Hkv, N, d) float32: entries j < nbuf[b, h] take their key from here
- * nbuf   (B, Hkv) int64 (ignored when kbuf is NULL)
+ * nbuf   (B, Hkv) int64 (ignored when kbuf and fA are NULL)
+ * fA, fB, fcos, fsin, fP, rank: NULL, or per sequence b low-rank keys (fA[b] NULL: none):
+ *        entries j < nbuf[b, h] are rebuilt as RoPE_t(A[h, t] B[h]) with t = idx[b, h, j]
+ *        (A (Hkv, P, rank), B (Hkv, rank, d), cos / sin (P, d) float32, rotate-half convention,
+ *        P = fP[b]):
+ *        ShadowKV's keys, rebuilt inside the kernel instead of read
  * tail   (B, 2) int64: tokens [tail[b,0], tail[b,1]) attended by every query head, from the pool
  *
  * Work items are (sequence, KV head) pairs handed out through an atomic counter inside one
@@ -107,6 +112,26 @@ static inline int64_t slot_of(const int64_t *tb, int64_t tok, int64_t block_size
     return tb[tok / block_size] * block_size + tok % block_size;
 }
 
+/* Low-rank keys of one (sequence, KV head): key(t) = RoPE_t(A[t] B), A (P, r), B (r, d), with
+ * RoPE's rotate-half convention from the position tables cos, sin (P, d). */
+typedef struct { const float *A, *B, *cs, *sn; int64_t r; } factors_t;
+
+static inline void rebuild_row(const factors_t *f, int64_t t, int64_t d, float *pre, float *out) {
+    const float *a = f->A + t * f->r;
+    memset(pre, 0, (size_t)d * sizeof(float));
+    for (int64_t c = 0; c < f->r; ++c) {
+        const float w = a[c], *b = f->B + c * d;
+#pragma omp simd
+        for (int64_t i = 0; i < d; ++i) pre[i] += w * b[i];
+    }
+    const float *cs = f->cs + t * d, *sn = f->sn + t * d;
+    const int64_t h = d / 2;
+#pragma omp simd
+    for (int64_t i = 0; i < h; ++i) out[i] = pre[i] * cs[i] - pre[i + h] * sn[i];
+#pragma omp simd
+    for (int64_t i = h; i < d; ++i) out[i] = pre[i] * cs[i] + pre[i - h] * sn[i];
+}
+
 #ifdef __AVX512F__
 #include <immintrin.h>
 
@@ -164,16 +189,18 @@ static inline __attribute__((always_inline)) void score_rows(const float *qg, co
 /* attend_item for float32 / bfloat16 pools with a head size that is a multiple of 16 (<= 128). */
 static void attend_item_avx512(const float *qg, const pool_t *kp, const pool_t *vp, const int64_t *tb, int64_t h,
                                const int32_t *ix, int64_t n, const uint8_t *qm, int64_t N, const float *kb,
-                               int64_t nb, int64_t t0, int64_t t1, float *og, float *s, int64_t G, int64_t d,
-                               int64_t block_size, float scale) {
+                               const factors_t *fac, int64_t nb, int64_t t0, int64_t t1, float *og, float *s,
+                               float *kt, int64_t G, int64_t d, int64_t block_size, float scale) {
     const int dtype = kp->dtype;
     const int64_t M = n + (t1 > t0 ? t1 - t0 : 0), W = kp->Hkv * d, nv = d / 16;
     int64_t off[TILE];
     for (int64_t j0 = 0; j0 < M; j0 += TILE) { /* scores, a tile of rows at a time */
         const int64_t cnt = M - j0 < TILE ? M - j0 : TILE;
         int64_t i = 0;
-        for (; i < cnt && j0 + i < nb; ++i) off[i] = (j0 + i) * d; /* rebuilt keys from kb (float32) */
-        if (i) score_rows(qg, kb, 0, off, i, j0, s, M, G, nv, scale);
+        for (; i < cnt && j0 + i < nb; ++i) off[i] = fac ? i * d : (j0 + i) * d; /* keys from kb / rebuilt */
+        if (i && fac)
+            for (int64_t u = 0; u < i; ++u) rebuild_row(fac, ix[j0 + u], d, kt + TILE * d, kt + u * d);
+        if (i) score_rows(qg, fac ? kt : kb, 0, off, i, j0, s, M, G, nv, scale);
         const int64_t first = i;
         for (; i < cnt; ++i) {
             const int64_t j = j0 + i;
@@ -219,13 +246,14 @@ static void attend_item_avx512(const float *qg, const pool_t *kp, const pool_t *
 #endif
 
 static void attend_item(const float *qg, const pool_t *kp, const pool_t *vp, const int64_t *tb, int64_t h,
-                        const int32_t *ix, int64_t n, const uint8_t *qm, int64_t N, const float *kb, int64_t nb,
-                        int64_t t0, int64_t t1, float *og, float *s, float *row, int64_t G, int64_t d,
-                        int64_t block_size, float scale) {
+                        const int32_t *ix, int64_t n, const uint8_t *qm, int64_t N, const float *kb,
+                        const factors_t *fac, int64_t nb, int64_t t0, int64_t t1, float *og, float *s, float *row,
+                        float *kt, int64_t G, int64_t d, int64_t block_size, float scale) {
     const int64_t M = n + (t1 > t0 ? t1 - t0 : 0);
     for (int64_t j = 0; j < M; ++j) { /* scores: each key row read once for the group */
         const float *k;
-        if (j < n && j < nb) k = kb + j * d;
+        if (j < n && j < nb && fac) { rebuild_row(fac, ix[j], d, kt + d, kt); k = kt; }
+        else if (j < n && j < nb) k = kb + j * d;
         else k = head_row(kp, slot_of(tb, j < n ? ix[j] : t0 + (j - n), block_size), h, row);
         for (int64_t g = 0; g < G; ++g)
             s[g * M + j] = (j < n && qm && !qm[g * N + j]) ? -INFINITY : dot(qg + g * d, k, d) * scale;
@@ -257,6 +285,8 @@ int slimlm_sparse_decode(const float *q, const void *k_pool, const void *v_pool,
                          const void *k_aux2, const void *v_aux, const void *v_aux2, int dtype,
                          const int64_t *table, int64_t max_blocks, const int32_t *idx, const int64_t *cnt,
                          int64_t N, const uint8_t *qmask, const float *kbuf, const int64_t *nbuf,
+                         const float *const *fA, const float *const *fB, const float *const *fcos,
+                         const float *const *fsin, const int64_t *fP, int64_t rank,
                          const int64_t *tail, float *out, int64_t B, int64_t Hq, int64_t Hkv, int64_t d,
                          int64_t block_size, float scale, int nthreads) {
     if (Hkv <= 0 || Hq % Hkv != 0 || block_size <= 0 || dtype < 0 || dtype > 3 || d <= 0) return 1;
@@ -269,6 +299,8 @@ int slimlm_sparse_decode(const float *q, const void *k_pool, const void *v_pool,
 #pragma omp parallel num_threads(nthreads)
     {
         float *row = (float *)malloc((size_t)d * sizeof(float));
+        float *kt = (float *)malloc((size_t)((TILE + 1) * d) * sizeof(float)); /* rebuilt keys + scratch */
+        if (!kt) { free(row); row = NULL; }
         int64_t cap = 0;
         float *s = NULL;
         if (!row) __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
@@ -276,7 +308,18 @@ int slimlm_sparse_decode(const float *q, const void *k_pool, const void *v_pool,
             const int64_t it = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
             if (it >= items) break;
             const int64_t b = it / Hkv, h = it % Hkv;
-            const int64_t n = cnt[it], nb = kbuf ? nbuf[it] : 0;
+            const int64_t n = cnt[it], nb = (kbuf || fA) ? nbuf[it] : 0;
+            factors_t fac_b;
+            const factors_t *fac = NULL;
+            if (fA && fA[b]) { /* sequence b's factors: A (Hkv, P, r), B (Hkv, r, d), tables (P, d) */
+                const int64_t P = fP[b];
+                fac_b.A = fA[b] + h * P * rank;
+                fac_b.B = fB[b] + h * rank * d;
+                fac_b.cs = fcos[b];
+                fac_b.sn = fsin[b];
+                fac_b.r = rank;
+                fac = &fac_b;
+            }
             const int64_t t0 = tail[2 * b], t1 = tail[2 * b + 1];
             const int64_t M = n + (t1 > t0 ? t1 - t0 : 0);
             float *og = out + (b * Hq + h * G) * d;
@@ -290,17 +333,18 @@ int slimlm_sparse_decode(const float *q, const void *k_pool, const void *v_pool,
 #ifdef __AVX512F__
             if (dtype <= 1 && d % 16 == 0 && d <= 128) {
                 attend_item_avx512(q + (b * Hq + h * G) * d, &kp, &vp, table + b * max_blocks, h, idx + it * N, n,
-                                   qmask ? qmask + it * G * N : NULL, N, kbuf ? kbuf + it * N * d : NULL, nb, t0, t1,
-                                   og, s, G, d, block_size, scale);
+                                   qmask ? qmask + it * G * N : NULL, N, kbuf ? kbuf + it * N * d : NULL, fac, nb,
+                                   t0, t1, og, s, kt, G, d, block_size, scale);
                 continue;
             }
 #endif
             attend_item(q + (b * Hq + h * G) * d, &kp, &vp, table + b * max_blocks, h, idx + it * N, n,
-                        qmask ? qmask + it * G * N : NULL, N, kbuf ? kbuf + it * N * d : NULL, nb, t0, t1, og, s,
-                        row, G, d, block_size, scale);
+                        qmask ? qmask + it * G * N : NULL, N, kbuf ? kbuf + it * N * d : NULL, fac, nb, t0, t1, og,
+                        s, row, kt, G, d, block_size, scale);
         }
         free(s);
         free(row);
+        free(kt);
     }
     return failed ? 2 : 0;
 }

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from slimlm.kvcache.policy.base import KV_POLICIES
-from slimlm.kvcache.policy.sparse import QueryPolicy
+from slimlm.kvcache.policy.sparse import QueryPolicy, Rebuild
 from slimlm.model.rope import apply_rope
 
 
@@ -64,7 +64,7 @@ class ShadowKVPolicy(QueryPolicy):
         pre = apply_rope(keys.float()[None], cos, sin)[0]  # (Hkv, P, d)
         U, S, Vh = torch.linalg.svd(pre, full_matrices=False)
         r = min(self.rank, d)
-        A, B = U[..., :r] * S[:, None, :r], Vh[:, :r]  # (Hkv, P, r), (Hkv, r, d)
+        A, B = (U[..., :r] * S[:, None, :r]).contiguous(), Vh[:, :r].contiguous()  # (Hkv, P, r), (Hkv, r, d)
         nc = P // self.chunk
         post = keys.float().view(Hkv, nc, self.chunk, d)
         land = post.mean(2)  # (Hkv, nc, d)
@@ -100,9 +100,8 @@ class ShadowKVPolicy(QueryPolicy):
         sel, n_sel = self._chunks(summary, q)
         offs = torch.arange(self.chunk, device=q.device)
         rows = (sel.sort(-1).values[..., None] * self.chunk + offs).flatten(1)  # (Hkv, m) rebuilt rows
-        pre = torch.bmm(A.gather(1, rows[..., None].expand(-1, -1, r)), B)  # (Hkv, m, r) @ (Hkv, r, d)
         cos, sin = self._rope_table(rotary, P)
-        k_new = apply_rope(pre[:, None], cos[rows], sin[rows])[:, 0]  # (Hkv, m, d)
+        k_new = Rebuild(A, B, cos, sin, rows.shape[1])  # the kernel rebuilds RoPE_t(A[t] B) itself
         n_out = int(out[0].sum())
         out_rows = (out.nonzero()[:, 1].view(Hkv, n_out)[..., None] * self.chunk + offs).flatten(1)
         idx = torch.cat([rows, out_rows], 1)  # (Hkv, m + outlier rows)

@@ -27,11 +27,30 @@ the gathered keys/values and the mask (the fingerprint above identifies the pref
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from slimlm.kvcache.policy.base import KVPolicy
+
+
+class Rebuild(NamedTuple):
+    """Keys a query policy has the sparse kernel rebuild: for the first ``m`` entries of each KV
+    head's list, key(t) = RoPE_t(A[h, t] B[h]) (``cos`` / ``sin`` (P, d): the prefix's positions)."""
+
+    A: torch.Tensor  # (Hkv, P, r) float32
+    B: torch.Tensor  # (Hkv, r, d) float32
+    cos: torch.Tensor
+    sin: torch.Tensor
+    m: int
+
+    def keys(self, idx: torch.Tensor) -> torch.Tensor:
+        """The rebuilt keys (Hkv, m, d) of the first m entries of ``idx`` (Hkv, n), in PyTorch."""
+        from slimlm.model.rope import apply_rope
+
+        rows = idx[:, : self.m]
+        pre = torch.bmm(self.A.gather(1, rows[..., None].expand(-1, -1, self.A.shape[2])), self.B)
+        return apply_rope(pre[:, None], self.cos[rows], self.sin[rows])[:, 0]
 
 
 class QueryPolicy(KVPolicy):
@@ -201,10 +220,16 @@ class QueryPolicy(KVPolicy):
         cnt = torch.zeros(B, Hkv, dtype=torch.int64)
         tail = torch.tensor([[P, L] for _, L, P in plan], dtype=torch.int64).view(B, 2)
         has_mask = any(p is not None and p[1] is not None for p in picks)
-        has_k = any(p is not None and p[2] is not None for p in picks)
+        if cache.codec.rotates:  # keys stored as x @ R: rebuild here and pass them rotated
+            picks = [p if p is None or not isinstance(p[2], Rebuild) else (p[0], p[1], p[2].keys(torch.stack(p[0])))
+                     for p in picks]
+        factors = [p[2] if p is not None and isinstance(p[2], Rebuild) else None for p in picks]
+        if not any(f is not None for f in factors):
+            factors = None
+        has_k = any(p is not None and p[2] is not None for p in picks) and factors is None
         qmask = torch.zeros(B, Hkv, G, N, dtype=torch.bool) if has_mask else None
         kbuf = torch.zeros(B, Hkv, N, d, dtype=torch.float32) if has_k else None
-        nbuf = torch.zeros(B, Hkv, dtype=torch.int64) if has_k else None
+        nbuf = torch.zeros(B, Hkv, dtype=torch.int64) if has_k or factors is not None else None
         for b, p in enumerate(picks):
             if p is None:
                 if qmask is not None:
@@ -216,20 +241,22 @@ class QueryPolicy(KVPolicy):
                 cnt[b, h] = n
                 if qmask is not None:
                     qmask[b, h, :, :n] = p[1][h] if p[1] is not None else True
-            if p[2] is not None:
+            if isinstance(p[2], Rebuild):
+                nbuf[b] = p[2].m
+            elif p[2] is not None:
                 m = p[2].shape[1]
                 kbuf[b, :, :m] = cache.codec.to_storage(p[2]).float()  # a rotating codec stores keys @ R
                 nbuf[b] = m
         kp, vp = cache.pools(layer)
         qs = cache.codec.to_storage(q).float().contiguous()
         o = native_sparse_decode(lib, qs, kp, vp, cache.codec.native_code, table, idx, cnt, tail, scale, qmask, kbuf,
-                                 nbuf)
+                                 nbuf, [f[:4] if f is not None else None for f in factors] if factors else None)
         return cache.vcodec.from_storage(o)
 
     def select_native(self, summary: Any, q: torch.Tensor, rotary, P: int):
         """q (Hq, d) -> (idx: per KV head the prefix tokens it reads (n_h,), qmask: per KV head
         (G, n_h) bool of the query heads that take each (None: all), rebuilt keys (Hkv, m, d) of
-        every head's first m entries or None, bytes read for the prefix, prefix keys attended per
+        every head's first m entries, or a :class:`Rebuild` the kernel applies, or None, bytes read for the prefix, prefix keys attended per
         query head)."""
         raise NotImplementedError
 
