@@ -116,7 +116,7 @@ static inline int64_t slot_of(const int64_t *tb, int64_t tok, int64_t block_size
  * RoPE's rotate-half convention from the position tables cos, sin (P, d). */
 typedef struct { const float *A, *B, *cs, *sn; int64_t r; } factors_t;
 
-static inline void rebuild_row(const factors_t *f, int64_t t, int64_t d, float *pre, float *out) {
+static inline void rebuild_row(const factors_t *f, int64_t t, int64_t d, float *restrict pre, float *restrict out) {
     const float *a = f->A + t * f->r;
     memset(pre, 0, (size_t)d * sizeof(float));
     for (int64_t c = 0; c < f->r; ++c) {
