@@ -159,3 +159,35 @@ def test_speculative_decoding_is_refused(tiny, name):
 
     with pytest.raises(SlimLMError, match="selects keys per decode query"):
         LLM(tiny, kv_policy=name, kv_policy_args=ARGS[name], speculative="draft")
+
+
+@pytest.mark.parametrize("name,kv_dtype", [("squeezed", "auto"), ("shadowkv", "int8")])
+def test_native_sparse_kernel_equals_the_pytorch_path(tiny, name, kv_dtype):
+    """The sparse decode kernel reads only the chosen keys; its greedy tokens and its counted
+    reads equal the PyTorch path's (which gathers every key and masks)."""
+    prompts = shared_prompts()[:2]  # two requests sharing one document
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    runs = []
+    for native in (True, False):
+        llm = LLM(tiny, kv_policy=name, kv_policy_args=ARGS[name], block_size=8, native_kernels=native,
+                  kv_cache_dtype=kv_dtype)
+        assert (llm.engine.runner.paths.sparse_native is not None) == native
+        outs = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        runs.append((outs, {k: llm.engine.policy.stats[k] for k in ("keys_attended", "bytes_read", "bytes_full")}))
+    assert runs[0] == runs[1]
+    assert runs[0][1]["bytes_read"] < runs[0][1]["bytes_full"]  # the method did select
+
+
+def test_native_summary_is_dropped_when_its_blocks_are_rewritten(tiny):
+    """Native summaries are keyed by the prefix's physical blocks: a write into one of them (a
+    freed block reused by another sequence) drops the summary, whatever its sampled rows say."""
+    doc = shared_prompts()[0][:120]
+    args = {**ARGS["squeezed"], "prefix": 96}
+    llm = LLM(tiny, kv_policy="squeezed", kv_policy_args=args, block_size=8)
+    llm.generate([doc + [7, 8] * 4], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    pol = llm.engine.policy
+    (key, (blocks, _, _)), = [(k, e) for k, e in pol._cache[0].items() if k[0] == "blocks"]
+    pol.written(0, torch.tensor([999 * 8 + 1]), 8)  # another block: kept
+    assert key in pol._cache[0]
+    pol.written(0, torch.tensor([sorted(blocks)[5] * 8 + 2]), 8)  # one of the prefix's blocks: dropped
+    assert key not in pol._cache[0] and any(k[0] == "blocks" for k in pol._cache[1])

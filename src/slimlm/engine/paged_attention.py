@@ -198,24 +198,28 @@ class AttentionPaths:
     ``dca_attention`` with true positions (storage index == position: no compaction)."""
     sparse_prefill: object | None = None
     """Sparse prefill (``engine/sparse_prefill.py``): long prefill chunks attend its pattern."""
+    sparse_native: object | None = None
+    """The loaded ``sparse_decode`` library when a query policy decodes natively, or None."""
 
     @classmethod
     def choose(cls, cache: PagedKVCache, head_dim: int, span: AttentionSpan, track_mass: bool,
                native_kernels: bool, sparse: object | None = None) -> AttentionPaths:
-        decode = prefill = None
+        decode = prefill = sparse_lib = None
         codec = cache.codec
         if native_kernels and cache.device.type == "cpu" and span == AttentionSpan() and not cache.state:
             from slimlm import kernels
 
             if codec.native_code is not None and sparse is None:
                 decode = kernels.load("paged_decode")
+            elif codec.native_code is not None:  # a query policy: the sparse kernel reads its picks
+                sparse_lib = kernels.load("sparse_decode")
             compute = NATIVE_DTYPES.get(cache.spec.compute_dtype)  # the kernel reads q's dtype
             if not track_mass and compute is not None:
                 lib = kernels.load("paged_prefill")
                 if lib is not None and lib.slimlm_prefill_supported(head_dim, compute):
                     prefill = lib
         return cls(decode, prefill, span, track_mass, codec.native_code != NATIVE_DTYPES.get(cache.spec.compute_dtype),
-                   sparse)
+                   sparse, sparse_native=sparse_lib)
 
 
 class PagedAttention:
@@ -231,6 +235,7 @@ class PagedAttention:
         self.windows, self.scale, self.rotary = windows, scale, rotary
         self._masks: dict[tuple, torch.Tensor] = {}
         self._restricted: dict[int, tuple] = {}
+        self._sparse_meta: dict[int, dict] = {}
 
     # ------------------------------------------------------------------ helpers
     def _mask(self, key, q_pos, k_pos, window, tree=None, kv_start=0, allow=None) -> torch.Tensor:
@@ -332,7 +337,15 @@ class PagedAttention:
             o = native_decode(lib, qn, kp, vp, cache.codec.native_code, table.table, table.lens, self.scale, mass)
             out.index_copy_(0, table.rows, cache.vcodec.from_storage(o).to(out.dtype))
             decodes = []
+        sparse_lib = self.paths.sparse_native if window is None else None
+        if self.paths.sparse_native is not None:
+            self.paths.sparse.written(layer, self.slots, bs)  # drops summaries over rewritten blocks
         for gi, g in enumerate(decodes):
+            if sparse_lib is not None:  # a query policy: only its chosen keys are read
+                o = self.paths.sparse.attend_native(sparse_lib, layer, q_full.index_select(0, g.rows), cache, g,
+                                                    self.rotary, self.scale, self._sparse_meta.setdefault(id(g), {}))
+                out.index_copy_(0, g.rows, o.to(out.dtype))
+                continue
             B = g.q_pos.shape[0]
             qd = q_full.index_select(0, g.rows)[:, :, None]  # (B, Hq, 1, d)
             kd = cache.gather("k", layer, g.blocks).view(B, g.nb * bs, hkv, d).transpose(1, 2)  # (B, Hkv, S, d)

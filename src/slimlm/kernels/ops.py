@@ -19,6 +19,8 @@ per layer per step. Both paths run the same checks and the same kernel.
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
 NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
@@ -195,3 +197,94 @@ def _decode_fake(q, k_parts, v_parts, code, table, lens, scale, mass):
 @torch.library.register_fake("slimlm::paged_prefill", lib=_DEF)
 def _prefill_fake(q_rows, k_pool, v_pool, table, q_start, out, scale):
     _prefill_shapes(q_rows, k_pool, v_pool, table, q_start, out)
+
+
+# ---------------------------------------------------------------------- sparse decode (query KV policies)
+def native_sparse_decode(lib, q: torch.Tensor, k_parts: list[torch.Tensor], v_parts: list[torch.Tensor], code: int,
+                         table: torch.Tensor, idx: torch.Tensor, cnt: torch.Tensor, tail: torch.Tensor, scale: float,
+                         qmask: torch.Tensor | None = None, kbuf: torch.Tensor | None = None,
+                         nbuf: torch.Tensor | None = None, factors: list | None = None) -> torch.Tensor:
+    """q (B, Hq, d) -> attention output (B, Hq, d) float32 over a subset of each sequence's keys
+    (``sparse_decode.c``): per (sequence, KV head) the logical tokens ``idx`` (B, Hkv, N) int32,
+    the first ``cnt`` (B, Hkv) int64 of them, plus the dense ``tail`` (B, 2) int64 range
+    [lo, hi). ``qmask`` (B, Hkv, G, N) bool/uint8: which query heads of the group take each entry
+    (None: all). ``kbuf`` (B, Hkv, N, d) float32: the keys of the first ``nbuf`` (B, Hkv) entries,
+    used instead of the pool's (None: every key from the pool). Every index is checked against
+    the table's capacity before the kernel runs. ``factors``: per sequence None or (A (Hkv, P, r),
+    B (Hkv, r, d), cos (P, d), sin (P, d)) float32 contiguous: the first ``nbuf`` entries' keys
+    are rebuilt in the kernel as RoPE_t(A[h, t] B[h]) (ShadowKV), instead of taken from ``kbuf``.
+    ``lib``: the loaded ``sparse_decode``."""
+    if lib is not None:
+        _LIBS["sparse_decode"] = lib
+    k0 = k_parts[0]
+    num_blocks, bs, hkv = k0.shape[0], k0.shape[1], k0.shape[2]
+    q = q.float().contiguous()
+    B, Hq, d = q.shape
+    _check_pool(k_parts, code)
+    _check_pool(v_parts, code)
+    _check_table(table, num_blocks)
+    if table.dim() != 2 or table.shape[0] != B or Hq % hkv or (code < 3 and k0.shape[3] != d) \
+            or (code == 3 and k0.shape[3] * 2 != d):
+        raise ValueError("native_sparse_decode: table (B, max_blocks) and head counts / size matching the pool needed")
+    cap = table.shape[1] * bs
+    if idx.dtype != torch.int32 or idx.dim() != 3 or idx.shape[:2] != (B, hkv) or not idx.is_contiguous():
+        raise ValueError("native_sparse_decode: idx must be a contiguous int32 (B, Hkv, N) tensor")
+    N = idx.shape[2]
+    if cnt.dtype != torch.int64 or cnt.shape != (B, hkv) or not cnt.is_contiguous() or \
+            (cnt.numel() and (int(cnt.min()) < 0 or int(cnt.max()) > N)):
+        raise ValueError("native_sparse_decode: cnt must be a contiguous int64 (B, Hkv) tensor of counts <= N")
+    if N and B and (int(idx.min()) < 0 or int(idx.max()) >= cap):
+        raise ValueError("native_sparse_decode: a token index lies outside its block table")
+    if tail.dtype != torch.int64 or tail.shape != (B, 2) or not tail.is_contiguous() or \
+            (B and (int(tail.min()) < 0 or int(tail.max()) > cap)):
+        raise ValueError("native_sparse_decode: tail must be a contiguous int64 (B, 2) range inside the table")
+    if qmask is not None:
+        qmask = qmask.to(torch.uint8).contiguous()
+        if qmask.shape != (B, hkv, Hq // hkv, N):
+            raise ValueError("native_sparse_decode: qmask must be (B, Hkv, G, N)")
+    if kbuf is not None:
+        if kbuf.dtype != torch.float32 or kbuf.shape != (B, hkv, N, d) or not kbuf.is_contiguous() or nbuf is None \
+                or nbuf.dtype != torch.int64 or nbuf.shape != (B, hkv) or not nbuf.is_contiguous() \
+                or (nbuf.numel() and int((nbuf - cnt).max()) > 0):
+            raise ValueError("native_sparse_decode: kbuf (B, Hkv, N, d) float32 needs nbuf (B, Hkv) int64 <= cnt")
+    ptrs, rank = None, 0
+    if factors is not None:
+        if kbuf is not None or nbuf is None or nbuf.dtype != torch.int64 or nbuf.shape != (B, hkv) \
+                or len(factors) != B or (nbuf.numel() and int((nbuf - cnt).max()) > 0):
+            raise ValueError("native_sparse_decode: factors (one per sequence) need nbuf (B, Hkv) int64 <= cnt, "
+                             "and no kbuf")
+        ranks = {f[0].shape[2] for f in factors if f is not None}
+        rank = ranks.pop() if len(ranks) == 1 else 0
+        arr = [(ctypes.c_void_p * B)() for _ in range(4)]
+        plen = torch.zeros(B, dtype=torch.int64)
+        for b, f in enumerate(factors):
+            if f is None:
+                continue
+            A, Bm, cos, sin = f
+            P = A.shape[1]
+            if rank == 0 or not all(t.dtype == torch.float32 and t.is_contiguous() for t in f) \
+                    or A.shape != (hkv, P, rank) or Bm.shape != (hkv, rank, d) or cos.shape != (P, d) \
+                    or sin.shape != (P, d):
+                raise ValueError("native_sparse_decode: factors must be contiguous float32 A (Hkv, P, r), "
+                                 "B (Hkv, r, d), cos / sin (P, d) of one rank")
+            m = int(nbuf[b].max()) if hkv else 0
+            if m and int(idx[b, :, :m].max()) >= P:
+                raise ValueError("native_sparse_decode: a rebuilt token lies outside its factors")
+            plen[b] = P
+            for a, t in zip(arr, f):
+                a[b] = t.data_ptr()
+        ptrs = (*arr, plen)
+    fptrs = [ctypes.cast(a, ctypes.c_void_p).value for a in ptrs[:4]] if ptrs else [None] * 4
+    out = torch.empty_like(q)
+    aux = [t.data_ptr() for t in k_parts[1:]] + [None] * (3 - len(k_parts))
+    vaux = [t.data_ptr() for t in v_parts[1:]] + [None] * (3 - len(v_parts))
+    rc = _lib("sparse_decode").slimlm_sparse_decode(
+        q.data_ptr(), k0.data_ptr(), v_parts[0].data_ptr(), aux[0], aux[1], vaux[0], vaux[1], code,
+        table.data_ptr(), table.shape[1], idx.data_ptr(), cnt.data_ptr(), N,
+        qmask.data_ptr() if qmask is not None else None, kbuf.data_ptr() if kbuf is not None else None,
+        nbuf.data_ptr() if (kbuf is not None or ptrs) else None,
+        *fptrs, ptrs[4].data_ptr() if ptrs else None, rank,
+        tail.data_ptr(), out.data_ptr(), B, Hq, hkv, d, bs, scale, decode_threads(B * hkv))
+    if rc != 0:
+        raise RuntimeError(f"sparse_decode kernel failed (code {rc})")
+    return out

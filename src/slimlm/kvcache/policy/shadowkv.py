@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from slimlm.kvcache.policy.base import KV_POLICIES
-from slimlm.kvcache.policy.sparse import QueryPolicy
+from slimlm.kvcache.policy.sparse import QueryPolicy, Rebuild
 from slimlm.model.rope import apply_rope
 
 
@@ -64,7 +64,7 @@ class ShadowKVPolicy(QueryPolicy):
         pre = apply_rope(keys.float()[None], cos, sin)[0]  # (Hkv, P, d)
         U, S, Vh = torch.linalg.svd(pre, full_matrices=False)
         r = min(self.rank, d)
-        A, B = U[..., :r] * S[:, None, :r], Vh[:, :r]  # (Hkv, P, r), (Hkv, r, d)
+        A, B = (U[..., :r] * S[:, None, :r]).contiguous(), Vh[:, :r].contiguous()  # (Hkv, P, r), (Hkv, r, d)
         nc = P // self.chunk
         post = keys.float().view(Hkv, nc, self.chunk, d)
         land = post.mean(2)  # (Hkv, nc, d)
@@ -75,16 +75,47 @@ class ShadowKVPolicy(QueryPolicy):
             out.scatter_(1, cosim.topk(n_out, dim=-1, largest=False).indices, True)
         return A, B, land, out, positions
 
+    def _chunks(self, summary, q) -> tuple[torch.Tensor, int]:
+        """(Hkv, n_sel) the chunks each KV head rebuilds, by landmark score (outliers excluded)."""
+        A, B, land, out, pos = summary
+        Hkv, nc, d = land.shape
+        g = q.shape[0] // Hkv
+        s = torch.bmm(q.float().view(Hkv, g, d), land.transpose(1, 2)) / d**0.5  # (Hkv, g, nc)
+        s = s.softmax(-1).sum(1).masked_fill(out, float("-inf"))  # outliers are always kept
+        n_sel = min(nc - int(out[0].sum()), max(1, round(self.budget_ * nc)))
+        return s.topk(n_sel, dim=-1).indices, n_sel
+
+    def _rope_table(self, rotary, P: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos / sin (P, d) of the prefix's positions, the same for every layer: computed once per
+        prefix length (the last one kept)."""
+        if getattr(self, "_rope", (None,))[0] != P:
+            cos, sin = rotary(torch.arange(P)[None], torch.float32)
+            self._rope = (P, cos[0], sin[0])
+        return self._rope[1], self._rope[2]
+
+    def select_native(self, summary, q, rotary, P):
+        A, B, land, out, pos = summary
+        Hkv, nc, d = land.shape
+        r = A.shape[-1]
+        sel, n_sel = self._chunks(summary, q)
+        offs = torch.arange(self.chunk, device=q.device)
+        rows = (sel.sort(-1).values[..., None] * self.chunk + offs).flatten(1)  # (Hkv, m) rebuilt rows
+        cos, sin = self._rope_table(rotary, P)
+        k_new = Rebuild(A, B, cos, sin, rows.shape[1])  # the kernel rebuilds RoPE_t(A[t] B) itself
+        n_out = int(out[0].sum())
+        out_rows = (out.nonzero()[:, 1].view(Hkv, n_out)[..., None] * self.chunk + offs).flatten(1)
+        idx = torch.cat([rows, out_rows], 1)  # (Hkv, m + outlier rows)
+        m, o = n_sel * self.chunk, n_out * self.chunk
+        read = (Hkv * (nc * d + r * d + m * r + m * d + 2 * o * d)) * self.elem_bytes
+        return list(idx), None, k_new, read, m + o
+
     def select(self, summary, q, k_prefix, rotary, P):
         A, B, land, out, pos = summary
         Hkv, nc, d = land.shape
         Hq = q.shape[0]
         g = Hq // Hkv
         r = A.shape[-1]
-        s = (q.float().view(Hkv, g, 1, d) * land[:, None]).sum(-1) / d**0.5  # (Hkv, g, nc)
-        s = s.softmax(-1).sum(1).masked_fill(out, float("-inf"))  # outliers are always kept
-        n_sel = min(nc - int(out[0].sum()), max(1, round(self.budget_ * nc)))
-        sel = s.topk(n_sel, dim=-1).indices  # (Hkv, n_sel)
+        sel, n_sel = self._chunks(summary, q)
         chunks = torch.zeros(Hkv, nc, dtype=torch.bool)
         chunks.scatter_(1, sel, True)
         rows = chunks.repeat_interleave(self.chunk, 1)  # (Hkv, P) rebuilt rows

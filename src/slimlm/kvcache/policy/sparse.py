@@ -14,18 +14,43 @@ A summary is cached under (layer, P, a fingerprint of the prefix keys: their sum
 never serve a stale summary. The cache holds ``cache_entries`` summaries per layer (least
 recently used dropped first).
 
-The seam in the engine: ``AttentionPaths.sparse`` (the policy) is called by the PyTorch decode
-path with the gathered keys/values and the mask (the native decode kernel is not used).
+Two seams in the engine. With the native kernels (CPU, a pool format the kernels read), the
+decode path calls :meth:`QueryPolicy.attend_native`: the policy picks each KV head's tokens from
+the summary (``select_native``) and ``kernels/sparse_decode.c`` attends only those, read in place
+from the pool, plus the tail after the prefix — nothing else of the prefix is read. Its summaries
+are cached under the prefix's physical blocks (and checked against each block's last stored
+row); a write into one of those blocks (a freed block reused) drops the summary
+(:meth:`QueryPolicy.written`). Otherwise the PyTorch decode path calls ``decode_attention`` with
+the gathered keys/values and the mask (the fingerprint above identifies the prefix).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from slimlm.kvcache.policy.base import KVPolicy
+
+
+class Rebuild(NamedTuple):
+    """Keys a query policy has the sparse kernel rebuild: for the first ``m`` entries of each KV
+    head's list, key(t) = RoPE_t(A[h, t] B[h]) (``cos`` / ``sin`` (P, d): the prefix's positions)."""
+
+    A: torch.Tensor  # (Hkv, P, r) float32
+    B: torch.Tensor  # (Hkv, r, d) float32
+    cos: torch.Tensor
+    sin: torch.Tensor
+    m: int
+
+    def keys(self, idx: torch.Tensor) -> torch.Tensor:
+        """The rebuilt keys (Hkv, m, d) of the first m entries of ``idx`` (Hkv, n), in PyTorch."""
+        from slimlm.model.rope import apply_rope
+
+        rows = idx[:, : self.m]
+        pre = torch.bmm(self.A.gather(1, rows[..., None].expand(-1, -1, self.A.shape[2])), self.B)
+        return apply_rope(pre[:, None], self.cos[rows], self.sin[rows])[:, 0]
 
 
 class QueryPolicy(KVPolicy):
@@ -111,6 +136,129 @@ class QueryPolicy(KVPolicy):
             self.stats["keys_attended"] += int(keep.sum()) // Hq + tail
             self.stats["bytes_read"] += read + 2 * tail * Hkv * d * self.elem_bytes
         return k, v, out_mask
+
+    # ------------------------------------------------------------------ native path
+    def written(self, layer: int, slots: torch.Tensor, block_size: int) -> None:
+        """Slots of ``layer`` were just written: drop the native summaries over those blocks."""
+        entries = self._cache.get(layer)
+        if not entries or slots.numel() == 0:
+            return
+        stale = None
+        for key, (blocks, _, _) in entries.items():
+            if key[0] == "blocks":
+                if stale is None:
+                    stale = set(torch.unique(slots // block_size).tolist())
+                if not stale.isdisjoint(blocks):
+                    entries[key] = None  # marked; removed below
+        for key in [k for k, e in entries.items() if e is None]:
+            del entries[key]
+
+    def _plan(self, g, block_size: int) -> list[tuple[int, int, int]]:
+        """Per row of a decode group (q_pos, keys L, prefix P or 0 for a dense row); the same for
+        every layer of the step."""
+        rows = []
+        for b in range(g.q_pos.shape[0]):
+            qp = int(g.q_pos[b, 0])
+            L, P = qp + 1, self.prefix_len(qp)
+            kp = g.k_pos[b]
+            in_order = L <= kp.numel() and torch.equal(kp[:L], torch.arange(L, device=kp.device))
+            rows.append((qp, L, P if in_order and self.min_prefix <= P <= L else 0))
+        return rows
+
+    def _native_summary(self, layer: int, cache, blocks: torch.Tensor, key: tuple, P: int, rotary) -> Any:
+        """The summary of the prefix held in ``blocks``; ``key`` = ("blocks", P, the block ids)."""
+        raw = cache.pools(layer)[0][0]  # (num_blocks, block_size, Hkv, ...): the stored key rows
+        check = raw[blocks, -1]  # each block's last stored key row (besides the write invalidation)
+        entries = self._cache.setdefault(layer, OrderedDict())
+        hit = entries.get(key)
+        if hit is not None and torch.equal(hit[1], check):
+            entries.move_to_end(key)
+            self.stats["summary_hits"] += 1
+            return hit[2]
+        k = cache.gather("k", layer, blocks).flatten(0, 1)[:P].transpose(0, 1).clone()  # (Hkv, P, d)
+        v = cache.gather("v", layer, blocks).flatten(0, 1)[:P].transpose(0, 1).clone()
+        s = self.summary(layer, k, v, torch.arange(P, device=k.device), rotary)
+        self.stats["summaries_built"] += 1
+        entries[key] = (set(key[2]), check.clone(), s)
+        while len(entries) > self.cache_entries:
+            entries.popitem(last=False)
+        return s
+
+    def attend_native(self, lib, layer: int, q: torch.Tensor, cache, g, rotary, scale: float,
+                      meta: dict) -> torch.Tensor:
+        """The decode group ``g``'s attention with the native sparse kernel: q (B, Hq, d) in the
+        model's space -> (B, Hq, d) float32. ``meta``: a dict kept for this step and group."""
+        from slimlm.kernels.ops import native_sparse_decode
+
+        B, Hq, d = q.shape
+        bs = cache.block_size
+        if "plan" not in meta:
+            meta["plan"], meta["table"] = self._plan(g, bs), g.blocks.view(B, g.nb)
+            meta["keys"] = [("blocks", P, tuple(meta["table"][b, : -(-P // bs)].tolist())) if P else None
+                            for b, (_, _, P) in enumerate(meta["plan"])]
+        plan, table = meta["plan"], meta["table"]
+        Hkv = cache.spec.num_kv_heads
+        self.elem_bytes = torch.empty((), dtype=cache.spec.compute_dtype).element_size()
+        picks = []
+        for b, (qp, L, P) in enumerate(plan):
+            self.stats["decode_rows"] += 1
+            self.stats["keys_stored"] += L
+            self.stats["bytes_full"] += 2 * L * Hkv * d * self.elem_bytes
+            if not P:
+                picks.append(None)
+                self.stats["keys_attended"] += L
+                self.stats["bytes_read"] += 2 * L * Hkv * d * self.elem_bytes
+                continue
+            s = self._native_summary(layer, cache, table[b, : -(-P // bs)], meta["keys"][b], P, rotary)
+            idx, qmask, kbuf, read, attended = self.select_native(s, q[b], rotary, P)
+            picks.append((idx, qmask, kbuf))
+            self.stats["keys_attended"] += attended + (L - P)
+            self.stats["bytes_read"] += read + 2 * (L - P) * Hkv * d * self.elem_bytes
+        N = max([int(i.numel()) for p in picks if p is not None for i in p[0]], default=0)
+        G = Hq // Hkv
+        idx = torch.zeros(B, Hkv, N, dtype=torch.int32)
+        cnt = torch.zeros(B, Hkv, dtype=torch.int64)
+        tail = torch.tensor([[P, L] for _, L, P in plan], dtype=torch.int64).view(B, 2)
+        has_mask = any(p is not None and p[1] is not None for p in picks)
+        if cache.codec.rotates:  # keys stored as x @ R: rebuild here and pass them rotated
+            picks = [p if p is None or not isinstance(p[2], Rebuild) else (p[0], p[1], p[2].keys(torch.stack(p[0])))
+                     for p in picks]
+        factors = [p[2] if p is not None and isinstance(p[2], Rebuild) else None for p in picks]
+        if not any(f is not None for f in factors):
+            factors = None
+        has_k = any(p is not None and p[2] is not None for p in picks) and factors is None
+        qmask = torch.zeros(B, Hkv, G, N, dtype=torch.bool) if has_mask else None
+        kbuf = torch.zeros(B, Hkv, N, d, dtype=torch.float32) if has_k else None
+        nbuf = torch.zeros(B, Hkv, dtype=torch.int64) if has_k or factors is not None else None
+        for b, p in enumerate(picks):
+            if p is None:
+                if qmask is not None:
+                    qmask[b] = True
+                continue
+            for h, i in enumerate(p[0]):
+                n = int(i.numel())
+                idx[b, h, :n] = i
+                cnt[b, h] = n
+                if qmask is not None:
+                    qmask[b, h, :, :n] = p[1][h] if p[1] is not None else True
+            if isinstance(p[2], Rebuild):
+                nbuf[b] = p[2].m
+            elif p[2] is not None:
+                m = p[2].shape[1]
+                kbuf[b, :, :m] = cache.codec.to_storage(p[2]).float()  # a rotating codec stores keys @ R
+                nbuf[b] = m
+        kp, vp = cache.pools(layer)
+        qs = cache.codec.to_storage(q).float().contiguous()
+        o = native_sparse_decode(lib, qs, kp, vp, cache.codec.native_code, table, idx, cnt, tail, scale, qmask, kbuf,
+                                 nbuf, [f[:4] if f is not None else None for f in factors] if factors else None)
+        return cache.vcodec.from_storage(o)
+
+    def select_native(self, summary: Any, q: torch.Tensor, rotary, P: int):
+        """q (Hq, d) -> (idx: per KV head the prefix tokens it reads (n_h,), qmask: per KV head
+        (G, n_h) bool of the query heads that take each (None: all), rebuilt keys (Hkv, m, d) of
+        every head's first m entries, or a :class:`Rebuild` the kernel applies, or None, bytes read for the prefix, prefix keys attended per
+        query head)."""
+        raise NotImplementedError
 
     def select(self, summary: Any, q: torch.Tensor, k_prefix: torch.Tensor, rotary, P: int):
         """q (Hq, d) -> (keep (Hq, P) bool, rebuilt prefix keys (Hkv, P, d) or None, bytes read

@@ -75,22 +75,46 @@ class SqueezedPolicy(QueryPolicy):
     def summary(self, layer, keys, values, positions, rotary):
         C = self.n_clusters(keys.shape[1])
         cents, assigns = zip(*(kmeans(keys[h], C, self.iters) for h in range(keys.shape[0])))
-        return torch.stack(cents), torch.stack(assigns)  # (Hkv, C, d), (Hkv, P)
+        assign = torch.stack(assigns)  # (Hkv, P)
+        sizes = torch.stack([torch.bincount(a, minlength=C) for a in assigns])  # (Hkv, C)
+        return torch.stack(cents), assign, sizes  # (Hkv, C, d), (Hkv, P), (Hkv, C)
 
-    def select(self, summary, q, k_prefix, rotary, P):
-        cents, assign = summary
+    def _chosen(self, summary, q, P) -> torch.Tensor:
+        """(Hq, C) bool: the clusters each query head attends."""
+        cents, assign, sizes = summary
         Hkv, C, d = cents.shape
         Hq = q.shape[0]
-        g = Hq // Hkv
-        kv_of = torch.arange(Hq, device=q.device) // g
-        scores = (q.float()[:, None, :] * cents[kv_of]).sum(-1)  # (Hq, C)
-        sizes = torch.stack([torch.bincount(assign[h], minlength=C) for h in range(Hkv)])[kv_of]  # (Hq, C)
+        kv_of = torch.arange(Hq, device=q.device) // (Hq // Hkv)
+        scores = torch.bmm(q.float().view(Hkv, Hq // Hkv, d), cents.transpose(1, 2)).view(Hq, C)  # (Hq, C)
+        sizes = sizes[kv_of]  # (Hq, C)
         order = scores.argsort(-1, descending=True)
         cum = sizes.gather(-1, order).cumsum(-1)
         need = self.budget_ * P
         take_sorted = (cum - sizes.gather(-1, order)) < need  # clusters until the budget is covered
         chosen = torch.zeros(Hq, C, dtype=torch.bool, device=q.device)
         chosen.scatter_(-1, order, take_sorted)
+        return chosen
+
+    def select_native(self, summary, q, rotary, P):
+        cents, assign, _ = summary
+        Hkv, C, d = cents.shape
+        Hq = q.shape[0]
+        chosen = self._chosen(summary, q, P).view(Hkv, Hq // Hkv, C)
+        union = chosen.any(1).gather(-1, assign)  # (Hkv, P): keys some query head of the group takes
+        idx = [union[h].nonzero()[:, 0] for h in range(Hkv)]
+        qmask = [chosen[h][:, assign[h, i]] for h, i in enumerate(idx)]  # (G, n_h)
+        n_read = sum(int(i.numel()) for i in idx)
+        read = (Hkv * C * d + 2 * n_read * d) * self.elem_bytes
+        attended = sum(int(m.sum()) for m in qmask) // Hq
+        return idx, qmask, None, read, attended
+
+    def select(self, summary, q, k_prefix, rotary, P):
+        cents, assign, _ = summary
+        Hkv, C, d = cents.shape
+        Hq = q.shape[0]
+        g = Hq // Hkv
+        kv_of = torch.arange(Hq, device=q.device) // g
+        chosen = self._chosen(summary, q, P)
         keep = chosen.gather(-1, assign[kv_of])  # (Hq, P)
         union = keep.view(Hkv, g, P).any(1).sum()  # keys read per KV head (shared by its query heads)
         read = (Hkv * C * d + 2 * int(union) * d) * self.elem_bytes

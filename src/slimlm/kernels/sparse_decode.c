@@ -1,0 +1,350 @@
+/* Sparse paged decode attention on the CPU: one query token per sequence, each KV head attends
+ * only a given list of its sequence's tokens plus a dense tail (the query KV policies: Squeezed
+ * Attention, ShadowKV). Keys and values are read in place from the block pool; a selected key
+ * may instead come from an explicit float32 buffer (ShadowKV's keys rebuilt from low-rank
+ * factors).
+ *
+ * q      (B, Hq, d) float32                      out (B, Hq, d) float32
+ * k, v   (num_blocks, block_size, Hkv, d) pools: float32 (dtype 0), bfloat16 (1), int8 (2) with
+ *        one fp16 scale per (slot, head) in *_aux, int4 (3) as (slot, Hkv, d/2) bytes (even
+ *        channel in the low nibble) with fp16 scale / minimum per (slot, head, 32 channels) in
+ *        *_aux / *_aux2 (the formats of slimlm.kvcache.codec)
+ * table  (B, max_blocks) int64: physical block of each logical block
+ * idx    (B, Hkv, N) int32: logical token indices each KV head attends; the first cnt[b, h] used
+ * cnt    (B, Hkv) int64
+ * qmask  NULL, or (B, Hkv, G, N) uint8: 0 where query head g of the group skips entry j
+ * kbuf   NULL, or (B, Hkv, N, d) float32: entries j < nbuf[b, h] take their key from here
+ * nbuf   (B, Hkv) int64 (ignored when kbuf and fA are NULL)
+ * fA, fB, fcos, fsin, fP, rank: NULL, or per sequence b low-rank keys (fA[b] NULL: none):
+ *        entries j < nbuf[b, h] are rebuilt as RoPE_t(A[h, t] B[h]) with t = idx[b, h, j]
+ *        (A (Hkv, P, rank), B (Hkv, rank, d), cos / sin (P, d) float32, rotate-half convention,
+ *        P = fP[b]):
+ *        ShadowKV's keys, rebuilt inside the kernel instead of read
+ * tail   (B, 2) int64: tokens [tail[b,0], tail[b,1]) attended by every query head, from the pool
+ *
+ * Work items are (sequence, KV head) pairs handed out through an atomic counter inside one
+ * OpenMP parallel region. An item reads each of its key rows once for the G query heads of its
+ * group (scores kept in a per-thread buffer), takes a stable softmax per query head, then reads
+ * each value row once and accumulates it into the G outputs. Returns 0, 1 on bad arguments, 2
+ * when scratch memory could not be allocated.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define I4_GROUP 32
+
+static inline float bf16f(uint16_t x) {
+    uint32_t u = ((uint32_t)x) << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline float f16f(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    uint32_t u;
+    if (e == 0) {
+        if (m == 0) u = sign;
+        else {
+            int sh = 0;
+            uint32_t mm = m;
+            while (!(mm & 0x400)) { mm <<= 1; ++sh; }
+            u = sign | ((uint32_t)(113 - sh) << 23) | ((mm & 0x3ff) << 13);
+        }
+    } else if (e == 31) u = sign | 0x7f800000u | (m << 13);
+    else u = sign | ((e + 112) << 23) | (m << 13);
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+typedef struct { const void *data, *aux, *aux2; int dtype; int64_t Hkv, d; } pool_t;
+
+/* Head h of stored row ``slot`` as float32 (a pointer into the pool for float32, else ``buf``). */
+static inline const float *head_row(const pool_t *p, int64_t slot, int64_t h, float *buf) {
+    const int64_t d = p->d, off = (slot * p->Hkv + h) * d;
+    switch (p->dtype) {
+    case 0:
+        return (const float *)p->data + off;
+    case 1: {
+        const uint16_t *src = (const uint16_t *)p->data + off;
+#pragma omp simd
+        for (int64_t i = 0; i < d; ++i) buf[i] = bf16f(src[i]);
+        return buf;
+    }
+    case 2: {
+        const int8_t *src = (const int8_t *)p->data + off;
+        const float s = f16f(((const uint16_t *)p->aux)[slot * p->Hkv + h]);
+#pragma omp simd
+        for (int64_t i = 0; i < d; ++i) buf[i] = (float)src[i] * s;
+        return buf;
+    }
+    default: {
+        const int64_t ng = d / I4_GROUP;
+        const uint8_t *src = (const uint8_t *)p->data + off / 2;
+        const uint16_t *sc = (const uint16_t *)p->aux + (slot * p->Hkv + h) * ng;
+        const uint16_t *mn = (const uint16_t *)p->aux2 + (slot * p->Hkv + h) * ng;
+        for (int64_t g = 0; g < ng; ++g) {
+            const float s = f16f(sc[g]), m = f16f(mn[g]);
+            const uint8_t *b = src + g * I4_GROUP / 2;
+            float *o = buf + g * I4_GROUP;
+            for (int64_t i = 0; i < I4_GROUP / 2; ++i) {
+                o[2 * i] = (float)(b[i] & 15) * s + m;
+                o[2 * i + 1] = (float)(b[i] >> 4) * s + m;
+            }
+        }
+        return buf;
+    }
+    }
+}
+
+static inline float dot(const float *a, const float *b, int64_t d) {
+    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < d; ++i) acc += a[i] * b[i];
+    return acc;
+}
+
+/* Entry j of an item: the token's pool slot. */
+static inline int64_t slot_of(const int64_t *tb, int64_t tok, int64_t block_size) {
+    return tb[tok / block_size] * block_size + tok % block_size;
+}
+
+/* Low-rank keys of one (sequence, KV head): key(t) = RoPE_t(A[t] B), A (P, r), B (r, d), with
+ * RoPE's rotate-half convention from the position tables cos, sin (P, d). */
+typedef struct { const float *A, *B, *cs, *sn; int64_t r; } factors_t;
+
+static inline void rebuild_row(const factors_t *f, int64_t t, int64_t d, float *restrict pre, float *restrict out) {
+    const float *a = f->A + t * f->r;
+    memset(pre, 0, (size_t)d * sizeof(float));
+    for (int64_t c = 0; c < f->r; ++c) {
+        const float w = a[c], *b = f->B + c * d;
+#pragma omp simd
+        for (int64_t i = 0; i < d; ++i) pre[i] += w * b[i];
+    }
+    const float *cs = f->cs + t * d, *sn = f->sn + t * d;
+    const int64_t h = d / 2;
+#pragma omp simd
+    for (int64_t i = 0; i < h; ++i) out[i] = pre[i] * cs[i] - pre[i + h] * sn[i];
+#pragma omp simd
+    for (int64_t i = h; i < d; ++i) out[i] = pre[i] * cs[i] + pre[i - h] * sn[i];
+}
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+
+/* 16 elements at ``base[idx]`` as float32 (bf16 widened in registers). */
+static inline __attribute__((always_inline)) __m512 ld16(const void *base, int64_t idx, const int dtype) {
+    if (dtype == 0) return _mm512_loadu_ps((const float *)base + idx);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + idx));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* Horizontal sums of four vectors as the four lanes of one. */
+static inline __attribute__((always_inline)) __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 e) {
+    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    const __m512 ce = _mm512_add_ps(_mm512_unpacklo_ps(c, e), _mm512_unpackhi_ps(c, e));
+    const __m512 x = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(ce))),
+                                   _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(ce))));
+    const __m256 y = _mm256_add_ps(_mm512_castps512_ps256(x), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+    return _mm_add_ps(_mm256_castps256_ps128(y), _mm256_extractf128_ps(y, 1));
+}
+
+/* Scores s[g * M + j0 + i] of the G query heads against rows off[i] (element offsets into base,
+ * one dtype), four rows at a time. */
+static inline __attribute__((always_inline)) void score_rows(const float *qg, const void *base, const int dtype,
+                                                             const int64_t *off, int64_t cnt, int64_t j0, float *s,
+                                                             int64_t M, int64_t G, int64_t nv, float scale) {
+    const __m128 sc = _mm_set1_ps(scale);
+    for (int64_t g = 0; g < G; ++g) {
+        __m512 qv[8];
+        for (int64_t c = 0; c < nv; ++c) qv[c] = _mm512_loadu_ps(qg + g * nv * 16 + 16 * c);
+        float *sg = s + g * M + j0;
+        int64_t i = 0;
+        for (; i + 4 <= cnt; i += 4) {
+            __m512 a0 = _mm512_mul_ps(qv[0], ld16(base, off[i], dtype));
+            __m512 a1 = _mm512_mul_ps(qv[0], ld16(base, off[i + 1], dtype));
+            __m512 a2 = _mm512_mul_ps(qv[0], ld16(base, off[i + 2], dtype));
+            __m512 a3 = _mm512_mul_ps(qv[0], ld16(base, off[i + 3], dtype));
+            for (int64_t c = 1; c < nv; ++c) {
+                a0 = _mm512_fmadd_ps(qv[c], ld16(base, off[i] + 16 * c, dtype), a0);
+                a1 = _mm512_fmadd_ps(qv[c], ld16(base, off[i + 1] + 16 * c, dtype), a1);
+                a2 = _mm512_fmadd_ps(qv[c], ld16(base, off[i + 2] + 16 * c, dtype), a2);
+                a3 = _mm512_fmadd_ps(qv[c], ld16(base, off[i + 3] + 16 * c, dtype), a3);
+            }
+            _mm_storeu_ps(sg + i, _mm_mul_ps(sc, hsum4(a0, a1, a2, a3)));
+        }
+        for (; i < cnt; ++i) {
+            __m512 a0 = _mm512_mul_ps(qv[0], ld16(base, off[i], dtype));
+            for (int64_t c = 1; c < nv; ++c) a0 = _mm512_fmadd_ps(qv[c], ld16(base, off[i] + 16 * c, dtype), a0);
+            sg[i] = scale * _mm512_reduce_add_ps(a0);
+        }
+    }
+}
+
+#define TILE 64
+
+/* attend_item for float32 / bfloat16 pools with a head size that is a multiple of 16 (<= 128). */
+static void attend_item_avx512(const float *qg, const pool_t *kp, const pool_t *vp, const int64_t *tb, int64_t h,
+                               const int32_t *ix, int64_t n, const uint8_t *qm, int64_t N, const float *kb,
+                               const factors_t *fac, int64_t nb, int64_t t0, int64_t t1, float *og, float *s,
+                               float *kt, int64_t G, int64_t d, int64_t block_size, float scale) {
+    const int dtype = kp->dtype;
+    const int64_t M = n + (t1 > t0 ? t1 - t0 : 0), W = kp->Hkv * d, nv = d / 16;
+    int64_t off[TILE];
+    for (int64_t j0 = 0; j0 < M; j0 += TILE) { /* scores, a tile of rows at a time */
+        const int64_t cnt = M - j0 < TILE ? M - j0 : TILE;
+        int64_t i = 0;
+        for (; i < cnt && j0 + i < nb; ++i) off[i] = fac ? i * d : (j0 + i) * d; /* keys from kb / rebuilt */
+        if (i && fac)
+            for (int64_t u = 0; u < i; ++u) rebuild_row(fac, ix[j0 + u], d, kt + TILE * d, kt + u * d);
+        if (i) score_rows(qg, fac ? kt : kb, 0, off, i, j0, s, M, G, nv, scale);
+        const int64_t first = i;
+        for (; i < cnt; ++i) {
+            const int64_t j = j0 + i;
+            off[i - first] = slot_of(tb, j < n ? ix[j] : t0 + (j - n), block_size) * W + h * d;
+        }
+        if (cnt > first) score_rows(qg, kp->data, dtype, off, cnt - first, j0 + first, s, M, G, nv, scale);
+    }
+    if (qm)
+        for (int64_t g = 0; g < G; ++g)
+            for (int64_t j = 0; j < n; ++j)
+                if (!qm[g * N + j]) s[g * M + j] = -INFINITY;
+    for (int64_t g = 0; g < G; ++g) {
+        float *sg = s + g * M, m = -INFINITY, sum = 0.f;
+#pragma omp simd reduction(max : m)
+        for (int64_t j = 0; j < M; ++j) m = sg[j] > m ? sg[j] : m;
+        if (m == -INFINITY) { memset(sg, 0, (size_t)M * sizeof(float)); continue; }
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < M; ++j) { sg[j] = expf(sg[j] - m); sum += sg[j]; }
+        const float inv = 1.f / sum;
+#pragma omp simd
+        for (int64_t j = 0; j < M; ++j) sg[j] *= inv;
+    }
+    memset(og, 0, (size_t)(G * d) * sizeof(float));
+    for (int64_t j0 = 0; j0 < M; j0 += TILE) { /* values: a tile's rows stay in cache for the G heads */
+        const int64_t cnt = M - j0 < TILE ? M - j0 : TILE;
+        for (int64_t i = 0; i < cnt; ++i) {
+            const int64_t j = j0 + i;
+            off[i] = slot_of(tb, j < n ? ix[j] : t0 + (j - n), block_size) * W + h * d;
+        }
+        for (int64_t g = 0; g < G; ++g) {
+            __m512 acc[8];
+            for (int64_t c = 0; c < nv; ++c) acc[c] = _mm512_loadu_ps(og + g * d + 16 * c);
+            const float *pg = s + g * M + j0;
+            for (int64_t i = 0; i < cnt; ++i) {
+                if (pg[i] == 0.f) continue; /* masked for this head */
+                const __m512 w = _mm512_set1_ps(pg[i]);
+                for (int64_t c = 0; c < nv; ++c) acc[c] = _mm512_fmadd_ps(w, ld16(vp->data, off[i] + 16 * c, dtype), acc[c]);
+            }
+            for (int64_t c = 0; c < nv; ++c) _mm512_storeu_ps(og + g * d + 16 * c, acc[c]);
+        }
+    }
+}
+#endif
+
+static void attend_item(const float *qg, const pool_t *kp, const pool_t *vp, const int64_t *tb, int64_t h,
+                        const int32_t *ix, int64_t n, const uint8_t *qm, int64_t N, const float *kb,
+                        const factors_t *fac, int64_t nb, int64_t t0, int64_t t1, float *og, float *s, float *row,
+                        float *kt, int64_t G, int64_t d, int64_t block_size, float scale) {
+    const int64_t M = n + (t1 > t0 ? t1 - t0 : 0);
+    for (int64_t j = 0; j < M; ++j) { /* scores: each key row read once for the group */
+        const float *k;
+        if (j < n && j < nb && fac) { rebuild_row(fac, ix[j], d, kt + d, kt); k = kt; }
+        else if (j < n && j < nb) k = kb + j * d;
+        else k = head_row(kp, slot_of(tb, j < n ? ix[j] : t0 + (j - n), block_size), h, row);
+        for (int64_t g = 0; g < G; ++g)
+            s[g * M + j] = (j < n && qm && !qm[g * N + j]) ? -INFINITY : dot(qg + g * d, k, d) * scale;
+    }
+    for (int64_t g = 0; g < G; ++g) { /* stable softmax per query head */
+        float *sg = s + g * M, m = -INFINITY, sum = 0.f;
+        for (int64_t j = 0; j < M; ++j) m = sg[j] > m ? sg[j] : m;
+        if (m == -INFINITY) { memset(sg, 0, (size_t)M * sizeof(float)); continue; }
+        for (int64_t j = 0; j < M; ++j) { sg[j] = expf(sg[j] - m); sum += sg[j]; }
+        const float inv = 1.f / sum;
+        for (int64_t j = 0; j < M; ++j) sg[j] *= inv;
+    }
+    memset(og, 0, (size_t)(G * d) * sizeof(float));
+    for (int64_t j = 0; j < M; ++j) { /* values: each row read once, weighted into every head */
+        int any = 0;
+        for (int64_t g = 0; g < G; ++g) any |= s[g * M + j] != 0.f;
+        if (!any) continue;
+        const float *v = head_row(vp, slot_of(tb, j < n ? ix[j] : t0 + (j - n), block_size), h, row);
+        for (int64_t g = 0; g < G; ++g) {
+            const float p = s[g * M + j];
+            float *o = og + g * d;
+#pragma omp simd
+            for (int64_t i = 0; i < d; ++i) o[i] += p * v[i];
+        }
+    }
+}
+
+int slimlm_sparse_decode(const float *q, const void *k_pool, const void *v_pool, const void *k_aux,
+                         const void *k_aux2, const void *v_aux, const void *v_aux2, int dtype,
+                         const int64_t *table, int64_t max_blocks, const int32_t *idx, const int64_t *cnt,
+                         int64_t N, const uint8_t *qmask, const float *kbuf, const int64_t *nbuf,
+                         const float *const *fA, const float *const *fB, const float *const *fcos,
+                         const float *const *fsin, const int64_t *fP, int64_t rank,
+                         const int64_t *tail, float *out, int64_t B, int64_t Hq, int64_t Hkv, int64_t d,
+                         int64_t block_size, float scale, int nthreads) {
+    if (Hkv <= 0 || Hq % Hkv != 0 || block_size <= 0 || dtype < 0 || dtype > 3 || d <= 0) return 1;
+    if (dtype >= 2 && !(k_aux && v_aux)) return 1;
+    if (dtype == 3 && (d % I4_GROUP != 0 || !(k_aux2 && v_aux2))) return 1;
+    const pool_t kp = {k_pool, k_aux, k_aux2, dtype, Hkv, d}, vp = {v_pool, v_aux, v_aux2, dtype, Hkv, d};
+    const int64_t G = Hq / Hkv, items = B * Hkv;
+    int64_t next = 0;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *row = (float *)malloc((size_t)d * sizeof(float));
+        float *kt = (float *)malloc((size_t)((TILE + 1) * d) * sizeof(float)); /* rebuilt keys + scratch */
+        if (!kt) { free(row); row = NULL; }
+        int64_t cap = 0;
+        float *s = NULL;
+        if (!row) __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
+        while (row) {
+            const int64_t it = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
+            if (it >= items) break;
+            const int64_t b = it / Hkv, h = it % Hkv;
+            const int64_t n = cnt[it], nb = (kbuf || fA) ? nbuf[it] : 0;
+            factors_t fac_b;
+            const factors_t *fac = NULL;
+            if (fA && fA[b]) { /* sequence b's factors: A (Hkv, P, r), B (Hkv, r, d), tables (P, d) */
+                const int64_t P = fP[b];
+                fac_b.A = fA[b] + h * P * rank;
+                fac_b.B = fB[b] + h * rank * d;
+                fac_b.cs = fcos[b];
+                fac_b.sn = fsin[b];
+                fac_b.r = rank;
+                fac = &fac_b;
+            }
+            const int64_t t0 = tail[2 * b], t1 = tail[2 * b + 1];
+            const int64_t M = n + (t1 > t0 ? t1 - t0 : 0);
+            float *og = out + (b * Hq + h * G) * d;
+            if (M <= 0) { memset(og, 0, (size_t)(G * d) * sizeof(float)); continue; }
+            if (G * M > cap) {
+                free(s);
+                cap = G * M;
+                s = (float *)malloc((size_t)cap * sizeof(float));
+                if (!s) { __atomic_store_n(&failed, 1, __ATOMIC_RELAXED); cap = 0; break; }
+            }
+#ifdef __AVX512F__
+            if (dtype <= 1 && d % 16 == 0 && d <= 128) {
+                attend_item_avx512(q + (b * Hq + h * G) * d, &kp, &vp, table + b * max_blocks, h, idx + it * N, n,
+                                   qmask ? qmask + it * G * N : NULL, N, kbuf ? kbuf + it * N * d : NULL, fac, nb,
+                                   t0, t1, og, s, kt, G, d, block_size, scale);
+                continue;
+            }
+#endif
+            attend_item(q + (b * Hq + h * G) * d, &kp, &vp, table + b * max_blocks, h, idx + it * N, n,
+                        qmask ? qmask + it * G * N : NULL, N, kbuf ? kbuf + it * N * d : NULL, fac, nb, t0, t1, og,
+                        s, row, kt, G, d, block_size, scale);
+        }
+        free(s);
+        free(row);
+        free(kt);
+    }
+    return failed ? 2 : 0;
+}
