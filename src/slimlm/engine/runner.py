@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from slimlm.engine.hooks import LayerHook, Segment, StepInfo, bypass_plan, combine_plans
+from slimlm.engine.hooks import LayerHook, Segment, Stage, StepInfo, bypass_plan, combine_plans
 from slimlm.engine.paged_attention import (
     AttentionPaths, DecodeGroup, DecodeTable, PagedAttention, PrefillSegment, kept_blocks,
 )
@@ -99,7 +99,8 @@ class ModelRunner:
             row_seq += [c.seq_id] * T
             row_out += [x >= c.prompt_len for x in p]
             logit_rows += range(row + T - c.num_logits, row + T)
-            segments.append(Segment(c.seq_id, row, row + T, not c.tree_parents and p[-1] < c.prompt_len))
+            segments.append(Segment(c.seq_id, row, row + T, not c.tree_parents and p[-1] < c.prompt_len, c.prompt_len,
+                                    c.block_table))
             if T == 1 and not (c.layout is not None and c.layout.in_set(c.start, 1)):
                 decodes.append((row, c.kv_start, *kept_blocks(c.block_table, c.kv_start + 1, bs)))
                 single += 1
@@ -122,7 +123,7 @@ class ModelRunner:
         info = StepInfo(positions[0], single, self._tensor(row_seq),
                         torch.tensor(row_out, dtype=torch.bool, device=self.device), lr, tuple(segments))
         h, hidden = self._forward(self._tensor([ids]), positions, attn, info)
-        logits = self.model.head(h[0])[:1] if twin else self.model.head(h[0, lr])  # (R, V)
+        logits = self.model.head(h)  # (R, V)
         res = RunnerOutput()
         r = 0
         for c in out.chunks:
@@ -209,6 +210,10 @@ class ModelRunner:
             if i in self.capture:
                 hidden[i] = h[0, info.logit_rows]
             for hk in hooks:
+                st = hk.restage(i, Stage(h, cos, sin, attn, info, active))
+                if st is not None:  # rows enter / leave with their KV (LazyLLM): appended after the step's rows
+                    h, cos, sin, attn, info, active, T = st.h, st.cos, st.sin, st.attn, st.info, st.active, st.h.shape[1]
+            for hk in hooks:
                 h = hk.before_layer(i, h, info)
             plan = None
             if hooks or active is not None:
@@ -216,10 +221,10 @@ class ModelRunner:
                 plan = combine_plans(plans, active, info.logit_rows, T)
                 active = plan.q_rows if plan is not None else None
                 runs, plan = bypass_plan(hooks, i, info, plan, T)  # SkipDecode: rows skipping this layer only
-                if not runs:
-                    continue
+                if not runs or (plan is not None and plan.q_rows is not None and not plan.q_rows.numel()):
+                    continue  # no row runs this layer (they all left)
             h = layer(h, cos, sin, attn, plan)
         if len(model.model.layers) in self.capture:
             hidden[len(model.model.layers)] = h[0, info.logit_rows]
-        return h, hidden
+        return h[0, info.logit_rows], hidden  # (R, D): the rows whose logits the step needs
 
