@@ -98,6 +98,13 @@ def lazy_reference(lm, args, prompt, n):
     return out, kv
 
 
+def engine(lm, lazy=ARGS, **settings):
+    """An LLM with a small KV pool (the default one is sized from free memory)."""
+    settings.setdefault("kv_cache_bytes", tight_bytes(lm.model, 400, settings.get("block_size", 16)))
+    hooks = dict(hooks=["lazyllm"], hook_args={"lazyllm": lazy}) if lazy is not None else {}
+    return LLM(lm, **hooks, **settings)
+
+
 def greedy(llm, prompts, n=8):
     p = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
     return [o.outputs[0].token_ids for o in llm.generate(prompts, p, use_tqdm=False)]
@@ -129,7 +136,7 @@ def test_engine_equals_dense_reference(deep, want, settings):
     settings = dict(settings)
     if settings.pop("preempt", False):
         settings["kv_cache_bytes"] = tight_bytes(deep.model, 48)
-    llm = LLM(deep, hooks=["lazyllm"], hook_args={"lazyllm": ARGS}, **settings)
+    llm = engine(deep, **settings)
     assert greedy(llm, prompts_for_test()) == want
     if "kv_cache_bytes" in settings:
         assert llm.engine.scheduler.num_preemptions > 0
@@ -138,7 +145,7 @@ def test_engine_equals_dense_reference(deep, want, settings):
 
 
 def test_pruning_changes_the_output(deep, want):
-    assert want != greedy(LLM(deep), prompts_for_test())
+    assert want != greedy(engine(deep, None), prompts_for_test())
 
 
 def test_keep_all_equals_plain_prefill(deep):
@@ -147,9 +154,8 @@ def test_keep_all_equals_plain_prefill(deep):
     args = dict(ARGS, keep=[1.0, 1.0])
     prompts = prompts_for_test()
     p = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3)
-    a = LLM(deep, hooks=["lazyllm"], hook_args={"lazyllm": args}, max_num_batched_tokens=32).generate(
-        prompts, p, use_tqdm=False)
-    b = LLM(deep, max_num_batched_tokens=32).generate(prompts, p, use_tqdm=False)
+    a = engine(deep, args, max_num_batched_tokens=32).generate(prompts, p, use_tqdm=False)
+    b = engine(deep, None, max_num_batched_tokens=32).generate(prompts, p, use_tqdm=False)
     for x, y in zip(a, b):
         assert x.outputs[0].token_ids == y.outputs[0].token_ids
         for la, lb in zip(x.outputs[0].logprobs, y.outputs[0].logprobs):
@@ -171,43 +177,42 @@ def _kv(engine, seq_id, n):
 
 
 def _run_until_first_token(llm, prompt):
-    engine = llm.engine
+    eng = llm.engine
     with torch.inference_mode():
-        for parts in engine.cache.k + engine.cache.v:
+        for parts in eng.cache.k + eng.cache.v:
             for t in parts:
                 t.fill_(SENTINEL)
-    engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-    seq = engine.scheduler.waiting[0]
+    eng.add_request(prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    seq = eng.scheduler.waiting[0]
     while not seq.output_ids:
-        engine.step()
-    return engine, seq
+        eng.step()
+    return eng, seq
 
 
 def test_pruned_kv_is_absent_until_revived_then_equals_the_reference(deep):
     prompt = prompts_for_test()[0]
     P = len(prompt)
-    llm = LLM(deep, hooks=["lazyllm"], hook_args={"lazyllm": ARGS}, max_num_batched_tokens=32, block_size=8)
-    engine, seq = _run_until_first_token(llm, prompt)
-    hook = engine.hooks[0]
+    eng, seq = _run_until_first_token(engine(deep, max_num_batched_tokens=32, block_size=8), prompt)
+    hook = eng.hooks[0]
     pending = hook._aux[seq.seq_id].pending
     assert set(pending) == {2, 4}
     depth = torch.full((P,), 6)
     for layer, (pos, _) in pending.items():
         depth[pos] = layer
     assert (depth == 2).sum() == P - P // 2 and (depth == 4).sum() == P // 2 - P // 4
-    kv = _kv(engine, seq.seq_id, P)  # (L, 2, P, Hkv, d)
+    kv = _kv(eng, seq.seq_id, P)  # (L, 2, P, Hkv, d)
     written = (kv != SENTINEL).all(-1).all(-1).all(1)  # (L, P)
     assert torch.equal(written, torch.arange(6)[:, None] < depth[None, :])  # KV only where the token ran
-    engine.step()  # the first decode step revives every pruned token
+    eng.step()  # the first decode step revives every pruned token
     assert not hook._aux[seq.seq_id].pending
-    kv = _kv(engine, seq.seq_id, P)
+    kv = _kv(eng, seq.seq_id, P)
     assert bool((kv != SENTINEL).all())
-    _, ref = lazy_reference(engine.lm, ARGS, prompt, 2)
+    _, ref = lazy_reference(deep, ARGS, prompt, 2)
     want = torch.stack([ref.k[:, :, :P], ref.v[:, :, :P]], 1).transpose(-2, -3)  # (L, 2, P, Hkv, d)
     torch.testing.assert_close(kv, want, atol=1e-4, rtol=1e-4)
     # tokens up to the first pruned one saw no pruned token: their KV is full prefill's
     first = int((depth < 6).nonzero()[0])
-    plain, pseq = _run_until_first_token(LLM(deep, max_num_batched_tokens=32, block_size=8), prompt)
+    plain, pseq = _run_until_first_token(engine(deep, None, max_num_batched_tokens=32, block_size=8), prompt)
     full = _kv(plain, pseq.seq_id, P)
     torch.testing.assert_close(kv[:, :, : first + 1], full[:, :, : first + 1], atol=1e-4, rtol=1e-4)
     assert not torch.allclose(kv[-1], full[-1], atol=1e-3)  # later tokens' deep KV saw fewer tokens
@@ -216,7 +221,7 @@ def test_pruned_kv_is_absent_until_revived_then_equals_the_reference(deep):
 def test_forked_samples_revive_their_own_copies(deep):
     prompt = prompts_for_test()[1]
     p = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, n=3)
-    llm = LLM(deep, hooks=["lazyllm"], hook_args={"lazyllm": ARGS}, max_num_batched_tokens=64, block_size=8)
+    llm = engine(deep, max_num_batched_tokens=64, block_size=8)
     out = llm.generate([prompt], p, use_tqdm=False)[0]
     ref = lazy_reference(deep, ARGS, prompt, 5)[0]
     assert [o.token_ids for o in out.outputs] == [ref] * 3
@@ -225,11 +230,11 @@ def test_forked_samples_revive_their_own_copies(deep):
 
 def test_short_prompts_and_prompt_logprobs_are_not_pruned(deep):
     prompts = prompts_for_test()
-    plain = LLM(deep, max_num_batched_tokens=64)
-    lazy = LLM(deep, hooks=["lazyllm"], hook_args={"lazyllm": dict(ARGS, min_tokens=1000)}, max_num_batched_tokens=64)
+    plain = engine(deep, None, max_num_batched_tokens=64)
+    lazy = engine(deep, dict(ARGS, min_tokens=1000), max_num_batched_tokens=64)
     assert greedy(lazy, prompts) == greedy(plain, prompts)
     p = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, prompt_logprobs=1)
-    lazy = LLM(deep, hooks=["lazyllm"], hook_args={"lazyllm": ARGS}, max_num_batched_tokens=64)
+    lazy = engine(deep, max_num_batched_tokens=64)
     a, b = lazy.generate(prompts[:2], p, use_tqdm=False), plain.generate(prompts[:2], p, use_tqdm=False)
     assert [x.outputs[0].token_ids for x in a] == [x.outputs[0].token_ids for x in b]
 
@@ -238,4 +243,4 @@ def test_refused_with_a_kv_policy(deep):
     from slimlm.errors import SlimLMError
 
     with pytest.raises(SlimLMError, match="cannot be combined with kv_policy"):
-        LLM(deep, hooks=["lazyllm"], kv_policy="sink")
+        engine(deep, kv_policy="sink")

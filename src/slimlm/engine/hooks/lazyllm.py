@@ -111,11 +111,9 @@ class LazyLLM(LayerHook):
             i = int(x) if isinstance(x, int) else int(round(x * n))
             if not 0 < i < n:
                 raise ValueError(f"lazyllm pruning layer {x} is outside the model's layers 1..{n - 1}")
-            if i in at:
-                raise ValueError(f"lazyllm pruning layers must be distinct, got {self.layers} on {n} layers")
-            at[i] = k
-        if list(at) != sorted(at):
-            raise ValueError(f"lazyllm pruning layers must ascend, got {self.layers}")
+            if at and i < max(at):
+                raise ValueError(f"lazyllm pruning layers must ascend, got {self.layers}")
+            at[i] = k  # fractions that round to one layer of a shallow model: the later (smaller) keep
         self._at, self._l0, self.model = at, min(at), model
 
     def release(self, seq_id: int) -> None:
