@@ -231,9 +231,6 @@ class PagedAttention:
         self.windows, self.scale, self.rotary = windows, scale, rotary
         self._masks: dict[tuple, torch.Tensor] = {}
         self._restricted: dict[int, tuple] = {}
-        self.write_rows: torch.Tensor | None = None
-        """Rows whose keys and values each layer writes (None = all): a hook's restage leaves
-        the others' KV absent at the layers they do not run."""
 
     # ------------------------------------------------------------------ helpers
     def _mask(self, key, q_pos, k_pos, window, tree=None, kv_start=0, allow=None) -> torch.Tensor:
@@ -309,11 +306,7 @@ class PagedAttention:
         (1, Hkv, T, d) for every row. Returns (1, Hq, R, d)."""
         cache, bs = self.cache, self.cache.block_size
         T, hkv, d = k.shape[2], k.shape[1], k.shape[3]
-        if self.write_rows is None:
-            cache.write(layer, self.slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
-        else:  # rows that left the step (a hook's restage) hold no KV at this layer
-            w = self.write_rows
-            cache.write(layer, self.slots[w], k[0, :, w].transpose(0, 1), v[0, :, w].transpose(0, 1))
+        cache.write(layer, self.slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
         if cache.mass is not None:
             cache.mass[layer].view(-1, hkv).index_fill_(0, self.slots, 0.0)  # fresh keys start at zero
         if q_rows is None:

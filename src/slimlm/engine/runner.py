@@ -213,6 +213,8 @@ class ModelRunner:
                 st = hk.restage(i, Stage(h, cos, sin, attn, info, active))
                 if st is not None:  # rows enter / leave with their KV (LazyLLM): appended after the step's rows
                     h, cos, sin, attn, info, active, T = st.h, st.cos, st.sin, st.attn, st.info, st.active, st.h.shape[1]
+            if not T:
+                continue  # every row left the step
             for hk in hooks:
                 h = hk.before_layer(i, h, info)
             plan = None
@@ -221,8 +223,8 @@ class ModelRunner:
                 plan = combine_plans(plans, active, info.logit_rows, T)
                 active = plan.q_rows if plan is not None else None
                 runs, plan = bypass_plan(hooks, i, info, plan, T)  # SkipDecode: rows skipping this layer only
-                if not runs or (plan is not None and plan.q_rows is not None and not plan.q_rows.numel()):
-                    continue  # no row runs this layer (they all left)
+                if not runs:
+                    continue
             h = layer(h, cos, sin, attn, plan)
         if len(model.model.layers) in self.capture:
             hidden[len(model.model.layers)] = h[0, info.logit_rows]

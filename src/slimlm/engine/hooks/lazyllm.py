@@ -48,7 +48,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from slimlm.engine.hooks.base import LAYER_HOOKS, LayerHook, Segment, Stage, StepInfo
-from slimlm.engine.paged_attention import PagedAttention, PrefillSegment, kept_blocks
+from slimlm.engine.paged_attention import DecodeGroup, DecodeTable, PagedAttention, PrefillSegment, kept_blocks
 from slimlm.model.rope import apply_rope
 from slimlm.model.transformer import CausalLM
 
@@ -100,8 +100,10 @@ class LazyLLM(LayerHook):
         self.model: CausalLM | None = None
         self._aux: dict[int, _Aux] = {}
         self._roles: dict[int, _Role] = {}
-        self._base: PagedAttention | None = None
-        self._T0 = 0
+        # per step, in the step's current row order (rows are appended and dropped at restages):
+        self._base: PagedAttention | None = None  # the runner's backend for the step
+        self._ord: tuple | None = None  # its decode table, groups and prefill segments for untouched rows
+        self._lazy = self._slots = None  # (T,) rows served by LazyLLM's segments; (T,) their KV slots
         self._epoch1: torch.Tensor | None = None  # (T,) rows that see every earlier key (revived, generated)
 
     def bind(self, model: CausalLM) -> None:
@@ -126,7 +128,7 @@ class LazyLLM(LayerHook):
 
     # ------------------------------------------------------------------ step
     def begin_step(self, info: StepInfo) -> None:
-        self._roles, self._base, self._epoch1 = {}, None, None
+        self._roles, self._base, self._ord, self._epoch1 = {}, None, None, None
         pos = info.positions
         lr = set(info.logit_rows.tolist()) if info.logit_rows is not None else set()
         for seg in info.segments:
@@ -148,119 +150,127 @@ class LazyLLM(LayerHook):
                 self._roles[seg.seq_id] = _Role("revive", seg)
 
     def restage(self, layer: int, stage: Stage) -> Stage | None:
+        """At a pruning layer: earlier chunks' rows leave (first pruning layer) or join the final
+        chunk, pending revivals enter, the final chunks' prompts are pruned; then the rows that
+        left are dropped from the step (they compute nothing above) and the attention backend
+        for the layers up to the next pruning layer is built."""
         if layer not in self._at or not self._roles:
             return None
-        if self._base is None:
-            self._base, self._T0 = stage.attn, stage.h.shape[1]
         info, h = stage.info, stage.h
-        dev = h.device
-        T = h.shape[1]
+        dev, T = h.device, h.shape[1]
+        if self._ord is None:  # the step's first restage (at the first pruning layer): original rows
+            lazy = torch.zeros(T, dtype=torch.bool, device=dev)
+            for role in self._roles.values():
+                if role.kind in ("final", "defer"):
+                    lazy[role.seg.start : role.seg.end] = True
+            ordinary = (~lazy).nonzero()[:, 0]
+            self._ord = stage.attn._restrict(ordinary) if ordinary.numel() else (None, [], [])
+            self._base, self._lazy, self._slots = stage.attn, lazy, stage.attn.slots
+            self._epoch1 = torch.zeros(T, dtype=torch.bool, device=dev)
         present = torch.ones(T, dtype=torch.bool, device=dev)
         if stage.active is not None:
             present.zero_()
             present[stage.active] = True
-        epoch1 = torch.zeros(T, dtype=torch.bool, device=dev) if self._epoch1 is None else self._epoch1
-        # rows that enter here: earlier chunks' rows (final chunk, first pruning layer), revivals
-        new_pos, new_h, new_seq = [], [], []
+        new_pos, new_h, new_seq, new_slots = [], [], [], []
+        bs = stage.attn.cache.block_size
         for sid, role in self._roles.items():
             aux = self._aux[sid]
-            seg_rows = torch.arange(role.seg.start, role.seg.end, device=dev)
-            if role.kind == "defer" and layer == self._l0:
-                present[seg_rows] = False
-                aux.deferred.append((info.positions[seg_rows], h[0, seg_rows]))
+            if role.kind == "defer" and layer == self._l0:  # rows are still the runner's here
+                rows = torch.arange(role.seg.start, role.seg.end, device=dev)
+                present[rows] = False
+                aux.deferred.append((info.positions[rows], h[0, rows]))
             elif role.kind == "final" and layer == self._l0 and aux.deferred:
                 new_pos += [p for p, _ in aux.deferred]
                 new_h += [x for _, x in aux.deferred]
                 new_seq.append((sid, sum(p.numel() for p, _ in aux.deferred)))
+                new_slots += [_slots(role.seg.block_table, p, bs) for p, _ in aux.deferred]
                 aux.deferred = []
             elif role.kind == "revive" and layer in aux.pending:
                 p, x = aux.pending.pop(layer)
                 new_pos.append(p)
                 new_h.append(x)
                 new_seq.append((sid, p.numel()))
+                new_slots.append(_slots(role.seg.block_table, p, bs))
         cos, sin = stage.cos, stage.sin
-        if new_pos:
+        if new_pos:  # rows entering here, appended after the step's rows
             pos = torch.cat(new_pos)
             n = pos.numel()
             c, s = self.model.rotary(pos[None], h.dtype)
             h = torch.cat([h, torch.cat(new_h)[None].to(h.dtype)], 1)
             cos, sin = torch.cat([cos, c], 1), torch.cat([sin, s], 1)
             seq = torch.cat([torch.full((k,), sid, dtype=torch.long, device=dev) for sid, k in new_seq])
-            out = torch.zeros(n, dtype=torch.bool, device=dev)  # they are prompt tokens
+            revive = torch.cat([torch.full((k,), self._roles[sid].kind == "revive", device=dev) for sid, k in new_seq])
             info = replace(info, positions=torch.cat([info.positions, pos]), row_seq=torch.cat([info.row_seq, seq]),
-                           row_output=torch.cat([info.row_output, out]))
+                           row_output=torch.cat([info.row_output, torch.zeros(n, dtype=torch.bool, device=dev)]))
+            self._slots = torch.cat([self._slots, *(x.to(self._slots.dtype) for x in new_slots)])
             present = torch.cat([present, torch.ones(n, dtype=torch.bool, device=dev)])
-            epoch1 = torch.cat([epoch1, torch.tensor([self._roles[sid].kind == "revive" for sid, k in new_seq
-                                                      for _ in range(k)], dtype=torch.bool, device=dev)])
-        # prune the final chunks' prompts by their last token's attention
+            self._epoch1 = torch.cat([self._epoch1, revive])
+            self._lazy = torch.cat([self._lazy, torch.ones(n, dtype=torch.bool, device=dev)])
+        epoch1 = self._epoch1
         ratio = self._at[layer]
-        for sid, role in self._roles.items():
+        for sid, role in self._roles.items():  # prune each final chunk's prompt by its last token
             if role.kind != "final":
                 continue
             P = role.seg.prompt_len
-            mine = (info.row_seq == sid) & present & ~epoch1 & (info.positions < P)
-            rows = mine.nonzero()[:, 0]
+            if role.in_step:  # its generated rows see every key
+                epoch1 |= (info.row_seq == sid) & (info.positions >= P)
+            rows = ((info.row_seq == sid) & present & ~epoch1 & (info.positions < P)).nonzero()[:, 0]
             target = max(1, int(P * ratio))
             if rows.numel() <= target:
                 continue
-            probe = rows[info.positions[rows] == P - 1]
-            score = self._importance(layer, h, rows, int(probe[0]), info.positions)
-            score[rows == probe[0]] = float("inf")  # the last token always continues
+            probe = int(rows[info.positions[rows] == P - 1][0])
+            score = self._importance(layer, h, rows, probe, info.positions)
+            score[rows == probe] = float("inf")  # the last token always continues
             drop = rows[score.topk(rows.numel() - target, largest=False).indices].sort().values
             if role.in_step:  # a recompute holding generated tokens: the pruned rows revive now
                 epoch1[drop] = True
             else:
                 present[drop] = False
                 self._aux[sid].pending[layer] = (info.positions[drop], h[0, drop])
-        # the final chunks' prompts hold generated rows in a recompute: they see every key
-        for sid, role in self._roles.items():
-            if role.kind == "final" and role.in_step:
-                epoch1 |= (info.row_seq == sid) & (info.positions >= role.seg.prompt_len)
-        self._epoch1 = epoch1
-        attn = self._attention(info, present, epoch1)
-        active = None if bool(present.all()) else present.nonzero()[:, 0]
-        return Stage(h, cos, sin, attn, info, active)
+        if not bool(present.all()):
+            h, cos, sin, info = self._compact(present, h, cos, sin, info)
+        return Stage(h, cos, sin, self._attention(info), info, None)
+
+    def _compact(self, keep: torch.Tensor, h, cos, sin, info: StepInfo):
+        """Drop the rows that left (their aux state is saved): every index moves to ``keep``'s."""
+        idx = keep.nonzero()[:, 0]
+        remap = torch.full((keep.numel(),), -1, dtype=torch.long, device=keep.device)
+        remap[idx] = torch.arange(idx.numel(), device=keep.device)
+        self._epoch1, self._lazy, self._slots = self._epoch1[idx], self._lazy[idx], self._slots[idx]
+        table, groups, prefills = self._ord
+        if table is not None:
+            table = DecodeTable(remap[table.rows], table.table, table.lens)
+        groups = [DecodeGroup(remap[g.rows], g.q_pos, g.blocks, g.k_pos, g.nb) for g in groups]
+        prefills = [replace(p, rows=_moved(p.rows, remap), key_rows=_moved(p.key_rows, remap)) for p in prefills]
+        self._ord = (table, groups, prefills)
+        segs = tuple(replace(sg, start=int(remap[sg.start]), end=int(remap[sg.start]) + sg.end - sg.start)
+                     for sg in info.segments if sg.end <= keep.numel() and bool(keep[sg.start : sg.end].all()))
+        info = replace(info, positions=info.positions[idx], row_seq=info.row_seq[idx], row_output=info.row_output[idx],
+                       logit_rows=remap[info.logit_rows], num_decode_rows=int(keep[: info.num_decode_rows].sum()),
+                       segments=segs)
+        return h[:, idx], cos[:, idx], sin[:, idx], info
 
     # ------------------------------------------------------------------ attention above a pruning layer
-    def _attention(self, info: StepInfo, present: torch.Tensor, epoch1: torch.Tensor) -> PagedAttention:
+    def _attention(self, info: StepInfo) -> PagedAttention:
         """The backend for the layers from here to the next pruning layer: the runner's own
         metadata for the rows LazyLLM does not touch, one segment per final chunk (its running
         prompt rows attend each other's new keys: exactly the kept keys) and per revival (its
         rows read every earlier token from the cache, written before any read at each layer)."""
-        base, T0 = self._base, self._T0
-        cache, bs, dev = base.cache, base.cache.block_size, present.device
-        T = present.numel()
-        lazy = torch.zeros(T0, dtype=torch.bool, device=dev)
-        for role in self._roles.values():
-            if role.kind in ("final", "defer"):
-                lazy[role.seg.start : role.seg.end] = True
-        ordinary = (~lazy).nonzero()[:, 0]
-        if ordinary.numel():
-            table, groups, prefills = base._restrict(ordinary)
-        else:
-            table, groups, prefills = None, [], []
+        base = self._base
+        cache, bs, dev = base.cache, base.cache.block_size, self._slots.device
+        table, groups, prefills = self._ord
         prefills = list(prefills)
-        slots = base.slots
-        if T > T0:  # the entering rows' slots
-            extra = []
-            for r in range(T0, T):
-                tb = self._roles[int(info.row_seq[r])].seg.block_table
-                p = int(info.positions[r])
-                extra.append(tb[p // bs] * bs + p % bs)
-            slots = torch.cat([slots, torch.tensor(extra, dtype=slots.dtype, device=dev)])
         for sid, role in self._roles.items():
             if role.kind == "defer":
                 continue
-            rows = ((info.row_seq == sid) & present).nonzero()[:, 0]
-            if role.kind == "revive":
-                rows = rows[rows >= T0]  # its own chunk's rows stay on the ordinary path
+            rows = ((info.row_seq == sid) & self._lazy).nonzero()[:, 0]
             if not rows.numel():
                 continue
             rows = rows[info.positions[rows].argsort()]
             q_pos = info.positions[rows][None]  # (1, n) storage indices = positions (no compaction)
             if role.kind == "final":
                 allow = None
-                e = epoch1[rows]
+                e = self._epoch1[rows]
                 if bool(e.any()):  # kept rows see kept keys only; revived / generated rows see all
                     allow = e[:, None] | ~e[None, :]
                 prefills.append(PrefillSegment(rows, q_pos, None, q_pos, allow=allow))
@@ -269,9 +279,8 @@ class LazyLLM(LayerHook):
                 lb = torch.tensor(logical, device=dev)[:, None]
                 k_pos = (lb * bs + torch.arange(bs, device=dev)).flatten()[None]
                 prefills.append(PrefillSegment(rows, q_pos, torch.tensor(phys, device=dev), k_pos))
-        attn = PagedAttention(cache, base.paths, slots, groups, prefills, base.windows, base.scale, base.rotary, table)
-        attn.write_rows = None if bool(present.all()) else present.nonzero()[:, 0]
-        return attn
+        return PagedAttention(cache, base.paths, self._slots, groups, prefills, base.windows, base.scale, base.rotary,
+                              table)
 
     def _importance(self, layer: int, h: torch.Tensor, rows: torch.Tensor, probe: int,
                     positions: torch.Tensor) -> torch.Tensor:
@@ -288,3 +297,19 @@ class LazyLLM(LayerHook):
         k = k.repeat_interleave(cfg.num_heads // cfg.num_kv_heads, 1)
         p = ((q @ k.transpose(-1, -2)).float() * self.model.attn_scale).softmax(-1)  # (1, Hq, 1, n)
         return p[0, :, 0].mean(0)
+
+
+def _moved(rows, remap: torch.Tensor):
+    """Step rows after a compaction: a contiguous (kept) run stays a slice."""
+    if rows is None:
+        return None
+    if isinstance(rows, slice):
+        start = int(remap[rows.start])
+        return slice(start, start + rows.stop - rows.start)
+    return remap[rows]
+
+
+def _slots(table: list[int], positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """KV slots of a sequence's tokens at ``positions`` (storage index = position)."""
+    tb = torch.tensor(table, device=positions.device)
+    return tb[positions // block_size] * block_size + positions % block_size
