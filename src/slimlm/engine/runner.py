@@ -113,6 +113,7 @@ class ModelRunner:
         twin = row == 1 and bool(decodes) and self._pad_lone_row()
         if twin:  # a lone decode row runs twice: the matmuls take their multi-row path
             ids, pos, slots, row_seq, row_out = ids * 2, pos * 2, slots * 2, row_seq * 2, row_out * 2
+            logit_rows = [0, 1]  # the head too sees two rows; the outputs below read the first
             decodes.append((1, *decodes[0][1:]))
         positions = self._tensor([pos])  # (1, T)
         table = self._decode_table(decodes) if self.paths.native_decode is not None else None
