@@ -244,3 +244,12 @@ def test_refused_with_a_kv_policy(deep):
 
     with pytest.raises(SlimLMError, match="cannot be combined with kv_policy"):
         engine(deep, kv_policy="sink")
+
+
+def test_quantized_kv_does_not_depend_on_chunking(deep):
+    """int8 KV: the earlier chunks' shallow KV is read back through the codec, the deep layers
+    of a prompt run in its final step: the same tokens whatever the chunk size."""
+    prompts = prompts_for_test()[:3]
+    got = [greedy(engine(deep, kv_cache_dtype="int8", max_num_batched_tokens=b, block_size=8), prompts, 6)
+           for b in (16, 512)]
+    assert got[0] == got[1]
