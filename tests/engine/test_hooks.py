@@ -1,6 +1,6 @@
 """Per-layer plans: hooks attach without editing the model; every registered hook runs inside
-batching with the pool returned; ffn_skip depends on positions, not on chunk boundaries;
-LazyLLM equals a dense, unbatched forward with the same pruning."""
+batching with the pool returned; ffn_skip depends on positions, not on chunk boundaries.
+LazyLLM's reference tests are in test_lazyllm.py."""
 
 from __future__ import annotations
 
@@ -112,34 +112,6 @@ class DenseWithHook:
                 h = layer(h, cos, sin, attn, plan)
             ids.append(int(m.head(h[:, -1:])[0, -1].argmax()))
         return ids[len(prompt):]
-
-
-@pytest.fixture(scope="module")
-def deep(tmp_path_factory):
-    from tests.conftest import make_hf_model
-
-    path = tmp_path_factory.mktemp("deep")
-    make_hf_model(path, "llama", num_hidden_layers=6)
-    return load(path)
-
-
-@pytest.mark.parametrize("settings", [dict(block_size=8), dict(block_size=16, native_kernels=False)])
-def test_lazyllm_equals_dense_pruned_forward(deep, settings):
-    """Each prompt in one chunk (the step budget holds them all): the engine prunes exactly as
-    a dense forward of the prompt does. (A prompt split over chunks is pruned per chunk, each
-    chunk's last token standing in for the prompt's.)"""
-    settings = dict(settings, max_num_batched_tokens=1024)
-    from slimlm.engine.hooks.lazyllm import LazyLLM
-
-    args = {"layers": [2, 4], "keep": [0.5, 0.25], "min_tokens": 16}
-    prompts = [(p * 3)[:150] for p in make_prompts(5, seed=4)]
-    prompts = [p for p in prompts if len(p) >= 16]
-    llm = LLM(deep, hooks=["lazyllm"], hook_args={"lazyllm": args}, **settings)
-    got = greedy(llm, prompts, 8)
-    want = [DenseWithHook(deep, LazyLLM(**args)).greedy(p, 8) for p in prompts]
-    assert got == want
-    assert got != greedy(LLM(deep, **settings), prompts, 8)  # pruning changed something
-    assert llm.engine.pool.num_free() == llm.engine.pool.num_blocks
 
 
 @pytest.mark.parametrize("args,msg", [({"layers": [0.5], "keep": [0.5, 0.2]}, "one keep ratio"),

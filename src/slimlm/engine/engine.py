@@ -89,6 +89,10 @@ class LLMEngine:
                               "cannot follow (their masks need positions); use a model without sliding windows")
         span = self.policy.span() if self.policy else AttentionSpan()
         self.hooks = [LAYER_HOOKS.get(h)(**config.hook_args.get(h, {})) for h in config.hooks]
+        alone = [n for n, h in zip(config.hooks, self.hooks) if not h.with_kv_policy]
+        if alone and self.policy is not None:
+            raise SlimLMError(f"hook {alone[0]!r} cannot be combined with kv_policy={config.kv_policy!r} "
+                              "(its KV is absent at some layers until revived)")
         # a compacted sequence's blocks no longer hold its prefix, and some hooks make a
         # prefix's KV depend on what follows it: then no prefix is shared
         prefix_caching = config.enable_prefix_caching and not token_policy and all(h.prefix_exact for h in self.hooks)
@@ -344,6 +348,8 @@ class LLMEngine:
             child.num_computed, child.kv_dropped = parent.prompt_len, parent.kv_dropped
             if copies is not None and self.policy is not None:
                 self.policy.fork(parent.seq_id, child.seq_id)
+            for h in self.hooks:
+                h.fork(parent.seq_id, child.seq_id)
             if copies is None:  # pool short: recompute the prompt later (prefix cache helps)
                 child.num_computed = child.kv_dropped = 0
                 self.scheduler.add(child)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from slimlm.engine.hooks import LayerHook, Segment, StepInfo, bypass_plan, combine_plans
+from slimlm.engine.hooks import LayerHook, Segment, Stage, StepInfo, bypass_plan, combine_plans
 from slimlm.engine.paged_attention import (
     AttentionPaths, DecodeGroup, DecodeTable, PagedAttention, PrefillSegment, kept_blocks,
 )
@@ -103,7 +103,8 @@ class ModelRunner:
             row_seq += [c.seq_id] * T
             row_out += [x >= c.prompt_len for x in p]
             logit_rows += range(row + T - c.num_logits, row + T)
-            segments.append(Segment(c.seq_id, row, row + T, not c.tree_parents and p[-1] < c.prompt_len))
+            segments.append(Segment(c.seq_id, row, row + T, not c.tree_parents and p[-1] < c.prompt_len, c.prompt_len,
+                                    c.block_table))
             if T == 1 and not (c.layout is not None and c.layout.in_set(c.start, 1)):
                 decodes.append((row, c.kv_start, *kept_blocks(c.block_table, c.kv_start + 1, bs)))
                 single += 1
@@ -116,6 +117,7 @@ class ModelRunner:
         twin = row == 1 and bool(decodes) and self._pad_lone_row()
         if twin:  # a lone decode row runs twice: the matmuls take their multi-row path
             ids, pos, slots, row_seq, row_out = ids * 2, pos * 2, slots * 2, row_seq * 2, row_out * 2
+            logit_rows = [0, 1]  # the head too sees two rows; the outputs below read the first
             decodes.append((1, *decodes[0][1:]))
         positions = self._tensor([pos])  # (1, T)
         table = self._decode_table(decodes) if self.paths.native_decode is not None else None
@@ -126,7 +128,7 @@ class ModelRunner:
         info = StepInfo(positions[0], single, self._tensor(row_seq),
                         torch.tensor(row_out, dtype=torch.bool, device=self.device), lr, tuple(segments))
         h, hidden = self._forward(self._tensor([ids]), positions, attn, info)
-        logits = self.model.head(h[0])[:1] if twin else self.model.head(h[0, lr])  # (R, V)
+        logits = self.model.head(h)  # (R, V)
         res = RunnerOutput()
         r = 0
         for c in out.chunks:
@@ -215,6 +217,12 @@ class ModelRunner:
             if i in self.capture:
                 hidden[i] = h[0, info.logit_rows]
             for hk in hooks:
+                st = hk.restage(i, Stage(h, cos, sin, attn, info, active))
+                if st is not None:  # rows enter / leave with their KV (LazyLLM): appended after the step's rows
+                    h, cos, sin, attn, info, active, T = st.h, st.cos, st.sin, st.attn, st.info, st.active, st.h.shape[1]
+            if not T:
+                continue  # every row left the step
+            for hk in hooks:
                 h = hk.before_layer(i, h, info)
             plan = None
             if hooks or active is not None:
@@ -227,5 +235,5 @@ class ModelRunner:
             h = layer(h, cos, sin, attn, plan)
         if len(model.model.layers) in self.capture:
             hidden[len(model.model.layers)] = h[0, info.logit_rows]
-        return h, hidden
+        return h[0, info.logit_rows], hidden  # (R, D): the rows whose logits the step needs
 

@@ -6,7 +6,9 @@ token, the chunks, the rows whose logits are needed) and the hidden states, and 
 :class:`~slimlm.model.transformer.RowPlan`: the rows that keep running (the others leave the
 step at this layer: their hidden state is carried up and their keys/values are still written
 in the later layers) and the rows that run the MLP. Rows that left never come back within the
-step; rows whose logits are needed never leave. Hooks may keep per-sequence state (keyed by
+step; rows whose logits are needed never leave. ``restage`` is the wider seam: a hook may
+append rows that enter the step at a layer and give the attention backend for the layers
+above (LazyLLM's deferred and revived tokens, whose KV is absent where they did not run). Hooks may keep per-sequence state (keyed by
 ``StepInfo.row_seq``) and drop it in ``release``.
 
 How to add one: subclass :class:`LayerHook` in a new file of this folder, register it with
@@ -34,6 +36,11 @@ class Segment:
     end: int
     prefill: bool
     """All rows are prompt tokens (a prefill chunk)."""
+    prompt_len: int = 0
+    """The sequence's prompt length (rows at positions >= it hold generated tokens)."""
+    block_table: list[int] | None = None
+    """The sequence's physical block per logical block (storage index = position unless a
+    token policy compacted it)."""
 
 
 @dataclass
@@ -52,12 +59,30 @@ class StepInfo:
     segments: tuple[Segment, ...] = ()
 
 
+@dataclass
+class Stage:
+    """What the layers above ``layer`` run on (see :meth:`LayerHook.restage`): the step's rows
+    (the runner's rows first, in their order; a hook may append rows that enter here), their
+    RoPE tables, the attention backend serving them, the step info extended to them, and the
+    rows still running (None = all)."""
+
+    h: torch.Tensor  # (1, T, D)
+    cos: torch.Tensor  # (1, T, d)
+    sin: torch.Tensor
+    attn: object
+    info: StepInfo
+    active: torch.Tensor | None
+
+
 class LayerHook:
     prefix_exact: ClassVar[bool] = True
     """Whether the KV a sequence computes stays a function of its tokens alone. A hook whose
     plan depends on more (LazyLLM ranks a prompt's tokens against its last one; FFN skipping
     treats prompt and generated tokens differently) sets False, and the engine then shares no
     prefix blocks, since another request's cached prefix would differ from its own."""
+
+    with_kv_policy: ClassVar[bool] = True
+    """Whether the hook composes with a KV policy (False: the engine refuses the pair)."""
 
     def bind(self, model: CausalLM) -> None:
         """Called once when the engine starts, with the model the hook will see."""
@@ -68,6 +93,18 @@ class LayerHook:
     def before_layer(self, layer: int, h: torch.Tensor, info: StepInfo) -> torch.Tensor:
         """h: (1, T, D). Return the hidden states the layer should see."""
         return h
+
+    def restage(self, layer: int, stage: Stage) -> Stage | None:
+        """Called before ``layer``'s plan. Return a new :class:`Stage` to change the rows the
+        step runs from this layer on: append rows that enter here from a saved hidden state
+        (LazyLLM's revival; they write KV only at the layers they run) and give an attention
+        backend whose writes skip rows that left (their KV at the layers above stays absent,
+        masked by that backend). None = no change."""
+        return None
+
+    def fork(self, parent: int, child: int) -> None:
+        """A parallel sample ``child`` was forked from ``parent`` (n > 1) after the prompt:
+        copy any per-sequence state the child needs."""
 
     def plan(self, layer: int, h: torch.Tensor, info: StepInfo, active: torch.Tensor | None) -> RowPlan | None:
         """Rows that run ``layer``: ``active`` (None = all) are the rows still running. Return
