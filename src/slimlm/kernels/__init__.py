@@ -40,6 +40,10 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
         # scale, nthreads
         "slimlm_paged_prefill": (_INT, (_PTR, _I64, _I64, _PTR, _PTR, _INT, _PTR, _I64, _PTR, _I64, _I64,
                                         _I64, _I64, _I64, _I64, _I64, _F32, _INT)),
+        # q, qs_t, qs_h, k_pool, k_aux, k_aux2, v_pool, v_aux, v_aux2, kv_code, dtype, table, q_start, out,
+        # os_t, os_h, T, Hq, Hkv, d, block_size, scale, mass, nthreads
+        "slimlm_paged_prefill_ex": (_INT, (_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _INT, _PTR,
+                                           _I64, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _PTR, _INT)),
     },
     "qlinear": {
         # x, q, scale, y, M, N, K, G, nthreads
