@@ -56,14 +56,15 @@ def test_round_trip_error_and_bytes(name):
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
 @pytest.mark.parametrize("name", ["int8", "int4", "bfloat16"])
-def test_native_decode_reads_quantized_pools(name):
+@pytest.mark.parametrize("heads", [(2, 6), (1, 9)])  # 9 query heads of one KV head: served 4 + 4 + 1
+def test_native_decode_reads_quantized_pools(name, heads):
     from slimlm import kernels
     from slimlm.kernels.ops import native_decode
 
     lib = kernels.load("paged_decode")
     torch.manual_seed(1)
     codec, vcodec = KV_CODECS.get(name)(torch.float32, 64), KV_CODECS.get(name)(torch.float32, 64, "v")
-    bs, H, Hq, nb = 8, 2, 6, 6
+    bs, (H, Hq), nb = 8, heads, 6
     k, v = codec.allocate(nb, bs, H, "cpu"), vcodec.allocate(nb, bs, H, "cpu")
     xk, xv = torch.randn(nb * bs, H, 64), torch.randn(nb * bs, H, 64)
     codec.write(k, torch.arange(nb * bs), xk)

@@ -278,105 +278,125 @@ static const float *load_row(const pool_t *p, int64_t slot, float *buf) {
 }
 
 #ifdef __AVX512F__
+#define QH 4 /* query heads of one KV head served per pass over its rows */
+
 /* Quantized pools with AVX-512 (int8: head size a multiple of 16; int4: of 32; at most 128),
- * rows decoded in registers. int8: q . (c s) = s (q . c), and the values' weight p s multiplies
- * the codes. int4: a group's 16 bytes widen to its even channels (low nibbles) and odd ones
- * (high nibbles); the query is split alike, so q . (c s + m) = s (q_even . c_lo + q_odd . c_hi)
- * + m sum(q) per group, and the output accumulates p s c plus p m per group, interleaved back at
- * the end. Query head by query head (the KV head's rows are decoded again for each of its G
- * query heads: cheaper than keeping G accumulator sets). */
+ * rows decoded in registers once per pass and used by up to QH query heads of their KV head.
+ * int8: q . (c s) = s (q . c), and the values' weight p s multiplies the codes. int4: a group's
+ * 16 bytes widen to its even channels (low nibbles) and odd ones (high nibbles); the query is
+ * split alike, so q . (c s + m) = s (q_even . c_lo + q_odd . c_hi) + m sum(q) per group, and the
+ * output accumulates p s c plus p m per group, interleaved back at the end. */
 static void decode_quant_avx512(const float *qb, const pool_t *kp, const pool_t *vp, const int64_t *tb, int64_t L,
                                 float *ob, float *s, int64_t Hq, int64_t Hkv, int64_t d, int64_t block_size,
                                 float scale) {
     const int64_t G = Hq / Hkv, W = Hkv * d;
-    if (kp->dtype == 2) {
-        const int64_t nv = d / 16;
-        for (int64_t hq = 0; hq < Hq; ++hq) {
-            const int64_t g = hq / G;
-            __m512 qv[8];
-            for (int64_t j = 0; j < nv; ++j) qv[j] = _mm512_loadu_ps(qb + hq * d + 16 * j);
+    const int64_t nv = d / 16, NG = d / I4_GROUP;
+    const __m512i low = _mm512_set1_epi32(15);
+    for (int64_t h0 = 0, hn = 0; h0 < Hq; h0 += hn) { /* scores */
+        const int64_t g = h0 / G; /* heads h0 .. h0 + hn - 1 of KV head g */
+        hn = (g + 1) * G - h0 < QH ? (g + 1) * G - h0 : QH;
+        if (kp->dtype == 2) {
+            __m512 qv[QH][8];
+            for (int64_t h = 0; h < hn; ++h)
+                for (int64_t j = 0; j < nv; ++j) qv[h][j] = _mm512_loadu_ps(qb + (h0 + h) * d + 16 * j);
             for (int64_t t = 0; t < L; ++t) {
                 const int64_t slot = tb[t / block_size] * block_size + t % block_size;
                 const int8_t *kr = (const int8_t *)kp->data + slot * W + g * d;
-                __m512 a = _mm512_mul_ps(qv[0], _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)kr))));
-                for (int64_t j = 1; j < nv; ++j)
-                    a = _mm512_fmadd_ps(qv[j], _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(kr + 16 * j)))), a);
-                s[hq * L + t] = scale * _cvtsh_ss(((const uint16_t *)kp->aux)[slot * Hkv + g]) * _mm512_reduce_add_ps(a);
+                __m512 c[8], a[QH];
+                for (int64_t j = 0; j < nv; ++j) c[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(kr + 16 * j))));
+                for (int64_t h = 0; h < hn; ++h) {
+                    a[h] = _mm512_mul_ps(qv[h][0], c[0]);
+                    for (int64_t j = 1; j < nv; ++j) a[h] = _mm512_fmadd_ps(qv[h][j], c[j], a[h]);
+                }
+                const float sc = scale * _cvtsh_ss(((const uint16_t *)kp->aux)[slot * Hkv + g]);
+                for (int64_t h = 0; h < hn; ++h) s[(h0 + h) * L + t] = sc * _mm512_reduce_add_ps(a[h]);
             }
-        }
-        softmax_rows(s, Hq, L);
-        for (int64_t hq = 0; hq < Hq; ++hq) {
-            const int64_t g = hq / G;
-            __m512 acc[8];
-            for (int64_t j = 0; j < nv; ++j) acc[j] = _mm512_setzero_ps();
+        } else {
+            __m512 qe[QH][4], qo[QH][4];
+            float qsum[QH][4];
+            for (int64_t h = 0; h < hn; ++h)
+                for (int64_t gr = 0; gr < NG; ++gr) {
+                    float e[16], o[16];
+                    const float *qg = qb + (h0 + h) * d + gr * I4_GROUP;
+                    qsum[h][gr] = 0.f;
+                    for (int i = 0; i < 16; ++i) { e[i] = qg[2 * i]; o[i] = qg[2 * i + 1]; qsum[h][gr] += e[i] + o[i]; }
+                    qe[h][gr] = _mm512_loadu_ps(e);
+                    qo[h][gr] = _mm512_loadu_ps(o);
+                }
             for (int64_t t = 0; t < L; ++t) {
                 const int64_t slot = tb[t / block_size] * block_size + t % block_size;
-                const int8_t *vr = (const int8_t *)vp->data + slot * W + g * d;
-                const __m512 w = _mm512_set1_ps(s[hq * L + t] * _cvtsh_ss(((const uint16_t *)vp->aux)[slot * Hkv + g]));
-                for (int64_t j = 0; j < nv; ++j)
-                    acc[j] = _mm512_fmadd_ps(w, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(vr + 16 * j)))), acc[j]);
+                const uint8_t *kr = (const uint8_t *)kp->data + slot * (W / 2) + g * (d / 2);
+                const uint16_t *sc = (const uint16_t *)kp->aux + (slot * Hkv + g) * NG;
+                const uint16_t *mn = (const uint16_t *)kp->aux2 + (slot * Hkv + g) * NG;
+                __m512 a[QH];
+                float c[QH];
+                for (int64_t h = 0; h < hn; ++h) { a[h] = _mm512_setzero_ps(); c[h] = 0.f; }
+                for (int64_t gr = 0; gr < NG; ++gr) {
+                    const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(kr + gr * I4_GROUP / 2)));
+                    const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(x, low)), hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(x, 4));
+                    const __m512 sg = _mm512_set1_ps(_cvtsh_ss(sc[gr]));
+                    const float mg = _cvtsh_ss(mn[gr]);
+                    for (int64_t h = 0; h < hn; ++h) {
+                        a[h] = _mm512_fmadd_ps(sg, _mm512_fmadd_ps(qe[h][gr], lo, _mm512_mul_ps(qo[h][gr], hi)), a[h]);
+                        c[h] += mg * qsum[h][gr];
+                    }
+                }
+                for (int64_t h = 0; h < hn; ++h) s[(h0 + h) * L + t] = scale * (_mm512_reduce_add_ps(a[h]) + c[h]);
             }
-            for (int64_t j = 0; j < nv; ++j) _mm512_storeu_ps(ob + hq * d + 16 * j, acc[j]);
-        }
-        return;
-    }
-    const int64_t NG = d / I4_GROUP, Wb = W / 2;
-    const __m512i low = _mm512_set1_epi32(15);
-    for (int64_t hq = 0; hq < Hq; ++hq) {
-        const int64_t g = hq / G;
-        __m512 qe[4], qo[4];
-        float qsum[4];
-        for (int64_t gr = 0; gr < NG; ++gr) {
-            float e[16], o[16];
-            qsum[gr] = 0.f;
-            for (int i = 0; i < 16; ++i) {
-                e[i] = qb[hq * d + gr * I4_GROUP + 2 * i];
-                o[i] = qb[hq * d + gr * I4_GROUP + 2 * i + 1];
-                qsum[gr] += e[i] + o[i];
-            }
-            qe[gr] = _mm512_loadu_ps(e);
-            qo[gr] = _mm512_loadu_ps(o);
-        }
-        for (int64_t t = 0; t < L; ++t) {
-            const int64_t slot = tb[t / block_size] * block_size + t % block_size;
-            const uint8_t *kr = (const uint8_t *)kp->data + slot * Wb + g * (d / 2);
-            const uint16_t *sc = (const uint16_t *)kp->aux + (slot * Hkv + g) * NG, *mn = (const uint16_t *)kp->aux2 + (slot * Hkv + g) * NG;
-            __m512 a = _mm512_setzero_ps();
-            float c = 0.f;
-            for (int64_t gr = 0; gr < NG; ++gr) {
-                const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(kr + gr * I4_GROUP / 2)));
-                const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(x, low)), hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(x, 4));
-                a = _mm512_fmadd_ps(_mm512_set1_ps(_cvtsh_ss(sc[gr])), _mm512_fmadd_ps(qe[gr], lo, _mm512_mul_ps(qo[gr], hi)), a);
-                c += _cvtsh_ss(mn[gr]) * qsum[gr];
-            }
-            s[hq * L + t] = scale * (_mm512_reduce_add_ps(a) + c);
         }
     }
     softmax_rows(s, Hq, L);
-    for (int64_t hq = 0; hq < Hq; ++hq) {
-        const int64_t g = hq / G;
-        __m512 ae[4], ao[4];
-        float msum[4];
-        for (int64_t gr = 0; gr < NG; ++gr) { ae[gr] = ao[gr] = _mm512_setzero_ps(); msum[gr] = 0.f; }
-        for (int64_t t = 0; t < L; ++t) {
-            const int64_t slot = tb[t / block_size] * block_size + t % block_size;
-            const uint8_t *vr = (const uint8_t *)vp->data + slot * Wb + g * (d / 2);
-            const uint16_t *sc = (const uint16_t *)vp->aux + (slot * Hkv + g) * NG, *mn = (const uint16_t *)vp->aux2 + (slot * Hkv + g) * NG;
-            const float p = s[hq * L + t];
-            for (int64_t gr = 0; gr < NG; ++gr) {
-                const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(vr + gr * I4_GROUP / 2)));
-                const __m512 w = _mm512_set1_ps(p * _cvtsh_ss(sc[gr]));
-                ae[gr] = _mm512_fmadd_ps(w, _mm512_cvtepi32_ps(_mm512_and_si512(x, low)), ae[gr]);
-                ao[gr] = _mm512_fmadd_ps(w, _mm512_cvtepi32_ps(_mm512_srli_epi32(x, 4)), ao[gr]);
-                msum[gr] += p * _cvtsh_ss(mn[gr]);
+    for (int64_t h0 = 0, hn = 0; h0 < Hq; h0 += hn) { /* weighted values */
+        const int64_t g = h0 / G; /* heads h0 .. h0 + hn - 1 of KV head g */
+        hn = (g + 1) * G - h0 < QH ? (g + 1) * G - h0 : QH;
+        if (vp->dtype == 2) {
+            __m512 acc[QH][8];
+            for (int64_t h = 0; h < hn; ++h)
+                for (int64_t j = 0; j < nv; ++j) acc[h][j] = _mm512_setzero_ps();
+            for (int64_t t = 0; t < L; ++t) {
+                const int64_t slot = tb[t / block_size] * block_size + t % block_size;
+                const int8_t *vr = (const int8_t *)vp->data + slot * W + g * d;
+                const float sv = _cvtsh_ss(((const uint16_t *)vp->aux)[slot * Hkv + g]);
+                __m512 c[8];
+                for (int64_t j = 0; j < nv; ++j) c[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(vr + 16 * j))));
+                for (int64_t h = 0; h < hn; ++h) {
+                    const __m512 w = _mm512_set1_ps(s[(h0 + h) * L + t] * sv);
+                    for (int64_t j = 0; j < nv; ++j) acc[h][j] = _mm512_fmadd_ps(w, c[j], acc[h][j]);
+                }
             }
-        }
-        for (int64_t gr = 0; gr < NG; ++gr) {
-            float e[16], o[16];
-            _mm512_storeu_ps(e, ae[gr]);
-            _mm512_storeu_ps(o, ao[gr]);
-            float *og = ob + hq * d + gr * I4_GROUP;
-            for (int i = 0; i < 16; ++i) { og[2 * i] = e[i] + msum[gr]; og[2 * i + 1] = o[i] + msum[gr]; }
+            for (int64_t h = 0; h < hn; ++h)
+                for (int64_t j = 0; j < nv; ++j) _mm512_storeu_ps(ob + (h0 + h) * d + 16 * j, acc[h][j]);
+        } else {
+            __m512 ae[QH][4], ao[QH][4];
+            float msum[QH][4];
+            for (int64_t h = 0; h < hn; ++h)
+                for (int64_t gr = 0; gr < NG; ++gr) { ae[h][gr] = ao[h][gr] = _mm512_setzero_ps(); msum[h][gr] = 0.f; }
+            for (int64_t t = 0; t < L; ++t) {
+                const int64_t slot = tb[t / block_size] * block_size + t % block_size;
+                const uint8_t *vr = (const uint8_t *)vp->data + slot * (W / 2) + g * (d / 2);
+                const uint16_t *sc = (const uint16_t *)vp->aux + (slot * Hkv + g) * NG;
+                const uint16_t *mn = (const uint16_t *)vp->aux2 + (slot * Hkv + g) * NG;
+                for (int64_t gr = 0; gr < NG; ++gr) {
+                    const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(vr + gr * I4_GROUP / 2)));
+                    const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(x, low)), hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(x, 4));
+                    const float sg = _cvtsh_ss(sc[gr]), mg = _cvtsh_ss(mn[gr]);
+                    for (int64_t h = 0; h < hn; ++h) {
+                        const float p = s[(h0 + h) * L + t];
+                        const __m512 w = _mm512_set1_ps(p * sg);
+                        ae[h][gr] = _mm512_fmadd_ps(w, lo, ae[h][gr]);
+                        ao[h][gr] = _mm512_fmadd_ps(w, hi, ao[h][gr]);
+                        msum[h][gr] += p * mg;
+                    }
+                }
+            }
+            for (int64_t h = 0; h < hn; ++h)
+                for (int64_t gr = 0; gr < NG; ++gr) {
+                    float e[16], o[16];
+                    _mm512_storeu_ps(e, ae[h][gr]);
+                    _mm512_storeu_ps(o, ao[h][gr]);
+                    float *og = ob + (h0 + h) * d + gr * I4_GROUP;
+                    for (int i = 0; i < 16; ++i) { og[2 * i] = e[i] + msum[h][gr]; og[2 * i + 1] = o[i] + msum[h][gr]; }
+                }
         }
     }
 }
@@ -447,7 +467,7 @@ int slimlm_paged_decode(const float *q, const void *k_pool, const void *v_pool, 
             else if (d == 64 && dtype == 1) { decode_avx512(qb, k_pool, v_pool, 1, tb, L, ob, s, Hq, Hkv, 64, block_size, scale); done = 1; }
             else if (d % 16 == 0 && d <= 128 && dtype == 0) { decode_avx512(qb, k_pool, v_pool, 0, tb, L, ob, s, Hq, Hkv, d, block_size, scale); done = 1; }
             else if (d % 16 == 0 && d <= 128 && dtype == 1) { decode_avx512(qb, k_pool, v_pool, 1, tb, L, ob, s, Hq, Hkv, d, block_size, scale); done = 1; }
-            else if (((dtype == 2 && d % 16 == 0) || (dtype == 3 && d % 32 == 0)) && d <= 128) {
+            else if (((dtype == 2 && d % 16 == 0) || (dtype == 3 && d % 32 == 0)) && d >= 16 && d <= 128) {
                 decode_quant_avx512(qb, &kp, &vp, tb, L, ob, s, Hq, Hkv, d, block_size, scale);
                 done = 1;
             }
