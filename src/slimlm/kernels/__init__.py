@@ -32,6 +32,8 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
         # B, Hq, Hkv, d, block_size, max_blocks, scale, nthreads
         "slimlm_paged_decode": (_INT, (_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _PTR, _PTR, _PTR, _PTR,
                                        _I64, _I64, _I64, _I64, _I64, _I64, _F32, _INT)),
+        # x, slots, T, H, d, code, data, aux, aux2 (int8 / int4 codecs' write)
+        "slimlm_kv_quantize": (_INT, (_PTR, _PTR, _I64, _I64, _I64, _INT, _PTR, _PTR, _PTR)),
     },
     "paged_prefill": {
         "slimlm_prefill_supported": (_INT, (_I64, _INT)),  # head size, dtype

@@ -485,3 +485,69 @@ int slimlm_paged_decode(const float *q, const void *k_pool, const void *v_pool, 
     }
     return failed ? 2 : 0;
 }
+
+/* Quantize rows into a quantized pool, as the codecs' ``write`` computes them (codec/int8.py,
+ * codec/int4.py; a rotating codec passes its rows already rotated): x (T, H, d) float32, row t
+ * into flat slot slots[t]. int8 (code 2): s = fp16(max(max|x| / 127, 1e-8)), c = clamp(rne(x / s),
+ * -127, 127). int4 (code 3): per group of 32, s = fp16(max((max - min) / 15, 1e-8)),
+ * m = fp16(min), c = clamp(rne((x - m) / s), 0, 15), even channel in the low nibble. Every step
+ * is one float32 operation rounded as PyTorch rounds it, so the stored bytes are the same (a NaN
+ * code, from a zero scale, is stored as 0, as PyTorch's conversion gives on x86). */
+#ifdef __F16C__
+#include <immintrin.h>
+static inline uint16_t f32_to_f16(float f) { return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+
+static inline float code_of(float v, float lo, float hi) {
+    v = nearbyintf(v);
+    if (v != v) return 0.f;
+    return v < lo ? lo : v > hi ? hi : v;
+}
+
+#endif
+
+int slimlm_kv_quantize(const float *x, const int64_t *slots, int64_t T, int64_t H, int64_t d, int code, void *data,
+                       void *aux, void *aux2) {
+#ifndef __F16C__
+    (void)x; (void)slots; (void)T; (void)H; (void)d; (void)code; (void)data; (void)aux; (void)aux2;
+    return 1; /* no fp16 conversion instructions: the codecs quantize with PyTorch */
+#else
+    if (T < 0 || H <= 0 || d <= 0 || (code != 2 && code != 3) || (code == 3 && (d % I4_GROUP || !aux2)) || !aux)
+        return 1;
+    for (int64_t t = 0; t < T; ++t)
+        for (int64_t h = 0; h < H; ++h) {
+            const float *r = x + (t * H + h) * d;
+            const int64_t row = slots[t] * H + h;
+            if (code == 2) {
+                float amax = 0.f;
+                for (int64_t i = 0; i < d; ++i) { const float a = fabsf(r[i]); amax = a > amax ? a : amax; }
+                float s = amax / 127.0f;
+                s = s < 1e-8f ? 1e-8f : s;
+                const uint16_t s16 = f32_to_f16(s);
+                const float sf = _cvtsh_ss(s16);
+                int8_t *q = (int8_t *)data + row * d;
+                for (int64_t i = 0; i < d; ++i) q[i] = (int8_t)code_of(r[i] / sf, -127.f, 127.f);
+                ((uint16_t *)aux)[row] = s16;
+                continue;
+            }
+            const int64_t G = d / I4_GROUP;
+            uint8_t *q = (uint8_t *)data + row * (d / 2);
+            for (int64_t g = 0; g < G; ++g) {
+                const float *v = r + g * I4_GROUP;
+                float lo = v[0], hi = v[0];
+                for (int i = 1; i < I4_GROUP; ++i) { lo = v[i] < lo ? v[i] : lo; hi = v[i] > hi ? v[i] : hi; }
+                float s = (hi - lo) / 15.0f;
+                s = s < 1e-8f ? 1e-8f : s;
+                const uint16_t s16 = f32_to_f16(s), m16 = f32_to_f16(lo);
+                const float sf = _cvtsh_ss(s16), mf = _cvtsh_ss(m16);
+                for (int i = 0; i < I4_GROUP / 2; ++i) {
+                    const uint8_t c0 = (uint8_t)code_of((v[2 * i] - mf) / sf, 0.f, 15.f);
+                    const uint8_t c1 = (uint8_t)code_of((v[2 * i + 1] - mf) / sf, 0.f, 15.f);
+                    q[g * I4_GROUP / 2 + i] = (uint8_t)(c0 | (c1 << 4));
+                }
+                ((uint16_t *)aux)[row * G + g] = s16;
+                ((uint16_t *)aux2)[row * G + g] = m16;
+            }
+        }
+    return 0;
+#endif
+}
