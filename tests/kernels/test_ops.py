@@ -105,6 +105,9 @@ def test_opcheck():
     q, k, v, table, q_start = prefill_case(torch.float32)
     torch.library.opcheck(torch.ops.slimlm.paged_prefill.default, (q, k, v, table, q_start, torch.empty_like(q),
                                                                    0.125))
+    mass = torch.zeros(k.shape[0] * k.shape[1], k.shape[2])
+    torch.library.opcheck(torch.ops.slimlm.paged_prefill_ex.default, (q, [k], [v], 0, table, q_start,
+                                                                      torch.empty_like(q), 0.125, mass))
 
 
 def test_torch_compile_traces_the_wrappers_as_ops():

@@ -166,3 +166,40 @@ def test_engine_bf16_loses_no_quality(lib, tmp_path, monkeypatch):
     err_native, err_pytorch = (native_bf16 - exact).abs().mean(), (pytorch_bf16 - exact).abs().mean()
     print(f"mean |logprob - fp32|: native bf16 {err_native:.5f}, PyTorch bf16 {err_pytorch:.5f}")
     assert err_native <= 1.25 * err_pytorch + 1e-3, (err_native, err_pytorch)
+
+
+@pytest.mark.parametrize("codec_name", ["int8", "int4", "float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reads_every_pool_format_in_place_and_adds_mass(lib, codec_name, dtype):
+    """``native_prefill_ex``: int8 / int4 / other-format float pools decoded while repacking
+    (a rotating codec's query rotated in), and each key's attention mass added to its slot,
+    both as explicit attention over the codec's decoded rows computes them."""
+    from slimlm.kernels.ops import native_prefill_ex
+    from slimlm.kvcache.codec import KV_CODECS
+
+    need(lib, dtype)
+    g = torch.Generator().manual_seed(3)
+    d, hq, hkv, bs, nb, T, q_start = 64, 4, 2, 8, 12, 21, 13
+    n, G = q_start + T, hq // hkv
+    kc, vc = KV_CODECS.get(codec_name)(dtype, d, "k"), KV_CODECS.get(codec_name)(dtype, d, "v")
+    kp, vp = kc.allocate(nb, bs, hkv, "cpu"), vc.allocate(nb, bs, hkv, "cpu")
+    table = torch.randperm(nb, generator=g)[: -(-n // bs)]
+    slots = table[torch.arange(n) // bs] * bs + torch.arange(n) % bs
+    kc.write(kp, slots, torch.randn(n, hkv, d, generator=g).to(dtype))
+    vc.write(vp, slots, torch.randn(n, hkv, d, generator=g).to(dtype))
+    k = kc.read(kp, table).flatten(0, 1)[:n].float()  # (n, Hkv, d), the model's space
+    v = vc.read(vp, table).flatten(0, 1)[:n].float()
+    q = torch.randn(T, hq, d, generator=g).to(dtype)
+    s = torch.einsum("thd,shd->hts", q.float(), k.repeat_interleave(G, 1)) * 0.125
+    causal = torch.arange(n)[None] <= torch.arange(q_start, n)[:, None]
+    p = s.masked_fill(~causal, float("-inf")).softmax(-1)  # (Hq, T, n)
+    want = torch.einsum("hts,shd->thd", p, v.repeat_interleave(G, 1))
+    out, mass = torch.empty_like(q), torch.zeros(nb * bs, hkv)
+    native_prefill_ex(lib, kc.to_storage(q).to(dtype), kp, vp, kc.native_code, table, q_start, out, 0.125, mass)
+    assert close_enough(vc.from_storage(out), want, dtype) if dtype == torch.float32 else \
+        (out.float() - want).abs().max() < 2e-2
+    tol = 1e-5 if dtype == torch.float32 and not kc.rotates else 1e-2
+    torch.testing.assert_close(mass[slots], p.view(hkv, G, T, n).sum((1, 2)).T, rtol=tol, atol=tol)
+    assert mass.sum().item() == pytest.approx(hkv * G * T, rel=1e-5)  # every query's probabilities, once
+    with pytest.raises(ValueError, match="mass"):
+        native_prefill_ex(lib, q, kp, vp, kc.native_code, table, q_start, out, 0.125, torch.zeros(3))

@@ -56,14 +56,15 @@ def test_round_trip_error_and_bytes(name):
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
 @pytest.mark.parametrize("name", ["int8", "int4", "bfloat16"])
-def test_native_decode_reads_quantized_pools(name):
+@pytest.mark.parametrize("heads", [(2, 6), (1, 9)])  # 9 query heads of one KV head: served 4 + 4 + 1
+def test_native_decode_reads_quantized_pools(name, heads):
     from slimlm import kernels
     from slimlm.kernels.ops import native_decode
 
     lib = kernels.load("paged_decode")
     torch.manual_seed(1)
     codec, vcodec = KV_CODECS.get(name)(torch.float32, 64), KV_CODECS.get(name)(torch.float32, 64, "v")
-    bs, H, Hq, nb = 8, 2, 6, 6
+    bs, (H, Hq), nb = 8, heads, 6
     k, v = codec.allocate(nb, bs, H, "cpu"), vcodec.allocate(nb, bs, H, "cpu")
     xk, xv = torch.randn(nb * bs, H, 64), torch.randn(nb * bs, H, 64)
     codec.write(k, torch.arange(nb * bs), xk)
@@ -175,3 +176,36 @@ def test_kv_bytes_follow_the_codec(tiny):
 def test_unknown_codec_lists_the_valid_ones(tiny):
     with pytest.raises(SlimLMError, match="known: auto, bfloat16, float16, float32, int4, int8"):
         LLM(tiny, kv_cache_dtype="int3")
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_quantize_stores_the_same_bytes(name, dtype, monkeypatch):
+    """The native quantizer (``slimlm_kv_quantize``) writes exactly the bytes of the codec's
+    PyTorch code: ordinary rows, all-zero rows (a zero fp16 scale), constant groups, tiny and
+    huge rows; keys rotated and values not."""
+    import importlib
+
+    from slimlm import kernels
+
+    if kernels.load("paged_decode") is None:
+        pytest.skip("no native kernels here: the codecs quantize with PyTorch")
+    mod = importlib.import_module(f"slimlm.kvcache.codec.{name}")
+    g = torch.Generator().manual_seed(5)
+    T, H, d, nb, bs = 29, 3, 64, 8, 8
+    x = torch.randn(T, H, d, generator=g) * torch.rand(T, H, 1, generator=g) * 5
+    x[3], x[4, 1], x[5, 0, :32] = 0.0, 2.5, -1.0
+    x[6] *= 1e-9
+    x[7] *= 1e4
+    slots = torch.randperm(nb * bs, generator=g)[:T]
+    for role in ("k", "v"):
+        codec = KV_CODECS.get(name)(dtype, d, role)
+        want, got = codec.allocate(nb, bs, H, "cpu"), codec.allocate(nb, bs, H, "cpu")
+        monkeypatch.setattr(mod, "NATIVE", False)
+        codec.write(want, slots, x.to(dtype))
+        monkeypatch.setattr(mod, "NATIVE", True)
+        codec.write(got, slots, x.to(dtype))
+        for a, b in zip(want, got):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    with pytest.raises(ValueError, match="outside the pool"):
+        codec.write(got, torch.full((T,), nb * bs), x.to(dtype))

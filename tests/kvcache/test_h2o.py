@@ -251,3 +251,32 @@ def test_parallel_samples_fork_the_compacted_cache(tiny, args):
     for a, b in zip(one, two):
         assert [c.token_ids for c in b.outputs] == [a.outputs[0].token_ids] * 2
     assert llm.engine.pool.num_free() == llm.engine.pool.num_blocks
+
+
+@pytest.mark.parametrize("kv_dtype", ["auto", "int8"])
+def test_native_prefill_accumulates_mass_at_head_size_64(tmp_path, kv_dtype):
+    """Head size 64: prefill chunks go through the native prefill kernel, which accumulates the
+    attention mass itself (and reads an int8 pool in place); the engine still follows the dense
+    H2O fed the same chunks (keys and values through the same codec)."""
+    from tests.conftest import make_hf_model
+    from tests.kvcache.test_codecs import roundtrip
+
+    make_hf_model(tmp_path, "llama", hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
+    lm = load(tmp_path)
+    prompts = [(p * 3)[:120] for p in make_prompts(2, seed=14)]
+    args = {"budget": 0.3, "min_tokens": 16}
+    llm = LLM(lm, kv_policy="h2o", kv_policy_args=args, kv_cache_dtype=kv_dtype, block_size=8,
+              max_num_batched_tokens=64)
+    paths = llm.engine.runner.paths
+    if paths.native_prefill is None:
+        pytest.skip("no native prefill kernel on this CPU")
+    assert paths.prefill_in_place and paths.track_mass
+    outs, log, _ = engine_chunks(llm, prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    assert llm.engine.pool.num_free() == llm.engine.pool.num_blocks
+    codecs = llm.engine.cache.codec, llm.engine.cache.vcodec
+    for prompt, out, sid in zip(prompts, outs, sorted(log)):
+        ref = DenseH2O(lm, KV_POLICIES.get("h2o")(**args), 8, len(prompt))
+        if kv_dtype != "auto":
+            ref.store = lambda k, v: (roundtrip(codecs[0], k.transpose(0, 1)).transpose(0, 1),  # noqa: E731
+                                      roundtrip(codecs[1], v.transpose(0, 1)).transpose(0, 1))
+        assert_reference_follows(ref, prompt, log[sid], out)

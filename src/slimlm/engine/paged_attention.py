@@ -10,9 +10,11 @@ with the paths the :class:`AttentionPaths` chosen at start-up allow:
   (plain or quantized pools; it also accumulates attention mass for score-based policies; a
   codec that stores rows rotated gets the query rotated before and the output after);
   otherwise in groups of similar context length over gathered, decoded blocks;
-- each multi-token chunk alone: the native ``paged_prefill`` kernel (plain pools, causal, no
-  mass, no tree); otherwise over its gathered context with an explicit mask, in blocks of
-  ``Q_BLOCK`` query rows that each see only the keys up to their last storage index.
+- each multi-token chunk alone: the native ``paged_prefill`` kernel (causal, no tree), which
+  reads plain and quantized pools in place (a rotating codec's query rotated as for decode) and
+  accumulates attention mass when a policy asks; otherwise over its gathered context with an
+  explicit mask, in blocks of ``Q_BLOCK`` query rows that each see only the keys up to their
+  last storage index.
 
 Masks are built in *storage* indices (a sequence's stored rows 0..n-1): a token policy may
 have compacted the context, and since keys carry their RoPE rotation they need no position.
@@ -30,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from slimlm.kernels.ops import NATIVE_DTYPES, native_decode, native_prefill
+from slimlm.kernels.ops import NATIVE_DTYPES, native_decode, native_prefill, native_prefill_ex
 from slimlm.kvcache.manager import EVICTED
 from slimlm.kvcache.policy.base import AttentionSpan
 from slimlm.kvcache.storage import PagedKVCache
@@ -189,8 +191,11 @@ class AttentionPaths:
     span: AttentionSpan = AttentionSpan()
     track_mass: bool = False
     prefill_decodes: bool = False
-    """The pool is not in the compute dtype (quantized, or another float): the prefill kernel
-    reads the chunk's context decoded into a workspace (the decode the PyTorch path does too)."""
+    """The pool is not in the compute dtype and the prefill kernel cannot read its format
+    (``native_code`` None, e.g. float16): it reads the chunk's context decoded into a workspace."""
+    prefill_in_place: bool = False
+    """The prefill kernel reads the pool's stored format itself (quantized or another float
+    format) or accumulates attention mass: :func:`native_prefill_ex`."""
     sparse: object | None = None
     """A query KV policy (Squeezed Attention, ShadowKV): decode keys chosen per query."""
     dual_chunk: object | None = None
@@ -214,12 +219,14 @@ class AttentionPaths:
             elif codec.native_code is not None:  # a query policy: the sparse kernel reads its picks
                 sparse_lib = kernels.load("sparse_decode")
             compute = NATIVE_DTYPES.get(cache.spec.compute_dtype)  # the kernel reads q's dtype
-            if not track_mass and compute is not None:
+            if compute is not None:
                 lib = kernels.load("paged_prefill")
                 if lib is not None and lib.slimlm_prefill_supported(head_dim, compute):
                     prefill = lib
-        return cls(decode, prefill, span, track_mass, codec.native_code != NATIVE_DTYPES.get(cache.spec.compute_dtype),
-                   sparse, sparse_native=sparse_lib)
+        compute = NATIVE_DTYPES.get(cache.spec.compute_dtype)
+        in_place = prefill is not None and codec.native_code is not None and (codec.native_code != compute or track_mass)
+        return cls(decode, prefill, span, track_mass, codec.native_code != compute and not in_place, sparse=sparse,
+                   prefill_in_place=in_place, sparse_native=sparse_lib)
 
 
 class PagedAttention:
@@ -371,6 +378,17 @@ class PagedAttention:
             sparse = None
         if sparse is None and self.paths.native_prefill is not None and p.table is not None and window is None \
                 and p.tree is None and isinstance(p.rows, slice):
+            if self.paths.prefill_in_place:  # the kernel decodes the stored format (and adds mass)
+                q = q_full[p.rows]
+                q = cache.codec.to_storage(q).to(q.dtype)  # a rotating codec stores keys @ R
+                o = out[p.rows] if not cache.vcodec.rotates else torch.empty_like(q)
+                kp, vp = cache.pools(layer)
+                native_prefill_ex(self.paths.native_prefill, q, kp, vp, cache.codec.native_code, p.table,
+                                  int(p.q_pos[0, 0]), o, self.scale,
+                                  cache.mass[layer] if cache.mass is not None else None)
+                if cache.vcodec.rotates:
+                    out[p.rows] = cache.vcodec.from_storage(o).to(out.dtype)
+                return
             if self.paths.prefill_decodes:  # decode the context once into a dense workspace
                 kp, vp = cache.gather("k", layer, p.table).contiguous(), cache.gather("v", layer, p.table).contiguous()
                 table = torch.arange(p.table.numel(), device=p.table.device)

@@ -32,6 +32,8 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
         # B, Hq, Hkv, d, block_size, max_blocks, scale, nthreads
         "slimlm_paged_decode": (_INT, (_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _PTR, _PTR, _PTR, _PTR,
                                        _I64, _I64, _I64, _I64, _I64, _I64, _F32, _INT)),
+        # x, slots, T, H, d, code, data, aux, aux2 (int8 / int4 codecs' write)
+        "slimlm_kv_quantize": (_INT, (_PTR, _PTR, _I64, _I64, _I64, _INT, _PTR, _PTR, _PTR)),
     },
     "paged_prefill": {
         "slimlm_prefill_supported": (_INT, (_I64, _INT)),  # head size, dtype
@@ -40,6 +42,10 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
         # scale, nthreads
         "slimlm_paged_prefill": (_INT, (_PTR, _I64, _I64, _PTR, _PTR, _INT, _PTR, _I64, _PTR, _I64, _I64,
                                         _I64, _I64, _I64, _I64, _I64, _F32, _INT)),
+        # q, qs_t, qs_h, k_pool, k_aux, k_aux2, v_pool, v_aux, v_aux2, kv_code, dtype, table, q_start, out,
+        # os_t, os_h, T, Hq, Hkv, d, block_size, scale, mass, nthreads
+        "slimlm_paged_prefill_ex": (_INT, (_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _INT, _PTR,
+                                           _I64, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _PTR, _INT)),
     },
     "sparse_decode": {
         # q, k_pool, v_pool, k_aux, k_aux2, v_aux, v_aux2, dtype, table, max_blocks, idx, cnt, N, qmask,

@@ -168,6 +168,62 @@ def native_prefill(lib, q_rows: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
     _prefill_impl(q_rows, k_pool, v_pool, table, q_start, out, scale)
 
 
+def _prefill_ex_shapes(q_rows, k_parts, v_parts, code, table, q_start, out, mass) -> None:
+    T, Hq, d = q_rows.shape
+    k0 = k_parts[0]
+    num_blocks, bs, hkv = k0.shape[0], k0.shape[1], k0.shape[2]
+    _check_pool(k_parts, code)
+    _check_pool(v_parts, code)
+    if q_rows.dtype != out.dtype or q_rows.dtype not in NATIVE_DTYPES or q_rows.stride(2) != 1 \
+            or out.stride(2) != 1 or out.shape != q_rows.shape:
+        raise ValueError("native_prefill: q and out need one float32 / bfloat16 dtype, q's shape and a contiguous "
+                         "head dimension")
+    if [tuple(t.shape) for t in v_parts] != [tuple(t.shape) for t in k_parts]:
+        raise ValueError("native_prefill: key and value pools differ in shape")
+    if table.dtype != torch.int64:
+        raise ValueError("native kernels need a contiguous int64 block table")
+    if table.numel() * bs < q_start + T or Hq % hkv or k0.shape[3] * (2 if code == 3 else 1) != d:
+        raise ValueError("native_prefill: the table must cover every key and head sizes must match the pool")
+    if mass is not None and (mass.dtype != torch.float32 or mass.numel() != num_blocks * bs * hkv):
+        raise ValueError("native_prefill: mass must be a contiguous float32 (slots, Hkv) tensor")
+
+
+def _prefill_ex_impl(q_rows: torch.Tensor, k_parts: list[torch.Tensor], v_parts: list[torch.Tensor], code: int,
+                     table: torch.Tensor, q_start: int, out: torch.Tensor, scale: float,
+                     mass: torch.Tensor | None) -> None:
+    T, Hq, d = q_rows.shape
+    k0 = k_parts[0]
+    _prefill_ex_shapes(q_rows, k_parts, v_parts, code, table, q_start, out, mass)
+    _check_table(table, k0.shape[0])
+    if mass is not None and not mass.is_contiguous():
+        raise ValueError("native_prefill: mass must be a contiguous float32 (slots, Hkv) tensor")
+    aux = [t.data_ptr() for t in k_parts[1:]] + [None] * (3 - len(k_parts))
+    vaux = [t.data_ptr() for t in v_parts[1:]] + [None] * (3 - len(v_parts))
+    rc = _lib("paged_prefill").slimlm_paged_prefill_ex(
+        q_rows.data_ptr(), q_rows.stride(0), q_rows.stride(1), k0.data_ptr(), aux[0], aux[1], v_parts[0].data_ptr(),
+        vaux[0], vaux[1], code, NATIVE_DTYPES[q_rows.dtype], table.data_ptr(), q_start, out.data_ptr(), out.stride(0),
+        out.stride(1), T, Hq, k0.shape[2], d, k0.shape[1], scale, mass.data_ptr() if mass is not None else None,
+        torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"paged_prefill kernel failed (code {rc})")
+
+
+def native_prefill_ex(lib, q_rows: torch.Tensor, k_parts: list[torch.Tensor], v_parts: list[torch.Tensor], code: int,
+                      table: torch.Tensor, q_start: int, out: torch.Tensor, scale: float,
+                      mass: torch.Tensor | None = None) -> None:
+    """:func:`native_prefill` over pools in any stored format the native kernels read (``code``:
+    0 float32, 1 bfloat16, 2 int8, 3 int4; ``k_parts`` / ``v_parts``: the codec's tensors, data
+    first), decoded in place while the kernel repacks them (a rotating codec's keys stay in the
+    stored space: the caller rotates the query). ``mass`` (slots, Hkv) float32, if given,
+    receives each key's attention probabilities (summed over queries and query heads)."""
+    if lib is not None:
+        _LIBS["paged_prefill"] = lib
+    if torch.compiler.is_compiling():
+        torch.ops.slimlm.paged_prefill_ex(q_rows, list(k_parts), list(v_parts), code, table, q_start, out, scale, mass)
+        return
+    _prefill_ex_impl(q_rows, k_parts, v_parts, code, table, q_start, out, scale, mass)
+
+
 def release_prefill_scratch() -> None:
     """Give back the prefill kernel's scratch (its per-thread tile buffers and the calling thread's
     repacked K/V); the next call allocates what it needs again. A no-op when it is not loaded."""
@@ -184,6 +240,9 @@ _DEF.define("paged_decode(Tensor q, Tensor[] k_parts, Tensor[] v_parts, int code
             "float scale, Tensor(a!)? mass) -> Tensor")
 _DEF.define("paged_prefill(Tensor q_rows, Tensor k_pool, Tensor v_pool, Tensor table, int q_start, Tensor(a!) out, "
             "float scale) -> ()")
+_DEF.define("paged_prefill_ex(Tensor q_rows, Tensor[] k_parts, Tensor[] v_parts, int code, Tensor table, "
+            "int q_start, Tensor(a!) out, float scale, Tensor(b!)? mass) -> ()")
+_DEF.impl("paged_prefill_ex", _prefill_ex_impl, "CPU")
 _DEF.impl("paged_decode", _decode_impl, "CPU")
 _DEF.impl("paged_prefill", _prefill_impl, "CPU")
 
@@ -288,3 +347,8 @@ def native_sparse_decode(lib, q: torch.Tensor, k_parts: list[torch.Tensor], v_pa
     if rc != 0:
         raise RuntimeError(f"sparse_decode kernel failed (code {rc})")
     return out
+
+
+@torch.library.register_fake("slimlm::paged_prefill_ex", lib=_DEF)
+def _prefill_ex_fake(q_rows, k_parts, v_parts, code, table, q_start, out, scale, mass):
+    _prefill_ex_shapes(q_rows, k_parts, v_parts, code, table, q_start, out, mass)

@@ -18,8 +18,9 @@
  * a stable softmax per head, then the weighted sum of value rows. With AVX-512 and a head size
  * that is a multiple of 16 (up to 128), rows are converted in registers and four dot products
  * run at once; with AVX512-BF16 and a bf16 pool (head size a multiple of 32), the scores use
- * bf16 dot products on the keys as stored, the query split into two bf16 parts; otherwise a
- * portable loop over a converted row buffer serves (and serves the quantized pools).
+ * bf16 dot products on the keys as stored, the query split into two bf16 parts; int8 / int4
+ * pools are decoded in registers (``decode_quant_avx512``); otherwise a portable loop over a
+ * converted row buffer serves.
  */
 #include <math.h>
 #include <stdint.h>
@@ -276,6 +277,131 @@ static const float *load_row(const pool_t *p, int64_t slot, float *buf) {
     return buf;
 }
 
+#ifdef __AVX512F__
+#define QH 4 /* query heads of one KV head served per pass over its rows */
+
+/* Quantized pools with AVX-512 (int8: head size a multiple of 16; int4: of 32; at most 128),
+ * rows decoded in registers once per pass and used by up to QH query heads of their KV head.
+ * int8: q . (c s) = s (q . c), and the values' weight p s multiplies the codes. int4: a group's
+ * 16 bytes widen to its even channels (low nibbles) and odd ones (high nibbles); the query is
+ * split alike, so q . (c s + m) = s (q_even . c_lo + q_odd . c_hi) + m sum(q) per group, and the
+ * output accumulates p s c plus p m per group, interleaved back at the end. */
+static void decode_quant_avx512(const float *qb, const pool_t *kp, const pool_t *vp, const int64_t *tb, int64_t L,
+                                float *ob, float *s, int64_t Hq, int64_t Hkv, int64_t d, int64_t block_size,
+                                float scale) {
+    const int64_t G = Hq / Hkv, W = Hkv * d;
+    const int64_t nv = d / 16, NG = d / I4_GROUP;
+    const __m512i low = _mm512_set1_epi32(15);
+    for (int64_t h0 = 0, hn = 0; h0 < Hq; h0 += hn) { /* scores */
+        const int64_t g = h0 / G; /* heads h0 .. h0 + hn - 1 of KV head g */
+        hn = (g + 1) * G - h0 < QH ? (g + 1) * G - h0 : QH;
+        if (kp->dtype == 2) {
+            __m512 qv[QH][8];
+            for (int64_t h = 0; h < hn; ++h)
+                for (int64_t j = 0; j < nv; ++j) qv[h][j] = _mm512_loadu_ps(qb + (h0 + h) * d + 16 * j);
+            for (int64_t t = 0; t < L; ++t) {
+                const int64_t slot = tb[t / block_size] * block_size + t % block_size;
+                const int8_t *kr = (const int8_t *)kp->data + slot * W + g * d;
+                __m512 c[8], a[QH];
+                for (int64_t j = 0; j < nv; ++j) c[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(kr + 16 * j))));
+                for (int64_t h = 0; h < hn; ++h) {
+                    a[h] = _mm512_mul_ps(qv[h][0], c[0]);
+                    for (int64_t j = 1; j < nv; ++j) a[h] = _mm512_fmadd_ps(qv[h][j], c[j], a[h]);
+                }
+                const float sc = scale * _cvtsh_ss(((const uint16_t *)kp->aux)[slot * Hkv + g]);
+                for (int64_t h = 0; h < hn; ++h) s[(h0 + h) * L + t] = sc * _mm512_reduce_add_ps(a[h]);
+            }
+        } else {
+            __m512 qe[QH][4], qo[QH][4];
+            float qsum[QH][4];
+            for (int64_t h = 0; h < hn; ++h)
+                for (int64_t gr = 0; gr < NG; ++gr) {
+                    float e[16], o[16];
+                    const float *qg = qb + (h0 + h) * d + gr * I4_GROUP;
+                    qsum[h][gr] = 0.f;
+                    for (int i = 0; i < 16; ++i) { e[i] = qg[2 * i]; o[i] = qg[2 * i + 1]; qsum[h][gr] += e[i] + o[i]; }
+                    qe[h][gr] = _mm512_loadu_ps(e);
+                    qo[h][gr] = _mm512_loadu_ps(o);
+                }
+            for (int64_t t = 0; t < L; ++t) {
+                const int64_t slot = tb[t / block_size] * block_size + t % block_size;
+                const uint8_t *kr = (const uint8_t *)kp->data + slot * (W / 2) + g * (d / 2);
+                const uint16_t *sc = (const uint16_t *)kp->aux + (slot * Hkv + g) * NG;
+                const uint16_t *mn = (const uint16_t *)kp->aux2 + (slot * Hkv + g) * NG;
+                __m512 a[QH];
+                float c[QH];
+                for (int64_t h = 0; h < hn; ++h) { a[h] = _mm512_setzero_ps(); c[h] = 0.f; }
+                for (int64_t gr = 0; gr < NG; ++gr) {
+                    const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(kr + gr * I4_GROUP / 2)));
+                    const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(x, low)), hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(x, 4));
+                    const __m512 sg = _mm512_set1_ps(_cvtsh_ss(sc[gr]));
+                    const float mg = _cvtsh_ss(mn[gr]);
+                    for (int64_t h = 0; h < hn; ++h) {
+                        a[h] = _mm512_fmadd_ps(sg, _mm512_fmadd_ps(qe[h][gr], lo, _mm512_mul_ps(qo[h][gr], hi)), a[h]);
+                        c[h] += mg * qsum[h][gr];
+                    }
+                }
+                for (int64_t h = 0; h < hn; ++h) s[(h0 + h) * L + t] = scale * (_mm512_reduce_add_ps(a[h]) + c[h]);
+            }
+        }
+    }
+    softmax_rows(s, Hq, L);
+    for (int64_t h0 = 0, hn = 0; h0 < Hq; h0 += hn) { /* weighted values */
+        const int64_t g = h0 / G; /* heads h0 .. h0 + hn - 1 of KV head g */
+        hn = (g + 1) * G - h0 < QH ? (g + 1) * G - h0 : QH;
+        if (vp->dtype == 2) {
+            __m512 acc[QH][8];
+            for (int64_t h = 0; h < hn; ++h)
+                for (int64_t j = 0; j < nv; ++j) acc[h][j] = _mm512_setzero_ps();
+            for (int64_t t = 0; t < L; ++t) {
+                const int64_t slot = tb[t / block_size] * block_size + t % block_size;
+                const int8_t *vr = (const int8_t *)vp->data + slot * W + g * d;
+                const float sv = _cvtsh_ss(((const uint16_t *)vp->aux)[slot * Hkv + g]);
+                __m512 c[8];
+                for (int64_t j = 0; j < nv; ++j) c[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(vr + 16 * j))));
+                for (int64_t h = 0; h < hn; ++h) {
+                    const __m512 w = _mm512_set1_ps(s[(h0 + h) * L + t] * sv);
+                    for (int64_t j = 0; j < nv; ++j) acc[h][j] = _mm512_fmadd_ps(w, c[j], acc[h][j]);
+                }
+            }
+            for (int64_t h = 0; h < hn; ++h)
+                for (int64_t j = 0; j < nv; ++j) _mm512_storeu_ps(ob + (h0 + h) * d + 16 * j, acc[h][j]);
+        } else {
+            __m512 ae[QH][4], ao[QH][4];
+            float msum[QH][4];
+            for (int64_t h = 0; h < hn; ++h)
+                for (int64_t gr = 0; gr < NG; ++gr) { ae[h][gr] = ao[h][gr] = _mm512_setzero_ps(); msum[h][gr] = 0.f; }
+            for (int64_t t = 0; t < L; ++t) {
+                const int64_t slot = tb[t / block_size] * block_size + t % block_size;
+                const uint8_t *vr = (const uint8_t *)vp->data + slot * (W / 2) + g * (d / 2);
+                const uint16_t *sc = (const uint16_t *)vp->aux + (slot * Hkv + g) * NG;
+                const uint16_t *mn = (const uint16_t *)vp->aux2 + (slot * Hkv + g) * NG;
+                for (int64_t gr = 0; gr < NG; ++gr) {
+                    const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(vr + gr * I4_GROUP / 2)));
+                    const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(x, low)), hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(x, 4));
+                    const float sg = _cvtsh_ss(sc[gr]), mg = _cvtsh_ss(mn[gr]);
+                    for (int64_t h = 0; h < hn; ++h) {
+                        const float p = s[(h0 + h) * L + t];
+                        const __m512 w = _mm512_set1_ps(p * sg);
+                        ae[h][gr] = _mm512_fmadd_ps(w, lo, ae[h][gr]);
+                        ao[h][gr] = _mm512_fmadd_ps(w, hi, ao[h][gr]);
+                        msum[h][gr] += p * mg;
+                    }
+                }
+            }
+            for (int64_t h = 0; h < hn; ++h)
+                for (int64_t gr = 0; gr < NG; ++gr) {
+                    float e[16], o[16];
+                    _mm512_storeu_ps(e, ae[h][gr]);
+                    _mm512_storeu_ps(o, ao[h][gr]);
+                    float *og = ob + (h0 + h) * d + gr * I4_GROUP;
+                    for (int i = 0; i < 16; ++i) { og[2 * i] = e[i] + msum[h][gr]; og[2 * i + 1] = o[i] + msum[h][gr]; }
+                }
+        }
+    }
+}
+#endif
+
 static void decode_generic(const float *qb, const pool_t *kp, const pool_t *vp, const int64_t *tb,
                            int64_t L, float *ob, float *s, float *row, int64_t Hq, int64_t Hkv, int64_t d,
                            int64_t block_size, float scale) {
@@ -341,6 +467,10 @@ int slimlm_paged_decode(const float *q, const void *k_pool, const void *v_pool, 
             else if (d == 64 && dtype == 1) { decode_avx512(qb, k_pool, v_pool, 1, tb, L, ob, s, Hq, Hkv, 64, block_size, scale); done = 1; }
             else if (d % 16 == 0 && d <= 128 && dtype == 0) { decode_avx512(qb, k_pool, v_pool, 0, tb, L, ob, s, Hq, Hkv, d, block_size, scale); done = 1; }
             else if (d % 16 == 0 && d <= 128 && dtype == 1) { decode_avx512(qb, k_pool, v_pool, 1, tb, L, ob, s, Hq, Hkv, d, block_size, scale); done = 1; }
+            else if (((dtype == 2 && d % 16 == 0) || (dtype == 3 && d % 32 == 0)) && d >= 16 && d <= 128) {
+                decode_quant_avx512(qb, &kp, &vp, tb, L, ob, s, Hq, Hkv, d, block_size, scale);
+                done = 1;
+            }
 #endif
             if (!done) decode_generic(qb, &kp, &vp, tb, L, ob, s, row, Hq, Hkv, d, block_size, scale);
             if (mass) { /* s holds the softmax probabilities (Hq, L); sequences own their slots */
@@ -354,4 +484,70 @@ int slimlm_paged_decode(const float *q, const void *k_pool, const void *v_pool, 
         free(row);
     }
     return failed ? 2 : 0;
+}
+
+/* Quantize rows into a quantized pool, as the codecs' ``write`` computes them (codec/int8.py,
+ * codec/int4.py; a rotating codec passes its rows already rotated): x (T, H, d) float32, row t
+ * into flat slot slots[t]. int8 (code 2): s = fp16(max(max|x| / 127, 1e-8)), c = clamp(rne(x / s),
+ * -127, 127). int4 (code 3): per group of 32, s = fp16(max((max - min) / 15, 1e-8)),
+ * m = fp16(min), c = clamp(rne((x - m) / s), 0, 15), even channel in the low nibble. Every step
+ * is one float32 operation rounded as PyTorch rounds it, so the stored bytes are the same (a NaN
+ * code, from a zero scale, is stored as 0, as PyTorch's conversion gives on x86). */
+#ifdef __F16C__
+#include <immintrin.h>
+static inline uint16_t f32_to_f16(float f) { return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+
+static inline float code_of(float v, float lo, float hi) {
+    v = nearbyintf(v);
+    if (v != v) return 0.f;
+    return v < lo ? lo : v > hi ? hi : v;
+}
+
+#endif
+
+int slimlm_kv_quantize(const float *x, const int64_t *slots, int64_t T, int64_t H, int64_t d, int code, void *data,
+                       void *aux, void *aux2) {
+#ifndef __F16C__
+    (void)x; (void)slots; (void)T; (void)H; (void)d; (void)code; (void)data; (void)aux; (void)aux2;
+    return 1; /* no fp16 conversion instructions: the codecs quantize with PyTorch */
+#else
+    if (T < 0 || H <= 0 || d <= 0 || (code != 2 && code != 3) || (code == 3 && (d % I4_GROUP || !aux2)) || !aux)
+        return 1;
+    for (int64_t t = 0; t < T; ++t)
+        for (int64_t h = 0; h < H; ++h) {
+            const float *r = x + (t * H + h) * d;
+            const int64_t row = slots[t] * H + h;
+            if (code == 2) {
+                float amax = 0.f;
+                for (int64_t i = 0; i < d; ++i) { const float a = fabsf(r[i]); amax = a > amax ? a : amax; }
+                float s = amax / 127.0f;
+                s = s < 1e-8f ? 1e-8f : s;
+                const uint16_t s16 = f32_to_f16(s);
+                const float sf = _cvtsh_ss(s16);
+                int8_t *q = (int8_t *)data + row * d;
+                for (int64_t i = 0; i < d; ++i) q[i] = (int8_t)code_of(r[i] / sf, -127.f, 127.f);
+                ((uint16_t *)aux)[row] = s16;
+                continue;
+            }
+            const int64_t G = d / I4_GROUP;
+            uint8_t *q = (uint8_t *)data + row * (d / 2);
+            for (int64_t g = 0; g < G; ++g) {
+                const float *v = r + g * I4_GROUP;
+                float lo = v[0], hi = v[0];
+                for (int i = 1; i < I4_GROUP; ++i) { lo = v[i] < lo ? v[i] : lo; hi = v[i] > hi ? v[i] : hi; }
+                float s = (hi - lo) / 15.0f;
+                s = s < 1e-8f ? 1e-8f : s;
+                const uint16_t s16 = f32_to_f16(s), m16 = f32_to_f16(lo);
+                const float sf = _cvtsh_ss(s16), mf = _cvtsh_ss(m16);
+                for (int i = 0; i < I4_GROUP / 2; ++i) {
+                    const uint8_t c0 = (uint8_t)code_of((v[2 * i] - mf) / sf, 0.f, 15.f);
+                    const uint8_t c1 = (uint8_t)code_of((v[2 * i + 1] - mf) / sf, 0.f, 15.f);
+                    q[g * I4_GROUP / 2 + i] = (uint8_t)(c0 | (c1 << 4));
+                }
+                ((uint16_t *)aux)[row * G + g] = s16;
+                ((uint16_t *)aux2)[row * G + g] = m16;
+            }
+        }
+    return 0;
+#endif
 }

@@ -5,9 +5,17 @@
  * q_start + T - 1 attend causally to the sequence's first q_start + T keys, read from the block
  * pool through its block table (the chunk's own keys are already written there).
  *
- * dtype 0: float32 everywhere; 1: bfloat16 everywhere
+ * dtype 0: float32 q / out / arithmetic; 1: bfloat16 (``slimlm_paged_prefill_ex``: the pools may
+ *      be stored in another format, ``kv_code``: 0 float32, 1 bfloat16, 2 int8 with one fp16
+ *      scale per (slot, head), 3 int4 in groups of 32 with fp16 scale and minimum, as the KV
+ *      codecs of slimlm.kvcache.codec and paged_decode.c; the repack phase decodes them in place,
+ *      c * s (+ m) exactly as the codecs' ``read``, rounded to bf16 for a bf16 query)
  * q    row t / head h at q + t * qs_t + h * qs_h (head dim contiguous)
- * k, v (num_blocks, block_size, Hkv, d)
+ * k, v (num_blocks, block_size, Hkv, d) (int4: d/2 bytes per head)
+ * mass NULL, or (num_blocks * block_size, Hkv) float32: each key's softmax probabilities, summed
+ *      over the chunk's queries and the query heads of its KV head, are added to its slot (H2O).
+ *      Deterministic whatever the thread count: tiles are dealt to a fixed number of lanes per
+ *      KV head, each lane sums into its own buffer in a fixed order, the lanes are added in order.
  * table (ceil(n / block_size),) int64: physical block of each logical block
  * out  row t / head h at out + t * os_t + h * os_h
  *
@@ -80,7 +88,85 @@ typedef struct {
     int64_t n, nkg, Hkv, d, bs;
     int dtype;
     int64_t next;
+    int code;                         /* the pools' stored format (kv_code) */
+    const void *ka, *ka2, *va, *va2;  /* quantized pools: scales (and int4 minima) */
 } repack_args;
+
+#define I4_GROUP 32
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch's .to(bfloat16) */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* Head g of stored row ``slot`` decoded to float32 (d values): c * s for int8, c * s + m for int4
+ * (two roundings, no fused multiply-add: -std=c11 turns contraction off), as the codecs read. */
+static void decode_head(int code, const void *data, const void *aux, const void *aux2, int64_t slot, int64_t g,
+                        int64_t Hkv, int64_t d, float *o) {
+    if (code == 0) { memcpy(o, (const float *)data + (slot * Hkv + g) * d, (size_t)d * sizeof(float)); return; }
+    if (code == 1) {
+        const uint16_t *src = (const uint16_t *)data + (slot * Hkv + g) * d;
+        for (int64_t i = 0; i < d; ++i) { const uint32_t u = (uint32_t)src[i] << 16; memcpy(o + i, &u, 4); }
+        return;
+    }
+    if (code == 2) {
+        const int8_t *src = (const int8_t *)data + (slot * Hkv + g) * d;
+        const float sc = _cvtsh_ss(((const uint16_t *)aux)[slot * Hkv + g]);
+        for (int64_t i = 0; i < d; ++i) o[i] = (float)src[i] * sc;
+        return;
+    }
+    const int64_t G = d / I4_GROUP;
+    const uint8_t *src = (const uint8_t *)data + (slot * Hkv + g) * (d / 2);
+    for (int64_t q = 0; q < G; ++q) {
+        const float sc = _cvtsh_ss(((const uint16_t *)aux)[(slot * Hkv + g) * G + q]);
+        const float mn = _cvtsh_ss(((const uint16_t *)aux2)[(slot * Hkv + g) * G + q]);
+        const uint8_t *b = src + q * I4_GROUP / 2;
+        float *x = o + q * I4_GROUP;
+        for (int64_t i = 0; i < I4_GROUP / 2; ++i) {
+            const float lo = (float)(b[i] & 15) * sc, hi = (float)(b[i] >> 4) * sc;
+            x[2 * i] = lo + mn;
+            x[2 * i + 1] = hi + mn;
+        }
+    }
+}
+
+/* repack() for pools in another format than the arithmetic's: each row decoded to float32 first. */
+static void repack_decoded(repack_args *a, int64_t g, int64_t kg) {
+    const int64_t d = a->d;
+    float kr[16][256], vr[16][256];
+    for (int lane = 0; lane < 16; ++lane) {
+        const int64_t key = kg * 16 + lane;
+        if (key < a->n) {
+            const int64_t slot = a->table[key / a->bs] * a->bs + key % a->bs;
+            decode_head(a->code, a->k, a->ka, a->ka2, slot, g, a->Hkv, d, kr[lane]);
+            decode_head(a->code, a->v, a->va, a->va2, slot, g, a->Hkv, d, vr[lane]);
+        } else {
+            memset(kr[lane], 0, (size_t)d * sizeof(float));
+            memset(vr[lane], 0, (size_t)d * sizeof(float));
+        }
+    }
+    if (a->dtype == 1) {
+        const int64_t half = d / 2, nvb = d / 16, nkp = a->nkg * 8;
+        uint32_t *dst = (uint32_t *)a->kp + (g * a->nkg + kg) * half * 16;
+        for (int lane = 0; lane < 16; ++lane)
+            for (int64_t c2 = 0; c2 < half; ++c2)
+                dst[c2 * 16 + lane] = (uint32_t)f32_to_bf16(kr[lane][2 * c2]) | ((uint32_t)f32_to_bf16(kr[lane][2 * c2 + 1]) << 16);
+        for (int64_t pi = 0; pi < 8; ++pi) {
+            uint32_t *vd = (uint32_t *)a->vp + (g * nkp + kg * 8 + pi) * nvb * 16;
+            for (int64_t c = 0; c < d; ++c)
+                vd[c] = (uint32_t)f32_to_bf16(vr[2 * pi][c]) | ((uint32_t)f32_to_bf16(vr[2 * pi + 1][c]) << 16);
+        }
+    } else {
+        float *dst = (float *)a->kp + (g * a->nkg + kg) * d * 16;
+        float *vd = (float *)a->vp + (g * a->nkg * 16 + kg * 16) * d;
+        for (int lane = 0; lane < 16; ++lane) {
+            for (int64_t c = 0; c < d; ++c) dst[c * 16 + lane] = kr[lane][c];
+            memcpy(vd + lane * d, vr[lane], (size_t)d * sizeof(float));
+        }
+    }
+}
 
 /* Offset (in elements) of key ``key``'s head ``g`` in a pool. */
 static inline int64_t key_off(const int64_t *table, int64_t key, int64_t bs, int64_t W, int64_t g, int64_t d) {
@@ -98,6 +184,7 @@ static void repack(repack_args *a) {
         const int64_t item = __atomic_fetch_add(&a->next, 1, __ATOMIC_RELAXED);
         if (item >= a->Hkv * a->nkg) break;
         const int64_t g = item / a->nkg, kg = item % a->nkg;
+        if (a->code != a->dtype) { repack_decoded(a, g, kg); continue; }
         if (a->dtype == 1) {
             const int64_t half = d / 2, nvb = d / 16, nkp = a->nkg * 8;
             uint32_t *dst = (uint32_t *)a->kp + (g * a->nkg + kg) * half * 16;
@@ -147,7 +234,20 @@ typedef struct {
     int dtype;
     int64_t next;
     int failed;
+    float *lanes;  /* mass: MASS_LANES buffers of n floats per KV head, or NULL */
+    int64_t n;
 } tile_args;
+
+#define MASS_LANES 8 /* work items per KV head when mass is accumulated (fixed: deterministic sums) */
+
+/* Add rows r < rows of a tile's probabilities (exp scores S, 1 / row sums inv) to a lane's mass. */
+static inline void add_mass(float *lane, const float *S, int64_t ldS, const float *inv, const int64_t *lim,
+                            int64_t rows) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const float w = inv[r], *e = S + r * ldS;
+        for (int64_t k = 0; k < lim[r]; ++k) lane[k] += e[k] * w;
+    }
+}
 
 /* Softmax of one score row s[0, n) (keys past n get probability 0, up to ncols)
  * into fp32 ``pf`` (may alias s) or, when ``pb`` is given, bf16 ``pb``. Returns 1 / row sum. */
@@ -166,7 +266,11 @@ static inline __attribute__((always_inline)) float softmax_row(const float *s, i
         const __m512 e = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(_mm512_loadu_ps(s + k), m)));
         sum = _mm512_add_ps(sum, e);
 #ifdef SLIMLM_HAVE_BF16
-        if (pb) { _mm256_storeu_si256((__m256i *)(pb + k), (__m256i)_mm512_cvtneps_pbh(e)); continue; }
+        if (pb) {
+            _mm256_storeu_si256((__m256i *)(pb + k), (__m256i)_mm512_cvtneps_pbh(e));
+            if (pf) _mm512_storeu_ps(pf + k, e); /* mass wants the fp32 probabilities too */
+            continue;
+        }
 #endif
         _mm512_storeu_ps(pf + k, e);
     }
@@ -184,7 +288,7 @@ static inline int64_t tile_rows(const tile_args *a, int64_t h, int64_t t0, size_
     return rows;
 }
 
-static void tile_f32(const tile_args *a, int64_t h, int64_t t0, float *S, int64_t ldS) {
+static void tile_f32(const tile_args *a, int64_t h, int64_t t0, float *S, int64_t ldS, float *mlane) {
     const int64_t d = a->d, nvb = d / 16, g = h / (a->Hq / a->Hkv);
     const float *qr[R];
     int64_t lim[R];
@@ -208,6 +312,7 @@ static void tile_f32(const tile_args *a, int64_t h, int64_t t0, float *S, int64_
     }
     float inv[R];
     for (int r = 0; r < R; ++r) inv[r] = softmax_row(S + r * ldS, lim[r], n_tile, S + r * ldS, NULL);
+    if (mlane) add_mass(mlane, S, ldS, inv, lim, rows);
     for (int64_t cb0 = 0; cb0 < nvb; cb0 += 4) {
         __m512 acc[R][4];
         for (int r = 0; r < R; ++r)
@@ -230,7 +335,7 @@ static void tile_f32(const tile_args *a, int64_t h, int64_t t0, float *S, int64_
 }
 
 #ifdef SLIMLM_HAVE_BF16
-static void tile_bf16(const tile_args *a, int64_t h, int64_t t0, float *S, uint16_t *P, int64_t ldS) {
+static void tile_bf16(const tile_args *a, int64_t h, int64_t t0, float *S, uint16_t *P, int64_t ldS, float *mlane) {
     const int64_t d = a->d, half = d / 2, nvb = d / 16, g = h / (a->Hq / a->Hkv);
     const u32_alias *qr[R]; /* bf16 dimension pairs */
     int64_t lim[R];
@@ -254,7 +359,8 @@ static void tile_bf16(const tile_args *a, int64_t h, int64_t t0, float *S, uint1
     }
     const int64_t npair = (n_tile + 1) / 2;
     float inv[R];
-    for (int r = 0; r < R; ++r) inv[r] = softmax_row(S + r * ldS, lim[r], 2 * npair, NULL, P + r * ldS);
+    for (int r = 0; r < R; ++r) inv[r] = softmax_row(S + r * ldS, lim[r], 2 * npair, mlane ? S + r * ldS : NULL, P + r * ldS);
+    if (mlane) add_mass(mlane, S, ldS, inv, lim, rows);
     for (int64_t cb0 = 0; cb0 < nvb; cb0 += 4) { /* output dimensions in blocks of 64 */
         __m512 acc[R][4];
         for (int r = 0; r < R; ++r)
@@ -302,6 +408,23 @@ static void tiles(tile_args *a) {
         if (!tl_cap) { __atomic_store_n(&a->failed, 1, __ATOMIC_RELAXED); return; }
     }
     const int64_t G = a->Hq / a->Hkv, per_head = a->ntiles * G;
+    if (a->lanes) { /* item = (KV head, lane): tiles lane, lane + MASS_LANES, ... of its G query heads */
+        for (;;) {
+            const int64_t item = __atomic_fetch_add(&a->next, 1, __ATOMIC_RELAXED);
+            if (item >= a->Hkv * MASS_LANES) break;
+            const int64_t g = item / MASS_LANES, lane = item % MASS_LANES;
+            float *ml = a->lanes + item * a->n;
+            for (int64_t i = lane; i < a->ntiles; i += MASS_LANES)
+                for (int64_t h = g * G; h < g * G + G; ++h) {
+#ifdef SLIMLM_HAVE_BF16
+                    if (a->dtype == 1) { tile_bf16(a, h, i * R, tl_s, tl_p, ld, ml); continue; }
+#endif
+                    tile_f32(a, h, i * R, tl_s, ld, ml);
+                }
+        }
+        if (tl_cap > TL_KEEP) release_tiles();
+        return;
+    }
     for (;;) {
         const int64_t item = __atomic_fetch_add(&a->next, 1, __ATOMIC_RELAXED);
         if (item >= a->Hkv * per_head) break;
@@ -309,9 +432,9 @@ static void tiles(tile_args *a) {
         const int64_t g = item / per_head, rem = item % per_head;
         const int64_t t0 = (a->ntiles - 1 - rem / G) * R, h = g * G + rem % G;
 #ifdef SLIMLM_HAVE_BF16
-        if (a->dtype == 1) { tile_bf16(a, h, t0, tl_s, tl_p, ld); continue; }
+        if (a->dtype == 1) { tile_bf16(a, h, t0, tl_s, tl_p, ld, NULL); continue; }
 #endif
-        tile_f32(a, h, t0, tl_s, ld);
+        tile_f32(a, h, t0, tl_s, ld, NULL);
     }
     if (tl_cap > TL_KEEP) release_tiles(); /* long prompts: give large buffers back after the call */
 }
@@ -342,10 +465,13 @@ void slimlm_prefill_release(int nthreads) {
 #endif
 }
 
-int slimlm_paged_prefill(const void *q, int64_t qs_t, int64_t qs_h, const void *k_pool, const void *v_pool, int dtype,
-                         const int64_t *table, int64_t q_start, void *out, int64_t os_t, int64_t os_h, int64_t T,
-                         int64_t Hq, int64_t Hkv, int64_t d, int64_t block_size, float scale, int nthreads) {
-    if (!slimlm_prefill_supported(d, dtype) || Hkv <= 0 || Hq % Hkv != 0 || block_size <= 0 || T <= 0 || q_start < 0)
+int slimlm_paged_prefill_ex(const void *q, int64_t qs_t, int64_t qs_h, const void *k_pool, const void *k_aux,
+                            const void *k_aux2, const void *v_pool, const void *v_aux, const void *v_aux2, int kv_code,
+                            int dtype, const int64_t *table, int64_t q_start, void *out, int64_t os_t, int64_t os_h,
+                            int64_t T, int64_t Hq, int64_t Hkv, int64_t d, int64_t block_size, float scale, float *mass,
+                            int nthreads) {
+    if (!slimlm_prefill_supported(d, dtype) || Hkv <= 0 || Hq % Hkv != 0 || block_size <= 0 || T <= 0 || q_start < 0
+        || kv_code < 0 || kv_code > 3 || (kv_code >= 2 && !k_aux) || (kv_code == 3 && !k_aux2))
         return 1;
 #ifdef SLIMLM_HAVE_AVX512
     const int64_t n = q_start + T;
@@ -359,17 +485,40 @@ int slimlm_paged_prefill(const void *q, int64_t qs_t, int64_t qs_h, const void *
         cap = (kp && vp) ? need : 0;
         if (!cap) return 2;
     }
-    repack_args ra = {k_pool, v_pool, table, kp, vp, n, nkg, Hkv, d, block_size, dtype, 0};
+    repack_args ra = {k_pool, v_pool, table, kp, vp, n, nkg, Hkv, d, block_size, dtype, 0,
+                      kv_code, k_aux, k_aux2, v_aux, v_aux2};
 #pragma omp parallel num_threads(nthreads)
     repack(&ra);
-    tile_args ta = {q, out, kp, vp, qs_t, qs_h, os_t, os_h, T, q_start, Hq, Hkv, d, nkg, (T + R - 1) / R, scale, dtype, 0, 0};
+    float *lanes = NULL;
+    if (mass) {
+        lanes = (float *)calloc((size_t)(Hkv * MASS_LANES * n), sizeof(float));
+        if (!lanes) return 2;
+    }
+    tile_args ta = {q, out, kp, vp, qs_t, qs_h, os_t, os_h, T, q_start, Hq, Hkv, d, nkg, (T + R - 1) / R, scale, dtype, 0, 0,
+                    lanes, n};
 #pragma omp parallel num_threads(nthreads)
     tiles(&ta);
+    if (lanes) { /* lanes in order, added to each key's slot */
+        for (int64_t g = 0; g < Hkv; ++g)
+            for (int64_t key = 0; key < n; ++key) {
+                float m = 0.f;
+                for (int64_t l = 0; l < MASS_LANES; ++l) m += lanes[(g * MASS_LANES + l) * n + key];
+                mass[(table[key / block_size] * block_size + key % block_size) * Hkv + g] += m;
+            }
+        free(lanes);
+    }
     if (cap > ((size_t)64 << 20)) release_repack(); /* keep small scratch for the next call, give large back */
     return ta.failed ? 2 : 0;
 #else
-    (void)q; (void)qs_t; (void)qs_h; (void)k_pool; (void)v_pool; (void)table; (void)q_start; (void)out;
-    (void)os_t; (void)os_h; (void)Hq; (void)scale; (void)nthreads;
+    (void)q; (void)qs_t; (void)qs_h; (void)k_pool; (void)k_aux; (void)k_aux2; (void)v_pool; (void)v_aux; (void)v_aux2;
+    (void)table; (void)q_start; (void)out; (void)os_t; (void)os_h; (void)Hq; (void)scale; (void)mass; (void)nthreads;
     return 1;
 #endif
+}
+
+int slimlm_paged_prefill(const void *q, int64_t qs_t, int64_t qs_h, const void *k_pool, const void *v_pool, int dtype,
+                         const int64_t *table, int64_t q_start, void *out, int64_t os_t, int64_t os_h, int64_t T,
+                         int64_t Hq, int64_t Hkv, int64_t d, int64_t block_size, float scale, int nthreads) {
+    return slimlm_paged_prefill_ex(q, qs_t, qs_h, k_pool, NULL, NULL, v_pool, NULL, NULL, dtype, dtype, table, q_start,
+                                   out, os_t, os_h, T, Hq, Hkv, d, block_size, scale, NULL, nthreads);
 }

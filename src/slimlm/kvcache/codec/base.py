@@ -33,6 +33,29 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
     return torch.from_numpy(raw).view(dtype)
 
 
+def native_quantize(x: torch.Tensor, slots: torch.Tensor, code: int, parts: list[torch.Tensor]) -> bool:
+    """Quantize rows x (T, H, d) float32 into ``parts`` at ``slots`` with the native kernel
+    (``slimlm_kv_quantize`` in kernels/paged_decode.c: the same bytes as the codecs' PyTorch
+    code, one call instead of about fifteen small ops a layer). False when it cannot run here
+    (no kernel, another device): the caller quantizes with PyTorch."""
+    if x.device.type != "cpu" or not all(t.device.type == "cpu" and t.is_contiguous() for t in parts):
+        return False
+    from slimlm import kernels
+
+    lib = kernels.load("paged_decode")
+    if lib is None:
+        return False
+    T, H, d = x.shape
+    cap = parts[0].shape[0] * parts[0].shape[1]
+    slots = slots.to(torch.int64).contiguous()
+    if T and (int(slots.min()) < 0 or int(slots.max()) >= cap):
+        raise ValueError(f"KV codec: slots outside the pool [0, {cap})")
+    x = x.contiguous()
+    aux2 = parts[2].data_ptr() if len(parts) > 2 else None
+    return lib.slimlm_kv_quantize(x.data_ptr(), slots.data_ptr(), T, H, d, code, parts[0].data_ptr(),
+                                  parts[1].data_ptr(), aux2) == 0
+
+
 class KVCodec(ABC):
     """Storage of (num_blocks, block_size, Hkv, d) rows. ``tensors`` holds the stored parts:
     ``data`` first (the native kernels' pool), then any scales; every part is indexed by

@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import torch
 
-from slimlm.kvcache.codec.base import KV_CODECS, KVCodec, zeros
+from slimlm.kvcache.codec.base import KV_CODECS, KVCodec, native_quantize, zeros
 
 GROUP = 32
+NATIVE = True
+"""Quantize with the native kernel where it runs (the same bytes; False: PyTorch only)."""
 ROTATE: tuple[str, ...] = ("k",)
 """The pools stored rotated: keys (values lose slightly when rotated, see the module docstring)."""
 
@@ -57,7 +59,10 @@ class Int4Codec(KVCodec):
     def write(self, tensors, slots, x):
         data, scale, mins = tensors
         T, H, d = x.shape
-        g = self.to_storage(x.float()).view(T, H, self.groups, self.group)
+        xf = self.to_storage(x.float())
+        if NATIVE and self.group == GROUP and native_quantize(xf, slots, 3, tensors):
+            return
+        g = xf.view(T, H, self.groups, self.group)
         lo, hi = g.amin(-1), g.amax(-1)  # (T, H, G)
         s16 = ((hi - lo) / 15.0).clamp(min=1e-8).to(torch.float16)
         m16 = lo.to(torch.float16)

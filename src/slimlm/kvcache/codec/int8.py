@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from slimlm.kvcache.codec.base import KV_CODECS, KVCodec, zeros
+from slimlm.kvcache.codec.base import KV_CODECS, KVCodec, native_quantize, zeros
 
+NATIVE = True
+"""Quantize with the native kernel where it runs (the same bytes; False: PyTorch only)."""
 ROTATE: tuple[str, ...] = ()
 """The pools stored rotated (none: int8 is within its target unrotated; an experiment knob)."""
 
@@ -38,6 +40,8 @@ class Int8Codec(KVCodec):
         data, scale = tensors
         T, H, d = x.shape
         xf = self.to_storage(x.float())
+        if NATIVE and native_quantize(xf, slots, 2, tensors):
+            return
         s = (xf.abs().amax(-1) / 127.0).clamp(min=1e-8)  # (T, H)
         s16 = s.to(torch.float16)
         q = (xf / s16.float()[..., None]).round().clamp(-127, 127).to(torch.int8)  # (T, H, d)
