@@ -180,7 +180,8 @@ class NativeDecodeLayers:
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, attn, rotary, capture: set[int],
                 logit_rows: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """The runner's ``_forward`` for an all-decode step: (h (1, T, D), captured hidden states)."""
+        """The runner's ``_forward`` for an all-decode step: (the logit rows' final hidden states
+        (R, D), captured hidden states)."""
         h = self.model.embed(ids)[0].contiguous()  # (T, D)
         cos, sin = rotary(positions, h.dtype)  # (1, T, d)
         cos, sin = cos[0].contiguous(), sin[0].contiguous()
@@ -192,4 +193,4 @@ class NativeDecodeLayers:
             hidden[c] = h[logit_rows]  # a copy: h changes in place
             start = c
         self.run(h, start, self.num_layers, cos, sin, attn.slots, t.table, t.lens)
-        return h[None], hidden
+        return h[logit_rows], hidden
