@@ -52,7 +52,10 @@ def test_sparse_pattern_follows_its_definition():
     ref = scores.softmax(-1) @ vx
     assert torch.allclose(out[0], ref, atol=1e-5)
     assert allow.float().mean() < 0.5 * (dist >= 0).float().mean()  # it is sparse
-    full = VerticalSlash(vertical=S, min_keys=1, block=16).attend(q, k, v, qp, kp, 0.25)
+    assert vs.stats == {"computed": int(allow.sum()), "causal": 4 * int((dist >= 0).sum())}  # the share computed
+    whole = VerticalSlash(vertical=S, min_keys=1, block=16)
+    full = whole.attend(q, k, v, qp, kp, 0.25)
+    assert whole.stats["computed"] == whole.stats["causal"]
     dense = (q[0] @ kx.transpose(-1, -2) * 0.25).masked_fill(dist < 0, float("-inf")).softmax(-1) @ vx
     assert torch.allclose(full[0], dense, atol=1e-5)
 
