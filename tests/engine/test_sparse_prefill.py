@@ -68,6 +68,9 @@ def test_short_chunks_stay_dense(tiny):
     short = LLM(tiny, kv_cache_bytes="8M", sparse_prefill="vertical-slash",
                 sparse_prefill_args={**small, "min_keys": 1000}).generate(p, sp, use_tqdm=False)[0]
     assert torch.equal(_lp(dense), _lp(short))
+    kept = LLM(tiny, kv_cache_bytes="8M", sparse_prefill="vertical-slash",  # every layer kept dense
+               sparse_prefill_args={**small, "min_keys": 1, "dense_layers": 99}).generate(p, sp, use_tqdm=False)[0]
+    assert torch.equal(_lp(dense), _lp(kept))
     sparse = LLM(tiny, kv_cache_bytes="8M", sparse_prefill="vertical-slash",
                  sparse_prefill_args={**small, "min_keys": 1}).generate(p, sp, use_tqdm=False)[0]
     assert not torch.allclose(_lp(dense), _lp(sparse), atol=1e-3)  # a 4-key pattern changes the scores
@@ -78,6 +81,7 @@ def test_short_chunks_stay_dense(tiny):
     ({"sparse_prefill": "vertical-slash", "sparse_prefill_args": {"vertical": 0}}, "positive integer"),
     ({"sparse_prefill": "vertical-slash", "sparse_prefill_args": {"slash": 4, "local": 8}}, "local must be"),
     ({"sparse_prefill": "vertical-slash", "sparse_prefill_args": {"width": 3}}, "unexpected keyword"),
+    ({"sparse_prefill": "vertical-slash", "sparse_prefill_args": {"dense_layers": -1}}, "dense_layers must be"),
     ({"sparse_prefill_args": {"vertical": 3}}, "without sparse_prefill"),
     ({"sparse_prefill": "vertical-slash", "kv_policy": "sink"}, "cannot be combined"),
 ])

@@ -103,7 +103,7 @@ def test_needle_reports_the_share_of_attention_sparse_prefill_computed(tiny_llam
     args = ["needle", "--model", str(tiny_llama_dir), "--filler", str(tiny_data["filler"]), "--lengths", "200",
             "--depths", "0.5", "--trials", "1", "--sparse-prefill", "vertical-slash", "--max-num-batched-tokens", "64"]
     sparse = ["--sparse-prefill-arg", "min_keys=100", "--sparse-prefill-arg", "vertical=8",
-              "--sparse-prefill-arg", "slash=8", "--sparse-prefill-arg", "local=4"]
+              "--sparse-prefill-arg", "slash=8", "--sparse-prefill-arg", "local=4", "--sparse-prefill-arg", "dense_layers=0"]
     r = run_eval([*args, *sparse], tmp_path, "sparse.json")["results"]
     # chunk 0-63 stays dense (64 keys < 100); queries 64-199 attend the 4 local keys and at most 16 in all
     dense, causal = 64 * 65 / 2, 200 * 201 / 2
