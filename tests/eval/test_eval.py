@@ -108,6 +108,10 @@ def test_needle_reports_the_share_of_attention_sparse_prefill_computed(tiny_llam
     # chunk 0-63 stays dense (64 keys < 100); queries 64-199 attend the 4 local keys and at most 16 in all
     dense, causal = 64 * 65 / 2, 200 * 201 / 2
     assert (dense + 136 * 4) / causal < r["attention_computed"] <= (dense + 136 * 16) / causal
+    from slimlm.engine.sparse_prefill import VerticalSlash
+
+    bound = VerticalSlash(vertical=8, slash=8, local=4, min_keys=100, dense_layers=0).share_bound(200, 64, 2)
+    assert bound == (dense + 136 * 16) / causal and r["attention_computed"] <= bound
     full = run_eval([*args, "--sparse-prefill-arg", "vertical=4096"], tmp_path, "full.json")["results"]
     assert full["attention_computed"] == 1.0
 

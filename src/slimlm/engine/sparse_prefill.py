@@ -73,6 +73,17 @@ class VerticalSlash:
     def applies(self, num_keys: int, layer: int = 0) -> bool:
         return num_keys >= self.min_keys and layer >= self.dense_layers
 
+    def share_bound(self, length: int, chunk: int, layers: int) -> float:
+        """Upper bound on the share of a ``length``-token prompt's causal query-key pairs this
+        pattern computes, prefilled in chunks of ``chunk`` tokens by a model of ``layers`` layers:
+        a query of a sparse chunk attends at most ``vertical + slash`` keys (fewer where the
+        verticals and the diagonals meet)."""
+        i = torch.arange(length, dtype=torch.float64)
+        keys = ((i // chunk + 1) * chunk).clamp(max=length)  # keys of the query's chunk
+        capped = torch.where(keys >= self.min_keys, (i + 1).clamp(max=self.vertical + self.slash), i + 1)
+        dense = min(self.dense_layers, layers)
+        return float((dense * (i + 1).sum() + (layers - dense) * capped.sum()) / (layers * (i + 1).sum()))
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
                scale: float) -> torch.Tensor:
         """q (1, Hq, T, d) at positions q_pos (1, T) ascending; k, v (1, Hkv, S, d) with k_pos
