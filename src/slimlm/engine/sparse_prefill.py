@@ -12,11 +12,12 @@ from the attention of the chunk's last ``probe`` queries to all keys:
 
 A query at i attends key j <= i iff j is a vertical column or i - j is a slash offset. The
 queries run in blocks of ``block``; a block gathers only its candidate keys (the verticals and
-the slash diagonals' ranges), so a chunk costs about T x (vertical + slash x block) scores
-instead of T x S. ``VerticalSlash(vertical >= S)`` is the full pattern: dense attention (tested).
+the keys some query of the block sees on a slash diagonal), so a query attends at most
+``vertical + slash`` keys instead of S. ``VerticalSlash(vertical >= S)`` is the full pattern:
+dense attention (tested).
 
-Decode steps, short chunks and the first ``dense_layers`` layers stay dense. The engine keeps storage index == position (no token
-policy) so a key's column is its position.
+Decode steps, short chunks and the first ``dense_layers`` layers stay dense. The engine keeps
+storage index == position (no token policy) so a key's column is its position.
 """
 
 from __future__ import annotations
