@@ -46,7 +46,8 @@ def accepted_context(model: str, engine: dict[str, Any], notes: list[str]) -> tu
 def note_past_trained(lengths: list[int], trained: int, notes: list[str]) -> None:
     past = [n for n in lengths if n >= trained]
     if past:
-        notes.append(f"lengths {', '.join(map(str, past))} are past the model's trained context ({trained}): positions "
+        which = f"lengths {', '.join(map(str, past))} are" if len(past) > 1 else f"length {past[0]} is"
+        notes.append(f"{which} past the model's trained context ({trained}): positions "
                      "beyond it were never seen in training; only slimlm applies the rope extension, baselines run "
                      "plain RoPE")
 
