@@ -58,6 +58,20 @@ def test_every_scenario_records_settings_machine_and_each_repeat(results):
     assert all(finite(s[f"ttft_s[{n}]"]["median"]) for s in p["summary"].values() for n in (32, 100, 255))
 
 
+def test_prefill_lengths_reach_a_rope_extensions_context(tiny_llama_dir, tmp_path):
+    """--rope-extension lifts the cap from the trained context (256) to the extension's, as the
+    engine does, and notes the lengths past the trained range; a bad extension is one line."""
+    m = ["--model", str(tiny_llama_dir), "--skip", "transformers", "--skip", "llama.cpp"]
+    rep = bench(["prefill", *m, "--lengths", "100,400,5000", "--rope-extension", "yarn",
+                 "--rope-extension-arg", "context=1024"], tmp_path, "prefill-yarn")
+    assert rep["settings"]["lengths"] == [100, 400, 1023]
+    assert any("accepts 1024 tokens (trained: 256)" in n for n in rep["notes"])
+    assert any("lengths 400, 1023 are past the model's trained context (256)" in n for n in rep["notes"])
+    assert all(finite(rep["summary"]["slimlm"][f"ttft_s[{n}]"]["median"]) for n in (100, 400, 1023))
+    assert main(["bench", "prefill", *m, "--rope-extension", "dca", "--rope-extension-arg", "chunk_size=300",
+                 *FAST]) == 2
+
+
 def test_llamacpp_missing_is_a_note_not_a_failure(results):
     import importlib.util
 

@@ -52,7 +52,10 @@ def test_sparse_pattern_follows_its_definition():
     ref = scores.softmax(-1) @ vx
     assert torch.allclose(out[0], ref, atol=1e-5)
     assert allow.float().mean() < 0.5 * (dist >= 0).float().mean()  # it is sparse
-    full = VerticalSlash(vertical=S, min_keys=1, block=16).attend(q, k, v, qp, kp, 0.25)
+    assert vs.stats == {"computed": int(allow.sum()), "causal": 4 * int((dist >= 0).sum())}  # the share computed
+    whole = VerticalSlash(vertical=S, min_keys=1, block=16)
+    full = whole.attend(q, k, v, qp, kp, 0.25)
+    assert whole.stats["computed"] == whole.stats["causal"]
     dense = (q[0] @ kx.transpose(-1, -2) * 0.25).masked_fill(dist < 0, float("-inf")).softmax(-1) @ vx
     assert torch.allclose(full[0], dense, atol=1e-5)
 
@@ -65,6 +68,9 @@ def test_short_chunks_stay_dense(tiny):
     short = LLM(tiny, kv_cache_bytes="8M", sparse_prefill="vertical-slash",
                 sparse_prefill_args={**small, "min_keys": 1000}).generate(p, sp, use_tqdm=False)[0]
     assert torch.equal(_lp(dense), _lp(short))
+    kept = LLM(tiny, kv_cache_bytes="8M", sparse_prefill="vertical-slash",  # every layer kept dense
+               sparse_prefill_args={**small, "min_keys": 1, "dense_layers": 99}).generate(p, sp, use_tqdm=False)[0]
+    assert torch.equal(_lp(dense), _lp(kept))
     sparse = LLM(tiny, kv_cache_bytes="8M", sparse_prefill="vertical-slash",
                  sparse_prefill_args={**small, "min_keys": 1}).generate(p, sp, use_tqdm=False)[0]
     assert not torch.allclose(_lp(dense), _lp(sparse), atol=1e-3)  # a 4-key pattern changes the scores
@@ -75,6 +81,7 @@ def test_short_chunks_stay_dense(tiny):
     ({"sparse_prefill": "vertical-slash", "sparse_prefill_args": {"vertical": 0}}, "positive integer"),
     ({"sparse_prefill": "vertical-slash", "sparse_prefill_args": {"slash": 4, "local": 8}}, "local must be"),
     ({"sparse_prefill": "vertical-slash", "sparse_prefill_args": {"width": 3}}, "unexpected keyword"),
+    ({"sparse_prefill": "vertical-slash", "sparse_prefill_args": {"dense_layers": -1}}, "dense_layers must be"),
     ({"sparse_prefill_args": {"vertical": 3}}, "without sparse_prefill"),
     ({"sparse_prefill": "vertical-slash", "kv_policy": "sink"}, "cannot be combined"),
 ])

@@ -99,6 +99,23 @@ def test_needle_runs_past_the_trained_context_with_a_rope_extension(tiny_llama_d
     assert not any("length 200 " in n for n in r["notes"])
 
 
+def test_needle_reports_the_share_of_attention_sparse_prefill_computed(tiny_llama_dir, tiny_data, tmp_path):
+    args = ["needle", "--model", str(tiny_llama_dir), "--filler", str(tiny_data["filler"]), "--lengths", "200",
+            "--depths", "0.5", "--trials", "1", "--sparse-prefill", "vertical-slash", "--max-num-batched-tokens", "64"]
+    sparse = ["--sparse-prefill-arg", "min_keys=100", "--sparse-prefill-arg", "vertical=8",
+              "--sparse-prefill-arg", "slash=8", "--sparse-prefill-arg", "local=4", "--sparse-prefill-arg", "dense_layers=0"]
+    r = run_eval([*args, *sparse], tmp_path, "sparse.json")["results"]
+    # chunk 0-63 stays dense (64 keys < 100); queries 64-199 attend the 4 local keys and at most 16 in all
+    dense, causal = 64 * 65 / 2, 200 * 201 / 2
+    assert (dense + 136 * 4) / causal < r["attention_computed"] <= (dense + 136 * 16) / causal
+    from slimlm.engine.sparse_prefill import VerticalSlash
+
+    bound = VerticalSlash(vertical=8, slash=8, local=4, min_keys=100, dense_layers=0).share_bound(200, 64, 2)
+    assert bound == (dense + 136 * 16) / causal and r["attention_computed"] <= bound
+    full = run_eval([*args, "--sparse-prefill-arg", "vertical=4096"], tmp_path, "full.json")["results"]
+    assert full["attention_computed"] == 1.0
+
+
 def test_mc_follows_bigbench_layout_and_chance(tmp_path):
     task = {"examples": [{"input": "2+2?", "target_scores": {"4": 1, "5": 0, "6": 0}},
                          {"input": "Sky?", "target_scores": {"blue": 1, "green": 1, "red": 0, "x": 0}},

@@ -59,3 +59,9 @@ def test_rag_chunks_with_full_recompute_answer_as_flat_prompts(tiny_llama_dir, t
     assert [t["answer"] for t in res["flat"]["trials"]] == [t["answer"] for t in res["full"]["trials"]]
     assert res["reuse"]["computed_tokens_per_query"] < res["full"]["computed_tokens_per_query"]
     assert res["flat"]["prompt_tokens_per_query"] == res["full"]["prompt_tokens_per_query"]
+    reuse = res["reuse"]  # the store's misses per query and where the blend's CPU time went
+    used = {p for t in reuse["trials"] for p in t["passages"]}
+    assert sum(t["store_misses"] for t in reuse["trials"]) == len(used) and reuse["trials"][0]["store_misses"] == 2
+    assert reuse["warm_queries"] == sum(t["store_misses"] == 0 for t in reuse["trials"])
+    assert set(reuse["blend_cpu_s_per_query"]) == {"miss", "move", "select", "recompute"}
+    assert reuse["blend_cpu_s_per_query"]["miss"] > 0 and res["flat"]["blend_cpu_s_per_query"] == {}

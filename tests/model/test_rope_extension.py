@@ -98,6 +98,8 @@ def test_dca_dense_attention_helper_agrees_with_sdpa_below_the_chunk():
     inv = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
     out = dca_attention(q, k, v, mask, pos, pos, DualChunk(32, 4), inv, 0.25)
     assert torch.allclose(out, attention(q, k, v, mask, 0.25), atol=1e-5)
+    hot = dca_attention(q, k, v, mask, pos, pos, DualChunk(32, 4, logit_scale=1.5), inv, 0.25)  # YaRN temperature
+    assert torch.allclose(hot, attention(q, k, v, mask, 0.25 * 1.5), atol=1e-5)
 
 
 def test_extensions_lift_the_context_check(tiny):
@@ -119,6 +121,7 @@ def test_extensions_lift_the_context_check(tiny):
     ({"chunk_size": 300}, "below the trained context"),
     ({"chunk_size": 64, "local_window": 64}, "local_window < chunk_size"),
     ({"chunk": 3}, "unexpected keyword"),
+    ({"logit_scale": 0}, "logit_scale must be"),
 ])
 def test_bad_dca_settings(tiny, args, msg):
     with pytest.raises(SlimLMError, match=msg):

@@ -1,8 +1,10 @@
 """``prefill``: time to first token for prompts of several lengths (256 ... 8192 tokens).
 
 Each length has its own stretch of real text; slimlm's prefix cache is reset before each
-prompt, so every prompt is computed. Lengths at or past the model's context are clamped to
-``context - 1`` (noted). The engine's chunk size is ``--max-num-batched-tokens``.
+prompt, so every prompt is computed. Lengths at or past the context slimlm accepts are clamped to
+``context - 1`` (noted): the model's trained context, or with ``--rope-extension`` the extension's
+``context`` (lengths past the trained range are then noted as such; the baselines run them with
+plain RoPE). The engine's chunk size is ``--max-num-batched-tokens``.
 """
 
 from __future__ import annotations
@@ -22,12 +24,40 @@ def context_of(model: str) -> int:
     return model_config(model).context_length
 
 
+def accepted_context(model: str, engine: dict[str, Any], notes: list[str]) -> tuple[int, int]:
+    """The longest sequence slimlm's engine takes: the model's trained context, or the context a
+    ``rope_extension`` lifts it to (as the engine computes it); and the trained context."""
+    from slimlm.bench.systems import model_config
+    from slimlm.errors import SlimLMError
+    from slimlm.model.rope_extension import ROPE_EXTENSIONS
+
+    cfg = model_config(model)
+    name = engine.get("rope_extension")
+    if not name:
+        return cfg.context_length, cfg.context_length
+    try:
+        ext = ROPE_EXTENSIONS.get(name)(cfg, **engine.get("rope_extension_args", {}))
+    except TypeError as e:
+        raise SlimLMError(f"rope_extension={name!r}: {e}") from None
+    notes.append(f"rope_extension={name}: the engine accepts {ext.context} tokens (trained: {cfg.context_length})")
+    return ext.context, cfg.context_length
+
+
+def note_past_trained(lengths: list[int], trained: int, notes: list[str]) -> None:
+    past = [n for n in lengths if n >= trained]
+    if past:
+        which = f"lengths {', '.join(map(str, past))} are" if len(past) > 1 else f"length {past[0]} is"
+        notes.append(f"{which} past the model's trained context ({trained}): positions "
+                     "beyond it were never seen in training; only slimlm applies the rope extension, baselines run "
+                     "plain RoPE")
+
+
 def clamp_lengths(lengths: list[int], context: int, unbounded: bool, notes: list[str]) -> list[int]:
     if unbounded:
         return lengths
     out = sorted({min(n, context - 1) for n in lengths})
     if out != sorted(set(lengths)):
-        notes.append(f"lengths clamped to the model's context: {context - 1} tokens at most")
+        notes.append(f"lengths clamped to the context slimlm accepts: {context - 1} tokens at most")
     return out
 
 
@@ -43,7 +73,9 @@ class Prefill(WorkerScenario):
 
     def systems(self, a, s):
         notes: list[str] = []
-        lengths = clamp_lengths(int_list(a.lengths, DEFAULT_LENGTHS), context_of(s.model), False, notes)
+        context, trained = accepted_context(s.model, s.engine, notes)
+        lengths = clamp_lengths(int_list(a.lengths, DEFAULT_LENGTHS), context, False, notes)
+        note_past_trained(lengths, trained, notes)
         extra = {"lengths": lengths, "n_ctx": max(lengths) + 64}
         if getattr(a, "precisions", None):
             from slimlm.bench.precision import precision_systems

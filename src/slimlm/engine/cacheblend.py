@@ -30,6 +30,7 @@ token is left to the engine, which computes it (and its logits) over the blended
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -39,6 +40,7 @@ from slimlm.model.rope import apply_rope, rotation
 
 
 CHUNK_CONTEXTS = ("prefix", "none")
+PHASES = ("miss", "move", "select", "recompute")
 
 
 class _Capture:
@@ -82,7 +84,15 @@ class CacheBlend:
         self.ratio, self.chunk_context = ratio, chunk_context
         self.select_layer = min(select_layer, model.cfg.num_layers - 1)
         self.stats = {"blended_prompts": 0, "prompt_tokens": 0, "recomputed_tokens": 0, "probe_tokens": 0,
-                      "chunk_tokens_computed": 0}
+                      "chunk_tokens_computed": 0, "cpu_s": dict.fromkeys(PHASES, 0.0)}
+        """``cpu_s``: this process's CPU seconds per phase (where a blend's time goes): ``miss``
+        computing chunks not in the store, ``move`` assembling the reused KV (RoPE rotation),
+        ``select`` the selection probe, ``recompute`` the selected rows through every layer."""
+
+    def _phase(self, name: str, t0: float) -> float:
+        t = time.process_time()
+        self.stats["cpu_s"][name] += t - t0
+        return t
 
     # ------------------------------------------------------------------ pieces
     def _run(self, ids: list[int], positions: torch.Tensor, attn, layers: int | None = None) -> None:
@@ -101,6 +111,7 @@ class CacheBlend:
         key = prefix + [-1] + ids if prefix else ids  # -1: no token id, separates the two
         kv = self.store.get(key)
         if kv is None:
+            t0 = time.process_time()
             P, run = len(prefix), prefix + ids
             cap = _Capture(len(run), self.model.attn_scale, self.model.device)
             self._run(run, torch.arange(len(run), device=self.model.device), cap)
@@ -109,6 +120,7 @@ class CacheBlend:
                   for i in range(len(cap.kv))]  # (n, Hkv, d) per layer
             self.store.put(key, kv)
             self.stats["chunk_tokens_computed"] += len(run)
+            self.stats["cpu_s"]["move"] -= self._phase("miss", t0) - t0  # reused_kv's clock includes it
         return kv
 
     def reused_kv(self, ids: list[int], spans: list[tuple[int, int]]) -> tuple[list, torch.Tensor]:
@@ -156,8 +168,11 @@ class CacheBlend:
     def prefill(self, ids: list[int], spans: list[tuple[int, int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Blended KV (1, Hkv, T, d) per layer for ``ids`` (the prompt without its last token)."""
         spans = [(a, min(b, len(ids))) for a, b in spans if a < len(ids)]
+        t = time.process_time()
         reused, in_chunk = self.reused_kv(ids, spans)
+        t = self._phase("move", t)
         sel, fresh = self.select(ids, reused, in_chunk)
+        t = self._phase("select", t)
         for layer, kv in fresh.items():  # the probe computed these layers for every token: keep them
             reused[layer] = kv
         self.stats["blended_prompts"] += 1
@@ -167,4 +182,5 @@ class CacheBlend:
             return reused
         blend = _Blend(reused, sel, self.model.attn_scale)
         self._run([ids[i] for i in sel.tolist()], sel, blend)
+        self._phase("recompute", t)
         return [blend.kv[i] for i in range(len(reused))]

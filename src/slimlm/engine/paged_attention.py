@@ -374,7 +374,7 @@ class PagedAttention:
         hkv, d = k.shape[1], k.shape[3]
         sparse = self.paths.sparse_prefill
         if sparse is not None and not (p.tree is None and p.allow is None and window is None
-                                       and sparse.applies(p.k_pos.shape[1])):
+                                       and sparse.applies(p.k_pos.shape[1], layer)):
             sparse = None
         if sparse is None and self.paths.native_prefill is not None and p.table is not None and window is None \
                 and p.tree is None and isinstance(p.rows, slice):

@@ -22,6 +22,11 @@ class ScoringLM(ABC):
     def prompt_logprobs(self, prompts: list[list[int]]) -> list[list[float]]:
         """For each prompt, log p(token i | tokens < i) for i = 1 .. len - 1."""
 
+    def attention_computed(self, lengths: list[int]) -> float | None:
+        """Share of the causal query-key pairs of prompts of these lengths that prefill computed
+        so far (None: all of them, dense attention)."""
+        return None
+
     @abstractmethod
     def greedy(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
         """Greedy continuation of each prompt (stops at EOS or ``max_tokens``)."""
@@ -41,6 +46,15 @@ class EngineLM(ScoringLM):
         sp = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
         outs = self.llm.generate(prompts, sp, use_tqdm=False) if prompts else []
         return [[d[t] for d, t in zip(o.prompt_logprobs[1:], p[1:])] for o, p in zip(outs, prompts)]
+
+    def attention_computed(self, lengths: list[int]) -> float | None:
+        sparse = self.llm.engine.runner.paths.sparse_prefill
+        if sparse is None:
+            return None
+        cfg = self.llm.engine.model.cfg
+        total = sum(n * (n + 1) // 2 for n in lengths) * cfg.num_heads * cfg.num_layers
+        skipped = sparse.stats.get("causal", 0)  # the rest ran dense
+        return (total - skipped + sparse.stats.get("computed", 0)) / total
 
     def greedy(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
         from slimlm import SamplingParams

@@ -134,7 +134,12 @@ class Needle(Task):
                   "seen in training" for n in self.lengths if trained is not None and n not in skipped
                   and n + self.max_new_tokens > trained]
         done = [tr["correct"] for tr in trials]
-        return {"grid": grid, "accuracy": sum(done) / len(done) if done else None, "trials": trials, "notes": notes}
+        res = {"grid": grid, "accuracy": sum(done) / len(done) if done else None, "trials": trials, "notes": notes}
+        share = lm.attention_computed([len(p) for p in prompts])
+        if share is not None:
+            res["attention_computed"] = share
+            notes.append(f"sparse prefill computed {share:.1%} of the prompts' causal attention pairs")
+        return res
 
     def table(self, report: dict[str, Any]) -> str:
         grid = report["results"]["grid"]

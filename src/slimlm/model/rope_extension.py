@@ -115,6 +115,9 @@ class DualChunk:
     """s: the largest relative distance + 1 DCA ever shows the model (< the trained context)."""
     local_window: int
     """w: queries this close to their chunk's start see the previous chunk at exact distances."""
+    logit_scale: float = 1.0
+    """Attention logits multiplied by this (1 = none): YaRN's temperature, which Qwen2.5-1M
+    combines with DCA, sharpens attention spread over more keys than training saw."""
 
     @property
     def chunk_len(self) -> int:
@@ -130,6 +133,9 @@ class DualChunkExtension(RopeExtension):
     """s; None = 3/4 of the trained context (ChunkLlama's choice)."""
     local_window: int | None = None
     """w; None = s / 16."""
+    logit_scale: float = 1.0
+    """Multiplies attention logits (YaRN's temperature: (0.1 ln(L / trained) + 1)^2 for length L;
+    1 = off, and DCA below its chunk is then standard attention exactly)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -140,10 +146,13 @@ class DualChunkExtension(RopeExtension):
         if s < 2 or not 0 <= w < s:
             raise SlimLMError(f"dca needs chunk_size >= 2 and 0 <= local_window < chunk_size; got {s}, {w}")
         self.chunk_size, self.local_window = s, w
+        self.logit_scale = float(self.logit_scale)
+        if not 0 < self.logit_scale <= 4:
+            raise SlimLMError(f"dca logit_scale must be in (0, 4], got {self.logit_scale}")
 
     @property
     def dual_chunk(self) -> DualChunk:
-        return DualChunk(self.chunk_size, self.local_window)
+        return DualChunk(self.chunk_size, self.local_window, self.logit_scale)
 
     def rope_positions(self, positions: torch.Tensor) -> torch.Tensor:
         return positions % self.dual_chunk.chunk_len
@@ -183,6 +192,7 @@ def dca_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
             parts.append(dca_attention(q[:, :, rows], k, v, mask[:, :, rows], q_pos[:, rows], k_pos, dc, inv_freq,
                                        scale))
         return torch.cat(parts, 2)
+    scale = scale * dc.logit_scale
     if B == 1:  # one query chunk Q: keys split into older chunks | chunk Q-1 | chunk Q, one fused call each
         Q = int(qc[0, 0])
         kp = k_pos[0].masked_fill(k_pos[0] < 0, torch.iinfo(k_pos.dtype).max)  # padding sorts last
