@@ -65,7 +65,7 @@ HELP = {
     "kv_policy_args": "settings of --kv-policy (e.g. window=256)",
     "speculative_args": "settings of --speculative (e.g. model=PATH k=4)",
     "rope_extension_args": "settings of --rope-extension (e.g. context=32768 chunk_size=6144 local_window=384)",
-    "sparse_prefill_args": "settings of --sparse-prefill (e.g. vertical=1024 slash=64 min_keys=4096)",
+    "sparse_prefill_args": "settings of --sparse-prefill (e.g. vertical=1024 slash=1024 local=256 min_keys=4096)",
     "hook_args": "settings of a --hook (e.g. ffn_skip.layers=[3,4])",
     "seed": "engine seed (sampling without a per-request seed)",
 }
