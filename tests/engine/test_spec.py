@@ -521,7 +521,7 @@ def test_spec_bench_profile_and_prompt_data(tiny_llama_dir, chimera_adapter, tmp
                    "k": 3}}, n_prompts=2, prompt_tokens=16, max_tokens=12, prompt_data=str(text), profile=True)
     assert r.identical and r.tokens == 24 and r.tokens_per_forward >= 1.0
     prof = r.profile
-    assert prof["k"] == 3 and prof["c"] > 0 and prof["verify_cost"]
+    assert prof["k"] == 3 and prof["c"] > 0 and prof["c_per"] == "pass" and prof["verify_cost"]
     assert prof["tokens_per_step_for_2x"] > 2 and "predicted speedup" in "\n".join(r.lines())
 
 

@@ -120,8 +120,9 @@ def spec_bench(model: str, engine: dict[str, Any], n_prompts: int = 4, prompt_to
     prof = None
     if clocks is not None and engine.get("speculative"):
         k = int((engine.get("speculative_args") or {}).get("k", getattr(spec.engine.proposer, "k", 4)))
-        prof = _profile(*clocks, st["draft_tokens"], st["verify_steps"],
-                        (sum(map(len, outs["spec"])) - len(prompts)) * repeats / max(clocks[1].steps[0], 1), k)
+        decoded = (sum(map(len, outs["spec"])) - len(prompts)) * repeats  # tokens of decode / verify steps
+        prof = _profile(*clocks, st["draft_tokens"], st["verify_steps"], decoded / max(clocks[1].steps[0], 1),
+                        decoded / max(clocks[0].steps[0], 1), k, getattr(spec.engine.proposer, "passes", None))
     return SpecReport(
         method, batch, statistics.median(times["plain"]), statistics.median(times["spec"]),
         st["accepted_draft_tokens"] / max(st["draft_tokens"], 1), tps,
@@ -224,12 +225,15 @@ class _StepClock:
 
 
 def _profile(plain: _StepClock, spec: _StepClock, draft_tokens: int, verify_steps: int, tokens_per_step: float,
-             k: int) -> dict:
-    """Step costs in units of plain decoding's step (T): ``verify_cost[r]`` the target's forward
-    over r rows / T, ``c`` a drafted token's share of the proposer's time / T, ``overhead`` the
-    rest of a speculative step (scheduler, sampling, Python) / T; the predicted speedup
-    tokens_per_step / (v(1+k) + k c + overhead); and the per-token acceptance alpha at which
-    E[tokens per step] = (1 - alpha^(k+1)) / (1 - alpha) reaches 2x with k drafts."""
+             plain_tokens_per_step: float, k: int, passes: int | None = None) -> dict:
+    """Step costs in units of plain decoding's step (T, same batch): ``verify_cost[r]`` the
+    target's forward over r rows / T; ``c`` one draft pass (a draft network call; a drafted
+    token when the proposer does not count its passes) / T; ``overhead`` the rest of a
+    speculative step (scheduler, sampling, Python) / T. A speculative step costs
+    ``step_cost`` = mean forward + proposer + overhead, so the predicted speedup is
+    (tokens per step / plain's tokens per step) / step_cost; with k drafts per sequence, 2x needs
+    E[tokens per sequence-step] = (1 - alpha^(k+1)) / (1 - alpha) >= 2 step_cost (alpha: the
+    per-token acceptance, i.i.d.)."""
     T = plain.steps[1] / max(plain.steps[0], 1)
     t1 = plain.exec_seconds() / max(sum(n for n, _ in plain.execute.values()), 1)
     v = {r: round(s / n / T, 3) for r, (n, s) in sorted(spec.execute.items())}
@@ -240,19 +244,23 @@ def _profile(plain: _StepClock, spec: _StepClock, draft_tokens: int, verify_step
         mv = sum(x for _, x in rows) / len(rows)
         den = sum((r - mr) ** 2 for r, _ in rows)
         slope = round(sum((r - mr) * (x - mv) for r, x in rows) / den, 4) if den else None
-    c = spec.propose[1] / max(draft_tokens, 1) / T
-    overhead = (spec.steps[1] - spec.exec_seconds() - spec.propose[1]) / max(spec.steps[0], 1) / T
-    v_k = v.get(1 + k, (1 + k) * (slope or 0) + (1 - (slope or 0)))
-    cost = v_k + k * c + overhead
+    n_steps = max(spec.steps[0], 1)
+    c = spec.propose[1] / max(passes if passes else draft_tokens, 1) / T
+    forward = spec.exec_seconds() / n_steps / T
+    propose = spec.propose[1] / n_steps / T
+    overhead = (spec.steps[1] - spec.exec_seconds() - spec.propose[1]) / n_steps / T
+    cost = forward + propose + overhead
+    batch = max(plain_tokens_per_step, 1e-9)
     lo, hi = 0.0, 1.0
     for _ in range(60):  # bisection: E[tokens](alpha) is increasing
         a = (lo + hi) / 2
         lo, hi = (a, hi) if sum(a**i for i in range(k + 1)) < 2 * cost else (lo, a)
     return {"plain_step_ms": round(T * 1e3, 2), "plain_forward_share": round(t1 / T, 3), "verify_cost": v,
-            "verify_cost_per_row": slope, "c": round(c, 4), "overhead": round(overhead, 3),
-            "propose_per_step": round(spec.propose[1] / max(spec.steps[0], 1) / T, 3),
-            "spec_steps": spec.steps[0], "verify_steps": verify_steps, "k": k,
-            "predicted_speedup": round(tokens_per_step / cost, 3),
+            "verify_cost_per_row": slope, "c": round(c, 4), "c_per": "pass" if passes else "drafted token",
+            "forward_per_step": round(forward, 3), "propose_per_step": round(propose, 3),
+            "overhead": round(overhead, 3), "step_cost": round(cost, 3), "spec_steps": spec.steps[0],
+            "verify_steps": verify_steps, "k": k, "tokens_per_sequence_step": round(tokens_per_step / batch, 3),
+            "predicted_speedup": round(tokens_per_step / batch / cost, 3),
             "alpha_for_2x": round(lo, 3) if 2 * cost <= k + 1 else None,
             "tokens_per_step_for_2x": round(2 * cost, 2)}
 
@@ -264,8 +272,10 @@ def _profile_lines(p: dict) -> list[str]:
         f"  profile (units of a plain decode step, {p['plain_step_ms']} ms here; loaded-machine ratios):",
         f"    plain step: target forward {p['plain_forward_share']:.3f}, rest {1 - p['plain_forward_share']:.3f}",
         f"    target forward by rows {p['verify_cost']}, per extra row {p['verify_cost_per_row']}",
-        f"    draft cost per drafted token c = {p['c']:.4f}; proposer per step {p['propose_per_step']:.3f}; "
-        f"other per step {p['overhead']:.3f}",
-        f"    predicted speedup at the measured tokens per step {p['predicted_speedup']:.2f}x; 2x with k = {p['k']} "
-        f"needs {p['tokens_per_step_for_2x']} tokens per step, i.e. {need}",
+        f"    draft cost per {p['c_per']} c = {p['c']:.4f}; a speculative step: target forward "
+        f"{p['forward_per_step']:.3f} + proposer {p['propose_per_step']:.3f} + other {p['overhead']:.3f} "
+        f"= {p['step_cost']:.3f}",
+        f"    {p['tokens_per_sequence_step']:.2f} tokens per sequence-step -> predicted speedup "
+        f"{p['predicted_speedup']:.2f}x; 2x with k = {p['k']} needs {p['tokens_per_step_for_2x']} tokens per "
+        f"sequence-step, i.e. {need}",
     ]

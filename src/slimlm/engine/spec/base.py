@@ -65,6 +65,9 @@ class Proposer(ABC):
             raise SlimLMError(f"speculative max_batch must be a positive number of sequences or None, got {max_batch!r}")
         self.max_batch = max_batch
 
+    passes = 0
+    """Draft network calls so far (a proposer that counts them: the draft cost per call)."""
+
     step_result: RunnerOutput | None = None
     """The runner's output of the step being verified (set by the engine before ``verify``):
     the hidden states of the verified rows, for acceptance rules that read them (Judge)."""

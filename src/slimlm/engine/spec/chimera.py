@@ -163,6 +163,7 @@ class ChimeraProposer(Proposer):
             emb = self.embed(hist_t[idx]).flatten(1)
             step = torch.full((len(alive),), j, dtype=torch.long, device=h.device)
             y = self.net(h[idx], emb, step)
+            self.passes += 1
             logits = self._full(nn.functional.linear(y, self.head_weight))
             nxt, keep = [], []
             for r, i in enumerate(alive):

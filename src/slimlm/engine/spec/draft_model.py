@@ -147,6 +147,7 @@ class DraftModelProposer(Proposer):
                 break
             chunks.sort(key=lambda c: len(c.token_ids) != 1)
             logits = self.runner.execute(SchedulerOutput(chunks)).logits
+            self.passes += 1
             for seq in live:
                 row = self._full_row(logits[seq.seq_id][-1:])
                 params = seq.request.params
