@@ -485,7 +485,7 @@ def test_cumulative_early_exit_drafts_less_and_stays_exact(target, chimera_adapt
     """``cumulative``: drafting stops when the product of the draft's top-1 probabilities falls
     below the threshold, so never later than the per-token rule; output stays plain greedy."""
     prompts = make_prompts(2, seed=9)
-    p = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    p = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     plain = [o.outputs[0].token_ids for o in LLM(target).generate(prompts, p, use_tqdm=False)]
     drafted = {}
     for cum in (False, True):
