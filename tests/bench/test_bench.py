@@ -244,3 +244,16 @@ def test_throughput_sweeps_transformers_batch_sizes_and_compares_with_the_best(m
     r = throughput.run("m", hf_batches=(8, 16, 32), repeats=1, log=lambda *_: None)
     assert seen == {"slimlm": None, "transformers bs8": 8, "transformers bs16": 16, "transformers bs32": 32}
     assert r["best_transformers"] == "transformers bs16" and r["speedup"] == 4.0
+
+
+def test_throughput_table_says_what_speculation_did():
+    """A speculative method's row is followed by its acceptance and how many steps verified
+    drafts or ran with speculation off (``max_batch``)."""
+    from slimlm.bench.throughput import table
+
+    med = lambda v: {"median": v, "min": v, "max": v}  # noqa: E731
+    s = {"tokens_per_s": med(50.0), "computed_prompt_tokens": med(10), "prompt_tokens": med(10), "peak_rss_mb": med(1),
+         "draft_tokens": med(400), "accepted_draft_tokens": med(100), "verify_steps": med(100), "steps": med(300),
+         "speculation_off_steps": med(190)}
+    out = table({"summary": {"slimlm": s}})
+    assert "acceptance 0.250, 100 of 300 steps verified drafts, 190 steps with speculation off" in out

@@ -465,6 +465,79 @@ def test_chimera_batched_rows_accept_differently_and_free_everything(target, chi
     assert not prop.state and not prop.row
 
 
+def test_max_batch_turns_speculation_off_above_it(target, chimera_adapter):
+    """Above ``max_batch`` decoding sequences a step drafts nothing (plain decoding); at or
+    below it speculation runs; the output is the same either way."""
+    prompts = make_prompts(3, seed=5)
+    p = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    plain = [o.outputs[0].token_ids for o in LLM(target).generate(prompts, p, use_tqdm=False)]
+    llm = LLM(target, speculative="chimera", speculative_args={"adapter": chimera_adapter, "k": 3, "max_batch": 2})
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, p, use_tqdm=False)] == plain
+    skipped, drafted = llm.engine.spec_guard.skipped_steps, llm.engine.stats["draft_tokens"]
+    assert skipped >= p.max_tokens - 3  # every step once the three decode together
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts[:2], p, use_tqdm=False)] == plain[:2]
+    assert llm.engine.stats["draft_tokens"] > drafted and llm.engine.spec_guard.skipped_steps == skipped
+    with pytest.raises(Exception, match="max_batch must be a positive"):
+        LLM(target, speculative="chimera", speculative_args={"adapter": chimera_adapter, "max_batch": 0})
+
+
+def test_cumulative_early_exit_drafts_less_and_stays_exact(target, chimera_adapter):
+    """``cumulative``: drafting stops when the product of the draft's top-1 probabilities falls
+    below the threshold, so never later than the per-token rule; output stays plain greedy."""
+    prompts = make_prompts(2, seed=9)
+    p = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    plain = [o.outputs[0].token_ids for o in LLM(target).generate(prompts, p, use_tqdm=False)]
+    drafted = {}
+    for cum in (False, True):
+        args = {"adapter": chimera_adapter, "k": 4, "threshold": 0.02, "cumulative": cum}
+        llm = LLM(target, speculative="chimera", speculative_args=args)
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, p, use_tqdm=False)] == plain
+        drafted[cum] = llm.engine.stats["draft_tokens"]
+    assert drafted[True] < drafted[False]
+
+
+def test_top_k_soft_targets_match_the_dense_loss():
+    """The draft's training loss on the target's top-K entries + the rest's mass equals the
+    dense soft cross-entropy when K is the whole head, and stays a cross-entropy below it."""
+    from slimlm.compress.spec_train import _soft_ce
+
+    g = torch.Generator().manual_seed(0)
+    z, q = torch.randn(5, 7, 50, generator=g) * 3, torch.randn(5, 7, 50, generator=g)
+    dense = _soft_ce(q, z)
+    full = _soft_ce(q, z.log_softmax(-1).topk(50, -1))
+    assert torch.allclose(dense, full, atol=1e-5)
+    top = _soft_ce(q, z.log_softmax(-1).topk(8, -1))
+    assert 0 < float(top) < float(dense)  # coarser outcomes: a lower but positive cross-entropy
+
+
+def test_spec_bench_profile_and_prompt_data(tiny_llama_dir, chimera_adapter, tmp_path):
+    """spec-bench on another prompt set with the step profile: lossless output, and the costs
+    (target forward by rows, draft cost c, the acceptance needed for 2x) are reported."""
+    from slimlm.compress.spec_bench import spec_bench
+
+    text = tmp_path / "prose.txt"
+    text.write_text("Small language models are fast to serve and cheap to train. " * 200)
+    r = spec_bench(str(tiny_llama_dir), {"speculative": "chimera", "speculative_args": {"adapter": chimera_adapter,
+                   "k": 3}}, n_prompts=2, prompt_tokens=16, max_tokens=12, prompt_data=str(text), profile=True)
+    assert r.identical and r.tokens == 24 and r.tokens_per_forward >= 1.0
+    prof = r.profile
+    assert prof["k"] == 3 and prof["c"] > 0 and prof["c_per"] == "pass" and prof["verify_cost"]
+    assert prof["tokens_per_step_for_2x"] > 2 and "predicted speedup" in "\n".join(r.lines())
+
+
+def test_train_adapter_reads_several_sources(tiny_llama_dir, tmp_path):
+    """Comma-separated --data: an equal share of each source, interleaved window by window."""
+    from slimlm.compress.spec_cli import _windows
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("alpha beta gamma delta " * 100)
+    b.write_text("one two three four five " * 100)
+    tok = load(tiny_llama_dir).tokenizer
+    w = _windows(f"{a},{b}", tok, 128, 16)
+    wa, wb = _windows(str(a), tok, 64, 16), _windows(str(b), tok, 64, 16)
+    assert w.shape == (8, 16) and torch.equal(w[0], wa[0]) and torch.equal(w[1], wb[0])
+
+
 @pytest.fixture(scope="module")
 def judge_head(target, tmp_path_factory):
     from slimlm.compress.spec_train import JudgeTrainConfig, train_judge

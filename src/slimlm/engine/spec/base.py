@@ -28,6 +28,7 @@ import torch
 
 from slimlm.engine.sampling import top_logprobs
 from slimlm.engine.spec.verify import target_probs, verify_greedy, verify_sampled, verify_tree_greedy
+from slimlm.errors import SlimLMError
 from slimlm.registry import Registry
 
 if TYPE_CHECKING:
@@ -52,6 +53,20 @@ class ProposerContext:
 
 class Proposer(ABC):
     name: ClassVar[str]
+
+    max_batch: int | None = None
+    """Speculation off in steps with more than this many decoding sequences (None: never off):
+    a batched target forward is no longer memory bound, so the extra rows of a verification
+    cost nearly their full price while rejected drafts earn nothing (vLLM's
+    ``disable_by_batch_size``). Set by every method's ``max_batch`` argument."""
+
+    def set_max_batch(self, max_batch: int | None) -> None:
+        if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
+            raise SlimLMError(f"speculative max_batch must be a positive number of sequences or None, got {max_batch!r}")
+        self.max_batch = max_batch
+
+    passes = 0
+    """Draft network calls so far (a proposer that counts them: the draft cost per call)."""
 
     step_result: RunnerOutput | None = None
     """The runner's output of the step being verified (set by the engine before ``verify``):

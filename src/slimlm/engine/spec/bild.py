@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 @SPEC_METHODS.register("bild")
 class BiLDProposer(DraftModelProposer):
     def __init__(self, ctx: ProposerContext, model=None, fallback: float = 0.5, rollback: float = 2.0, k: int = 8,
-                 kv_fraction: float = 0.2):
+                 kv_fraction: float = 0.2, max_batch: int | None = None):
         """``model``: the small model (name, directory, .gguf or a loaded model); ``fallback``:
         in [0, 1]; ``rollback``: cross-entropy threshold in nats, > 0; ``k``: most small-model
         tokens per large-model step."""
@@ -46,7 +46,7 @@ class BiLDProposer(DraftModelProposer):
         check_threshold("bild fallback", fallback)
         if not isinstance(rollback, (int, float)) or not 0.0 < float(rollback) < math.inf:
             raise SlimLMError(f"bild rollback must be a positive number of nats, got {rollback!r}")
-        super().__init__(ctx, model, k=k, kv_fraction=kv_fraction)
+        super().__init__(ctx, model, k=k, kv_fraction=kv_fraction, max_batch=max_batch)
         self.fallback, self.rollback = float(fallback), float(rollback)
 
     def _stop(self, seq: Sequence, row: torch.Tensor, step: int) -> bool:

@@ -71,16 +71,21 @@ class ChimeraDraft(nn.Module):
 @SPEC_METHODS.register("chimera")
 class ChimeraProposer(Proposer):
     def __init__(self, ctx: ProposerContext, adapter: str | None = None, k: int = 4, threshold: float = 0.0,
-                 tree: bool = False):
+                 tree: bool = False, max_batch: int | None = None, cumulative: bool = False):
         """``adapter``: folder written by ``slimlm train-adapter --method chimera``; ``k``: most
         drafts per step; ``threshold``: drafting stops when the draft's top-1 probability falls
-        below it (0 = never); ``tree``: top-2 branching at the first draft (greedy requests)."""
+        below it (0 = never); ``cumulative``: compare the product of the draft's top-1
+        probabilities so far instead (the chance the whole chain is right: an adaptive draft
+        length); ``tree``: top-2 branching at the first draft (greedy requests); ``max_batch``:
+        no drafting in steps with more decoding sequences."""
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"speculative k must be at least 1, got {k}")
         check_threshold("chimera threshold", threshold)
         meta, state = load_adapter(adapter, "chimera", ctx.target)
         t = ctx.target
         self.ctx, self.k, self.threshold, self.tree = ctx, k, float(threshold), bool(tree)
+        self.cumulative = bool(cumulative)
+        self.set_max_batch(max_batch)
         self.net = ChimeraDraft(t.cfg.hidden_size, int(meta["depth"]), t.cfg.rms_norm_eps, int(meta.get("mlp_mult", 2)))
         self.net.load_state_dict(state)
         self.net.to(device=t.device, dtype=t.dtype).requires_grad_(False)
@@ -149,6 +154,7 @@ class ChimeraProposer(Proposer):
         hist_t = torch.tensor(hist, dtype=torch.long, device=h.device)  # (B, 3)
         alive = list(range(len(live)))
         probs: list[list[torch.Tensor]] = [[] for _ in live]
+        conf = [1.0] * len(live)  # product of each chain's top-1 probabilities (``cumulative``)
         for j in range(self.k):
             alive = [i for i in alive if j < ks[i]]
             if not alive:
@@ -157,13 +163,17 @@ class ChimeraProposer(Proposer):
             emb = self.embed(hist_t[idx]).flatten(1)
             step = torch.full((len(alive),), j, dtype=torch.long, device=h.device)
             y = self.net(h[idx], emb, step)
+            self.passes += 1
             logits = self._full(nn.functional.linear(y, self.head_weight))
             nxt, keep = [], []
             for r, i in enumerate(alive):
                 seq = live[i]
                 row = logits[r : r + 1]
-                if self.threshold > 0 and float(row[0].float().softmax(-1).max()) < self.threshold:
-                    continue  # early exit: this and later drafts are not proposed
+                if self.threshold > 0:
+                    p = float(row[0].float().softmax(-1).max())
+                    conf[i] = conf[i] * p if self.cumulative else p
+                    if conf[i] < self.threshold:
+                        continue  # early exit: this and later drafts are not proposed
                 params = seq.request.params
                 if params.greedy:
                     top = row[0].topk(2).indices.tolist()

@@ -48,7 +48,9 @@ def check_same_tokenizer(ctx: ProposerContext, lm, method: str) -> None:
 
 @SPEC_METHODS.register("draft")
 class DraftModelProposer(Proposer):
-    def __init__(self, ctx: ProposerContext, model, k: int = 4, kv_fraction: float = 0.2, tree: bool = False):
+    def __init__(self, ctx: ProposerContext, model, k: int = 4, kv_fraction: float = 0.2, tree: bool = False,
+                 max_batch: int | None = None):
+        """``max_batch``: no drafting in steps with more decoding sequences (``Proposer.max_batch``)."""
         from slimlm.model.hub import LoadedModel, load
 
         if k < 1:
@@ -56,6 +58,7 @@ class DraftModelProposer(Proposer):
         if not 0.0 < kv_fraction < 1.0:
             raise ValueError(f"speculative kv_fraction must be in (0, 1), got {kv_fraction}")
         self.ctx, self.k, self.kv_fraction, self.tree = ctx, k, kv_fraction, bool(tree)
+        self.set_max_batch(max_batch)
         self.lm = model if isinstance(model, LoadedModel) else load(model, ctx.config.dtype, ctx.config.device)
         self.vocab = ctx.vocab_size
         if self.lm.model.cfg.vocab_size > self.vocab:
@@ -144,6 +147,7 @@ class DraftModelProposer(Proposer):
                 break
             chunks.sort(key=lambda c: len(c.token_ids) != 1)
             logits = self.runner.execute(SchedulerOutput(chunks)).logits
+            self.passes += 1
             for seq in live:
                 row = self._full_row(logits[seq.seq_id][-1:])
                 params = seq.request.params

@@ -34,6 +34,8 @@ class ProposerGuard:
         self.proposer, self.vocab = proposer, vocab_size
         self.disabled: set[int] = set()
         self.failures = 0
+        self.skipped_steps = 0
+        """Steps without drafting because more sequences decoded than ``proposer.max_batch``."""
 
     def _disable(self, seq: Sequence, where: str, err: Exception) -> None:
         self.failures += 1
@@ -53,6 +55,12 @@ class ProposerGuard:
                 _clear(s)
         seqs = [s for s in seqs if s.seq_id not in self.disabled]
         if not seqs:
+            return
+        cap = self.proposer.max_batch
+        if cap is not None and len(seqs) > cap:  # a plain step: the batch is too large to pay
+            for s in seqs:
+                _clear(s)
+            self.skipped_steps += 1
             return
         try:
             self.proposer.propose(seqs, sched, result)

@@ -52,7 +52,7 @@ class JudgeHead(nn.Module):
 @SPEC_METHODS.register("judge")
 class JudgeProposer(ChimeraProposer):
     def __init__(self, ctx: ProposerContext, head: str | None = None, adapter: str | None = None, k: int = 4,
-                 accept: float = 0.999, threshold: float = 0.0):
+                 accept: float = 0.999, threshold: float = 0.0, max_batch: int | None = None):
         """``head``: folder from ``slimlm train-adapter --method judge``; ``adapter``: the
         Chimera draft (``--method chimera``); ``accept``: judge probability in (0, 1] above
         which a mismatched draft is kept (1 = exact verification; the default 0.999 was chosen
@@ -65,7 +65,7 @@ class JudgeProposer(ChimeraProposer):
             raise SlimLMError("speculative='judge' needs a trained judge head: speculative_args={'head': DIR, "
                               "'adapter': CHIMERA_DIR}; train one with `slimlm train-adapter --method judge`")
         meta, state = load_adapter(head, "judge", ctx.target)
-        super().__init__(ctx, adapter=adapter, k=k, threshold=threshold, tree=False)
+        super().__init__(ctx, adapter=adapter, k=k, threshold=threshold, tree=False, max_batch=max_batch)
         self.judge = JudgeHead(ctx.target.cfg.hidden_size)
         self.judge.load_state_dict({k_: v.float() for k_, v in state.items()})
         self.judge.to(ctx.target.device).requires_grad_(False)

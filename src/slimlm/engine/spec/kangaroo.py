@@ -157,10 +157,13 @@ def load_adapter(path: str | Path | None, method: str, target: CausalLM) -> tupl
 @SPEC_METHODS.register("kangaroo")
 class KangarooProposer(DraftModelProposer):
     def __init__(self, ctx: ProposerContext, adapter: str | None = None, k: int = 6, threshold: float = 0.6,
-                 kv_fraction: float = 0.1, tree: bool = False):
+                 kv_fraction: float = 0.1, tree: bool = False, max_batch: int | None = None,
+                 cumulative: bool = False):
         """``adapter``: folder written by ``slimlm train-adapter --method kangaroo``; ``k``: most
         drafts per step; ``threshold``: drafting stops when the draft's top-1 probability falls
-        below it (0 = never stop early)."""
+        below it (0 = never stop early); ``cumulative``: compare the product of the draft's top-1
+        probabilities so far instead (the chance the whole chain is right); ``max_batch``: no
+        drafting in steps with more decoding sequences."""
         from slimlm.model.hub import LoadedModel
 
         check_threshold("kangaroo threshold", threshold)
@@ -174,10 +177,21 @@ class KangarooProposer(DraftModelProposer):
         tm = torch.tensor(token_map, dtype=torch.long, device=ctx.target.device) if token_map else None
         shallow = ShallowLM(ctx.target, ad, exit_layer, tm)
         self.threshold = float(threshold)
-        super().__init__(ctx, LoadedModel(shallow, None, Path(adapter)), k=k, kv_fraction=kv_fraction, tree=tree)
+        super().__init__(ctx, LoadedModel(shallow, None, Path(adapter)), k=k, kv_fraction=kv_fraction, tree=tree,
+                         max_batch=max_batch)
         self.token_map = tm
+        self.cumulative = bool(cumulative)
+        self.confidence: dict[int, float] = {}  # seq -> product of its draft's top-1 probabilities
 
     def _stop(self, seq: Sequence, row: torch.Tensor, step: int) -> bool:
         if self.threshold <= 0.0:
             return False
-        return float(row[0].float().softmax(-1).max()) < self.threshold
+        p = float(row[0].float().softmax(-1).max())
+        if self.cumulative:
+            p *= self.confidence.get(seq.seq_id, 1.0) if step > 0 else 1.0
+            self.confidence[seq.seq_id] = p
+        return p < self.threshold
+
+    def release(self, seq: Sequence) -> None:
+        super().release(seq)
+        self.confidence.pop(seq.seq_id, None)
