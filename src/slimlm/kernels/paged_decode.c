@@ -26,16 +26,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
 
-static inline float bf16_to_f32(uint16_t x) {
-    uint32_t u = ((uint32_t)x) << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
+#include "kv_pool.h"
 
 /* Prefetch the next block's rows while this one is computed: blocks sit anywhere in the pool. */
 static inline void prefetch_block(const void *pool, size_t elem, const int64_t *tb, int64_t t0, int64_t L,
@@ -61,26 +53,6 @@ static inline void softmax_rows(float *s, int64_t Hq, int64_t L) {
 }
 
 #ifdef __AVX512F__
-/* 16 elements at ``base[idx]`` as float32 (bf16 widened in registers). */
-static inline __attribute__((always_inline)) __m512 ld16(const void *base, int64_t idx, const int dtype) {
-    if (dtype == 0) return _mm512_loadu_ps((const float *)base + idx);
-    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + idx));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-/* The sums of a0..a3, each over its 16 lanes, as one 4-lane vector (a transposing reduction:
- * about half the shuffles of four separate horizontal sums). */
-static inline __attribute__((always_inline)) __m128 sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
-    const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
-    const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
-    const __m512 t2 = _mm512_add_ps(
-        _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))),
-        _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))));
-    /* each 128-bit lane of t2 now holds (a0, a1, a2, a3) partial sums; add the four lanes */
-    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(t2), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t2), 1)));
-    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
-
 #ifdef __AVX512BF16__
 #define MAX_BF16_HEADS 64 /* query heads the bf16 scoring path keeps split on the stack */
 
@@ -218,62 +190,10 @@ static inline __attribute__((always_inline)) void decode_avx512(
 }
 #endif
 
-static inline float f16_to_f32(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff;
-    uint32_t u;
-    if (e == 0) {
-        if (m == 0) u = sign;
-        else { /* subnormal: normalise */
-            int sh = 0;
-            uint32_t mm = m;
-            while (!(mm & 0x400)) { mm <<= 1; ++sh; }
-            u = sign | ((uint32_t)(113 - sh) << 23) | ((mm & 0x3ff) << 13);
-        }
-    } else if (e == 31) u = sign | 0x7f800000u | (m << 13);
-    else u = sign | ((e + 112) << 23) | (m << 13);
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-#define I4_GROUP 32
-
 /* One stored row (slot) of all Hkv heads as float32 (W = Hkv * d values). */
-typedef struct { const void *data, *aux, *aux2; int dtype; int64_t Hkv, d; } pool_t;
-
 static const float *load_row(const pool_t *p, int64_t slot, float *buf) {
-    const int64_t W = p->Hkv * p->d;
-    if (p->dtype == 0) return (const float *)p->data + slot * W;
-    if (p->dtype == 1) {
-        const uint16_t *src = (const uint16_t *)p->data + slot * W;
-#pragma omp simd
-        for (int64_t i = 0; i < W; ++i) buf[i] = bf16_to_f32(src[i]);
-        return buf;
-    }
-    if (p->dtype == 2) {
-        const int8_t *src = (const int8_t *)p->data + slot * W;
-        const uint16_t *sc = (const uint16_t *)p->aux + slot * p->Hkv;
-        for (int64_t h = 0; h < p->Hkv; ++h) {
-            const float s = f16_to_f32(sc[h]);
-#pragma omp simd
-            for (int64_t i = 0; i < p->d; ++i) buf[h * p->d + i] = (float)src[h * p->d + i] * s;
-        }
-        return buf;
-    }
-    /* int4 */
-    const int64_t G = p->d / I4_GROUP;
-    const uint8_t *src = (const uint8_t *)p->data + slot * (W / 2);
-    const uint16_t *sc = (const uint16_t *)p->aux + slot * p->Hkv * G, *mn = (const uint16_t *)p->aux2 + slot * p->Hkv * G;
-    for (int64_t h = 0; h < p->Hkv; ++h)
-        for (int64_t g = 0; g < G; ++g) {
-            const float s = f16_to_f32(sc[h * G + g]), m = f16_to_f32(mn[h * G + g]);
-            const uint8_t *b = src + (h * p->d + g * I4_GROUP) / 2;
-            float *o = buf + h * p->d + g * I4_GROUP;
-            for (int64_t i = 0; i < I4_GROUP / 2; ++i) {
-                o[2 * i] = (float)(b[i] & 15) * s + m;
-                o[2 * i + 1] = (float)(b[i] >> 4) * s + m;
-            }
-        }
+    if (p->dtype == 0) return (const float *)p->data + slot * p->Hkv * p->d;
+    for (int64_t h = 0; h < p->Hkv; ++h) head_row(p, slot, h, buf + h * p->d);
     return buf;
 }
 

@@ -33,72 +33,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define I4_GROUP 32
-
-static inline float bf16f(uint16_t x) {
-    uint32_t u = ((uint32_t)x) << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline float f16f(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff;
-    uint32_t u;
-    if (e == 0) {
-        if (m == 0) u = sign;
-        else {
-            int sh = 0;
-            uint32_t mm = m;
-            while (!(mm & 0x400)) { mm <<= 1; ++sh; }
-            u = sign | ((uint32_t)(113 - sh) << 23) | ((mm & 0x3ff) << 13);
-        }
-    } else if (e == 31) u = sign | 0x7f800000u | (m << 13);
-    else u = sign | ((e + 112) << 23) | (m << 13);
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-typedef struct { const void *data, *aux, *aux2; int dtype; int64_t Hkv, d; } pool_t;
-
-/* Head h of stored row ``slot`` as float32 (a pointer into the pool for float32, else ``buf``). */
-static inline const float *head_row(const pool_t *p, int64_t slot, int64_t h, float *buf) {
-    const int64_t d = p->d, off = (slot * p->Hkv + h) * d;
-    switch (p->dtype) {
-    case 0:
-        return (const float *)p->data + off;
-    case 1: {
-        const uint16_t *src = (const uint16_t *)p->data + off;
-#pragma omp simd
-        for (int64_t i = 0; i < d; ++i) buf[i] = bf16f(src[i]);
-        return buf;
-    }
-    case 2: {
-        const int8_t *src = (const int8_t *)p->data + off;
-        const float s = f16f(((const uint16_t *)p->aux)[slot * p->Hkv + h]);
-#pragma omp simd
-        for (int64_t i = 0; i < d; ++i) buf[i] = (float)src[i] * s;
-        return buf;
-    }
-    default: {
-        const int64_t ng = d / I4_GROUP;
-        const uint8_t *src = (const uint8_t *)p->data + off / 2;
-        const uint16_t *sc = (const uint16_t *)p->aux + (slot * p->Hkv + h) * ng;
-        const uint16_t *mn = (const uint16_t *)p->aux2 + (slot * p->Hkv + h) * ng;
-        for (int64_t g = 0; g < ng; ++g) {
-            const float s = f16f(sc[g]), m = f16f(mn[g]);
-            const uint8_t *b = src + g * I4_GROUP / 2;
-            float *o = buf + g * I4_GROUP;
-            for (int64_t i = 0; i < I4_GROUP / 2; ++i) {
-                o[2 * i] = (float)(b[i] & 15) * s + m;
-                o[2 * i + 1] = (float)(b[i] >> 4) * s + m;
-            }
-        }
-        return buf;
-    }
-    }
-}
+#include "kv_pool.h"
 
 static inline float dot(const float *a, const float *b, int64_t d) {
     float acc = 0.f;
@@ -135,23 +70,6 @@ static inline void rebuild_row(const factors_t *f, int64_t t, int64_t d, float *
 #ifdef __AVX512F__
 #include <immintrin.h>
 
-/* 16 elements at ``base[idx]`` as float32 (bf16 widened in registers). */
-static inline __attribute__((always_inline)) __m512 ld16(const void *base, int64_t idx, const int dtype) {
-    if (dtype == 0) return _mm512_loadu_ps((const float *)base + idx);
-    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + idx));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-/* Horizontal sums of four vectors as the four lanes of one. */
-static inline __attribute__((always_inline)) __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 e) {
-    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-    const __m512 ce = _mm512_add_ps(_mm512_unpacklo_ps(c, e), _mm512_unpackhi_ps(c, e));
-    const __m512 x = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(ce))),
-                                   _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(ce))));
-    const __m256 y = _mm256_add_ps(_mm512_castps512_ps256(x), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
-    return _mm_add_ps(_mm256_castps256_ps128(y), _mm256_extractf128_ps(y, 1));
-}
-
 /* Scores s[g * M + j0 + i] of the G query heads against rows off[i] (element offsets into base,
  * one dtype), four rows at a time. */
 static inline __attribute__((always_inline)) void score_rows(const float *qg, const void *base, const int dtype,
@@ -174,7 +92,7 @@ static inline __attribute__((always_inline)) void score_rows(const float *qg, co
                 a2 = _mm512_fmadd_ps(qv[c], ld16(base, off[i + 2] + 16 * c, dtype), a2);
                 a3 = _mm512_fmadd_ps(qv[c], ld16(base, off[i + 3] + 16 * c, dtype), a3);
             }
-            _mm_storeu_ps(sg + i, _mm_mul_ps(sc, hsum4(a0, a1, a2, a3)));
+            _mm_storeu_ps(sg + i, _mm_mul_ps(sc, sum4(a0, a1, a2, a3)));
         }
         for (; i < cnt; ++i) {
             __m512 a0 = _mm512_mul_ps(qv[0], ld16(base, off[i], dtype));
