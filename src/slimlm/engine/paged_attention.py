@@ -211,6 +211,7 @@ class AttentionPaths:
                native_kernels: bool, sparse: object | None = None) -> AttentionPaths:
         decode = prefill = sparse_lib = None
         codec = cache.codec
+        compute = NATIVE_DTYPES.get(cache.spec.compute_dtype)  # the kernels read q's dtype
         if native_kernels and cache.device.type == "cpu" and span == AttentionSpan() and not cache.state:
             from slimlm import kernels
 
@@ -218,12 +219,10 @@ class AttentionPaths:
                 decode = kernels.load("paged_decode")
             elif codec.native_code is not None:  # a query policy: the sparse kernel reads its picks
                 sparse_lib = kernels.load("sparse_decode")
-            compute = NATIVE_DTYPES.get(cache.spec.compute_dtype)  # the kernel reads q's dtype
             if compute is not None:
                 lib = kernels.load("paged_prefill")
                 if lib is not None and lib.slimlm_prefill_supported(head_dim, compute):
                     prefill = lib
-        compute = NATIVE_DTYPES.get(cache.spec.compute_dtype)
         in_place = prefill is not None and codec.native_code is not None and (codec.native_code != compute or track_mass)
         return cls(decode, prefill, span, track_mass, codec.native_code != compute and not in_place, sparse=sparse,
                    prefill_in_place=in_place, sparse_native=sparse_lib)

@@ -256,8 +256,8 @@ class QueryPolicy(KVPolicy):
     def select_native(self, summary: Any, q: torch.Tensor, rotary, P: int):
         """q (Hq, d) -> (idx: per KV head the prefix tokens it reads (n_h,), qmask: per KV head
         (G, n_h) bool of the query heads that take each (None: all), rebuilt keys (Hkv, m, d) of
-        every head's first m entries, or a :class:`Rebuild` the kernel applies, or None, bytes read for the prefix, prefix keys attended per
-        query head)."""
+        every head's first m entries, or a :class:`Rebuild` the kernel applies, or None, bytes read
+        for the prefix, prefix keys attended per query head)."""
         raise NotImplementedError
 
     def select(self, summary: Any, q: torch.Tensor, k_prefix: torch.Tensor, rotary, P: int):
