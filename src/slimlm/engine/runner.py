@@ -77,6 +77,8 @@ class ModelRunner:
         self.native_layers = native_decode_layers(model, cache, paths, hooks, rope_ext)
         """All-decode steps of a fully packed model through whole layers in one native call
         (``model/quant/native_layers.py``), or None: the layer-by-layer path."""
+        self.restagers = [h for h in hooks if type(h).restage is not LayerHook.restage]
+        """Hooks that change the step's rows between layers (``LayerHook.restage``)."""
         for h in hooks:
             h.bind(model)
 
@@ -216,7 +218,7 @@ class ModelRunner:
         for i, layer in enumerate(model.model.layers):
             if i in self.capture:
                 hidden[i] = h[0, info.logit_rows]
-            for hk in hooks:
+            for hk in self.restagers:
                 st = hk.restage(i, Stage(h, cos, sin, attn, info, active))
                 if st is not None:  # rows enter / leave with their KV (LazyLLM): appended after the step's rows
                     h, cos, sin, attn, info, active, T = st.h, st.cos, st.sin, st.attn, st.info, st.active, st.h.shape[1]

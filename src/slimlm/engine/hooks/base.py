@@ -8,8 +8,8 @@ step at this layer: their hidden state is carried up and their keys/values are s
 in the later layers) and the rows that run the MLP. Rows that left never come back within the
 step; rows whose logits are needed never leave. ``restage`` is the wider seam: a hook may
 append rows that enter the step at a layer and give the attention backend for the layers
-above (LazyLLM's deferred and revived tokens, whose KV is absent where they did not run). Hooks may keep per-sequence state (keyed by
-``StepInfo.row_seq``) and drop it in ``release``.
+above (LazyLLM's deferred and revived tokens, whose KV is absent where they did not run).
+Hooks may keep per-sequence state (keyed by ``StepInfo.row_seq``) and drop it in ``release``.
 
 How to add one: subclass :class:`LayerHook` in a new file of this folder, register it with
 ``@LAYER_HOOKS.register("name")``, import it in ``__init__.py``; the parametrized test in
