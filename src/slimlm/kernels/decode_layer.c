@@ -70,13 +70,6 @@ static void rope(const float *x, const float *c, const float *s, float *out, int
     for (int64_t i = h; i < d; i++) out[i] = x[i] * c[i] + x[i - h] * s[i];
 }
 
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, NaN kept quiet (torch's) */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
-}
-
 static void store_row(void *pool, int pool_dtype, int64_t off, const float *x, int64_t n) {
     if (pool_dtype == 0) {
         memcpy((float *)pool + off, x, (size_t)n * sizeof(float));

@@ -1,5 +1,5 @@
-/* What the KV-pool readers share (paged_decode.c, sparse_decode.c; decode_layer.c through
- * paged_decode.c): the stored formats' scalar conversions, one head of a stored row as float32,
+/* What the KV-pool readers and writers share (paged_decode.c, paged_prefill.c, sparse_decode.c;
+ * decode_layer.c through paged_decode.c): the stored formats' scalar conversions, one head of a stored row as float32,
  * and the AVX-512 load / reduction helpers.
  *
  * Pool formats (``dtype``): 0 float32, 1 bfloat16, 2 int8 (fp16 scale per row and KV head:
@@ -38,6 +38,13 @@ static inline float f16_to_f32(uint16_t h) {
     float f;
     memcpy(&f, &u, sizeof f);
     return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch's .to(bfloat16) */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
 /* A block pool (K or V) of Hkv heads of size d per stored row. */

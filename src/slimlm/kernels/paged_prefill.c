@@ -35,6 +35,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "kv_pool.h"
 #ifdef __AVX512F__
 #include <immintrin.h>
 #define SLIMLM_HAVE_AVX512 1
@@ -92,44 +94,13 @@ typedef struct {
     const void *ka, *ka2, *va, *va2;  /* quantized pools: scales (and int4 minima) */
 } repack_args;
 
-#define I4_GROUP 32
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch's .to(bfloat16) */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
 /* Head g of stored row ``slot`` decoded to float32 (d values): c * s for int8, c * s + m for int4
  * (two roundings, no fused multiply-add: -std=c11 turns contraction off), as the codecs read. */
 static void decode_head(int code, const void *data, const void *aux, const void *aux2, int64_t slot, int64_t g,
                         int64_t Hkv, int64_t d, float *o) {
-    if (code == 0) { memcpy(o, (const float *)data + (slot * Hkv + g) * d, (size_t)d * sizeof(float)); return; }
-    if (code == 1) {
-        const uint16_t *src = (const uint16_t *)data + (slot * Hkv + g) * d;
-        for (int64_t i = 0; i < d; ++i) { const uint32_t u = (uint32_t)src[i] << 16; memcpy(o + i, &u, 4); }
-        return;
-    }
-    if (code == 2) {
-        const int8_t *src = (const int8_t *)data + (slot * Hkv + g) * d;
-        const float sc = _cvtsh_ss(((const uint16_t *)aux)[slot * Hkv + g]);
-        for (int64_t i = 0; i < d; ++i) o[i] = (float)src[i] * sc;
-        return;
-    }
-    const int64_t G = d / I4_GROUP;
-    const uint8_t *src = (const uint8_t *)data + (slot * Hkv + g) * (d / 2);
-    for (int64_t q = 0; q < G; ++q) {
-        const float sc = _cvtsh_ss(((const uint16_t *)aux)[(slot * Hkv + g) * G + q]);
-        const float mn = _cvtsh_ss(((const uint16_t *)aux2)[(slot * Hkv + g) * G + q]);
-        const uint8_t *b = src + q * I4_GROUP / 2;
-        float *x = o + q * I4_GROUP;
-        for (int64_t i = 0; i < I4_GROUP / 2; ++i) {
-            const float lo = (float)(b[i] & 15) * sc, hi = (float)(b[i] >> 4) * sc;
-            x[2 * i] = lo + mn;
-            x[2 * i + 1] = hi + mn;
-        }
-    }
+    const pool_t p = {data, aux, aux2, code, Hkv, d};
+    const float *r = head_row(&p, slot, g, o);
+    if (r != o) memcpy(o, r, (size_t)d * sizeof(float));
 }
 
 /* repack() for pools in another format than the arithmetic's: each row decoded to float32 first. */
