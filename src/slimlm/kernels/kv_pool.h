@@ -9,7 +9,7 @@
 #define SLIMLM_KV_POOL_H
 #include <stdint.h>
 #include <string.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -23,6 +23,9 @@ static inline float bf16_to_f32(uint16_t x) {
 }
 
 static inline float f16_to_f32(uint16_t h) {
+#ifdef __F16C__
+    return _cvtsh_ss(h); /* exact, as the branches below */
+#else
     const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff;
     uint32_t u;
     if (e == 0) {
@@ -38,6 +41,7 @@ static inline float f16_to_f32(uint16_t h) {
     float f;
     memcpy(&f, &u, sizeof f);
     return f;
+#endif
 }
 
 static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch's .to(bfloat16) */
