@@ -120,7 +120,11 @@ class LayerHook:
         return None
 
     def release(self, seq_id: int) -> None:
-        """The sequence finished or was preempted: drop any state kept for it."""
+        """The sequence finished (or was aborted): drop any state kept for it. A preempted
+        sequence is not released: it keeps its state and is recomputed from its first token, so
+        a hook whose state describes the KV must notice the restart (LazyLLM does in
+        ``begin_step`` when a chunk starts at 0); decisions kept by position (FFN-skip's) stay
+        valid, which is what keeps output unchanged under preemption."""
 
 
 LAYER_HOOKS: Registry[LayerHook] = Registry("layer hook")
