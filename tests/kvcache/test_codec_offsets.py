@@ -90,5 +90,38 @@ def test_engine_gives_offsets_to_int4_keys_only(tiny_llama_dir):
     for st, parts in enumerate(cache.k):
         torch.testing.assert_close(cache.codec.offset(parts), mus[st])
     assert cache.vcodec.offset(cache.v[0]) is None
-    c8 = LLM(lm, kv_cache_dtype="int8", block_size=8).engine.cache
-    assert c8.codec.offset(c8.k[0]) is None
+    assert not any(KV_CODECS.get(n)(torch.float32, 64).wants_key_offsets for n in ("int8", "auto", "bfloat16"))
+
+
+def test_sparse_decode_mixes_own_keys_with_shifted_pools():
+    """ShadowKV's path: keys the policy passes itself (model space, through ``keys_to_storage``)
+    and keys read from the shifted int4 pool in one softmax equal dense attention over the
+    model's keys (the same offset on both, so the constant per query cancels)."""
+    from slimlm import kernels
+    from slimlm.kernels.ops import native_sparse_decode
+    from tests.kernels.test_sparse_decode import reference
+
+    lib = kernels.load("sparse_decode")
+    if lib is None:
+        pytest.skip("no native kernel here")
+    B, Hq, Hkv, d, bs, nbs, N = 2, 6, 2, 64, 8, 6, 12
+    x, mu = offset_keys(T=B * nbs * bs, H=Hkv)
+    codec, vcodec = KV_CODECS.get("int4")(torch.float32, d), KV_CODECS.get("int4")(torch.float32, d, "v")
+    k, v = codec.allocate(B * nbs, bs, Hkv, "cpu"), vcodec.allocate(B * nbs, bs, Hkv, "cpu")
+    codec.set_offset(k, mu)
+    codec.write(k, torch.arange(B * nbs * bs), x)
+    vcodec.write(v, torch.arange(B * nbs * bs), torch.randn(B * nbs * bs, Hkv, d))
+    table = torch.arange(B * nbs).view(B, nbs).contiguous()
+    kd = torch.stack([codec.read(k, table[b]).reshape(-1, Hkv, d) for b in range(B)]).float()
+    vd = torch.stack([vcodec.read(v, table[b]).reshape(-1, Hkv, d) for b in range(B)]).float()
+    idx = torch.stack([torch.stack([torch.randperm(30)[:N].sort().values for _ in range(Hkv)])
+                       for _ in range(B)]).to(torch.int32).contiguous()
+    cnt, nbuf = torch.tensor([[12, 9], [12, 12]]), torch.tensor([[5, 0], [12, 3]])
+    tail = torch.tensor([[30, 41], [30, 48]])
+    own = torch.randn(B, Hkv, N, d) + mu[None, :, None]  # the policy's keys, model space
+    kbuf = torch.stack([codec.keys_to_storage(own[b], k) for b in range(B)]).contiguous()
+    q = torch.randn(B, Hq, d)
+    got = native_sparse_decode(lib, codec.to_storage(q).float().contiguous(), k, v, codec.native_code, table, idx,
+                               cnt, tail, 0.125, None, kbuf, nbuf)
+    torch.testing.assert_close(got, reference(q, kd, vd, idx, cnt, tail, None, own, nbuf, 0.125),
+                               rtol=1e-4, atol=1e-4)
