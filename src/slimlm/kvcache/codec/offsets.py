@@ -90,6 +90,9 @@ def apply(cache, model, tokenizer=None) -> bool:
         return False
     means = key_means(model, calibration_ids(tokenizer, model.cfg.vocab_size))
     layers = cache.spec.layers
+    want = (cache.spec.num_kv_heads, cache.spec.head_dim)
+    if len(means) != len(layers) or any(tuple(mu.shape) != want for mu in means):
+        return False  # keys shaped unlike the cache (no offsets: exact either way, only less precise)
     for st in range(cache.spec.num_storages):
         mu = torch.stack([means[i] for i, ls in enumerate(layers) if ls.storage == st]).mean(0)
         codec.set_offset(cache.k[st], mu)
