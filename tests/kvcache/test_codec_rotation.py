@@ -17,7 +17,7 @@ from slimlm.kvcache.policy import KV_POLICIES
 from slimlm.model.hub import load
 from slimlm.model.rope import apply_rope
 from tests.engine.test_engine import make_prompts
-from tests.kvcache.test_codecs import roundtrip
+from tests.kvcache.test_codecs import engine_offsets, roundtrip
 from tests.kvcache.test_h2o import DenseH2O, assert_reference_follows, engine_chunks
 
 
@@ -111,10 +111,11 @@ class QuantDenseH2O(DenseH2O):
     def __init__(self, lm, policy, block_size, prompt_len, codecs):
         super().__init__(lm, policy, block_size, prompt_len)
         self.codecs = codecs  # keys', values'
+        self.mu = engine_offsets(lm) if codecs[0].wants_key_offsets else None  # keys' offsets, as the engine's
 
     def store(self, k, v):
-        rt = lambda c, x: roundtrip(c, x.transpose(0, 1)).transpose(0, 1)  # noqa: E731
-        return rt(self.codecs[0], k), rt(self.codecs[1], v)
+        rt = lambda c, x, mu=None: roundtrip(c, x.transpose(0, 1), offset=mu).transpose(0, 1)  # noqa: E731
+        return rt(self.codecs[0], k, self.mu[self.layer] if self.mu is not None else None), rt(self.codecs[1], v)
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,13 @@ from slimlm.model.hub import load
 from tests.engine.test_engine import make_prompts
 
 
-def roundtrip(codec, x: torch.Tensor, block_size: int = 8) -> torch.Tensor:
-    """x (T, H, d) through the codec's storage and back."""
+def roundtrip(codec, x: torch.Tensor, block_size: int = 8, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """x (T, H, d) through the codec's storage (with the key offset (H, d) where given) and back."""
     T, H, d = x.shape
     nb = -(-T // block_size)
     parts = codec.allocate(nb, block_size, H, "cpu")
+    if offset is not None:
+        codec.set_offset(parts, offset)
     codec.write(parts, torch.arange(T), x)
     return codec.read(parts, torch.arange(nb)).reshape(-1, H, d)[:T]
 
@@ -109,23 +111,32 @@ class QuantDense:
     """Dense, unbatched reference: every key and value passes through the codec, then causal
     attention over all of them."""
 
-    def __init__(self, codecs, scale):
-        self.codecs, self.scale = codecs, scale  # keys', values'
+    def __init__(self, codecs, scale, offsets=None):
+        self.codecs, self.scale, self.offsets = codecs, scale, offsets  # keys', values'; keys' offset per layer
 
     def attend(self, layer, q, k, v, q_rows=None):
-        rt = lambda c, x: roundtrip(c, x[0].transpose(0, 1)).transpose(0, 1)[None]  # noqa: E731
+        rt = lambda c, x, mu=None: roundtrip(c, x[0].transpose(0, 1), offset=mu).transpose(0, 1)[None]  # noqa: E731
         T = k.shape[2]
         mask = torch.ones(T, T, dtype=torch.bool).tril()[None, None]
-        return attention(q, rt(self.codecs[0], k), rt(self.codecs[1], v), mask, self.scale)
+        mu = self.offsets[layer] if self.offsets is not None else None
+        return attention(q, rt(self.codecs[0], k, mu), rt(self.codecs[1], v), mask, self.scale)
+
+
+def engine_offsets(lm) -> list[torch.Tensor]:
+    """The key offsets per layer the engine gives a codec that asks for them (codec/offsets.py)."""
+    from slimlm.kvcache.codec.offsets import calibration_ids, key_means
+
+    return key_means(lm.model, calibration_ids(lm.tokenizer, lm.model.cfg.vocab_size))
 
 
 def dense_greedy(lm, codec_name, prompt, n):
     codecs = [KV_CODECS.get(codec_name)(lm.model.dtype, lm.model.cfg.head_dim, role) for role in ("k", "v")]
+    offsets = engine_offsets(lm) if codecs[0].wants_key_offsets else None
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(n):
             pos = torch.arange(len(ids))[None]
-            logits = lm.model(torch.tensor([ids]), pos, QuantDense(codecs, lm.model.attn_scale))
+            logits = lm.model(torch.tensor([ids]), pos, QuantDense(codecs, lm.model.attn_scale, offsets))
             ids.append(int(logits[0, -1].argmax()))
     return ids[len(prompt):]
 

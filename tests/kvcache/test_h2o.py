@@ -84,6 +84,7 @@ class DenseH2O:
             q = apply_rope(att.q_proj(x).view(1, T, -1, d).transpose(1, 2), cos, sin)[0]  # (Hq, T, d)
             k = apply_rope(att.k_proj(x).view(1, T, -1, d).transpose(1, 2), cos, sin)[0]  # (Hkv, T, d)
             v = att.v_proj(x).view(1, T, -1, d).transpose(1, 2)[0]
+            self.layer = i  # the layer ``store`` keeps
             k, v = self.store(k, v)
             K, V = torch.cat([self.K[i], k], 1), torch.cat([self.V[i], v], 1)
             S = K.shape[1]

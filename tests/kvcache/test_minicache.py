@@ -52,6 +52,13 @@ class DenseMiniCache:
         self.lm, self.t, self.threshold, self.rows, self.bs = lm, t, threshold, rows, bs
         self.codecs = {r: KV_CODECS.get(codec)(lm.model.dtype, lm.model.cfg.head_dim, r) for r in ("k", "v")}
         self.second = {b: a for a, b in pairs}
+        self.mu = None  # the key offset per layer, as the engine gives its storages (a pair: their mean)
+        if self.codecs["k"].wants_key_offsets:
+            from tests.kvcache.test_codecs import engine_offsets
+
+            self.mu = engine_offsets(lm)
+            for a, b in pairs:
+                self.mu[a] = self.mu[b] = torch.stack([self.mu[a], self.mu[b]]).mean(0)
         cfg = lm.model.cfg
         H, d = cfg.num_kv_heads, cfg.head_dim
         self.K = [torch.zeros(H, 0, d) for _ in range(cfg.num_layers)]
@@ -60,11 +67,13 @@ class DenseMiniCache:
         self.retained = self.merged = 0
         self.seen = 0
 
-    def stored(self, x, role="k"):
-        """(Hkv, T, d) as the codec of keys or values gives it back (write, then read)."""
+    def stored(self, x, role="k", layer=None):
+        """(Hkv, T, d) of ``layer`` as the codec of keys or values gives it back (write, then read)."""
         H, T, d = x.shape
         codec = self.codecs[role]
         parts = codec.allocate(1, T, H, "cpu")
+        if role == "k" and self.mu is not None:
+            codec.set_offset(parts, self.mu[layer])
         codec.write(parts, torch.arange(T), x.transpose(0, 1))
         return codec.read(parts, torch.tensor([0]))[0].transpose(0, 1)
 
@@ -72,10 +81,11 @@ class DenseMiniCache:
         """(Hkv, T, d) states of both layers (the first as stored) -> what each reads."""
         ek, nk0, nk1, dk = slerp(x0k.transpose(0, 1), x1k.transpose(0, 1), self.t)  # (T, H, d), (T, H)
         ev, nv0, nv1, dv = slerp(x0v.transpose(0, 1), x1v.transpose(0, 1), self.t)
-        ek, ev = (self.stored(e.transpose(0, 1), r).transpose(0, 1) for e, r in ((ek, "k"), (ev, "v")))  # via the codec
+        ek, ev = (self.stored(e.transpose(0, 1), r, layer).transpose(0, 1)
+                  for e, r in ((ek, "k"), (ev, "v")))  # via the codec
         r16 = lambda n: n.to(MAGNITUDE_DTYPE).float()[..., None]  # noqa: E731  (magnitudes kept in fp16)
         out = [ek * r16(nk0), ev * r16(nv0), ek * r16(nk1), ev * r16(nv1)]
-        raw = [x.transpose(0, 1) for x in (x0k, x0v, self.stored(x1k), self.stored(x1v, "v"))]
+        raw = [x.transpose(0, 1) for x in (x0k, x0v, self.stored(x1k, "k", layer), self.stored(x1v, "v"))]
         used = self.used[layer]
         for j in range(x0k.shape[1]):
             block = (self.seen + j) // self.bs
@@ -105,7 +115,7 @@ class DenseMiniCache:
             k = apply_rope(att.k_proj(x).view(1, T, -1, d).transpose(1, 2), cos, sin)[0]  # (Hkv, T, d)
             v = att.v_proj(x).view(1, T, -1, d).transpose(1, 2)[0]
             if i not in self.second:  # what the layer reads back of its own chunk
-                k, v = self.stored(k), self.stored(v, "v")
+                k, v = self.stored(k, "k", i), self.stored(v, "v")
             raw[i] = (k, v)
             if i in self.second:  # the pair's chunk is merged now: both layers read the merged rows
                 a = self.second[i]

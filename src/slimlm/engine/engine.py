@@ -22,6 +22,7 @@ from slimlm.engine.spec import SPEC_METHODS, Proposer, ProposerContext
 from slimlm.engine.spec.guard import ProposerGuard
 from slimlm.errors import SlimLMError
 from slimlm.kvcache.block_pool import BlockPool
+from slimlm.kvcache.codec import offsets as kv_offsets
 from slimlm.kvcache.compose import check_composition
 from slimlm.kvcache.manager import KVCacheManager
 from slimlm.kvcache.policy import KV_POLICIES, AttentionSpan
@@ -113,6 +114,7 @@ class LLMEngine:
         self.kv = KVCacheManager(self.pool)
         track = token_policy and self.policy.observe_attention
         self.cache = PagedKVCache(self.spec, num_blocks, config.block_size, self.model.device, track_attention=track)
+        kv_offsets.apply(self.cache, self.model, self.tokenizer)  # int4 keys' static offsets (one short forward)
         dca = self.rope_ext.dual_chunk if self.rope_ext is not None else None
         sparse = self.policy if self.policy is not None and self.policy.sparse_decode else None
         paths = AttentionPaths.choose(self.cache, cfg.head_dim, span, track, config.native_kernels and dca is None, sparse)

@@ -71,11 +71,33 @@ class KVCodec(ABC):
     (the native decode kernel) rotates the query by the key codec's :meth:`to_storage` before and
     the output by the value codec's :meth:`from_storage` after."""
 
+    wants_key_offsets: bool = False
+    """The engine measures a static offset per storage and KV head (``codec/offsets.py``) and
+    hands it to :meth:`set_offset`; the codec subtracts it before quantizing and adds it back in
+    ``read``. Exact to attention (a constant score per query); only the native readers see the
+    stored, shifted keys."""
+
     def __init__(self, compute_dtype: torch.dtype, head_dim: int, role: str = "k"):
         """``role``: "k" or "v", the pool this instance stores (a codec may treat them apart)."""
         if role not in ("k", "v"):
             raise ValueError(f"a KV codec's role is 'k' or 'v', got {role!r}")
         self.compute_dtype, self.head_dim, self.role = compute_dtype, head_dim, role
+        self._offsets: dict[int, torch.Tensor] = {}
+
+    def set_offset(self, parts: list[torch.Tensor], mu: torch.Tensor) -> None:
+        """The offset (Hkv, d) of the storage whose tensors are ``parts`` (one ``allocate`` result)."""
+        self._offsets[id(parts[0])] = mu.float().to(parts[0].device)
+
+    def offset(self, parts: list[torch.Tensor]) -> torch.Tensor | None:
+        """The offset (Hkv, d) float32 of that storage, None where it has none."""
+        return self._offsets.get(id(parts[0])) if self._offsets else None
+
+    def keys_to_storage(self, x: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Keys x (Hkv, m, d) of storage ``parts`` into the stored rows' space, float32: the offset
+        subtracted, then :meth:`to_storage` (what a reader that mixes its own keys with stored
+        ones in one softmax needs)."""
+        mu = self.offset(parts)
+        return self.to_storage(x.float() - mu[:, None] if mu is not None else x)
 
     def to_storage(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., d) into the stored rows' space, float32 (``x @ R``; x itself without rotation)."""

@@ -220,7 +220,8 @@ class QueryPolicy(KVPolicy):
         cnt = torch.zeros(B, Hkv, dtype=torch.int64)
         tail = torch.tensor([[P, L] for _, L, P in plan], dtype=torch.int64).view(B, 2)
         has_mask = any(p is not None and p[1] is not None for p in picks)
-        if cache.codec.rotates:  # keys stored as x @ R: rebuild here and pass them rotated
+        kp, vp = cache.pools(layer)
+        if cache.codec.rotates or cache.codec.offset(kp) is not None:  # keys stored as (x - mu) @ R: rebuild here
             picks = [p if p is None or not isinstance(p[2], Rebuild) else (p[0], p[1], p[2].keys(torch.stack(p[0])))
                      for p in picks]
         factors = [p[2] if p is not None and isinstance(p[2], Rebuild) else None for p in picks]
@@ -245,9 +246,8 @@ class QueryPolicy(KVPolicy):
                 nbuf[b] = p[2].m
             elif p[2] is not None:
                 m = p[2].shape[1]
-                kbuf[b, :, :m] = cache.codec.to_storage(p[2]).float()  # a rotating codec stores keys @ R
+                kbuf[b, :, :m] = cache.codec.keys_to_storage(p[2], kp)  # stored keys are (k - mu) @ R
                 nbuf[b] = m
-        kp, vp = cache.pools(layer)
         qs = cache.codec.to_storage(q).float().contiguous()
         o = native_sparse_decode(lib, qs, kp, vp, cache.codec.native_code, table, idx, cnt, tail, scale, qmask, kbuf,
                                  nbuf, [f[:4] if f is not None else None for f in factors] if factors else None)
