@@ -3,6 +3,8 @@ computed alone at their offsets), the chunk store is LRU and never fails a reque
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -175,7 +177,7 @@ def test_store_is_lru_and_never_fails_a_request(tiny):
 
 def test_chunk_store_unit():
     s = ChunkStore(100)
-    kv = lambda n: [(torch.zeros(n), torch.zeros(n))]  # noqa: E731  8n bytes
+    kv = lambda n: (torch.zeros(n), torch.zeros(n))  # noqa: E731  8n bytes
     assert s.put([1], kv(5)) and s.put([2], kv(5))
     s.get([1])  # 1 is now most recent
     assert s.put([3], kv(5)) and [1] in s and [2] not in s
@@ -199,3 +201,75 @@ def test_chunks_and_sets_do_not_mix(tiny):
     bad = {"segments": [{"chunk": {"ids": [5, 6]}}, {"set": [{"ids": [7]}, {"ids": [8]}]}]}
     with pytest.raises(ValueError, match="both chunks and sets"):
         llm.generate([bad], SP, use_tqdm=False)
+
+
+def _reference_blend(m, ids, spans, ratio, select_layer):
+    """The blend written out plainly (its first form): every chunk computed after the prefix,
+    moved per layer; a probe of layers 0 .. L in full; every layer of the selected rows run
+    from their embeddings against the whole (T) key range with a dense causal mask."""
+    from slimlm.model.rope import apply_rope, rotation
+
+    T, P, L = len(ids), spans[0][0], select_layer
+    layers = m.model.layers
+
+    def run(tok, pos, attn, n_layers=len(layers)):
+        h = m.embed(torch.tensor([tok]))
+        cos, sin = m.rotary(pos[None], h.dtype)
+        for layer in layers[:n_layers]:
+            h = layer(h, cos, sin, attn)
+
+    reused = [[torch.zeros(1, m.cfg.num_kv_heads, T, m.cfg.head_dim) for _ in range(2)] for _ in layers]
+    in_chunk = torch.zeros(T, dtype=torch.bool)
+    for a, b in spans:
+        cap = Capture(P + b - a, m.attn_scale)
+        run(ids[:P] + ids[a:b], torch.arange(P + b - a), cap)
+        cos, sin = rotation(m.rotary.inv_freq, torch.full((1, b - a), a - P), m.dtype)
+        for i, (k, v) in cap.kv.items():
+            reused[i][0][:, :, a:b] = apply_rope(k[:, :, P:], cos, sin)
+            reused[i][1][:, :, a:b] = v[:, :, P:]
+        in_chunk[a:b] = True
+    probe = Capture(T, m.attn_scale)
+    run(ids, torch.arange(T), probe, L + 1)
+    kf, vf = probe.kv[L]
+    dev = ((kf - reused[L][0]) ** 2).sum((0, 1, 3)) + ((vf - reused[L][1]) ** 2).sum((0, 1, 3))
+    want = math.ceil(ratio * int(in_chunk.sum()) - 1e-9)
+    sel = torch.cat([(~in_chunk).nonzero()[:, 0], dev.masked_fill(~in_chunk, float("-inf")).topk(want).indices]).sort().values
+    for i in range(L + 1):
+        reused[i] = list(probe.kv[i])
+    mask = (torch.arange(T)[None, :] <= sel[:, None])[None, None]
+    out = {}
+
+    class Blend:
+        def attend(self, layer, q, k, v, q_rows=None):
+            K, V = reused[layer][0].clone(), reused[layer][1].clone()
+            K[:, :, sel], V[:, :, sel] = k, v
+            out[layer] = (K, V)
+            return attention(q, K, V, mask, m.attn_scale)
+
+    run([ids[i] for i in sel.tolist()], sel, Blend())
+    return [out[i] for i in range(len(layers))]
+
+
+@pytest.fixture(scope="module")
+def tiny4(tmp_path_factory):
+    from tests.conftest import make_hf_model
+
+    path = tmp_path_factory.mktemp("tiny4")
+    make_hf_model(path, num_hidden_layers=4)
+    return load(str(path))
+
+
+@pytest.mark.parametrize("ratio, layer", [(0.25, 0), (0.25, 2), (0.6, 1)])
+def test_fast_blend_equals_the_plain_one(tiny4, ratio, layer, monkeypatch):
+    """The blend's fast path (probe layers not run twice, the selection layer's probe only
+    projecting keys and values, one buffer for all layers moved per chunk in one rotation,
+    query blocks of 8 rows each over its causal key range) gives the plain algorithm's KV."""
+    from slimlm.engine import cacheblend
+
+    monkeypatch.setattr(cacheblend, "Q_BLOCK", 8)  # several query blocks on this short prompt
+    ids, spans, m, _ = _full_prefill(tiny4)
+    with torch.inference_mode():
+        ref = _reference_blend(m, ids, spans, ratio, layer)
+        kv = cacheblend.CacheBlend(m, m.rotary, ChunkStore(1 << 24), ratio, select_layer=layer).prefill(ids, spans)
+    for i, ((k, v), (rk, rv)) in enumerate(zip(kv, ref)):
+        assert torch.allclose(k, rk, atol=1e-5) and torch.allclose(v, rv, atol=1e-5), i

@@ -22,6 +22,14 @@ prefill (docs/prompts.md). For a new prompt:
    each attends over the reused KV with the selected tokens' rows replaced by their fresh KV
    (causal by position).
 
+Where the time goes (docs/prompts.md): the probe runs layers ``0 .. select_layer - 1`` over
+all tokens and only the key / value projections of ``select_layer``; the recompute pass starts
+at ``select_layer`` from the probe's hidden states of the selected rows (the probe's layers are
+not run twice); the reused KV of all layers is one (layers, T, Hkv, d) buffer per keys / values,
+each chunk moved into it by one rotation over all its layers, and the recomputed rows' fresh KV
+is written into it in place; the selected rows attend in blocks of ``Q_BLOCK`` rows, each only
+over the keys up to its last row (causality costs about half of the dense (R, T) scores).
+
 ``ratio = 0`` is plain reuse (chunks' KV as cached, only the other tokens computed);
 ``ratio = 1`` recomputes everything, which is a full prefill (both tested). The prompt's last
 token is left to the engine, which computes it (and its logits) over the blended KV.
@@ -36,11 +44,15 @@ import torch
 
 from slimlm.kvcache.chunk_store import ChunkKV, ChunkStore
 from slimlm.model.attention import attention
-from slimlm.model.rope import apply_rope, rotation
+from slimlm.model.rope import rotate_half, rotation
+from slimlm.model.transformer import RowPlan
 
 
 CHUNK_CONTEXTS = ("prefix", "none")
 PHASES = ("miss", "move", "select", "recompute")
+Q_BLOCK = 64
+"""The recomputed rows attend in blocks of this many, each against the keys up to its last
+row only (PyTorch's CPU attention computes every key it is given, masked or not)."""
 
 
 class _Capture:
@@ -54,25 +66,42 @@ class _Capture:
 
     def attend(self, layer, q, k, v, q_rows=None):
         self.kv[layer] = (k, v)
+        if q_rows is not None:  # keys and values only (the probe's last layer; its output is not used)
+            return torch.zeros_like(q)
         return attention(q, k, v, self.mask, self.scale)
 
 
 class _Blend:
-    """Selected rows query; keys are the reused KV with the selected rows' fresh KV in place."""
+    """The selected rows ``sel`` (ascending positions) query; keys are the reused KV ``K``, ``V``
+    (layers, T, Hkv, d) with the selected rows' fresh KV written in place."""
 
-    def __init__(self, reused: list[tuple[torch.Tensor, torch.Tensor]], sel: torch.Tensor, scale: float):
-        self.reused, self.sel, self.scale = reused, sel, scale
-        T = reused[0][0].shape[2]
-        idx = torch.arange(T, device=sel.device)
-        self.mask = (idx[None, :] <= sel[:, None])[None, None]  # (1, 1, R, T)
-        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    def __init__(self, K: torch.Tensor, V: torch.Tensor, sel: torch.Tensor, scale: float):
+        self.K, self.V, self.sel, self.scale = K, V, sel, scale
+        R = sel.numel()
+        ends = list(range(Q_BLOCK, R, Q_BLOCK)) + [R]
+        self.parts = []  # (first row, end row, keys needed, mask (1, 1, e - a, n))
+        for a, e in zip([0] + ends[:-1], ends):
+            n = int(sel[e - 1]) + 1
+            keys = torch.arange(n, device=sel.device)
+            self.parts.append((a, e, n, (keys[None, :] <= sel[a:e, None])[None, None]))
 
     def attend(self, layer, q, k, v, q_rows=None):
-        K, V = self.reused[layer]
-        K, V = K.clone(), V.clone()  # (1, Hkv, T, d)
-        K[:, :, self.sel], V[:, :, self.sel] = k, v
-        self.kv[layer] = (K, V)
-        return attention(q, K, V, self.mask, self.scale)
+        K, V = self.K[layer], self.V[layer]  # (T, Hkv, d)
+        K.index_copy_(0, self.sel, k[0].transpose(0, 1))
+        V.index_copy_(0, self.sel, v[0].transpose(0, 1))
+        n = self.parts[-1][2]
+        Kh, Vh = K[:n].transpose(0, 1)[None], V[:n].transpose(0, 1)[None]  # (1, Hkv, n, d)
+        if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+            qf = q.float()  # widened once per layer, not once per block (model/attention.py)
+            Kh, Vh = Kh.to(torch.float32, memory_format=torch.contiguous_format), Vh.float().contiguous()
+        else:
+            qf, Kh, Vh = q, Kh.contiguous(), Vh.contiguous()
+        if len(self.parts) == 1:
+            return attention(qf, Kh, Vh, self.parts[0][3], self.scale).to(q.dtype)
+        out = torch.empty(qf.shape, dtype=q.dtype, device=q.device)  # (1, Hq, R, d)
+        for a, e, n, mask in self.parts:
+            out[:, :, a:e] = attention(qf[:, :, a:e], Kh[:, :, :n], Vh[:, :, :n], mask, self.scale)
+        return out
 
 
 class CacheBlend:
@@ -95,18 +124,27 @@ class CacheBlend:
         return t
 
     # ------------------------------------------------------------------ pieces
-    def _run(self, ids: list[int], positions: torch.Tensor, attn, layers: int | None = None) -> None:
-        m = self.model
-        x = torch.tensor([ids], device=m.device)
-        h = m.embed(x)  # (1, T, D)
+    def _layers(self, h: torch.Tensor, positions: torch.Tensor, attn, first: int = 0, end: int | None = None,
+                kv_only: int | None = None) -> torch.Tensor:
+        """Hidden states (1, T, D) after layers ``first .. end - 1``. Layer ``kv_only`` is run
+        for its keys and values only: one query row (the model has no zero-row plan), whose
+        output is meaningless (the caller discards it)."""
         cos, sin = self.rotary(positions[None], h.dtype)
-        for layer in m.model.layers[: layers if layers is not None else len(m.model.layers)]:
-            h = layer(h, cos, sin, attn)
+        layers = self.model.model.layers
+        for i in range(first, end if end is not None else len(layers)):
+            plan = RowPlan(q_rows=positions.new_tensor([0])) if i == kv_only else None
+            h = layers[i](h, cos, sin, attn, plan)
+        return h
+
+    def _run(self, ids: list[int], positions: torch.Tensor, attn, layers: int | None = None) -> torch.Tensor:
+        h = self.model.embed(torch.tensor([ids], device=self.model.device))  # (1, T, D)
+        return self._layers(h, positions, attn, 0, layers)
 
     def chunk_kv(self, ids: list[int], prefix: list[int] = ()) -> ChunkKV:
-        """The chunk's KV computed after ``prefix`` (positions P..P+n-1 for a prefix of P
-        tokens; alone at 0..n-1 without one), from the store or computed and stored. The store
-        key is the prefix and the chunk (a chunk after another prefix is another entry)."""
+        """The chunk's KV (keys, values: (layers, n, Hkv, d) each) computed after ``prefix``
+        (positions P..P+n-1 for a prefix of P tokens; alone at 0..n-1 without one), from the
+        store or computed and stored. The store key is the prefix and the chunk (a chunk after
+        another prefix is another entry)."""
         prefix = list(prefix)
         key = prefix + [-1] + ids if prefix else ids  # -1: no token id, separates the two
         kv = self.store.get(key)
@@ -115,72 +153,77 @@ class CacheBlend:
             P, run = len(prefix), prefix + ids
             cap = _Capture(len(run), self.model.attn_scale, self.model.device)
             self._run(run, torch.arange(len(run), device=self.model.device), cap)
-            kv = [(cap.kv[i][0][0, :, P:].transpose(0, 1).contiguous(),
-                   cap.kv[i][1][0, :, P:].transpose(0, 1).contiguous())
-                  for i in range(len(cap.kv))]  # (n, Hkv, d) per layer
+            kv = tuple(torch.stack([cap.kv[i][j][0, :, P:].transpose(0, 1) for i in range(len(cap.kv))])
+                       for j in (0, 1))  # (layers, n, Hkv, d)
             self.store.put(key, kv)
             self.stats["chunk_tokens_computed"] += len(run)
             self.stats["cpu_s"]["move"] -= self._phase("miss", t0) - t0  # reused_kv's clock includes it
         return kv
 
-    def reused_kv(self, ids: list[int], spans: list[tuple[int, int]]) -> tuple[list, torch.Tensor]:
-        """Per layer (1, Hkv, T, d) keys / values with every chunk's cached KV moved to its
-        offset (zeros elsewhere), and the bool (T,) mask of chunk tokens."""
+    def reused_kv(self, ids: list[int], spans: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys and values (layers, T, Hkv, d) with every chunk's cached KV moved to its offset
+        (zeros elsewhere), and the bool (T,) mask of chunk tokens."""
         m, T = self.model, len(ids)
         cfg = m.cfg
-        out = [(torch.zeros(1, cfg.num_kv_heads, T, cfg.head_dim, dtype=m.dtype, device=m.device),
-                torch.zeros(1, cfg.num_kv_heads, T, cfg.head_dim, dtype=m.dtype, device=m.device))
-               for _ in range(cfg.num_layers)]
+        K = torch.zeros(cfg.num_layers, T, cfg.num_kv_heads, cfg.head_dim, dtype=m.dtype, device=m.device)
+        V = torch.zeros_like(K)
         in_chunk = torch.zeros(T, dtype=torch.bool, device=m.device)
         P = spans[0][0] if spans and self.chunk_context == "prefix" else 0
         for a, b in spans:
-            kv = self.chunk_kv(ids[a:b], ids[:P])  # cached at positions P.., moved by a - P
-            cos, sin = rotation(self.rotary.inv_freq, torch.full((1, b - a), a - P, device=m.device), m.dtype)
-            for (K, V), (k, v) in zip(out, kv):
-                K[0, :, a:b] = apply_rope(k.transpose(0, 1)[None], cos, sin)[0]  # R(a-P) R(P+j) = R(a+j)
-                V[0, :, a:b] = v.transpose(0, 1)
+            k, v = self.chunk_kv(ids[a:b], ids[:P])  # cached at positions P.., moved by a - P
+            if a != P:  # R(a-P) R(P+j) = R(a+j): one rotation of every layer's keys
+                cos, sin = rotation(self.rotary.inv_freq, torch.full((1, 1), a - P, device=m.device), m.dtype)
+                k = k * cos[0, 0] + rotate_half(k) * sin[0, 0]
+            K[:, a:b], V[:, a:b] = k, v
             in_chunk[a:b] = True
-        return out, in_chunk
+        return K, V, in_chunk
 
-    def select(self, ids: list[int], reused: list, in_chunk: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def select(self, ids: list[int], K: torch.Tensor, V: torch.Tensor, in_chunk: torch.Tensor):
         """Rows to recompute (ascending): every non-chunk token and the ``ratio`` of chunk tokens
-        whose KV deviates most at ``select_layer``; and the probe's fresh KV of layers 0 ..
-        ``select_layer`` for every token ({} when no probe ran)."""
+        whose KV deviates most at ``select_layer``; and the probe's hidden states (1, T, D) after
+        layer ``select_layer - 1`` with its fresh KV of layers 0 .. ``select_layer`` for every
+        token written into ``K``, ``V`` (None when no probe ran)."""
         n_chunk = int(in_chunk.sum())
         want = min(n_chunk, math.ceil(self.ratio * n_chunk - 1e-9))
         always = (~in_chunk).nonzero()[:, 0]
         if want == 0:
-            return always, {}
+            return always, None
         if want == n_chunk:
-            return torch.arange(len(ids), device=in_chunk.device), {}
+            return torch.arange(len(ids), device=in_chunk.device), None
         T, L = len(ids), self.select_layer
         cap = _Capture(T, self.model.attn_scale, self.model.device)
-        self._run(ids, torch.arange(T, device=self.model.device), cap, layers=L + 1)
+        positions = torch.arange(T, device=self.model.device)
+        h = self.model.embed(torch.tensor([ids], device=self.model.device))
+        h = self._layers(h, positions, cap, 0, L)
+        self._layers(h, positions, cap, L, L + 1, kv_only=L)  # layer L: its keys and values only
         self.stats["probe_tokens"] += T
-        (kf, vf), (kc, vc) = cap.kv[L], reused[L]
-        dev = ((kf - kc).float() ** 2).sum((0, 1, 3)) + ((vf - vc).float() ** 2).sum((0, 1, 3))  # (T,)
+        kf, vf = (t[0].transpose(0, 1) for t in cap.kv[L])  # (T, Hkv, d)
+        dev = ((kf - K[L]).float() ** 2).sum((1, 2)) + ((vf - V[L]).float() ** 2).sum((1, 2))  # (T,)
         dev = dev.masked_fill(~in_chunk, float("-inf"))
         top = dev.topk(want).indices
-        return torch.cat([always, top]).sort().values, cap.kv
+        for layer, (k, v) in cap.kv.items():  # the probe computed these layers for every token: keep them
+            K[layer], V[layer] = k[0].transpose(0, 1), v[0].transpose(0, 1)
+        return torch.cat([always, top]).sort().values, h
 
     # ------------------------------------------------------------------ the blend
     @torch.inference_mode()
     def prefill(self, ids: list[int], spans: list[tuple[int, int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Blended KV (1, Hkv, T, d) per layer for ``ids`` (the prompt without its last token)."""
+        """Blended KV (1, Hkv, T, d) per layer (views of one (layers, T, Hkv, d) buffer) for
+        ``ids`` (the prompt without its last token)."""
         spans = [(a, min(b, len(ids))) for a, b in spans if a < len(ids)]
         t = time.process_time()
-        reused, in_chunk = self.reused_kv(ids, spans)
+        K, V, in_chunk = self.reused_kv(ids, spans)
         t = self._phase("move", t)
-        sel, fresh = self.select(ids, reused, in_chunk)
+        sel, h = self.select(ids, K, V, in_chunk)
         t = self._phase("select", t)
-        for layer, kv in fresh.items():  # the probe computed these layers for every token: keep them
-            reused[layer] = kv
         self.stats["blended_prompts"] += 1
         self.stats["prompt_tokens"] += len(ids)
         self.stats["recomputed_tokens"] += int(sel.numel())
-        if sel.numel() == 0:
-            return reused
-        blend = _Blend(reused, sel, self.model.attn_scale)
-        self._run([ids[i] for i in sel.tolist()], sel, blend)
-        self._phase("recompute", t)
-        return [blend.kv[i] for i in range(len(reused))]
+        if sel.numel():
+            blend = _Blend(K, V, sel, self.model.attn_scale)
+            if h is None:  # no probe: the selected rows from their embeddings
+                self._run([ids[i] for i in sel.tolist()], sel, blend)
+            else:  # from the probe's hidden states, at the selection layer
+                self._layers(h[:, sel], sel, blend, self.select_layer)
+            self._phase("recompute", t)
+        return [(K[i].transpose(0, 1)[None], V[i].transpose(0, 1)[None]) for i in range(K.shape[0])]
