@@ -273,3 +273,23 @@ def test_fast_blend_equals_the_plain_one(tiny4, ratio, layer, monkeypatch):
         kv = cacheblend.CacheBlend(m, m.rotary, ChunkStore(1 << 24), ratio, select_layer=layer).prefill(ids, spans)
     for i, ((k, v), (rk, rv)) in enumerate(zip(kv, ref)):
         assert torch.allclose(k, rk, atol=1e-5) and torch.allclose(v, rv, atol=1e-5), i
+
+
+def test_gradual_filtering_keeps_the_ratio_after_one_more_layer(tiny4):
+    """Gradual filtering (paper section 4.3): 50 % of the chunk rows selected at layer 1 run
+    through layer 2; from layer 3 on only 25 % (chosen among them) plus the non-chunk rows are
+    fresh. A first ratio equal to the ratio is the one-selection blend."""
+    from slimlm.engine.cacheblend import CacheBlend
+
+    ids, spans, m, _ = _full_prefill(tiny4)
+    n_other = len(ids) - 60
+    with torch.inference_mode():
+        one = CacheBlend(m, m.rotary, ChunkStore(1 << 24), 0.25).prefill(ids, spans)
+        same = CacheBlend(m, m.rotary, ChunkStore(1 << 24), 0.25, first_ratio=0.25).prefill(ids, spans)
+        cb = CacheBlend(m, m.rotary, ChunkStore(1 << 24), 0.25, first_ratio=0.5)
+        grad = cb.prefill(ids, spans)
+        K, _, _ = cb.reused_kv(ids, spans)  # the chunks' moved KV, before any recompute
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(one, same))
+    fresh = [set((grad[i][0][0].transpose(0, 1) != K[i]).any(-1).any(-1).nonzero()[:, 0].tolist()) for i in (2, 3)]
+    assert len(fresh[0]) == n_other + 30 and len(fresh[1]) == n_other + 15 and fresh[1] <= fresh[0]
+    assert cb.stats["recomputed_tokens"] == round((2 * (n_other + 30) + 2 * (n_other + 15)) / 4)

@@ -85,8 +85,15 @@ class _Blend:
             keys = torch.arange(n, device=sel.device)
             self.parts.append((a, e, n, (keys[None, :] <= sel[a:e, None])[None, None]))
 
+    dev_layer: int | None = None
+    """Where the fresh rows' deviation from the reused KV is recorded in ``dev`` (R,) before they
+    replace it (gradual filtering)."""
+
     def attend(self, layer, q, k, v, q_rows=None):
         K, V = self.K[layer], self.V[layer]  # (T, Hkv, d)
+        if layer == self.dev_layer:
+            kf, vf = k[0].transpose(0, 1), v[0].transpose(0, 1)  # (R, Hkv, d)
+            self.dev = ((kf - K[self.sel]).float() ** 2).sum((1, 2)) + ((vf - V[self.sel]).float() ** 2).sum((1, 2))
         K.index_copy_(0, self.sel, k[0].transpose(0, 1))
         V.index_copy_(0, self.sel, v[0].transpose(0, 1))
         n = self.parts[-1][2]
@@ -106,17 +113,25 @@ class _Blend:
 
 class CacheBlend:
     def __init__(self, model, rotary, store: ChunkStore, ratio: float, select_layer: int = 1,
-                 chunk_context: str = "prefix"):
+                 chunk_context: str = "prefix", first_ratio: float | None = None):
         if chunk_context not in CHUNK_CONTEXTS:
             raise ValueError(f"blend_chunk_context must be one of {', '.join(CHUNK_CONTEXTS)}, got {chunk_context!r}")
         self.model, self.rotary, self.store = model, rotary, store
         self.ratio, self.chunk_context = ratio, chunk_context
+        self.first_ratio = first_ratio
+        """Gradual filtering (paper section 4.3): select ``first_ratio`` (> ratio) at the selection
+        layer, recompute them through the next layer, then keep the ``ratio`` whose fresh KV
+        deviates most there for the remaining layers. None: one selection."""
         self.select_layer = min(select_layer, model.cfg.num_layers - 1)
         self.stats = {"blended_prompts": 0, "prompt_tokens": 0, "recomputed_tokens": 0, "probe_tokens": 0,
                       "chunk_tokens_computed": 0, "cpu_s": dict.fromkeys(PHASES, 0.0)}
         """``cpu_s``: this process's CPU seconds per phase (where a blend's time goes): ``miss``
         computing chunks not in the store, ``move`` assembling the reused KV (RoPE rotation),
         ``select`` the selection probe, ``recompute`` the selected rows through every layer."""
+
+    def _first(self) -> float:
+        gradual = self.first_ratio is not None and 0 < self.ratio < 1
+        return max(self.first_ratio, self.ratio) if gradual else self.ratio
 
     def _phase(self, name: str, t0: float) -> float:
         t = time.process_time()
@@ -184,7 +199,7 @@ class CacheBlend:
         layer ``select_layer - 1`` with its fresh KV of layers 0 .. ``select_layer`` for every
         token written into ``K``, ``V`` (None when no probe ran)."""
         n_chunk = int(in_chunk.sum())
-        want = min(n_chunk, math.ceil(self.ratio * n_chunk - 1e-9))
+        want = min(n_chunk, math.ceil(self._first() * n_chunk - 1e-9))
         always = (~in_chunk).nonzero()[:, 0]
         if want == 0:
             return always, None
@@ -218,12 +233,25 @@ class CacheBlend:
         t = self._phase("select", t)
         self.stats["blended_prompts"] += 1
         self.stats["prompt_tokens"] += len(ids)
-        self.stats["recomputed_tokens"] += int(sel.numel())
+        first = int(sel.numel())  # rows recomputed (with gradual filtering: rows x layers / layers)
         if sel.numel():
             blend = _Blend(K, V, sel, self.model.attn_scale)
             if h is None:  # no probe: the selected rows from their embeddings
                 self._run([ids[i] for i in sel.tolist()], sel, blend)
-            else:  # from the probe's hidden states, at the selection layer
-                self._layers(h[:, sel], sel, blend, self.select_layer)
+            elif self._first() == self.ratio or self.select_layer + 2 >= len(K):
+                self._layers(h[:, sel], sel, blend, self.select_layer)  # from the probe's hidden states
+            else:  # gradual filtering: the first selection through one more layer, then the ratio
+                L = self.select_layer
+                blend.dev_layer = L + 1
+                h = self._layers(h[:, sel], sel, blend, L, L + 2)
+                n_chunk = int(in_chunk.sum())
+                want = min(n_chunk, math.ceil(self.ratio * n_chunk - 1e-9))
+                chunk_rows = in_chunk[sel]
+                keep = blend.dev.masked_fill(~chunk_rows, float("-inf")).topk(want).indices
+                local = torch.cat([(~chunk_rows).nonzero()[:, 0], keep]).sort().values
+                sel = sel[local]
+                self._layers(h[:, local], sel, _Blend(K, V, sel, self.model.attn_scale), L + 2)
+                first = round((2 * first + (len(K) - 2) * int(sel.numel())) / len(K))
             self._phase("recompute", t)
+        self.stats["recomputed_tokens"] += first
         return [(K[i].transpose(0, 1)[None], V[i].transpose(0, 1)[None]) for i in range(K.shape[0])]
