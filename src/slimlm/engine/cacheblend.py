@@ -53,6 +53,8 @@ PHASES = ("miss", "move", "select", "recompute")
 Q_BLOCK = 64
 """The recomputed rows attend in blocks of this many, each against the keys up to its last
 row only (PyTorch's CPU attention computes every key it is given, masked or not)."""
+NATIVE_BLOCK = 16
+"""Rows per block when the native prefill kernel reads the blend's KV buffers as a pool."""
 
 
 class _Capture:
@@ -75,8 +77,14 @@ class _Blend:
     """The selected rows ``sel`` (ascending positions) query; keys are the reused KV ``K``, ``V``
     (layers, T, Hkv, d) with the selected rows' fresh KV written in place."""
 
-    def __init__(self, K: torch.Tensor, V: torch.Tensor, sel: torch.Tensor, scale: float):
+    def __init__(self, K: torch.Tensor, V: torch.Tensor, sel: torch.Tensor, scale: float, native=None,
+                 block: int = 16):
         self.K, self.V, self.sel, self.scale = K, V, sel, scale
+        self.native, self.block = native, block
+        """``native``: the loaded ``paged_prefill`` kernel, or None. With it every row from the
+        first selected one queries (the others with zero queries, their outputs dropped), with
+        ``K``, ``V`` read as a pool of ``block``-row blocks: the kernel's causal attention over
+        all rows costs less than PyTorch's over the selected rows alone."""
         R = sel.numel()
         ends = list(range(Q_BLOCK, R, Q_BLOCK)) + [R]
         self.parts = []  # (first row, end row, keys needed, mask (1, 1, e - a, n))
@@ -96,6 +104,8 @@ class _Blend:
             self.dev = ((kf - K[self.sel]).float() ** 2).sum((1, 2)) + ((vf - V[self.sel]).float() ** 2).sum((1, 2))
         K.index_copy_(0, self.sel, k[0].transpose(0, 1))
         V.index_copy_(0, self.sel, v[0].transpose(0, 1))
+        if self.native is not None:
+            return self._native(layer, q)
         n = self.parts[-1][2]
         Kh, Vh = K[:n].transpose(0, 1)[None], V[:n].transpose(0, 1)[None]  # (1, Hkv, n, d)
         if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
@@ -111,14 +121,36 @@ class _Blend:
         return out
 
 
+    def _native(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        from slimlm.kernels.ops import native_prefill
+
+        s0, n = int(self.sel[0]), int(self.sel[-1]) + 1
+        T, Hkv, d = self.K.shape[1:]
+        qs = q.new_zeros(n - s0, q.shape[1], d)  # (rows s0 .. n-1, Hq, d)
+        qs.index_copy_(0, self.sel - s0, q[0].transpose(0, 1))
+        out = torch.empty_like(qs)
+        pool = T // self.block, self.block, Hkv, d
+        table = torch.arange(pool[0], device=q.device)
+        native_prefill(self.native, qs, self.K[layer].view(pool), self.V[layer].view(pool), table, s0, out, self.scale)
+        return out.index_select(0, self.sel - s0).transpose(0, 1)[None]  # (1, Hq, R, d)
+
+
 class CacheBlend:
     def __init__(self, model, rotary, store: ChunkStore, ratio: float, select_layer: int = 1,
-                 chunk_context: str = "prefix", first_ratio: float | None = None):
+                 chunk_context: str = "prefix", first_ratio: float | None = None, native_prefill=None):
         if chunk_context not in CHUNK_CONTEXTS:
             raise ValueError(f"blend_chunk_context must be one of {', '.join(CHUNK_CONTEXTS)}, got {chunk_context!r}")
         self.model, self.rotary, self.store = model, rotary, store
         self.ratio, self.chunk_context = ratio, chunk_context
         self.first_ratio = first_ratio
+        self.native = None
+        """The ``paged_prefill`` kernel when it computes this model's dtype and head size on the CPU."""
+        if native_prefill is not None and model.device.type == "cpu":
+            from slimlm.kernels.ops import NATIVE_DTYPES
+
+            code = NATIVE_DTYPES.get(model.dtype)
+            if code is not None and native_prefill.slimlm_prefill_supported(model.cfg.head_dim, code):
+                self.native = native_prefill
         """Gradual filtering (paper section 4.3): select ``first_ratio`` (> ratio) at the selection
         layer, recompute them through the next layer, then keep the ``ratio`` whose fresh KV
         deviates most there for the remaining layers. None: one selection."""
@@ -176,11 +208,13 @@ class CacheBlend:
         return kv
 
     def reused_kv(self, ids: list[int], spans: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keys and values (layers, T, Hkv, d) with every chunk's cached KV moved to its offset
-        (zeros elsewhere), and the bool (T,) mask of chunk tokens."""
+        """Keys and values (layers, T + pad, Hkv, d) with every chunk's cached KV moved to its
+        offset (zeros elsewhere; ``pad`` rounds T up to whole native blocks), and the bool (T,)
+        mask of chunk tokens."""
         m, T = self.model, len(ids)
         cfg = m.cfg
-        K = torch.zeros(cfg.num_layers, T, cfg.num_kv_heads, cfg.head_dim, dtype=m.dtype, device=m.device)
+        pad = -T % NATIVE_BLOCK  # the native kernel reads K, V as a pool of whole blocks
+        K = torch.zeros(cfg.num_layers, T + pad, cfg.num_kv_heads, cfg.head_dim, dtype=m.dtype, device=m.device)
         V = torch.zeros_like(K)
         in_chunk = torch.zeros(T, dtype=torch.bool, device=m.device)
         P = spans[0][0] if spans and self.chunk_context == "prefix" else 0
@@ -192,6 +226,9 @@ class CacheBlend:
             K[:, a:b], V[:, a:b] = k, v
             in_chunk[a:b] = True
         return K, V, in_chunk
+
+    def _blend(self, K, V, sel) -> _Blend:
+        return _Blend(K, V, sel, self.model.attn_scale, self.native, NATIVE_BLOCK)
 
     def select(self, ids: list[int], K: torch.Tensor, V: torch.Tensor, in_chunk: torch.Tensor):
         """Rows to recompute (ascending): every non-chunk token and the ``ratio`` of chunk tokens
@@ -213,11 +250,11 @@ class CacheBlend:
         self._layers(h, positions, cap, L, L + 1, kv_only=L)  # layer L: its keys and values only
         self.stats["probe_tokens"] += T
         kf, vf = (t[0].transpose(0, 1) for t in cap.kv[L])  # (T, Hkv, d)
-        dev = ((kf - K[L]).float() ** 2).sum((1, 2)) + ((vf - V[L]).float() ** 2).sum((1, 2))  # (T,)
+        dev = ((kf - K[L, :T]).float() ** 2).sum((1, 2)) + ((vf - V[L, :T]).float() ** 2).sum((1, 2))  # (T,)
         dev = dev.masked_fill(~in_chunk, float("-inf"))
         top = dev.topk(want).indices
         for layer, (k, v) in cap.kv.items():  # the probe computed these layers for every token: keep them
-            K[layer], V[layer] = k[0].transpose(0, 1), v[0].transpose(0, 1)
+            K[layer, :T], V[layer, :T] = k[0].transpose(0, 1), v[0].transpose(0, 1)
         return torch.cat([always, top]).sort().values, h
 
     # ------------------------------------------------------------------ the blend
@@ -235,7 +272,7 @@ class CacheBlend:
         self.stats["prompt_tokens"] += len(ids)
         first = int(sel.numel())  # rows recomputed (with gradual filtering: rows x layers / layers)
         if sel.numel():
-            blend = _Blend(K, V, sel, self.model.attn_scale)
+            blend = self._blend(K, V, sel)
             if h is None:  # no probe: the selected rows from their embeddings
                 self._run([ids[i] for i in sel.tolist()], sel, blend)
             elif self._first() == self.ratio or self.select_layer + 2 >= len(K):
@@ -250,8 +287,9 @@ class CacheBlend:
                 keep = blend.dev.masked_fill(~chunk_rows, float("-inf")).topk(want).indices
                 local = torch.cat([(~chunk_rows).nonzero()[:, 0], keep]).sort().values
                 sel = sel[local]
-                self._layers(h[:, local], sel, _Blend(K, V, sel, self.model.attn_scale), L + 2)
+                self._layers(h[:, local], sel, self._blend(K, V, sel), L + 2)
                 first = round((2 * first + (len(K) - 2) * int(sel.numel())) / len(K))
             self._phase("recompute", t)
         self.stats["recomputed_tokens"] += first
-        return [(K[i].transpose(0, 1)[None], V[i].transpose(0, 1)[None]) for i in range(K.shape[0])]
+        T = len(ids)
+        return [(K[i, :T].transpose(0, 1)[None], V[i, :T].transpose(0, 1)[None]) for i in range(K.shape[0])]
