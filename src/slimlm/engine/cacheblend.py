@@ -80,30 +80,29 @@ class _Capture:
 
 class _Blend:
     """The selected rows ``sel`` (ascending positions) query; keys are the reused KV ``K``, ``V``
-    (layers, T, Hkv, d) with the selected rows' fresh KV written in place."""
+    (layers, T, Hkv, d) with the selected rows' fresh KV written in place.
 
-    def __init__(self, K: torch.Tensor, V: torch.Tensor, sel: torch.Tensor, scale: float, native=None,
-                 block: int = 16):
-        self.K, self.V, self.sel, self.scale = K, V, sel, scale
-        span = int(sel[-1]) - int(sel[0]) + 1 if sel.numel() else 0
-        self.native = native if sel.numel() >= NATIVE_MIN_SHARE * span else None
-        self.block = block
-        """``native``: the loaded ``paged_prefill`` kernel, or None. With it every row from the
-        first selected one queries (the others with zero queries, their outputs dropped), with
-        ``K``, ``V`` read as a pool of ``block``-row blocks: the kernel's causal attention over
-        all rows costs less than PyTorch's over the selected rows alone, when they are at least
-        ``NATIVE_MIN_SHARE`` of the rows."""
-        R = sel.numel()
-        ends = list(range(Q_BLOCK, R, Q_BLOCK)) + [R]
-        self.parts = []  # (first row, end row, keys needed, mask (1, 1, e - a, n))
-        for a, e in zip([0] + ends[:-1], ends):
-            n = int(sel[e - 1]) + 1
-            keys = torch.arange(n, device=sel.device)
-            self.parts.append((a, e, n, (keys[None, :] <= sel[a:e, None])[None, None]))
+    ``native``: the loaded ``paged_prefill`` kernel, or None. It is used when the selected rows
+    are at least ``NATIVE_MIN_SHARE`` of the rows from the first selected one: all those rows
+    query (the unselected with zero queries, their outputs dropped), ``K`` and ``V`` read as a
+    pool of ``block``-row blocks. Otherwise PyTorch attends in ``Q_BLOCK``-row query blocks."""
 
     dev_layer: int | None = None
     """Where the fresh rows' deviation from the reused KV is recorded in ``dev`` (R,) before they
     replace it (gradual filtering)."""
+
+    def __init__(self, K: torch.Tensor, V: torch.Tensor, sel: torch.Tensor, scale: float, native=None,
+                 block: int = 16):
+        self.K, self.V, self.sel, self.scale, self.block = K, V, sel, scale, block
+        R = sel.numel()
+        self.native = native if R and R >= NATIVE_MIN_SHARE * (int(sel[-1]) - int(sel[0]) + 1) else None
+        self.parts = []  # (first row, end row, keys needed, mask (1, 1, e - a, n))
+        if self.native is None:
+            ends = list(range(Q_BLOCK, R, Q_BLOCK)) + [R]
+            for a, e in zip([0] + ends[:-1], ends):
+                n = int(sel[e - 1]) + 1
+                keys = torch.arange(n, device=sel.device)
+                self.parts.append((a, e, n, (keys[None, :] <= sel[a:e, None])[None, None]))
 
     def attend(self, layer, q, k, v, q_rows=None):
         K, V = self.K[layer], self.V[layer]  # (T, Hkv, d)
@@ -115,19 +114,17 @@ class _Blend:
         if self.native is not None:
             return self._native(layer, q)
         n = self.parts[-1][2]
-        Kh, Vh = K[:n].transpose(0, 1)[None], V[:n].transpose(0, 1)[None]  # (1, Hkv, n, d)
+        Kh, Vh = K[:n].transpose(0, 1)[None], V[:n].transpose(0, 1)[None]  # (1, Hkv, n, d) views
+        qf, dtype = q, q.dtype
         if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
-            qf = q.float()  # widened once per layer, not once per block (model/attention.py)
-            Kh, Vh = Kh.to(torch.float32, memory_format=torch.contiguous_format), Vh.float().contiguous()
-        else:
-            qf, Kh, Vh = q, Kh.contiguous(), Vh.contiguous()
+            qf, dtype = q.float(), torch.float32  # widened once per layer, not per block (model/attention.py)
+        Kh, Vh = (t.to(dtype, memory_format=torch.contiguous_format) for t in (Kh, Vh))
         if len(self.parts) == 1:
             return attention(qf, Kh, Vh, self.parts[0][3], self.scale).to(q.dtype)
         out = torch.empty(qf.shape, dtype=q.dtype, device=q.device)  # (1, Hq, R, d)
         for a, e, n, mask in self.parts:
             out[:, :, a:e] = attention(qf[:, :, a:e], Kh[:, :, :n], Vh[:, :, :n], mask, self.scale)
         return out
-
 
     def _native(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         from slimlm.kernels.ops import native_prefill
