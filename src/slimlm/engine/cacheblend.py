@@ -212,7 +212,8 @@ class CacheBlend:
             self.stats["cpu_s"]["move"] -= self._phase("miss", t0) - t0  # reused_kv's clock includes it
         return kv
 
-    def reused_kv(self, ids: list[int], spans: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def reused_kv(self, ids: list[int], spans: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor,
+                                                                               torch.Tensor]:
         """Keys and values (layers, T + pad, Hkv, d) with every chunk's cached KV moved to its
         offset (zeros elsewhere; ``pad`` rounds T up to whole native blocks), and the bool (T,)
         mask of chunk tokens."""
