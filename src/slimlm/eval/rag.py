@@ -8,7 +8,8 @@ query is correct when the first number of the greedy answer is the code.
 
 ``--rag-mode flat`` sends one text prompt (full prefill; prefix caching only helps the shared
 instruction); ``chunks`` sends the passages as ``{"chunk": ...}`` segments, so their KV is reused
-and blended with ``blend_recompute_ratio``. Queries run one after another (a server answering
+and blended with ``blend_recompute_ratio``; ``both`` sends each query both ways on one engine
+(paired TTFTs under the same load: ``ttft_warm_speedup``). Queries run one after another (a server answering
 them as they come), so each query's time to first token is its own. Reported: accuracy, prompt
 tokens computed per query (deterministic) and the mean TTFT (noisy; for a quiet machine).
 """
