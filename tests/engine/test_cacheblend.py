@@ -3,6 +3,8 @@ computed alone at their offsets), the chunk store is LRU and never fails a reque
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -175,7 +177,7 @@ def test_store_is_lru_and_never_fails_a_request(tiny):
 
 def test_chunk_store_unit():
     s = ChunkStore(100)
-    kv = lambda n: [(torch.zeros(n), torch.zeros(n))]  # noqa: E731  8n bytes
+    kv = lambda n: (torch.zeros(n), torch.zeros(n))  # noqa: E731  8n bytes
     assert s.put([1], kv(5)) and s.put([2], kv(5))
     s.get([1])  # 1 is now most recent
     assert s.put([3], kv(5)) and [1] in s and [2] not in s
@@ -199,3 +201,117 @@ def test_chunks_and_sets_do_not_mix(tiny):
     bad = {"segments": [{"chunk": {"ids": [5, 6]}}, {"set": [{"ids": [7]}, {"ids": [8]}]}]}
     with pytest.raises(ValueError, match="both chunks and sets"):
         llm.generate([bad], SP, use_tqdm=False)
+
+
+def _reference_blend(m, ids, spans, ratio, select_layer):
+    """The blend written out plainly (its first form): every chunk computed after the prefix,
+    moved per layer; a probe of layers 0 .. L in full; every layer of the selected rows run
+    from their embeddings against the whole (T) key range with a dense causal mask."""
+    from slimlm.model.rope import apply_rope, rotation
+
+    T, P, L = len(ids), spans[0][0], select_layer
+    layers = m.model.layers
+
+    def run(tok, pos, attn, n_layers=len(layers)):
+        h = m.embed(torch.tensor([tok]))
+        cos, sin = m.rotary(pos[None], h.dtype)
+        for layer in layers[:n_layers]:
+            h = layer(h, cos, sin, attn)
+
+    reused = [[torch.zeros(1, m.cfg.num_kv_heads, T, m.cfg.head_dim) for _ in range(2)] for _ in layers]
+    in_chunk = torch.zeros(T, dtype=torch.bool)
+    for a, b in spans:
+        cap = Capture(P + b - a, m.attn_scale)
+        run(ids[:P] + ids[a:b], torch.arange(P + b - a), cap)
+        cos, sin = rotation(m.rotary.inv_freq, torch.full((1, b - a), a - P), m.dtype)
+        for i, (k, v) in cap.kv.items():
+            reused[i][0][:, :, a:b] = apply_rope(k[:, :, P:], cos, sin)
+            reused[i][1][:, :, a:b] = v[:, :, P:]
+        in_chunk[a:b] = True
+    probe = Capture(T, m.attn_scale)
+    run(ids, torch.arange(T), probe, L + 1)
+    kf, vf = probe.kv[L]
+    dev = ((kf - reused[L][0]) ** 2).sum((0, 1, 3)) + ((vf - reused[L][1]) ** 2).sum((0, 1, 3))
+    want = math.ceil(ratio * int(in_chunk.sum()) - 1e-9)
+    top = dev.masked_fill(~in_chunk, float("-inf")).topk(want).indices
+    sel = torch.cat([(~in_chunk).nonzero()[:, 0], top]).sort().values
+    for i in range(L + 1):
+        reused[i] = list(probe.kv[i])
+    mask = (torch.arange(T)[None, :] <= sel[:, None])[None, None]
+    out = {}
+
+    class Blend:
+        def attend(self, layer, q, k, v, q_rows=None):
+            K, V = reused[layer][0].clone(), reused[layer][1].clone()
+            K[:, :, sel], V[:, :, sel] = k, v
+            out[layer] = (K, V)
+            return attention(q, K, V, mask, m.attn_scale)
+
+    run([ids[i] for i in sel.tolist()], sel, Blend())
+    return [out[i] for i in range(len(layers))]
+
+
+@pytest.fixture(scope="module")
+def tiny4(tmp_path_factory):
+    from tests.conftest import make_hf_model
+
+    path = tmp_path_factory.mktemp("tiny4")
+    # head size 64: the native kernels serve it
+    make_hf_model(path, num_hidden_layers=4, hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
+    return load(str(path))
+
+
+@pytest.mark.parametrize("ratio, layer", [(0.25, 0), (0.25, 2), (0.6, 1)])
+def test_fast_blend_equals_the_plain_one(tiny4, ratio, layer, monkeypatch):
+    """The blend's fast path (probe layers not run twice, the selection layer's probe only
+    projecting keys and values, one buffer for all layers moved per chunk in one rotation,
+    query blocks of 8 rows each over its causal key range) gives the plain algorithm's KV."""
+    from slimlm.engine import cacheblend
+
+    monkeypatch.setattr(cacheblend, "Q_BLOCK", 8)  # several query blocks on this short prompt
+    ids, spans, m, _ = _full_prefill(tiny4)
+    with torch.inference_mode():
+        ref = _reference_blend(m, ids, spans, ratio, layer)
+        kv = cacheblend.CacheBlend(m, m.rotary, ChunkStore(1 << 24), ratio, select_layer=layer).prefill(ids, spans)
+    for i, ((k, v), (rk, rv)) in enumerate(zip(kv, ref)):
+        assert torch.allclose(k, rk, atol=1e-5) and torch.allclose(v, rv, atol=1e-5), i
+
+
+def test_gradual_filtering_keeps_the_ratio_after_one_more_layer(tiny4):
+    """Gradual filtering (paper section 4.3): 50 % of the chunk rows selected at layer 1 run
+    through layer 2; from layer 3 on only 25 % (chosen among them) plus the non-chunk rows are
+    fresh. A first ratio equal to the ratio is the one-selection blend."""
+    from slimlm.engine.cacheblend import CacheBlend
+
+    ids, spans, m, _ = _full_prefill(tiny4)
+    n_other = len(ids) - 60
+    with torch.inference_mode():
+        one = CacheBlend(m, m.rotary, ChunkStore(1 << 24), 0.25).prefill(ids, spans)
+        same = CacheBlend(m, m.rotary, ChunkStore(1 << 24), 0.25, first_ratio=0.25).prefill(ids, spans)
+        cb = CacheBlend(m, m.rotary, ChunkStore(1 << 24), 0.25, first_ratio=0.5)
+        grad = cb.prefill(ids, spans)
+        K, _, _ = cb.reused_kv(ids, spans)  # the chunks' moved KV, before any recompute
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(one, same))
+    changed = [(grad[i][0][0].transpose(0, 1) != K[i, :len(ids)]).any(-1).any(-1) for i in (2, 3)]  # (T,) rows
+    fresh = [set(c.nonzero()[:, 0].tolist()) for c in changed]
+    assert len(fresh[0]) == n_other + 30 and len(fresh[1]) == n_other + 15 and fresh[1] <= fresh[0]
+    assert cb.stats["recomputed_tokens"] == round((2 * (n_other + 30) + 2 * (n_other + 15)) / 4)
+
+
+def test_native_blend_attention_equals_pytorch(tiny4):
+    """The blend's attention through the native prefill kernel (every row from the first
+    selected one queries, the pool read in blocks) equals PyTorch's over the selected rows."""
+    from slimlm import kernels
+    from slimlm.engine.cacheblend import CacheBlend
+
+    lib = kernels.load("paged_prefill")
+    if lib is None:
+        pytest.skip("no native kernels here")
+    ids, spans, m, _ = _full_prefill(tiny4)
+    with torch.inference_mode():
+        cb = CacheBlend(m, m.rotary, ChunkStore(1 << 24), 0.3, native_prefill=lib)
+        assert cb.native is not None
+        fast = cb.prefill(ids, spans)
+        ref = CacheBlend(m, m.rotary, ChunkStore(1 << 24), 0.3).prefill(ids, spans)
+    for (k, v), (rk, rv) in zip(fast, ref):
+        assert torch.allclose(k, rk, atol=1e-5) and torch.allclose(v, rv, atol=1e-5)

@@ -65,3 +65,15 @@ def test_rag_chunks_with_full_recompute_answer_as_flat_prompts(tiny_llama_dir, t
     assert reuse["warm_queries"] == sum(t["store_misses"] == 0 for t in reuse["trials"])
     assert set(reuse["blend_cpu_s_per_query"]) == {"miss", "move", "select", "recompute"}
     assert reuse["blend_cpu_s_per_query"]["miss"] > 0 and res["flat"]["blend_cpu_s_per_query"] == {}
+
+
+def test_rag_both_modes_pair_flat_and_chunks_on_one_engine(tiny_llama_dir, tiny_data, tmp_path):
+    out = tmp_path / "both.json"
+    base = ["eval", "rag", "--model", str(tiny_llama_dir), "--filler", str(tiny_data["filler"]), "--queries", "3",
+            "--passages-per-query", "2", "--passage-tokens", "12", "--threads", "1", "--kv-cache-bytes", "16M"]
+    assert main([*base, "--rag-mode", "both", "--blend-recompute-ratio", "1", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())["results"]
+    assert [t["answer"] for t in r["flat"]["trials"]] == [t["answer"] for t in r["chunks"]["trials"]]
+    assert r["accuracy"] == r["chunks"]["accuracy"]
+    assert (r["ttft_warm_speedup"] is None) == (r["chunks"]["warm_queries"] == 0)
+    assert r["flat"]["blend_cpu_s_per_query"] == {} and r["chunks"]["blend_cpu_s_per_query"]["recompute"] > 0

@@ -227,7 +227,8 @@ class LLMEngine:
 
             self.blender = CacheBlend(self.model, self.runner.rotary, ChunkStore(self.config.chunk_store_bytes),
                                       self.config.blend_recompute_ratio, self.config.blend_select_layer,
-                                      self.config.blend_chunk_context)
+                                      self.config.blend_chunk_context,
+                                      native_prefill=self.runner.paths.native_prefill)
         before = self.blender.stats["recomputed_tokens"]
         try:
             kv = self.blender.prefill(seq.token_ids[:n], list(chunks))

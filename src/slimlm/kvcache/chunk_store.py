@@ -1,6 +1,7 @@
 """ChunkStore: KV of text chunks (RAG passages) kept for reuse anywhere in later prompts
 (CacheBlend, Yao et al. 2024). Keyed by the chunk's token ids; each entry is the chunk's KV
-computed alone at positions 0..n-1, one (k, v) pair of (n, Hkv, d) per layer.
+computed once (``engine/cacheblend.py``), keys and values of every layer stacked:
+(layers, n, Hkv, d) each, so a chunk is moved and copied with one operation, not one per layer.
 
 Bounded in bytes, least-recently-used first out. It never fails a request: a chunk larger than
 the whole store is simply not kept, and a full store evicts until the new entry fits.
@@ -13,7 +14,8 @@ from collections import OrderedDict
 
 import torch
 
-ChunkKV = list[tuple[torch.Tensor, torch.Tensor]]
+ChunkKV = tuple[torch.Tensor, torch.Tensor]
+"""Keys and values, (layers, n, Hkv, d) each."""
 
 
 def chunk_key(ids: list[int]) -> str:
@@ -21,7 +23,7 @@ def chunk_key(ids: list[int]) -> str:
 
 
 def kv_bytes(kv: ChunkKV) -> int:
-    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+    return sum(t.numel() * t.element_size() for t in kv)
 
 
 class ChunkStore:
