@@ -1,0 +1,327 @@
+/* Vertical-slash sparse prefill attention on the CPU (MInference's pattern, as Qwen2.5-1M uses
+ * it; the pattern is chosen in slimlm.engine.sparse_prefill).
+ *
+ * One call serves one prefill chunk of one sequence: T query tokens at positions q_start ..
+ * q_start + T - 1 (storage index == position), keys 0 .. q_start + T - 1 read from the block
+ * pool in place through its block table. Query head h at position i attends key j iff j <= i
+ * and (j is one of the head's vertical columns, or i - j is one of its slash offsets).
+ *
+ * q      row t / head h at q + t * qs_t + h * qs_h (head dim contiguous), float32 (qdtype 0) or
+ *        bfloat16 (1); out the same layout (os_t, os_h) and dtype
+ * k, v   (num_blocks, block_size, Hkv, d) pools in any format of kv_pool.h (kv_code 0 float32,
+ *        1 bfloat16, 2 int8, 3 int4 with their aux tensors), decoded to float32 per row
+ * table  physical block of each logical block
+ * cols   (Hq, nv) int32: each head's vertical columns, ascending (entries < 0 or >= n ignored)
+ * offs   (Hq, ns) int32: each head's slash offsets, ascending (entries < 0 or >= n ignored)
+ * stats  NULL, or int64[2] += (query-key pairs the pattern attends, query-candidate pairs scored)
+ *
+ * Work items are (query head, block of ``qb`` consecutive queries), largest blocks first, handed
+ * out through an atomic counter inside one OpenMP parallel region. An item:
+ *  1. builds its candidate keys once: the head's verticals <= the block's last position merged
+ *     with the union of its slash diagonals' key ranges (offset s gives the block's queries
+ *     p0..p1 the consecutive keys p0 - s .. p1 - s; ranges of ascending start are merged as they
+ *     come, from the largest offset down), in key order, each flagged vertical or not;
+ *  2. streams them in chunks of 64, decoding each key and value row once per item, and per query
+ *     row masks the chunk to the row's exact pattern (a 32-bit gather of the slash flags at i - j),
+ *     then scores the allowed keys (a 64-key register dot when many are allowed, one dot per key
+ *     when few: an isolated diagonal costs its pairs, not 64 times them) and updates the row's
+ *     online softmax (running max, sum, fp32 output rescaled when the max grows) with P V over
+ *     the allowed keys only;
+ *  3. divides each row by its sum and stores it (bf16 rounded to nearest even for a bf16 q).
+ * All arithmetic is float32 (bf16 rows are widened exactly), as the PyTorch path's. Returns 0, 1
+ * on unsupported arguments (no AVX-512 in this build, head size not a multiple of 16 or > 256),
+ * 2 when scratch memory could not be allocated.
+ *
+ * exp512 is a copy of paged_prefill.c's (a static helper there; to move into a shared header).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kv_pool.h"
+#ifdef __AVX512F__
+#include <immintrin.h>
+#define SLIMLM_HAVE_AVX512 1
+#endif
+
+#define KC 64        /* candidate keys per chunk (4 groups of 16) */
+#define PAIR_MAX 12  /* rows with at most this many allowed keys in a chunk score them one by one */
+
+int slimlm_sparse_prefill_supported(int64_t d) {
+#ifdef SLIMLM_HAVE_AVX512
+    return d > 0 && d % 16 == 0 && d <= 256;
+#else
+    (void)d;
+    return 0;
+#endif
+}
+
+#ifdef SLIMLM_HAVE_AVX512
+/* exp(x) for x <= 0, relative error ~2e-7 (copied from paged_prefill.c). */
+static inline __attribute__((always_inline)) __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+typedef struct {
+    const void *q;
+    void *out;
+    int64_t qs_t, qs_h, os_t, os_h;
+    int qdtype;
+    pool_t kpool, vpool;
+    const int64_t *table;
+    int64_t q_start, T, Hq, Hkv, d, bs, n, qb, nblocks;
+    const int32_t *cols, *offs;
+    int64_t nv, ns;
+    const uint8_t *is_s; /* (Hq, n + 4): 1 where the offset is one of the head's slashes */
+    float scale;
+    int64_t next, pairs, scored;
+    int failed;
+} sp_args;
+
+typedef struct {
+    int32_t *cand;
+    uint8_t *vflag;
+    int32_t *rlo, *rhi;
+    float *qf, *o, *m, *l, *kt, *kr, *vr, *buf;
+} scratch;
+
+/* Step 1: the item's candidate keys (ascending) and their vertical flags; returns their count. */
+static int64_t candidates(const sp_args *a, int64_t h, int64_t p0, int64_t p1, scratch *s) {
+    const int32_t *offs = a->offs + h * a->ns, *cols = a->cols + h * a->nv;
+    int64_t nr = 0;
+    for (int64_t x = a->ns - 1; x >= 0; --x) { /* largest offset first: range starts ascend */
+        const int64_t off = offs[x];
+        if (off < 0 || off > p1 || off >= a->n) continue;
+        const int64_t lo = p0 - off > 0 ? p0 - off : 0, hi = p1 - off;
+        if (nr && lo <= s->rhi[nr - 1] + 1) {
+            if (hi > s->rhi[nr - 1]) s->rhi[nr - 1] = (int32_t)hi;
+        } else {
+            s->rlo[nr] = (int32_t)lo;
+            s->rhi[nr] = (int32_t)hi;
+            ++nr;
+        }
+    }
+    int64_t K = 0, vi = 0;
+    const int64_t nvh = a->nv;
+    for (int64_t r = 0; r < nr; ++r) {
+        for (; vi < nvh && cols[vi] < s->rlo[r]; ++vi)
+            if (cols[vi] >= 0) { s->cand[K] = cols[vi]; s->vflag[K++] = 1; }
+        for (int64_t j = s->rlo[r]; j <= s->rhi[r]; ++j) {
+            uint8_t f = 0;
+            if (vi < nvh && cols[vi] == j) { f = 1; ++vi; }
+            s->cand[K] = (int32_t)j;
+            s->vflag[K++] = f;
+        }
+    }
+    for (; vi < nvh && cols[vi] <= p1 && cols[vi] < a->n; ++vi)
+        if (cols[vi] >= 0) { s->cand[K] = cols[vi]; s->vflag[K++] = 1; }
+    return K;
+}
+
+static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+static void item(sp_args *a, int64_t h, int64_t b, scratch *s) {
+    const int64_t d = a->d, nvb = d / 16, g = h / (a->Hq / a->Hkv);
+    const int64_t t0 = b * a->qb, rows = (a->T - t0) < a->qb ? a->T - t0 : a->qb;
+    const int64_t p0 = a->q_start + t0, p1 = p0 + rows - 1;
+    const int64_t K = candidates(a, h, p0, p1, s);
+    for (int64_t r = 0; r < rows; ++r) { /* queries widened and scaled once */
+        float *qf = s->qf + r * d;
+        const char *src = (const char *)a->q + ((t0 + r) * a->qs_t + h * a->qs_h) * (a->qdtype ? 2 : 4);
+        for (int64_t c = 0; c < d; ++c)
+            qf[c] = (a->qdtype ? bf16_to_f32(((const uint16_t *)src)[c]) : ((const float *)src)[c]) * a->scale;
+        s->m[r] = -INFINITY;
+        s->l[r] = 0.f;
+    }
+    memset(s->o, 0, (size_t)(rows * d) * sizeof(float));
+    const uint8_t *iss = a->is_s + h * (a->n + 4);
+    int64_t pairs = 0;
+    for (int64_t c0 = 0; c0 < K; c0 += KC) {
+        const int64_t kc = K - c0 < KC ? K - c0 : KC;
+        int32_t key[KC];
+        __mmask16 vm[4] = {0, 0, 0, 0};
+        for (int64_t x = 0; x < KC; ++x) {
+            if (x < kc) {
+                const int64_t j = s->cand[c0 + x];
+                const int64_t slot = a->table[j / a->bs] * a->bs + j % a->bs;
+                const float *kr = head_row(&a->kpool, slot, g, s->buf);
+                memcpy(s->kr + x * d, kr, (size_t)d * sizeof(float));
+                for (int64_t c = 0; c < d; ++c) s->kt[c * KC + x] = kr[c];
+                const float *vr = head_row(&a->vpool, slot, g, s->buf);
+                memcpy(s->vr + x * d, vr, (size_t)d * sizeof(float));
+                key[x] = (int32_t)j;
+                if (s->vflag[c0 + x]) vm[x / 16] |= (__mmask16)(1u << (x % 16));
+            } else {
+                for (int64_t c = 0; c < d; ++c) s->kt[c * KC + x] = 0.f;
+                key[x] = 0x3fffffff; /* never <= a query position */
+            }
+        }
+        __m512i kv[4];
+        for (int j = 0; j < 4; ++j) kv[j] = _mm512_loadu_si512((const void *)(key + 16 * j));
+        for (int64_t r = 0; r < rows; ++r) {
+            const __m512i iv = _mm512_set1_epi32((int32_t)(p0 + r));
+            __mmask16 mk[4];
+            int cnt = 0;
+            for (int j = 0; j < 4; ++j) {
+                const __m512i off = _mm512_sub_epi32(iv, kv[j]);
+                const __mmask16 causal = _mm512_cmpge_epi32_mask(off, _mm512_setzero_si512());
+                const __m512i sl = _mm512_and_si512(
+                    _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), causal, off, (const void *)iss, 1),
+                    _mm512_set1_epi32(0xff));
+                mk[j] = causal & (vm[j] | _mm512_test_epi32_mask(sl, sl));
+                cnt += __builtin_popcount(mk[j]);
+            }
+            if (!cnt) continue;
+            pairs += cnt;
+            const float *qf = s->qf + r * d;
+            float sc[KC];
+            if (cnt > PAIR_MAX) {
+                __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+                for (int64_t c = 0; c < d; ++c) {
+                    const __m512 qb = _mm512_set1_ps(qf[c]);
+                    const float *kt = s->kt + c * KC;
+                    for (int j = 0; j < 4; ++j) acc[j] = _mm512_fmadd_ps(qb, _mm512_loadu_ps(kt + 16 * j), acc[j]);
+                }
+                for (int j = 0; j < 4; ++j) _mm512_storeu_ps(sc + 16 * j, acc[j]);
+            } else {
+                for (int j = 0; j < 4; ++j)
+                    for (uint32_t bits = mk[j]; bits; bits &= bits - 1) {
+                        const int x = 16 * j + __builtin_ctz(bits);
+                        const float *kr = s->kr + x * d;
+                        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qf), _mm512_loadu_ps(kr));
+                        for (int64_t cb = 1; cb < nvb; ++cb)
+                            acc = _mm512_fmadd_ps(_mm512_loadu_ps(qf + 16 * cb), _mm512_loadu_ps(kr + 16 * cb), acc);
+                        sc[x] = hsum(acc);
+                    }
+            }
+            __m512 mx = _mm512_set1_ps(-INFINITY);
+            for (int j = 0; j < 4; ++j) mx = _mm512_mask_max_ps(mx, mk[j], mx, _mm512_loadu_ps(sc + 16 * j));
+            const float cm = _mm512_reduce_max_ps(mx);
+            float *o = s->o + r * d;
+            if (cm > s->m[r]) { /* the running max grows: rescale what the row has so far */
+                const float alpha = s->m[r] == -INFINITY ? 0.f : expf(s->m[r] - cm);
+                const __m512 av = _mm512_set1_ps(alpha);
+                for (int64_t cb = 0; cb < nvb; ++cb) _mm512_storeu_ps(o + 16 * cb, _mm512_mul_ps(_mm512_loadu_ps(o + 16 * cb), av));
+                s->l[r] *= alpha;
+                s->m[r] = cm;
+            }
+            const __m512 mv = _mm512_set1_ps(s->m[r]);
+            __m512 sum = _mm512_setzero_ps();
+            for (int j = 0; j < 4; ++j) {
+                if (!mk[j]) continue;
+                const __m512 e = _mm512_maskz_mov_ps(mk[j], exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + 16 * j), mv)));
+                sum = _mm512_add_ps(sum, e);
+                _mm512_storeu_ps(sc + 16 * j, e);
+            }
+            s->l[r] += hsum(sum);
+            for (int64_t cb = 0; cb < nvb; ++cb) {
+                __m512 acc = _mm512_loadu_ps(o + 16 * cb);
+                for (int j = 0; j < 4; ++j)
+                    for (uint32_t bits = mk[j]; bits; bits &= bits - 1) {
+                        const int x = 16 * j + __builtin_ctz(bits);
+                        acc = _mm512_fmadd_ps(_mm512_set1_ps(sc[x]), _mm512_loadu_ps(s->vr + x * d + 16 * cb), acc);
+                    }
+                _mm512_storeu_ps(o + 16 * cb, acc);
+            }
+        }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+        const float inv = s->l[r] > 0.f ? 1.0f / s->l[r] : 0.f;
+        const float *o = s->o + r * d;
+        char *dst = (char *)a->out + ((t0 + r) * a->os_t + h * a->os_h) * (a->qdtype ? 2 : 4);
+        for (int64_t c = 0; c < d; ++c) {
+            const float y = o[c] * inv;
+            if (a->qdtype) ((uint16_t *)dst)[c] = f32_to_bf16(y);
+            else ((float *)dst)[c] = y;
+        }
+    }
+    __atomic_fetch_add(&a->pairs, pairs, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&a->scored, K * rows, __ATOMIC_RELAXED);
+}
+
+static void worker(sp_args *a) {
+    const int64_t d = a->d, qb = a->qb;
+    scratch s;
+    s.cand = (int32_t *)malloc((size_t)(a->n + KC) * sizeof(int32_t));
+    s.vflag = (uint8_t *)malloc((size_t)(a->n + KC));
+    s.rlo = (int32_t *)malloc((size_t)(a->ns + 1) * sizeof(int32_t));
+    s.rhi = (int32_t *)malloc((size_t)(a->ns + 1) * sizeof(int32_t));
+    float *fl = (float *)malloc((size_t)(2 * qb * d + 2 * qb + 3 * KC * d + d) * sizeof(float));
+    if (!s.cand || !s.vflag || !s.rlo || !s.rhi || !fl) {
+        __atomic_store_n(&a->failed, 1, __ATOMIC_RELAXED);
+    } else {
+        s.qf = fl;
+        s.o = s.qf + qb * d;
+        s.m = s.o + qb * d;
+        s.l = s.m + qb;
+        s.kt = s.l + qb;
+        s.kr = s.kt + KC * d;
+        s.vr = s.kr + KC * d;
+        s.buf = s.vr + KC * d;
+        const int64_t total = a->Hq * a->nblocks;
+        for (;;) {
+            const int64_t it = __atomic_fetch_add(&a->next, 1, __ATOMIC_RELAXED);
+            if (it >= total) break;
+            item(a, it % a->Hq, a->nblocks - 1 - it / a->Hq, &s); /* the last (largest) blocks first */
+        }
+    }
+    free(s.cand);
+    free(s.vflag);
+    free(s.rlo);
+    free(s.rhi);
+    free(fl);
+}
+#endif
+
+int slimlm_sparse_prefill(const void *q, int64_t qs_t, int64_t qs_h, int qdtype, const void *k_pool,
+                          const void *k_aux, const void *k_aux2, const void *v_pool, const void *v_aux,
+                          const void *v_aux2, int kv_code, const int64_t *table, int64_t q_start, int64_t T,
+                          int64_t Hq, int64_t Hkv, int64_t d, int64_t block_size, const int32_t *cols, int64_t nv,
+                          const int32_t *offs, int64_t ns, int64_t qb, void *out, int64_t os_t, int64_t os_h,
+                          float scale, int64_t *stats, int nthreads) {
+    if (!slimlm_sparse_prefill_supported(d) || Hkv <= 0 || Hq % Hkv != 0 || block_size <= 0 || T <= 0 || q_start < 0
+        || qb <= 0 || qdtype < 0 || qdtype > 1 || kv_code < 0 || kv_code > 3 || (kv_code >= 2 && !k_aux)
+        || (kv_code == 3 && (!k_aux2 || d % I4_GROUP)) || nv < 0 || ns < 0)
+        return 1;
+#ifdef SLIMLM_HAVE_AVX512
+    const int64_t n = q_start + T;
+    uint8_t *is_s = (uint8_t *)calloc((size_t)(Hq * (n + 4)), 1);
+    if (!is_s) return 2;
+    for (int64_t h = 0; h < Hq; ++h) {
+        for (int64_t x = 0; x < ns; ++x) {
+            const int32_t o = offs[h * ns + x];
+            if (o >= 0 && o < n) is_s[h * (n + 4) + o] = 1;
+        }
+    }
+    sp_args a = {q, out, qs_t, qs_h, os_t, os_h, qdtype,
+                 {k_pool, k_aux, k_aux2, kv_code, Hkv, d}, {v_pool, v_aux, v_aux2, kv_code, Hkv, d},
+                 table, q_start, T, Hq, Hkv, d, block_size, n, qb, (T + qb - 1) / qb,
+                 cols, offs, nv, ns, is_s, scale, 0, 0, 0, 0};
+#pragma omp parallel num_threads(nthreads)
+    worker(&a);
+    free(is_s);
+    if (stats) {
+        stats[0] += a.pairs;
+        stats[1] += a.scored;
+    }
+    return a.failed ? 2 : 0;
+#else
+    (void)q; (void)qs_t; (void)qs_h; (void)k_pool; (void)k_aux; (void)k_aux2; (void)v_pool; (void)v_aux; (void)v_aux2;
+    (void)table; (void)cols; (void)offs; (void)out; (void)os_t; (void)os_h; (void)scale; (void)stats; (void)nthreads;
+    return 1;
+#endif
+}
