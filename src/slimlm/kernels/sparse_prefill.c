@@ -28,7 +28,9 @@
  *     online softmax (running max, sum, fp32 output rescaled when the max grows) with P V over
  *     the allowed keys only;
  *  3. divides each row by its sum and stores it (bf16 rounded to nearest even for a bf16 q).
- * All arithmetic is float32 (bf16 rows are widened exactly), as the PyTorch path's. Returns 0, 1
+ * Arithmetic is float32 (bf16 rows are widened exactly), as the PyTorch path's, except the 64-key
+ * dots of a bf16 q over a bf16 pool on AVX512-BF16 builds: vdpbf16ps (exact bf16 products summed
+ * in fp32, as paged_prefill.c). Returns 0, 1
  * on unsupported arguments (no AVX-512 in this build, head size not a multiple of 16 or > 256),
  * 2 when scratch memory could not be allocated.
  *
@@ -43,10 +45,15 @@
 #ifdef __AVX512F__
 #include <immintrin.h>
 #define SLIMLM_HAVE_AVX512 1
+#ifdef __AVX512BF16__
+#define SLIMLM_HAVE_BF16 1 /* bf16 q over a bf16 pool: q . k by vdpbf16ps (exact products, fp32 sums) */
 #endif
+#endif
+typedef uint32_t __attribute__((may_alias)) u32_alias; /* bf16 pairs read as one word */
 
 #define KC 64        /* candidate keys per chunk (4 groups of 16) */
 #define PAIR_MAX 12  /* rows with at most this many allowed keys in a chunk score them one by one */
+#define RT 4         /* query rows per tile */
 
 int slimlm_sparse_prefill_supported(int64_t d) {
 #ifdef SLIMLM_HAVE_AVX512
@@ -96,7 +103,7 @@ typedef struct {
     int32_t *cand;
     uint8_t *vflag;
     int32_t *rlo, *rhi;
-    float *qf, *o, *m, *l, *kt, *kr, *vr, *buf;
+    float *qf, *o, *m, *l, *kt, *kr, *vr, *buf, *dummy;
 } scratch;
 
 /* Step 1: the item's candidate keys (ascending) and their vertical flags; returns their count. */
@@ -149,6 +156,12 @@ static void item(sp_args *a, int64_t h, int64_t b, scratch *s) {
     }
     memset(s->o, 0, (size_t)(rows * d) * sizeof(float));
     const uint8_t *iss = a->is_s + h * (a->n + 4);
+#ifdef SLIMLM_HAVE_BF16
+    const int bf = a->qdtype == 1 && a->kpool.dtype == 1;
+#else
+    const int bf = 0;
+#endif
+    uint32_t *kt2 = (uint32_t *)s->kt; /* bf: keys as (d/2, KC) dimension pairs in kt's place */
     int64_t pairs = 0;
     for (int64_t c0 = 0; c0 < K; c0 += KC) {
         const int64_t kc = K - c0 < KC ? K - c0 : KC;
@@ -160,82 +173,165 @@ static void item(sp_args *a, int64_t h, int64_t b, scratch *s) {
                 const int64_t slot = a->table[j / a->bs] * a->bs + j % a->bs;
                 const float *kr = head_row(&a->kpool, slot, g, s->buf);
                 memcpy(s->kr + x * d, kr, (size_t)d * sizeof(float));
-                for (int64_t c = 0; c < d; ++c) s->kt[c * KC + x] = kr[c];
+                if (bf) { /* dimension pairs, as stored */
+                    const u32_alias *src = (const u32_alias *)((const uint16_t *)a->kpool.data + (slot * a->Hkv + g) * d);
+                    for (int64_t c2 = 0; c2 < d / 2; ++c2) kt2[c2 * KC + x] = src[c2];
+                } else
+                    for (int64_t c = 0; c < d; ++c) s->kt[c * KC + x] = kr[c];
                 const float *vr = head_row(&a->vpool, slot, g, s->buf);
                 memcpy(s->vr + x * d, vr, (size_t)d * sizeof(float));
                 key[x] = (int32_t)j;
                 if (s->vflag[c0 + x]) vm[x / 16] |= (__mmask16)(1u << (x % 16));
             } else {
-                for (int64_t c = 0; c < d; ++c) s->kt[c * KC + x] = 0.f;
+                if (bf)
+                    for (int64_t c2 = 0; c2 < d / 2; ++c2) kt2[c2 * KC + x] = 0;
+                else
+                    for (int64_t c = 0; c < d; ++c) s->kt[c * KC + x] = 0.f;
                 key[x] = 0x3fffffff; /* never <= a query position */
             }
         }
         __m512i kv[4];
         for (int j = 0; j < 4; ++j) kv[j] = _mm512_loadu_si512((const void *)(key + 16 * j));
-        for (int64_t r = 0; r < rows; ++r) {
-            const __m512i iv = _mm512_set1_epi32((int32_t)(p0 + r));
-            __mmask16 mk[4];
-            int cnt = 0;
-            for (int j = 0; j < 4; ++j) {
-                const __m512i off = _mm512_sub_epi32(iv, kv[j]);
-                const __mmask16 causal = _mm512_cmpge_epi32_mask(off, _mm512_setzero_si512());
-                const __m512i sl = _mm512_and_si512(
-                    _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), causal, off, (const void *)iss, 1),
-                    _mm512_set1_epi32(0xff));
-                mk[j] = causal & (vm[j] | _mm512_test_epi32_mask(sl, sl));
-                cnt += __builtin_popcount(mk[j]);
-            }
-            if (!cnt) continue;
-            pairs += cnt;
-            const float *qf = s->qf + r * d;
-            float sc[KC];
-            if (cnt > PAIR_MAX) {
-                __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-                for (int64_t c = 0; c < d; ++c) {
-                    const __m512 qb = _mm512_set1_ps(qf[c]);
-                    const float *kt = s->kt + c * KC;
-                    for (int j = 0; j < 4; ++j) acc[j] = _mm512_fmadd_ps(qb, _mm512_loadu_ps(kt + 16 * j), acc[j]);
+        for (int64_t r0 = 0; r0 < rows; r0 += RT) {
+            const int nr = rows - r0 < RT ? (int)(rows - r0) : RT;
+            __mmask16 mk[RT][4];
+            int cnt[RT], any = 0, wide = 0;
+            for (int rr = 0; rr < RT; ++rr) {
+                cnt[rr] = 0;
+                for (int j = 0; j < 4; ++j) mk[rr][j] = 0;
+                if (rr >= nr) continue;
+                const __m512i iv = _mm512_set1_epi32((int32_t)(p0 + r0 + rr));
+                for (int j = 0; j < 4; ++j) {
+                    const __m512i off = _mm512_sub_epi32(iv, kv[j]);
+                    const __mmask16 causal = _mm512_cmpge_epi32_mask(off, _mm512_setzero_si512());
+                    const __m512i sl = _mm512_and_si512(
+                        _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), causal, off, (const void *)iss, 1),
+                        _mm512_set1_epi32(0xff));
+                    mk[rr][j] = causal & (vm[j] | _mm512_test_epi32_mask(sl, sl));
+                    cnt[rr] += __builtin_popcount(mk[rr][j]);
                 }
-                for (int j = 0; j < 4; ++j) _mm512_storeu_ps(sc + 16 * j, acc[j]);
+                pairs += cnt[rr];
+                any |= cnt[rr];
+                wide |= cnt[rr] > PAIR_MAX;
+            }
+            if (!any) continue;
+            float sc[RT][KC];
+            const float *qr[RT];
+            float *orow[RT];
+            for (int rr = 0; rr < RT; ++rr) {
+                qr[rr] = s->qf + (r0 + (rr < nr ? rr : 0)) * d;
+                orow[rr] = rr < nr ? s->o + (r0 + rr) * d : s->dummy; /* rows past the block: a scratch row */
+            }
+#ifdef SLIMLM_HAVE_BF16
+            if (wide && bf) { /* the same with bf16 dimension pairs: half the multiply-adds */
+                const u32_alias *qh[RT];
+                for (int rr = 0; rr < RT; ++rr)
+                    qh[rr] = (const u32_alias *)((const uint16_t *)a->q + ((t0 + r0 + (rr < nr ? rr : 0)) * a->qs_t
+                                                                        + h * a->qs_h));
+                __m512 acc[RT][4];
+                for (int rr = 0; rr < RT; ++rr)
+                    for (int j = 0; j < 4; ++j) acc[rr][j] = _mm512_setzero_ps();
+                for (int64_t c2 = 0; c2 < d / 2; ++c2) {
+                    const uint32_t *kt = kt2 + c2 * KC;
+                    __m512bh kk[4];
+                    for (int j = 0; j < 4; ++j) kk[j] = (__m512bh)_mm512_loadu_si512((const void *)(kt + 16 * j));
+                    for (int rr = 0; rr < RT; ++rr) {
+                        const __m512bh qb = (__m512bh)_mm512_set1_epi32((int)qh[rr][c2]);
+                        for (int j = 0; j < 4; ++j) acc[rr][j] = _mm512_dpbf16_ps(acc[rr][j], qb, kk[j]);
+                    }
+                }
+                const __m512 scv = _mm512_set1_ps(a->scale);
+                for (int rr = 0; rr < RT; ++rr)
+                    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(sc[rr] + 16 * j, _mm512_mul_ps(acc[rr][j], scv));
+            } else
+#endif
+            if (wide) { /* RT rows x 64 keys, each key vector loaded once for the RT rows */
+                __m512 acc[RT][4];
+                for (int rr = 0; rr < RT; ++rr)
+                    for (int j = 0; j < 4; ++j) acc[rr][j] = _mm512_setzero_ps();
+                for (int64_t c = 0; c < d; ++c) {
+                    const float *kt = s->kt + c * KC;
+                    __m512 kk[4];
+                    for (int j = 0; j < 4; ++j) kk[j] = _mm512_loadu_ps(kt + 16 * j);
+                    for (int rr = 0; rr < RT; ++rr) {
+                        const __m512 qb = _mm512_set1_ps(qr[rr][c]);
+                        for (int j = 0; j < 4; ++j) acc[rr][j] = _mm512_fmadd_ps(qb, kk[j], acc[rr][j]);
+                    }
+                }
+                for (int rr = 0; rr < RT; ++rr)
+                    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(sc[rr] + 16 * j, acc[rr][j]);
+            } else { /* few allowed keys per row (isolated diagonals): one dot each */
+                for (int rr = 0; rr < nr; ++rr)
+                    for (int j = 0; j < 4; ++j)
+                        for (uint32_t bits = mk[rr][j]; bits; bits &= bits - 1) {
+                            const int x = 16 * j + __builtin_ctz(bits);
+                            const float *kr = s->kr + x * d, *qf = qr[rr];
+                            __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qf), _mm512_loadu_ps(kr));
+                            for (int64_t cb = 1; cb < nvb; ++cb)
+                                acc = _mm512_fmadd_ps(_mm512_loadu_ps(qf + 16 * cb), _mm512_loadu_ps(kr + 16 * cb), acc);
+                            sc[rr][x] = hsum(acc);
+                        }
+            }
+            for (int rr = 0; rr < RT; ++rr) { /* online softmax: sc becomes the probabilities (0 where masked) */
+                if (!cnt[rr]) {
+                    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(sc[rr] + 16 * j, _mm512_setzero_ps());
+                    continue;
+                }
+                const int64_t r = r0 + rr;
+                __m512 mx = _mm512_set1_ps(-INFINITY);
+                for (int j = 0; j < 4; ++j) mx = _mm512_mask_max_ps(mx, mk[rr][j], mx, _mm512_loadu_ps(sc[rr] + 16 * j));
+                const float cm = _mm512_reduce_max_ps(mx);
+                float *o = orow[rr];
+                if (cm > s->m[r]) { /* the running max grows: rescale what the row has so far */
+                    const float alpha = s->m[r] == -INFINITY ? 0.f : expf(s->m[r] - cm);
+                    const __m512 av = _mm512_set1_ps(alpha);
+                    for (int64_t cb = 0; cb < nvb; ++cb) _mm512_storeu_ps(o + 16 * cb, _mm512_mul_ps(_mm512_loadu_ps(o + 16 * cb), av));
+                    s->l[r] *= alpha;
+                    s->m[r] = cm;
+                }
+                const __m512 mv = _mm512_set1_ps(s->m[r]);
+                __m512 sum = _mm512_setzero_ps();
+                for (int j = 0; j < 4; ++j) {
+                    const __m512 e = _mm512_maskz_mov_ps(mk[rr][j], exp512(_mm512_sub_ps(_mm512_loadu_ps(sc[rr] + 16 * j), mv)));
+                    sum = _mm512_add_ps(sum, e);
+                    _mm512_storeu_ps(sc[rr] + 16 * j, e);
+                }
+                s->l[r] += hsum(sum);
+            }
+            if (wide) { /* P V: each value vector loaded once for the RT rows, over the keys any row attends */
+                uint32_t un[4];
+                for (int j = 0; j < 4; ++j) un[j] = (uint32_t)(mk[0][j] | mk[1][j] | mk[2][j] | mk[3][j]);
+                for (int64_t cb0 = 0; cb0 < nvb; cb0 += 4) {
+                    const int nb = nvb - cb0 < 4 ? (int)(nvb - cb0) : 4;
+                    __m512 acc[RT][4];
+                    for (int rr = 0; rr < RT; ++rr)
+                        for (int b = 0; b < 4; ++b)
+                            acc[rr][b] = b < nb ? _mm512_loadu_ps(orow[rr] + 16 * (cb0 + b)) : _mm512_setzero_ps();
+                    for (int j = 0; j < 4; ++j)
+                        for (uint32_t bits = un[j]; bits; bits &= bits - 1) {
+                            const int x = 16 * j + __builtin_ctz(bits);
+                            const float *vrow = s->vr + x * d + 16 * cb0;
+                            __m512 vv[4];
+                            for (int b = 0; b < 4; ++b) vv[b] = b < nb ? _mm512_loadu_ps(vrow + 16 * b) : _mm512_setzero_ps();
+                            for (int rr = 0; rr < RT; ++rr) {
+                                const __m512 pb = _mm512_set1_ps(sc[rr][x]);
+                                for (int b = 0; b < 4; ++b) acc[rr][b] = _mm512_fmadd_ps(pb, vv[b], acc[rr][b]);
+                            }
+                        }
+                    for (int rr = 0; rr < RT; ++rr)
+                        for (int b = 0; b < nb; ++b) _mm512_storeu_ps(orow[rr] + 16 * (cb0 + b), acc[rr][b]);
+                }
             } else {
-                for (int j = 0; j < 4; ++j)
-                    for (uint32_t bits = mk[j]; bits; bits &= bits - 1) {
-                        const int x = 16 * j + __builtin_ctz(bits);
-                        const float *kr = s->kr + x * d;
-                        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qf), _mm512_loadu_ps(kr));
-                        for (int64_t cb = 1; cb < nvb; ++cb)
-                            acc = _mm512_fmadd_ps(_mm512_loadu_ps(qf + 16 * cb), _mm512_loadu_ps(kr + 16 * cb), acc);
-                        sc[x] = hsum(acc);
+                for (int rr = 0; rr < nr; ++rr)
+                    for (int64_t cb = 0; cb < nvb; ++cb) {
+                        __m512 acc = _mm512_loadu_ps(orow[rr] + 16 * cb);
+                        for (int j = 0; j < 4; ++j)
+                            for (uint32_t bits = mk[rr][j]; bits; bits &= bits - 1) {
+                                const int x = 16 * j + __builtin_ctz(bits);
+                                acc = _mm512_fmadd_ps(_mm512_set1_ps(sc[rr][x]), _mm512_loadu_ps(s->vr + x * d + 16 * cb), acc);
+                            }
+                        _mm512_storeu_ps(orow[rr] + 16 * cb, acc);
                     }
-            }
-            __m512 mx = _mm512_set1_ps(-INFINITY);
-            for (int j = 0; j < 4; ++j) mx = _mm512_mask_max_ps(mx, mk[j], mx, _mm512_loadu_ps(sc + 16 * j));
-            const float cm = _mm512_reduce_max_ps(mx);
-            float *o = s->o + r * d;
-            if (cm > s->m[r]) { /* the running max grows: rescale what the row has so far */
-                const float alpha = s->m[r] == -INFINITY ? 0.f : expf(s->m[r] - cm);
-                const __m512 av = _mm512_set1_ps(alpha);
-                for (int64_t cb = 0; cb < nvb; ++cb) _mm512_storeu_ps(o + 16 * cb, _mm512_mul_ps(_mm512_loadu_ps(o + 16 * cb), av));
-                s->l[r] *= alpha;
-                s->m[r] = cm;
-            }
-            const __m512 mv = _mm512_set1_ps(s->m[r]);
-            __m512 sum = _mm512_setzero_ps();
-            for (int j = 0; j < 4; ++j) {
-                if (!mk[j]) continue;
-                const __m512 e = _mm512_maskz_mov_ps(mk[j], exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + 16 * j), mv)));
-                sum = _mm512_add_ps(sum, e);
-                _mm512_storeu_ps(sc + 16 * j, e);
-            }
-            s->l[r] += hsum(sum);
-            for (int64_t cb = 0; cb < nvb; ++cb) {
-                __m512 acc = _mm512_loadu_ps(o + 16 * cb);
-                for (int j = 0; j < 4; ++j)
-                    for (uint32_t bits = mk[j]; bits; bits &= bits - 1) {
-                        const int x = 16 * j + __builtin_ctz(bits);
-                        acc = _mm512_fmadd_ps(_mm512_set1_ps(sc[x]), _mm512_loadu_ps(s->vr + x * d + 16 * cb), acc);
-                    }
-                _mm512_storeu_ps(o + 16 * cb, acc);
             }
         }
     }
@@ -260,7 +356,7 @@ static void worker(sp_args *a) {
     s.vflag = (uint8_t *)malloc((size_t)(a->n + KC));
     s.rlo = (int32_t *)malloc((size_t)(a->ns + 1) * sizeof(int32_t));
     s.rhi = (int32_t *)malloc((size_t)(a->ns + 1) * sizeof(int32_t));
-    float *fl = (float *)malloc((size_t)(2 * qb * d + 2 * qb + 3 * KC * d + d) * sizeof(float));
+    float *fl = (float *)malloc((size_t)(2 * qb * d + 2 * qb + 3 * KC * d + 2 * d) * sizeof(float));
     if (!s.cand || !s.vflag || !s.rlo || !s.rhi || !fl) {
         __atomic_store_n(&a->failed, 1, __ATOMIC_RELAXED);
     } else {
@@ -272,6 +368,7 @@ static void worker(sp_args *a) {
         s.kr = s.kt + KC * d;
         s.vr = s.kr + KC * d;
         s.buf = s.vr + KC * d;
+        s.dummy = s.buf + d;
         const int64_t total = a->Hq * a->nblocks;
         for (;;) {
             const int64_t it = __atomic_fetch_add(&a->next, 1, __ATOMIC_RELAXED);
