@@ -28,9 +28,10 @@
  *     online softmax (running max, sum, fp32 output rescaled when the max grows) with P V over
  *     the allowed keys only;
  *  3. divides each row by its sum and stores it (bf16 rounded to nearest even for a bf16 q).
- * Arithmetic is float32 (bf16 rows are widened exactly), as the PyTorch path's, except the 64-key
- * dots of a bf16 q over a bf16 pool on AVX512-BF16 builds: vdpbf16ps (exact bf16 products summed
- * in fp32, as paged_prefill.c). Returns 0, 1
+ * Arithmetic is float32 (bf16 rows are widened exactly), as the PyTorch path's, except in the
+ * 64-key tiles of a bf16 q over a bf16 pool on AVX512-BF16 builds: q . k and P V by vdpbf16ps
+ * (exact bf16 products summed in fp32; the probabilities rounded to bf16 for P V, the row sums
+ * kept in fp32, as paged_prefill.c and flash-attention kernels do). Returns 0, 1
  * on unsupported arguments (no AVX-512 in this build, head size not a multiple of 16 or > 256),
  * 2 when scratch memory could not be allocated.
  *
@@ -53,7 +54,8 @@ typedef uint32_t __attribute__((may_alias)) u32_alias; /* bf16 pairs read as one
 
 #define KC 64        /* candidate keys per chunk (4 groups of 16) */
 #define PAIR_MAX 12  /* rows with at most this many allowed keys in a chunk score them one by one */
-#define RT 4         /* query rows per tile */
+#define REV_PAD 16
+#define RT 6         /* query rows per tile */
 
 int slimlm_sparse_prefill_supported(int64_t d) {
 #ifdef SLIMLM_HAVE_AVX512
@@ -91,9 +93,11 @@ typedef struct {
     pool_t kpool, vpool;
     const int64_t *table;
     int64_t q_start, T, Hq, Hkv, d, bs, n, qb, nblocks;
+    int shift; /* log2(bs) when bs is a power of two, else -1 */
     const int32_t *cols, *offs;
     int64_t nv, ns;
     const uint8_t *is_s; /* (Hq, n + 4): 1 where the offset is one of the head's slashes */
+    const uint8_t *rev;  /* (Hq, n + REV_PAD): rev[x] = is_s[n - 1 - x], 0 past n */
     float scale;
     int64_t next, pairs, scored;
     int failed;
@@ -155,43 +159,81 @@ static void item(sp_args *a, int64_t h, int64_t b, scratch *s) {
         s->l[r] = 0.f;
     }
     memset(s->o, 0, (size_t)(rows * d) * sizeof(float));
-    const uint8_t *iss = a->is_s + h * (a->n + 4);
+    const uint8_t *iss = a->is_s + h * (a->n + 4), *rev = a->rev + h * (a->n + REV_PAD);
 #ifdef SLIMLM_HAVE_BF16
     const int bf = a->qdtype == 1 && a->kpool.dtype == 1;
 #else
     const int bf = 0;
 #endif
     uint32_t *kt2 = (uint32_t *)s->kt; /* bf: keys as (d/2, KC) dimension pairs in kt's place */
+    uint32_t *vp2 = (uint32_t *)s->kt + KC * d / 2; /* bf: values as (KC/2, d) key pairs, after kt2 */
     int64_t pairs = 0;
     for (int64_t c0 = 0; c0 < K; c0 += KC) {
         const int64_t kc = K - c0 < KC ? K - c0 : KC;
         int32_t key[KC];
         __mmask16 vm[4] = {0, 0, 0, 0};
+        int64_t slot[KC];
         for (int64_t x = 0; x < KC; ++x) {
             if (x < kc) {
                 const int64_t j = s->cand[c0 + x];
-                const int64_t slot = a->table[j / a->bs] * a->bs + j % a->bs;
-                const float *kr = head_row(&a->kpool, slot, g, s->buf);
-                memcpy(s->kr + x * d, kr, (size_t)d * sizeof(float));
-                if (bf) { /* dimension pairs, as stored */
-                    const u32_alias *src = (const u32_alias *)((const uint16_t *)a->kpool.data + (slot * a->Hkv + g) * d);
-                    for (int64_t c2 = 0; c2 < d / 2; ++c2) kt2[c2 * KC + x] = src[c2];
-                } else
-                    for (int64_t c = 0; c < d; ++c) s->kt[c * KC + x] = kr[c];
-                const float *vr = head_row(&a->vpool, slot, g, s->buf);
-                memcpy(s->vr + x * d, vr, (size_t)d * sizeof(float));
+                slot[x] = a->shift >= 0 ? a->table[j >> a->shift] * a->bs + (j & (a->bs - 1))
+                                        : a->table[j / a->bs] * a->bs + j % a->bs;
                 key[x] = (int32_t)j;
                 if (s->vflag[c0 + x]) vm[x / 16] |= (__mmask16)(1u << (x % 16));
             } else {
-                if (bf)
-                    for (int64_t c2 = 0; c2 < d / 2; ++c2) kt2[c2 * KC + x] = 0;
-                else
-                    for (int64_t c = 0; c < d; ++c) s->kt[c * KC + x] = 0.f;
+                slot[x] = -1;
                 key[x] = 0x3fffffff; /* never <= a query position */
+            }
+        }
+        int have_f32 = !bf; /* bf: float32 rows (for the one-by-one path) decoded on first need */
+        if (bf) {
+            /* keys: (d/2, KC) dimension pairs, 16 keys a gather; values: key pairs per dimension */
+            const u32_alias *kbase = (const u32_alias *)a->kpool.data;
+            for (int j = 0; j < 4; ++j) {
+                int32_t off[16];
+                __mmask16 live = 0;
+                for (int l = 0; l < 16; ++l) {
+                    const int64_t sl = slot[16 * j + l];
+                    off[l] = sl >= 0 ? (int32_t)((sl * a->Hkv + g) * (d / 2)) : 0;
+                    if (sl >= 0) live |= (__mmask16)(1u << l);
+                }
+                const __m512i ov = _mm512_loadu_si512((const void *)off);
+                for (int64_t c2 = 0; c2 < d / 2; ++c2)
+                    _mm512_storeu_si512((void *)(kt2 + c2 * KC + 16 * j),
+                                        _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live,
+                                                                    _mm512_add_epi32(ov, _mm512_set1_epi32((int)c2)),
+                                                                    (const void *)kbase, 4));
+            }
+            for (int64_t pi = 0; pi < KC / 2; ++pi) {
+                const int64_t s0 = slot[2 * pi], s1 = slot[2 * pi + 1];
+                const uint16_t *r0 = s0 >= 0 ? (const uint16_t *)a->vpool.data + (s0 * a->Hkv + g) * d : NULL;
+                const uint16_t *r1 = s1 >= 0 ? (const uint16_t *)a->vpool.data + (s1 * a->Hkv + g) * d : NULL;
+                for (int64_t cb = 0; cb < nvb; ++cb) {
+                    const __m256i lo = r0 ? _mm256_loadu_si256((const __m256i *)(r0 + 16 * cb)) : _mm256_setzero_si256();
+                    const __m256i hi = r1 ? _mm256_loadu_si256((const __m256i *)(r1 + 16 * cb)) : _mm256_setzero_si256();
+                    _mm512_storeu_si512((void *)(vp2 + pi * d + 16 * cb),
+                                        _mm512_or_si512(_mm512_cvtepu16_epi32(lo),
+                                                        _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16)));
+                }
+            }
+        } else {
+            for (int64_t x = 0; x < KC; ++x) {
+                if (x < kc) {
+                    const float *kr = head_row(&a->kpool, slot[x], g, s->buf);
+                    memcpy(s->kr + x * d, kr, (size_t)d * sizeof(float));
+                    for (int64_t c = 0; c < d; ++c) s->kt[c * KC + x] = kr[c];
+                    const float *vr = head_row(&a->vpool, slot[x], g, s->buf);
+                    memcpy(s->vr + x * d, vr, (size_t)d * sizeof(float));
+                } else
+                    for (int64_t c = 0; c < d; ++c) s->kt[c * KC + x] = 0.f;
             }
         }
         __m512i kv[4];
         for (int j = 0; j < 4; ++j) kv[j] = _mm512_loadu_si512((const void *)(key + 16 * j));
+        /* a group of 16 consecutive keys (inside a slash range): its slash flags at i - j are one load
+         * from the reversed flags instead of a gather */
+        int run[4];
+        for (int j = 0; j < 4; ++j) run[j] = 16 * j + 15 < kc && key[16 * j + 15] - key[16 * j] == 15;
         for (int64_t r0 = 0; r0 < rows; r0 += RT) {
             const int nr = rows - r0 < RT ? (int)(rows - r0) : RT;
             __mmask16 mk[RT][4];
@@ -202,6 +244,16 @@ static void item(sp_args *a, int64_t h, int64_t b, scratch *s) {
                 if (rr >= nr) continue;
                 const __m512i iv = _mm512_set1_epi32((int32_t)(p0 + r0 + rr));
                 for (int j = 0; j < 4; ++j) {
+                    if (run[j]) {
+                        const int64_t i = p0 + r0 + rr, j0 = key[16 * j], m = i - j0 + 1; /* keys <= i */
+                        if (m <= 0) continue; /* every key past the query (mk stays 0; no load) */
+                        const __mmask16 causal = m >= 16 ? 0xFFFF : (__mmask16)((1u << m) - 1);
+                        /* rev[n - 1 - i + j0 + l] = is_s[i - j0 - l], inside rev since j0 <= i */
+                        const __m128i fl = _mm_loadu_si128((const __m128i *)(rev + a->n - 1 - i + j0));
+                        mk[rr][j] = causal & (vm[j] | _mm_test_epi8_mask(fl, fl));
+                        cnt[rr] += __builtin_popcount(mk[rr][j]);
+                        continue;
+                    }
                     const __m512i off = _mm512_sub_epi32(iv, kv[j]);
                     const __mmask16 causal = _mm512_cmpge_epi32_mask(off, _mm512_setzero_si512());
                     const __m512i sl = _mm512_and_si512(
@@ -261,6 +313,15 @@ static void item(sp_args *a, int64_t h, int64_t b, scratch *s) {
                 for (int rr = 0; rr < RT; ++rr)
                     for (int j = 0; j < 4; ++j) _mm512_storeu_ps(sc[rr] + 16 * j, acc[rr][j]);
             } else { /* few allowed keys per row (isolated diagonals): one dot each */
+                if (!have_f32) {
+                    for (int64_t x = 0; x < kc; ++x) {
+                        const float *kr = head_row(&a->kpool, slot[x], g, s->buf);
+                        memcpy(s->kr + x * d, kr, (size_t)d * sizeof(float));
+                        const float *vr = head_row(&a->vpool, slot[x], g, s->buf);
+                        memcpy(s->vr + x * d, vr, (size_t)d * sizeof(float));
+                    }
+                    have_f32 = 1;
+                }
                 for (int rr = 0; rr < nr; ++rr)
                     for (int j = 0; j < 4; ++j)
                         for (uint32_t bits = mk[rr][j]; bits; bits &= bits - 1) {
@@ -298,9 +359,44 @@ static void item(sp_args *a, int64_t h, int64_t b, scratch *s) {
                 }
                 s->l[r] += hsum(sum);
             }
+#ifdef SLIMLM_HAVE_BF16
+            if (wide && bf) { /* P V by key pairs with bf16 probabilities (as paged_prefill.c), fp32 sums */
+                uint32_t pb[RT][KC / 2];
+                uint64_t un = 0;
+                for (int rr = 0; rr < RT; ++rr)
+                    for (int j = 0; j < 4; ++j) {
+                        _mm256_storeu_si256((__m256i *)((uint16_t *)pb[rr] + 16 * j),
+                                            (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(sc[rr] + 16 * j)));
+                        un |= (uint64_t)mk[rr][j] << (16 * j);
+                    }
+                for (int64_t cb0 = 0; cb0 < nvb; cb0 += 4) {
+                    const int nb = nvb - cb0 < 4 ? (int)(nvb - cb0) : 4;
+                    __m512 acc[RT][4];
+                    for (int rr = 0; rr < RT; ++rr)
+                        for (int b = 0; b < 4; ++b)
+                            acc[rr][b] = b < nb ? _mm512_loadu_ps(orow[rr] + 16 * (cb0 + b)) : _mm512_setzero_ps();
+                    for (int pi = 0; pi < KC / 2; ++pi) {
+                        if (!((un >> (2 * pi)) & 3)) continue;
+                        const uint32_t *vrow = vp2 + pi * d + 16 * cb0;
+                        __m512bh vv[4];
+                        for (int b = 0; b < 4; ++b)
+                            vv[b] = (__m512bh)(b < nb ? _mm512_loadu_si512((const void *)(vrow + 16 * b)) : _mm512_setzero_si512());
+                        for (int rr = 0; rr < RT; ++rr) {
+                            const __m512bh pv = (__m512bh)_mm512_set1_epi32((int)pb[rr][pi]);
+                            for (int b = 0; b < 4; ++b) acc[rr][b] = _mm512_dpbf16_ps(acc[rr][b], pv, vv[b]);
+                        }
+                    }
+                    for (int rr = 0; rr < RT; ++rr)
+                        for (int b = 0; b < nb; ++b) _mm512_storeu_ps(orow[rr] + 16 * (cb0 + b), acc[rr][b]);
+                }
+            } else
+#endif
             if (wide) { /* P V: each value vector loaded once for the RT rows, over the keys any row attends */
                 uint32_t un[4];
-                for (int j = 0; j < 4; ++j) un[j] = (uint32_t)(mk[0][j] | mk[1][j] | mk[2][j] | mk[3][j]);
+                for (int j = 0; j < 4; ++j) {
+                    un[j] = 0;
+                    for (int rr = 0; rr < RT; ++rr) un[j] |= mk[rr][j];
+                }
                 for (int64_t cb0 = 0; cb0 < nvb; cb0 += 4) {
                     const int nb = nvb - cb0 < 4 ? (int)(nvb - cb0) : 4;
                     __m512 acc[RT][4];
@@ -397,20 +493,23 @@ int slimlm_sparse_prefill(const void *q, int64_t qs_t, int64_t qs_h, int qdtype,
 #ifdef SLIMLM_HAVE_AVX512
     const int64_t n = q_start + T;
     uint8_t *is_s = (uint8_t *)calloc((size_t)(Hq * (n + 4)), 1);
-    if (!is_s) return 2;
+    uint8_t *rev = (uint8_t *)calloc((size_t)(Hq * (n + REV_PAD)), 1);
+    if (!is_s || !rev) { free(is_s); free(rev); return 2; }
     for (int64_t h = 0; h < Hq; ++h) {
         for (int64_t x = 0; x < ns; ++x) {
             const int32_t o = offs[h * ns + x];
-            if (o >= 0 && o < n) is_s[h * (n + 4) + o] = 1;
+            if (o >= 0 && o < n) is_s[h * (n + 4) + o] = rev[h * (n + REV_PAD) + n - 1 - o] = 1;
         }
     }
     sp_args a = {q, out, qs_t, qs_h, os_t, os_h, qdtype,
                  {k_pool, k_aux, k_aux2, kv_code, Hkv, d}, {v_pool, v_aux, v_aux2, kv_code, Hkv, d},
                  table, q_start, T, Hq, Hkv, d, block_size, n, qb, (T + qb - 1) / qb,
-                 cols, offs, nv, ns, is_s, scale, 0, 0, 0, 0};
+                 (block_size & (block_size - 1)) ? -1 : __builtin_ctzll((unsigned long long)block_size),
+                 cols, offs, nv, ns, is_s, rev, scale, 0, 0, 0, 0};
 #pragma omp parallel num_threads(nthreads)
     worker(&a);
     free(is_s);
+    free(rev);
     if (stats) {
         stats[0] += a.pairs;
         stats[1] += a.scored;
