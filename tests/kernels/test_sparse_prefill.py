@@ -142,3 +142,30 @@ def test_bad_lists_are_value_errors(lib):
         native_sparse_prefill(lib, q, [kp], [vp], 0, table, 0, cols.long(), offs, 4, out, 1.0)
     with pytest.raises(ValueError, match="table covering"):
         native_sparse_prefill(lib, q, [kp], [vp], 0, table[:0], 0, cols.sort().values, offs, 4, out, 1.0)
+
+
+def test_opcheck(lib):
+    q, kp, vp, table, g = make_case(20, 12, 4, 2, 16, 8, 1, torch.float32)
+    cols, offs = pattern(4, 32, 3, 4, 2, g)
+    torch.library.opcheck(torch.ops.slimlm.sparse_prefill.default,
+                          (q.contiguous(), [kp], [vp], 0, table, 12, cols, offs, 8, torch.empty(20, 4, 16), 0.25,
+                           torch.zeros(2, dtype=torch.int64)), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_without_avx512_the_engine_takes_the_pytorch_path(monkeypatch, tiny_llama_dir):
+    """A build for a CPU without AVX-512 serves no head size: sparse prefill stays on PyTorch."""
+    import platform
+
+    from slimlm import LLM
+    from slimlm.kernels import ops
+
+    if platform.machine() != "x86_64" or not HAS_CC:
+        pytest.skip("x86-64 with a compiler only")
+    monkeypatch.setenv(kernels.MARCH_ENV, "x86-64-v3")
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setattr(ops, "_LIBS", {})
+    portable = kernels.load("sparse_prefill")
+    assert portable is not None and not portable.slimlm_sparse_prefill_supported(16)
+    llm = LLM(str(tiny_llama_dir), kv_cache_bytes="8M", sparse_prefill="vertical-slash",
+              sparse_prefill_args={"min_keys": 8})
+    assert llm.engine.runner.paths.sparse_prefill_native is None
