@@ -150,7 +150,8 @@ class VerticalSlash:
         work = torch.float32 if q_rows.dtype in (torch.bfloat16, torch.float16) else q_rows.dtype
         m = min(self.probe, T)
         probe = q_rows[T - m :].transpose(0, 1).to(work)  # (Hq, m, d): only the probe's rows
-        cols, offs, _, _ = self._pattern(probe, keys.to(work), pos[n - m :], pos, pos >= 0, scale)
+        kx = keys.to(work, memory_format=torch.contiguous_format)  # (Hkv, n, d): 4x faster matmul than strided
+        cols, offs, _, _ = self._pattern(probe, kx, pos[n - m :], pos, pos >= 0, scale)
         cols = cols.sort(-1).values.to(torch.int32).contiguous()
         offs = offs.sort(-1).values.to(torch.int32).contiguous()
         stats = torch.zeros(2, dtype=torch.int64)
@@ -168,16 +169,15 @@ class VerticalSlash:
         pq = qp[T - m :]  # (m,)
         dist = pq[:, None] - kp[None, :]  # (m, S)
         causal = (dist >= 0) & valid[None, :]
-        probe = qf[:, T - m :].reshape(Hkv, Hq // Hkv, m, d)
-        att = ((probe @ kx.transpose(-1, -2)[:, None]).view(Hq, m, S) * scale).masked_fill(~causal, float("-inf"))
-        att = att.softmax(-1)
+        probe = (qf[:, T - m :] * scale).reshape(Hkv, Hq // Hkv * m, d)  # one plain matmul per KV head
+        att = (probe @ kx.transpose(-1, -2)).view(Hq, m, S).masked_fill_(~causal, float("-inf")).softmax(-1)
         n_off = int(qp[-1]) + 1  # offsets 0 .. last position
         vert = att.sum(1).masked_fill(~valid, -1.0)  # (Hq, S)
         cols = vert.topk(min(self.vertical, S), -1).indices  # padding columns are masked later
         is_v = torch.zeros(Hq, S, dtype=torch.bool, device=qf.device).scatter_(1, cols, True)
         slash = torch.zeros(Hq, n_off, dtype=att.dtype, device=qf.device)
-        idx = dist.clamp(min=0, max=n_off - 1).expand(Hq, m, S).reshape(Hq, -1)
-        slash.scatter_add_(1, idx, (att * causal).reshape(Hq, -1))
+        for r, p in enumerate(pq.tolist()):  # keys 0..p (column == position) lie at offsets p..0
+            slash[:, : p + 1] += att[:, r, : p + 1].flip(-1)  # (one add per probe row: no (Hq, m, S) index)
         slash[:, : self.local] = float("inf")  # the local window always
         offs = slash.topk(min(self.slash, n_off), -1).indices
         is_s = torch.zeros(Hq, n_off, dtype=torch.bool, device=qf.device).scatter_(1, offs, True)
