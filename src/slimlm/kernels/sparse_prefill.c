@@ -9,10 +9,11 @@
  * q      row t / head h at q + t * qs_t + h * qs_h (head dim contiguous), float32 (qdtype 0) or
  *        bfloat16 (1); out the same layout (os_t, os_h) and dtype
  * k, v   (num_blocks, block_size, Hkv, d) pools in any format of kv_pool.h (kv_code 0 float32,
- *        1 bfloat16, 2 int8, 3 int4 with their aux tensors), decoded to float32 per row
+ *        1 bfloat16, 2 int8, 3 int4 with their aux tensors; head_row decodes the last two)
  * table  physical block of each logical block
- * cols   (Hq, nv) int32: each head's vertical columns, ascending (entries < 0 or >= n ignored)
- * offs   (Hq, ns) int32: each head's slash offsets, ascending (entries < 0 or >= n ignored)
+ * cols   (Hq, nv) int32: each head's vertical columns, strictly ascending (entries < 0 or >= n
+ *        ignored; the checked wrapper in ops.py enforces the order the merge relies on)
+ * offs   (Hq, ns) int32: each head's slash offsets, strictly ascending (likewise)
  * stats  NULL, or int64[2] += (query-key pairs the pattern attends, query-candidate pairs scored)
  *
  * Work items are (query head, block of ``qb`` consecutive queries), largest blocks first, handed
@@ -21,12 +22,14 @@
  *     with the union of its slash diagonals' key ranges (offset s gives the block's queries
  *     p0..p1 the consecutive keys p0 - s .. p1 - s; ranges of ascending start are merged as they
  *     come, from the largest offset down), in key order, each flagged vertical or not;
- *  2. streams them in chunks of 64, decoding each key and value row once per item, and per query
- *     row masks the chunk to the row's exact pattern (a 32-bit gather of the slash flags at i - j),
- *     then scores the allowed keys (a 64-key register dot when many are allowed, one dot per key
- *     when few: an isolated diagonal costs its pairs, not 64 times them) and updates the row's
- *     online softmax (running max, sum, fp32 output rescaled when the max grows) with P V over
- *     the allowed keys only;
+ *  2. streams them in chunks of 64, reading each key and value row once per item (bf16: keys
+ *     gathered into dimension-pair columns, values interleaved into key pairs; other formats
+ *     decoded to float32 rows and columns), and per query row masks the chunk to the row's exact
+ *     pattern (for 16 consecutive keys one byte load from the reversed slash flags, else a 32-bit
+ *     gather of the flags at i - j); tiles of RT rows score all 64 keys with shared key loads when
+ *     a row allows more than PAIR_MAX of them, else each allowed pair gets its own dot (an
+ *     isolated diagonal costs its pairs, not 64 times them); then each row's online softmax
+ *     (running max, sum, fp32 output rescaled when the max grows) and P V over the keys allowed;
  *  3. divides each row by its sum and stores it (bf16 rounded to nearest even for a bf16 q).
  * Arithmetic is float32 (bf16 rows are widened exactly), as the PyTorch path's, except in the
  * 64-key tiles of a bf16 q over a bf16 pool on AVX512-BF16 builds: q . k and P V by vdpbf16ps
