@@ -18,6 +18,10 @@ dense attention (tested).
 
 Decode steps, short chunks and the first ``dense_layers`` layers stay dense. The engine keeps
 storage index == position (no token policy) so a key's column is its position.
+
+Two paths attend the same pattern: :meth:`VerticalSlash.attend_paged`, the native kernel
+(``kernels/sparse_prefill.c``, reading the block pool in place) wherever :func:`native_library`
+finds it, and :meth:`VerticalSlash.attend`, PyTorch gathers, elsewhere (tests: they agree).
 """
 
 from __future__ import annotations
