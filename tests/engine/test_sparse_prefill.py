@@ -52,7 +52,9 @@ def test_sparse_pattern_follows_its_definition():
     ref = scores.softmax(-1) @ vx
     assert torch.allclose(out[0], ref, atol=1e-5)
     assert allow.float().mean() < 0.5 * (dist >= 0).float().mean()  # it is sparse
-    assert vs.stats == {"computed": int(allow.sum()), "causal": 4 * int((dist >= 0).sum())}  # the share computed
+    # a block's candidates: the keys some query of the block attends, each scored for all its queries
+    scored = sum((e - a) * int(allow[:, a:e].any(1).sum()) for a, e in ((0, 16), (16, 32), (32, 40)))
+    assert vs.stats == {"computed": int(allow.sum()), "causal": 4 * int((dist >= 0).sum()), "scored": scored}
     whole = VerticalSlash(vertical=S, min_keys=1, block=16)
     full = whole.attend(q, k, v, qp, kp, 0.25)
     assert whole.stats["computed"] == whole.stats["causal"]
@@ -88,3 +90,75 @@ def test_short_chunks_stay_dense(tiny):
 def test_bad_settings_are_one_line_errors(tiny, kw, msg):
     with pytest.raises(SlimLMError, match=msg):
         LLM(tiny, kv_cache_bytes="8M", **kw)
+
+
+# ---------------------------------------------------------------------- the native kernel's path
+SMALL = {"vertical": 5, "slash": 6, "local": 2, "probe": 8, "block": 16, "min_keys": 24}
+
+
+def _native(llm):
+    return llm.engine.runner.paths.sparse_prefill_native
+
+
+@pytest.mark.parametrize("dtype, budget", [("float32", 2048), ("float32", 48), ("bfloat16", 48)])
+def test_native_path_equals_pytorch_path(tiny, tiny_llama_dir, dtype, budget):
+    """Same pattern, same pairs: the kernel (reading the pool in place) against the PyTorch
+    gathers, whole prompts and chunked prefill (chunks of 48 tokens over earlier context), GQA."""
+    if not kernels_build():
+        pytest.skip("no C compiler / AVX-512: the PyTorch path is the only one")
+    model = load(str(tiny_llama_dir), dtype=dtype)
+    prompts = [[(7 * i + j) % 300 + 3 for i in range(n)] for j, n in enumerate((130, 90))]
+    sp = SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=0)
+    runs = {}
+    for native in (True, False):
+        llm = LLM(model, kv_cache_bytes="8M", max_num_batched_tokens=budget, native_kernels=native,
+                  sparse_prefill="vertical-slash", sparse_prefill_args=SMALL)
+        assert (_native(llm) is not None) == native
+        runs[native] = (llm.generate(prompts, sp, use_tqdm=False), dict(llm.engine.runner.paths.sparse_prefill.stats))
+    (fast, st_fast), (ref, st_ref) = runs[True], runs[False]
+    tol = 1e-5 if dtype == "float32" else 0.02  # bf16: the model's rounding between layers (5e-3 measured)
+    for a, b in zip(fast, ref):
+        assert torch.allclose(_lp(a), _lp(b), atol=tol)
+        if dtype == "float32":
+            assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    assert st_fast["computed"] == st_ref["computed"] and st_fast["causal"] == st_ref["causal"]  # the same pattern
+    assert st_fast["computed"] < st_fast["causal"]  # and a sparse one
+    assert st_fast["computed"] <= st_fast["scored"] == st_ref["scored"]
+
+
+def kernels_build() -> bool:
+    from slimlm import kernels
+
+    lib = kernels.load("sparse_prefill")
+    return lib is not None and bool(lib.slimlm_sparse_prefill_supported(16))
+
+
+def test_native_full_pattern_equals_dense(tiny):
+    if not kernels_build():
+        pytest.skip("no C compiler / AVX-512: the PyTorch path is the only one")
+    p = [[(5 * i) % 300 + 3 for i in range(120)]]
+    sp = SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=0)
+    dense = LLM(tiny, kv_cache_bytes="8M", max_num_batched_tokens=40).generate(p, sp, use_tqdm=False)[0]
+    llm = LLM(tiny, kv_cache_bytes="8M", max_num_batched_tokens=40, sparse_prefill="vertical-slash",
+              sparse_prefill_args={**FULL, "block": 16})
+    full = llm.generate(p, sp, use_tqdm=False)[0]
+    assert _native(llm) is not None
+    assert full.outputs[0].token_ids == dense.outputs[0].token_ids
+    assert torch.allclose(_lp(full), _lp(dense), atol=1e-5)
+
+
+@pytest.mark.parametrize("kw, native", [
+    ({}, True), ({"kv_cache_dtype": "int8"}, True),
+    ({"native_kernels": False}, False),
+    ({"kv_cache_dtype": "float16"}, False),  # a pool format the kernels do not read
+    ({"kv_cache_dtype": "int4"}, False),  # int4 keys are stored rotated: the probe would need them unrotated
+])
+def test_native_path_is_chosen_where_it_applies(tiny, kw, native):
+    if native and not kernels_build():
+        pytest.skip("no C compiler / AVX-512: the PyTorch path is the only one")
+    llm = LLM(tiny, kv_cache_bytes="8M", sparse_prefill="vertical-slash", sparse_prefill_args=SMALL, **kw)
+    assert (_native(llm) is not None) == native
+    out = llm.generate([[(3 * i) % 300 + 3 for i in range(40)]], SamplingParams(temperature=0, max_tokens=1),
+                       use_tqdm=False)[0]  # either path serves the sparse chunk
+    assert len(out.outputs[0].token_ids) == 1
+    assert llm.engine.runner.paths.sparse_prefill.stats["computed"] > 0

@@ -205,6 +205,9 @@ class AttentionPaths:
     """Sparse prefill (``engine/sparse_prefill.py``): long prefill chunks attend its pattern."""
     sparse_native: object | None = None
     """The loaded ``sparse_decode`` library when a query policy decodes natively, or None."""
+    sparse_prefill_native: object | None = None
+    """The loaded ``sparse_prefill`` library when sparse prefill runs natively
+    (``sparse_prefill.native_library``), or None: the PyTorch pattern path."""
 
     @classmethod
     def choose(cls, cache: PagedKVCache, head_dim: int, span: AttentionSpan, track_mass: bool,
@@ -396,6 +399,14 @@ class PagedAttention:
                 table = p.table
             native_prefill(self.paths.native_prefill, q_full[p.rows], kp, vp, table, int(p.q_pos[0, 0]),
                            out[p.rows], self.scale)
+            return
+        if sparse is not None and self.paths.sparse_prefill_native is not None and p.table is not None \
+                and isinstance(p.rows, slice):  # the native kernel reads the pattern's keys in place
+            n = int(p.q_pos[0, -1]) + 1
+            keys = cache.gather("k", layer, p.table).view(-1, hkv, d)[:n].transpose(0, 1)  # (Hkv, n, d): the probe's
+            kp, vp = cache.pools(layer)
+            sparse.attend_paged(self.paths.sparse_prefill_native, q_full[p.rows], keys, kp, vp,
+                                cache.codec.native_code, p.table, int(p.q_pos[0, 0]), out[p.rows], self.scale)
             return
         rows = p.rows
         qs = (q_full[rows] if isinstance(rows, slice) else q_full.index_select(0, rows)).transpose(0, 1)[None]

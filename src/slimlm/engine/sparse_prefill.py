@@ -18,6 +18,10 @@ dense attention (tested).
 
 Decode steps, short chunks and the first ``dense_layers`` layers stay dense. The engine keeps
 storage index == position (no token policy) so a key's column is its position.
+
+Two paths attend the same pattern: :meth:`VerticalSlash.attend_paged`, the native kernel
+(``kernels/sparse_prefill.c``, reading the block pool in place) wherever :func:`native_library`
+finds it, and :meth:`VerticalSlash.attend`, PyTorch gathers, elsewhere (tests: they agree).
 """
 
 from __future__ import annotations
@@ -102,7 +106,7 @@ class VerticalSlash:
         on_s = torch.zeros(Hq, is_s.shape[1] + 1, dtype=torch.int32, device=q.device)
         on_s[:, 1:] = is_s.cumsum(1)  # on_s[:, x] = slash offsets below x
         out = torch.empty(Hq, T, d, dtype=work, device=q.device)
-        computed = causal = 0
+        computed = causal = scored = 0
         for a in range(0, T, self.block):
             e = min(a + self.block, T)
             p0, p1 = int(qp[a]), int(qp[e - 1])
@@ -111,6 +115,7 @@ class VerticalSlash:
             # key j is a candidate of the block iff a vertical, or some query i in [p0, p1] has i - j a slash
             hit = (on_s[:, p1 - j + 1] - on_s[:, (p0 - j).clamp(min=0)]) > 0  # (Hq, n)
             pick = (is_v[:, :n] | hit) & valid[:n]
+            scored += (e - a) * int(pick.sum())
             K = max(int(pick.sum(1).max()), 1)
             slot = torch.where(pick, pick.cumsum(1) - 1, K)  # candidates packed to the left, in key order
             cand = torch.full((Hq, K + 1), -1, dtype=torch.long, device=q.device)
@@ -127,31 +132,78 @@ class VerticalSlash:
             out[:, a:e] = scores.softmax(-1) @ vc
             computed += int(ok.sum())
             causal += Hq * int(((qp[a:e, None] - kp[None, :n]) >= 0).logical_and(valid[None, :n]).sum())
-        self.stats["computed"] = self.stats.get("computed", 0) + computed
-        self.stats["causal"] = self.stats.get("causal", 0) + causal
+        self._count(computed, causal, scored)
         return out[None].to(q.dtype)
+
+    def _count(self, computed: int, causal: int, scored: int) -> None:
+        for name, x in (("computed", computed), ("causal", causal), ("scored", scored)):
+            self.stats[name] = self.stats.get(name, 0) + x
+
+    def attend_paged(self, lib, q_rows: torch.Tensor, keys: torch.Tensor, k_parts: list[torch.Tensor],
+                     v_parts: list[torch.Tensor], code: int, table: torch.Tensor, q_start: int, out: torch.Tensor,
+                     scale: float) -> None:
+        """The native kernel's path (``kernels/sparse_prefill.c``): the same pattern, chosen from
+        ``keys`` (Hkv, n, d), the chunk's context decoded (n = q_start + T), then attended by the
+        kernel reading the pools in place. q_rows (T, Hq, d) at positions q_start..; writes ``out``
+        (T, Hq, d)."""
+        from slimlm.kernels.ops import native_sparse_prefill
+
+        T, Hq, _ = q_rows.shape
+        n = keys.shape[1]
+        pos = torch.arange(n, device=q_rows.device)
+        work = torch.float32 if q_rows.dtype in (torch.bfloat16, torch.float16) else q_rows.dtype
+        m = min(self.probe, T)
+        probe = q_rows[T - m :].transpose(0, 1).to(work)  # (Hq, m, d): only the probe's rows
+        kx = keys.to(work, memory_format=torch.contiguous_format)  # (Hkv, n, d): 4x faster matmul than strided
+        cols, offs, _, _ = self._pattern(probe, kx, pos[n - m :], pos, pos >= 0, scale)
+        cols = cols.sort(-1).values.to(torch.int32).contiguous()
+        offs = offs.sort(-1).values.to(torch.int32).contiguous()
+        stats = torch.zeros(2, dtype=torch.int64)
+        native_sparse_prefill(lib, q_rows, k_parts, v_parts, code, table, q_start, cols, offs, self.block, out,
+                              scale, stats)
+        causal = Hq * ((q_start + 1 + n) * T // 2)  # sum of i + 1 over the chunk's positions
+        self._count(int(stats[0]), causal, int(stats[1]))
 
     def _pattern(self, qf, kx, qp, kp, valid, scale) -> tuple[torch.Tensor, ...]:
         """Per head: the vertical columns (Hq, nv) and slash offsets (Hq, ns) the probe attends
         most, and the same as masks over columns (Hq, S) and offsets (Hq, last position + 1)."""
-        Hq, T, _ = qf.shape
-        S = kx.shape[1]
+        Hq, T, d = qf.shape
+        Hkv, S = kx.shape[0], kx.shape[1]  # kx: one head per query head, or per KV head (GQA)
         m = min(self.probe, T)
         pq = qp[T - m :]  # (m,)
         dist = pq[:, None] - kp[None, :]  # (m, S)
         causal = (dist >= 0) & valid[None, :]
-        att = ((qf[:, T - m :] @ kx.transpose(-1, -2)) * scale).masked_fill(~causal, float("-inf")).softmax(-1)
+        probe = (qf[:, T - m :] * scale).reshape(Hkv, Hq // Hkv * m, d)  # one plain matmul per KV head
+        att = (probe @ kx.transpose(-1, -2)).view(Hq, m, S).masked_fill_(~causal, float("-inf")).softmax(-1)
         n_off = int(qp[-1]) + 1  # offsets 0 .. last position
         vert = att.sum(1).masked_fill(~valid, -1.0)  # (Hq, S)
         cols = vert.topk(min(self.vertical, S), -1).indices  # padding columns are masked later
         is_v = torch.zeros(Hq, S, dtype=torch.bool, device=qf.device).scatter_(1, cols, True)
         slash = torch.zeros(Hq, n_off, dtype=att.dtype, device=qf.device)
-        idx = dist.clamp(min=0, max=n_off - 1).expand(Hq, m, S).reshape(Hq, -1)
-        slash.scatter_add_(1, idx, (att * causal).reshape(Hq, -1))
+        for r, p in enumerate(pq.tolist()):  # keys 0..p (column == position) lie at offsets p..0
+            slash[:, : p + 1] += att[:, r, : p + 1].flip(-1)  # (one add per probe row: no (Hq, m, S) index)
         slash[:, : self.local] = float("inf")  # the local window always
         offs = slash.topk(min(self.slash, n_off), -1).indices
         is_s = torch.zeros(Hq, n_off, dtype=torch.bool, device=qf.device).scatter_(1, offs, True)
         return cols, offs, is_v, is_s
+
+
+def native_library(pattern: VerticalSlash | None, cache, head_dim: int, native_kernels: bool):
+    """The loaded ``sparse_prefill`` kernel when it serves this engine's sparse chunks, else None
+    (the PyTorch path): native kernels on, a CPU cache whose compute dtype is float32 / bfloat16,
+    keys and values stored in one format the kernels read (plain, int8, int4), not rotated (the
+    probe would see rotated keys), no merged layers, and a head size the build serves."""
+    from slimlm.kernels.ops import NATIVE_DTYPES
+
+    codec, vcodec = cache.codec, cache.vcodec
+    if pattern is None or not native_kernels or cache.device.type != "cpu" or cache.state \
+            or cache.spec.compute_dtype not in NATIVE_DTYPES or codec.native_code is None \
+            or vcodec.native_code != codec.native_code or codec.rotates or vcodec.rotates:
+        return None
+    from slimlm import kernels
+
+    lib = kernels.load("sparse_prefill")
+    return lib if lib is not None and lib.slimlm_sparse_prefill_supported(head_dim) else None
 
 
 def build(name: str | None, args: dict) -> VerticalSlash | None:

@@ -64,6 +64,14 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
         "slimlm_q4_linear_vnni": (_INT, (_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _INT)),
         "slimlm_qlinear_has_vnni": (_INT, ()),
     },
+    "sparse_prefill": {
+        "slimlm_sparse_prefill_supported": (_INT, (_I64,)),  # head size
+        # q, qs_t, qs_h, qdtype, k_pool, k_aux, k_aux2, v_pool, v_aux, v_aux2, kv_code, table, q_start, T, Hq,
+        # Hkv, d, block_size, cols, nv, offs, ns, qb, out, os_t, os_h, scale, stats, nthreads
+        "slimlm_sparse_prefill": (_INT, (_PTR, _I64, _I64, _INT, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _PTR,
+                                         _I64, _I64, _I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR,
+                                         _I64, _I64, _F32, _PTR, _INT)),
+    },
     "decode_layer": {
         # h, M, first, last, dims, ptrs, desc, cos, sin, slots, table, lens, eps, scale, nthreads
         "slimlm_decode_layers": (_INT, (_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR,
@@ -75,7 +83,7 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
 
 INCLUDES: dict[str, list[str]] = {"decode_layer": ["qlinear.c", "paged_decode.c", "kv_pool.h"],
                                   "paged_decode": ["kv_pool.h"], "paged_prefill": ["kv_pool.h"],
-                                  "sparse_decode": ["kv_pool.h"]}
+                                  "sparse_decode": ["kv_pool.h"], "sparse_prefill": ["kv_pool.h"]}
 """Kernel files another one ``#include``s (part of its build key, so editing them rebuilds it)."""
 
 _loaded: dict[str, ctypes.CDLL | None] = {}

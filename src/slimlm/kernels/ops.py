@@ -352,3 +352,84 @@ def native_sparse_decode(lib, q: torch.Tensor, k_parts: list[torch.Tensor], v_pa
 @torch.library.register_fake("slimlm::paged_prefill_ex", lib=_DEF)
 def _prefill_ex_fake(q_rows, k_parts, v_parts, code, table, q_start, out, scale, mass):
     _prefill_ex_shapes(q_rows, k_parts, v_parts, code, table, q_start, out, mass)
+
+
+# ---------------------------------------------------------------------- sparse prefill (vertical-slash)
+def _sparse_prefill_shapes(q_rows, k_parts, v_parts, code, table, q_start, cols, offs, block, out, stats) -> None:
+    T, Hq, d = q_rows.shape
+    k0 = k_parts[0]
+    hkv = k0.shape[2]
+    _check_pool(k_parts, code)
+    _check_pool(v_parts, code)
+    if q_rows.dtype != out.dtype or q_rows.dtype not in NATIVE_DTYPES or q_rows.stride(2) != 1 \
+            or out.stride(2) != 1 or out.shape != q_rows.shape:
+        raise ValueError("native_sparse_prefill: q and out need one float32 / bfloat16 dtype, q's shape and a "
+                         "contiguous head dimension")
+    if [tuple(t.shape) for t in v_parts] != [tuple(t.shape) for t in k_parts]:
+        raise ValueError("native_sparse_prefill: key and value pools differ in shape")
+    if table.dtype != torch.int64 or table.numel() * k0.shape[1] < q_start + T or Hq % hkv \
+            or k0.shape[3] * (2 if code == 3 else 1) != d:
+        raise ValueError("native_sparse_prefill: an int64 table covering every key and head sizes matching the pool "
+                         "are needed")
+    for name, t in (("cols", cols), ("offs", offs)):
+        if t.dtype != torch.int32 or t.dim() != 2 or t.shape[0] != Hq:
+            raise ValueError(f"native_sparse_prefill: {name} must be an int32 (Hq, n) tensor")
+    if block < 1:
+        raise ValueError("native_sparse_prefill: block must be >= 1")
+    if stats is not None and (stats.dtype != torch.int64 or stats.numel() != 2):
+        raise ValueError("native_sparse_prefill: stats must be a contiguous int64 tensor of 2")
+
+
+def _sparse_prefill_impl(q_rows: torch.Tensor, k_parts: list[torch.Tensor], v_parts: list[torch.Tensor], code: int,
+                         table: torch.Tensor, q_start: int, cols: torch.Tensor, offs: torch.Tensor, block: int,
+                         out: torch.Tensor, scale: float, stats: torch.Tensor | None) -> None:
+    T, Hq, d = q_rows.shape
+    k0 = k_parts[0]
+    _sparse_prefill_shapes(q_rows, k_parts, v_parts, code, table, q_start, cols, offs, block, out, stats)
+    _check_table(table, k0.shape[0])
+    # the kernel merges the lists as sorted runs: anything else could emit a key twice
+    for name, t in (("cols", cols), ("offs", offs)):
+        if not t.is_contiguous() or (t.shape[1] > 1 and not bool((t[:, 1:] > t[:, :-1]).all())):
+            raise ValueError(f"native_sparse_prefill: {name} must be contiguous and strictly ascending per head")
+    if stats is not None and not stats.is_contiguous():
+        raise ValueError("native_sparse_prefill: stats must be a contiguous int64 tensor of 2")
+    aux = [t.data_ptr() for t in k_parts[1:]] + [None] * (3 - len(k_parts))
+    vaux = [t.data_ptr() for t in v_parts[1:]] + [None] * (3 - len(v_parts))
+    rc = _lib("sparse_prefill").slimlm_sparse_prefill(
+        q_rows.data_ptr(), q_rows.stride(0), q_rows.stride(1), NATIVE_DTYPES[q_rows.dtype], k0.data_ptr(), aux[0],
+        aux[1], v_parts[0].data_ptr(), vaux[0], vaux[1], code, table.data_ptr(), q_start, T, Hq, k0.shape[2], d,
+        k0.shape[1], cols.data_ptr(), cols.shape[1], offs.data_ptr(), offs.shape[1], block, out.data_ptr(),
+        out.stride(0), out.stride(1), scale, stats.data_ptr() if stats is not None else None,
+        torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"sparse_prefill kernel failed (code {rc})")
+
+
+def native_sparse_prefill(lib, q_rows: torch.Tensor, k_parts: list[torch.Tensor], v_parts: list[torch.Tensor],
+                          code: int, table: torch.Tensor, q_start: int, cols: torch.Tensor, offs: torch.Tensor,
+                          block: int, out: torch.Tensor, scale: float, stats: torch.Tensor | None = None) -> None:
+    """Vertical-slash sparse attention of one chunk (``sparse_prefill.c``): q_rows (T, Hq, d) at
+    positions q_start.. (storage index == position) written into ``out`` (T, Hq, d); query head h
+    at i attends key j <= i iff j is in ``cols[h]`` or i - j in ``offs[h]`` (int32 (Hq, nv) /
+    (Hq, ns), strictly ascending per head), keys and values read in place from pools in any
+    stored format (``code`` 0-3, ``k_parts`` / ``v_parts`` the codec's tensors, data first; not a
+    rotating codec). ``block``: queries per work item (they share one candidate key list).
+    ``stats`` int64 (2,), if given, += (pairs attended, query-candidate pairs scored).
+    ``lib``: the loaded ``sparse_prefill``."""
+    if lib is not None:
+        _LIBS["sparse_prefill"] = lib
+    if torch.compiler.is_compiling():
+        torch.ops.slimlm.sparse_prefill(q_rows, list(k_parts), list(v_parts), code, table, q_start, cols, offs, block,
+                                        out, scale, stats)
+        return
+    _sparse_prefill_impl(q_rows, k_parts, v_parts, code, table, q_start, cols, offs, block, out, scale, stats)
+
+
+_DEF.define("sparse_prefill(Tensor q_rows, Tensor[] k_parts, Tensor[] v_parts, int code, Tensor table, int q_start, "
+            "Tensor cols, Tensor offs, int block, Tensor(a!) out, float scale, Tensor(b!)? stats) -> ()")
+_DEF.impl("sparse_prefill", _sparse_prefill_impl, "CPU")
+
+
+@torch.library.register_fake("slimlm::sparse_prefill", lib=_DEF)
+def _sparse_prefill_fake(q_rows, k_parts, v_parts, code, table, q_start, cols, offs, block, out, scale, stats):
+    _sparse_prefill_shapes(q_rows, k_parts, v_parts, code, table, q_start, cols, offs, block, out, stats)
