@@ -82,8 +82,8 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
 }
 
 INCLUDES: dict[str, list[str]] = {"decode_layer": ["qlinear.c", "paged_decode.c", "kv_pool.h"],
-                                  "paged_decode": ["kv_pool.h"], "paged_prefill": ["kv_pool.h"],
-                                  "sparse_decode": ["kv_pool.h"], "sparse_prefill": ["kv_pool.h"]}
+                                  "paged_decode": ["kv_pool.h"], "paged_prefill": ["kv_pool.h", "simd_math.h"],
+                                  "sparse_decode": ["kv_pool.h"], "sparse_prefill": ["kv_pool.h", "simd_math.h"]}
 """Kernel files another one ``#include``s (part of its build key, so editing them rebuilds it)."""
 
 _loaded: dict[str, ctypes.CDLL | None] = {}

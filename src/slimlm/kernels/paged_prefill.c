@@ -37,6 +37,7 @@
 #include <string.h>
 
 #include "kv_pool.h"
+#include "simd_math.h"
 #ifdef __AVX512F__
 #include <immintrin.h>
 #define SLIMLM_HAVE_AVX512 1
@@ -63,24 +64,6 @@ int slimlm_prefill_supported(int64_t d, int dtype) {
 }
 
 #ifdef SLIMLM_HAVE_AVX512
-/* exp(x) for x <= 0, relative error ~2e-7: 2^n * p(r) with a two-constant ln 2 reduction. */
-static inline __attribute__((always_inline)) __m512 exp512(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 5040);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
 typedef uint32_t __attribute__((may_alias)) u32_alias; /* bf16 pairs read as one word */
 
 typedef struct {
