@@ -56,6 +56,7 @@ class KeyTier:
         self.factored: dict[int, tuple[Factored, int]] = {}  # block -> (record, index in its prefix)
         self.records: dict[tuple, Factored] = {}  # prefix key -> its record, all its blocks factored
         self.users: dict[int, set[tuple]] = {}  # block -> prefix keys in ``records`` covering it
+        self._by_blocks: dict[tuple, tuple] = {}  # a record's block ids -> its prefix key
         self.record_bytes = 0
         self.ref_count: list[int] | None = None  # the pool's reference counts (set by the engine)
         self.stats = {"blocks_factored": 0, "key_blocks_given_back": 0}
@@ -96,6 +97,7 @@ class KeyTier:
         for key in self.users.pop(b, ()):
             rec = self.records.pop(key, None)
             if rec is not None:
+                self._by_blocks.pop(key[2], None)
                 self._unref(rec)
 
     def _unref(self, rec: Factored) -> None:
@@ -119,6 +121,7 @@ class KeyTier:
         rec.refs = n
         if all(b in self.factored for b in rec.blocks) and rec.key not in self.records:
             self.records[rec.key] = rec
+            self._by_blocks[rec.key[2]] = rec.key
             rec.refs += 1
             for b in rec.blocks:
                 self.users.setdefault(b, set()).add(rec.key)
@@ -131,6 +134,15 @@ class KeyTier:
     def record(self, key: tuple) -> Factored | None:
         """The record of prefix ``key`` while all its blocks are factored (their content fixed)."""
         return self.records.get(key)
+
+    def factored_prefix(self, table: list[int], P: int) -> int | None:
+        """The longest factored prefix (its length, <= ``P``) that the block list ``table``
+        starts with, or None."""
+        best = None
+        for blocks, key in self._by_blocks.items():
+            if key[1] <= P and (best is None or key[1] > best) and tuple(table[: len(blocks)]) == blocks:
+                best = key[1]
+        return best
 
     def rebuild(self, layer: int, b: int, block_size: int) -> torch.Tensor:
         """The keys (block_size, Hkv, d) float32 of factored block ``b`` at ``layer``."""

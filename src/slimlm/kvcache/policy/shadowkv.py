@@ -147,6 +147,21 @@ class ShadowKVPolicy(QueryPolicy):
         return keep, k_new, read
 
     # ------------------------------------------------------------------ second tier
+    def _plan(self, g, block_size, cache=None):
+        """With the second tier a row's prefix stops at the longest factored prefix its blocks
+        start with: the keys after it stay exact (dense), and no summary is ever built over
+        rebuilt keys (a growing prefix would otherwise re-factor an approximation)."""
+        rows = super()._plan(g, block_size)
+        tier = cache.tier if cache is not None else None
+        if tier is None or not tier.records:
+            return rows
+        table = g.blocks.view(len(rows), g.nb).tolist()
+        out = []
+        for (qp, L, P), tb in zip(rows, table):
+            P0 = tier.factored_prefix(tb, P) if P else None
+            out.append((qp, L, P0 if P0 is not None else P))
+        return out
+
     def _native_summary(self, layer, cache, blocks, key, P, rotary):
         tier = cache.tier
         if tier is None:

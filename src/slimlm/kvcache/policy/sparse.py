@@ -153,7 +153,7 @@ class QueryPolicy(KVPolicy):
         for key in [k for k, e in entries.items() if e is None]:
             del entries[key]
 
-    def _plan(self, g, block_size: int) -> list[tuple[int, int, int]]:
+    def _plan(self, g, block_size: int, cache=None) -> list[tuple[int, int, int]]:
         """Per row of a decode group (q_pos, keys L, prefix P or 0 for a dense row); the same for
         every layer of the step."""
         rows = []
@@ -197,7 +197,7 @@ class QueryPolicy(KVPolicy):
         B, Hq, d = q.shape
         bs = cache.block_size
         if "plan" not in meta:
-            meta["plan"], meta["table"] = self._plan(g, bs), g.blocks.view(B, g.nb)
+            meta["plan"], meta["table"] = self._plan(g, bs, cache), g.blocks.view(B, g.nb)
             meta["keys"] = [("blocks", P, tuple(meta["table"][b, : -(-P // bs)].tolist())) if P else None
                             for b, (_, _, P) in enumerate(meta["plan"])]
         plan, table = meta["plan"], meta["table"]
