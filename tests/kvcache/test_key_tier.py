@@ -57,8 +57,8 @@ def test_preemption_with_the_second_tier_gives_the_same_tokens(tiny):
     so a recomputed prompt is computed from its tokens again, not read back rebuilt)."""
     prompts = prompts_same_prefix_len()[:2]
     fixed = {"prefix": 128}  # the tier freezes a row's prefix at its factored length; so does this
-    ref, _ = run(tiny, prompts, {**ARGS["shadowkv"], **fixed}, max_tokens=12, block_size=8)
-    bpb = LLM(tiny, kv_policy="shadowkv", kv_policy_args=TIER, block_size=8).engine.bytes_per_block
+    ref, ref_eng = run(tiny, prompts, {**ARGS["shadowkv"], **fixed}, max_tokens=12, block_size=8)
+    bpb = ref_eng.bytes_per_block  # the same spec with or without the tier
     out, eng = run(tiny, prompts, {**TIER, **fixed}, max_tokens=12, block_size=8, enable_prefix_caching=False,
                    max_num_batched_tokens=32, kv_cache_bytes=32 * bpb)
     assert eng.scheduler.num_preemptions > 0 and eng.pool.tier.stats["key_blocks_given_back"] > 0
