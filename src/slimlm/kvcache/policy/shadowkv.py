@@ -11,14 +11,19 @@ at their positions), and attends to them, the outlier chunks and every key after
 question and the generated tokens) with their values.
 
 Here it is a query policy (:mod:`slimlm.kvcache.policy.sparse`): factors and landmarks are built
-once per (layer, prefix) and shared by requests with the same prefix. What is built and what is
-not: the *method's* attention (low-rank rebuilt keys, landmark selection, exact outliers) is what
-the engine computes at decode, and the bytes it would read per decoded token (landmarks, the
-B factors, the selected rows of A, the selected values, outliers and the tail) are counted in
-``stats``. The second tier is not built: the paged pool still holds every key and value, so the
-memory saving and the speed-up of the paper are not realized on this path (on a CPU there is no
-faster tier to move values off; the saving that would matter is the pool's key bytes, P x d ->
-(P + d) x r per head). The PyTorch decode path applies it (no native decode kernel).
+once per (layer, prefix) and shared by requests with the same prefix; decode is native (the sparse
+kernel rebuilds the selected keys from the factors); the bytes it reads per decoded token
+(landmarks, the B factors, the selected rows of A, the selected values, outliers and the tail)
+are counted in ``stats``.
+
+The second tier (``key_share`` > 0; :mod:`slimlm.kvcache.key_tier`): on a CPU there is no faster
+memory to move values off, so what it saves is the KV *held*: the pool's keys live in a smaller
+key pool, and once a prefix is summarized at every layer (the step after), its full blocks give
+their key blocks back; the keys live only as the factors (A, B), the landmarks and the outlier
+chunks' exact keys. Decode reads them as before (the selected chunks rebuilt, the outliers from
+the record); any other reader reads them rebuilt. With the tier a row's prefix stops at the
+longest factored prefix its blocks start with (later keys stay exact), so no summary is built
+over rebuilt keys; the prompt is still prefilled densely, so a request's peak is its prefill's.
 """
 
 from __future__ import annotations
