@@ -18,9 +18,9 @@ Here it is a query policy (:mod:`slimlm.kvcache.policy.sparse`): the clustering 
 (layer, prefix) and shared by every request whose prefix is the same (with prefix caching the
 blocks themselves are shared too), so it is done once per shared prefix. The KV pool still holds
 every key (Squeezed Attention saves reads, not storage); the bytes it reads per decoded token
-(centroids + the selected keys and values + the tail) are counted in ``stats``. The PyTorch
-decode path applies it (the native decode kernel is not used), so the read saving is accounted,
-not yet a speed-up on this path.
+(centroids + the selected keys and values + the tail) are counted in ``stats``. Decode is native
+where the sparse kernel reads the pool (each KV head reads the union of its query heads'
+clusters in place), else the PyTorch path masks the gathered keys.
 """
 
 from __future__ import annotations
