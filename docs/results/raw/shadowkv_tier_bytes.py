@@ -32,6 +32,8 @@ while eng.has_unfinished():
     pool, tier = eng.pool, eng.pool.tier
     used = pool.num_used()
     full = used * eng.bytes_per_block
+    if not used:  # the request finished: its blocks are back
+        break
     held = eng.kv_bytes_in_use()
     rows.append({"blocks": used, "key_blocks": pool.key_blocks_in_use(), "factor_bytes": tier.record_bytes,
                  "held_bytes": held, "full_bytes": full, "held_share": round(held / full, 4)})
