@@ -14,8 +14,8 @@ outliers exact): :meth:`PagedKVCache.gather <slimlm.kvcache.storage.PagedKVCache
 Bookkeeping only (the tensors are the cache's): which key block each block holds (``kmap``,
 mirrored in the tensor ``map`` for the kernels), the free key blocks, and the factored blocks.
 A record lives while any of its blocks is still held (referenced or cached by the pool): the
-pool calls :meth:`reset` when a block is recycled or freed uncached. Memory held is
-:meth:`bytes_in_use`: value blocks + key blocks held + the live records' tensors.
+pool calls :meth:`reset` when a block is recycled or freed uncached. Memory held (the engine's
+``kv_bytes_in_use``): value blocks + key blocks held + the live records' tensors (``record_bytes``).
 """
 
 from __future__ import annotations
@@ -161,9 +161,6 @@ class KeyTier:
             h, j = inside.nonzero(as_tuple=True)
             k[h, rows[h, j] - lo] = keys[h, j]
         return k.transpose(0, 1)
-
-    def bytes_in_use(self, value_block_bytes: int, key_block_bytes: int, used_blocks: int) -> int:
-        return used_blocks * value_block_bytes + self.num_used() * key_block_bytes + self.record_bytes
 
 
 def build_tier(kv_bytes: int, block_bytes: int, key_share: float) -> tuple[int, KeyTier]:
