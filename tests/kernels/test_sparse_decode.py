@@ -132,3 +132,27 @@ def test_keys_rebuilt_from_factors_equal_an_explicit_key_buffer(lib, name):
     got = native_sparse_decode(lib, q, k, v, codec.native_code, table, idx, cnt, tail, 0.125, None, None, nbuf,
                                factors=[(A, Bm, cos, sin), (A, Bm, cos, sin)])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["float32", "int8"])
+def test_a_key_table_reads_keys_from_their_own_blocks(lib, name):
+    """ShadowKV's second tier: keys in a separate pool with their own block ids (``ktable``) give
+    the result of keys stored with the values; a read from a block without keys is refused."""
+    B, Hq, Hkv, d, bs, nbs = 2, 4, 2, 64, 8, 3
+    codec, vcodec, k, v = _pools(name, B * nbs, bs, Hkv, d, seed=3)
+    table = torch.arange(B * nbs).view(B, nbs).contiguous()
+    perm = torch.randperm(B * nbs, generator=torch.Generator().manual_seed(0))
+    k2 = [torch.empty_like(t) for t in k]
+    for t, t2 in zip(k, k2):
+        t2[perm] = t  # block b's keys at key block perm[b]
+    q = codec.to_storage(torch.randn(B, Hq, d)).float().contiguous()
+    idx = torch.tensor([0, 3, 9, 17], dtype=torch.int32).expand(B, Hkv, 4).contiguous()
+    cnt = torch.full((B, Hkv), 4, dtype=torch.int64)
+    tail = torch.tensor([[18, 24], [20, 22]])
+    want = native_sparse_decode(lib, q, k, v, codec.native_code, table, idx, cnt, tail, 0.125)
+    got = native_sparse_decode(lib, q, k2, v, codec.native_code, table, idx, cnt, tail, 0.125, ktable=perm[table])
+    torch.testing.assert_close(got, want)
+    gone = perm[table].clone()
+    gone[0, 1] = -1  # block 1 of sequence 0 holds no keys (token 9 is read from it)
+    with pytest.raises(ValueError, match="no block in the key pool"):
+        native_sparse_decode(lib, q, k2, v, codec.native_code, table, idx, cnt, tail, 0.125, ktable=gone)

@@ -24,6 +24,7 @@ from slimlm.errors import SlimLMError
 from slimlm.kvcache.block_pool import BlockPool
 from slimlm.kvcache.codec import offsets as kv_offsets
 from slimlm.kvcache.compose import check_composition
+from slimlm.kvcache.key_tier import build_tier
 from slimlm.kvcache.manager import KVCacheManager
 from slimlm.kvcache.policy import KV_POLICIES, AttentionSpan
 from slimlm.kvcache.spec import KVCacheSpec
@@ -110,10 +111,17 @@ class LLMEngine:
         num_blocks = kv_bytes // per_block
         if num_blocks < 1:
             raise SlimLMError(f"kv_cache_bytes={kv_bytes} holds no KV block ({per_block} bytes each)")
+        tier = None
+        if getattr(self.policy, "key_share", 0):  # ShadowKV's second tier: keys held apart from values
+            num_blocks, tier = build_tier(kv_bytes, per_block, self.policy.key_share)
         self.pool = BlockPool(num_blocks, config.block_size, prefix_caching)
+        self.pool.tier = tier
+        if tier is not None:
+            tier.ref_count = self.pool.ref_count
         self.kv = KVCacheManager(self.pool)
         track = token_policy and self.policy.observe_attention
-        self.cache = PagedKVCache(self.spec, num_blocks, config.block_size, self.model.device, track_attention=track)
+        self.cache = PagedKVCache(self.spec, num_blocks, config.block_size, self.model.device, track_attention=track,
+                                  tier=tier)
         kv_offsets.apply(self.cache, self.model, self.tokenizer)  # int4 keys' static offsets (one short forward)
         dca = self.rope_ext.dual_chunk if self.rope_ext is not None else None
         sparse = self.policy if self.policy is not None and self.policy.sparse_decode else None
@@ -141,6 +149,9 @@ class LLMEngine:
 
     def kv_bytes_in_use(self) -> int:
         """KV bytes the pool's referenced blocks hold now (all layers, in the codec's format)."""
+        if self.pool.tier is not None:  # value blocks + key blocks held + factored keys
+            half = self.bytes_per_block // 2
+            return (self.pool.num_used() + self.pool.key_blocks_in_use()) * half + self.pool.tier.record_bytes
         return self.pool.num_used() * self.bytes_per_block
 
     @classmethod
@@ -180,11 +191,11 @@ class LLMEngine:
                 "(a KV policy such as 'sink' or a rope_extension lifts this)"
             )
         need = self._blocks_needed(len(ids), params)
-        if need > self.pool.num_blocks:
+        if need > self.pool.capacity:
             raise ValueError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens})"
                 f"{f' x n ({params.n})' if params.n > 1 else ''} needs {need} KV blocks; "
-                f"the pool has {self.pool.num_blocks}: set kv_cache_bytes to at least "
+                f"the pool has {self.pool.capacity}: set kv_cache_bytes to at least "
                 f"{format_size(need * self.bytes_per_block)} (--kv-cache-bytes), or lower max_tokens"
             )
         return ids

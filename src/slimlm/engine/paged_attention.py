@@ -226,8 +226,11 @@ class AttentionPaths:
                 lib = kernels.load("paged_prefill")
                 if lib is not None and lib.slimlm_prefill_supported(head_dim, compute):
                     prefill = lib
-        in_place = prefill is not None and codec.native_code is not None and (codec.native_code != compute or track_mass)
-        return cls(decode, prefill, span, track_mass, codec.native_code != compute and not in_place, sparse=sparse,
+        keys_apart = cache.tier is not None  # keys are read through the key tier (rebuilt if factored)
+        in_place = prefill is not None and codec.native_code is not None and not keys_apart \
+            and (codec.native_code != compute or track_mass)
+        decodes = (codec.native_code != compute or keys_apart) and not in_place
+        return cls(decode, prefill, span, track_mass, decodes, sparse=sparse,
                    prefill_in_place=in_place, sparse_native=sparse_lib)
 
 

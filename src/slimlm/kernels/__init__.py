@@ -48,9 +48,9 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
                                            _I64, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _PTR, _INT)),
     },
     "sparse_decode": {
-        # q, k_pool, v_pool, k_aux, k_aux2, v_aux, v_aux2, dtype, table, max_blocks, idx, cnt, N, qmask,
-        # kbuf, nbuf, fA, fB, fcos, fsin, fP, rank, tail, out, B, Hq, Hkv, d, block_size, scale, nthreads
-        "slimlm_sparse_decode": (_INT, (_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _PTR, _I64, _PTR, _PTR,
+        # q, k_pool, v_pool, k_aux, k_aux2, v_aux, v_aux2, dtype, table, ktable, max_blocks, idx, cnt, N,
+        # qmask, kbuf, nbuf, fA, fB, fcos, fsin, fP, rank, tail, out, B, Hq, Hkv, d, block_size, scale, nthreads
+        "slimlm_sparse_decode": (_INT, (_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _PTR, _PTR, _I64, _PTR, _PTR,
                                         _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR,
                                         _I64, _I64, _I64, _I64, _I64, _F32, _INT)),
     },

@@ -51,6 +51,25 @@ def _check_table(table: torch.Tensor, num_blocks: int) -> None:
         raise ValueError(f"native kernels: block table holds ids outside the pool [0, {num_blocks})")
 
 
+def _check_key_table(ktable, table, num_key_blocks, bs, idx, cnt, nbuf, tail) -> None:
+    """Every key the sparse kernel reads from the key pool lies in a held key block."""
+    if ktable.dtype != torch.int64 or not ktable.is_contiguous() or ktable.shape != table.shape:
+        raise ValueError("native_sparse_decode: ktable must be a contiguous int64 tensor shaped like table")
+    if ktable.numel() and int(ktable.max()) >= num_key_blocks:
+        raise ValueError(f"native_sparse_decode: ktable holds ids outside the key pool [0, {num_key_blocks})")
+    need = []
+    for b in range(idx.shape[0]):
+        lo, hi = int(tail[b, 0]), int(tail[b, 1])
+        if hi > lo:
+            need.append(ktable[b, lo // bs : -(-hi // bs)])
+        for h in range(idx.shape[1]):
+            first = int(nbuf[b, h]) if nbuf is not None else 0
+            need.append(ktable[b, idx[b, h, first : int(cnt[b, h])].long() // bs])
+    need = torch.cat(need) if need else ktable.new_zeros(0)
+    if need.numel() and int(need.min()) < 0:
+        raise ValueError("native_sparse_decode: a key the kernel would read has no block in the key pool")
+
+
 _LIBS: dict[str, object] = {}
 """The libraries the wrappers were handed (the ops' implementations call the same ones)."""
 
@@ -262,7 +281,8 @@ def _prefill_fake(q_rows, k_pool, v_pool, table, q_start, out, scale):
 def native_sparse_decode(lib, q: torch.Tensor, k_parts: list[torch.Tensor], v_parts: list[torch.Tensor], code: int,
                          table: torch.Tensor, idx: torch.Tensor, cnt: torch.Tensor, tail: torch.Tensor, scale: float,
                          qmask: torch.Tensor | None = None, kbuf: torch.Tensor | None = None,
-                         nbuf: torch.Tensor | None = None, factors: list | None = None) -> torch.Tensor:
+                         nbuf: torch.Tensor | None = None, factors: list | None = None,
+                         ktable: torch.Tensor | None = None) -> torch.Tensor:
     """q (B, Hq, d) -> attention output (B, Hq, d) float32 over a subset of each sequence's keys
     (``sparse_decode.c``): per (sequence, KV head) the logical tokens ``idx`` (B, Hkv, N) int32,
     the first ``cnt`` (B, Hkv) int64 of them, plus the dense ``tail`` (B, 2) int64 range
@@ -272,11 +292,13 @@ def native_sparse_decode(lib, q: torch.Tensor, k_parts: list[torch.Tensor], v_pa
     the table's capacity before the kernel runs. ``factors``: per sequence None or (A (Hkv, P, r),
     B (Hkv, r, d), cos (P, d), sin (P, d)) float32 contiguous: the first ``nbuf`` entries' keys
     are rebuilt in the kernel as RoPE_t(A[h, t] B[h]) (ShadowKV), instead of taken from ``kbuf``.
-    ``lib``: the loaded ``sparse_decode``."""
+    ``ktable`` (B, max_blocks) int64: each logical block's block in the key pool when keys live
+    apart from values (ShadowKV's second tier; -1: no keys held, then every key the kernel would
+    read there must come from ``kbuf``). ``lib``: the loaded ``sparse_decode``."""
     if lib is not None:
         _LIBS["sparse_decode"] = lib
     k0 = k_parts[0]
-    num_blocks, bs, hkv = k0.shape[0], k0.shape[1], k0.shape[2]
+    num_blocks, bs, hkv = v_parts[0].shape[0], k0.shape[1], k0.shape[2]
     q = q.float().contiguous()
     B, Hq, d = q.shape
     _check_pool(k_parts, code)
@@ -297,6 +319,8 @@ def native_sparse_decode(lib, q: torch.Tensor, k_parts: list[torch.Tensor], v_pa
     if tail.dtype != torch.int64 or tail.shape != (B, 2) or not tail.is_contiguous() or \
             (B and (int(tail.min()) < 0 or int(tail.max()) > cap)):
         raise ValueError("native_sparse_decode: tail must be a contiguous int64 (B, 2) range inside the table")
+    if ktable is not None:
+        _check_key_table(ktable, table, k0.shape[0], bs, idx, cnt, nbuf if (kbuf is not None or factors) else None, tail)
     if qmask is not None:
         qmask = qmask.to(torch.uint8).contiguous()
         if qmask.shape != (B, hkv, Hq // hkv, N):
@@ -339,7 +363,8 @@ def native_sparse_decode(lib, q: torch.Tensor, k_parts: list[torch.Tensor], v_pa
     vaux = [t.data_ptr() for t in v_parts[1:]] + [None] * (3 - len(v_parts))
     rc = _lib("sparse_decode").slimlm_sparse_decode(
         q.data_ptr(), k0.data_ptr(), v_parts[0].data_ptr(), aux[0], aux[1], vaux[0], vaux[1], code,
-        table.data_ptr(), table.shape[1], idx.data_ptr(), cnt.data_ptr(), N,
+        table.data_ptr(), ktable.data_ptr() if ktable is not None else None, table.shape[1], idx.data_ptr(),
+        cnt.data_ptr(), N,
         qmask.data_ptr() if qmask is not None else None, kbuf.data_ptr() if kbuf is not None else None,
         nbuf.data_ptr() if (kbuf is not None or ptrs) else None,
         *fptrs, ptrs[4].data_ptr() if ptrs else None, rank,

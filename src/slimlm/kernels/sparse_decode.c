@@ -10,6 +10,8 @@
  *        channel in the low nibble) with fp16 scale / minimum per (slot, head, 32 channels) in
  *        *_aux / *_aux2 (the formats of slimlm.kvcache.codec)
  * table  (B, max_blocks) int64: physical block of each logical block
+ * ktable NULL, or (B, max_blocks) int64: the block of each logical block in the key pool when keys
+ *        live apart from values (ShadowKV's second tier; NULL: ``table`` for both)
  * idx    (B, Hkv, N) int32: logical token indices each KV head attends; the first cnt[b, h] used
  * cnt    (B, Hkv) int64
  * qmask  NULL, or (B, Hkv, G, N) uint8: 0 where query head g of the group skips entry j
@@ -105,7 +107,8 @@ static inline __attribute__((always_inline)) void score_rows(const float *qg, co
 #define TILE 64
 
 /* attend_item for float32 / bfloat16 pools with a head size that is a multiple of 16 (<= 128). */
-static void attend_item_avx512(const float *qg, const pool_t *kp, const pool_t *vp, const int64_t *tb, int64_t h,
+static void attend_item_avx512(const float *qg, const pool_t *kp, const pool_t *vp, const int64_t *tb,
+                               const int64_t *ktb, int64_t h,
                                const int32_t *ix, int64_t n, const uint8_t *qm, int64_t N, const float *kb,
                                const factors_t *fac, int64_t nb, int64_t t0, int64_t t1, float *og, float *s,
                                float *kt, int64_t G, int64_t d, int64_t block_size, float scale) {
@@ -122,7 +125,7 @@ static void attend_item_avx512(const float *qg, const pool_t *kp, const pool_t *
         const int64_t first = i;
         for (; i < cnt; ++i) {
             const int64_t j = j0 + i;
-            off[i - first] = slot_of(tb, j < n ? ix[j] : t0 + (j - n), block_size) * W + h * d;
+            off[i - first] = slot_of(ktb, j < n ? ix[j] : t0 + (j - n), block_size) * W + h * d;
         }
         if (cnt > first) score_rows(qg, kp->data, dtype, off, cnt - first, j0 + first, s, M, G, nv, scale);
     }
@@ -163,7 +166,8 @@ static void attend_item_avx512(const float *qg, const pool_t *kp, const pool_t *
 }
 #endif
 
-static void attend_item(const float *qg, const pool_t *kp, const pool_t *vp, const int64_t *tb, int64_t h,
+static void attend_item(const float *qg, const pool_t *kp, const pool_t *vp, const int64_t *tb, const int64_t *ktb,
+                        int64_t h,
                         const int32_t *ix, int64_t n, const uint8_t *qm, int64_t N, const float *kb,
                         const factors_t *fac, int64_t nb, int64_t t0, int64_t t1, float *og, float *s, float *row,
                         float *kt, int64_t G, int64_t d, int64_t block_size, float scale) {
@@ -172,7 +176,7 @@ static void attend_item(const float *qg, const pool_t *kp, const pool_t *vp, con
         const float *k;
         if (j < n && j < nb && fac) { rebuild_row(fac, ix[j], d, kt + d, kt); k = kt; }
         else if (j < n && j < nb) k = kb + j * d;
-        else k = head_row(kp, slot_of(tb, j < n ? ix[j] : t0 + (j - n), block_size), h, row);
+        else k = head_row(kp, slot_of(ktb, j < n ? ix[j] : t0 + (j - n), block_size), h, row);
         for (int64_t g = 0; g < G; ++g)
             s[g * M + j] = (j < n && qm && !qm[g * N + j]) ? -INFINITY : dot(qg + g * d, k, d) * scale;
     }
@@ -201,7 +205,8 @@ static void attend_item(const float *qg, const pool_t *kp, const pool_t *vp, con
 
 int slimlm_sparse_decode(const float *q, const void *k_pool, const void *v_pool, const void *k_aux,
                          const void *k_aux2, const void *v_aux, const void *v_aux2, int dtype,
-                         const int64_t *table, int64_t max_blocks, const int32_t *idx, const int64_t *cnt,
+                         const int64_t *table, const int64_t *ktable, int64_t max_blocks, const int32_t *idx,
+                         const int64_t *cnt,
                          int64_t N, const uint8_t *qmask, const float *kbuf, const int64_t *nbuf,
                          const float *const *fA, const float *const *fB, const float *const *fcos,
                          const float *const *fsin, const int64_t *fP, int64_t rank,
@@ -250,13 +255,15 @@ int slimlm_sparse_decode(const float *q, const void *k_pool, const void *v_pool,
             }
 #ifdef __AVX512F__
             if (dtype <= 1 && d % 16 == 0 && d <= 128) {
-                attend_item_avx512(q + (b * Hq + h * G) * d, &kp, &vp, table + b * max_blocks, h, idx + it * N, n,
+                attend_item_avx512(q + (b * Hq + h * G) * d, &kp, &vp, table + b * max_blocks,
+                                   (ktable ? ktable : table) + b * max_blocks, h, idx + it * N, n,
                                    qmask ? qmask + it * G * N : NULL, N, kbuf ? kbuf + it * N * d : NULL, fac, nb,
                                    t0, t1, og, s, kt, G, d, block_size, scale);
                 continue;
             }
 #endif
-            attend_item(q + (b * Hq + h * G) * d, &kp, &vp, table + b * max_blocks, h, idx + it * N, n,
+            attend_item(q + (b * Hq + h * G) * d, &kp, &vp, table + b * max_blocks,
+                        (ktable ? ktable : table) + b * max_blocks, h, idx + it * N, n,
                         qmask ? qmask + it * G * N : NULL, N, kbuf ? kbuf + it * N * d : NULL, fac, nb, t0, t1, og,
                         s, row, kt, G, d, block_size, scale);
         }

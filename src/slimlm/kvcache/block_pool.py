@@ -35,14 +35,32 @@ class BlockPool:
         self._block_hash: dict[int, BlockKey] = {}
         self._block_content: dict[int, tuple[BlockKey | None, tuple[int, ...]]] = {}  # (parent, tokens)
         self.hits = self.queries = 0
+        self.tier = None
+        """A :class:`~slimlm.kvcache.key_tier.KeyTier` when keys are held apart (ShadowKV's second
+        tier): a block then also needs a key block; blocks in ``_free`` hold none, cached ones
+        keep theirs until recycled."""
+        self._keyed_evictable = 0  # cached, unreferenced blocks holding a key block
 
     # ------------------------------------------------------------------ counts
     def num_free(self) -> int:
-        """Blocks that can be handed out now (free + cached-but-unreferenced)."""
-        return len(self._free) + len(self._evictable)
+        """Blocks that can be handed out now (free + cached-but-unreferenced; with a key tier,
+        no more than the key blocks free or held by cached-but-unreferenced blocks)."""
+        n = len(self._free) + len(self._evictable)
+        return n if self.tier is None else min(n, self.tier.num_free() + self._keyed_evictable)
 
     def num_used(self) -> int:
-        return self.num_blocks - self.num_free()
+        """Blocks referenced or cached-and-unreferenced excluded: what requests hold now."""
+        return self.num_blocks - len(self._free) - len(self._evictable)
+
+    @property
+    def capacity(self) -> int:
+        """Blocks one sequence can hold at once (with a key tier, every unfactored block needs a
+        key block, and a prompt is prefilled before its prefix is factored)."""
+        return self.num_blocks if self.tier is None else min(self.num_blocks, self.tier.num_key_blocks)
+
+    def key_blocks_in_use(self) -> int:
+        """Key blocks the referenced blocks hold (key tier only)."""
+        return self.tier.num_used() - self._keyed_evictable
 
     # ------------------------------------------------------------------ allocate / free
     def allocate(self) -> int:
@@ -50,16 +68,44 @@ class BlockPool:
             b = self._free.pop()
         elif self._evictable:
             b, _ = self._evictable.popitem(last=False)
-            del self._hash_to_block[self._block_hash.pop(b)]
-            self._block_content.pop(b, None)
+            self._drop_cached(b)
         else:
             raise RuntimeError("KV block pool exhausted")  # callers check num_free() first
         self.ref_count[b] = 1
+        if self.tier is not None:
+            self._give_key(b)
         return b
+
+    def _drop_cached(self, b: int) -> None:
+        del self._hash_to_block[self._block_hash.pop(b)]
+        self._block_content.pop(b, None)
+
+    def _give_key(self, b: int) -> None:
+        """``b`` was just handed out: its old content is gone; it needs a key block."""
+        tier = self.tier
+        tier.reset(b)
+        if tier.has_key(b):
+            self._keyed_evictable -= 1  # it came from the cached blocks with its key
+            return
+        if tier.num_free():
+            tier.give(b)
+            return
+        for e in self._evictable:  # recycle the least recently freed cached block holding a key
+            if tier.has_key(e):
+                del self._evictable[e]
+                self._drop_cached(e)
+                tier.reset(e)
+                tier.give(b, tier.take_back(e))
+                self._free.append(e)
+                self._keyed_evictable -= 1
+                return
+        raise RuntimeError("KV key pool exhausted")  # num_free() counts key blocks
 
     def incref(self, b: int) -> None:
         if self.ref_count[b] == 0:
             self._evictable.pop(b, None)
+            if self.tier is not None and self.tier.has_key(b):
+                self._keyed_evictable -= 1
         self.ref_count[b] += 1
 
     def free(self, b: int) -> None:
@@ -68,8 +114,13 @@ class BlockPool:
         if self.ref_count[b] == 0:
             if b in self._block_hash:
                 self._evictable[b] = None
+                if self.tier is not None and self.tier.has_key(b):
+                    self._keyed_evictable += 1
             else:
                 self._free.append(b)
+                if self.tier is not None:
+                    self.tier.reset(b)
+                    self.tier.release(b)
 
     # ------------------------------------------------------------------ prefix cache
     def _find(self, block_hash: BlockKey, content: tuple | None) -> int | None:
@@ -105,7 +156,11 @@ class BlockPool:
     def reset_prefix_cache(self) -> None:
         for b in list(self._evictable):
             self._free.append(b)
+            if self.tier is not None:
+                self.tier.reset(b)
+                self.tier.release(b)
         self._evictable.clear()
+        self._keyed_evictable = 0
         self._hash_to_block.clear()
         self._block_hash.clear()
         self._block_content.clear()

@@ -8,6 +8,10 @@ that evict tokens and give their blocks back). With ``track_attention`` it also 
 layer, the attention mass each stored key received (float32, (num_blocks, block_size, Hkv)),
 moved with the keys: what score-based policies such as H2O read.
 
+Keys apart (``tier``, ShadowKV's second tier, :mod:`slimlm.kvcache.key_tier`): the key tensors
+hold the tier's key blocks, fewer than the blocks; a block's keys are at its key block
+(``tier.map``), or, once factored, rebuilt from the tier's record by every reader (``gather``).
+
 Merged storages (the spec's ``merge``; MiniCache, see :mod:`slimlm.kvcache.merge`): the
 storage's first layer writes its rows as they are; the second reads them back, merges each
 token's pair into one direction written over the row, keeps both magnitudes, or, for a token
@@ -26,11 +30,16 @@ from slimlm.kvcache.spec import KVCacheSpec
 
 
 class PagedKVCache:
-    def __init__(self, spec: KVCacheSpec, num_blocks: int, block_size: int, device, track_attention: bool = False):
+    def __init__(self, spec: KVCacheSpec, num_blocks: int, block_size: int, device, track_attention: bool = False,
+                 tier=None):
         self.spec, self.codec, self.vcodec = spec, spec.codec("k"), spec.codec("v")  # keys', values' codec
         self.block_size, self.num_blocks, self.device = block_size, num_blocks, torch.device(device)
         H = spec.num_kv_heads
-        self.k = [self.codec.allocate(num_blocks, block_size, H, device) for _ in range(spec.num_storages)]
+        self.tier = tier
+        if tier is not None and (spec.merge is not None or track_attention or spec.num_storages != len(spec.layers)):
+            raise ValueError("a key tier needs one plain storage per layer (no merged layers, no attention mass)")
+        nk = tier.num_key_blocks if tier is not None else num_blocks
+        self.k = [self.codec.allocate(nk, block_size, H, device) for _ in range(spec.num_storages)]
         self.v = [self.vcodec.allocate(num_blocks, block_size, H, device) for _ in range(spec.num_storages)]
         self.mass = [zeros((num_blocks, block_size, H), torch.float32, device) for _ in spec.layers] \
             if track_attention else None
@@ -53,6 +62,16 @@ class PagedKVCache:
         """Reading a slot back gives exactly what was written (the prefill may use new keys)."""
         return self.codec.lossless and self.vcodec.lossless and not self.state
 
+    def key_slots(self, slots: torch.Tensor) -> torch.Tensor:
+        """Flat slots -> their slots in the key tensors (the same without a key tier)."""
+        if self.tier is None:
+            return slots
+        bs = self.block_size
+        ks = self.tier.map.to(slots.device)[slots // bs] * bs + slots % bs
+        if ks.numel() and int(ks.min()) < 0:
+            raise RuntimeError("a write or move into a block whose keys were factored (it is read-only)")
+        return ks
+
     # ------------------------------------------------------------------ layer views
     def storage(self, layer: int) -> int:
         return self.spec.layers[layer].storage
@@ -61,9 +80,9 @@ class PagedKVCache:
         s = self.storage(layer)
         return self.k[s], self.v[s]
 
-    def _parts(self) -> list[torch.Tensor]:
+    def _parts(self, keys: bool = True) -> list[torch.Tensor]:
         merged = [*self.state.values(), *self.mag.values()] + [t for d in (self.rk, self.rv) for p in d.values() for t in p]
-        return [t for parts in self.k + self.v for t in parts] + (self.mass or []) + merged
+        return [t for parts in (self.k if keys else []) + self.v for t in parts] + (self.mass or []) + merged
 
     def merged(self, layer: int) -> bool:
         return self.storage(layer) in self.state
@@ -75,7 +94,7 @@ class PagedKVCache:
         if self.merged(layer) and self.spec.layers[layer].member == 1:
             self._merge_write(layer, slots, k, v)
             return
-        self.codec.write(kp, slots, k)
+        self.codec.write(kp, self.key_slots(slots), k)
         self.vcodec.write(vp, slots, v)
         if self.merged(layer):  # the slots hold this layer's raw rows; later slots of the block are stale
             st = self.state[self.storage(layer)]
@@ -121,6 +140,8 @@ class PagedKVCache:
         parts = self.pools(layer)[0 if which == "k" else 1]
         if self.merged(layer):
             return self._merged_read(which, layer, parts, blocks)
+        if which == "k" and self.tier is not None:
+            return self._tier_read(layer, parts, blocks)
         if len(parts) > 1 or parts[0].dtype != self.spec.compute_dtype:
             return (self.codec if which == "k" else self.vcodec).read(parts, blocks)
         pool = parts[0]
@@ -131,6 +152,14 @@ class PagedKVCache:
             ws = self._ws[which] = torch.empty(max(numel, 1 << 20), dtype=pool.dtype, device=pool.device)
         out = ws[:numel].view(n, *pool.shape[1:])
         torch.index_select(pool, 0, blocks, out=out)
+        return out
+
+    def _tier_read(self, layer: int, parts: list[torch.Tensor], blocks: torch.Tensor) -> torch.Tensor:
+        """Keys of ``blocks`` with a key tier: read at their key blocks, or rebuilt when factored."""
+        kb = self.tier.map.to(blocks.device)[blocks]
+        out = self.codec.read(parts, kb.clamp(min=0))  # (n, B, H, d)
+        for i in (kb < 0).nonzero()[:, 0].tolist():
+            out[i] = self.tier.rebuild(layer, int(blocks[i]), self.block_size).to(out.dtype)
         return out
 
     def _merged_read(self, which: str, layer: int, parts: list[torch.Tensor], blocks: torch.Tensor) -> torch.Tensor:
@@ -155,7 +184,18 @@ class PagedKVCache:
             return
         src = torch.tensor([s for s, _ in pairs], device=self.device)
         dst = torch.tensor([d for _, d in pairs], device=self.device)
-        for t in self._parts():
+        if self.tier is not None:  # keys: between key blocks; a factored source is rebuilt
+            ks, kd = self.tier.map.to(self.device)[src], self.tier.map.to(self.device)[dst]
+            held = ks >= 0
+            for t in (t for parts in self.k for t in parts):
+                t[kd[held]] = t[ks[held]]
+            if not bool(held.all()):
+                gone = ~held
+                slots = (kd[gone][:, None] * self.block_size + torch.arange(self.block_size, device=self.device)).flatten()
+                for layer in range(len(self.spec.layers)):
+                    keys = self.gather("k", layer, src[gone])  # (n, bs, H, d)
+                    self.codec.write(self.k[self.storage(layer)], slots, keys.flatten(0, 1))
+        for t in self._parts(keys=self.tier is None):
             t[dst] = t[src]
 
     def move_slots(self, src: list[int], dst: list[int]) -> None:
@@ -164,14 +204,21 @@ class PagedKVCache:
             return
         s = torch.tensor(src, device=self.device)
         d = torch.tensor(dst, device=self.device)
-        for t in self._parts():
+        for t in self._parts(keys=self.tier is None):
             flat = t.view(-1, *t.shape[2:])
             flat.index_copy_(0, d, flat.index_select(0, s))
+        if self.tier is not None:
+            ks, kd = self.key_slots(s), self.key_slots(d)
+            for t in (t for parts in self.k for t in parts):
+                flat = t.view(-1, *t.shape[2:])
+                flat.index_copy_(0, kd, flat.index_select(0, ks))
 
     def compact(self, table: list[int], keep: torch.Tensor) -> None:
         """Per layer and KV head, move the stored rows ``keep`` (L, Hkv, K) (storage indices,
         ascending) to storage indices 0..K-1 of the sequence whose blocks are ``table``."""
         bs = self.block_size
+        if self.tier is not None:
+            raise RuntimeError("compaction moves keys per head; a key tier holds factored blocks read-only")
         tb = torch.tensor(table, device=self.device)
         L, H, K = keep.shape
         src = tb[keep // bs] * bs + keep % bs  # (L, H, K) flat slots

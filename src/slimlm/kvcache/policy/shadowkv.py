@@ -11,14 +11,19 @@ at their positions), and attends to them, the outlier chunks and every key after
 question and the generated tokens) with their values.
 
 Here it is a query policy (:mod:`slimlm.kvcache.policy.sparse`): factors and landmarks are built
-once per (layer, prefix) and shared by requests with the same prefix. What is built and what is
-not: the *method's* attention (low-rank rebuilt keys, landmark selection, exact outliers) is what
-the engine computes at decode, and the bytes it would read per decoded token (landmarks, the
-B factors, the selected rows of A, the selected values, outliers and the tail) are counted in
-``stats``. The second tier is not built: the paged pool still holds every key and value, so the
-memory saving and the speed-up of the paper are not realized on this path (on a CPU there is no
-faster tier to move values off; the saving that would matter is the pool's key bytes, P x d ->
-(P + d) x r per head). The PyTorch decode path applies it (no native decode kernel).
+once per (layer, prefix) and shared by requests with the same prefix; decode is native (the sparse
+kernel rebuilds the selected keys from the factors); the bytes it reads per decoded token
+(landmarks, the B factors, the selected rows of A, the selected values, outliers and the tail)
+are counted in ``stats``.
+
+The second tier (``key_share`` > 0; :mod:`slimlm.kvcache.key_tier`): on a CPU there is no faster
+memory to move values off, so what it saves is the KV *held*: the pool's keys live in a smaller
+key pool, and once a prefix is summarized at every layer (the step after), its full blocks give
+their key blocks back; the keys live only as the factors (A, B), the landmarks and the outlier
+chunks' exact keys. Decode reads them as before (the selected chunks rebuilt, the outliers from
+the record); any other reader reads them rebuilt. With the tier a row's prefix stops at the
+longest factored prefix its blocks start with (later keys stay exact), so no summary is built
+over rebuilt keys; the prompt is still prefilled densely, so a request's peak is its prefill's.
 """
 
 from __future__ import annotations
@@ -32,12 +37,19 @@ from slimlm.model.rope import apply_rope
 
 @KV_POLICIES.register("shadowkv")
 class ShadowKVPolicy(QueryPolicy):
-    def __init__(self, rank: int = 16, chunk: int = 8, budget: float = 0.125, outliers: float = 0.02, **kw):
+    def __init__(self, rank: int = 16, chunk: int = 8, budget: float = 0.125, outliers: float = 0.02,
+                 key_share: float = 0.0, **kw):
         """``rank``: of the pre-RoPE key factors per layer and KV head (< head size); ``chunk``:
         tokens per landmark; ``budget``: share of the prefix's chunks each KV head rebuilds and
-        attends; ``outliers``: share of chunks kept exact. ``prefix``, ``granule``, ``recent``,
-        ``min_prefix``: see :mod:`slimlm.kvcache.policy.sparse`."""
+        attends; ``outliers``: share of chunks kept exact. ``key_share``: the second tier
+        (:mod:`slimlm.kvcache.key_tier`): only this share of the pool's blocks hold keys, a
+        factored prefix gives its key blocks back (0: off, every block holds its keys).
+        ``prefix``, ``granule``, ``recent``, ``min_prefix``: see :mod:`slimlm.kvcache.policy.sparse`."""
         super().__init__(**kw)
+        if isinstance(key_share, bool) or not isinstance(key_share, (int, float)) or not 0 <= key_share <= 1:
+            raise ValueError(f"shadowkv key_share must be a fraction in [0, 1], got {key_share!r}")
+        self.key_share = float(key_share)
+        self._pending: dict[tuple, dict[int, object]] = {}  # prefix key -> layer -> summary, until factored
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"shadowkv rank must be a positive integer, got {rank!r}")
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
@@ -49,7 +61,7 @@ class ShadowKVPolicy(QueryPolicy):
         self.rank, self.chunk, self.budget_, self.outliers = rank, chunk, float(budget), float(outliers)
 
     def __repr__(self) -> str:
-        return f"ShadowKVPolicy(rank={self.rank}, chunk={self.chunk}, budget={self.budget_})"
+        return f"ShadowKVPolicy(rank={self.rank}, chunk={self.chunk}, budget={self.budget_}, key_share={self.key_share})"
 
     def validate(self, cfg) -> None:
         if self.rank >= cfg.head_dim:
@@ -73,11 +85,18 @@ class ShadowKVPolicy(QueryPolicy):
         out = torch.zeros(Hkv, nc, dtype=torch.bool)
         if n_out:
             out.scatter_(1, cosim.topk(n_out, dim=-1, largest=False).indices, True)
-        return A, B, land, out, positions
+        orows = self._outlier_rows(out)  # (Hkv, o): their exact keys, what the second tier keeps
+        okeys = keys.float().gather(1, orows[..., None].expand(-1, -1, d)) if self.key_share else None
+        return A, B, land, out, positions, orows, okeys
+
+    def _outlier_rows(self, out: torch.Tensor) -> torch.Tensor:
+        Hkv = out.shape[0]
+        offs = torch.arange(self.chunk)
+        return (out.nonzero()[:, 1].view(Hkv, int(out[0].sum()))[..., None] * self.chunk + offs).flatten(1)
 
     def _chunks(self, summary, q) -> tuple[torch.Tensor, int]:
         """(Hkv, n_sel) the chunks each KV head rebuilds, by landmark score (outliers excluded)."""
-        A, B, land, out, pos = summary
+        A, B, land, out, pos = summary[:5]
         Hkv, nc, d = land.shape
         g = q.shape[0] // Hkv
         s = torch.bmm(q.float().view(Hkv, g, d), land.transpose(1, 2)) / d**0.5  # (Hkv, g, nc)
@@ -94,7 +113,7 @@ class ShadowKVPolicy(QueryPolicy):
         return self._rope[1], self._rope[2]
 
     def select_native(self, summary, q, rotary, P):
-        A, B, land, out, pos = summary
+        A, B, land, out, pos, out_rows, okeys = summary
         Hkv, nc, d = land.shape
         r = A.shape[-1]
         sel, n_sel = self._chunks(summary, q)
@@ -103,14 +122,15 @@ class ShadowKVPolicy(QueryPolicy):
         cos, sin = self._rope_table(rotary, P)
         k_new = Rebuild(A, B, cos, sin, rows.shape[1])  # the kernel rebuilds RoPE_t(A[t] B) itself
         n_out = int(out[0].sum())
-        out_rows = (out.nonzero()[:, 1].view(Hkv, n_out)[..., None] * self.chunk + offs).flatten(1)
         idx = torch.cat([rows, out_rows], 1)  # (Hkv, m + outlier rows)
+        if okeys is not None:  # second tier: the prefix's pool keys may be gone; every prefix key given
+            k_new = torch.cat([k_new.keys(idx), okeys], 1)  # (Hkv, m + outlier rows, d)
         m, o = n_sel * self.chunk, n_out * self.chunk
         read = (Hkv * (nc * d + r * d + m * r + m * d + 2 * o * d)) * self.elem_bytes
         return list(idx), None, k_new, read, m + o
 
     def select(self, summary, q, k_prefix, rotary, P):
-        A, B, land, out, pos = summary
+        A, B, land, out, pos = summary[:5]
         Hkv, nc, d = land.shape
         Hq = q.shape[0]
         g = Hq // Hkv
@@ -130,3 +150,58 @@ class ShadowKVPolicy(QueryPolicy):
         n_out = int(out[0].sum()) * self.chunk
         read = (Hkv * (nc * d + r * d + n_rows * r + n_rows * d + 2 * n_out * d)) * self.elem_bytes
         return keep, k_new, read
+
+    # ------------------------------------------------------------------ second tier
+    def _plan(self, g, block_size, cache=None):
+        """With the second tier a row's prefix stops at the longest factored prefix its blocks
+        start with: the keys after it stay exact (dense), and no summary is ever built over
+        rebuilt keys (a growing prefix would otherwise re-factor an approximation)."""
+        rows = super()._plan(g, block_size)
+        tier = cache.tier if cache is not None else None
+        if tier is None or not tier.records:
+            return rows
+        table = g.blocks.view(len(rows), g.nb).tolist()
+        out = []
+        for (qp, L, P), tb in zip(rows, table):
+            P0 = tier.factored_prefix(tb, P) if P else None
+            out.append((qp, L, P0 if P0 is not None else P))
+        return out
+
+    def _native_summary(self, layer, cache, blocks, key, P, rotary):
+        tier = cache.tier
+        if tier is None:
+            return super()._native_summary(layer, cache, blocks, key, P, rotary)
+        self._rotary = rotary
+        if layer == 0:
+            self._flush(cache)
+        rec = tier.record(key)
+        if rec is not None:  # the prefix's keys live as these factors now
+            self.stats["summary_hits"] += 1
+            return rec.summaries[layer]
+        s = super()._native_summary(layer, cache, blocks, key, P, rotary)
+        if P // cache.block_size:
+            self._pending.setdefault(key, {})[layer] = s
+            while len(self._pending) > 4 * self.cache_entries:
+                self._pending.pop(next(iter(self._pending)))
+        return s
+
+    def written(self, layer, slots, block_size):
+        super().written(layer, slots, block_size)
+        if self._pending and slots.numel():
+            hit = set(torch.unique(slots // block_size).tolist())
+            for key in [k for k in self._pending if not hit.isdisjoint(k[2])]:
+                del self._pending[key]
+
+    def _flush(self, cache) -> None:
+        """At a step's first layer (nothing of this step read yet): the prefixes summarized at
+        every layer give their full blocks' key blocks back to the tier."""
+        from slimlm.kvcache.key_tier import Factored
+
+        L, bs = len(cache.spec.layers), cache.block_size
+        for key in [k for k, layers in self._pending.items() if len(layers) == L]:
+            layers = self._pending.pop(key)
+            P = key[1]
+            summaries = [layers[i] for i in range(L)]
+            rec = Factored(key, tuple(key[2][: P // bs]), summaries, [s[5] for s in summaries],
+                           [s[6] for s in summaries], self._rotary)
+            cache.tier.factor(rec)

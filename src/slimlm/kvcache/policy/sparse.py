@@ -153,7 +153,7 @@ class QueryPolicy(KVPolicy):
         for key in [k for k, e in entries.items() if e is None]:
             del entries[key]
 
-    def _plan(self, g, block_size: int) -> list[tuple[int, int, int]]:
+    def _plan(self, g, block_size: int, cache=None) -> list[tuple[int, int, int]]:
         """Per row of a decode group (q_pos, keys L, prefix P or 0 for a dense row); the same for
         every layer of the step."""
         rows = []
@@ -168,7 +168,11 @@ class QueryPolicy(KVPolicy):
     def _native_summary(self, layer: int, cache, blocks: torch.Tensor, key: tuple, P: int, rotary) -> Any:
         """The summary of the prefix held in ``blocks``; ``key`` = ("blocks", P, the block ids)."""
         raw = cache.pools(layer)[0][0]  # (num_blocks, block_size, Hkv, ...): the stored key rows
-        check = raw[blocks, -1]  # each block's last stored key row (besides the write invalidation)
+        if cache.tier is None:
+            check = raw[blocks, -1]
+        else:  # at the key blocks; a factored block (no key block, read-only) checks as zeros
+            kb = cache.tier.map[blocks]
+            check = raw[kb.clamp(min=0), -1] * (kb >= 0).view(-1, *[1] * (raw.dim() - 2)).to(raw.dtype)
         entries = self._cache.setdefault(layer, OrderedDict())
         hit = entries.get(key)
         if hit is not None and torch.equal(hit[1], check):
@@ -193,7 +197,7 @@ class QueryPolicy(KVPolicy):
         B, Hq, d = q.shape
         bs = cache.block_size
         if "plan" not in meta:
-            meta["plan"], meta["table"] = self._plan(g, bs), g.blocks.view(B, g.nb)
+            meta["plan"], meta["table"] = self._plan(g, bs, cache), g.blocks.view(B, g.nb)
             meta["keys"] = [("blocks", P, tuple(meta["table"][b, : -(-P // bs)].tolist())) if P else None
                             for b, (_, _, P) in enumerate(meta["plan"])]
         plan, table = meta["plan"], meta["table"]
@@ -214,11 +218,13 @@ class QueryPolicy(KVPolicy):
             picks.append((idx, qmask, kbuf))
             self.stats["keys_attended"] += attended + (L - P)
             self.stats["bytes_read"] += read + 2 * (L - P) * Hkv * d * self.elem_bytes
+        tail = torch.tensor([[P, L] for _, L, P in plan], dtype=torch.int64).view(B, 2)
+        if cache.tier is not None:  # keys of factored blocks after a row's own prefix: rebuilt
+            picks = self._factored_tail(layer, cache, table, plan, picks, tail)
         N = max([int(i.numel()) for p in picks if p is not None for i in p[0]], default=0)
         G = Hq // Hkv
         idx = torch.zeros(B, Hkv, N, dtype=torch.int32)
         cnt = torch.zeros(B, Hkv, dtype=torch.int64)
-        tail = torch.tensor([[P, L] for _, L, P in plan], dtype=torch.int64).view(B, 2)
         has_mask = any(p is not None and p[1] is not None for p in picks)
         kp, vp = cache.pools(layer)
         if cache.codec.rotates or cache.codec.offset(kp) is not None:  # keys stored as (x - mu) @ R: rebuild here
@@ -249,9 +255,37 @@ class QueryPolicy(KVPolicy):
                 kbuf[b, :, :m] = cache.codec.keys_to_storage(p[2], kp)  # stored keys are (k - mu) @ R
                 nbuf[b] = m
         qs = cache.codec.to_storage(q).float().contiguous()
+        ktable = cache.tier.map[table] if cache.tier is not None else None
         o = native_sparse_decode(lib, qs, kp, vp, cache.codec.native_code, table, idx, cnt, tail, scale, qmask, kbuf,
-                                 nbuf, [f[:4] if f is not None else None for f in factors] if factors else None)
+                                 nbuf, [f[:4] if f is not None else None for f in factors] if factors else None, ktable)
         return cache.vcodec.from_storage(o)
+
+    @staticmethod
+    def _factored_tail(layer, cache, table, plan, picks, tail):
+        """With a key tier, a row's dense part may start inside blocks another sequence's prefix
+        factored (shared through prefix caching): those tokens join the row's list with their
+        keys rebuilt, and its dense tail starts after them (``tail`` updated in place)."""
+        bs, kmap = cache.block_size, cache.tier.map
+        out = []
+        for b, ((qp, L, P), p) in enumerate(zip(plan, picks)):
+            gone = kmap[table[b, : -(-L // bs)]] < 0
+            f = int(gone.long().cumprod(0).sum())  # leading factored blocks (a prefix is shared from 0)
+            if f * bs <= P:
+                out.append(p)
+                continue
+            lo, hi = P, min(f * bs, L)
+            keys = cache.gather("k", layer, table[b, P // bs : f]).flatten(0, 1)[: hi - lo].transpose(0, 1)
+            toks = torch.arange(lo, hi)
+            if p is None:
+                p = ([toks] * keys.shape[0], None, keys.float())
+            else:
+                idx, qmask, kb = p
+                if qmask is not None:
+                    qmask = [torch.cat([m, m.new_ones(m.shape[0], hi - lo)], 1) for m in qmask]
+                p = ([torch.cat([i, toks.to(i.dtype)]) for i in idx], qmask, torch.cat([kb, keys.float()], 1))
+            tail[b, 0] = hi
+            out.append(p)
+        return out
 
     def select_native(self, summary: Any, q: torch.Tensor, rotary, P: int):
         """q (Hq, d) -> (idx: per KV head the prefix tokens it reads (n_h,), qmask: per KV head

@@ -5,16 +5,22 @@ Offline, once per shared prefix: the prefix's keys are clustered per layer and K
 ``clusters`` centroids, ``iters`` Lloyd iterations from evenly spaced keys, deterministic). At
 decode, each query head scores the centroids of its KV head (q · c) and attends only to the keys
 of its best clusters, taken in score order until they hold ``budget`` of the prefix's keys; the
-keys after the prefix (the question, the generated tokens) are always attended. The paper's
-hierarchical (two-level) centroid lookup is not built: one level.
+keys after the prefix (the question, the generated tokens) are always attended.
+
+Hierarchical lookup (``levels=2``, the paper's two levels): the fine centroids are themselves
+clustered into ``coarse`` centroids per KV head; at decode a query head scores the coarse
+centroids first, keeps the best coarse clusters until they hold ``coarse_budget`` of the prefix's
+keys, and scores only the fine centroids inside them. The centroid bytes a decode step reads
+(``stats["centroid_bytes"]``, against ``stats["centroid_bytes_flat"]`` for one level) is the
+selection cost it cuts.
 
 Here it is a query policy (:mod:`slimlm.kvcache.policy.sparse`): the clustering is cached per
 (layer, prefix) and shared by every request whose prefix is the same (with prefix caching the
 blocks themselves are shared too), so it is done once per shared prefix. The KV pool still holds
 every key (Squeezed Attention saves reads, not storage); the bytes it reads per decoded token
-(centroids + the selected keys and values + the tail) are counted in ``stats``. The PyTorch
-decode path applies it (the native decode kernel is not used), so the read saving is accounted,
-not yet a speed-up on this path.
+(centroids + the selected keys and values + the tail) are counted in ``stats``. Decode is native
+where the sparse kernel reads the pool (each KV head reads the union of its query heads'
+clusters in place), else the PyTorch path masks the gathered keys.
 """
 
 from __future__ import annotations
@@ -44,10 +50,13 @@ def kmeans(x: torch.Tensor, k: int, iters: int) -> tuple[torch.Tensor, torch.Ten
 
 @KV_POLICIES.register("squeezed")
 class SqueezedPolicy(QueryPolicy):
-    def __init__(self, budget: float = 0.25, clusters: int | float = 1 / 16, iters: int = 8, **kw):
+    def __init__(self, budget: float = 0.25, clusters: int | float = 1 / 16, iters: int = 8, levels: int = 1,
+                 coarse: float = 1 / 8, coarse_budget: float | None = None, **kw):
         """``budget``: share of the prefix's keys each query head attends (0, 1]; ``clusters``:
         centroids per layer and KV head, a count or a share of the prefix's tokens (default 1/16);
-        ``iters``: k-means iterations. ``prefix`` (tokens of the shared context; default: all but
+        ``iters``: k-means iterations; ``levels``: 1, or 2 for the hierarchical lookup with
+        ``coarse`` x the fine centroids as coarse ones (at least 1), whose best clusters are kept
+        until they hold ``coarse_budget`` of the keys (default: min(1, 2 x budget)). ``prefix`` (tokens of the shared context; default: all but
         the recent tail, in multiples of ``granule``), ``granule``, ``recent``, ``min_prefix``: see
         :mod:`slimlm.kvcache.policy.sparse`."""
         super().__init__(**kw)
@@ -63,10 +72,22 @@ class SqueezedPolicy(QueryPolicy):
                              f"(min_prefix {self.min_prefix}); raise min_prefix or lower clusters")
         if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
             raise ValueError(f"squeezed iters must be >= 1, got {iters!r}")
+        if levels not in (1, 2) or isinstance(levels, bool):
+            raise ValueError(f"squeezed levels must be 1 or 2, got {levels!r}")
+        if isinstance(coarse, bool) or not isinstance(coarse, (int, float)) or not 0 < coarse <= 1:
+            raise ValueError(f"squeezed coarse must be a share of the fine centroids in (0, 1], got {coarse!r}")
+        if coarse_budget is None:
+            coarse_budget = min(1.0, 2 * float(budget))
+        if isinstance(coarse_budget, bool) or not isinstance(coarse_budget, (int, float)) \
+                or not budget <= coarse_budget <= 1:
+            raise ValueError(f"squeezed coarse_budget must be in [budget, 1], got {coarse_budget!r}")
         self.budget_, self.clusters, self.iters = float(budget), clusters, iters
+        self.levels, self.coarse, self.coarse_budget = levels, float(coarse), float(coarse_budget)
+        self.stats.update(centroid_bytes=0, centroid_bytes_flat=0)
 
     def __repr__(self) -> str:
-        return f"SqueezedPolicy(budget={self.budget_}, clusters={self.clusters}, prefix={self.prefix})"
+        return (f"SqueezedPolicy(budget={self.budget_}, clusters={self.clusters}, prefix={self.prefix}, "
+                f"levels={self.levels})")
 
     def n_clusters(self, P: int) -> int:
         c = self.clusters if isinstance(self.clusters, int) else max(1, round(self.clusters * P))
@@ -77,45 +98,69 @@ class SqueezedPolicy(QueryPolicy):
         cents, assigns = zip(*(kmeans(keys[h], C, self.iters) for h in range(keys.shape[0])))
         assign = torch.stack(assigns)  # (Hkv, P)
         sizes = torch.stack([torch.bincount(a, minlength=C) for a in assigns])  # (Hkv, C)
-        return torch.stack(cents), assign, sizes  # (Hkv, C, d), (Hkv, P), (Hkv, C)
+        cents = torch.stack(cents)  # (Hkv, C, d)
+        if self.levels == 1:
+            return cents, assign, sizes, None
+        C1 = max(1, round(self.coarse * C))
+        top, up = zip(*(kmeans(cents[h], C1, self.iters) for h in range(cents.shape[0])))  # over the centroids
+        up = torch.stack(up)  # (Hkv, C): each fine cluster's coarse cluster
+        csizes = torch.zeros(cents.shape[0], C1, dtype=sizes.dtype).scatter_add_(1, up, sizes)  # keys per coarse
+        return cents, assign, sizes, (torch.stack(top), up, csizes)
+
+    @staticmethod
+    def _take(scores, sizes, need) -> torch.Tensor:
+        """(Hq, C) bool: clusters in score order until they hold ``need`` keys."""
+        order = scores.argsort(-1, descending=True)
+        srt = sizes.gather(-1, order)
+        take_sorted = (srt.cumsum(-1) - srt) < need
+        return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, take_sorted)
 
     def _chosen(self, summary, q, P) -> torch.Tensor:
-        """(Hq, C) bool: the clusters each query head attends."""
-        cents, assign, sizes = summary
+        """(Hq, C) bool: the clusters each query head attends (and the centroid bytes read)."""
+        cents, assign, sizes, coarse = summary
         Hkv, C, d = cents.shape
         Hq = q.shape[0]
-        kv_of = torch.arange(Hq, device=q.device) // (Hq // Hkv)
-        scores = torch.bmm(q.float().view(Hkv, Hq // Hkv, d), cents.transpose(1, 2)).view(Hq, C)  # (Hq, C)
-        sizes = sizes[kv_of]  # (Hq, C)
-        order = scores.argsort(-1, descending=True)
-        cum = sizes.gather(-1, order).cumsum(-1)
-        need = self.budget_ * P
-        take_sorted = (cum - sizes.gather(-1, order)) < need  # clusters until the budget is covered
-        chosen = torch.zeros(Hq, C, dtype=torch.bool, device=q.device)
-        chosen.scatter_(-1, order, take_sorted)
-        return chosen
+        G = Hq // Hkv
+        kv_of = torch.arange(Hq, device=q.device) // G
+        scores = torch.bmm(q.float().view(Hkv, G, d), cents.transpose(1, 2)).view(Hq, C)  # (Hq, C)
+        flat = Hkv * C * d * self.elem_bytes
+        self.stats["centroid_bytes_flat"] += flat
+        if coarse is None:
+            self.stats["centroid_bytes"] += flat
+            return self._take(scores, sizes[kv_of], self.budget_ * P)
+        top, up, csizes = coarse
+        cs = torch.bmm(q.float().view(Hkv, G, d), top.transpose(1, 2)).view(Hq, -1)  # (Hq, C1)
+        allowed = self._take(cs, csizes[kv_of], self.coarse_budget * P).gather(-1, up[kv_of])  # (Hq, C)
+        # only the allowed fine centroids are scored (read once per KV head for its query group)
+        fine_read = int(allowed.view(Hkv, G, C).any(1).sum())
+        self.stats["centroid_bytes"] += (Hkv * top.shape[1] + fine_read) * d * self.elem_bytes
+        return self._take(scores.masked_fill(~allowed, float("-inf")), sizes[kv_of] * allowed, self.budget_ * P) & allowed
 
     def select_native(self, summary, q, rotary, P):
-        cents, assign, _ = summary
+        cents, assign = summary[:2]
         Hkv, C, d = cents.shape
         Hq = q.shape[0]
+        c0 = self.stats["centroid_bytes"]
         chosen = self._chosen(summary, q, P).view(Hkv, Hq // Hkv, C)
+        cbytes = self.stats["centroid_bytes"] - c0
         union = chosen.any(1).gather(-1, assign)  # (Hkv, P): keys some query head of the group takes
         idx = [union[h].nonzero()[:, 0] for h in range(Hkv)]
         qmask = [chosen[h][:, assign[h, i]] for h, i in enumerate(idx)]  # (G, n_h)
         n_read = sum(int(i.numel()) for i in idx)
-        read = (Hkv * C * d + 2 * n_read * d) * self.elem_bytes
+        read = cbytes + 2 * n_read * d * self.elem_bytes
         attended = sum(int(m.sum()) for m in qmask) // Hq
         return idx, qmask, None, read, attended
 
     def select(self, summary, q, k_prefix, rotary, P):
-        cents, assign, _ = summary
+        cents, assign = summary[:2]
         Hkv, C, d = cents.shape
         Hq = q.shape[0]
         g = Hq // Hkv
         kv_of = torch.arange(Hq, device=q.device) // g
+        c0 = self.stats["centroid_bytes"]
         chosen = self._chosen(summary, q, P)
+        cbytes = self.stats["centroid_bytes"] - c0
         keep = chosen.gather(-1, assign[kv_of])  # (Hq, P)
         union = keep.view(Hkv, g, P).any(1).sum()  # keys read per KV head (shared by its query heads)
-        read = (Hkv * C * d + 2 * int(union) * d) * self.elem_bytes
+        read = cbytes + 2 * int(union) * d * self.elem_bytes
         return keep, None, read
