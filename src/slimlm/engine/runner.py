@@ -132,12 +132,15 @@ class ModelRunner:
         h, hidden = self._forward(self._tensor([ids]), positions, attn, info)
         logits = self.model.head(h)  # (R, V)
         res = RunnerOutput()
+        every = hidden.pop(-1, None)  # capture -1: the final hidden state of every row (a full-context draft)
         r = 0
-        for c in out.chunks:
+        for c, sg in zip(out.chunks, segments):
+            if every is not None:
+                res.hidden.setdefault(c.seq_id, {})[-1] = every[sg.start : sg.end]
             if c.num_logits:
                 res.logits[c.seq_id] = logits[r : r + c.num_logits]
                 if hidden:
-                    res.hidden[c.seq_id] = {i: x[r : r + c.num_logits] for i, x in hidden.items()}
+                    res.hidden.setdefault(c.seq_id, {}).update({i: x[r : r + c.num_logits] for i, x in hidden.items()})
                 r += c.num_logits
         return res
 
@@ -237,5 +240,7 @@ class ModelRunner:
             h = layer(h, cos, sin, attn, plan)
         if len(model.model.layers) in self.capture:
             hidden[len(model.model.layers)] = h[0, info.logit_rows]
+        if -1 in self.capture and not self.restagers:
+            hidden[-1] = h[0]
         return h[0, info.logit_rows], hidden  # (R, D): the rows whose logits the step needs
 
