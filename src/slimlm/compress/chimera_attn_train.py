@@ -11,8 +11,8 @@ features (teacher forcing, causal over the window); pass j (``depth`` passes in 
 and attends the real keys up to j positions back plus the keys of its own earlier predicted
 positions — exactly what draft step j + 1 sees while serving. Loss per pass: the soft
 cross-entropy against the target's top-``top`` distribution of the next token (as the MLP
-draft) + ``feat_weight`` x smooth-L1 of the predicted vs the target's next feature (scaled by
-the features' RMS), as EAGLE.
+draft) + ``feat_weight`` x smooth-L1 of the predicted vs the target's next feature (RMS-normalized
+per position: the draft works in normalized units), as EAGLE.
 """
 
 from __future__ import annotations
@@ -133,7 +133,6 @@ def train_chimera_attn(model, windows: torch.Tensor, cfg: AttnTrainConfig, name:
     n_held = max(1, int(round(windows.shape[0] * cfg.heldout)))
     w = model.lm_head.weight if token_map is None else model.lm_head.weight.index_select(0, token_map)
     emb_t = model.model.embed_tokens
-    scale = float(H[n_held:].pow(2).mean().sqrt())
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     net = AttnDraft.from_target(model).float()
@@ -155,7 +154,7 @@ def train_chimera_attn(model, windows: torch.Tensor, cfg: AttnTrainConfig, name:
             gj = gj[:, j:]  # positions p >= j have a prediction to read
             logits = nn.functional.linear(model.model.norm(gj), w)
             ce = _soft_ce(logits, tuple(x[:, j:] for x in z))
-            reg = nn.functional.smooth_l1_loss(gj / scale, H[wi, 1 + j :] / scale)
+            reg = nn.functional.smooth_l1_loss(gj, nn.functional.rms_norm(H[wi, 1 + j :], (H.shape[-1],)))
             total = total + ce + cfg.feat_weight * reg
         return total / cfg.depth
 

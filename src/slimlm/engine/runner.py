@@ -33,7 +33,8 @@ class RunnerOutput:
     hidden: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)
     """seq_id -> {layer: (num_logits, D)}: the hidden states entering ``layer`` (``num_layers``
     = after the last layer, before the final norm) of the rows that have logits, for each
-    layer in ``ModelRunner.capture``."""
+    layer in ``ModelRunner.capture``; capture ``-1``: the final hidden state of every row of the
+    chunk (prefill chunks included; the layer-by-layer path without restaging hooks only)."""
 
 
 def tree_positions(start: int, parents: list[int]) -> list[int]:
