@@ -118,3 +118,28 @@ def test_attention_adapter_bad_input_is_one_line(target, attn_adapter, tiny_llam
                      "--steps", "2", "--head-vocab", "64", "--feature-cache", str(cache)]) == 0
     err = capsys.readouterr().err
     assert "features read from" in err and "per draft step" in err and len(list(cache.iterdir())) == 1
+
+
+def test_unrolled_training_pass_is_what_the_second_draft_step_sees(target):
+    """Pass 1 of the trainer at position p equals serving: a draft over the real features up to
+    p - 1 (cached keys), then one step at p on the predicted feature of p - 1."""
+    from slimlm.compress.chimera_attn_train import unrolled
+    from slimlm.engine.spec.chimera_attn import AttnDraft, DraftKV
+
+    m = target.model.float()
+    torch.manual_seed(0)
+    net = AttnDraft.from_target(m).float()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        T, D = 9, m.cfg.hidden_size
+        emb, H = torch.randn(1, T, D), torch.randn(1, T, D) * 30
+        cos, sin = m.rotary(torch.arange(T)[None], torch.float32)
+        g0, g1 = unrolled(net, emb, H, cos, sin, m.attn_scale, 2)
+        P = 6
+        kv = DraftKV(m.attn_scale, torch.ones(P, P, dtype=torch.bool).tril()[None])
+        first = net(emb[:, :P], H[:, :P], cos[:, :P], sin[:, :P], kv)  # real features 0..P-1
+        step = DraftKV(m.attn_scale, torch.ones(1, 1, P + 1, dtype=torch.bool), kv.new_k, kv.new_v)
+        second = net(emb[:, P : P + 1], first[:, P - 1 : P], cos[:, P : P + 1], sin[:, P : P + 1], step)
+    torch.testing.assert_close(first, g0[:, :P])
+    torch.testing.assert_close(second[0, 0], g1[0, P], rtol=1e-4, atol=1e-4)
