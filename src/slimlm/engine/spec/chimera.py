@@ -38,6 +38,7 @@ from torch import nn
 from slimlm.engine.spec.base import SPEC_METHODS, Proposer, ProposerContext
 from slimlm.engine.spec.kangaroo import ADAPTER_CONFIG, check_threshold, load_adapter
 from slimlm.engine.spec.verify import target_probs
+from slimlm.errors import SlimLMError
 from slimlm.model.transformer import RMSNorm
 
 if TYPE_CHECKING:
@@ -118,6 +119,9 @@ class ChimeraProposer(Proposer):
         return super().__new__(cls)
 
     def _init_draft(self, meta: dict, state: dict) -> None:
+        if meta.get("decoder", "mlp") != "mlp":
+            raise SlimLMError(f"speculative={self.name!r} drafts with an MLP chimera adapter; this one has the "
+                              f"{meta['decoder']!r} decoder (serve it with speculative='chimera')")
         t = self.ctx.target
         self.net = ChimeraDraft(t.cfg.hidden_size, int(meta["depth"]), t.cfg.rms_norm_eps, int(meta.get("mlp_mult", 2)))
         self.net.load_state_dict(state)
