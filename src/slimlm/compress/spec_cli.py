@@ -28,9 +28,18 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
         check_exit_layer(args.exit_layer, lm.model.cfg.num_layers)  # before any data is read
     elif args.depth < 1:
         raise SlimLMError(f"--depth must be at least 1, got {args.depth}")
+    if args.decoder == "attention" and args.method != "chimera":
+        raise SlimLMError("--decoder attention is a chimera option (--method chimera)")
     windows = _windows(args.data, lm.tokenizer, args.tokens, args.seq_len)
     log = (lambda m: print(m, file=sys.stderr))
-    if args.method == "chimera":
+    if args.method == "chimera" and args.decoder == "attention":
+        from slimlm.compress.chimera_attn_train import AttnTrainConfig, train_chimera_attn
+
+        acfg = AttnTrainConfig(args.depth, args.head_vocab, args.steps, args.batch_size, args.lr, args.feat_weight,
+                               seed=args.seed, top=args.top, feature_dtype=args.feature_dtype,
+                               feature_cache=args.feature_cache, compare=args.compare)
+        adapter, meta = train_chimera_attn(lm.model, windows, acfg, args.model, log)
+    elif args.method == "chimera":
         from slimlm.compress.spec_train import ChimeraTrainConfig, train_chimera
 
         ccfg = ChimeraTrainConfig(args.depth, args.head_vocab, args.steps, args.batch_size, args.lr, args.mlp_mult,
@@ -54,6 +63,10 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
     else:
         quality = (f"held-out top-1 agreement with the target {tr['heldout_top1_agreement_init']:.3f} -> "
                    f"{tr['heldout_top1_agreement']:.3f}")
+        if "heldout_top1_agreement_per_step" in tr:
+            quality += f", per draft step {tr['heldout_top1_agreement_per_step']}"
+        if "mlp_draft_heldout_top1_agreement_per_step" in tr:
+            quality += f" (the MLP draft on the same windows: {tr['mlp_draft_heldout_top1_agreement_per_step']})"
     print(f"wrote {out}: {tr['tokens']:,} training tokens, {tr['cpu_seconds']} CPU s ({tr['wall_seconds']} s wall); "
           f"{quality}", file=sys.stderr)
     return 0
@@ -153,6 +166,15 @@ def register(sub) -> None:
                    help="chimera: keep the target's top-N head tokens per position as the soft target (0 = all)")
     t.add_argument("--feature-dtype", default="float32", choices=("float32", "bfloat16"),
                    help="chimera: the target's dtype while its features are computed (bfloat16 = the served default)")
+    t.add_argument("--decoder", choices=("mlp", "attention"), default="mlp",
+                   help="chimera: 'mlp' (last hidden state + trigram, no KV) or 'attention' (the full-context "
+                        "decoder: one attention layer over the target's features; --batch-size = windows per step)")
+    t.add_argument("--feat-weight", type=float, default=1.0,
+                   help="chimera attention: weight of the next-feature regression beside the cross-entropy")
+    t.add_argument("--feature-cache", default=None,
+                   help="chimera attention: folder keeping the target's features (reused by a run on the same data)")
+    t.add_argument("--compare", default=None,
+                   help="chimera attention: an MLP chimera adapter to report on the same held-out windows")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=None)
     t.set_defaults(func=cmd_train_adapter)

@@ -33,7 +33,8 @@ class RunnerOutput:
     hidden: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)
     """seq_id -> {layer: (num_logits, D)}: the hidden states entering ``layer`` (``num_layers``
     = after the last layer, before the final norm) of the rows that have logits, for each
-    layer in ``ModelRunner.capture``."""
+    layer in ``ModelRunner.capture``; capture ``-1``: the final hidden state of every row of the
+    chunk (prefill chunks included; the layer-by-layer path without restaging hooks only)."""
 
 
 def tree_positions(start: int, parents: list[int]) -> list[int]:
@@ -132,12 +133,15 @@ class ModelRunner:
         h, hidden = self._forward(self._tensor([ids]), positions, attn, info)
         logits = self.model.head(h)  # (R, V)
         res = RunnerOutput()
+        every = hidden.pop(-1, None)  # capture -1: the final hidden state of every row (a full-context draft)
         r = 0
-        for c in out.chunks:
+        for c, sg in zip(out.chunks, segments):
+            if every is not None:
+                res.hidden.setdefault(c.seq_id, {})[-1] = every[sg.start : sg.end]
             if c.num_logits:
                 res.logits[c.seq_id] = logits[r : r + c.num_logits]
                 if hidden:
-                    res.hidden[c.seq_id] = {i: x[r : r + c.num_logits] for i, x in hidden.items()}
+                    res.hidden.setdefault(c.seq_id, {}).update({i: x[r : r + c.num_logits] for i, x in hidden.items()})
                 r += c.num_logits
         return res
 
@@ -237,5 +241,7 @@ class ModelRunner:
             h = layer(h, cos, sin, attn, plan)
         if len(model.model.layers) in self.capture:
             hidden[len(model.model.layers)] = h[0, info.logit_rows]
+        if -1 in self.capture and not self.restagers:
+            hidden[-1] = h[0]
         return h[0, info.logit_rows], hidden  # (R, D): the rows whose logits the step needs
 

@@ -88,6 +88,10 @@ class Proposer(ABC):
         ``seq.draft_parents`` for a tree) for each sequence. ``sched`` and ``result`` are the
         step that just ran (None before the first step)."""
 
+    def observe(self, sched: SchedulerOutput | None, result: RunnerOutput | None) -> None:
+        """Every step, before ``propose`` (also when nothing is proposed): the step's chunks and
+        runner output, for a draft that keeps the target's features of every position."""
+
     def release(self, seq: Sequence) -> None:
         """The sequence finished; free any state kept for it."""
 

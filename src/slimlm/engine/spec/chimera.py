@@ -28,14 +28,17 @@ for a sequence once the draft's top-1 probability falls below it.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from slimlm.engine.spec.base import SPEC_METHODS, Proposer, ProposerContext
-from slimlm.engine.spec.kangaroo import check_threshold, load_adapter
+from slimlm.engine.spec.kangaroo import ADAPTER_CONFIG, check_threshold, load_adapter
 from slimlm.engine.spec.verify import target_probs
+from slimlm.errors import SlimLMError
 from slimlm.model.transformer import RMSNorm
 
 if TYPE_CHECKING:
@@ -68,6 +71,17 @@ class ChimeraDraft(nn.Module):
         return self.norm(x)
 
 
+def adapter_decoder(adapter: str | None) -> str:
+    """The ``decoder`` an adapter folder was trained with ("mlp" when it says none or is unreadable:
+    loading it then gives the one-line error)."""
+    if adapter is None:
+        return "mlp"
+    try:
+        return json.loads((Path(adapter).expanduser() / ADAPTER_CONFIG).read_text()).get("decoder", "mlp")
+    except (OSError, ValueError, AttributeError):
+        return "mlp"
+
+
 @SPEC_METHODS.register("chimera")
 class ChimeraProposer(Proposer):
     def __init__(self, ctx: ProposerContext, adapter: str | None = None, k: int = 4, threshold: float = 0.0,
@@ -86,9 +100,6 @@ class ChimeraProposer(Proposer):
         self.ctx, self.k, self.threshold, self.tree = ctx, k, float(threshold), bool(tree)
         self.cumulative = bool(cumulative)
         self.set_max_batch(max_batch)
-        self.net = ChimeraDraft(t.cfg.hidden_size, int(meta["depth"]), t.cfg.rms_norm_eps, int(meta.get("mlp_mult", 2)))
-        self.net.load_state_dict(state)
-        self.net.to(device=t.device, dtype=t.dtype).requires_grad_(False)
         tm = meta.get("token_map")
         self.token_map = torch.tensor(tm, dtype=torch.long, device=t.device) if tm else None
         w = t.lm_head.weight.detach()
@@ -96,6 +107,25 @@ class ChimeraProposer(Proposer):
         self.embed = t.model.embed_tokens
         self.vocab = ctx.vocab_size
         self.layer = t.cfg.num_layers
+        self._init_draft(meta, state)
+
+    def __new__(cls, ctx: ProposerContext, adapter: str | None = None, *args, **kwargs):
+        """An adapter trained with ``--decoder attention`` is served by the full-context
+        decoder (``chimera_attn.py``); the adapter folder says which."""
+        if cls is ChimeraProposer and adapter_decoder(adapter) == "attention":
+            from slimlm.engine.spec.chimera_attn import ChimeraAttnProposer
+
+            cls = ChimeraAttnProposer
+        return super().__new__(cls)
+
+    def _init_draft(self, meta: dict, state: dict) -> None:
+        if meta.get("decoder", "mlp") != "mlp":
+            raise SlimLMError(f"speculative={self.name!r} drafts with an MLP chimera adapter; this one has the "
+                              f"{meta['decoder']!r} decoder (serve it with speculative='chimera')")
+        t = self.ctx.target
+        self.net = ChimeraDraft(t.cfg.hidden_size, int(meta["depth"]), t.cfg.rms_norm_eps, int(meta.get("mlp_mult", 2)))
+        self.net.load_state_dict(state)
+        self.net.to(device=t.device, dtype=t.dtype).requires_grad_(False)
         self.state: dict[int, tuple[torch.Tensor, int]] = {}  # seq -> (hidden, num_tokens it applies to)
         self.row: dict[int, int] = {}  # seq -> row of the last step's hidden states to read
 

@@ -50,6 +50,12 @@ class ProposerGuard:
             pass
 
     def propose(self, seqs: list[Sequence], sched=None, result=None) -> None:
+        try:
+            self.proposer.observe(sched, result)
+        except Exception as e:  # noqa: BLE001 - no request depends on it yet: start its state over
+            log.warning("proposer observe failed (%s: %s); its sequences restart their draft state", type(e).__name__, e)
+            for s in seqs:
+                self.proposer.release(s)
         for s in seqs:
             if s.seq_id in self.disabled:
                 _clear(s)
