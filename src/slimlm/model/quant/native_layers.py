@@ -27,6 +27,7 @@ import ctypes
 import os
 
 import torch
+from torch import nn
 
 from slimlm.model.quant.formats import KERNEL_ENV, NATIVE_MAX_ROWS, _native_fn
 from slimlm.model.quant.linear import QuantLinear
@@ -35,6 +36,8 @@ ENV = "SLIMLM_DECODE_LAYER"
 """``0`` turns the native layer path off (the per-op path serves every step; for A/B runs)."""
 
 _NPTR, _NDESC, _NDIM = 2 + 4 * 4 + 2, 3 * 4, 9  # kernels/decode_layer.c: NPTR, NDESC, NDIM
+DTYPES = (torch.float32, torch.bfloat16)
+"""Model dtypes served: activations are float32 inside the call either way (see the module docstring)."""
 
 
 def unsupported(model, cache, paths, hooks, rope_ext) -> str | None:
@@ -53,8 +56,8 @@ def unsupported(model, cache, paths, hooks, rope_ext) -> str | None:
     if paths.native_decode is None or paths.track_mass or paths.sparse is not None or paths.dual_chunk is not None \
             or paths.span != AttentionSpan():
         return "decode attention is not the plain native kernel (KV policy, span or no kernel)"
-    if model.device.type != "cpu" or model.dtype != torch.float32:
-        return "activations are not float32 on the CPU"
+    if model.device.type != "cpu" or model.dtype not in DTYPES:
+        return "activations are not float32 / bfloat16 on the CPU"
     if any(w is not None for w in model.windows().values()):
         return "sliding-window layers"
     if cache.state or cache.mass is not None:
@@ -69,16 +72,30 @@ def unsupported(model, cache, paths, hooks, rope_ext) -> str | None:
         if not (fused_ok(a.qkv, a.q_proj) and fused_ok(mlp.gate_up, mlp.gate_proj)):
             return "q/k/v or gate/up are not fused"
         for m in (a.qkv, a.o_proj, mlp.gate_up, mlp.down_proj):
-            if type(m) is not QuantLinear or not m.native or _native_fn(m.kind, m.group_size) is None:
-                return "a projection is not packed with a native kernel"
+            why = _weight_unsupported(m)
+            if why:
+                return why
         for n in (layer.input_layernorm, layer.post_attention_layernorm):
-            if n.weight.dtype != torch.float32:
-                return "norm weights are not float32"
+            if n.weight.dtype not in DTYPES:
+                return "norm weights are not float32 / bfloat16"
     from slimlm import kernels
 
     if kernels.load("decode_layer") is None:
         return "the decode_layer kernel is unavailable"
     return None
+
+
+def _weight_unsupported(m) -> str | None:
+    if type(m) is QuantLinear:
+        if not m.native or _native_fn(m.kind, m.group_size) is None:
+            return "a projection is packed in a layout with no native kernel"
+        return None
+    if type(m) is nn.Linear:
+        w = m.weight
+        if w.dtype not in DTYPES or not w.is_contiguous():
+            return "a dense projection is not a contiguous float32 / bfloat16 weight"
+        return None
+    return "a projection is neither packed nor a plain nn.Linear (adapter, low-rank, ...)"
 
 
 def native_decode_layers(model, cache, paths, hooks, rope_ext) -> NativeDecodeLayers | None:
@@ -112,7 +129,10 @@ class NativeDecodeLayers:
             a, mlp = layer.self_attn, layer.mlp
             for m in (a.qkv, a.o_proj, mlp.gate_up, mlp.down_proj):
                 self._mods.append(m)
-                row += [m.qweight, m.scales, m._buffers.get("mins"), _f32(m.bias)]
+                if type(m) is QuantLinear:
+                    row += [m.qweight, m.scales, m._buffers.get("mins"), _f32(m.bias)]
+                else:  # dense: the weight itself (the fused one is a view-free tensor, read in place)
+                    row += [m.weight.detach(), None, None, _f32(m.bias)]
             kp, vp = cache.pools(i)
             row += [kp[0], vp[0]]
             for t in row:
@@ -138,7 +158,12 @@ class NativeDecodeLayers:
         mode = (os.environ.get(KERNEL_ENV, "vnni"), os.environ.get("SLIMLM_NATIVE", "1"))
         if mode == self._mode:
             return
+        dpbf16 = mode[0] == "vnni" and bool(self.lib.slimlm_dense_has_dpbf16())
         for j, m in enumerate(self._mods):
+            if type(m) is not QuantLinear:
+                bf16 = m.weight.dtype == torch.bfloat16
+                self.desc[3 * j: 3 * j + 3] = [3 if bf16 else 2, 0, int(bf16 and dpbf16)]
+                continue
             fn = _native_fn(m.kind, m.group_size)
             if fn is None:
                 raise RuntimeError("native decode layers: a packed kernel became unavailable")
@@ -182,15 +207,16 @@ class NativeDecodeLayers:
                 logit_rows: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """The runner's ``_forward`` for an all-decode step: (the logit rows' final hidden states
         (R, D), captured hidden states)."""
-        h = self.model.embed(ids)[0].contiguous()  # (T, D)
-        cos, sin = rotary(positions, h.dtype)  # (1, T, d)
+        dt = self.model.dtype
+        h = self.model.embed(ids)[0].float().contiguous()  # (T, D) float32 (a copy for bf16 models)
+        cos, sin = rotary(positions, torch.float32)  # (1, T, d)
         cos, sin = cos[0].contiguous(), sin[0].contiguous()
         t = attn.decode_table
         hidden: dict[int, torch.Tensor] = {}
         start = 0
         for c in sorted(x for x in capture if 0 <= x <= self.num_layers):
             self.run(h, start, c, cos, sin, attn.slots, t.table, t.lens)
-            hidden[c] = h[logit_rows]  # a copy: h changes in place
+            hidden[c] = h[logit_rows].to(dt)  # a copy: h changes in place
             start = c
         self.run(h, start, self.num_layers, cos, sin, attn.slots, t.table, t.lens)
-        return h[logit_rows], hidden
+        return h[logit_rows].to(dt), hidden
