@@ -145,7 +145,7 @@ class ModelRunner:
         return self.batch_invariant and c.num_drafts > 0 and not c.tree_parents and c.layout is None
 
     def _pad_lone_row(self) -> bool:
-        return self.batch_invariant and not self.hooks and self.dense_lowp
+        return self.batch_invariant and not self.hooks and self.dense_lowp and self.native_layers is None
 
     def _segment(self, c: ScheduledChunk, row: int, T: int) -> PrefillSegment:
         bs = self.cache.block_size

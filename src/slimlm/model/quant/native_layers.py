@@ -36,6 +36,10 @@ ENV = "SLIMLM_DECODE_LAYER"
 """``0`` turns the native layer path off (the per-op path serves every step; for A/B runs)."""
 
 _NPTR, _NDESC, _NDIM = 2 + 4 * 4 + 2, 3 * 4, 9  # kernels/decode_layer.c: NPTR, NDESC, NDIM
+DENSE_MAX_ROWS = 64
+"""All-decode steps of a dense model up to this many rows take the native layers: the weights are
+read once per step either way, and every row rounds as it would alone (batch invariance in bf16:
+a speculative verification pass of 4 sequences x 5 rows, 20 rows, rounds as plain decoding)."""
 DTYPES = (torch.float32, torch.bfloat16)
 """Model dtypes served: activations are float32 inside the call either way (see the module docstring)."""
 
@@ -148,6 +152,8 @@ class NativeDecodeLayers:
                                              k0.shape[0])
         self.desc = (ctypes.c_int64 * (_NDESC * self.num_layers))()
         self._mode: tuple | None = None
+        packed = any(type(m) is QuantLinear for m in self._mods)
+        self.max_rows = NATIVE_MAX_ROWS if packed else DENSE_MAX_ROWS
         n = (ctypes.c_int(), ctypes.c_int(), ctypes.c_int())
         lib.slimlm_decode_layer_sizes(*(ctypes.byref(x) for x in n))
         if tuple(x.value for x in n) != (_NPTR, _NDESC, _NDIM):
@@ -170,12 +176,11 @@ class NativeDecodeLayers:
             self.desc[3 * j: 3 * j + 3] = [0 if m.kind == "int8" else 1, m.group_size, int(fn.__name__.endswith("_vnni"))]
         self._mode = mode
 
-    @staticmethod
-    def applies(attn, T: int) -> bool:
+    def applies(self, attn, T: int) -> bool:
         """The step's rows are all single-token decodes on the native table (no prefill chunk,
-        no dropped block), few enough for the packed kernels."""
+        no dropped block), few enough for the kernels (``max_rows``)."""
         t = attn.decode_table
-        return not attn.prefills and t is not None and t.rows.numel() == T <= NATIVE_MAX_ROWS
+        return not attn.prefills and t is not None and t.rows.numel() == T <= self.max_rows
 
     def run(self, h: torch.Tensor, first: int, last: int, cos: torch.Tensor, sin: torch.Tensor,
             slots: torch.Tensor, table: torch.Tensor, lens: torch.Tensor) -> None:
