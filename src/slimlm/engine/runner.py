@@ -22,6 +22,7 @@ from slimlm.engine.paged_attention import (
 from slimlm.engine.sched_output import ScheduledChunk, SchedulerOutput
 from slimlm.engine.segments import set_allow_mask
 from slimlm.kvcache.storage import PagedKVCache
+from slimlm.model.quant.native_head import native_head
 from slimlm.model.quant.native_layers import native_decode_layers
 from slimlm.model.transformer import CausalLM
 
@@ -77,6 +78,8 @@ class ModelRunner:
         self.native_layers = native_decode_layers(model, cache, paths, hooks, rope_ext)
         """All-decode steps of a fully packed model through whole layers in one native call
         (``model/quant/native_layers.py``), or None: the layer-by-layer path."""
+        self.head = native_head(model) or model.head
+        """``model.head``, by a native GEMV for few rows of a dense model (``model/quant/native_head.py``)."""
         self.restagers = [h for h in hooks if type(h).restage is not LayerHook.restage]
         """Hooks that change the step's rows between layers (``LayerHook.restage``)."""
         for h in hooks:
@@ -130,7 +133,7 @@ class ModelRunner:
         info = StepInfo(positions[0], single, self._tensor(row_seq),
                         torch.tensor(row_out, dtype=torch.bool, device=self.device), lr, tuple(segments))
         h, hidden = self._forward(self._tensor([ids]), positions, attn, info)
-        logits = self.model.head(h)  # (R, V)
+        logits = self.head(h)  # (R, V)
         res = RunnerOutput()
         r = 0
         for c in out.chunks:
