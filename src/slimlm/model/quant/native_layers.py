@@ -2,19 +2,29 @@
 
 A batch-1 decode step of a packed model spends about a third of its time outside the matmuls:
 RMSNorm, RoPE, the KV write, residual adds, SiLU, reshapes, each an aten op with its dispatch and
-the Python of the layer around it. When every projection of every layer is packed and nothing
-needs a layer's internals, the runner hands a step whose rows are all decode rows to
+the Python of the layer around it. When every projection of every layer is packed or a plain dense
+float32 / bfloat16 ``nn.Linear`` (``kernels/dense_linear.c``) and nothing needs a layer's
+internals, the runner hands a step whose rows are all decode rows to
 :class:`NativeDecodeLayers`, which runs the layers ``[first, last)`` in one C call per range
 (the whole stack, or up to each layer whose entering hidden states a proposer captures).
 
 Chosen once, at the runner's construction (:func:`native_decode_layers`; :func:`unsupported`
-says why not). It needs: float32 activations on the CPU; per layer the fused q/k/v and gate/up
-projections (``model/fuse.py``) and o / down, all :class:`QuantLinear` with a native kernel;
+says why not). It needs: a float32 or bfloat16 model on the CPU; per layer the fused q/k/v and
+gate/up projections (``model/fuse.py``) and o / down, each a :class:`QuantLinear` with a native
+kernel or a dense ``nn.Linear`` (float32 / bfloat16: the fused weights read in place, no copy);
 Pre-LN, SiLU MLP, no sliding window, no MoE; a plain float32 / bfloat16 KV pool (no quantized,
 rotating or merged storage, no attention mass); the native decode attention; no layer hooks,
 RoPE extension, sparse-decode policy or span. Otherwise, and for any step with a prefill chunk,
-a dropped block or more than ``NATIVE_MAX_ROWS`` rows, the layer-by-layer PyTorch path serves
-(it is also the reference: tests compare the two). ``SLIMLM_DECODE_LAYER=0`` turns it off.
+a dropped block or more than ``max_rows`` rows (packed: ``NATIVE_MAX_ROWS``; dense:
+``DENSE_MAX_ROWS``), the layer-by-layer PyTorch path serves (it is also the reference: tests
+compare the two). ``SLIMLM_DECODE_LAYER=0`` turns it off.
+
+Activations are float32 inside the call for a bfloat16 model too (the embedding row widened, the
+hidden states rounded back to bf16 on the way out): PyTorch's bf16 path rounds every op's output
+to bf16, so the two differ by that rounding (tests: one step's logits within 3 % relative L2,
+measured 0.7 %, PyTorch's bf16 step itself 0.8 % off the fp32 model). The bf16 matmuls take
+``vdpbf16ps`` on x rounded to bf16, as llama.cpp does (``SLIMLM_QLINEAR=fp32``: the weights
+widened to fp32, x unrounded). float32 models: identical greedy tokens, logits within 1e-4.
 
 The C code holds raw pointers to the weights and pools, so this object keeps references to
 every tensor it points at; the model must not be modified while an engine serves it (as for
