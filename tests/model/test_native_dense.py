@@ -8,7 +8,7 @@ between ops where PyTorch rounds every op's output to bfloat16, and its matmul e
 bf16 weights (``SLIMLM_QLINEAR=fp32``) or rounds x to bf16 for ``vdpbf16ps`` (the default where
 built); so one decode step from the same state is compared, logits within 3 % relative L2
 (measured on this tiny model: 0.7 % with either kernel,
-PyTorch's bf16 step itself 0.8 % off the fp32 model)."""
+PyTorch's bf16 step itself 0.8 % off the fp32 model); a bf16 model with int4 weights alike."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def _pair(lm_fn, monkeypatch, **kw):
     monkeypatch.delenv(HEAD_ENV)
     ra, rb = a.engine.runner, b.engine.runner
     assert ra.native_layers is not None and rb.native_layers is None
-    assert isinstance(ra.head, NativeHead) and not isinstance(rb.head, NativeHead)
+    assert isinstance(ra.head, NativeHead) == (kw.get("weights") is None) and not isinstance(rb.head, NativeHead)
     return a, b
 
 
@@ -67,14 +67,17 @@ def _step_logits(llm, prompts):
     return torch.cat([x.logits[s].float() for x in seen[1:2] for s in sorted(x.logits)])
 
 
-@pytest.mark.parametrize("kernel", ["vnni", "fp32"])  # vdpbf16ps (x rounded to bf16) / widened weights
-def test_dense_bf16_near_the_layer_path(kernel, tiny_llama_dir, monkeypatch):
+@pytest.mark.parametrize("weights,kernel", [(None, "vnni"), (None, "fp32"), ("int4", "fp32")])
+def test_bf16_model_near_the_layer_path(weights, kernel, tiny_llama_dir, monkeypatch):
+    """Dense bf16 weights by vdpbf16ps ("vnni") or widened ("fp32"); a bf16 model with packed
+    weights (``dtype="auto"`` on this CPU with ``weights="int4"``) takes the native layers too."""
     prompts = [[5, 9, 33, 71, 8], [100, 3, 17]]
-    a, b = _pair(lambda: load(tiny_llama_dir, "bfloat16"), monkeypatch)
+    kw = {} if weights is None else {"weights": weights}
+    a, b = _pair(lambda: load(tiny_llama_dir, "bfloat16"), monkeypatch, **kw)
     monkeypatch.setenv("SLIMLM_QLINEAR", kernel)
     assert a.engine.runner.native_layers is not None and a.engine.model.dtype == torch.bfloat16
     la, lb = _step_logits(a, prompts), _step_logits(b, prompts)
-    ref = _step_logits(LLM(load(tiny_llama_dir, "float32")), prompts)
+    ref = _step_logits(LLM(load(tiny_llama_dir, "float32"), **kw), prompts)
     rel = float((la - lb).norm() / lb.norm())
     assert rel < BF16_REL, rel
     # the native bf16 step is no further from the fp32 model than PyTorch's bf16 step is
