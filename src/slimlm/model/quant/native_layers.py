@@ -118,7 +118,7 @@ def native_decode_layers(model, cache, paths, hooks, rope_ext) -> NativeDecodeLa
         return None
     from slimlm import kernels
 
-    return NativeDecodeLayers(kernels.load("decode_layer"), model, cache)
+    return NativeDecodeLayers(kernels.load("decode_layer"), model, cache, hooks)
 
 
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -126,9 +126,12 @@ def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class NativeDecodeLayers:
-    def __init__(self, lib, model, cache):
+    def __init__(self, lib, model, cache, hooks: list | None = None):
         cfg = model.cfg
         self.lib, self.model = lib, model
+        self.hooks = hooks if hooks is not None else []
+        """The runner's hook list (the same object): a hook appended after construction sends
+        every later step down the layer-by-layer path."""
         self.num_layers = cfg.num_layers
         self.eps = float(model.model.layers[0].input_layernorm.eps)
         self.scale = float(model.attn_scale)
@@ -190,7 +193,7 @@ class NativeDecodeLayers:
         """The step's rows are all single-token decodes on the native table (no prefill chunk,
         no dropped block), few enough for the kernels (``max_rows``)."""
         t = attn.decode_table
-        return not attn.prefills and t is not None and t.rows.numel() == T <= self.max_rows
+        return not self.hooks and not attn.prefills and t is not None and t.rows.numel() == T <= self.max_rows
 
     def run(self, h: torch.Tensor, first: int, last: int, cos: torch.Tensor, sin: torch.Tensor,
             slots: torch.Tensor, table: torch.Tensor, lens: torch.Tensor) -> None:
