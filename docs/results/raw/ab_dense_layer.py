@@ -1,7 +1,8 @@
 """Same-run A/B of dense weights through the native decode layers (kernels/dense_linear.c) and the
-native LM head (model/quant/native_head.py) vs the layer-by-layer PyTorch path and PyTorch's head, batch-1 greedy decode ms/step after a 64-token prompt, engines in one
-process, alternating rounds; for bf16 also the two bf16 kernels (weights widened to fp32 vs
-vdpbf16ps on bf16-rounded x). Ratios only on a loaded machine.
+native LM head (model/quant/native_head.py) vs the layer-by-layer PyTorch path and PyTorch's head,
+batch-1 greedy decode ms/step after a 64-token prompt, engines in one process, alternating rounds;
+for bf16 also the two bf16 kernels (weights widened to fp32 vs vdpbf16ps on bf16-rounded x).
+Ratios only on a loaded machine.
   THREADS=1 python docs/results/raw/ab_dense_layer.py float32|bfloat16 [rounds]"""
 import os, sys, time, statistics, torch
 from slimlm import LLM, SamplingParams

@@ -76,8 +76,8 @@ class ModelRunner:
         (the packed-weight kernels compute every row alone, so a twin row would be pure cost
         there: 8 % of a gguf batch-1 step)."""
         self.native_layers = native_decode_layers(model, cache, paths, hooks, rope_ext)
-        """All-decode steps of a fully packed model through whole layers in one native call
-        (``model/quant/native_layers.py``), or None: the layer-by-layer path."""
+        """All-decode steps of a packed or dense fp32 / bf16 model through whole layers in one native
+        call (``model/quant/native_layers.py``), or None: the layer-by-layer path."""
         self.head = native_head(model) or model.head
         """``model.head``, by a native GEMV for few rows of a dense model (``model/quant/native_head.py``)."""
         self.restagers = [h for h in hooks if type(h).restage is not LayerHook.restage]
