@@ -31,7 +31,7 @@ int slimlm_dense_has_dpbf16(void) {
 #endif
 }
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 static inline __m512 ld_w(const void *w, int bf16, int64_t k) {
     if (!bf16) return _mm512_loadu_ps((const float *)w + k);
     __m256i b = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + k));
