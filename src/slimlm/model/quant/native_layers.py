@@ -80,8 +80,8 @@ def unsupported(model, cache, paths, hooks, rope_ext) -> str | None:
         if not isinstance(codec, PlainCodec) or codec.native_code not in (0, 1) or codec.rotates:
             return f"KV codec stores {getattr(codec, 'storage_dtype', 'quantized')} rows"
     for layer in model.model.layers:
-        a, mlp = layer.self_attn, layer.mlp
-        if layer.post_ln or type(a) is not Attention or type(mlp) is not MLP:
+        a, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if getattr(layer, "post_ln", True) or type(a) is not Attention or type(mlp) is not MLP:
             return "a layer is not Pre-LN attention + SwiGLU MLP"
         if not (fused_ok(a.qkv, a.q_proj) and fused_ok(mlp.gate_up, mlp.gate_proj)):
             return "q/k/v or gate/up are not fused"
