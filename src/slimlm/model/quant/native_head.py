@@ -28,9 +28,14 @@ ENV = "SLIMLM_NATIVE_HEAD"
 
 
 def native_head(model) -> NativeHead | None:
-    """A native head for this model, or None (dense float32 / bfloat16 ``nn.Linear`` head on the
-    CPU, no bias, a compiled kernel; ``SLIMLM_NATIVE_HEAD`` not 0)."""
-    if os.environ.get(ENV, "1") == "0" or model.device.type != "cpu":
+    """A native head for this model, or None (a :class:`CausalLM` with its own ``head``, a dense
+    float32 / bfloat16 ``nn.Linear`` head on the CPU, no bias, a compiled kernel;
+    ``SLIMLM_NATIVE_HEAD`` not 0)."""
+    from slimlm.model.transformer import CausalLM
+
+    if os.environ.get(ENV, "1") == "0" or not isinstance(model, CausalLM) or type(model).head is not CausalLM.head:
+        return None  # another model class (a draft's shallow model), or a head of its own
+    if model.device.type != "cpu":
         return None
     head = model.lm_head
     if type(head) is not nn.Linear or head.bias is not None or head.weight.dtype not in DTYPES:
