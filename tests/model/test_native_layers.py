@@ -121,12 +121,11 @@ def test_native_layers_only_where_exact(tiny_llama_dir, monkeypatch):
 
     why, nl = reason(weights="int4")
     assert why is None and nl is not None
-    for kw, needle in [({}, "not packed"), ({"weights": "int4", "kv_cache_dtype": "int8"}, "KV codec"),
+    for kw, needle in [({"weights": "int4", "kv_cache_dtype": "int8"}, "KV codec"),
                        ({"weights": "int4", "hooks": ["ffn_skip"], "hook_args": {"ffn_skip": {"layers": [1]}}},
                         "hooks"),
                        ({"weights": "int4", "kv_policy": "sink"}, "decode attention"),
-                       ({"weights": "int4", "native_kernels": False}, "decode attention"),
-                       ({"weights": "int4", "dtype": "bfloat16"}, "float32")]:
+                       ({"weights": "int4", "native_kernels": False}, "decode attention")]:
         why, nl = reason(**kw)
         assert nl is None and needle in why, (kw, why)
     monkeypatch.setenv(ENV, "0")

@@ -44,7 +44,10 @@ class EngineConfig:
     differently from several; the weights are still read once) and a chain of drafts is
     verified row by row through the decode attention path, as plain decode steps would attend.
     A model whose linear layers are all packed (int8 / int4 / gguf) needs no twin row: its
-    decode kernels compute each row alone (up to 16 rows; more take the de-quantized matmul).
+    decode kernels compute each row alone (up to 16 rows; more take the de-quantized matmul);
+    nor does a dense model served by the native decode layers (``model/quant/native_layers.py``:
+    each row alone in all-decode steps of up to 64 rows; a decode row sharing a step with a
+    prefill chunk takes the PyTorch path and may round differently).
     Cost of the twin row, batch-1 bf16 decode of SmolLM2-135M: 2.8 % (docs/results/raw/ab_batch_invariant.py).
     False: the fastest path per step (bf16 near-ties may then flip between batch sizes)."""
     hooks: list[str] = field(default_factory=list)

@@ -22,6 +22,7 @@ from slimlm.engine.paged_attention import (
 from slimlm.engine.sched_output import ScheduledChunk, SchedulerOutput
 from slimlm.engine.segments import set_allow_mask
 from slimlm.kvcache.storage import PagedKVCache
+from slimlm.model.quant.native_head import native_head
 from slimlm.model.quant.native_layers import native_decode_layers
 from slimlm.model.transformer import CausalLM
 
@@ -76,8 +77,10 @@ class ModelRunner:
         (the packed-weight kernels compute every row alone, so a twin row would be pure cost
         there: 8 % of a gguf batch-1 step)."""
         self.native_layers = native_decode_layers(model, cache, paths, hooks, rope_ext)
-        """All-decode steps of a fully packed model through whole layers in one native call
-        (``model/quant/native_layers.py``), or None: the layer-by-layer path."""
+        """All-decode steps of a packed or dense fp32 / bf16 model through whole layers in one native
+        call (``model/quant/native_layers.py``), or None: the layer-by-layer path."""
+        self.head = native_head(model) or model.head
+        """``model.head``, by a native GEMV for few rows of a dense model (``model/quant/native_head.py``)."""
         self.restagers = [h for h in hooks if type(h).restage is not LayerHook.restage]
         """Hooks that change the step's rows between layers (``LayerHook.restage``)."""
         for h in hooks:
@@ -131,7 +134,7 @@ class ModelRunner:
         info = StepInfo(positions[0], single, self._tensor(row_seq),
                         torch.tensor(row_out, dtype=torch.bool, device=self.device), lr, tuple(segments))
         h, hidden = self._forward(self._tensor([ids]), positions, attn, info)
-        logits = self.model.head(h)  # (R, V)
+        logits = self.head(h)  # (R, V)
         res = RunnerOutput()
         every = hidden.pop(-1, None)  # capture -1: the final hidden state of every row (a full-context draft)
         r = 0
@@ -149,7 +152,7 @@ class ModelRunner:
         return self.batch_invariant and c.num_drafts > 0 and not c.tree_parents and c.layout is None
 
     def _pad_lone_row(self) -> bool:
-        return self.batch_invariant and not self.hooks and self.dense_lowp
+        return self.batch_invariant and not self.hooks and self.dense_lowp and self.native_layers is None
 
     def _segment(self, c: ScheduledChunk, row: int, T: int) -> PrefillSegment:
         bs = self.cache.block_size

@@ -78,10 +78,13 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
                                         _F32, _F32, _INT)),
         "slimlm_decode_layer_sizes": (_INT, (_PTR, _PTR, _PTR)),
         "slimlm_qlinear_has_vnni": (_INT, ()),
+        # x, w, kind (0 fp32, 1 bf16 widened, 2 bf16 vdpbf16ps), y, M, N, K, nthreads (dense_linear.c)
+        "slimlm_dense_linear": (_INT, (_PTR, _PTR, _INT, _PTR, _I64, _I64, _I64, _INT)),
+        "slimlm_dense_has_dpbf16": (_INT, ()),
     },
 }
 
-INCLUDES: dict[str, list[str]] = {"decode_layer": ["qlinear.c", "paged_decode.c", "kv_pool.h"],
+INCLUDES: dict[str, list[str]] = {"decode_layer": ["qlinear.c", "paged_decode.c", "kv_pool.h", "dense_linear.c"],
                                   "paged_decode": ["kv_pool.h"], "paged_prefill": ["kv_pool.h", "simd_math.h"],
                                   "sparse_decode": ["kv_pool.h"], "sparse_prefill": ["kv_pool.h", "simd_math.h"]}
 """Kernel files another one ``#include``s (part of its build key, so editing them rebuilds it)."""

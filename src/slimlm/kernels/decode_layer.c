@@ -14,8 +14,10 @@
  * their dispatch and the Python of a layer, ~30 ms of an 86 ms SmolLM2-135M step at 1 thread.
  *
  * Per layer the caller gives NPTR pointers (ln1, ln2; q, scale, mins, bias of the four weights in
- * the order qkv, o, gate_up, down; k pool, v pool) and NDESC integers (kind 0 int8 / 1 int4,
- * group size, 1 = VNNI kernel, of each weight); the model's sizes in dims[] (see DIM_*). Every
+ * the order qkv, o, gate_up, down; k pool, v pool) and NDESC integers (kind 0 int8 / 1 int4 /
+ * 2 dense float32 / 3 dense bfloat16, group size, 1 = VNNI kernel (int8 / int4) or `vdpbf16ps`
+ * (bfloat16), of each weight); dense weights are dense_linear.c's (q = the weight, no scales).
+ * The model's sizes in dims[] (see DIM_*). Every
  * elementwise step rounds as PyTorch's fp32 ops do (no FMA contraction: -std=c11), so the result
  * differs from the layer-by-layer path only in RMSNorm's summation order and SiLU's exp.
  * Returns 0, or the first failing kernel's code (1 bad shapes, 2 out of memory, 4 a slot, block id or
@@ -24,6 +26,7 @@
 #include "qlinear.c"
 #undef L /* qlinear.c's lane count; paged_decode.c names a length L */
 #include "paged_decode.c"
+#include "dense_linear.c"
 
 enum { W_QKV, W_O, W_GU, W_DOWN, NW };
 #define NPTR (2 + 4 * NW + 2)
@@ -39,7 +42,9 @@ static int qlin(const int64_t *wd, const void *const *wp, const float *x, float 
                 int64_t K, int nthreads) {
     const int64_t kind = wd[0], G = wd[1], vnni = wd[2];
     int rc;
-    if (kind == 0)
+    if (kind >= 2)
+        rc = slimlm_dense_linear(x, wp[0], kind == 2 ? 0 : vnni ? 2 : 1, y, M, N, K, nthreads);
+    else if (kind == 0)
         rc = vnni ? slimlm_q8_linear_vnni(x, wp[0], wp[1], y, M, N, K, G, nthreads)
                   : slimlm_q8_linear(x, wp[0], wp[1], y, M, N, K, G, nthreads);
     else

@@ -30,7 +30,7 @@ from slimlm.errors import ModelLoadError
 from slimlm.model.config import ModelConfig
 from slimlm.model.transformer import CausalLM
 from slimlm.model.weights import (
-    build_model, parse_dtype, read_config, read_state_dict, release_freed_heap, save_model_dir,
+    build_model, mmap_large_blocks, parse_dtype, read_config, read_state_dict, release_freed_heap, save_model_dir,
 )
 from slimlm.tokenizer import Tokenizer
 
@@ -122,6 +122,7 @@ def load(
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             path = ggufs[0]
+    mmap_large_blocks(True)  # until the model is built: temporaries go back to the OS when freed
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelLoadError(f"{path} is a file; expected a model directory or a .gguf file")
@@ -158,6 +159,7 @@ def load(
     if weights == "auto":
         weights = "dense"
     release_freed_heap()
+    mmap_large_blocks(False)
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise ModelLoadError(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}: "

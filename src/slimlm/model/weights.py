@@ -26,6 +26,25 @@ DTYPES = {
 }
 
 
+def mmap_large_blocks(loading: bool) -> None:
+    """Set glibc's mmap threshold (``mallopt(M_MMAP_THRESHOLD)``). ``loading=True``: 256 KiB, so
+    the many converted / de-quantized temporaries of a load are unmapped as soon as they are freed
+    instead of fragmenting the heap (int4 SmolLM2-135M: load peak 674 -> 529 MiB, steady 444 ->
+    429 MiB; ``docs/results/raw/rss_phases.py``). ``False``: 32 MiB, the ceiling of glibc's own
+    dynamic threshold, where a process that has freed large tensors ends up anyway (activations
+    keep reusing heap pages; setting a value turns the dynamic rule off). A no-op off glibc."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-3, (256 << 10) if loading else (32 << 20))
+    except (OSError, AttributeError):
+        pass
+
+
 def release_freed_heap() -> None:
     """Return freed heap pages to the OS (glibc ``malloc_trim``). Loading frees many temporary
     buffers (de-quantized or converted tensors); without this their pages stay in the resident

@@ -2,19 +2,29 @@
 
 A batch-1 decode step of a packed model spends about a third of its time outside the matmuls:
 RMSNorm, RoPE, the KV write, residual adds, SiLU, reshapes, each an aten op with its dispatch and
-the Python of the layer around it. When every projection of every layer is packed and nothing
-needs a layer's internals, the runner hands a step whose rows are all decode rows to
+the Python of the layer around it. When every projection of every layer is packed or a plain dense
+float32 / bfloat16 ``nn.Linear`` (``kernels/dense_linear.c``) and nothing needs a layer's
+internals, the runner hands a step whose rows are all decode rows to
 :class:`NativeDecodeLayers`, which runs the layers ``[first, last)`` in one C call per range
 (the whole stack, or up to each layer whose entering hidden states a proposer captures).
 
 Chosen once, at the runner's construction (:func:`native_decode_layers`; :func:`unsupported`
-says why not). It needs: float32 activations on the CPU; per layer the fused q/k/v and gate/up
-projections (``model/fuse.py``) and o / down, all :class:`QuantLinear` with a native kernel;
+says why not). It needs: a float32 or bfloat16 model on the CPU; per layer the fused q/k/v and
+gate/up projections (``model/fuse.py``) and o / down, each a :class:`QuantLinear` with a native
+kernel or a dense ``nn.Linear`` (float32 / bfloat16: the fused weights read in place, no copy);
 Pre-LN, SiLU MLP, no sliding window, no MoE; a plain float32 / bfloat16 KV pool (no quantized,
 rotating or merged storage, no attention mass); the native decode attention; no layer hooks,
 RoPE extension, sparse-decode policy or span. Otherwise, and for any step with a prefill chunk,
-a dropped block or more than ``NATIVE_MAX_ROWS`` rows, the layer-by-layer PyTorch path serves
-(it is also the reference: tests compare the two). ``SLIMLM_DECODE_LAYER=0`` turns it off.
+a dropped block or more than ``max_rows`` rows (packed: ``NATIVE_MAX_ROWS``; dense:
+``DENSE_MAX_ROWS``), the layer-by-layer PyTorch path serves (it is also the reference: tests
+compare the two). ``SLIMLM_DECODE_LAYER=0`` turns it off.
+
+Activations are float32 inside the call for a bfloat16 model too (the embedding row widened, the
+hidden states rounded back to bf16 on the way out): PyTorch's bf16 path rounds every op's output
+to bf16, so the two differ by that rounding (tests: one step's logits within 3 % relative L2,
+measured 0.7 %, PyTorch's bf16 step itself 0.8 % off the fp32 model). The bf16 matmuls take
+``vdpbf16ps`` on x rounded to bf16, as llama.cpp does (``SLIMLM_QLINEAR=fp32``: the weights
+widened to fp32, x unrounded). float32 models: identical greedy tokens, logits within 1e-4.
 
 The C code holds raw pointers to the weights and pools, so this object keeps references to
 every tensor it points at; the model must not be modified while an engine serves it (as for
@@ -27,6 +37,7 @@ import ctypes
 import os
 
 import torch
+from torch import nn
 
 from slimlm.model.quant.formats import KERNEL_ENV, NATIVE_MAX_ROWS, _native_fn
 from slimlm.model.quant.linear import QuantLinear
@@ -35,6 +46,12 @@ ENV = "SLIMLM_DECODE_LAYER"
 """``0`` turns the native layer path off (the per-op path serves every step; for A/B runs)."""
 
 _NPTR, _NDESC, _NDIM = 2 + 4 * 4 + 2, 3 * 4, 9  # kernels/decode_layer.c: NPTR, NDESC, NDIM
+DENSE_MAX_ROWS = 64
+"""All-decode steps of a dense model up to this many rows take the native layers: the weights are
+read once per step either way, and every row rounds as it would alone (batch invariance in bf16:
+a speculative verification pass of 4 sequences x 5 rows, 20 rows, rounds as plain decoding)."""
+DTYPES = (torch.float32, torch.bfloat16)
+"""Model dtypes served: activations are float32 inside the call either way (see the module docstring)."""
 
 
 def unsupported(model, cache, paths, hooks, rope_ext) -> str | None:
@@ -53,8 +70,8 @@ def unsupported(model, cache, paths, hooks, rope_ext) -> str | None:
     if paths.native_decode is None or paths.track_mass or paths.sparse is not None or paths.dual_chunk is not None \
             or paths.span != AttentionSpan():
         return "decode attention is not the plain native kernel (KV policy, span or no kernel)"
-    if model.device.type != "cpu" or model.dtype != torch.float32:
-        return "activations are not float32 on the CPU"
+    if model.device.type != "cpu" or model.dtype not in DTYPES:
+        return "activations are not float32 / bfloat16 on the CPU"
     if any(w is not None for w in model.windows().values()):
         return "sliding-window layers"
     if cache.state or cache.mass is not None:
@@ -63,22 +80,36 @@ def unsupported(model, cache, paths, hooks, rope_ext) -> str | None:
         if not isinstance(codec, PlainCodec) or codec.native_code not in (0, 1) or codec.rotates:
             return f"KV codec stores {getattr(codec, 'storage_dtype', 'quantized')} rows"
     for layer in model.model.layers:
-        a, mlp = layer.self_attn, layer.mlp
-        if layer.post_ln or type(a) is not Attention or type(mlp) is not MLP:
+        a, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if getattr(layer, "post_ln", True) or type(a) is not Attention or type(mlp) is not MLP:
             return "a layer is not Pre-LN attention + SwiGLU MLP"
         if not (fused_ok(a.qkv, a.q_proj) and fused_ok(mlp.gate_up, mlp.gate_proj)):
             return "q/k/v or gate/up are not fused"
         for m in (a.qkv, a.o_proj, mlp.gate_up, mlp.down_proj):
-            if type(m) is not QuantLinear or not m.native or _native_fn(m.kind, m.group_size) is None:
-                return "a projection is not packed with a native kernel"
+            why = _weight_unsupported(m)
+            if why:
+                return why
         for n in (layer.input_layernorm, layer.post_attention_layernorm):
-            if n.weight.dtype != torch.float32:
-                return "norm weights are not float32"
+            if n.weight.dtype not in DTYPES:
+                return "norm weights are not float32 / bfloat16"
     from slimlm import kernels
 
     if kernels.load("decode_layer") is None:
         return "the decode_layer kernel is unavailable"
     return None
+
+
+def _weight_unsupported(m) -> str | None:
+    if type(m) is QuantLinear:
+        if not m.native or _native_fn(m.kind, m.group_size) is None:
+            return "a projection is packed in a layout with no native kernel"
+        return None
+    if type(m) is nn.Linear:
+        w = m.weight
+        if w.dtype not in DTYPES or not w.is_contiguous():
+            return "a dense projection is not a contiguous float32 / bfloat16 weight"
+        return None
+    return "a projection is neither packed nor a plain nn.Linear (adapter, low-rank, ...)"
 
 
 def native_decode_layers(model, cache, paths, hooks, rope_ext) -> NativeDecodeLayers | None:
@@ -87,7 +118,7 @@ def native_decode_layers(model, cache, paths, hooks, rope_ext) -> NativeDecodeLa
         return None
     from slimlm import kernels
 
-    return NativeDecodeLayers(kernels.load("decode_layer"), model, cache)
+    return NativeDecodeLayers(kernels.load("decode_layer"), model, cache, hooks)
 
 
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -95,9 +126,12 @@ def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class NativeDecodeLayers:
-    def __init__(self, lib, model, cache):
+    def __init__(self, lib, model, cache, hooks: list | None = None):
         cfg = model.cfg
         self.lib, self.model = lib, model
+        self.hooks = hooks if hooks is not None else []
+        """The runner's hook list (the same object): a hook appended after construction sends
+        every later step down the layer-by-layer path."""
         self.num_layers = cfg.num_layers
         self.eps = float(model.model.layers[0].input_layernorm.eps)
         self.scale = float(model.attn_scale)
@@ -112,7 +146,10 @@ class NativeDecodeLayers:
             a, mlp = layer.self_attn, layer.mlp
             for m in (a.qkv, a.o_proj, mlp.gate_up, mlp.down_proj):
                 self._mods.append(m)
-                row += [m.qweight, m.scales, m._buffers.get("mins"), _f32(m.bias)]
+                if type(m) is QuantLinear:
+                    row += [m.qweight, m.scales, m._buffers.get("mins"), _f32(m.bias)]
+                else:  # dense: the weight itself (the fused one is a view-free tensor, read in place)
+                    row += [m.weight.detach(), None, None, _f32(m.bias)]
             kp, vp = cache.pools(i)
             row += [kp[0], vp[0]]
             for t in row:
@@ -128,6 +165,8 @@ class NativeDecodeLayers:
                                              k0.shape[0])
         self.desc = (ctypes.c_int64 * (_NDESC * self.num_layers))()
         self._mode: tuple | None = None
+        packed = any(type(m) is QuantLinear for m in self._mods)
+        self.max_rows = NATIVE_MAX_ROWS if packed else DENSE_MAX_ROWS
         n = (ctypes.c_int(), ctypes.c_int(), ctypes.c_int())
         lib.slimlm_decode_layer_sizes(*(ctypes.byref(x) for x in n))
         if tuple(x.value for x in n) != (_NPTR, _NDESC, _NDIM):
@@ -138,19 +177,23 @@ class NativeDecodeLayers:
         mode = (os.environ.get(KERNEL_ENV, "vnni"), os.environ.get("SLIMLM_NATIVE", "1"))
         if mode == self._mode:
             return
+        dpbf16 = mode[0] == "vnni" and bool(self.lib.slimlm_dense_has_dpbf16())
         for j, m in enumerate(self._mods):
+            if type(m) is not QuantLinear:
+                bf16 = m.weight.dtype == torch.bfloat16
+                self.desc[3 * j: 3 * j + 3] = [3 if bf16 else 2, 0, int(bf16 and dpbf16)]
+                continue
             fn = _native_fn(m.kind, m.group_size)
             if fn is None:
                 raise RuntimeError("native decode layers: a packed kernel became unavailable")
             self.desc[3 * j: 3 * j + 3] = [0 if m.kind == "int8" else 1, m.group_size, int(fn.__name__.endswith("_vnni"))]
         self._mode = mode
 
-    @staticmethod
-    def applies(attn, T: int) -> bool:
+    def applies(self, attn, T: int) -> bool:
         """The step's rows are all single-token decodes on the native table (no prefill chunk,
-        no dropped block), few enough for the packed kernels."""
+        no dropped block), few enough for the kernels (``max_rows``)."""
         t = attn.decode_table
-        return not attn.prefills and t is not None and t.rows.numel() == T <= NATIVE_MAX_ROWS
+        return not self.hooks and not attn.prefills and t is not None and t.rows.numel() == T <= self.max_rows
 
     def run(self, h: torch.Tensor, first: int, last: int, cos: torch.Tensor, sin: torch.Tensor,
             slots: torch.Tensor, table: torch.Tensor, lens: torch.Tensor) -> None:
@@ -182,15 +225,16 @@ class NativeDecodeLayers:
                 logit_rows: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """The runner's ``_forward`` for an all-decode step: (the logit rows' final hidden states
         (R, D), captured hidden states)."""
-        h = self.model.embed(ids)[0].contiguous()  # (T, D)
-        cos, sin = rotary(positions, h.dtype)  # (1, T, d)
+        dt = self.model.dtype
+        h = self.model.embed(ids)[0].float().contiguous()  # (T, D) float32 (a copy for bf16 models)
+        cos, sin = rotary(positions, torch.float32)  # (1, T, d)
         cos, sin = cos[0].contiguous(), sin[0].contiguous()
         t = attn.decode_table
         hidden: dict[int, torch.Tensor] = {}
         start = 0
         for c in sorted(x for x in capture if 0 <= x <= self.num_layers):
             self.run(h, start, c, cos, sin, attn.slots, t.table, t.lens)
-            hidden[c] = h[logit_rows]  # a copy: h changes in place
+            hidden[c] = h[logit_rows].to(dt)  # a copy: h changes in place
             start = c
         self.run(h, start, self.num_layers, cos, sin, attn.slots, t.table, t.lens)
-        return h[logit_rows], hidden
+        return h[logit_rows].to(dt), hidden

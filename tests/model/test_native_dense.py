@@ -1,0 +1,142 @@
+"""Dense float32 / bfloat16 weights through the native decode layers (kernels/dense_linear.c via
+kernels/decode_layer.c) equal the layer-by-layer PyTorch path.
+
+float32: greedy tokens identical and logits within 1e-4 (the paths differ in summation order),
+batched, with prefix caching, captured hidden states and under preemption; also with the portable
+kernels (an x86-64-v3 build, no AVX-512). bfloat16: the native path keeps activations in float32
+between ops where PyTorch rounds every op's output to bfloat16, and its matmul either widens the
+bf16 weights (``SLIMLM_QLINEAR=fp32``) or rounds x to bf16 for ``vdpbf16ps`` (the default where
+built); so one decode step from the same state is compared, logits within 3 % relative L2
+(measured on this tiny model: 0.7 % with either kernel,
+PyTorch's bf16 step itself 0.8 % off the fp32 model); a bf16 model with int4 weights alike."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from slimlm import LLM, SamplingParams
+from slimlm.model.hub import load
+from slimlm.model.quant.native_layers import ENV, unsupported
+from tests.engine.test_engine import make_prompts
+from slimlm.model.quant.native_head import ENV as HEAD_ENV
+from slimlm.model.quant.native_head import NativeHead
+from tests.model.test_native_layers import _compare, _record
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                reason="no C compiler: the layer-by-layer path serves")
+BF16_REL = 0.03
+
+
+def _pair(lm_fn, monkeypatch, **kw):
+    """(native layers + native head, layer-by-layer + PyTorch head) engines on the same weights."""
+    a = LLM(lm_fn(), **kw)
+    monkeypatch.setenv(ENV, "0")
+    monkeypatch.setenv(HEAD_ENV, "0")
+    b = LLM(lm_fn(), **kw)
+    monkeypatch.delenv(ENV)
+    monkeypatch.delenv(HEAD_ENV)
+    ra, rb = a.engine.runner, b.engine.runner
+    assert ra.native_layers is not None and rb.native_layers is None
+    assert isinstance(ra.head, NativeHead) == (kw.get("weights") is None) and not isinstance(rb.head, NativeHead)
+    return a, b
+
+
+def test_dense_fp32_equals_the_layer_path_batched_with_prefix_caching(tiny_llama_dir, monkeypatch):
+    a, b = _pair(lambda: load(tiny_llama_dir), monkeypatch)
+    prompts = make_prompts(6, seed=1)
+    eng = _compare(a, b, prompts, capture={1})
+    assert eng.stats["computed_prompt_tokens"] < sum(map(len, prompts))  # the shared prefix was reused
+
+
+def test_dense_fp32_under_preemption(tiny_llama_dir, monkeypatch):
+    c = load(tiny_llama_dir).model.cfg
+    bpb = 2 * c.num_layers * 8 * c.num_kv_heads * c.head_dim * 4
+    kw = dict(block_size=8, max_num_batched_tokens=64, kv_cache_bytes=9 * bpb)
+    a, b = _pair(lambda: load(tiny_llama_dir), monkeypatch, **kw)
+    eng = _compare(a, b, [p[:30] for p in make_prompts(5, seed=2)])  # 5 blocks each, 9 in the pool
+    assert eng.scheduler.num_preemptions > 0
+
+
+def _step_logits(llm, prompts):
+    """Each sequence's logits at its first decode step (after the same prefill)."""
+    seen = _record(llm)
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
+    return torch.cat([x.logits[s].float() for x in seen[1:2] for s in sorted(x.logits)])
+
+
+@pytest.mark.parametrize("weights,kernel", [(None, "vnni"), (None, "fp32"), ("int4", "fp32")])
+def test_bf16_model_near_the_layer_path(weights, kernel, tiny_llama_dir, monkeypatch):
+    """Dense bf16 weights by vdpbf16ps ("vnni") or widened ("fp32"); a bf16 model with packed
+    weights (``dtype="auto"`` on this CPU with ``weights="int4"``) takes the native layers too."""
+    prompts = [[5, 9, 33, 71, 8], [100, 3, 17]]
+    kw = {} if weights is None else {"weights": weights}
+    a, b = _pair(lambda: load(tiny_llama_dir, "bfloat16"), monkeypatch, **kw)
+    monkeypatch.setenv("SLIMLM_QLINEAR", kernel)
+    assert a.engine.runner.native_layers is not None and a.engine.model.dtype == torch.bfloat16
+    la, lb = _step_logits(a, prompts), _step_logits(b, prompts)
+    ref = _step_logits(LLM(load(tiny_llama_dir, "float32"), **kw), prompts)
+    rel = float((la - lb).norm() / lb.norm())
+    assert rel < BF16_REL, rel
+    # the native bf16 step is no further from the fp32 model than PyTorch's bf16 step is
+    assert float((la - ref).norm()) <= 1.5 * float((lb - ref).norm())
+
+
+def test_dense_on_a_cpu_without_avx512(tiny_llama_dir, monkeypatch):
+    """The portable dense loops (an x86-64-v3 build): fp32 tokens and logits as the layer path."""
+    import platform
+
+    from slimlm import kernels
+    from slimlm.kernels import ops
+
+    if platform.machine() != "x86_64":
+        pytest.skip("x86-64 only")
+    monkeypatch.setenv(kernels.MARCH_ENV, "x86-64-v3")
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setattr(ops, "_LIBS", {})
+    a, b = _pair(lambda: load(tiny_llama_dir), monkeypatch)
+    _compare(a, b, [[5, 9, 33, 71], [100, 3]])
+    assert not kernels.load("decode_layer").slimlm_dense_has_dpbf16()
+
+
+def test_dense_selection(tiny_llama_dir, monkeypatch):
+    def runner(dtype="float32", **kw):
+        return LLM(load(tiny_llama_dir, dtype), **kw).engine.runner
+
+    for dtype in ("float32", "bfloat16"):
+        r = runner(dtype)
+        assert r.native_layers is not None, unsupported(r.model, r.cache, r.paths, r.hooks, r.rope_ext)
+    for kw, needle in [({"kv_cache_dtype": "int8"}, "KV codec"),
+                       ({"hooks": ["ffn_skip"], "hook_args": {"ffn_skip": {"layers": [1]}}}, "hooks"),
+                       ({"kv_policy": "sink"}, "decode attention")]:
+        assert runner(**kw).native_layers is None
+    r = runner()
+    a = r.model.model.layers[1].self_attn
+    a.o_proj = torch.nn.Sequential(a.o_proj)  # e.g. an adapter wrapping the projection
+    assert "neither packed nor" in unsupported(r.model, r.cache, r.paths, r.hooks, r.rope_ext)
+    monkeypatch.setenv(ENV, "0")
+    assert runner().native_layers is None
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_native_head_equals_the_model_head(dtype, tiny_llama_dir):
+    """Exact up to summation order: the normed rows are in the weight's dtype, so bf16 products
+    are exact in fp32 either way; bf16 logits may differ by one rounding of the sum."""
+    from slimlm.model.quant.native_head import native_head
+
+    lm = load(tiny_llama_dir, dtype)
+    m = lm.model
+    head = native_head(m)
+    assert head is not None
+    h = torch.randn(3, m.cfg.hidden_size).to(m.dtype)
+    got, want = head(h), m.head(h)
+    assert got.dtype == want.dtype == m.dtype
+    tol = dict(rtol=0, atol=1e-5) if dtype == "float32" else dict(rtol=2 ** -8, atol=1e-3)
+    torch.testing.assert_close(got, want, **tol)
+    many = torch.randn(65, m.cfg.hidden_size).to(m.dtype)  # more rows than the native limit: PyTorch's
+    assert torch.equal(head(many), m.head(many))
+    m.lm_head = torch.nn.Sequential(m.lm_head)  # a replaced head is used as it is
+    m.head = lambda x: m.lm_head(m.model.norm(x))
+    assert torch.equal(head(h), m.head(h))
