@@ -187,18 +187,24 @@ def native_prefill(lib, q_rows: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
     _prefill_impl(q_rows, k_pool, v_pool, table, q_start, out, scale)
 
 
-def _prefill_ex_shapes(q_rows, k_parts, v_parts, code, table, q_start, out, mass) -> None:
-    T, Hq, d = q_rows.shape
-    k0 = k_parts[0]
-    num_blocks, bs, hkv = k0.shape[0], k0.shape[1], k0.shape[2]
+def _check_q_pools(op: str, q_rows, k_parts, v_parts, code, out) -> None:
+    """What the pool-reading prefill kernels check alike: both pools in the stored format ``code``
+    and of one shape, q and out of one native dtype and shape with a contiguous head dimension."""
     _check_pool(k_parts, code)
     _check_pool(v_parts, code)
     if q_rows.dtype != out.dtype or q_rows.dtype not in NATIVE_DTYPES or q_rows.stride(2) != 1 \
             or out.stride(2) != 1 or out.shape != q_rows.shape:
-        raise ValueError("native_prefill: q and out need one float32 / bfloat16 dtype, q's shape and a contiguous "
-                         "head dimension")
+        raise ValueError(f"{op}: q and out need one float32 / bfloat16 dtype, q's shape and a contiguous head "
+                         "dimension")
     if [tuple(t.shape) for t in v_parts] != [tuple(t.shape) for t in k_parts]:
-        raise ValueError("native_prefill: key and value pools differ in shape")
+        raise ValueError(f"{op}: key and value pools differ in shape")
+
+
+def _prefill_ex_shapes(q_rows, k_parts, v_parts, code, table, q_start, out, mass) -> None:
+    T, Hq, d = q_rows.shape
+    k0 = k_parts[0]
+    num_blocks, bs, hkv = k0.shape[0], k0.shape[1], k0.shape[2]
+    _check_q_pools("native_prefill", q_rows, k_parts, v_parts, code, out)
     if table.dtype != torch.int64:
         raise ValueError("native kernels need a contiguous int64 block table")
     if table.numel() * bs < q_start + T or Hq % hkv or k0.shape[3] * (2 if code == 3 else 1) != d:
@@ -384,14 +390,7 @@ def _sparse_prefill_shapes(q_rows, k_parts, v_parts, code, table, q_start, cols,
     T, Hq, d = q_rows.shape
     k0 = k_parts[0]
     hkv = k0.shape[2]
-    _check_pool(k_parts, code)
-    _check_pool(v_parts, code)
-    if q_rows.dtype != out.dtype or q_rows.dtype not in NATIVE_DTYPES or q_rows.stride(2) != 1 \
-            or out.stride(2) != 1 or out.shape != q_rows.shape:
-        raise ValueError("native_sparse_prefill: q and out need one float32 / bfloat16 dtype, q's shape and a "
-                         "contiguous head dimension")
-    if [tuple(t.shape) for t in v_parts] != [tuple(t.shape) for t in k_parts]:
-        raise ValueError("native_sparse_prefill: key and value pools differ in shape")
+    _check_q_pools("native_sparse_prefill", q_rows, k_parts, v_parts, code, out)
     if table.dtype != torch.int64 or table.numel() * k0.shape[1] < q_start + T or Hq % hkv \
             or k0.shape[3] * (2 if code == 3 else 1) != d:
         raise ValueError("native_sparse_prefill: an int64 table covering every key and head sizes matching the pool "
