@@ -522,7 +522,11 @@ def test_spec_bench_profile_and_prompt_data(tiny_llama_dir, chimera_adapter, tmp
     assert r.identical and r.tokens == 24 and r.tokens_per_forward >= 1.0
     prof = r.profile
     assert prof["k"] == 3 and prof["c"] > 0 and prof["c_per"] == "pass" and prof["verify_cost"]
-    assert prof["tokens_per_step_for_2x"] > 2 and "predicted speedup" in "\n".join(r.lines())
+    # timings of a tiny model are noise: check how the figures relate, not their size
+    parts = prof["forward_per_step"] + prof["propose_per_step"] + prof["overhead"]
+    assert prof["step_cost"] > 0 and abs(prof["step_cost"] - parts) < 2e-3
+    assert abs(prof["tokens_per_step_for_2x"] - 2 * prof["step_cost"]) < 0.011
+    assert "predicted speedup" in "\n".join(r.lines())
 
 
 def test_train_adapter_reads_several_sources(tiny_llama_dir, tmp_path):

@@ -129,7 +129,7 @@ def load(
         from slimlm.model.gguf import read_gguf
 
         cfg, state, tokenizer, gen = read_gguf(path, weights, group_size, strict=strict)
-        model = build_model(cfg, state, dt, device, source=str(path))
+        model = build_model(cfg, state, dt, device, source=str(path), consume=True)
     else:
         from slimlm.model.quant.load import PackOnLoad
 
@@ -141,10 +141,14 @@ def load(
         if stored != "dense" and weights not in ("auto", stored):
             raise ModelLoadError(f"{path} holds {stored} weights; it cannot be loaded as {weights}")
         pack = PackOnLoad(weights if stored == "dense" else "auto", group_size)
-        state = read_state_dict(path, pack)
+        transform = pack
+        if stored == "dense" and pack.weights not in ("int8", "int4"):
+            def transform(key, t):  # nothing to pack: each tensor takes the model's dtype as it is read
+                return {key: t.to(dt) if t.is_floating_point() else t}
+        state = read_state_dict(path, transform)
         if pack.modules:
             cfg.extra["quantization_config"] = pack.config()
-        model = build_model(cfg, state, dt, device, source=str(path))
+        model = build_model(cfg, state, dt, device, source=str(path), consume=True)
         from slimlm.compress.serving import restore  # low-rank factors / Compacter adapters named in the folder
 
         model = restore(model, path, packed=bool(pack.modules) or stored != "dense")

@@ -147,13 +147,19 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     source: str = "checkpoint",
+    consume: bool = False,
 ) -> CausalLM:
-    """Instantiate a model without initialising weights, then assign ``state`` into it."""
+    """Instantiate a model without initialising weights, then assign ``state`` into it.
+    ``consume=True``: ``state`` is taken over (its entries are replaced one at a time by the
+    model's converted tensors), so a load never holds every checkpoint tensor and its converted
+    copy at once; the caller must not use ``state`` afterwards."""
     from slimlm.model import quant
 
-    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
-    if cfg.tie_word_embeddings:
-        state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}
+    if not consume:
+        state = dict(state)
+    for k in [k for k in state if k.endswith("rotary_emb.inv_freq")
+              or (cfg.tie_word_embeddings and k.startswith("lm_head."))]:
+        del state[k]
     packed = quant.spec(cfg)  # a quantized checkpoint: its packed modules, by name
     with torch.device("meta"):
         model = CausalLM(cfg)
@@ -178,7 +184,8 @@ def build_model(
             )
     # copy=True: never keep tensors backed by a memory-mapped file that may change under us
     keep = quant.packed_keys(model)  # packed buffers keep their own dtypes
-    state = {k: v.to(device=device, dtype=None if k in keep else dtype, copy=True) for k, v in state.items()}
+    for k in list(state):  # one tensor at a time: the source is dropped as its copy is made
+        state[k] = state[k].to(device=device, dtype=None if k in keep else dtype, copy=True)
     model.load_state_dict(state, strict=False, assign=True)
     if packed:
         quant.finish(model, dtype)
