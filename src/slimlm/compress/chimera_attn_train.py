@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slimlm.compress.spec_train import _final_features, _frequent_tokens, _soft_ce
+from slimlm.compress.spec_train import _check_chimera, _final_features, _fit, _frequent_tokens, _soft_ce, _train_record
 from slimlm.errors import SlimLMError
 
 
@@ -121,12 +121,7 @@ def train_chimera_attn(model, windows: torch.Tensor, cfg: AttnTrainConfig, name:
 
     mc = model.cfg
     T = windows.shape[1]
-    if windows.shape[0] < 2:
-        raise SlimLMError("adapter training needs at least 2 token windows (one is held out); give more tokens")
-    if cfg.depth < 1 or T < cfg.depth + 3:
-        raise SlimLMError(f"chimera depth must be >= 1 and the windows longer than depth + 2 (seq_len {T})")
-    if cfg.feature_dtype not in ("float32", "bfloat16"):
-        raise SlimLMError(f"feature dtype must be float32 or bfloat16, got {cfg.feature_dtype!r}")
+    _check_chimera(windows, cfg.depth, cfg.feature_dtype, 2)
     cpu0, wall0 = time.process_time(), time.time()
     token_map, H, Z, cpu_feat = _cached_features(model, windows, cfg, name, log)
     model = model.float().eval().requires_grad_(False)
@@ -136,8 +131,6 @@ def train_chimera_attn(model, windows: torch.Tensor, cfg: AttnTrainConfig, name:
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     net = AttnDraft.from_target(model).float()
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30) * max(0.05, 1 - s / cfg.steps))
     pos = torch.arange(T - 1)[None]
     cos, sin = model.rotary(pos, torch.float32)
 
@@ -171,18 +164,13 @@ def train_chimera_attn(model, windows: torch.Tensor, cfg: AttnTrainConfig, name:
         return (hits / n).tolist()
 
     before = agreement()
-    loss_v = float("nan")
     n_train = windows.shape[0] - n_held
-    for step in range(cfg.steps):
-        wi = n_held + torch.randint(0, n_train, (min(cfg.batch_size, n_train),), generator=g)
-        loss = loss_of(wi)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        loss_v = loss.item()
-        if log and (step % 50 == 0 or step == cfg.steps - 1):
-            log(f"step {step}: loss {loss_v:.4f} ({time.process_time() - cpu0:.0f} CPU s)")
+
+    def batch_loss(step):
+        return loss_of(n_held + torch.randint(0, n_train, (min(cfg.batch_size, n_train),), generator=g))
+
+    loss_v = _fit(net.parameters(), cfg.lr, cfg.steps, batch_loss, log, 50, "loss", warmup=30,
+                  progress=lambda: f" ({time.process_time() - cpu0:.0f} CPU s)")
     after = agreement()
     extra = {}
     if cfg.compare:
@@ -193,16 +181,12 @@ def train_chimera_attn(model, windows: torch.Tensor, cfg: AttnTrainConfig, name:
     meta = {
         "decoder": "attention", "depth": cfg.depth, "hidden_size": mc.hidden_size, "num_layers": mc.num_layers,
         "vocab_size": mc.vocab_size, "token_map": None if token_map is None else token_map.tolist(),
-        "train": {"windows": int(train_w.shape[0]), "seq_len": T, "tokens": int(train_w.numel()),
-                  "heldout_tokens": int(held_w.numel()), "steps": cfg.steps, "batch_size": cfg.batch_size,
-                  "lr": cfg.lr, "feat_weight": cfg.feat_weight, "final_loss": loss_v,
-                  "heldout_top1_agreement_init": round(sum(before) / len(before), 4),
-                  "heldout_top1_agreement": round(sum(after) / len(after), 4),
-                  "heldout_top1_agreement_per_step": [round(a, 4) for a in after], **extra,
-                  "cpu_seconds_features": round(cpu_feat, 1), "top": cfg.top, "feature_dtype": cfg.feature_dtype,
-                  "parameters": sum(p.numel() for p in net.parameters()),
-                  "cpu_seconds": round(time.process_time() - cpu0, 1),
-                  "wall_seconds": round(time.time() - wall0, 1), "threads": torch.get_num_threads()},
+        "train": _train_record(cfg, train_w, held_w, loss_v, cpu0, wall0, feat_weight=cfg.feat_weight,
+                               heldout_top1_agreement_init=round(sum(before) / len(before), 4),
+                               heldout_top1_agreement=round(sum(after) / len(after), 4),
+                               heldout_top1_agreement_per_step=[round(a, 4) for a in after], **extra,
+                               cpu_seconds_features=round(cpu_feat, 1), top=cfg.top, feature_dtype=cfg.feature_dtype,
+                               parameters=sum(p.numel() for p in net.parameters())),
     }
     return net, meta
 

@@ -29,6 +29,45 @@ def _train_record(cfg, train_w: torch.Tensor, held_w: torch.Tensor, final_loss: 
             "wall_seconds": round(time.time() - wall0, 1), "threads": torch.get_num_threads()}
 
 
+def _check_windows(windows: torch.Tensor, what: str = "adapter") -> None:
+    if windows.shape[0] < 2:
+        raise SlimLMError(f"{what} training needs at least 2 token windows (one is held out); give more tokens")
+
+
+def _check_chimera(windows: torch.Tensor, depth: int, feature_dtype: str, margin: int) -> None:
+    """What both Chimera drafts' trainers need: held-out windows, windows longer than ``depth +
+    margin`` and a feature dtype they can cache."""
+    _check_windows(windows)
+    if depth < 1 or windows.shape[1] < depth + margin + 1:
+        raise SlimLMError(f"chimera depth must be >= 1 and the windows longer than depth + {margin} "
+                          f"(seq_len {windows.shape[1]})")
+    if feature_dtype not in ("float32", "bfloat16"):
+        raise SlimLMError(f"feature dtype must be float32 or bfloat16, got {feature_dtype!r}")
+
+
+def _fit(params, lr: float, steps: int, loss_of, log, every: int, label: str, warmup: int | None = None,
+         weight_decay: float = 0.0, progress=None) -> float:
+    """The loop every draft part trains with: AdamW on ``params``; ``warmup`` steps of linear
+    warm-up then a linear decay to 5 % (None: constant lr); ``loss_of(step)`` gives the step's
+    loss; logs ``label`` every ``every`` steps and at the last (``progress()`` appended). Returns
+    the last loss."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = None if warmup is None else torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / steps))
+    loss_v = float("nan")
+    for step in range(steps):
+        loss = loss_of(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        loss_v = loss.item()
+        if log and (step % every == 0 or step == steps - 1):
+            log(f"step {step}: {label} {loss_v:.4f}" + (progress() if progress else ""))
+    return loss_v
+
+
 @dataclass
 class AdapterTrainConfig:
     exit_layer: int = 2
@@ -76,8 +115,7 @@ def train_kangaroo(model, windows: torch.Tensor, cfg: AdapterTrainConfig, log=pr
 
     mc = model.cfg
     check_exit_layer(cfg.exit_layer, mc.num_layers)
-    if windows.shape[0] < 2:
-        raise SlimLMError("adapter training needs at least 2 token windows (one is held out); give more tokens")
+    _check_windows(windows)
     model = model.float().eval().requires_grad_(False)
     cpu0, wall0 = time.process_time(), time.time()
     g = torch.Generator().manual_seed(cfg.seed)
@@ -89,7 +127,6 @@ def train_kangaroo(model, windows: torch.Tensor, cfg: AdapterTrainConfig, log=pr
     w = model.lm_head.weight if token_map is None else model.lm_head.weight.index_select(0, token_map)
     torch.manual_seed(cfg.seed)
     ad = KangarooAdapter.from_target(model, cfg.exit_layer).float().requires_grad_(True)
-    opt = torch.optim.AdamW(ad.parameters(), lr=cfg.lr, weight_decay=0.0)
     T = windows.shape[1]
     pos = torch.arange(T)[None]
     cos, sin = model.rotary(pos, torch.float32)
@@ -103,18 +140,12 @@ def train_kangaroo(model, windows: torch.Tensor, cfg: AdapterTrainConfig, log=pr
         with torch.no_grad():
             return float((student(h).argmax(-1) == t.argmax(-1)).float().mean())
 
-    before = agreement(h_he, t_he)
-    loss_v = float("nan")
-    for step in range(cfg.steps):
+    def loss_of(step):
         idx = torch.randint(0, h_tr.shape[0], (min(cfg.batch_size, h_tr.shape[0]),), generator=g)
-        logits = student(h_tr[idx])
-        loss = -(t_tr[idx].softmax(-1) * logits.log_softmax(-1)).sum(-1).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        loss_v = loss.item()
-        if log and (step % 50 == 0 or step == cfg.steps - 1):
-            log(f"step {step}: soft cross-entropy {loss_v:.4f}")
+        return -(t_tr[idx].softmax(-1) * student(h_tr[idx]).log_softmax(-1)).sum(-1).mean()
+
+    before = agreement(h_he, t_he)
+    loss_v = _fit(ad.parameters(), cfg.lr, cfg.steps, loss_of, log, 50, "soft cross-entropy")
     after = agreement(h_he, t_he)
     meta = {
         "exit_layer": cfg.exit_layer, "hidden_size": mc.hidden_size, "num_layers": mc.num_layers,
@@ -219,12 +250,7 @@ def train_chimera(model, windows: torch.Tensor, cfg: ChimeraTrainConfig, log=pri
 
     mc = model.cfg
     T = windows.shape[1]
-    if windows.shape[0] < 2:
-        raise SlimLMError("adapter training needs at least 2 token windows (one is held out); give more tokens")
-    if cfg.depth < 1 or T < cfg.depth + 4:
-        raise SlimLMError(f"chimera depth must be >= 1 and the windows longer than depth + 3 (seq_len {T})")
-    if cfg.feature_dtype not in ("float32", "bfloat16"):
-        raise SlimLMError(f"feature dtype must be float32 or bfloat16, got {cfg.feature_dtype!r}")
+    _check_chimera(windows, cfg.depth, cfg.feature_dtype, 3)
     model = model.to(getattr(torch, cfg.feature_dtype)).eval().requires_grad_(False)
     cpu0, wall0 = time.process_time(), time.time()
     g = torch.Generator().manual_seed(cfg.seed)
@@ -241,8 +267,6 @@ def train_chimera(model, windows: torch.Tensor, cfg: ChimeraTrainConfig, log=pri
     net = ChimeraDraft(mc.hidden_size, cfg.depth, mc.rms_norm_eps, cfg.mlp_mult)
     net.norm_h.load_state_dict(model.model.norm.state_dict())
     net.norm.load_state_dict(model.model.norm.state_dict())
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * max(0.05, 1 - s / cfg.steps))
     hi = T - cfg.depth - 1  # p + 1 + (depth - 1) <= T - 1
 
     def logits_of(h, tri, j):
@@ -262,19 +286,14 @@ def train_chimera(model, windows: torch.Tensor, cfg: ChimeraTrainConfig, log=pri
 
     before = agreement(held_w, Hh, Zh)
     coverage = 1.0 if token_map is None else round(float(torch.isin(held_w, token_map).float().mean()), 4)
-    loss_v = float("nan")
-    for step in range(cfg.steps):
+
+    def loss_of(step):
         wi = torch.randint(0, train_w.shape[0], (cfg.batch_size,), generator=g)
         p = torch.randint(1, hi, (cfg.batch_size,), generator=g)
         h, tri, j, z = _chimera_batch(train_w, H, Z, cfg.depth, wi, p)
-        loss = _soft_ce(logits_of(h, tri, j), z)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        loss_v = loss.item()
-        if log and (step % 100 == 0 or step == cfg.steps - 1):
-            log(f"step {step}: soft cross-entropy {loss_v:.4f}")
+        return _soft_ce(logits_of(h, tri, j), z)
+
+    loss_v = _fit(net.parameters(), cfg.lr, cfg.steps, loss_of, log, 100, "soft cross-entropy", warmup=50)
     after = agreement(held_w, Hh, Zh)
     meta = {
         "depth": cfg.depth, "mlp_mult": cfg.mlp_mult, "hidden_size": mc.hidden_size, "num_layers": mc.num_layers,
@@ -352,8 +371,7 @@ def train_judge(model, windows: torch.Tensor, cfg: JudgeTrainConfig, log=print):
     from slimlm.engine.spec.judge import JudgeHead
 
     mc = model.cfg
-    if windows.shape[0] < 2:
-        raise SlimLMError("judge training needs at least 2 token windows (one is held out); give more tokens")
+    _check_windows(windows, "judge")
     model = model.float().eval().requires_grad_(False)
     cpu0, wall0 = time.process_time(), time.time()
     g = torch.Generator().manual_seed(cfg.seed)
@@ -363,16 +381,9 @@ def train_judge(model, windows: torch.Tensor, cfg: JudgeTrainConfig, log=print):
     cpu_feat = time.process_time() - cpu0
     torch.manual_seed(cfg.seed)
     head = JudgeHead(mc.hidden_size)
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    loss_v = float("nan")
-    for step in range(cfg.steps):
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(X), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        loss_v = loss.item()
-        if log and (step % 100 == 0 or step == cfg.steps - 1):
-            log(f"step {step}: logistic loss {loss_v:.4f}")
+    loss_v = _fit(head.parameters(), cfg.lr, cfg.steps,
+                  lambda step: torch.nn.functional.binary_cross_entropy_with_logits(head(X), y), log, 100,
+                  "logistic loss", weight_decay=1e-4)
     with torch.no_grad():
         p = torch.sigmoid(head(Xh)) >= 0.5
     pos, neg = p[:nh], p[nh:]
