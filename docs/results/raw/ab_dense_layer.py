@@ -1,19 +1,24 @@
 """Same-run A/B of dense weights through the native decode layers (kernels/dense_linear.c) and the
-native LM head (model/quant/native_head.py) vs the layer-by-layer PyTorch path and PyTorch's head,
-batch-1 greedy decode ms/step after a 64-token prompt, engines in one process, alternating rounds;
-for bf16 also the two bf16 kernels (weights widened to fp32 vs vdpbf16ps on bf16-rounded x).
-Ratios only on a loaded machine.
-  THREADS=1 python docs/results/raw/ab_dense_layer.py float32|bfloat16 [rounds]"""
-import os, sys, time, statistics, torch
-from slimlm import LLM, SamplingParams
+native LM head (model/quant/native_head.py), batch-1 greedy decode ms/step after a 64-token prompt,
+alternating rounds in one process. Ratios only on a loaded machine.
+
+  THREADS=1 python docs/results/raw/ab_dense_layer.py float32|bfloat16 [rounds]
+      native layers + head vs the layer-by-layer PyTorch path and PyTorch's head (two engines);
+      for bf16 also the two bf16 kernels (weights widened to fp32 vs vdpbf16ps on bf16-rounded x).
+  THREADS=1 python docs/results/raw/ab_dense_layer.py float32|bfloat16 [rounds] --base REF
+      this tree's decode_layer kernel vs the one at git ref REF (built from REF's sources with the
+      same flags), swapped in one engine (same weights, same KV pool) every round."""
+import ctypes, os, statistics, subprocess, sys, tempfile, time, torch
+from pathlib import Path
+from slimlm import LLM, SamplingParams, kernels
 torch.set_num_threads(int(os.environ.get("THREADS", "2")))
-dtype, rounds = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 5
-new = LLM("smollm2-135m-instruct", dtype=dtype, kv_cache_bytes="64M").engine
-os.environ["SLIMLM_DECODE_LAYER"] = os.environ["SLIMLM_NATIVE_HEAD"] = "0"
-old = LLM("smollm2-135m-instruct", dtype=dtype, kv_cache_bytes="64M").engine
-del os.environ["SLIMLM_DECODE_LAYER"], os.environ["SLIMLM_NATIVE_HEAD"]
-native_head = new.runner.head
-assert new.runner.native_layers is not None and old.runner.native_layers is None
+args = [a for a in sys.argv[1:] if a != "--base"]
+base_ref = sys.argv[sys.argv.index("--base") + 1] if "--base" in sys.argv else None
+if base_ref:
+    args.remove(base_ref)
+dtype, rounds = args[0], int(args[1]) if len(args) > 1 else 5
+
+
 def run(eng, n=32):
     eng.add_request(list(range(100, 164)), SamplingParams(temperature=0, max_tokens=n + 4, ignore_eos=True))
     for _ in range(4): eng.step()
@@ -22,6 +27,43 @@ def run(eng, n=32):
     dt = (time.perf_counter() - t) / n
     while eng.has_unfinished(): eng.step()
     return dt * 1000
+
+
+def lib_at(ref):
+    """decode_layer built from ``ref``'s kernel sources, with this tree's flags and signatures."""
+    tmp = Path(tempfile.mkdtemp())
+    root = Path(__file__).resolve().parents[3]
+    for f in ["decode_layer.c", *kernels.INCLUDES["decode_layer"]]:
+        src = subprocess.run(["git", "show", f"{ref}:src/slimlm/kernels/{f}"], cwd=root, capture_output=True, check=True)
+        (tmp / f).write_bytes(src.stdout)
+    subprocess.run(["cc", *kernels._flags(), str(tmp / "decode_layer.c"), "-o", str(tmp / "base.so"), "-lm"], check=True)
+    lib = ctypes.CDLL(str(tmp / "base.so"))
+    for fn, (res, argt) in kernels.SIGNATURES["decode_layer"].items():
+        getattr(lib, fn).restype, getattr(lib, fn).argtypes = res, argt
+    return lib
+
+
+if base_ref:
+    eng = LLM("smollm2-135m-instruct", dtype=dtype, kv_cache_bytes="64M").engine
+    libs = {f"base {base_ref}": lib_at(base_ref), "this tree": eng.runner.native_layers.lib}
+    res = {k: [] for k in libs}
+    for r in range(rounds):
+        for k, lib in libs.items():
+            eng.runner.native_layers.lib = eng.runner.head.lib = lib
+            res[k].append(run(eng))
+    base = statistics.median(res[f"base {base_ref}"])
+    for k, v in res.items():
+        m = statistics.median(v)
+        print(f"{dtype} threads={torch.get_num_threads()} {k}: {m:.1f} ms/step {[round(x, 1) for x in v]}; "
+              f"speed-up vs base {base / m:.2f}x")
+    sys.exit()
+
+new = LLM("smollm2-135m-instruct", dtype=dtype, kv_cache_bytes="64M").engine
+os.environ["SLIMLM_DECODE_LAYER"] = os.environ["SLIMLM_NATIVE_HEAD"] = "0"
+old = LLM("smollm2-135m-instruct", dtype=dtype, kv_cache_bytes="64M").engine
+del os.environ["SLIMLM_DECODE_LAYER"], os.environ["SLIMLM_NATIVE_HEAD"]
+native_head = new.runner.head
+assert new.runner.native_layers is not None and old.runner.native_layers is None
 arms = {"layer path": (old, "vnni", None), "native layers, torch head": (new, "fp32", new.model.head),
         "native layers + head": (new, "fp32", native_head)}
 if dtype == "bfloat16":

@@ -7,10 +7,14 @@
  *   2  bfloat16 W, x rounded to bfloat16 (nearest even), `vdpbf16ps` (2 products per fp32 lane):
  *      llama.cpp's BF16 path; x's rounding adds a relative error of at most 2^-9 per channel.
  *      Built only where the compiler targets AVX512-BF16; elsewhere returns 3.
- * Rows of W are split between threads in blocks of NR rows; each block is read once and applied
- * to every row of x while it is in L1 (NR independent accumulators: no dependency chain on one
- * FMA unit). Any K (masked tails). The portable loops (no AVX-512) are the reference; kinds 0
- * and 1 there give the same values up to summation order.
+ * Rows of W are split between threads in blocks of NR rows (each thread one contiguous range);
+ * each block is applied to every row of x while it is in L1, and within a block the rows are
+ * read one after the other (two accumulators per row), so a thread's reads of W are one
+ * sequential stream. Reading the NR rows side by side (NR streams 2K or 4K bytes apart, each
+ * restarting every block) was 1.3x (fp32) to 2x (bf16) slower with W streamed from DRAM, as in a
+ * decode step: the hardware prefetchers follow one long stream, not NR short ones
+ * (docs/benchmarks.md, "dense decode step"). Any K (masked tails). The portable loops (no
+ * AVX-512) are the reference; kinds 0 and 1 there give the same values up to summation order.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -44,31 +48,25 @@ static inline __m512 ld_w_tail(const void *w, int bf16, int64_t k, __mmask16 mk)
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
 }
 
-/* nr <= NR rows of W (row stride K) against one x row: y[0..nr) */
+/* One row of W (K values) against one x row: two accumulators over the row, masked tail. */
+static inline float row_f32x(const float *x, const void *w, int bf16, int64_t K) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+    int64_t k = 0;
+    for (; k + 2 * DL_L <= K; k += 2 * DL_L) {
+        a0 = _mm512_fmadd_ps(ld_w(w, bf16, k), _mm512_loadu_ps(x + k), a0);
+        a1 = _mm512_fmadd_ps(ld_w(w, bf16, k + DL_L), _mm512_loadu_ps(x + k + DL_L), a1);
+    }
+    for (; k < K; k += DL_L) {
+        const __mmask16 mk = K - k >= DL_L ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
+        a0 = _mm512_fmadd_ps(ld_w_tail(w, bf16, k, mk), _mm512_maskz_loadu_ps(mk, x + k), a0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+}
+
+/* nr rows of W (row stride K) against one x row: y[0..nr), one row after the other */
 static void block_f32x(const float *x, const void *w, int bf16, float *y, int nr, int64_t K) {
     const size_t es = bf16 ? 2 : 4;
-    const char *r[NR];
-    for (int i = 0; i < NR; i++) r[i] = (const char *)w + (size_t)(i < nr ? i : 0) * K * es;
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t k = 0;
-    for (; k + DL_L <= K; k += DL_L) {
-        const __m512 xv = _mm512_loadu_ps(x + k);
-        a0 = _mm512_fmadd_ps(ld_w(r[0], bf16, k), xv, a0);
-        a1 = _mm512_fmadd_ps(ld_w(r[1], bf16, k), xv, a1);
-        a2 = _mm512_fmadd_ps(ld_w(r[2], bf16, k), xv, a2);
-        a3 = _mm512_fmadd_ps(ld_w(r[3], bf16, k), xv, a3);
-    }
-    if (k < K) {
-        const __mmask16 mk = (__mmask16)((1u << (K - k)) - 1);
-        const __m512 xv = _mm512_maskz_loadu_ps(mk, x + k);
-        a0 = _mm512_fmadd_ps(ld_w_tail(r[0], bf16, k, mk), xv, a0);
-        a1 = _mm512_fmadd_ps(ld_w_tail(r[1], bf16, k, mk), xv, a1);
-        a2 = _mm512_fmadd_ps(ld_w_tail(r[2], bf16, k, mk), xv, a2);
-        a3 = _mm512_fmadd_ps(ld_w_tail(r[3], bf16, k, mk), xv, a3);
-    }
-    const float t[NR] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
-                         _mm512_reduce_add_ps(a3)};
-    for (int i = 0; i < nr; i++) y[i] = t[i];
+    for (int i = 0; i < nr; i++) y[i] = row_f32x(x, (const char *)w + (size_t)i * K * es, bf16, K);
 }
 #else
 static void block_f32x(const float *x, const void *w, int bf16, float *y, int nr, int64_t K) {
@@ -98,30 +96,25 @@ static void block_f32x(const float *x, const void *w, int bf16, float *y, int nr
 #endif
 
 #ifdef SLIMLM_DPBF16
-/* xb: one x row in bf16, zero-padded to a multiple of 32 */
+/* xb: one x row in bf16, zero-padded to a multiple of 32; nr rows of W, one after the other */
 static void block_dpbf16(const uint16_t *xb, const uint16_t *w, float *y, int nr, int64_t K) {
-    const uint16_t *r[NR];
-    for (int i = 0; i < NR; i++) r[i] = w + (size_t)(i < nr ? i : 0) * K;
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t k = 0;
-    for (; k + 32 <= K; k += 32) {
-        const __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(xb + k));
-        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512((const void *)(r[0] + k)), xv);
-        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512((const void *)(r[1] + k)), xv);
-        a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512((const void *)(r[2] + k)), xv);
-        a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512((const void *)(r[3] + k)), xv);
+    for (int i = 0; i < nr; i++) {
+        const uint16_t *r = w + (size_t)i * K;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+        int64_t k = 0;
+        for (; k + 64 <= K; k += 64) {
+            a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512((const void *)(r + k)),
+                                  (__m512bh)_mm512_loadu_si512((const void *)(xb + k)));
+            a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512((const void *)(r + k + 32)),
+                                  (__m512bh)_mm512_loadu_si512((const void *)(xb + k + 32)));
+        }
+        for (; k < K; k += 32) {
+            const __mmask32 mk = K - k >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1ull << (K - k)) - 1);
+            a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_maskz_loadu_epi16(mk, r + k),
+                                  (__m512bh)_mm512_loadu_si512((const void *)(xb + k)));
+        }
+        y[i] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
     }
-    if (k < K) {
-        const __mmask32 mk = (__mmask32)((1ull << (K - k)) - 1);
-        const __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(xb + k));
-        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_maskz_loadu_epi16(mk, r[0] + k), xv);
-        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_maskz_loadu_epi16(mk, r[1] + k), xv);
-        a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_maskz_loadu_epi16(mk, r[2] + k), xv);
-        a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_maskz_loadu_epi16(mk, r[3] + k), xv);
-    }
-    const float t[NR] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
-                         _mm512_reduce_add_ps(a3)};
-    for (int i = 0; i < nr; i++) y[i] = t[i];
 }
 #endif
 
