@@ -7,12 +7,14 @@ alternating rounds in one process. Ratios only on a loaded machine.
       for bf16 also the two bf16 kernels (weights widened to fp32 vs vdpbf16ps on bf16-rounded x).
   THREADS=1 python docs/results/raw/ab_dense_layer.py float32|bfloat16 [rounds] --base REF
       this tree's decode_layer kernel vs the one at git ref REF (built from REF's sources with the
-      same flags), swapped in one engine (same weights, same KV pool) every round."""
+      same flags), swapped in one engine (same weights, same KV pool) every round.
+  THREADS=1 python docs/results/raw/ab_dense_layer.py float32|bfloat16|int8|int4|gguf [rounds] --pages
+      weights on 2 MiB pages (model/quant/huge_pages.py) vs SLIMLM_HUGE_PAGES=0, two engines."""
 import ctypes, os, statistics, subprocess, sys, tempfile, time, torch
 from pathlib import Path
 from slimlm import LLM, SamplingParams, kernels
 torch.set_num_threads(int(os.environ.get("THREADS", "2")))
-args = [a for a in sys.argv[1:] if a != "--base"]
+args = [a for a in sys.argv[1:] if a not in ("--base", "--pages")]
 base_ref = sys.argv[sys.argv.index("--base") + 1] if "--base" in sys.argv else None
 if base_ref:
     args.remove(base_ref)
@@ -42,6 +44,27 @@ def lib_at(ref):
         getattr(lib, fn).restype, getattr(lib, fn).argtypes = res, argt
     return lib
 
+
+if "--pages" in sys.argv:
+    kw = dict(dtype=dtype) if dtype in ("float32", "bfloat16") else dict(weights=dtype)
+    engs = {"2M pages": LLM("smollm2-135m-instruct", kv_cache_bytes="64M", **kw).engine}
+    os.environ["SLIMLM_HUGE_PAGES"] = "0"
+    engs["4K pages (SLIMLM_HUGE_PAGES=0)"] = LLM("smollm2-135m-instruct", kv_cache_bytes="64M", **kw).engine
+    del os.environ["SLIMLM_HUGE_PAGES"]
+    for k, e in engs.items():
+        r = e.runner
+        print(k, "bytes moved to 2M pages: layers", r.native_layers.huge_bytes, "head", getattr(r.head, "huge_bytes", "-"))
+    print("process AnonHugePages:", [x.strip() for x in open("/proc/self/smaps_rollup") if x.startswith("AnonHuge")])
+    res = {k: [] for k in engs}
+    for r in range(rounds):
+        for k, e in engs.items():
+            res[k].append(run(e))
+    base = statistics.median(res["4K pages (SLIMLM_HUGE_PAGES=0)"])
+    for k, v in res.items():
+        m = statistics.median(v)
+        print(f"{dtype} threads={torch.get_num_threads()} {k}: {m:.1f} ms/step {[round(x, 1) for x in v]}; "
+              f"speed-up vs 4K pages {base / m:.2f}x")
+    sys.exit()
 
 if base_ref:
     eng = LLM("smollm2-135m-instruct", dtype=dtype, kv_cache_bytes="64M").engine

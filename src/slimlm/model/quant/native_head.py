@@ -48,7 +48,11 @@ def native_head(model) -> NativeHead | None:
 
 class NativeHead:
     def __init__(self, lib, model):
+        from slimlm.model.quant.huge_pages import to_huge_pages
+
         self.lib, self.model = lib, model
+        self.huge_bytes = to_huge_pages(model, [model.lm_head.weight])
+        """Bytes of the head's weight (tied: the embedding) moved onto 2 MiB pages (``huge_pages.py``)."""
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         """``model.head(h)`` for h (R, D): logits (R, V) in the model's dtype."""

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from slimlm.model.quant.formats import KERNEL_ENV, NATIVE_MAX_ROWS, _native_fn
+from slimlm.model.quant.huge_pages import to_huge_pages
 from slimlm.model.quant.linear import QuantLinear
 
 ENV = "SLIMLM_DECODE_LAYER"
@@ -135,6 +136,13 @@ class NativeDecodeLayers:
         self.num_layers = cfg.num_layers
         self.eps = float(model.model.layers[0].input_layernorm.eps)
         self.scale = float(model.attn_scale)
+        streamed = [m for layer in model.model.layers for m in (layer.self_attn.qkv, layer.self_attn.o_proj,
+                                                                  layer.mlp.gate_up, layer.mlp.down_proj)]
+        if type(getattr(model, "lm_head", None)) is QuantLinear:  # a packed head (a dense one moves with NativeHead)
+            streamed.append(model.lm_head)
+        self.huge_bytes = to_huge_pages(model, [t for m in streamed for t in (
+            (m.qweight, m.scales, m._buffers.get("mins")) if type(m) is QuantLinear else (m.weight,))])
+        """Bytes of the weights a step streams moved onto 2 MiB pages (``huge_pages.py``)."""
         self._keep: list[torch.Tensor] = []  # every tensor a pointer below refers to
         self._mods: list[QuantLinear] = []
         ptrs: list[int | None] = []
