@@ -58,8 +58,8 @@ def test_off_and_small(monkeypatch):
 
 @pytest.mark.parametrize("dtype,weights", [("float32", None), ("float32", "int4")])
 def test_engine_on_moved_weights_equals_the_layer_path(dtype, weights, tiny_llama_dir, monkeypatch):
-    """Every streamed weight moved (MIN_BYTES 0 on the tiny model), the native path's greedy tokens
-    and logits equal the layer-by-layer path's on the same (moved) model."""
+    """Every dense streamed weight moved (MIN_BYTES 0 on the tiny model), packed ones left; the native
+    path's greedy tokens and logits equal the layer-by-layer path's."""
     from slimlm import LLM
     from slimlm.model.hub import load
     from slimlm.model.quant.native_layers import ENV
@@ -71,11 +71,11 @@ def test_engine_on_moved_weights_equals_the_layer_path(dtype, weights, tiny_llam
     lm = load(tiny_llama_dir, dtype)
     a = LLM(lm, **kw)
     nl = a.engine.runner.native_layers
-    assert nl is not None and nl.huge_bytes > 0
+    assert nl is not None and (nl.huge_bytes > 0) == (weights is None)
     for layer in a.engine.model.model.layers:
         for mod in (layer.self_attn.qkv, layer.mlp.down_proj):
             t = mod.weight if weights is None else mod.qweight
-            assert huge_pages._in_arena(t.untyped_storage().data_ptr())
+            assert huge_pages._in_arena(t.untyped_storage().data_ptr()) == (weights is None)
     monkeypatch.setenv(ENV, "0")
     b = LLM(load(tiny_llama_dir, dtype), **kw)
     _compare(a, b, [[5, 9, 33, 71], [100, 3, 17]])
