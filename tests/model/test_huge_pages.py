@@ -79,3 +79,15 @@ def test_engine_on_moved_weights_equals_the_layer_path(dtype, weights, tiny_llam
     monkeypatch.setenv(ENV, "0")
     b = LLM(load(tiny_llama_dir, dtype), **kw)
     _compare(a, b, [[5, 9, 33, 71], [100, 3, 17]])
+
+
+def test_arena_goes_with_its_tensors():
+    import gc
+
+    m = nn.Linear(1024, 1024, bias=False)
+    assert huge_pages.to_huge_pages(m, [m.weight]) > 0
+    ptr = m.weight.data_ptr()
+    assert huge_pages._in_arena(ptr)
+    del m
+    gc.collect()
+    assert not huge_pages._in_arena(ptr)  # unmapped with its last tensor; the address may be reused

@@ -23,6 +23,7 @@ from __future__ import annotations
 import mmap
 import os
 import sys
+import weakref
 
 import torch
 from torch import nn
@@ -32,11 +33,12 @@ HUGE = 2 << 20
 ALIGN = 64  # each storage starts on a cache line
 MIN_BYTES = HUGE
 """Less than this in all (a tiny model) is not moved: no page would be saved."""
-_arenas: list[tuple[int, int]] = []  # (start, end) of every arena made: storages there are not moved again
+_arenas: list[tuple[int, int, weakref.ref]] = []  # (start, end, its mapping) of the live arenas: not moved again
 
 
 def _in_arena(ptr: int) -> bool:
-    return any(a <= ptr < b for a, b in _arenas)
+    _arenas[:] = [x for x in _arenas if x[2]() is not None]  # an arena goes with the last tensor on it
+    return any(a <= ptr < b for a, b, _ in _arenas)
 
 
 def to_huge_pages(module: nn.Module, tensors: list[torch.Tensor | None]) -> int:
@@ -64,7 +66,8 @@ def to_huge_pages(module: nn.Module, tensors: list[torch.Tensor | None]) -> int:
         mm.madvise(mmap.MADV_HUGEPAGE, skip // mmap.PAGESIZE * mmap.PAGESIZE, total + HUGE - skip)
     except (OSError, ValueError, BufferError):
         return 0
-    _arenas.append((arena.data_ptr(), arena.data_ptr() + total + HUGE))
+    _arenas.append((arena.data_ptr(), arena.data_ptr() + total + HUGE, weakref.ref(mm)))
+    del mm  # the tensors on the arena hold it
     arena = arena[skip: skip + total]
     for ptr, s in storages.items():  # the copies, then every module tensor on an old storage re-pointed
         arena[offs[ptr]: offs[ptr] + s.nbytes()].copy_(torch.empty(0, dtype=torch.uint8).set_(s))
