@@ -145,14 +145,16 @@ def test_native_head_equals_the_model_head(dtype, tiny_llama_dir):
 @pytest.mark.parametrize("kind", [0, 1, 2])
 def test_dense_linear_kernel_any_shape(kind):
     """``slimlm_dense_linear`` against a float64 matmul: K tails (below, at and past the 16 / 32 /
-    64-wide steps), N not a multiple of the row block, several x rows (kind 2 rounds x to bf16)."""
+    64-wide steps), N not a multiple of the row block, several x rows (kind 2 rounds x to bf16);
+    every x row's output bitwise the same as alone (rows after the first read W side by side)."""
     from slimlm import kernels
 
     lib = kernels.load("decode_layer")
     if kind == 2 and not lib.slimlm_dense_has_dpbf16():
         pytest.skip("no AVX512-BF16 build")
     g = torch.Generator().manual_seed(kind)
-    for M, N, K in [(1, 1, 1), (1, 5, 15), (3, 7, 17), (1, 9, 33), (2, 6, 64), (1, 37, 100), (4, 13, 576)]:
+    for M, N, K in [(1, 1, 1), (1, 5, 15), (3, 7, 17), (1, 9, 33), (2, 6, 64), (1, 37, 100), (4, 13, 576),
+                    (5, 8, 100)]:
         x = torch.randn(M, K, generator=g)
         w = torch.randn(N, K, generator=g).to(torch.float32 if kind == 0 else torch.bfloat16)
         y = torch.full((M, N), float("nan"))
@@ -160,3 +162,7 @@ def test_dense_linear_kernel_any_shape(kind):
         xr = x.bfloat16() if kind == 2 else x
         want = xr.double() @ w.double().T
         torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5 * K ** 0.5, msg=f"{M}x{N}x{K}")
+        for m in range(M):  # batch invariance: each x row's y bitwise as alone (the first row streams W)
+            alone = torch.empty(1, N)
+            lib.slimlm_dense_linear(x[m].data_ptr(), w.data_ptr(), kind, alone.data_ptr(), 1, N, K, 1)
+            assert torch.equal(alone[0], y[m]), (M, N, K, m)
