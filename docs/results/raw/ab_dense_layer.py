@@ -7,14 +7,16 @@ alternating rounds in one process. Ratios only on a loaded machine.
       for bf16 also the two bf16 kernels (weights widened to fp32 vs vdpbf16ps on bf16-rounded x).
   THREADS=1 python docs/results/raw/ab_dense_layer.py float32|bfloat16 [rounds] --base REF
       this tree's decode_layer kernel vs the one at git ref REF (built from REF's sources with the
-      same flags), swapped in one engine (same weights, same KV pool) every round.
+      same flags), swapped in one engine (same weights, same KV pool) every round. With --base-4k
+      too, the base kernel runs on a second engine whose weights stay on 4 KiB pages (the state
+      before huge_pages.py: the whole change of this tree vs REF).
   THREADS=1 python docs/results/raw/ab_dense_layer.py float32|bfloat16|int8|int4|gguf [rounds] --pages
       weights on 2 MiB pages (model/quant/huge_pages.py) vs SLIMLM_HUGE_PAGES=0, two engines."""
 import ctypes, os, statistics, subprocess, sys, tempfile, time, torch
 from pathlib import Path
 from slimlm import LLM, SamplingParams, kernels
 torch.set_num_threads(int(os.environ.get("THREADS", "2")))
-args = [a for a in sys.argv[1:] if a not in ("--base", "--pages")]
+args = [a for a in sys.argv[1:] if a not in ("--base", "--pages", "--base-4k")]
 base_ref = sys.argv[sys.argv.index("--base") + 1] if "--base" in sys.argv else None
 if base_ref:
     args.remove(base_ref)
@@ -68,12 +70,17 @@ if "--pages" in sys.argv:
 
 if base_ref:
     eng = LLM("smollm2-135m-instruct", dtype=dtype, kv_cache_bytes="64M").engine
-    libs = {f"base {base_ref}": lib_at(base_ref), "this tree": eng.runner.native_layers.lib}
+    base_eng = eng
+    if "--base-4k" in sys.argv:
+        os.environ["SLIMLM_HUGE_PAGES"] = "0"
+        base_eng = LLM("smollm2-135m-instruct", dtype=dtype, kv_cache_bytes="64M").engine
+        del os.environ["SLIMLM_HUGE_PAGES"]
+    libs = {f"base {base_ref}": (base_eng, lib_at(base_ref)), "this tree": (eng, eng.runner.native_layers.lib)}
     res = {k: [] for k in libs}
     for r in range(rounds):
-        for k, lib in libs.items():
-            eng.runner.native_layers.lib = eng.runner.head.lib = lib
-            res[k].append(run(eng))
+        for k, (e, lib) in libs.items():
+            e.runner.native_layers.lib = e.runner.head.lib = lib
+            res[k].append(run(e))
     base = statistics.median(res[f"base {base_ref}"])
     for k, v in res.items():
         m = statistics.median(v)
