@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch.overrides import TorchFunctionMode
+from torch.utils._device import _device_constructors
 
 from slimlm.errors import ModelLoadError
 from slimlm.model.config import ModelConfig
@@ -59,6 +61,31 @@ def release_freed_heap() -> None:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+class meta_skeleton(TorchFunctionMode):
+    """Modules built inside take meta tensors and compute nothing: their state is assigned next.
+
+    ``torch.device("meta")`` alone runs every initializer (``normal_``, ``kaiming_uniform_``) and
+    ``arange`` through PyTorch's Python meta functions, and their first call imports torch.fx's
+    symbolic shapes and torch._dynamo (sympy included): ~70 MiB resident for the rest of the
+    process, more than half a packed 135M model (``docs/results/raw/rss_phases.py``). Here an
+    in-place call on a meta tensor is skipped (it would only initialize what the state dict
+    overwrites), and value factories (``arange``, ``linspace``, ``logspace``: RoPE frequencies,
+    small) compute on the CPU; every other factory without a device makes a meta tensor."""
+
+    VALUES = {torch.arange, torch.linspace, torch.logspace}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name.endswith("_") and not name.endswith("__"):  # in place (not a dunder like __get__)
+            target = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+            if target is not None and target.is_meta:
+                return target
+        if func in _device_constructors() and kwargs.get("device") is None:
+            kwargs["device"] = "cpu" if func in self.VALUES else "meta"
+        return func(*args, **kwargs)
 
 
 def default_file_mode() -> int:
@@ -161,7 +188,7 @@ def build_model(
               or (cfg.tie_word_embeddings and k.startswith("lm_head."))]:
         del state[k]
     packed = quant.spec(cfg)  # a quantized checkpoint: its packed modules, by name
-    with torch.device("meta"):
+    with meta_skeleton():
         model = CausalLM(cfg)
         if packed:
             quant.prepare(model, packed["modules"])
