@@ -200,13 +200,12 @@ def _dequantize(reader, t, rows: slice | None = None) -> np.ndarray:
 def pack_rows(reader, t, pack, name: str):
     """De-quantize and re-pack a 2-D GGUF tensor a block of rows at a time (only that block of
     the file is read and de-quantized at once)."""
-    from slimlm.model.quant.model import CHUNK_ROWS, concat_rows, quantize_weight
+    from slimlm.model.quant.model import pack_in_blocks, quantize_weight
 
     n, k = t.shape
     module = name.rpartition(".")[0]
-    parts = [quantize_weight(module, torch.from_numpy(_dequantize(reader, t, slice(i, i + CHUNK_ROWS)).reshape(-1, k)),
-                             pack.weights, pack.group_size) for i in range(0, n, CHUNK_ROWS)]
-    return concat_rows(parts)
+    return pack_in_blocks(n, lambda i, j: quantize_weight(
+        module, torch.from_numpy(_dequantize(reader, t, slice(i, j)).reshape(-1, k)), pack.weights, pack.group_size))
 
 
 def _hf_name(name: str) -> str | None:
