@@ -133,3 +133,16 @@ def test_meta_skeleton_builds_the_same_modules_and_computes_nothing_else(tiny_ll
     b = {k: (v.shape, v.dtype, v.device.type) for k, v in got.state_dict().items()}
     assert a == b and all(d == "meta" for _, _, d in b.values())
     assert torch.equal(got.rotary.inv_freq, RotaryEmbedding(cfg).inv_freq)  # computed on the CPU
+
+
+@pytest.mark.parametrize("weights, name", [("int8", "model.embed_tokens"), ("int4", "model.layers.0.mlp.up_proj")])
+def test_packing_in_row_blocks_equals_packing_at_once(monkeypatch, weights, name):
+    from slimlm.model.quant import model as qmodel
+
+    w = torch.randn(21, 64)
+    whole = qmodel.quantize_weight(name, w, weights, None)  # 21 rows <= CHUNK_ROWS: one block
+    monkeypatch.setattr(qmodel, "CHUNK_ROWS", 8)  # 8 + 8 + 5 rows
+    blocks = qmodel.quantize_weight(name, w, weights, None)
+    assert type(blocks) is type(whole) and blocks.group_size == whole.group_size
+    for k, t in whole.tensors().items():
+        assert torch.equal(blocks.tensors()[k], t), k
