@@ -137,7 +137,7 @@ class Int8Weight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         N, K = self.q.shape
         G = self.group_size
-        w = self.q.view(N, K // G, G).float() * self.scale[..., None]  # (N, K/G, G)
+        w = self.q.view(N, K // G, G).float().mul_(self.scale[..., None])  # (N, K/G, G), one fp32 buffer
         return w.view(N, K).to(dtype)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -187,7 +187,8 @@ class Int4Weight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         N, K = self.shape
         G = self.group_size
-        w = self.codes().view(N, K // G, G).float() * self.scale[..., None] + self.min[..., None]
+        w = self.codes().view(N, K // G, G).float()  # (N, K/G, G); scaled in place: one fp32 buffer
+        w.mul_(self.scale[..., None]).add_(self.min[..., None])
         return w.view(N, K).to(dtype)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
