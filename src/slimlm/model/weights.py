@@ -75,11 +75,14 @@ class meta_skeleton(TorchFunctionMode):
     small) compute on the CPU; every other factory without a device makes a meta tensor."""
 
     VALUES = {torch.arange, torch.linspace, torch.logspace}
+    RESHAPING = {"resize_", "resize_as_", "set_", "squeeze_", "unsqueeze_", "transpose_", "t_", "as_strided_",
+                 "swapdims_", "swapaxes_", "requires_grad_", "share_memory_"}
+    """In-place calls that change a tensor's shape or flags, not its values: always run."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if name.endswith("_") and not name.endswith("__"):  # in place (not a dunder like __get__)
+        if name.endswith("_") and not name.endswith("__") and name not in self.RESHAPING:  # values, in place
             target = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
             if target is not None and target.is_meta:
                 return target
