@@ -1,7 +1,18 @@
 """Where a packed model's resident memory goes: VmRSS / VmHWM (peak) after each phase of building
-a batch-1 decode engine and decoding 16 tokens. Usage: python docs/results/raw/rss_phases.py gguf
-(or int4 / int8). Deterministic within a few MB."""
-import sys, time
+a batch-1 decode engine and decoding 16 tokens. Deterministic within a few MB.
+
+Usage: python docs/results/raw/rss_phases.py gguf   (or int4 / int8: the default model's weights)
+       python docs/results/raw/rss_phases.py baseline   (the runtime baseline, below)
+       python docs/results/raw/rss_phases.py llama.cpp  (the same phases in llama-cpp-python)
+
+The runtime baseline is what any run pays before the weights: torch, slimlm and its kernels
+imported, the model's tokenizer built from the GGUF, and an engine (16 MB KV pool) that decodes
+16 tokens over the same model with next to no weights: 1 layer (the engine needs one) of the same
+width and heads with a 64-wide MLP, and a 256-row tied embedding: 4.1 MiB of fp32 tensors, shown
+on the last line and subtracted when the baseline is quoted. llama.cpp's
+counterpart is `llama_cpp` imported and the file opened with ``vocab_only=True`` (its tokenizer,
+no tensors)."""
+import sys
 
 
 def mem():
@@ -16,7 +27,34 @@ rows = []
 def phase(name):
     rows.append((name, *mem()))
 
+
+def table(title):
+    print(title)
+    print("| phase | RSS MiB | peak MiB | anonymous | file-backed | weight files mapped |\n|---|---|---|---|---|---|")
+    for n, *v in rows:
+        print("| " + " | ".join(map(str, [n, *v])) + " |")
+
+
+w = sys.argv[1]
 phase("python")
+if w == "llama.cpp":
+    import os
+
+    import llama_cpp
+    phase("import llama_cpp")
+    from slimlm.model.hub import DEFAULT_MODEL, KNOWN_MODELS, package_file
+    path = str(package_file(KNOWN_MODELS[DEFAULT_MODEL]))
+    vocab = llama_cpp.Llama(path, vocab_only=True, verbose=False)
+    phase("vocab only (tokenizer)")
+    del vocab
+    mmap = os.environ.get("MMAP", "1") == "1"  # MMAP=0: the weights read into the process's memory
+    llm = llama_cpp.Llama(path, n_ctx=2048, n_threads=1, n_batch=512, verbose=False, use_mmap=mmap)
+    phase("model loaded (n_ctx 2048)")
+    llm.create_completion("The capital of France is", max_tokens=16, temperature=0)
+    phase("16 tokens decoded")
+    table(f"llama.cpp {llama_cpp.__version__} (use_mmap={mmap})")
+    sys.exit()
+
 import torch
 torch.set_num_threads(1)
 phase("import torch")
@@ -28,16 +66,32 @@ for k in ("qlinear", "paged_decode", "paged_prefill", "decode_layer"):
 phase("import slimlm + kernels")
 from slimlm.model.hub import load
 from slimlm.model.quant import packed_bytes
-w = sys.argv[1]
-lm = load("smollm2-135m-instruct", "float32", weights=w)
+if w == "baseline":
+    from slimlm.model.config import ModelConfig
+    from slimlm.model.gguf import _read_tokenizer
+    from slimlm.model.gguf_file import GGUFFile
+    from slimlm.model.hub import DEFAULT_MODEL, KNOWN_MODELS, LoadedModel, package_file
+    path = package_file(KNOWN_MODELS[DEFAULT_MODEL])
+    f = GGUFFile(path)
+    tok = _read_tokenizer(f, path)
+    g = lambda k: int(f.fields[f"llama.{k}"])  # noqa: E731
+    cfg = ModelConfig(model_type="llama", vocab_size=256, hidden_size=g("embedding_length"), intermediate_size=64,
+                      num_layers=1, num_heads=g("attention.head_count"), num_kv_heads=g("attention.head_count_kv"),
+                      tie_word_embeddings=True)
+    del f
+    phase("tokenizer")
+    from slimlm.model.transformer import CausalLM
+    lm = LoadedModel(CausalLM(cfg).eval(), tok, path, {}, weights="dense")
+else:
+    lm = load("smollm2-135m-instruct", "float32", weights=w)
 phase("model loaded")
 pb = packed_bytes(lm.model)
 
 llm = LLM(lm, kv_cache_bytes="16M")
 phase("engine built (16 MB KV)")
-llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+prompt = "The capital of France is"
+if w == "baseline":  # the same prompt length, in the small vocabulary (decoding still detokenizes)
+    prompt = [t % 256 for t in lm.tokenizer.encode(prompt)]
+llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
 phase("16 tokens decoded")
-print(f"weights {w}: model tensors (packed + norms) {pb / 2**20:.1f} MiB")
-print("| phase | RSS MiB | peak MiB | anonymous | file-backed | weight files mapped |\n|---|---|---|---|---|---|")
-for n, *v in rows:
-    print("| " + " | ".join(map(str, [n, *v])) + " |")
+table(f"weights {w}: model tensors (packed + norms) {pb / 2**20:.1f} MiB")

@@ -7,8 +7,6 @@ The tokenizer is rebuilt from the GGUF metadata (BPE vocab, merges, special toke
 
 from __future__ import annotations
 
-import gc
-
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +60,7 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def _field(reader, key: str, default: Any = None) -> Any:
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    return f.contents()
+    return reader.fields.get(key, default)
 
 
 def read_gguf(path: str | Path, weights: str = "auto", group_size: int | None = None, strict: bool = False,
@@ -75,13 +70,10 @@ def read_gguf(path: str | Path, weights: str = "auto", group_size: int | None = 
     (``slimlm.model.quant``); "int8" / "int4": de-quantized, then re-packed in that format.
     A quantized type without a packed kernel is de-quantized with a warning, or with ``strict``
     (``weights="gguf-strict"``) refused before anything is read."""
-    import gguf
+    from slimlm.model.gguf_file import GGUFFile
 
     path = Path(path)
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # truncated or not a GGUF file
-        raise ModelLoadError(f"corrupted or truncated GGUF file {path}: {str(e).splitlines()[0]}") from None
+    reader = GGUFFile(path)  # header only; each tensor is read when it is packed
     arch = _field(reader, "general.architecture")
     if arch not in GGUF_ARCHS:
         raise UnsupportedArchitectureError(
@@ -129,11 +121,8 @@ def read_gguf(path: str | Path, weights: str = "auto", group_size: int | None = 
     from slimlm.model.quant.load import PackOnLoad
 
     tokenizer = _read_tokenizer(reader, path) if tokens else None
-    # the reader's metadata (the vocabulary and merges as tens of thousands of small arrays)
-    # takes more memory than a packed small model: drop it before the tensors are read
     tokens = None
-    reader.fields.clear()
-    gc.collect()
+    reader.fields.clear()  # the vocabulary and merges as Python strings: a few MB, dropped now
     pack = PackOnLoad(weights, group_size)
     if strict and weights == "gguf":
         _check_packable(reader, path, pack)
@@ -145,7 +134,6 @@ def read_gguf(path: str | Path, weights: str = "auto", group_size: int | None = 
 
 
 def _read_tensors(reader, cfg: ModelConfig, arch: str, path: Path, pack) -> dict[str, torch.Tensor]:
-    import gguf
     from tqdm import tqdm
 
     from slimlm.model.quant.gguf_packed import PACKED_TYPES, pack_gguf, permute_rows
@@ -157,17 +145,16 @@ def _read_tensors(reader, cfg: ModelConfig, arch: str, path: Path, pack) -> dict
     size = path.stat().st_size
     for t in tqdm(reader.tensors, desc=f"reading {path.name}", unit="tensor", leave=False,
                   disable=len(reader.tensors) < 50):
-        if t.data_offset + t.n_bytes > size:
+        if t.offset + t.n_bytes > size:
             raise ModelLoadError(f"corrupted or truncated GGUF file {path}: tensor {t.name} runs past the end")
         name = _hf_name(t.name)
         if name is None:
             raise ModelLoadError(f"{path.name}: unexpected tensor {t.name}")
         heads = cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads
         rotary = arch == "llama" and (".q_proj." in name or ".k_proj." in name)
-        shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # ggml order -> row-major
-        kind = t.tensor_type.name
+        shape, kind = t.shape, t.type_name
         if pack.weights == "gguf" and kind not in plain and pack.wants(name, len(shape)):
-            packed = pack_gguf(t.data, kind, *shape) if kind in PACKED_TYPES else None
+            packed = pack_gguf(reader.read(t), kind, *shape) if kind in PACKED_TYPES else None
             if packed is not None:
                 if rotary:
                     packed = permute_rows(packed, lambda x: _unpermute(x, heads))
@@ -178,12 +165,12 @@ def _read_tensors(reader, cfg: ModelConfig, arch: str, path: Path, pack) -> dict
                 warn(f"GGUF type {kind} has no packed kernel; its tensors are loaded de-quantized "
                      f"(packed: {', '.join(PACKED_TYPES)})")
         if pack.wants(name, len(shape)) and pack.weights in ("int8", "int4") and len(shape) == 2:
-            packed = pack_rows(t, shape, pack, name, path)  # row blocks: no full fp32 copy at once
+            packed = pack_rows(reader, t, pack, name)  # row blocks: no full fp32 copy at once
             if rotary:
                 packed = permute_rows(packed, lambda x: _unpermute(x, heads))
             state.update(pack.add(name.rpartition(".")[0], packed))
             continue
-        w = torch.from_numpy(_dequantize(t, path).reshape(shape))
+        w = torch.from_numpy(_dequantize(reader, t).reshape(shape))
         if rotary:
             w = _unpermute(w, heads)
         state.update(pack(name, w))
@@ -194,32 +181,31 @@ def _check_packable(reader, path: Path, pack) -> None:
     from slimlm.model.quant.gguf_packed import PACKED_TYPES
 
     for t in reader.tensors:
-        name, kind = _hf_name(t.name), t.tensor_type.name
-        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        if name and kind not in ("F32", "F16", "BF16") and pack.wants(name, len(shape)) and kind not in PACKED_TYPES:
+        name, kind = _hf_name(t.name), t.type_name
+        if name and kind not in ("F32", "F16", "BF16") and pack.wants(name, len(t.shape)) and kind not in PACKED_TYPES:
             raise ModelLoadError(f"{path.name}: tensor {t.name} is {kind}, which has no packed kernel "
                                  f"(packed: {', '.join(PACKED_TYPES)}); use weights='gguf' to load it de-quantized")
 
 
-def _dequantize(t, path: Path, rows: slice | None = None) -> np.ndarray:
+def _dequantize(reader, t, rows: slice | None = None) -> np.ndarray:
     import gguf
 
-    data = t.data if rows is None else t.data[rows]
+    data = reader.read(t, rows)
     try:
-        return np.array(gguf.quants.dequantize(data, t.tensor_type), dtype=np.float32)
+        return np.asarray(gguf.quants.dequantize(data, gguf.GGMLQuantizationType[t.type_name]), dtype=np.float32)
     except NotImplementedError:
-        raise ModelLoadError(f"{path.name}: tensor {t.name} has unsupported type {t.tensor_type.name}") from None
+        raise ModelLoadError(f"{reader.path.name}: tensor {t.name} has unsupported type {t.type_name}") from None
 
 
-def pack_rows(t, shape: tuple[int, ...], pack, name: str, path: Path):
-    """De-quantize and re-pack a 2-D GGUF tensor a block of rows at a time."""
-    from slimlm.model.quant.model import CHUNK_ROWS, concat_rows, quantize_weight
+def pack_rows(reader, t, pack, name: str):
+    """De-quantize and re-pack a 2-D GGUF tensor a block of rows at a time (only that block of
+    the file is read and de-quantized at once)."""
+    from slimlm.model.quant.model import pack_in_blocks, quantize_weight
 
-    n, k = shape
+    n, k = t.shape
     module = name.rpartition(".")[0]
-    parts = [quantize_weight(module, torch.from_numpy(_dequantize(t, path, slice(i, i + CHUNK_ROWS)).reshape(-1, k)),
-                             pack.weights, pack.group_size) for i in range(0, n, CHUNK_ROWS)]
-    return concat_rows(parts)
+    return pack_in_blocks(n, lambda i, j: quantize_weight(
+        module, torch.from_numpy(_dequantize(reader, t, slice(i, j)).reshape(-1, k)), pack.weights, pack.group_size))
 
 
 def _hf_name(name: str) -> str | None:

@@ -129,7 +129,7 @@ def load(
         from slimlm.model.gguf import read_gguf
 
         cfg, state, tokenizer, gen = read_gguf(path, weights, group_size, strict=strict)
-        model = build_model(cfg, state, dt, device, source=str(path), consume=True)
+        model = build_model(cfg, state, dt, device, source=str(path), consume=True, owned=True)  # read, not mapped
     else:
         from slimlm.model.quant.load import PackOnLoad
 

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch.overrides import TorchFunctionMode
+from torch.utils._device import _device_constructors
 
 from slimlm.errors import ModelLoadError
 from slimlm.model.config import ModelConfig
@@ -59,6 +61,34 @@ def release_freed_heap() -> None:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+class meta_skeleton(TorchFunctionMode):
+    """Modules built inside take meta tensors and compute nothing: their state is assigned next.
+
+    ``torch.device("meta")`` alone runs every initializer (``normal_``, ``kaiming_uniform_``) and
+    ``arange`` through PyTorch's Python meta functions, and their first call imports torch.fx's
+    symbolic shapes and torch._dynamo (sympy included): ~70 MiB resident for the rest of the
+    process, more than half a packed 135M model (``docs/results/raw/rss_phases.py``). Here an
+    in-place call on a meta tensor is skipped (it would only initialize what the state dict
+    overwrites), and value factories (``arange``, ``linspace``, ``logspace``: RoPE frequencies,
+    small) compute on the CPU; every other factory without a device makes a meta tensor."""
+
+    VALUES = {torch.arange, torch.linspace, torch.logspace}
+    RESHAPING = {"resize_", "resize_as_", "set_", "squeeze_", "unsqueeze_", "transpose_", "t_", "as_strided_",
+                 "swapdims_", "swapaxes_", "requires_grad_", "share_memory_"}
+    """In-place calls that change a tensor's shape or flags, not its values: always run."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name.endswith("_") and not name.endswith("__") and name not in self.RESHAPING:  # values, in place
+            target = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+            if target is not None and target.is_meta:
+                return target
+        if func in _device_constructors() and kwargs.get("device") is None:
+            kwargs["device"] = "cpu" if func in self.VALUES else "meta"
+        return func(*args, **kwargs)
 
 
 def default_file_mode() -> int:
@@ -148,11 +178,14 @@ def build_model(
     device: str | torch.device = "cpu",
     source: str = "checkpoint",
     consume: bool = False,
+    owned: bool = False,
 ) -> CausalLM:
     """Instantiate a model without initialising weights, then assign ``state`` into it.
     ``consume=True``: ``state`` is taken over (its entries are replaced one at a time by the
     model's converted tensors), so a load never holds every checkpoint tensor and its converted
-    copy at once; the caller must not use ``state`` afterwards."""
+    copy at once; the caller must not use ``state`` afterwards. ``owned=True``: the tensors sit in
+    the process's own memory (not a mapped file), so one already of the right dtype and device
+    is kept as it is instead of copied (a GGUF's packed embedding: 27 MiB less at the load peak)."""
     from slimlm.model import quant
 
     if not consume:
@@ -161,7 +194,7 @@ def build_model(
               or (cfg.tie_word_embeddings and k.startswith("lm_head."))]:
         del state[k]
     packed = quant.spec(cfg)  # a quantized checkpoint: its packed modules, by name
-    with torch.device("meta"):
+    with meta_skeleton():
         model = CausalLM(cfg)
         if packed:
             quant.prepare(model, packed["modules"])
@@ -185,7 +218,7 @@ def build_model(
     # copy=True: never keep tensors backed by a memory-mapped file that may change under us
     keep = quant.packed_keys(model)  # packed buffers keep their own dtypes
     for k in list(state):  # one tensor at a time: the source is dropped as its copy is made
-        state[k] = state[k].to(device=device, dtype=None if k in keep else dtype, copy=True)
+        state[k] = state[k].to(device=device, dtype=None if k in keep else dtype, copy=not owned)
     model.load_state_dict(state, strict=False, assign=True)
     if packed:
         quant.finish(model, dtype)

@@ -137,7 +137,7 @@ class Int8Weight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         N, K = self.q.shape
         G = self.group_size
-        w = self.q.view(N, K // G, G).float() * self.scale[..., None]  # (N, K/G, G)
+        w = self.q.view(N, K // G, G).float().mul_(self.scale[..., None])  # (N, K/G, G), one fp32 buffer
         return w.view(N, K).to(dtype)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -187,7 +187,8 @@ class Int4Weight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         N, K = self.shape
         G = self.group_size
-        w = self.codes().view(N, K // G, G).float() * self.scale[..., None] + self.min[..., None]
+        w = self.codes().view(N, K // G, G).float()  # (N, K/G, G); scaled in place: one fp32 buffer
+        w.mul_(self.scale[..., None]).add_(self.min[..., None])
         return w.view(N, K).to(dtype)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -225,7 +226,7 @@ def quantize_int8(w: torch.Tensor, group_size: int | None = None) -> Int8Weight:
     wg = w.view(N, K // G, G)
     scale = wg.abs().amax(-1) / 127.0  # (N, K/G)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    q = torch.round(wg / scale[..., None]).clamp(-127, 127).to(torch.int8)
+    q = (wg / scale[..., None]).round_().clamp_(-127, 127).to(torch.int8)
     return Int8Weight(q.view(N, K).contiguous(), scale.contiguous(), G)
 
 
@@ -240,7 +241,9 @@ def quantize_int4(w: torch.Tensor, group_size: int = 32) -> Int4Weight:
     lo, hi = wg.amin(-1), wg.amax(-1)  # (N, K/G)
     scale = (hi - lo) / 15.0
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    q = torch.round((wg - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)  # (N, K/G, G)
+    x = wg - lo[..., None]  # one fp32 temporary, the rest in place: a load's transient stays small
+    q = x.div_(scale[..., None]).round_().clamp_(0, 15).to(torch.uint8)  # (N, K/G, G)
+    del x
     return Int4Weight(pack_nibbles(q, G), scale.contiguous(), lo.contiguous(), G)
 
 

