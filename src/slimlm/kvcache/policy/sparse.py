@@ -192,7 +192,7 @@ class QueryPolicy(KVPolicy):
                       meta: dict) -> torch.Tensor:
         """The decode group ``g``'s attention with the native sparse kernel: q (B, Hq, d) in the
         model's space -> (B, Hq, d) float32. ``meta``: a dict kept for this step and group."""
-        from slimlm.kernels.ops import native_sparse_decode
+        from slimlm.kernels.sparse_select import native_sparse_select_decode
 
         B, Hq, d = q.shape
         bs = cache.block_size
@@ -200,25 +200,60 @@ class QueryPolicy(KVPolicy):
             meta["plan"], meta["table"] = self._plan(g, bs, cache), g.blocks.view(B, g.nb)
             meta["keys"] = [("blocks", P, tuple(meta["table"][b, : -(-P // bs)].tolist())) if P else None
                             for b, (_, _, P) in enumerate(meta["plan"])]
+            meta["tail"] = torch.tensor([[P, L] for _, L, P in meta["plan"]], dtype=torch.int64).view(B, 2)
         plan, table = meta["plan"], meta["table"]
         Hkv = cache.spec.num_kv_heads
         self.elem_bytes = torch.empty((), dtype=cache.spec.compute_dtype).element_size()
+        kp, vp = cache.pools(layer)
+        if cache.tier is not None or cache.codec.rotates or cache.codec.offset(kp) is not None:
+            return self._attend_lists(lib, layer, q, cache, rotary, scale, meta)
+        sels = []  # one pass: the kernel selects (sparse_select.h) and attends each (row, KV head)
+        for b, (qp, L, P) in enumerate(plan):
+            self._count_row(L, P, Hkv, d)
+            if P:
+                s = self._native_summary(layer, cache, table[b, : -(-P // bs)], meta["keys"][b], P, rotary)
+                sels.append(self.native_selection(s, P, rotary))
+            else:
+                sels.append(None)
+        o, counters = native_sparse_select_decode(lib, q, kp, vp, cache.codec.native_code, table, sels, meta["tail"],
+                                                  scale)
+        for sel, c in zip(sels, counters.sum(1).tolist()):
+            if sel is not None:
+                read, attended = self.selection_stats(sel, c, Hq, d)
+                self.stats["keys_attended"] += attended
+                self.stats["bytes_read"] += read
+        return cache.vcodec.from_storage(o)
+
+    def _count_row(self, L: int, P: int, Hkv: int, d: int) -> None:
+        """A decoded (row, layer)'s counters, all but the prefix's selected part."""
+        full = 2 * L * Hkv * d * self.elem_bytes
+        self.stats["decode_rows"] += 1
+        self.stats["keys_stored"] += L
+        self.stats["bytes_full"] += full
+        self.stats["keys_attended"] += L - P
+        self.stats["bytes_read"] += full if not P else 2 * (L - P) * Hkv * d * self.elem_bytes
+
+    def _attend_lists(self, lib, layer: int, q: torch.Tensor, cache, rotary, scale: float, meta: dict) -> torch.Tensor:
+        """attend_native through per-row entry lists: a key tier, or keys stored rotated / offset
+        (rebuilt keys are mapped into the stored space here)."""
+        from slimlm.kernels.ops import native_sparse_decode
+
+        B, Hq, d = q.shape
+        bs = cache.block_size
+        plan, table = meta["plan"], meta["table"]
+        Hkv = cache.spec.num_kv_heads
         picks = []
         for b, (qp, L, P) in enumerate(plan):
-            self.stats["decode_rows"] += 1
-            self.stats["keys_stored"] += L
-            self.stats["bytes_full"] += 2 * L * Hkv * d * self.elem_bytes
+            self._count_row(L, P, Hkv, d)
             if not P:
                 picks.append(None)
-                self.stats["keys_attended"] += L
-                self.stats["bytes_read"] += 2 * L * Hkv * d * self.elem_bytes
                 continue
             s = self._native_summary(layer, cache, table[b, : -(-P // bs)], meta["keys"][b], P, rotary)
             idx, qmask, kbuf, read, attended = self.select_native(s, q[b], rotary, P)
             picks.append((idx, qmask, kbuf))
-            self.stats["keys_attended"] += attended + (L - P)
-            self.stats["bytes_read"] += read + 2 * (L - P) * Hkv * d * self.elem_bytes
-        tail = torch.tensor([[P, L] for _, L, P in plan], dtype=torch.int64).view(B, 2)
+            self.stats["keys_attended"] += attended
+            self.stats["bytes_read"] += read
+        tail = meta["tail"].clone()
         if cache.tier is not None:  # keys of factored blocks after a row's own prefix: rebuilt
             picks = self._factored_tail(layer, cache, table, plan, picks, tail)
         N = max([int(i.numel()) for p in picks if p is not None for i in p[0]], default=0)
@@ -287,12 +322,38 @@ class QueryPolicy(KVPolicy):
             out.append(p)
         return out
 
+    def native_selection(self, summary: Any, P: int, rotary):
+        """The summary as the native selection reads it (a ``kernels.sparse_select.Selection``)."""
+        raise NotImplementedError
+
+    def selection_stats(self, sel, counters: list[int], Hq: int, d: int) -> tuple[int, int]:
+        """(bytes read for the prefix, prefix keys attended per query head) of one row from its
+        items' counters (per KV head: entries, entries taken summed over the group, fine clusters
+        scored); updates the policy's own counters."""
+        raise NotImplementedError
+
+    def native_keys(self, summary: Any, sel, idx: list[torch.Tensor], m: int):
+        """The keys the kernel takes for the first ``m`` entries: a :class:`Rebuild`, (Hkv, m', d)
+        float32 keys, or None (every key read from the pool)."""
+        return None
+
     def select_native(self, summary: Any, q: torch.Tensor, rotary, P: int):
         """q (Hq, d) -> (idx: per KV head the prefix tokens it reads (n_h,), qmask: per KV head
         (G, n_h) bool of the query heads that take each (None: all), rebuilt keys (Hkv, m, d) of
         every head's first m entries, or a :class:`Rebuild` the kernel applies, or None, bytes read
-        for the prefix, prefix keys attended per query head)."""
-        raise NotImplementedError
+        for the prefix, prefix keys attended per query head). Selected in C
+        (``kernels/sparse_select.h``), as :meth:`select` picks."""
+        from slimlm.kernels.sparse_select import native_sparse_select
+
+        sel = self.native_selection(summary, P, rotary)
+        Hkv = sel.tensors[0].shape[0]
+        idx, cnt, qmask, nbuf, counters = native_sparse_select(None, q[None], [sel], Hkv)
+        n = cnt[0].tolist()
+        ids = [idx[0, h, : n[h]].long() for h in range(Hkv)]
+        qm = [qmask[0, h, :, : n[h]] for h in range(Hkv)] if qmask is not None else None
+        read, attended = self.selection_stats(sel, counters.view(-1, counters.shape[-1]).sum(0).tolist(), q.shape[0],
+                                              q.shape[1])
+        return ids, qm, self.native_keys(summary, sel, ids, int(nbuf[0, 0])), read, attended
 
     def select(self, summary: Any, q: torch.Tensor, k_prefix: torch.Tensor, rotary, P: int):
         """q (Hq, d) -> (keep (Hq, P) bool, rebuilt prefix keys (Hkv, P, d) or None, bytes read
