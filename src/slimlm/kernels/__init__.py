@@ -85,6 +85,10 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
         "slimlm_decode_layers": (_INT, (_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR,
                                         _F32, _F32, _INT)),
         "slimlm_decode_layer_sizes": (_INT, (_PTR, _PTR, _PTR)),
+        # the halves around attention: h, M, layer, dims, ptrs, desc, cos, sin, slots, q, eps, nthreads /
+        # h, M, layer, dims, ptrs, desc, att, eps, nthreads
+        "slimlm_decode_layer_in": (_INT, (_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _F32, _INT)),
+        "slimlm_decode_layer_out": (_INT, (_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _F32, _INT)),
         "slimlm_qlinear_has_vnni": (_INT, ()),
         # x, w, kind (0 fp32, 1 bf16 widened, 2 bf16 vdpbf16ps), y, M, N, K, nthreads (dense_linear.c)
         "slimlm_dense_linear": (_INT, (_PTR, _PTR, _INT, _PTR, _I64, _I64, _I64, _INT)),
