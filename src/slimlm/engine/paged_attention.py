@@ -383,7 +383,11 @@ class PagedAttention:
         self.paths.sparse.written(layer, self.slots, self.cache.block_size)
         if len(self.decodes) == 1 and self.decodes[0].rows.numel() == q.shape[0]:
             g = self.decodes[0]
-            return self._sparse_group(layer, g, q).index_select(0, g.rows.argsort())  # rows sorted by length
+            if "order" not in self._sparse_meta:  # rows sorted by length -> step order (None: the same)
+                same = bool((g.rows == torch.arange(g.rows.numel(), device=g.rows.device)).all())
+                self._sparse_meta["order"] = None if same else g.rows.argsort()
+            o = self._sparse_group(layer, g, q)
+            return o if self._sparse_meta["order"] is None else o.index_select(0, self._sparse_meta["order"])
         out = torch.empty(q.shape, dtype=torch.float32)
         for g in self.decodes:
             out.index_copy_(0, g.rows, self._sparse_group(layer, g, q).float())

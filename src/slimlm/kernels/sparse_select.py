@@ -125,11 +125,15 @@ def native_sparse_select(lib, q: torch.Tensor, rows: list[Selection | None], Hkv
 
 def native_sparse_select_decode(lib, q: torch.Tensor, k_parts: list[torch.Tensor], v_parts: list[torch.Tensor],
                                 code: int, table: torch.Tensor, rows: list[Selection | None], tail: torch.Tensor,
-                                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                                scale: float, memo: dict | None = None,
+                                check_table: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Selection and sparse attention in one call: q (B, Hq, d) -> (out (B, Hq, d) float32,
     counters (B, Hkv, 3) int64 as :func:`native_sparse_select`). Row b attends its selected prefix
     entries (none for a row without a summary) and the dense ``tail`` (B, 2) int64 range, keys and
-    values read in place from the pool (``code`` its format; keys in the pool, no key tier)."""
+    values read in place from the pool (``code`` its format; keys in the pool, no key tier).
+    ``memo``: a dict kept with these ``rows`` (the same Selection objects) to reuse their checked
+    C arrays; ``check_table`` False: ``table`` was checked against this pool before (one step's
+    table, its later layers)."""
     k0 = k_parts[0]
     num_blocks, bs, hkv = v_parts[0].shape[0], k0.shape[1], k0.shape[2]
     B = len(rows)
@@ -137,12 +141,22 @@ def native_sparse_select_decode(lib, q: torch.Tensor, k_parts: list[torch.Tensor
     Hq, d = q.shape[1:]
     _check_pool(k_parts, code)
     _check_pool(v_parts, code)
-    _check_table(table, num_blocks)
+    if check_table:
+        _check_table(table, num_blocks)
+    elif table.dtype != torch.int64 or not table.is_contiguous():
+        raise ValueError("native kernels need a contiguous int64 block table")
     if table.dim() != 2 or table.shape[0] != B or (code < 3 and k0.shape[3] != d) or (code == 3 and k0.shape[3] * 2 != d):
         raise ValueError("native selection: table (B, max_blocks) and a head size matching the pool needed")
     if tail.dtype != torch.int64 or tail.shape != (B, 2) or not tail.is_contiguous():
         raise ValueError("native selection: tail must be a contiguous int64 (B, 2) tensor")
-    (sp, si, sf, *fptr), _keep, rank = _arrays(rows, hkv, d)
+    key = (hkv, d)
+    if memo is None or memo.get("key") != key:
+        arrays = _arrays(rows, hkv, d)
+        if memo is not None:
+            memo.update(key=key, arrays=arrays)
+    else:
+        arrays = memo["arrays"]
+    (sp, si, sf, *fptr), _keep, rank = arrays
     out = torch.empty_like(q)
     counters = torch.zeros(B, hkv, NCOUNT, dtype=torch.int64)
     aux = [t.data_ptr() for t in k_parts[1:]] + [None] * (3 - len(k_parts))

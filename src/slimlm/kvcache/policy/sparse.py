@@ -69,6 +69,8 @@ class QueryPolicy(KVPolicy):
         self.prefix, self.granule, self.recent, self.min_prefix = prefix, granule, recent, min_prefix
         self.cache_entries = cache_entries
         self._cache: dict[int, OrderedDict] = {}
+        self._sel_memo: dict[int, tuple] = {}  # layer -> (summaries, their native selections, C arrays)
+        self._stale: tuple | None = None  # (slots, block_size, their blocks): one step's writes
         self.stats: dict[str, int] = {"decode_rows": 0, "summaries_built": 0, "summary_hits": 0,
                                       "keys_stored": 0, "keys_attended": 0, "bytes_full": 0, "bytes_read": 0}
         """Deterministic counters: per decoded (row, layer), keys stored vs attended and the KV
@@ -146,8 +148,10 @@ class QueryPolicy(KVPolicy):
         stale = None
         for key, (blocks, _, _) in entries.items():
             if key[0] == "blocks":
-                if stale is None:
-                    stale = set(torch.unique(slots // block_size).tolist())
+                if stale is None:  # every layer of a step writes the same slots
+                    if self._stale is None or self._stale[0] is not slots or self._stale[1] != block_size:
+                        self._stale = (slots, block_size, set(torch.unique(slots // block_size).tolist()))
+                    stale = self._stale[2]
                 if not stale.isdisjoint(blocks):
                     entries[key] = None  # marked; removed below
         for key in [k for k, e in entries.items() if e is None]:
@@ -207,16 +211,19 @@ class QueryPolicy(KVPolicy):
         kp, vp = cache.pools(layer)
         if cache.tier is not None or cache.codec.rotates or cache.codec.offset(kp) is not None:
             return self._attend_lists(lib, layer, q, cache, rotary, scale, meta)
-        sels = []  # one pass: the kernel selects (sparse_select.h) and attends each (row, KV head)
+        summaries = []  # one pass: the kernel selects (sparse_select.h) and attends each (row, KV head)
         for b, (qp, L, P) in enumerate(plan):
             self._count_row(L, P, Hkv, d)
-            if P:
-                s = self._native_summary(layer, cache, table[b, : -(-P // bs)], meta["keys"][b], P, rotary)
-                sels.append(self.native_selection(s, P, rotary))
-            else:
-                sels.append(None)
+            summaries.append(self._native_summary(layer, cache, table[b, : -(-P // bs)], meta["keys"][b], P, rotary)
+                             if P else None)
+        memo = self._sel_memo.get(layer)  # the same summaries as this layer's last call: its selections too
+        if memo is None or len(memo[0]) != len(summaries) or any(x is not y for x, y in zip(memo[0], summaries)):
+            sels = [self.native_selection(s, P, rotary) if s is not None else None
+                    for s, (_, _, P) in zip(summaries, plan)]
+            memo = self._sel_memo[layer] = (summaries, sels, {})
+        sels = memo[1]
         o, counters = native_sparse_select_decode(lib, q, kp, vp, cache.codec.native_code, table, sels, meta["tail"],
-                                                  scale)
+                                                  scale, memo[2], check_table=layer == meta.setdefault("first", layer))
         for sel, c in zip(sels, counters.sum(1).tolist()):
             if sel is not None:
                 read, attended = self.selection_stats(sel, c, Hq, d)
