@@ -386,8 +386,10 @@ class PagedAttention:
             if "order" not in self._sparse_meta:  # rows sorted by length -> step order (None: the same)
                 same = bool((g.rows == torch.arange(g.rows.numel(), device=g.rows.device)).all())
                 self._sparse_meta["order"] = None if same else g.rows.argsort()
-            o = self._sparse_group(layer, g, q)
-            return o if self._sparse_meta["order"] is None else o.index_select(0, self._sparse_meta["order"])
+            if self._sparse_meta["order"] is None:  # the group's rows are the step's, in order
+                return self.paths.sparse.attend_native(self.paths.sparse_native, layer, q, self.cache, g, self.rotary,
+                                                       self.scale, self._sparse_meta.setdefault(id(g), {}))
+            return self._sparse_group(layer, g, q).index_select(0, self._sparse_meta["order"])
         out = torch.empty(q.shape, dtype=torch.float32)
         for g in self.decodes:
             out.index_copy_(0, g.rows, self._sparse_group(layer, g, q).float())

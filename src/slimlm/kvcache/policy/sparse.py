@@ -19,7 +19,7 @@ decode path calls :meth:`QueryPolicy.attend_native`: the policy picks each KV he
 the summary (``select_native``) and ``kernels/sparse_decode.c`` attends only those, read in place
 from the pool, plus the tail after the prefix — nothing else of the prefix is read. Its summaries
 are cached under the prefix's physical blocks (and checked against each block's last stored
-row); a write into one of those blocks (a freed block reused) drops the summary
+row, its first KV head); a write into one of those blocks (a freed block reused) drops the summary
 (:meth:`QueryPolicy.written`). Otherwise the PyTorch decode path calls ``decode_attention`` with
 the gathered keys/values and the mask (the fingerprint above identifies the prefix).
 """
@@ -172,8 +172,8 @@ class QueryPolicy(KVPolicy):
     def _native_summary(self, layer: int, cache, blocks: torch.Tensor, key: tuple, P: int, rotary) -> Any:
         """The summary of the prefix held in ``blocks``; ``key`` = ("blocks", P, the block ids)."""
         raw = cache.pools(layer)[0][0]  # (num_blocks, block_size, Hkv, ...): the stored key rows
-        if cache.tier is None:
-            check = raw[blocks, -1]
+        if cache.tier is None:  # each block's last stored row, first KV head (index_select: the cheap gather)
+            check = raw[:, -1, 0].index_select(0, blocks)
         else:  # at the key blocks; a factored block (no key block, read-only) checks as zeros
             kb = cache.tier.map[blocks]
             check = raw[kb.clamp(min=0), -1] * (kb >= 0).view(-1, *[1] * (raw.dim() - 2)).to(raw.dtype)
