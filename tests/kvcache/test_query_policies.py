@@ -172,6 +172,8 @@ def test_native_sparse_kernel_equals_the_pytorch_path(tiny, name, kv_dtype):
         llm = LLM(tiny, kv_policy=name, kv_policy_args=ARGS[name], block_size=8, native_kernels=native,
                   kv_cache_dtype=kv_dtype)
         assert (llm.engine.runner.paths.sparse_native is not None) == native
+        # an fp32 pool's native run takes the native decode layers (an int8 pool: the layer path)
+        assert (llm.engine.runner.native_layers is not None) == (native and kv_dtype == "auto")
         outs = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         runs.append((outs, {k: llm.engine.policy.stats[k] for k in ("keys_attended", "bytes_read", "bytes_full")}))
     assert runs[0] == runs[1]
@@ -208,15 +210,14 @@ def _native_layer_runs(llm) -> list[int]:
 
 
 @pytest.mark.parametrize("name", ["squeezed", "shadowkv"])
-@pytest.mark.parametrize("setting", ["shared-prefix-cached", "chunked-no-prefix-cache", "preemption"])
+@pytest.mark.parametrize("setting", ["chunked-no-prefix-cache", "preemption"])
 def test_native_layers_equal_the_layer_path(tiny_llama_dir, monkeypatch, name, setting):
     """With native decode layers (the layer split around the policy's native selection + sparse
     attention) the greedy tokens and the counted reads equal the layer-by-layer path's."""
     from slimlm.model.quant.native_layers import ENV
 
     c = load(tiny_llama_dir).model.cfg
-    kw = {"shared-prefix-cached": dict(block_size=8),
-          "chunked-no-prefix-cache": dict(block_size=16, max_num_batched_tokens=16, enable_prefix_caching=False),
+    kw = {"chunked-no-prefix-cache": dict(block_size=16, max_num_batched_tokens=16, enable_prefix_caching=False),
           "preemption": dict(block_size=8, max_num_batched_tokens=64,
                              kv_cache_bytes=20 * 2 * c.num_layers * 8 * c.num_kv_heads * c.head_dim * 4)}[setting]
     # preemption: 4 prompts of 9 blocks each in a pool of 20
