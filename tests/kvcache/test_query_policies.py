@@ -172,6 +172,8 @@ def test_native_sparse_kernel_equals_the_pytorch_path(tiny, name, kv_dtype):
         llm = LLM(tiny, kv_policy=name, kv_policy_args=ARGS[name], block_size=8, native_kernels=native,
                   kv_cache_dtype=kv_dtype)
         assert (llm.engine.runner.paths.sparse_native is not None) == native
+        # an fp32 pool's native run takes the native decode layers (an int8 pool: the layer path)
+        assert (llm.engine.runner.native_layers is not None) == (native and kv_dtype == "auto")
         outs = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         runs.append((outs, {k: llm.engine.policy.stats[k] for k in ("keys_attended", "bytes_read", "bytes_full")}))
     assert runs[0] == runs[1]
@@ -191,3 +193,58 @@ def test_native_summary_is_dropped_when_its_blocks_are_rewritten(tiny):
     assert key in pol._cache[0]
     pol.written(0, torch.tensor([sorted(blocks)[5] * 8 + 2]), 8)  # one of the prefix's blocks: dropped
     assert key not in pol._cache[0] and any(k[0] == "blocks" for k in pol._cache[1])
+
+
+def _native_layer_runs(llm) -> list[int]:
+    """Counts the steps the runner hands to the native layers' query-policy path."""
+    nl, calls = llm.engine.runner.native_layers, []
+    assert nl is not None
+    fwd = nl.forward_sparse
+
+    def counted(*a, **kw):
+        calls.append(1)
+        return fwd(*a, **kw)
+
+    nl.forward_sparse = counted
+    return calls
+
+
+@pytest.mark.parametrize("name", ["squeezed", "shadowkv"])
+@pytest.mark.parametrize("setting", ["chunked-no-prefix-cache", "preemption"])
+def test_native_layers_equal_the_layer_path(tiny_llama_dir, monkeypatch, name, setting):
+    """With native decode layers (the layer split around the policy's native selection + sparse
+    attention) the greedy tokens and the counted reads equal the layer-by-layer path's."""
+    from slimlm.model.quant.native_layers import ENV
+
+    c = load(tiny_llama_dir).model.cfg
+    kw = {"chunked-no-prefix-cache": dict(block_size=16, max_num_batched_tokens=16, enable_prefix_caching=False),
+          "preemption": dict(block_size=8, max_num_batched_tokens=64,
+                             kv_cache_bytes=20 * 2 * c.num_layers * 8 * c.num_kv_heads * c.head_dim * 4)}[setting]
+    # preemption: 4 prompts of 9 blocks each in a pool of 20
+    base = make_prompts(8, seed=7)
+    prompts = shared_prompts() if setting != "preemption" else [(base[i] + base[i + 4])[:60] for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    runs = []
+    for env in ("1", "0"):
+        monkeypatch.setenv(ENV, env)
+        llm = LLM(load(tiny_llama_dir), kv_policy=name, kv_policy_args=ARGS[name], **kw)
+        calls = _native_layer_runs(llm) if env == "1" else None
+        outs = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        st = llm.engine.policy.stats
+        runs.append((outs, {k: st[k] for k in ("decode_rows", "keys_attended", "bytes_read", "bytes_full")}))
+        if env == "1":
+            assert len(calls) >= params.max_tokens - 1
+            assert (llm.engine.scheduler.num_preemptions > 0) == (setting == "preemption")
+        else:
+            assert llm.engine.runner.native_layers is None
+        assert llm.engine.pool.num_free() == llm.engine.pool.num_blocks
+    assert runs[0] == runs[1]
+    assert runs[0][1]["bytes_read"] < runs[0][1]["bytes_full"]
+
+
+def test_native_layers_refuse_the_key_tier(tiny_llama_dir):
+    """ShadowKV's second tier keeps keys apart from the values: the layer-by-layer path serves."""
+    from slimlm.model.quant.native_layers import unsupported
+
+    r = LLM(load(tiny_llama_dir), kv_policy="shadowkv", kv_policy_args={**ARGS["shadowkv"], "key_share": 0.5}).engine.runner
+    assert r.native_layers is None and "key tier" in unsupported(r.model, r.cache, r.paths, r.hooks, r.rope_ext)

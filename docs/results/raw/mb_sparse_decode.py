@@ -1,6 +1,7 @@
 """Per-layer attention call at an 8,160-token context, one sequence, SmolLM2-135M shapes (9 query /
 3 KV heads of 64), random keys: the full native decode kernel vs a query policy's whole native
-path (selection in PyTorch + sparse_decode.c), CPU ms per call at 1 thread. Random keys make
+path (its Python, then the selection in C + sparse attention in one call of sparse_decode.c),
+CPU ms per call at 1 thread. Random keys make
 Squeezed's clusters unlike real ones (it reads 0.6 of the keys here, 0.4 on real text).
 Usage: python docs/results/raw/mb_sparse_decode.py [bf16] [prof]"""
 import time, torch, cProfile, pstats, sys

@@ -354,9 +354,7 @@ class PagedAttention:
             self.paths.sparse.written(layer, self.slots, bs)  # drops summaries over rewritten blocks
         for gi, g in enumerate(decodes):
             if sparse_lib is not None:  # a query policy: only its chosen keys are read
-                o = self.paths.sparse.attend_native(sparse_lib, layer, q_full.index_select(0, g.rows), cache, g,
-                                                    self.rotary, self.scale, self._sparse_meta.setdefault(id(g), {}))
-                out.index_copy_(0, g.rows, o.to(out.dtype))
+                out.index_copy_(0, g.rows, self._sparse_group(layer, g, q_full).to(out.dtype))
                 continue
             B = g.q_pos.shape[0]
             qd = q_full.index_select(0, g.rows)[:, :, None]  # (B, Hq, 1, d)
@@ -373,6 +371,29 @@ class PagedAttention:
         if q_rows is not None:
             out = out.index_select(0, q_rows)
         return out.transpose(0, 1)[None]  # (1, Hq, R, d)
+
+    def _sparse_group(self, layer: int, g: DecodeGroup, q_full: torch.Tensor) -> torch.Tensor:
+        return self.paths.sparse.attend_native(self.paths.sparse_native, layer, q_full.index_select(0, g.rows),
+                                               self.cache, g, self.rotary, self.scale,
+                                               self._sparse_meta.setdefault(id(g), {}))
+
+    def sparse_decode(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """An all-decode step's attention by its query policy's native path, the step's keys and
+        values already stored (the native decode layers' halves): q (T, Hq, d) -> (T, Hq, d) float32."""
+        self.paths.sparse.written(layer, self.slots, self.cache.block_size)
+        if len(self.decodes) == 1 and self.decodes[0].rows.numel() == q.shape[0]:
+            g = self.decodes[0]
+            if "order" not in self._sparse_meta:  # rows sorted by length -> step order (None: the same)
+                same = bool((g.rows == torch.arange(g.rows.numel(), device=g.rows.device)).all())
+                self._sparse_meta["order"] = None if same else g.rows.argsort()
+            if self._sparse_meta["order"] is None:  # the group's rows are the step's, in order
+                return self.paths.sparse.attend_native(self.paths.sparse_native, layer, q, self.cache, g, self.rotary,
+                                                       self.scale, self._sparse_meta.setdefault(id(g), {}))
+            return self._sparse_group(layer, g, q).index_select(0, self._sparse_meta["order"])
+        out = torch.empty(q.shape, dtype=torch.float32)
+        for g in self.decodes:
+            out.index_copy_(0, g.rows, self._sparse_group(layer, g, q).float())
+        return out
 
     def _prefill(self, layer, p: PrefillSegment, q_full, k, v, out, window) -> None:
         cache, bs = self.cache, self.cache.block_size

@@ -214,6 +214,8 @@ class ModelRunner:
         model, hooks = self.model, self.hooks
         if self.native_layers is not None and self.native_layers.applies(attn, ids.shape[1]):
             return self.native_layers.forward(ids, positions, attn, self.rotary, self.capture, info.logit_rows)
+        if self.native_layers is not None and self.native_layers.applies_sparse(attn, ids.shape[1]):  # query policy
+            return self.native_layers.forward_sparse(ids, positions, attn, self.rotary, self.capture, info.logit_rows)
         h = model.embed(ids)  # (1, T, D)
         rope_pos = self.rope_ext.rope_positions(positions) if self.rope_ext is not None else positions
         cos, sin = self.rotary(rope_pos, h.dtype)

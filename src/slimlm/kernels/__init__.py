@@ -53,6 +53,14 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
         "slimlm_sparse_decode": (_INT, (_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _PTR, _PTR, _I64, _PTR, _PTR,
                                         _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR,
                                         _I64, _I64, _I64, _I64, _I64, _F32, _INT)),
+        # q, sp, si, sf, idx, cnt, qmask, nbuf, counters, B, Hq, Hkv, d, N, nthreads (sparse_select.h)
+        "slimlm_sparse_select": (_INT, (_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64,
+                                        _I64, _INT)),
+        # q, k_pool, v_pool, k_aux, k_aux2, v_aux, v_aux2, dtype, table, max_blocks, sp, si, sf, fA, fB, fcos,
+        # fsin, rank, tail, out, counters, B, Hq, Hkv, d, block_size, scale, nthreads
+        "slimlm_sparse_select_decode": (_INT, (_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _PTR, _I64, _PTR, _PTR,
+                                               _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64,
+                                               _I64, _I64, _F32, _INT)),
     },
     "qlinear": {
         # x, q, scale, y, M, N, K, G, nthreads
@@ -77,6 +85,10 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
         "slimlm_decode_layers": (_INT, (_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR,
                                         _F32, _F32, _INT)),
         "slimlm_decode_layer_sizes": (_INT, (_PTR, _PTR, _PTR)),
+        # the halves around attention: h, M, layer, dims, ptrs, desc, cos, sin, slots, q, eps, nthreads /
+        # h, M, layer, dims, ptrs, desc, att, eps, nthreads
+        "slimlm_decode_layer_in": (_INT, (_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _F32, _INT)),
+        "slimlm_decode_layer_out": (_INT, (_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _F32, _INT)),
         "slimlm_qlinear_has_vnni": (_INT, ()),
         # x, w, kind (0 fp32, 1 bf16 widened, 2 bf16 vdpbf16ps), y, M, N, K, nthreads (dense_linear.c)
         "slimlm_dense_linear": (_INT, (_PTR, _PTR, _INT, _PTR, _I64, _I64, _I64, _INT)),
@@ -86,7 +98,7 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
 
 INCLUDES: dict[str, list[str]] = {"decode_layer": ["qlinear.c", "paged_decode.c", "kv_pool.h", "dense_linear.c"],
                                   "paged_decode": ["kv_pool.h"], "paged_prefill": ["kv_pool.h", "simd_math.h"],
-                                  "sparse_decode": ["kv_pool.h"], "sparse_prefill": ["kv_pool.h", "simd_math.h"]}
+                                  "sparse_decode": ["kv_pool.h", "sparse_select.h"], "sparse_prefill": ["kv_pool.h", "simd_math.h"]}
 """Kernel files another one ``#include``s (part of its build key, so editing them rebuilds it)."""
 
 _loaded: dict[str, ctypes.CDLL | None] = {}

@@ -20,6 +20,10 @@
  * The model's sizes in dims[] (see DIM_*). Every
  * elementwise step rounds as PyTorch's fp32 ops do (no FMA contraction: -std=c11), so the result
  * differs from the layer-by-layer path only in RMSNorm's summation order and SiLU's exp.
+ * The two halves around attention are also entry points (slimlm_decode_layer_in: norm, q/k/v, RoPE,
+ * KV write; slimlm_decode_layer_out: o-proj, residual, norm, MLP, residual) for a KV policy that
+ * attends in between (the query policies: model/quant/native_layers.py's forward_sparse); the
+ * whole-layer loop calls the same two functions.
  * Returns 0, or the first failing kernel's code (1 bad shapes, 2 out of memory, 4 a slot, block id or
  * length outside the pool / table: checked before anything is written).
  */
@@ -84,57 +88,127 @@ static void store_row(void *pool, int pool_dtype, int64_t off, const float *x, i
     }
 }
 
+/* A step's scratch: xn (M, D), qkv (M, Nqkv), qr (M, Nq), att (M, Nq), o (M, D), gu (M, 2I), act (M, I), kr (d). */
+typedef struct { float *xn, *qkv, *qr, *att, *o, *gu, *act, *kr; } layer_buf_t;
+
+static int layer_buf(layer_buf_t *w, int64_t M, const int64_t *dims) {
+    const int64_t D = dims[DIM_D], Nq = dims[DIM_HQ] * dims[DIM_HD], Nkv = dims[DIM_HKV] * dims[DIM_HD];
+    const int64_t I = dims[DIM_I], Nqkv = Nq + 2 * Nkv;
+    w->xn = malloc(sizeof(float) * M * (D + Nqkv + 2 * Nq + D + 3 * I) + sizeof(float) * dims[DIM_HD]);
+    if (!w->xn) return 2;
+    w->qkv = w->xn + M * D; w->qr = w->qkv + M * Nqkv; w->att = w->qr + M * Nq; w->o = w->att + M * Nq;
+    w->gu = w->o + M * D; w->act = w->gu + M * 2 * I; w->kr = w->act + M * I;
+    return 0;
+}
+
+/* The layer's first half: xn = RMSNorm(h) * ln1; qkv; RoPE; k, v into the pool at each row's slot;
+ * the rotated queries into w->qr (M, Hq * d). */
+static int layer_attn_in(const float *h, int64_t M, const int64_t *dims, const void *const *p, const int64_t *wd,
+                         const float *cos, const float *sin, const int64_t *slots, float eps, int nthreads,
+                         layer_buf_t *w) {
+    const int64_t D = dims[DIM_D], Hq = dims[DIM_HQ], Hkv = dims[DIM_HKV], d = dims[DIM_HD];
+    const int64_t Nq = Hq * d, Nkv = Hkv * d, Nqkv = Nq + 2 * Nkv;
+    const int pool_dtype = (int)dims[DIM_POOL];
+    void *kpool = (void *)p[2 + 4 * NW], *vpool = (void *)p[3 + 4 * NW];
+    int rc;
+    rms_norm(h, p[0], w->xn, M, D, eps);
+    if ((rc = qlin(wd + 3 * W_QKV, p + 2 + 4 * W_QKV, w->xn, w->qkv, M, Nqkv, D, nthreads))) return rc;
+    for (int64_t m = 0; m < M; m++) {
+        const float *row = w->qkv + m * Nqkv, *c = cos + m * d, *s = sin + m * d;
+        for (int64_t hh = 0; hh < Hq; hh++) rope(row + hh * d, c, s, w->qr + m * Nq + hh * d, d);
+        for (int64_t hh = 0; hh < Hkv; hh++) {
+            rope(row + Nq + hh * d, c, s, w->kr, d);
+            store_row(kpool, pool_dtype, (slots[m] * Hkv + hh) * d, w->kr, d);
+            store_row(vpool, pool_dtype, (slots[m] * Hkv + hh) * d, row + Nq + Nkv + hh * d, d);
+        }
+    }
+    return 0;
+}
+
+/* The layer's second half: h += w->att @ Wo^T; h += MLP(RMSNorm(h) * ln2). */
+static int layer_attn_out(float *h, int64_t M, const int64_t *dims, const void *const *p, const int64_t *wd,
+                          float eps, int nthreads, layer_buf_t *w) {
+    const int64_t D = dims[DIM_D], Nq = dims[DIM_HQ] * dims[DIM_HD], I = dims[DIM_I];
+    int rc;
+    if ((rc = qlin(wd + 3 * W_O, p + 2 + 4 * W_O, w->att, w->o, M, D, Nq, nthreads))) return rc;
+    for (int64_t i = 0; i < M * D; i++) h[i] = h[i] + w->o[i];
+    rms_norm(h, p[1], w->xn, M, D, eps);
+    if ((rc = qlin(wd + 3 * W_GU, p + 2 + 4 * W_GU, w->xn, w->gu, M, 2 * I, D, nthreads))) return rc;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t i = 0; i < I; i++) {
+            const float g = w->gu[m * 2 * I + i];
+            w->act[m * I + i] = (g / (1.f + expf(-g))) * w->gu[m * 2 * I + I + i];
+        }
+    if ((rc = qlin(wd + 3 * W_DOWN, p + 2 + 4 * W_DOWN, w->act, w->o, M, D, I, nthreads))) return rc;
+    for (int64_t i = 0; i < M * D; i++) h[i] = h[i] + w->o[i];
+    return 0;
+}
+
+static int bad_dims(int64_t M, const int64_t *dims) {
+    const int64_t d = dims[DIM_HD], Hkv = dims[DIM_HKV], Hq = dims[DIM_HQ], pool_dtype = dims[DIM_POOL];
+    return M <= 0 || d % 2 || Hkv <= 0 || Hq % Hkv || (pool_dtype != 0 && pool_dtype != 1);
+}
+
+static int bad_slots(int64_t M, const int64_t *dims, const int64_t *slots) {
+    for (int64_t m = 0; m < M; m++)
+        if (slots[m] < 0 || slots[m] >= dims[DIM_NBLOCKS] * dims[DIM_BS]) return 1;
+    return 0;
+}
+
 int slimlm_decode_layers(float *h, int64_t M, int64_t first, int64_t last, const int64_t *dims,
                          const void *const *ptrs, const int64_t *desc, const float *cos, const float *sin,
                          const int64_t *slots, const int64_t *table, const int64_t *lens, float eps, float scale,
                          int nthreads) {
-    const int64_t D = dims[DIM_D], Hq = dims[DIM_HQ], Hkv = dims[DIM_HKV], d = dims[DIM_HD], I = dims[DIM_I];
+    const int64_t Hq = dims[DIM_HQ], Hkv = dims[DIM_HKV], d = dims[DIM_HD];
     const int64_t bs = dims[DIM_BS], maxb = dims[DIM_MAXB], nblocks = dims[DIM_NBLOCKS];
     const int pool_dtype = (int)dims[DIM_POOL];
-    if (M <= 0 || first < 0 || last < first || d % 2 || Hkv <= 0 || Hq % Hkv || (pool_dtype != 0 && pool_dtype != 1))
-        return 1;
-    for (int64_t m = 0; m < M; m++) { /* the pointers are trusted, the step's indices are not */
-        if (slots[m] < 0 || slots[m] >= nblocks * bs || lens[m] < 1 || lens[m] > maxb * bs) return 4;
+    if (bad_dims(M, dims) || first < 0 || last < first) return 1;
+    if (bad_slots(M, dims, slots)) return 4; /* the pointers are trusted, the step's indices are not */
+    for (int64_t m = 0; m < M; m++) {
+        if (lens[m] < 1 || lens[m] > maxb * bs) return 4;
         for (int64_t j = 0; j < maxb; j++)
             if (table[m * maxb + j] < 0 || table[m * maxb + j] >= nblocks) return 4;
     }
-    const int64_t Nq = Hq * d, Nkv = Hkv * d, Nqkv = Nq + 2 * Nkv;
-    float *xn = malloc(sizeof(float) * M * (D + Nqkv + 2 * Nq + D + 3 * I) + sizeof(float) * d);
-    if (!xn) return 2;
-    float *qkv = xn + M * D, *qr = qkv + M * Nqkv, *att = qr + M * Nq, *o = att + M * Nq, *gu = o + M * D;
-    float *act = gu + M * 2 * I, *kr = act + M * I;
+    layer_buf_t w;
+    if (layer_buf(&w, M, dims)) return 2;
     const int dthreads = (int)(M < nthreads ? M : nthreads);
     int rc = 0;
     for (int64_t l = first; l < last && !rc; l++) {
         const void *const *p = ptrs + l * NPTR;
         const int64_t *wd = desc + l * NDESC;
-        void *kpool = (void *)p[2 + 4 * NW], *vpool = (void *)p[3 + 4 * NW];
-        rms_norm(h, p[0], xn, M, D, eps);
-        if ((rc = qlin(wd + 3 * W_QKV, p + 2 + 4 * W_QKV, xn, qkv, M, Nqkv, D, nthreads))) break;
-        for (int64_t m = 0; m < M; m++) {
-            const float *row = qkv + m * Nqkv, *c = cos + m * d, *s = sin + m * d;
-            for (int64_t hh = 0; hh < Hq; hh++) rope(row + hh * d, c, s, qr + m * Nq + hh * d, d);
-            for (int64_t hh = 0; hh < Hkv; hh++) {
-                rope(row + Nq + hh * d, c, s, kr, d);
-                store_row(kpool, pool_dtype, (slots[m] * Hkv + hh) * d, kr, d);
-                store_row(vpool, pool_dtype, (slots[m] * Hkv + hh) * d, row + Nq + Nkv + hh * d, d);
-            }
-        }
-        if ((rc = slimlm_paged_decode(qr, kpool, vpool, NULL, NULL, NULL, NULL, pool_dtype, table, lens, att, NULL, M,
-                                      Hq, Hkv, d, bs, maxb, scale, dthreads)))
+        if ((rc = layer_attn_in(h, M, dims, p, wd, cos, sin, slots, eps, nthreads, &w))) break;
+        if ((rc = slimlm_paged_decode(w.qr, p[2 + 4 * NW], p[3 + 4 * NW], NULL, NULL, NULL, NULL, pool_dtype, table,
+                                      lens, w.att, NULL, M, Hq, Hkv, d, bs, maxb, scale, dthreads)))
             break;
-        if ((rc = qlin(wd + 3 * W_O, p + 2 + 4 * W_O, att, o, M, D, Nq, nthreads))) break;
-        for (int64_t i = 0; i < M * D; i++) h[i] = h[i] + o[i];
-        rms_norm(h, p[1], xn, M, D, eps);
-        if ((rc = qlin(wd + 3 * W_GU, p + 2 + 4 * W_GU, xn, gu, M, 2 * I, D, nthreads))) break;
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t i = 0; i < I; i++) {
-                const float g = gu[m * 2 * I + i];
-                act[m * I + i] = (g / (1.f + expf(-g))) * gu[m * 2 * I + I + i];
-            }
-        if ((rc = qlin(wd + 3 * W_DOWN, p + 2 + 4 * W_DOWN, act, o, M, D, I, nthreads))) break;
-        for (int64_t i = 0; i < M * D; i++) h[i] = h[i] + o[i];
+        rc = layer_attn_out(h, M, dims, p, wd, eps, nthreads, &w);
     }
-    free(xn);
+    free(w.xn);
+    return rc;
+}
+
+/* Layer l's first half alone (a KV policy attends in between): q (M, Hq * d) the rotated queries;
+ * k, v stored at ``slots``. Returns as slimlm_decode_layers (4: a slot outside the pool). */
+int slimlm_decode_layer_in(const float *h, int64_t M, int64_t l, const int64_t *dims, const void *const *ptrs,
+                           const int64_t *desc, const float *cos, const float *sin, const int64_t *slots, float *q,
+                           float eps, int nthreads) {
+    if (bad_dims(M, dims) || l < 0) return 1;
+    if (bad_slots(M, dims, slots)) return 4;
+    layer_buf_t w;
+    if (layer_buf(&w, M, dims)) return 2;
+    w.qr = q;
+    const int rc = layer_attn_in(h, M, dims, ptrs + l * NPTR, desc + l * NDESC, cos, sin, slots, eps, nthreads, &w);
+    free(w.xn);
+    return rc;
+}
+
+/* Layer l's second half alone: h (M, D) += o-proj of att (M, Hq * d), then the MLP block. */
+int slimlm_decode_layer_out(float *h, int64_t M, int64_t l, const int64_t *dims, const void *const *ptrs,
+                            const int64_t *desc, const float *att, float eps, int nthreads) {
+    if (bad_dims(M, dims) || l < 0) return 1;
+    layer_buf_t w;
+    if (layer_buf(&w, M, dims)) return 2;
+    w.att = (float *)att;
+    const int rc = layer_attn_out(h, M, dims, ptrs + l * NPTR, desc + l * NDESC, eps, nthreads, &w);
+    free(w.xn);
     return rc;
 }

@@ -36,6 +36,7 @@
 #include <string.h>
 
 #include "kv_pool.h"
+#include "sparse_select.h"
 
 static inline float dot(const float *a, const float *b, int64_t d) {
     float acc = 0.f;
@@ -203,6 +204,51 @@ static void attend_item(const float *qg, const pool_t *kp, const pool_t *vp, con
     }
 }
 
+/* One item's attention (the format's fastest path). */
+static void attend_one(const float *qg, const pool_t *kp, const pool_t *vp, const int64_t *tb, const int64_t *ktb,
+                       int64_t h, const int32_t *ix, int64_t n, const uint8_t *qm, int64_t N, const float *kb,
+                       const factors_t *fac, int64_t nb, int64_t t0, int64_t t1, float *og, float *s, float *row,
+                       float *kt, int64_t G, int64_t d, int64_t block_size, float scale) {
+#ifdef __AVX512F__
+    if (kp->dtype <= 1 && d % 16 == 0 && d <= 128) {
+        attend_item_avx512(qg, kp, vp, tb, ktb, h, ix, n, qm, N, kb, fac, nb, t0, t1, og, s, kt, G, d, block_size,
+                           scale);
+        return;
+    }
+#endif
+    attend_item(qg, kp, vp, tb, ktb, h, ix, n, qm, N, kb, fac, nb, t0, t1, og, s, row, kt, G, d, block_size, scale);
+}
+
+/* Per-thread buffers of an item loop: a de-quantized row, rebuilt keys, the scores. */
+typedef struct { float *row, *kt, *s; int64_t cap; } item_scratch_t;
+
+static int item_scratch_init(item_scratch_t *w, int64_t d) {
+    w->row = (float *)malloc((size_t)d * sizeof(float));
+    w->kt = (float *)malloc((size_t)((TILE + 1) * d) * sizeof(float)); /* rebuilt keys + scratch */
+    w->s = NULL;
+    w->cap = 0;
+    return w->row && w->kt;
+}
+
+static int item_scores(item_scratch_t *w, int64_t need) {
+    if (need <= w->cap) return 1;
+    free(w->s);
+    w->cap = need;
+    w->s = (float *)malloc((size_t)need * sizeof(float));
+    if (!w->s) w->cap = 0;
+    return w->s != NULL;
+}
+
+static void item_scratch_free(item_scratch_t *w) { free(w->s); free(w->row); free(w->kt); }
+
+static inline factors_t item_factors(const float *const *fA, const float *const *fB, const float *const *fcos,
+                                     const float *const *fsin, int64_t P, int64_t rank, int64_t b, int64_t h,
+                                     int64_t d) {
+    /* sequence b's factors: A (Hkv, P, r), B (Hkv, r, d), tables (P, d) */
+    factors_t f = {fA[b] + h * P * rank, fB[b] + h * rank * d, fcos[b], fsin[b], rank};
+    return f;
+}
+
 int slimlm_sparse_decode(const float *q, const void *k_pool, const void *v_pool, const void *k_aux,
                          const void *k_aux2, const void *v_aux, const void *v_aux2, int dtype,
                          const int64_t *table, const int64_t *ktable, int64_t max_blocks, const int32_t *idx,
@@ -221,55 +267,133 @@ int slimlm_sparse_decode(const float *q, const void *k_pool, const void *v_pool,
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
-        float *row = (float *)malloc((size_t)d * sizeof(float));
-        float *kt = (float *)malloc((size_t)((TILE + 1) * d) * sizeof(float)); /* rebuilt keys + scratch */
-        if (!kt) { free(row); row = NULL; }
-        int64_t cap = 0;
-        float *s = NULL;
-        if (!row) __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
-        while (row) {
+        item_scratch_t w;
+        int ok = item_scratch_init(&w, d);
+        if (!ok) __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
+        while (ok) {
             const int64_t it = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
             if (it >= items) break;
             const int64_t b = it / Hkv, h = it % Hkv;
             const int64_t n = cnt[it], nb = (kbuf || fA) ? nbuf[it] : 0;
             factors_t fac_b;
             const factors_t *fac = NULL;
-            if (fA && fA[b]) { /* sequence b's factors: A (Hkv, P, r), B (Hkv, r, d), tables (P, d) */
-                const int64_t P = fP[b];
-                fac_b.A = fA[b] + h * P * rank;
-                fac_b.B = fB[b] + h * rank * d;
-                fac_b.cs = fcos[b];
-                fac_b.sn = fsin[b];
-                fac_b.r = rank;
+            if (fA && fA[b]) {
+                fac_b = item_factors(fA, fB, fcos, fsin, fP[b], rank, b, h, d);
                 fac = &fac_b;
             }
             const int64_t t0 = tail[2 * b], t1 = tail[2 * b + 1];
             const int64_t M = n + (t1 > t0 ? t1 - t0 : 0);
             float *og = out + (b * Hq + h * G) * d;
             if (M <= 0) { memset(og, 0, (size_t)(G * d) * sizeof(float)); continue; }
-            if (G * M > cap) {
-                free(s);
-                cap = G * M;
-                s = (float *)malloc((size_t)cap * sizeof(float));
-                if (!s) { __atomic_store_n(&failed, 1, __ATOMIC_RELAXED); cap = 0; break; }
-            }
-#ifdef __AVX512F__
-            if (dtype <= 1 && d % 16 == 0 && d <= 128) {
-                attend_item_avx512(q + (b * Hq + h * G) * d, &kp, &vp, table + b * max_blocks,
-                                   (ktable ? ktable : table) + b * max_blocks, h, idx + it * N, n,
-                                   qmask ? qmask + it * G * N : NULL, N, kbuf ? kbuf + it * N * d : NULL, fac, nb,
-                                   t0, t1, og, s, kt, G, d, block_size, scale);
-                continue;
-            }
-#endif
-            attend_item(q + (b * Hq + h * G) * d, &kp, &vp, table + b * max_blocks,
-                        (ktable ? ktable : table) + b * max_blocks, h, idx + it * N, n,
-                        qmask ? qmask + it * G * N : NULL, N, kbuf ? kbuf + it * N * d : NULL, fac, nb, t0, t1, og,
-                        s, row, kt, G, d, block_size, scale);
+            if (!item_scores(&w, G * M)) { __atomic_store_n(&failed, 1, __ATOMIC_RELAXED); break; }
+            attend_one(q + (b * Hq + h * G) * d, &kp, &vp, table + b * max_blocks,
+                       (ktable ? ktable : table) + b * max_blocks, h, idx + it * N, n,
+                       qmask ? qmask + it * G * N : NULL, N, kbuf ? kbuf + it * N * d : NULL, fac, nb, t0, t1, og,
+                       w.s, w.row, w.kt, G, d, block_size, scale);
         }
-        free(s);
-        free(row);
-        free(kt);
+        item_scratch_free(&w);
     }
     return failed ? 2 : 0;
+}
+
+/* The query policies' selection alone (sparse_select.h): per row b and KV head h the entries
+ * idx (B, Hkv, N) int32, cnt (B, Hkv), qmask (B, Hkv, G, N) u8 (Squeezed rows; may be NULL when no
+ * row is Squeezed), nbuf (B, Hkv) entries rebuilt from factors, counters (B, Hkv, 3). Returns 0,
+ * 1 on bad arguments or an index outside its range, 2 out of memory. */
+int slimlm_sparse_select(const float *q, const void *const *sp, const int64_t *si, const float *sf, int32_t *idx,
+                         int64_t *cnt, uint8_t *qmask, int64_t *nbuf, int64_t *counters, int64_t B, int64_t Hq,
+                         int64_t Hkv, int64_t d, int64_t N, int nthreads) {
+    if (Hkv <= 0 || Hq % Hkv != 0 || d <= 0) return 1;
+    const int64_t G = Hq / Hkv, items = B * Hkv, cmax = sel_cmax(si, B);
+    for (int64_t b = 0; b < B; ++b)
+        if ((si[b * NSI] == 2 && !qmask) || si[b * NSI + 1] > N ||
+            (si[b * NSI] == 1 && si[b * NSI + 4] * si[b * NSI + 3] + si[b * NSI + 5] > si[b * NSI + 1]))
+            return 1;
+    int64_t next = 0;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        sel_scratch_t w;
+        int ok = sel_scratch_init(&w, G, cmax);
+        if (!ok) __atomic_store_n(&failed, 2, __ATOMIC_RELAXED);
+        while (ok) {
+            const int64_t it = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
+            if (it >= items) break;
+            const int64_t b = it / Hkv, h = it % Hkv;
+            int64_t m;
+            const int64_t n = select_item(q + (b * Hq + h * G) * d, sp + b * NSP, si + b * NSI, sf + b * NSF, h, G,
+                                          d, idx + it * N, qmask ? qmask + it * G * N : NULL, N, &m,
+                                          counters + it * NCOUNT, &w);
+            if (n < 0) { __atomic_store_n(&failed, 1, __ATOMIC_RELAXED); break; }
+            cnt[it] = n;
+            nbuf[it] = m;
+        }
+        sel_scratch_free(&w);
+    }
+    return failed;
+}
+
+/* Selection and attention in one pass (each item selects, then attends its own picks): the
+ * engine's decode path for pools read in place (no key tier). q (B, Hq, d); per row the summary
+ * (sp, si, sf as slimlm_sparse_select) and, for ShadowKV rows, the factors fA.. (P = si[b, 1]);
+ * tail (B, 2) the dense range after the prefix (or the whole context of a dense row). */
+int slimlm_sparse_select_decode(const float *q, const void *k_pool, const void *v_pool, const void *k_aux,
+                                const void *k_aux2, const void *v_aux, const void *v_aux2, int dtype,
+                                const int64_t *table, int64_t max_blocks, const void *const *sp, const int64_t *si,
+                                const float *sf, const float *const *fA, const float *const *fB,
+                                const float *const *fcos, const float *const *fsin, int64_t rank,
+                                const int64_t *tail, float *out, int64_t *counters, int64_t B, int64_t Hq,
+                                int64_t Hkv, int64_t d, int64_t block_size, float scale, int nthreads) {
+    if (Hkv <= 0 || Hq % Hkv != 0 || block_size <= 0 || dtype < 0 || dtype > 3 || d <= 0) return 1;
+    if (dtype >= 2 && !(k_aux && v_aux)) return 1;
+    if (dtype == 3 && (d % I4_GROUP != 0 || !(k_aux2 && v_aux2))) return 1;
+    const int64_t cap = max_blocks * block_size;
+    int64_t N = 1;
+    for (int64_t b = 0; b < B; ++b) { /* every entry lies below P <= the table's capacity */
+        const int64_t *r = si + b * NSI;
+        if (r[0] < 0 || r[0] > 2 || r[1] < 0 || r[1] > cap || tail[2 * b] < 0 || tail[2 * b + 1] > cap) return 1;
+        if (r[0] == 1 && (r[2] * r[3] > r[1] || r[4] > r[2] || r[4] * r[3] + r[5] > r[1] || !fA || !fA[b])) return 1;
+        if (r[1] > N) N = r[1];
+    }
+    const pool_t kp = {k_pool, k_aux, k_aux2, dtype, Hkv, d}, vp = {v_pool, v_aux, v_aux2, dtype, Hkv, d};
+    const int64_t G = Hq / Hkv, items = B * Hkv, cmax = sel_cmax(si, B);
+    int64_t next = 0;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        item_scratch_t w;
+        sel_scratch_t ws;
+        int32_t *ix = (int32_t *)malloc((size_t)N * sizeof(int32_t));
+        uint8_t *qm = (uint8_t *)malloc((size_t)(N * G));
+        int ok = item_scratch_init(&w, d) & sel_scratch_init(&ws, G, cmax) & (ix != NULL) & (qm != NULL);
+        if (!ok) __atomic_store_n(&failed, 2, __ATOMIC_RELAXED);
+        while (ok) {
+            const int64_t it = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
+            if (it >= items) break;
+            const int64_t b = it / Hkv, h = it % Hkv, kind = si[b * NSI];
+            const float *qg = q + (b * Hq + h * G) * d;
+            int64_t m;
+            const int64_t n = select_item(qg, sp + b * NSP, si + b * NSI, sf + b * NSF, h, G, d, ix, qm, N, &m,
+                                          counters + it * NCOUNT, &ws);
+            if (n < 0) { __atomic_store_n(&failed, 1, __ATOMIC_RELAXED); break; }
+            factors_t fac_b;
+            const factors_t *fac = NULL;
+            if (kind == 1) {
+                fac_b = item_factors(fA, fB, fcos, fsin, si[b * NSI + 1], rank, b, h, d);
+                fac = &fac_b;
+            }
+            const int64_t t0 = tail[2 * b], t1 = tail[2 * b + 1];
+            const int64_t M = n + (t1 > t0 ? t1 - t0 : 0);
+            float *og = out + (b * Hq + h * G) * d;
+            if (M <= 0) { memset(og, 0, (size_t)(G * d) * sizeof(float)); continue; }
+            if (!item_scores(&w, G * M)) { __atomic_store_n(&failed, 2, __ATOMIC_RELAXED); break; }
+            attend_one(qg, &kp, &vp, table + b * max_blocks, table + b * max_blocks, h, ix, n,
+                       kind == 2 ? qm : NULL, N, NULL, fac, m, t0, t1, og, w.s, w.row, w.kt, G, d, block_size, scale);
+        }
+        item_scratch_free(&w);
+        sel_scratch_free(&ws);
+        free(ix);
+        free(qm);
+    }
+    return failed;
 }

@@ -101,8 +101,9 @@ class ShadowKVPolicy(QueryPolicy):
         g = q.shape[0] // Hkv
         s = torch.bmm(q.float().view(Hkv, g, d), land.transpose(1, 2)) / d**0.5  # (Hkv, g, nc)
         s = s.softmax(-1).sum(1).masked_fill(out, float("-inf"))  # outliers are always kept
-        n_sel = min(nc - int(out[0].sum()), max(1, round(self.budget_ * nc)))
-        return s.topk(n_sel, dim=-1).indices, n_sel
+        n_sel = self._n_sel(nc, int(out[0].sum()))
+        # the best n_sel, ties to the lower chunk (as the native selection, kernels/sparse_select.h)
+        return s.sort(dim=-1, descending=True, stable=True).indices[:, :n_sel], n_sel
 
     def _rope_table(self, rotary, P: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos / sin (P, d) of the prefix's positions, the same for every layer: computed once per
@@ -112,22 +113,31 @@ class ShadowKVPolicy(QueryPolicy):
             self._rope = (P, cos[0], sin[0])
         return self._rope[1], self._rope[2]
 
-    def select_native(self, summary, q, rotary, P):
-        A, B, land, out, pos, out_rows, okeys = summary
-        Hkv, nc, d = land.shape
-        r = A.shape[-1]
-        sel, n_sel = self._chunks(summary, q)
-        offs = torch.arange(self.chunk, device=q.device)
-        rows = (sel.sort(-1).values[..., None] * self.chunk + offs).flatten(1)  # (Hkv, m) rebuilt rows
+    def _n_sel(self, nc: int, n_out: int) -> int:
+        return min(nc - n_out, max(1, round(self.budget_ * nc)))
+
+    def native_selection(self, summary, P, rotary):
+        from slimlm.kernels.sparse_select import SHADOWKV, Selection
+
+        A, B, land, out, pos, out_rows = summary[:6]
+        nc = land.shape[1]
         cos, sin = self._rope_table(rotary, P)
-        k_new = Rebuild(A, B, cos, sin, rows.shape[1])  # the kernel rebuilds RoPE_t(A[t] B) itself
-        n_out = int(out[0].sum())
-        idx = torch.cat([rows, out_rows], 1)  # (Hkv, m + outlier rows)
-        if okeys is not None:  # second tier: the prefix's pool keys may be gone; every prefix key given
-            k_new = torch.cat([k_new.keys(idx), okeys], 1)  # (Hkv, m + outlier rows, d)
-        m, o = n_sel * self.chunk, n_out * self.chunk
-        read = (Hkv * (nc * d + r * d + m * r + m * d + 2 * o * d)) * self.elem_bytes
-        return list(idx), None, k_new, read, m + o
+        return Selection(SHADOWKV, P, (land, out.view(torch.uint8), out_rows),
+                         (nc, self.chunk, self._n_sel(nc, out_rows.shape[1] // self.chunk), out_rows.shape[1]),
+                         factors=(A, B, cos, sin))
+
+    def selection_stats(self, sel, counters, Hq, d):
+        Hkv, nc = sel.tensors[0].shape[:2]
+        r = sel.factors[0].shape[-1]
+        m, o = sel.ints[1] * sel.ints[2], sel.ints[3]
+        return (Hkv * (nc * d + r * d + m * r + m * d + 2 * o * d)) * self.elem_bytes, m + o
+
+    def native_keys(self, summary, sel, idx, m):
+        """The kernel rebuilds RoPE_t(A[t] B) itself; with the second tier every prefix key is given
+        (the pool's may be gone): the rebuilt ones and the outliers' exact keys."""
+        k_new = Rebuild(*sel.factors, m)
+        okeys = summary[6]
+        return k_new if okeys is None else torch.cat([k_new.keys(torch.stack(idx)), okeys], 1)
 
     def select(self, summary, q, k_prefix, rotary, P):
         A, B, land, out, pos = summary[:5]

@@ -19,7 +19,7 @@ decode path calls :meth:`QueryPolicy.attend_native`: the policy picks each KV he
 the summary (``select_native``) and ``kernels/sparse_decode.c`` attends only those, read in place
 from the pool, plus the tail after the prefix — nothing else of the prefix is read. Its summaries
 are cached under the prefix's physical blocks (and checked against each block's last stored
-row); a write into one of those blocks (a freed block reused) drops the summary
+row, its first KV head); a write into one of those blocks (a freed block reused) drops the summary
 (:meth:`QueryPolicy.written`). Otherwise the PyTorch decode path calls ``decode_attention`` with
 the gathered keys/values and the mask (the fingerprint above identifies the prefix).
 """
@@ -69,6 +69,8 @@ class QueryPolicy(KVPolicy):
         self.prefix, self.granule, self.recent, self.min_prefix = prefix, granule, recent, min_prefix
         self.cache_entries = cache_entries
         self._cache: dict[int, OrderedDict] = {}
+        self._sel_memo: dict[int, tuple] = {}  # layer -> (summaries, their native selections, C arrays)
+        self._stale: tuple | None = None  # (slots, block_size, their blocks): one step's writes
         self.stats: dict[str, int] = {"decode_rows": 0, "summaries_built": 0, "summary_hits": 0,
                                       "keys_stored": 0, "keys_attended": 0, "bytes_full": 0, "bytes_read": 0}
         """Deterministic counters: per decoded (row, layer), keys stored vs attended and the KV
@@ -146,8 +148,10 @@ class QueryPolicy(KVPolicy):
         stale = None
         for key, (blocks, _, _) in entries.items():
             if key[0] == "blocks":
-                if stale is None:
-                    stale = set(torch.unique(slots // block_size).tolist())
+                if stale is None:  # every layer of a step writes the same slots
+                    if self._stale is None or self._stale[0] is not slots or self._stale[1] != block_size:
+                        self._stale = (slots, block_size, set(torch.unique(slots // block_size).tolist()))
+                    stale = self._stale[2]
                 if not stale.isdisjoint(blocks):
                     entries[key] = None  # marked; removed below
         for key in [k for k, e in entries.items() if e is None]:
@@ -168,8 +172,8 @@ class QueryPolicy(KVPolicy):
     def _native_summary(self, layer: int, cache, blocks: torch.Tensor, key: tuple, P: int, rotary) -> Any:
         """The summary of the prefix held in ``blocks``; ``key`` = ("blocks", P, the block ids)."""
         raw = cache.pools(layer)[0][0]  # (num_blocks, block_size, Hkv, ...): the stored key rows
-        if cache.tier is None:
-            check = raw[blocks, -1]
+        if cache.tier is None:  # each block's last stored row, first KV head (index_select: the cheap gather)
+            check = raw[:, -1, 0].index_select(0, blocks)
         else:  # at the key blocks; a factored block (no key block, read-only) checks as zeros
             kb = cache.tier.map[blocks]
             check = raw[kb.clamp(min=0), -1] * (kb >= 0).view(-1, *[1] * (raw.dim() - 2)).to(raw.dtype)
@@ -192,7 +196,7 @@ class QueryPolicy(KVPolicy):
                       meta: dict) -> torch.Tensor:
         """The decode group ``g``'s attention with the native sparse kernel: q (B, Hq, d) in the
         model's space -> (B, Hq, d) float32. ``meta``: a dict kept for this step and group."""
-        from slimlm.kernels.ops import native_sparse_decode
+        from slimlm.kernels.sparse_select import native_sparse_select_decode
 
         B, Hq, d = q.shape
         bs = cache.block_size
@@ -200,25 +204,63 @@ class QueryPolicy(KVPolicy):
             meta["plan"], meta["table"] = self._plan(g, bs, cache), g.blocks.view(B, g.nb)
             meta["keys"] = [("blocks", P, tuple(meta["table"][b, : -(-P // bs)].tolist())) if P else None
                             for b, (_, _, P) in enumerate(meta["plan"])]
+            meta["tail"] = torch.tensor([[P, L] for _, L, P in meta["plan"]], dtype=torch.int64).view(B, 2)
         plan, table = meta["plan"], meta["table"]
         Hkv = cache.spec.num_kv_heads
         self.elem_bytes = torch.empty((), dtype=cache.spec.compute_dtype).element_size()
+        kp, vp = cache.pools(layer)
+        if cache.tier is not None or cache.codec.rotates or cache.codec.offset(kp) is not None:
+            return self._attend_lists(lib, layer, q, cache, rotary, scale, meta)
+        summaries = []  # one pass: the kernel selects (sparse_select.h) and attends each (row, KV head)
+        for b, (qp, L, P) in enumerate(plan):
+            self._count_row(L, P, Hkv, d)
+            summaries.append(self._native_summary(layer, cache, table[b, : -(-P // bs)], meta["keys"][b], P, rotary)
+                             if P else None)
+        memo = self._sel_memo.get(layer)  # the same summaries as this layer's last call: its selections too
+        if memo is None or len(memo[0]) != len(summaries) or any(x is not y for x, y in zip(memo[0], summaries)):
+            sels = [self.native_selection(s, P, rotary) if s is not None else None
+                    for s, (_, _, P) in zip(summaries, plan)]
+            memo = self._sel_memo[layer] = (summaries, sels, {})
+        sels = memo[1]
+        o, counters = native_sparse_select_decode(lib, q, kp, vp, cache.codec.native_code, table, sels, meta["tail"],
+                                                  scale, memo[2], check_table=layer == meta.setdefault("first", layer))
+        for sel, c in zip(sels, counters.sum(1).tolist()):
+            if sel is not None:
+                read, attended = self.selection_stats(sel, c, Hq, d)
+                self.stats["keys_attended"] += attended
+                self.stats["bytes_read"] += read
+        return cache.vcodec.from_storage(o)
+
+    def _count_row(self, L: int, P: int, Hkv: int, d: int) -> None:
+        """A decoded (row, layer)'s counters, all but the prefix's selected part."""
+        full = 2 * L * Hkv * d * self.elem_bytes
+        self.stats["decode_rows"] += 1
+        self.stats["keys_stored"] += L
+        self.stats["bytes_full"] += full
+        self.stats["keys_attended"] += L - P
+        self.stats["bytes_read"] += full if not P else 2 * (L - P) * Hkv * d * self.elem_bytes
+
+    def _attend_lists(self, lib, layer: int, q: torch.Tensor, cache, rotary, scale: float, meta: dict) -> torch.Tensor:
+        """attend_native through per-row entry lists: a key tier, or keys stored rotated / offset
+        (rebuilt keys are mapped into the stored space here)."""
+        from slimlm.kernels.ops import native_sparse_decode
+
+        B, Hq, d = q.shape
+        bs = cache.block_size
+        plan, table = meta["plan"], meta["table"]
+        Hkv = cache.spec.num_kv_heads
         picks = []
         for b, (qp, L, P) in enumerate(plan):
-            self.stats["decode_rows"] += 1
-            self.stats["keys_stored"] += L
-            self.stats["bytes_full"] += 2 * L * Hkv * d * self.elem_bytes
+            self._count_row(L, P, Hkv, d)
             if not P:
                 picks.append(None)
-                self.stats["keys_attended"] += L
-                self.stats["bytes_read"] += 2 * L * Hkv * d * self.elem_bytes
                 continue
             s = self._native_summary(layer, cache, table[b, : -(-P // bs)], meta["keys"][b], P, rotary)
             idx, qmask, kbuf, read, attended = self.select_native(s, q[b], rotary, P)
             picks.append((idx, qmask, kbuf))
-            self.stats["keys_attended"] += attended + (L - P)
-            self.stats["bytes_read"] += read + 2 * (L - P) * Hkv * d * self.elem_bytes
-        tail = torch.tensor([[P, L] for _, L, P in plan], dtype=torch.int64).view(B, 2)
+            self.stats["keys_attended"] += attended
+            self.stats["bytes_read"] += read
+        tail = meta["tail"].clone()
         if cache.tier is not None:  # keys of factored blocks after a row's own prefix: rebuilt
             picks = self._factored_tail(layer, cache, table, plan, picks, tail)
         N = max([int(i.numel()) for p in picks if p is not None for i in p[0]], default=0)
@@ -287,12 +329,38 @@ class QueryPolicy(KVPolicy):
             out.append(p)
         return out
 
+    def native_selection(self, summary: Any, P: int, rotary):
+        """The summary as the native selection reads it (a ``kernels.sparse_select.Selection``)."""
+        raise NotImplementedError
+
+    def selection_stats(self, sel, counters: list[int], Hq: int, d: int) -> tuple[int, int]:
+        """(bytes read for the prefix, prefix keys attended per query head) of one row from its
+        items' counters (per KV head: entries, entries taken summed over the group, fine clusters
+        scored); updates the policy's own counters."""
+        raise NotImplementedError
+
+    def native_keys(self, summary: Any, sel, idx: list[torch.Tensor], m: int):
+        """The keys the kernel takes for the first ``m`` entries: a :class:`Rebuild`, (Hkv, m', d)
+        float32 keys, or None (every key read from the pool)."""
+        return None
+
     def select_native(self, summary: Any, q: torch.Tensor, rotary, P: int):
         """q (Hq, d) -> (idx: per KV head the prefix tokens it reads (n_h,), qmask: per KV head
         (G, n_h) bool of the query heads that take each (None: all), rebuilt keys (Hkv, m, d) of
         every head's first m entries, or a :class:`Rebuild` the kernel applies, or None, bytes read
-        for the prefix, prefix keys attended per query head)."""
-        raise NotImplementedError
+        for the prefix, prefix keys attended per query head). Selected in C
+        (``kernels/sparse_select.h``), as :meth:`select` picks."""
+        from slimlm.kernels.sparse_select import native_sparse_select
+
+        sel = self.native_selection(summary, P, rotary)
+        Hkv = sel.tensors[0].shape[0]
+        idx, cnt, qmask, nbuf, counters = native_sparse_select(None, q[None], [sel], Hkv)
+        n = cnt[0].tolist()
+        ids = [idx[0, h, : n[h]].long() for h in range(Hkv)]
+        qm = [qmask[0, h, :, : n[h]] for h in range(Hkv)] if qmask is not None else None
+        read, attended = self.selection_stats(sel, counters.view(-1, counters.shape[-1]).sum(0).tolist(), q.shape[0],
+                                              q.shape[1])
+        return ids, qm, self.native_keys(summary, sel, ids, int(nbuf[0, 0])), read, attended
 
     def select(self, summary: Any, q: torch.Tensor, k_prefix: torch.Tensor, rotary, P: int):
         """q (Hq, d) -> (keep (Hq, P) bool, rebuilt prefix keys (Hkv, P, d) or None, bytes read

@@ -109,8 +109,9 @@ class SqueezedPolicy(QueryPolicy):
 
     @staticmethod
     def _take(scores, sizes, need) -> torch.Tensor:
-        """(Hq, C) bool: clusters in score order until they hold ``need`` keys."""
-        order = scores.argsort(-1, descending=True)
+        """(Hq, C) bool: clusters in score order (ties to the lower index, as the native
+        selection) until they hold ``need`` keys."""
+        order = scores.argsort(dim=-1, descending=True, stable=True)
         srt = sizes.gather(-1, order)
         take_sorted = (srt.cumsum(-1) - srt) < need
         return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, take_sorted)
@@ -136,20 +137,22 @@ class SqueezedPolicy(QueryPolicy):
         self.stats["centroid_bytes"] += (Hkv * top.shape[1] + fine_read) * d * self.elem_bytes
         return self._take(scores.masked_fill(~allowed, float("-inf")), sizes[kv_of] * allowed, self.budget_ * P) & allowed
 
-    def select_native(self, summary, q, rotary, P):
-        cents, assign = summary[:2]
-        Hkv, C, d = cents.shape
-        Hq = q.shape[0]
-        c0 = self.stats["centroid_bytes"]
-        chosen = self._chosen(summary, q, P).view(Hkv, Hq // Hkv, C)
-        cbytes = self.stats["centroid_bytes"] - c0
-        union = chosen.any(1).gather(-1, assign)  # (Hkv, P): keys some query head of the group takes
-        idx = [union[h].nonzero()[:, 0] for h in range(Hkv)]
-        qmask = [chosen[h][:, assign[h, i]] for h, i in enumerate(idx)]  # (G, n_h)
-        n_read = sum(int(i.numel()) for i in idx)
-        read = cbytes + 2 * n_read * d * self.elem_bytes
-        attended = sum(int(m.sum()) for m in qmask) // Hq
-        return idx, qmask, None, read, attended
+    def native_selection(self, summary, P, rotary):
+        from slimlm.kernels.sparse_select import SQUEEZED, Selection
+
+        cents, assign, sizes, coarse = summary
+        C1 = coarse[0].shape[1] if coarse is not None else 0
+        return Selection(SQUEEZED, P, (cents, assign, sizes, *(coarse or ())), (cents.shape[1], C1, 0, 0),
+                         self.budget_ * P, self.coarse_budget * P)
+
+    def selection_stats(self, sel, counters, Hq, d):
+        n_read, taken, fine = counters
+        Hkv, C = sel.tensors[0].shape[:2]
+        flat = Hkv * C * d * self.elem_bytes
+        cbytes = flat if not sel.ints[1] else (Hkv * sel.ints[1] + fine) * d * self.elem_bytes
+        self.stats["centroid_bytes_flat"] += flat
+        self.stats["centroid_bytes"] += cbytes
+        return cbytes + 2 * n_read * d * self.elem_bytes, taken // Hq
 
     def select(self, summary, q, k_prefix, rotary, P):
         cents, assign = summary[:2]

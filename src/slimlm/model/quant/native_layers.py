@@ -14,10 +14,17 @@ gate/up projections (``model/fuse.py``) and o / down, each a :class:`QuantLinear
 kernel or a dense ``nn.Linear`` (float32 / bfloat16: the fused weights read in place, no copy);
 Pre-LN, SiLU MLP, no sliding window, no MoE; a plain float32 / bfloat16 KV pool (no quantized,
 rotating or merged storage, no attention mass); the native decode attention; no layer hooks,
-RoPE extension, sparse-decode policy or span. Otherwise, and for any step with a prefill chunk,
+RoPE extension or span. Otherwise, and for any step with a prefill chunk,
 a dropped block or more than ``max_rows`` rows (packed: ``NATIVE_MAX_ROWS``; dense:
 ``DENSE_MAX_ROWS``), the layer-by-layer PyTorch path serves (it is also the reference: tests
 compare the two). ``SLIMLM_DECODE_LAYER=0`` turns it off.
+
+A query KV policy (ShadowKV, Squeezed Attention: ``paths.sparse`` with its native kernel) attends
+in between: :meth:`NativeDecodeLayers.forward_sparse` runs per layer the native first half
+(RMSNorm, q/k/v, RoPE, the KV write), the policy's native selection + sparse attention
+(``PagedAttention.sparse_decode``) and the native second half (o-proj, residual, RMSNorm, MLP),
+with the activations float32 throughout (tests: the same greedy tokens as the layer-by-layer path).
+Not with ShadowKV's key tier (keys held apart from the values).
 
 Activations are float32 inside the call for a bfloat16 model too (the embedding row widened, the
 hidden states rounded back to bf16 on the way out): PyTorch's bf16 path rounds every op's output
@@ -68,9 +75,12 @@ def unsupported(model, cache, paths, hooks, rope_ext) -> str | None:
         return "layer hooks plan the rows of each layer"
     if rope_ext is not None:
         return "a RoPE extension rotates by its own positions"
-    if paths.native_decode is None or paths.track_mass or paths.sparse is not None or paths.dual_chunk is not None \
+    query = paths.sparse is not None and paths.sparse_native is not None  # a query policy's native sparse decode
+    if (paths.native_decode is None and not query) or paths.track_mass or paths.dual_chunk is not None \
             or paths.span != AttentionSpan():
         return "decode attention is not the plain native kernel (KV policy, span or no kernel)"
+    if cache.tier is not None:
+        return "keys are held apart from the values (a key tier)"
     if model.device.type != "cpu" or model.dtype not in DTYPES:
         return "activations are not float32 / bfloat16 on the CPU"
     if any(w is not None for w in model.windows().values()):
@@ -200,6 +210,58 @@ class NativeDecodeLayers:
         no dropped block), few enough for the kernels (``max_rows``)."""
         t = attn.decode_table
         return not self.hooks and not attn.prefills and t is not None and t.rows.numel() == T <= self.max_rows
+
+    def applies_sparse(self, attn, T: int) -> bool:
+        """The step's rows are all single-token decodes attended by a query policy's native path."""
+        return not self.hooks and not attn.prefills and attn.decode_table is None \
+            and attn.paths.sparse_native is not None and attn.paths.sparse is not None \
+            and sum(int(g.rows.numel()) for g in attn.decodes) == T <= self.max_rows
+
+    def forward_sparse(self, ids: torch.Tensor, positions: torch.Tensor, attn, rotary, capture: set[int],
+                       logit_rows: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """:meth:`forward` for a query policy: per layer the native first half, the policy's
+        native attention, the native second half."""
+        dt = self.model.dtype
+        h = self.model.embed(ids)[0].float().contiguous()  # (T, D) float32
+        cos, sin = rotary(positions, torch.float32)
+        cos, sin = cos[0].contiguous(), sin[0].contiguous()
+        M, Hq, d = h.shape[0], self.dims[1], self.dims[3]
+        self._check(h, cos, sin, attn.slots)
+        self._set_mode()
+        q = torch.empty(M, Hq, d)  # (T, Hq, d) rotated queries
+        hidden: dict[int, torch.Tensor] = {}
+        nt = torch.get_num_threads()
+        for i in range(self.num_layers):
+            if i in capture:
+                hidden[i] = h[logit_rows].to(dt)
+            rc = self.lib.slimlm_decode_layer_in(h.data_ptr(), M, i, self.dims, self.ptrs, self.desc, cos.data_ptr(),
+                                                 sin.data_ptr(), attn.slots.data_ptr(), q.data_ptr(), self.eps, nt)
+            if not rc:
+                att = attn.sparse_decode(i, q).float().contiguous()  # (T, Hq, d)
+                rc = self.lib.slimlm_decode_layer_out(h.data_ptr(), M, i, self.dims, self.ptrs, self.desc,
+                                                      att.data_ptr(), self.eps, nt)
+            self._raise(rc)
+        if self.num_layers in capture:
+            hidden[self.num_layers] = h[logit_rows].to(dt)
+        return h[logit_rows].to(dt), hidden
+
+    def _check(self, h, cos, sin, slots) -> None:
+        M, D = h.shape
+        d = self.dims[3]
+        if h.dtype != torch.float32 or not h.is_contiguous() or D != self.dims[0]:
+            raise ValueError("native decode layers: h must be contiguous float32 (rows, hidden)")
+        for t, shape in ((cos, (M, d)), (sin, (M, d))):
+            if t.dtype != torch.float32 or not t.is_contiguous() or tuple(t.shape) != shape:
+                raise ValueError("native decode layers: cos / sin must be contiguous float32 (rows, head_dim)")
+        if slots.dtype != torch.int64 or not slots.is_contiguous() or slots.shape != (M,):
+            raise ValueError("native decode layers: slots must be contiguous int64, one per row")
+
+    @staticmethod
+    def _raise(rc: int) -> None:
+        if rc == 4:
+            raise ValueError("native decode layers: a slot, block id or length lies outside the KV pool")
+        if rc:
+            raise RuntimeError(f"decode_layer kernel failed (code {rc})")
 
     def run(self, h: torch.Tensor, first: int, last: int, cos: torch.Tensor, sin: torch.Tensor,
             slots: torch.Tensor, table: torch.Tensor, lens: torch.Tensor) -> None:
