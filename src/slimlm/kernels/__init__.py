@@ -77,6 +77,8 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
         "slimlm_decode_layers": (_INT, (_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR,
                                         _F32, _F32, _INT)),
         "slimlm_decode_layer_sizes": (_INT, (_PTR, _PTR, _PTR)),
+        # k, v, slots, M, Hkv, d, dtype, krot, one layer's pointer row (the layers' KV write alone)
+        "slimlm_decode_layer_store": (_INT, (_PTR, _PTR, _PTR, _I64, _I64, _I64, _INT, _INT, _PTR)),
         "slimlm_qlinear_has_vnni": (_INT, ()),
         # x, w, kind (0 fp32, 1 bf16 widened, 2 bf16 vdpbf16ps), y, M, N, K, nthreads (dense_linear.c)
         "slimlm_dense_linear": (_INT, (_PTR, _PTR, _INT, _PTR, _I64, _I64, _I64, _INT)),

@@ -14,10 +14,16 @@
  * their dispatch and the Python of a layer, ~30 ms of an 86 ms SmolLM2-135M step at 1 thread.
  *
  * Per layer the caller gives NPTR pointers (ln1, ln2; q, scale, mins, bias of the four weights in
- * the order qkv, o, gate_up, down; k pool, v pool) and NDESC integers (kind 0 int8 / 1 int4 /
+ * the order qkv, o, gate_up, down; k pool, v pool; the pools' aux parts k scale, k min, v scale,
+ * v min and the keys' static offset mu (Hkv, d) float32, each NULL where the format has none)
+ * and NDESC integers (kind 0 int8 / 1 int4 /
  * 2 dense float32 / 3 dense bfloat16, group size, 1 = VNNI kernel (int8 / int4) or `vdpbf16ps`
  * (bfloat16), of each weight); dense weights are dense_linear.c's (q = the weight, no scales).
- * The model's sizes in dims[] (see DIM_*). Every
+ * The model's sizes in dims[] (see DIM_*; DIM_POOL is kv_pool.h's format code, DIM_KROT 1 where
+ * keys are stored Hadamard-rotated). Quantized pools (int8 / int4, codec/int8.py, codec/int4.py):
+ * a key row is stored as quantize(fwht(k - mu)), the codec's write, byte for byte (store_kv), and
+ * the query of a rotated-key pool is rotated alike before the decode kernel reads the pool in
+ * place (values are stored unrotated: the caller refuses rotated values). Every
  * elementwise step rounds as PyTorch's fp32 ops do (no FMA contraction: -std=c11), so the result
  * differs from the layer-by-layer path only in RMSNorm's summation order and SiLU's exp.
  * Returns 0, or the first failing kernel's code (1 bad shapes, 2 out of memory, 4 a slot, block id or
@@ -29,9 +35,9 @@
 #include "dense_linear.c"
 
 enum { W_QKV, W_O, W_GU, W_DOWN, NW };
-#define NPTR (2 + 4 * NW + 2)
+enum { P_KPOOL = 2 + 4 * NW, P_VPOOL, P_KAUX, P_KAUX2, P_VAUX, P_VAUX2, P_KMU, NPTR };
 #define NDESC (3 * NW)
-enum { DIM_D, DIM_HQ, DIM_HKV, DIM_HD, DIM_I, DIM_BS, DIM_POOL, DIM_MAXB, DIM_NBLOCKS, NDIM };
+enum { DIM_D, DIM_HQ, DIM_HKV, DIM_HD, DIM_I, DIM_BS, DIM_POOL, DIM_MAXB, DIM_NBLOCKS, DIM_KROT, NDIM };
 
 int slimlm_decode_layer_sizes(int *nptr, int *ndesc, int *ndim) {
     *nptr = NPTR; *ndesc = NDESC; *ndim = NDIM;
@@ -84,14 +90,64 @@ static void store_row(void *pool, int pool_dtype, int64_t off, const float *x, i
     }
 }
 
+/* x (d) <- x @ H, H the normalized Sylvester-Hadamard matrix, d a power of two: the butterflies
+ * in the order of codec/rotation.py's fwht (h = 1, 2, 4, ...), then one multiplication by
+ * float32(1 / sqrt(d)), so the result is the PyTorch rotation's to the bit. */
+static void fwht(float *x, int64_t d) {
+    for (int64_t h = 1; h < d; h *= 2)
+        for (int64_t i = 0; i < d; i += 2 * h)
+            for (int64_t j = i; j < i + h; j++) {
+                const float a = x[j], b = x[j + h];
+                x[j] = a + b;
+                x[j + h] = a - b;
+            }
+    const float c = (float)(1.0 / sqrt((double)d));
+    for (int64_t i = 0; i < d; i++) x[i] = x[i] * c;
+}
+
+/* One token's keys k and values v (Hkv, d) float32 into flat slot ``slot`` of the layer's pools
+ * p[P_KPOOL..P_KMU]: float32 / bfloat16 rows as they are; int8 / int4 as the codecs write them
+ * (keys minus mu, then rotated when krot, then slimlm_kv_quantize: the same bytes). kbuf holds
+ * Hkv * d floats. Returns 0, or 1 when the pool format cannot be written here. */
+static int store_kv(const void *const *p, int dtype, int krot, int64_t slot, int64_t Hkv, int64_t d,
+                    const float *k, const float *v, float *kbuf) {
+    if (dtype <= 1) {
+        store_row((void *)p[P_KPOOL], dtype, slot * Hkv * d, k, Hkv * d);
+        store_row((void *)p[P_VPOOL], dtype, slot * Hkv * d, v, Hkv * d);
+        return 0;
+    }
+    const float *mu = p[P_KMU];
+    for (int64_t i = 0; i < Hkv * d; i++) kbuf[i] = mu ? k[i] - mu[i] : k[i];
+    if (krot)
+        for (int64_t hh = 0; hh < Hkv; hh++) fwht(kbuf + hh * d, d);
+    if (slimlm_kv_quantize(kbuf, &slot, 1, Hkv, d, dtype, (void *)p[P_KPOOL], (void *)p[P_KAUX], (void *)p[P_KAUX2]))
+        return 1;
+    return slimlm_kv_quantize(v, &slot, 1, Hkv, d, dtype, (void *)p[P_VPOOL], (void *)p[P_VAUX], (void *)p[P_VAUX2]);
+}
+
+/* store_kv for M rows k, v (M, Hkv, d) at slots (M) with one layer's pointer row p (NPTR): the
+ * decode layers' KV write on its own, for tests against the codecs. */
+int slimlm_decode_layer_store(const float *k, const float *v, const int64_t *slots, int64_t M, int64_t Hkv,
+                              int64_t d, int dtype, int krot, const void *const *p) {
+    if (dtype < 0 || dtype > 3 || (krot && (d & (d - 1)))) return 1;
+    float *kbuf = malloc(sizeof(float) * Hkv * d);
+    if (!kbuf) return 2;
+    int rc = 0;
+    for (int64_t m = 0; m < M && !rc; m++)
+        rc = store_kv(p, dtype, krot, slots[m], Hkv, d, k + m * Hkv * d, v + m * Hkv * d, kbuf);
+    free(kbuf);
+    return rc;
+}
+
 int slimlm_decode_layers(float *h, int64_t M, int64_t first, int64_t last, const int64_t *dims,
                          const void *const *ptrs, const int64_t *desc, const float *cos, const float *sin,
                          const int64_t *slots, const int64_t *table, const int64_t *lens, float eps, float scale,
                          int nthreads) {
     const int64_t D = dims[DIM_D], Hq = dims[DIM_HQ], Hkv = dims[DIM_HKV], d = dims[DIM_HD], I = dims[DIM_I];
     const int64_t bs = dims[DIM_BS], maxb = dims[DIM_MAXB], nblocks = dims[DIM_NBLOCKS];
-    const int pool_dtype = (int)dims[DIM_POOL];
-    if (M <= 0 || first < 0 || last < first || d % 2 || Hkv <= 0 || Hq % Hkv || (pool_dtype != 0 && pool_dtype != 1))
+    const int pool_dtype = (int)dims[DIM_POOL], krot = (int)dims[DIM_KROT];
+    if (M <= 0 || first < 0 || last < first || d % 2 || Hkv <= 0 || Hq % Hkv || pool_dtype < 0 || pool_dtype > 3 ||
+        (pool_dtype == 3 && d % I4_GROUP) || (krot && (pool_dtype <= 1 || (d & (d - 1)))))
         return 1;
     for (int64_t m = 0; m < M; m++) { /* the pointers are trusted, the step's indices are not */
         if (slots[m] < 0 || slots[m] >= nblocks * bs || lens[m] < 1 || lens[m] > maxb * bs) return 4;
@@ -99,7 +155,7 @@ int slimlm_decode_layers(float *h, int64_t M, int64_t first, int64_t last, const
             if (table[m * maxb + j] < 0 || table[m * maxb + j] >= nblocks) return 4;
     }
     const int64_t Nq = Hq * d, Nkv = Hkv * d, Nqkv = Nq + 2 * Nkv;
-    float *xn = malloc(sizeof(float) * M * (D + Nqkv + 2 * Nq + D + 3 * I) + sizeof(float) * d);
+    float *xn = malloc(sizeof(float) * M * (D + Nqkv + 2 * Nq + D + 3 * I) + sizeof(float) * 2 * Nkv);
     if (!xn) return 2;
     float *qkv = xn + M * D, *qr = qkv + M * Nqkv, *att = qr + M * Nq, *o = att + M * Nq, *gu = o + M * D;
     float *act = gu + M * 2 * I, *kr = act + M * I;
@@ -108,20 +164,21 @@ int slimlm_decode_layers(float *h, int64_t M, int64_t first, int64_t last, const
     for (int64_t l = first; l < last && !rc; l++) {
         const void *const *p = ptrs + l * NPTR;
         const int64_t *wd = desc + l * NDESC;
-        void *kpool = (void *)p[2 + 4 * NW], *vpool = (void *)p[3 + 4 * NW];
+        void *kpool = (void *)p[P_KPOOL], *vpool = (void *)p[P_VPOOL];
         rms_norm(h, p[0], xn, M, D, eps);
         if ((rc = qlin(wd + 3 * W_QKV, p + 2 + 4 * W_QKV, xn, qkv, M, Nqkv, D, nthreads))) break;
         for (int64_t m = 0; m < M; m++) {
             const float *row = qkv + m * Nqkv, *c = cos + m * d, *s = sin + m * d;
-            for (int64_t hh = 0; hh < Hq; hh++) rope(row + hh * d, c, s, qr + m * Nq + hh * d, d);
-            for (int64_t hh = 0; hh < Hkv; hh++) {
-                rope(row + Nq + hh * d, c, s, kr, d);
-                store_row(kpool, pool_dtype, (slots[m] * Hkv + hh) * d, kr, d);
-                store_row(vpool, pool_dtype, (slots[m] * Hkv + hh) * d, row + Nq + Nkv + hh * d, d);
+            for (int64_t hh = 0; hh < Hq; hh++) {
+                rope(row + hh * d, c, s, qr + m * Nq + hh * d, d);
+                if (krot) fwht(qr + m * Nq + hh * d, d); /* into the stored keys' space */
             }
+            for (int64_t hh = 0; hh < Hkv; hh++) rope(row + Nq + hh * d, c, s, kr + hh * d, d);
+            if ((rc = store_kv(p, pool_dtype, krot, slots[m], Hkv, d, kr, row + Nq + Nkv, kr + Nkv))) break;
         }
-        if ((rc = slimlm_paged_decode(qr, kpool, vpool, NULL, NULL, NULL, NULL, pool_dtype, table, lens, att, NULL, M,
-                                      Hq, Hkv, d, bs, maxb, scale, dthreads)))
+        if (rc) break;
+        if ((rc = slimlm_paged_decode(qr, kpool, vpool, p[P_KAUX], p[P_KAUX2], p[P_VAUX], p[P_VAUX2], pool_dtype, table,
+                                      lens, att, NULL, M, Hq, Hkv, d, bs, maxb, scale, dthreads)))
             break;
         if ((rc = qlin(wd + 3 * W_O, p + 2 + 4 * W_O, att, o, M, D, Nq, nthreads))) break;
         for (int64_t i = 0; i < M * D; i++) h[i] = h[i] + o[i];

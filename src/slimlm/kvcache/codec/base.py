@@ -103,17 +103,19 @@ class KVCodec(ABC):
         """x (..., d) into the stored rows' space, float32 (``x @ R``; x itself without rotation)."""
         if not self.rotates:
             return x
-        from slimlm.kvcache.codec.rotation import rotation
+        from slimlm.kvcache.codec.rotation import fwht, rotation
 
-        return x.float() @ rotation(self.head_dim, x.device)
+        d = self.head_dim
+        return fwht(x) if d & (d - 1) == 0 else x.float() @ rotation(d, x.device)
 
     def from_storage(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., d) from the stored rows' space back to the model's, float32 (``x @ R^T``)."""
         if not self.rotates:
             return x
-        from slimlm.kvcache.codec.rotation import rotation
+        from slimlm.kvcache.codec.rotation import fwht, rotation
 
-        return x.float() @ rotation(self.head_dim, x.device).T
+        d = self.head_dim
+        return fwht(x) if d & (d - 1) == 0 else x.float() @ rotation(d, x.device).T  # Hadamard: H^T = H
 
     @abstractmethod
     def bytes_per_row(self, num_kv_heads: int) -> int:

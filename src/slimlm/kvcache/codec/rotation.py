@@ -20,6 +20,7 @@ by another.
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import torch
@@ -43,6 +44,23 @@ def random_orthogonal(d: int, seed: int = SEED) -> torch.Tensor:
     a = torch.randn(d, d, generator=g, dtype=torch.float64)
     q, r = torch.linalg.qr(a)
     return (q * torch.sign(torch.diagonal(r))[None, :]).float()
+
+
+def fwht(x: torch.Tensor) -> torch.Tensor:
+    """x (..., d) @ hadamard(d) in float32, d a power of two, by the fast Walsh-Hadamard
+    transform: butterflies (a + b, a - b) over pairs (i, i + h) for h = 1, 2, 4, ..., then one
+    multiplication by float32(1 / sqrt(d)). Fixed operations in a fixed order, so the native
+    decode layers (``fwht`` in kernels/decode_layer.c) compute the same floats to the bit; d log d
+    additions instead of a d x d matmul. Hadamard is symmetric: the same call rotates back."""
+    shape, d = x.shape, x.shape[-1]
+    if d < 1 or d & (d - 1):
+        raise ValueError(f"a Hadamard transform needs a power-of-two size, got {d}")
+    y, h = x.float(), 1
+    while h < d:
+        y = y.reshape(-1, d // (2 * h), 2, h)
+        y = torch.stack((y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]), dim=2)
+        h *= 2
+    return y.reshape(shape) * torch.tensor(1.0 / math.sqrt(d), dtype=torch.float32, device=y.device)
 
 
 @lru_cache(maxsize=None)
