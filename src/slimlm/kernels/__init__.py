@@ -34,6 +34,8 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
                                        _I64, _I64, _I64, _I64, _I64, _I64, _F32, _INT)),
         # x, slots, T, H, d, code, data, aux, aux2 (int8 / int4 codecs' write)
         "slimlm_kv_quantize": (_INT, (_PTR, _PTR, _I64, _I64, _I64, _INT, _PTR, _PTR, _PTR)),
+        # x, mu, rot, slots, T, H, d, code, data, aux, aux2: offset, Hadamard and quantize in one call
+        "slimlm_kv_encode": (_INT, (_PTR, _PTR, _INT, _PTR, _I64, _I64, _I64, _INT, _PTR, _PTR, _PTR)),
     },
     "paged_prefill": {
         "slimlm_prefill_supported": (_INT, (_I64, _INT)),  # head size, dtype

@@ -90,24 +90,9 @@ static void store_row(void *pool, int pool_dtype, int64_t off, const float *x, i
     }
 }
 
-/* x (d) <- x @ H, H the normalized Sylvester-Hadamard matrix, d a power of two: the butterflies
- * in the order of codec/rotation.py's fwht (h = 1, 2, 4, ...), then one multiplication by
- * float32(1 / sqrt(d)), so the result is the PyTorch rotation's to the bit. */
-static void fwht(float *x, int64_t d) {
-    for (int64_t h = 1; h < d; h *= 2)
-        for (int64_t i = 0; i < d; i += 2 * h)
-            for (int64_t j = i; j < i + h; j++) {
-                const float a = x[j], b = x[j + h];
-                x[j] = a + b;
-                x[j + h] = a - b;
-            }
-    const float c = (float)(1.0 / sqrt((double)d));
-    for (int64_t i = 0; i < d; i++) x[i] = x[i] * c;
-}
-
 /* One token's keys k and values v (Hkv, d) float32 into flat slot ``slot`` of the layer's pools
  * p[P_KPOOL..P_KMU]: float32 / bfloat16 rows as they are; int8 / int4 as the codecs write them
- * (keys minus mu, then rotated when krot, then slimlm_kv_quantize: the same bytes). kbuf holds
+ * (kv_encode of paged_decode.c: keys minus mu, rotated when krot, quantized: the same bytes). kbuf holds
  * Hkv * d floats. Returns 0, or 1 when the pool format cannot be written here. */
 static int store_kv(const void *const *p, int dtype, int krot, int64_t slot, int64_t Hkv, int64_t d,
                     const float *k, const float *v, float *kbuf) {
@@ -116,13 +101,10 @@ static int store_kv(const void *const *p, int dtype, int krot, int64_t slot, int
         store_row((void *)p[P_VPOOL], dtype, slot * Hkv * d, v, Hkv * d);
         return 0;
     }
-    const float *mu = p[P_KMU];
-    for (int64_t i = 0; i < Hkv * d; i++) kbuf[i] = mu ? k[i] - mu[i] : k[i];
-    if (krot)
-        for (int64_t hh = 0; hh < Hkv; hh++) fwht(kbuf + hh * d, d);
-    if (slimlm_kv_quantize(kbuf, &slot, 1, Hkv, d, dtype, (void *)p[P_KPOOL], (void *)p[P_KAUX], (void *)p[P_KAUX2]))
+    if (kv_encode(k, p[P_KMU], krot, &slot, 1, Hkv, d, dtype, (void *)p[P_KPOOL], (void *)p[P_KAUX],
+                  (void *)p[P_KAUX2], kbuf))
         return 1;
-    return slimlm_kv_quantize(v, &slot, 1, Hkv, d, dtype, (void *)p[P_VPOOL], (void *)p[P_VAUX], (void *)p[P_VAUX2]);
+    return kv_encode(v, NULL, 0, &slot, 1, Hkv, d, dtype, (void *)p[P_VPOOL], (void *)p[P_VAUX], (void *)p[P_VAUX2], kbuf);
 }
 
 /* store_kv for M rows k, v (M, Hkv, d) at slots (M) with one layer's pointer row p (NPTR): the
@@ -171,7 +153,7 @@ int slimlm_decode_layers(float *h, int64_t M, int64_t first, int64_t last, const
             const float *row = qkv + m * Nqkv, *c = cos + m * d, *s = sin + m * d;
             for (int64_t hh = 0; hh < Hq; hh++) {
                 rope(row + hh * d, c, s, qr + m * Nq + hh * d, d);
-                if (krot) fwht(qr + m * Nq + hh * d, d); /* into the stored keys' space */
+                if (krot) kv_fwht(qr + m * Nq + hh * d, d); /* into the stored keys' space */
             }
             for (int64_t hh = 0; hh < Hkv; hh++) rope(row + Nq + hh * d, c, s, kr + hh * d, d);
             if ((rc = store_kv(p, pool_dtype, krot, slots[m], Hkv, d, kr, row + Nq + Nkv, kr + Nkv))) break;
