@@ -75,7 +75,7 @@ class Int4Codec(KVCodec):
         data, scale, mins = tensors
         T, H, d = x.shape
         mu = self.offset(tensors)
-        if NATIVE and self.group == GROUP and native_quantize(x, slots, 3, tensors, mu, self.rotates):
+        if NATIVE and self.native_code == 3 and native_quantize(x, slots, 3, tensors, mu, self.rotates):
             return
         xf = self.to_storage(x.float() - mu if mu is not None else x.float())
         g = xf.view(T, H, self.groups, self.group)
