@@ -29,6 +29,16 @@ def test_fwht_is_the_hadamard_rotation(d):
     torch.testing.assert_close(fwht(fwht(x)), x, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("d", [32, 64])
+def test_native_fwht_equals_the_pytorch_ops(d, monkeypatch):
+    from slimlm.kvcache.codec import rotation
+
+    x = torch.randn(5, 3, d) * 7
+    native = fwht(x)
+    monkeypatch.setattr(rotation, "NATIVE", False)
+    assert torch.equal(native, fwht(x))
+
+
 def _store(lib, name, k, v, slots, mu=None):
     """(codec bytes, native bytes): the codecs' ``write`` and the layers' store on fresh pools."""
     M, H, d = k.shape

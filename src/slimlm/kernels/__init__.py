@@ -35,6 +35,7 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
         # x, slots, T, H, d, code, data, aux, aux2 (int8 / int4 codecs' write)
         "slimlm_kv_quantize": (_INT, (_PTR, _PTR, _I64, _I64, _I64, _INT, _PTR, _PTR, _PTR)),
         # x, mu, rot, slots, T, H, d, code, data, aux, aux2: offset, Hadamard and quantize in one call
+        "slimlm_kv_fwht": (_INT, (_PTR, _I64, _I64)),  # x (n, d) float32 rotated in place
         "slimlm_kv_encode": (_INT, (_PTR, _PTR, _INT, _PTR, _I64, _I64, _I64, _INT, _PTR, _PTR, _PTR)),
     },
     "paged_prefill": {

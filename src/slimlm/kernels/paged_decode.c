@@ -539,3 +539,11 @@ int slimlm_kv_encode(const float *x, const float *mu, int rot, const int64_t *sl
                      int code, void *data, void *aux, void *aux2) {
     return kv_encode(x, mu, rot, slots, T, H, d, code, data, aux, aux2, NULL);
 }
+
+/* n rows x (d) rotated in place by kv_fwht (rotation.fwht's operations): the codecs' Hadamard
+ * rotation of queries and read-back rows in one call. */
+int slimlm_kv_fwht(float *x, int64_t n, int64_t d) {
+    if (d < 1 || (d & (d - 1)) || n < 0) return 1;
+    for (int64_t i = 0; i < n; ++i) kv_fwht(x + i * d, d);
+    return 0;
+}
