@@ -108,7 +108,7 @@ def test_dense_selection(tiny_llama_dir, monkeypatch):
     for dtype in ("float32", "bfloat16"):
         r = runner(dtype)
         assert r.native_layers is not None, unsupported(r.model, r.cache, r.paths, r.hooks, r.rope_ext)
-    for kw, needle in [({"kv_cache_dtype": "int8"}, "KV codec"),
+    for kw, needle in [({"kv_cache_dtype": "float16"}, "decode attention"),
                        ({"hooks": ["ffn_skip"], "hook_args": {"ffn_skip": {"layers": [1]}}}, "hooks"),
                        ({"kv_policy": "sink"}, "decode attention")]:
         assert runner(**kw).native_layers is None

@@ -121,7 +121,7 @@ def test_native_layers_only_where_exact(tiny_llama_dir, monkeypatch):
 
     why, nl = reason(weights="int4")
     assert why is None and nl is not None
-    for kw, needle in [({"weights": "int4", "kv_cache_dtype": "int8"}, "KV codec"),
+    for kw, needle in [({"weights": "int4", "kv_cache_dtype": "float16"}, "decode attention"),
                        ({"weights": "int4", "hooks": ["ffn_skip"], "hook_args": {"ffn_skip": {"layers": [1]}}},
                         "hooks"),
                        ({"weights": "int4", "kv_policy": "sink"}, "decode attention"),

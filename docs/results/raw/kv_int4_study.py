@@ -50,6 +50,32 @@ def per_token(x, group, rot):
     return y @ R.T if rot else y
 
 
+NF4 = torch.tensor([-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0, 0.0796, 0.1609, 0.2461,
+                    0.3379, 0.4407, 0.5626, 0.7230, 1.0])
+"""QLoRA's NormalFloat levels (quantiles of a normal distribution, extremes at +-1): rotated keys are
+close to Gaussian, so non-uniform levels spend the 16 codes where the values are."""
+
+
+def per_token_nf(x, group, rot, sym=True):
+    """Non-uniform 4-bit levels per group of ``group`` channels: ``sym`` NF4 levels times the
+    group's max |x| (one fp16 scale: d / 2 + 2 * d / group bytes), else the levels mapped onto
+    [min, max] (fp16 scale + minimum, as the uniform codec)."""
+    if rot:
+        x = x @ R
+    g = x.reshape(*x.shape[:-1], d // group, group)
+    if sym:
+        s = g.abs().amax(-1, keepdim=True).clamp(min=1e-8).half().float()
+        lev, lo = NF4, 0.0
+    else:
+        lo = g.amin(-1, keepdim=True).half().float()
+        s = ((g.amax(-1, keepdim=True) - lo) / 2).clamp(min=1e-8).half().float()
+        lev = NF4 + 1.0  # [0, 2]: the levels from the minimum in units of s
+    u = (g - lo) / s
+    c = (u[..., None] - lev).abs().argmin(-1)
+    y = (lev[c] * s + lo).reshape(x.shape)
+    return y @ R.T if rot else y
+
+
 def per_token_clip(x, group, rot, ratios=(1.0, 0.9, 0.8, 0.7)):
     """per_token with the range shrunk around its centre by the ratio of least squared error per group."""
     if rot:
@@ -143,7 +169,7 @@ def calibration():
     return _cal
 
 
-def smooth(group, rot, source, mu=False, alpha=1.0, clip=False):
+def smooth(group, rot, source, mu=False, alpha=1.0, clip=False, quant=None):
     """Keys (1, H, T, d) of layer ``layer``: ((k - mu) / s) per token quantized, then * s + mu."""
     def f(x, layer):
         if source == "w":
@@ -157,7 +183,7 @@ def smooth(group, rot, source, mu=False, alpha=1.0, clip=False):
         s = s ** alpha
         s = s[None, :, None, :]
         mean = mean[None, :, None, :] if mu else 0.0
-        return (per_token_clip if clip else per_token)((x - mean) / s, group, rot) * s + mean
+        return (quant or (per_token_clip if clip else per_token))((x - mean) / s, group, rot) * s + mean
     f.layered = True
     return f
 
@@ -227,6 +253,11 @@ VARIANTS = {
     "k-mu-v-g32": (smooth(32, False, "cal", True, alpha=0.0), lambda x: per_token(x, 32, False)),
     "k-mu-rot-v-g32": (smooth(32, True, "cal", True, alpha=0.0), lambda x: per_token(x, 32, False)),
     "k-mu-g16-rot-v-g32": (smooth(16, True, "cal", True, alpha=0.0), lambda x: per_token(x, 32, False)),
+    "k-mu-nf32-rot-v-g32": (smooth(32, True, "cal", True, alpha=0.0, quant=per_token_nf), lambda x: per_token(x, 32, False)),
+    "k-mu-nf16-rot-v-g32": (smooth(16, True, "cal", True, alpha=0.0, quant=per_token_nf), lambda x: per_token(x, 32, False)),
+    "k-mu-nfa32-rot-v-g32": (smooth(32, True, "cal", True, alpha=0.0,
+                                    quant=lambda x, g, r: per_token_nf(x, g, r, sym=False)), lambda x: per_token(x, 32, False)),
+    "k-mu-g16-rot-v-g16": (smooth(16, True, "cal", True, alpha=0.0), lambda x: per_token(x, 16, False)),
     "k-mu-rot-clip-v-g32": (smooth(32, True, "cal", True, alpha=0.0, clip=True), lambda x: per_token(x, 32, False)),
     "k-mu-rot-clip-v-clip": (smooth(32, True, "cal", True, alpha=0.0, clip=True), lambda x: per_token_clip(x, 32, False)),
     "k-rot-clip-v-g32": (lambda x: per_token_clip(x, 32, True), lambda x: per_token(x, 32, False)),

@@ -34,6 +34,9 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
                                        _I64, _I64, _I64, _I64, _I64, _I64, _F32, _INT)),
         # x, slots, T, H, d, code, data, aux, aux2 (int8 / int4 codecs' write)
         "slimlm_kv_quantize": (_INT, (_PTR, _PTR, _I64, _I64, _I64, _INT, _PTR, _PTR, _PTR)),
+        # x, mu, rot, slots, T, H, d, code, data, aux, aux2: offset, Hadamard and quantize in one call
+        "slimlm_kv_fwht": (_INT, (_PTR, _I64, _I64)),  # x (n, d) float32 rotated in place
+        "slimlm_kv_encode": (_INT, (_PTR, _PTR, _INT, _PTR, _I64, _I64, _I64, _INT, _PTR, _PTR, _PTR)),
     },
     "paged_prefill": {
         "slimlm_prefill_supported": (_INT, (_I64, _INT)),  # head size, dtype
@@ -89,6 +92,8 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
         # h, M, layer, dims, ptrs, desc, att, eps, nthreads
         "slimlm_decode_layer_in": (_INT, (_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _F32, _INT)),
         "slimlm_decode_layer_out": (_INT, (_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _F32, _INT)),
+        # k, v, slots, M, Hkv, d, dtype, krot, one layer's pointer row (the layers' KV write alone)
+        "slimlm_decode_layer_store": (_INT, (_PTR, _PTR, _PTR, _I64, _I64, _I64, _INT, _INT, _PTR)),
         "slimlm_qlinear_has_vnni": (_INT, ()),
         # x, w, kind (0 fp32, 1 bf16 widened, 2 bf16 vdpbf16ps), y, M, N, K, nthreads (dense_linear.c)
         "slimlm_dense_linear": (_INT, (_PTR, _PTR, _INT, _PTR, _I64, _I64, _I64, _INT)),

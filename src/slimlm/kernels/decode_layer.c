@@ -14,10 +14,16 @@
  * their dispatch and the Python of a layer, ~30 ms of an 86 ms SmolLM2-135M step at 1 thread.
  *
  * Per layer the caller gives NPTR pointers (ln1, ln2; q, scale, mins, bias of the four weights in
- * the order qkv, o, gate_up, down; k pool, v pool) and NDESC integers (kind 0 int8 / 1 int4 /
+ * the order qkv, o, gate_up, down; k pool, v pool; the pools' aux parts k scale, k min, v scale,
+ * v min and the keys' static offset mu (Hkv, d) float32, each NULL where the format has none)
+ * and NDESC integers (kind 0 int8 / 1 int4 /
  * 2 dense float32 / 3 dense bfloat16, group size, 1 = VNNI kernel (int8 / int4) or `vdpbf16ps`
  * (bfloat16), of each weight); dense weights are dense_linear.c's (q = the weight, no scales).
- * The model's sizes in dims[] (see DIM_*). Every
+ * The model's sizes in dims[] (see DIM_*; DIM_POOL is kv_pool.h's format code, DIM_KROT 1 where
+ * keys are stored Hadamard-rotated). Quantized pools (int8 / int4, codec/int8.py, codec/int4.py):
+ * a key row is stored as quantize(fwht(k - mu)), the codec's write, byte for byte (store_kv), and
+ * the query of a rotated-key pool is rotated alike before the decode kernel reads the pool in
+ * place (values are stored unrotated: the caller refuses rotated values). Every
  * elementwise step rounds as PyTorch's fp32 ops do (no FMA contraction: -std=c11), so the result
  * differs from the layer-by-layer path only in RMSNorm's summation order and SiLU's exp.
  * The two halves around attention are also entry points (slimlm_decode_layer_in: norm, q/k/v, RoPE,
@@ -33,9 +39,9 @@
 #include "dense_linear.c"
 
 enum { W_QKV, W_O, W_GU, W_DOWN, NW };
-#define NPTR (2 + 4 * NW + 2)
+enum { P_KPOOL = 2 + 4 * NW, P_VPOOL, P_KAUX, P_KAUX2, P_VAUX, P_VAUX2, P_KMU, NPTR };
 #define NDESC (3 * NW)
-enum { DIM_D, DIM_HQ, DIM_HKV, DIM_HD, DIM_I, DIM_BS, DIM_POOL, DIM_MAXB, DIM_NBLOCKS, NDIM };
+enum { DIM_D, DIM_HQ, DIM_HKV, DIM_HD, DIM_I, DIM_BS, DIM_POOL, DIM_MAXB, DIM_NBLOCKS, DIM_KROT, NDIM };
 
 int slimlm_decode_layer_sizes(int *nptr, int *ndesc, int *ndim) {
     *nptr = NPTR; *ndesc = NDESC; *ndim = NDIM;
@@ -88,39 +94,70 @@ static void store_row(void *pool, int pool_dtype, int64_t off, const float *x, i
     }
 }
 
-/* A step's scratch: xn (M, D), qkv (M, Nqkv), qr (M, Nq), att (M, Nq), o (M, D), gu (M, 2I), act (M, I), kr (d). */
+/* One token's keys k and values v (Hkv, d) float32 into flat slot ``slot`` of the layer's pools
+ * p[P_KPOOL..P_KMU]: float32 / bfloat16 rows as they are; int8 / int4 as the codecs write them
+ * (kv_encode of paged_decode.c: keys minus mu, rotated when krot, quantized: the same bytes). kbuf holds
+ * Hkv * d floats. Returns 0, or 1 when the pool format cannot be written here. */
+static int store_kv(const void *const *p, int dtype, int krot, int64_t slot, int64_t Hkv, int64_t d,
+                    const float *k, const float *v, float *kbuf) {
+    if (dtype <= 1) {
+        store_row((void *)p[P_KPOOL], dtype, slot * Hkv * d, k, Hkv * d);
+        store_row((void *)p[P_VPOOL], dtype, slot * Hkv * d, v, Hkv * d);
+        return 0;
+    }
+    if (kv_encode(k, p[P_KMU], krot, &slot, 1, Hkv, d, dtype, (void *)p[P_KPOOL], (void *)p[P_KAUX],
+                  (void *)p[P_KAUX2], kbuf))
+        return 1;
+    return kv_encode(v, NULL, 0, &slot, 1, Hkv, d, dtype, (void *)p[P_VPOOL], (void *)p[P_VAUX], (void *)p[P_VAUX2], kbuf);
+}
+
+/* store_kv for M rows k, v (M, Hkv, d) at slots (M) with one layer's pointer row p (NPTR): the
+ * decode layers' KV write on its own, for tests against the codecs. */
+int slimlm_decode_layer_store(const float *k, const float *v, const int64_t *slots, int64_t M, int64_t Hkv,
+                              int64_t d, int dtype, int krot, const void *const *p) {
+    if (dtype < 0 || dtype > 3 || (krot && (d & (d - 1)))) return 1;
+    float *kbuf = malloc(sizeof(float) * Hkv * d);
+    if (!kbuf) return 2;
+    int rc = 0;
+    for (int64_t m = 0; m < M && !rc; m++)
+        rc = store_kv(p, dtype, krot, slots[m], Hkv, d, k + m * Hkv * d, v + m * Hkv * d, kbuf);
+    free(kbuf);
+    return rc;
+}
+
+/* A step's scratch: xn (M, D), qkv (M, Nqkv), qr (M, Nq), att (M, Nq), o (M, D), gu (M, 2I), act (M, I),
+ * kr (2 Hkv d: the roped keys of one row, then store_kv's buffer). */
 typedef struct { float *xn, *qkv, *qr, *att, *o, *gu, *act, *kr; } layer_buf_t;
 
 static int layer_buf(layer_buf_t *w, int64_t M, const int64_t *dims) {
     const int64_t D = dims[DIM_D], Nq = dims[DIM_HQ] * dims[DIM_HD], Nkv = dims[DIM_HKV] * dims[DIM_HD];
     const int64_t I = dims[DIM_I], Nqkv = Nq + 2 * Nkv;
-    w->xn = malloc(sizeof(float) * M * (D + Nqkv + 2 * Nq + D + 3 * I) + sizeof(float) * dims[DIM_HD]);
+    w->xn = malloc(sizeof(float) * M * (D + Nqkv + 2 * Nq + D + 3 * I) + sizeof(float) * 2 * Nkv);
     if (!w->xn) return 2;
     w->qkv = w->xn + M * D; w->qr = w->qkv + M * Nqkv; w->att = w->qr + M * Nq; w->o = w->att + M * Nq;
     w->gu = w->o + M * D; w->act = w->gu + M * 2 * I; w->kr = w->act + M * I;
     return 0;
 }
 
-/* The layer's first half: xn = RMSNorm(h) * ln1; qkv; RoPE; k, v into the pool at each row's slot;
- * the rotated queries into w->qr (M, Hq * d). */
+/* The layer's first half: xn = RMSNorm(h) * ln1; qkv; RoPE; k, v into the pool at each row's slot
+ * (store_kv); the rotated queries into w->qr (M, Hq * d), Hadamard-rotated too where keys are stored so. */
 static int layer_attn_in(const float *h, int64_t M, const int64_t *dims, const void *const *p, const int64_t *wd,
                          const float *cos, const float *sin, const int64_t *slots, float eps, int nthreads,
                          layer_buf_t *w) {
     const int64_t D = dims[DIM_D], Hq = dims[DIM_HQ], Hkv = dims[DIM_HKV], d = dims[DIM_HD];
     const int64_t Nq = Hq * d, Nkv = Hkv * d, Nqkv = Nq + 2 * Nkv;
-    const int pool_dtype = (int)dims[DIM_POOL];
-    void *kpool = (void *)p[2 + 4 * NW], *vpool = (void *)p[3 + 4 * NW];
+    const int pool_dtype = (int)dims[DIM_POOL], krot = (int)dims[DIM_KROT];
     int rc;
     rms_norm(h, p[0], w->xn, M, D, eps);
     if ((rc = qlin(wd + 3 * W_QKV, p + 2 + 4 * W_QKV, w->xn, w->qkv, M, Nqkv, D, nthreads))) return rc;
     for (int64_t m = 0; m < M; m++) {
         const float *row = w->qkv + m * Nqkv, *c = cos + m * d, *s = sin + m * d;
-        for (int64_t hh = 0; hh < Hq; hh++) rope(row + hh * d, c, s, w->qr + m * Nq + hh * d, d);
-        for (int64_t hh = 0; hh < Hkv; hh++) {
-            rope(row + Nq + hh * d, c, s, w->kr, d);
-            store_row(kpool, pool_dtype, (slots[m] * Hkv + hh) * d, w->kr, d);
-            store_row(vpool, pool_dtype, (slots[m] * Hkv + hh) * d, row + Nq + Nkv + hh * d, d);
+        for (int64_t hh = 0; hh < Hq; hh++) {
+            rope(row + hh * d, c, s, w->qr + m * Nq + hh * d, d);
+            if (krot) kv_fwht(w->qr + m * Nq + hh * d, d); /* into the stored keys' space */
         }
+        for (int64_t hh = 0; hh < Hkv; hh++) rope(row + Nq + hh * d, c, s, w->kr + hh * d, d);
+        if ((rc = store_kv(p, pool_dtype, krot, slots[m], Hkv, d, w->kr, row + Nq + Nkv, w->kr + Nkv))) return rc;
     }
     return 0;
 }
@@ -146,7 +183,9 @@ static int layer_attn_out(float *h, int64_t M, const int64_t *dims, const void *
 
 static int bad_dims(int64_t M, const int64_t *dims) {
     const int64_t d = dims[DIM_HD], Hkv = dims[DIM_HKV], Hq = dims[DIM_HQ], pool_dtype = dims[DIM_POOL];
-    return M <= 0 || d % 2 || Hkv <= 0 || Hq % Hkv || (pool_dtype != 0 && pool_dtype != 1);
+    const int64_t krot = dims[DIM_KROT];
+    return M <= 0 || d % 2 || Hkv <= 0 || Hq % Hkv || pool_dtype < 0 || pool_dtype > 3 ||
+           (pool_dtype == 3 && d % I4_GROUP) || (krot && (pool_dtype <= 1 || (d & (d - 1))));
 }
 
 static int bad_slots(int64_t M, const int64_t *dims, const int64_t *slots) {
@@ -177,8 +216,8 @@ int slimlm_decode_layers(float *h, int64_t M, int64_t first, int64_t last, const
         const void *const *p = ptrs + l * NPTR;
         const int64_t *wd = desc + l * NDESC;
         if ((rc = layer_attn_in(h, M, dims, p, wd, cos, sin, slots, eps, nthreads, &w))) break;
-        if ((rc = slimlm_paged_decode(w.qr, p[2 + 4 * NW], p[3 + 4 * NW], NULL, NULL, NULL, NULL, pool_dtype, table,
-                                      lens, w.att, NULL, M, Hq, Hkv, d, bs, maxb, scale, dthreads)))
+        if ((rc = slimlm_paged_decode(w.qr, p[P_KPOOL], p[P_VPOOL], p[P_KAUX], p[P_KAUX2], p[P_VAUX], p[P_VAUX2],
+                                      pool_dtype, table, lens, w.att, NULL, M, Hq, Hkv, d, bs, maxb, scale, dthreads)))
             break;
         rc = layer_attn_out(h, M, dims, p, wd, eps, nthreads, &w);
     }

@@ -83,6 +83,19 @@ static inline const float *head_row(const pool_t *p, int64_t slot, int64_t h, fl
             const float s = f16_to_f32(sc[g]), m = f16_to_f32(mn[g]);
             const uint8_t *b = src + g * I4_GROUP / 2;
             float *o = buf + g * I4_GROUP;
+#if defined(__AVX512F__) && I4_GROUP == 32
+            { /* the 16 bytes at once: c * s, then + m (two roundings, as below), channels re-interleaved */
+                const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)b));
+                const __m512 vs = _mm512_set1_ps(s), vm = _mm512_set1_ps(m);
+                const __m512 lo = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(x, _mm512_set1_epi32(15))), vs), vm);
+                const __m512 hi = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(x, 4)), vs), vm);
+                const __m512i i0 = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+                const __m512i i1 = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+                _mm512_storeu_ps(o, _mm512_permutex2var_ps(lo, i0, hi));
+                _mm512_storeu_ps(o + 16, _mm512_permutex2var_ps(lo, i1, hi));
+                continue;
+            }
+#endif
             for (int64_t i = 0; i < I4_GROUP / 2; ++i) {
                 o[2 * i] = (float)(b[i] & 15) * s + m;
                 o[2 * i + 1] = (float)(b[i] >> 4) * s + m;

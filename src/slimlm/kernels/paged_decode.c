@@ -206,7 +206,7 @@ static const float *load_row(const pool_t *p, int64_t slot, float *buf) {
  * 16 bytes widen to its even channels (low nibbles) and odd ones (high nibbles); the query is
  * split alike, so q . (c s + m) = s (q_even . c_lo + q_odd . c_hi) + m sum(q) per group, and the
  * output accumulates p s c plus p m per group, interleaved back at the end. */
-static void decode_quant_avx512(const float *qb, const pool_t *kp, const pool_t *vp, const int64_t *tb, int64_t L,
+static inline __attribute__((always_inline)) void decode_quant_avx512(const float *qb, const pool_t *kp, const pool_t *vp, const int64_t *tb, int64_t L,
                                 float *ob, float *s, int64_t Hq, int64_t Hkv, int64_t d, int64_t block_size,
                                 float scale) {
     const int64_t G = Hq / Hkv, W = Hkv * d;
@@ -217,24 +217,37 @@ static void decode_quant_avx512(const float *qb, const pool_t *kp, const pool_t 
         hn = (g + 1) * G - h0 < QH ? (g + 1) * G - h0 : QH;
         if (kp->dtype == 2) {
             __m512 qv[QH][8];
-            for (int64_t h = 0; h < hn; ++h)
+            for (int64_t h = 0; h < QH; ++h) if (h < hn)
                 for (int64_t j = 0; j < nv; ++j) qv[h][j] = _mm512_loadu_ps(qb + (h0 + h) * d + 16 * j);
-            for (int64_t t = 0; t < L; ++t) {
-                const int64_t slot = tb[t / block_size] * block_size + t % block_size;
-                const int8_t *kr = (const int8_t *)kp->data + slot * W + g * d;
-                __m512 c[8], a[QH];
-                for (int64_t j = 0; j < nv; ++j) c[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(kr + 16 * j))));
-                for (int64_t h = 0; h < hn; ++h) {
-                    a[h] = _mm512_mul_ps(qv[h][0], c[0]);
-                    for (int64_t j = 1; j < nv; ++j) a[h] = _mm512_fmadd_ps(qv[h][j], c[j], a[h]);
+            for (int64_t t0 = 0; t0 < L; t0 += 4) { /* 4 keys at a time: one transposing reduction (sum4) */
+                const int64_t nt = L - t0 < 4 ? L - t0 : 4;
+                __m512 a[QH][4];
+                float sc[4];
+                for (int64_t u = 0; u < 4; ++u) {
+                    if (u >= nt) {
+                        for (int64_t h = 0; h < QH; ++h) if (h < hn) a[h][u] = _mm512_setzero_ps();
+                        continue;
+                    }
+                    const int64_t t = t0 + u, slot = tb[t / block_size] * block_size + t % block_size;
+                    const int8_t *kr = (const int8_t *)kp->data + slot * W + g * d;
+                    __m512 c[8];
+                    for (int64_t j = 0; j < nv; ++j) c[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(kr + 16 * j))));
+                    for (int64_t h = 0; h < QH; ++h) if (h < hn) {
+                        a[h][u] = _mm512_mul_ps(qv[h][0], c[0]);
+                        for (int64_t j = 1; j < nv; ++j) a[h][u] = _mm512_fmadd_ps(qv[h][j], c[j], a[h][u]);
+                    }
+                    sc[u] = scale * _cvtsh_ss(((const uint16_t *)kp->aux)[slot * Hkv + g]);
                 }
-                const float sc = scale * _cvtsh_ss(((const uint16_t *)kp->aux)[slot * Hkv + g]);
-                for (int64_t h = 0; h < hn; ++h) s[(h0 + h) * L + t] = sc * _mm512_reduce_add_ps(a[h]);
+                for (int64_t h = 0; h < QH; ++h) if (h < hn) {
+                    float r[4];
+                    _mm_storeu_ps(r, sum4(a[h][0], a[h][1], a[h][2], a[h][3]));
+                    for (int64_t u = 0; u < nt; ++u) s[(h0 + h) * L + t0 + u] = sc[u] * r[u];
+                }
             }
         } else {
             __m512 qe[QH][4], qo[QH][4];
             float qsum[QH][4];
-            for (int64_t h = 0; h < hn; ++h)
+            for (int64_t h = 0; h < QH; ++h) if (h < hn)
                 for (int64_t gr = 0; gr < NG; ++gr) {
                     float e[16], o[16];
                     const float *qg = qb + (h0 + h) * d + gr * I4_GROUP;
@@ -243,25 +256,35 @@ static void decode_quant_avx512(const float *qb, const pool_t *kp, const pool_t 
                     qe[h][gr] = _mm512_loadu_ps(e);
                     qo[h][gr] = _mm512_loadu_ps(o);
                 }
-            for (int64_t t = 0; t < L; ++t) {
-                const int64_t slot = tb[t / block_size] * block_size + t % block_size;
-                const uint8_t *kr = (const uint8_t *)kp->data + slot * (W / 2) + g * (d / 2);
-                const uint16_t *sc = (const uint16_t *)kp->aux + (slot * Hkv + g) * NG;
-                const uint16_t *mn = (const uint16_t *)kp->aux2 + (slot * Hkv + g) * NG;
-                __m512 a[QH];
-                float c[QH];
-                for (int64_t h = 0; h < hn; ++h) { a[h] = _mm512_setzero_ps(); c[h] = 0.f; }
-                for (int64_t gr = 0; gr < NG; ++gr) {
-                    const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(kr + gr * I4_GROUP / 2)));
-                    const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(x, low)), hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(x, 4));
-                    const __m512 sg = _mm512_set1_ps(_cvtsh_ss(sc[gr]));
-                    const float mg = _cvtsh_ss(mn[gr]);
-                    for (int64_t h = 0; h < hn; ++h) {
-                        a[h] = _mm512_fmadd_ps(sg, _mm512_fmadd_ps(qe[h][gr], lo, _mm512_mul_ps(qo[h][gr], hi)), a[h]);
-                        c[h] += mg * qsum[h][gr];
+            for (int64_t t0 = 0; t0 < L; t0 += 4) { /* 4 keys at a time: one transposing reduction (sum4) */
+                const int64_t nt = L - t0 < 4 ? L - t0 : 4;
+                __m512 a[QH][4];
+                float c[QH][4];
+                for (int64_t u = 0; u < 4; ++u) {
+                    for (int64_t h = 0; h < QH; ++h) if (h < hn) { a[h][u] = _mm512_setzero_ps(); c[h][u] = 0.f; }
+                    if (u >= nt) continue;
+                    const int64_t t = t0 + u, slot = tb[t / block_size] * block_size + t % block_size;
+                    const uint8_t *kr = (const uint8_t *)kp->data + slot * (W / 2) + g * (d / 2);
+                    const uint16_t *sc = (const uint16_t *)kp->aux + (slot * Hkv + g) * NG;
+                    const uint16_t *mn = (const uint16_t *)kp->aux2 + (slot * Hkv + g) * NG;
+                    for (int64_t gr = 0; gr < NG; ++gr) {
+                        const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(kr + gr * I4_GROUP / 2)));
+                        const __m512 sg = _mm512_set1_ps(_cvtsh_ss(sc[gr]));
+                        /* the codes times the group's scale once, shared by the hn query heads */
+                        const __m512 lo = _mm512_mul_ps(sg, _mm512_cvtepi32_ps(_mm512_and_si512(x, low)));
+                        const __m512 hi = _mm512_mul_ps(sg, _mm512_cvtepi32_ps(_mm512_srli_epi32(x, 4)));
+                        const float mg = _cvtsh_ss(mn[gr]);
+                        for (int64_t h = 0; h < QH; ++h) if (h < hn) {
+                            a[h][u] = _mm512_fmadd_ps(qo[h][gr], hi, _mm512_fmadd_ps(qe[h][gr], lo, a[h][u]));
+                            c[h][u] += mg * qsum[h][gr];
+                        }
                     }
                 }
-                for (int64_t h = 0; h < hn; ++h) s[(h0 + h) * L + t] = scale * (_mm512_reduce_add_ps(a[h]) + c[h]);
+                for (int64_t h = 0; h < QH; ++h) if (h < hn) {
+                    float r[4];
+                    _mm_storeu_ps(r, sum4(a[h][0], a[h][1], a[h][2], a[h][3]));
+                    for (int64_t u = 0; u < nt; ++u) s[(h0 + h) * L + t0 + u] = scale * (r[u] + c[h][u]);
+                }
             }
         }
     }
@@ -271,7 +294,7 @@ static void decode_quant_avx512(const float *qb, const pool_t *kp, const pool_t 
         hn = (g + 1) * G - h0 < QH ? (g + 1) * G - h0 : QH;
         if (vp->dtype == 2) {
             __m512 acc[QH][8];
-            for (int64_t h = 0; h < hn; ++h)
+            for (int64_t h = 0; h < QH; ++h) if (h < hn)
                 for (int64_t j = 0; j < nv; ++j) acc[h][j] = _mm512_setzero_ps();
             for (int64_t t = 0; t < L; ++t) {
                 const int64_t slot = tb[t / block_size] * block_size + t % block_size;
@@ -279,17 +302,17 @@ static void decode_quant_avx512(const float *qb, const pool_t *kp, const pool_t 
                 const float sv = _cvtsh_ss(((const uint16_t *)vp->aux)[slot * Hkv + g]);
                 __m512 c[8];
                 for (int64_t j = 0; j < nv; ++j) c[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(vr + 16 * j))));
-                for (int64_t h = 0; h < hn; ++h) {
+                for (int64_t h = 0; h < QH; ++h) if (h < hn) {
                     const __m512 w = _mm512_set1_ps(s[(h0 + h) * L + t] * sv);
                     for (int64_t j = 0; j < nv; ++j) acc[h][j] = _mm512_fmadd_ps(w, c[j], acc[h][j]);
                 }
             }
-            for (int64_t h = 0; h < hn; ++h)
+            for (int64_t h = 0; h < QH; ++h) if (h < hn)
                 for (int64_t j = 0; j < nv; ++j) _mm512_storeu_ps(ob + (h0 + h) * d + 16 * j, acc[h][j]);
         } else {
             __m512 ae[QH][4], ao[QH][4];
             float msum[QH][4];
-            for (int64_t h = 0; h < hn; ++h)
+            for (int64_t h = 0; h < QH; ++h) if (h < hn)
                 for (int64_t gr = 0; gr < NG; ++gr) { ae[h][gr] = ao[h][gr] = _mm512_setzero_ps(); msum[h][gr] = 0.f; }
             for (int64_t t = 0; t < L; ++t) {
                 const int64_t slot = tb[t / block_size] * block_size + t % block_size;
@@ -300,7 +323,7 @@ static void decode_quant_avx512(const float *qb, const pool_t *kp, const pool_t 
                     const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(vr + gr * I4_GROUP / 2)));
                     const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(x, low)), hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(x, 4));
                     const float sg = _cvtsh_ss(sc[gr]), mg = _cvtsh_ss(mn[gr]);
-                    for (int64_t h = 0; h < hn; ++h) {
+                    for (int64_t h = 0; h < QH; ++h) if (h < hn) {
                         const float p = s[(h0 + h) * L + t];
                         const __m512 w = _mm512_set1_ps(p * sg);
                         ae[h][gr] = _mm512_fmadd_ps(w, lo, ae[h][gr]);
@@ -309,7 +332,7 @@ static void decode_quant_avx512(const float *qb, const pool_t *kp, const pool_t 
                     }
                 }
             }
-            for (int64_t h = 0; h < hn; ++h)
+            for (int64_t h = 0; h < QH; ++h) if (h < hn)
                 for (int64_t gr = 0; gr < NG; ++gr) {
                     float e[16], o[16];
                     _mm512_storeu_ps(e, ae[h][gr]);
@@ -388,7 +411,10 @@ int slimlm_paged_decode(const float *q, const void *k_pool, const void *v_pool, 
             else if (d % 16 == 0 && d <= 128 && dtype == 0) { decode_avx512(qb, k_pool, v_pool, 0, tb, L, ob, s, Hq, Hkv, d, block_size, scale); done = 1; }
             else if (d % 16 == 0 && d <= 128 && dtype == 1) { decode_avx512(qb, k_pool, v_pool, 1, tb, L, ob, s, Hq, Hkv, d, block_size, scale); done = 1; }
             else if (((dtype == 2 && d % 16 == 0) || (dtype == 3 && d % 32 == 0)) && d >= 16 && d <= 128) {
-                decode_quant_avx512(qb, &kp, &vp, tb, L, ob, s, Hq, Hkv, d, block_size, scale);
+                if (d == 64) /* constant sizes: the accumulators stay in registers */
+                    decode_quant_avx512(qb, &kp, &vp, tb, L, ob, s, Hq, Hkv, 64, block_size, scale);
+                else
+                    decode_quant_avx512(qb, &kp, &vp, tb, L, ob, s, Hq, Hkv, d, block_size, scale);
                 done = 1;
             }
 #endif
@@ -470,4 +496,54 @@ int slimlm_kv_quantize(const float *x, const int64_t *slots, int64_t T, int64_t 
         }
     return 0;
 #endif
+}
+
+/* x (d) <- x @ H, H the normalized Sylvester-Hadamard matrix, d a power of two: the butterflies
+ * in the order of codec/rotation.py's fwht (h = 1, 2, 4, ...), then one multiplication by
+ * float32(1 / sqrt(d)), so the result is the PyTorch rotation's to the bit. */
+static void kv_fwht(float *x, int64_t d) {
+    for (int64_t h = 1; h < d; h *= 2)
+        for (int64_t i = 0; i < d; i += 2 * h)
+            for (int64_t j = i; j < i + h; j++) {
+                const float a = x[j], b = x[j + h];
+                x[j] = a + b;
+                x[j + h] = a - b;
+            }
+    const float c = (float)(1.0 / sqrt((double)d));
+    for (int64_t i = 0; i < d; i++) x[i] = x[i] * c;
+}
+
+/* Rows x (T, H, d) float32 encoded into slots as the codecs' ``write`` stores them: minus the
+ * offset mu (H, d) where given, each head Hadamard-rotated (kv_fwht) when rot, then quantized
+ * (slimlm_kv_quantize). One call for what the codec's PyTorch code does in about twenty small ops;
+ * scratch: H * d floats or NULL. Returns slimlm_kv_quantize's code (1: cannot run here). */
+static int kv_encode(const float *x, const float *mu, int rot, const int64_t *slots, int64_t T, int64_t H,
+                     int64_t d, int code, void *data, void *aux, void *aux2, float *scratch) {
+    if (!mu && !rot) return slimlm_kv_quantize(x, slots, T, H, d, code, data, aux, aux2);
+    if (rot && (d & (d - 1))) return 1;
+    float *buf = scratch ? scratch : (float *)malloc(sizeof(float) * (size_t)(H * d));
+    if (!buf) return 2;
+    int rc = 0;
+    for (int64_t t = 0; t < T && !rc; ++t) {
+        const float *r = x + t * H * d;
+        for (int64_t i = 0; i < H * d; ++i) buf[i] = mu ? r[i] - mu[i] : r[i];
+        if (rot)
+            for (int64_t h = 0; h < H; ++h) kv_fwht(buf + h * d, d);
+        rc = slimlm_kv_quantize(buf, slots + t, 1, H, d, code, data, aux, aux2);
+    }
+    if (!scratch) free(buf);
+    return rc;
+}
+
+int slimlm_kv_encode(const float *x, const float *mu, int rot, const int64_t *slots, int64_t T, int64_t H, int64_t d,
+                     int code, void *data, void *aux, void *aux2) {
+    return kv_encode(x, mu, rot, slots, T, H, d, code, data, aux, aux2, NULL);
+}
+
+/* n rows x (d) rotated in place by kv_fwht (rotation.fwht's operations): the codecs' Hadamard
+ * rotation of queries and read-back rows in one call. */
+int slimlm_kv_fwht(float *x, int64_t n, int64_t d) {
+    if (d < 1 || (d & (d - 1)) || n < 0) return 1;
+    for (int64_t i = 0; i < n; ++i) kv_fwht(x + i * d, d);
+    return 0;
 }

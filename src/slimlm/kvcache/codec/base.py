@@ -33,11 +33,17 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
     return torch.from_numpy(raw).view(dtype)
 
 
-def native_quantize(x: torch.Tensor, slots: torch.Tensor, code: int, parts: list[torch.Tensor]) -> bool:
+def native_quantize(x: torch.Tensor, slots: torch.Tensor, code: int, parts: list[torch.Tensor],
+                    mu: torch.Tensor | None = None, rotate: bool = False) -> bool:
     """Quantize rows x (T, H, d) float32 into ``parts`` at ``slots`` with the native kernel
-    (``slimlm_kv_quantize`` in kernels/paged_decode.c: the same bytes as the codecs' PyTorch
-    code, one call instead of about fifteen small ops a layer). False when it cannot run here
-    (no kernel, another device): the caller quantizes with PyTorch."""
+    (``slimlm_kv_encode`` in kernels/paged_decode.c: x - mu (mu (H, d) float32, if given), then
+    each head Hadamard-rotated by ``rotation.fwht``'s operations if ``rotate``, then quantized:
+    the same bytes as the codecs' PyTorch code, one call instead of about twenty small ops a
+    layer). False when it cannot run here (no kernel, another device, a rotation that is not
+    Hadamard): the caller quantizes with PyTorch."""
+    d = x.shape[-1]
+    if rotate and d & (d - 1):
+        return False
     if x.device.type != "cpu" or not all(t.device.type == "cpu" and t.is_contiguous() for t in parts):
         return False
     from slimlm import kernels
@@ -50,10 +56,14 @@ def native_quantize(x: torch.Tensor, slots: torch.Tensor, code: int, parts: list
     slots = slots.to(torch.int64).contiguous()
     if T and (int(slots.min()) < 0 or int(slots.max()) >= cap):
         raise ValueError(f"KV codec: slots outside the pool [0, {cap})")
-    x = x.contiguous()
+    x = x.float().contiguous()
+    if mu is not None:
+        mu = mu.float().contiguous()
+        if tuple(mu.shape) != (H, d) or mu.device.type != "cpu":
+            return False
     aux2 = parts[2].data_ptr() if len(parts) > 2 else None
-    return lib.slimlm_kv_quantize(x.data_ptr(), slots.data_ptr(), T, H, d, code, parts[0].data_ptr(),
-                                  parts[1].data_ptr(), aux2) == 0
+    return lib.slimlm_kv_encode(x.data_ptr(), mu.data_ptr() if mu is not None else None, int(rotate),
+                                slots.data_ptr(), T, H, d, code, parts[0].data_ptr(), parts[1].data_ptr(), aux2) == 0
 
 
 class KVCodec(ABC):
@@ -103,17 +113,19 @@ class KVCodec(ABC):
         """x (..., d) into the stored rows' space, float32 (``x @ R``; x itself without rotation)."""
         if not self.rotates:
             return x
-        from slimlm.kvcache.codec.rotation import rotation
+        from slimlm.kvcache.codec.rotation import fwht, rotation
 
-        return x.float() @ rotation(self.head_dim, x.device)
+        d = self.head_dim
+        return fwht(x) if d & (d - 1) == 0 else x.float() @ rotation(d, x.device)
 
     def from_storage(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., d) from the stored rows' space back to the model's, float32 (``x @ R^T``)."""
         if not self.rotates:
             return x
-        from slimlm.kvcache.codec.rotation import rotation
+        from slimlm.kvcache.codec.rotation import fwht, rotation
 
-        return x.float() @ rotation(self.head_dim, x.device).T
+        d = self.head_dim
+        return fwht(x) if d & (d - 1) == 0 else x.float() @ rotation(d, x.device).T  # Hadamard: H^T = H
 
     @abstractmethod
     def bytes_per_row(self, num_kv_heads: int) -> int:

@@ -75,9 +75,9 @@ class Int4Codec(KVCodec):
         data, scale, mins = tensors
         T, H, d = x.shape
         mu = self.offset(tensors)
-        xf = self.to_storage(x.float() - mu if mu is not None else x.float())
-        if NATIVE and self.group == GROUP and native_quantize(xf, slots, 3, tensors):
+        if NATIVE and self.native_code == 3 and native_quantize(x, slots, 3, tensors, mu, self.rotates):
             return
+        xf = self.to_storage(x.float() - mu if mu is not None else x.float())
         g = xf.view(T, H, self.groups, self.group)
         lo, hi = g.amin(-1), g.amax(-1)  # (T, H, G)
         s16 = ((hi - lo) / 15.0).clamp(min=1e-8).to(torch.float16)

@@ -39,9 +39,9 @@ class Int8Codec(KVCodec):
     def write(self, tensors, slots, x):
         data, scale = tensors
         T, H, d = x.shape
-        xf = self.to_storage(x.float())
-        if NATIVE and native_quantize(xf, slots, 2, tensors):
+        if NATIVE and native_quantize(x, slots, 2, tensors, None, self.rotates):
             return
+        xf = self.to_storage(x.float())
         s = (xf.abs().amax(-1) / 127.0).clamp(min=1e-8)  # (T, H)
         s16 = s.to(torch.float16)
         q = (xf / s16.float()[..., None]).round().clamp(-127, 127).to(torch.int8)  # (T, H, d)

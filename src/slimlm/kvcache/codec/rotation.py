@@ -20,11 +20,14 @@ by another.
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import torch
 
 SEED = 0
+NATIVE = True
+"""``fwht`` on the CPU by the native kernel (``slimlm_kv_fwht``: the same floats; False: PyTorch ops)."""
 
 
 def hadamard(d: int) -> torch.Tensor:
@@ -43,6 +46,31 @@ def random_orthogonal(d: int, seed: int = SEED) -> torch.Tensor:
     a = torch.randn(d, d, generator=g, dtype=torch.float64)
     q, r = torch.linalg.qr(a)
     return (q * torch.sign(torch.diagonal(r))[None, :]).float()
+
+
+def fwht(x: torch.Tensor) -> torch.Tensor:
+    """x (..., d) @ hadamard(d) in float32, d a power of two, by the fast Walsh-Hadamard
+    transform: butterflies (a + b, a - b) over pairs (i, i + h) for h = 1, 2, 4, ..., then one
+    multiplication by float32(1 / sqrt(d)). Fixed operations in a fixed order, so the native
+    decode layers (``fwht`` in kernels/decode_layer.c) compute the same floats to the bit; d log d
+    additions instead of a d x d matmul. Hadamard is symmetric: the same call rotates back."""
+    shape, d = x.shape, x.shape[-1]
+    if d < 1 or d & (d - 1):
+        raise ValueError(f"a Hadamard transform needs a power-of-two size, got {d}")
+    if x.device.type == "cpu" and NATIVE:  # the same operations in C: one call, not 18 ops
+        from slimlm import kernels
+
+        lib = kernels.load("paged_decode")
+        if lib is not None:
+            out = x.float().contiguous().clone() if x.dtype == torch.float32 else x.float().contiguous()
+            if lib.slimlm_kv_fwht(out.data_ptr(), out.numel() // d, d) == 0:
+                return out
+    y, h = x.float(), 1
+    while h < d:
+        y = y.reshape(-1, d // (2 * h), 2, h)
+        y = torch.stack((y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]), dim=2)
+        h *= 2
+    return y.reshape(shape) * torch.tensor(1.0 / math.sqrt(d), dtype=torch.float32, device=y.device)
 
 
 @lru_cache(maxsize=None)

@@ -12,9 +12,12 @@ Chosen once, at the runner's construction (:func:`native_decode_layers`; :func:`
 says why not). It needs: a float32 or bfloat16 model on the CPU; per layer the fused q/k/v and
 gate/up projections (``model/fuse.py``) and o / down, each a :class:`QuantLinear` with a native
 kernel or a dense ``nn.Linear`` (float32 / bfloat16: the fused weights read in place, no copy);
-Pre-LN, SiLU MLP, no sliding window, no MoE; a plain float32 / bfloat16 KV pool (no quantized,
-rotating or merged storage, no attention mass); the native decode attention; no layer hooks,
-RoPE extension or span. Otherwise, and for any step with a prefill chunk,
+Pre-LN, SiLU MLP, no sliding window, no MoE; a float32 / bfloat16 KV pool, or an int8 / int4 one
+(``kv_cache_dtype``: rows quantized in the call as the codec writes them, the same bytes, keys
+shifted by the codec's offsets and Hadamard-rotated, the query rotated alike; no rotated values),
+no merged storage, no attention mass; the native decode attention, or under a query KV policy
+(float32 / bfloat16 pool, no key tier) its native selection + sparse attention between the
+layer's two native halves; no layer hooks, RoPE extension or span. Otherwise, and for any step with a prefill chunk,
 a dropped block or more than ``max_rows`` rows (packed: ``NATIVE_MAX_ROWS``; dense:
 ``DENSE_MAX_ROWS``), the layer-by-layer PyTorch path serves (it is also the reference: tests
 compare the two). ``SLIMLM_DECODE_LAYER=0`` turns it off.
@@ -53,7 +56,7 @@ from slimlm.model.quant.linear import QuantLinear
 ENV = "SLIMLM_DECODE_LAYER"
 """``0`` turns the native layer path off (the per-op path serves every step; for A/B runs)."""
 
-_NPTR, _NDESC, _NDIM = 2 + 4 * 4 + 2, 3 * 4, 9  # kernels/decode_layer.c: NPTR, NDESC, NDIM
+_NPTR, _NDESC, _NDIM = 2 + 4 * 4 + 2 + 5, 3 * 4, 10  # kernels/decode_layer.c: NPTR, NDESC, NDIM
 DENSE_MAX_ROWS = 64
 """All-decode steps of a dense model up to this many rows take the native layers: the weights are
 read once per step either way, and every row rounds as it would alone (batch invariance in bf16:
@@ -64,7 +67,6 @@ DTYPES = (torch.float32, torch.bfloat16)
 
 def unsupported(model, cache, paths, hooks, rope_ext) -> str | None:
     """Why the native layer path cannot serve this model / cache / plug-ins, or None if it can."""
-    from slimlm.kvcache.codec.plain import PlainCodec
     from slimlm.kvcache.policy.base import AttentionSpan
     from slimlm.model.fuse import fused_ok
     from slimlm.model.transformer import MLP, Attention
@@ -87,9 +89,11 @@ def unsupported(model, cache, paths, hooks, rope_ext) -> str | None:
         return "sliding-window layers"
     if cache.state or cache.mass is not None:
         return "merged or mass-tracking KV storage"
-    for codec in (cache.codec, cache.vcodec):
-        if not isinstance(codec, PlainCodec) or codec.native_code not in (0, 1) or codec.rotates:
-            return f"KV codec stores {getattr(codec, 'storage_dtype', 'quantized')} rows"
+    why = _codec_unsupported(cache)
+    if why:
+        return why
+    if query and (cache.codec.native_code not in (0, 1) or cache.codec.rotates):
+        return "a query policy's native path reads float32 / bfloat16 pools"
     for layer in model.model.layers:
         a, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         if getattr(layer, "post_ln", True) or type(a) is not Attention or type(mlp) is not MLP:
@@ -107,6 +111,29 @@ def unsupported(model, cache, paths, hooks, rope_ext) -> str | None:
 
     if kernels.load("decode_layer") is None:
         return "the decode_layer kernel is unavailable"
+    return None
+
+
+def _codec_unsupported(cache) -> str | None:
+    """Pools the layers write and read in place: float32 / bfloat16 rows, or int8 / int4 (the
+    codecs' bytes, ``store_kv`` in decode_layer.c) with keys rotated by the Hadamard transform only
+    (a power-of-two head size) and values unrotated."""
+    from slimlm.kvcache.codec.int4 import Int4Codec
+    from slimlm.kvcache.codec.int8 import Int8Codec
+    from slimlm.kvcache.codec.plain import PlainCodec
+
+    k, v = cache.codec, cache.vcodec
+    if type(k) is not type(v) or k.native_code != v.native_code:
+        return "K and V pools are stored in different formats"
+    if isinstance(k, PlainCodec):
+        if k.native_code not in (0, 1) or k.rotates or v.rotates:
+            return f"KV codec stores {getattr(k, 'storage_dtype', 'other')} rows"
+        return None
+    if type(k) not in (Int8Codec, Int4Codec) or k.native_code not in (2, 3):
+        return f"KV codec {k.name!r} has no native layer write"
+    d = k.head_dim
+    if v.rotates or (k.rotates and d & (d - 1)):
+        return "KV codec rotates values or rotates keys by a non-Hadamard matrix"
     return None
 
 
@@ -167,7 +194,8 @@ class NativeDecodeLayers:
                 else:  # dense: the weight itself (the fused one is a view-free tensor, read in place)
                     row += [m.weight.detach(), None, None, _f32(m.bias)]
             kp, vp = cache.pools(i)
-            row += [kp[0], vp[0]]
+            aux = lambda parts, j: parts[j] if len(parts) > j else None  # noqa: E731
+            row += [kp[0], vp[0], aux(kp, 1), aux(kp, 2), aux(vp, 1), aux(vp, 2), cache.codec.offset(kp)]
             for t in row:
                 if t is not None and not t.is_contiguous():
                     raise ValueError("native decode layers: a weight or pool is not contiguous")
@@ -178,7 +206,7 @@ class NativeDecodeLayers:
         k0 = cache.pools(0)[0][0]
         self.dims = (ctypes.c_int64 * _NDIM)(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                                              cfg.intermediate_size, cache.block_size, cache.codec.native_code, 0,
-                                             k0.shape[0])
+                                             k0.shape[0], int(cache.codec.rotates))
         self.desc = (ctypes.c_int64 * (_NDESC * self.num_layers))()
         self._mode: tuple | None = None
         packed = any(type(m) is QuantLinear for m in self._mods)
