@@ -86,6 +86,18 @@ class LazyLLM(LayerHook):
     """Prompts shorter than this are not pruned."""
     revive: str = "first"
     """When pruned tokens get their missing layers: "first" = in the sequence's next step."""
+    window: int = 1
+    """Observation window: the prompt's last ``window`` tokens score the others (their attention
+    averaged over the window) and always continue. 1 = the paper's rule (the last token alone);
+    more is SnapKV's observation window (Li et al., 2024), which reads the whole question."""
+    heads: str = "mean"
+    """How the query heads' attention becomes one score per token: "mean" (the paper) or "max"
+    (a token one head relies on is kept even if the other heads ignore it)."""
+    pool: int = 1
+    """Max-pool the scores over this many neighbouring running tokens (odd; 1 = off): a kept
+    token keeps its neighbours, so a phrase survives whole (SnapKV's clustering)."""
+    sinks: int = 0
+    """The prompt's first ``sinks`` tokens always continue (attention sinks, Xiao et al., 2023)."""
 
     def __post_init__(self) -> None:
         if len(self.layers) != len(self.keep) or not self.layers:
@@ -95,6 +107,15 @@ class LazyLLM(LayerHook):
             raise ValueError(f"lazyllm keep ratios must be in (0, 1] and non-increasing, got {self.keep}")
         if self.revive != "first":
             raise ValueError(f"lazyllm revive must be 'first', got {self.revive!r}")
+        if self.heads not in ("mean", "max"):
+            raise ValueError(f"lazyllm heads must be 'mean' or 'max', got {self.heads!r}")
+        for name in ("window", "pool"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"lazyllm {name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.pool % 2 == 0:
+            raise ValueError(f"lazyllm pool must be odd, got {self.pool}")
+        if not isinstance(self.sinks, int) or self.sinks < 0:
+            raise ValueError(f"lazyllm sinks must be an integer >= 0, got {self.sinks!r}")
         self._at: dict[int, float] = {}
         self._l0 = 0
         self.model: CausalLM | None = None
@@ -218,10 +239,7 @@ class LazyLLM(LayerHook):
             target = max(1, int(P * ratio))
             if rows.numel() <= target:
                 continue
-            probe = int(rows[info.positions[rows] == P - 1][0])
-            score = self._importance(layer, h, rows, probe, info.positions)
-            score[rows == probe] = float("inf")  # the last token always continues
-            drop = rows[score.topk(rows.numel() - target, largest=False).indices].sort().values
+            drop = self._select(layer, h, rows, info.positions, P, target)
             if role.in_step:  # a recompute holding generated tokens: the pruned rows revive now
                 epoch1[drop] = True
             else:
@@ -282,22 +300,39 @@ class LazyLLM(LayerHook):
         return PagedAttention(cache, base.paths, self._slots, groups, prefills, base.windows, base.scale, base.rotary,
                               table)
 
-    def _importance(self, layer: int, h: torch.Tensor, rows: torch.Tensor, probe: int,
-                    positions: torch.Tensor) -> torch.Tensor:
-        """Attention of the probe row over ``rows`` at ``layer``, mean over heads: (n,)."""
+    def _select(self, layer: int, h: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, P: int,
+                target: int) -> torch.Tensor:
+        """The rows of ``rows`` (one prompt's running rows) that leave at ``layer``, sorted: all
+        but the ``target`` best scored; the observation window and the sinks always continue."""
+        pos = positions[rows]
+        rows, pos = rows[pos.argsort()], pos.sort().values  # position order (deferred rows come last)
+        score = self._importance(layer, h, rows, pos, P)
+        forced = (pos >= P - self.window) | (pos < self.sinks)
+        score[forced] = float("inf")
+        n = min(rows.numel() - target, int((~forced).sum()))
+        return rows[score.argsort(stable=True)[: max(n, 0)]].sort().values  # ties (pooling): earlier leaves
+
+    def _importance(self, layer: int, h: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, P: int) -> torch.Tensor:
+        """Score of each of ``rows`` (at ascending positions ``pos``) at ``layer``: the attention the
+        window's rows (positions >= P - window) give it, softmax over ``rows`` (causal), mean over
+        the window, then mean or max over heads, then max-pooled over ``pool`` neighbours: (n,)."""
         blk = self.model.model.layers[layer]
         att, cfg = blk.self_attn, self.model.cfg
         d = cfg.head_dim
+        win = (pos >= P - self.window).nonzero()[:, 0]  # (w,) indices into rows
         x = blk.input_layernorm(h[0, rows])  # (n, D)
-        xp = blk.input_layernorm(h[0, probe : probe + 1])  # (1, D)
-        cos, sin = self.model.rotary(positions[rows][None], h.dtype)
-        cp, sp = self.model.rotary(positions[probe : probe + 1][None], h.dtype)
+        cos, sin = self.model.rotary(pos[None], h.dtype)  # (1, n, d)
         k = apply_rope(att.k_proj(x).view(1, -1, cfg.num_kv_heads, d).transpose(1, 2), cos, sin)  # (1, Hkv, n, d)
-        q = apply_rope(att.q_proj(xp).view(1, 1, cfg.num_heads, d).transpose(1, 2), cp, sp)  # (1, Hq, 1, d)
-        k = k.repeat_interleave(cfg.num_heads // cfg.num_kv_heads, 1)
-        p = ((q @ k.transpose(-1, -2)).float() * self.model.attn_scale).softmax(-1)  # (1, Hq, 1, n)
-        return p[0, :, 0].mean(0)
-
+        q = att.q_proj(x[win]).view(1, -1, cfg.num_heads, d).transpose(1, 2)  # (1, Hq, w, d)
+        q = apply_rope(q, cos[:, win], sin[:, win])
+        k = k.repeat_interleave(cfg.num_heads // cfg.num_kv_heads, 1)  # (1, Hq, n, d)
+        s = (q @ k.transpose(-1, -2)).float() * self.model.attn_scale  # (1, Hq, w, n)
+        s = s.masked_fill(pos[None, :] > pos[win][:, None], float("-inf"))  # causal within the window
+        p = s.softmax(-1)[0].mean(1)  # (Hq, n): mean over the window's queries
+        score = p.mean(0) if self.heads == "mean" else p.amax(0)  # (n,)
+        if self.pool > 1:
+            score = torch.nn.functional.max_pool1d(score[None, None], self.pool, 1, self.pool // 2)[0, 0]
+        return score
 
 def _moved(rows, remap: torch.Tensor):
     """Step rows after a compaction: a contiguous (kept) run stays a slice."""
