@@ -128,7 +128,11 @@ class LazyLLM(LayerHook):
         self._epoch1: torch.Tensor | None = None  # (T,) rows that see every earlier key (revived, generated)
 
     def bind(self, model: CausalLM) -> None:
-        n = model.cfg.num_layers
+        self._at = self.pruning_layers(model.cfg.num_layers)
+        self._l0, self.model = min(self._at), model
+
+    def pruning_layers(self, n: int) -> dict[int, float]:
+        """Layer index -> keep ratio for a model of ``n`` layers."""
         at = {}
         for x, k in zip(self.layers, self.keep):
             i = int(x) if isinstance(x, int) else int(round(x * n))
@@ -137,7 +141,31 @@ class LazyLLM(LayerHook):
             if at and i < max(at):
                 raise ValueError(f"lazyllm pruning layers must ascend, got {self.layers}")
             at[i] = k  # fractions that round to one layer of a shallow model: the later (smaller) keep
-        self._at, self._l0, self.model = at, min(at), model
+        return at
+
+    def prefill_work(self, cfg, P: int) -> dict[str, float]:
+        """Deterministic work of one ``P``-token prefill with this pruning vs full prefill: the
+        linear layers' FLOPs (rows x layers), attention FLOPs (causal query-key pairs: kept rows
+        attend only to kept keys) and scoring FLOPs, and ``share``, pruned / full in all. TTFT
+        cannot drop below ``share`` of full prefill's (the revived rows' cost moves to the next
+        step). Gated MLP, no MoE."""
+        D, d, L = cfg.hidden_size, cfg.head_dim or cfg.hidden_size // cfg.num_heads, cfg.num_layers
+        hq, hkv = cfg.num_heads * d, cfg.num_kv_heads * d
+        lin = 2 * (2 * D * hq + 2 * D * hkv + 3 * D * cfg.intermediate_size)  # per row and layer
+        pair = 4 * hq  # q.k and p.v per (query, key) pair and layer
+        at = self.pruning_layers(L) if P >= self.min_tokens else {}
+        forced = min(P, self.window + self.sinks)
+        n, rows, att, score = P, 0, 0.0, 0.0
+        for i in range(L):
+            if i in at:
+                w = min(self.window, n)
+                score += 2 * D * hkv * n + 2 * D * hq * w + pair * w * n  # keys, window queries, window attention
+                n = min(n, max(forced, max(1, int(P * at[i]))))
+            rows += n
+            att += n * (n + 1) / 2
+        full = L * (P * lin + P * (P + 1) / 2 * pair)
+        return {"linear": rows / (L * P), "attention": att / (L * P * (P + 1) / 2),
+                "share": (rows * lin + att * pair + score) / full}
 
     def release(self, seq_id: int) -> None:
         self._aux.pop(seq_id, None)
