@@ -342,11 +342,13 @@ def test_prefill_work_counts_rows_and_pairs():
 
     cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=30, num_heads=4,
                       num_kv_heads=2)
-    w = LazyLLM().prefill_work(cfg, 4096)  # layers 10 / 20 keep 1/2 then 1/4 of the rows
+    paper = dict(layers=[1 / 3, 2 / 3], keep=[0.5, 0.25])
+    w = LazyLLM(**paper).prefill_work(cfg, 4096)  # layers 10 / 20 keep 1/2 then 1/4 of the rows
     assert w["linear"] == pytest.approx((10 + 10 * 0.5 + 10 * 0.25) / 30)
     assert w["attention"] == pytest.approx((10 + 10 * 0.25 + 10 * 0.0625) / 30, rel=1e-3)
     assert w["linear"] > w["share"] > w["attention"]
-    keep_all = LazyLLM(keep=[1.0, 1.0]).prefill_work(cfg, 4096)
+    keep_all = LazyLLM(**dict(paper, keep=[1.0, 1.0])).prefill_work(cfg, 4096)
     assert keep_all["linear"] == keep_all["attention"] == 1 and 1 < keep_all["share"] < 1.01  # + scoring
     assert LazyLLM().prefill_work(cfg, 32)["share"] == 1  # under min_tokens: not pruned
-    assert LazyLLM(keep=[0.01, 0.01], window=64).prefill_work(cfg, 4096)["linear"] == pytest.approx((10 + 20 * 64 / 4096) / 30)
+    tiny_keep = LazyLLM(**dict(paper, keep=[0.01, 0.01]), window=64).prefill_work(cfg, 4096)
+    assert tiny_keep["linear"] == pytest.approx((10 + 20 * 64 / 4096) / 30)  # the window always continues

@@ -8,6 +8,16 @@ A pruned token has no KV at the layers it skipped; its hidden state at the layer
 goes to the auxiliary cache, from which it is later revived: its missing layers are computed
 from that state, as extra rows of a later step, so no layer of a token is ever computed twice.
 
+Which tokens continue (``window``, ``heads``, ``pool``, ``sinks``): the paper's rule is the last
+token's attention, mean over heads (``window=1, heads="mean", pool=1``). On SmolLM2-135M that
+rule does not single out what the answer needs (a passkey) at a third of the depth. The default
+variant scores with the attention of the prompt's last ``window`` tokens (SnapKV's observation
+window: the whole question, not only its last token; those tokens always continue), takes the
+max over heads (a token one retrieval head reads survives), max-pools the scores over ``pool``
+neighbours (a kept token keeps its phrase) and may keep the first ``sinks`` tokens; it prunes
+later (half the depth) and harder. Nothing in it knows the task. Measured choice of the
+defaults: docs/techniques.md, "LazyLLM".
+
 In the engine (``restage``, the layer-plan seam that adds and removes rows with their KV):
 
 - **Several chunks.** A prompt longer than the step's budget arrives in chunks. The selection
@@ -15,12 +25,12 @@ In the engine (``restage``, the layer-plan seam that adds and removes rows with 
   pruning layer ``l0`` (they write KV there) and leave; their hidden states entering ``l0`` wait
   in the auxiliary cache. When the final chunk arrives, its rows run the layers below ``l0``,
   then the earlier chunks' rows join the step at ``l0`` and the whole prompt is pruned there by
-  the last token's attention, then at each later pruning layer. The deep layers of a long prompt
+  its window's attention, then at each later pruning layer. The deep layers of a long prompt
   thus run in its final step (that step may hold more rows than the token budget); the result
   does not depend on where the chunks were cut.
-- **Masked, not stale.** At a pruning layer ``l`` the attention of the last token is computed over
-  the tokens still running (softmax over them, mean over heads: the layer's own attention
-  map), the lowest-scored leave. They write no KV at ``l`` and above: the backend of the layers
+- **Masked, not stale.** At a pruning layer ``l`` the window's attention is computed over the
+  tokens still running (softmax over them: the layer's own attention map), the lowest-scored
+  leave. They write no KV at ``l`` and above: the backend of the layers
   above writes only the running rows, and the kept rows' attention there sees only kept keys.
 - **Revival** (``revive="first"``, the default and the only mode): every pruned token re-enters
   at its pruning layer from its saved hidden state in the sequence's next step (the first decode
@@ -78,22 +88,25 @@ class LazyLLM(LayerHook):
     prefix_exact = False
     with_kv_policy = False
 
-    layers: list[float] = field(default_factory=lambda: [1 / 3, 2 / 3])
-    """Pruning layers, as fractions of the depth (floats in (0, 1)) or layer indices (ints)."""
-    keep: list[float] = field(default_factory=lambda: [0.5, 0.25])
+    layers: list[float] = field(default_factory=lambda: [1 / 2, 2 / 3])
+    """Pruning layers, as fractions of the depth (floats in (0, 1)) or layer indices (ints). The
+    paper's example prunes from a third of the depth; on SmolLM2-135M the window's attention
+    singles out what the answer needs only from about half the depth, so the defaults prune later
+    and harder (docs/techniques.md, "LazyLLM")."""
+    keep: list[float] = field(default_factory=lambda: [0.3, 0.1])
     """Fraction of the prompt's tokens still running after each pruning layer (non-increasing)."""
     min_tokens: int = 64
     """Prompts shorter than this are not pruned."""
     revive: str = "first"
     """When pruned tokens get their missing layers: "first" = in the sequence's next step."""
-    window: int = 1
+    window: int = 8
     """Observation window: the prompt's last ``window`` tokens score the others (their attention
     averaged over the window) and always continue. 1 = the paper's rule (the last token alone);
     more is SnapKV's observation window (Li et al., 2024), which reads the whole question."""
-    heads: str = "mean"
+    heads: str = "max"
     """How the query heads' attention becomes one score per token: "mean" (the paper) or "max"
     (a token one head relies on is kept even if the other heads ignore it)."""
-    pool: int = 1
+    pool: int = 7
     """Max-pool the scores over this many neighbouring running tokens (odd; 1 = off): a kept
     token keeps its neighbours, so a phrase survives whole (SnapKV's clustering)."""
     sinks: int = 0
