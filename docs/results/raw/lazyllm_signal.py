@@ -92,4 +92,5 @@ rows = [(VARIANTS[vi], L, r, sum(oks), len(oks)) for (vi, L, r), oks in res.item
 for L in CAND:
     for r in RATIOS:
         best = sorted([x for x in rows if x[1] == L and x[2] == r], key=lambda x: -x[3])
-        print(L, r, " | ".join(f"w{v['window']}{v['heads'][:2]}p{v['pool']}s{v['sinks']}:{k}" for v, _, _, k, _ in best))
+        names = [f"w{v['window']}{v['heads'][:2]}p{v['pool']}s{v['sinks']}:{k}" for v, _, _, k, _ in best]
+        print(L, r, " | ".join(names))

@@ -375,6 +375,7 @@ class LazyLLM(LayerHook):
             score = torch.nn.functional.max_pool1d(score[None, None], self.pool, 1, self.pool // 2)[0, 0]
         return score
 
+
 def _moved(rows, remap: torch.Tensor):
     """Step rows after a compaction: a contiguous (kept) run stays a slice."""
     if rows is None:
