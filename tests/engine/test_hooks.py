@@ -116,7 +116,9 @@ class DenseWithHook:
 
 @pytest.mark.parametrize("args,msg", [({"layers": [0.5], "keep": [0.5, 0.2]}, "one keep ratio"),
                                       ({"layers": [0.3, 0.6], "keep": [0.2, 0.5]}, "non-increasing"),
-                                      ({"layers": [9], "keep": [0.5]}, "outside the model")])
+                                      ({"layers": [9], "keep": [0.5]}, "outside the model"),
+                                      ({"heads": "median"}, "'mean' or 'max'"), ({"pool": 4}, "pool must be odd"),
+                                      ({"window": 0}, "window must be an integer")])
 def test_lazyllm_bad_arguments(tiny, args, msg):
     with pytest.raises((ValueError, SlimLMError), match=msg):
         LLM(tiny, hooks=["lazyllm"], hook_args={"lazyllm": args})

@@ -72,9 +72,7 @@ def lazy_reference(lm, args, prompt, n):
         if i in hook._at and P >= hook.min_tokens:
             target = max(1, int(P * hook._at[i]))
             if present.numel() > target:
-                score = hook._importance(i, h, present, P - 1, pos)
-                score[present == P - 1] = float("inf")
-                drop = present[score.topk(present.numel() - target, largest=False).indices].sort().values
+                drop = hook._select(i, h, present, pos, P, target)
                 aux[i] = (drop, h[0, drop].clone())
                 present = present[~torch.isin(present, drop)]
         kv.pos = present
@@ -253,3 +251,104 @@ def test_quantized_kv_does_not_depend_on_chunking(deep):
     got = [greedy(engine(deep, kv_cache_dtype="int8", max_num_batched_tokens=b, block_size=8), prompts, 6)
            for b in (16, 512)]
     assert got[0] == got[1]
+
+
+# ---------------------------------------------------------------- selection variants (observation window, ...)
+VARIANT = {"window": 20, "heads": "max", "pool": 3, "sinks": 2}
+
+
+def _scores_by_hand(model, layer, h, kept, P, window, heads, pool):
+    """The window's attention to ``kept`` (ascending positions), written out head by head."""
+    blk, c = model.model.layers[layer], model.cfg
+    x = blk.input_layernorm(h[0, kept])
+    cos, sin = model.rotary(kept[None], h.dtype)
+    q = model.model.layers[layer].self_attn.q_proj(x).view(-1, c.num_heads, c.head_dim)
+    k = model.model.layers[layer].self_attn.k_proj(x).view(-1, c.num_kv_heads, c.head_dim)
+    half = c.head_dim // 2
+
+    def rope(t):  # (n, H, d), rotate-half convention
+        rot = torch.cat([-t[..., half:], t[..., :half]], -1)
+        return t * cos[0][:, None] + rot * sin[0][:, None]
+
+    q, k = rope(q), rope(k)
+    win = [i for i, p in enumerate(kept.tolist()) if p >= P - window]
+    per_head = []
+    for hq in range(c.num_heads):
+        kv = hq // (c.num_heads // c.num_kv_heads)
+        rows = []
+        for i in win:
+            logits = torch.full((len(kept),), float("-inf"))
+            for j in range(i + 1):  # keys at or before the query
+                logits[j] = float(q[i, hq] @ k[j, kv]) * model.attn_scale
+            rows.append(logits.softmax(0))
+        per_head.append(torch.stack(rows).mean(0))
+    s = torch.stack(per_head)
+    s = s.mean(0) if heads == "mean" else s.amax(0)
+    r = pool // 2
+    return torch.stack([s[max(0, j - r) : j + r + 1].max() for j in range(len(s))])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("args", [dict(window=1, heads="mean", pool=1), dict(window=6, heads="max", pool=3)])
+def test_scores_equal_a_computation_by_hand(deep, args):
+    m = deep.model
+    prompt = prompts_for_test()[0]
+    P = len(prompt)
+    pos = torch.arange(P)
+    seen = {}
+    hk = m.model.layers[2].register_forward_pre_hook(lambda mod, a: seen.__setitem__("h", a[0].clone()))
+    try:
+        m(torch.tensor([prompt]))
+    finally:
+        hk.remove()
+    hook = LazyLLM(**ARGS, **args)
+    hook.bind(m)
+    kept = pos[torch.arange(P) % 3 != 1]  # a pruned prompt: gaps between the running tokens
+    kept = torch.cat([kept[kept < P - 8], pos[P - 8 :]]).unique()
+    got = hook._importance(2, seen["h"], kept, kept, P)
+    want = _scores_by_hand(m, 2, seen["h"], kept, P, args["window"], args["heads"], args["pool"])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_window_and_sinks_always_continue(deep):
+    m = deep.model
+    prompt = prompts_for_test()[0]
+    P = len(prompt)
+    pos = torch.arange(P)
+    h = m.embed(torch.tensor([prompt]))
+    hook = LazyLLM(**ARGS, **VARIANT)
+    hook.bind(m)
+    rows = pos.flip(0)  # any row order: selection is by position
+    drop = hook._select(2, h, rows, pos, P, 30)
+    assert drop.numel() == P - 30 and torch.equal(drop, drop.sort().values)
+    assert bool(((drop >= 2) & (drop < P - 20)).all())
+    assert hook._select(2, h, rows, pos, P, 5).numel() == P - 22  # the forced rows exceed the target
+
+
+def test_variant_in_the_engine_equals_the_dense_reference(deep):
+    """Another variant than the defaults (which the tests above run: window 8, max, pool 7): a
+    window wider than a chunk (20 > 16 rows), pool 3, sinks; batched."""
+    args = dict(ARGS, **VARIANT)
+    prompts = prompts_for_test()[:2]
+    want = [lazy_reference(deep, args, p, 4)[0] for p in prompts]
+    llm = engine(deep, args, max_num_batched_tokens=16, block_size=8)
+    assert greedy(llm, prompts, 4) == want
+    assert llm.engine.pool.num_free() == llm.engine.pool.num_blocks
+
+
+def test_prefill_work_counts_rows_and_pairs():
+    from slimlm.model.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=30, num_heads=4,
+                      num_kv_heads=2)
+    paper = dict(layers=[1 / 3, 2 / 3], keep=[0.5, 0.25])
+    w = LazyLLM(**paper).prefill_work(cfg, 4096)  # layers 10 / 20 keep 1/2 then 1/4 of the rows
+    assert w["linear"] == pytest.approx((10 + 10 * 0.5 + 10 * 0.25) / 30)
+    assert w["attention"] == pytest.approx((10 + 10 * 0.25 + 10 * 0.0625) / 30, rel=1e-3)
+    assert w["linear"] > w["share"] > w["attention"]
+    keep_all = LazyLLM(**dict(paper, keep=[1.0, 1.0])).prefill_work(cfg, 4096)
+    assert keep_all["linear"] == keep_all["attention"] == 1 and 1 < keep_all["share"] < 1.01  # + scoring
+    assert LazyLLM().prefill_work(cfg, 32)["share"] == 1  # under min_tokens: not pruned
+    tiny_keep = LazyLLM(**dict(paper, keep=[0.01, 0.01]), window=64).prefill_work(cfg, 4096)
+    assert tiny_keep["linear"] == pytest.approx((10 + 20 * 64 / 4096) / 30)  # the window always continues

@@ -1,14 +1,18 @@
 """Same-process interleaved A/B of time to first token: plain prefill vs LazyLLM (`hooks=["lazyllm"]`)
 on the default model, one prompt per length (the prefill benchmark's text), alternating rounds,
-medians; on a loaded machine read the ratio only.
-Usage: THREADS=1 python ab_lazyllm.py [LENGTHS] [ROUNDS] [hook args as k=v,...]
-e.g.   THREADS=2 python ab_lazyllm.py 2048,4096,8192 3 "keep=[0.5,0.25]" """
+medians; on a loaded machine read the ratio only. Each line also gives the setting's deterministic
+work share (LazyLLM.prefill_work: FLOPs of the pruned prefill / full prefill) and the TTFT bound it
+sets (1 / share).
+Usage: THREADS=1 python ab_lazyllm.py [LENGTHS] [ROUNDS] [hook args as k=v;k=v (JSON values)]
+e.g.   THREADS=2 python ab_lazyllm.py 2048,4096,8192 3 'keep=[0.5,0.25]'
+       THREADS=2 python ab_lazyllm.py 4096 3 'layers=[8];keep=[0.3];window=16;heads="max";pool=7;sinks=4' """
 import json, os, statistics, sys, time
 
 import torch
 
 from slimlm import LLM, SamplingParams
 from slimlm.bench.workloads import lengths_prompts
+from slimlm.engine.hooks.lazyllm import LazyLLM
 from slimlm.model.hub import load
 
 torch.set_num_threads(int(os.environ.get("THREADS", "2")))
@@ -33,4 +37,6 @@ for n, ids in zip(lengths, prompts):
             llm.generate([ids], params, use_tqdm=False)
             times[name].append(time.perf_counter() - t)
     p, z = statistics.median(times["plain"]), statistics.median(times["lazyllm"])
-    print(f"{n} tokens: plain {p * 1e3:.0f} ms, lazyllm {z * 1e3:.0f} ms, TTFT ratio {p / z:.2f}x")
+    share = LazyLLM(**hook_args).prefill_work(lm.model.cfg, len(ids))["share"]
+    print(f"{n} tokens: plain {p * 1e3:.0f} ms, lazyllm {z * 1e3:.0f} ms, TTFT ratio {p / z:.2f}x "
+          f"(work share {share:.3f}: bound {1 / share:.2f}x)")

@@ -8,6 +8,16 @@ A pruned token has no KV at the layers it skipped; its hidden state at the layer
 goes to the auxiliary cache, from which it is later revived: its missing layers are computed
 from that state, as extra rows of a later step, so no layer of a token is ever computed twice.
 
+Which tokens continue (``window``, ``heads``, ``pool``, ``sinks``): the paper's rule is the last
+token's attention, mean over heads (``window=1, heads="mean", pool=1``). On SmolLM2-135M that
+rule does not single out what the answer needs (a passkey) at a third of the depth. The default
+variant scores with the attention of the prompt's last ``window`` tokens (SnapKV's observation
+window: the whole question, not only its last token; those tokens always continue), takes the
+max over heads (a token one retrieval head reads survives), max-pools the scores over ``pool``
+neighbours (a kept token keeps its phrase) and may keep the first ``sinks`` tokens; it prunes
+later (half the depth) and harder. Nothing in it knows the task. Measured choice of the
+defaults: docs/techniques.md, "LazyLLM".
+
 In the engine (``restage``, the layer-plan seam that adds and removes rows with their KV):
 
 - **Several chunks.** A prompt longer than the step's budget arrives in chunks. The selection
@@ -15,12 +25,12 @@ In the engine (``restage``, the layer-plan seam that adds and removes rows with 
   pruning layer ``l0`` (they write KV there) and leave; their hidden states entering ``l0`` wait
   in the auxiliary cache. When the final chunk arrives, its rows run the layers below ``l0``,
   then the earlier chunks' rows join the step at ``l0`` and the whole prompt is pruned there by
-  the last token's attention, then at each later pruning layer. The deep layers of a long prompt
+  its window's attention, then at each later pruning layer. The deep layers of a long prompt
   thus run in its final step (that step may hold more rows than the token budget); the result
   does not depend on where the chunks were cut.
-- **Masked, not stale.** At a pruning layer ``l`` the attention of the last token is computed over
-  the tokens still running (softmax over them, mean over heads: the layer's own attention
-  map), the lowest-scored leave. They write no KV at ``l`` and above: the backend of the layers
+- **Masked, not stale.** At a pruning layer ``l`` the window's attention is computed over the
+  tokens still running (softmax over them: the layer's own attention map), the lowest-scored
+  leave. They write no KV at ``l`` and above: the backend of the layers
   above writes only the running rows, and the kept rows' attention there sees only kept keys.
 - **Revival** (``revive="first"``, the default and the only mode): every pruned token re-enters
   at its pruning layer from its saved hidden state in the sequence's next step (the first decode
@@ -78,14 +88,29 @@ class LazyLLM(LayerHook):
     prefix_exact = False
     with_kv_policy = False
 
-    layers: list[float] = field(default_factory=lambda: [1 / 3, 2 / 3])
-    """Pruning layers, as fractions of the depth (floats in (0, 1)) or layer indices (ints)."""
-    keep: list[float] = field(default_factory=lambda: [0.5, 0.25])
+    layers: list[float] = field(default_factory=lambda: [1 / 2, 2 / 3])
+    """Pruning layers, as fractions of the depth (floats in (0, 1)) or layer indices (ints). The
+    paper's example prunes from a third of the depth; on SmolLM2-135M the window's attention
+    singles out what the answer needs only from about half the depth, so the defaults prune later
+    and harder (docs/techniques.md, "LazyLLM")."""
+    keep: list[float] = field(default_factory=lambda: [0.3, 0.1])
     """Fraction of the prompt's tokens still running after each pruning layer (non-increasing)."""
     min_tokens: int = 64
     """Prompts shorter than this are not pruned."""
     revive: str = "first"
     """When pruned tokens get their missing layers: "first" = in the sequence's next step."""
+    window: int = 8
+    """Observation window: the prompt's last ``window`` tokens score the others (their attention
+    averaged over the window) and always continue. 1 = the paper's rule (the last token alone);
+    more is SnapKV's observation window (Li et al., 2024), which reads the whole question."""
+    heads: str = "max"
+    """How the query heads' attention becomes one score per token: "mean" (the paper) or "max"
+    (a token one head relies on is kept even if the other heads ignore it)."""
+    pool: int = 7
+    """Max-pool the scores over this many neighbouring running tokens (odd; 1 = off): a kept
+    token keeps its neighbours, so a phrase survives whole (SnapKV's clustering)."""
+    sinks: int = 0
+    """The prompt's first ``sinks`` tokens always continue (attention sinks, Xiao et al., 2023)."""
 
     def __post_init__(self) -> None:
         if len(self.layers) != len(self.keep) or not self.layers:
@@ -95,6 +120,15 @@ class LazyLLM(LayerHook):
             raise ValueError(f"lazyllm keep ratios must be in (0, 1] and non-increasing, got {self.keep}")
         if self.revive != "first":
             raise ValueError(f"lazyllm revive must be 'first', got {self.revive!r}")
+        if self.heads not in ("mean", "max"):
+            raise ValueError(f"lazyllm heads must be 'mean' or 'max', got {self.heads!r}")
+        for name in ("window", "pool"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"lazyllm {name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.pool % 2 == 0:
+            raise ValueError(f"lazyllm pool must be odd, got {self.pool}")
+        if not isinstance(self.sinks, int) or self.sinks < 0:
+            raise ValueError(f"lazyllm sinks must be an integer >= 0, got {self.sinks!r}")
         self._at: dict[int, float] = {}
         self._l0 = 0
         self.model: CausalLM | None = None
@@ -107,7 +141,11 @@ class LazyLLM(LayerHook):
         self._epoch1: torch.Tensor | None = None  # (T,) rows that see every earlier key (revived, generated)
 
     def bind(self, model: CausalLM) -> None:
-        n = model.cfg.num_layers
+        self._at = self.pruning_layers(model.cfg.num_layers)
+        self._l0, self.model = min(self._at), model
+
+    def pruning_layers(self, n: int) -> dict[int, float]:
+        """Layer index -> keep ratio for a model of ``n`` layers."""
         at = {}
         for x, k in zip(self.layers, self.keep):
             i = int(x) if isinstance(x, int) else int(round(x * n))
@@ -116,7 +154,31 @@ class LazyLLM(LayerHook):
             if at and i < max(at):
                 raise ValueError(f"lazyllm pruning layers must ascend, got {self.layers}")
             at[i] = k  # fractions that round to one layer of a shallow model: the later (smaller) keep
-        self._at, self._l0, self.model = at, min(at), model
+        return at
+
+    def prefill_work(self, cfg, P: int) -> dict[str, float]:
+        """Deterministic work of one ``P``-token prefill with this pruning vs full prefill: the
+        linear layers' FLOPs (rows x layers), attention FLOPs (causal query-key pairs: kept rows
+        attend only to kept keys) and scoring FLOPs, and ``share``, pruned / full in all. TTFT
+        cannot drop below ``share`` of full prefill's (the revived rows' cost moves to the next
+        step). Gated MLP, no MoE."""
+        D, d, L = cfg.hidden_size, cfg.head_dim or cfg.hidden_size // cfg.num_heads, cfg.num_layers
+        hq, hkv = cfg.num_heads * d, cfg.num_kv_heads * d
+        lin = 2 * (2 * D * hq + 2 * D * hkv + 3 * D * cfg.intermediate_size)  # per row and layer
+        pair = 4 * hq  # q.k and p.v per (query, key) pair and layer
+        at = self.pruning_layers(L) if P >= self.min_tokens else {}
+        forced = min(P, self.window + self.sinks)
+        n, rows, att, score = P, 0, 0.0, 0.0
+        for i in range(L):
+            if i in at:
+                w = min(self.window, n)
+                score += 2 * D * hkv * n + 2 * D * hq * w + pair * w * n  # keys, window queries, window attention
+                n = min(n, max(forced, max(1, int(P * at[i]))))
+            rows += n
+            att += n * (n + 1) / 2
+        full = L * (P * lin + P * (P + 1) / 2 * pair)
+        return {"linear": rows / (L * P), "attention": att / (L * P * (P + 1) / 2),
+                "share": (rows * lin + att * pair + score) / full}
 
     def release(self, seq_id: int) -> None:
         self._aux.pop(seq_id, None)
@@ -218,10 +280,7 @@ class LazyLLM(LayerHook):
             target = max(1, int(P * ratio))
             if rows.numel() <= target:
                 continue
-            probe = int(rows[info.positions[rows] == P - 1][0])
-            score = self._importance(layer, h, rows, probe, info.positions)
-            score[rows == probe] = float("inf")  # the last token always continues
-            drop = rows[score.topk(rows.numel() - target, largest=False).indices].sort().values
+            drop = self._select(layer, h, rows, info.positions, P, target)
             if role.in_step:  # a recompute holding generated tokens: the pruned rows revive now
                 epoch1[drop] = True
             else:
@@ -282,21 +341,39 @@ class LazyLLM(LayerHook):
         return PagedAttention(cache, base.paths, self._slots, groups, prefills, base.windows, base.scale, base.rotary,
                               table)
 
-    def _importance(self, layer: int, h: torch.Tensor, rows: torch.Tensor, probe: int,
-                    positions: torch.Tensor) -> torch.Tensor:
-        """Attention of the probe row over ``rows`` at ``layer``, mean over heads: (n,)."""
+    def _select(self, layer: int, h: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, P: int,
+                target: int) -> torch.Tensor:
+        """The rows of ``rows`` (one prompt's running rows) that leave at ``layer``, sorted: all
+        but the ``target`` best scored; the observation window and the sinks always continue."""
+        pos = positions[rows]
+        rows, pos = rows[pos.argsort()], pos.sort().values  # position order (deferred rows come last)
+        score = self._importance(layer, h, rows, pos, P)
+        forced = (pos >= P - self.window) | (pos < self.sinks)
+        score[forced] = float("inf")
+        n = min(rows.numel() - target, int((~forced).sum()))
+        return rows[score.argsort(stable=True)[: max(n, 0)]].sort().values  # ties (pooling): earlier leaves
+
+    def _importance(self, layer: int, h: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, P: int) -> torch.Tensor:
+        """Score of each of ``rows`` (at ascending positions ``pos``) at ``layer``: the attention the
+        window's rows (positions >= P - window) give it, softmax over ``rows`` (causal), mean over
+        the window, then mean or max over heads, then max-pooled over ``pool`` neighbours: (n,)."""
         blk = self.model.model.layers[layer]
         att, cfg = blk.self_attn, self.model.cfg
         d = cfg.head_dim
+        win = (pos >= P - self.window).nonzero()[:, 0]  # (w,) indices into rows
         x = blk.input_layernorm(h[0, rows])  # (n, D)
-        xp = blk.input_layernorm(h[0, probe : probe + 1])  # (1, D)
-        cos, sin = self.model.rotary(positions[rows][None], h.dtype)
-        cp, sp = self.model.rotary(positions[probe : probe + 1][None], h.dtype)
+        cos, sin = self.model.rotary(pos[None], h.dtype)  # (1, n, d)
         k = apply_rope(att.k_proj(x).view(1, -1, cfg.num_kv_heads, d).transpose(1, 2), cos, sin)  # (1, Hkv, n, d)
-        q = apply_rope(att.q_proj(xp).view(1, 1, cfg.num_heads, d).transpose(1, 2), cp, sp)  # (1, Hq, 1, d)
-        k = k.repeat_interleave(cfg.num_heads // cfg.num_kv_heads, 1)
-        p = ((q @ k.transpose(-1, -2)).float() * self.model.attn_scale).softmax(-1)  # (1, Hq, 1, n)
-        return p[0, :, 0].mean(0)
+        q = att.q_proj(x[win]).view(1, -1, cfg.num_heads, d).transpose(1, 2)  # (1, Hq, w, d)
+        q = apply_rope(q, cos[:, win], sin[:, win])
+        k = k.repeat_interleave(cfg.num_heads // cfg.num_kv_heads, 1)  # (1, Hq, n, d)
+        s = (q @ k.transpose(-1, -2)).float() * self.model.attn_scale  # (1, Hq, w, n)
+        s = s.masked_fill(pos[None, :] > pos[win][:, None], float("-inf"))  # causal within the window
+        p = s.softmax(-1)[0].mean(1)  # (Hq, n): mean over the window's queries
+        score = p.mean(0) if self.heads == "mean" else p.amax(0)  # (n,)
+        if self.pool > 1:
+            score = torch.nn.functional.max_pool1d(score[None, None], self.pool, 1, self.pool // 2)[0, 0]
+        return score
 
 
 def _moved(rows, remap: torch.Tensor):
