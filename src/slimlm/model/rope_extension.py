@@ -161,6 +161,26 @@ class DualChunkExtension(RopeExtension):
         return positions % self.dual_chunk.chunk_len
 
 
+def dca_queries(q: torch.Tensor, q_pos: torch.Tensor, dc: DualChunk,
+                inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The three rotations of queries q (..., T, d) at true positions q_pos (..., T), q already
+    rotated by ``i mod c``: (intra, successive-chunk, inter-chunk), in float32 for half inputs."""
+    c, s = dc.chunk_len, dc.chunk_size
+    work = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
+    qf = q.to(work)
+    qi = q_pos % c  # the rotation q already carries
+    cs, ss = rotation(inv_freq, (qi + c).clamp(max=s) - qi, work)
+    ci, si = rotation(inv_freq, s - qi, work)
+    return qf, apply_rope(qf, cs, ss), apply_rope(qf, ci, si)
+
+
+def dca_pick(chunk_distance: torch.Tensor, intra: torch.Tensor, succ: torch.Tensor,
+             inter: torch.Tensor) -> torch.Tensor:
+    """Per query-key pair, the score of the rotation DCA assigns it by the chunk distance
+    (query chunk - key chunk: 0 intra, 1 successive, more inter)."""
+    return torch.where(chunk_distance == 0, intra, torch.where(chunk_distance == 1, succ, inter))
+
+
 def dca_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, q_pos: torch.Tensor,
                   k_pos: torch.Tensor, dc: DualChunk, inv_freq: torch.Tensor, scale: float) -> torch.Tensor:
     """Dual chunk attention over keys rotated by ``j mod c``, queries rotated by ``i mod c``.
@@ -172,17 +192,13 @@ def dca_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     exactly through their log-sum-exps: DCA costs what dense attention costs. Decode groups
     (B > 1) score pair by pair. Returns (B, Hq, T, d).
     """
-    c, s = dc.chunk_len, dc.chunk_size
+    c = dc.chunk_len
     B, Hq, T, d = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
     work = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
-    qf, kf, vf = q.to(work), k.to(work), v.to(work)
-    qi = q_pos % c  # the rotation q already carries
-    cs, ss = rotation(inv_freq, (qi + c).clamp(max=s) - qi, work)
-    q_succ = apply_rope(qf, cs, ss)
-    ci, si = rotation(inv_freq, s - qi, work)
-    q_inter = apply_rope(qf, ci, si)
+    kf, vf = k.to(work), v.to(work)
+    qf, q_succ, q_inter = dca_queries(q, q_pos, dc, inv_freq)
 
     def scores_of(qx: torch.Tensor, kx: torch.Tensor) -> torch.Tensor:  # grouped heads, no repeat of k
         return (qx.reshape(B, Hkv, G * T, d) @ kx.transpose(-1, -2)).view(B, Hkv, G, T, -1)
@@ -206,8 +222,7 @@ def dca_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
         return _merge(outs).view(B, Hq, T, d).to(q.dtype)
     # decode groups: per pair
     dist = (qc[:, :, None] - kc[:, None, :])[:, None, None]  # (B, 1, 1, T, S) chunk distance
-    scores = torch.where(dist == 0, scores_of(qf, kf), torch.where(dist == 1, scores_of(q_succ, kf),
-                                                                    scores_of(q_inter, kf)))
+    scores = dca_pick(dist, scores_of(qf, kf), scores_of(q_succ, kf), scores_of(q_inter, kf))
     scores = (scores * scale).masked_fill(~mask[:, :, None], float("-inf"))
     out = scores.softmax(-1).view(B, Hkv, G * T, -1) @ vf  # (B, Hkv, G*T, d)
     return out.view(B, Hq, T, d).to(q.dtype)
