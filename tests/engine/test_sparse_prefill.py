@@ -1,5 +1,6 @@
 """Sparse prefill (vertical-slash): the full pattern is dense attention exactly; a sparse pattern
-computes what its definition says, pair by pair; bad settings are one-line errors."""
+computes what its definition says, pair by pair (also composed with DCA); bad settings are one-line
+errors."""
 
 from __future__ import annotations
 
