@@ -1,5 +1,6 @@
 """Sparse prefill (vertical-slash): the full pattern is dense attention exactly; a sparse pattern
-computes what its definition says, pair by pair; bad settings are one-line errors."""
+computes what its definition says, pair by pair (also composed with DCA); bad settings are one-line
+errors."""
 
 from __future__ import annotations
 
@@ -162,3 +163,56 @@ def test_native_path_is_chosen_where_it_applies(tiny, kw, native):
                        use_tqdm=False)[0]  # either path serves the sparse chunk
     assert len(out.outputs[0].token_ids) == 1
     assert llm.engine.runner.paths.sparse_prefill.stats["computed"] > 0
+
+
+# ------------------------------------------------------------------ composed with Dual Chunk Attention
+DCA = {"chunk_size": 64, "local_window": 8}  # chunks of 56 tokens on the tiny model (trained to 256)
+
+
+def test_full_pattern_with_dca_equals_dca(tiny):
+    budget = 37  # chunked prefill: the chunks' context from the paged cache
+    p = [[(7 * i + 1) % 300 + 3 for i in range(150)]]  # intra, successive and inter-chunk pairs
+    sp = SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=0)
+    kw = dict(kv_cache_bytes="8M", max_num_batched_tokens=budget, rope_extension="dca", rope_extension_args=DCA)
+    dca = LLM(tiny, **kw).generate(p, sp, use_tqdm=False)[0]
+    both = LLM(tiny, **kw, sparse_prefill="vertical-slash", sparse_prefill_args=FULL)
+    assert _native(both) is None  # DCA's rotations: the PyTorch pattern path
+    out = both.generate(p, sp, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == dca.outputs[0].token_ids
+    assert torch.allclose(_lp(dca), _lp(out), atol=1e-5)
+    sparse = LLM(tiny, **kw, sparse_prefill="vertical-slash", sparse_prefill_args={**SMALL, "min_keys": 1}) \
+        .generate(p, sp, use_tqdm=False)[0]
+    assert not torch.allclose(_lp(dca), _lp(sparse), atol=1e-3)  # a sparse pattern is applied
+
+
+def test_sparse_pattern_with_dca_follows_its_definition():
+    """Under DCA the probe picks the pattern from DCA's attention, and each query attends its
+    pattern's keys with the rotation DCA assigns the pair (== DCA attention under the mask)."""
+    from slimlm.model.rope_extension import DualChunk, dca_attention, dca_queries
+
+    torch.manual_seed(0)
+    T, S, d, G = 40, 100, 16, 2  # queries at 60..99 over 100 keys; chunks of 28: all three ranges
+    dc, inv = DualChunk(32, 4, logit_scale=1.2), 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    q, k, v = torch.randn(1, 4, T, d), torch.randn(1, 2, S, d), torch.randn(1, 2, S, d)
+    qp, kp = torch.arange(S - T, S)[None], torch.arange(S)[None]
+    causal = (kp[0][None, :] <= qp[0][:, None])  # (T, S)
+    vs = VerticalSlash(vertical=7, slash=9, local=3, probe=8, block=16, min_keys=1)
+    out = vs.attend(q, k, v, qp, kp, 0.25, (dc, inv))
+    # the probe: DCA's attention weights of the last 8 queries (values = one-hot keys, d at a time)
+    eye = torch.eye(S + d)[:S]
+    probe = torch.cat([dca_attention(q[:, :, -8:], k, eye[None, None, :, b : b + d].expand(1, 2, -1, -1),
+                                     causal[None, None, -8:], qp[:, -8:], kp, dc, inv, 0.25)[0]
+                       for b in range(0, S, d)], -1)[..., :S]  # (Hq, 8, S)
+    cols = probe.sum(1).topk(7, -1).indices.sort(-1).values
+    qf, kx = q[0], k[0].repeat_interleave(G, 0)
+    rot = (*(x[0] for x in dca_queries(q, qp, dc, inv)), dc.chunk_len)
+    got_cols, _, is_v, is_s = vs._pattern(qf, kx, qp[0], kp[0], kp[0] >= 0, 0.25 * 1.2, rot)
+    assert torch.equal(got_cols.sort(-1).values, cols)
+    dist = qp[0][:, None] - kp[0][None, :]
+    allow = causal[None] & (is_v[:, None, :] | is_s.gather(1, dist.clamp(min=0).flatten()[None].expand(4, -1))
+                            .view(4, T, S))
+    assert allow.float().mean() < 0.5 * causal.float().mean()  # it is sparse
+    for h in range(4):  # DCA attention under head h's mask
+        ref = dca_attention(q[:, h : h + 1], k[:, h // G : h // G + 1], v[:, h // G : h // G + 1], allow[h][None, None],
+                            qp, kp, dc, inv, 0.25)
+        assert torch.allclose(out[:, h : h + 1], ref, atol=1e-5), h

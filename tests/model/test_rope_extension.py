@@ -43,8 +43,8 @@ def test_dca_below_the_chunk_is_standard_attention(tiny):
 
 class DenseDCA:
     """The definition, pair by pair: un-rotate q and k, then score each (i, j) at the relative
-    distance DCA assigns it (intra: i - j; previous chunk: min(i%c + c, s-1) - j%c; older:
-    s-1 - j%c)."""
+    distance DCA assigns it (intra: i - j; previous chunk: min(i%c + c, s) - j%c; older:
+    s - j%c)."""
 
     def __init__(self, pos: torch.Tensor, rotary, s: int, w: int, scale: float):
         self.pos, self.rotary, self.s, self.c, self.scale = pos, rotary, s, s - w, scale
@@ -55,8 +55,8 @@ class DenseDCA:
         back = self.rotary(-(p % c), q.dtype)
         q0, k0 = apply_rope(q, *back), apply_rope(k, *back)  # unrotated
         i, j = p[0][:, None], p[0][None, :]
-        qi = torch.where(i // c == j // c, i % c, torch.where(i // c - j // c == 1, (i % c + c).clamp(max=s - 1),
-                                                              torch.full_like(i, s - 1)))
+        qi = torch.where(i // c == j // c, i % c, torch.where(i // c - j // c == 1, (i % c + c).clamp(max=s),
+                                                              torch.full_like(i, s)))
         dist = qi - j % c  # (T, T)
         G = q.shape[1] // k.shape[1]
         k0 = k0.repeat_interleave(G, 1)
@@ -100,6 +100,19 @@ def test_dca_dense_attention_helper_agrees_with_sdpa_below_the_chunk():
     assert torch.allclose(out, attention(q, k, v, mask, 0.25), atol=1e-5)
     hot = dca_attention(q, k, v, mask, pos, pos, DualChunk(32, 4, logit_scale=1.5), inv, 0.25)  # YaRN temperature
     assert torch.allclose(hot, attention(q, k, v, mask, 0.25 * 1.5), atol=1e-5)
+
+
+def test_dca_defaults_are_chunkllamas(tiny):
+    """ChunkLlama's reference defaults: chunk 3/4 of the trained context, local window 1/16 of it
+    (SmolLM2, trained to 8,192: 6,144 and 512); the window is held below half a small chunk."""
+    from dataclasses import replace
+
+    from slimlm.model.rope_extension import DualChunk, DualChunkExtension
+
+    cfg = tiny.model.cfg  # trained to 256
+    assert DualChunkExtension(cfg).dual_chunk == DualChunk(192, 16)
+    assert DualChunkExtension(replace(cfg, max_position_embeddings=8192)).dual_chunk == DualChunk(6144, 512)
+    assert DualChunkExtension(cfg, chunk_size=20).dual_chunk == DualChunk(20, 10)
 
 
 def test_extensions_lift_the_context_check(tiny):

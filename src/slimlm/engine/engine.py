@@ -127,9 +127,10 @@ class LLMEngine:
         sparse = self.policy if self.policy is not None and self.policy.sparse_decode else None
         paths = AttentionPaths.choose(self.cache, cfg.head_dim, span, track, config.native_kernels and dca is None, sparse)
         sparse_pf = sparse_prefill.build(config.sparse_prefill, config.sparse_prefill_args)
-        if sparse_pf is not None and (self.policy is not None or dca is not None):
-            raise SlimLMError("sparse_prefill cannot be combined with a KV policy or rope_extension='dca'")
-        sparse_lib = sparse_prefill.native_library(sparse_pf, self.cache, cfg.head_dim, config.native_kernels)
+        if sparse_pf is not None and self.policy is not None:
+            raise SlimLMError("sparse_prefill cannot be combined with a KV policy")
+        sparse_lib = sparse_prefill.native_library(sparse_pf, self.cache, cfg.head_dim,
+                                                   config.native_kernels and dca is None)  # DCA: PyTorch path
         paths = replace(paths, dual_chunk=dca, sparse_prefill=sparse_pf, sparse_prefill_native=sparse_lib)
         self.runner = ModelRunner(self.model, self.cache, paths, self.hooks, self.rope_ext)
         self.runner.batch_invariant = config.batch_invariant

@@ -446,7 +446,8 @@ class PagedAttention:
             vs = cache.gather("v", layer, p.blocks).view(1, n * bs, hkv, d).transpose(1, 2)
             key_slots = self._key_slots(p.blocks, p.k_pos, 1)
         if sparse is not None:
-            dst = sparse.attend(qs, ks, vs, p.q_pos, p.k_pos, self.scale)[0].transpose(0, 1).to(out.dtype)
+            dca = (self.paths.dual_chunk, self.rotary.inv_freq) if self.paths.dual_chunk is not None else None
+            dst = sparse.attend(qs, ks, vs, p.q_pos, p.k_pos, self.scale, dca)[0].transpose(0, 1).to(out.dtype)
             if isinstance(rows, slice):
                 out[rows] = dst
             else:

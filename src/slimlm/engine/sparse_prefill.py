@@ -90,9 +90,14 @@ class VerticalSlash:
         return float((dense * (i + 1).sum() + (layers - dense) * capped.sum()) / (layers * (i + 1).sum()))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
-               scale: float) -> torch.Tensor:
+               scale: float, dca: tuple | None = None) -> torch.Tensor:
         """q (1, Hq, T, d) at positions q_pos (1, T) ascending; k, v (1, Hkv, S, d) with k_pos
-        (1, S) == arange(L) then -1 padding. Returns (1, Hq, T, d)."""
+        (1, S) == arange(L) then -1 padding. Returns (1, Hq, T, d).
+
+        ``dca`` = (DualChunk, inv_freq) composes the pattern with Dual Chunk Attention
+        (``model/rope_extension.py``): q and k carry DCA's ``mod c`` rotations and each pair is
+        scored with the query rotation its chunk distance selects, the probe's pairs included, so
+        the pattern is chosen from and applied to DCA's own attention (the full pattern == DCA)."""
         _, Hq, T, d = q.shape
         Hkv, S = k.shape[1], k.shape[2]
         G = Hq // Hkv
@@ -102,7 +107,14 @@ class VerticalSlash:
         vx = v[0].to(work).repeat_interleave(G, 0)
         kp, qp = k_pos[0], q_pos[0]
         valid = kp >= 0
-        _, _, is_v, is_s = self._pattern(qf, kx, qp, kp, valid, scale)
+        rot = None  # DCA: the three query rotations and the chunk length
+        if dca is not None:
+            from slimlm.model.rope_extension import dca_queries
+
+            dc, inv_freq = dca
+            rot = (*(x[0] for x in dca_queries(q, q_pos, dc, inv_freq)), dc.chunk_len)
+            scale = scale * dc.logit_scale
+        _, _, is_v, is_s = self._pattern(qf, kx, qp, kp, valid, scale, rot)
         on_s = torch.zeros(Hq, is_s.shape[1] + 1, dtype=torch.int32, device=q.device)
         on_s[:, 1:] = is_s.cumsum(1)  # on_s[:, x] = slash offsets below x
         out = torch.empty(Hq, T, d, dtype=work, device=q.device)
@@ -123,8 +135,11 @@ class VerticalSlash:
             cand = cand[:, :K]  # (Hq, K), -1 = no key
             col = cand.clamp(min=0)
             kc, vc = kx.gather(1, col[..., None].expand(Hq, K, d)), vx.gather(1, col[..., None].expand(Hq, K, d))
-            scores = (qf[:, a:e] @ kc.transpose(-1, -2)) * scale  # (Hq, B, K)
             dist = qp[a:e][None, :, None] - col[:, None, :]  # (Hq, B, K)
+            if rot is None:
+                scores = (qf[:, a:e] @ kc.transpose(-1, -2)) * scale  # (Hq, B, K)
+            else:
+                scores = _dca_scores(rot, a, e, qp[a:e][None, :, None], col[:, None, :], kc) * scale
             ok = (cand >= 0)[:, None] & (dist >= 0)
             on_slash = is_s.gather(1, dist.clamp(min=0, max=is_s.shape[1] - 1).flatten(1)).view_as(dist)
             ok &= is_v.gather(1, col)[:, None] | on_slash
@@ -164,17 +179,28 @@ class VerticalSlash:
         causal = Hq * ((q_start + 1 + n) * T // 2)  # sum of i + 1 over the chunk's positions
         self._count(int(stats[0]), causal, int(stats[1]))
 
-    def _pattern(self, qf, kx, qp, kp, valid, scale) -> tuple[torch.Tensor, ...]:
+    def _pattern(self, qf, kx, qp, kp, valid, scale, rot=None) -> tuple[torch.Tensor, ...]:
         """Per head: the vertical columns (Hq, nv) and slash offsets (Hq, ns) the probe attends
-        most, and the same as masks over columns (Hq, S) and offsets (Hq, last position + 1)."""
+        most, and the same as masks over columns (Hq, S) and offsets (Hq, last position + 1).
+        ``rot``: DCA's query rotations (``attend``), the probe's scores DCA's."""
         Hq, T, d = qf.shape
         Hkv, S = kx.shape[0], kx.shape[1]  # kx: one head per query head, or per KV head (GQA)
         m = min(self.probe, T)
         pq = qp[T - m :]  # (m,)
         dist = pq[:, None] - kp[None, :]  # (m, S)
         causal = (dist >= 0) & valid[None, :]
-        probe = (qf[:, T - m :] * scale).reshape(Hkv, Hq // Hkv * m, d)  # one plain matmul per KV head
-        att = (probe @ kx.transpose(-1, -2)).view(Hq, m, S).masked_fill_(~causal, float("-inf")).softmax(-1)
+
+        def logits(qx):  # one plain matmul per KV head
+            return ((qx[:, T - m :] * scale).reshape(Hkv, Hq // Hkv * m, d) @ kx.transpose(-1, -2)).view(Hq, m, S)
+
+        if rot is None:
+            att = logits(qf)
+        else:
+            from slimlm.model.rope_extension import dca_pick
+
+            c = rot[3]
+            att = dca_pick(pq[:, None] // c - kp[None, :].clamp(min=0) // c, *(logits(x) for x in rot[:3]))
+        att = att.masked_fill_(~causal, float("-inf")).softmax(-1)
         n_off = int(qp[-1]) + 1  # offsets 0 .. last position
         vert = att.sum(1).masked_fill(~valid, -1.0)  # (Hq, S)
         cols = vert.topk(min(self.vertical, S), -1).indices  # padding columns are masked later
@@ -186,6 +212,15 @@ class VerticalSlash:
         offs = slash.topk(min(self.slash, n_off), -1).indices
         is_s = torch.zeros(Hq, n_off, dtype=torch.bool, device=qf.device).scatter_(1, offs, True)
         return cols, offs, is_v, is_s
+
+
+def _dca_scores(rot: tuple, a: int, e: int, qpos: torch.Tensor, kpos: torch.Tensor, kc: torch.Tensor) -> torch.Tensor:
+    """Scores of query rows a:e (positions ``qpos`` (1, B, 1)) against gathered keys kc (Hq, K, d)
+    (positions ``kpos`` (Hq, 1, K)) under DCA: the rotation each pair's chunk distance selects."""
+    from slimlm.model.rope_extension import dca_pick
+
+    intra, succ, inter, c = rot
+    return dca_pick(qpos // c - kpos // c, *(x[:, a:e] @ kc.transpose(-1, -2) for x in (intra, succ, inter)))
 
 
 def native_library(pattern: VerticalSlash | None, cache, head_dim: int, native_kernels: bool):

@@ -15,13 +15,16 @@ trained range) and how positions reach the model:
   key j                   query rotated by            relative distance
   ======================  ==========================  ================================
   same chunk (intra)      ``i mod c``                 ``i - j`` (exact)
-  previous chunk (succ)   ``min(i mod c + c, s - 1)`` ``i - j`` while ``i mod c < w``,
-                                                      else capped below ``s = chunk_size``
-  older chunks (inter)    ``s - 1``                   ``s - 1 - (j mod c)`` in ``[w, s)``
+  previous chunk (succ)   ``min(i mod c + c, s)``     ``i - j`` while ``i mod c <= w``,
+                                                      else capped at ``s - (j mod c)``
+  older chunks (inter)    ``s``                       ``s - (j mod c)`` in ``(w, s]``
   ======================  ==========================  ================================
 
-  so no relative distance reaches ``chunk_size`` (< the trained context). Below ``c`` tokens
-  every key is intra and DCA *is* standard attention (tested exactly).
+  so no relative distance exceeds ``s = chunk_size`` (< the trained context). Below ``c`` tokens
+  every key is intra and DCA *is* standard attention (tested exactly). The defaults and the
+  mapping are those of the paper's reference code (ChunkLlama): ``s`` = 3/4 of the trained
+  context, ``w`` = 1/16 of it (6,144 and 512 for SmolLM2's 8,192: chunks of 5,632 tokens), the
+  successive-chunk query clamped at ``s`` and the inter-chunk query at ``s``.
 
 The engine keeps storage index == position for these (no token policy compacts), rotates keys
 by :meth:`RopeExtension.rope_positions` and, for DCA, attends through :func:`dca_attention`.
@@ -112,7 +115,7 @@ class DynamicExtension(RopeExtension):
 @dataclass(frozen=True)
 class DualChunk:
     chunk_size: int
-    """s: the largest relative distance + 1 DCA ever shows the model (< the trained context)."""
+    """s: the largest relative distance DCA ever shows the model (< the trained context)."""
     local_window: int
     """w: queries this close to their chunk's start see the previous chunk at exact distances."""
     logit_scale: float = 1.0
@@ -132,7 +135,7 @@ class DualChunkExtension(RopeExtension):
     chunk_size: int | None = None
     """s; None = 3/4 of the trained context (ChunkLlama's choice)."""
     local_window: int | None = None
-    """w; None = s / 16."""
+    """w; None = 1/16 of the trained context (ChunkLlama's default), at most s / 2."""
     logit_scale: float = 1.0
     """Multiplies attention logits (YaRN's temperature: (0.1 ln(L / trained) + 1)^2 for length L;
     1 = off, and DCA below its chunk is then standard attention exactly)."""
@@ -142,7 +145,7 @@ class DualChunkExtension(RopeExtension):
         s = int(self.chunk_size) if self.chunk_size is not None else self.trained * 3 // 4
         if s >= self.trained:
             raise SlimLMError(f"dca chunk_size {s} must be below the trained context ({self.trained})")
-        w = int(self.local_window) if self.local_window is not None else s // 16
+        w = int(self.local_window) if self.local_window is not None else min(self.trained // 16, s // 2)
         if s < 2 or not 0 <= w < s:
             raise SlimLMError(f"dca needs chunk_size >= 2 and 0 <= local_window < chunk_size; got {s}, {w}")
         self.chunk_size, self.local_window = s, w
@@ -158,6 +161,26 @@ class DualChunkExtension(RopeExtension):
         return positions % self.dual_chunk.chunk_len
 
 
+def dca_queries(q: torch.Tensor, q_pos: torch.Tensor, dc: DualChunk,
+                inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The three rotations of queries q (..., T, d) at true positions q_pos (..., T), q already
+    rotated by ``i mod c``: (intra, successive-chunk, inter-chunk), in float32 for half inputs."""
+    c, s = dc.chunk_len, dc.chunk_size
+    work = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
+    qf = q.to(work)
+    qi = q_pos % c  # the rotation q already carries
+    cs, ss = rotation(inv_freq, (qi + c).clamp(max=s) - qi, work)
+    ci, si = rotation(inv_freq, s - qi, work)
+    return qf, apply_rope(qf, cs, ss), apply_rope(qf, ci, si)
+
+
+def dca_pick(chunk_distance: torch.Tensor, intra: torch.Tensor, succ: torch.Tensor,
+             inter: torch.Tensor) -> torch.Tensor:
+    """Per query-key pair, the score of the rotation DCA assigns it by the chunk distance
+    (query chunk - key chunk: 0 intra, 1 successive, more inter)."""
+    return torch.where(chunk_distance == 0, intra, torch.where(chunk_distance == 1, succ, inter))
+
+
 def dca_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, q_pos: torch.Tensor,
                   k_pos: torch.Tensor, dc: DualChunk, inv_freq: torch.Tensor, scale: float) -> torch.Tensor:
     """Dual chunk attention over keys rotated by ``j mod c``, queries rotated by ``i mod c``.
@@ -169,17 +192,13 @@ def dca_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     exactly through their log-sum-exps: DCA costs what dense attention costs. Decode groups
     (B > 1) score pair by pair. Returns (B, Hq, T, d).
     """
-    c, s = dc.chunk_len, dc.chunk_size
+    c = dc.chunk_len
     B, Hq, T, d = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
     work = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
-    qf, kf, vf = q.to(work), k.to(work), v.to(work)
-    qi = q_pos % c  # the rotation q already carries
-    cs, ss = rotation(inv_freq, (qi + c).clamp(max=s - 1) - qi, work)
-    q_succ = apply_rope(qf, cs, ss)
-    ci, si = rotation(inv_freq, (s - 1) - qi, work)
-    q_inter = apply_rope(qf, ci, si)
+    kf, vf = k.to(work), v.to(work)
+    qf, q_succ, q_inter = dca_queries(q, q_pos, dc, inv_freq)
 
     def scores_of(qx: torch.Tensor, kx: torch.Tensor) -> torch.Tensor:  # grouped heads, no repeat of k
         return (qx.reshape(B, Hkv, G * T, d) @ kx.transpose(-1, -2)).view(B, Hkv, G, T, -1)
@@ -203,8 +222,7 @@ def dca_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
         return _merge(outs).view(B, Hq, T, d).to(q.dtype)
     # decode groups: per pair
     dist = (qc[:, :, None] - kc[:, None, :])[:, None, None]  # (B, 1, 1, T, S) chunk distance
-    scores = torch.where(dist == 0, scores_of(qf, kf), torch.where(dist == 1, scores_of(q_succ, kf),
-                                                                    scores_of(q_inter, kf)))
+    scores = dca_pick(dist, scores_of(qf, kf), scores_of(q_succ, kf), scores_of(q_inter, kf))
     scores = (scores * scale).masked_fill(~mask[:, :, None], float("-inf"))
     out = scores.softmax(-1).view(B, Hkv, G * T, -1) @ vf  # (B, Hkv, G*T, d)
     return out.view(B, Hq, T, d).to(q.dtype)
