@@ -26,6 +26,8 @@ lm = load("smollm2-135m-instruct")
 engines = {"plain": LLM(lm, enable_prefix_caching=False, kv_cache_bytes="1G"),
            "lazyllm": LLM(lm, hooks=["lazyllm"], hook_args={"lazyllm": hook_args}, kv_cache_bytes="1G")}
 params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+# a prompt of the model's whole context leaves no room for the token it times: one fewer
+lengths = [min(n, lm.model.cfg.max_position_embeddings - 1) for n in lengths]
 prompts = lengths_prompts(lm.tokenizer, lengths)
 for llm in engines.values():  # warm-up
     llm.generate([prompts[0][:64]], params, use_tqdm=False)
