@@ -295,16 +295,11 @@ class NativeDecodeLayers:
             slots: torch.Tensor, table: torch.Tensor, lens: torch.Tensor) -> None:
         """h (M, D) float32 through layers [first, last), in place; cos / sin (M, head_dim); slots,
         lens (M,) and table (M, max_blocks) int64 (checked against the pool in C)."""
-        M, D = h.shape
-        d = self.dims[3]
-        if h.dtype != torch.float32 or not h.is_contiguous() or D != self.dims[0]:
-            raise ValueError("native decode layers: h must be contiguous float32 (rows, hidden)")
-        for t, shape in ((cos, (M, d)), (sin, (M, d))):
-            if t.dtype != torch.float32 or not t.is_contiguous() or tuple(t.shape) != shape:
-                raise ValueError("native decode layers: cos / sin must be contiguous float32 (rows, head_dim)")
-        for t in (slots, table, lens):
+        self._check(h, cos, sin, slots)
+        M = h.shape[0]
+        for t in (table, lens):
             if t.dtype != torch.int64 or not t.is_contiguous() or t.shape[0] != M:
-                raise ValueError("native decode layers: slots, table and lens must be contiguous int64, one row each")
+                raise ValueError("native decode layers: table and lens must be contiguous int64, one row each")
         if not 0 <= first <= last <= self.num_layers:
             raise ValueError(f"native decode layers: layers [{first}, {last}) outside [0, {self.num_layers})")
         self._set_mode()
@@ -312,10 +307,7 @@ class NativeDecodeLayers:
         rc = self.lib.slimlm_decode_layers(h.data_ptr(), M, first, last, self.dims, self.ptrs, self.desc,
                                            cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), table.data_ptr(),
                                            lens.data_ptr(), self.eps, self.scale, torch.get_num_threads())
-        if rc == 4:
-            raise ValueError("native decode layers: a slot, block id or length lies outside the KV pool")
-        if rc:
-            raise RuntimeError(f"decode_layer kernel failed (code {rc})")
+        self._raise(rc)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, attn, rotary, capture: set[int],
                 logit_rows: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
