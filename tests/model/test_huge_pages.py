@@ -15,11 +15,6 @@ from slimlm.model.quant import huge_pages
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
 
 
-def _anon_huge_kb() -> int:
-    with open("/proc/self/smaps_rollup") as f:
-        return next((int(x.split()[1]) for x in f if x.startswith("AnonHugePages")), 0)
-
-
 def test_storages_move_with_views_ties_and_values(monkeypatch):
     monkeypatch.delenv(huge_pages.ENV, raising=False)
     m = nn.Module()
@@ -30,7 +25,6 @@ def test_storages_move_with_views_ties_and_values(monkeypatch):
     m.c.view = nn.Parameter(m.c.weight[10:20], requires_grad=False)  # a view of c's storage (as fused q/k/v)
     m.register_buffer("q", torch.randint(0, 255, (3001,), dtype=torch.uint8))
     before = {k: v.clone() for k, v in m.state_dict(keep_vars=False).items()}
-    huge_before = _anon_huge_kb()
     moved = huge_pages.to_huge_pages(m, [m.a.weight, m.c.weight, m.q])
     assert moved >= 2 * 2 ** 20 + 768 * 1000 * 2 + 3001
     for k, v in m.state_dict().items():
@@ -42,7 +36,6 @@ def test_storages_move_with_views_ties_and_values(monkeypatch):
     assert isinstance(m.a.weight, nn.Parameter) and m.a.weight.requires_grad
     m.a.weight.data.mul_(2)  # writable
     assert torch.equal(m.a.weight, 2 * before["a.weight"])
-    assert _anon_huge_kb() >= huge_before  # where THP is on, the arena's pages are huge (not asserted: a kernel setting)
     assert huge_pages.to_huge_pages(m, [m.a.weight]) == 0  # already moved
 
 
