@@ -23,6 +23,15 @@ if base_ref:
 dtype, rounds = args[0], int(args[1]) if len(args) > 1 else 5
 
 
+
+def report(res: dict, base_key: str, base_name: str) -> None:
+    """Median ms per step of each configuration and its speed-up over ``base_key``."""
+    base = statistics.median(res[base_key])
+    for k, v in res.items():
+        m = statistics.median(v)
+        print(f"{dtype} threads={torch.get_num_threads()} {k}: {m:.1f} ms/step {[round(x, 1) for x in v]}; "
+              f"speed-up vs {base_name} {base / m:.2f}x")
+
 def run(eng, n=32):
     eng.add_request(list(range(100, 164)), SamplingParams(temperature=0, max_tokens=n + 4, ignore_eos=True))
     for _ in range(4): eng.step()
@@ -61,11 +70,7 @@ if "--pages" in sys.argv:
     for r in range(rounds):
         for k, e in engs.items():
             res[k].append(run(e))
-    base = statistics.median(res["4K pages (SLIMLM_HUGE_PAGES=0)"])
-    for k, v in res.items():
-        m = statistics.median(v)
-        print(f"{dtype} threads={torch.get_num_threads()} {k}: {m:.1f} ms/step {[round(x, 1) for x in v]}; "
-              f"speed-up vs 4K pages {base / m:.2f}x")
+    report(res, "4K pages (SLIMLM_HUGE_PAGES=0)", "4K pages")
     sys.exit()
 
 if base_ref:
@@ -106,8 +111,4 @@ for r in range(rounds):
         if head is not None:
             eng.runner.head = head
         res[k].append(run(eng))
-base = statistics.median(res["layer path"])
-for k, v in res.items():
-    m = statistics.median(v)
-    print(f"{dtype} threads={torch.get_num_threads()} {k}: {m:.1f} ms/step {[round(x, 1) for x in v]}; "
-          f"speed-up vs layer path {base / m:.2f}x")
+report(res, "layer path", "layer path")
