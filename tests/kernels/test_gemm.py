@@ -109,8 +109,11 @@ class _Tiny(nn.Module):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_install_keeps_modules_plain_and_can_be_undone(dtype):
+def test_install_keeps_modules_plain_and_can_be_undone(dtype, monkeypatch):
     model = _Tiny(dtype)
+    monkeypatch.delenv(gemm.ENV, raising=False)
+    assert gemm.install(model, True) == 0  # opt-in: SLIMLM_GEMM=1
+    monkeypatch.setenv(gemm.ENV, "1")
     o = model.model.layers[0].self_attn.o_proj
     x = torch.randn(20, 24, dtype=dtype)
     before = o(x)

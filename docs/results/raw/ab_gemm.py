@@ -3,7 +3,7 @@ PyTorch's F.linear, at SmolLM2-135M's projection shapes (m = rows, k = in, n = o
 bfloat16, each thread count; rounds alternate the two, medians of GFLOPS. For float32 also oneDNN's
 prepacked linear (torch.ops.mkldnn._linear_pointwise on a reordered weight), where it runs.
 
-  python docs/results/raw/ab_gemm.py [rounds] [threads ...] [--cpu] [--shapes]   (default: 5 rounds, 1 and 2 threads)
+  python docs/results/raw/ab_gemm.py [rounds] [threads ...] [--cpu] [--shapes | --dense]   (default: 5 rounds, 1 and 2 threads)
 
 On a loaded machine the ratios are what to read."""
 import statistics, sys, time
@@ -45,6 +45,8 @@ def mkldnn_fn(x, w):
 
 if "--shapes" in sys.argv:  # the four prefill shapes only
     SHAPES = SHAPES[:4]
+if "--dense" in sys.argv:  # decode-step row counts: against kernels/dense_linear.c
+    SHAPES = [(mm, 576, n) for mm in (16, 32, 64) for n in (960, 3072)] + [(64, 1536, 576)]
 for nt in threads:
     torch.set_num_threads(nt)
     for dt in (torch.float32, torch.bfloat16):
@@ -57,7 +59,14 @@ for nt in threads:
             flops = 2.0 * m * k * n
             reps = max(1, int(2e9 / flops / nt))
             fns = {"torch": lambda: F.linear(x, w), "native": lambda: gemm.linear(x, w)}
-            if dt == torch.float32:
+            if "--dense" in sys.argv and m <= 64:  # the native decode layers' GEMV (kernels/dense_linear.c)
+                from slimlm import kernels
+                lib = kernels.load("decode_layer")
+                kind = 0 if dt == torch.float32 else 2 if lib.slimlm_dense_has_dpbf16() else 1
+                xf, yf = x.float().contiguous(), torch.empty(m, n)
+                fns["dense_linear"] = lambda: lib.slimlm_dense_linear(xf.data_ptr(), w.data_ptr(), kind, yf.data_ptr(),
+                                                                      m, n, k, nt)
+            if dt == torch.float32 and "--dense" not in sys.argv:
                 f = mkldnn_fn(x, w)
                 if f is not None:
                     fns["onednn-packed"] = f

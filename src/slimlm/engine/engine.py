@@ -73,7 +73,7 @@ class LLMEngine:
         lm = serve_weights(lm, config.weights, config.weights_group_size)  # int8 / int4 of a loaded model
         if fuse_projections(lm.model):  # q/k/v and gate/up as one matmul each (model/fuse.py)
             release_freed_heap()  # the separate projections' storage
-        gemm.install(lm.model, config.native_kernels,  # dense linears of the layer-by-layer path (kernels/gemm.py)
+        gemm.install(lm.model, config.native_kernels,  # SLIMLM_GEMM=1: the layer path's dense linears (kernels/gemm.py)
                      min_rows=1 if config.batch_invariant else gemm.MIN_ROWS)
         self.lm, self.model, self.tokenizer = lm, lm.model, lm.tokenizer
         self.stop_token_ids = lm.stop_token_ids()

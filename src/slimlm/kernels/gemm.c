@@ -29,6 +29,9 @@
 
 #define G_L 16   /* lanes: rows of A per group */
 #define G_NR 12  /* output channels per micro-tile */
+#define G_NZ 4   /* row groups per micro-tile, at most */
+#define GEMM_KC 256  /* packed words (fp32: k values, bf16: k pairs) per k block */
+#define GEMM_MC 384  /* rows of A per task, at most */
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define GEMM_F32 1
@@ -53,7 +56,7 @@ static inline int64_t gemm_ksteps(int dtype, int64_t K) { return dtype == 0 ? K 
 
 /* bytes of scratch the call needs (packed A, zero-padded to whole 32-row tiles) */
 int64_t slimlm_gemm_scratch_bytes(int dtype, int64_t M, int64_t K) {
-    const int64_t groups = (M + 2 * G_L - 1) / (2 * G_L) * 2;
+    const int64_t groups = (M + G_NZ * G_L - 1) / (G_NZ * G_L) * G_NZ;
     return groups * gemm_ksteps(dtype, K) * G_L * 4 + 64;
 }
 
@@ -85,11 +88,11 @@ static void pack_group(const void *a, int dtype, int64_t lda, int64_t M, int64_t
     }
 }
 
-/* C tile (nr channels x mr rows, acc[z][j] lanes = rows 16z + l of channel j) -> C rows, + bias */
-static void store_tile(const __m512 acc[2][G_NR], int nz, int dtype, void *c, int64_t ldc, int64_t m0, int mr,
+/* C tile (nr channels x mr rows; acc[z][j] lanes = rows 16z + l of channel j) -> C rows, + bias */
+static void store_tile(const __m512 acc[G_NZ][G_NR], int nz, int dtype, void *c, int64_t ldc, int64_t m0, int mr,
                        int64_t n0, int nr, const void *bias) {
-    float t[G_NR][2 * G_L];
-    for (int j = 0; j < G_NR; j++)
+    float t[G_NR][G_NZ * G_L];
+    for (int j = 0; j < nr; j++)
         for (int z = 0; z < nz; z++) _mm512_storeu_ps(&t[j][z * G_L], acc[z][j]);
     float bv[G_NR];
     for (int j = 0; j < nr; j++)
@@ -107,73 +110,77 @@ static void store_tile(const __m512 acc[2][G_NR], int nz, int dtype, void *c, in
     }
 }
 
-/* The micro-kernels: NZ (1 or 2) groups of 16 rows x 12 channels. w: the tile's first W row; rows
- * past N repeat the last one (computed, not stored). One accumulator per element, k in order. */
-#define UKERNEL_F32(NZ)                                                                                      \
-    static void uk_f32_##NZ(const float *ap, int64_t gstride, const float *w, int64_t K, int nr,            \
-                            __m512 acc[2][G_NR]) {                                                           \
-        const float *r[G_NR];                                                                                \
-        for (int j = 0; j < G_NR; j++) r[j] = w + (j < nr ? j : nr - 1) * K;                                 \
-        __m512 c0[G_NR], c1[G_NR];                                                                           \
-        for (int j = 0; j < G_NR; j++) c0[j] = c1[j] = _mm512_setzero_ps();                                  \
-        const float *a1 = ap + gstride;                                                                      \
-        for (int64_t k = 0; k < K; k++) {                                                                    \
-            const __m512 x0 = _mm512_loadu_ps(ap + k * G_L);                                                 \
-            const __m512 x1 = NZ == 2 ? _mm512_loadu_ps(a1 + k * G_L) : x0;                                  \
-            for (int j = 0; j < G_NR; j++) {                                                                 \
+/* The micro-kernels: NZ groups of 16 rows x NR channels (NZ x NR = 24 accumulators, or 12 for few
+ * rows) over one block of `kw` packed words (fp32: k values; bf16: k pairs) starting at word `k0`.
+ * ap: the tile's packed A at word 0 (group stride gstride); w: the tile's first W row (row stride K
+ * elements); rows past N repeat the last one (computed, not stored). acc: in / out (zero before the
+ * first block). One accumulator per element, k in order, whatever NZ x NR and the blocking: the sums
+ * are the same. Per step: NZ vector loads, NR broadcasts, NZ x NR FMAs / dot products; fewer
+ * broadcasts per FMA (NZ 4 x NR 6) keep the FMA pipes busier (broadcasts take issue slots). */
+#define UK_F32(NZ, NR)                                                                                       \
+    static void uk_f32_##NZ##x##NR(const float *ap, int64_t gstride, const float *w, int64_t K, int64_t k0, \
+                                   int64_t kw, int nr, __m512 acc[G_NZ][G_NR]) {                             \
+        const float *r[NR];                                                                                  \
+        for (int j = 0; j < NR; j++) r[j] = w + (j < nr ? j : nr - 1) * K + k0;                              \
+        __m512 cc[NZ][NR];                                                                                   \
+        for (int z = 0; z < NZ; z++)                                                                         \
+            for (int j = 0; j < NR; j++) cc[z][j] = acc[z][j];                                               \
+        const float *a0 = ap + k0 * G_L;                                                                     \
+        for (int64_t k = 0; k < kw; k++) {                                                                   \
+            __m512 x[NZ];                                                                                    \
+            for (int z = 0; z < NZ; z++) x[z] = _mm512_loadu_ps(a0 + z * gstride + k * G_L);                 \
+            for (int j = 0; j < NR; j++) {                                                                   \
                 const __m512 b = _mm512_set1_ps(r[j][k]);                                                    \
-                c0[j] = _mm512_fmadd_ps(x0, b, c0[j]);                                                       \
-                if (NZ == 2) c1[j] = _mm512_fmadd_ps(x1, b, c1[j]);                                          \
+                for (int z = 0; z < NZ; z++) cc[z][j] = _mm512_fmadd_ps(x[z], b, cc[z][j]);                  \
             }                                                                                                \
         }                                                                                                    \
-        for (int j = 0; j < G_NR; j++) {                                                                     \
-            acc[0][j] = c0[j];                                                                               \
-            acc[1][j] = c1[j];                                                                               \
-        }                                                                                                    \
+        for (int z = 0; z < NZ; z++)                                                                         \
+            for (int j = 0; j < NR; j++) acc[z][j] = cc[z][j];                                               \
     }
-UKERNEL_F32(1)
-UKERNEL_F32(2)
-#undef UKERNEL_F32
+UK_F32(1, 12)
+UK_F32(2, 12)
+UK_F32(4, 6)
+#undef UK_F32
 #endif
 
 #ifdef GEMM_BF16
-#define UKERNEL_BF16(NZ)                                                                                     \
-    static void uk_bf16_##NZ(const uint32_t *ap, int64_t gstride, const uint16_t *w, int64_t K, int nr,     \
-                             __m512 acc[2][G_NR]) {                                                          \
-        const uint16_t *r[G_NR];                                                                             \
-        for (int j = 0; j < G_NR; j++) r[j] = w + (j < nr ? j : nr - 1) * K;                                 \
-        __m512 c0[G_NR], c1[G_NR];                                                                           \
-        for (int j = 0; j < G_NR; j++) c0[j] = c1[j] = _mm512_setzero_ps();                                  \
-        const uint32_t *a1 = ap + gstride;                                                                   \
-        const int64_t kp = K / 2;                                                                            \
-        for (int64_t s = 0; s < kp; s++) {                                                                   \
-            const __m512bh x0 = (__m512bh)_mm512_loadu_si512(ap + s * G_L);                                  \
-            const __m512bh x1 = NZ == 2 ? (__m512bh)_mm512_loadu_si512(a1 + s * G_L) : x0;                   \
-            for (int j = 0; j < G_NR; j++) {                                                                 \
+/* bf16: word s of a W row is the pair (W[n][2s], W[n][2s+1]); for odd K the last word (s = K/2)
+ * is (W[n][K-1], 0), never read past the row. */
+#define UK_BF16(NZ, NR)                                                                                      \
+    static void uk_bf16_##NZ##x##NR(const uint32_t *ap, int64_t gstride, const uint16_t *w, int64_t K,      \
+                                    int64_t k0, int64_t kw, int nr, __m512 acc[G_NZ][G_NR]) {                \
+        const uint16_t *r[NR];                                                                               \
+        for (int j = 0; j < NR; j++) r[j] = w + (j < nr ? j : nr - 1) * K + 2 * k0;                          \
+        __m512 cc[NZ][NR];                                                                                   \
+        for (int z = 0; z < NZ; z++)                                                                         \
+            for (int j = 0; j < NR; j++) cc[z][j] = acc[z][j];                                               \
+        const uint32_t *a0 = ap + k0 * G_L;                                                                  \
+        const int64_t full = k0 + kw <= K / 2 ? kw : K / 2 - k0; /* whole pairs in this block */              \
+        for (int64_t s = 0; s < full; s++) {                                                                 \
+            __m512bh x[NZ];                                                                                  \
+            for (int z = 0; z < NZ; z++) x[z] = (__m512bh)_mm512_loadu_si512(a0 + z * gstride + s * G_L);    \
+            for (int j = 0; j < NR; j++) {                                                                   \
                 uint32_t word;                                                                               \
                 memcpy(&word, r[j] + 2 * s, 4);                                                              \
                 const __m512bh b = (__m512bh)_mm512_set1_epi32((int)word);                                   \
-                c0[j] = _mm512_dpbf16_ps(c0[j], x0, b);                                                      \
-                if (NZ == 2) c1[j] = _mm512_dpbf16_ps(c1[j], x1, b);                                         \
+                for (int z = 0; z < NZ; z++) cc[z][j] = _mm512_dpbf16_ps(cc[z][j], x[z], b);                 \
             }                                                                                                \
         }                                                                                                    \
-        if (K & 1) { /* the last pair: (W[n][K-1], 0), never reading past the row */                         \
-            const __m512bh x0 = (__m512bh)_mm512_loadu_si512(ap + kp * G_L);                                 \
-            const __m512bh x1 = NZ == 2 ? (__m512bh)_mm512_loadu_si512(a1 + kp * G_L) : x0;                  \
-            for (int j = 0; j < G_NR; j++) {                                                                 \
-                const __m512bh b = (__m512bh)_mm512_set1_epi32((int)(uint32_t)r[j][K - 1]);                  \
-                c0[j] = _mm512_dpbf16_ps(c0[j], x0, b);                                                      \
-                if (NZ == 2) c1[j] = _mm512_dpbf16_ps(c1[j], x1, b);                                         \
+        if (full < kw) { /* odd K, the last word */                                                          \
+            __m512bh x[NZ];                                                                                  \
+            for (int z = 0; z < NZ; z++) x[z] = (__m512bh)_mm512_loadu_si512(a0 + z * gstride + full * G_L); \
+            for (int j = 0; j < NR; j++) {                                                                   \
+                const __m512bh b = (__m512bh)_mm512_set1_epi32((int)(uint32_t)r[j][2 * full]);               \
+                for (int z = 0; z < NZ; z++) cc[z][j] = _mm512_dpbf16_ps(cc[z][j], x[z], b);                 \
             }                                                                                                \
         }                                                                                                    \
-        for (int j = 0; j < G_NR; j++) {                                                                     \
-            acc[0][j] = c0[j];                                                                               \
-            acc[1][j] = c1[j];                                                                               \
-        }                                                                                                    \
+        for (int z = 0; z < NZ; z++)                                                                         \
+            for (int j = 0; j < NR; j++) acc[z][j] = cc[z][j];                                               \
     }
-UKERNEL_BF16(1)
-UKERNEL_BF16(2)
-#undef UKERNEL_BF16
+UK_BF16(1, 12)
+UK_BF16(2, 12)
+UK_BF16(4, 6)
+#undef UK_BF16
 #endif
 
 int slimlm_gemm(const void *a, int64_t lda, const void *w, const void *bias, void *c, int64_t ldc, int dtype,
@@ -187,14 +194,16 @@ int slimlm_gemm(const void *a, int64_t lda, const void *w, const void *bias, voi
     if (scratch_bytes < slimlm_gemm_scratch_bytes(dtype, M, K)) return 2;
     uint32_t *ap = (uint32_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
     const int64_t ks = gemm_ksteps(dtype, K), gstride = ks * G_L;
-    const int64_t ngroups = (M + 2 * G_L - 1) / (2 * G_L) * 2;  /* whole 32-row tiles */
-    const int nz = M <= G_L ? 1 : 2;                             /* 16-row tiles for few rows */
+    /* micro-tile: 64 x 6 from 64 rows on, 32 x 12 from 17, else 16 x 12 */
+    const int nz = M >= 4 * G_L ? 4 : M > G_L ? 2 : 1, ntw = nz == 4 ? 6 : G_NR;
     const int64_t mt = nz * G_L;                                 /* rows per micro-tile */
-    /* rows per task block: packed A of the block within ~384 KB (L2), whole micro-tiles */
-    int64_t mc = (384 * 1024) / (ks * 4 * G_L) * G_L;
-    mc = mc / mt * mt;
-    if (mc < mt) mc = mt;
-    const int64_t nmb = (M + mc - 1) / mc, ntiles = (N + G_NR - 1) / G_NR;
+    const int64_t ngroups = (M + mt - 1) / mt * nz;              /* whole micro-tiles, zero-padded */
+    /* rows per task block (whole micro-tiles, at most GEMM_MC); k in blocks of GEMM_KC words: a block of
+     * the tile's 12 W rows (12 KB) stays in L1 while every micro-tile of the task's rows passes,
+     * the rows' packed A block (<= GEMM_MC x GEMM_KC words, 384 KB) in L2 */
+    int64_t mc = (M + mt - 1) / mt * mt;
+    if (mc > GEMM_MC) mc = GEMM_MC;
+    const int64_t nmb = (M + mc - 1) / mc, ntiles = (N + ntw - 1) / ntw;
     /* channel ranges: enough tasks for the threads to share (~4 per thread), whole tiles, and where
      * it can be a task count that the threads split evenly */
     int64_t nnb = (4 * (int64_t)nthreads + nmb - 1) / nmb;
@@ -209,30 +218,45 @@ int slimlm_gemm(const void *a, int64_t lda, const void *w, const void *bias, voi
     {
 #pragma omp for schedule(static)
         for (int64_t g = 0; g < ngroups; g++) pack_group(a, dtype, lda, M, K, g, ap + g * gstride);
+        __m512 acc[G_NZ][G_NR];
+        __m512 part[GEMM_MC / G_L][G_NR]; /* the task's accumulators between k blocks: (row group, channel) */
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < nmb * nnb; t++) {
             const int64_t mb = t / nnb, nb = t % nnb;
             const int64_t m_lo = mb * mc, m_hi = m_lo + mc < M ? m_lo + mc : M;
             const int64_t t_lo = nb * tiles_per, t_hi = t_lo + tiles_per < ntiles ? t_lo + tiles_per : ntiles;
-            __m512 acc[2][G_NR];
             for (int64_t tn = t_lo; tn < t_hi; tn++) {
-                const int64_t n0 = tn * G_NR;
-                const int nr = (int)(N - n0 < G_NR ? N - n0 : G_NR);
-                for (int64_t m0 = m_lo; m0 < m_hi; m0 += mt) {
-                    const int mr = (int)(m_hi - m0 < mt ? m_hi - m0 : mt);
-                    const uint32_t *apt = ap + (m0 / G_L) * gstride;
-                    if (dtype == 0) {
-                        const float *wt = (const float *)w + n0 * K;
-                        if (nz == 2) uk_f32_2((const float *)apt, gstride, wt, K, nr, acc);
-                        else uk_f32_1((const float *)apt, gstride, wt, K, nr, acc);
-                    } else {
+                const int64_t n0 = tn * ntw;
+                const int nr = (int)(N - n0 < ntw ? N - n0 : ntw);
+                for (int64_t k0 = 0; k0 < ks; k0 += GEMM_KC) {
+                    const int64_t kw = ks - k0 < GEMM_KC ? ks - k0 : GEMM_KC;
+                    const int last = k0 + kw == ks;
+                    for (int64_t m0 = m_lo; m0 < m_hi; m0 += mt) {
+                        const int mr = (int)(m_hi - m0 < mt ? m_hi - m0 : mt);
+                        const int64_t pg = (m0 - m_lo) / G_L; /* the tile's first row group in `part` */
+                        for (int z = 0; z < nz; z++)
+                            for (int j = 0; j < ntw; j++) acc[z][j] = k0 ? part[pg + z][j] : _mm512_setzero_ps();
+                        const uint32_t *apt = ap + (m0 / G_L) * gstride;
+                        if (dtype == 0) {
+                            const float *wt = (const float *)w + n0 * K, *at = (const float *)apt;
+                            if (nz == 4) uk_f32_4x6(at, gstride, wt, K, k0, kw, nr, acc);
+                            else if (nz == 2) uk_f32_2x12(at, gstride, wt, K, k0, kw, nr, acc);
+                            else uk_f32_1x12(at, gstride, wt, K, k0, kw, nr, acc);
+                        } else {
 #ifdef GEMM_BF16
-                        const uint16_t *wt = (const uint16_t *)w + n0 * K;
-                        if (nz == 2) uk_bf16_2(apt, gstride, wt, K, nr, acc);
-                        else uk_bf16_1(apt, gstride, wt, K, nr, acc);
+                            const uint16_t *wt = (const uint16_t *)w + n0 * K;
+                            if (nz == 4) uk_bf16_4x6(apt, gstride, wt, K, k0, kw, nr, acc);
+                            else if (nz == 2) uk_bf16_2x12(apt, gstride, wt, K, k0, kw, nr, acc);
+                            else uk_bf16_1x12(apt, gstride, wt, K, k0, kw, nr, acc);
 #endif
+                        }
+                        if (last) {
+                            store_tile((const __m512(*)[G_NR])acc, nz, dtype, c, ldc, m0, mr, n0, nr, bias);
+                        } else {
+                            for (int z = 0; z < nz; z++)
+                                for (int j = 0; j < ntw; j++) part[pg + z][j] = acc[z][j];
+                        }
                     }
-                    store_tile((const __m512(*)[G_NR])acc, nz, dtype, c, ldc, m0, mr, n0, nr, bias);
                 }
             }
         }

@@ -1,28 +1,30 @@
-"""Dense float32 / bfloat16 linear layers for many rows by the native GEMM (``kernels/gemm.c``).
+"""Dense float32 / bfloat16 linear layers for many rows by a native GEMM (``kernels/gemm.c``).
+Opt-in (``SLIMLM_GEMM=1``): on the 2-core Zen 4 machine it does not beat PyTorch's GEMMs by the
+1.15x the issue asked for (docs/benchmarks.md, "session 10, this machine"), so the engine does not
+use it by default.
 
-:func:`linear` is ``F.linear`` for a 2-D-or-more float32 or bfloat16 input on the CPU, computed by
-the AVX-512 (fp32) / AVX512-BF16 (bf16) kernel; None when it does not apply (the caller then uses
-PyTorch). The weights are read in place (no packed copy); the activations are repacked per call
-into a per-thread scratch buffer kept between calls (no page faults per call).
+:func:`linear` is ``F.linear`` for a float32 or bfloat16 input on the CPU, computed by the AVX-512
+(fp32) / AVX512-BF16 (bf16) kernel; None when it does not apply (the caller then uses PyTorch). The
+weights are read in place (no packed copy); the activations are repacked per call into a per-thread
+scratch buffer kept between calls (no page faults per call).
 
-:func:`install` is what the engine calls at start-up (after ``model/fuse.py``): every dense
-``nn.Linear`` of the decoder layers (the fused q/k/v and gate/up included) gets an instance
-``forward`` that takes the kernel for calls of at least ``min_rows`` rows and ``F.linear``
-otherwise. The modules stay ``nn.Linear`` (``type(m) is nn.Linear`` checks elsewhere still hold;
-``state_dict`` is unchanged); ``install(model, False)`` removes the forwards again. It applies to
-the layer-by-layer path (prefill chunks, mixed steps, decode steps the native decode layers do not
-take); all-decode steps of up to 64 rows run ``kernels/decode_layer.c`` as before.
+:func:`install` is what the engine calls at start-up (after ``model/fuse.py``): with
+``SLIMLM_GEMM=1`` every dense ``nn.Linear`` of the decoder layers (the fused q/k/v and gate/up
+included) gets an instance ``forward`` that takes the kernel for calls of at least ``min_rows`` rows
+and ``F.linear`` otherwise; without it (or with ``native_kernels=False``) such forwards are removed.
+The modules stay ``nn.Linear`` (``type(m) is nn.Linear`` checks elsewhere still hold; ``state_dict``
+is unchanged). It applies to the layer-by-layer path (prefill chunks, mixed steps, decode steps the
+native decode layers do not take); all-decode steps of up to 64 rows run ``kernels/decode_layer.c``.
 
-Numerics: each output element is one fp32 accumulator in k order whatever the batch, so a row's
-output is bitwise the same alone or among others; with ``min_rows=1`` (the engine's choice under
-``EngineConfig.batch_invariant``) every call of the layer path takes the kernel, so prefill rows
-round the same at any batch size. Against ``F.linear`` it differs by summation order only (fp32),
-or by that and the final bf16 rounding (bf16). Autograd is not supported: calls that need a
-gradient take ``F.linear``.
+Numerics: each output element is one fp32 accumulator in k order whatever the batch and the tile it
+falls in, so a row's output is bitwise the same alone or among others; with ``min_rows=1`` (the
+engine's choice under ``EngineConfig.batch_invariant``) every call of the layer path takes the
+kernel, so prefill rows round the same at any batch size. Against ``F.linear`` it differs by
+summation order only (fp32), or by that and the final bf16 rounding (bf16). Autograd is not
+supported: calls that need a gradient take ``F.linear``.
 
-``SLIMLM_GEMM=0`` (or ``SLIMLM_NATIVE=0``, or ``native_kernels=False``) turns it off.
+``SLIMLM_GEMM=0`` (or ``SLIMLM_NATIVE=0``) turns :func:`linear` off too.
 """
-
 from __future__ import annotations
 
 import os
@@ -125,11 +127,11 @@ def _linears(model) -> list[nn.Linear]:
 
 
 def install(model, enabled: bool = True, min_rows: int = MIN_ROWS) -> int:
-    """Give the decoder layers' dense linear layers the kernel's forward (or take it away when
-    ``enabled`` is False or the kernel is not available for the model's dtype). Returns the number
-    of layers that take it."""
+    """Give the decoder layers' dense linear layers the kernel's forward when ``enabled`` and
+    ``SLIMLM_GEMM=1`` (and the kernel is built for the model's dtype); otherwise take such forwards
+    away. Returns the number of layers that take it."""
     mods = _linears(model)
-    on = enabled and model.device.type == "cpu" and supported(model.dtype)
+    on = enabled and os.environ.get(ENV) == "1" and model.device.type == "cpu" and supported(model.dtype)
     n = 0
     for m in mods:
         if on and m.weight.dtype == model.dtype:
