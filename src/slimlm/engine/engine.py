@@ -21,6 +21,7 @@ from slimlm.engine.scheduler import Scheduler
 from slimlm.engine.spec import SPEC_METHODS, Proposer, ProposerContext
 from slimlm.engine.spec.guard import ProposerGuard
 from slimlm.errors import SlimLMError
+from slimlm.kernels import gemm
 from slimlm.kvcache.block_pool import BlockPool
 from slimlm.kvcache.codec import offsets as kv_offsets
 from slimlm.kvcache.compose import check_composition
@@ -72,6 +73,8 @@ class LLMEngine:
         lm = serve_weights(lm, config.weights, config.weights_group_size)  # int8 / int4 of a loaded model
         if fuse_projections(lm.model):  # q/k/v and gate/up as one matmul each (model/fuse.py)
             release_freed_heap()  # the separate projections' storage
+        gemm.install(lm.model, config.native_kernels,  # SLIMLM_GEMM=1: the layer path's dense linears (kernels/gemm.py)
+                     min_rows=1 if config.batch_invariant else gemm.MIN_ROWS)
         self.lm, self.model, self.tokenizer = lm, lm.model, lm.tokenizer
         self.stop_token_ids = lm.stop_token_ids()
         cfg = self.model.cfg

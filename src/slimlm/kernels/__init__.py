@@ -99,11 +99,18 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
         "slimlm_dense_linear": (_INT, (_PTR, _PTR, _INT, _PTR, _I64, _I64, _I64, _INT)),
         "slimlm_dense_has_dpbf16": (_INT, ()),
     },
+    "gemm": {
+        # a, lda, w, bias, c, ldc, dtype (0 fp32, 1 bf16), M, N, K, scratch, scratch_bytes, nthreads
+        "slimlm_gemm": (_INT, (_PTR, _I64, _PTR, _PTR, _PTR, _I64, _INT, _I64, _I64, _I64, _PTR, _I64, _INT)),
+        "slimlm_gemm_scratch_bytes": (_I64, (_INT, _I64, _I64)),  # dtype, M, K
+        "slimlm_gemm_supported": (_INT, (_INT,)),  # dtype
+    },
 }
 
 INCLUDES: dict[str, list[str]] = {"decode_layer": ["qlinear.c", "paged_decode.c", "kv_pool.h", "dense_linear.c"],
                                   "paged_decode": ["kv_pool.h"], "paged_prefill": ["kv_pool.h", "simd_math.h"],
-                                  "sparse_decode": ["kv_pool.h", "sparse_select.h"], "sparse_prefill": ["kv_pool.h", "simd_math.h"]}
+                                  "sparse_decode": ["kv_pool.h", "sparse_select.h"], "sparse_prefill": ["kv_pool.h", "simd_math.h"],
+                                  "gemm": ["kv_pool.h"]}
 """Kernel files another one ``#include``s (part of its build key, so editing them rebuilds it)."""
 
 _loaded: dict[str, ctypes.CDLL | None] = {}
