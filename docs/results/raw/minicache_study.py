@@ -17,17 +17,28 @@ maths from the engine. Parts (pick with the first argument):
                            merged, and the last prompt token and the answer are decoded from the
                            merged cache (kvpress's protocol; the paper's "merge after prefill");
                            decoded tokens are merged as they come.
-                ``engine`` what the shipped paged cache does: the second layer of a pair merges
-                           its rows as it writes them and then attends the merged rows, so the
-                           prompt's own prefill already reads merged KV at every merged layer and
-                           each merged layer's error reaches the hidden states of every prompt
-                           token, hence the keys of all deeper layers.
-``calibrate``   the pair ranking a calibration pass gives (``minicache.calibrate_pairs``) on the
-                calibration paragraph, to compare with the passkey prompts' ranking.
+                ``engine`` what the paged cache did before this study (commit aca990f): the
+                           second layer of a pair merges its rows as it writes them and then
+                           attends the merged rows, so the prompt's own prefill already reads
+                           merged KV at every merged layer and each merged layer's error reaches
+                           the hidden states of every prompt token, hence the keys of all deeper
+                           layers. (The cache now lets a chunk read its own rows unmerged, which
+                           for a prompt in one chunk is the ``paper`` semantics.)
+``calibrate``   the pair ranking a calibration pass gives (``minicache.calibrate_pairs``: local
+                attention-output error on the engine's calibration paragraph) and the
+                ``--kv-policy-arg pairs=...`` for the best 1..N.
+
+Outputs of the runs quoted in docs/techniques.md: ``minicache_study-similarity-errors.txt``,
+``minicache_study-passkey.txt``, ``minicache_study-calibrate.txt`` next to this file.
 
     PYTHONPATH=src python docs/results/raw/minicache_study.py similarity
     PYTHONPATH=src python docs/results/raw/minicache_study.py errors
+    PYTHONPATH=src python docs/results/raw/minicache_study.py calibrate [N]
     PYTHONPATH=src python docs/results/raw/minicache_study.py passkey CONFIG [CONFIG ...]
+    (the run in minicache_study-passkey.txt:  passkey full: mid:from=15 mid-fcfs:from=15,fcfs=0.05/2
+     mid-keep50:from=15,keep=0.5 mid-k:from=15,kv=k mid-v:from=15,kv=v late0.8:from=24 late0.9:from=27
+     last:pairs=28-29 p26:pairs=26-27 cal1:pairs=0-1 cal2:pairs=0-1+11-12 cal3:pairs=0-1+11-12+26-27
+     cal4:pairs=0-1+11-12+15-16+26-27 ; stopped by a 600 s limit during the 9th prompt on a loaded machine)
 
 A CONFIG is ``name:key=value,...`` with keys ``pairs`` (``a-b+c-d``, or ``from=L`` for MiniCache's
 adjacent pairs from layer L on), ``kv`` (``kv`` | ``k`` | ``v``: what is merged), ``keep``
