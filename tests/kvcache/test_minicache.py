@@ -44,9 +44,10 @@ def test_slerp_keeps_unit_directions_and_the_midpoint():
 
 class DenseMiniCache:
     """One sequence, no paging: per layer the K/V each layer reads, as (Hkv, S, d) tensors.
-    The first layer of a pair attends its new chunk unmerged; once the second layer has its
-    states, the chunk's tokens are merged (or retained, first come first served per block of
-    ``bs`` positions, ``rows`` per block) and both layers read the merged rows from then on."""
+    Both layers of a pair attend their new chunk unmerged (as stored by the codec); once the
+    second layer has its states, the chunk's tokens are merged (or retained, first come first
+    served per block of ``bs`` positions, ``rows`` per block) and both layers read the merged
+    rows from the next chunk on."""
 
     def __init__(self, lm, pairs, t, threshold, rows, bs, codec="auto"):
         self.lm, self.t, self.threshold, self.rows, self.bs = lm, t, threshold, rows, bs
@@ -117,17 +118,21 @@ class DenseMiniCache:
             if i not in self.second:  # what the layer reads back of its own chunk
                 k, v = self.stored(k, "k", i), self.stored(v, "v")
             raw[i] = (k, v)
-            if i in self.second:  # the pair's chunk is merged now: both layers read the merged rows
+            own = None
+            if i in self.second:  # the pair's chunk is merged now: later reads see the merged rows
                 a = self.second[i]
+                own = self.stored(k, "k", i), self.stored(v, "v")  # but this chunk reads its own rows
                 ka, va, k, v = self._merge(i, *raw[a], k, v)
                 self.K[a][:, -T:], self.V[a][:, -T:] = ka, va
             K, V = torch.cat([self.K[i], k], 1), torch.cat([self.V[i], v], 1)
+            self.K[i], self.V[i] = K, V
+            if own is not None:
+                K, V = torch.cat([K[:, :-T], own[0]], 1), torch.cat([V[:, :-T], own[1]], 1)
             S = K.shape[1]
             mask = torch.ones(T, S, dtype=torch.bool)
             mask[:, S - T:] = torch.ones(T, T, dtype=torch.bool).tril()
             s = (q @ K.repeat_interleave(G, 0).transpose(-1, -2)) * m.attn_scale  # (Hq, T, S)
             out = s.masked_fill(~mask, float("-inf")).softmax(-1) @ V.repeat_interleave(G, 0)  # (Hq, T, d)
-            self.K[i], self.V[i] = K, V
             h = h + att.o_proj(out.transpose(0, 1).reshape(1, T, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         self.seen += T

@@ -16,8 +16,12 @@ Merged storages (the spec's ``merge``; MiniCache, see :mod:`slimlm.kvcache.merge
 storage's first layer writes its rows as they are; the second reads them back, merges each
 token's pair into one direction written over the row, keeps both magnitudes, or, for a token
 whose pair disagrees most, keeps it unmerged in one of the block's retention rows. Reads
-rebuild each layer's rows. Every extra part is indexed by block first, so block copies move
-it with the rows.
+rebuild each layer's rows, except that the second layer reads the rows it has just written
+as they were (through the codec), not merged: a chunk attends its own keys and values exactly
+at both layers of a pair, as MiniCache merges a cache after the prefill that made it (merging
+them before the layer reads them would put each merged layer's error into the hidden states of
+every prompt token, hence into the keys of every deeper layer). Every extra part is indexed by
+block first, so block copies move it with the rows.
 """
 
 from __future__ import annotations
@@ -56,6 +60,9 @@ class PagedKVCache:
         for i, ls in enumerate(spec.layers):
             if ls.storage in self.state:
                 self.mag[i] = zeros((num_blocks, block_size, 2, H), mg.MAGNITUDE_DTYPE, device)
+        self._own: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        """Second layer of a merged storage -> (slots, k, v) of its latest write, as the codec
+        gives them back: what that layer reads at those slots until its next write."""
 
     @property
     def lossless(self) -> bool:
@@ -109,9 +116,24 @@ class PagedKVCache:
         ub, inv = torch.unique(slots // bs, return_inverse=True)
         return codec.read(parts, ub)[inv, slots % bs]
 
+    def _roundtrip(self, codec, parts: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Rows x (T, H, d) as storage ``parts`` would give them back (its codec and key offset)."""
+        if codec.lossless:
+            return x
+        T, H = x.shape[:2]
+        tmp = codec.allocate(1, T, H, self.device)
+        mu = codec.offset(parts)
+        if mu is not None:
+            codec.set_offset(tmp, mu)
+        codec.write(tmp, torch.arange(T, device=self.device), x)
+        out = codec.read(tmp, torch.zeros(1, dtype=torch.long, device=self.device))[0]
+        codec._offsets.pop(id(tmp[0]), None)
+        return out
+
     def _merge_write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """The second layer of a merged storage: merge with the first layer's rows at ``slots``."""
         s, spec, bs = self.storage(layer), self.spec.merge, self.block_size
+        self._own[layer] = (slots, self._roundtrip(self.codec, self.k[s], k), self._roundtrip(self.vcodec, self.v[s], v))
         first = next(i for i, ls in enumerate(self.spec.layers) if ls.storage == s and ls.member == 0)
         kp, vp = self.k[s], self.v[s]
         ek, nk0, nk1, dk = mg.slerp(self._read_slots(kp, slots, self.codec), k, spec.t)  # (T, H, d), (T, H) x3
@@ -176,6 +198,10 @@ class PagedKVCache:
             idx = (st - 2).clamp(0, self.spec.merge.rows - 1)  # (n, B)
             own = ret.gather(1, idx[..., None, None].expand(-1, -1, *ret.shape[2:]))  # (n, B, H, d)
             out = torch.where((st >= 2)[..., None, None], own, out)
+        if layer in self._own:  # the rows this layer has just written: as written, not merged
+            slots, k, v = self._own[layer]
+            i, j = (blocks[:, None] == (slots // self.block_size)[None, :]).nonzero(as_tuple=True)
+            out[i, slots[j] % self.block_size] = (k if which == "k" else v)[j].to(out.dtype)  # out is a new tensor
         return out
 
     # ------------------------------------------------------------------ moves
