@@ -201,14 +201,22 @@ static const float *load_row(const pool_t *p, int64_t slot, float *buf) {
 #ifdef __AVX512F__
 #define QH 4 /* query heads of one KV head served per pass over its rows */
 
+/* n (<= 8) fp16 values as float32 in the low lanes (the rest zero), reading only n. */
+static inline __attribute__((always_inline)) __m512 ld_f16x8(const uint16_t *p, int64_t n) {
+    uint16_t b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    memcpy(b, p, (size_t)n * sizeof(uint16_t));
+    return _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b)));
+}
+
 /* Quantized pools with AVX-512 (int8: head size a multiple of 16; int4: of 32; at most 128),
  * rows decoded in registers once per pass and used by up to QH query heads of their KV head.
  * int8: q . (c s) = s (q . c), and the values' weight p s multiplies the codes. int4: 16 bytes
  * (32 channels) widen to their even channels (low nibbles) and odd ones (high nibbles); the
  * query is split alike, so q . (c s + m) = s (q_even . c_lo + q_odd . c_hi) + m sum(q) per group,
  * and the output accumulates p s c plus p m per group, interleaved back at the end. With groups
- * of 16 (kp->group / vp->group) the 16 lanes carry two groups: lanes 0-7 the first one's scale,
- * lanes 8-15 the second's (one blend), and the minima's terms are summed per group. */
+ * of 16 the 16 lanes carry two groups (lanes 0-7 the first): keys are decoded to c s + m with
+ * the row's scales and minima loaded once and permuted into place per 16 bytes; values take the
+ * weight p s blended per half and sum p m per group. */
 static inline __attribute__((always_inline)) void decode_quant_avx512(const float *qb, const pool_t *kp, const pool_t *vp, const int64_t *tb, int64_t L,
                                 float *ob, float *s, int64_t Hq, int64_t Hkv, int64_t d, int64_t block_size,
                                 float scale) {
@@ -251,19 +259,15 @@ static inline __attribute__((always_inline)) void decode_quant_avx512(const floa
             /* chunks of 32 channels (16 bytes); with keys in groups of 16 a chunk's lanes 0-7 take
              * the first group's scale and minimum, lanes 8-15 the second's */
             const int kg16 = kp->group == 16;
+            const __m512i two_groups = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
             __m512 qe[QH][4], qo[QH][4];
-            float qsum[QH][8]; /* sum of the query over each scale group of the keys */
+            float qsum[QH][4]; /* groups of 32: the sum of the query over each group */
             for (int64_t h = 0; h < QH; ++h) if (h < hn)
                 for (int64_t gr = 0; gr < NC; ++gr) {
                     float e[16], o[16];
                     const float *qg = qb + (h0 + h) * d + gr * 32;
-                    if (kg16) {
-                        qsum[h][2 * gr] = qsum[h][2 * gr + 1] = 0.f;
-                        for (int i = 0; i < 16; ++i) { e[i] = qg[2 * i]; o[i] = qg[2 * i + 1]; qsum[h][2 * gr + (i >= 8)] += e[i] + o[i]; }
-                    } else {
-                        qsum[h][gr] = 0.f;
-                        for (int i = 0; i < 16; ++i) { e[i] = qg[2 * i]; o[i] = qg[2 * i + 1]; qsum[h][gr] += e[i] + o[i]; }
-                    }
+                    qsum[h][gr] = 0.f;
+                    for (int i = 0; i < 16; ++i) { e[i] = qg[2 * i]; o[i] = qg[2 * i + 1]; qsum[h][gr] += e[i] + o[i]; }
                     qe[h][gr] = _mm512_loadu_ps(e);
                     qo[h][gr] = _mm512_loadu_ps(o);
                 }
@@ -279,28 +283,30 @@ static inline __attribute__((always_inline)) void decode_quant_avx512(const floa
                     const uint8_t *kr = (const uint8_t *)kp->data + slot * (W / 2) + g * (d / 2);
                     const uint16_t *sc = (const uint16_t *)kp->aux + (slot * Hkv + g) * NGK;
                     const uint16_t *mn = (const uint16_t *)kp->aux2 + (slot * Hkv + g) * NGK;
+                    if (kg16) { /* the row's scales and minima in one load each; each chunk's
+                                 * lanes pick theirs (one permute), the key decoded as c s + m */
+                        const __m512 sv = ld_f16x8(sc, 2 * NC), mv = ld_f16x8(mn, 2 * NC);
+                        for (int64_t gr = 0; gr < NC; ++gr) {
+                            const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(kr + gr * 16)));
+                            const __m512i pick = _mm512_add_epi32(two_groups, _mm512_set1_epi32((int)(2 * gr)));
+                            const __m512 sg = _mm512_permutexvar_ps(pick, sv), mg = _mm512_permutexvar_ps(pick, mv);
+                            const __m512 lo = _mm512_fmadd_ps(sg, _mm512_cvtepi32_ps(_mm512_and_si512(x, low)), mg);
+                            const __m512 hi = _mm512_fmadd_ps(sg, _mm512_cvtepi32_ps(_mm512_srli_epi32(x, 4)), mg);
+                            for (int64_t h = 0; h < QH; ++h) if (h < hn)
+                                a[h][u] = _mm512_fmadd_ps(qo[h][gr], hi, _mm512_fmadd_ps(qe[h][gr], lo, a[h][u]));
+                        }
+                        continue;
+                    }
                     for (int64_t gr = 0; gr < NC; ++gr) {
                         const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(kr + gr * 16)));
-                        __m512 sg;
-                        if (kg16)
-                            sg = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(_cvtsh_ss(sc[2 * gr])), _mm512_set1_ps(_cvtsh_ss(sc[2 * gr + 1])));
-                        else
-                            sg = _mm512_set1_ps(_cvtsh_ss(sc[gr]));
+                        const __m512 sg = _mm512_set1_ps(_cvtsh_ss(sc[gr]));
                         /* the codes times the group's scale once, shared by the hn query heads */
                         const __m512 lo = _mm512_mul_ps(sg, _mm512_cvtepi32_ps(_mm512_and_si512(x, low)));
                         const __m512 hi = _mm512_mul_ps(sg, _mm512_cvtepi32_ps(_mm512_srli_epi32(x, 4)));
-                        if (kg16) {
-                            const float ma = _cvtsh_ss(mn[2 * gr]), mb = _cvtsh_ss(mn[2 * gr + 1]);
-                            for (int64_t h = 0; h < QH; ++h) if (h < hn) {
-                                a[h][u] = _mm512_fmadd_ps(qo[h][gr], hi, _mm512_fmadd_ps(qe[h][gr], lo, a[h][u]));
-                                c[h][u] += ma * qsum[h][2 * gr] + mb * qsum[h][2 * gr + 1];
-                            }
-                        } else {
-                            const float mg = _cvtsh_ss(mn[gr]);
-                            for (int64_t h = 0; h < QH; ++h) if (h < hn) {
-                                a[h][u] = _mm512_fmadd_ps(qo[h][gr], hi, _mm512_fmadd_ps(qe[h][gr], lo, a[h][u]));
-                                c[h][u] += mg * qsum[h][gr];
-                            }
+                        const float mg = _cvtsh_ss(mn[gr]);
+                        for (int64_t h = 0; h < QH; ++h) if (h < hn) {
+                            a[h][u] = _mm512_fmadd_ps(qo[h][gr], hi, _mm512_fmadd_ps(qe[h][gr], lo, a[h][u]));
+                            c[h][u] += mg * qsum[h][gr];
                         }
                     }
                 }
