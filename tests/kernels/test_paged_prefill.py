@@ -168,16 +168,19 @@ def test_engine_bf16_loses_no_quality(lib, tmp_path, monkeypatch):
     assert err_native <= 1.25 * err_pytorch + 1e-3, (err_native, err_pytorch)
 
 
-@pytest.mark.parametrize("codec_name", ["int8", "int4", "float32", "bfloat16"])
+@pytest.mark.parametrize("codec_name", ["int8", "int4", "float32", "bfloat16", "int4-k32v32", "int4-k32v16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_reads_every_pool_format_in_place_and_adds_mass(lib, codec_name, dtype):
+def test_reads_every_pool_format_in_place_and_adds_mass(lib, codec_name, dtype, monkeypatch):
     """``native_prefill_ex``: int8 / int4 / other-format float pools decoded while repacking
     (a rotating codec's query rotated in), and each key's attention mass added to its slot,
     both as explicit attention over the codec's decoded rows computes them."""
     from slimlm.kernels.ops import native_prefill_ex
     from slimlm.kvcache.codec import KV_CODECS
 
+    from tests.kvcache.int4_groups import use_codec
+
     need(lib, dtype)
+    codec_name = use_codec(codec_name, monkeypatch)  # int4's default: keys in groups of 16, values in 32
     g = torch.Generator().manual_seed(3)
     d, hq, hkv, bs, nb, T, q_start = 64, 4, 2, 8, 12, 21, 13
     n, G = q_start + T, hq // hkv

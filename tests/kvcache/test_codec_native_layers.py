@@ -17,6 +17,7 @@ from slimlm.kvcache.codec.rotation import fwht, hadamard
 from slimlm.model.hub import load
 from slimlm.model.quant.native_layers import _NPTR, ENV, unsupported
 from tests.engine.test_engine import make_prompts
+from tests.kvcache.int4_groups import use_codec
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                                 reason="no C compiler: the layer-by-layer path serves")
@@ -60,10 +61,12 @@ def _store(lib, name, k, v, slots, mu=None):
     return want_k + want_v, got_k + got_v
 
 
-@pytest.mark.parametrize("name,d", [("int8", 16), ("int8", 64), ("int4", 32), ("int4", 64)])
-def test_layer_store_writes_the_codecs_bytes(name, d):
+@pytest.mark.parametrize("name,d", [("int8", 16), ("int8", 64), ("int4", 32), ("int4", 64), ("int4-k32v32", 64),
+                                    ("int4-k32v16", 64), ("int4-k16v16", 32)])
+def test_layer_store_writes_the_codecs_bytes(name, d, monkeypatch):
     from slimlm import kernels
 
+    name = use_codec(name, monkeypatch)
     lib = kernels.load("decode_layer")
     if lib is None:
         pytest.skip("decode_layer kernel unavailable")
@@ -83,7 +86,7 @@ def test_layer_store_writes_the_codecs_bytes(name, d):
 
 @pytest.fixture(scope="module")
 def d32_dir(tmp_path_factory):
-    """Head size 32 (hidden 128, 4 query heads, 2 KV heads): the native int4 layout (groups of 32)."""
+    """Head size 32 (hidden 128, 4 query heads, 2 KV heads): the native int4 layouts (groups of 32 or 16)."""
     from tests.conftest import make_hf_model
 
     path = tmp_path_factory.mktemp("tiny-d32")
@@ -96,9 +99,11 @@ def _generate(llm, prompts, n=10):
     return [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
 
 
-@pytest.mark.parametrize("name,weights", [("int8", None), ("int4", None), ("int4", "int4")])
+@pytest.mark.parametrize("name,weights", [("int8", None), ("int4", None), ("int4", "int4"), ("int4-k16v16", None),
+                                          ("int4-k32v32", None)])
 def test_quantized_kv_on_native_layers_equals_the_layer_path(name, weights, d32_dir, monkeypatch):
     monkeypatch.setenv("SLIMLM_QLINEAR", "fp32")
+    name = use_codec(name, monkeypatch)
     kw = dict(kv_cache_dtype=name, block_size=8, max_num_batched_tokens=64)
     if weights:
         kw["weights"] = weights
@@ -121,7 +126,8 @@ def test_quantized_kv_on_native_layers_equals_the_layer_path(name, weights, d32_
 def test_quantized_kv_on_native_layers_under_preemption(d32_dir, monkeypatch):
     lm = load(d32_dir)
     c = lm.model.cfg
-    bpb = 2 * c.num_layers * 8 * c.num_kv_heads * (c.head_dim // 2 + 4 * c.head_dim // 32)
+    d = c.head_dim  # keys in groups of 16, values in 32
+    bpb = c.num_layers * 8 * c.num_kv_heads * (d // 2 + 4 * d // 16 + d // 2 + 4 * d // 32)
     kw = dict(kv_cache_dtype="int4", block_size=8, max_num_batched_tokens=64, kv_cache_bytes=9 * bpb)
     a = LLM(lm, **kw)
     assert a.engine.runner.native_layers is not None

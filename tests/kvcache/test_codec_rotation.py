@@ -47,9 +47,10 @@ def reference_int4(x: torch.Tensor, group: int) -> torch.Tensor:
     return (y.double() @ h.T).float()
 
 
-@pytest.mark.parametrize("d,group", [(64, 32), (16, 16)])
-def test_int4_round_trip_equals_rotated_reference(d, group):
+@pytest.mark.parametrize("d,group", [(64, 16), (16, 16), (64, 32)])
+def test_int4_round_trip_equals_rotated_reference(d, group, monkeypatch):
     torch.manual_seed(3)
+    monkeypatch.setattr(int4_mod, "GROUPS", {"k": group, "v": 32})  # keys in 16 by default
     codec = KV_CODECS.get("int4")(torch.float32, d)
     assert codec.rotates and codec.group == group
     x = torch.randn(29, 3, d) * torch.rand(29, 3, 1) * 3
@@ -90,10 +91,13 @@ def test_scores_are_invariant_under_the_rotation():
     torch.testing.assert_close(codec.from_storage(codec.to_storage(q)), q, atol=1e-6, rtol=0)
 
 
-def test_rotation_cuts_the_error_of_keys_with_outlier_channels(monkeypatch):
+@pytest.mark.parametrize("group,ratio", [(32, 0.6), (16, 0.8)])  # measured 0.49 and 0.68
+def test_rotation_cuts_the_error_of_keys_with_outlier_channels(monkeypatch, group, ratio):
     """Keys whose few channels are 20x the others (what RoPE's low-frequency pairs look like):
-    the rotated codec's error is a fraction of the unrotated one's, same bytes."""
+    the rotated codec's error is a fraction of the unrotated one's, same bytes (smaller groups
+    already isolate outliers better, so the rotation gains less there)."""
     torch.manual_seed(5)
+    monkeypatch.setattr(int4_mod, "GROUPS", {"k": group, "v": 32})
     x = torch.randn(256, 2, 64)
     x[..., [3, 35, 60]] *= 20
     rot = KV_CODECS.get("int4")(torch.float32, 64)
@@ -102,7 +106,7 @@ def test_rotation_cuts_the_error_of_keys_with_outlier_channels(monkeypatch):
     assert not plain.rotates and plain.bytes_per_row(2) == rot.bytes_per_row(2)
     e_rot = (roundtrip(rot, x) - x).norm() / x.norm()
     e_plain = (roundtrip(plain, x) - x).norm() / x.norm()
-    assert e_rot < 0.6 * e_plain
+    assert e_rot < ratio * e_plain
 
 
 class QuantDenseH2O(DenseH2O):

@@ -15,6 +15,7 @@ from slimlm.kvcache.codec import KV_CODECS
 from slimlm.model.attention import attention
 from slimlm.model.hub import load
 from tests.engine.test_engine import make_prompts
+from tests.kvcache.int4_groups import INT4_VARIANTS, use_codec
 
 
 def roundtrip(codec, x: torch.Tensor, block_size: int = 8, offset: torch.Tensor | None = None) -> torch.Tensor:
@@ -28,10 +29,12 @@ def roundtrip(codec, x: torch.Tensor, block_size: int = 8, offset: torch.Tensor 
     return codec.read(parts, torch.arange(nb)).reshape(-1, H, d)[:T]
 
 
-@pytest.mark.parametrize("name", KV_CODECS.names())
-def test_round_trip_error_and_bytes(name):
+@pytest.mark.parametrize("name", KV_CODECS.names() + INT4_VARIANTS)
+@pytest.mark.parametrize("role", ["k", "v"])
+def test_round_trip_error_and_bytes(name, role, monkeypatch):
     torch.manual_seed(0)
-    codec = KV_CODECS.get(name)(torch.float32, 64)
+    name, variant = use_codec(name, monkeypatch), name
+    codec = KV_CODECS.get(name)(torch.float32, 64, role)
     x = torch.randn(37, 3, 64) * torch.rand(37, 3, 1) * 4  # rows of different scales
     y = roundtrip(codec, x)
     err = (y - x).abs()
@@ -42,45 +45,68 @@ def test_round_trip_error_and_bytes(name):
     elif name == "int8":  # half a step of max|row| / 127, plus fp16 rounding of the scale
         bound = x.abs().amax(-1, keepdim=True) / 127 * (0.5 + 64 * 2**-11)
         assert (err <= bound + 1e-6).all()
-    elif name == "int4":  # half a step of (max - min) / 15 per group of 32, plus fp16 rounding,
-        # in the stored (rotated) space; the rotation is orthogonal, so row errors keep their norm
-        assert codec.rotates
+    elif name == "int4":  # half a step of (max - min) / 15 per group, plus fp16 rounding,
+        # in the stored (rotated keys) space; the rotation is orthogonal, so row errors keep their norm
+        assert codec.rotates == (role == "k")
+        gs = {"k": 16, "v": 32}[role] if variant == "int4" else int(variant[6:8] if role == "k" else variant[-2:])
+        assert codec.group == gs
         xr, yr = codec.to_storage(x), codec.to_storage(y)
-        g = xr.view(37, 3, 2, 32)
+        g = xr.view(37, 3, 64 // gs, gs)
         step = (g.amax(-1, keepdim=True) - g.amin(-1, keepdim=True)) / 15
         bound = (step * 0.5 + (g.abs().amax(-1, keepdim=True) + step * 15) * 2**-10).expand_as(g).reshape(37, 3, 64)
         assert ((yr - xr).abs() <= bound + 1e-5).all()
         torch.testing.assert_close(err.norm(dim=-1), (yr - xr).norm(dim=-1), rtol=1e-4, atol=1e-5)
-    want = {"auto": 256, "float32": 256, "bfloat16": 128, "float16": 128, "int8": 66, "int4": 40}[name]
+    want = {"auto": 256, "float32": 256, "bfloat16": 128, "float16": 128, "int8": 66}.get(name)
+    if name == "int4":  # 32 code bytes + an fp16 scale and minimum per group
+        want = 32 + 4 * 64 // codec.group
     assert codec.bytes_per_row(1) == want
     assert sum(t[0, 0].numel() * t.element_size() for t in codec.allocate(1, 1, 3, "cpu")) == 3 * want
 
 
+def test_int4_groups_name_the_native_layout(monkeypatch):
+    """Keys and values of one int4 cache carry one kv code (kernels/kv_pool.h) naming both groups."""
+    from slimlm.kvcache.codec import int4
+
+    for (kg, vg), code in {(32, 32): 3, (16, 32): 4, (32, 16): 5, (16, 16): 6}.items():
+        monkeypatch.setattr(int4, "GROUPS", {"k": kg, "v": vg})
+        k, v = int4.Int4Codec(torch.float32, 64, "k"), int4.Int4Codec(torch.float32, 64, "v")
+        assert (k.group, v.group, k.native_code, v.native_code) == (kg, vg, code, code)
+        assert (k.pool_code, v.pool_code) == (3 if kg == 32 else 6, 3 if vg == 32 else 6)
+    monkeypatch.setattr(int4, "GROUPS", {"k": 16, "v": 32})
+    assert int4.Int4Codec(torch.float32, 48, "v").group == 16  # not a multiple of 32: groups of 16
+    monkeypatch.setattr(int4, "GROUPS", {"k": 8, "v": 32})
+    with pytest.raises(ValueError, match="groups of 16 or 32"):
+        int4.Int4Codec(torch.float32, 64, "k")
+
+
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
-@pytest.mark.parametrize("name", ["int8", "int4", "bfloat16"])
+@pytest.mark.parametrize("name", ["int8", "int4", "bfloat16"] + INT4_VARIANTS)
 @pytest.mark.parametrize("heads", [(2, 6), (1, 9)])  # 9 query heads of one KV head: served 4 + 4 + 1
-def test_native_decode_reads_quantized_pools(name, heads):
+@pytest.mark.parametrize("d", [64, 32])
+def test_native_decode_reads_quantized_pools(name, heads, d, monkeypatch):
     from slimlm import kernels
     from slimlm.kernels.ops import native_decode
 
     lib = kernels.load("paged_decode")
     torch.manual_seed(1)
-    codec, vcodec = KV_CODECS.get(name)(torch.float32, 64), KV_CODECS.get(name)(torch.float32, 64, "v")
+    name = use_codec(name, monkeypatch)
+    codec, vcodec = KV_CODECS.get(name)(torch.float32, d), KV_CODECS.get(name)(torch.float32, d, "v")
     bs, (H, Hq), nb = 8, heads, 6
     k, v = codec.allocate(nb, bs, H, "cpu"), vcodec.allocate(nb, bs, H, "cpu")
-    xk, xv = torch.randn(nb * bs, H, 64), torch.randn(nb * bs, H, 64)
+    xk, xv = torch.randn(nb * bs, H, d), torch.randn(nb * bs, H, d)
+    xk[:, :, 1] += 6.0  # a large channel: groups of one row get different ranges
     codec.write(k, torch.arange(nb * bs), xk)
     vcodec.write(v, torch.arange(nb * bs), xv)
     table = torch.tensor([[4, 1, 3, 0], [5, 2, 0, 0]])
     lens = torch.tensor([29, 11])
-    q = torch.randn(2, Hq, 64)
+    q = torch.randn(2, Hq, d)
     mass = torch.zeros(nb * bs, H)
     # a rotating codec's stored rows are x @ R: the caller rotates q in and the output out
     got = vcodec.from_storage(native_decode(lib, codec.to_storage(q).contiguous(), k, v, codec.native_code, table,
                                             lens, 0.125, mass))
     for b in range(2):
-        kk = codec.read(k, table[b]).reshape(-1, H, 64)[: lens[b]].transpose(0, 1)[None]
-        vv = vcodec.read(v, table[b]).reshape(-1, H, 64)[: lens[b]].transpose(0, 1)[None]
+        kk = codec.read(k, table[b]).reshape(-1, H, d)[: lens[b]].transpose(0, 1)[None]
+        vv = vcodec.read(v, table[b]).reshape(-1, H, d)[: lens[b]].transpose(0, 1)[None]
         want = attention(q[b][None, :, None], kk, vv, None, 0.125)[0, :, 0]
         torch.testing.assert_close(got[b], want, rtol=1e-4, atol=1e-4)
     # the mass of each sequence's keys: every query head's probabilities, summed per KV head
@@ -161,12 +187,13 @@ def test_quantized_engine_equals_dense_reference(tiny, name, settings):
     assert llm.engine.pool.num_free() == llm.engine.pool.num_blocks
 
 
-@pytest.mark.parametrize("name", ["int8", "int4", "bfloat16"])
-def test_quantized_engine_with_native_kernels_at_head_size_64(tmp_path, name):
+@pytest.mark.parametrize("name", ["int8", "int4", "bfloat16", "int4-k32v32", "int4-k16v16"])
+def test_quantized_engine_with_native_kernels_at_head_size_64(tmp_path, name, monkeypatch):
     """Head size 64: the native decode kernel reads the quantized pool in place and the native
     prefill kernel reads the decoded context; still exactly the dense reference."""
     from tests.conftest import make_hf_model
 
+    name = use_codec(name, monkeypatch)
     make_hf_model(tmp_path, "llama", hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
     lm = load(tmp_path)
     prompts = make_prompts(4, seed=8)
@@ -179,9 +206,24 @@ def test_quantized_engine_with_native_kernels_at_head_size_64(tmp_path, name):
 def test_kv_bytes_follow_the_codec(tiny):
     c = tiny.model.cfg
     d, H, L = c.head_dim, c.num_kv_heads, c.num_layers
+    assert d % 32  # keys and values both in groups of 16 here: see the d = 64 case below
     for name, per_head in [("auto", 4 * d), ("bfloat16", 2 * d), ("int8", d + 2), ("int4", d // 2 + 4 * d // 16)]:
         eng = LLM(tiny, kv_cache_dtype=name, block_size=8).engine
         assert eng.bytes_per_block == 2 * L * 8 * H * per_head, name
+
+
+def test_int4_kv_bytes_count_keys_and_values_apart(tmp_path):
+    """Head size 64: keys in groups of 16 (48 bytes a head), values in 32 (40 bytes)."""
+    from tests.conftest import make_hf_model
+
+    make_hf_model(tmp_path, "llama", hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
+    lm = load(tmp_path)
+    c = lm.model.cfg
+    eng = LLM(lm, kv_cache_dtype="int4", block_size=8).engine
+    assert eng.bytes_per_block == c.num_layers * 8 * c.num_kv_heads * (48 + 40)
+    cache = eng.runner.cache
+    held = sum(t[0].numel() * t.element_size() for parts in (cache.k[0], cache.v[0]) for t in parts)
+    assert held * c.num_layers == eng.bytes_per_block
 
 
 def test_unknown_codec_lists_the_valid_ones(tiny):
@@ -189,7 +231,7 @@ def test_unknown_codec_lists_the_valid_ones(tiny):
         LLM(tiny, kv_cache_dtype="int3")
 
 
-@pytest.mark.parametrize("name", ["int8", "int4"])
+@pytest.mark.parametrize("name", ["int8", "int4", "int4-k32v16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_quantize_stores_the_same_bytes(name, dtype, monkeypatch):
     """The native quantizer (``slimlm_kv_quantize``) writes exactly the bytes of the codec's
@@ -201,6 +243,7 @@ def test_native_quantize_stores_the_same_bytes(name, dtype, monkeypatch):
 
     if kernels.load("paged_decode") is None:
         pytest.skip("no native kernels here: the codecs quantize with PyTorch")
+    name = use_codec(name, monkeypatch)
     mod = importlib.import_module(f"slimlm.kvcache.codec.{name}")
     g = torch.Generator().manual_seed(5)
     T, H, d, nb, bs = 29, 3, 64, 8, 8

@@ -105,17 +105,18 @@ static int store_kv(const void *const *p, int dtype, int krot, int64_t slot, int
         store_row((void *)p[P_VPOOL], dtype, slot * Hkv * d, v, Hkv * d);
         return 0;
     }
-    if (kv_encode(k, p[P_KMU], krot, &slot, 1, Hkv, d, dtype, (void *)p[P_KPOOL], (void *)p[P_KAUX],
+    if (kv_encode(k, p[P_KMU], krot, &slot, 1, Hkv, d, kv_pool_code(dtype, 0), (void *)p[P_KPOOL], (void *)p[P_KAUX],
                   (void *)p[P_KAUX2], kbuf))
         return 1;
-    return kv_encode(v, NULL, 0, &slot, 1, Hkv, d, dtype, (void *)p[P_VPOOL], (void *)p[P_VAUX], (void *)p[P_VAUX2], kbuf);
+    return kv_encode(v, NULL, 0, &slot, 1, Hkv, d, kv_pool_code(dtype, 1), (void *)p[P_VPOOL], (void *)p[P_VAUX],
+                     (void *)p[P_VAUX2], kbuf);
 }
 
 /* store_kv for M rows k, v (M, Hkv, d) at slots (M) with one layer's pointer row p (NPTR): the
  * decode layers' KV write on its own, for tests against the codecs. */
 int slimlm_decode_layer_store(const float *k, const float *v, const int64_t *slots, int64_t M, int64_t Hkv,
                               int64_t d, int dtype, int krot, const void *const *p) {
-    if (dtype < 0 || dtype > 3 || (krot && (d & (d - 1)))) return 1;
+    if (dtype < 0 || dtype > KV_CODE_MAX || (krot && (d & (d - 1)))) return 1;
     float *kbuf = malloc(sizeof(float) * Hkv * d);
     if (!kbuf) return 2;
     int rc = 0;
@@ -184,8 +185,9 @@ static int layer_attn_out(float *h, int64_t M, const int64_t *dims, const void *
 static int bad_dims(int64_t M, const int64_t *dims) {
     const int64_t d = dims[DIM_HD], Hkv = dims[DIM_HKV], Hq = dims[DIM_HQ], pool_dtype = dims[DIM_POOL];
     const int64_t krot = dims[DIM_KROT];
-    return M <= 0 || d % 2 || Hkv <= 0 || Hq % Hkv || pool_dtype < 0 || pool_dtype > 3 ||
-           (pool_dtype == 3 && d % I4_GROUP) || (krot && (pool_dtype <= 1 || (d & (d - 1))));
+    return M <= 0 || d % 2 || Hkv <= 0 || Hq % Hkv || pool_dtype < 0 || pool_dtype > KV_CODE_MAX ||
+           (pool_dtype >= 3 && (d % i4_group((int)pool_dtype, 0) || d % i4_group((int)pool_dtype, 1))) ||
+           (krot && (pool_dtype <= 1 || (d & (d - 1))));
 }
 
 static int bad_slots(int64_t M, const int64_t *dims, const int64_t *slots) {

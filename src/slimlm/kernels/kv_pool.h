@@ -3,8 +3,13 @@
  * and the AVX-512 load / reduction helpers.
  *
  * Pool formats (``dtype``): 0 float32, 1 bfloat16, 2 int8 (fp16 scale per row and KV head:
- * ``aux``), 3 int4 (groups of I4_GROUP channels, fp16 scale ``aux`` and minimum ``aux2``; byte i
- * of a group holds channel 2i in its low nibble and 2i+1 in its high one). */
+ * ``aux``), 3 int4 (groups of ``group`` channels, 16 or 32, fp16 scale ``aux`` and minimum ``aux2``
+ * per group; byte i of a row holds channel 2i in its low nibble and 2i+1 in its high one).
+ *
+ * The code a kernel is called with (``kv code``) names the formats of both pools: 0 float32,
+ * 1 bfloat16, 2 int8, and int4 as 3 + (keys in groups of 16) + 2 * (values in groups of 16):
+ * 3 keys and values in groups of 32, 4 keys in 16 and values in 32, 5 keys in 32 and values in
+ * 16, 6 both in 16 (codec/int4.py's ``native_code``). ``kv_pool`` builds one pool's view. */
 #ifndef SLIMLM_KV_POOL_H
 #define SLIMLM_KV_POOL_H
 #include <stdint.h>
@@ -51,8 +56,33 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-/* A block pool (K or V) of Hkv heads of size d per stored row. */
-typedef struct { const void *data, *aux, *aux2; int dtype; int64_t Hkv, d; } pool_t;
+/* A block pool (K or V) of Hkv heads of size d per stored row; ``group``: int4's channels per
+ * scale (0: I4_GROUP). */
+typedef struct { const void *data, *aux, *aux2; int dtype; int64_t Hkv, d, group; } pool_t;
+
+#define KV_CODE_MAX 6
+
+/* int4's group size of the keys (role 0) or values (role 1) of kv code ``code`` (3 .. 6). */
+static inline int64_t i4_group(int code, int role) { return ((code - 3) >> role) & 1 ? 16 : 32; }
+
+/* The kv code whose keys and values both have the format of ``code``'s pool ``role`` (what an
+ * encoder of that one pool is called with: 3 for groups of 32, 6 for groups of 16). */
+static inline int kv_pool_code(int code, int role) { return code < 3 ? code : i4_group(code, role) == 16 ? 6 : 3; }
+
+/* Whether a kernel can read kv code ``code`` with head size d and these scale pointers. */
+static inline int kv_code_ok(int code, int64_t d, const void *ka, const void *ka2, const void *va, const void *va2) {
+    if (code < 0 || code > KV_CODE_MAX) return 0;
+    if (code >= 2 && !(ka && va)) return 0;
+    if (code >= 3 && (!(ka2 && va2) || d % i4_group(code, 0) || d % i4_group(code, 1))) return 0;
+    return 1;
+}
+
+/* Pool ``role`` (0 keys, 1 values) of kv code ``code``. */
+static inline pool_t kv_pool(const void *data, const void *aux, const void *aux2, int code, int role, int64_t Hkv,
+                             int64_t d) {
+    const pool_t p = {data, aux, aux2, code < 3 ? code : 3, Hkv, d, code < 3 ? 0 : i4_group(code, role)};
+    return p;
+}
 
 /* Head h of stored row ``slot`` as float32: a pointer into the pool for float32, else ``buf``
  * (d floats) filled with the de-quantized values. */
@@ -75,31 +105,36 @@ static inline const float *head_row(const pool_t *p, int64_t slot, int64_t h, fl
         return buf;
     }
     default: {
-        const int64_t ng = d / I4_GROUP;
+        const int64_t gs = p->group ? p->group : I4_GROUP, ng = d / gs;
         const uint8_t *src = (const uint8_t *)p->data + off / 2;
         const uint16_t *sc = (const uint16_t *)p->aux + (slot * p->Hkv + h) * ng;
         const uint16_t *mn = (const uint16_t *)p->aux2 + (slot * p->Hkv + h) * ng;
-        for (int64_t g = 0; g < ng; ++g) {
-            const float s = f16_to_f32(sc[g]), m = f16_to_f32(mn[g]);
-            const uint8_t *b = src + g * I4_GROUP / 2;
-            float *o = buf + g * I4_GROUP;
-#if defined(__AVX512F__) && I4_GROUP == 32
-            { /* the 16 bytes at once: c * s, then + m (two roundings, as below), channels re-interleaved */
-                const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)b));
-                const __m512 vs = _mm512_set1_ps(s), vm = _mm512_set1_ps(m);
-                const __m512 lo = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(x, _mm512_set1_epi32(15))), vs), vm);
-                const __m512 hi = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(x, 4)), vs), vm);
-                const __m512i i0 = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-                const __m512i i1 = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-                _mm512_storeu_ps(o, _mm512_permutex2var_ps(lo, i0, hi));
-                _mm512_storeu_ps(o + 16, _mm512_permutex2var_ps(lo, i1, hi));
-                continue;
+        int64_t c0 = 0; /* channels done */
+#if defined(__AVX512F__)
+        for (; c0 + 32 <= d; c0 += 32) {
+            /* 32 channels (16 bytes) at once: c * s, then + m (two roundings, as below), channels
+             * re-interleaved; with groups of 16 the lanes 0-7 hold the first group's channels */
+            const int64_t ga = c0 / gs, gb = (c0 + 16) / gs;
+            const uint8_t *b = src + c0 / 2;
+            const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)b));
+            __m512 vs = _mm512_set1_ps(f16_to_f32(sc[ga])), vm = _mm512_set1_ps(f16_to_f32(mn[ga]));
+            if (gb != ga) {
+                vs = _mm512_mask_blend_ps(0xFF00, vs, _mm512_set1_ps(f16_to_f32(sc[gb])));
+                vm = _mm512_mask_blend_ps(0xFF00, vm, _mm512_set1_ps(f16_to_f32(mn[gb])));
             }
+            const __m512 lo = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(x, _mm512_set1_epi32(15))), vs), vm);
+            const __m512 hi = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(x, 4)), vs), vm);
+            const __m512i i0 = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+            const __m512i i1 = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+            _mm512_storeu_ps(buf + c0, _mm512_permutex2var_ps(lo, i0, hi));
+            _mm512_storeu_ps(buf + c0 + 16, _mm512_permutex2var_ps(lo, i1, hi));
+        }
 #endif
-            for (int64_t i = 0; i < I4_GROUP / 2; ++i) {
-                o[2 * i] = (float)(b[i] & 15) * s + m;
-                o[2 * i + 1] = (float)(b[i] >> 4) * s + m;
-            }
+        for (int64_t c = c0; c < d; c += 2) {
+            const float s = f16_to_f32(sc[c / gs]), m = f16_to_f32(mn[c / gs]);
+            const uint8_t b = src[c / 2];
+            buf[c] = (float)(b & 15) * s + m;
+            buf[c + 1] = (float)(b >> 4) * s + m;
         }
         return buf;
     }

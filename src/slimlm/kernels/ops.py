@@ -27,13 +27,22 @@ NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 """Plain pool dtypes and their codes (quantized codecs carry their own ``native_code``)."""
 
 
-def _check_pool(parts: list[torch.Tensor], code: int) -> None:
+def _check_pool(parts: list[torch.Tensor], code: int, role: int | None = None) -> None:
+    """``code``: the kernels' kv code (kv_pool.h: 0 float32, 1 bfloat16, 2 int8, 3 .. 6 int4 with
+    keys / values in groups of 32 or 16); ``role`` 0 keys, 1 values: int4's scales must hold one
+    entry per group of that pool."""
     if not all(t.is_contiguous() for t in parts):
         raise ValueError("native kernels need contiguous KV pools")
+    i4 = [torch.uint8, torch.float16, torch.float16]
     expect = {0: [torch.float32], 1: [torch.bfloat16], 2: [torch.int8, torch.float16],
-              3: [torch.uint8, torch.float16, torch.float16]}.get(code)
+              3: i4, 4: i4, 5: i4, 6: i4}.get(code)
     if expect is None or [t.dtype for t in parts] != expect:
         raise ValueError(f"native kernels: pool parts {[t.dtype for t in parts]} do not match dtype code {code}")
+    if code >= 3 and role is not None:
+        group = 16 if (code - 3) >> role & 1 else 32
+        if parts[1].shape[-1] * group != parts[0].shape[-1] * 2 or parts[2].shape != parts[1].shape:
+            raise ValueError(f"native kernels: int4 scales {tuple(parts[1].shape)} are not one per {group} channels "
+                             f"(dtype code {code})")
 
 
 def decode_threads(num_seqs: int) -> int:
@@ -92,12 +101,12 @@ def _decode_shapes(q, k_parts, v_parts, code, table, lens, mass) -> None:
     k0 = k_parts[0]
     num_blocks, bs, hkv = k0.shape[0], k0.shape[1], k0.shape[2]
     B, Hq, d = q.shape
-    _check_pool(k_parts, code)
-    _check_pool(v_parts, code)
+    _check_pool(k_parts, code, 0)
+    _check_pool(v_parts, code, 1)
     if table.dtype != torch.int64 or table.dim() != 2 or table.shape[0] != B or lens.shape != (B,) \
             or lens.dtype != torch.int64:
         raise ValueError("native_decode: table (B, max_blocks) and lens (B,) int64 are needed")
-    if Hq % hkv or (code < 3 and k0.shape[3] != d) or (code == 3 and k0.shape[3] * 2 != d):
+    if Hq % hkv or (code < 3 and k0.shape[3] != d) or (code >= 3 and k0.shape[3] * 2 != d):
         raise ValueError("native_decode: head counts or head size do not match the pool")
     if mass is not None and (mass.dtype != torch.float32 or mass.numel() != num_blocks * bs * hkv):
         raise ValueError("native_decode: mass must be a contiguous float32 (slots, Hkv) tensor")
@@ -190,13 +199,13 @@ def native_prefill(lib, q_rows: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
 def _check_q_pools(op: str, q_rows, k_parts, v_parts, code, out) -> None:
     """What the pool-reading prefill kernels check alike: both pools in the stored format ``code``
     and of one shape, q and out of one native dtype and shape with a contiguous head dimension."""
-    _check_pool(k_parts, code)
-    _check_pool(v_parts, code)
+    _check_pool(k_parts, code, 0)
+    _check_pool(v_parts, code, 1)
     if q_rows.dtype != out.dtype or q_rows.dtype not in NATIVE_DTYPES or q_rows.stride(2) != 1 \
             or out.stride(2) != 1 or out.shape != q_rows.shape:
         raise ValueError(f"{op}: q and out need one float32 / bfloat16 dtype, q's shape and a contiguous head "
                          "dimension")
-    if [tuple(t.shape) for t in v_parts] != [tuple(t.shape) for t in k_parts]:
+    if v_parts[0].shape != k_parts[0].shape or len(v_parts) != len(k_parts):
         raise ValueError(f"{op}: key and value pools differ in shape")
 
 
@@ -207,7 +216,7 @@ def _prefill_ex_shapes(q_rows, k_parts, v_parts, code, table, q_start, out, mass
     _check_q_pools("native_prefill", q_rows, k_parts, v_parts, code, out)
     if table.dtype != torch.int64:
         raise ValueError("native kernels need a contiguous int64 block table")
-    if table.numel() * bs < q_start + T or Hq % hkv or k0.shape[3] * (2 if code == 3 else 1) != d:
+    if table.numel() * bs < q_start + T or Hq % hkv or k0.shape[3] * (2 if code >= 3 else 1) != d:
         raise ValueError("native_prefill: the table must cover every key and head sizes must match the pool")
     if mass is not None and (mass.dtype != torch.float32 or mass.numel() != num_blocks * bs * hkv):
         raise ValueError("native_prefill: mass must be a contiguous float32 (slots, Hkv) tensor")
@@ -237,7 +246,7 @@ def native_prefill_ex(lib, q_rows: torch.Tensor, k_parts: list[torch.Tensor], v_
                       table: torch.Tensor, q_start: int, out: torch.Tensor, scale: float,
                       mass: torch.Tensor | None = None) -> None:
     """:func:`native_prefill` over pools in any stored format the native kernels read (``code``:
-    0 float32, 1 bfloat16, 2 int8, 3 int4; ``k_parts`` / ``v_parts``: the codec's tensors, data
+    0 float32, 1 bfloat16, 2 int8, 3 .. 6 int4 (kernels/kv_pool.h); ``k_parts`` / ``v_parts``: the codec's tensors, data
     first), decoded in place while the kernel repacks them (a rotating codec's keys stay in the
     stored space: the caller rotates the query). ``mass`` (slots, Hkv) float32, if given,
     receives each key's attention probabilities (summed over queries and query heads)."""
@@ -307,11 +316,11 @@ def native_sparse_decode(lib, q: torch.Tensor, k_parts: list[torch.Tensor], v_pa
     num_blocks, bs, hkv = v_parts[0].shape[0], k0.shape[1], k0.shape[2]
     q = q.float().contiguous()
     B, Hq, d = q.shape
-    _check_pool(k_parts, code)
-    _check_pool(v_parts, code)
+    _check_pool(k_parts, code, 0)
+    _check_pool(v_parts, code, 1)
     _check_table(table, num_blocks)
     if table.dim() != 2 or table.shape[0] != B or Hq % hkv or (code < 3 and k0.shape[3] != d) \
-            or (code == 3 and k0.shape[3] * 2 != d):
+            or (code >= 3 and k0.shape[3] * 2 != d):
         raise ValueError("native_sparse_decode: table (B, max_blocks) and head counts / size matching the pool needed")
     cap = table.shape[1] * bs
     if idx.dtype != torch.int32 or idx.dim() != 3 or idx.shape[:2] != (B, hkv) or not idx.is_contiguous():
@@ -392,7 +401,7 @@ def _sparse_prefill_shapes(q_rows, k_parts, v_parts, code, table, q_start, cols,
     hkv = k0.shape[2]
     _check_q_pools("native_sparse_prefill", q_rows, k_parts, v_parts, code, out)
     if table.dtype != torch.int64 or table.numel() * k0.shape[1] < q_start + T or Hq % hkv \
-            or k0.shape[3] * (2 if code == 3 else 1) != d:
+            or k0.shape[3] * (2 if code >= 3 else 1) != d:
         raise ValueError("native_sparse_prefill: an int64 table covering every key and head sizes matching the pool "
                          "are needed")
     for name, t in (("cols", cols), ("offs", offs)):

@@ -4,8 +4,9 @@
  * q    (B, Hq, d) float32            out (B, Hq, d) float32
  * k, v (num_blocks, block_size, Hkv, d), float32 (dtype 0) or bfloat16 (dtype 1); or quantized
  *      (the KV codecs of slimlm.kvcache.codec): int8 (dtype 2) with one fp16 scale per
- *      (slot, head) in k_aux/v_aux, or int4 (dtype 3) as (slot, Hkv, d/2) bytes (even channel in
- *      the low nibble) with fp16 scale and minimum per (slot, head, group of 32) in *_aux/*_aux2
+ *      (slot, head) in k_aux/v_aux, or int4 (dtype 3 .. 6, kv_pool.h) as (slot, Hkv, d/2) bytes (even
+ *      channel in the low nibble) with fp16 scale and minimum per (slot, head, group of 32 or 16
+ *      channels, keys and values each as the code says) in *_aux/*_aux2
  * table (B, max_blocks) int64: physical block of each logical block
  * lens  (B,) int64: tokens to attend (the context including the new token)
  * mass  NULL, or (num_blocks * block_size, Hkv) float32: each attended key's softmax
@@ -200,17 +201,27 @@ static const float *load_row(const pool_t *p, int64_t slot, float *buf) {
 #ifdef __AVX512F__
 #define QH 4 /* query heads of one KV head served per pass over its rows */
 
+/* n (<= 8) fp16 values as float32 in the low lanes (the rest zero), reading only n. */
+static inline __attribute__((always_inline)) __m512 ld_f16x8(const uint16_t *p, int64_t n) {
+    uint16_t b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    memcpy(b, p, (size_t)n * sizeof(uint16_t));
+    return _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b)));
+}
+
 /* Quantized pools with AVX-512 (int8: head size a multiple of 16; int4: of 32; at most 128),
  * rows decoded in registers once per pass and used by up to QH query heads of their KV head.
- * int8: q . (c s) = s (q . c), and the values' weight p s multiplies the codes. int4: a group's
- * 16 bytes widen to its even channels (low nibbles) and odd ones (high nibbles); the query is
- * split alike, so q . (c s + m) = s (q_even . c_lo + q_odd . c_hi) + m sum(q) per group, and the
- * output accumulates p s c plus p m per group, interleaved back at the end. */
+ * int8: q . (c s) = s (q . c), and the values' weight p s multiplies the codes. int4: 16 bytes
+ * (32 channels) widen to their even channels (low nibbles) and odd ones (high nibbles); the
+ * query is split alike, so q . (c s + m) = s (q_even . c_lo + q_odd . c_hi) + m sum(q) per group,
+ * and the output accumulates p s c plus p m per group, interleaved back at the end. With groups
+ * of 16 the 16 lanes carry two groups (lanes 0-7 the first): keys are decoded to c s + m with
+ * the row's scales and minima loaded once and permuted into place per 16 bytes; values take the
+ * weight p s blended per half and sum p m per group. */
 static inline __attribute__((always_inline)) void decode_quant_avx512(const float *qb, const pool_t *kp, const pool_t *vp, const int64_t *tb, int64_t L,
                                 float *ob, float *s, int64_t Hq, int64_t Hkv, int64_t d, int64_t block_size,
                                 float scale) {
     const int64_t G = Hq / Hkv, W = Hkv * d;
-    const int64_t nv = d / 16, NG = d / I4_GROUP;
+    const int64_t nv = d / 16, NC = d / 32; /* int4: chunks of 32 channels, 16 bytes */
     const __m512i low = _mm512_set1_epi32(15);
     for (int64_t h0 = 0, hn = 0; h0 < Hq; h0 += hn) { /* scores */
         const int64_t g = h0 / G; /* heads h0 .. h0 + hn - 1 of KV head g */
@@ -245,17 +256,22 @@ static inline __attribute__((always_inline)) void decode_quant_avx512(const floa
                 }
             }
         } else {
+            /* chunks of 32 channels (16 bytes); with keys in groups of 16 a chunk's lanes 0-7 take
+             * the first group's scale and minimum, lanes 8-15 the second's */
+            const int kg16 = kp->group == 16;
+            const __m512i two_groups = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
             __m512 qe[QH][4], qo[QH][4];
-            float qsum[QH][4];
+            float qsum[QH][4]; /* groups of 32: the sum of the query over each group */
             for (int64_t h = 0; h < QH; ++h) if (h < hn)
-                for (int64_t gr = 0; gr < NG; ++gr) {
+                for (int64_t gr = 0; gr < NC; ++gr) {
                     float e[16], o[16];
-                    const float *qg = qb + (h0 + h) * d + gr * I4_GROUP;
+                    const float *qg = qb + (h0 + h) * d + gr * 32;
                     qsum[h][gr] = 0.f;
                     for (int i = 0; i < 16; ++i) { e[i] = qg[2 * i]; o[i] = qg[2 * i + 1]; qsum[h][gr] += e[i] + o[i]; }
                     qe[h][gr] = _mm512_loadu_ps(e);
                     qo[h][gr] = _mm512_loadu_ps(o);
                 }
+            const int64_t NGK = kg16 ? 2 * NC : NC;
             for (int64_t t0 = 0; t0 < L; t0 += 4) { /* 4 keys at a time: one transposing reduction (sum4) */
                 const int64_t nt = L - t0 < 4 ? L - t0 : 4;
                 __m512 a[QH][4];
@@ -265,10 +281,24 @@ static inline __attribute__((always_inline)) void decode_quant_avx512(const floa
                     if (u >= nt) continue;
                     const int64_t t = t0 + u, slot = tb[t / block_size] * block_size + t % block_size;
                     const uint8_t *kr = (const uint8_t *)kp->data + slot * (W / 2) + g * (d / 2);
-                    const uint16_t *sc = (const uint16_t *)kp->aux + (slot * Hkv + g) * NG;
-                    const uint16_t *mn = (const uint16_t *)kp->aux2 + (slot * Hkv + g) * NG;
-                    for (int64_t gr = 0; gr < NG; ++gr) {
-                        const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(kr + gr * I4_GROUP / 2)));
+                    const uint16_t *sc = (const uint16_t *)kp->aux + (slot * Hkv + g) * NGK;
+                    const uint16_t *mn = (const uint16_t *)kp->aux2 + (slot * Hkv + g) * NGK;
+                    if (kg16) { /* the row's scales and minima in one load each; each chunk's
+                                 * lanes pick theirs (one permute), the key decoded as c s + m */
+                        const __m512 sv = ld_f16x8(sc, 2 * NC), mv = ld_f16x8(mn, 2 * NC);
+                        for (int64_t gr = 0; gr < NC; ++gr) {
+                            const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(kr + gr * 16)));
+                            const __m512i pick = _mm512_add_epi32(two_groups, _mm512_set1_epi32((int)(2 * gr)));
+                            const __m512 sg = _mm512_permutexvar_ps(pick, sv), mg = _mm512_permutexvar_ps(pick, mv);
+                            const __m512 lo = _mm512_fmadd_ps(sg, _mm512_cvtepi32_ps(_mm512_and_si512(x, low)), mg);
+                            const __m512 hi = _mm512_fmadd_ps(sg, _mm512_cvtepi32_ps(_mm512_srli_epi32(x, 4)), mg);
+                            for (int64_t h = 0; h < QH; ++h) if (h < hn)
+                                a[h][u] = _mm512_fmadd_ps(qo[h][gr], hi, _mm512_fmadd_ps(qe[h][gr], lo, a[h][u]));
+                        }
+                        continue;
+                    }
+                    for (int64_t gr = 0; gr < NC; ++gr) {
+                        const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(kr + gr * 16)));
                         const __m512 sg = _mm512_set1_ps(_cvtsh_ss(sc[gr]));
                         /* the codes times the group's scale once, shared by the hn query heads */
                         const __m512 lo = _mm512_mul_ps(sg, _mm512_cvtepi32_ps(_mm512_and_si512(x, low)));
@@ -310,35 +340,56 @@ static inline __attribute__((always_inline)) void decode_quant_avx512(const floa
             for (int64_t h = 0; h < QH; ++h) if (h < hn)
                 for (int64_t j = 0; j < nv; ++j) _mm512_storeu_ps(ob + (h0 + h) * d + 16 * j, acc[h][j]);
         } else {
+            const int vg16 = vp->group == 16;
+            const int64_t NGV = vg16 ? 2 * NC : NC;
             __m512 ae[QH][4], ao[QH][4];
-            float msum[QH][4];
-            for (int64_t h = 0; h < QH; ++h) if (h < hn)
-                for (int64_t gr = 0; gr < NG; ++gr) { ae[h][gr] = ao[h][gr] = _mm512_setzero_ps(); msum[h][gr] = 0.f; }
+            float msum[QH][8]; /* sum over keys of p times the value group's minimum */
+            for (int64_t h = 0; h < QH; ++h) if (h < hn) {
+                for (int64_t gr = 0; gr < NC; ++gr) ae[h][gr] = ao[h][gr] = _mm512_setzero_ps();
+                for (int64_t gr = 0; gr < NGV; ++gr) msum[h][gr] = 0.f;
+            }
             for (int64_t t = 0; t < L; ++t) {
                 const int64_t slot = tb[t / block_size] * block_size + t % block_size;
                 const uint8_t *vr = (const uint8_t *)vp->data + slot * (W / 2) + g * (d / 2);
-                const uint16_t *sc = (const uint16_t *)vp->aux + (slot * Hkv + g) * NG;
-                const uint16_t *mn = (const uint16_t *)vp->aux2 + (slot * Hkv + g) * NG;
-                for (int64_t gr = 0; gr < NG; ++gr) {
-                    const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(vr + gr * I4_GROUP / 2)));
+                const uint16_t *sc = (const uint16_t *)vp->aux + (slot * Hkv + g) * NGV;
+                const uint16_t *mn = (const uint16_t *)vp->aux2 + (slot * Hkv + g) * NGV;
+                for (int64_t gr = 0; gr < NC; ++gr) {
+                    const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(vr + gr * 16)));
                     const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(x, low)), hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(x, 4));
-                    const float sg = _cvtsh_ss(sc[gr]), mg = _cvtsh_ss(mn[gr]);
-                    for (int64_t h = 0; h < QH; ++h) if (h < hn) {
-                        const float p = s[(h0 + h) * L + t];
-                        const __m512 w = _mm512_set1_ps(p * sg);
-                        ae[h][gr] = _mm512_fmadd_ps(w, lo, ae[h][gr]);
-                        ao[h][gr] = _mm512_fmadd_ps(w, hi, ao[h][gr]);
-                        msum[h][gr] += p * mg;
+                    if (vg16) {
+                        const float sa = _cvtsh_ss(sc[2 * gr]), sb = _cvtsh_ss(sc[2 * gr + 1]);
+                        const float ma = _cvtsh_ss(mn[2 * gr]), mb = _cvtsh_ss(mn[2 * gr + 1]);
+                        for (int64_t h = 0; h < QH; ++h) if (h < hn) {
+                            const float p = s[(h0 + h) * L + t];
+                            const __m512 w = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(p * sa), _mm512_set1_ps(p * sb));
+                            ae[h][gr] = _mm512_fmadd_ps(w, lo, ae[h][gr]);
+                            ao[h][gr] = _mm512_fmadd_ps(w, hi, ao[h][gr]);
+                            msum[h][2 * gr] += p * ma;
+                            msum[h][2 * gr + 1] += p * mb;
+                        }
+                    } else {
+                        const float sg = _cvtsh_ss(sc[gr]), mg = _cvtsh_ss(mn[gr]);
+                        for (int64_t h = 0; h < QH; ++h) if (h < hn) {
+                            const float p = s[(h0 + h) * L + t];
+                            const __m512 w = _mm512_set1_ps(p * sg);
+                            ae[h][gr] = _mm512_fmadd_ps(w, lo, ae[h][gr]);
+                            ao[h][gr] = _mm512_fmadd_ps(w, hi, ao[h][gr]);
+                            msum[h][gr] += p * mg;
+                        }
                     }
                 }
             }
             for (int64_t h = 0; h < QH; ++h) if (h < hn)
-                for (int64_t gr = 0; gr < NG; ++gr) {
+                for (int64_t gr = 0; gr < NC; ++gr) {
                     float e[16], o[16];
                     _mm512_storeu_ps(e, ae[h][gr]);
                     _mm512_storeu_ps(o, ao[h][gr]);
-                    float *og = ob + (h0 + h) * d + gr * I4_GROUP;
-                    for (int i = 0; i < 16; ++i) { og[2 * i] = e[i] + msum[h][gr]; og[2 * i + 1] = o[i] + msum[h][gr]; }
+                    float *og = ob + (h0 + h) * d + gr * 32;
+                    for (int i = 0; i < 16; ++i) {
+                        const float m = msum[h][vg16 ? 2 * gr + (i >= 8) : gr];
+                        og[2 * i] = e[i] + m;
+                        og[2 * i + 1] = o[i] + m;
+                    }
                 }
         }
     }
@@ -377,10 +428,8 @@ int slimlm_paged_decode(const float *q, const void *k_pool, const void *v_pool, 
                         const int64_t *table, const int64_t *lens, float *out, float *mass,
                         int64_t B, int64_t Hq, int64_t Hkv, int64_t d, int64_t block_size,
                         int64_t max_blocks, float scale, int nthreads) {
-    if (Hkv <= 0 || Hq % Hkv != 0 || block_size <= 0 || dtype < 0 || dtype > 3) return 1;
-    if (dtype >= 2 && !(k_aux && v_aux)) return 1;
-    if (dtype == 3 && (d % I4_GROUP != 0 || !(k_aux2 && v_aux2))) return 1;
-    const pool_t kp = {k_pool, k_aux, k_aux2, dtype, Hkv, d}, vp = {v_pool, v_aux, v_aux2, dtype, Hkv, d};
+    if (Hkv <= 0 || Hq % Hkv != 0 || block_size <= 0 || !kv_code_ok(dtype, d, k_aux, k_aux2, v_aux, v_aux2)) return 1;
+    const pool_t kp = kv_pool(k_pool, k_aux, k_aux2, dtype, 0, Hkv, d), vp = kv_pool(v_pool, v_aux, v_aux2, dtype, 1, Hkv, d);
     const int64_t G = Hq / Hkv;
     int64_t next = 0;
     int failed = 0;
@@ -410,7 +459,7 @@ int slimlm_paged_decode(const float *q, const void *k_pool, const void *v_pool, 
             else if (d == 64 && dtype == 1) { decode_avx512(qb, k_pool, v_pool, 1, tb, L, ob, s, Hq, Hkv, 64, block_size, scale); done = 1; }
             else if (d % 16 == 0 && d <= 128 && dtype == 0) { decode_avx512(qb, k_pool, v_pool, 0, tb, L, ob, s, Hq, Hkv, d, block_size, scale); done = 1; }
             else if (d % 16 == 0 && d <= 128 && dtype == 1) { decode_avx512(qb, k_pool, v_pool, 1, tb, L, ob, s, Hq, Hkv, d, block_size, scale); done = 1; }
-            else if (((dtype == 2 && d % 16 == 0) || (dtype == 3 && d % 32 == 0)) && d >= 16 && d <= 128) {
+            else if (((dtype == 2 && d % 16 == 0) || (dtype >= 3 && d % 32 == 0)) && d >= 16 && d <= 128) {
                 if (d == 64) /* constant sizes: the accumulators stay in registers */
                     decode_quant_avx512(qb, &kp, &vp, tb, L, ob, s, Hq, Hkv, 64, block_size, scale);
                 else
@@ -435,7 +484,8 @@ int slimlm_paged_decode(const float *q, const void *k_pool, const void *v_pool, 
 /* Quantize rows into a quantized pool, as the codecs' ``write`` computes them (codec/int8.py,
  * codec/int4.py; a rotating codec passes its rows already rotated): x (T, H, d) float32, row t
  * into flat slot slots[t]. int8 (code 2): s = fp16(max(max|x| / 127, 1e-8)), c = clamp(rne(x / s),
- * -127, 127). int4 (code 3): per group of 32, s = fp16(max((max - min) / 15, 1e-8)),
+ * -127, 127). int4 (codes 3 .. 6: the pool is written as that code's keys, so 3 writes groups of
+ * 32 and 6 groups of 16; kv_pool_code): per group, s = fp16(max((max - min) / 15, 1e-8)),
  * m = fp16(min), c = clamp(rne((x - m) / s), 0, 15), even channel in the low nibble. Every step
  * is one float32 operation rounded as PyTorch rounds it, so the stored bytes are the same (a NaN
  * code, from a zero scale, is stored as 0, as PyTorch's conversion gives on x86). */
@@ -457,8 +507,9 @@ int slimlm_kv_quantize(const float *x, const int64_t *slots, int64_t T, int64_t 
     (void)x; (void)slots; (void)T; (void)H; (void)d; (void)code; (void)data; (void)aux; (void)aux2;
     return 1; /* no fp16 conversion instructions: the codecs quantize with PyTorch */
 #else
-    if (T < 0 || H <= 0 || d <= 0 || (code != 2 && code != 3) || (code == 3 && (d % I4_GROUP || !aux2)) || !aux)
-        return 1;
+    if (T < 0 || H <= 0 || d <= 0 || code < 2 || code > KV_CODE_MAX || !aux) return 1;
+    const int64_t GS = code >= 3 ? i4_group(code, 0) : 0; /* int4: the group size of the code's keys */
+    if (code >= 3 && (d % GS || !aux2)) return 1;
     for (int64_t t = 0; t < T; ++t)
         for (int64_t h = 0; h < H; ++h) {
             const float *r = x + (t * H + h) * d;
@@ -475,20 +526,20 @@ int slimlm_kv_quantize(const float *x, const int64_t *slots, int64_t T, int64_t 
                 ((uint16_t *)aux)[row] = s16;
                 continue;
             }
-            const int64_t G = d / I4_GROUP;
+            const int64_t G = d / GS;
             uint8_t *q = (uint8_t *)data + row * (d / 2);
             for (int64_t g = 0; g < G; ++g) {
-                const float *v = r + g * I4_GROUP;
+                const float *v = r + g * GS;
                 float lo = v[0], hi = v[0];
-                for (int i = 1; i < I4_GROUP; ++i) { lo = v[i] < lo ? v[i] : lo; hi = v[i] > hi ? v[i] : hi; }
+                for (int i = 1; i < GS; ++i) { lo = v[i] < lo ? v[i] : lo; hi = v[i] > hi ? v[i] : hi; }
                 float s = (hi - lo) / 15.0f;
                 s = s < 1e-8f ? 1e-8f : s;
                 const uint16_t s16 = f32_to_f16(s), m16 = f32_to_f16(lo);
                 const float sf = _cvtsh_ss(s16), mf = _cvtsh_ss(m16);
-                for (int i = 0; i < I4_GROUP / 2; ++i) {
+                for (int i = 0; i < GS / 2; ++i) {
                     const uint8_t c0 = (uint8_t)code_of((v[2 * i] - mf) / sf, 0.f, 15.f);
                     const uint8_t c1 = (uint8_t)code_of((v[2 * i + 1] - mf) / sf, 0.f, 15.f);
-                    q[g * I4_GROUP / 2 + i] = (uint8_t)(c0 | (c1 << 4));
+                    q[g * GS / 2 + i] = (uint8_t)(c0 | (c1 << 4));
                 }
                 ((uint16_t *)aux)[row * G + g] = s16;
                 ((uint16_t *)aux2)[row * G + g] = m16;

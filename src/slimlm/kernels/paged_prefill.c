@@ -7,7 +7,7 @@
  *
  * dtype 0: float32 q / out / arithmetic; 1: bfloat16 (``slimlm_paged_prefill_ex``: the pools may
  *      be stored in another format, ``kv_code``: 0 float32, 1 bfloat16, 2 int8 with one fp16
- *      scale per (slot, head), 3 int4 in groups of 32 with fp16 scale and minimum, as the KV
+ *      scale per (slot, head), 3 .. 6 int4 in groups of 32 or 16 (kv_pool.h) with fp16 scale and minimum, as the KV
  *      codecs of slimlm.kvcache.codec and paged_decode.c; the repack phase decodes them in place,
  *      c * s (+ m) exactly as the codecs' ``read``, rounded to bf16 for a bf16 query)
  * q    row t / head h at q + t * qs_t + h * qs_h (head dim contiguous)
@@ -79,9 +79,9 @@ typedef struct {
 
 /* Head g of stored row ``slot`` decoded to float32 (d values): c * s for int8, c * s + m for int4
  * (two roundings, no fused multiply-add: -std=c11 turns contraction off), as the codecs read. */
-static void decode_head(int code, const void *data, const void *aux, const void *aux2, int64_t slot, int64_t g,
-                        int64_t Hkv, int64_t d, float *o) {
-    const pool_t p = {data, aux, aux2, code, Hkv, d};
+static void decode_head(int code, int role, const void *data, const void *aux, const void *aux2, int64_t slot,
+                        int64_t g, int64_t Hkv, int64_t d, float *o) {
+    const pool_t p = kv_pool(data, aux, aux2, code, role, Hkv, d);
     const float *r = head_row(&p, slot, g, o);
     if (r != o) memcpy(o, r, (size_t)d * sizeof(float));
 }
@@ -94,8 +94,8 @@ static void repack_decoded(repack_args *a, int64_t g, int64_t kg) {
         const int64_t key = kg * 16 + lane;
         if (key < a->n) {
             const int64_t slot = a->table[key / a->bs] * a->bs + key % a->bs;
-            decode_head(a->code, a->k, a->ka, a->ka2, slot, g, a->Hkv, d, kr[lane]);
-            decode_head(a->code, a->v, a->va, a->va2, slot, g, a->Hkv, d, vr[lane]);
+            decode_head(a->code, 0, a->k, a->ka, a->ka2, slot, g, a->Hkv, d, kr[lane]);
+            decode_head(a->code, 1, a->v, a->va, a->va2, slot, g, a->Hkv, d, vr[lane]);
         } else {
             memset(kr[lane], 0, (size_t)d * sizeof(float));
             memset(vr[lane], 0, (size_t)d * sizeof(float));
@@ -425,7 +425,7 @@ int slimlm_paged_prefill_ex(const void *q, int64_t qs_t, int64_t qs_h, const voi
                             int64_t T, int64_t Hq, int64_t Hkv, int64_t d, int64_t block_size, float scale, float *mass,
                             int nthreads) {
     if (!slimlm_prefill_supported(d, dtype) || Hkv <= 0 || Hq % Hkv != 0 || block_size <= 0 || T <= 0 || q_start < 0
-        || kv_code < 0 || kv_code > 3 || (kv_code >= 2 && !k_aux) || (kv_code == 3 && !k_aux2))
+        || !kv_code_ok(kv_code, d, k_aux, k_aux2, v_aux, v_aux2))
         return 1;
 #ifdef SLIMLM_HAVE_AVX512
     const int64_t n = q_start + T;

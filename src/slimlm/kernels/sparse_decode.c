@@ -258,10 +258,9 @@ int slimlm_sparse_decode(const float *q, const void *k_pool, const void *v_pool,
                          const float *const *fsin, const int64_t *fP, int64_t rank,
                          const int64_t *tail, float *out, int64_t B, int64_t Hq, int64_t Hkv, int64_t d,
                          int64_t block_size, float scale, int nthreads) {
-    if (Hkv <= 0 || Hq % Hkv != 0 || block_size <= 0 || dtype < 0 || dtype > 3 || d <= 0) return 1;
-    if (dtype >= 2 && !(k_aux && v_aux)) return 1;
-    if (dtype == 3 && (d % I4_GROUP != 0 || !(k_aux2 && v_aux2))) return 1;
-    const pool_t kp = {k_pool, k_aux, k_aux2, dtype, Hkv, d}, vp = {v_pool, v_aux, v_aux2, dtype, Hkv, d};
+    if (Hkv <= 0 || Hq % Hkv != 0 || block_size <= 0 || d <= 0 || !kv_code_ok(dtype, d, k_aux, k_aux2, v_aux, v_aux2))
+        return 1;
+    const pool_t kp = kv_pool(k_pool, k_aux, k_aux2, dtype, 0, Hkv, d), vp = kv_pool(v_pool, v_aux, v_aux2, dtype, 1, Hkv, d);
     const int64_t G = Hq / Hkv, items = B * Hkv;
     int64_t next = 0;
     int failed = 0;
@@ -344,9 +343,8 @@ int slimlm_sparse_select_decode(const float *q, const void *k_pool, const void *
                                 const float *const *fcos, const float *const *fsin, int64_t rank,
                                 const int64_t *tail, float *out, int64_t *counters, int64_t B, int64_t Hq,
                                 int64_t Hkv, int64_t d, int64_t block_size, float scale, int nthreads) {
-    if (Hkv <= 0 || Hq % Hkv != 0 || block_size <= 0 || dtype < 0 || dtype > 3 || d <= 0) return 1;
-    if (dtype >= 2 && !(k_aux && v_aux)) return 1;
-    if (dtype == 3 && (d % I4_GROUP != 0 || !(k_aux2 && v_aux2))) return 1;
+    if (Hkv <= 0 || Hq % Hkv != 0 || block_size <= 0 || d <= 0 || !kv_code_ok(dtype, d, k_aux, k_aux2, v_aux, v_aux2))
+        return 1;
     const int64_t cap = max_blocks * block_size;
     int64_t N = 1;
     for (int64_t b = 0; b < B; ++b) { /* every entry lies below P <= the table's capacity */
@@ -355,7 +353,7 @@ int slimlm_sparse_select_decode(const float *q, const void *k_pool, const void *
         if (r[0] == 1 && (r[2] * r[3] > r[1] || r[4] > r[2] || r[4] * r[3] + r[5] > r[1] || !fA || !fA[b])) return 1;
         if (r[1] > N) N = r[1];
     }
-    const pool_t kp = {k_pool, k_aux, k_aux2, dtype, Hkv, d}, vp = {v_pool, v_aux, v_aux2, dtype, Hkv, d};
+    const pool_t kp = kv_pool(k_pool, k_aux, k_aux2, dtype, 0, Hkv, d), vp = kv_pool(v_pool, v_aux, v_aux2, dtype, 1, Hkv, d);
     const int64_t G = Hq / Hkv, items = B * Hkv, cmax = sel_cmax(si, B);
     int64_t next = 0;
     int failed = 0;

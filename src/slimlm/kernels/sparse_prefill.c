@@ -471,8 +471,8 @@ int slimlm_sparse_prefill(const void *q, int64_t qs_t, int64_t qs_h, int qdtype,
                           const int32_t *offs, int64_t ns, int64_t qb, void *out, int64_t os_t, int64_t os_h,
                           float scale, int64_t *stats, int nthreads) {
     if (!slimlm_sparse_prefill_supported(d) || Hkv <= 0 || Hq % Hkv != 0 || block_size <= 0 || T <= 0 || q_start < 0
-        || qb <= 0 || qdtype < 0 || qdtype > 1 || kv_code < 0 || kv_code > 3 || (kv_code >= 2 && !k_aux)
-        || (kv_code == 3 && (!k_aux2 || d % I4_GROUP)) || nv < 0 || ns < 0)
+        || qb <= 0 || qdtype < 0 || qdtype > 1 || !kv_code_ok(kv_code, d, k_aux, k_aux2, v_aux, v_aux2) || nv < 0
+        || ns < 0)
         return 1;
 #ifdef SLIMLM_HAVE_AVX512
     const int64_t n = q_start + T;
@@ -486,7 +486,7 @@ int slimlm_sparse_prefill(const void *q, int64_t qs_t, int64_t qs_h, int qdtype,
         }
     }
     sp_args a = {q, out, qs_t, qs_h, os_t, os_h, qdtype,
-                 {k_pool, k_aux, k_aux2, kv_code, Hkv, d}, {v_pool, v_aux, v_aux2, kv_code, Hkv, d},
+                 kv_pool(k_pool, k_aux, k_aux2, kv_code, 0, Hkv, d), kv_pool(v_pool, v_aux, v_aux2, kv_code, 1, Hkv, d),
                  table, q_start, T, Hq, Hkv, d, block_size, n, qb, (T + qb - 1) / qb,
                  (block_size & (block_size - 1)) ? -1 : __builtin_ctzll((unsigned long long)block_size),
                  cols, offs, nv, ns, is_s, rev, scale, 0, 0, 0, 0};

@@ -66,7 +66,12 @@ class KVCacheSpec:
     def bytes_per_token(self) -> int:
         """KV bytes one token holds across all storages (keys and values, scales included;
         without the retention rows of merged storages, which are per block)."""
-        return 2 * self.num_storages * self.codec().bytes_per_row(self.num_kv_heads)
+        return self.num_storages * self.bytes_per_kv_row()
+
+    def bytes_per_kv_row(self) -> int:
+        """One token's key row plus its value row in one storage (the codecs may store them apart:
+        int4 keeps keys in smaller groups than values)."""
+        return self.codec("k").bytes_per_row(self.num_kv_heads) + self.codec("v").bytes_per_row(self.num_kv_heads)
 
     @property
     def merged_storages(self) -> list[int]:
@@ -83,7 +88,7 @@ class KVCacheSpec:
         if m:
             mag = torch.empty((), dtype=MAGNITUDE_DTYPE).element_size()
             per_storage = block_size * (2 * 2 * self.num_kv_heads * mag + 1) \
-                + 2 * self.merge.rows * self.codec().bytes_per_row(self.num_kv_heads)
+                + self.merge.rows * self.bytes_per_kv_row()
             total += m * per_storage
         return total
 

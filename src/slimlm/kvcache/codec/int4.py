@@ -22,14 +22,20 @@ kernel gets the query rotated). Values are not rotated: they have no such channe
 rotated they measured slightly worse (``docs/results/raw/kv_int4_study.py``; ``ROTATE``
 selects the rotated pools, set before the engine starts: ``()`` is the unrotated codec).
 
-The row is cut into groups of ``GROUP`` channels; a group is stored as 4-bit codes
+The row is cut into groups of channels, ``GROUPS[role]`` (keys 16, values 32; a head size
+that is not a multiple of 32 takes 16 for both); a group is stored as 4-bit codes
 c = round((x - m) / s) in [0, 15] with m = min, s = (max - min) / 15 (fp16 scale and minimum),
 two codes per byte. Asymmetric, because a group's values are rarely centred on zero and the
 minimum costs two bytes. Per token (not KIVI's per channel over tokens) because a token's row
 arrives once and is never re-quantized: blocks stay independent (prefix sharing, copies,
-compaction) and the native decode kernel reads them in place. Storage: d / 2 + 4 * d / 32
-bytes per token-head (40 for d = 64, against 256 in fp32). Heads narrower than 32 channels or
-not a multiple of 32 use groups of 16 (PyTorch path only: the native kernel reads groups of 32).
+compaction) and the native kernels read them in place. Keys in groups of 16: they carry almost
+all of int4's loss, and halving their groups took the perplexity change on 4,096 prose tokens
+(SmolLM2-135M, fp32, native kernels) from +3.7 % to +1.7 % (bf16 model: +3.9 % -> +2.2 %); values
+lose next to nothing at 32 (both in 16: +2.3 %; docs/techniques.md, "int4 at 2 %: keys in groups
+of 16, native"). Storage: d / 2 + 4 * d / group bytes per token-head (keys 48, values 40
+for d = 64, against 256 each in fp32). The native kernels read every combination of 16 / 32
+(kv codes 3 .. 6 in kernels/kv_pool.h: ``native_code`` names both pools' layouts, so the key
+and value codecs of one cache carry the same code).
 """
 
 from __future__ import annotations
@@ -38,7 +44,8 @@ import torch
 
 from slimlm.kvcache.codec.base import KV_CODECS, KVCodec, native_quantize, zeros
 
-GROUP = 32
+GROUPS = {"k": 16, "v": 32}
+"""Channels per scale and minimum, keys and values (16 or 32; set before the engine starts)."""
 NATIVE = True
 """Quantize with the native kernel where it runs (the same bytes; False: PyTorch only)."""
 ROTATE: tuple[str, ...] = ("k",)
@@ -56,12 +63,22 @@ class Int4Codec(KVCodec):
         super().__init__(compute_dtype, head_dim, role)
         self.rotates = role in ROTATE
         self.wants_key_offsets = role == "k" and OFFSETS
-        self.group = GROUP if head_dim % GROUP == 0 else 16
-        if head_dim % self.group:
-            raise ValueError(f"kv_cache_dtype='int4' needs a head size divisible by 16, got {head_dim}")
+        groups = {r: self.group_of(r, head_dim) for r in ("k", "v")}
+        self.group = groups[role]
+        if head_dim % 16 or any(g not in (16, 32) for g in groups.values()):
+            raise ValueError(f"kv_cache_dtype='int4' needs a head size divisible by 16 and groups of 16 or 32, "
+                             f"got head size {head_dim} and groups {GROUPS}")
         self.groups = head_dim // self.group
-        if self.group != 32:
-            self.native_code = None  # type: ignore[misc]
+        # kernels/kv_pool.h: 3 + (keys in 16) + 2 * (values in 16), one code for both pools
+        self.native_code = 3 + (groups["k"] == 16) + 2 * (groups["v"] == 16)  # type: ignore[misc]
+        self.pool_code = 3 if self.group == 32 else 6
+        """The code the native encoder writes this pool with (its group size for keys and values)."""
+
+    @staticmethod
+    def group_of(role: str, head_dim: int) -> int:
+        """The group size of the ``role`` pool for this head size."""
+        g = GROUPS[role]
+        return g if head_dim % g == 0 else 16
 
     def bytes_per_row(self, num_kv_heads: int) -> int:
         return num_kv_heads * (self.head_dim // 2 + 4 * self.groups)
@@ -75,7 +92,7 @@ class Int4Codec(KVCodec):
         data, scale, mins = tensors
         T, H, d = x.shape
         mu = self.offset(tensors)
-        if NATIVE and self.native_code == 3 and native_quantize(x, slots, 3, tensors, mu, self.rotates):
+        if NATIVE and native_quantize(x, slots, self.pool_code, tensors, mu, self.rotates):
             return
         xf = self.to_storage(x.float() - mu if mu is not None else x.float())
         g = xf.view(T, H, self.groups, self.group)

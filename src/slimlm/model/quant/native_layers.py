@@ -129,7 +129,7 @@ def _codec_unsupported(cache) -> str | None:
         if k.native_code not in (0, 1) or k.rotates or v.rotates:
             return f"KV codec stores {getattr(k, 'storage_dtype', 'other')} rows"
         return None
-    if type(k) not in (Int8Codec, Int4Codec) or k.native_code not in (2, 3):
+    if type(k) not in (Int8Codec, Int4Codec) or k.native_code not in (2, 3, 4, 5, 6):  # kernels/kv_pool.h's codes
         return f"KV codec {k.name!r} has no native layer write"
     d = k.head_dim
     if v.rotates or (k.rotates and d & (d - 1)):
