@@ -7,7 +7,8 @@ kept buffer for prefill). Alternating rounds, medians; on a loaded machine read 
   decode   batch-1 greedy decode of the default model (WEIGHTS=int4 | gguf): fp16 vs widened fp32
            scales, two engines in one process, 32 tokens a round
   prefill  a PROMPT-token prefill (default 64; max_tokens=1, a new prompt every round): PyTorch's
-           de-quantization per layer (before) vs the native one into the kept buffer (after)
+           de-quantization per layer, no trim (before) vs the native one into the kept buffer, without
+           and with the malloc_trim after the step (after)
 
 Usage: THREADS=1 python docs/results/raw/ab_scales_fp16.py kernel|decode|prefill [ROUNDS]"""
 import os
@@ -92,6 +93,7 @@ elif what == "decode":
 elif what == "prefill":
     from slimlm import LLM, SamplingParams
     from slimlm.bench.workloads import text_prompt
+    from slimlm.engine import runner
     from slimlm.model.hub import load
     from slimlm.model.quant import formats
 
@@ -99,17 +101,19 @@ elif what == "prefill":
     w = os.environ.get("WEIGHTS", "int4")
     lm = load("smollm2-135m-instruct", "float32", weights=w)
     llm = LLM(lm, kv_cache_bytes="64M", max_num_batched_tokens=max(512, n))
-    new = formats.dequantized_matmul
+    new, trim = formats.dequantized_matmul, runner.release_prefill_heap
     old = lambda p, x: F.linear(x, p.dequantize(x.dtype, native=False))  # noqa: E731  (the session-9 path)
+    arms = {"before": (old, lambda: None), "native, no trim": (new, lambda: None), "after": (new, trim)}
     sp = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    res = {"before": [], "after": []}
+    res = {k: [] for k in arms}
     for r in range(rounds):
         order = list(res) if r % 2 else list(res)[::-1]
-        for k in order:
-            formats.dequantized_matmul = old if k == "before" else new
-            ids = text_prompt(lm.tokenizer, n, offset=2000 * (2 * r + (k == "after")))
+        for i, k in enumerate(order):
+            formats.dequantized_matmul, runner.release_prefill_heap = arms[k]
+            ids = text_prompt(lm.tokenizer, n, offset=2000 * (3 * r + i))
             t = time.perf_counter()
             llm.generate([ids], sp, use_tqdm=False)
             res[k].append((time.perf_counter() - t) * 1e3)
-    formats.dequantized_matmul = new
+    formats.dequantized_matmul, runner.release_prefill_heap = new, trim
+    report(f"{w} {n}-token prefill (ms)", res, "before", "native, no trim")
     report(f"{w} {n}-token prefill (ms)", res, "before", "after")

@@ -4,6 +4,7 @@ a batch-1 decode engine and decoding 16 tokens. Deterministic within a few MB.
 Usage: python docs/results/raw/rss_phases.py gguf   (or int4 / int8: the default model's weights)
        PROMPT=bench python ...   (bench decode's workload: a 16-token warm-up, then a 64-token prompt
        of text_prompt, whose prefill takes the de-quantizing path: more than 16 rows)
+       TRIM=1 python ...   (adds a last phase after glibc's malloc_trim: the freed heap still held)
        python docs/results/raw/rss_phases.py baseline   (the runtime baseline, below)
        python docs/results/raw/rss_phases.py llama.cpp  (the same phases in llama-cpp-python)
 
@@ -103,4 +104,8 @@ if bench:
     phase("warm-up: 16-token prompt, 4 tokens")
 llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
 phase(f"{'64-token prompt, ' if bench else ''}16 tokens decoded")
+if os.environ.get("TRIM") == "1":  # a probe: how much of the RSS is freed heap glibc still holds
+    from slimlm.model.weights import release_freed_heap
+    release_freed_heap()
+    phase("after malloc_trim (probe)")
 table(f"weights {w}: model tensors (packed + norms) {pb / 2**20:.1f} MiB")

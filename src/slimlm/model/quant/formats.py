@@ -199,6 +199,31 @@ def dequantized_matmul(p: PackedWeight, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, p.dequantize(x.dtype))
 
 
+_trim = None
+
+
+def release_prefill_heap() -> None:
+    """After a prefill step of a packed model (the runner calls it): give glibc's freed heap back
+    to the OS (``malloc_trim(0)``). What a prefill frees below glibc's mmap threshold (activations,
+    attention buffers) otherwise stays resident: SmolLM2-135M int4, a 16-token warm-up then a
+    64-token prompt: about 5 MiB off the peak, 9 off the steady RSS (``rss_phases.py``). A no-op
+    off glibc."""
+    global _trim
+    if _trim is None:
+        import ctypes
+        import platform
+
+        _trim = False
+        if platform.libc_ver()[0] == "glibc":
+            try:
+                _trim = ctypes.CDLL(None).malloc_trim
+                _trim.argtypes, _trim.restype = [ctypes.c_size_t], ctypes.c_int
+            except (OSError, AttributeError):
+                _trim = False
+    if _trim:
+        _trim(0)
+
+
 @dataclass
 class Int8Weight:
     q: torch.Tensor
