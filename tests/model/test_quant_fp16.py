@@ -169,3 +169,19 @@ def test_checkpoint_keeps_fp16_scales(tmp_path, tiny_llama_dir):
     ids = torch.randint(0, 300, (1, 20))
     with torch.no_grad():
         assert torch.equal(lm.model(ids), back.model(ids))
+
+
+@pytest.mark.parametrize("weights", ["int4", "auto"])
+def test_runner_trims_the_heap_after_a_packed_models_prefill(tiny_llama_dir, weights, monkeypatch):
+    """Packed weights: every step with a prefill chunk is followed by one malloc_trim; decode-only
+    steps and dense models never call it."""
+    from slimlm.engine import runner
+    from slimlm.engine.llm import LLM
+    from slimlm.engine.params import SamplingParams
+    from slimlm.model.hub import load
+
+    calls = []
+    monkeypatch.setattr(runner, "release_prefill_heap", lambda: calls.append(1))
+    llm = LLM(load(tiny_llama_dir, weights=weights))
+    llm.generate([[5, 9, 33, 71, 8, 2] * 4], SamplingParams(max_tokens=6, temperature=0.0), use_tqdm=False)
+    assert len(calls) == (1 if weights == "int4" else 0)  # one prefill step, then 5 decode steps
