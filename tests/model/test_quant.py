@@ -151,7 +151,7 @@ def test_non_vnni_build_falls_back_to_the_fp32_kernel(monkeypatch):
     if lib is None:
         pytest.skip("no C compiler")
     assert lib.slimlm_qlinear_has_vnni() == 0
-    assert lib.slimlm_q8_linear_vnni(0, 0, 0, 0, 1, 1, 32, 32, 1) == 3
+    assert lib.slimlm_q8_linear_vnni(0, 0, 0, 0, 1, 1, 32, 32, 0, 1) == 3
     assert kernel_mode() == "fp32"
     p = quantize_int4(torch.randn(24, 128), 32)
     assert_matmul_close(p, torch.randn(1, 128), True, kernel="vnni")  # fp32 tolerance holds: not rounded
@@ -163,7 +163,7 @@ def test_rounding_error_is_at_most_half_a_step(fmt):
     w = torch.randn(64, 128)
     p = FORMATS[fmt](w)
     G = p.group_size
-    step = p.scale.repeat_interleave(G, dim=1)  # (N, K)
+    step = p.scale.float().repeat_interleave(G, dim=1)  # (N, K)
     assert ((p.dequantize() - w).abs() <= step / 2 + 1e-6).all()
 
 
@@ -181,7 +181,8 @@ def test_bf16_activations_keep_their_dtype():
 def test_packed_bytes_follow_the_format():
     w = torch.randn(256, 512)
     assert quantize_int8(w).nbytes() == 256 * 512 + 256 * 4
-    assert quantize_int4(w, 32).nbytes() == 256 * 256 + 2 * 256 * 16 * 4
+    assert quantize_int4(w, 32).nbytes() == 256 * 256 + 2 * 256 * 16 * 2  # fp16 scales and minimums
+    assert quantize_int4(w, 32, torch.float32).nbytes() == 256 * 256 + 2 * 256 * 16 * 4
 
 
 # ---------------------------------------------------------------------------- GGUF blocks

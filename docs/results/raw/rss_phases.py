@@ -2,6 +2,9 @@
 a batch-1 decode engine and decoding 16 tokens. Deterministic within a few MB.
 
 Usage: python docs/results/raw/rss_phases.py gguf   (or int4 / int8: the default model's weights)
+       PROMPT=bench python ...   (bench decode's workload: a 16-token warm-up, then a 64-token prompt
+       of text_prompt, whose prefill takes the de-quantizing path: more than 16 rows)
+       TRIM=1 python ...   (adds a last phase after glibc's malloc_trim: the freed heap still held)
        python docs/results/raw/rss_phases.py baseline   (the runtime baseline, below)
        python docs/results/raw/rss_phases.py llama.cpp  (the same phases in llama-cpp-python)
 
@@ -12,6 +15,7 @@ width and heads with a 64-wide MLP, and a 256-row tied embedding: 4.1 MiB of fp3
 on the last line and subtracted when the baseline is quoted. llama.cpp's
 counterpart is `llama_cpp` imported and the file opened with ``vocab_only=True`` (its tokenizer,
 no tensors)."""
+import os
 import sys
 
 
@@ -38,8 +42,6 @@ def table(title):
 w = sys.argv[1]
 phase("python")
 if w == "llama.cpp":
-    import os
-
     import llama_cpp
     phase("import llama_cpp")
     from slimlm.model.hub import DEFAULT_MODEL, KNOWN_MODELS, package_file
@@ -90,8 +92,20 @@ pb = packed_bytes(lm.model)
 llm = LLM(lm, kv_cache_bytes="16M")
 phase("engine built (16 MB KV)")
 prompt = "The capital of France is"
+bench = os.environ.get("PROMPT") == "bench"  # bench decode's workload: a warm-up, then a 64-token prompt
+if bench:
+    from slimlm.bench.workloads import text_prompt
+    warm, prompt = text_prompt(lm.tokenizer, 16, offset=20_000), text_prompt(lm.tokenizer, 64)
 if w == "baseline":  # the same prompt length, in the small vocabulary (decoding still detokenizes)
-    prompt = [t % 256 for t in lm.tokenizer.encode(prompt)]
+    prompt = [t % 256 for t in (prompt if bench else lm.tokenizer.encode(prompt))]
+    warm = [t % 256 for t in warm] if bench else None
+if bench:
+    llm.generate([warm], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    phase("warm-up: 16-token prompt, 4 tokens")
 llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
-phase("16 tokens decoded")
+phase(f"{'64-token prompt, ' if bench else ''}16 tokens decoded")
+if os.environ.get("TRIM") == "1":  # a probe: how much of the RSS is freed heap glibc still holds
+    from slimlm.model.weights import release_freed_heap
+    release_freed_heap()
+    phase("after malloc_trim (probe)")
 table(f"weights {w}: model tensors (packed + norms) {pb / 2**20:.1f} MiB")

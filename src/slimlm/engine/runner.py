@@ -22,6 +22,8 @@ from slimlm.engine.paged_attention import (
 from slimlm.engine.sched_output import ScheduledChunk, SchedulerOutput
 from slimlm.engine.segments import set_allow_mask
 from slimlm.kvcache.storage import PagedKVCache
+from slimlm.model.quant.formats import release_prefill_heap
+from slimlm.model.quant.linear import QuantLinear
 from slimlm.model.quant.native_head import native_head
 from slimlm.model.quant.native_layers import native_decode_layers
 from slimlm.model.transformer import CausalLM
@@ -80,6 +82,8 @@ class ModelRunner:
         """All-decode steps of a packed or dense fp32 / bf16 model through whole layers in one native
         call (``model/quant/native_layers.py``), or None: the layer-by-layer path."""
         self.head = native_head(model) or model.head
+        self.packed = any(isinstance(m, QuantLinear) for m in model.modules())
+        """Packed weights: a prefill step is followed by ``release_prefill_heap`` (a memory-bound model)."""
         """``model.head``, by a native GEMV for few rows of a dense model (``model/quant/native_head.py``)."""
         self.restagers = [h for h in hooks if type(h).restage is not LayerHook.restage]
         """Hooks that change the step's rows between layers (``LayerHook.restage``)."""
@@ -135,6 +139,8 @@ class ModelRunner:
                         torch.tensor(row_out, dtype=torch.bool, device=self.device), lr, tuple(segments))
         h, hidden = self._forward(self._tensor([ids]), positions, attn, info)
         logits = self.head(h)  # (R, V)
+        if prefills and self.packed:
+            release_prefill_heap()  # glibc's freed heap back to the OS (model/quant/formats.py)
         res = RunnerOutput()
         every = hidden.pop(-1, None)  # capture -1: the final hidden state of every row (a full-context draft)
         r = 0

@@ -66,13 +66,16 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
                                                _I64, _I64, _F32, _INT)),
     },
     "qlinear": {
-        # x, q, scale, y, M, N, K, G, nthreads
-        "slimlm_q8_linear": (_INT, (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _INT)),
-        # x, q, scale, min, y, M, N, K, G, nthreads
-        "slimlm_q4_linear": (_INT, (_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _INT)),
+        # x, q, scale, y, M, N, K, G, sh (1: scales fp16, 2: minimums fp16), nthreads
+        "slimlm_q8_linear": (_INT, (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _INT, _INT)),
+        # x, q, scale, min, y, M, N, K, G, sh, nthreads
+        "slimlm_q4_linear": (_INT, (_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _INT, _INT)),
         # the same two on int8-quantized activations (AVX512-VNNI builds; 3 = not built here)
-        "slimlm_q8_linear_vnni": (_INT, (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _INT)),
-        "slimlm_q4_linear_vnni": (_INT, (_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _INT)),
+        "slimlm_q8_linear_vnni": (_INT, (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _INT, _INT)),
+        "slimlm_q4_linear_vnni": (_INT, (_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _INT, _INT)),
+        # de-quantize: q, scale, [min,] sh, out, out bf16 (0 float32, 1 bfloat16), N, K, G, nthreads
+        "slimlm_q8_dequant": (_INT, (_PTR, _PTR, _INT, _PTR, _INT, _I64, _I64, _I64, _INT)),
+        "slimlm_q4_dequant": (_INT, (_PTR, _PTR, _PTR, _INT, _PTR, _INT, _I64, _I64, _I64, _INT)),
         "slimlm_qlinear_has_vnni": (_INT, ()),
     },
     "sparse_prefill": {

@@ -17,8 +17,9 @@
  * the order qkv, o, gate_up, down; k pool, v pool; the pools' aux parts k scale, k min, v scale,
  * v min and the keys' static offset mu (Hkv, d) float32, each NULL where the format has none)
  * and NDESC integers (kind 0 int8 / 1 int4 /
- * 2 dense float32 / 3 dense bfloat16, group size, 1 = VNNI kernel (int8 / int4) or `vdpbf16ps`
- * (bfloat16), of each weight); dense weights are dense_linear.c's (q = the weight, no scales).
+ * 2 dense float32 / 3 dense bfloat16, group size, flags: bit 0 = VNNI kernel (int8 / int4) or
+ * `vdpbf16ps` (bfloat16), bits 1-2 = qlinear.c's sh (scales / minimums stored as fp16), of each
+ * weight); dense weights are dense_linear.c's (q = the weight, no scales).
  * The model's sizes in dims[] (see DIM_*; DIM_POOL is kv_pool.h's format code, DIM_KROT 1 where
  * keys are stored Hadamard-rotated). Quantized pools (int8 / int4, codec/int8.py, codec/int4.py):
  * a key row is stored as quantize(fwht(k - mu)), the codec's write, byte for byte (store_kv), and
@@ -50,16 +51,17 @@ int slimlm_decode_layer_sizes(int *nptr, int *ndesc, int *ndim) {
 
 static int qlin(const int64_t *wd, const void *const *wp, const float *x, float *y, int64_t M, int64_t N,
                 int64_t K, int nthreads) {
-    const int64_t kind = wd[0], G = wd[1], vnni = wd[2];
+    const int64_t kind = wd[0], G = wd[1], vnni = wd[2] & 1;
+    const int sh = (int)((wd[2] >> 1) & 3); /* packed: QL_SCALE_F16 / QL_MIN_F16 (fp16 scales, minimums) */
     int rc;
     if (kind >= 2)
         rc = slimlm_dense_linear(x, wp[0], kind == 2 ? 0 : vnni ? 2 : 1, y, M, N, K, nthreads);
     else if (kind == 0)
-        rc = vnni ? slimlm_q8_linear_vnni(x, wp[0], wp[1], y, M, N, K, G, nthreads)
-                  : slimlm_q8_linear(x, wp[0], wp[1], y, M, N, K, G, nthreads);
+        rc = vnni ? slimlm_q8_linear_vnni(x, wp[0], wp[1], y, M, N, K, G, sh, nthreads)
+                  : slimlm_q8_linear(x, wp[0], wp[1], y, M, N, K, G, sh, nthreads);
     else
-        rc = vnni ? slimlm_q4_linear_vnni(x, wp[0], wp[1], wp[2], y, M, N, K, G, nthreads)
-                  : slimlm_q4_linear(x, wp[0], wp[1], wp[2], y, M, N, K, G, nthreads);
+        rc = vnni ? slimlm_q4_linear_vnni(x, wp[0], wp[1], wp[2], y, M, N, K, G, sh, nthreads)
+                  : slimlm_q4_linear(x, wp[0], wp[1], wp[2], y, M, N, K, G, sh, nthreads);
     const float *b = wp[3];
     if (!rc && b)
         for (int64_t m = 0; m < M; m++)

@@ -1,10 +1,15 @@
 /* Linear layers on packed low-bit weights: y (M, N) = x (M, K) @ W^T for small M (decode).
  *
  * Two weight layouts (slimlm.model.quant.formats), each in groups of G input channels per row:
- *   int8: q int8 (N, K), scale float (N, K/G):             w = scale * q
- *   int4: q uint8 (N, K/2), scale, min float (N, K/G):     w = scale * q + min, q in 0..15;
+ *   int8: q int8 (N, K), scale (N, K/G):               w = scale * q
+ *   int4: q uint8 (N, K/2), scale, min (N, K/G):       w = scale * q + min, q in 0..15;
  *         byte j of a group holds element j (low nibble) and element j + G/2 (high nibble),
  *         llama.cpp's Q4_0 / Q4_1 layout, so those blocks are used as they are.
+ * Scales and minimums are float32 or IEEE float16 (as GGUF's Q8_0 / Q4_0 / Q4_1 blocks store them,
+ * half the bytes), per the flags argument ``sh``: bit 0 (QL_SCALE_F16) the scales, bit 1
+ * (QL_MIN_F16) the minimums. fp16 ones are widened to float32 (exactly) one weight row at a time
+ * into a per-thread buffer (F16C / AVX-512 `vcvtph2ps`, 16 a instruction) before the row is read,
+ * so the inner loops are the same for both.
  * Accumulation in float32; x is float32 (no activation quantization: the result is the
  * de-quantized matmul up to summation order). Rows of W are split between threads; each row is
  * read once and applied to every row of x while it is in L1. AVX-512 intrinsics where the
@@ -14,9 +19,76 @@
  */
 #include <stdint.h>
 #include <stdlib.h>
-#ifdef __AVX512F__
+#include <string.h>
+#if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define QL_SCALE_F16 1 /* sh flags: scales stored as float16 */
+#define QL_MIN_F16 2   /* minimums stored as float16 */
+
+static inline int ql_tid(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+/* IEEE binary16 -> float32 (exact; subnormals, inf and NaN kept) */
+static inline float ql_half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 31u, m = h & 0x3ffu;
+    uint32_t u;
+    if (e == 31) u = sign | 0x7f800000u | (m << 13);
+    else if (e) u = sign | ((e + 112) << 23) | (m << 13);
+    else if (!m) u = sign;
+    else { /* subnormal: m * 2^-24, exact in float32 */
+        const float f = (float)m * 5.9604644775390625e-8f;
+        return sign ? -f : f;
+    }
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* floats a widened row of n values takes in a buffer: n rounded up to 16 (vector tails write whole) */
+static inline int64_t ql_pad(int64_t n) { return (n + 15) & ~(int64_t)15; }
+
+/* n values at element offset off of a float32 (half = 0) or float16 (half = 1) array as float32:
+ * a pointer into it, or buf (ql_pad(n) floats) filled with the widened values */
+static inline const float *ql_row(const void *a, int half, int64_t off, int64_t n, float *buf) {
+    if (!half) return (const float *)a + off;
+    const uint16_t *h = (const uint16_t *)a + off;
+    int64_t i = 0;
+#ifdef __AVX512F__
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(buf + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + i))));
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+    if (i < n) { /* the tail in one masked load (nothing read past the row) */
+        const __mmask16 k = (__mmask16)((1u << (n - i)) - 1);
+        _mm512_storeu_ps(buf + i, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, h + i)));
+        return buf;
+    }
+#endif
+#endif
+#ifdef __F16C__
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(buf + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+#endif
+    for (; i < n; i++) buf[i] = ql_half_to_float(h[i]);
+    return buf;
+}
+
+/* Per-thread buffers for a row's widened scales and minimums: 2 * ql_pad(ng) floats per thread
+ * (scales, then minimums), or NULL when nothing is fp16 (*oom set when the allocation failed) */
+static float *ql_scratch(int sh, int64_t ng, int nthreads, int *oom) {
+    *oom = 0;
+    if (!(sh & (QL_SCALE_F16 | QL_MIN_F16))) return NULL;
+    float *b = malloc(sizeof(float) * 2 * (size_t)ql_pad(ng) * (size_t)(nthreads > 0 ? nthreads : 1));
+    *oom = b == NULL;
+    return b;
+}
 
 #define L 16 /* lanes: per-lane partial sums, reduced once per output (no reduction per group) */
 
@@ -39,14 +111,17 @@ static void group_sums(const float *x, float *xsum, int64_t M, int64_t K, int64_
         }
 }
 
-int slimlm_q8_linear(const float *x, const int8_t *q, const float *scale, float *y,
-                     int64_t M, int64_t N, int64_t K, int64_t G, int nthreads) {
+int slimlm_q8_linear(const float *x, const int8_t *q, const void *scale, float *y,
+                     int64_t M, int64_t N, int64_t K, int64_t G, int sh, int nthreads) {
     if (M <= 0 || N <= 0 || K <= 0 || G <= 0 || K % G || G % L) return 1;
     const int64_t ng = K / G;
+    int oom;
+    float *sbuf = ql_scratch(sh, ng, nthreads, &oom);
+    if (oom) return 2;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t n = 0; n < N; n++) {
         const int8_t *w = q + n * K;
-        const float *s = scale + n * ng;
+        const float *s = ql_row(scale, sh & QL_SCALE_F16, n * ng, ng, sbuf ? sbuf + 2 * ql_pad(ng) * ql_tid() : NULL);
         for (int64_t m = 0; m < M; m++) {
             const float *xm = x + m * K;
 #ifdef __AVX512F__
@@ -73,20 +148,25 @@ int slimlm_q8_linear(const float *x, const int8_t *q, const float *scale, float 
 #endif
         }
     }
+    free(sbuf);
     return 0;
 }
 
-int slimlm_q4_linear(const float *x, const uint8_t *q, const float *scale, const float *mins, float *y,
-                     int64_t M, int64_t N, int64_t K, int64_t G, int nthreads) {
+int slimlm_q4_linear(const float *x, const uint8_t *q, const void *scale, const void *mins, float *y,
+                     int64_t M, int64_t N, int64_t K, int64_t G, int sh, int nthreads) {
     if (M <= 0 || N <= 0 || K <= 0 || G <= 0 || K % G || G % (2 * L)) return 1;
     const int64_t ng = K / G, h = G / 2;
+    int oom;
+    float *sbuf = ql_scratch(sh, ng, nthreads, &oom);
     float *xsum = malloc(sizeof(float) * M * ng); /* sum of x over each group: the mins' term */
-    if (!xsum) return 2;
+    if (!xsum || oom) { free(xsum); free(sbuf); return 2; }
     group_sums(x, xsum, M, K, G);
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *w = q + n * (K / 2);
-        const float *s = scale + n * ng, *mn = mins + n * ng;
+        float *rb = sbuf ? sbuf + 2 * ql_pad(ng) * ql_tid() : NULL;
+        const float *s = ql_row(scale, sh & QL_SCALE_F16, n * ng, ng, rb);
+        const float *mn = ql_row(mins, sh & QL_MIN_F16, n * ng, ng, rb ? rb + ql_pad(ng) : NULL);
         for (int64_t m = 0; m < M; m++) {
             const float *xm = x + m * K, *xs = xsum + m * ng;
             float accm = 0.f;
@@ -126,6 +206,7 @@ int slimlm_q4_linear(const float *x, const uint8_t *q, const float *scale, const
         }
     }
     free(xsum);
+    free(sbuf);
     return 0;
 }
 
@@ -197,27 +278,28 @@ static inline float hsum8(__m256 v) {
 }
 #endif
 
-int slimlm_q8_linear_vnni(const float *x, const int8_t *q, const float *scale, float *y,
-                          int64_t M, int64_t N, int64_t K, int64_t G, int nthreads) {
+int slimlm_q8_linear_vnni(const float *x, const int8_t *q, const void *scale, float *y,
+                          int64_t M, int64_t N, int64_t K, int64_t G, int sh, int nthreads) {
 #ifndef SLIMLM_VNNI
-    (void)x; (void)q; (void)scale; (void)y; (void)M; (void)N; (void)K; (void)G; (void)nthreads;
+    (void)x; (void)q; (void)scale; (void)y; (void)M; (void)N; (void)K; (void)G; (void)sh; (void)nthreads;
     return 3;
 #else
     if (M <= 0 || N <= 0 || K <= 0 || G <= 0 || K % G || G % 32) return 1;
     const int64_t nb = K / 32, ng = K / G, bpg = G / 32;
+    int oom;
+    float *sbuf = ql_scratch(sh, ng, nthreads, &oom);
     int8_t *xq = malloc(M * K);
     float *xs = malloc(sizeof(float) * M * nb);
     int32_t *gi = malloc(sizeof(int32_t) * nb); /* block -> weight group */
     float *xv2 = malloc(sizeof(float) * (M * (nb / 2) * 16 + 1));
-    if (!xq || !xs || !gi || !xv2) { free(xq); free(xs); free(gi); free(xv2); return 2; }
+    if (!xq || !xs || !gi || !xv2 || oom) { free(xq); free(xs); free(gi); free(xv2); free(sbuf); return 2; }
     quant_x32(x, xq, xs, M, K);
     expand_xs(xs, xv2, M, nb);
     for (int64_t b = 0; b < nb; b++) gi[b] = (int32_t)(b / bpg);
-    (void)ng;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t n = 0; n < N; n++) {
         const int8_t *w = q + n * K;
-        const float *s = scale + n * ng;
+        const float *s = ql_row(scale, sh & QL_SCALE_F16, n * ng, ng, sbuf ? sbuf + 2 * ql_pad(ng) * ql_tid() : NULL);
         for (int64_t m = 0; m < M; m++) {
             const int8_t *xm = xq + m * K;
             const float *xsm = xs + m * nb;
@@ -245,31 +327,35 @@ int slimlm_q8_linear_vnni(const float *x, const int8_t *q, const float *scale, f
             y[m * N + n] = t;
         }
     }
-    free(xq); free(xs); free(gi); free(xv2);
+    free(xq); free(xs); free(gi); free(xv2); free(sbuf);
     return 0;
 #endif
 }
 
-int slimlm_q4_linear_vnni(const float *x, const uint8_t *q, const float *scale, const float *mins, float *y,
-                          int64_t M, int64_t N, int64_t K, int64_t G, int nthreads) {
+int slimlm_q4_linear_vnni(const float *x, const uint8_t *q, const void *scale, const void *mins, float *y,
+                          int64_t M, int64_t N, int64_t K, int64_t G, int sh, int nthreads) {
 #ifndef SLIMLM_VNNI
-    (void)x; (void)q; (void)scale; (void)mins; (void)y; (void)M; (void)N; (void)K; (void)G; (void)nthreads;
+    (void)x; (void)q; (void)scale; (void)mins; (void)y; (void)M; (void)N; (void)K; (void)G; (void)sh; (void)nthreads;
     return 3;
 #else
     if (M <= 0 || N <= 0 || K <= 0 || G <= 0 || K % G || !(G == 32 || G % 64 == 0)) return 1;
     const int64_t nb = K / 32, ng = K / G, h = G / 2;
+    int oom;
+    float *sbuf = ql_scratch(sh, ng, nthreads, &oom);
     int8_t *xq = malloc(M * K);
     float *xs = malloc(sizeof(float) * M * nb);
     float *xsum = malloc(sizeof(float) * M * ng); /* exact sum of x over each group: the mins' term */
     float *xv2 = malloc(sizeof(float) * (M * (nb / 2) * 16 + 1));
-    if (!xq || !xs || !xsum || !xv2) { free(xq); free(xs); free(xsum); free(xv2); return 2; }
+    if (!xq || !xs || !xsum || !xv2 || oom) { free(xq); free(xs); free(xsum); free(xv2); free(sbuf); return 2; }
     quant_x32(x, xq, xs, M, K);
     expand_xs(xs, xv2, M, nb);
     group_sums(x, xsum, M, K, G);
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *w = q + n * (K / 2);
-        const float *s = scale + n * ng, *mn = mins + n * ng;
+        float *rb = sbuf ? sbuf + 2 * ql_pad(ng) * ql_tid() : NULL;
+        const float *s = ql_row(scale, sh & QL_SCALE_F16, n * ng, ng, rb);
+        const float *mn = ql_row(mins, sh & QL_MIN_F16, n * ng, ng, rb ? rb + ql_pad(ng) : NULL);
         const __m256i lo4 = _mm256_set1_epi8(15);
         const __m512i zero = _mm512_setzero_si512();
         for (int64_t m = 0; m < M; m++) {
@@ -327,7 +413,92 @@ int slimlm_q4_linear_vnni(const float *x, const uint8_t *q, const float *scale, 
             y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc, accv)) + t + accm;
         }
     }
-    free(xq); free(xs); free(xsum); free(xv2);
+    free(xq); free(xs); free(xsum); free(xv2); free(sbuf);
     return 0;
 #endif
+}
+
+/* ---- De-quantization (prefill: more rows than the decode kernels take) ------------------------
+ *
+ * out (N, K) = the packed weight's values, float32 (obf16 = 0) or bfloat16 (obf16 = 1, rounded to
+ * nearest even from the float32 value, as torch's .to(bfloat16)). The same arithmetic as the
+ * PyTorch reference (formats.py: codes as float, times the scale, plus the minimum; two roundings,
+ * no FMA), so the result is bit-identical to it; written straight into the caller's buffer with no
+ * temporaries (the PyTorch path makes three: the codes, their float copy, the dtype cast). */
+static inline uint16_t ql_f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* row (K floats) -> out row n, in the output dtype */
+static inline void ql_store_row(void *out, int obf16, int64_t n, int64_t K, const float *row) {
+    if (!obf16) return;
+    uint16_t *o = (uint16_t *)out + n * K;
+    for (int64_t k = 0; k < K; k++) o[k] = ql_f32_to_bf16(row[k]);
+}
+
+int slimlm_q8_dequant(const int8_t *q, const void *scale, int sh, void *out, int obf16, int64_t N, int64_t K,
+                      int64_t G, int nthreads) {
+    if (N <= 0 || K <= 0 || G <= 0 || K % G) return 1;
+    const int64_t ng = K / G;
+    const int64_t st = 2 * ql_pad(ng) + (obf16 ? K : 0); /* per thread: scales, minimums, a bf16 row's floats */
+    float *buf = malloc(sizeof(float) * (size_t)st * (size_t)(nthreads > 0 ? nthreads : 1));
+    if (!buf) return 2;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n = 0; n < N; n++) {
+        float *tb = buf + st * ql_tid();
+        const float *s = ql_row(scale, sh & QL_SCALE_F16, n * ng, ng, tb);
+        float *row = obf16 ? tb + 2 * ql_pad(ng) : (float *)out + n * K;
+        const int8_t *w = q + n * K;
+        for (int64_t g = 0; g < ng; g++) {
+            const float sg = s[g];
+            for (int64_t k = g * G; k < (g + 1) * G; k++) row[k] = (float)w[k] * sg;
+        }
+        ql_store_row(out, obf16, n, K, row);
+    }
+    free(buf);
+    return 0;
+}
+
+int slimlm_q4_dequant(const uint8_t *q, const void *scale, const void *mins, int sh, void *out, int obf16,
+                      int64_t N, int64_t K, int64_t G, int nthreads) {
+    if (N <= 0 || K <= 0 || G <= 0 || K % G || G % 2) return 1;
+    const int64_t ng = K / G, h = G / 2;
+    const int64_t st = 2 * ql_pad(ng) + (obf16 ? K : 0); /* per thread: scales, minimums, a bf16 row's floats */
+    float *buf = malloc(sizeof(float) * (size_t)st * (size_t)(nthreads > 0 ? nthreads : 1));
+    if (!buf) return 2;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n = 0; n < N; n++) {
+        float *tb = buf + st * ql_tid();
+        const float *s = ql_row(scale, sh & QL_SCALE_F16, n * ng, ng, tb);
+        const float *mn = ql_row(mins, sh & QL_MIN_F16, n * ng, ng, tb + ql_pad(ng));
+        float *row = obf16 ? tb + 2 * ql_pad(ng) : (float *)out + n * K;
+        const uint8_t *w = q + n * (K / 2);
+        for (int64_t g = 0; g < ng; g++) {
+            const uint8_t *b = w + g * h;
+            float *rg = row + g * G;
+            const float sg = s[g], mg = mn[g];
+            int64_t j = 0;
+#ifdef __AVX512F__
+            const __m512 sv = _mm512_set1_ps(sg), mv = _mm512_set1_ps(mg);
+            const __m128i lo4 = _mm_set1_epi8(15);
+            for (; j + 16 <= h; j += 16) {
+                __m128i bv = _mm_loadu_si128((const __m128i *)(b + j));
+                __m512 wl = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bv, lo4)));
+                __m512 wh = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bv, 4), lo4)));
+                _mm512_storeu_ps(rg + j, _mm512_add_ps(_mm512_mul_ps(wl, sv), mv));
+                _mm512_storeu_ps(rg + h + j, _mm512_add_ps(_mm512_mul_ps(wh, sv), mv));
+            }
+#endif
+            for (; j < h; j++) {
+                rg[j] = (float)(b[j] & 15) * sg + mg;
+                rg[h + j] = (float)(b[j] >> 4) * sg + mg;
+            }
+        }
+        ql_store_row(out, obf16, n, K, row);
+    }
+    free(buf);
+    return 0;
 }

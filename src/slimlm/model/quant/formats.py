@@ -3,23 +3,34 @@
 Two layouts cover every format slimlm serves (GGUF's included), each in groups of ``G`` input
 channels per output row:
 
-- :class:`Int8Weight`: ``q`` int8 (N, K), ``scale`` fp32 (N, K/G); ``w = scale * q`` (symmetric).
+- :class:`Int8Weight`: ``q`` int8 (N, K), ``scale`` (N, K/G); ``w = scale * q`` (symmetric).
   int8 per channel is G = K; GGUF Q8_0 is G = 32; GGUF Q6_K is G = 16 (``q - 32`` fits int8).
-- :class:`Int4Weight`: ``q`` uint8 (N, K/2), ``scale`` and ``min`` fp32 (N, K/G);
+- :class:`Int4Weight`: ``q`` uint8 (N, K/2), ``scale`` and ``min`` (N, K/G);
   ``w = scale * q + min`` with q in 0..15 (asymmetric). Byte j of a group holds element j in its
   low nibble and element j + G/2 in its high one (llama.cpp's Q4_0 / Q4_1 block layout).
   GGUF Q4_0 is min = -8 * scale, Q4_1 is its own min, Q4_K is min = -dmin * m per 32-group.
+
+Scales and minimums are float16 or float32 (``SCALE_DTYPES``), each tensor its own: float16 where
+the values are exact in it (GGUF Q8_0 / Q4_0 / Q4_1 store them so) or were rounded to it when
+quantized (int4 on load: ``quantize_int4``), half the bytes (SmolLM2-135M gguf: 12 MiB);
+float32 where fp16 would round (Q4_K's and Q6_K's ``d * sc`` products, per-channel int8) or
+overflow. Every path widens them to float32 exactly before use.
 
 ``matmul(x)`` runs the native kernel (``kernels/qlinear.c``) for few rows on the CPU (decode): by
 default x rounded to int8 per block of 32 and AVX512-VNNI integer dot products where the build has
 them (``SLIMLM_QLINEAR=fp32``: fp32 activations, the reference), and
 otherwise de-quantizes the weight to ``x.dtype`` for one ``F.linear`` (prefill, other devices, no
-compiler): the pure-PyTorch path, always available, and the reference the kernel is tested on.
+compiler). The PyTorch de-quantization (``dequantize(native=False)``) is always available and is
+the reference; on the CPU with the kernels built, ``slimlm_q4_dequant`` / ``slimlm_q8_dequant``
+compute the same values bit for bit with no temporaries, and prefill writes them into one buffer
+per thread kept for the process (``_scratch``): the freed per-layer temporaries of the PyTorch
+path left ~14 MiB of heap resident after a 64-token prefill.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +38,20 @@ import torch.nn.functional as F
 
 NATIVE_MAX_ROWS = 16
 """Rows of x up to which the native kernel beats de-quantize + dense matmul (decode batches)."""
+
+SCALE_DTYPES = (torch.float16, torch.float32)
+"""dtypes of scales and minimums the kernels read (anything else is widened to float32 on load)."""
+
+FP16_MAX = 65504.0
+
+
+def scale_flags(t: dict[str, torch.Tensor]) -> int | None:
+    """The kernels' ``sh`` flags for a packed weight's tensors (1: scales fp16, 2: minimums fp16),
+    or None when one is neither float16 nor float32."""
+    s, m = t["scales"].dtype, t["mins"].dtype if "mins" in t else torch.float32
+    if s not in SCALE_DTYPES or m not in SCALE_DTYPES:
+        return None
+    return int(s == torch.float16) | (2 if m == torch.float16 else 0)
 
 
 def _lib():
@@ -98,20 +123,105 @@ def native_linear(kind: str, group: int, x: torch.Tensor, t: dict[str, torch.Ten
     fn = _native_fn(kind, group)
     if fn is None:
         return None
+    sh = scale_flags(t)
+    if sh is None:
+        return None
     f32 = x.dtype == torch.float32
     xf = x if f32 and x.is_contiguous() else x.float().contiguous()
     q = t["qweight"]
     N, M = q.shape[0], n // K
     y = torch.empty(x.shape[:-1] + (N,))
     if kind == "int8":
-        rc = fn(xf.data_ptr(), q.data_ptr(), t["scales"].data_ptr(), y.data_ptr(), M, N, K, group,
+        rc = fn(xf.data_ptr(), q.data_ptr(), t["scales"].data_ptr(), y.data_ptr(), M, N, K, group, sh,
                 torch.get_num_threads())
     else:
         rc = fn(xf.data_ptr(), q.data_ptr(), t["scales"].data_ptr(), t["mins"].data_ptr(), y.data_ptr(), M, N, K,
-                group, torch.get_num_threads())
+                group, sh, torch.get_num_threads())
     if rc:
         raise ValueError(f"qlinear kernel refused shapes (rows {M}, {N}x{K}, group {group})")
     return y if f32 else y.to(x.dtype)
+
+
+def native_dequantize(p: PackedWeight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``p``'s (N, K) values in ``dtype`` (float32 / bfloat16) by the native kernel, into ``out``
+    (contiguous, (N, K), ``dtype``) or a new tensor; None where it does not apply (not the CPU,
+    another dtype, no compiler): the caller takes the PyTorch path. Bit-identical to it."""
+    t = p.tensors()
+    if dtype not in (torch.float32, torch.bfloat16) or not p.q.is_cpu or not all(x.is_contiguous() for x in t.values()):
+        return None
+    sh = scale_flags(t)
+    lib = _lib()
+    if sh is None or lib is None:
+        return None
+    N, K = p.shape
+    if out is None:
+        out = torch.empty(N, K, dtype=dtype)
+    ob, nt = int(dtype == torch.bfloat16), torch.get_num_threads()
+    if p.kind == "int8":
+        rc = lib.slimlm_q8_dequant(p.q.data_ptr(), p.scale.data_ptr(), sh, out.data_ptr(), ob, N, K, p.group_size, nt)
+    else:
+        rc = lib.slimlm_q4_dequant(p.q.data_ptr(), p.scale.data_ptr(), p.min.data_ptr(), sh, out.data_ptr(), ob, N, K,
+                                   p.group_size, nt)
+    if rc:
+        raise ValueError(f"qlinear de-quantize kernel refused {p.kind} {N}x{K}, group {p.group_size} (code {rc})")
+    return out
+
+
+SCRATCH_MAX_BYTES = 32 << 20
+"""Largest de-quantized weight prefill writes into the kept per-thread buffer; larger ones (a
+vocabulary head when every row's logits are asked for) get their own tensor, which glibc maps
+and unmaps (its mmap threshold is 32 MiB after loading: ``weights.mmap_large_blocks``)."""
+
+_tls = threading.local()
+
+
+def _scratch(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """A (N, K) tensor of ``dtype`` on this thread's kept de-quantization buffer (grown to the
+    largest layer seen, SmolLM2-135M: the fused gate/up, 6.75 MiB in float32). Valid until the next
+    call on this thread: only for a weight consumed at once (one ``F.linear``)."""
+    n = shape[0] * shape[1] * (torch.finfo(dtype).bits // 8)
+    buf = getattr(_tls, "buf", None)
+    if buf is None or buf.numel() < n:
+        _tls.buf = None  # the smaller buffer goes before the larger one is made
+        buf = _tls.buf = torch.empty(n, dtype=torch.uint8)
+    return buf[:n].view(dtype).view(shape)
+
+
+def dequantized_matmul(p: PackedWeight, x: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, W)`` with W de-quantized for this call (more rows than the decode kernels
+    take): into the kept buffer where the native kernel applies and no gradient can keep W."""
+    N, K = p.shape
+    if x.is_cpu and x.dtype in (torch.float32, torch.bfloat16) and not (torch.is_grad_enabled() and x.requires_grad) \
+            and N * K * x.element_size() <= SCRATCH_MAX_BYTES:
+        w = native_dequantize(p, x.dtype, _scratch((N, K), x.dtype))
+        if w is not None:
+            return F.linear(x, w)
+    return F.linear(x, p.dequantize(x.dtype))
+
+
+_trim = None
+
+
+def release_prefill_heap() -> None:
+    """After a prefill step of a packed model (the runner calls it): give glibc's freed heap back
+    to the OS (``malloc_trim(0)``). What a prefill frees below glibc's mmap threshold (activations,
+    attention buffers) otherwise stays resident: SmolLM2-135M int4, a 16-token warm-up then a
+    64-token prompt: about 5 MiB off the peak, 9 off the steady RSS (``rss_phases.py``). A no-op
+    off glibc."""
+    global _trim
+    if _trim is None:
+        import ctypes
+        import platform
+
+        _trim = False
+        if platform.libc_ver()[0] == "glibc":
+            try:
+                _trim = ctypes.CDLL(None).malloc_trim
+                _trim.argtypes, _trim.restype = [ctypes.c_size_t], ctypes.c_int
+            except (OSError, AttributeError):
+                _trim = False
+    if _trim:
+        _trim(0)
 
 
 @dataclass
@@ -119,7 +229,7 @@ class Int8Weight:
     q: torch.Tensor
     """(N, K) int8."""
     scale: torch.Tensor
-    """(N, K/G) float32."""
+    """(N, K/G) float32 or float16."""
     group_size: int
 
     kind = "int8"
@@ -129,27 +239,32 @@ class Int8Weight:
         return tuple(self.q.shape)  # type: ignore[return-value]
 
     def nbytes(self) -> int:
-        return self.q.numel() * self.q.element_size() + self.scale.numel() * 4
+        return self.q.numel() * self.q.element_size() + self.scale.numel() * self.scale.element_size()
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"qweight": self.q, "scales": self.scale}
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def dequantize(self, dtype: torch.dtype = torch.float32, native: bool = True) -> torch.Tensor:
+        """(N, K) values in ``dtype``: the native kernel where it applies, else PyTorch
+        (``native=False``: always PyTorch, the reference; both give the same bits)."""
+        w = native_dequantize(self, dtype) if native else None
+        if w is not None:
+            return w
         N, K = self.q.shape
         G = self.group_size
-        w = self.q.view(N, K // G, G).float().mul_(self.scale[..., None])  # (N, K/G, G), one fp32 buffer
+        w = self.q.view(N, K // G, G).float().mul_(self.scale.float()[..., None])  # (N, K/G, G), one fp32 buffer
         return w.view(N, K).to(dtype)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """De-quantized rows ``ids`` (an embedding lookup): (*ids.shape, K)."""
         G, K = self.group_size, self.q.shape[1]
         q = self.q[ids.reshape(-1)].view(-1, K // G, G).float()  # (R, K/G, G)
-        w = q * self.scale[ids.reshape(-1)][..., None]
+        w = q * self.scale[ids.reshape(-1)].float()[..., None]
         return w.view(*ids.shape, K).to(dtype)
 
     def matmul(self, x: torch.Tensor, native: bool = True) -> torch.Tensor:
         y = native_linear("int8", self.group_size, x, self.tensors()) if native else None
-        return F.linear(x, self.dequantize(x.dtype)) if y is None else y
+        return dequantized_matmul(self, x) if y is None else y
 
     def to(self, device: torch.device | str) -> Int8Weight:
         return Int8Weight(self.q.to(device), self.scale.to(device), self.group_size)
@@ -160,9 +275,9 @@ class Int4Weight:
     q: torch.Tensor
     """(N, K/2) uint8, two 4-bit values a byte (see the module docstring for the order)."""
     scale: torch.Tensor
-    """(N, K/G) float32."""
+    """(N, K/G) float16 or float32."""
     min: torch.Tensor
-    """(N, K/G) float32."""
+    """(N, K/G) float16 or float32."""
     group_size: int
 
     kind = "int4"
@@ -172,7 +287,7 @@ class Int4Weight:
         return (self.q.shape[0], self.q.shape[1] * 2)
 
     def nbytes(self) -> int:
-        return self.q.numel() + (self.scale.numel() + self.min.numel()) * 4
+        return self.q.numel() + self.scale.numel() * self.scale.element_size() + self.min.numel() * self.min.element_size()
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"qweight": self.q, "scales": self.scale, "mins": self.min}
@@ -184,11 +299,16 @@ class Int4Weight:
         b = self.q.view(N, K // G, G // 2)
         return torch.cat([b & 15, b >> 4], dim=-1).view(N, K)  # (N, K/G, G) -> (N, K)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def dequantize(self, dtype: torch.dtype = torch.float32, native: bool = True) -> torch.Tensor:
+        """(N, K) values in ``dtype``: the native kernel where it applies, else PyTorch
+        (``native=False``: always PyTorch, the reference; both give the same bits)."""
+        w = native_dequantize(self, dtype) if native else None
+        if w is not None:
+            return w
         N, K = self.shape
         G = self.group_size
         w = self.codes().view(N, K // G, G).float()  # (N, K/G, G); scaled in place: one fp32 buffer
-        w.mul_(self.scale[..., None]).add_(self.min[..., None])
+        w.mul_(self.scale.float()[..., None]).add_(self.min.float()[..., None])
         return w.view(N, K).to(dtype)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -198,7 +318,7 @@ class Int4Weight:
 
     def matmul(self, x: torch.Tensor, native: bool = True) -> torch.Tensor:
         y = native_linear("int4", self.group_size, x, self.tensors()) if native else None
-        return F.linear(x, self.dequantize(x.dtype)) if y is None else y
+        return dequantized_matmul(self, x) if y is None else y
 
     def to(self, device: torch.device | str) -> Int4Weight:
         return Int4Weight(self.q.to(device), self.scale.to(device), self.min.to(device), self.group_size)
@@ -230,21 +350,29 @@ def quantize_int8(w: torch.Tensor, group_size: int | None = None) -> Int8Weight:
     return Int8Weight(q.view(N, K).contiguous(), scale.contiguous(), G)
 
 
-def quantize_int4(w: torch.Tensor, group_size: int = 32) -> Int4Weight:
+def quantize_int4(w: torch.Tensor, group_size: int = 32, scale_dtype: torch.dtype = torch.float16) -> Int4Weight:
     """Asymmetric int4 per group: w ~ scale * q + min, q = round((w - min) / scale) in 0..15,
-    scale = (max - min) / 15, min = the group's minimum."""
+    min = the group's minimum, scale = (max - min) / 15; both stored in ``scale_dtype`` (float16
+    by default, as GGUF's Q4_1; float32 for a weight beyond float16's range): rounded first, then
+    the codes are computed against the stored values (a code rounded past 0..15 is clamped)."""
     w = w.detach().float()
     N, K = w.shape
     G = group_size
     check_group(K, G, "int4")
     wg = w.view(N, K // G, G)
     lo, hi = wg.amin(-1), wg.amax(-1)  # (N, K/G)
-    scale = (hi - lo) / 15.0
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    half = scale_dtype == torch.float16 and max(float(lo.abs().max()), float(hi.abs().max())) <= FP16_MAX
+    if half:
+        lo = lo.half().float()  # the stored minimum
+        scale = ((hi - lo) / 15.0).clamp_min_(2**-24).half().float()  # >= the smallest fp16 step: never 0
+    else:
+        scale = (hi - lo) / 15.0
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     x = wg - lo[..., None]  # one fp32 temporary, the rest in place: a load's transient stays small
     q = x.div_(scale[..., None]).round_().clamp_(0, 15).to(torch.uint8)  # (N, K/G, G)
     del x
-    return Int4Weight(pack_nibbles(q, G), scale.contiguous(), lo.contiguous(), G)
+    dt = torch.float16 if half else torch.float32
+    return Int4Weight(pack_nibbles(q, G), scale.to(dt).contiguous(), lo.to(dt).contiguous(), G)
 
 
 def pack_nibbles(q: torch.Tensor, G: int) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """GGUF quantized tensors as packed weights, bit for bit (never de-quantized to fp32).
 
-ggml block layouts (one block = the row's next 32 or 256 values; fp16 scales widened to fp32,
-exactly; products of an fp16 and a 6-bit integer are exact in fp32):
+ggml block layouts (one block = the row's next 32 or 256 values). Q8_0 / Q4_0 / Q4_1 keep their
+fp16 scales (and minimums) as they are, and Q4_0's min -8 d, exact in fp16 too (a power of two
+times d; fp32 in the rare tensor where it would overflow). Q4_K / Q6_K hold d * sc in fp32:
+products of an fp16 and a 6-bit (or int8) integer are exact in fp32, not in fp16.
 
 - Q8_0 (34 bytes / 32): d, q[32] int8               -> int8, group 32: scale d
 - Q4_0 (18 bytes / 32): d, qs[16]                   -> int4, group 32: scale d, min -8 d
@@ -25,9 +27,14 @@ PACKED_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
 """GGUF types served packed; other quantized types are de-quantized on load (with a warning)."""
 
 
+def _h(b: np.ndarray) -> np.ndarray:
+    """(..., 2) uint8 -> (...) float16."""
+    return np.ascontiguousarray(b).view(np.float16)[..., 0]
+
+
 def _f16(b: np.ndarray) -> np.ndarray:
-    """(..., 2) uint8 -> (...) float32."""
-    return np.ascontiguousarray(b).view(np.float16)[..., 0].astype(np.float32)
+    """(..., 2) uint8 -> (...) float32 (exact)."""
+    return _h(b).astype(np.float32)
 
 
 def _t(a: np.ndarray) -> torch.Tensor:
@@ -41,13 +48,18 @@ def pack_gguf(raw: np.ndarray, type_name: str, n: int, k: int) -> PackedWeight |
     if type_name == "Q8_0":
         b = raw.reshape(n, k // 32, 34)
         q = b[..., 2:].view(np.int8).reshape(n, k)
-        return Int8Weight(_t(q), _t(_f16(b[..., 0:2])), 32)
+        return Int8Weight(_t(q), _t(_h(b[..., 0:2])), 32)
     if type_name in ("Q4_0", "Q4_1"):
         size = 18 if type_name == "Q4_0" else 20
         b = raw.reshape(n, k // 32, size)
-        d = _f16(b[..., 0:2])
-        mn = -8.0 * d if type_name == "Q4_0" else _f16(b[..., 2:4])
-        return Int4Weight(_t(b[..., size - 16:].reshape(n, k // 2)), _t(d), _t(mn.astype(np.float32)), 32)
+        d = _h(b[..., 0:2])
+        if type_name == "Q4_1":
+            mn = _h(b[..., 2:4])
+        else:  # -8 d: exact in fp16 unless |d| > 8188 (then fp32, exact too)
+            mn = -8.0 * d.astype(np.float32)
+            if np.abs(mn).max(initial=0.0) <= 65504.0:
+                mn = mn.astype(np.float16)
+        return Int4Weight(_t(b[..., size - 16:].reshape(n, k // 2)), _t(d), _t(mn), 32)
     if type_name == "Q4_K":
         return _q4_k(raw, n, k)
     if type_name == "Q6_K":

@@ -87,6 +87,8 @@ def pack_in_blocks(rows: int, block: Callable[[int, int], PackedWeight]) -> Pack
     for i in range(0, rows, CHUNK_ROWS):
         part = part or block(i, min(i + CHUNK_ROWS, rows))
         for n, t in part.tensors().items():
+            if t.dtype != out[n].dtype:  # a block's scales kept in float32 (beyond fp16's range): all of them
+                out[n] = out[n].to(torch.promote_types(t.dtype, out[n].dtype))
             out[n][i:i + t.shape[0]] = t
         part = None
     return kind(out["qweight"], out["scales"], *([out["mins"]] if "mins" in out else []), group)
@@ -172,7 +174,16 @@ def prepare(model: nn.Module, modules: dict[str, list]) -> None:
 
 
 def finish(model: nn.Module, dtype: torch.dtype) -> None:
-    """After the state is assigned: tie the head to the embedding, set lookup dtypes."""
+    """After the state is assigned: scales / minimums of a dtype the kernels do not read widened to
+    float32, tie the head to the embedding, set lookup dtypes."""
+    from slimlm.model.quant.formats import SCALE_DTYPES
+
+    for m in model.modules():
+        if isinstance(m, _Packed):
+            for name in ("scales", "mins"):
+                t = m._buffers.get(name)
+                if t is not None and t.dtype not in SCALE_DTYPES:
+                    setattr(m, name, t.float())
     emb = model.model.embed_tokens
     if isinstance(emb, QuantEmbedding):
         emb.dtype = dtype

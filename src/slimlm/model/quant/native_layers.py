@@ -49,7 +49,7 @@ import os
 import torch
 from torch import nn
 
-from slimlm.model.quant.formats import KERNEL_ENV, NATIVE_MAX_ROWS, _native_fn
+from slimlm.model.quant.formats import KERNEL_ENV, NATIVE_MAX_ROWS, _native_fn, scale_flags
 from slimlm.model.quant.huge_pages import to_huge_pages
 from slimlm.model.quant.linear import QuantLinear
 
@@ -228,9 +228,11 @@ class NativeDecodeLayers:
                 self.desc[3 * j: 3 * j + 3] = [3 if bf16 else 2, 0, int(bf16 and dpbf16)]
                 continue
             fn = _native_fn(m.kind, m.group_size)
-            if fn is None:
+            sh = scale_flags(m._buffers)  # fp16 scales / minimums: bits 1-2 of the flags
+            if fn is None or sh is None:
                 raise RuntimeError("native decode layers: a packed kernel became unavailable")
-            self.desc[3 * j: 3 * j + 3] = [0 if m.kind == "int8" else 1, m.group_size, int(fn.__name__.endswith("_vnni"))]
+            self.desc[3 * j: 3 * j + 3] = [0 if m.kind == "int8" else 1, m.group_size,
+                                           int(fn.__name__.endswith("_vnni")) | (sh << 1)]
         self._mode = mode
 
     def applies(self, attn, T: int) -> bool:
