@@ -210,7 +210,7 @@ def test_sparse_dca_native_equals_its_pytorch_path(tiny_llama_dir, dtype):
         res.append((llm.generate(p, sp, use_tqdm=False)[0], dict(llm.engine.runner.paths.sparse_prefill.stats)))
     (a, sa), (b, sb) = res
     assert sa["computed"] == sb["computed"] > 0
-    tol = 2e-4 if dtype == "float32" else 0.08
+    tol = 1e-5 if dtype == "float32" else 0.02  # bf16: 0.0076 measured
     assert torch.allclose(_lp(a), _lp(b), atol=tol), float((_lp(a) - _lp(b)).abs().max())
     if dtype == "float32":
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
