@@ -147,3 +147,11 @@ def test_bad_arguments_are_value_errors(lib):
         native_prefill_range(lib, q, [kp], [vp], 0, table, 8, 0, 8, False, out.bfloat16(), lse, 1.0)
     with pytest.raises(ValueError, match="lse must be"):
         native_prefill_range(lib, q, [kp], [vp], 0, table, 8, 0, 8, False, out, torch.empty(4, 3), 1.0)
+
+
+def test_opcheck(lib):
+    need(lib, torch.float32)
+    q, kp, vp, table = make_case(9, 12, 4, 2, 64, 8, seed=1, dtype=torch.float32)
+    torch.library.opcheck(torch.ops.slimlm.paged_prefill_range.default,
+                          (q.contiguous(), [kp], [vp], 0, table, 12, 3, 21, True, torch.empty(9, 4, 64),
+                           torch.empty(9, 4), 0.25), test_utils=("test_schema", "test_faketensor"))
