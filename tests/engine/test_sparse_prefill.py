@@ -169,20 +169,51 @@ def test_native_path_is_chosen_where_it_applies(tiny, kw, native):
 DCA = {"chunk_size": 64, "local_window": 8}  # chunks of 56 tokens on the tiny model (trained to 256)
 
 
-def test_full_pattern_with_dca_equals_dca(tiny):
+@pytest.mark.parametrize("native", [False, True])
+def test_full_pattern_with_dca_equals_dca(tiny, native):
+    if native and not kernels_build():
+        pytest.skip("no C compiler / AVX-512: the PyTorch path is the only one")
     budget = 37  # chunked prefill: the chunks' context from the paged cache
     p = [[(7 * i + 1) % 300 + 3 for i in range(150)]]  # intra, successive and inter-chunk pairs
     sp = SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=0)
-    kw = dict(kv_cache_bytes="8M", max_num_batched_tokens=budget, rope_extension="dca", rope_extension_args=DCA)
+    kw = dict(kv_cache_bytes="8M", max_num_batched_tokens=budget, rope_extension="dca", rope_extension_args=DCA,
+              native_kernels=native)
     dca = LLM(tiny, **kw).generate(p, sp, use_tqdm=False)[0]
     both = LLM(tiny, **kw, sparse_prefill="vertical-slash", sparse_prefill_args=FULL)
-    assert _native(both) is None  # DCA's rotations: the PyTorch pattern path
+    assert (_native(both) is not None) == native  # DCA's key ranges on the kernel, or the PyTorch pattern path
     out = both.generate(p, sp, use_tqdm=False)[0]
     assert out.outputs[0].token_ids == dca.outputs[0].token_ids
     assert torch.allclose(_lp(dca), _lp(out), atol=1e-5)
     sparse = LLM(tiny, **kw, sparse_prefill="vertical-slash", sparse_prefill_args={**SMALL, "min_keys": 1}) \
         .generate(p, sp, use_tqdm=False)[0]
     assert not torch.allclose(_lp(dca), _lp(sparse), atol=1e-3)  # a sparse pattern is applied
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sparse_dca_native_equals_its_pytorch_path(tiny_llama_dir, dtype):
+    """A sparse pattern under DCA: the kernel's key ranges (one call per range with its query
+    rotation, merged by log-sum-exps) attend what the PyTorch pattern path attends, and count the
+    same pairs."""
+    if not kernels_build():
+        pytest.skip("no C compiler / AVX-512: the PyTorch path is the only one")
+    from slimlm.model.hub import load
+
+    model = load(str(tiny_llama_dir), dtype=dtype)
+    p = [[(11 * i + 5) % 300 + 3 for i in range(170)]]
+    sp = SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=0)
+    res = []
+    for native in (False, True):
+        llm = LLM(model, kv_cache_bytes="8M", max_num_batched_tokens=48, rope_extension="dca",
+                  rope_extension_args=DCA, sparse_prefill="vertical-slash",
+                  sparse_prefill_args={**SMALL, "min_keys": 1}, native_kernels=native)
+        assert (_native(llm) is not None) == native
+        res.append((llm.generate(p, sp, use_tqdm=False)[0], dict(llm.engine.runner.paths.sparse_prefill.stats)))
+    (a, sa), (b, sb) = res
+    assert sa["computed"] == sb["computed"] > 0
+    tol = 1e-5 if dtype == "float32" else 0.02  # bf16: 0.0076 measured
+    assert torch.allclose(_lp(a), _lp(b), atol=tol), float((_lp(a) - _lp(b)).abs().max())
+    if dtype == "float32":
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
 
 
 def test_sparse_pattern_with_dca_follows_its_definition():

@@ -34,7 +34,7 @@ from slimlm.model.hub import LoadedModel
 from slimlm.model.fuse import fuse_projections
 from slimlm.model.weights import release_freed_heap
 from slimlm.model.quant.model import serve_weights
-from slimlm.model.rope_extension import ROPE_EXTENSIONS, RopeExtension
+from slimlm.model.rope_extension import ROPE_EXTENSIONS, RopeExtension, dca_native_library
 
 
 def check_layout(engine: LLMEngine, ids: list[int], layout) -> None:
@@ -132,9 +132,10 @@ class LLMEngine:
         sparse_pf = sparse_prefill.build(config.sparse_prefill, config.sparse_prefill_args)
         if sparse_pf is not None and self.policy is not None:
             raise SlimLMError("sparse_prefill cannot be combined with a KV policy")
-        sparse_lib = sparse_prefill.native_library(sparse_pf, self.cache, cfg.head_dim,
-                                                   config.native_kernels and dca is None)  # DCA: PyTorch path
-        paths = replace(paths, dual_chunk=dca, sparse_prefill=sparse_pf, sparse_prefill_native=sparse_lib)
+        sparse_lib = sparse_prefill.native_library(sparse_pf, self.cache, cfg.head_dim, config.native_kernels)
+        dca_lib = dca_native_library(dca, self.cache, cfg.head_dim, config.native_kernels)  # DCA's key ranges
+        paths = replace(paths, dual_chunk=dca, sparse_prefill=sparse_pf, sparse_prefill_native=sparse_lib,
+                        dca_native=dca_lib)
         self.runner = ModelRunner(self.model, self.cache, paths, self.hooks, self.rope_ext)
         self.runner.batch_invariant = config.batch_invariant
         if self.proposer is not None:

@@ -208,6 +208,9 @@ class AttentionPaths:
     sparse_prefill_native: object | None = None
     """The loaded ``sparse_prefill`` library when sparse prefill runs natively
     (``sparse_prefill.native_library``), or None: the PyTorch pattern path."""
+    dca_native: object | None = None
+    """The loaded ``paged_prefill`` library when DCA's prefill chunks run on its key-range entry
+    (``rope_extension.dca_native_library``), or None: ``dca_attention``'s PyTorch ranges."""
 
     @classmethod
     def choose(cls, cache: PagedKVCache, head_dim: int, span: AttentionSpan, track_mass: bool,
@@ -402,6 +405,15 @@ class PagedAttention:
         if sparse is not None and not (p.tree is None and p.allow is None and window is None
                                        and sparse.applies(p.k_pos.shape[1], layer)):
             sparse = None
+        if sparse is None and self.paths.dca_native is not None and p.table is not None and window is None \
+                and p.tree is None and p.allow is None and isinstance(p.rows, slice):  # DCA's key ranges
+            from slimlm.model.rope_extension import dca_prefill_native
+
+            kp, vp = cache.pools(layer)
+            dca_prefill_native(self.paths.dca_native, q_full[p.rows], kp, vp, cache.codec.native_code, p.table,
+                               int(p.q_pos[0, 0]), out[p.rows], self.paths.dual_chunk, self.rotary.inv_freq,
+                               self.scale)
+            return
         if sparse is None and self.paths.native_prefill is not None and p.table is not None and window is None \
                 and p.tree is None and isinstance(p.rows, slice):
             if self.paths.prefill_in_place:  # the kernel decodes the stored format (and adds mass)
@@ -429,8 +441,9 @@ class PagedAttention:
             n = int(p.q_pos[0, -1]) + 1
             keys = cache.gather("k", layer, p.table).view(-1, hkv, d)[:n].transpose(0, 1)  # (Hkv, n, d): the probe's
             kp, vp = cache.pools(layer)
+            dca = (self.paths.dual_chunk, self.rotary.inv_freq) if self.paths.dual_chunk is not None else None
             sparse.attend_paged(self.paths.sparse_prefill_native, q_full[p.rows], keys, kp, vp,
-                                cache.codec.native_code, p.table, int(p.q_pos[0, 0]), out[p.rows], self.scale)
+                                cache.codec.native_code, p.table, int(p.q_pos[0, 0]), out[p.rows], self.scale, dca)
             return
         rows = p.rows
         qs = (q_full[rows] if isinstance(rows, slice) else q_full.index_select(0, rows)).transpose(0, 1)[None]

@@ -167,7 +167,8 @@ class ModelRunner:
         phys, logical = kept_blocks(c.block_table, c.kv_start + T, bs)
         all_kept = len(logical) == logical[-1] + 1
         sets = c.layout is not None and c.layout.in_set(c.start, T)  # a set-based mask (engine/segments.py)
-        native = self.paths.native_prefill is not None or self.paths.sparse_prefill_native is not None
+        native = self.paths.native_prefill is not None or self.paths.sparse_prefill_native is not None \
+            or self.paths.dca_native is not None
         table = self._tensor(phys) if native and all_kept and tree is None and not sets else None
         if c.kv_start == 0 and self.paths.span.window is None and tree is None and self.cache.lossless:
             # the chunk is its whole context: its own new keys (a lossy codec reads them back

@@ -156,11 +156,14 @@ class VerticalSlash:
 
     def attend_paged(self, lib, q_rows: torch.Tensor, keys: torch.Tensor, k_parts: list[torch.Tensor],
                      v_parts: list[torch.Tensor], code: int, table: torch.Tensor, q_start: int, out: torch.Tensor,
-                     scale: float) -> None:
+                     scale: float, dca: tuple | None = None) -> None:
         """The native kernel's path (``kernels/sparse_prefill.c``): the same pattern, chosen from
         ``keys`` (Hkv, n, d), the chunk's context decoded (n = q_start + T), then attended by the
         kernel reading the pools in place. q_rows (T, Hq, d) at positions q_start..; writes ``out``
-        (T, Hq, d)."""
+        (T, Hq, d). ``dca`` = (DualChunk, inv_freq): as in :meth:`attend`, the probe scores each
+        pair with the query rotation DCA assigns it, and the rows of each DCA chunk attend the
+        pattern in its three key ranges (older chunks, previous chunk, own chunk), one kernel call
+        each with that range's query rotation, merged exactly by their log-sum-exps."""
         from slimlm.kernels.ops import native_sparse_prefill
 
         T, Hq, _ = q_rows.shape
@@ -170,12 +173,23 @@ class VerticalSlash:
         m = min(self.probe, T)
         probe = q_rows[T - m :].transpose(0, 1).to(work)  # (Hq, m, d): only the probe's rows
         kx = keys.to(work, memory_format=torch.contiguous_format)  # (Hkv, n, d): 4x faster matmul than strided
-        cols, offs, _, _ = self._pattern(probe, kx, pos[n - m :], pos, pos >= 0, scale)
+        rot = None
+        if dca is not None:
+            from slimlm.model.rope_extension import dca_queries
+
+            dc, inv_freq = dca
+            scale = scale * dc.logit_scale
+            rot = (*(x[0] for x in dca_queries(probe[None], pos[n - m :][None], dc, inv_freq)), dc.chunk_len)
+        cols, offs, _, _ = self._pattern(probe, kx, pos[n - m :], pos, pos >= 0, scale, rot)
         cols = cols.sort(-1).values.to(torch.int32).contiguous()
         offs = offs.sort(-1).values.to(torch.int32).contiguous()
         stats = torch.zeros(2, dtype=torch.int64)
-        native_sparse_prefill(lib, q_rows, k_parts, v_parts, code, table, q_start, cols, offs, self.block, out,
-                              scale, stats)
+        if dca is None:
+            native_sparse_prefill(lib, q_rows, k_parts, v_parts, code, table, q_start, cols, offs, self.block, out,
+                                  scale, stats)
+        else:
+            _dca_ranges_native(lib, q_rows, k_parts, v_parts, code, table, q_start, cols, offs, self.block, out,
+                               scale, stats, dca)
         causal = Hq * ((q_start + 1 + n) * T // 2)  # sum of i + 1 over the chunk's positions
         self._count(int(stats[0]), causal, int(stats[1]))
 
@@ -221,6 +235,33 @@ def _dca_scores(rot: tuple, a: int, e: int, qpos: torch.Tensor, kpos: torch.Tens
 
     intra, succ, inter, c = rot
     return dca_pick(qpos // c - kpos // c, *(x[:, a:e] @ kc.transpose(-1, -2) for x in (intra, succ, inter)))
+
+
+def _dca_ranges_native(lib, q_rows, k_parts, v_parts, code, table, q_start, cols, offs, block, out, scale, stats,
+                       dca) -> None:
+    """The pattern under DCA on the native kernel: per DCA chunk of the rows, one
+    ``sparse_prefill_range`` call per key range with that range's query rotation (``scale``
+    already carries DCA's ``logit_scale``), merged by log-sum-exps into ``out``."""
+    from slimlm.kernels.ops import native_sparse_prefill_range
+    from slimlm.model.rope_extension import _merge, dca_queries, dca_ranges
+
+    dc, inv_freq = dca
+    T, Hq, d = q_rows.shape
+    for r0, r1, ranges in dca_ranges(q_start, T, dc.chunk_len):
+        q = q_rows[r0:r1]
+        rot = {"intra": q}
+        if any(name != "intra" for name, *_ in ranges):
+            p = torch.arange(q_start + r0, q_start + r1, device=q.device)[None]
+            _, succ, inter = dca_queries(q.transpose(0, 1)[None], p, dc, inv_freq)
+            rot["succ"], rot["inter"] = (x[0].transpose(0, 1).to(q.dtype) for x in (succ, inter))
+        parts = []
+        for name, lo, hi, _causal in ranges:  # the kernel is causal in every range
+            o = torch.empty(r1 - r0, Hq, d, dtype=torch.float32, device=q.device)
+            lse = torch.empty(r1 - r0, Hq, dtype=torch.float32, device=q.device)
+            native_sparse_prefill_range(lib, rot[name], k_parts, v_parts, code, table, q_start + r0, cols, offs,
+                                        block, lo, hi, o, lse, scale, stats)
+            parts.append((o, lse))
+        out[r0:r1] = _merge(parts).to(out.dtype)
 
 
 def native_library(pattern: VerticalSlash | None, cache, head_dim: int, native_kernels: bool):

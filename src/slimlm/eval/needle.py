@@ -5,7 +5,10 @@ the needle "The secret passkey is NNNNN. Remember it. NNNNN is the secret passke
 ``depth`` (a fraction of the filler, moved back to the nearest sentence end), then the question
 with the answer primed: "What is the secret passkey? The secret passkey is". Small models only
 answer a primed question (shared/ASSETS.md: 0 of 12 unprimed). A trial is correct when the
-first number in the greedy continuation is the passkey. Passkeys and filler offsets are seeded.
+first number in the greedy continuation is the passkey. Passkeys and filler offsets are seeded
+by ``--seed``, the length, the depth's *index* in ``--depths`` and the trial, so ``--depths 0.5``
+alone is not the prompt of the 0.5 column of ``--depths 0.1,0.5,0.9``; ``--only-depths 0.5`` with
+the full ``--depths`` runs just that column's prompts (the same ones; one long prompt per command).
 """
 
 from __future__ import annotations
@@ -72,7 +75,8 @@ def answer_correct(text: str, key: str) -> bool:
 @dataclass
 class Needle(Task):
     help = "passkey retrieval over a grid of context lengths x depths (essay filler)"
-    cli = {"lengths": "--lengths", "depths": "--depths", "trials": "--trials", "filler": "--filler"}
+    cli = {"lengths": "--lengths", "depths": "--depths", "trials": "--trials", "filler": "--filler",
+           "only_depths": "--only-depths"}
 
     lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096])
     """Prompt lengths in tokens."""
@@ -82,6 +86,9 @@ class Needle(Task):
     """Passkeys per cell (each with its own filler offset)."""
     filler: str = "essays"
     max_new_tokens: int = 8
+    only_depths: list[float] | None = None
+    """Run only these of ``depths`` (their cells' prompts unchanged: each is seeded by its depth's
+    index in ``depths``); the other cells stay empty. None = all."""
 
     @classmethod
     def add_args(cls, g) -> None:
@@ -89,6 +96,8 @@ class Needle(Task):
         g.add_argument("--depths", help="needle: depths in [0, 1], comma-separated (default 0.1,0.5,0.9)")
         g.add_argument("--trials", type=int, help="needle: passkeys per cell (default 5)")
         g.add_argument("--filler", help="needle: 'essays' or a text file (default essays)")
+        g.add_argument("--only-depths", help="needle: run only these of --depths, each with the prompts it has in "
+                                             "the full grid (seeded by its index in --depths)")
 
     @classmethod
     def from_args(cls, a) -> Needle:
@@ -97,9 +106,15 @@ class Needle(Task):
             t.lengths = [int(x) for x in float_list(t.lengths)]
         if isinstance(t.depths, str):
             t.depths = float_list(t.depths)
+        if isinstance(t.only_depths, str):
+            t.only_depths = float_list(t.only_depths)
         return t
 
     def run(self, lm: ScoringLM, log=print) -> dict[str, Any]:
+        missing = [d for d in self.only_depths or [] if d not in self.depths]
+        if missing:
+            raise SlimLMError(f"needle: --only-depths {','.join(map(str, missing))} not among --depths "
+                              f"{','.join(map(str, self.depths))}")
         tok = lm.tokenizer
         filler = filler_ids(self.filler, tok)
         prompts, trials, skipped = [], [], []
@@ -108,13 +123,16 @@ class Needle(Task):
                 skipped.append(length)
                 continue
             for di, depth in enumerate(self.depths):
+                if self.only_depths is not None and depth not in self.only_depths:
+                    continue
                 for t in range(self.trials):
                     rng = random.Random(f"{self.seed}-{length}-{di}-{t}")
                     key = str(rng.randint(10000, 99999))
                     ids, at = build_prompt(tok, filler, length, depth, key, rng.randrange(1 << 30))
                     prompts.append(ids)
                     trials.append({"length": length, "depth": depth, "key": key, "needle_at": at})
-        log(f"needle: {len(prompts)} prompts ({len(self.lengths) - len(skipped)} lengths x {len(self.depths)} depths "
+        ran = len(self.depths) if self.only_depths is None else len(set(self.only_depths))
+        log(f"needle: {len(prompts)} prompts ({len(self.lengths) - len(skipped)} lengths x {ran} depths "
             f"x {self.trials} passkeys)")
         outs = lm.greedy(prompts, self.max_new_tokens) if prompts else []
         for tr, out in zip(trials, outs):

@@ -49,6 +49,11 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
         # os_t, os_h, T, Hq, Hkv, d, block_size, scale, mass, nthreads
         "slimlm_paged_prefill_ex": (_INT, (_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _INT, _PTR,
                                            _I64, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _PTR, _INT)),
+        # q, qs_t, qs_h, k_pool, k_aux, k_aux2, v_pool, v_aux, v_aux2, kv_code, dtype, table, q_start, k_lo, k_hi,
+        # causal, out (float32), os_t, os_h, lse, T, Hq, Hkv, d, block_size, scale, nthreads (DCA's key ranges)
+        "slimlm_paged_prefill_range": (_INT, (_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _INT, _PTR,
+                                              _I64, _I64, _I64, _INT, _PTR, _I64, _I64, _PTR, _I64, _I64, _I64, _I64,
+                                              _I64, _F32, _INT)),
     },
     "sparse_decode": {
         # q, k_pool, v_pool, k_aux, k_aux2, v_aux, v_aux2, dtype, table, ktable, max_blocks, idx, cnt, N,
@@ -85,6 +90,12 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
         "slimlm_sparse_prefill": (_INT, (_PTR, _I64, _I64, _INT, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _PTR,
                                          _I64, _I64, _I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR,
                                          _I64, _I64, _F32, _PTR, _INT)),
+        # the same restricted to keys [k_lo, k_hi) with a float32 out and each row's lse (DCA's key ranges):
+        # q, qs_t, qs_h, qdtype, k_pool, k_aux, k_aux2, v_pool, v_aux, v_aux2, kv_code, table, q_start, T, Hq,
+        # Hkv, d, block_size, cols, nv, offs, ns, qb, k_lo, k_hi, out, os_t, os_h, lse, scale, stats, nthreads
+        "slimlm_sparse_prefill_range": (_INT, (_PTR, _I64, _I64, _INT, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _PTR,
+                                               _I64, _I64, _I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64,
+                                               _I64, _PTR, _I64, _I64, _PTR, _F32, _PTR, _INT)),
     },
     "decode_layer": {
         # h, M, first, last, dims, ptrs, desc, cos, sin, slots, table, lens, eps, scale, nthreads

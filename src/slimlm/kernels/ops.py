@@ -466,3 +466,114 @@ _DEF.impl("sparse_prefill", _sparse_prefill_impl, "CPU")
 @torch.library.register_fake("slimlm::sparse_prefill", lib=_DEF)
 def _sparse_prefill_fake(q_rows, k_parts, v_parts, code, table, q_start, cols, offs, block, out, scale, stats):
     _sparse_prefill_shapes(q_rows, k_parts, v_parts, code, table, q_start, cols, offs, block, out, stats)
+
+
+# ---------------------------------------------------------------------- key-range prefill (DCA)
+def _prefill_range_shapes(q_rows, k_parts, v_parts, code, table, q_start, k_lo, k_hi, out, lse) -> None:
+    T, Hq, d = q_rows.shape
+    k0 = k_parts[0]
+    bs, hkv = k0.shape[1], k0.shape[2]
+    _check_pool(k_parts, code, 0)
+    _check_pool(v_parts, code, 1)
+    if v_parts[0].shape != k_parts[0].shape or len(v_parts) != len(k_parts):
+        raise ValueError("native_prefill_range: key and value pools differ in shape")
+    if q_rows.dtype not in NATIVE_DTYPES or q_rows.stride(2) != 1:
+        raise ValueError("native_prefill_range: q must be float32 / bfloat16 with a contiguous head dimension")
+    if out.dtype != torch.float32 or out.shape != q_rows.shape or out.stride(2) != 1:
+        raise ValueError("native_prefill_range: out must be float32 of q's shape (T, Hq, d), head dimension contiguous")
+    if lse.dtype != torch.float32 or lse.shape != (T, Hq):
+        raise ValueError("native_prefill_range: lse must be a contiguous float32 (T, Hq) tensor")
+    if not 0 <= k_lo <= k_hi or q_start < 0:
+        raise ValueError(f"native_prefill_range: need 0 <= k_lo <= k_hi and q_start >= 0, got {k_lo}, {k_hi}, {q_start}")
+    if table.dtype != torch.int64:
+        raise ValueError("native kernels need a contiguous int64 block table")
+    if table.numel() * bs < k_hi or Hq % hkv or k0.shape[3] * (2 if code >= 3 else 1) != d:
+        raise ValueError("native_prefill_range: the table must cover the key range and head sizes must match the pool")
+
+
+def _prefill_range_impl(q_rows: torch.Tensor, k_parts: list[torch.Tensor], v_parts: list[torch.Tensor], code: int,
+                        table: torch.Tensor, q_start: int, k_lo: int, k_hi: int, causal: bool, out: torch.Tensor,
+                        lse: torch.Tensor, scale: float) -> None:
+    T, Hq, d = q_rows.shape
+    k0 = k_parts[0]
+    _prefill_range_shapes(q_rows, k_parts, v_parts, code, table, q_start, k_lo, k_hi, out, lse)
+    _check_table(table, k0.shape[0])
+    if not lse.is_contiguous():
+        raise ValueError("native_prefill_range: lse must be a contiguous float32 (T, Hq) tensor")
+    aux = [t.data_ptr() for t in k_parts[1:]] + [None] * (3 - len(k_parts))
+    vaux = [t.data_ptr() for t in v_parts[1:]] + [None] * (3 - len(v_parts))
+    rc = _lib("paged_prefill").slimlm_paged_prefill_range(
+        q_rows.data_ptr(), q_rows.stride(0), q_rows.stride(1), k0.data_ptr(), aux[0], aux[1], v_parts[0].data_ptr(),
+        vaux[0], vaux[1], code, NATIVE_DTYPES[q_rows.dtype], table.data_ptr(), q_start, k_lo, k_hi, int(bool(causal)),
+        out.data_ptr(), out.stride(0), out.stride(1), lse.data_ptr(), T, Hq, k0.shape[2], d, k0.shape[1], scale,
+        torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"paged_prefill_range kernel failed (code {rc})")
+
+
+def native_prefill_range(lib, q_rows: torch.Tensor, k_parts: list[torch.Tensor], v_parts: list[torch.Tensor],
+                         code: int, table: torch.Tensor, q_start: int, k_lo: int, k_hi: int, causal: bool,
+                         out: torch.Tensor, lse: torch.Tensor, scale: float) -> None:
+    """Attention of q_rows (T, Hq, d) at positions q_start.. (storage index == position) over the
+    keys [k_lo, k_hi) only (and, when ``causal``, those at or before each row's position), read in
+    place from pools in any stored format the native kernels read (``code`` 0-6; ``k_parts`` /
+    ``v_parts`` the codec's tensors, data first). Writes ``out`` (T, Hq, d) float32 (any q dtype)
+    and ``lse`` (T, Hq) float32, each row's log-sum-exp of its scaled scores (-inf and a zero
+    output for a row with no key in the range), so disjoint ranges merge exactly: Dual Chunk
+    Attention's three ranges (``model/rope_extension.py``). ``lib``: the loaded ``paged_prefill``."""
+    if lib is not None:
+        _LIBS["paged_prefill"] = lib
+    if torch.compiler.is_compiling():
+        torch.ops.slimlm.paged_prefill_range(q_rows, list(k_parts), list(v_parts), code, table, q_start, k_lo, k_hi,
+                                             causal, out, lse, scale)
+        return
+    _prefill_range_impl(q_rows, k_parts, v_parts, code, table, q_start, k_lo, k_hi, causal, out, lse, scale)
+
+
+_DEF.define("paged_prefill_range(Tensor q_rows, Tensor[] k_parts, Tensor[] v_parts, int code, Tensor table, "
+            "int q_start, int k_lo, int k_hi, bool causal, Tensor(a!) out, Tensor(b!) lse, float scale) -> ()")
+_DEF.impl("paged_prefill_range", _prefill_range_impl, "CPU")
+
+
+@torch.library.register_fake("slimlm::paged_prefill_range", lib=_DEF)
+def _prefill_range_fake(q_rows, k_parts, v_parts, code, table, q_start, k_lo, k_hi, causal, out, lse, scale):
+    _prefill_range_shapes(q_rows, k_parts, v_parts, code, table, q_start, k_lo, k_hi, out, lse)
+
+
+def native_sparse_prefill_range(lib, q_rows: torch.Tensor, k_parts: list[torch.Tensor], v_parts: list[torch.Tensor],
+                                code: int, table: torch.Tensor, q_start: int, cols: torch.Tensor, offs: torch.Tensor,
+                                block: int, k_lo: int, k_hi: int, out: torch.Tensor, lse: torch.Tensor, scale: float,
+                                stats: torch.Tensor | None = None) -> None:
+    """:func:`native_sparse_prefill` restricted to the keys [k_lo, k_hi): ``out`` (T, Hq, d) is
+    float32 whatever q's dtype and ``lse`` (T, Hq) float32 receives each row's log-sum-exp over the
+    pairs it attends in the range (-inf and a zero output for a row with none), so DCA's three key
+    ranges, each attended with its own query rotation, merge exactly. ``lib``: the loaded
+    ``sparse_prefill``."""
+    if lib is not None:
+        _LIBS["sparse_prefill"] = lib
+    T, Hq, d = q_rows.shape
+    k0 = k_parts[0]
+    # the shared checks (out in q's dtype) on q itself; out is checked below
+    _sparse_prefill_shapes(q_rows, k_parts, v_parts, code, table, q_start, cols, offs, block, q_rows, stats)
+    _check_table(table, k0.shape[0])
+    for name, t in (("cols", cols), ("offs", offs)):
+        if not t.is_contiguous() or (t.shape[1] > 1 and not bool((t[:, 1:] > t[:, :-1]).all())):
+            raise ValueError(f"native_sparse_prefill: {name} must be contiguous and strictly ascending per head")
+    if out.dtype != torch.float32 or out.shape != q_rows.shape or out.stride(2) != 1:
+        raise ValueError("native_sparse_prefill_range: out must be float32 of q's shape, head dimension contiguous")
+    if lse.dtype != torch.float32 or lse.shape != (T, Hq) or not lse.is_contiguous():
+        raise ValueError("native_sparse_prefill_range: lse must be a contiguous float32 (T, Hq) tensor")
+    if not 0 <= k_lo <= k_hi:
+        raise ValueError(f"native_sparse_prefill_range: need 0 <= k_lo <= k_hi, got {k_lo}, {k_hi}")
+    if stats is not None and not stats.is_contiguous():
+        raise ValueError("native_sparse_prefill: stats must be a contiguous int64 tensor of 2")
+    aux = [t.data_ptr() for t in k_parts[1:]] + [None] * (3 - len(k_parts))
+    vaux = [t.data_ptr() for t in v_parts[1:]] + [None] * (3 - len(v_parts))
+    rc = _lib("sparse_prefill").slimlm_sparse_prefill_range(
+        q_rows.data_ptr(), q_rows.stride(0), q_rows.stride(1), NATIVE_DTYPES[q_rows.dtype], k0.data_ptr(), aux[0],
+        aux[1], v_parts[0].data_ptr(), vaux[0], vaux[1], code, table.data_ptr(), q_start, T, Hq, k0.shape[2], d,
+        k0.shape[1], cols.data_ptr(), cols.shape[1], offs.data_ptr(), offs.shape[1], block, k_lo, k_hi,
+        out.data_ptr(), out.stride(0), out.stride(1), lse.data_ptr(), scale,
+        stats.data_ptr() if stats is not None else None, torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"sparse_prefill kernel failed (code {rc})")

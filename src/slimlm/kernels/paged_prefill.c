@@ -476,3 +476,217 @@ int slimlm_paged_prefill(const void *q, int64_t qs_t, int64_t qs_h, const void *
     return slimlm_paged_prefill_ex(q, qs_t, qs_h, k_pool, NULL, NULL, v_pool, NULL, NULL, dtype, dtype, table, q_start,
                                    out, os_t, os_h, T, Hq, Hkv, d, block_size, scale, NULL, nthreads);
 }
+
+/* ------------------------------------------------------------------------------------------------
+ * Key-range prefill with log-sum-exps (Dual Chunk Attention's three ranges, model/rope_extension.py).
+ *
+ * ``slimlm_paged_prefill_range``: T query rows at positions q_start .. q_start + T - 1 attend the
+ * keys j in [k_lo, k_hi) of the paged context (storage index == position), and, when ``causal``,
+ * only those with j <= the row's position. Each row's output is written in float32 (whatever the
+ * arithmetic's dtype) at out + t * os_t + h * os_h, and its log-sum-exp of the scaled scores
+ * (natural log) at lse[t * Hq + h], so outputs over disjoint ranges merge exactly:
+ * out = sum_r exp(lse_r - logsumexp(lse)) out_r. A row with no key in the range gets out = 0 and
+ * lse = -inf. The pools, formats, ``dtype`` and the arithmetic are those of
+ * ``slimlm_paged_prefill_ex`` (no mass). The keys are repacked from the block holding k_lo: the
+ * first (k_lo mod block_size) of them are masked, their probabilities exactly 0.
+ * Returns 0, 1 on unsupported arguments, 2 when scratch memory could not be allocated.
+ * --------------------------------------------------------------------------------------------- */
+#ifdef SLIMLM_HAVE_AVX512
+typedef struct {
+    const void *q;
+    float *out, *lse;
+    const void *kp, *vp;
+    int64_t qs_t, qs_h, os_t, os_h;
+    int64_t T, Hq, Hkv, d, nkg, ntiles;
+    int64_t lo, n, cq; /* repacked frame: keys [lo, n) live; row t's last causal key is cq + t */
+    int causal;
+    float scale;
+    int dtype;
+    int64_t next;
+    int failed;
+} range_args;
+
+/* Rows t0 .. t0 + R - 1 of query head h against the repacked range: scores, masked softmax with
+ * each row's log-sum-exp, P V in float32. */
+static void range_tile(const range_args *a, int64_t h, int64_t t0, float *S, uint16_t *P, int64_t ldS) {
+    (void)P; /* used only by bf16 builds */
+    const int64_t d = a->d, nvb = d / 16, g = h / (a->Hq / a->Hkv);
+    const int64_t rows = a->T - t0 < R ? a->T - t0 : R;
+    const size_t elem = a->dtype == 1 ? 2 : 4;
+    const void *qr[R];
+    int64_t hi[R];
+    int64_t n_tile = 0;
+    for (int r = 0; r < R; ++r) {
+        const int64_t t = t0 + (r < rows ? r : 0); /* rows past the chunk repeat its first row */
+        qr[r] = (const char *)a->q + (t * a->qs_t + h * a->qs_h) * elem;
+        int64_t e = a->n;
+        if (a->causal && a->cq + t + 1 < e) e = a->cq + t + 1;
+        hi[r] = e > a->lo ? e : a->lo; /* hi == lo: no key */
+        if (hi[r] > n_tile) n_tile = hi[r];
+    }
+    if (n_tile <= a->lo) { /* no row has a key here */
+        for (int64_t r = 0; r < rows; ++r) {
+            float *o = a->out + (t0 + r) * a->os_t + h * a->os_h;
+            memset(o, 0, (size_t)d * sizeof(float));
+            a->lse[(t0 + r) * a->Hq + h] = -INFINITY;
+        }
+        return;
+    }
+    const __m512 sc = _mm512_set1_ps(a->scale);
+    for (int64_t kg = 0; kg < (n_tile + 15) / 16; kg += NK) { /* K is zero-padded to whole NK groups */
+        __m512 acc[R][NK];
+        for (int r = 0; r < R; ++r)
+            for (int j = 0; j < NK; ++j) acc[r][j] = _mm512_setzero_ps();
+#ifdef SLIMLM_HAVE_BF16
+        if (a->dtype == 1) {
+            const int64_t half = d / 2;
+            const uint32_t *kb = (const uint32_t *)a->kp + (g * a->nkg + kg) * half * 16;
+            for (int64_t c2 = 0; c2 < half; ++c2) {
+                __m512bh kv[NK];
+                for (int j = 0; j < NK; ++j) kv[j] = (__m512bh)_mm512_loadu_si512((const void *)(kb + (j * half + c2) * 16));
+                for (int r = 0; r < R; ++r) {
+                    const __m512bh qb = (__m512bh)_mm512_set1_epi32((int)((const u32_alias *)qr[r])[c2]);
+                    for (int j = 0; j < NK; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], qb, kv[j]);
+                }
+            }
+        } else
+#endif
+        {
+            const float *kb = (const float *)a->kp + (g * a->nkg + kg) * d * 16;
+            for (int64_t c = 0; c < d; ++c) {
+                __m512 kv[NK];
+                for (int j = 0; j < NK; ++j) kv[j] = _mm512_loadu_ps(kb + (j * d + c) * 16);
+                for (int r = 0; r < R; ++r) {
+                    const __m512 qb = _mm512_set1_ps(((const float *)qr[r])[c]);
+                    for (int j = 0; j < NK; ++j) acc[r][j] = _mm512_fmadd_ps(qb, kv[j], acc[r][j]);
+                }
+            }
+        }
+        for (int r = 0; r < R; ++r)
+            for (int j = 0; j < NK; ++j) _mm512_storeu_ps(S + r * ldS + (kg + j) * 16, _mm512_mul_ps(acc[r][j], sc));
+    }
+    const int bf = a->dtype == 1;
+    const int64_t npair = (n_tile + 1) / 2, ncols = bf ? 2 * npair : n_tile;
+    const int64_t padded = (ncols + 15) / 16 * 16; /* what softmax_row writes */
+    float inv[R];
+    for (int r = 0; r < R; ++r) {
+        float *s = S + r * ldS;
+        if (hi[r] <= a->lo) { /* no key: probabilities 0, lse -inf */
+            inv[r] = 0.f;
+            if (bf) memset(P + r * ldS, 0, (size_t)padded * sizeof(uint16_t));
+            else memset(s, 0, (size_t)padded * sizeof(float));
+            if (r < rows) a->lse[(t0 + r) * a->Hq + h] = -INFINITY;
+            continue;
+        }
+        float m = -INFINITY;
+        for (int64_t k = a->lo; k < hi[r]; ++k) m = s[k] > m ? s[k] : m;
+        for (int64_t k = 0; k < a->lo; ++k) s[k] = -INFINITY; /* below the range: out of the max */
+        inv[r] = softmax_row(s, hi[r], ncols, bf ? NULL : s, bf ? P + r * ldS : NULL);
+        if (bf) memset(P + r * ldS, 0, (size_t)a->lo * sizeof(uint16_t)); /* exactly 0 below the range */
+        else memset(s, 0, (size_t)a->lo * sizeof(float));
+        if (r < rows) a->lse[(t0 + r) * a->Hq + h] = m - logf(inv[r]);
+    }
+    for (int64_t cb0 = 0; cb0 < nvb; cb0 += 4) { /* output dimensions in blocks of 64 */
+        __m512 acc[R][4];
+        for (int r = 0; r < R; ++r)
+            for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+#ifdef SLIMLM_HAVE_BF16
+        if (bf) {
+            const uint32_t *vb = (const uint32_t *)a->vp + g * a->nkg * 8 * nvb * 16 + cb0 * 16;
+            for (int64_t pi = 0; pi < npair; ++pi) {
+                __m512bh vv[4];
+                for (int j = 0; j < 4; ++j) vv[j] = (__m512bh)_mm512_loadu_si512((const void *)(vb + (pi * nvb + j) * 16));
+                for (int r = 0; r < R; ++r) {
+                    const __m512bh pb = (__m512bh)_mm512_set1_epi32((int)((const uint32_t *)(P + r * ldS))[pi]);
+                    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], pb, vv[j]);
+                }
+            }
+        } else
+#endif
+        {
+            const float *vb = (const float *)a->vp + g * a->nkg * 16 * d + cb0 * 16;
+            for (int64_t k = 0; k < n_tile; ++k) {
+                __m512 vv[4];
+                for (int j = 0; j < 4; ++j) vv[j] = _mm512_loadu_ps(vb + k * d + 16 * j);
+                for (int r = 0; r < R; ++r) {
+                    const __m512 pb = _mm512_set1_ps(S[r * ldS + k]);
+                    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_fmadd_ps(pb, vv[j], acc[r][j]);
+                }
+            }
+        }
+        for (int r = 0; r < rows; ++r) {
+            float *o = a->out + (t0 + r) * a->os_t + h * a->os_h + cb0 * 16;
+            const __m512 w = _mm512_set1_ps(inv[r]);
+            for (int j = 0; j < 4; ++j) _mm512_storeu_ps(o + 16 * j, _mm512_mul_ps(acc[r][j], w));
+        }
+    }
+}
+
+static void range_tiles(range_args *a) {
+    const int64_t ld = a->nkg * 16;
+    if (tl_cap < ld) {
+        free(tl_s);
+        free(tl_p);
+        tl_s = (float *)malloc((size_t)(R * ld) * sizeof(float));
+        tl_p = (uint16_t *)malloc((size_t)(R * ld) * sizeof(uint16_t));
+        tl_cap = (tl_s && tl_p) ? ld : 0;
+        if (!tl_cap) { __atomic_store_n(&a->failed, 1, __ATOMIC_RELAXED); return; }
+    }
+    const int64_t G = a->Hq / a->Hkv, per_head = a->ntiles * G;
+    for (;;) {
+        const int64_t item = __atomic_fetch_add(&a->next, 1, __ATOMIC_RELAXED);
+        if (item >= a->Hkv * per_head) break;
+        const int64_t g = item / per_head, rem = item % per_head; /* KV head by KV head, longest tiles first */
+        range_tile(a, g * G + rem % G, (a->ntiles - 1 - rem / G) * R, tl_s, tl_p, ld);
+    }
+    if (tl_cap > TL_KEEP) release_tiles();
+}
+#endif
+
+int slimlm_paged_prefill_range(const void *q, int64_t qs_t, int64_t qs_h, const void *k_pool, const void *k_aux,
+                               const void *k_aux2, const void *v_pool, const void *v_aux, const void *v_aux2,
+                               int kv_code, int dtype, const int64_t *table, int64_t q_start, int64_t k_lo,
+                               int64_t k_hi, int causal, float *out, int64_t os_t, int64_t os_h, float *lse,
+                               int64_t T, int64_t Hq, int64_t Hkv, int64_t d, int64_t block_size, float scale,
+                               int nthreads) {
+    if (!slimlm_prefill_supported(d, dtype) || Hkv <= 0 || Hq % Hkv != 0 || block_size <= 0 || T <= 0 || q_start < 0
+        || k_lo < 0 || k_hi < k_lo || !out || !lse || !kv_code_ok(kv_code, d, k_aux, k_aux2, v_aux, v_aux2))
+        return 1;
+#ifdef SLIMLM_HAVE_AVX512
+    const int64_t a0 = k_lo / block_size * block_size; /* the range's first block */
+    const int64_t n = k_hi - a0;
+    if (k_hi == k_lo || (causal && k_lo > q_start + T - 1)) { /* no row has a key */
+        for (int64_t t = 0; t < T; ++t)
+            for (int64_t h = 0; h < Hq; ++h) {
+                memset(out + t * os_t + h * os_h, 0, (size_t)d * sizeof(float));
+                lse[t * Hq + h] = -INFINITY;
+            }
+        return 0;
+    }
+    const int64_t nkg = ((n + 16 * NK - 1) / (16 * NK)) * NK;
+    const size_t need = (size_t)(Hkv * nkg * 16 * d) * (dtype == 1 ? 2 : 4);
+    if (need > cap) {
+        free(kp);
+        free(vp);
+        kp = malloc(need);
+        vp = malloc(need);
+        cap = (kp && vp) ? need : 0;
+        if (!cap) return 2;
+    }
+    repack_args ra = {k_pool, v_pool, table + a0 / block_size, kp, vp, n, nkg, Hkv, d, block_size, dtype, 0,
+                      kv_code, k_aux, k_aux2, v_aux, v_aux2};
+#pragma omp parallel num_threads(nthreads)
+    repack(&ra);
+    range_args ta = {q, out, lse, kp, vp, qs_t, qs_h, os_t, os_h, T, Hq, Hkv, d, nkg, (T + R - 1) / R,
+                     k_lo - a0, n, q_start - a0, causal != 0, scale, dtype, 0, 0};
+#pragma omp parallel num_threads(nthreads)
+    range_tiles(&ta);
+    if (cap > ((size_t)64 << 20)) release_repack();
+    return ta.failed ? 2 : 0;
+#else
+    (void)q; (void)qs_t; (void)qs_h; (void)k_pool; (void)k_aux; (void)k_aux2; (void)v_pool; (void)v_aux; (void)v_aux2;
+    (void)table; (void)q_start; (void)k_lo; (void)k_hi; (void)causal; (void)out; (void)os_t; (void)os_h; (void)lse;
+    (void)Hq; (void)scale; (void)nthreads;
+    return 1;
+#endif
+}

@@ -85,6 +85,8 @@ typedef struct {
     float scale;
     int64_t next, pairs, scored;
     int failed;
+    int64_t k_lo, k_hi; /* keys outside [k_lo, k_hi) are never candidates (the whole context: 0, n) */
+    float *lse;         /* NULL, or (T, Hq): each row's log-sum-exp; out is then float32 */
 } sp_args;
 
 typedef struct {
@@ -101,7 +103,10 @@ static int64_t candidates(const sp_args *a, int64_t h, int64_t p0, int64_t p1, s
     for (int64_t x = a->ns - 1; x >= 0; --x) { /* largest offset first: range starts ascend */
         const int64_t off = offs[x];
         if (off < 0 || off > p1 || off >= a->n) continue;
-        const int64_t lo = p0 - off > 0 ? p0 - off : 0, hi = p1 - off;
+        int64_t lo = p0 - off > 0 ? p0 - off : 0, hi = p1 - off;
+        if (lo < a->k_lo) lo = a->k_lo; /* the key range (starts still ascend, ends too) */
+        if (hi > a->k_hi - 1) hi = a->k_hi - 1;
+        if (lo > hi) continue;
         if (nr && lo <= s->rhi[nr - 1] + 1) {
             if (hi > s->rhi[nr - 1]) s->rhi[nr - 1] = (int32_t)hi;
         } else {
@@ -114,7 +119,7 @@ static int64_t candidates(const sp_args *a, int64_t h, int64_t p0, int64_t p1, s
     const int64_t nvh = a->nv;
     for (int64_t r = 0; r < nr; ++r) {
         for (; vi < nvh && cols[vi] < s->rlo[r]; ++vi)
-            if (cols[vi] >= 0) { s->cand[K] = cols[vi]; s->vflag[K++] = 1; }
+            if (cols[vi] >= a->k_lo) { s->cand[K] = cols[vi]; s->vflag[K++] = 1; }
         for (int64_t j = s->rlo[r]; j <= s->rhi[r]; ++j) {
             uint8_t f = 0;
             if (vi < nvh && cols[vi] == j) { f = 1; ++vi; }
@@ -122,8 +127,8 @@ static int64_t candidates(const sp_args *a, int64_t h, int64_t p0, int64_t p1, s
             s->vflag[K++] = f;
         }
     }
-    for (; vi < nvh && cols[vi] <= p1 && cols[vi] < a->n; ++vi)
-        if (cols[vi] >= 0) { s->cand[K] = cols[vi]; s->vflag[K++] = 1; }
+    for (; vi < nvh && cols[vi] <= p1 && cols[vi] < a->k_hi; ++vi)
+        if (cols[vi] >= a->k_lo) { s->cand[K] = cols[vi]; s->vflag[K++] = 1; }
     return K;
 }
 
@@ -418,12 +423,14 @@ static void item(sp_args *a, int64_t h, int64_t b, scratch *s) {
     for (int64_t r = 0; r < rows; ++r) {
         const float inv = s->l[r] > 0.f ? 1.0f / s->l[r] : 0.f;
         const float *o = s->o + r * d;
-        char *dst = (char *)a->out + ((t0 + r) * a->os_t + h * a->os_h) * (a->qdtype ? 2 : 4);
+        const int wide_out = a->qdtype && !a->lse; /* with lse the output is float32 */
+        char *dst = (char *)a->out + ((t0 + r) * a->os_t + h * a->os_h) * (wide_out ? 2 : 4);
         for (int64_t c = 0; c < d; ++c) {
             const float y = o[c] * inv;
-            if (a->qdtype) ((uint16_t *)dst)[c] = f32_to_bf16(y);
+            if (wide_out) ((uint16_t *)dst)[c] = f32_to_bf16(y);
             else ((float *)dst)[c] = y;
         }
+        if (a->lse) a->lse[(t0 + r) * a->Hq + h] = s->l[r] > 0.f ? s->m[r] + logf(s->l[r]) : -INFINITY;
     }
     __atomic_fetch_add(&a->pairs, pairs, __ATOMIC_RELAXED);
     __atomic_fetch_add(&a->scored, K * rows, __ATOMIC_RELAXED);
@@ -464,18 +471,19 @@ static void worker(sp_args *a) {
 }
 #endif
 
-int slimlm_sparse_prefill(const void *q, int64_t qs_t, int64_t qs_h, int qdtype, const void *k_pool,
+static int sparse_prefill(const void *q, int64_t qs_t, int64_t qs_h, int qdtype, const void *k_pool,
                           const void *k_aux, const void *k_aux2, const void *v_pool, const void *v_aux,
                           const void *v_aux2, int kv_code, const int64_t *table, int64_t q_start, int64_t T,
                           int64_t Hq, int64_t Hkv, int64_t d, int64_t block_size, const int32_t *cols, int64_t nv,
                           const int32_t *offs, int64_t ns, int64_t qb, void *out, int64_t os_t, int64_t os_h,
-                          float scale, int64_t *stats, int nthreads) {
+                          float scale, int64_t *stats, int nthreads, int64_t k_lo, int64_t k_hi, float *lse) {
     if (!slimlm_sparse_prefill_supported(d) || Hkv <= 0 || Hq % Hkv != 0 || block_size <= 0 || T <= 0 || q_start < 0
         || qb <= 0 || qdtype < 0 || qdtype > 1 || !kv_code_ok(kv_code, d, k_aux, k_aux2, v_aux, v_aux2) || nv < 0
-        || ns < 0)
+        || ns < 0 || k_lo < 0 || k_hi < k_lo)
         return 1;
 #ifdef SLIMLM_HAVE_AVX512
     const int64_t n = q_start + T;
+    if (k_hi > n) k_hi = n; /* keys past the chunk are never attended */
     uint8_t *is_s = (uint8_t *)calloc((size_t)(Hq * (n + 4)), 1);
     uint8_t *rev = (uint8_t *)calloc((size_t)(Hq * (n + REV_PAD)), 1);
     if (!is_s || !rev) { free(is_s); free(rev); return 2; }
@@ -489,7 +497,7 @@ int slimlm_sparse_prefill(const void *q, int64_t qs_t, int64_t qs_h, int qdtype,
                  kv_pool(k_pool, k_aux, k_aux2, kv_code, 0, Hkv, d), kv_pool(v_pool, v_aux, v_aux2, kv_code, 1, Hkv, d),
                  table, q_start, T, Hq, Hkv, d, block_size, n, qb, (T + qb - 1) / qb,
                  (block_size & (block_size - 1)) ? -1 : __builtin_ctzll((unsigned long long)block_size),
-                 cols, offs, nv, ns, is_s, rev, scale, 0, 0, 0, 0};
+                 cols, offs, nv, ns, is_s, rev, scale, 0, 0, 0, 0, k_lo, k_hi, lse};
 #pragma omp parallel num_threads(nthreads)
     worker(&a);
     free(is_s);
@@ -502,6 +510,36 @@ int slimlm_sparse_prefill(const void *q, int64_t qs_t, int64_t qs_h, int qdtype,
 #else
     (void)q; (void)qs_t; (void)qs_h; (void)k_pool; (void)k_aux; (void)k_aux2; (void)v_pool; (void)v_aux; (void)v_aux2;
     (void)table; (void)cols; (void)offs; (void)out; (void)os_t; (void)os_h; (void)scale; (void)stats; (void)nthreads;
+    (void)lse;
     return 1;
 #endif
+}
+
+int slimlm_sparse_prefill(const void *q, int64_t qs_t, int64_t qs_h, int qdtype, const void *k_pool,
+                          const void *k_aux, const void *k_aux2, const void *v_pool, const void *v_aux,
+                          const void *v_aux2, int kv_code, const int64_t *table, int64_t q_start, int64_t T,
+                          int64_t Hq, int64_t Hkv, int64_t d, int64_t block_size, const int32_t *cols, int64_t nv,
+                          const int32_t *offs, int64_t ns, int64_t qb, void *out, int64_t os_t, int64_t os_h,
+                          float scale, int64_t *stats, int nthreads) {
+    return sparse_prefill(q, qs_t, qs_h, qdtype, k_pool, k_aux, k_aux2, v_pool, v_aux, v_aux2, kv_code, table, q_start,
+                          T, Hq, Hkv, d, block_size, cols, nv, offs, ns, qb, out, os_t, os_h, scale, stats, nthreads,
+                          0, q_start + T, NULL);
+}
+
+/* The same pattern restricted to the keys [k_lo, k_hi) (Dual Chunk Attention's key ranges, each
+ * attended with its own query rotation): ``out`` is float32 (T, Hq, d) at (os_t, os_h) whatever
+ * qdtype, and ``lse`` (T, Hq) float32 receives each row's log-sum-exp of its scaled scores over
+ * the pairs it attends in the range (-inf, and a zero output, for a row with none), so the
+ * ranges merge exactly. ``stats`` counts the range's pairs. */
+int slimlm_sparse_prefill_range(const void *q, int64_t qs_t, int64_t qs_h, int qdtype, const void *k_pool,
+                                const void *k_aux, const void *k_aux2, const void *v_pool, const void *v_aux,
+                                const void *v_aux2, int kv_code, const int64_t *table, int64_t q_start, int64_t T,
+                                int64_t Hq, int64_t Hkv, int64_t d, int64_t block_size, const int32_t *cols,
+                                int64_t nv, const int32_t *offs, int64_t ns, int64_t qb, int64_t k_lo, int64_t k_hi,
+                                float *out, int64_t os_t, int64_t os_h, float *lse, float scale, int64_t *stats,
+                                int nthreads) {
+    if (!out || !lse) return 1;
+    return sparse_prefill(q, qs_t, qs_h, qdtype, k_pool, k_aux, k_aux2, v_pool, v_aux, v_aux2, kv_code, table, q_start,
+                          T, Hq, Hkv, d, block_size, cols, nv, offs, ns, qb, out, os_t, os_h, scale, stats, nthreads,
+                          k_lo, k_hi, lse);
 }

@@ -145,7 +145,7 @@ def native_sparse_select_decode(lib, q: torch.Tensor, k_parts: list[torch.Tensor
         _check_table(table, num_blocks)
     elif table.dtype != torch.int64 or not table.is_contiguous():
         raise ValueError("native kernels need a contiguous int64 block table")
-    if table.dim() != 2 or table.shape[0] != B or (code < 3 and k0.shape[3] != d) or (code == 3 and k0.shape[3] * 2 != d):
+    if table.dim() != 2 or table.shape[0] != B or (code < 3 and k0.shape[3] != d) or (code >= 3 and k0.shape[3] * 2 != d):
         raise ValueError("native selection: table (B, max_blocks) and a head size matching the pool needed")
     if tail.dtype != torch.int64 or tail.shape != (B, 2) or not tail.is_contiguous():
         raise ValueError("native selection: tail must be a contiguous int64 (B, 2) tensor")

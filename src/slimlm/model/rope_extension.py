@@ -260,3 +260,71 @@ def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     lse = torch.stack([p[1] for p in parts])  # (R, B, H, T)
     w = (lse - lse.logsumexp(0)).exp().nan_to_num(0.0)  # each range's share of the softmax mass
     return sum(wi[..., None] * o for wi, (o, _) in zip(w, parts))
+
+
+# ---------------------------------------------------------------------- native prefill (paged_prefill.c)
+def dca_native_library(dc: DualChunk | None, cache, head_dim: int, native_kernels: bool):
+    """The loaded ``paged_prefill`` kernel when it serves DCA's prefill chunks through its
+    key-range entry (:func:`dca_prefill_native`), else None (the PyTorch path): native kernels
+    on, a CPU cache whose compute dtype is float32 / bfloat16, keys and values stored in one format
+    the kernel reads (plain, int8, int4), not rotated (DCA re-rotates queries against the stored
+    keys), no merged layers or key tier, and a head size the build serves."""
+    from slimlm.kernels.ops import NATIVE_DTYPES
+
+    codec, vcodec = cache.codec, cache.vcodec
+    compute = NATIVE_DTYPES.get(cache.spec.compute_dtype)
+    if dc is None or not native_kernels or cache.device.type != "cpu" or cache.state or cache.tier is not None \
+            or compute is None or codec.native_code is None or vcodec.native_code != codec.native_code \
+            or codec.rotates or vcodec.rotates:
+        return None
+    from slimlm import kernels
+
+    lib = kernels.load("paged_prefill")
+    return lib if lib is not None and lib.slimlm_prefill_supported(head_dim, compute) else None
+
+
+def dca_ranges(q_start: int, T: int, c: int) -> list[tuple[int, int, list[tuple[str, int, int, bool]]]]:
+    """DCA's work for a prefill chunk of T queries at positions q_start..: per DCA chunk Q the
+    chunk's rows [r0, r1) and its key ranges (rotation, k_lo, k_hi, causal): older chunks
+    ("inter", [0, (Q-1)c)), the previous chunk ("succ", [(Q-1)c, Qc)) and its own ("intra",
+    [Qc, last position], causal); empty ranges left out."""
+    out = []
+    p = q_start
+    while p < q_start + T:
+        Q = p // c
+        end = min((Q + 1) * c, q_start + T)
+        ranges = [(name, lo, hi, causal) for name, lo, hi, causal in
+                  (("inter", 0, max(Q - 1, 0) * c, False), ("succ", max(Q - 1, 0) * c, Q * c, False),
+                   ("intra", Q * c, end, True)) if hi > lo]
+        out.append((p - q_start, end - q_start, ranges))
+        p = end
+    return out
+
+
+def dca_prefill_native(lib, q_rows: torch.Tensor, k_parts: list[torch.Tensor], v_parts: list[torch.Tensor],
+                       code: int, table: torch.Tensor, q_start: int, out: torch.Tensor, dc: DualChunk,
+                       inv_freq: torch.Tensor, scale: float) -> None:
+    """DCA attention of one prefill chunk on the native kernel: q_rows (T, Hq, d) at positions
+    q_start.. (rotated by ``i mod c``), keys read in place from the pools (rotated by ``j mod c``).
+    The rows of each DCA chunk attend its three key ranges, each with its own query rotation
+    (:func:`dca_queries`), one ``paged_prefill_range`` call each; the float32 outputs merge exactly
+    by their log-sum-exps into ``out`` (T, Hq, d), as :func:`dca_attention`'s PyTorch ranges do."""
+    from slimlm.kernels.ops import native_prefill_range
+
+    T, Hq, d = q_rows.shape
+    scale = scale * dc.logit_scale
+    for r0, r1, ranges in dca_ranges(q_start, T, dc.chunk_len):
+        q = q_rows[r0:r1]
+        pos = torch.arange(q_start + r0, q_start + r1, device=q.device)[None]
+        rot = None
+        if any(name != "intra" for name, *_ in ranges):
+            _, succ, inter = dca_queries(q.transpose(0, 1)[None], pos, dc, inv_freq)  # (1, Hq, n, d)
+            rot = {"succ": succ[0].transpose(0, 1).to(q.dtype), "inter": inter[0].transpose(0, 1).to(q.dtype)}
+        parts = []
+        for name, lo, hi, causal in ranges:
+            o = torch.empty(r1 - r0, Hq, d, dtype=torch.float32, device=q.device)
+            lse = torch.empty(r1 - r0, Hq, dtype=torch.float32, device=q.device)
+            native_prefill_range(lib, q if name == "intra" else rot[name], k_parts, v_parts, code, table,
+                                 q_start + r0, lo, hi, causal, o, lse, scale)
+            parts.append((o, lse))
+        out[r0:r1] = _merge(parts).to(out.dtype)
