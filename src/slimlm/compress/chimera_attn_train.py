@@ -26,7 +26,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slimlm.compress.spec_train import _check_chimera, _final_features, _fit, _frequent_tokens, _soft_ce, _train_record
+from slimlm.compress.spec_train import (
+    Checkpoint,
+    _check_chimera,
+    _final_features,
+    _fit,
+    _frequent_tokens,
+    _soft_ce,
+    _train_record,
+)
 from slimlm.errors import SlimLMError
 
 
@@ -115,13 +123,16 @@ def unrolled(net, emb: torch.Tensor, H: torch.Tensor, cos, sin, scale: float, de
     return outs
 
 
-def train_chimera_attn(model, windows: torch.Tensor, cfg: AttnTrainConfig, name: str = "", log=print):
-    """Returns (draft, meta for adapter.json)."""
+def train_chimera_attn(model, windows: torch.Tensor, cfg: AttnTrainConfig, name: str = "", log=print,
+                       ckpt: Checkpoint | None = None):
+    """Returns (draft, meta for adapter.json); ``ckpt``: resumable training (see
+    ``spec_train.Checkpoint``)."""
     from slimlm.engine.spec.chimera_attn import AttnDraft
 
     mc = model.cfg
     T = windows.shape[1]
     _check_chimera(windows, cfg.depth, cfg.feature_dtype, 2)
+    state = None if ckpt is None else ckpt.bind(cfg, windows)
     cpu0, wall0 = time.process_time(), time.time()
     token_map, H, Z, cpu_feat = _cached_features(model, windows, cfg, name, log)
     model = model.float().eval().requires_grad_(False)
@@ -163,14 +174,15 @@ def train_chimera_attn(model, windows: torch.Tensor, cfg: AttnTrainConfig, name:
                 n += top1[:, cfg.depth - 1 :].numel()
         return (hits / n).tolist()
 
-    before = agreement()
+    before = agreement() if state is None else state["extra"]["before"]
     n_train = windows.shape[0] - n_held
 
     def batch_loss(step):
         return loss_of(n_held + torch.randint(0, n_train, (min(cfg.batch_size, n_train),), generator=g))
 
-    loss_v = _fit(net.parameters(), cfg.lr, cfg.steps, batch_loss, log, 50, "loss", warmup=30,
-                  progress=lambda: f" ({time.process_time() - cpu0:.0f} CPU s)")
+    loss_v, run = _fit(net.parameters(), cfg.lr, cfg.steps, batch_loss, log, 50, "loss", warmup=30,
+                       progress=lambda: f" ({time.process_time() - cpu0:.0f} CPU s)", ckpt=ckpt, state=state,
+                       rngs=(g,), extra={"before": before})
     after = agreement()
     extra = {}
     if cfg.compare:
@@ -186,7 +198,7 @@ def train_chimera_attn(model, windows: torch.Tensor, cfg: AttnTrainConfig, name:
                                heldout_top1_agreement=round(sum(after) / len(after), 4),
                                heldout_top1_agreement_per_step=[round(a, 4) for a in after], **extra,
                                cpu_seconds_features=round(cpu_feat, 1), top=cfg.top, feature_dtype=cfg.feature_dtype,
-                               parameters=sum(p.numel() for p in net.parameters())),
+                               parameters=sum(p.numel() for p in net.parameters()), **run),
     }
     return net, meta
 
