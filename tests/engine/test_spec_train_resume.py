@@ -16,7 +16,7 @@ def target(tiny_llama_dir):
     return load(tiny_llama_dir)
 
 
-def _windows(target, n=8, length=24, seed=0):
+def _windows(target, n=6, length=20, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, target.model.cfg.vocab_size, (n, length), generator=g)
 
@@ -80,21 +80,21 @@ def test_trainer_stopped_and_resumed_equals_uninterrupted(target, tmp_path, meth
 
     win = _windows(target)
     if method == "chimera":
-        cfg = ChimeraTrainConfig(depth=2, head_vocab=0, steps=8, batch_size=16, lr=3e-3)
+        cfg = ChimeraTrainConfig(depth=2, head_vocab=0, steps=6, batch_size=16, lr=3e-3)
         train = lambda ck: train_chimera(target.model, win, cfg, None, ck)  # noqa: E731
     elif method == "attention":
-        cfg = AttnTrainConfig(depth=2, head_vocab=0, steps=8, batch_size=2, lr=3e-3)
+        cfg = AttnTrainConfig(depth=2, head_vocab=0, steps=6, batch_size=2, lr=3e-3)
         train = lambda ck: train_chimera_attn(target.model, win, cfg, "tiny", None, ck)  # noqa: E731
     else:
-        cfg = AdapterTrainConfig(exit_layer=1, head_vocab=0, steps=8, batch_size=2, lr=3e-3)
+        cfg = AdapterTrainConfig(exit_layer=1, head_vocab=0, steps=6, batch_size=2, lr=3e-3)
         train = lambda ck: train_kangaroo(target.model, win, cfg, None, ck)  # noqa: E731
     full, meta_full = train(None)
-    half, meta_half = train(Checkpoint(str(tmp_path), every=2, stop_at=5))
-    assert meta_half["train"]["steps_done"] == 5 and meta_full["train"]["steps_done"] == 8
+    half, meta_half = train(Checkpoint(str(tmp_path), every=2, stop_at=3))
+    assert meta_half["train"]["steps_done"] == 3 and meta_full["train"]["steps_done"] == 6
     assert not _same(_state(half), _state(full))
     resumed, meta = train(Checkpoint(str(tmp_path), every=2, resume=True))
     tr = meta["train"]
-    assert tr["resumed_from"] == 5 and tr["steps_done"] == 8
+    assert tr["resumed_from"] == 3 and tr["steps_done"] == 6
     assert _same(_state(resumed), _state(full))
     assert tr["final_loss"] == meta_full["train"]["final_loss"]
     assert tr["heldout_top1_agreement_init"] == meta_full["train"]["heldout_top1_agreement_init"]
@@ -152,3 +152,36 @@ def test_train_adapter_cli_resumes_and_shares_the_feature_cache(tiny_llama_dir, 
     assert main(["train-adapter", str(tmp_path / "x"), *base, "--resume"]) == 2
     err = capsys.readouterr().err
     assert "--checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
+def test_feature_cache_stopped_part_way_computes_only_the_rest(target, tmp_path, monkeypatch):
+    """The target's features go to part files while the cache fills: a run stopped after two
+    parts leaves them, the next computes only the remaining parts, and the cache holds the same
+    values as one uninterrupted pass."""
+    import slimlm.compress.chimera_attn_train as cat
+    from slimlm.compress.chimera_attn_train import AttnTrainConfig, _cached_features
+
+    win = _windows(target, n=12, length=16)
+    cfg = AttnTrainConfig(head_vocab=0, feature_batch=2, feature_cache=str(tmp_path))
+    tm0, H0, Z0, _ = _cached_features(target.model, win, AttnTrainConfig(head_vocab=0, feature_batch=2), "t", None)
+    monkeypatch.setattr(cat, "FEATURE_PART", 4)
+    real, calls = cat._final_features, []
+
+    def stopping(*a, **k):
+        calls.append(a[1].shape[0])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(cat, "_final_features", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        _cached_features(target.model, win, cfg, "t", None)
+    assert len(list(tmp_path.glob("*.part*.safetensors"))) == 2
+    monkeypatch.setattr(cat, "_final_features", lambda *a, **k: (calls.append(a[1].shape[0]), real(*a, **k))[1])
+    tm, H, Z, _ = _cached_features(target.model, win, cfg, "t", None)
+    assert calls == [4, 4, 4, 4]  # parts 0, 1, the stopped part 2, then only part 2 again
+    assert not list(tmp_path.glob("*.part*")) and len(list(tmp_path.glob("features-*.safetensors"))) == 1
+    assert tm is None and tm0 is None and torch.equal(H, H0) and torch.equal(Z[0], Z0[0]) and torch.equal(Z[1], Z0[1])
+    monkeypatch.setattr(cat, "_final_features", None)  # read from the cache: no target forward at all
+    tm, H2, Z2, _ = _cached_features(target.model, win, cfg, "t", None)
+    assert torch.equal(H2, H0) and torch.equal(Z2[1], Z0[1])

@@ -59,9 +59,16 @@ class AttnTrainConfig:
     """An MLP Chimera adapter folder: its held-out agreement on the same windows is reported."""
 
 
+FEATURE_PART = 64
+"""Windows per part file while the cache is being filled: a run stopped during the target's
+forward passes keeps the parts it finished and the next run computes only the rest."""
+
+
 def _cached_features(model, windows: torch.Tensor, cfg: AttnTrainConfig, name: str, log):
     """(token_map, H, (Zv, Zi)) of train and held-out windows, from ``cfg.feature_cache`` when it
-    holds them for exactly these windows, model and settings."""
+    holds them for exactly these windows, model and settings. While the cache is filled, every
+    ``FEATURE_PART`` windows go to a part file first (the same batches of ``feature_batch``
+    windows as one pass: the same values), so a run stopped part-way loses at most one part."""
     from safetensors.torch import load_file, save_file
 
     h = hashlib.sha1(windows.numpy().tobytes())
@@ -80,15 +87,35 @@ def _cached_features(model, windows: torch.Tensor, cfg: AttnTrainConfig, name: s
     m = model.to(getattr(torch, cfg.feature_dtype)).eval().requires_grad_(False)
     n_held = max(1, int(round(windows.shape[0] * cfg.heldout)))
     token_map = _frequent_tokens(windows[n_held:], cfg.head_vocab, model.cfg.vocab_size)
-    H, (Zv, Zi) = _final_features(m, windows, token_map, cfg.feature_batch, cfg.top, log)
-    cpu = time.process_time() - cpu0
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        t = {"H": H.to(torch.bfloat16), "Zv": Zv, "Zi": Zi.to(torch.int32), "cpu_s": torch.tensor(cpu)}
-        if token_map is not None:
-            t["token_map"] = token_map
-        save_file(t, str(path))
-    return token_map, H.to(torch.bfloat16).float(), (Zv, Zi), cpu
+    if path is None:
+        H, (Zv, Zi) = _final_features(m, windows, token_map, cfg.feature_batch, cfg.top, log)
+        return token_map, H.to(torch.bfloat16).float(), (Zv, Zi), time.process_time() - cpu0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    step = FEATURE_PART - FEATURE_PART % cfg.feature_batch or cfg.feature_batch
+    parts, cpu_before = [], 0.0
+    for i in range(0, windows.shape[0], step):
+        part = path.with_name(f"{path.stem}.part{i // step:04d}.safetensors")
+        if part.is_file():
+            t = load_file(str(part))
+            cpu_before += float(t.pop("cpu_s"))
+        else:
+            c0 = time.process_time()
+            Hp, (Zv, Zi) = _final_features(m, windows[i : i + step], token_map, cfg.feature_batch, cfg.top)
+            t = {"H": Hp.to(torch.bfloat16), "Zv": Zv, "Zi": Zi.to(torch.int32)}
+            save_file({**t, "cpu_s": torch.tensor(time.process_time() - c0)}, str(part))
+            if log:
+                log(f"features: {min(i + step, windows.shape[0])}/{windows.shape[0]} windows, "
+                    f"{time.process_time() - cpu0:.0f} CPU s (part files in {path.parent})")
+        parts.append((part, t))
+    t = {k: torch.cat([x[k] for _, x in parts]) for k in ("H", "Zv", "Zi")}
+    cpu = cpu_before + time.process_time() - cpu0
+    t["cpu_s"] = torch.tensor(cpu)
+    if token_map is not None:
+        t["token_map"] = token_map
+    save_file(t, str(path))
+    for part, _ in parts:
+        part.unlink()
+    return token_map, t["H"].float(), (t["Zv"], t["Zi"].long()), cpu
 
 
 def _pass_mask(T: int, j: int) -> torch.Tensor:
