@@ -120,8 +120,9 @@ def test_resume_of_another_run_or_of_nothing_is_refused(target, tmp_path):
 
 def test_train_adapter_cli_resumes_and_shares_the_feature_cache(tiny_llama_dir, tmp_path, capsys):
     """The CLI: --stop-at writes the half-trained adapter, --resume finishes it with the weights
-    of an uninterrupted run; the MLP draft reads the features the attention draft cached;
-    --resume without --checkpoint is a one-line error."""
+    of an uninterrupted run (which computed the bfloat16 features the resumed run reads: the
+    target's weights are rounded alike either way); the MLP draft reads the features the
+    attention draft cached; --resume without --checkpoint is a one-line error."""
     from safetensors.torch import load_file
 
     from slimlm.cli import main
@@ -131,7 +132,7 @@ def test_train_adapter_cli_resumes_and_shares_the_feature_cache(tiny_llama_dir, 
     cache = str(tmp_path / "features")
     base = ["--model", str(tiny_llama_dir), "--data", str(text), "--tokens", "512", "--seq-len", "32", "--method",
             "chimera", "--decoder", "attention", "--depth", "2", "--steps", "6", "--batch-size", "2",
-            "--head-vocab", "64", "--feature-cache", cache]
+            "--head-vocab", "64", "--feature-cache", cache, "--feature-dtype", "bfloat16"]
     ck = ["--checkpoint", str(tmp_path / "ck"), "--checkpoint-every", "2"]
     assert main(["train-adapter", str(tmp_path / "full"), *base]) == 0
     capsys.readouterr()

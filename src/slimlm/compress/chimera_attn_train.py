@@ -75,6 +75,8 @@ def _cached_features(model, windows: torch.Tensor, cfg: AttnTrainConfig, name: s
     h.update(json.dumps([name, cfg.head_vocab, cfg.top, cfg.feature_dtype, cfg.heldout]).encode())
     key = h.hexdigest()[:16]
     path = None if cfg.feature_cache is None else Path(cfg.feature_cache).expanduser() / f"features-{key}.safetensors"
+    m = model.to(getattr(torch, cfg.feature_dtype)).eval().requires_grad_(False)  # read or computed: the same
+    # weights after (the trainers go back to float32 from the feature dtype's rounded weights)
     if path is not None and path.is_file():
         t = load_file(str(path))
         if log:
@@ -84,7 +86,6 @@ def _cached_features(model, windows: torch.Tensor, cfg: AttnTrainConfig, name: s
     if cfg.top < 1:
         raise SlimLMError("the attention decoder trains on the target's top-N distribution: --top must be >= 1")
     cpu0 = time.process_time()
-    m = model.to(getattr(torch, cfg.feature_dtype)).eval().requires_grad_(False)
     n_held = max(1, int(round(windows.shape[0] * cfg.heldout)))
     token_map = _frequent_tokens(windows[n_held:], cfg.head_vocab, model.cfg.vocab_size)
     if path is None:
