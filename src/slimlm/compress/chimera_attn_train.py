@@ -26,7 +26,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slimlm.compress.spec_train import _check_chimera, _final_features, _fit, _frequent_tokens, _soft_ce, _train_record
+from slimlm.compress.spec_train import (
+    Checkpoint,
+    _check_chimera,
+    _final_features,
+    _fit,
+    _frequent_tokens,
+    _soft_ce,
+    _train_record,
+)
 from slimlm.errors import SlimLMError
 
 
@@ -51,15 +59,24 @@ class AttnTrainConfig:
     """An MLP Chimera adapter folder: its held-out agreement on the same windows is reported."""
 
 
+FEATURE_PART = 64
+"""Windows per part file while the cache is being filled: a run stopped during the target's
+forward passes keeps the parts it finished and the next run computes only the rest."""
+
+
 def _cached_features(model, windows: torch.Tensor, cfg: AttnTrainConfig, name: str, log):
     """(token_map, H, (Zv, Zi)) of train and held-out windows, from ``cfg.feature_cache`` when it
-    holds them for exactly these windows, model and settings."""
+    holds them for exactly these windows, model and settings. While the cache is filled, every
+    ``FEATURE_PART`` windows go to a part file first (the same batches of ``feature_batch``
+    windows as one pass: the same values), so a run stopped part-way loses at most one part."""
     from safetensors.torch import load_file, save_file
 
     h = hashlib.sha1(windows.numpy().tobytes())
     h.update(json.dumps([name, cfg.head_vocab, cfg.top, cfg.feature_dtype, cfg.heldout]).encode())
     key = h.hexdigest()[:16]
     path = None if cfg.feature_cache is None else Path(cfg.feature_cache).expanduser() / f"features-{key}.safetensors"
+    m = model.to(getattr(torch, cfg.feature_dtype)).eval().requires_grad_(False)  # read or computed: the same
+    # weights after (the trainers go back to float32 from the feature dtype's rounded weights)
     if path is not None and path.is_file():
         t = load_file(str(path))
         if log:
@@ -69,18 +86,37 @@ def _cached_features(model, windows: torch.Tensor, cfg: AttnTrainConfig, name: s
     if cfg.top < 1:
         raise SlimLMError("the attention decoder trains on the target's top-N distribution: --top must be >= 1")
     cpu0 = time.process_time()
-    m = model.to(getattr(torch, cfg.feature_dtype)).eval().requires_grad_(False)
     n_held = max(1, int(round(windows.shape[0] * cfg.heldout)))
     token_map = _frequent_tokens(windows[n_held:], cfg.head_vocab, model.cfg.vocab_size)
-    H, (Zv, Zi) = _final_features(m, windows, token_map, cfg.feature_batch, cfg.top, log)
-    cpu = time.process_time() - cpu0
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        t = {"H": H.to(torch.bfloat16), "Zv": Zv, "Zi": Zi.to(torch.int32), "cpu_s": torch.tensor(cpu)}
-        if token_map is not None:
-            t["token_map"] = token_map
-        save_file(t, str(path))
-    return token_map, H.to(torch.bfloat16).float(), (Zv, Zi), cpu
+    if path is None:
+        H, (Zv, Zi) = _final_features(m, windows, token_map, cfg.feature_batch, cfg.top, log)
+        return token_map, H.to(torch.bfloat16).float(), (Zv, Zi), time.process_time() - cpu0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    step = FEATURE_PART - FEATURE_PART % cfg.feature_batch or cfg.feature_batch
+    parts, cpu_before = [], 0.0
+    for i in range(0, windows.shape[0], step):
+        part = path.with_name(f"{path.stem}.part{i // step:04d}.safetensors")
+        if part.is_file():
+            t = load_file(str(part))
+            cpu_before += float(t.pop("cpu_s"))
+        else:
+            c0 = time.process_time()
+            Hp, (Zv, Zi) = _final_features(m, windows[i : i + step], token_map, cfg.feature_batch, cfg.top)
+            t = {"H": Hp.to(torch.bfloat16), "Zv": Zv, "Zi": Zi.to(torch.int32)}
+            save_file({**t, "cpu_s": torch.tensor(time.process_time() - c0)}, str(part))
+            if log:
+                log(f"features: {min(i + step, windows.shape[0])}/{windows.shape[0]} windows, "
+                    f"{time.process_time() - cpu0:.0f} CPU s (part files in {path.parent})")
+        parts.append((part, t))
+    t = {k: torch.cat([x[k] for _, x in parts]) for k in ("H", "Zv", "Zi")}
+    cpu = cpu_before + time.process_time() - cpu0
+    t["cpu_s"] = torch.tensor(cpu)
+    if token_map is not None:
+        t["token_map"] = token_map
+    save_file(t, str(path))
+    for part, _ in parts:
+        part.unlink()
+    return token_map, t["H"].float(), (t["Zv"], t["Zi"].long()), cpu
 
 
 def _pass_mask(T: int, j: int) -> torch.Tensor:
@@ -115,13 +151,16 @@ def unrolled(net, emb: torch.Tensor, H: torch.Tensor, cos, sin, scale: float, de
     return outs
 
 
-def train_chimera_attn(model, windows: torch.Tensor, cfg: AttnTrainConfig, name: str = "", log=print):
-    """Returns (draft, meta for adapter.json)."""
+def train_chimera_attn(model, windows: torch.Tensor, cfg: AttnTrainConfig, name: str = "", log=print,
+                       ckpt: Checkpoint | None = None):
+    """Returns (draft, meta for adapter.json); ``ckpt``: resumable training (see
+    ``spec_train.Checkpoint``)."""
     from slimlm.engine.spec.chimera_attn import AttnDraft
 
     mc = model.cfg
     T = windows.shape[1]
     _check_chimera(windows, cfg.depth, cfg.feature_dtype, 2)
+    state = None if ckpt is None else ckpt.bind(cfg, windows)
     cpu0, wall0 = time.process_time(), time.time()
     token_map, H, Z, cpu_feat = _cached_features(model, windows, cfg, name, log)
     model = model.float().eval().requires_grad_(False)
@@ -163,14 +202,15 @@ def train_chimera_attn(model, windows: torch.Tensor, cfg: AttnTrainConfig, name:
                 n += top1[:, cfg.depth - 1 :].numel()
         return (hits / n).tolist()
 
-    before = agreement()
+    before = agreement() if state is None else state["extra"]["before"]
     n_train = windows.shape[0] - n_held
 
     def batch_loss(step):
         return loss_of(n_held + torch.randint(0, n_train, (min(cfg.batch_size, n_train),), generator=g))
 
-    loss_v = _fit(net.parameters(), cfg.lr, cfg.steps, batch_loss, log, 50, "loss", warmup=30,
-                  progress=lambda: f" ({time.process_time() - cpu0:.0f} CPU s)")
+    loss_v, run = _fit(net.parameters(), cfg.lr, cfg.steps, batch_loss, log, 50, "loss", warmup=30,
+                       progress=lambda: f" ({time.process_time() - cpu0:.0f} CPU s)", ckpt=ckpt, state=state,
+                       rngs=(g,), extra={"before": before})
     after = agreement()
     extra = {}
     if cfg.compare:
@@ -186,7 +226,7 @@ def train_chimera_attn(model, windows: torch.Tensor, cfg: AttnTrainConfig, name:
                                heldout_top1_agreement=round(sum(after) / len(after), 4),
                                heldout_top1_agreement_per_step=[round(a, 4) for a in after], **extra,
                                cpu_seconds_features=round(cpu_feat, 1), top=cfg.top, feature_dtype=cfg.feature_dtype,
-                               parameters=sum(p.numel() for p in net.parameters())),
+                               parameters=sum(p.numel() for p in net.parameters()), **run),
     }
     return net, meta
 

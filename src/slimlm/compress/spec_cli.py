@@ -21,6 +21,13 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
 
     if args.steps < 1 or args.batch_size < 1 or args.lr <= 0:
         raise SlimLMError("--steps and --batch-size must be at least 1 and --lr positive")
+    ckpt = None
+    if args.checkpoint:
+        from slimlm.compress.spec_train import Checkpoint
+
+        ckpt = Checkpoint(args.checkpoint, args.checkpoint_every, args.resume, args.stop_at, args.model)
+    elif args.resume or args.stop_at is not None:
+        raise SlimLMError("--resume and --stop-at need --checkpoint DIR")
     if args.threads:
         torch.set_num_threads(args.threads)
     lm = load(args.model)
@@ -38,21 +45,22 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
         acfg = AttnTrainConfig(args.depth, args.head_vocab, args.steps, args.batch_size, args.lr, args.feat_weight,
                                seed=args.seed, top=args.top, feature_dtype=args.feature_dtype,
                                feature_cache=args.feature_cache, compare=args.compare)
-        adapter, meta = train_chimera_attn(lm.model, windows, acfg, args.model, log)
+        adapter, meta = train_chimera_attn(lm.model, windows, acfg, args.model, log, ckpt)
     elif args.method == "chimera":
         from slimlm.compress.spec_train import ChimeraTrainConfig, train_chimera
 
         ccfg = ChimeraTrainConfig(args.depth, args.head_vocab, args.steps, args.batch_size, args.lr, args.mlp_mult,
-                                  seed=args.seed, top=args.top, feature_dtype=args.feature_dtype)
-        adapter, meta = train_chimera(lm.model, windows, ccfg, log)
+                                  seed=args.seed, top=args.top, feature_dtype=args.feature_dtype,
+                                  feature_cache=args.feature_cache)
+        adapter, meta = train_chimera(lm.model, windows, ccfg, log, ckpt, args.model)
     elif args.method == "judge":
         from slimlm.compress.spec_train import JudgeTrainConfig, train_judge
 
         adapter, meta = train_judge(lm.model, windows, JudgeTrainConfig(steps=args.steps, lr=args.lr, seed=args.seed),
-                                    log)
+                                    log, ckpt)
     else:
         cfg = AdapterTrainConfig(args.exit_layer, args.head_vocab, args.steps, args.batch_size, args.lr, seed=args.seed)
-        adapter, meta = train_kangaroo(lm.model, windows, cfg, log)
+        adapter, meta = train_kangaroo(lm.model, windows, cfg, log, ckpt)
     meta["train"].update({"data": args.data, "model": args.model})
     out = save_adapter(args.out, args.method, adapter, meta)
     tr = meta["train"]
@@ -67,8 +75,9 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
             quality += f", per draft step {tr['heldout_top1_agreement_per_step']}"
         if "mlp_draft_heldout_top1_agreement_per_step" in tr:
             quality += f" (the MLP draft on the same windows: {tr['mlp_draft_heldout_top1_agreement_per_step']})"
-    print(f"wrote {out}: {tr['tokens']:,} training tokens, {tr['cpu_seconds']} CPU s ({tr['wall_seconds']} s wall); "
-          f"{quality}", file=sys.stderr)
+    at = "" if tr["steps_done"] == tr["steps"] else f" at step {tr['steps_done']} of {tr['steps']} (--resume continues)"
+    print(f"wrote {out}{at}: {tr['tokens']:,} training tokens, {tr['cpu_seconds']} CPU s ({tr['wall_seconds']} s wall; "
+          f"the training loop {tr['cpu_seconds_training']} CPU s over every run); {quality}", file=sys.stderr)
     return 0
 
 
@@ -172,9 +181,19 @@ def register(sub) -> None:
     t.add_argument("--feat-weight", type=float, default=1.0,
                    help="chimera attention: weight of the next-feature regression beside the cross-entropy")
     t.add_argument("--feature-cache", default=None,
-                   help="chimera attention: folder keeping the target's features (reused by a run on the same data)")
+                   help="chimera (both decoders): folder keeping the target's features (reused by a run on the same "
+                        "data and settings)")
     t.add_argument("--compare", default=None,
                    help="chimera attention: an MLP chimera adapter to report on the same held-out windows")
+    t.add_argument("--checkpoint", default=None,
+                   help="folder for the resumable training state (parameters, optimizer, schedule, step, RNG)")
+    t.add_argument("--checkpoint-every", type=int, default=200,
+                   help="with --checkpoint: save every N steps (a crash loses at most N; 0 = only when the run ends)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from --checkpoint (the same settings and data; refused otherwise)")
+    t.add_argument("--stop-at", type=int, default=None,
+                   help="with --checkpoint: end this run after STEP steps of the --steps schedule, write the adapter "
+                        "as it is then (--resume continues)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=None)
     t.set_defaults(func=cmd_train_adapter)

@@ -12,8 +12,10 @@ forward and backward; the report gives the tokens and the CPU time.
 
 from __future__ import annotations
 
+import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -45,17 +47,94 @@ def _check_chimera(windows: torch.Tensor, depth: int, feature_dtype: str, margin
         raise SlimLMError(f"feature dtype must be float32 or bfloat16, got {feature_dtype!r}")
 
 
+@dataclass
+class Checkpoint:
+    """Resumable training (``slimlm train-adapter --checkpoint DIR``). Every ``every`` steps, and
+    when a run ends, the trained parameters, the optimizer and lr-schedule states, the step, the
+    RNG states (the batch sampler's included) and the training CPU time so far go to
+    ``DIR/train-state.pt`` (a temporary file renamed over the old one: a crash loses at most
+    ``every`` steps). ``resume`` continues from it, bit for bit as an uninterrupted run (test);
+    ``stop_at`` ends this run after that many steps of the schedule, so one long schedule runs as
+    several shorter commands, each writing the adapter as it is at its stop. A checkpoint of
+    another configuration (``fingerprint``: the trainer's settings, the windows and ``model``) is
+    refused."""
+
+    folder: str
+    every: int = 0
+    resume: bool = False
+    stop_at: int | None = None
+    model: str = ""
+    fingerprint: dict = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.folder).expanduser() / "train-state.pt"
+
+    def bind(self, cfg, windows: torch.Tensor, skip=("feature_cache", "compare", "feature_batch")) -> dict | None:
+        """Sets the fingerprint from ``cfg`` and the windows; returns the saved state to resume
+        from (None: start afresh)."""
+        fp = {k: v for k, v in asdict(cfg).items() if k not in skip}
+        fp["windows"] = hashlib.sha1(windows.numpy().tobytes()).hexdigest()[:16]
+        fp["model"] = self.model
+        self.fingerprint = fp
+        if self.every < 0 or (self.stop_at is not None and self.stop_at < 1):
+            raise SlimLMError("--checkpoint-every must be >= 0 and --stop-at >= 1")
+        if not self.resume:
+            return None
+        if not self.path.is_file():
+            raise SlimLMError(f"--resume: no checkpoint at {self.path} (start without --resume)")
+        state = torch.load(self.path, weights_only=True)
+        diff = sorted(k for k in set(fp) | set(state["fingerprint"]) if fp.get(k) != state["fingerprint"].get(k))
+        if diff:
+            raise SlimLMError(f"--resume: the checkpoint at {self.path} is of another run (differs in "
+                              f"{', '.join(diff)})")
+        return state
+
+    def save(self, state: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save({**state, "fingerprint": self.fingerprint}, tmp)
+        tmp.replace(self.path)
+
+
 def _fit(params, lr: float, steps: int, loss_of, log, every: int, label: str, warmup: int | None = None,
-         weight_decay: float = 0.0, progress=None) -> float:
+         weight_decay: float = 0.0, progress=None, ckpt: Checkpoint | None = None, state: dict | None = None,
+         rngs: tuple = (), extra: dict | None = None) -> tuple[float, dict]:
     """The loop every draft part trains with: AdamW on ``params``; ``warmup`` steps of linear
     warm-up then a linear decay to 5 % (None: constant lr); ``loss_of(step)`` gives the step's
-    loss; logs ``label`` every ``every`` steps and at the last (``progress()`` appended). Returns
-    the last loss."""
+    loss; logs ``label`` every ``every`` steps and at the last (``progress()`` appended).
+    ``ckpt``: checkpoint as it says (``state``: a checkpoint to continue from, ``rngs``: the
+    generators the loss draws from, ``extra``: kept in the checkpoint for the trainer). Returns
+    the last loss and what the run did (``steps_done``, ``resumed_from``, ``cpu_seconds_training``:
+    the loop's CPU time over every run of the schedule)."""
+    params = list(params)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = None if warmup is None else torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / steps))
-    loss_v = float("nan")
-    for step in range(steps):
+    loss_v, start, cpu_prev = float("nan"), 0, 0.0
+    if state is not None:
+        with torch.no_grad():
+            for p, v in zip(params, state["params"], strict=True):
+                p.copy_(v)
+        opt.load_state_dict(state["optimizer"])
+        if sched is not None:
+            sched.load_state_dict(state["scheduler"])
+        for gen, st in zip(rngs, state["rngs"], strict=True):
+            gen.set_state(st)
+        torch.set_rng_state(state["torch_rng"])
+        start, loss_v, cpu_prev = int(state["step"]), float(state["loss"]), float(state["cpu_s"])
+        if log:
+            log(f"resumed at step {start} of {steps} from {ckpt.path}")
+    end = steps if ckpt is None or ckpt.stop_at is None else min(steps, max(start, ckpt.stop_at))
+    cpu0 = time.process_time()
+
+    def save(done: int) -> None:
+        ckpt.save({"params": [p.detach().clone() for p in params], "optimizer": opt.state_dict(),
+                   "scheduler": None if sched is None else sched.state_dict(), "step": done,
+                   "rngs": [gen.get_state() for gen in rngs], "torch_rng": torch.get_rng_state(), "loss": loss_v,
+                   "cpu_s": cpu_prev + time.process_time() - cpu0, "extra": extra or {}})
+
+    for step in range(start, end):
         loss = loss_of(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -63,9 +142,14 @@ def _fit(params, lr: float, steps: int, loss_of, log, every: int, label: str, wa
         if sched is not None:
             sched.step()
         loss_v = loss.item()
-        if log and (step % every == 0 or step == steps - 1):
+        if log and (step % every == 0 or step == steps - 1 or step == end - 1):
             log(f"step {step}: {label} {loss_v:.4f}" + (progress() if progress else ""))
-    return loss_v
+        if ckpt is not None and ckpt.every and (step + 1) % ckpt.every == 0 and step + 1 < end:
+            save(step + 1)
+    if ckpt is not None:
+        save(end)
+    return loss_v, {"steps_done": end, "resumed_from": start if state is not None else None,
+                    "cpu_seconds_training": round(cpu_prev + time.process_time() - cpu0, 1)}
 
 
 @dataclass
@@ -109,13 +193,15 @@ def _target_features(model, windows: torch.Tensor, exit_layer: int, token_map, b
     return torch.cat(hs), torch.cat(ts)
 
 
-def train_kangaroo(model, windows: torch.Tensor, cfg: AdapterTrainConfig, log=print):
-    """Returns (adapter, meta for adapter.json). ``windows`` (N, T) token ids."""
+def train_kangaroo(model, windows: torch.Tensor, cfg: AdapterTrainConfig, log=print, ckpt: Checkpoint | None = None):
+    """Returns (adapter, meta for adapter.json). ``windows`` (N, T) token ids; ``ckpt``: resumable
+    training (see :class:`Checkpoint`)."""
     from slimlm.engine.spec.kangaroo import KangarooAdapter, check_exit_layer
 
     mc = model.cfg
     check_exit_layer(cfg.exit_layer, mc.num_layers)
     _check_windows(windows)
+    state = None if ckpt is None else ckpt.bind(cfg, windows)
     model = model.float().eval().requires_grad_(False)
     cpu0, wall0 = time.process_time(), time.time()
     g = torch.Generator().manual_seed(cfg.seed)
@@ -144,14 +230,15 @@ def train_kangaroo(model, windows: torch.Tensor, cfg: AdapterTrainConfig, log=pr
         idx = torch.randint(0, h_tr.shape[0], (min(cfg.batch_size, h_tr.shape[0]),), generator=g)
         return -(t_tr[idx].softmax(-1) * student(h_tr[idx]).log_softmax(-1)).sum(-1).mean()
 
-    before = agreement(h_he, t_he)
-    loss_v = _fit(ad.parameters(), cfg.lr, cfg.steps, loss_of, log, 50, "soft cross-entropy")
+    before = agreement(h_he, t_he) if state is None else state["extra"]["before"]
+    loss_v, run = _fit(ad.parameters(), cfg.lr, cfg.steps, loss_of, log, 50, "soft cross-entropy", ckpt=ckpt,
+                       state=state, rngs=(g,), extra={"before": before})
     after = agreement(h_he, t_he)
     meta = {
         "exit_layer": cfg.exit_layer, "hidden_size": mc.hidden_size, "num_layers": mc.num_layers,
         "vocab_size": mc.vocab_size, "token_map": None if token_map is None else token_map.tolist(),
         "train": _train_record(cfg, train_w, held_w, loss_v, cpu0, wall0, heldout_top1_agreement_init=before,
-                               heldout_top1_agreement=after),
+                               heldout_top1_agreement=after, **run),
     }
     return ad, meta
 
@@ -178,6 +265,9 @@ class ChimeraTrainConfig:
     """The target's dtype while its features are computed, once: "bfloat16" is the served
     default on CPU (the features then are the ones the engine hands the draft) and ~1.7x
     faster here; the draft itself trains in float32."""
+    feature_cache: str | None = None
+    """Folder for the target's features, shared with the full-context decoder's trainer (the
+    same windows and settings read the same file; the hidden states are kept in bfloat16)."""
 
 
 @torch.no_grad()
@@ -243,23 +333,34 @@ def _chimera_batch(ids, H, Z, depth: int, wi: torch.Tensor, p: torch.Tensor):
     return H[wi, p][:, None].expand(-1, depth, -1), tri, j.expand(p.shape[0], -1), z
 
 
-def train_chimera(model, windows: torch.Tensor, cfg: ChimeraTrainConfig, log=print):
+def train_chimera(model, windows: torch.Tensor, cfg: ChimeraTrainConfig, log=print, ckpt: Checkpoint | None = None,
+                  name: str = ""):
     """Returns (draft, meta for adapter.json). The draft learns the target's next-token
-    distributions (soft cross-entropy) ``depth`` tokens ahead of its last hidden state."""
+    distributions (soft cross-entropy) ``depth`` tokens ahead of its last hidden state.
+    ``ckpt``: resumable training (:class:`Checkpoint`); ``name``: the target's name, part of
+    the feature cache's key."""
     from slimlm.engine.spec.chimera import ChimeraDraft
 
     mc = model.cfg
     T = windows.shape[1]
     _check_chimera(windows, cfg.depth, cfg.feature_dtype, 3)
+    state = None if ckpt is None else ckpt.bind(cfg, windows)
     model = model.to(getattr(torch, cfg.feature_dtype)).eval().requires_grad_(False)
     cpu0, wall0 = time.process_time(), time.time()
     g = torch.Generator().manual_seed(cfg.seed)
     n_held = max(1, int(round(windows.shape[0] * cfg.heldout)))
     train_w, held_w = windows[n_held:], windows[:n_held]
-    token_map = _frequent_tokens(train_w, cfg.head_vocab, mc.vocab_size)
-    H, Z = _final_features(model, train_w, token_map, cfg.feature_batch, cfg.top, log)
-    Hh, Zh = _final_features(model, held_w, token_map, cfg.feature_batch, cfg.top)
-    cpu_feat = time.process_time() - cpu0
+    if cfg.feature_cache:
+        from slimlm.compress.chimera_attn_train import _cached_features
+
+        token_map, H_all, (Zv, Zi), cpu_feat = _cached_features(model, windows, cfg, name, log)
+        H, Hh = H_all[n_held:], H_all[:n_held]
+        Z, Zh = (Zv[n_held:], Zi[n_held:]), (Zv[:n_held], Zi[:n_held])
+    else:
+        token_map = _frequent_tokens(train_w, cfg.head_vocab, mc.vocab_size)
+        H, Z = _final_features(model, train_w, token_map, cfg.feature_batch, cfg.top, log)
+        Hh, Zh = _final_features(model, held_w, token_map, cfg.feature_batch, cfg.top)
+        cpu_feat = time.process_time() - cpu0
     model = model.float()
     w = model.lm_head.weight if token_map is None else model.lm_head.weight.index_select(0, token_map)
     emb = model.model.embed_tokens
@@ -284,7 +385,7 @@ def train_chimera(model, windows: torch.Tensor, cfg: ChimeraTrainConfig, log=pri
                 hits += (logits_of(h, tri, j).argmax(-1) == _z_top1(z)).float().sum(0)
         return (hits / (n * (hi - 1))).tolist()
 
-    before = agreement(held_w, Hh, Zh)
+    before = agreement(held_w, Hh, Zh) if state is None else state["extra"]["before"]
     coverage = 1.0 if token_map is None else round(float(torch.isin(held_w, token_map).float().mean()), 4)
 
     def loss_of(step):
@@ -293,7 +394,9 @@ def train_chimera(model, windows: torch.Tensor, cfg: ChimeraTrainConfig, log=pri
         h, tri, j, z = _chimera_batch(train_w, H, Z, cfg.depth, wi, p)
         return _soft_ce(logits_of(h, tri, j), z)
 
-    loss_v = _fit(net.parameters(), cfg.lr, cfg.steps, loss_of, log, 100, "soft cross-entropy", warmup=50)
+    loss_v, run = _fit(net.parameters(), cfg.lr, cfg.steps, loss_of, log, 100, "soft cross-entropy", warmup=50,
+                       progress=lambda: f" ({time.process_time() - cpu0:.0f} CPU s)", ckpt=ckpt, state=state,
+                       rngs=(g,), extra={"before": before})
     after = agreement(held_w, Hh, Zh)
     meta = {
         "depth": cfg.depth, "mlp_mult": cfg.mlp_mult, "hidden_size": mc.hidden_size, "num_layers": mc.num_layers,
@@ -304,7 +407,7 @@ def train_chimera(model, windows: torch.Tensor, cfg: ChimeraTrainConfig, log=pri
                                heldout_top1_agreement_per_step=[round(a, 4) for a in after],
                                cpu_seconds_features=round(cpu_feat, 1), top=cfg.top,
                                feature_dtype=cfg.feature_dtype, head_vocab_coverage=coverage,
-                               parameters=sum(p.numel() for p in net.parameters())),
+                               parameters=sum(p.numel() for p in net.parameters()), **run),
     }
     return net, meta
 
@@ -364,7 +467,7 @@ def _judge_features(model, windows: torch.Tensor, cfg: JudgeTrainConfig, g: torc
     return torch.cat(feats), torch.cat(labels), torch.tensor(mism, dtype=torch.bool), n
 
 
-def train_judge(model, windows: torch.Tensor, cfg: JudgeTrainConfig, log=print):
+def train_judge(model, windows: torch.Tensor, cfg: JudgeTrainConfig, log=print, ckpt: Checkpoint | None = None):
     """Returns (head, meta). Logistic regression of "correct token" on the target's final
     hidden state; reports held-out accuracy, and the acceptance of correct tokens the target
     would have rejected (text token != target argmax) vs of wrong tokens at accept = 0.5."""
@@ -372,6 +475,7 @@ def train_judge(model, windows: torch.Tensor, cfg: JudgeTrainConfig, log=print):
 
     mc = model.cfg
     _check_windows(windows, "judge")
+    state = None if ckpt is None else ckpt.bind(cfg, windows)
     model = model.float().eval().requires_grad_(False)
     cpu0, wall0 = time.process_time(), time.time()
     g = torch.Generator().manual_seed(cfg.seed)
@@ -381,9 +485,9 @@ def train_judge(model, windows: torch.Tensor, cfg: JudgeTrainConfig, log=print):
     cpu_feat = time.process_time() - cpu0
     torch.manual_seed(cfg.seed)
     head = JudgeHead(mc.hidden_size)
-    loss_v = _fit(head.parameters(), cfg.lr, cfg.steps,
-                  lambda step: torch.nn.functional.binary_cross_entropy_with_logits(head(X), y), log, 100,
-                  "logistic loss", weight_decay=1e-4)
+    loss_v, run = _fit(head.parameters(), cfg.lr, cfg.steps,
+                       lambda step: torch.nn.functional.binary_cross_entropy_with_logits(head(X), y), log, 100,
+                       "logistic loss", weight_decay=1e-4, ckpt=ckpt, state=state)
     with torch.no_grad():
         p = torch.sigmoid(head(Xh)) >= 0.5
     pos, neg = p[:nh], p[nh:]
@@ -398,6 +502,6 @@ def train_judge(model, windows: torch.Tensor, cfg: JudgeTrainConfig, log=print):
                   "heldout_accept_wrong": round(float(neg.float().mean()), 4),
                   "cpu_seconds_features": round(cpu_feat, 1),
                   "cpu_seconds": round(time.process_time() - cpu0, 1),
-                  "wall_seconds": round(time.time() - wall0, 1), "threads": torch.get_num_threads()},
+                  "wall_seconds": round(time.time() - wall0, 1), "threads": torch.get_num_threads(), **run},
     }
     return head, meta
