@@ -33,18 +33,19 @@ def _duplicate_kv_heads(model):
                     lin.bias[d : 2 * d] = lin.bias[:d]
 
 
+@pytest.mark.parametrize("weighted", [True, False])
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])  # qwen2: q/k/v biases
-def test_duplicate_heads_compress_losslessly(tmp_path, kind):
+def test_duplicate_heads_compress_losslessly(tmp_path, kind, weighted):
     make_hf_model(tmp_path / "m", kind)
     model = _load(tmp_path / "m")
     _duplicate_kv_heads(model)
     with torch.no_grad():
         ref = model(IDS)
         windows = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(0))
-        stats = compress_kv_heads(model, windows, 1)
+        stats = compress_kv_heads(model, windows, 1, weighted=weighted)
         out = model(IDS)
     assert model.cfg.num_kv_heads == 1 and model.model.layers[0].self_attn.k_proj.out_features == model.cfg.head_dim
-    assert all(s["keys"] > 1 - 1e-9 and s["values"] > 1 - 1e-9 for s in stats)
+    assert all(s["keys"] > 1 - 1e-9 and s["values"] > 1 - 1e-9 and s["error"] < 1e-5 for s in stats)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
@@ -80,3 +81,36 @@ def test_bad_head_counts_are_one_line(tmp_path, heads, msg, capsys):
     assert main(["compress-kv", str(tmp_path / "m"), str(tmp_path / "o"), "--kv-heads", str(heads)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len([e for e in err if e.startswith("error:")]) == 1 and msg in err[-1]
+
+
+def _loud_but_unread_head(model):
+    """KV head 1 of every layer: keys and values 10x louder, but its query heads' q rows and the
+    o_proj columns that read its values 100x quieter, so it matters least to the output while
+    holding most of the plain activation energy."""
+    d, r = model.cfg.head_dim, model.cfg.num_heads // model.cfg.num_kv_heads
+    with torch.no_grad():
+        for layer in model.model.layers:
+            a = layer.self_attn
+            a.k_proj.weight[d : 2 * d] *= 10
+            a.v_proj.weight[d : 2 * d] *= 10
+            a.q_proj.weight[r * d : 2 * r * d] *= 0.01
+            a.o_proj.weight[:, r * d : 2 * r * d] *= 0.01
+
+
+def test_weighting_by_the_readers_beats_plain_pca(tmp_path):
+    """Keys weighted by the query energy that scores them, values by the o_proj columns that read
+    them: on a model whose loudest KV head is read least, the attention output error (each layer fed
+    the original inputs) is far below plain PCA's, and the logits are closer to the original's."""
+    make_hf_model(tmp_path / "m", "llama")
+    windows = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    errs, logit_errs = {}, {}
+    for weighted in (True, False):
+        model = _load(tmp_path / "m")
+        _loud_but_unread_head(model)
+        with torch.no_grad():
+            ref = model(IDS)
+            stats = compress_kv_heads(model, windows, 1, weighted=weighted)
+            logit_errs[weighted] = float((model(IDS) - ref).norm() / ref.norm())
+        errs[weighted] = sum(s["error"] for s in stats) / len(stats)
+    assert errs[True] < 0.5 * errs[False], errs
+    assert logit_errs[True] < logit_errs[False], logit_errs

@@ -7,6 +7,7 @@ import sys
 
 
 def cmd_compress_kv(args: argparse.Namespace) -> int:
+    import json
     from pathlib import Path
 
     import torch
@@ -25,14 +26,23 @@ def cmd_compress_kv(args: argparse.Namespace) -> int:
     windows = calibration_windows(args.calib, lm.tokenizer, args.calib_tokens, args.seq_len)
     with torch.no_grad():
         before = window_perplexity(model, windows)
-        stats = compress_kv_heads(model, windows, args.kv_heads)
+        stats = compress_kv_heads(model, windows, args.kv_heads, weighted=not args.unweighted)
         after = window_perplexity(model, windows)
     out = save_model_dir(model, Path(args.dst), lm.tokenizer, lm.generation_config)
     k = sum(s["keys"] for s in stats) / len(stats)
     v = sum(s["values"] for s in stats) / len(stats)
+    err = [s["error"] for s in stats if "error" in s]
+    report = {"src": args.src, "kv_heads": [before_heads, args.kv_heads], "weighted": not args.unweighted,
+              "calib": args.calib, "calib_tokens": int(windows.numel()), "calib_perplexity": [before, after],
+              "layers": stats}
+    (Path(out) / "kv_heads.json").write_text(json.dumps(report, indent=1) + "\n")
+    worst = max(range(len(err)), key=err.__getitem__) if err else None
     print(f"wrote {out}: KV heads {before_heads} -> {args.kv_heads} (KV cache {before_heads / args.kv_heads:g}x "
-          f"smaller); activation energy kept (mean over layers): keys {k:.3f}, values {v:.3f}; calibration "
-          f"perplexity {before:.2f} -> {after:.2f} ({windows.numel():,} tokens of {args.calib})", file=sys.stderr)
+          f"smaller); {'weighted' if not args.unweighted else 'plain'} PCA; energy kept (mean over layers): keys "
+          f"{k:.3f}, values {v:.3f}; attention output relative error (mean over layers) "
+          + (f"{sum(err) / len(err):.3f}, worst layer {worst} {err[worst]:.3f}" if err else "not measured")
+          + f"; calibration perplexity {before:.2f} -> {after:.2f} ({windows.numel():,} tokens of {args.calib}); "
+          f"per layer: {out}/kv_heads.json", file=sys.stderr)
     return 0
 
 
@@ -49,4 +59,7 @@ def register(sub) -> None:
     p.add_argument("--calib-tokens", type=int, default=16384)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--unweighted", action="store_true",
+                   help="plain PCA of the key / value activations (the first build), not weighted by the "
+                        "queries that read the keys and the output projection that reads the values")
     p.set_defaults(func=cmd_compress_kv)

@@ -107,42 +107,74 @@ def _top_eigvecs(C: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return top, float(w[-k:].clamp_min(0).sum() / w.clamp_min(0).sum().clamp_min(1e-30))
 
 
+def _sqrt_and_inv(G: torch.Tensor, rel_eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G^1/2, G^-1/2) of a symmetric PSD matrix, regularised by rel_eps * mean eigenvalue."""
+    w, V = torch.linalg.eigh(G)
+    w = w.clamp_min(0) + rel_eps * float(w.clamp_min(0).mean()) + 1e-30
+    return (V * w.sqrt()) @ V.T, (V / w.sqrt()) @ V.T
+
+
 @torch.no_grad()
-def compress_layer(attn, cov: torch.Tensor, cfg, kv_heads: int) -> dict[str, float]:
+def compress_layer(attn, cov: torch.Tensor, cfg, kv_heads: int, weighted: bool = True) -> dict[str, float]:
     """Rewrite one attention module's q/k/v/o projections for ``kv_heads`` KV heads. Returns the
-    share of the key and value activation energy the new heads keep (1.0 = lossless)."""
+    share of the key and value activation energy the new heads keep (1.0 = lossless; with
+    ``weighted`` the energy as the weighting measures it: what reaches the scores and the output).
+
+    ``weighted`` (default): each head's error is weighted by what reads it. A value error Δv_j
+    reaches the output as W_o,q Δv_j for the query heads q of j, so values are compressed by PCA of
+    M v with M = blockdiag((Σ_q W_o,qᵀ W_o,q)^1/2) and read back through M⁻¹ (still folded into
+    o_proj); a key error Δz_j at rotary frequency i reaches a score as Re(q_i conj(Δz_j)), so the
+    group's complex keys are scaled by s_j = (Σ_q E|q_q,i|²)^1/2 before the rank-1 PCA and the
+    coefficients divided by it after. Without it: plain PCA of the activations (the first build)."""
     d, hq, hkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
     g, r, half = hkv // kv_heads, hq // hkv, d // 2
     Aq, Ak, Av = _augmented(attn.q_proj), _augmented(attn.k_proj), _augmented(attn.v_proj)
-    Wo = attn.o_proj.weight.detach().double().clone()  # (D, hq * d)
+    Wo0 = attn.o_proj.weight.detach().double()  # (D, hq * d)
+    Wo = Wo0.clone()
     new_k = torch.zeros(kv_heads * d, Ak.shape[1], dtype=torch.float64)
     new_v = torch.zeros(kv_heads * d, Av.shape[1], dtype=torch.float64)
     new_q = Aq.clone()
+    covc = cov.to(torch.complex128)
     kept_k, kept_v = [], []
     for n in range(kv_heads):
         heads = range(n * g, (n + 1) * g)
-        # values: PCA of the stacked heads' activations
+        # values: PCA of the stacked heads' activations (weighted by what o_proj reads of each head)
         A = Av[n * g * d : (n + 1) * g * d]  # (g d, D + 1)
-        U, share = _top_eigvecs(A @ cov @ A.T, d)  # (g d, d)
+        M = torch.eye(g * d, dtype=torch.float64)
+        Minv = torch.eye(g * d, dtype=torch.float64)
+        if weighted:
+            for gj, j in enumerate(heads):
+                cols = torch.cat([Wo0[:, q * d : (q + 1) * d] for q in range(j * r, (j + 1) * r)], 0)  # (r D, d)
+                sl = slice(gj * d, (gj + 1) * d)
+                M[sl, sl], Minv[sl, sl] = _sqrt_and_inv(cols.T @ cols)
+        U, share = _top_eigvecs(M @ A @ cov @ A.T @ M.T, d)  # (g d, d)
         kept_v.append(share)
-        new_v[n * d : (n + 1) * d] = U.T @ A
+        new_v[n * d : (n + 1) * d] = U.T @ M @ A
+        B = Minv @ U  # v ≈ B v'
         for gj, j in enumerate(heads):
-            Uj = U[gj * d : (gj + 1) * d]  # (d, d): v_j ≈ Uj v'
+            Bj = B[gj * d : (gj + 1) * d]  # (d, d): v_j ≈ Bj v'
             for q in range(j * r, (j + 1) * r):
-                Wo[:, q * d : (q + 1) * d] = Wo[:, q * d : (q + 1) * d] @ Uj
+                Wo[:, q * d : (q + 1) * d] = Wo0[:, q * d : (q + 1) * d] @ Bj
         # keys: per rotary frequency, complex rank-1 over the group's heads
         energy_kept, energy = 0.0, 0.0
         for i in range(half):
             Z = torch.stack([torch.complex(Ak[j * d + i], Ak[j * d + i + half]) for j in heads])  # (g, D + 1)
-            C = Z @ cov.to(Z.dtype) @ Z.conj().T  # (g, g) Hermitian: E[z zᴴ]
+            s = torch.ones(g, dtype=torch.float64)
+            if weighted:
+                for gj, j in enumerate(heads):
+                    Q = torch.stack([torch.complex(Aq[q * d + i], Aq[q * d + i + half]) for q in range(j * r, (j + 1) * r)])
+                    s[gj] = torch.einsum("qa,ab,qb->", Q, covc, Q.conj()).real.clamp_min(0).sqrt()
+                s = s + 1e-6 * float(s.mean()) + 1e-30
+            Zs = s[:, None].to(Z.dtype) * Z
+            C = Zs @ covc @ Zs.conj().T  # (g, g) Hermitian: E[z̃ z̃ᴴ]
             w, V = torch.linalg.eigh(C)
             u = V[:, -1]  # (g,) unit
             energy_kept += float(w[-1].clamp_min(0))
             energy += float(w.clamp_min(0).sum())
-            zp = (u.conj()[:, None] * Z).sum(0)  # new key row z' = uᴴ z
+            zp = (u.conj()[:, None] * Zs).sum(0)  # new key row z' = ũᴴ S z
             new_k[n * d + i], new_k[n * d + i + half] = zp.real, zp.imag
             for gj, j in enumerate(heads):
-                c = u[gj].conj()
+                c = (u[gj] / s[gj]).conj()  # z_j ≈ (ũ_j / s_j) z'
                 for q in range(j * r, (j + 1) * r):
                     zq = torch.complex(Aq[q * d + i], Aq[q * d + i + half]) * c
                     new_q[q * d + i], new_q[q * d + i + half] = zq.real, zq.imag
@@ -152,12 +184,41 @@ def compress_layer(attn, cov: torch.Tensor, cfg, kv_heads: int) -> dict[str, flo
     return {"keys": sum(kept_k) / len(kept_k), "values": sum(kept_v) / len(kept_v)}
 
 
-def compress_kv_heads(model, windows: torch.Tensor, kv_heads: int) -> list[dict[str, float]]:
+def compress_kv_heads(model, windows: torch.Tensor, kv_heads: int, weighted: bool = True,
+                      error_windows: int = 2) -> list[dict[str, float]]:
     """Compress every layer of ``model`` (a slimlm CausalLM, float) in place to ``kv_heads`` KV heads;
-    the config is updated. Returns per layer the activation energy kept for keys and values."""
+    the config is updated. Returns per layer the activation energy kept for keys and values and
+    ``error``: the attention output's relative error ||a' - a|| / ||a|| on the first
+    ``error_windows`` calibration windows (each layer fed the original model's inputs)."""
     cfg = model.cfg
     check_kv_heads(cfg, kv_heads)
     covs = input_covariances(model, windows)
-    stats = [compress_layer(layer.self_attn, cov, cfg, kv_heads) for layer, cov in zip(model.model.layers, covs)]
+    layers = list(model.model.layers)
+    captured: dict[int, tuple] = {}
+    if error_windows:
+        handles = []
+
+        def hook(i):
+            def f(_m, args, out):
+                captured[i] = (tuple(a.clone() if torch.is_tensor(a) else a for a in args), out.detach().clone())
+            return f
+
+        try:
+            for i, layer in enumerate(layers):
+                handles.append(layer.self_attn.register_forward_hook(hook(i)))
+            with torch.no_grad():
+                model(windows[:error_windows].to(model.device))
+        finally:
+            for h in handles:
+                h.remove()
+    stats = []
+    for i, (layer, cov) in enumerate(zip(layers, covs)):
+        st = compress_layer(layer.self_attn, cov, cfg, kv_heads, weighted=weighted)
+        if i in captured:
+            args, ref = captured.pop(i)
+            with torch.no_grad():
+                out = layer.self_attn(*args)
+            st["error"] = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+        stats.append(st)
     cfg.num_kv_heads = kv_heads
     return stats
