@@ -7,30 +7,14 @@ exactly into causal attention; bad arguments are ValueErrors before the kernel r
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
 
-from slimlm import kernels
 from slimlm.kernels.ops import native_prefill_range
 
-HAS_CC = shutil.which("cc") is not None or shutil.which("gcc") is not None
-CODES = {torch.float32: 0, torch.bfloat16: 1}
+from tests.kernels.test_paged_prefill import DTYPES, lib, need  # noqa: F401  (lib: the module fixture)
 
-
-@pytest.fixture(scope="module")
-def lib():
-    if not HAS_CC:
-        pytest.skip("no C compiler: the engine uses the PyTorch path")
-    lib = kernels.load("paged_prefill")
-    assert lib is not None  # a compiler is present, so the kernel must build
-    return lib
-
-
-def need(lib, dtype):
-    if not lib.slimlm_prefill_supported(64, CODES[dtype]):
-        pytest.skip(f"this CPU lacks the AVX-512 features for {dtype}: DCA uses its PyTorch path")
 
 
 def make_case(T, q_start, hq, hkv, d, bs, seed, dtype, extra=0):
@@ -88,7 +72,7 @@ def test_range_equals_attention_over_the_range(lib, dtype, T, q_start, lo, hi, c
     n = q_start + T
     out = torch.full((T, 9, 64), float("nan"))
     lse = torch.full((T, 9), float("nan"))
-    native_prefill_range(lib, q, [kp], [vp], CODES[dtype], table, q_start, lo, hi, causal, out, lse, 0.125)
+    native_prefill_range(lib, q, [kp], [vp], DTYPES[dtype], table, q_start, lo, hi, causal, out, lse, 0.125)
     want, want_lse = reference(q, kp[table].flatten(0, 1)[:n], vp[table].flatten(0, 1)[:n], q_start, lo, hi,
                                causal, 0.125)
     check(out, lse, want, want_lse, vp, dtype)
@@ -107,7 +91,7 @@ def test_ranges_merge_into_causal_attention(lib, dtype):
     parts = []
     for lo, hi, causal in ((0, 45, False), (45, 83, False), (83, n, True)):
         o, lse = torch.empty(T, 4, 128), torch.empty(T, 4)
-        native_prefill_range(lib, q, [kp], [vp], CODES[dtype], table, q_start, lo, hi, causal, o, lse, 0.1)
+        native_prefill_range(lib, q, [kp], [vp], DTYPES[dtype], table, q_start, lo, hi, causal, o, lse, 0.1)
         parts.append((o, lse))
     want, _ = reference(q, kp[table].flatten(0, 1)[:n], vp[table].flatten(0, 1)[:n], q_start, 0, n, True, 0.1)
     check(_merge(parts), torch.zeros(T, 4), want, torch.zeros(T, 4), vp, dtype)

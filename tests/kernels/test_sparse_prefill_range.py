@@ -5,27 +5,14 @@ merge into the whole pattern's output; the pairs it counts add up to the whole p
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
 
-from slimlm import kernels
 from slimlm.kernels.ops import native_sparse_prefill, native_sparse_prefill_range
 from slimlm.model.rope_extension import _merge
 
-HAS_CC = shutil.which("cc") is not None or shutil.which("gcc") is not None
-
-
-@pytest.fixture(scope="module")
-def lib():
-    if not HAS_CC:
-        pytest.skip("no C compiler: the engine uses the PyTorch path")
-    lib = kernels.load("sparse_prefill")
-    assert lib is not None
-    if not lib.slimlm_sparse_prefill_supported(16):
-        pytest.skip("this CPU lacks AVX-512: the engine uses the PyTorch sparse prefill path")
-    return lib
+from tests.kernels.test_sparse_prefill import lib  # noqa: F401  (the module fixture)
 
 
 def case(T, q_start, hq, hkv, d, bs, seed, dtype, nv, ns, local):
