@@ -165,6 +165,20 @@ def test_peak_rss_is_the_workers_own():
     assert child < peak_rss_mb() - 200
 
 
+def test_huge_pages_mb_reads_anon_huge_pages(tmp_path):
+    """The decode report's huge_pages_mb is AnonHugePages of the process's smaps_rollup, in MB."""
+    import sys
+
+    from slimlm.bench.machine import huge_pages_mb
+
+    f = tmp_path / "smaps_rollup"
+    f.write_text("Rss:              789780 kB\nAnonHugePages:    526336 kB\nShmemHugePages:   0 kB\n")
+    assert huge_pages_mb(str(f)) == 514.0
+    assert huge_pages_mb(str(tmp_path / "missing")) is None
+    if sys.platform.startswith("linux"):
+        assert huge_pages_mb() >= 0
+
+
 def test_frontier_shows_a_broken_configuration_as_a_quality_drop(trained_dir, tiny_data, tmp_path):
     r = bench(["frontier", "--model", str(trained_dir), "--prompt-tokens", "160", "--max-tokens", "8",
                "--config", "broken=--kv-policy sink --kv-policy-arg window=1 --kv-policy-arg sink=0",

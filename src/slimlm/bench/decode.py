@@ -59,16 +59,17 @@ class Decode(WorkerScenario):
 
     @staticmethod
     def worker(args: dict[str, Any]) -> dict[str, float]:
-        from slimlm.bench.machine import peak_rss_mb
+        from slimlm.bench.machine import huge_pages_mb, peak_rss_mb
         from slimlm.bench.systems import SYSTEMS
         from slimlm.bench.workloads import text_prompt
 
         system = SYSTEMS.get(args["system"])(args)
         system.decode(text_prompt(system.tokenizer, 16, offset=20_000), 4)  # warm-up
         t0, times = system.decode(text_prompt(system.tokenizer, args["prompt_tokens"]), args["new_tokens"])
-        kv = system.kv_bytes()
+        kv, huge = system.kv_bytes(), huge_pages_mb()
         return {**decode_metrics(t0, times), "peak_rss_mb": peak_rss_mb(),
-                **({"kv_mb": kv / 2**20} if kv is not None else {})}
+                **({"kv_mb": kv / 2**20} if kv is not None else {}),
+                **({"huge_pages_mb": huge} if huge is not None else {})}
 
     def plot(self, report: dict[str, Any], out: Path) -> list[Path]:
         from slimlm.bench.plots import bars

@@ -105,6 +105,19 @@ def _status_mb(field: str) -> float | None:
     return None
 
 
+def huge_pages_mb(smaps: str = "/proc/self/smaps_rollup") -> float | None:
+    """Anonymous memory of this process backed by transparent huge pages now (MB; None off
+    Linux). A decode step streams every weight: whether they sit on 2 MiB pages
+    (``model/quant/huge_pages.py``) moves batch-1 decode speed, so reports record it."""
+    try:
+        for line in Path(smaps).read_text().splitlines():
+            if line.startswith("AnonHugePages:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def rss_mb() -> float:
     """Resident memory of this process now (MB)."""
     return _status_mb("VmRSS") or peak_rss_mb()
