@@ -95,7 +95,8 @@ def batch_rows(runs: dict[str, list[dict]], summary: dict[str, dict]) -> list[di
         tps, kv = med(c, "tokens_per_s"), med(c, "kv_peak_mb")
         errors = [r["error"] for r in rs if "error" in r]
         rows.append({"config": c, "tokens_per_s": summary.get(c, {}).get("tokens_per_s"), "kv_peak_mb": kv,
-                     "computed_prompt_tokens": med(c, "computed_prompt_tokens"), "prompt_tokens": med(c, "prompt_tokens"),
+                     "computed_prompt_tokens": med(c, "computed_prompt_tokens"),
+                     "prompt_tokens": med(c, "prompt_tokens"),
                      "preemptions": med(c, "preemptions"),
                      "speed_ratio": tps / base_tps if tps and base_tps else None,
                      "speed_ratio_per_repeat": (paired_speedups(runs, "tokens_per_s", True, ref=c).get("baseline")
@@ -206,7 +207,8 @@ class Frontier(Scenario):
 
     @staticmethod
     def quality(s: BenchSettings, configs, tasks, notes: list[str], busy: list[float]) -> dict[str, dict[str, Any]]:
-        """Each configuration's task results; one the engine refuses is a note (the baseline's refusal stops the run)."""
+        """Each configuration's task results; one the engine refuses is a note (the baseline's refusal
+        stops the run)."""
         from slimlm.eval.cli import evaluate, scoring_lm
 
         quality: dict[str, dict[str, Any]] = {}
@@ -398,8 +400,9 @@ def batch_table(panel: dict[str, Any]) -> str:
         kv_less = "-" if r["kv_reduction"] is None else f"{r['kv_reduction']:.2f}x"
         prompts = ("-" if r["prompt_tokens"] is None
                    else f"{r['computed_prompt_tokens']:.0f} / {r['prompt_tokens']:.0f}")
-        rows.append(f"| {r['config']} | {cell(r['tokens_per_s'], '.1f')} | {ratio} | {cell_value(r['kv_peak_mb'], '.1f')} | "
-                    f"{kv_less} | {prompts} | {cell_value(r['preemptions'], '.0f')} |")
+        rows.append(f"| {r['config']} | {cell(r['tokens_per_s'], '.1f')} | {ratio} | "
+                    f"{cell_value(r['kv_peak_mb'], '.1f')} | {kv_less} | {prompts} | "
+                    f"{cell_value(r['preemptions'], '.0f')} |")
     w = panel["workload"]
     return ("Continuous batching (the `throughput` workload through the engine): "
             f"{panel['num_prompts']} prompts of {w['lo']}-{w['hi']} tokens, half sharing a {w['system_tokens']}-token "
