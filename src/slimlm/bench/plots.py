@@ -152,8 +152,8 @@ def kv_throughput(rows: list[dict], baseline_label: str, title: str, path: Path)
                     color="black" if base else plt.cm.tab10(i % 10))
         ax.annotate(baseline_label if base else r["config"], (r["kv_peak_mb"], tps["median"]), fontsize=7,
                     xytext=(5, 4), textcoords="offset points")
-    ax.set_xlim(left=0)
-    ax.set_ylim(bottom=0)
+    ax.set_xlim(0, 1.25 * max(r["kv_peak_mb"] for r in rows))  # room for the labels
+    ax.set_ylim(0, 1.15 * max(r["tokens_per_s"]["max"] for r in rows))
     ax.set_xlabel("KV held at peak (MB)")
     ax.set_ylabel("generated tokens/s")
     ax.set_title(title, fontsize=10)
