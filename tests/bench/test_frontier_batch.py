@@ -98,3 +98,29 @@ def test_batch_panel_mistakes_are_one_line_exit_2(argv, needle, tiny_llama_dir, 
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and needle in err[-1], err
     assert not any("Traceback" in line for line in err)
+
+
+def test_quality_of_a_refused_configuration_is_a_note_not_a_failure(tiny_llama_dir, monkeypatch):
+    """The engine refuses the configuration at start-up: its quality is a note; the baseline's is measured."""
+    from slimlm.bench.base import BenchSettings
+    from slimlm.bench.frontier import Frontier
+    from slimlm.eval import cli as eval_cli
+
+    scored = []
+
+    def fake_evaluate(task, lm, settings, log):  # scoring itself is tested with the tasks
+        scored.append(settings["engine"])
+        return {"results": {"ok": 1}, "seconds": 0.0, "cpu_busy_others_max": 0.0}
+
+    monkeypatch.setattr(eval_cli, "evaluate", fake_evaluate)
+    m = str(tiny_llama_dir)
+    configs = {"baseline": (m, "float32", {}),
+               "refused": (m, "float32", {"kv_policy": "minicache", "kv_policy_args": {"start": 24}})}
+    s = BenchSettings(model=m, dtype="float32", threads=1, engine={}, repeats=1, log=lambda msg: None)
+    notes, busy = [], []
+    quality = Frontier.quality(s, configs, {"perplexity": object()}, notes, busy)
+    assert quality == {"baseline": {"perplexity": {"results": {"ok": 1}, "seconds": 0.0}}, "refused": {}}
+    assert scored == [{}] and len(notes) == 1
+    assert notes[0].startswith("refused: quality not measured: minicache start layer 24")
+    with pytest.raises(ValueError, match="minicache start layer 24"):  # a refused baseline stops the run
+        Frontier.quality(s, {"baseline": configs["refused"]}, {"perplexity": object()}, [], [])

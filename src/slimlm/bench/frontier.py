@@ -219,7 +219,7 @@ class Frontier(Scenario):
             s.log(f"quality: {name}")
             try:
                 lm = scoring_lm(m, "slimlm", dt, s.threads, eng)
-            except SlimLMError as e:
+            except (SlimLMError, ValueError) as e:  # the engine's start-up refusals (the CLI's one-line errors)
                 if name == "baseline":
                     raise
                 notes.append(f"{name}: quality not measured: {e}")
