@@ -137,3 +137,25 @@ def frontier(points: list[dict], path: Path) -> Path:
     axes[1].legend(handles=handles, fontsize=8, loc="best")
     fig.suptitle("efficiency frontier (baseline at the origin)", fontsize=10)
     return _save(fig, path)
+
+
+def kv_throughput(rows: list[dict], baseline_label: str, title: str, path: Path) -> Path:
+    """Tokens/s against KV held at peak, one point per configuration; the baseline starred.
+
+    ``rows``: {"config", "kv_peak_mb", "tokens_per_s": {"median", "min", "max"}} each (a min-max bar)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, r in enumerate(rows):
+        tps, base = r["tokens_per_s"], r["config"] == "baseline"
+        ax.errorbar(r["kv_peak_mb"], tps["median"], yerr=[[tps["median"] - tps["min"]], [tps["max"] - tps["median"]]],
+                    fmt="*" if base else "o", ms=14 if base else 7, capsize=3, zorder=3,
+                    color="black" if base else plt.cm.tab10(i % 10))
+        ax.annotate(baseline_label if base else r["config"], (r["kv_peak_mb"], tps["median"]), fontsize=7,
+                    xytext=(5, 4), textcoords="offset points")
+    ax.set_xlim(0, 1.25 * max(r["kv_peak_mb"] for r in rows))  # room for the labels
+    ax.set_ylim(0, 1.15 * max(r["tokens_per_s"]["max"] for r in rows))
+    ax.set_xlabel("KV held at peak (MB)")
+    ax.set_ylabel("generated tokens/s")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

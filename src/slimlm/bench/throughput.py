@@ -26,7 +26,8 @@ def _setup(args: dict[str, Any]):
     engine = args.get("engine", {}) if args.get("system") == "slimlm" else {}
     lm = load(args["model"], dtype=args["dtype"], weights=engine.get("weights"),
               group_size=engine.get("weights_group_size"))
-    prompts = mixed_prompts(lm.tokenizer, n=args["num_prompts"], seed=args["seed"])
+    # "workload": optional mixed_prompts lengths (lo, hi, system_tokens) for models with a short context
+    prompts = mixed_prompts(lm.tokenizer, n=args["num_prompts"], seed=args["seed"], **args.get("workload", {}))
     return lm, prompts
 
 
