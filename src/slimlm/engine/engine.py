@@ -419,7 +419,8 @@ class LLMEngine:
         for c in out.chunks:
             if not c.tree_parents:
                 continue
-            need = scratch_needed(c.tree_parents, c.kv_start, c.block_table, bs) if self.runner.tree_rows_ok(c) else None
+            ok = self.runner.tree_rows_ok(c)
+            need = scratch_needed(c.tree_parents, c.kv_start, c.block_table, bs) if ok else None
             if need is not None and need <= self.pool.num_free():
                 c.tree_rows = plan_tree_rows(c.tree_parents, c.kv_start, c.block_table, bs, self.pool.allocate)
                 self.stats["tree_rows"] += 1

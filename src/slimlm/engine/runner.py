@@ -104,8 +104,8 @@ class ModelRunner:
         segments: list[Segment] = []
         decodes: list[tuple[int, int, list[int], list[int]]] = []  # (row, storage index, blocks, logical)
         row = single = 0
-        trees = [c.tree_rows for c in out.chunks if c.tree_rows is not None]
-        self.cache.copy_blocks([cp for t in trees for cp in t.copies])  # after the forks' copies
+        # tree key views' context blocks (spec/tree_rows.py), after the forks' copies they may read
+        self.cache.copy_blocks([cp for c in out.chunks if c.tree_rows is not None for cp in c.tree_rows.copies])
         for c in out.chunks:
             T = len(c.token_ids)
             p = tree_positions(c.start, c.tree_parents) if c.tree_parents else list(range(c.start, c.start + T))
