@@ -20,6 +20,7 @@ from slimlm.engine.sampling import SamplingError, SequenceSampler, sample_next
 from slimlm.engine.scheduler import Scheduler
 from slimlm.engine.spec import SPEC_METHODS, Proposer, ProposerContext
 from slimlm.engine.spec.guard import ProposerGuard
+from slimlm.engine.spec.tree_rows import plan_tree_rows, scratch_needed
 from slimlm.errors import SlimLMError
 from slimlm.kernels import gemm
 from slimlm.kvcache.block_pool import BlockPool
@@ -150,7 +151,10 @@ class LLMEngine:
         self._ids = itertools.count()
         self._arrival = itertools.count()
         self.stats = {"prompt_tokens": 0, "computed_prompt_tokens": 0, "generated_tokens": 0, "steps": 0,
-                      "draft_tokens": 0, "accepted_draft_tokens": 0, "verify_steps": 0, "kv_peak_bytes": 0}
+                      "draft_tokens": 0, "accepted_draft_tokens": 0, "verify_steps": 0, "kv_peak_bytes": 0,
+                      "tree_rows": 0, "tree_cut": 0, "tree_off_chain": 0}
+        """tree_rows: tree chunks verified as decode rows over key views; tree_cut: tree chunks cut
+        to their main chain (``_tree_rows``); tree_off_chain: accepted paths that left the main chain."""
 
     def kv_bytes_in_use(self) -> int:
         """KV bytes the pool's referenced blocks hold now (all layers, in the codec's format)."""
@@ -295,6 +299,8 @@ class LLMEngine:
             return []
         self.stats["steps"] += 1
         now = time.time()
+        if self.config.batch_invariant:
+            self._tree_rows(out)
         result = self.runner.execute(out)
         logits = result.logits
         if self.proposer is not None:
@@ -325,6 +331,7 @@ class LLMEngine:
             if c.num_drafts:  # verify drafts
                 toks, lps, path = got
                 if path is not None:  # a tree: move the accepted path's KV to the front of the chunk
+                    self.stats["tree_off_chain"] += path != list(range(len(path)))
                     self._keep_path(c, path)
                 accepted[c.seq_id] = len(toks)  # decode token + accepted drafts have valid KV
                 new_tokens[c.seq_id] = list(zip(toks, lps))
@@ -346,6 +353,9 @@ class LLMEngine:
                             plain.append((child, rows[-1]))
                     except Exception as e:  # noqa: BLE001 - fails this request only
                         failed[req.request_id] = self._fail(req, e)
+        for c in out.chunks:  # tree key views' scratch blocks: the accepted path was moved out
+            for b in c.tree_rows.scratch if c.tree_rows is not None else ():
+                self.pool.free(b)
         plain = [(s, r) for s, r in plain if s.request.request_id not in failed]
         forks = [(p, c) for p, c in forks if p.request.request_id not in failed]
         if plain:
@@ -400,13 +410,42 @@ class LLMEngine:
             outs.append(req.output())
         return outs
 
+    def _tree_rows(self, out) -> None:
+        """``batch_invariant``: give each tree chunk key views so its nodes are verified as decode
+        rows (``engine/spec/tree_rows.py``); a tree that cannot have them (hooks, a prompt layout,
+        a query policy, the pool short of scratch blocks) is verified as its main chain."""
+        seqs = {s.seq_id: s for s in self.scheduler.running}
+        bs = self.config.block_size
+        for c in out.chunks:
+            if not c.tree_parents:
+                continue
+            ok = self.runner.tree_rows_ok(c)
+            need = scratch_needed(c.tree_parents, c.kv_start, c.block_table, bs) if ok else None
+            if need is not None and need <= self.pool.num_free():
+                c.tree_rows = plan_tree_rows(c.tree_parents, c.kv_start, c.block_table, bs, self.pool.allocate)
+                self.stats["tree_rows"] += 1
+            else:
+                self._main_chain(c, seqs[c.seq_id])
+                self.stats["tree_cut"] += 1
+
+    @staticmethod
+    def _main_chain(c, seq: Sequence) -> None:
+        """Cut a tree chunk (and the sequence's drafts) to its first chain: tokens 0..m-1 with
+        parent i - 1, verified row by row as any chain."""
+        m = next((i for i, p in enumerate(c.tree_parents) if p != i - 1), len(c.tree_parents))
+        c.token_ids, c.tree_parents = c.token_ids[:m], None
+        c.num_drafts, c.num_logits = m - 1, m
+        seq.draft_ids, seq.draft_parents = seq.draft_ids[: m - 1], None
+
     def _keep_path(self, c, path: list[int]) -> None:
         """After tree verification: copy the KV of the accepted path's nodes to storage
         indices kv_start.. (the chain the sequence continues from); the chunk then reads as
-        that chain for the scheduler's update."""
+        that chain for the scheduler's update. With key views (``c.tree_rows``) a node's KV is
+        in its view's slot."""
         bs = self.config.block_size
         slot = lambda i: c.block_table[i // bs] * bs + i % bs  # noqa: E731
-        pairs = [(slot(c.kv_start + n), slot(c.kv_start + i)) for i, n in enumerate(path) if n != i]
+        src = c.tree_rows.slot if c.tree_rows is not None else (lambda n: slot(c.kv_start + n))
+        pairs = [(src(n), slot(c.kv_start + i)) for i, n in enumerate(path) if src(n) != slot(c.kv_start + i)]
         self.cache.move_slots([a for a, _ in pairs], [b for _, b in pairs])
         c.token_ids = [c.token_ids[n] for n in path]
         c.tree_parents = None

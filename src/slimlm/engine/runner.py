@@ -104,12 +104,17 @@ class ModelRunner:
         segments: list[Segment] = []
         decodes: list[tuple[int, int, list[int], list[int]]] = []  # (row, storage index, blocks, logical)
         row = single = 0
+        # tree key views' context blocks (spec/tree_rows.py), after the forks' copies they may read
+        self.cache.copy_blocks([cp for c in out.chunks if c.tree_rows is not None for cp in c.tree_rows.copies])
         for c in out.chunks:
             T = len(c.token_ids)
             p = tree_positions(c.start, c.tree_parents) if c.tree_parents else list(range(c.start, c.start + T))
             ids += c.token_ids
             pos += c.layout.positions_for(c.start, T) if c.layout is not None else p
-            slots += [c.block_table[x // bs] * bs + x % bs for x in range(c.kv_start, c.kv_start + T)]
+            if c.tree_rows is not None:
+                slots += [c.tree_rows.slot(i) for i in range(T)]
+            else:
+                slots += [c.block_table[x // bs] * bs + x % bs for x in range(c.kv_start, c.kv_start + T)]
             row_seq += [c.seq_id] * T
             row_out += [x >= c.prompt_len for x in p]
             logit_rows += range(row + T - c.num_logits, row + T)
@@ -118,12 +123,23 @@ class ModelRunner:
             if T == 1 and not (c.layout is not None and c.layout.in_set(c.start, 1)):
                 decodes.append((row, c.kv_start, *kept_blocks(c.block_table, c.kv_start + 1, bs)))
                 single += 1
+            elif c.tree_rows is not None:  # each node a decode row over its ancestors (spec/tree_rows.py)
+                decodes += [(row + i, *c.tree_rows.decode(i)) for i in range(T)]
             elif self._verify_rows(c):  # each row attends its own prefix, as a decode step
                 decodes += [(row + r, c.kv_start + r, *kept_blocks(c.block_table, c.kv_start + r + 1, bs))
                             for r in range(T)]
             else:
                 prefills.append(self._segment(c, row, T))
             row += T
+        for c in out.chunks:  # a tree's twin rows: ancestors computed again into a later key view
+            for node, v in c.tree_rows.twins if c.tree_rows is not None else ():
+                ids.append(c.token_ids[node])
+                pos.append(c.start + c.tree_rows.depth[node])
+                slots.append(c.tree_rows.slot(node, v))
+                row_seq.append(c.seq_id)
+                row_out.append(True)
+                decodes.append((row, *c.tree_rows.decode(node, v)))
+                row += 1
         twin = row == 1 and bool(decodes) and self._pad_lone_row()
         if twin:  # a lone decode row runs twice: the matmuls take their multi-row path
             ids, pos, slots, row_seq, row_out = ids * 2, pos * 2, slots * 2, row_seq * 2, row_out * 2
@@ -153,6 +169,12 @@ class ModelRunner:
                     res.hidden.setdefault(c.seq_id, {}).update({i: x[r : r + c.num_logits] for i, x in hidden.items()})
                 r += c.num_logits
         return res
+
+    def tree_rows_ok(self, c: ScheduledChunk) -> bool:
+        """A tree chunk can be verified as decode rows over key views (``engine/spec/tree_rows.py``):
+        only under ``batch_invariant``, without hooks (a twin row must compute exactly as its
+        original), a prompt layout or a query policy (it keeps summaries per physical block)."""
+        return self.batch_invariant and not self.hooks and c.layout is None and self.paths.sparse is None
 
     def _verify_rows(self, c: ScheduledChunk) -> bool:
         return self.batch_invariant and c.num_drafts > 0 and not c.tree_parents and c.layout is None

@@ -34,6 +34,10 @@ class ScheduledChunk:
     """For a speculative tree: the index of each token's parent within ``token_ids`` (-1 for
     token 0, the last accepted token). Tokens then sit at their depth's position and attend to
     their ancestors only. None for a chain."""
+    tree_rows: object | None = None
+    """``batch_invariant``: the tree's key views (``engine/spec/tree_rows.py``: a ``TreeRows``,
+    set by the engine before the step): each node is verified as its own decode row over its
+    ancestors. None: a tree goes through the prefill path under its ancestor mask."""
     layout: object | None = None
     """The request's ``PromptLayout`` (``engine/segments.py``) when its prompt has a set: RoPE
     positions and the set mask come from it. None: position = index, causal mask."""
