@@ -127,6 +127,35 @@ static inline int64_t key_off(const int64_t *table, int64_t key, int64_t bs, int
     return (table[key / bs] * bs + key % bs) * W + g * d;
 }
 
+/* dst[w * 16 + lane] = word w of rows[lane] (NULL: zeros), w < words (a multiple of 16): the keys
+ * of a group transposed 16 x 16 words at a time (32-bit interleaves, 64-bit interleaves, then
+ * 128-bit lane shuffles). */
+static void transpose_keys(const u32_alias *const rows[16], int64_t words, uint32_t *dst) {
+    for (int64_t w0 = 0; w0 < words; w0 += 16) {
+        __m512i r[16], t[16];
+        for (int i = 0; i < 16; ++i) r[i] = rows[i] ? _mm512_loadu_si512((const void *)(rows[i] + w0)) : _mm512_setzero_si512();
+        for (int i = 0; i < 16; i += 2) { /* rows i, i + 1 interleaved per 128-bit lane */
+            t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+            t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+        }
+        for (int i = 0; i < 16; i += 4) { /* u[i + c]: rows i .. i + 3, words c, c + 4, c + 8, c + 12 by lane */
+            r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+            r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+            r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+            r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+        }
+        for (int c = 0; c < 4; ++c) {
+            const __m512i v = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x44), w = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xEE);
+            const __m512i x = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x44);
+            const __m512i y = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xEE);
+            _mm512_storeu_si512((void *)(dst + (w0 + c) * 16), _mm512_shuffle_i32x4(v, x, 0x88));
+            _mm512_storeu_si512((void *)(dst + (w0 + c + 4) * 16), _mm512_shuffle_i32x4(v, x, 0xDD));
+            _mm512_storeu_si512((void *)(dst + (w0 + c + 8) * 16), _mm512_shuffle_i32x4(w, y, 0x88));
+            _mm512_storeu_si512((void *)(dst + (w0 + c + 12) * 16), _mm512_shuffle_i32x4(w, y, 0xDD));
+        }
+    }
+}
+
 /* Work items: (head, group of 16 keys); keys past n are zero.
  * bf16 K: uint32 kp[((g * nkg + kg) * d/2 + c2) * 16 + lane] = dimension pair c2 of key 16 kg + lane
  * bf16 V: uint32 vp[((g * 8 nkg + p) * d/16 + cb) * 16 + lane] = dimension 16 cb + lane of keys 2p, 2p + 1
@@ -141,12 +170,12 @@ static void repack(repack_args *a) {
         if (a->code != a->dtype) { repack_decoded(a, g, kg); continue; }
         if (a->dtype == 1) {
             const int64_t half = d / 2, nvb = d / 16, nkp = a->nkg * 8;
-            uint32_t *dst = (uint32_t *)a->kp + (g * a->nkg + kg) * half * 16;
+            const u32_alias *rows[16];
             for (int lane = 0; lane < 16; ++lane) {
                 const int64_t key = kg * 16 + lane;
-                const u32_alias *src = key < a->n ? (const u32_alias *)((const uint16_t *)a->k + key_off(a->table, key, a->bs, W, g, d)) : NULL;
-                for (int64_t c2 = 0; c2 < half; ++c2) dst[c2 * 16 + lane] = src ? src[c2] : 0;
+                rows[lane] = key < a->n ? (const u32_alias *)((const uint16_t *)a->k + key_off(a->table, key, a->bs, W, g, d)) : NULL;
             }
+            transpose_keys(rows, half, (uint32_t *)a->kp + (g * a->nkg + kg) * half * 16);
             for (int64_t p = kg * 8; p < kg * 8 + 8; ++p) {
                 uint32_t *vd = (uint32_t *)a->vp + (g * nkp + p) * nvb * 16;
                 const int64_t k0 = 2 * p, k1 = 2 * p + 1;
@@ -160,20 +189,20 @@ static void repack(repack_args *a) {
                 }
             }
         } else {
-            float *dst = (float *)a->kp + (g * a->nkg + kg) * d * 16;
             float *vd = (float *)a->vp + (g * a->nkg * 16 + kg * 16) * d;
+            const u32_alias *rows[16];
             for (int lane = 0; lane < 16; ++lane) {
                 const int64_t key = kg * 16 + lane;
                 if (key < a->n) {
                     const int64_t off = key_off(a->table, key, a->bs, W, g, d);
-                    const float *src = (const float *)a->k + off;
-                    for (int64_t c = 0; c < d; ++c) dst[c * 16 + lane] = src[c];
+                    rows[lane] = (const u32_alias *)((const float *)a->k + off);
                     memcpy(vd + lane * d, (const float *)a->v + off, (size_t)d * sizeof(float));
                 } else {
-                    for (int64_t c = 0; c < d; ++c) dst[c * 16 + lane] = 0.f;
+                    rows[lane] = NULL;
                     memset(vd + lane * d, 0, (size_t)d * sizeof(float));
                 }
             }
+            transpose_keys(rows, d, (uint32_t *)a->kp + (g * a->nkg + kg) * d * 16);
         }
     }
 }
