@@ -260,27 +260,41 @@ static inline __mmask16 live16(int64_t k, int64_t lo, int64_t hi) {
     return (__mmask16)m;
 }
 
-/* Softmax of one row's raw scores s over its keys [lo, hi) (a 16-aligned base <= lo: the columns
- * [base, ncols) are written, keys outside the range get probability exactly 0) into fp32 ``pf``
- * (may alias s) and / or bf16 ``pb``. c = scale * log2(e). Returns 1 / row sum; *mx = the row's
- * largest raw score. */
-static inline __attribute__((always_inline)) float softmax_row(const float *s, int64_t base, int64_t lo, int64_t hi,
-                                                               int64_t ncols, float c, float *pf, uint16_t *pb,
-                                                               float *mx) {
+/* exp of the scores s[k0, k1) (16-aligned chunks) minus the row maximum, into fp32 ``pf`` and / or
+ * bf16 ``pb``, added to *sum; with ``edge`` (a constant where inlined) keys outside [lo, hi) get 0. */
+static inline __attribute__((always_inline)) void exp_cols(const float *s, int64_t k0, int64_t k1, int64_t lo,
+                                                           int64_t hi, int edge, __m512 cv, __m512 mc, __m512 *sum,
+                                                           float *pf, uint16_t *pb) {
     (void)pb; /* used only by bf16 builds */
-    __m512 mv = _mm512_set1_ps(-INFINITY);
-    for (int64_t k = base; k < hi; k += 16) mv = _mm512_mask_max_ps(mv, live16(k, lo, hi), mv, _mm512_loadu_ps(s + k));
-    *mx = _mm512_reduce_max_ps(mv);
-    const __m512 cv = _mm512_set1_ps(c), mc = _mm512_set1_ps(*mx * c);
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t k = base; k < ncols; k += 16) {
-        const __m512 e = _mm512_maskz_mov_ps(live16(k, lo, hi), exp2_512(_mm512_fmsub_ps(_mm512_loadu_ps(s + k), cv, mc)));
-        sum = _mm512_add_ps(sum, e);
+    for (int64_t k = k0; k < k1; k += 16) {
+        __m512 e = exp2_512(_mm512_fmsub_ps(_mm512_loadu_ps(s + k), cv, mc));
+        if (edge) e = _mm512_maskz_mov_ps(live16(k, lo, hi), e);
+        *sum = _mm512_add_ps(*sum, e);
 #ifdef SLIMLM_HAVE_BF16
         if (pb) _mm256_storeu_si256((__m256i *)(pb + k), (__m256i)_mm512_cvtneps_pbh(e));
 #endif
         if (pf) _mm512_storeu_ps(pf + k, e);
     }
+}
+
+/* Softmax of one row's raw scores s over its keys [lo, hi) (a 16-aligned base <= lo: the columns
+ * [base, ncols) are written, keys outside the range get probability exactly 0) into fp32 ``pf``
+ * (may alias s) and / or bf16 ``pb``. c = scale * log2(e). Chunks of 16 keys wholly inside the
+ * range, [f0, f1), go unmasked. Returns 1 / row sum; *mx = the row's largest raw score. */
+static inline __attribute__((always_inline)) float softmax_row(const float *s, int64_t base, int64_t lo, int64_t hi,
+                                                               int64_t ncols, float c, float *pf, uint16_t *pb,
+                                                               float *mx) {
+    const int64_t f0 = (lo + 15) & ~(int64_t)15, hf = hi & ~(int64_t)15, f1 = hf > f0 ? hf : f0;
+    __m512 mv = _mm512_set1_ps(-INFINITY);
+    for (int64_t k = base; k < f0; k += 16) mv = _mm512_mask_max_ps(mv, live16(k, lo, hi), mv, _mm512_loadu_ps(s + k));
+    for (int64_t k = f0; k < f1; k += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + k));
+    for (int64_t k = f1; k < hi; k += 16) mv = _mm512_mask_max_ps(mv, live16(k, lo, hi), mv, _mm512_loadu_ps(s + k));
+    *mx = _mm512_reduce_max_ps(mv);
+    const __m512 cv = _mm512_set1_ps(c), mc = _mm512_set1_ps(*mx * c);
+    __m512 sum = _mm512_setzero_ps();
+    exp_cols(s, base, f0, lo, hi, 1, cv, mc, &sum, pf, pb);
+    exp_cols(s, f0, f1, lo, hi, 0, cv, mc, &sum, pf, pb);
+    exp_cols(s, f1, ncols, lo, hi, 1, cv, mc, &sum, pf, pb);
     return 1.0f / _mm512_reduce_add_ps(sum);
 }
 
