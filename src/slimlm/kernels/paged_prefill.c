@@ -25,11 +25,12 @@
  *     x (d/16) blocks of 16 dimensions: the layouts ``vdpbf16ps`` consumes;
  *  2. tiles of R = 6 consecutive query rows of one head, handed out largest first through an
  *     atomic counter. A tile computes its fp32 scores against every key it may see (6 x 64 per
- *     register block), a stable softmax per row (an exact-to-2e-7 vectorised exp, masked keys are
- *     exactly 0), then accumulates P V in fp32 and divides by the fp32 row sum once. In bf16 the
- *     probabilities are rounded to bf16 for the P V products, as flash-attention kernels do.
+ *     register block, narrower over the tile's last keys), a stable softmax per row (the scale
+ *     folded into a vectorised 2^x exact to 2e-7, masked keys are exactly 0), then accumulates
+ *     P V in fp32 and divides by the fp32 row sum once. In bf16 the probabilities are rounded to
+ *     bf16 for the P V products, as flash-attention kernels do.
  * Work per tile is two passes over the repacked K and V of one head, which stay in L2 while
- * the tiles of that head are served.
+ * the tiles of that head are served. The key-range entry (below) runs the same tiles.
  */
 #include <math.h>
 #include <stdint.h>
@@ -235,21 +236,6 @@ static inline void add_mass(float *lane, const float *S, int64_t ldS, const floa
         const float w = inv[r], *e = S + r * ldS;
         for (int64_t k = 0; k < hi[r]; ++k) lane[k] += e[k] * w;
     }
-}
-
-/* 2^x for x <= 0, relative error ~2e-7 (as exp512): 2^n * p(f), f = x - n in [-1/2, 1/2], p a
- * degree-5 least-squares fit of 2^f. The softmax's scale and log2(e) fold into one FMA before it. */
-static inline __attribute__((always_inline)) __m512 exp2_512(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
-    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(x, n);
-    __m512 p = _mm512_set1_ps(1.3266970636e-3f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6754599362e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5507425219e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022121727e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314694405e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192f));
-    return _mm512_scalef_ps(p, n);
 }
 
 /* Lanes of keys k .. k + 15 inside [lo, hi). */
