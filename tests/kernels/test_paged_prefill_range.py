@@ -79,6 +79,22 @@ def test_range_equals_attention_over_the_range(lib, dtype, T, q_start, lo, hi, c
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T, q_start", [(37, 0), (50, 91)])
+def test_whole_causal_range_is_the_causal_entry_bit_for_bit(lib, dtype, T, q_start):
+    """Both entries run one tile function: the range [0, q_start + T), causal, gives the causal
+    entry's output exactly (its float32 output rounded as the causal entry rounds to q's dtype)."""
+    need(lib, dtype)
+    from slimlm.kernels.ops import native_prefill
+
+    q, kp, vp, table = make_case(T, q_start, 9, 3, 64, 16, seed=T + q_start, dtype=dtype)
+    out, lse = torch.empty(T, 9, 64), torch.empty(T, 9)
+    native_prefill_range(lib, q, [kp], [vp], DTYPES[dtype], table, q_start, 0, q_start + T, True, out, lse, 0.125)
+    dense = torch.empty(T, 9, 64, dtype=dtype)
+    native_prefill(lib, q, kp, vp, table, q_start, dense, 0.125)
+    assert torch.equal(out.to(dtype), dense)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ranges_merge_into_causal_attention(lib, dtype):
     """Three ranges that split the context (as DCA's older / previous / own chunk, each attended
     with the same query here) merge by their log-sum-exps into plain causal attention."""

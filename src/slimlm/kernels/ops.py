@@ -45,6 +45,11 @@ def _check_pool(parts: list[torch.Tensor], code: int, role: int | None = None) -
                              f"(dtype code {code})")
 
 
+def _aux(parts: list[torch.Tensor]) -> list[int | None]:
+    """The kernels' two auxiliary pointers of a pool (scales, int4 minima; None where absent)."""
+    return [t.data_ptr() for t in parts[1:]] + [None] * (3 - len(parts))
+
+
 def decode_threads(num_seqs: int) -> int:
     """Threads for a decode call: never more than its work items (sequences). A thread with no
     work still joins the parallel region's closing barrier, and on a busy machine that barrier
@@ -127,8 +132,7 @@ def _decode_impl(q: torch.Tensor, k_parts: list[torch.Tensor], v_parts: list[tor
     if mass is not None and not mass.is_contiguous():
         raise ValueError("native_decode: mass must be a contiguous float32 (slots, Hkv) tensor")
     out = torch.empty_like(q)
-    aux = [t.data_ptr() for t in k_parts[1:]] + [None] * (3 - len(k_parts))
-    vaux = [t.data_ptr() for t in v_parts[1:]] + [None] * (3 - len(v_parts))
+    aux, vaux = _aux(k_parts), _aux(v_parts)
     rc = _lib("paged_decode").slimlm_paged_decode(
         q.data_ptr(), k0.data_ptr(), v_parts[0].data_ptr(), aux[0], aux[1], vaux[0], vaux[1], code,
         table.data_ptr(), lens.data_ptr(), out.data_ptr(), mass.data_ptr() if mass is not None else None, B, Hq,
@@ -196,17 +200,29 @@ def native_prefill(lib, q_rows: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
     _prefill_impl(q_rows, k_pool, v_pool, table, q_start, out, scale)
 
 
-def _check_q_pools(op: str, q_rows, k_parts, v_parts, code, out) -> None:
+def _check_q_pools(op: str, q_rows, k_parts, v_parts, code, out, out_f32: bool = False) -> None:
     """What the pool-reading prefill kernels check alike: both pools in the stored format ``code``
-    and of one shape, q and out of one native dtype and shape with a contiguous head dimension."""
+    and of one shape, q of a native dtype and out of q's shape, both with a contiguous head
+    dimension; out in q's dtype, or float32 whatever q's when ``out_f32`` (the key-range entries)."""
     _check_pool(k_parts, code, 0)
     _check_pool(v_parts, code, 1)
-    if q_rows.dtype != out.dtype or q_rows.dtype not in NATIVE_DTYPES or q_rows.stride(2) != 1 \
-            or out.stride(2) != 1 or out.shape != q_rows.shape:
-        raise ValueError(f"{op}: q and out need one float32 / bfloat16 dtype, q's shape and a contiguous head "
-                         "dimension")
     if v_parts[0].shape != k_parts[0].shape or len(v_parts) != len(k_parts):
         raise ValueError(f"{op}: key and value pools differ in shape")
+    if q_rows.dtype not in NATIVE_DTYPES or q_rows.stride(2) != 1:
+        raise ValueError(f"{op}: q must be float32 / bfloat16 with a contiguous head dimension")
+    if out_f32 and (out.dtype != torch.float32 or out.shape != q_rows.shape or out.stride(2) != 1):
+        raise ValueError(f"{op}: out must be float32 of q's shape (T, Hq, d), head dimension contiguous")
+    if not out_f32 and (q_rows.dtype != out.dtype or out.stride(2) != 1 or out.shape != q_rows.shape):
+        raise ValueError(f"{op}: q and out need one float32 / bfloat16 dtype, q's shape and a contiguous head "
+                         "dimension")
+
+
+def _check_range(op: str, lse, T: int, Hq: int, k_lo: int, k_hi: int) -> None:
+    """The key-range entries' own arguments: lse a contiguous float32 (T, Hq), 0 <= k_lo <= k_hi."""
+    if lse.dtype != torch.float32 or lse.shape != (T, Hq):
+        raise ValueError(f"{op}: lse must be a contiguous float32 (T, Hq) tensor")
+    if not 0 <= k_lo <= k_hi:
+        raise ValueError(f"{op}: need 0 <= k_lo <= k_hi, got {k_lo}, {k_hi}")
 
 
 def _prefill_ex_shapes(q_rows, k_parts, v_parts, code, table, q_start, out, mass) -> None:
@@ -231,8 +247,7 @@ def _prefill_ex_impl(q_rows: torch.Tensor, k_parts: list[torch.Tensor], v_parts:
     _check_table(table, k0.shape[0])
     if mass is not None and not mass.is_contiguous():
         raise ValueError("native_prefill: mass must be a contiguous float32 (slots, Hkv) tensor")
-    aux = [t.data_ptr() for t in k_parts[1:]] + [None] * (3 - len(k_parts))
-    vaux = [t.data_ptr() for t in v_parts[1:]] + [None] * (3 - len(v_parts))
+    aux, vaux = _aux(k_parts), _aux(v_parts)
     rc = _lib("paged_prefill").slimlm_paged_prefill_ex(
         q_rows.data_ptr(), q_rows.stride(0), q_rows.stride(1), k0.data_ptr(), aux[0], aux[1], v_parts[0].data_ptr(),
         vaux[0], vaux[1], code, NATIVE_DTYPES[q_rows.dtype], table.data_ptr(), q_start, out.data_ptr(), out.stride(0),
@@ -374,8 +389,7 @@ def native_sparse_decode(lib, q: torch.Tensor, k_parts: list[torch.Tensor], v_pa
         ptrs = (*arr, plen)
     fptrs = [ctypes.cast(a, ctypes.c_void_p).value for a in ptrs[:4]] if ptrs else [None] * 4
     out = torch.empty_like(q)
-    aux = [t.data_ptr() for t in k_parts[1:]] + [None] * (3 - len(k_parts))
-    vaux = [t.data_ptr() for t in v_parts[1:]] + [None] * (3 - len(v_parts))
+    aux, vaux = _aux(k_parts), _aux(v_parts)
     rc = _lib("sparse_decode").slimlm_sparse_decode(
         q.data_ptr(), k0.data_ptr(), v_parts[0].data_ptr(), aux[0], aux[1], vaux[0], vaux[1], code,
         table.data_ptr(), ktable.data_ptr() if ktable is not None else None, table.shape[1], idx.data_ptr(),
@@ -395,11 +409,12 @@ def _prefill_ex_fake(q_rows, k_parts, v_parts, code, table, q_start, out, scale,
 
 
 # ---------------------------------------------------------------------- sparse prefill (vertical-slash)
-def _sparse_prefill_shapes(q_rows, k_parts, v_parts, code, table, q_start, cols, offs, block, out, stats) -> None:
+def _sparse_prefill_shapes(q_rows, k_parts, v_parts, code, table, q_start, cols, offs, block, out, stats,
+                           op: str = "native_sparse_prefill", out_f32: bool = False) -> None:
     T, Hq, d = q_rows.shape
     k0 = k_parts[0]
     hkv = k0.shape[2]
-    _check_q_pools("native_sparse_prefill", q_rows, k_parts, v_parts, code, out)
+    _check_q_pools(op, q_rows, k_parts, v_parts, code, out, out_f32)
     if table.dtype != torch.int64 or table.numel() * k0.shape[1] < q_start + T or Hq % hkv \
             or k0.shape[3] * (2 if code >= 3 else 1) != d:
         raise ValueError("native_sparse_prefill: an int64 table covering every key and head sizes matching the pool "
@@ -413,6 +428,13 @@ def _sparse_prefill_shapes(q_rows, k_parts, v_parts, code, table, q_start, cols,
         raise ValueError("native_sparse_prefill: stats must be a contiguous int64 tensor of 2")
 
 
+def _check_sorted(cols: torch.Tensor, offs: torch.Tensor) -> None:
+    """The kernel merges the lists as sorted runs: anything else could emit a key twice."""
+    for name, t in (("cols", cols), ("offs", offs)):
+        if not t.is_contiguous() or (t.shape[1] > 1 and not bool((t[:, 1:] > t[:, :-1]).all())):
+            raise ValueError(f"native_sparse_prefill: {name} must be contiguous and strictly ascending per head")
+
+
 def _sparse_prefill_impl(q_rows: torch.Tensor, k_parts: list[torch.Tensor], v_parts: list[torch.Tensor], code: int,
                          table: torch.Tensor, q_start: int, cols: torch.Tensor, offs: torch.Tensor, block: int,
                          out: torch.Tensor, scale: float, stats: torch.Tensor | None) -> None:
@@ -420,14 +442,10 @@ def _sparse_prefill_impl(q_rows: torch.Tensor, k_parts: list[torch.Tensor], v_pa
     k0 = k_parts[0]
     _sparse_prefill_shapes(q_rows, k_parts, v_parts, code, table, q_start, cols, offs, block, out, stats)
     _check_table(table, k0.shape[0])
-    # the kernel merges the lists as sorted runs: anything else could emit a key twice
-    for name, t in (("cols", cols), ("offs", offs)):
-        if not t.is_contiguous() or (t.shape[1] > 1 and not bool((t[:, 1:] > t[:, :-1]).all())):
-            raise ValueError(f"native_sparse_prefill: {name} must be contiguous and strictly ascending per head")
+    _check_sorted(cols, offs)
     if stats is not None and not stats.is_contiguous():
         raise ValueError("native_sparse_prefill: stats must be a contiguous int64 tensor of 2")
-    aux = [t.data_ptr() for t in k_parts[1:]] + [None] * (3 - len(k_parts))
-    vaux = [t.data_ptr() for t in v_parts[1:]] + [None] * (3 - len(v_parts))
+    aux, vaux = _aux(k_parts), _aux(v_parts)
     rc = _lib("sparse_prefill").slimlm_sparse_prefill(
         q_rows.data_ptr(), q_rows.stride(0), q_rows.stride(1), NATIVE_DTYPES[q_rows.dtype], k0.data_ptr(), aux[0],
         aux[1], v_parts[0].data_ptr(), vaux[0], vaux[1], code, table.data_ptr(), q_start, T, Hq, k0.shape[2], d,
@@ -473,18 +491,10 @@ def _prefill_range_shapes(q_rows, k_parts, v_parts, code, table, q_start, k_lo, 
     T, Hq, d = q_rows.shape
     k0 = k_parts[0]
     bs, hkv = k0.shape[1], k0.shape[2]
-    _check_pool(k_parts, code, 0)
-    _check_pool(v_parts, code, 1)
-    if v_parts[0].shape != k_parts[0].shape or len(v_parts) != len(k_parts):
-        raise ValueError("native_prefill_range: key and value pools differ in shape")
-    if q_rows.dtype not in NATIVE_DTYPES or q_rows.stride(2) != 1:
-        raise ValueError("native_prefill_range: q must be float32 / bfloat16 with a contiguous head dimension")
-    if out.dtype != torch.float32 or out.shape != q_rows.shape or out.stride(2) != 1:
-        raise ValueError("native_prefill_range: out must be float32 of q's shape (T, Hq, d), head dimension contiguous")
-    if lse.dtype != torch.float32 or lse.shape != (T, Hq):
-        raise ValueError("native_prefill_range: lse must be a contiguous float32 (T, Hq) tensor")
-    if not 0 <= k_lo <= k_hi or q_start < 0:
-        raise ValueError(f"native_prefill_range: need 0 <= k_lo <= k_hi and q_start >= 0, got {k_lo}, {k_hi}, {q_start}")
+    _check_q_pools("native_prefill_range", q_rows, k_parts, v_parts, code, out, out_f32=True)
+    _check_range("native_prefill_range", lse, T, Hq, k_lo, k_hi)
+    if q_start < 0:
+        raise ValueError(f"native_prefill_range: need q_start >= 0, got {q_start}")
     if table.dtype != torch.int64:
         raise ValueError("native kernels need a contiguous int64 block table")
     if table.numel() * bs < k_hi or Hq % hkv or k0.shape[3] * (2 if code >= 3 else 1) != d:
@@ -500,8 +510,7 @@ def _prefill_range_impl(q_rows: torch.Tensor, k_parts: list[torch.Tensor], v_par
     _check_table(table, k0.shape[0])
     if not lse.is_contiguous():
         raise ValueError("native_prefill_range: lse must be a contiguous float32 (T, Hq) tensor")
-    aux = [t.data_ptr() for t in k_parts[1:]] + [None] * (3 - len(k_parts))
-    vaux = [t.data_ptr() for t in v_parts[1:]] + [None] * (3 - len(v_parts))
+    aux, vaux = _aux(k_parts), _aux(v_parts)
     rc = _lib("paged_prefill").slimlm_paged_prefill_range(
         q_rows.data_ptr(), q_rows.stride(0), q_rows.stride(1), k0.data_ptr(), aux[0], aux[1], v_parts[0].data_ptr(),
         vaux[0], vaux[1], code, NATIVE_DTYPES[q_rows.dtype], table.data_ptr(), q_start, k_lo, k_hi, int(bool(causal)),
@@ -553,22 +562,16 @@ def native_sparse_prefill_range(lib, q_rows: torch.Tensor, k_parts: list[torch.T
         _LIBS["sparse_prefill"] = lib
     T, Hq, d = q_rows.shape
     k0 = k_parts[0]
-    # the shared checks (out in q's dtype) on q itself; out is checked below
-    _sparse_prefill_shapes(q_rows, k_parts, v_parts, code, table, q_start, cols, offs, block, q_rows, stats)
+    _sparse_prefill_shapes(q_rows, k_parts, v_parts, code, table, q_start, cols, offs, block, out, stats,
+                           "native_sparse_prefill_range", out_f32=True)
+    _check_range("native_sparse_prefill_range", lse, T, Hq, k_lo, k_hi)
     _check_table(table, k0.shape[0])
-    for name, t in (("cols", cols), ("offs", offs)):
-        if not t.is_contiguous() or (t.shape[1] > 1 and not bool((t[:, 1:] > t[:, :-1]).all())):
-            raise ValueError(f"native_sparse_prefill: {name} must be contiguous and strictly ascending per head")
-    if out.dtype != torch.float32 or out.shape != q_rows.shape or out.stride(2) != 1:
-        raise ValueError("native_sparse_prefill_range: out must be float32 of q's shape, head dimension contiguous")
-    if lse.dtype != torch.float32 or lse.shape != (T, Hq) or not lse.is_contiguous():
+    _check_sorted(cols, offs)
+    if not lse.is_contiguous():
         raise ValueError("native_sparse_prefill_range: lse must be a contiguous float32 (T, Hq) tensor")
-    if not 0 <= k_lo <= k_hi:
-        raise ValueError(f"native_sparse_prefill_range: need 0 <= k_lo <= k_hi, got {k_lo}, {k_hi}")
     if stats is not None and not stats.is_contiguous():
         raise ValueError("native_sparse_prefill: stats must be a contiguous int64 tensor of 2")
-    aux = [t.data_ptr() for t in k_parts[1:]] + [None] * (3 - len(k_parts))
-    vaux = [t.data_ptr() for t in v_parts[1:]] + [None] * (3 - len(v_parts))
+    aux, vaux = _aux(k_parts), _aux(v_parts)
     rc = _lib("sparse_prefill").slimlm_sparse_prefill_range(
         q_rows.data_ptr(), q_rows.stride(0), q_rows.stride(1), NATIVE_DTYPES[q_rows.dtype], k0.data_ptr(), aux[0],
         aux[1], v_parts[0].data_ptr(), vaux[0], vaux[1], code, table.data_ptr(), q_start, T, Hq, k0.shape[2], d,

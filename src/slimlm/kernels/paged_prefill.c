@@ -25,11 +25,12 @@
  *     x (d/16) blocks of 16 dimensions: the layouts ``vdpbf16ps`` consumes;
  *  2. tiles of R = 6 consecutive query rows of one head, handed out largest first through an
  *     atomic counter. A tile computes its fp32 scores against every key it may see (6 x 64 per
- *     register block), a stable softmax per row (an exact-to-2e-7 vectorised exp, masked keys are
- *     exactly 0), then accumulates P V in fp32 and divides by the fp32 row sum once. In bf16 the
- *     probabilities are rounded to bf16 for the P V products, as flash-attention kernels do.
+ *     register block, narrower over the tile's last keys), a stable softmax per row (the scale
+ *     folded into a vectorised 2^x exact to 2e-7, masked keys are exactly 0), then accumulates
+ *     P V in fp32 and divides by the fp32 row sum once. In bf16 the probabilities are rounded to
+ *     bf16 for the P V products, as flash-attention kernels do.
  * Work per tile is two passes over the repacked K and V of one head, which stay in L2 while
- * the tiles of that head are served.
+ * the tiles of that head are served. The key-range entry (below) runs the same tiles.
  */
 #include <math.h>
 #include <stdint.h>
@@ -127,6 +128,35 @@ static inline int64_t key_off(const int64_t *table, int64_t key, int64_t bs, int
     return (table[key / bs] * bs + key % bs) * W + g * d;
 }
 
+/* dst[w * 16 + lane] = word w of rows[lane] (NULL: zeros), w < words (a multiple of 16): the keys
+ * of a group transposed 16 x 16 words at a time (32-bit interleaves, 64-bit interleaves, then
+ * 128-bit lane shuffles). */
+static void transpose_keys(const u32_alias *const rows[16], int64_t words, uint32_t *dst) {
+    for (int64_t w0 = 0; w0 < words; w0 += 16) {
+        __m512i r[16], t[16];
+        for (int i = 0; i < 16; ++i) r[i] = rows[i] ? _mm512_loadu_si512((const void *)(rows[i] + w0)) : _mm512_setzero_si512();
+        for (int i = 0; i < 16; i += 2) { /* rows i, i + 1 interleaved per 128-bit lane */
+            t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+            t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+        }
+        for (int i = 0; i < 16; i += 4) { /* u[i + c]: rows i .. i + 3, words c, c + 4, c + 8, c + 12 by lane */
+            r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+            r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+            r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+            r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+        }
+        for (int c = 0; c < 4; ++c) {
+            const __m512i v = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x44), w = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xEE);
+            const __m512i x = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x44);
+            const __m512i y = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xEE);
+            _mm512_storeu_si512((void *)(dst + (w0 + c) * 16), _mm512_shuffle_i32x4(v, x, 0x88));
+            _mm512_storeu_si512((void *)(dst + (w0 + c + 4) * 16), _mm512_shuffle_i32x4(v, x, 0xDD));
+            _mm512_storeu_si512((void *)(dst + (w0 + c + 8) * 16), _mm512_shuffle_i32x4(w, y, 0x88));
+            _mm512_storeu_si512((void *)(dst + (w0 + c + 12) * 16), _mm512_shuffle_i32x4(w, y, 0xDD));
+        }
+    }
+}
+
 /* Work items: (head, group of 16 keys); keys past n are zero.
  * bf16 K: uint32 kp[((g * nkg + kg) * d/2 + c2) * 16 + lane] = dimension pair c2 of key 16 kg + lane
  * bf16 V: uint32 vp[((g * 8 nkg + p) * d/16 + cb) * 16 + lane] = dimension 16 cb + lane of keys 2p, 2p + 1
@@ -141,12 +171,12 @@ static void repack(repack_args *a) {
         if (a->code != a->dtype) { repack_decoded(a, g, kg); continue; }
         if (a->dtype == 1) {
             const int64_t half = d / 2, nvb = d / 16, nkp = a->nkg * 8;
-            uint32_t *dst = (uint32_t *)a->kp + (g * a->nkg + kg) * half * 16;
+            const u32_alias *rows[16];
             for (int lane = 0; lane < 16; ++lane) {
                 const int64_t key = kg * 16 + lane;
-                const u32_alias *src = key < a->n ? (const u32_alias *)((const uint16_t *)a->k + key_off(a->table, key, a->bs, W, g, d)) : NULL;
-                for (int64_t c2 = 0; c2 < half; ++c2) dst[c2 * 16 + lane] = src ? src[c2] : 0;
+                rows[lane] = key < a->n ? (const u32_alias *)((const uint16_t *)a->k + key_off(a->table, key, a->bs, W, g, d)) : NULL;
             }
+            transpose_keys(rows, half, (uint32_t *)a->kp + (g * a->nkg + kg) * half * 16);
             for (int64_t p = kg * 8; p < kg * 8 + 8; ++p) {
                 uint32_t *vd = (uint32_t *)a->vp + (g * nkp + p) * nvb * 16;
                 const int64_t k0 = 2 * p, k1 = 2 * p + 1;
@@ -160,183 +190,260 @@ static void repack(repack_args *a) {
                 }
             }
         } else {
-            float *dst = (float *)a->kp + (g * a->nkg + kg) * d * 16;
             float *vd = (float *)a->vp + (g * a->nkg * 16 + kg * 16) * d;
+            const u32_alias *rows[16];
             for (int lane = 0; lane < 16; ++lane) {
                 const int64_t key = kg * 16 + lane;
                 if (key < a->n) {
                     const int64_t off = key_off(a->table, key, a->bs, W, g, d);
-                    const float *src = (const float *)a->k + off;
-                    for (int64_t c = 0; c < d; ++c) dst[c * 16 + lane] = src[c];
+                    rows[lane] = (const u32_alias *)((const float *)a->k + off);
                     memcpy(vd + lane * d, (const float *)a->v + off, (size_t)d * sizeof(float));
                 } else {
-                    for (int64_t c = 0; c < d; ++c) dst[c * 16 + lane] = 0.f;
+                    rows[lane] = NULL;
                     memset(vd + lane * d, 0, (size_t)d * sizeof(float));
                 }
             }
+            transpose_keys(rows, d, (uint32_t *)a->kp + (g * a->nkg + kg) * d * 16);
         }
     }
 }
 
+/* One tile function serves both entries: the causal chunk (keys [0, q_start + T), bf16 or fp32
+ * output in q's dtype, optional attention mass) and the key range (keys [lo, n) of the repacked
+ * frame, optionally causal, fp32 output and each row's log-sum-exp). */
 typedef struct {
     const void *q;
-    void *out;
+    void *out;   /* q's dtype, or float32 when out_f32 */
+    float *lse;  /* NULL, or each row's log-sum-exp of its scaled scores at lse[t * Hq + h] */
     const void *kp, *vp;
     int64_t qs_t, qs_h, os_t, os_h;
-    int64_t T, q_start, Hq, Hkv, d, nkg, ntiles;
+    int64_t T, Hq, Hkv, d, nkg, ntiles;
+    int64_t lo, n, cq; /* repacked frame: keys [lo, n) live; when causal, row t's last key is cq + t */
+    int causal, out_f32;
     float scale;
     int dtype;
     int64_t next;
     int failed;
-    float *lanes;  /* mass: MASS_LANES buffers of n floats per KV head, or NULL */
-    int64_t n;
+    float *lanes; /* mass: MASS_LANES buffers of n floats per KV head, or NULL */
 } tile_args;
 
 #define MASS_LANES 8 /* work items per KV head when mass is accumulated (fixed: deterministic sums) */
 
 /* Add rows r < rows of a tile's probabilities (exp scores S, 1 / row sums inv) to a lane's mass. */
-static inline void add_mass(float *lane, const float *S, int64_t ldS, const float *inv, const int64_t *lim,
+static inline void add_mass(float *lane, const float *S, int64_t ldS, const float *inv, const int64_t *hi,
                             int64_t rows) {
     for (int64_t r = 0; r < rows; ++r) {
         const float w = inv[r], *e = S + r * ldS;
-        for (int64_t k = 0; k < lim[r]; ++k) lane[k] += e[k] * w;
+        for (int64_t k = 0; k < hi[r]; ++k) lane[k] += e[k] * w;
     }
 }
 
-/* Softmax of one score row s[0, n) (keys past n get probability 0, up to ncols)
- * into fp32 ``pf`` (may alias s) or, when ``pb`` is given, bf16 ``pb``. Returns 1 / row sum. */
-static inline __attribute__((always_inline)) float softmax_row(const float *s, int64_t n, int64_t ncols, float *pf,
-                                                               uint16_t *pb) {
+/* Lanes of keys k .. k + 15 inside [lo, hi). */
+static inline __mmask16 live16(int64_t k, int64_t lo, int64_t hi) {
+    uint32_t m = 0xFFFFu;
+    if (lo > k) m = lo - k >= 16 ? 0 : m << (lo - k);
+    if (hi < k + 16) m &= hi <= k ? 0 : (1u << (hi - k)) - 1;
+    return (__mmask16)m;
+}
+
+/* exp of the scores s[k0, k1) (16-aligned chunks) minus the row maximum, into fp32 ``pf`` and / or
+ * bf16 ``pb``, added to *sum; with ``edge`` (a constant where inlined) keys outside [lo, hi) get 0. */
+static inline __attribute__((always_inline)) void exp_cols(const float *s, int64_t k0, int64_t k1, int64_t lo,
+                                                           int64_t hi, int edge, __m512 cv, __m512 mc, __m512 *sum,
+                                                           float *pf, uint16_t *pb) {
     (void)pb; /* used only by bf16 builds */
-    __m512 mv = _mm512_set1_ps(-INFINITY);
-    int64_t k = 0;
-    for (; k + 16 <= n; k += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + k));
-    if (k < n) mv = _mm512_mask_max_ps(mv, (__mmask16)((1u << (n - k)) - 1), mv, _mm512_loadu_ps(s + k));
-    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
-    __m512 sum = _mm512_setzero_ps();
-    for (k = 0; k < ncols; k += 16) {
-        const int64_t left = n - k;
-        const __mmask16 live = left <= 0 ? 0 : left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
-        const __m512 e = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(_mm512_loadu_ps(s + k), m)));
-        sum = _mm512_add_ps(sum, e);
+    for (int64_t k = k0; k < k1; k += 16) {
+        __m512 e = exp2_512(_mm512_fmsub_ps(_mm512_loadu_ps(s + k), cv, mc));
+        if (edge) e = _mm512_maskz_mov_ps(live16(k, lo, hi), e);
+        *sum = _mm512_add_ps(*sum, e);
 #ifdef SLIMLM_HAVE_BF16
-        if (pb) {
-            _mm256_storeu_si256((__m256i *)(pb + k), (__m256i)_mm512_cvtneps_pbh(e));
-            if (pf) _mm512_storeu_ps(pf + k, e); /* mass wants the fp32 probabilities too */
-            continue;
-        }
+        if (pb) _mm256_storeu_si256((__m256i *)(pb + k), (__m256i)_mm512_cvtneps_pbh(e));
 #endif
-        _mm512_storeu_ps(pf + k, e);
+        if (pf) _mm512_storeu_ps(pf + k, e);
     }
+}
+
+/* Softmax of one row's raw scores s over its keys [lo, hi) (a 16-aligned base <= lo: the columns
+ * [base, ncols) are written, keys outside the range get probability exactly 0) into fp32 ``pf``
+ * (may alias s) and / or bf16 ``pb``. c = scale * log2(e). Chunks of 16 keys wholly inside the
+ * range, [f0, f1), go unmasked. Returns 1 / row sum; *mx = the row's largest raw score. */
+static inline __attribute__((always_inline)) float softmax_row(const float *s, int64_t base, int64_t lo, int64_t hi,
+                                                               int64_t ncols, float c, float *pf, uint16_t *pb,
+                                                               float *mx) {
+    const int64_t f0 = (lo + 15) & ~(int64_t)15, hf = hi & ~(int64_t)15, f1 = hf > f0 ? hf : f0;
+    __m512 mv = _mm512_set1_ps(-INFINITY);
+    for (int64_t k = base; k < f0; k += 16) mv = _mm512_mask_max_ps(mv, live16(k, lo, hi), mv, _mm512_loadu_ps(s + k));
+    for (int64_t k = f0; k < f1; k += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + k));
+    for (int64_t k = f1; k < hi; k += 16) mv = _mm512_mask_max_ps(mv, live16(k, lo, hi), mv, _mm512_loadu_ps(s + k));
+    *mx = _mm512_reduce_max_ps(mv);
+    const __m512 cv = _mm512_set1_ps(c), mc = _mm512_set1_ps(*mx * c);
+    __m512 sum = _mm512_setzero_ps();
+    exp_cols(s, base, f0, lo, hi, 1, cv, mc, &sum, pf, pb);
+    exp_cols(s, f0, f1, lo, hi, 0, cv, mc, &sum, pf, pb);
+    exp_cols(s, f1, ncols, lo, hi, 1, cv, mc, &sum, pf, pb);
     return 1.0f / _mm512_reduce_add_ps(sum);
 }
 
-/* Rows t0 .. t0 + R - 1 of query head h: their query pointers, key limits, and the tile's. */
-static inline int64_t tile_rows(const tile_args *a, int64_t h, int64_t t0, size_t elem, const void **qr, int64_t *lim) {
-    const int64_t rows = a->T - t0 < R ? a->T - t0 : R;
-    for (int r = 0; r < R; ++r) {
-        const int64_t t = t0 + (r < rows ? r : 0); /* rows past the chunk repeat its first row */
-        qr[r] = (const char *)a->q + (t * a->qs_t + h * a->qs_h) * elem;
-        lim[r] = a->q_start + t + 1;
-    }
-    return rows;
-}
-
-static void tile_f32(const tile_args *a, int64_t h, int64_t t0, float *S, int64_t ldS, float *mlane) {
-    const int64_t d = a->d, nvb = d / 16, g = h / (a->Hq / a->Hkv);
-    const float *qr[R];
-    int64_t lim[R];
-    const int64_t rows = tile_rows(a, h, t0, sizeof(float), (const void **)qr, lim), n_tile = lim[rows - 1];
-    const __m512 sc = _mm512_set1_ps(a->scale);
-    for (int64_t kg = 0; kg < (n_tile + 15) / 16; kg += NK) {
-        __m512 acc[R][NK];
-        for (int r = 0; r < R; ++r)
-            for (int j = 0; j < NK; ++j) acc[r][j] = _mm512_setzero_ps();
-        const float *kb = (const float *)a->kp + (g * a->nkg + kg) * d * 16;
-        for (int64_t c = 0; c < d; ++c) {
-            __m512 kv[NK];
-            for (int j = 0; j < NK; ++j) kv[j] = _mm512_loadu_ps(kb + (j * d + c) * 16);
-            for (int r = 0; r < R; ++r) {
-                const __m512 qb = _mm512_set1_ps(qr[r][c]);
-                for (int j = 0; j < NK; ++j) acc[r][j] = _mm512_fmadd_ps(qb, kv[j], acc[r][j]);
-            }
-        }
-        for (int r = 0; r < R; ++r)
-            for (int j = 0; j < NK; ++j) _mm512_storeu_ps(S + r * ldS + (kg + j) * 16, _mm512_mul_ps(acc[r][j], sc));
-    }
-    float inv[R];
-    for (int r = 0; r < R; ++r) inv[r] = softmax_row(S + r * ldS, lim[r], n_tile, S + r * ldS, NULL);
-    if (mlane) add_mass(mlane, S, ldS, inv, lim, rows);
-    for (int64_t cb0 = 0; cb0 < nvb; cb0 += 4) {
-        __m512 acc[R][4];
-        for (int r = 0; r < R; ++r)
-            for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
-        const float *vb = (const float *)a->vp + g * a->nkg * 16 * d + cb0 * 16;
-        for (int64_t k = 0; k < n_tile; ++k) {
-            __m512 vv[4];
-            for (int j = 0; j < 4; ++j) vv[j] = _mm512_loadu_ps(vb + k * d + 16 * j);
-            for (int r = 0; r < R; ++r) {
-                const __m512 pb = _mm512_set1_ps(S[r * ldS + k]);
-                for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_fmadd_ps(pb, vv[j], acc[r][j]);
-            }
-        }
-        for (int r = 0; r < rows; ++r) {
-            float *o = (float *)a->out + (t0 + r) * a->os_t + h * a->os_h + cb0 * 16;
-            const __m512 w = _mm512_set1_ps(inv[r]);
-            for (int j = 0; j < 4; ++j) _mm512_storeu_ps(o + 16 * j, _mm512_mul_ps(acc[r][j], w));
+/* Raw scores of R query rows against nk (a constant where inlined) key groups of 16 from kb,
+ * into S[r * ldS + col ..]: fp32 FMAs, or bf16 dimension pairs by vdpbf16ps. */
+static inline __attribute__((always_inline)) void qk_f32(const void *const *qr, const float *kb, int64_t d, int nk,
+                                                         float *S, int64_t ldS, int64_t col) {
+    __m512 acc[R][NK];
+    for (int r = 0; r < R; ++r)
+        for (int j = 0; j < nk; ++j) acc[r][j] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < d; ++c) {
+        __m512 kv[NK];
+        for (int j = 0; j < nk; ++j) kv[j] = _mm512_loadu_ps(kb + (j * d + c) * 16);
+        for (int r = 0; r < R; ++r) {
+            const __m512 qb = _mm512_set1_ps(((const float *)qr[r])[c]);
+            for (int j = 0; j < nk; ++j) acc[r][j] = _mm512_fmadd_ps(qb, kv[j], acc[r][j]);
         }
     }
+    for (int r = 0; r < R; ++r)
+        for (int j = 0; j < nk; ++j) _mm512_storeu_ps(S + r * ldS + col + j * 16, acc[r][j]);
 }
 
 #ifdef SLIMLM_HAVE_BF16
-static void tile_bf16(const tile_args *a, int64_t h, int64_t t0, float *S, uint16_t *P, int64_t ldS, float *mlane) {
-    const int64_t d = a->d, half = d / 2, nvb = d / 16, g = h / (a->Hq / a->Hkv);
-    const u32_alias *qr[R]; /* bf16 dimension pairs */
-    int64_t lim[R];
-    const int64_t rows = tile_rows(a, h, t0, sizeof(uint16_t), (const void **)qr, lim), n_tile = lim[rows - 1];
-    const __m512 sc = _mm512_set1_ps(a->scale);
-    for (int64_t kg = 0; kg < (n_tile + 15) / 16; kg += NK) { /* K is zero-padded to whole NK groups */
-        __m512 acc[R][NK];
-        for (int r = 0; r < R; ++r)
-            for (int j = 0; j < NK; ++j) acc[r][j] = _mm512_setzero_ps();
-        const uint32_t *kb = (const uint32_t *)a->kp + (g * a->nkg + kg) * half * 16;
-        for (int64_t c2 = 0; c2 < half; ++c2) {
-            __m512bh kv[NK];
-            for (int j = 0; j < NK; ++j) kv[j] = (__m512bh)_mm512_loadu_si512((const void *)(kb + (j * half + c2) * 16));
-            for (int r = 0; r < R; ++r) {
-                const __m512bh qb = (__m512bh)_mm512_set1_epi32((int)qr[r][c2]);
-                for (int j = 0; j < NK; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], qb, kv[j]);
-            }
+static inline __attribute__((always_inline)) void qk_bf16(const void *const *qr, const uint32_t *kb, int64_t half,
+                                                          int nk, float *S, int64_t ldS, int64_t col) {
+    __m512 acc[R][NK];
+    for (int r = 0; r < R; ++r)
+        for (int j = 0; j < nk; ++j) acc[r][j] = _mm512_setzero_ps();
+    for (int64_t c2 = 0; c2 < half; ++c2) {
+        __m512bh kv[NK];
+        for (int j = 0; j < nk; ++j) kv[j] = (__m512bh)_mm512_loadu_si512((const void *)(kb + (j * half + c2) * 16));
+        for (int r = 0; r < R; ++r) {
+            const __m512bh qb = (__m512bh)_mm512_set1_epi32((int)((const u32_alias *)qr[r])[c2]);
+            for (int j = 0; j < nk; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], qb, kv[j]);
         }
-        for (int r = 0; r < R; ++r)
-            for (int j = 0; j < NK; ++j) _mm512_storeu_ps(S + r * ldS + (kg + j) * 16, _mm512_mul_ps(acc[r][j], sc));
     }
-    const int64_t npair = (n_tile + 1) / 2;
+    for (int r = 0; r < R; ++r)
+        for (int j = 0; j < nk; ++j) _mm512_storeu_ps(S + r * ldS + col + j * 16, acc[r][j]);
+}
+#endif
+
+/* Raw scores of the tile's rows against key groups [kg0, kg1) of KV head g: blocks of NK groups,
+ * the last one only as wide as the keys it must cover. */
+static void scores(const tile_args *a, int64_t g, const void *const *qr, int64_t kg0, int64_t kg1, float *S,
+                   int64_t ldS) {
+    const int64_t d = a->d;
+    for (int64_t kg = kg0; kg < kg1; kg += NK) {
+        const int nk = kg1 - kg < NK ? (int)(kg1 - kg) : NK;
+#ifdef SLIMLM_HAVE_BF16
+        if (a->dtype == 1) {
+            const uint32_t *kb = (const uint32_t *)a->kp + (g * a->nkg + kg) * (d / 2) * 16;
+            switch (nk) {
+            case 1: qk_bf16(qr, kb, d / 2, 1, S, ldS, kg * 16); break;
+            case 2: qk_bf16(qr, kb, d / 2, 2, S, ldS, kg * 16); break;
+            case 3: qk_bf16(qr, kb, d / 2, 3, S, ldS, kg * 16); break;
+            default: qk_bf16(qr, kb, d / 2, NK, S, ldS, kg * 16);
+            }
+            continue;
+        }
+#endif
+        const float *kb = (const float *)a->kp + (g * a->nkg + kg) * d * 16;
+        switch (nk) {
+        case 1: qk_f32(qr, kb, d, 1, S, ldS, kg * 16); break;
+        case 2: qk_f32(qr, kb, d, 2, S, ldS, kg * 16); break;
+        case 3: qk_f32(qr, kb, d, 3, S, ldS, kg * 16); break;
+        default: qk_f32(qr, kb, d, NK, S, ldS, kg * 16);
+        }
+    }
+}
+
+/* Write (acc / row sum) of output dimensions cb0 * 16 .. + 63 of rows r < rows. */
+static inline void store_out(const tile_args *a, int64_t h, int64_t t0, int64_t rows, int64_t cb0, __m512 acc[R][4],
+                             const float *inv) {
+    for (int r = 0; r < rows; ++r) {
+        const int64_t at = (t0 + r) * a->os_t + h * a->os_h + cb0 * 16;
+        const __m512 w = _mm512_set1_ps(inv[r]);
+#ifdef SLIMLM_HAVE_BF16
+        if (a->dtype == 1 && !a->out_f32) {
+            for (int j = 0; j < 4; ++j)
+                _mm256_storeu_si256((__m256i *)((uint16_t *)a->out + at + 16 * j),
+                                    (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][j], w)));
+            continue;
+        }
+#endif
+        for (int j = 0; j < 4; ++j) _mm512_storeu_ps((float *)a->out + at + 16 * j, _mm512_mul_ps(acc[r][j], w));
+    }
+}
+
+/* Rows t0 .. t0 + R - 1 of query head h (rows past the chunk repeat its first row, unwritten):
+ * raw scores against the key groups holding the rows' keys [lo, hi[r]), a masked softmax (bf16
+ * probabilities for the P V products in bf16, as flash-attention kernels do), P V in fp32 sums
+ * divided once by the row sum; a row without keys gets out = 0 and lse = -inf. */
+static void tile(const tile_args *a, int64_t h, int64_t t0, float *S, uint16_t *P, int64_t ldS, float *mlane) {
+    const int64_t d = a->d, nvb = d / 16, g = h / (a->Hq / a->Hkv), elem = a->dtype == 1 ? 2 : 4;
+    const int64_t rows = a->T - t0 < R ? a->T - t0 : R;
+    const void *qr[R];
+    int64_t hi[R], n_tile = a->lo;
+    for (int r = 0; r < R; ++r) {
+        const int64_t t = t0 + (r < rows ? r : 0);
+        qr[r] = (const char *)a->q + (t * a->qs_t + h * a->qs_h) * elem;
+        const int64_t e = a->causal && a->cq + t + 1 < a->n ? a->cq + t + 1 : a->n;
+        hi[r] = e > a->lo ? e : a->lo; /* hi == lo: no key */
+        if (hi[r] > n_tile) n_tile = hi[r];
+    }
     float inv[R];
-    for (int r = 0; r < R; ++r) inv[r] = softmax_row(S + r * ldS, lim[r], 2 * npair, mlane ? S + r * ldS : NULL, P + r * ldS);
-    if (mlane) add_mass(mlane, S, ldS, inv, lim, rows);
+    if (n_tile <= a->lo) { /* no row has a key here */
+        for (int r = 0; r < R; ++r) inv[r] = 0.f;
+        __m512 zero[R][4];
+        for (int r = 0; r < R; ++r)
+            for (int j = 0; j < 4; ++j) zero[r][j] = _mm512_setzero_ps();
+        for (int64_t cb0 = 0; cb0 < nvb; cb0 += 4) store_out(a, h, t0, rows, cb0, zero, inv);
+        for (int64_t r = 0; a->lse && r < rows; ++r) a->lse[(t0 + r) * a->Hq + h] = -INFINITY;
+        return;
+    }
+    const int64_t kg0 = a->lo / 16, base = kg0 * 16, kg1 = (n_tile + 15) / 16;
+    scores(a, g, qr, kg0, kg1, S, ldS);
+    const int bf = a->dtype == 1;
+    const int64_t npair = (n_tile + 1) / 2, ncols = bf ? 2 * npair : n_tile;
+    const float c = a->scale * 1.44269504088896341f;
+    for (int r = 0; r < R; ++r) {
+        float *s = S + r * ldS, mx;
+        if (hi[r] <= a->lo) { /* probabilities 0 */
+            inv[r] = 0.f;
+            if (bf) memset(P + r * ldS + base, 0, (size_t)(kg1 * 16 - base) * sizeof(uint16_t));
+            else memset(s + base, 0, (size_t)(kg1 * 16 - base) * sizeof(float));
+            if (a->lse && r < rows) a->lse[(t0 + r) * a->Hq + h] = -INFINITY;
+            continue;
+        }
+        inv[r] = softmax_row(s, base, a->lo, hi[r], ncols, c, bf && !mlane ? NULL : s, bf ? P + r * ldS : NULL, &mx);
+        if (a->lse && r < rows) a->lse[(t0 + r) * a->Hq + h] = mx * a->scale - logf(inv[r]);
+    }
+    if (mlane) add_mass(mlane, S, ldS, inv, hi, rows);
     for (int64_t cb0 = 0; cb0 < nvb; cb0 += 4) { /* output dimensions in blocks of 64 */
         __m512 acc[R][4];
         for (int r = 0; r < R; ++r)
             for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
-        const uint32_t *vb = (const uint32_t *)a->vp + g * a->nkg * 8 * nvb * 16 + cb0 * 16;
-        for (int64_t pi = 0; pi < npair; ++pi) {
-            __m512bh vv[4];
-            for (int j = 0; j < 4; ++j) vv[j] = (__m512bh)_mm512_loadu_si512((const void *)(vb + (pi * nvb + j) * 16));
-            for (int r = 0; r < R; ++r) {
-                const __m512bh pb = (__m512bh)_mm512_set1_epi32((int)((const uint32_t *)(P + r * ldS))[pi]);
-                for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], pb, vv[j]);
+#ifdef SLIMLM_HAVE_BF16
+        if (bf) {
+            const uint32_t *vb = (const uint32_t *)a->vp + g * a->nkg * 8 * nvb * 16 + cb0 * 16;
+            for (int64_t pi = base / 2; pi < npair; ++pi) {
+                __m512bh vv[4];
+                for (int j = 0; j < 4; ++j) vv[j] = (__m512bh)_mm512_loadu_si512((const void *)(vb + (pi * nvb + j) * 16));
+                for (int r = 0; r < R; ++r) {
+                    const __m512bh pb = (__m512bh)_mm512_set1_epi32((int)((const u32_alias *)(P + r * ldS))[pi]);
+                    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], pb, vv[j]);
+                }
+            }
+        } else
+#endif
+        {
+            const float *vb = (const float *)a->vp + g * a->nkg * 16 * d + cb0 * 16;
+            for (int64_t k = base; k < n_tile; ++k) {
+                __m512 vv[4];
+                for (int j = 0; j < 4; ++j) vv[j] = _mm512_loadu_ps(vb + k * d + 16 * j);
+                for (int r = 0; r < R; ++r) {
+                    const __m512 pb = _mm512_set1_ps(S[r * ldS + k]);
+                    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_fmadd_ps(pb, vv[j], acc[r][j]);
+                }
             }
         }
-        for (int r = 0; r < rows; ++r) {
-            uint16_t *o = (uint16_t *)a->out + (t0 + r) * a->os_t + h * a->os_h + cb0 * 16;
-            const __m512 w = _mm512_set1_ps(inv[r]);
-            for (int j = 0; j < 4; ++j)
-                _mm256_storeu_si256((__m256i *)(o + 16 * j), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][j], w)));
-        }
+        store_out(a, h, t0, rows, cb0, acc, inv);
     }
 }
-#endif
 
 static _Thread_local float *tl_s = NULL;
 static _Thread_local uint16_t *tl_p = NULL;
@@ -352,7 +459,7 @@ static void release_tiles(void) {
 }
 
 static void tiles(tile_args *a) {
-    const int64_t ld = a->nkg * 16; /* covers every key plus the NK-group padding */
+    const int64_t ld = a->nkg * 16; /* covers every key, padding included */
     if (tl_cap < ld) {
         free(tl_s);
         free(tl_p);
@@ -367,34 +474,21 @@ static void tiles(tile_args *a) {
             const int64_t item = __atomic_fetch_add(&a->next, 1, __ATOMIC_RELAXED);
             if (item >= a->Hkv * MASS_LANES) break;
             const int64_t g = item / MASS_LANES, lane = item % MASS_LANES;
-            float *ml = a->lanes + item * a->n;
             for (int64_t i = lane; i < a->ntiles; i += MASS_LANES)
-                for (int64_t h = g * G; h < g * G + G; ++h) {
-#ifdef SLIMLM_HAVE_BF16
-                    if (a->dtype == 1) { tile_bf16(a, h, i * R, tl_s, tl_p, ld, ml); continue; }
-#endif
-                    tile_f32(a, h, i * R, tl_s, ld, ml);
-                }
+                for (int64_t h = g * G; h < g * G + G; ++h) tile(a, h, i * R, tl_s, tl_p, ld, a->lanes + item * a->n);
         }
-        if (tl_cap > TL_KEEP) release_tiles();
-        return;
-    }
-    for (;;) {
-        const int64_t item = __atomic_fetch_add(&a->next, 1, __ATOMIC_RELAXED);
-        if (item >= a->Hkv * per_head) break;
-        /* KV head by KV head (its K and V stay in cache), longest tiles first within a head */
-        const int64_t g = item / per_head, rem = item % per_head;
-        const int64_t t0 = (a->ntiles - 1 - rem / G) * R, h = g * G + rem % G;
-#ifdef SLIMLM_HAVE_BF16
-        if (a->dtype == 1) { tile_bf16(a, h, t0, tl_s, tl_p, ld, NULL); continue; }
-#endif
-        tile_f32(a, h, t0, tl_s, ld, NULL);
+    } else {
+        for (;;) {
+            const int64_t item = __atomic_fetch_add(&a->next, 1, __ATOMIC_RELAXED);
+            if (item >= a->Hkv * per_head) break;
+            /* KV head by KV head (its K and V stay in cache), longest tiles first within a head */
+            const int64_t g = item / per_head, rem = item % per_head;
+            tile(a, g * G + rem % G, (a->ntiles - 1 - rem / G) * R, tl_s, tl_p, ld, NULL);
+        }
     }
     if (tl_cap > TL_KEEP) release_tiles(); /* long prompts: give large buffers back after the call */
 }
-#endif
 
-#ifdef SLIMLM_HAVE_AVX512
 static _Thread_local void *kp = NULL, *vp = NULL; /* the calling thread's repacked K and V */
 static _Thread_local size_t cap = 0;
 
@@ -403,6 +497,42 @@ static void release_repack(void) {
     free(vp);
     kp = vp = NULL;
     cap = 0;
+}
+
+/* Repack ``ra``'s keys (ra->n of them from its table, formats and sizes set) into the calling
+ * thread's scratch, grown as needed; fills ra->kp, ra->vp, ra->nkg. Returns 0, or 2 without memory. */
+static int repack_all(repack_args *ra, int nthreads) {
+    ra->nkg = (ra->n + 15) / 16;
+    const size_t need = (size_t)(ra->Hkv * ra->nkg * 16 * ra->d) * (ra->dtype == 1 ? 2 : 4); /* bytes, each of K and V */
+    if (need > cap) {
+        free(kp);
+        free(vp);
+        kp = malloc(need);
+        vp = malloc(need);
+        cap = (kp && vp) ? need : 0;
+        if (!cap) return 2;
+    }
+    ra->kp = kp;
+    ra->vp = vp;
+    ra->next = 0;
+#pragma omp parallel num_threads(nthreads)
+    repack(ra);
+    return 0;
+}
+
+/* The tiles of ``ta`` (its frame and outputs set) over the repacked ``ra``, then the scratch kept
+ * small. Returns 0, or 2 when scratch memory could not be allocated. */
+static int run_tiles(tile_args *ta, const repack_args *ra, int nthreads) {
+    ta->kp = ra->kp;
+    ta->vp = ra->vp;
+    ta->nkg = ra->nkg;
+    ta->ntiles = (ta->T + R - 1) / R;
+    ta->next = 0;
+    ta->failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    tiles(ta);
+    if (cap > ((size_t)64 << 20)) release_repack(); /* keep small scratch for the next call, give large back */
+    return ta->failed ? 2 : 0;
 }
 #endif
 
@@ -429,29 +559,18 @@ int slimlm_paged_prefill_ex(const void *q, int64_t qs_t, int64_t qs_h, const voi
         return 1;
 #ifdef SLIMLM_HAVE_AVX512
     const int64_t n = q_start + T;
-    const int64_t nkg = ((n + 16 * NK - 1) / (16 * NK)) * NK;
-    const size_t need = (size_t)(Hkv * nkg * 16 * d) * (dtype == 1 ? 2 : 4); /* bytes, each of K and V */
-    if (need > cap) {
-        free(kp);
-        free(vp);
-        kp = malloc(need);
-        vp = malloc(need);
-        cap = (kp && vp) ? need : 0;
-        if (!cap) return 2;
-    }
-    repack_args ra = {k_pool, v_pool, table, kp, vp, n, nkg, Hkv, d, block_size, dtype, 0,
+    repack_args ra = {k_pool, v_pool, table, NULL, NULL, n, 0, Hkv, d, block_size, dtype, 0,
                       kv_code, k_aux, k_aux2, v_aux, v_aux2};
-#pragma omp parallel num_threads(nthreads)
-    repack(&ra);
+    if (repack_all(&ra, nthreads)) return 2;
     float *lanes = NULL;
     if (mass) {
         lanes = (float *)calloc((size_t)(Hkv * MASS_LANES * n), sizeof(float));
         if (!lanes) return 2;
     }
-    tile_args ta = {q, out, kp, vp, qs_t, qs_h, os_t, os_h, T, q_start, Hq, Hkv, d, nkg, (T + R - 1) / R, scale, dtype, 0, 0,
-                    lanes, n};
-#pragma omp parallel num_threads(nthreads)
-    tiles(&ta);
+    tile_args ta = {.q = q, .out = out, .qs_t = qs_t, .qs_h = qs_h, .os_t = os_t, .os_h = os_h, .T = T, .Hq = Hq,
+                    .Hkv = Hkv, .d = d, .lo = 0, .n = n, .cq = q_start, .causal = 1, .scale = scale, .dtype = dtype,
+                    .lanes = lanes};
+    const int rc = run_tiles(&ta, &ra, nthreads);
     if (lanes) { /* lanes in order, added to each key's slot */
         for (int64_t g = 0; g < Hkv; ++g)
             for (int64_t key = 0; key < n; ++key) {
@@ -461,8 +580,7 @@ int slimlm_paged_prefill_ex(const void *q, int64_t qs_t, int64_t qs_h, const voi
             }
         free(lanes);
     }
-    if (cap > ((size_t)64 << 20)) release_repack(); /* keep small scratch for the next call, give large back */
-    return ta.failed ? 2 : 0;
+    return rc;
 #else
     (void)q; (void)qs_t; (void)qs_h; (void)k_pool; (void)k_aux; (void)k_aux2; (void)v_pool; (void)v_aux; (void)v_aux2;
     (void)table; (void)q_start; (void)out; (void)os_t; (void)os_h; (void)Hq; (void)scale; (void)mass; (void)nthreads;
@@ -487,162 +605,10 @@ int slimlm_paged_prefill(const void *q, int64_t qs_t, int64_t qs_h, const void *
  * (natural log) at lse[t * Hq + h], so outputs over disjoint ranges merge exactly:
  * out = sum_r exp(lse_r - logsumexp(lse)) out_r. A row with no key in the range gets out = 0 and
  * lse = -inf. The pools, formats, ``dtype`` and the arithmetic are those of
- * ``slimlm_paged_prefill_ex`` (no mass). The keys are repacked from the block holding k_lo: the
- * first (k_lo mod block_size) of them are masked, their probabilities exactly 0.
- * Returns 0, 1 on unsupported arguments, 2 when scratch memory could not be allocated.
+ * ``slimlm_paged_prefill_ex`` (no mass), and so is the tile function. The keys are repacked from
+ * the block holding k_lo: the first (k_lo mod block_size) of them are masked, their probabilities
+ * exactly 0. Returns 0, 1 on unsupported arguments, 2 when scratch memory could not be allocated.
  * --------------------------------------------------------------------------------------------- */
-#ifdef SLIMLM_HAVE_AVX512
-typedef struct {
-    const void *q;
-    float *out, *lse;
-    const void *kp, *vp;
-    int64_t qs_t, qs_h, os_t, os_h;
-    int64_t T, Hq, Hkv, d, nkg, ntiles;
-    int64_t lo, n, cq; /* repacked frame: keys [lo, n) live; row t's last causal key is cq + t */
-    int causal;
-    float scale;
-    int dtype;
-    int64_t next;
-    int failed;
-} range_args;
-
-/* Rows t0 .. t0 + R - 1 of query head h against the repacked range: scores, masked softmax with
- * each row's log-sum-exp, P V in float32. */
-static void range_tile(const range_args *a, int64_t h, int64_t t0, float *S, uint16_t *P, int64_t ldS) {
-    (void)P; /* used only by bf16 builds */
-    const int64_t d = a->d, nvb = d / 16, g = h / (a->Hq / a->Hkv);
-    const int64_t rows = a->T - t0 < R ? a->T - t0 : R;
-    const size_t elem = a->dtype == 1 ? 2 : 4;
-    const void *qr[R];
-    int64_t hi[R];
-    int64_t n_tile = 0;
-    for (int r = 0; r < R; ++r) {
-        const int64_t t = t0 + (r < rows ? r : 0); /* rows past the chunk repeat its first row */
-        qr[r] = (const char *)a->q + (t * a->qs_t + h * a->qs_h) * elem;
-        int64_t e = a->n;
-        if (a->causal && a->cq + t + 1 < e) e = a->cq + t + 1;
-        hi[r] = e > a->lo ? e : a->lo; /* hi == lo: no key */
-        if (hi[r] > n_tile) n_tile = hi[r];
-    }
-    if (n_tile <= a->lo) { /* no row has a key here */
-        for (int64_t r = 0; r < rows; ++r) {
-            float *o = a->out + (t0 + r) * a->os_t + h * a->os_h;
-            memset(o, 0, (size_t)d * sizeof(float));
-            a->lse[(t0 + r) * a->Hq + h] = -INFINITY;
-        }
-        return;
-    }
-    const __m512 sc = _mm512_set1_ps(a->scale);
-    for (int64_t kg = 0; kg < (n_tile + 15) / 16; kg += NK) { /* K is zero-padded to whole NK groups */
-        __m512 acc[R][NK];
-        for (int r = 0; r < R; ++r)
-            for (int j = 0; j < NK; ++j) acc[r][j] = _mm512_setzero_ps();
-#ifdef SLIMLM_HAVE_BF16
-        if (a->dtype == 1) {
-            const int64_t half = d / 2;
-            const uint32_t *kb = (const uint32_t *)a->kp + (g * a->nkg + kg) * half * 16;
-            for (int64_t c2 = 0; c2 < half; ++c2) {
-                __m512bh kv[NK];
-                for (int j = 0; j < NK; ++j) kv[j] = (__m512bh)_mm512_loadu_si512((const void *)(kb + (j * half + c2) * 16));
-                for (int r = 0; r < R; ++r) {
-                    const __m512bh qb = (__m512bh)_mm512_set1_epi32((int)((const u32_alias *)qr[r])[c2]);
-                    for (int j = 0; j < NK; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], qb, kv[j]);
-                }
-            }
-        } else
-#endif
-        {
-            const float *kb = (const float *)a->kp + (g * a->nkg + kg) * d * 16;
-            for (int64_t c = 0; c < d; ++c) {
-                __m512 kv[NK];
-                for (int j = 0; j < NK; ++j) kv[j] = _mm512_loadu_ps(kb + (j * d + c) * 16);
-                for (int r = 0; r < R; ++r) {
-                    const __m512 qb = _mm512_set1_ps(((const float *)qr[r])[c]);
-                    for (int j = 0; j < NK; ++j) acc[r][j] = _mm512_fmadd_ps(qb, kv[j], acc[r][j]);
-                }
-            }
-        }
-        for (int r = 0; r < R; ++r)
-            for (int j = 0; j < NK; ++j) _mm512_storeu_ps(S + r * ldS + (kg + j) * 16, _mm512_mul_ps(acc[r][j], sc));
-    }
-    const int bf = a->dtype == 1;
-    const int64_t npair = (n_tile + 1) / 2, ncols = bf ? 2 * npair : n_tile;
-    const int64_t padded = (ncols + 15) / 16 * 16; /* what softmax_row writes */
-    float inv[R];
-    for (int r = 0; r < R; ++r) {
-        float *s = S + r * ldS;
-        if (hi[r] <= a->lo) { /* no key: probabilities 0, lse -inf */
-            inv[r] = 0.f;
-            if (bf) memset(P + r * ldS, 0, (size_t)padded * sizeof(uint16_t));
-            else memset(s, 0, (size_t)padded * sizeof(float));
-            if (r < rows) a->lse[(t0 + r) * a->Hq + h] = -INFINITY;
-            continue;
-        }
-        float m = -INFINITY;
-        for (int64_t k = a->lo; k < hi[r]; ++k) m = s[k] > m ? s[k] : m;
-        for (int64_t k = 0; k < a->lo; ++k) s[k] = -INFINITY; /* below the range: out of the max */
-        inv[r] = softmax_row(s, hi[r], ncols, bf ? NULL : s, bf ? P + r * ldS : NULL);
-        if (bf) memset(P + r * ldS, 0, (size_t)a->lo * sizeof(uint16_t)); /* exactly 0 below the range */
-        else memset(s, 0, (size_t)a->lo * sizeof(float));
-        if (r < rows) a->lse[(t0 + r) * a->Hq + h] = m - logf(inv[r]);
-    }
-    for (int64_t cb0 = 0; cb0 < nvb; cb0 += 4) { /* output dimensions in blocks of 64 */
-        __m512 acc[R][4];
-        for (int r = 0; r < R; ++r)
-            for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
-#ifdef SLIMLM_HAVE_BF16
-        if (bf) {
-            const uint32_t *vb = (const uint32_t *)a->vp + g * a->nkg * 8 * nvb * 16 + cb0 * 16;
-            for (int64_t pi = 0; pi < npair; ++pi) {
-                __m512bh vv[4];
-                for (int j = 0; j < 4; ++j) vv[j] = (__m512bh)_mm512_loadu_si512((const void *)(vb + (pi * nvb + j) * 16));
-                for (int r = 0; r < R; ++r) {
-                    const __m512bh pb = (__m512bh)_mm512_set1_epi32((int)((const uint32_t *)(P + r * ldS))[pi]);
-                    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], pb, vv[j]);
-                }
-            }
-        } else
-#endif
-        {
-            const float *vb = (const float *)a->vp + g * a->nkg * 16 * d + cb0 * 16;
-            for (int64_t k = 0; k < n_tile; ++k) {
-                __m512 vv[4];
-                for (int j = 0; j < 4; ++j) vv[j] = _mm512_loadu_ps(vb + k * d + 16 * j);
-                for (int r = 0; r < R; ++r) {
-                    const __m512 pb = _mm512_set1_ps(S[r * ldS + k]);
-                    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_fmadd_ps(pb, vv[j], acc[r][j]);
-                }
-            }
-        }
-        for (int r = 0; r < rows; ++r) {
-            float *o = a->out + (t0 + r) * a->os_t + h * a->os_h + cb0 * 16;
-            const __m512 w = _mm512_set1_ps(inv[r]);
-            for (int j = 0; j < 4; ++j) _mm512_storeu_ps(o + 16 * j, _mm512_mul_ps(acc[r][j], w));
-        }
-    }
-}
-
-static void range_tiles(range_args *a) {
-    const int64_t ld = a->nkg * 16;
-    if (tl_cap < ld) {
-        free(tl_s);
-        free(tl_p);
-        tl_s = (float *)malloc((size_t)(R * ld) * sizeof(float));
-        tl_p = (uint16_t *)malloc((size_t)(R * ld) * sizeof(uint16_t));
-        tl_cap = (tl_s && tl_p) ? ld : 0;
-        if (!tl_cap) { __atomic_store_n(&a->failed, 1, __ATOMIC_RELAXED); return; }
-    }
-    const int64_t G = a->Hq / a->Hkv, per_head = a->ntiles * G;
-    for (;;) {
-        const int64_t item = __atomic_fetch_add(&a->next, 1, __ATOMIC_RELAXED);
-        if (item >= a->Hkv * per_head) break;
-        const int64_t g = item / per_head, rem = item % per_head; /* KV head by KV head, longest tiles first */
-        range_tile(a, g * G + rem % G, (a->ntiles - 1 - rem / G) * R, tl_s, tl_p, ld);
-    }
-    if (tl_cap > TL_KEEP) release_tiles();
-}
-#endif
-
 int slimlm_paged_prefill_range(const void *q, int64_t qs_t, int64_t qs_h, const void *k_pool, const void *k_aux,
                                const void *k_aux2, const void *v_pool, const void *v_aux, const void *v_aux2,
                                int kv_code, int dtype, const int64_t *table, int64_t q_start, int64_t k_lo,
@@ -654,7 +620,6 @@ int slimlm_paged_prefill_range(const void *q, int64_t qs_t, int64_t qs_h, const 
         return 1;
 #ifdef SLIMLM_HAVE_AVX512
     const int64_t a0 = k_lo / block_size * block_size; /* the range's first block */
-    const int64_t n = k_hi - a0;
     if (k_hi == k_lo || (causal && k_lo > q_start + T - 1)) { /* no row has a key */
         for (int64_t t = 0; t < T; ++t)
             for (int64_t h = 0; h < Hq; ++h) {
@@ -663,26 +628,13 @@ int slimlm_paged_prefill_range(const void *q, int64_t qs_t, int64_t qs_h, const 
             }
         return 0;
     }
-    const int64_t nkg = ((n + 16 * NK - 1) / (16 * NK)) * NK;
-    const size_t need = (size_t)(Hkv * nkg * 16 * d) * (dtype == 1 ? 2 : 4);
-    if (need > cap) {
-        free(kp);
-        free(vp);
-        kp = malloc(need);
-        vp = malloc(need);
-        cap = (kp && vp) ? need : 0;
-        if (!cap) return 2;
-    }
-    repack_args ra = {k_pool, v_pool, table + a0 / block_size, kp, vp, n, nkg, Hkv, d, block_size, dtype, 0,
+    repack_args ra = {k_pool, v_pool, table + a0 / block_size, NULL, NULL, k_hi - a0, 0, Hkv, d, block_size, dtype, 0,
                       kv_code, k_aux, k_aux2, v_aux, v_aux2};
-#pragma omp parallel num_threads(nthreads)
-    repack(&ra);
-    range_args ta = {q, out, lse, kp, vp, qs_t, qs_h, os_t, os_h, T, Hq, Hkv, d, nkg, (T + R - 1) / R,
-                     k_lo - a0, n, q_start - a0, causal != 0, scale, dtype, 0, 0};
-#pragma omp parallel num_threads(nthreads)
-    range_tiles(&ta);
-    if (cap > ((size_t)64 << 20)) release_repack();
-    return ta.failed ? 2 : 0;
+    if (repack_all(&ra, nthreads)) return 2;
+    tile_args ta = {.q = q, .out = out, .lse = lse, .qs_t = qs_t, .qs_h = qs_h, .os_t = os_t, .os_h = os_h, .T = T,
+                    .Hq = Hq, .Hkv = Hkv, .d = d, .lo = k_lo - a0, .n = k_hi - a0, .cq = q_start - a0,
+                    .causal = causal != 0, .out_f32 = 1, .scale = scale, .dtype = dtype};
+    return run_tiles(&ta, &ra, nthreads);
 #else
     (void)q; (void)qs_t; (void)qs_h; (void)k_pool; (void)k_aux; (void)k_aux2; (void)v_pool; (void)v_aux; (void)v_aux2;
     (void)table; (void)q_start; (void)k_lo; (void)k_hi; (void)causal; (void)out; (void)os_t; (void)os_h; (void)lse;
