@@ -83,7 +83,10 @@ def test_int4_groups_name_the_native_layout(monkeypatch):
 @pytest.mark.parametrize("name", ["int8", "int4", "bfloat16"] + INT4_VARIANTS)
 @pytest.mark.parametrize("heads", [(2, 6), (1, 9)])  # 9 query heads of one KV head: served 4 + 4 + 1
 @pytest.mark.parametrize("d", [64, 32])
-def test_native_decode_reads_quantized_pools(name, heads, d, monkeypatch):
+@pytest.mark.parametrize("bs", [8, 5])  # 5: blocks that end inside a group of 4 scored keys
+def test_native_decode_reads_quantized_pools(name, heads, d, bs, monkeypatch):
+    """Every kv code's own kernel instance (kernels/paged_decode.c: int4's group sizes are
+    constants per code, d = 64 and any other head size apart) reads what the codec reads."""
     from slimlm import kernels
     from slimlm.kernels.ops import native_decode
 
@@ -91,13 +94,13 @@ def test_native_decode_reads_quantized_pools(name, heads, d, monkeypatch):
     torch.manual_seed(1)
     name = use_codec(name, monkeypatch)
     codec, vcodec = KV_CODECS.get(name)(torch.float32, d), KV_CODECS.get(name)(torch.float32, d, "v")
-    bs, (H, Hq), nb = 8, heads, 6
+    (H, Hq), nb = heads, 6 * 8 // bs
     k, v = codec.allocate(nb, bs, H, "cpu"), vcodec.allocate(nb, bs, H, "cpu")
     xk, xv = torch.randn(nb * bs, H, d), torch.randn(nb * bs, H, d)
     xk[:, :, 1] += 6.0  # a large channel: groups of one row get different ranges
     codec.write(k, torch.arange(nb * bs), xk)
     vcodec.write(v, torch.arange(nb * bs), xv)
-    table = torch.tensor([[4, 1, 3, 0], [5, 2, 0, 0]])
+    table = torch.tensor([[4, 1, 3, 0], [5, 2, 0, 0]] if bs == 8 else [[4, 1, 3, 0, 7, 8], [5, 2, 6, 0, 0, 0]])
     lens = torch.tensor([29, 11])
     q = torch.randn(2, Hq, d)
     mass = torch.zeros(nb * bs, H)
@@ -111,7 +114,9 @@ def test_native_decode_reads_quantized_pools(name, heads, d, monkeypatch):
         torch.testing.assert_close(got[b], want, rtol=1e-4, atol=1e-4)
     # the mass of each sequence's keys: every query head's probabilities, summed per KV head
     assert torch.allclose(mass.sum(), torch.tensor(2.0 * Hq), atol=1e-4)
-    assert mass.view(nb, bs, H)[[1, 2]].sum() > 0 and mass.view(nb, bs, H)[0, 5:].sum() == 0  # 29 tokens: 5 in block 0
+    last, filled = table[0, 28 // bs], 29 - 28 // bs * bs  # the block holding token 28, its tokens
+    assert mass.view(nb, bs, H)[[1, 2]].sum() > 0 and mass.view(nb, bs, H)[last, filled:].sum() == 0
+    assert mass.view(nb, bs, H)[last, :filled].sum() > 0
 
 
 def test_native_decode_refuses_bad_inputs():

@@ -1,12 +1,12 @@
 """The native decode and prefill kernels alone, per KV pool format, at the throughput workload's
 shapes (issue 11, kv4b): 9 query heads, 3 KV heads, d = 64, blocks of 16; decode: one call for
-57 sequences of 600-1,500 keys; prefill: one 256-row chunk of a 1,000-token context. Each pool
+57 sequences of 600-1,500 keys; prefill: one 256-row chunk (``--chunk``) of a 1,000-token context. Each pool
 format (kv code: 0 float32, 1 bfloat16, 3 .. 6 int4, kernels/kv_pool.h) is timed in CPU time of
 the calling thread at 1 thread, interleaved round by round, median per format; with ``--base REF``
 the kernels of git revision REF are built into a temporary folder and timed beside this tree's in
 the same rounds (``name@REF``), so a change is measured against its parent in one process.
 
-PYTHONPATH=src python docs/results/raw/ab_kv_int4_kernels.py [--rounds 15] [--base HEAD] [--codes 1,3,4,5,6]
+PYTHONPATH=src python docs/results/raw/ab_kv_int4_kernels.py [--rounds 15] [--base HEAD] [--codes 1,3,4,5,6] [--chunk 256]
 """
 from __future__ import annotations
 
@@ -77,6 +77,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--base", default=None, help="a git revision whose kernels are timed beside this tree's")
     ap.add_argument("--codes", default="0,1,3,4,5,6")
+    ap.add_argument("--chunk", type=int, default=256, help="prefill rows per call")
     a = ap.parse_args()
     torch.set_num_threads(1)
     codes = [int(c) for c in a.codes.split(",")]
@@ -95,7 +96,7 @@ def main() -> None:
         table[b, : nbs[b]] = perm[o:o + nbs[b]]
         o += int(nbs[b])
     q = torch.randn(B, HQ, D, generator=g)
-    ctx, chunk = 1000, 256
+    ctx, chunk = 1000, a.chunk
     ptable = perm[: (ctx + BS - 1) // BS].contiguous()
     data = {c: pools(c, num_blocks) for c in codes}
     qp = {c: torch.randn(chunk, HQ, D, generator=g).to(torch.float32 if c == 0 else torch.bfloat16) for c in codes}
