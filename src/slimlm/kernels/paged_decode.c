@@ -549,6 +549,38 @@ static inline float code_of(float v, float lo, float hi) {
     return v < lo ? lo : v > hi ? hi : v;
 }
 
+#ifdef __AVX512F__
+/* One int4 group of GS (16 or 32, a constant per instance) values v quantized with the float
+ * operations of the scalar loop in slimlm_kv_quantize, 16 channels a vector: the same bytes. A
+ * zero minimum is taken by the scalar loop (its sign, which the stored minimum keeps, follows the
+ * loop's order); codes packed two a byte (even channel low) into q. */
+static inline __attribute__((always_inline)) void i4_quantize_group(const float *v, const int GS, uint8_t *q,
+                                                                   uint16_t *s16o, uint16_t *m16o) {
+    const __m512 x0 = _mm512_loadu_ps(v), x1 = GS == 32 ? _mm512_loadu_ps(v + 16) : x0;
+    float lo = _mm512_reduce_min_ps(GS == 32 ? _mm512_min_ps(x0, x1) : x0);
+    const float hi = _mm512_reduce_max_ps(GS == 32 ? _mm512_max_ps(x0, x1) : x0);
+    if (lo == 0.f) {
+        lo = v[0];
+        for (int i = 1; i < GS; ++i) lo = v[i] < lo ? v[i] : lo;
+    }
+    float s = (hi - lo) / 15.0f;
+    s = s < 1e-8f ? 1e-8f : s;
+    const uint16_t s16 = f32_to_f16(s), m16 = f32_to_f16(lo);
+    const __m512 sf = _mm512_set1_ps(_cvtsh_ss(s16)), mf = _mm512_set1_ps(_cvtsh_ss(m16));
+    for (int h = 0; h < GS / 16; ++h) {
+        __m512 c = _mm512_div_ps(_mm512_sub_ps(h ? x1 : x0, mf), sf);
+        c = _mm512_roundscale_ps(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __mmask16 nan = _mm512_cmp_ps_mask(c, c, _CMP_UNORD_Q);
+        c = _mm512_maskz_mov_ps((__mmask16)~nan, _mm512_min_ps(_mm512_max_ps(c, _mm512_setzero_ps()), _mm512_set1_ps(15.f)));
+        const __m512i ci = _mm512_cvtps_epi32(c); /* 64-bit lane i: channel 2i low, 2i + 1 high */
+        const __m512i b = _mm512_or_si512(_mm512_and_si512(ci, _mm512_set1_epi64(0xFFFFFFFFLL)), _mm512_srli_epi64(ci, 28));
+        _mm_storel_epi64((__m128i *)(q + 8 * h), _mm512_cvtepi64_epi8(b));
+    }
+    *s16o = s16;
+    *m16o = m16;
+}
+#endif
+
 #endif
 
 int slimlm_kv_quantize(const float *x, const int64_t *slots, int64_t T, int64_t H, int64_t d, int code, void *data,
@@ -578,6 +610,14 @@ int slimlm_kv_quantize(const float *x, const int64_t *slots, int64_t T, int64_t 
             }
             const int64_t G = d / GS;
             uint8_t *q = (uint8_t *)data + row * (d / 2);
+#ifdef __AVX512F__
+            for (int64_t g = 0; g < G; ++g) {
+                uint16_t *so = (uint16_t *)aux + row * G + g, *mo = (uint16_t *)aux2 + row * G + g;
+                if (GS == 16) i4_quantize_group(r + g * 16, 16, q + g * 8, so, mo);
+                else i4_quantize_group(r + g * 32, 32, q + g * 16, so, mo);
+            }
+            continue;
+#endif
             for (int64_t g = 0; g < G; ++g) {
                 const float *v = r + g * GS;
                 float lo = v[0], hi = v[0];
@@ -602,7 +642,38 @@ int slimlm_kv_quantize(const float *x, const int64_t *slots, int64_t T, int64_t 
 /* x (d) <- x @ H, H the normalized Sylvester-Hadamard matrix, d a power of two: the butterflies
  * in the order of codec/rotation.py's fwht (h = 1, 2, 4, ...), then one multiplication by
  * float32(1 / sqrt(d)), so the result is the PyTorch rotation's to the bit. */
+#ifdef __AVX512F__
+/* kv_fwht at d = 64 in four registers: each stage's butterflies are the scalar loop's float
+ * operations (a + b into the first of a pair, a - b into the second), so the same floats. */
+static void kv_fwht64(float *x) {
+    __m512 a[4];
+    for (int k = 0; k < 4; ++k) a[k] = _mm512_loadu_ps(x + 16 * k);
+    for (int k = 0; k < 4; ++k) { /* h = 1, 2, 4, 8 inside a register: partner lanes swapped in */
+        __m512 sw = _mm512_permute_ps(a[k], 0xB1);
+        a[k] = _mm512_mask_blend_ps(0xAAAA, _mm512_add_ps(a[k], sw), _mm512_sub_ps(sw, a[k]));
+        sw = _mm512_permute_ps(a[k], 0x4E);
+        a[k] = _mm512_mask_blend_ps(0xCCCC, _mm512_add_ps(a[k], sw), _mm512_sub_ps(sw, a[k]));
+        sw = _mm512_shuffle_f32x4(a[k], a[k], _MM_SHUFFLE(2, 3, 0, 1));
+        a[k] = _mm512_mask_blend_ps(0xF0F0, _mm512_add_ps(a[k], sw), _mm512_sub_ps(sw, a[k]));
+        sw = _mm512_shuffle_f32x4(a[k], a[k], _MM_SHUFFLE(1, 0, 3, 2));
+        a[k] = _mm512_mask_blend_ps(0xFF00, _mm512_add_ps(a[k], sw), _mm512_sub_ps(sw, a[k]));
+    }
+    for (int h = 1; h <= 2; h *= 2) /* h = 16, 32: whole registers */
+        for (int k = 0; k < 4; ++k)
+            if (!(k & h)) {
+                const __m512 u = a[k], w = a[k + h];
+                a[k] = _mm512_add_ps(u, w);
+                a[k + h] = _mm512_sub_ps(u, w);
+            }
+    const __m512 c = _mm512_set1_ps((float)(1.0 / sqrt(64.0)));
+    for (int k = 0; k < 4; ++k) _mm512_storeu_ps(x + 16 * k, _mm512_mul_ps(a[k], c));
+}
+#endif
+
 static void kv_fwht(float *x, int64_t d) {
+#ifdef __AVX512F__
+    if (d == 64) { kv_fwht64(x); return; }
+#endif
     for (int64_t h = 1; h < d; h *= 2)
         for (int64_t i = 0; i < d; i += 2 * h)
             for (int64_t j = i; j < i + h; j++) {
