@@ -208,6 +208,38 @@ def test_quantized_engine_with_native_kernels_at_head_size_64(tmp_path, name, mo
     assert got == [dense_greedy(lm, name, pr, 6) for pr in prompts]
 
 
+@pytest.mark.parametrize("fp32", [True, False])
+def test_int4_prefill_attends_in_float32_in_a_bf16_engine(tmp_path, fp32, monkeypatch):
+    """bf16 model, int4 KV: the native prefill kernel gets the rotated query in float32 (no bf16
+    rounding of it or of the decoded rows; ``int4.FP32_ATTENTION``); with the knob off, the query in bf16."""
+    from slimlm import kernels
+    from slimlm.engine import paged_attention
+    from slimlm.kvcache.codec import int4
+    from tests.conftest import make_hf_model
+
+    if kernels.load("paged_prefill") is None:
+        pytest.skip("no native prefill kernel here")
+    monkeypatch.setattr(int4, "FP32_ATTENTION", fp32)
+    make_hf_model(tmp_path, "llama", hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
+    lm = load(tmp_path, dtype=torch.bfloat16)
+    calls = []
+
+    def spy(lib, q, kp, vp, code, table, q_start, out, scale, mass=None):
+        paged_attention_ex(lib, q, kp, vp, code, table, q_start, out, scale, mass)
+        calls.append((q.dtype, out.dtype))
+
+    paged_attention_ex = paged_attention.native_prefill_ex
+    monkeypatch.setattr(paged_attention, "native_prefill_ex", spy)
+    llm = LLM(lm, kv_cache_dtype="int4", block_size=8, max_num_batched_tokens=32)
+    out = llm.generate([make_prompts(1, seed=3)[0][:90]], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True),
+                       use_tqdm=False)
+    if not calls:
+        pytest.skip("the native prefill kernel does not read int4 pools in place on this CPU")
+    assert len(out[0].outputs[0].token_ids) == 2
+    want = torch.float32 if fp32 else torch.bfloat16
+    assert all(c == (want, want) for c in calls), calls
+
+
 def test_kv_bytes_follow_the_codec(tiny):
     c = tiny.model.cfg
     d, H, L = c.head_dim, c.num_kv_heads, c.num_layers
