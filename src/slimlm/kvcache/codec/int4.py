@@ -30,7 +30,8 @@ minimum costs two bytes. Per token (not KIVI's per channel over tokens) because 
 arrives once and is never re-quantized: blocks stay independent (prefix sharing, copies,
 compaction) and the native kernels read them in place. Keys in groups of 16: they carry almost
 all of int4's loss, and halving their groups took the perplexity change on 4,096 prose tokens
-(SmolLM2-135M, fp32, native kernels) from +3.7 % to +1.7 % (bf16 model: +3.9 % -> +2.2 %); values
+(SmolLM2-135M, fp32, native kernels) from +3.7 % to +1.7 % (bf16 model: +3.9 % -> +2.2 %, +1.9 %
+with the prefill attending in float32: ``FP32_ATTENTION``); values
 lose next to nothing at 32 (both in 16: +2.3 %; docs/techniques.md, "int4 at 2 %: keys in groups
 of 16, native"). Storage: d / 2 + 4 * d / group bytes per token-head (keys 48, values 40
 for d = 64, against 256 each in fp32). The native kernels read every combination of 16 / 32
