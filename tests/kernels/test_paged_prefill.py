@@ -170,7 +170,8 @@ def test_engine_bf16_loses_no_quality(lib, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("codec_name", ["int8", "int4", "float32", "bfloat16", "int4-k32v32", "int4-k32v16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_reads_every_pool_format_in_place_and_adds_mass(lib, codec_name, dtype, monkeypatch):
+@pytest.mark.parametrize("d", [64, 128])  # kv_pool.h's int4 row decode: d = 64 and other sizes are apart
+def test_reads_every_pool_format_in_place_and_adds_mass(lib, codec_name, dtype, d, monkeypatch):
     """``native_prefill_ex``: int8 / int4 / other-format float pools decoded while repacking
     (a rotating codec's query rotated in), and each key's attention mass added to its slot,
     both as explicit attention over the codec's decoded rows computes them."""
@@ -182,7 +183,7 @@ def test_reads_every_pool_format_in_place_and_adds_mass(lib, codec_name, dtype, 
     need(lib, dtype)
     codec_name = use_codec(codec_name, monkeypatch)  # int4's default: keys in groups of 16, values in 32
     g = torch.Generator().manual_seed(3)
-    d, hq, hkv, bs, nb, T, q_start = 64, 4, 2, 8, 12, 21, 13
+    hq, hkv, bs, nb, T, q_start = 4, 2, 8, 12, 21, 13
     n, G = q_start + T, hq // hkv
     kc, vc = KV_CODECS.get(codec_name)(dtype, d, "k"), KV_CODECS.get(codec_name)(dtype, d, "v")
     kp, vp = kc.allocate(nb, bs, hkv, "cpu"), vc.allocate(nb, bs, hkv, "cpu")

@@ -83,7 +83,10 @@ def test_int4_groups_name_the_native_layout(monkeypatch):
 @pytest.mark.parametrize("name", ["int8", "int4", "bfloat16"] + INT4_VARIANTS)
 @pytest.mark.parametrize("heads", [(2, 6), (1, 9)])  # 9 query heads of one KV head: served 4 + 4 + 1
 @pytest.mark.parametrize("d", [64, 32])
-def test_native_decode_reads_quantized_pools(name, heads, d, monkeypatch):
+@pytest.mark.parametrize("bs", [8, 5])  # 5: blocks that end inside a group of 4 scored keys
+def test_native_decode_reads_quantized_pools(name, heads, d, bs, monkeypatch):
+    """Every kv code's own kernel instance (kernels/paged_decode.c: int4's group sizes are
+    constants per code, d = 64 and any other head size apart) reads what the codec reads."""
     from slimlm import kernels
     from slimlm.kernels.ops import native_decode
 
@@ -91,13 +94,13 @@ def test_native_decode_reads_quantized_pools(name, heads, d, monkeypatch):
     torch.manual_seed(1)
     name = use_codec(name, monkeypatch)
     codec, vcodec = KV_CODECS.get(name)(torch.float32, d), KV_CODECS.get(name)(torch.float32, d, "v")
-    bs, (H, Hq), nb = 8, heads, 6
+    (H, Hq), nb = heads, 6 * 8 // bs
     k, v = codec.allocate(nb, bs, H, "cpu"), vcodec.allocate(nb, bs, H, "cpu")
     xk, xv = torch.randn(nb * bs, H, d), torch.randn(nb * bs, H, d)
     xk[:, :, 1] += 6.0  # a large channel: groups of one row get different ranges
     codec.write(k, torch.arange(nb * bs), xk)
     vcodec.write(v, torch.arange(nb * bs), xv)
-    table = torch.tensor([[4, 1, 3, 0], [5, 2, 0, 0]])
+    table = torch.tensor([[4, 1, 3, 0], [5, 2, 0, 0]] if bs == 8 else [[4, 1, 3, 0, 7, 8], [5, 2, 6, 0, 0, 0]])
     lens = torch.tensor([29, 11])
     q = torch.randn(2, Hq, d)
     mass = torch.zeros(nb * bs, H)
@@ -111,7 +114,9 @@ def test_native_decode_reads_quantized_pools(name, heads, d, monkeypatch):
         torch.testing.assert_close(got[b], want, rtol=1e-4, atol=1e-4)
     # the mass of each sequence's keys: every query head's probabilities, summed per KV head
     assert torch.allclose(mass.sum(), torch.tensor(2.0 * Hq), atol=1e-4)
-    assert mass.view(nb, bs, H)[[1, 2]].sum() > 0 and mass.view(nb, bs, H)[0, 5:].sum() == 0  # 29 tokens: 5 in block 0
+    last, filled = table[0, 28 // bs], 29 - 28 // bs * bs  # the block holding token 28, its tokens
+    assert mass.view(nb, bs, H)[[1, 2]].sum() > 0 and mass.view(nb, bs, H)[last, filled:].sum() == 0
+    assert mass.view(nb, bs, H)[last, :filled].sum() > 0
 
 
 def test_native_decode_refuses_bad_inputs():
@@ -201,6 +206,38 @@ def test_quantized_engine_with_native_kernels_at_head_size_64(tmp_path, name, mo
     llm = LLM(lm, kv_cache_dtype=name, block_size=8, max_num_batched_tokens=64)
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, p, use_tqdm=False)]
     assert got == [dense_greedy(lm, name, pr, 6) for pr in prompts]
+
+
+@pytest.mark.parametrize("fp32", [True, False])
+def test_int4_prefill_attends_in_float32_in_a_bf16_engine(tmp_path, fp32, monkeypatch):
+    """bf16 model, int4 KV: the native prefill kernel gets the rotated query in float32 (no bf16
+    rounding of it or of the decoded rows; ``int4.FP32_ATTENTION``); with the knob off, the query in bf16."""
+    from slimlm import kernels
+    from slimlm.engine import paged_attention
+    from slimlm.kvcache.codec import int4
+    from tests.conftest import make_hf_model
+
+    if kernels.load("paged_prefill") is None:
+        pytest.skip("no native prefill kernel here")
+    monkeypatch.setattr(int4, "FP32_ATTENTION", fp32)
+    make_hf_model(tmp_path, "llama", hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
+    lm = load(tmp_path, dtype=torch.bfloat16)
+    calls = []
+
+    def spy(lib, q, kp, vp, code, table, q_start, out, scale, mass=None):
+        paged_attention_ex(lib, q, kp, vp, code, table, q_start, out, scale, mass)
+        calls.append((q.dtype, out.dtype))
+
+    paged_attention_ex = paged_attention.native_prefill_ex
+    monkeypatch.setattr(paged_attention, "native_prefill_ex", spy)
+    llm = LLM(lm, kv_cache_dtype="int4", block_size=8, max_num_batched_tokens=32)
+    out = llm.generate([make_prompts(1, seed=3)[0][:90]], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True),
+                       use_tqdm=False)
+    if not calls:
+        pytest.skip("the native prefill kernel does not read int4 pools in place on this CPU")
+    assert len(out[0].outputs[0].token_ids) == 2
+    want = torch.float32 if fp32 else torch.bfloat16
+    assert all(c == (want, want) for c in calls), calls
 
 
 def test_kv_bytes_follow_the_codec(tiny):

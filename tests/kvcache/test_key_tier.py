@@ -158,3 +158,31 @@ def test_second_tier_composes_with_quantized_kv(tiny, codec):
     # through PyTorch with every key held (the tier then frees nothing)
     assert (eng.pool.tier.stats["key_blocks_given_back"] > 0) == (eng.runner.paths.sparse_native is not None)
     assert eng.pool.num_used() == 0 and eng.pool.key_blocks_in_use() == 0
+
+
+def test_int4_tier_counts_key_and_value_blocks_at_their_own_bytes(tmp_path):
+    """int4 at head size 64 stores a key head in 48 bytes (groups of 16) and a value head in 40
+    (groups of 32): the pool is sized and the bytes held are counted with each at its own size,
+    not as halves of a block."""
+    from tests.conftest import make_hf_model
+
+    make_hf_model(tmp_path, "llama", hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
+    lm = load(tmp_path)
+    c = lm.model.cfg
+    kb, vb = c.num_layers * 8 * c.num_kv_heads * 48, c.num_layers * 8 * c.num_kv_heads * 40
+    llm = LLM(lm, kv_policy="shadowkv", kv_policy_args=TIER, kv_cache_dtype="int4", block_size=8,
+              kv_cache_bytes=int(100 * (vb + TIER["key_share"] * kb)))
+    eng = llm.engine
+    pool, tier = eng.pool, eng.pool.tier
+    assert pool.num_blocks == 100 and tier.num_key_blocks == 50  # halves of a block would make it 96
+    assert (tier.key_block_bytes, tier.value_block_bytes) == (kb, vb) and eng.bytes_per_block == kb + vb
+    eng.add_request(prompts_same_prefix_len()[0], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    for _ in range(4):  # prefill, then decode steps: the prefix's blocks give their keys back
+        eng.step()
+    used, keyed = pool.num_used(), pool.key_blocks_in_use()
+    assert tier.stats["key_blocks_given_back"] > 0 and 0 < keyed < used and tier.record_bytes > 0
+    assert eng.kv_bytes_in_use() == used * vb + keyed * kb + tier.record_bytes
+    while eng.has_unfinished():
+        eng.step()
+    pool.reset_prefix_cache()
+    assert eng.kv_bytes_in_use() == 0

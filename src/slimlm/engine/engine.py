@@ -117,7 +117,7 @@ class LLMEngine:
             raise SlimLMError(f"kv_cache_bytes={kv_bytes} holds no KV block ({per_block} bytes each)")
         tier = None
         if getattr(self.policy, "key_share", 0):  # ShadowKV's second tier: keys held apart from values
-            num_blocks, tier = build_tier(kv_bytes, per_block, self.policy.key_share)
+            num_blocks, tier = build_tier(kv_bytes, self.spec, config.block_size, self.policy.key_share)
         self.pool = BlockPool(num_blocks, config.block_size, prefix_caching)
         self.pool.tier = tier
         if tier is not None:
@@ -159,8 +159,7 @@ class LLMEngine:
     def kv_bytes_in_use(self) -> int:
         """KV bytes the pool's referenced blocks hold now (all layers, in the codec's format)."""
         if self.pool.tier is not None:  # value blocks + key blocks held + factored keys
-            half = self.bytes_per_block // 2
-            return (self.pool.num_used() + self.pool.key_blocks_in_use()) * half + self.pool.tier.record_bytes
+            return self.pool.tier.bytes_held(self.pool.num_used(), self.pool.key_blocks_in_use())
         return self.pool.num_used() * self.bytes_per_block
 
     @classmethod

@@ -348,7 +348,7 @@ class PagedAttention:
             # a rotating codec stores rows @ R: the query goes into the keys' space, the output
             # comes out of the values'
             qn = q_full.index_select(0, table.rows)
-            qn = cache.codec.to_storage(qn).to(qn.dtype)
+            qn = cache.codec.to_storage(qn)  # float32 when rotated: the kernel takes float32 (no bf16 rounding)
             o = native_decode(lib, qn, kp, vp, cache.codec.native_code, table.table, table.lens, self.scale, mass)
             out.index_copy_(0, table.rows, cache.vcodec.from_storage(o).to(out.dtype))
             decodes = []
@@ -418,13 +418,15 @@ class PagedAttention:
                 and p.tree is None and isinstance(p.rows, slice):
             if self.paths.prefill_in_place:  # the kernel decodes the stored format (and adds mass)
                 q = q_full[p.rows]
-                q = cache.codec.to_storage(q).to(q.dtype)  # a rotating codec stores keys @ R
-                o = out[p.rows] if not cache.vcodec.rotates else torch.empty_like(q)
+                apart = cache.vcodec.rotates or (cache.codec.attend_fp32 and q.dtype != torch.float32)
+                # a rotating codec stores keys @ R; a codec that attends in float32 keeps the query there
+                q = cache.codec.to_storage(q).to(torch.float32 if cache.codec.attend_fp32 else q.dtype)
+                o = out[p.rows] if not apart else torch.empty_like(q)
                 kp, vp = cache.pools(layer)
                 native_prefill_ex(self.paths.native_prefill, q, kp, vp, cache.codec.native_code, p.table,
                                   int(p.q_pos[0, 0]), o, self.scale,
                                   cache.mass[layer] if cache.mass is not None else None)
-                if cache.vcodec.rotates:
+                if apart:
                     out[p.rows] = cache.vcodec.from_storage(o).to(out.dtype)
                 return
             if self.paths.prefill_decodes:  # decode the context once into a dense workspace

@@ -84,6 +84,42 @@ static inline pool_t kv_pool(const void *data, const void *aux, const void *aux2
     return p;
 }
 
+/* One int4 head row (d channels: codes ``src``, fp16 scales ``sc`` and minima ``mn`` per group of
+ * GS) as float32 into buf: c * s + m per channel, two roundings (no fused multiply-add), as the
+ * codec's ``read``. GS and d are constants at each instance (head_row dispatches once per row),
+ * so no group index is divided out at run time. */
+static inline __attribute__((always_inline)) void i4_head_row(const uint8_t *src, const uint16_t *sc,
+                                                             const uint16_t *mn, const int64_t d, const int64_t GS,
+                                                             float *buf) {
+    int64_t c0 = 0; /* channels done */
+#if defined(__AVX512F__)
+    for (; c0 + 32 <= d; c0 += 32) {
+        /* 32 channels (16 bytes) at once, channels re-interleaved; with groups of 16 the lanes
+         * 0-7 hold the first group's channels, 8-15 the second's */
+        const int64_t ga = c0 / GS, gb = (c0 + 16) / GS;
+        const uint8_t *b = src + c0 / 2;
+        const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)b));
+        __m512 vs = _mm512_set1_ps(f16_to_f32(sc[ga])), vm = _mm512_set1_ps(f16_to_f32(mn[ga]));
+        if (gb != ga) {
+            vs = _mm512_mask_blend_ps(0xFF00, vs, _mm512_set1_ps(f16_to_f32(sc[gb])));
+            vm = _mm512_mask_blend_ps(0xFF00, vm, _mm512_set1_ps(f16_to_f32(mn[gb])));
+        }
+        const __m512 lo = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(x, _mm512_set1_epi32(15))), vs), vm);
+        const __m512 hi = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(x, 4)), vs), vm);
+        const __m512i i0 = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+        const __m512i i1 = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+        _mm512_storeu_ps(buf + c0, _mm512_permutex2var_ps(lo, i0, hi));
+        _mm512_storeu_ps(buf + c0 + 16, _mm512_permutex2var_ps(lo, i1, hi));
+    }
+#endif
+    for (int64_t c = c0; c < d; c += 2) {
+        const float s = f16_to_f32(sc[c / GS]), m = f16_to_f32(mn[c / GS]);
+        const uint8_t b = src[c / 2];
+        buf[c] = (float)(b & 15) * s + m;
+        buf[c + 1] = (float)(b >> 4) * s + m;
+    }
+}
+
 /* Head h of stored row ``slot`` as float32: a pointer into the pool for float32, else ``buf``
  * (d floats) filled with the de-quantized values. */
 static inline const float *head_row(const pool_t *p, int64_t slot, int64_t h, float *buf) {
@@ -109,33 +145,11 @@ static inline const float *head_row(const pool_t *p, int64_t slot, int64_t h, fl
         const uint8_t *src = (const uint8_t *)p->data + off / 2;
         const uint16_t *sc = (const uint16_t *)p->aux + (slot * p->Hkv + h) * ng;
         const uint16_t *mn = (const uint16_t *)p->aux2 + (slot * p->Hkv + h) * ng;
-        int64_t c0 = 0; /* channels done */
-#if defined(__AVX512F__)
-        for (; c0 + 32 <= d; c0 += 32) {
-            /* 32 channels (16 bytes) at once: c * s, then + m (two roundings, as below), channels
-             * re-interleaved; with groups of 16 the lanes 0-7 hold the first group's channels */
-            const int64_t ga = c0 / gs, gb = (c0 + 16) / gs;
-            const uint8_t *b = src + c0 / 2;
-            const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)b));
-            __m512 vs = _mm512_set1_ps(f16_to_f32(sc[ga])), vm = _mm512_set1_ps(f16_to_f32(mn[ga]));
-            if (gb != ga) {
-                vs = _mm512_mask_blend_ps(0xFF00, vs, _mm512_set1_ps(f16_to_f32(sc[gb])));
-                vm = _mm512_mask_blend_ps(0xFF00, vm, _mm512_set1_ps(f16_to_f32(mn[gb])));
-            }
-            const __m512 lo = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(x, _mm512_set1_epi32(15))), vs), vm);
-            const __m512 hi = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(x, 4)), vs), vm);
-            const __m512i i0 = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-            const __m512i i1 = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-            _mm512_storeu_ps(buf + c0, _mm512_permutex2var_ps(lo, i0, hi));
-            _mm512_storeu_ps(buf + c0 + 16, _mm512_permutex2var_ps(lo, i1, hi));
-        }
-#endif
-        for (int64_t c = c0; c < d; c += 2) {
-            const float s = f16_to_f32(sc[c / gs]), m = f16_to_f32(mn[c / gs]);
-            const uint8_t b = src[c / 2];
-            buf[c] = (float)(b & 15) * s + m;
-            buf[c + 1] = (float)(b >> 4) * s + m;
-        }
+        if (d == 64) { /* the workload's head size: every size a constant */
+            if (gs == 16) i4_head_row(src, sc, mn, 64, 16, buf);
+            else i4_head_row(src, sc, mn, 64, 32, buf);
+        } else if (gs == 16) i4_head_row(src, sc, mn, d, 16, buf);
+        else i4_head_row(src, sc, mn, d, 32, buf);
         return buf;
     }
     }

@@ -203,104 +203,137 @@ static const float *load_row(const pool_t *p, int64_t slot, float *buf) {
 
 /* n (<= 8) fp16 values as float32 in the low lanes (the rest zero), reading only n. */
 static inline __attribute__((always_inline)) __m512 ld_f16x8(const uint16_t *p, int64_t n) {
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+    return _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_maskz_loadu_epi16((__mmask8)((1u << n) - 1), p)));
+#else
     uint16_t b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     memcpy(b, p, (size_t)n * sizeof(uint16_t));
     return _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b)));
+#endif
 }
 
 /* Quantized pools with AVX-512 (int8: head size a multiple of 16; int4: of 32; at most 128),
- * rows decoded in registers once per pass and used by up to QH query heads of their KV head.
- * int8: q . (c s) = s (q . c), and the values' weight p s multiplies the codes. int4: 16 bytes
- * (32 channels) widen to their even channels (low nibbles) and odd ones (high nibbles); the
- * query is split alike, so q . (c s + m) = s (q_even . c_lo + q_odd . c_hi) + m sum(q) per group,
- * and the output accumulates p s c plus p m per group, interleaved back at the end. With groups
- * of 16 the 16 lanes carry two groups (lanes 0-7 the first): keys are decoded to c s + m with
- * the row's scales and minima loaded once and permuted into place per 16 bytes; values take the
- * weight p s blended per half and sum p m per group. */
-static inline __attribute__((always_inline)) void decode_quant_avx512(const float *qb, const pool_t *kp, const pool_t *vp, const int64_t *tb, int64_t L,
-                                float *ob, float *s, int64_t Hq, int64_t Hkv, int64_t d, int64_t block_size,
-                                float scale) {
-    const int64_t G = Hq / Hkv, W = Hkv * d;
-    const int64_t nv = d / 16, NC = d / 32; /* int4: chunks of 32 channels, 16 bytes */
-    const __m512i low = _mm512_set1_epi32(15);
-    for (int64_t h0 = 0, hn = 0; h0 < Hq; h0 += hn) { /* scores */
-        const int64_t g = h0 / G; /* heads h0 .. h0 + hn - 1 of KV head g */
-        hn = (g + 1) * G - h0 < QH ? (g + 1) * G - h0 : QH;
-        if (kp->dtype == 2) {
-            __m512 qv[QH][8];
-            for (int64_t h = 0; h < QH; ++h) if (h < hn)
-                for (int64_t j = 0; j < nv; ++j) qv[h][j] = _mm512_loadu_ps(qb + (h0 + h) * d + 16 * j);
-            for (int64_t t0 = 0; t0 < L; t0 += 4) { /* 4 keys at a time: one transposing reduction (sum4) */
-                const int64_t nt = L - t0 < 4 ? L - t0 : 4;
-                __m512 a[QH][4];
-                float sc[4];
-                for (int64_t u = 0; u < 4; ++u) {
-                    if (u >= nt) {
-                        for (int64_t h = 0; h < QH; ++h) if (h < hn) a[h][u] = _mm512_setzero_ps();
-                        continue;
-                    }
-                    const int64_t t = t0 + u, slot = tb[t / block_size] * block_size + t % block_size;
-                    const int8_t *kr = (const int8_t *)kp->data + slot * W + g * d;
-                    __m512 c[8];
-                    for (int64_t j = 0; j < nv; ++j) c[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(kr + 16 * j))));
-                    for (int64_t h = 0; h < QH; ++h) if (h < hn) {
-                        a[h][u] = _mm512_mul_ps(qv[h][0], c[0]);
-                        for (int64_t j = 1; j < nv; ++j) a[h][u] = _mm512_fmadd_ps(qv[h][j], c[j], a[h][u]);
-                    }
-                    sc[u] = scale * _cvtsh_ss(((const uint16_t *)kp->aux)[slot * Hkv + g]);
+ * rows decoded in registers once per pass and used by up to QH query heads of their KV head
+ * (heads h0 .. h0 + hn - 1 of KV head g). Rows are walked block by block (no division per key),
+ * 4 keys per transposing reduction (sum4) for the scores. The int4 readers take their group
+ * size as a constant (``KG`` / ``VG``: each kv code is its own instance, dispatched once per
+ * call; the group sizes never reach the inner loops as run-time values).
+ *
+ * int8: q . (c s) = s (q . c), and the values' weight p s multiplies the codes. */
+static inline __attribute__((always_inline)) void i8_scores(const float *qb, const pool_t *kp, const int64_t *tb,
+                                                           int64_t L, float *s, int64_t h0, int64_t hn, int64_t g,
+                                                           int64_t Hkv, int64_t d, int64_t block_size, float scale) {
+    const int64_t W = Hkv * d, nv = d / 16;
+    __m512 qv[QH][8];
+    for (int64_t h = 0; h < QH; ++h) if (h < hn)
+        for (int64_t j = 0; j < nv; ++j) qv[h][j] = _mm512_loadu_ps(qb + (h0 + h) * d + 16 * j);
+    for (int64_t b0 = 0; b0 < L; b0 += block_size) {
+        const int64_t nb = L - b0 < block_size ? L - b0 : block_size, base = tb[b0 / block_size] * block_size;
+        for (int64_t o = 0; o < nb; o += 4) {
+            const int64_t nt = nb - o < 4 ? nb - o : 4;
+            __m512 a[QH][4];
+            float sc[4];
+            for (int64_t u = 0; u < 4; ++u) {
+                if (u >= nt) {
+                    for (int64_t h = 0; h < QH; ++h) if (h < hn) a[h][u] = _mm512_setzero_ps();
+                    continue;
                 }
+                const int64_t slot = base + o + u;
+                const int8_t *kr = (const int8_t *)kp->data + slot * W + g * d;
+                __m512 c[8];
+                for (int64_t j = 0; j < nv; ++j) c[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(kr + 16 * j))));
                 for (int64_t h = 0; h < QH; ++h) if (h < hn) {
-                    float r[4];
-                    _mm_storeu_ps(r, sum4(a[h][0], a[h][1], a[h][2], a[h][3]));
-                    for (int64_t u = 0; u < nt; ++u) s[(h0 + h) * L + t0 + u] = sc[u] * r[u];
+                    a[h][u] = _mm512_mul_ps(qv[h][0], c[0]);
+                    for (int64_t j = 1; j < nv; ++j) a[h][u] = _mm512_fmadd_ps(qv[h][j], c[j], a[h][u]);
                 }
+                sc[u] = scale * _cvtsh_ss(((const uint16_t *)kp->aux)[slot * Hkv + g]);
             }
-        } else {
-            /* chunks of 32 channels (16 bytes); with keys in groups of 16 a chunk's lanes 0-7 take
-             * the first group's scale and minimum, lanes 8-15 the second's */
-            const int kg16 = kp->group == 16;
-            const __m512i two_groups = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-            __m512 qe[QH][4], qo[QH][4];
-            float qsum[QH][4]; /* groups of 32: the sum of the query over each group */
-            for (int64_t h = 0; h < QH; ++h) if (h < hn)
-                for (int64_t gr = 0; gr < NC; ++gr) {
-                    float e[16], o[16];
-                    const float *qg = qb + (h0 + h) * d + gr * 32;
-                    qsum[h][gr] = 0.f;
-                    for (int i = 0; i < 16; ++i) { e[i] = qg[2 * i]; o[i] = qg[2 * i + 1]; qsum[h][gr] += e[i] + o[i]; }
-                    qe[h][gr] = _mm512_loadu_ps(e);
-                    qo[h][gr] = _mm512_loadu_ps(o);
-                }
-            const int64_t NGK = kg16 ? 2 * NC : NC;
-            for (int64_t t0 = 0; t0 < L; t0 += 4) { /* 4 keys at a time: one transposing reduction (sum4) */
-                const int64_t nt = L - t0 < 4 ? L - t0 : 4;
-                __m512 a[QH][4];
-                float c[QH][4];
-                for (int64_t u = 0; u < 4; ++u) {
-                    for (int64_t h = 0; h < QH; ++h) if (h < hn) { a[h][u] = _mm512_setzero_ps(); c[h][u] = 0.f; }
-                    if (u >= nt) continue;
-                    const int64_t t = t0 + u, slot = tb[t / block_size] * block_size + t % block_size;
-                    const uint8_t *kr = (const uint8_t *)kp->data + slot * (W / 2) + g * (d / 2);
-                    const uint16_t *sc = (const uint16_t *)kp->aux + (slot * Hkv + g) * NGK;
-                    const uint16_t *mn = (const uint16_t *)kp->aux2 + (slot * Hkv + g) * NGK;
-                    if (kg16) { /* the row's scales and minima in one load each; each chunk's
-                                 * lanes pick theirs (one permute), the key decoded as c s + m */
-                        const __m512 sv = ld_f16x8(sc, 2 * NC), mv = ld_f16x8(mn, 2 * NC);
-                        for (int64_t gr = 0; gr < NC; ++gr) {
-                            const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(kr + gr * 16)));
-                            const __m512i pick = _mm512_add_epi32(two_groups, _mm512_set1_epi32((int)(2 * gr)));
-                            const __m512 sg = _mm512_permutexvar_ps(pick, sv), mg = _mm512_permutexvar_ps(pick, mv);
-                            const __m512 lo = _mm512_fmadd_ps(sg, _mm512_cvtepi32_ps(_mm512_and_si512(x, low)), mg);
-                            const __m512 hi = _mm512_fmadd_ps(sg, _mm512_cvtepi32_ps(_mm512_srli_epi32(x, 4)), mg);
-                            for (int64_t h = 0; h < QH; ++h) if (h < hn)
-                                a[h][u] = _mm512_fmadd_ps(qo[h][gr], hi, _mm512_fmadd_ps(qe[h][gr], lo, a[h][u]));
-                        }
-                        continue;
+            for (int64_t h = 0; h < QH; ++h) if (h < hn) {
+                float r[4];
+                _mm_storeu_ps(r, sum4(a[h][0], a[h][1], a[h][2], a[h][3]));
+                for (int64_t u = 0; u < nt; ++u) s[(h0 + h) * L + b0 + o + u] = sc[u] * r[u];
+            }
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void i8_values(const pool_t *vp, const int64_t *tb, int64_t L,
+                                                           const float *s, float *ob, int64_t h0, int64_t hn, int64_t g,
+                                                           int64_t Hkv, int64_t d, int64_t block_size) {
+    const int64_t W = Hkv * d, nv = d / 16;
+    __m512 acc[QH][8];
+    for (int64_t h = 0; h < QH; ++h) if (h < hn)
+        for (int64_t j = 0; j < nv; ++j) acc[h][j] = _mm512_setzero_ps();
+    for (int64_t b0 = 0; b0 < L; b0 += block_size) {
+        const int64_t nb = L - b0 < block_size ? L - b0 : block_size, base = tb[b0 / block_size] * block_size;
+        for (int64_t o = 0; o < nb; ++o) {
+            const int64_t slot = base + o, t = b0 + o;
+            const int8_t *vr = (const int8_t *)vp->data + slot * W + g * d;
+            const float sv = _cvtsh_ss(((const uint16_t *)vp->aux)[slot * Hkv + g]);
+            __m512 c[8];
+            for (int64_t j = 0; j < nv; ++j) c[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(vr + 16 * j))));
+            for (int64_t h = 0; h < QH; ++h) if (h < hn) {
+                const __m512 w = _mm512_set1_ps(s[(h0 + h) * L + t] * sv);
+                for (int64_t j = 0; j < nv; ++j) acc[h][j] = _mm512_fmadd_ps(w, c[j], acc[h][j]);
+            }
+        }
+    }
+    for (int64_t h = 0; h < QH; ++h) if (h < hn)
+        for (int64_t j = 0; j < nv; ++j) _mm512_storeu_ps(ob + (h0 + h) * d + 16 * j, acc[h][j]);
+}
+
+/* int4 keys in groups of KG (16 or 32): 16 bytes (32 channels) widen to their even channels
+ * (low nibbles) and odd ones (high nibbles); the query is split alike. Groups of 32: q . (c s + m)
+ * = s (q_even . c_lo + q_odd . c_hi) + m sum(q), the codes times the scale once for the hn heads.
+ * Groups of 16: a chunk's lanes 0-7 hold the first group's channels, lanes 8-15 the second's; the
+ * row's scales and minima are loaded once and permuted into place per chunk, the key decoded as
+ * c s + m. */
+static inline __attribute__((always_inline)) void i4_scores(const float *qb, const pool_t *kp, const int64_t *tb,
+                                                           int64_t L, float *s, int64_t h0, int64_t hn, int64_t g,
+                                                           int64_t Hkv, int64_t d, int64_t block_size, float scale,
+                                                           const int KG) {
+    const int64_t W = Hkv * d, NC = d / 32, NGK = d / KG;
+    const __m512i low = _mm512_set1_epi32(15);
+    const __m512i two_groups = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    __m512 qe[QH][4], qo[QH][4];
+    float qsum[QH][4]; /* groups of 32: the sum of the query over each group */
+    for (int64_t h = 0; h < QH; ++h) if (h < hn)
+        for (int64_t gr = 0; gr < NC; ++gr) {
+            float e[16], o[16];
+            const float *qg = qb + (h0 + h) * d + gr * 32;
+            qsum[h][gr] = 0.f;
+            for (int i = 0; i < 16; ++i) { e[i] = qg[2 * i]; o[i] = qg[2 * i + 1]; qsum[h][gr] += e[i] + o[i]; }
+            qe[h][gr] = _mm512_loadu_ps(e);
+            qo[h][gr] = _mm512_loadu_ps(o);
+        }
+    for (int64_t b0 = 0; b0 < L; b0 += block_size) {
+        const int64_t nb = L - b0 < block_size ? L - b0 : block_size, base = tb[b0 / block_size] * block_size;
+        for (int64_t o = 0; o < nb; o += 4) {
+            const int64_t nt = nb - o < 4 ? nb - o : 4;
+            __m512 a[QH][4];
+            float c[QH][4];
+            for (int64_t u = 0; u < 4; ++u) {
+                for (int64_t h = 0; h < QH; ++h) if (h < hn) { a[h][u] = _mm512_setzero_ps(); c[h][u] = 0.f; }
+                if (u >= nt) continue;
+                const int64_t slot = base + o + u;
+                const uint8_t *kr = (const uint8_t *)kp->data + slot * (W / 2) + g * (d / 2);
+                const uint16_t *sc = (const uint16_t *)kp->aux + (slot * Hkv + g) * NGK;
+                const uint16_t *mn = (const uint16_t *)kp->aux2 + (slot * Hkv + g) * NGK;
+                if (KG == 16) {
+                    const __m512 sv = ld_f16x8(sc, NGK), mv = ld_f16x8(mn, NGK);
+                    for (int64_t gr = 0; gr < NC; ++gr) {
+                        const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(kr + gr * 16)));
+                        const __m512i pick = _mm512_add_epi32(two_groups, _mm512_set1_epi32((int)(2 * gr)));
+                        const __m512 sg = _mm512_permutexvar_ps(pick, sv), mg = _mm512_permutexvar_ps(pick, mv);
+                        const __m512 lo = _mm512_fmadd_ps(sg, _mm512_cvtepi32_ps(_mm512_and_si512(x, low)), mg);
+                        const __m512 hi = _mm512_fmadd_ps(sg, _mm512_cvtepi32_ps(_mm512_srli_epi32(x, 4)), mg);
+                        for (int64_t h = 0; h < QH; ++h) if (h < hn)
+                            a[h][u] = _mm512_fmadd_ps(qo[h][gr], hi, _mm512_fmadd_ps(qe[h][gr], lo, a[h][u]));
                     }
+                } else {
                     for (int64_t gr = 0; gr < NC; ++gr) {
                         const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(kr + gr * 16)));
                         const __m512 sg = _mm512_set1_ps(_cvtsh_ss(sc[gr]));
-                        /* the codes times the group's scale once, shared by the hn query heads */
                         const __m512 lo = _mm512_mul_ps(sg, _mm512_cvtepi32_ps(_mm512_and_si512(x, low)));
                         const __m512 hi = _mm512_mul_ps(sg, _mm512_cvtepi32_ps(_mm512_srli_epi32(x, 4)));
                         const float mg = _cvtsh_ss(mn[gr]);
@@ -310,90 +343,109 @@ static inline __attribute__((always_inline)) void decode_quant_avx512(const floa
                         }
                     }
                 }
-                for (int64_t h = 0; h < QH; ++h) if (h < hn) {
-                    float r[4];
-                    _mm_storeu_ps(r, sum4(a[h][0], a[h][1], a[h][2], a[h][3]));
-                    for (int64_t u = 0; u < nt; ++u) s[(h0 + h) * L + t0 + u] = scale * (r[u] + c[h][u]);
-                }
             }
-        }
-    }
-    softmax_rows(s, Hq, L);
-    for (int64_t h0 = 0, hn = 0; h0 < Hq; h0 += hn) { /* weighted values */
-        const int64_t g = h0 / G; /* heads h0 .. h0 + hn - 1 of KV head g */
-        hn = (g + 1) * G - h0 < QH ? (g + 1) * G - h0 : QH;
-        if (vp->dtype == 2) {
-            __m512 acc[QH][8];
-            for (int64_t h = 0; h < QH; ++h) if (h < hn)
-                for (int64_t j = 0; j < nv; ++j) acc[h][j] = _mm512_setzero_ps();
-            for (int64_t t = 0; t < L; ++t) {
-                const int64_t slot = tb[t / block_size] * block_size + t % block_size;
-                const int8_t *vr = (const int8_t *)vp->data + slot * W + g * d;
-                const float sv = _cvtsh_ss(((const uint16_t *)vp->aux)[slot * Hkv + g]);
-                __m512 c[8];
-                for (int64_t j = 0; j < nv; ++j) c[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(vr + 16 * j))));
-                for (int64_t h = 0; h < QH; ++h) if (h < hn) {
-                    const __m512 w = _mm512_set1_ps(s[(h0 + h) * L + t] * sv);
-                    for (int64_t j = 0; j < nv; ++j) acc[h][j] = _mm512_fmadd_ps(w, c[j], acc[h][j]);
-                }
-            }
-            for (int64_t h = 0; h < QH; ++h) if (h < hn)
-                for (int64_t j = 0; j < nv; ++j) _mm512_storeu_ps(ob + (h0 + h) * d + 16 * j, acc[h][j]);
-        } else {
-            const int vg16 = vp->group == 16;
-            const int64_t NGV = vg16 ? 2 * NC : NC;
-            __m512 ae[QH][4], ao[QH][4];
-            float msum[QH][8]; /* sum over keys of p times the value group's minimum */
             for (int64_t h = 0; h < QH; ++h) if (h < hn) {
-                for (int64_t gr = 0; gr < NC; ++gr) ae[h][gr] = ao[h][gr] = _mm512_setzero_ps();
-                for (int64_t gr = 0; gr < NGV; ++gr) msum[h][gr] = 0.f;
+                float r[4];
+                _mm_storeu_ps(r, sum4(a[h][0], a[h][1], a[h][2], a[h][3]));
+                for (int64_t u = 0; u < nt; ++u) s[(h0 + h) * L + b0 + o + u] = scale * (r[u] + c[h][u]);
             }
-            for (int64_t t = 0; t < L; ++t) {
-                const int64_t slot = tb[t / block_size] * block_size + t % block_size;
-                const uint8_t *vr = (const uint8_t *)vp->data + slot * (W / 2) + g * (d / 2);
-                const uint16_t *sc = (const uint16_t *)vp->aux + (slot * Hkv + g) * NGV;
-                const uint16_t *mn = (const uint16_t *)vp->aux2 + (slot * Hkv + g) * NGV;
-                for (int64_t gr = 0; gr < NC; ++gr) {
-                    const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(vr + gr * 16)));
-                    const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(x, low)), hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(x, 4));
-                    if (vg16) {
-                        const float sa = _cvtsh_ss(sc[2 * gr]), sb = _cvtsh_ss(sc[2 * gr + 1]);
-                        const float ma = _cvtsh_ss(mn[2 * gr]), mb = _cvtsh_ss(mn[2 * gr + 1]);
-                        for (int64_t h = 0; h < QH; ++h) if (h < hn) {
-                            const float p = s[(h0 + h) * L + t];
-                            const __m512 w = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(p * sa), _mm512_set1_ps(p * sb));
-                            ae[h][gr] = _mm512_fmadd_ps(w, lo, ae[h][gr]);
-                            ao[h][gr] = _mm512_fmadd_ps(w, hi, ao[h][gr]);
-                            msum[h][2 * gr] += p * ma;
-                            msum[h][2 * gr + 1] += p * mb;
-                        }
-                    } else {
-                        const float sg = _cvtsh_ss(sc[gr]), mg = _cvtsh_ss(mn[gr]);
-                        for (int64_t h = 0; h < QH; ++h) if (h < hn) {
-                            const float p = s[(h0 + h) * L + t];
-                            const __m512 w = _mm512_set1_ps(p * sg);
-                            ae[h][gr] = _mm512_fmadd_ps(w, lo, ae[h][gr]);
-                            ao[h][gr] = _mm512_fmadd_ps(w, hi, ao[h][gr]);
-                            msum[h][gr] += p * mg;
-                        }
-                    }
-                }
-            }
-            for (int64_t h = 0; h < QH; ++h) if (h < hn)
-                for (int64_t gr = 0; gr < NC; ++gr) {
-                    float e[16], o[16];
-                    _mm512_storeu_ps(e, ae[h][gr]);
-                    _mm512_storeu_ps(o, ao[h][gr]);
-                    float *og = ob + (h0 + h) * d + gr * 32;
-                    for (int i = 0; i < 16; ++i) {
-                        const float m = msum[h][vg16 ? 2 * gr + (i >= 8) : gr];
-                        og[2 * i] = e[i] + m;
-                        og[2 * i + 1] = o[i] + m;
-                    }
-                }
         }
     }
 }
+
+/* int4 values in groups of VG: the output accumulates p s c (even and odd channels apart) plus
+ * p m per group, interleaved back at the end; with groups of 16 the weight p s is blended per
+ * half of a chunk. */
+static inline __attribute__((always_inline)) void i4_values(const pool_t *vp, const int64_t *tb, int64_t L,
+                                                           const float *s, float *ob, int64_t h0, int64_t hn, int64_t g,
+                                                           int64_t Hkv, int64_t d, int64_t block_size, const int VG) {
+    const int64_t W = Hkv * d, NC = d / 32, NGV = d / VG;
+    const __m512i low = _mm512_set1_epi32(15);
+    __m512 ae[QH][4], ao[QH][4];
+    float msum[QH][8]; /* sum over keys of p times the value group's minimum */
+    for (int64_t h = 0; h < QH; ++h) if (h < hn) {
+        for (int64_t gr = 0; gr < NC; ++gr) ae[h][gr] = ao[h][gr] = _mm512_setzero_ps();
+        for (int64_t gr = 0; gr < NGV; ++gr) msum[h][gr] = 0.f;
+    }
+    for (int64_t b0 = 0; b0 < L; b0 += block_size) {
+        const int64_t nb = L - b0 < block_size ? L - b0 : block_size, base = tb[b0 / block_size] * block_size;
+        for (int64_t o = 0; o < nb; ++o) {
+            const int64_t slot = base + o, t = b0 + o;
+            const uint8_t *vr = (const uint8_t *)vp->data + slot * (W / 2) + g * (d / 2);
+            const uint16_t *sc = (const uint16_t *)vp->aux + (slot * Hkv + g) * NGV;
+            const uint16_t *mn = (const uint16_t *)vp->aux2 + (slot * Hkv + g) * NGV;
+            for (int64_t gr = 0; gr < NC; ++gr) {
+                const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(vr + gr * 16)));
+                const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(x, low)), hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(x, 4));
+                if (VG == 16) {
+                    const float sa = _cvtsh_ss(sc[2 * gr]), sb = _cvtsh_ss(sc[2 * gr + 1]);
+                    const float ma = _cvtsh_ss(mn[2 * gr]), mb = _cvtsh_ss(mn[2 * gr + 1]);
+                    for (int64_t h = 0; h < QH; ++h) if (h < hn) {
+                        const float p = s[(h0 + h) * L + t];
+                        const __m512 w = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(p * sa), _mm512_set1_ps(p * sb));
+                        ae[h][gr] = _mm512_fmadd_ps(w, lo, ae[h][gr]);
+                        ao[h][gr] = _mm512_fmadd_ps(w, hi, ao[h][gr]);
+                        msum[h][2 * gr] += p * ma;
+                        msum[h][2 * gr + 1] += p * mb;
+                    }
+                } else {
+                    const float sg = _cvtsh_ss(sc[gr]), mg = _cvtsh_ss(mn[gr]);
+                    for (int64_t h = 0; h < QH; ++h) if (h < hn) {
+                        const float p = s[(h0 + h) * L + t];
+                        const __m512 w = _mm512_set1_ps(p * sg);
+                        ae[h][gr] = _mm512_fmadd_ps(w, lo, ae[h][gr]);
+                        ao[h][gr] = _mm512_fmadd_ps(w, hi, ao[h][gr]);
+                        msum[h][gr] += p * mg;
+                    }
+                }
+            }
+        }
+    }
+    for (int64_t h = 0; h < QH; ++h) if (h < hn)
+        for (int64_t gr = 0; gr < NC; ++gr) {
+            float e[16], od[16];
+            _mm512_storeu_ps(e, ae[h][gr]);
+            _mm512_storeu_ps(od, ao[h][gr]);
+            float *og = ob + (h0 + h) * d + gr * 32;
+            for (int i = 0; i < 16; ++i) {
+                const float m = msum[h][VG == 16 ? 2 * gr + (i >= 8) : gr];
+                og[2 * i] = e[i] + m;
+                og[2 * i + 1] = od[i] + m;
+            }
+        }
+}
+
+/* One sequence's decode over quantized pools of kv code ``code`` (2 .. 6, a constant at every
+ * call site: the int4 group sizes are fixed per instance). */
+static inline __attribute__((always_inline)) void decode_quant_avx512(const float *qb, const pool_t *kp, const pool_t *vp,
+                                                                     const int64_t *tb, int64_t L, float *ob, float *s,
+                                                                     int64_t Hq, int64_t Hkv, int64_t d,
+                                                                     int64_t block_size, float scale, const int code) {
+    const int64_t G = Hq / Hkv;
+    for (int64_t h0 = 0, hn = 0; h0 < Hq; h0 += hn) { /* scores */
+        const int64_t g = h0 / G; /* heads h0 .. h0 + hn - 1 of KV head g */
+        hn = (g + 1) * G - h0 < QH ? (g + 1) * G - h0 : QH;
+        if (code == 2) i8_scores(qb, kp, tb, L, s, h0, hn, g, Hkv, d, block_size, scale);
+        else i4_scores(qb, kp, tb, L, s, h0, hn, g, Hkv, d, block_size, scale, (int)i4_group(code, 0));
+    }
+    softmax_rows(s, Hq, L);
+    for (int64_t h0 = 0, hn = 0; h0 < Hq; h0 += hn) { /* weighted values */
+        const int64_t g = h0 / G;
+        hn = (g + 1) * G - h0 < QH ? (g + 1) * G - h0 : QH;
+        if (code == 2) i8_values(vp, tb, L, s, ob, h0, hn, g, Hkv, d, block_size);
+        else i4_values(vp, tb, L, s, ob, h0, hn, g, Hkv, d, block_size, (int)i4_group(code, 1));
+    }
+}
+
+/* decode_quant_avx512 instantiated per kv code (2 .. 6) at head size D. */
+#define DECODE_QUANT(D)                                                                                       \
+    switch (dtype) {                                                                                          \
+    case 2: decode_quant_avx512(qb, &kp, &vp, tb, L, ob, s, Hq, Hkv, D, block_size, scale, 2); break;        \
+    case 3: decode_quant_avx512(qb, &kp, &vp, tb, L, ob, s, Hq, Hkv, D, block_size, scale, 3); break;        \
+    case 4: decode_quant_avx512(qb, &kp, &vp, tb, L, ob, s, Hq, Hkv, D, block_size, scale, 4); break;        \
+    case 5: decode_quant_avx512(qb, &kp, &vp, tb, L, ob, s, Hq, Hkv, D, block_size, scale, 5); break;        \
+    default: decode_quant_avx512(qb, &kp, &vp, tb, L, ob, s, Hq, Hkv, D, block_size, scale, 6); break;       \
+    }
 #endif
 
 static void decode_generic(const float *qb, const pool_t *kp, const pool_t *vp, const int64_t *tb,
@@ -460,10 +512,8 @@ int slimlm_paged_decode(const float *q, const void *k_pool, const void *v_pool, 
             else if (d % 16 == 0 && d <= 128 && dtype == 0) { decode_avx512(qb, k_pool, v_pool, 0, tb, L, ob, s, Hq, Hkv, d, block_size, scale); done = 1; }
             else if (d % 16 == 0 && d <= 128 && dtype == 1) { decode_avx512(qb, k_pool, v_pool, 1, tb, L, ob, s, Hq, Hkv, d, block_size, scale); done = 1; }
             else if (((dtype == 2 && d % 16 == 0) || (dtype >= 3 && d % 32 == 0)) && d >= 16 && d <= 128) {
-                if (d == 64) /* constant sizes: the accumulators stay in registers */
-                    decode_quant_avx512(qb, &kp, &vp, tb, L, ob, s, Hq, Hkv, 64, block_size, scale);
-                else
-                    decode_quant_avx512(qb, &kp, &vp, tb, L, ob, s, Hq, Hkv, d, block_size, scale);
+                if (d == 64) { DECODE_QUANT(64) } /* constant sizes: the accumulators stay in registers */
+                else { DECODE_QUANT(d) }
                 done = 1;
             }
 #endif
@@ -499,6 +549,38 @@ static inline float code_of(float v, float lo, float hi) {
     return v < lo ? lo : v > hi ? hi : v;
 }
 
+#ifdef __AVX512F__
+/* One int4 group of GS (16 or 32, a constant per instance) values v quantized with the float
+ * operations of the scalar loop in slimlm_kv_quantize, 16 channels a vector: the same bytes. A
+ * zero minimum is taken by the scalar loop (its sign, which the stored minimum keeps, follows the
+ * loop's order); codes packed two a byte (even channel low) into q. */
+static inline __attribute__((always_inline)) void i4_quantize_group(const float *v, const int GS, uint8_t *q,
+                                                                   uint16_t *s16o, uint16_t *m16o) {
+    const __m512 x0 = _mm512_loadu_ps(v), x1 = GS == 32 ? _mm512_loadu_ps(v + 16) : x0;
+    float lo = _mm512_reduce_min_ps(GS == 32 ? _mm512_min_ps(x0, x1) : x0);
+    const float hi = _mm512_reduce_max_ps(GS == 32 ? _mm512_max_ps(x0, x1) : x0);
+    if (lo == 0.f) {
+        lo = v[0];
+        for (int i = 1; i < GS; ++i) lo = v[i] < lo ? v[i] : lo;
+    }
+    float s = (hi - lo) / 15.0f;
+    s = s < 1e-8f ? 1e-8f : s;
+    const uint16_t s16 = f32_to_f16(s), m16 = f32_to_f16(lo);
+    const __m512 sf = _mm512_set1_ps(_cvtsh_ss(s16)), mf = _mm512_set1_ps(_cvtsh_ss(m16));
+    for (int h = 0; h < GS / 16; ++h) {
+        __m512 c = _mm512_div_ps(_mm512_sub_ps(h ? x1 : x0, mf), sf);
+        c = _mm512_roundscale_ps(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __mmask16 nan = _mm512_cmp_ps_mask(c, c, _CMP_UNORD_Q);
+        c = _mm512_maskz_mov_ps((__mmask16)~nan, _mm512_min_ps(_mm512_max_ps(c, _mm512_setzero_ps()), _mm512_set1_ps(15.f)));
+        const __m512i ci = _mm512_cvtps_epi32(c); /* 64-bit lane i: channel 2i low, 2i + 1 high */
+        const __m512i b = _mm512_or_si512(_mm512_and_si512(ci, _mm512_set1_epi64(0xFFFFFFFFLL)), _mm512_srli_epi64(ci, 28));
+        _mm_storel_epi64((__m128i *)(q + 8 * h), _mm512_cvtepi64_epi8(b));
+    }
+    *s16o = s16;
+    *m16o = m16;
+}
+#endif
+
 #endif
 
 int slimlm_kv_quantize(const float *x, const int64_t *slots, int64_t T, int64_t H, int64_t d, int code, void *data,
@@ -528,6 +610,14 @@ int slimlm_kv_quantize(const float *x, const int64_t *slots, int64_t T, int64_t 
             }
             const int64_t G = d / GS;
             uint8_t *q = (uint8_t *)data + row * (d / 2);
+#ifdef __AVX512F__
+            for (int64_t g = 0; g < G; ++g) {
+                uint16_t *so = (uint16_t *)aux + row * G + g, *mo = (uint16_t *)aux2 + row * G + g;
+                if (GS == 16) i4_quantize_group(r + g * 16, 16, q + g * 8, so, mo);
+                else i4_quantize_group(r + g * 32, 32, q + g * 16, so, mo);
+            }
+            continue;
+#endif
             for (int64_t g = 0; g < G; ++g) {
                 const float *v = r + g * GS;
                 float lo = v[0], hi = v[0];
@@ -552,7 +642,38 @@ int slimlm_kv_quantize(const float *x, const int64_t *slots, int64_t T, int64_t 
 /* x (d) <- x @ H, H the normalized Sylvester-Hadamard matrix, d a power of two: the butterflies
  * in the order of codec/rotation.py's fwht (h = 1, 2, 4, ...), then one multiplication by
  * float32(1 / sqrt(d)), so the result is the PyTorch rotation's to the bit. */
+#ifdef __AVX512F__
+/* kv_fwht at d = 64 in four registers: each stage's butterflies are the scalar loop's float
+ * operations (a + b into the first of a pair, a - b into the second), so the same floats. */
+static void kv_fwht64(float *x) {
+    __m512 a[4];
+    for (int k = 0; k < 4; ++k) a[k] = _mm512_loadu_ps(x + 16 * k);
+    for (int k = 0; k < 4; ++k) { /* h = 1, 2, 4, 8 inside a register: partner lanes swapped in */
+        __m512 sw = _mm512_permute_ps(a[k], 0xB1);
+        a[k] = _mm512_mask_blend_ps(0xAAAA, _mm512_add_ps(a[k], sw), _mm512_sub_ps(sw, a[k]));
+        sw = _mm512_permute_ps(a[k], 0x4E);
+        a[k] = _mm512_mask_blend_ps(0xCCCC, _mm512_add_ps(a[k], sw), _mm512_sub_ps(sw, a[k]));
+        sw = _mm512_shuffle_f32x4(a[k], a[k], _MM_SHUFFLE(2, 3, 0, 1));
+        a[k] = _mm512_mask_blend_ps(0xF0F0, _mm512_add_ps(a[k], sw), _mm512_sub_ps(sw, a[k]));
+        sw = _mm512_shuffle_f32x4(a[k], a[k], _MM_SHUFFLE(1, 0, 3, 2));
+        a[k] = _mm512_mask_blend_ps(0xFF00, _mm512_add_ps(a[k], sw), _mm512_sub_ps(sw, a[k]));
+    }
+    for (int h = 1; h <= 2; h *= 2) /* h = 16, 32: whole registers */
+        for (int k = 0; k < 4; ++k)
+            if (!(k & h)) {
+                const __m512 u = a[k], w = a[k + h];
+                a[k] = _mm512_add_ps(u, w);
+                a[k + h] = _mm512_sub_ps(u, w);
+            }
+    const __m512 c = _mm512_set1_ps((float)(1.0 / sqrt(64.0)));
+    for (int k = 0; k < 4; ++k) _mm512_storeu_ps(x + 16 * k, _mm512_mul_ps(a[k], c));
+}
+#endif
+
 static void kv_fwht(float *x, int64_t d) {
+#ifdef __AVX512F__
+    if (d == 64) { kv_fwht64(x); return; }
+#endif
     for (int64_t h = 1; h < d; h *= 2)
         for (int64_t i = 0; i < d; i += 2 * h)
             for (int64_t j = i; j < i + h; j++) {

@@ -15,7 +15,8 @@ Bookkeeping only (the tensors are the cache's): which key block each block holds
 mirrored in the tensor ``map`` for the kernels), the free key blocks, and the factored blocks.
 A record lives while any of its blocks is still held (referenced or cached by the pool): the
 pool calls :meth:`reset` when a block is recycled or freed uncached. Memory held (the engine's
-``kv_bytes_in_use``): value blocks + key blocks held + the live records' tensors (``record_bytes``).
+``kv_bytes_in_use``, :meth:`KeyTier.bytes_held`): value blocks + key blocks held (each at its own
+codec's bytes) + the live records' tensors (``record_bytes``).
 """
 
 from __future__ import annotations
@@ -46,10 +47,13 @@ class Factored:
 
 
 class KeyTier:
-    def __init__(self, num_blocks: int, num_key_blocks: int):
+    def __init__(self, num_blocks: int, num_key_blocks: int, key_block_bytes: int = 0, value_block_bytes: int = 0):
+        """``key_block_bytes`` / ``value_block_bytes``: what one block's keys / the rest of it hold
+        (all layers; they differ where the codec stores keys apart, e.g. int4's smaller key groups)."""
         if num_key_blocks < 1:
             raise ValueError(f"the key tier needs at least one key block, got {num_key_blocks}")
         self.num_blocks, self.num_key_blocks = num_blocks, num_key_blocks
+        self.key_block_bytes, self.value_block_bytes = key_block_bytes, value_block_bytes
         self.kmap = [-1] * num_blocks
         self.map = torch.full((num_blocks,), -1, dtype=torch.int64)
         self._free: list[int] = list(range(num_key_blocks - 1, -1, -1))
@@ -60,6 +64,11 @@ class KeyTier:
         self.record_bytes = 0
         self.ref_count: list[int] | None = None  # the pool's reference counts (set by the engine)
         self.stats = {"blocks_factored": 0, "key_blocks_given_back": 0}
+
+    def bytes_held(self, blocks: int, key_blocks: int) -> int:
+        """KV bytes held by ``blocks`` referenced blocks (their values) of which ``key_blocks`` hold
+        their keys, plus the live factored records."""
+        return blocks * self.value_block_bytes + key_blocks * self.key_block_bytes + self.record_bytes
 
     # ------------------------------------------------------------------ key blocks
     def num_free(self) -> int:
@@ -163,11 +172,14 @@ class KeyTier:
         return k.transpose(0, 1)
 
 
-def build_tier(kv_bytes: int, block_bytes: int, key_share: float) -> tuple[int, KeyTier]:
+def build_tier(kv_bytes: int, spec, block_size: int, key_share: float) -> tuple[int, KeyTier]:
     """(blocks, their key tier) that ``kv_bytes`` holds when ``key_share`` of the blocks hold
-    keys: a block's keys are half its bytes (one plain storage per layer)."""
-    half = block_bytes // 2
-    n = int(kv_bytes // (half + key_share * half))
+    keys. A block's keys are its storages' key rows (the key codec's bytes, which int4 makes
+    larger than the values'); the rest of the block (values, any per-block extras) stays with it."""
+    block_bytes = spec.bytes_per_block(block_size)
+    key_bytes = spec.num_storages * block_size * spec.codec("k").bytes_per_row(spec.num_kv_heads)
+    value_bytes = block_bytes - key_bytes
+    n = int(kv_bytes // (value_bytes + key_share * key_bytes))
     if n < 1:
         raise ValueError(f"kv_cache_bytes={kv_bytes} holds no KV block ({block_bytes} bytes each)")
-    return n, KeyTier(n, max(1, int(n * key_share)))
+    return n, KeyTier(n, max(1, int(n * key_share)), key_bytes, value_bytes)

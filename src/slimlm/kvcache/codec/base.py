@@ -81,6 +81,12 @@ class KVCodec(ABC):
     (the native decode kernel) rotates the query by the key codec's :meth:`to_storage` before and
     the output by the value codec's :meth:`from_storage` after."""
 
+    attend_fp32: bool = False
+    """The native prefill kernel reads this codec's pools with the query, and so its arithmetic,
+    in float32 whatever the model dtype. For codecs whose decoded rows (and rotated queries) are
+    not bfloat16 values: in bf16 arithmetic both would be rounded to bf16 once more, an error the
+    full-KV path does not have (the model's bf16 queries and keys are exact there)."""
+
     wants_key_offsets: bool = False
     """The engine measures a static offset per storage and KV head (``codec/offsets.py``) and
     hands it to :meth:`set_offset`; the codec subtracts it before quantizing and adds it back in

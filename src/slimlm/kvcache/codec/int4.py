@@ -30,7 +30,8 @@ minimum costs two bytes. Per token (not KIVI's per channel over tokens) because 
 arrives once and is never re-quantized: blocks stay independent (prefix sharing, copies,
 compaction) and the native kernels read them in place. Keys in groups of 16: they carry almost
 all of int4's loss, and halving their groups took the perplexity change on 4,096 prose tokens
-(SmolLM2-135M, fp32, native kernels) from +3.7 % to +1.7 % (bf16 model: +3.9 % -> +2.2 %); values
+(SmolLM2-135M, fp32, native kernels) from +3.7 % to +1.7 % (bf16 model: +3.9 % -> +2.2 %, +1.9 %
+with the prefill attending in float32: ``FP32_ATTENTION``); values
 lose next to nothing at 32 (both in 16: +2.3 %; docs/techniques.md, "int4 at 2 %: keys in groups
 of 16, native"). Storage: d / 2 + 4 * d / group bytes per token-head (keys 48, values 40
 for d = 64, against 256 each in fp32). The native kernels read every combination of 16 / 32
@@ -50,6 +51,10 @@ NATIVE = True
 """Quantize with the native kernel where it runs (the same bytes; False: PyTorch only)."""
 ROTATE: tuple[str, ...] = ("k",)
 """The pools stored rotated: keys (values lose slightly when rotated, see the module docstring)."""
+FP32_ATTENTION = True
+"""The native prefill kernel attends to int4 pools in float32 in a bf16 engine too
+(``KVCodec.attend_fp32``: no bf16 rounding of the rotated query and the decoded rows; bf16
+model, 4,096 prose tokens: +2.2 % -> +1.9 % perplexity against full KV; set before the engine starts)."""
 OFFSETS = True
 """Keys take the engine's static per-channel offsets (``codec/offsets.py``; False: the codec
 before them, an experiment knob set before the engine starts)."""
@@ -63,6 +68,7 @@ class Int4Codec(KVCodec):
         super().__init__(compute_dtype, head_dim, role)
         self.rotates = role in ROTATE
         self.wants_key_offsets = role == "k" and OFFSETS
+        self.attend_fp32 = FP32_ATTENTION
         groups = {r: self.group_of(r, head_dim) for r in ("k", "v")}
         self.group = groups[role]
         if head_dim % 16 or any(g not in (16, 32) for g in groups.values()):
