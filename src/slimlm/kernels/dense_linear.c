@@ -10,13 +10,19 @@
  * Rows of W are split between threads in blocks of NR rows (each thread one contiguous range);
  * each block is applied to every row of x while it is in L1. For the first x row the block's rows
  * are read one after the other (two accumulators per row), so a thread's reads of W from DRAM are
- * one sequential stream; for the other x rows, with W in L1, the NR rows side by side (x loaded
- * once for NR rows; each row summed in the same order, so every x row's y is bitwise what it
- * would be alone: batch invariance). Reading the NR rows side by side (NR streams 2K or 4K bytes apart, each
- * restarting every block) was 1.3x (fp32) to 2x (bf16) slower with W streamed from DRAM, as in a
- * decode step: the hardware prefetchers follow one long stream, not NR short ones
- * (docs/benchmarks.md, "dense decode step"). Any K (masked tails). The portable loops (no
- * AVX-512) are the reference; kinds 0 and 1 there give the same values up to summation order.
+ * one sequential stream; the other x rows, with W in L1, go through register tiles of NX = 3 x
+ * rows x NR = 4 W rows (24 accumulators: each W vector loaded and widened once for 3 x rows, each
+ * x vector once for 4 W rows), every (x row, W row) pair summed in the same order as the first
+ * row's (the same two accumulators, steps, tail and final reduction), so every x row's y is
+ * bitwise what it would be alone: batch invariance. Reading the NR rows side by side from DRAM
+ * (NR streams 2K or 4K bytes apart, each restarting every block) was 1.3x (fp32) to 2x (bf16)
+ * slower with W streamed from DRAM, as in a decode step: the hardware prefetchers follow one long
+ * stream, not NR short ones (docs/benchmarks.md, "dense decode step"). The tiles took a 64-row
+ * step's GEMMs from 45-50 to 83-102 GFLOPS (fp32), 50 to 96-105 (bf16 widened), 141-168 to
+ * 174-191 (vdpbf16ps) per core (docs/benchmarks.md, "session 11: all-decode steps"). Kind 2's x
+ * is rounded to bf16 16 values at a time into a buffer the calling thread keeps (no allocation
+ * per call). Any K (masked tails). The portable loops (no AVX-512) are the reference; kinds 0 and
+ * 1 there give the same values up to summation order.
  */
 #include <stdint.h>
 #include <stdlib.h>
