@@ -49,6 +49,23 @@ int slimlm_dense_has_dpbf16(void) {
  * operands, one load per FMA (the load-bound loop the tiles are there to avoid) */
 #define KEEP(v) __asm__("" : "+v"(v))
 
+/* The next block's W rows (bytes from p) fetched into the cache while this block's tiles run, a
+ * share of its lines before each tile: with several x rows the first row's pass over the next
+ * block then reads from the cache instead of waiting on DRAM (past the last block the prefetches
+ * touch whatever follows W: harmless, a prefetch never faults). */
+typedef struct { const char *p, *end; size_t step; } prefetch_t;
+
+static inline prefetch_t prefetch_start(const char *p, size_t bytes, int64_t M) {
+    const size_t lines = (bytes + 63) / 64, tiles = (size_t)((M - 1) / NX > 0 ? (M - 1) / NX : 1);
+    prefetch_t pf = {p, p + bytes, 64 * ((lines + tiles - 1) / tiles)};
+    return pf;
+}
+
+static inline void prefetch_some(prefetch_t *pf) {
+    const char *stop = pf->p + pf->step < pf->end ? pf->p + pf->step : pf->end;
+    for (; pf->p < stop; pf->p += 64) __builtin_prefetch(pf->p, 0, 3);
+}
+
 /* y[j] = _mm512_reduce_add_ps(a0[j] + a1[j]) for the NR = 4 pairs, bitwise: the same tree of
  * additions (lane i + lane i + 8, then + 4, + 2, + 1), four vectors at a time (18 instructions
  * where four reductions take 36) */
@@ -142,7 +159,11 @@ static inline __attribute__((always_inline)) void block_f32x_of(const float *x, 
     int64_t m = 1;
     for (int i = 0; i < nr; i++) y[i] = row_f32x(x, (const char *)w + i * rs, bf16, K);
     if (nr == NR) {
-        for (; m + NX <= M; m += NX) tile_f32x(x + m * K, w, bf16, y + m * N, NX, N, K);
+        prefetch_t pf = prefetch_start((const char *)w + NR * rs, NR * rs, M);
+        for (; m + NX <= M; m += NX) {
+            prefetch_some(&pf);
+            tile_f32x(x + m * K, w, bf16, y + m * N, NX, N, K);
+        }
         if (M - m == 2) tile_f32x(x + m * K, w, bf16, y + m * N, 2, N, K);
         if (M - m == 1) tile_f32x(x + m * K, w, bf16, y + m * N, 1, N, K);
         return;
@@ -285,7 +306,11 @@ static void block_dpbf16(const uint16_t *xb, int64_t Kp, const uint16_t *w, floa
     int64_t m = 1;
     for (int i = 0; i < nr; i++) y[i] = row_dpbf16(xb, w + i * K, K);
     if (nr == NR) {
-        for (; m + NX <= M; m += NX) tile_dpbf16(xb + m * Kp, Kp, w, y + m * N, NX, N, K);
+        prefetch_t pf = prefetch_start((const char *)(w + NR * K), NR * K * 2, M);
+        for (; m + NX <= M; m += NX) {
+            prefetch_some(&pf);
+            tile_dpbf16(xb + m * Kp, Kp, w, y + m * N, NX, N, K);
+        }
         if (M - m == 2) tile_dpbf16(xb + m * Kp, Kp, w, y + m * N, 2, N, K);
         if (M - m == 1) tile_dpbf16(xb + m * Kp, Kp, w, y + m * N, 1, N, K);
         return;
