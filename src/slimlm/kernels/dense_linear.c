@@ -19,7 +19,9 @@
  * slower with W streamed from DRAM, as in a decode step: the hardware prefetchers follow one long
  * stream, not NR short ones (docs/benchmarks.md, "dense decode step"). The tiles took a 64-row
  * step's GEMMs from 45-50 to 83-102 GFLOPS (fp32), 50 to 96-105 (bf16 widened), 141-168 to
- * 174-191 (vdpbf16ps) per core (docs/benchmarks.md, "session 11: all-decode steps"). Kind 2's x
+ * 174-191 (vdpbf16ps) per core (docs/benchmarks.md, "session 11: all-decode steps"); while a
+ * block's tiles run, the next block's rows are prefetched, so the first x row's pass over it
+ * reads the cache, not DRAM (with one x row there is nothing to overlap: no prefetch). Kind 2's x
  * is rounded to bf16 16 values at a time into a buffer the calling thread keeps (no allocation
  * per call). Any K (masked tails). The portable loops (no AVX-512) are the reference; kinds 0 and
  * 1 there give the same values up to summation order.
