@@ -146,7 +146,8 @@ def test_native_head_equals_the_model_head(dtype, tiny_llama_dir):
 def test_dense_linear_kernel_any_shape(kind):
     """``slimlm_dense_linear`` against a float64 matmul: K tails (below, at and past the 16 / 32 /
     64-wide steps), N not a multiple of the row block, several x rows (kind 2 rounds x to bf16);
-    every x row's output bitwise the same as alone (rows after the first read W side by side)."""
+    every x row's output bitwise the same as alone (rows after the first are summed in tiles of 3 x
+    rows x 4 W rows, 1 or 2 x rows in the last tile, with a four-at-once final reduction)."""
     from slimlm import kernels
 
     lib = kernels.load("decode_layer")
@@ -154,7 +155,7 @@ def test_dense_linear_kernel_any_shape(kind):
         pytest.skip("no AVX512-BF16 build")
     g = torch.Generator().manual_seed(kind)
     for M, N, K in [(1, 1, 1), (1, 5, 15), (3, 7, 17), (1, 9, 33), (2, 6, 64), (1, 37, 100), (4, 13, 576),
-                    (5, 8, 100)]:
+                    (5, 8, 100), (6, 8, 70), (7, 12, 64), (8, 4, 129), (64, 20, 576)]:  # x-row tiles of 3: 1 / 2 left
         x = torch.randn(M, K, generator=g)
         w = torch.randn(N, K, generator=g).to(torch.float32 if kind == 0 else torch.bfloat16)
         y = torch.full((M, N), float("nan"))
@@ -166,3 +167,23 @@ def test_dense_linear_kernel_any_shape(kind):
             alone = torch.empty(1, N)
             lib.slimlm_dense_linear(x[m].data_ptr(), w.data_ptr(), kind, alone.data_ptr(), 1, N, K, 1)
             assert torch.equal(alone[0], y[m]), (M, N, K, m)
+
+
+def test_dense_linear_rounds_x_to_bf16_as_torch():
+    """Kind 2 rounds x to bf16 (vectorized, 16 at a time, then a scalar tail) exactly as
+    ``.bfloat16()``: ties to even, up and down, both signs; read back through an identity W (finite
+    values only: an infinity times W's zeros would turn the whole row into NaN)."""
+    from slimlm import kernels
+
+    lib = kernels.load("decode_layer")
+    if not lib.slimlm_dense_has_dpbf16():
+        pytest.skip("no AVX512-BF16 build")
+    K = 37  # two vectors of 16 and a tail of 5
+    ulp = 2.0 ** -7  # bf16's step in [1, 2)
+    x = torch.tensor([1 + ulp / 2, 1 + 3 * ulp / 2, -(1 + ulp / 2), 1 + ulp / 2 + 2 ** -20, 3.0e38, -1e-30,
+                      0.1, -7.25] * 5, dtype=torch.float32)[:K].reshape(1, K)
+    x[0, 33:] = x[0, :4]  # ties in the scalar tail too
+    w = torch.eye(K, dtype=torch.bfloat16)
+    y = torch.empty(1, K)
+    assert lib.slimlm_dense_linear(x.data_ptr(), w.data_ptr(), 2, y.data_ptr(), 1, K, K, 1) == 0
+    assert torch.equal(y, x.bfloat16().float())

@@ -1,6 +1,7 @@
 """Same-run A/B of dense weights through the native decode layers (kernels/dense_linear.c) and the
 native LM head (model/quant/native_head.py), batch-1 greedy decode ms/step after a 64-token prompt,
-alternating rounds in one process. Ratios only on a loaded machine.
+alternating rounds in one process (at THREADS=1 CPU time of the thread, time.thread_time: time
+spent descheduled does not count). Ratios only on a loaded machine.
 
   THREADS=1 python docs/results/raw/ab_dense_layer.py float32|bfloat16 [rounds]
       native layers + head vs the layer-by-layer PyTorch path and PyTorch's head (two engines);
@@ -16,6 +17,7 @@ import ctypes, os, statistics, subprocess, sys, tempfile, time, torch
 from pathlib import Path
 from slimlm import LLM, SamplingParams, kernels
 torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter  # 1 thread: CPU time
 args = [a for a in sys.argv[1:] if a not in ("--base", "--pages", "--base-4k")]
 base_ref = sys.argv[sys.argv.index("--base") + 1] if "--base" in sys.argv else None
 if base_ref:
@@ -35,9 +37,9 @@ def report(res: dict, base_key: str, base_name: str) -> None:
 def run(eng, n=32):
     eng.add_request(list(range(100, 164)), SamplingParams(temperature=0, max_tokens=n + 4, ignore_eos=True))
     for _ in range(4): eng.step()
-    t = time.perf_counter()
+    t = clock()
     for _ in range(n): eng.step()
-    dt = (time.perf_counter() - t) / n
+    dt = (clock() - t) / n
     while eng.has_unfinished(): eng.step()
     return dt * 1000
 

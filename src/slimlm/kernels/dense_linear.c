@@ -10,19 +10,28 @@
  * Rows of W are split between threads in blocks of NR rows (each thread one contiguous range);
  * each block is applied to every row of x while it is in L1. For the first x row the block's rows
  * are read one after the other (two accumulators per row), so a thread's reads of W from DRAM are
- * one sequential stream; for the other x rows, with W in L1, the NR rows side by side (x loaded
- * once for NR rows; each row summed in the same order, so every x row's y is bitwise what it
- * would be alone: batch invariance). Reading the NR rows side by side (NR streams 2K or 4K bytes apart, each
- * restarting every block) was 1.3x (fp32) to 2x (bf16) slower with W streamed from DRAM, as in a
- * decode step: the hardware prefetchers follow one long stream, not NR short ones
- * (docs/benchmarks.md, "dense decode step"). Any K (masked tails). The portable loops (no
- * AVX-512) are the reference; kinds 0 and 1 there give the same values up to summation order.
+ * one sequential stream; the other x rows, with W in L1, go through register tiles of NX = 3 x
+ * rows x NR = 4 W rows (24 accumulators: each W vector loaded and widened once for 3 x rows, each
+ * x vector once for 4 W rows), every (x row, W row) pair summed in the same order as the first
+ * row's (the same two accumulators, steps, tail and final reduction), so every x row's y is
+ * bitwise what it would be alone: batch invariance. Reading the NR rows side by side from DRAM
+ * (NR streams 2K or 4K bytes apart, each restarting every block) was 1.3x (fp32) to 2x (bf16)
+ * slower with W streamed from DRAM, as in a decode step: the hardware prefetchers follow one long
+ * stream, not NR short ones (docs/benchmarks.md, "dense decode step"). The tiles took a 64-row
+ * step's GEMMs from 45-50 to 83-102 GFLOPS (fp32), 50 to 96-105 (bf16 widened), 141-168 to
+ * 174-191 (vdpbf16ps) per core (docs/benchmarks.md, "session 11: all-decode steps"); while a
+ * block's tiles run, the next block's rows are prefetched, so the first x row's pass over it
+ * reads the cache, not DRAM (with one x row there is nothing to overlap: no prefetch). Kind 2's x
+ * is rounded to bf16 16 values at a time into a buffer the calling thread keeps (no allocation
+ * per call). Any K (masked tails). The portable loops (no AVX-512) are the reference; kinds 0 and
+ * 1 there give the same values up to summation order.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include "kv_pool.h"
 
 #define NR 4     /* output rows per block */
+#define NX 3     /* x rows per tile: 2 * NX * NR = 24 accumulators (reduce4 takes NR = 4) */
 #define DL_L 16  /* float lanes */
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -38,6 +47,45 @@ int slimlm_dense_has_dpbf16(void) {
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+/* a loaded vector held in a register: without this GCC folds the loads into the FMAs as memory
+ * operands, one load per FMA (the load-bound loop the tiles are there to avoid) */
+#define KEEP(v) __asm__("" : "+v"(v))
+
+/* The next block's W rows (bytes from p) fetched into the cache while this block's tiles run, a
+ * share of its lines before each tile: with several x rows the first row's pass over the next
+ * block then reads from the cache instead of waiting on DRAM (past the last block the prefetches
+ * touch whatever follows W: harmless, a prefetch never faults). */
+typedef struct { const char *p, *end; size_t step; } prefetch_t;
+
+static inline prefetch_t prefetch_start(const char *p, size_t bytes, int64_t M) {
+    const size_t lines = (bytes + 63) / 64, tiles = (size_t)((M - 1) / NX > 0 ? (M - 1) / NX : 1);
+    prefetch_t pf = {p, p + bytes, 64 * ((lines + tiles - 1) / tiles)};
+    return pf;
+}
+
+static inline void prefetch_some(prefetch_t *pf) {
+    const char *stop = pf->p + pf->step < pf->end ? pf->p + pf->step : pf->end;
+    for (; pf->p < stop; pf->p += 64) __builtin_prefetch(pf->p, 0, 3);
+}
+
+/* y[j] = _mm512_reduce_add_ps(a0[j] + a1[j]) for the NR = 4 pairs, bitwise: the same tree of
+ * additions (lane i + lane i + 8, then + 4, + 2, + 1), four vectors at a time (18 instructions
+ * where four reductions take 36) */
+static inline __attribute__((always_inline)) void reduce4(const __m512 *a0, const __m512 *a1, float *y) {
+    const __m512 A = _mm512_add_ps(a0[0], a1[0]), B = _mm512_add_ps(a0[1], a1[1]);
+    const __m512 C = _mm512_add_ps(a0[2], a1[2]), D = _mm512_add_ps(a0[3], a1[3]);
+    const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(A, B, _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm512_shuffle_f32x4(A, B, _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(C, D, _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm512_shuffle_f32x4(C, D, _MM_SHUFFLE(3, 2, 3, 2)));
+    __m512 t = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(3, 1, 3, 1)));
+    t = _mm512_add_ps(t, _mm512_permute_ps(t, _MM_SHUFFLE(1, 0, 3, 2)));
+    t = _mm512_add_ps(t, _mm512_permute_ps(t, _MM_SHUFFLE(2, 3, 0, 1)));
+    t = _mm512_permutexvar_ps(_mm512_set_epi32(15, 14, 13, 11, 10, 9, 7, 6, 5, 3, 2, 1, 12, 8, 4, 0), t);
+    _mm_storeu_ps(y, _mm512_castps512_ps128(t));
+}
+
 static inline __m512 ld_w(const void *w, int bf16, int64_t k) {
     if (!bf16) return _mm512_loadu_ps((const float *)w + k);
     __m256i b = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + k));
@@ -65,76 +113,138 @@ static inline float row_f32x(const float *x, const void *w, int bf16, int64_t K)
     return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 }
 
-/* 4 rows of W side by side against one x row (W in L1: x loaded once for the 4), each row summed
- * exactly as row_f32x sums it (the same two accumulators, steps and tail): bitwise the same y. */
-static void rows4_f32x(const float *x, const void *w, int bf16, float *y, int64_t K) {
-    const char *r0 = w, *r1 = r0 + K * (bf16 ? 2 : 4), *r2 = r1 + K * (bf16 ? 2 : 4), *r3 = r2 + K * (bf16 ? 2 : 4);
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0, d0 = a0, d1 = a0;
+/* A tile: the NR rows of W at w (in L1 by then) against nx <= NX x rows (x + i * K), into
+ * y + i * N. All 2 * nx * NR accumulators stay in registers, so each W vector is loaded (and
+ * widened) once for nx x rows and each x vector once for NR W rows: 14 loads per 24 FMAs at
+ * nx = 3, where one x row at a time took 10 per 8. Each (x row, W row) pair is summed exactly as
+ * row_f32x sums it (the same two accumulators, steps and tail, the same final reduction), so
+ * every y is bitwise what it is alone (batch invariance). nx is a constant at every call. */
+static inline __attribute__((always_inline)) void tile_f32x(const float *x, const void *w, int bf16, float *y,
+                                                            int nx, int64_t N, int64_t K) {
+    const size_t rs = (size_t)K * (bf16 ? 2 : 4);
+    __m512 a0[NX][NR], a1[NX][NR]; /* the two accumulators of each pair */
+#define TILE_STEP(acc, XLOAD, WLOAD)                                                       \
+    do {                                                                                   \
+        __m512 xv[NX];                                                                     \
+        _Pragma("GCC unroll 4") for (int i = 0; i < nx; i++) { xv[i] = XLOAD; KEEP(xv[i]); } \
+        _Pragma("GCC unroll 4") for (int j = 0; j < NR; j++) {                             \
+            __m512 wv = WLOAD;                                                             \
+            KEEP(wv);                                                                      \
+            _Pragma("GCC unroll 4") for (int i = 0; i < nx; i++) acc[i][j] = _mm512_fmadd_ps(wv, xv[i], acc[i][j]); \
+        }                                                                                  \
+    } while (0)
+#pragma GCC unroll 4
+    for (int i = 0; i < nx; i++)
+#pragma GCC unroll 4
+        for (int j = 0; j < NR; j++) a0[i][j] = a1[i][j] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 2 * DL_L <= K; k += 2 * DL_L) {
-        const __m512 xv = _mm512_loadu_ps(x + k), xw = _mm512_loadu_ps(x + k + DL_L);
-        a0 = _mm512_fmadd_ps(ld_w(r0, bf16, k), xv, a0);
-        a1 = _mm512_fmadd_ps(ld_w(r0, bf16, k + DL_L), xw, a1);
-        b0 = _mm512_fmadd_ps(ld_w(r1, bf16, k), xv, b0);
-        b1 = _mm512_fmadd_ps(ld_w(r1, bf16, k + DL_L), xw, b1);
-        c0 = _mm512_fmadd_ps(ld_w(r2, bf16, k), xv, c0);
-        c1 = _mm512_fmadd_ps(ld_w(r2, bf16, k + DL_L), xw, c1);
-        d0 = _mm512_fmadd_ps(ld_w(r3, bf16, k), xv, d0);
-        d1 = _mm512_fmadd_ps(ld_w(r3, bf16, k + DL_L), xw, d1);
+        TILE_STEP(a0, _mm512_loadu_ps(x + i * K + k), ld_w((const char *)w + j * rs, bf16, k));
+        TILE_STEP(a1, _mm512_loadu_ps(x + i * K + k + DL_L), ld_w((const char *)w + j * rs, bf16, k + DL_L));
     }
     for (; k < K; k += DL_L) {
         const __mmask16 mk = K - k >= DL_L ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
-        const __m512 xv = _mm512_maskz_loadu_ps(mk, x + k);
-        a0 = _mm512_fmadd_ps(ld_w_tail(r0, bf16, k, mk), xv, a0);
-        b0 = _mm512_fmadd_ps(ld_w_tail(r1, bf16, k, mk), xv, b0);
-        c0 = _mm512_fmadd_ps(ld_w_tail(r2, bf16, k, mk), xv, c0);
-        d0 = _mm512_fmadd_ps(ld_w_tail(r3, bf16, k, mk), xv, d0);
+        TILE_STEP(a0, _mm512_maskz_loadu_ps(mk, x + i * K + k), ld_w_tail((const char *)w + j * rs, bf16, k, mk));
     }
-    y[0] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-    y[1] = _mm512_reduce_add_ps(_mm512_add_ps(b0, b1));
-    y[2] = _mm512_reduce_add_ps(_mm512_add_ps(c0, c1));
-    y[3] = _mm512_reduce_add_ps(_mm512_add_ps(d0, d1));
+#undef TILE_STEP
+#pragma GCC unroll 4
+    for (int i = 0; i < nx; i++) reduce4(a0[i], a1[i], y + i * N);
 }
 
-/* nr rows of W (row stride K) against one x row: y[0..nr). seq: one row after the other (the
- * first x row: W comes from DRAM as one stream); else side by side (W is in L1 by then). */
-static void block_f32x(const float *x, const void *w, int bf16, float *y, int nr, int64_t K, int seq) {
-    const size_t es = bf16 ? 2 : 4;
-    if (!seq && nr == NR) {
-        rows4_f32x(x, w, bf16, y, K);
+/* nr rows of W (row stride K) against the M x rows (row stride K) into y (row stride N). The
+ * first x row reads the rows one after the other (W comes from DRAM as one stream); the others
+ * take the rows from L1 in tiles of NX x rows (a full block; a short last block row by row).
+ * bf16 is a constant at both calls below (no branch per load in the tiles). */
+static inline __attribute__((always_inline)) void block_f32x_of(const float *x, const void *w, const int bf16,
+                                                                float *y, int nr, int64_t M, int64_t N, int64_t K) {
+    const size_t rs = (size_t)K * (bf16 ? 2 : 4);
+    int64_t m = 1;
+    for (int i = 0; i < nr; i++) y[i] = row_f32x(x, (const char *)w + i * rs, bf16, K);
+    if (nr == NR) {
+        prefetch_t pf = prefetch_start((const char *)w + NR * rs, NR * rs, M);
+        for (; m + NX <= M; m += NX) {
+            prefetch_some(&pf);
+            tile_f32x(x + m * K, w, bf16, y + m * N, NX, N, K);
+        }
+        if (M - m == 2) tile_f32x(x + m * K, w, bf16, y + m * N, 2, N, K);
+        if (M - m == 1) tile_f32x(x + m * K, w, bf16, y + m * N, 1, N, K);
         return;
     }
-    for (int i = 0; i < nr; i++) y[i] = row_f32x(x, (const char *)w + (size_t)i * K * es, bf16, K);
+    for (; m < M; m++)
+        for (int i = 0; i < nr; i++) y[m * N + i] = row_f32x(x + m * K, (const char *)w + i * rs, bf16, K);
+}
+
+static void block_f32x(const float *x, const void *w, int bf16, float *y, int nr, int64_t M, int64_t N,
+                       int64_t K) {
+    if (bf16)
+        block_f32x_of(x, w, 1, y, nr, M, N, K);
+    else
+        block_f32x_of(x, w, 0, y, nr, M, N, K);
 }
 #else
-static void block_f32x(const float *x, const void *w, int bf16, float *y, int nr, int64_t K, int seq) {
-    (void)seq;
-    for (int i = 0; i < nr; i++) {
-        float acc[DL_L] = {0};
-        int64_t k = 0;
-        if (bf16) {
-            const uint16_t *wr = (const uint16_t *)w + (size_t)i * K;
-            for (; k + DL_L <= K; k += DL_L) {
+static void block_f32x(const float *x, const void *w, int bf16, float *y, int nr, int64_t M, int64_t N,
+                       int64_t K) {
+    for (int64_t m = 0; m < M; m++)
+        for (int i = 0; i < nr; i++) {
+            const float *xm = x + m * K;
+            float acc[DL_L] = {0};
+            int64_t k = 0;
+            if (bf16) {
+                const uint16_t *wr = (const uint16_t *)w + (size_t)i * K;
+                for (; k + DL_L <= K; k += DL_L) {
 #pragma omp simd
-                for (int l = 0; l < DL_L; l++) acc[l] += bf16_to_f32(wr[k + l]) * x[k + l];
-            }
-            for (; k < K; k++) acc[k % DL_L] += bf16_to_f32(wr[k]) * x[k];
-        } else {
-            const float *wr = (const float *)w + (size_t)i * K;
-            for (; k + DL_L <= K; k += DL_L) {
+                    for (int l = 0; l < DL_L; l++) acc[l] += bf16_to_f32(wr[k + l]) * xm[k + l];
+                }
+                for (; k < K; k++) acc[k % DL_L] += bf16_to_f32(wr[k]) * xm[k];
+            } else {
+                const float *wr = (const float *)w + (size_t)i * K;
+                for (; k + DL_L <= K; k += DL_L) {
 #pragma omp simd
-                for (int l = 0; l < DL_L; l++) acc[l] += wr[k + l] * x[k + l];
+                    for (int l = 0; l < DL_L; l++) acc[l] += wr[k + l] * xm[k + l];
+                }
+                for (; k < K; k++) acc[k % DL_L] += wr[k] * xm[k];
             }
-            for (; k < K; k++) acc[k % DL_L] += wr[k] * x[k];
+            float s = 0.f;
+            for (int l = 0; l < DL_L; l++) s += acc[l];
+            y[m * N + i] = s;
         }
-        float s = 0.f;
-        for (int l = 0; l < DL_L; l++) s += acc[l];
-        y[i] = s;
-    }
 }
 #endif
 
 #ifdef SLIMLM_DPBF16
+/* 16 floats to bfloat16 exactly as f32_to_bf16 (kv_pool.h): round to nearest even, NaN kept NaN
+ * (vcvtneps2bf16 would flush denormals to zero) */
+static inline __m256i bf16x16(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v), one = _mm512_set1_epi32(1);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                  _mm512_set1_epi32(0x7f800000));
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
+    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
+    const __m512i q = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, r, q));
+}
+
+/* one x row (K) into xb (Kp >= K, a multiple of 32) as bf16, zero-padded */
+static void to_bf16_row(const float *x, uint16_t *xb, int64_t K, int64_t Kp) {
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) _mm256_storeu_si256((__m256i *)(xb + k), bf16x16(_mm512_loadu_ps(x + k)));
+    for (; k < K; k++) xb[k] = f32_to_bf16(x[k]);
+    for (; k < Kp; k++) xb[k] = 0;
+}
+
+/* The calling thread's bf16 copy of x, kept between calls (grown as needed, never shrunk): no
+ * allocation per call (a 100+ KB calloc is an mmap, its pages faulted in again every call). */
+static uint16_t *xb_scratch(size_t n) {
+    static _Thread_local uint16_t *buf;
+    static _Thread_local size_t cap;
+    if (n > cap) {
+        free(buf);
+        buf = malloc(n * sizeof(uint16_t));
+        cap = buf ? n : 0;
+    }
+    return buf;
+}
+
 #define DP(acc, r, k) _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512((const void *)((r) + (k))), \
                                        (__m512bh)_mm512_loadu_si512((const void *)(xb + (k))))
 #define DP_TAIL(acc, r, k, mk) _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(mk, (r) + (k)), \
@@ -154,39 +264,62 @@ static inline float row_dpbf16(const uint16_t *xb, const uint16_t *r, int64_t K)
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 }
+#undef DP
+#undef DP_TAIL
 
-/* 4 rows side by side, each summed as row_dpbf16 sums it (bitwise the same y) */
-static void rows4_dpbf16(const uint16_t *xb, const uint16_t *w, float *y, int64_t K) {
-    const uint16_t *r0 = w, *r1 = w + K, *r2 = w + 2 * K, *r3 = w + 3 * K;
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0, d0 = a0, d1 = a0;
+/* tile_f32x for vdpbf16ps: NR rows of W against nx <= NX bf16 x rows (xb + i * Kp), each pair
+ * summed exactly as row_dpbf16 sums it (bitwise the same y as alone) */
+static inline __attribute__((always_inline)) void tile_dpbf16(const uint16_t *xb, int64_t Kp, const uint16_t *w,
+                                                              float *y, int nx, int64_t N, int64_t K) {
+    __m512 a0[NX][NR], a1[NX][NR];
+#define TILE_STEP(acc, XLOAD, WLOAD)                                                       \
+    do {                                                                                   \
+        __m512bh xv[NX];                                                                   \
+        _Pragma("GCC unroll 4") for (int i = 0; i < nx; i++) { xv[i] = (__m512bh)XLOAD; KEEP(xv[i]); } \
+        _Pragma("GCC unroll 4") for (int j = 0; j < NR; j++) {                             \
+            __m512bh wv = (__m512bh)WLOAD;                                                 \
+            KEEP(wv);                                                                      \
+            _Pragma("GCC unroll 4") for (int i = 0; i < nx; i++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], wv, xv[i]); \
+        }                                                                                  \
+    } while (0)
+#pragma GCC unroll 4
+    for (int i = 0; i < nx; i++)
+#pragma GCC unroll 4
+        for (int j = 0; j < NR; j++) a0[i][j] = a1[i][j] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 64 <= K; k += 64) {
-        a0 = DP(a0, r0, k); a1 = DP(a1, r0, k + 32);
-        b0 = DP(b0, r1, k); b1 = DP(b1, r1, k + 32);
-        c0 = DP(c0, r2, k); c1 = DP(c1, r2, k + 32);
-        d0 = DP(d0, r3, k); d1 = DP(d1, r3, k + 32);
+        TILE_STEP(a0, _mm512_loadu_si512((const void *)(xb + i * Kp + k)),
+                  _mm512_loadu_si512((const void *)(w + j * K + k)));
+        TILE_STEP(a1, _mm512_loadu_si512((const void *)(xb + i * Kp + k + 32)),
+                  _mm512_loadu_si512((const void *)(w + j * K + k + 32)));
     }
     for (; k < K; k += 32) {
         const __mmask32 mk = K - k >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1ull << (K - k)) - 1);
-        a0 = DP_TAIL(a0, r0, k, mk); b0 = DP_TAIL(b0, r1, k, mk);
-        c0 = DP_TAIL(c0, r2, k, mk); d0 = DP_TAIL(d0, r3, k, mk);
+        TILE_STEP(a0, _mm512_loadu_si512((const void *)(xb + i * Kp + k)), _mm512_maskz_loadu_epi16(mk, w + j * K + k));
     }
-    y[0] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-    y[1] = _mm512_reduce_add_ps(_mm512_add_ps(b0, b1));
-    y[2] = _mm512_reduce_add_ps(_mm512_add_ps(c0, c1));
-    y[3] = _mm512_reduce_add_ps(_mm512_add_ps(d0, d1));
+#undef TILE_STEP
+#pragma GCC unroll 4
+    for (int i = 0; i < nx; i++) reduce4(a0[i], a1[i], y + i * N);
 }
 
-/* nr rows of W against one x row; seq as for block_f32x */
-static void block_dpbf16(const uint16_t *xb, const uint16_t *w, float *y, int nr, int64_t K, int seq) {
-    if (!seq && nr == NR) {
-        rows4_dpbf16(xb, w, y, K);
+/* block_f32x for vdpbf16ps (x rows xb, row stride Kp) */
+static void block_dpbf16(const uint16_t *xb, int64_t Kp, const uint16_t *w, float *y, int nr, int64_t M,
+                         int64_t N, int64_t K) {
+    int64_t m = 1;
+    for (int i = 0; i < nr; i++) y[i] = row_dpbf16(xb, w + i * K, K);
+    if (nr == NR) {
+        prefetch_t pf = prefetch_start((const char *)(w + NR * K), NR * K * 2, M);
+        for (; m + NX <= M; m += NX) {
+            prefetch_some(&pf);
+            tile_dpbf16(xb + m * Kp, Kp, w, y + m * N, NX, N, K);
+        }
+        if (M - m == 2) tile_dpbf16(xb + m * Kp, Kp, w, y + m * N, 2, N, K);
+        if (M - m == 1) tile_dpbf16(xb + m * Kp, Kp, w, y + m * N, 1, N, K);
         return;
     }
-    for (int i = 0; i < nr; i++) y[i] = row_dpbf16(xb, w + (size_t)i * K, K);
+    for (; m < M; m++)
+        for (int i = 0; i < nr; i++) y[m * N + i] = row_dpbf16(xb + m * Kp, w + i * K, K);
 }
-#undef DP
-#undef DP_TAIL
 #endif
 
 int slimlm_dense_linear(const float *x, const void *w, int kind, float *y, int64_t M, int64_t N, int64_t K,
@@ -198,18 +331,19 @@ int slimlm_dense_linear(const float *x, const void *w, int kind, float *y, int64
         return 3;
 #else
         const int64_t Kp = (K + 31) / 32 * 32;
-        uint16_t *xb = calloc((size_t)(M * Kp), sizeof(uint16_t));
+        uint16_t *xb = xb_scratch((size_t)(M * Kp));
         if (!xb) return 2;
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t k = 0; k < K; k++) xb[m * Kp + k] = f32_to_bf16(x[m * K + k]);
         const uint16_t *wb = w;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-        for (int64_t b = 0; b < nblk; b++) {
-            const int64_t n0 = b * NR;
-            const int nr = (int)(N - n0 < NR ? N - n0 : NR);
-            for (int64_t m = 0; m < M; m++) block_dpbf16(xb + m * Kp, wb + n0 * K, y + m * N + n0, nr, K, m == 0);
+#pragma omp parallel num_threads(nthreads)
+        {
+#pragma omp for schedule(static)
+            for (int64_t m = 0; m < M; m++) to_bf16_row(x + m * K, xb + m * Kp, K, Kp);
+#pragma omp for schedule(static)
+            for (int64_t b = 0; b < nblk; b++) {
+                const int64_t n0 = b * NR;
+                block_dpbf16(xb, Kp, wb + n0 * K, y + n0, (int)(N - n0 < NR ? N - n0 : NR), M, N, K);
+            }
         }
-        free(xb);
         return 0;
 #endif
     }
@@ -217,9 +351,8 @@ int slimlm_dense_linear(const float *x, const void *w, int kind, float *y, int64
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t b = 0; b < nblk; b++) {
         const int64_t n0 = b * NR;
-        const int nr = (int)(N - n0 < NR ? N - n0 : NR);
-        for (int64_t m = 0; m < M; m++)
-            block_f32x(x + m * K, (const char *)w + (size_t)n0 * K * es, kind == 1, y + m * N + n0, nr, K, m == 0);
+        block_f32x(x, (const char *)w + (size_t)n0 * K * es, kind == 1, y + n0, (int)(N - n0 < NR ? N - n0 : NR), M,
+                   N, K);
     }
     return 0;
 }

@@ -1,4 +1,4 @@
-/* Vector math the attention kernels share (included by paged_prefill.c and sparse_prefill.c).
+/* Vector math the kernels share (included by paged_prefill.c, sparse_prefill.c and decode_layer.c).
  * Header-only and static inline; compiled only where the including kernel has AVX-512. */
 #ifndef SLIMLM_SIMD_MATH_H
 #define SLIMLM_SIMD_MATH_H
