@@ -1,7 +1,9 @@
 """Per-operator split of the prefill steps' non-matmul work ("rest" in throughput_split.py):
 the `slimlm bench throughput` prompts through one engine with max_tokens=1 (prompt chunks only),
 under the PyTorch profiler at 1 thread; prints the operators by self CPU time, those that are not
-matmul (aten::mm / addmm / linear) or attention kernels being the "rest".
+matmul (aten::mm / addmm / linear) or attention kernels being the "rest". The native elementwise
+kernels (kernels/elementwise.py, ctypes calls the profiler cannot see) are recorded as
+"native::<name>" when the tree has them. (The profiler's times are wall times: compare shares.)
 
   THREADS=1 python docs/results/raw/prefill_rest_profile.py float32|bfloat16 [num_prompts] [rows]
 """
@@ -14,6 +16,20 @@ torch.set_num_threads(int(os.environ.get("THREADS", "1")))
 from slimlm import LLM, SamplingParams  # noqa: E402
 from slimlm.bench.workloads import mixed_prompts  # noqa: E402
 from slimlm.model.hub import load  # noqa: E402
+
+try:
+    from slimlm.kernels import elementwise  # noqa: E402
+
+    def recorded(fn, name):
+        def run(*a, **k):
+            with torch.profiler.record_function(name):
+                return fn(*a, **k)
+        return run
+
+    for fn in ("rms_norm", "silu_mul", "rope"):
+        setattr(elementwise, fn, recorded(getattr(elementwise, fn), f"native::{fn}"))
+except ImportError:  # a tree without the kernels
+    pass
 
 dtype = sys.argv[1]
 n = int(sys.argv[2]) if len(sys.argv) > 2 else 8

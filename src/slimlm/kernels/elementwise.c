@@ -189,6 +189,33 @@ int slimlm_rms_norm(const void *x, int64_t xs, const void *r, int64_t rs, void *
     return 0;
 }
 
+#ifdef __AVX512F__
+/* 16 (masked) elements as float32 */
+static inline __m512 ld16m(const void *p, int64_t k, __mmask16 m, int dtype) {
+    if (dtype == 0) return _mm512_maskz_loadu_ps(m, (const float *)p + k);
+    const __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)p + k);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* float32 -> bfloat16 bits in the low halves of 32-bit lanes, rounded as to_bf16 */
+static inline __m512i bf16_bits(__m512 f) {
+    const __m512i u = _mm512_castps_si512(f);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q);
+    return _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+}
+
+static inline __m512 rt16(__m512 f) { return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(f), 16)); }
+
+static inline void st16m(void *p, int64_t k, __mmask16 m, __m512 f, int dtype) {
+    if (dtype == 0) _mm512_mask_storeu_ps((float *)p + k, m, f);
+    else _mm256_mask_storeu_epi16((uint16_t *)p + k, m, _mm512_cvtepi32_epi16(bf16_bits(f)));
+}
+
+static inline __mmask16 tail16(int64_t left) { return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1); }
+#endif
+
 /* y = silu(g) * u, rows of n; a bf16 silu(g) is rounded before the product, as PyTorch's two ops do */
 int slimlm_silu_mul(const void *g, int64_t gs, const void *u, int64_t us, void *y, int64_t ys, int64_t rows,
                     int64_t n, int dtype, int nthreads) {
@@ -196,27 +223,30 @@ int slimlm_silu_mul(const void *g, int64_t gs, const void *u, int64_t us, void *
     const int64_t es = dtype == 0 ? 4 : 2;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (rows * n >= EW_MIN_PAR)
     for (int64_t i = 0; i < rows; ++i) {
+        const char *gr = row_at(g, i, gs, dtype), *ur = row_at(u, i, us, dtype);
+        char *yr = (char *)y + i * ys * es;
+#ifdef __AVX512F__
+        for (int64_t k = 0; k < n; k += 16) {
+            const __mmask16 m = tail16(n - k);
+            const __m512 x = ld16m(gr, k, m, dtype);
+            __m512 a = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+            if (dtype == 1) a = rt16(a);
+            st16m(yr, k, m, _mm512_mul_ps(a, ld16m(ur, k, m, dtype)), dtype);
+        }
+#else
         float a[EW_CHUNK], b[EW_CHUNK];
         for (int64_t c0 = 0; c0 < n; c0 += EW_CHUNK) {
             const int64_t m = n - c0 < EW_CHUNK ? n - c0 : EW_CHUNK;
-            load_row(row_at(g, i, gs, dtype) + c0 * es, dtype, m, a);
-            load_row(row_at(u, i, us, dtype) + c0 * es, dtype, m, b);
-            int64_t k = 0;
-#ifdef __AVX512F__
-            for (; k < m; k += 16) {
-                const __mmask16 mk = m - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (m - k)) - 1);
-                const __m512 x = _mm512_maskz_loadu_ps(mk, a + k);
-                const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), x));
-                _mm512_mask_storeu_ps(a + k, mk, _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
-            }
-#endif
-            for (; k < m; ++k) a[k] = a[k] / (1.0f + expf(-a[k]));
+            load_row(gr + c0 * es, dtype, m, a);
+            load_row(ur + c0 * es, dtype, m, b);
+            for (int64_t k = 0; k < m; ++k) a[k] = a[k] / (1.0f + expf(-a[k]));
             if (dtype == 1)
-                for (k = 0; k < m; ++k) a[k] = rt_bf16(a[k]) * b[k];
+                for (int64_t k = 0; k < m; ++k) a[k] = rt_bf16(a[k]) * b[k];
             else
-                for (k = 0; k < m; ++k) a[k] = a[k] * b[k];
-            store_row(a, dtype, m, (char *)y + (i * ys + c0) * es);
+                for (int64_t k = 0; k < m; ++k) a[k] = a[k] * b[k];
+            store_row(a, dtype, m, yr + c0 * es);
         }
+#endif
     }
     return 0;
 }
