@@ -54,7 +54,7 @@ for r in range(rounds):
         elementwise._lib = native_lib if mode == "native" else (lambda *t: None)
         llm.engine.pool.reset_prefix_cache()
         T.clear()
-        outs[mode] = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        outs[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         for part in ("step", "linear", "attention"):
             results[mode][part].append(T[part])
         results[mode]["rest"].append(T["step"] - T["linear"] - T["attention"])
