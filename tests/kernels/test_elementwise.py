@@ -94,6 +94,9 @@ def test_it_stands_aside_for_autograd_other_dtypes_and_when_turned_off(monkeypat
         assert elementwise.rms_norm(x.half(), w.half(), 1e-6) is None
         assert elementwise.silu_mul(x.t(), x.t()) is None  # last dimension not contiguous
         assert elementwise.silu_mul(x, x.double()) is None
+        big = torch.ones(1, elementwise.ROW_MAX + 1)
+        assert elementwise.rms_norm(big, big[0], 1e-6) is None  # longer than the kernel's row buffer
+        assert elementwise.rope(torch.ones(1, 2, 2 * 1024), torch.ones(1, 2, 1024), torch.ones(1, 2, 1024), 1024) is None
     monkeypatch.setattr(kernels, "_loaded", {})
     monkeypatch.setenv("SLIMLM_NATIVE", "0")
     with torch.no_grad():

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 
 CODES = {torch.float32: 0, torch.bfloat16: 1}
+ROW_MAX, HEAD_MAX = 16384, 512
+"""The longest RMSNorm row and RoPE head the kernel takes (elementwise.c's EW_ROW_MAX, EW_CHUNK)."""
 
 
 def _lib(*tensors: torch.Tensor):
@@ -48,7 +50,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     the kernel does not apply."""
     extra = () if residual is None else (residual,)
     lib = _lib(x, weight, *extra)
-    if lib is None or weight.dim() != 1 or weight.shape[0] != x.shape[-1] or not weight.is_contiguous():
+    if (lib is None or weight.dim() != 1 or weight.shape[0] != x.shape[-1] or not weight.is_contiguous()
+            or not 0 < x.shape[-1] <= ROW_MAX):
         return None
     if residual is not None and residual.shape != x.shape:
         return None
@@ -69,7 +72,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:
     """``F.silu(g) * u`` (same shapes), or None."""
     lib = _lib(g, u)
-    if lib is None or g.shape != u.shape:
+    if lib is None or g.shape != u.shape or g.shape[-1] == 0:
         return None
     g2, u2 = _rows(g), _rows(u)
     if g2 is None or u2 is None:
@@ -87,7 +90,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, d: int) -> torch
     result's ``transpose(1, 2)`` is ``apply_rope`` of ``x.view(B, T, H, d).transpose(1, 2)``. None
     when the kernel does not apply."""
     lib = _lib(x, cos, sin)
-    if lib is None or x.dim() != 3 or x.shape[-1] % d or cos.shape != (*x.shape[:2], d) or sin.shape != cos.shape:
+    if (lib is None or x.dim() != 3 or d % 2 or not 0 < d <= HEAD_MAX or x.shape[-1] % d or x.shape[-1] == 0
+            or cos.shape != (*x.shape[:2], d) or sin.shape != cos.shape):
         return None
     x2, c2, s2 = _rows(x), _rows(cos), _rows(sin)
     if x2 is None or c2 is None or s2 is None or c2.stride(0) != s2.stride(0):
