@@ -119,13 +119,21 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
         "slimlm_gemm_scratch_bytes": (_I64, (_INT, _I64, _I64)),  # dtype, M, K
         "slimlm_gemm_supported": (_INT, (_INT,)),  # dtype
     },
+    "elementwise": {
+        # x, xs, r, rs, h, hs, y, ys, w, rows, D, eps, dtype (0 fp32, 1 bf16), nthreads (strides in elements)
+        "slimlm_rms_norm": (_INT, (_PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _F32, _INT, _INT)),
+        # g, gs, u, us, y, ys, rows, n, dtype, nthreads
+        "slimlm_silu_mul": (_INT, (_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _INT, _INT)),
+        # x, xs, y, ys, cos, sin, cs, rows, heads, d, dtype, nthreads
+        "slimlm_rope": (_INT, (_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _INT, _INT)),
+    },
 }
 
 INCLUDES: dict[str, list[str]] = {"decode_layer": ["qlinear.c", "paged_decode.c", "kv_pool.h", "dense_linear.c",
                                                    "simd_math.h"],
                                   "paged_decode": ["kv_pool.h", "simd_math.h"], "paged_prefill": ["kv_pool.h", "simd_math.h"],
                                   "sparse_decode": ["kv_pool.h", "sparse_select.h"], "sparse_prefill": ["kv_pool.h", "simd_math.h"],
-                                  "gemm": ["kv_pool.h"]}
+                                  "gemm": ["kv_pool.h"], "elementwise": ["kv_pool.h", "simd_math.h"]}
 """Kernel files another one ``#include``s (part of its build key, so editing them rebuilds it)."""
 
 _loaded: dict[str, ctypes.CDLL | None] = {}

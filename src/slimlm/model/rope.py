@@ -119,8 +119,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, d); cos/sin: (B, T, d)."""
-    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+    """x: (B, H, T, d); cos/sin: (B, T, d). ``x * cos + rotate_half(x) * sin`` with the same
+    roundings (each product, then the sum), without building ``rotate_half(x)``."""
+    h = x.shape[-1] // 2
+    c, s = cos[:, None], sin[:, None]
+    out = x * c
+    out[..., :h] -= x[..., h:] * s[..., :h]  # -x2 * s1 rounds to -(x2 * s1)
+    out[..., h:] += x[..., :h] * s[..., h:]
+    return out
 
 
 def rotation(inv_freq: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimlm.kernels import elementwise
 from slimlm.model.attention import AttentionBackend, DenseAttention
 from slimlm.model.config import ModelConfig
 from slimlm.model import mup
@@ -30,12 +31,39 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = elementwise.rms_norm(x, self.weight, self.eps)  # one native pass (inference on the CPU)
+        if y is not None:
+            return y
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op
         dtype = x.dtype  # half precision: normalise in fp32, round, then scale, as transformers does
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+    def add_forward(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h, self(h))`` for ``h = x + r`` (a residual add and the next norm; one pass natively,
+        unless the module has hooks, which then see the call as usual)."""
+        out = None if self._forward_hooks or self._forward_pre_hooks else elementwise.rms_norm(x, self.weight, self.eps, r)
+        if out is not None:
+            return out
+        h = x + r
+        return h, self(h)
+
+
+def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's ``F.silu(g) * u`` (one native pass for inference on the CPU)."""
+    y = elementwise.silu_mul(g, u)
+    return F.silu(g) * u if y is None else y
+
+
+def rope_heads(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, d: int) -> torch.Tensor:
+    """x (B, T, H * d), a projection's output -> its heads rotated, (B, H, T, d)."""
+    y = elementwise.rope(x, cos, sin, d)
+    if y is not None:
+        return y.transpose(1, 2)
+    B, T = x.shape[:2]
+    return apply_rope(x.view(B, T, -1, d).transpose(1, 2), cos, sin)
 
 
 class Attention(nn.Module):
@@ -62,19 +90,19 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         d = self.cfg.head_dim
         if q_rows is None and fused_ok(self.qkv, self.q_proj):
-            q, k, v = (t.view(B, T, -1, d).transpose(1, 2) for t in self.qkv(x).split(self.sizes, -1))
-            out = attn.attend(self.layer, apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+            y = self.qkv(x)
+            nq = self.sizes[0] + self.sizes[1]
+            qk = rope_heads(y[..., :nq], cos, sin, d)  # q's and k's heads rotated in one call
+            v = y[..., nq:].view(B, T, -1, d).transpose(1, 2)
+            out = attn.attend(self.layer, qk[:, : self.cfg.num_heads], qk[:, self.cfg.num_heads:], v)
             return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
-        k = self.k_proj(x).view(B, T, -1, d).transpose(1, 2)  # (B, Hkv, T, d)
+        k = rope_heads(self.k_proj(x), cos, sin, d)  # (B, Hkv, T, d)
         v = self.v_proj(x).view(B, T, -1, d).transpose(1, 2)  # (B, Hkv, T, d)
-        k = apply_rope(k, cos, sin)
         if q_rows is None:
-            q = apply_rope(self.q_proj(x).view(B, T, -1, d).transpose(1, 2), cos, sin)  # (B, Hq, T, d)
+            q = rope_heads(self.q_proj(x), cos, sin, d)  # (B, Hq, T, d)
             out = attn.attend(self.layer, q, k, v)  # (B, Hq, T, d)
         else:
-            R = q_rows.numel()
-            q = self.q_proj(x[:, q_rows]).view(B, R, -1, d).transpose(1, 2)  # (B, Hq, R, d)
-            q = apply_rope(q, cos[:, q_rows], sin[:, q_rows])
+            q = rope_heads(self.q_proj(x[:, q_rows]), cos[:, q_rows], sin[:, q_rows], d)  # (B, Hq, R, d)
             out = attn.attend(self.layer, q, k, v, q_rows)  # (B, Hq, R, d)
         return self.o_proj(out.transpose(1, 2).reshape(B, out.shape[2], -1))
 
@@ -93,8 +121,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fused_ok(self.gate_up, self.gate_proj):
             g, u = self.gate_up(x).chunk(2, -1)
-            return self.down_proj(F.silu(g) * u)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(silu_mul(g, u))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 @dataclass
@@ -145,6 +173,10 @@ class DecoderLayer(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend,
         plan: RowPlan | None = None,
     ) -> torch.Tensor:
+        if plan is None and not self.post_ln:  # Pre-LN: the residual add and the second norm in one pass
+            h, n = self.post_attention_layernorm.add_forward(x, self.self_attn(self.input_layernorm(x), cos, sin, attn))
+            m = self.mlp(n)
+            return h + m if h.requires_grad else h.add_(m)  # h is this call's own tensor
         if plan is None:
             return self.mlp_block(self.attn_block(x, cos, sin, attn))
         x = self.attn_block(x, cos, sin, attn, plan.q_rows)
