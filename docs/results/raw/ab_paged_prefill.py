@@ -11,13 +11,14 @@ Times are CPU time of this thread at 1 thread (time.thread_time), medians over r
 
   python docs/results/raw/ab_paged_prefill.py [--base REV] [--dtype bfloat16|float32] [--rounds 5]
                                               [--shapes FILE.json]"""
-import argparse, ctypes, json, os, statistics, subprocess, tempfile, time
+import argparse, ctypes, json, os, statistics, tempfile, time
 from pathlib import Path
 
 import torch
 
 from slimlm import kernels
 from slimlm.kernels.ops import NATIVE_DTYPES
+import kernel_rev  # docs/results/raw/kernel_rev.py
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parents[3]
@@ -35,20 +36,8 @@ code = NATIVE_DTYPES[dtype]
 
 
 def build(rev: str | None, tmp: Path) -> ctypes.CDLL:
-    """The kernel compiled from revision ``rev`` (None: the working tree), same flags as kernels.load."""
-    src = tmp / (rev or "tree")
-    src.mkdir()
-    for f in ["paged_prefill.c", *kernels.INCLUDES["paged_prefill"]]:
-        path = f"src/slimlm/kernels/{f}"
-        text = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=REPO, capture_output=True, check=True).stdout \
-            if rev else (REPO / path).read_bytes()
-        (src / f).write_bytes(text)
-    so = src / "k.so"
-    subprocess.run(["cc", *kernels._flags(), str(src / "paged_prefill.c"), "-o", str(so), "-lm"], check=True)
-    lib = ctypes.CDLL(str(so))
-    res, args = kernels.SIGNATURES["paged_prefill"]["slimlm_paged_prefill"]
-    lib.slimlm_paged_prefill.restype, lib.slimlm_paged_prefill.argtypes = res, args
-    return lib
+    """paged_prefill compiled from revision ``rev`` (None: the working tree), as kernels.load builds it."""
+    return kernel_rev.build("paged_prefill", rev, tmp)
 
 
 shapes = [tuple(s) for s in json.loads(Path(a.shapes).read_text())]

@@ -6,7 +6,7 @@ PagedAttention.attend (KV write and all attention of the layer path) and in the 
 
   python docs/results/raw/ab_paged_prefill_engine.py [--base REV] [--dtype bfloat16] [--prompts 16]
                                                      [--rounds 2]"""
-import argparse, ctypes, statistics, subprocess, tempfile, time
+import argparse, ctypes, statistics, tempfile, time
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +17,7 @@ from slimlm import LLM, SamplingParams, kernels
 from slimlm.bench.workloads import mixed_prompts
 from slimlm.engine import paged_attention as pa
 from slimlm.model.hub import load
+import kernel_rev  # docs/results/raw/kernel_rev.py
 
 REPO = Path(__file__).resolve().parents[3]
 ap = argparse.ArgumentParser()
@@ -30,19 +31,7 @@ torch.set_num_threads(1)
 
 def build(rev: str | None, tmp: Path) -> ctypes.CDLL:
     """paged_prefill compiled from revision ``rev`` (None: the working tree), as kernels.load builds it."""
-    src = tmp / (rev or "tree")
-    src.mkdir()
-    for f in ["paged_prefill.c", *kernels.INCLUDES["paged_prefill"]]:
-        path = f"src/slimlm/kernels/{f}"
-        text = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=REPO, capture_output=True, check=True).stdout \
-            if rev else (REPO / path).read_bytes()
-        (src / f).write_bytes(text)
-    so = src / "k.so"
-    subprocess.run(["cc", *kernels._flags(), str(src / "paged_prefill.c"), "-o", str(so), "-lm"], check=True)
-    lib = ctypes.CDLL(str(so))
-    for fn, (res, args) in kernels.SIGNATURES["paged_prefill"].items():
-        getattr(lib, fn).restype, getattr(lib, fn).argtypes = res, args
-    return lib
+    return kernel_rev.build("paged_prefill", rev, tmp)
 
 
 T = defaultdict(float)
