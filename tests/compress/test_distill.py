@@ -51,7 +51,10 @@ def batch(prepared):
 def test_kl_is_zero_when_student_is_teacher(teacher_dir, prepared):
     model = load(teacher_dir).model
     obj = DistillObjective(DistillConfig(teacher="x", hidden_weight=1.0), copy.deepcopy(model), model)
-    assert obj(model, batch(prepared), 0).item() == 0.0
+    # the teacher runs without autograd, so it takes the native elementwise kernels (SiLU x up on
+    # exp512, within a few ulp of PyTorch's: kernels/elementwise.c) while the student trains on
+    # PyTorch's ops: zero up to that rounding
+    assert abs(obj(model, batch(prepared), 0).item()) < 1e-5
     x = torch.randn(5, 11)
     assert kl_sum(x, x, 2.0).item() == 0.0 and kl_sum(x, x.flip(0), 2.0).item() > 0
 
