@@ -131,7 +131,7 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
 
 INCLUDES: dict[str, list[str]] = {"decode_layer": ["qlinear.c", "paged_decode.c", "kv_pool.h", "dense_linear.c",
                                                    "simd_math.h"],
-                                  "paged_decode": ["kv_pool.h", "simd_math.h"], "paged_prefill": ["kv_pool.h", "simd_math.h"],
+                                  "paged_decode": ["kv_pool.h", "simd_math.h"], "paged_prefill": ["kv_pool.h", "simd_math.h", "amx.h"],
                                   "sparse_decode": ["kv_pool.h", "sparse_select.h"], "sparse_prefill": ["kv_pool.h", "simd_math.h"],
                                   "gemm": ["kv_pool.h"], "elementwise": ["kv_pool.h", "simd_math.h"]}
 """Kernel files another one ``#include``s (part of its build key, so editing them rebuilds it)."""

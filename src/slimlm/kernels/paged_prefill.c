@@ -32,11 +32,13 @@
  * Work per tile is two passes over the repacked K and V of one head, which stay in L2 while
  * the tiles of that head are served. The key-range entry (below) runs the same tiles.
  */
+#define _GNU_SOURCE /* syscall() in amx.h under -std=c11 */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "amx.h"
 #include "kv_pool.h"
 #include "simd_math.h"
 #ifdef __AVX512F__
@@ -44,6 +46,9 @@
 #define SLIMLM_HAVE_AVX512 1
 #ifdef __AVX512BF16__
 #define SLIMLM_HAVE_BF16 1
+#if defined(SLIMLM_AMX)
+#define SLIMLM_PREFILL_AMX 1 /* bf16 pools with bf16 queries: the two products on AMX tiles */
+#endif
 #endif
 #endif
 
@@ -225,6 +230,7 @@ typedef struct {
     int64_t next;
     int failed;
     float *lanes; /* mass: MASS_LANES buffers of n floats per KV head, or NULL */
+    int amx;      /* 1: the AMX tiles (tile_amx) serve this call */
 } tile_args;
 
 #define MASS_LANES 8 /* work items per KV head when mass is accumulated (fixed: deterministic sums) */
@@ -445,10 +451,198 @@ static void tile(const tile_args *a, int64_t h, int64_t t0, float *S, uint16_t *
     }
 }
 
+#ifdef SLIMLM_PREFILL_AMX
+/* ------------------------------------------------------------------------------------------------
+ * The AMX tile (bf16 pools, bf16 queries). Its 16 rows stack the query heads of one KV head
+ * (GQA: G heads x 16 / G consecutive positions, so a K or V tile load serves every head of the
+ * group and the rows of one position share their causal end). Both products run on the tiles,
+ * fp32 accumulation: S = Q K^T (A: 16 rows x 32 dimensions of Q, B: the repacked key group, whose
+ * 16-lane layout of dimension pairs is already AMX's pair-interleaved B layout) and O = P V (A: the
+ * rows' bf16 probabilities over 32 keys, B: the repacked value pairs, again the B layout as it is).
+ * The softmax between them is the AVX-512 one of tile() above; the probabilities are rounded to
+ * bf16 for P V as there, so the AMX path differs from the vdpbf16ps one only in the order of the
+ * fp32 sums. On this path the repacked frame has an even number of key groups (32-key chunks for
+ * P V, the padding keys zero).
+ *
+ * Tile registers (all 16 rows x 64 bytes): 0, 1 A; 2, 3 B; 4 .. 7 C. */
+#define AR 16 /* rows of an AMX tile */
+
+static void amx_tiles_on(void) {
+    int rows[8], colsb[8];
+    for (int i = 0; i < 8; ++i) rows[i] = AR, colsb[i] = 64;
+    amx_configure(8, rows, colsb);
+}
+
+/* Raw scores of the 16 rows in Q (d bf16 each, contiguous) against key groups [kg0, kg1) of KV head
+ * g into S[r * ldS + 16 kg ..]. */
+static void scores_amx(const tile_args *a, int64_t g, const uint16_t *Q, int64_t kg0, int64_t kg1, float *S,
+                       int64_t ldS) {
+    const int64_t d = a->d, half = d / 2;
+    const uint32_t *kb = (const uint32_t *)a->kp + g * a->nkg * half * 16;
+    if (d == 64) { /* the query tiles stay loaded; two key groups per step into alternating C tiles */
+        _tile_loadd(0, Q, 128);
+        _tile_loadd(1, Q + 32, 128);
+        int64_t kg = kg0;
+        for (; kg + 1 < kg1; kg += 2) {
+            const uint32_t *k = kb + kg * half * 16;
+            _tile_zero(4);
+            _tile_zero(5);
+            _tile_loadd(2, k, 64);
+            _tile_loadd(3, k + 256, 64);
+            _tile_dpbf16ps(4, 0, 2);
+            _tile_dpbf16ps(4, 1, 3);
+            _tile_loadd(2, k + 512, 64);
+            _tile_loadd(3, k + 768, 64);
+            _tile_dpbf16ps(5, 0, 2);
+            _tile_dpbf16ps(5, 1, 3);
+            _tile_stored(4, S + kg * 16, ldS * 4);
+            _tile_stored(5, S + kg * 16 + 16, ldS * 4);
+        }
+        if (kg < kg1) {
+            const uint32_t *k = kb + kg * half * 16;
+            _tile_zero(4);
+            _tile_loadd(2, k, 64);
+            _tile_loadd(3, k + 256, 64);
+            _tile_dpbf16ps(4, 0, 2);
+            _tile_dpbf16ps(4, 1, 3);
+            _tile_stored(4, S + kg * 16, ldS * 4);
+        }
+        return;
+    }
+    for (int64_t kg = kg0; kg < kg1; ++kg) { /* d = 128 .. 256: the query tiles reloaded (from L1) */
+        const uint32_t *k = kb + kg * half * 16;
+        _tile_zero(4);
+        for (int64_t i = 0; i < d / 32; ++i) {
+            _tile_loadd(0, Q + 32 * i, d * 2);
+            _tile_loadd(2, k + 256 * i, 64);
+            _tile_dpbf16ps(4, 0, 2);
+        }
+        _tile_stored(4, S + kg * 16, ldS * 4);
+    }
+}
+
+/* The rows (t0 + r / hh, head h0 + r % hh), r < 16 and t < T, of KV head g (hh heads per position,
+ * tt = 16 / hh positions): scores, masked softmax, P V, each row divided once by its sum; written
+ * as tile() writes its rows (lse and mass too). */
+static void tile_amx(const tile_args *a, int64_t g, int64_t h0, int64_t hh, int64_t tt, int64_t t0, float *S,
+                     uint16_t *P, int64_t ldS, float *mlane) {
+    const int64_t d = a->d, nvb = d / 16;
+    const int64_t nt = a->T - t0 < tt ? a->T - t0 : tt, nr = nt * hh;
+    uint16_t Q[AR * 256] __attribute__((aligned(64)));
+    float O[AR * 64] __attribute__((aligned(64)));
+    int64_t hi[AR], tr[AR], hr[AR], n_tile = a->lo;
+    for (int64_t r = 0; r < AR; ++r) {
+        if (r >= nr) { /* padding row: no query, no key, never written */
+            memset(Q + r * d, 0, (size_t)d * 2);
+            hi[r] = a->lo;
+            continue;
+        }
+        tr[r] = t0 + r / hh;
+        hr[r] = h0 + r % hh;
+        memcpy(Q + r * d, (const uint16_t *)a->q + tr[r] * a->qs_t + hr[r] * a->qs_h, (size_t)d * 2);
+        const int64_t e = a->causal && a->cq + tr[r] + 1 < a->n ? a->cq + tr[r] + 1 : a->n;
+        hi[r] = e > a->lo ? e : a->lo;
+        if (hi[r] > n_tile) n_tile = hi[r];
+    }
+    float inv[AR];
+    if (n_tile <= a->lo) { /* no row has a key here */
+        for (int64_t r = 0; r < nr; ++r) {
+            const int64_t at = tr[r] * a->os_t + hr[r] * a->os_h;
+            if (a->out_f32) memset((float *)a->out + at, 0, (size_t)d * sizeof(float));
+            else memset((uint16_t *)a->out + at, 0, (size_t)d * 2);
+            if (a->lse) a->lse[tr[r] * a->Hq + hr[r]] = -INFINITY;
+        }
+        return;
+    }
+    const int64_t kg0 = a->lo / 16, base = kg0 * 16, base32 = base & ~(int64_t)31;
+    const int64_t kg1 = ((n_tile + 31) / 32) * 2, ncols = kg1 * 16; /* within the frame's even nkg */
+    scores_amx(a, g, Q, kg0, kg1, S, ldS);
+    const float c = a->scale * 1.44269504088896341f;
+    for (int64_t r = 0; r < AR; ++r) {
+        uint16_t *p = P + r * ldS;
+        if (hi[r] <= a->lo) { /* probabilities 0 */
+            inv[r] = 0.f;
+            memset(p + base32, 0, (size_t)(ncols - base32) * 2);
+            if (mlane) memset(S + r * ldS + base, 0, (size_t)(ncols - base) * sizeof(float));
+            if (a->lse && r < nr) a->lse[tr[r] * a->Hq + hr[r]] = -INFINITY;
+            continue;
+        }
+        float *s = S + r * ldS, mx;
+        if (base32 < base) memset(p + base32, 0, (size_t)(base - base32) * 2);
+        inv[r] = softmax_row(s, base, a->lo, hi[r], ncols, c, mlane ? s : NULL, p, &mx);
+        if (a->lse) a->lse[tr[r] * a->Hq + hr[r]] = mx * a->scale - logf(inv[r]);
+    }
+    if (mlane) add_mass(mlane, S, ldS, inv, hi, nr);
+    const uint32_t *vb = (const uint32_t *)a->vp + g * a->nkg * 8 * nvb * 16;
+    for (int64_t cb0 = 0; cb0 < nvb; cb0 += 4) { /* output dimensions in blocks of 64: four C tiles */
+        _tile_zero(4);
+        _tile_zero(5);
+        _tile_zero(6);
+        _tile_zero(7);
+        for (int64_t k = base32; k < ncols; k += 32) {
+            const uint32_t *v = vb + ((k / 2) * nvb + cb0) * 16; /* key pairs k/2 .., dimensions 16 cb0 .. */
+            _tile_loadd(0, P + k, ldS * 2);
+            _tile_loadd(2, v, nvb * 64);
+            _tile_loadd(3, v + 16, nvb * 64);
+            _tile_dpbf16ps(4, 0, 2);
+            _tile_dpbf16ps(5, 0, 3);
+            _tile_loadd(2, v + 32, nvb * 64);
+            _tile_loadd(3, v + 48, nvb * 64);
+            _tile_dpbf16ps(6, 0, 2);
+            _tile_dpbf16ps(7, 0, 3);
+        }
+        _tile_stored(4, O, 256);
+        _tile_stored(5, O + 16, 256);
+        _tile_stored(6, O + 32, 256);
+        _tile_stored(7, O + 48, 256);
+        for (int64_t r = 0; r < nr; ++r) {
+            const int64_t at = tr[r] * a->os_t + hr[r] * a->os_h + cb0 * 16;
+            const __m512 w = _mm512_set1_ps(inv[r]);
+            for (int j = 0; j < 4; ++j) {
+                const __m512 o = _mm512_mul_ps(_mm512_load_ps(O + r * 64 + 16 * j), w);
+                if (a->out_f32) _mm512_storeu_ps((float *)a->out + at + 16 * j, o);
+                else _mm256_storeu_si256((__m256i *)((uint16_t *)a->out + at + 16 * j), (__m256i)_mm512_cvtneps_pbh(o));
+            }
+        }
+    }
+}
+
+/* tiles() on AMX: work items (KV head, chunk of its query heads, positions), longest first within
+ * a KV head; with mass, (KV head, lane) as there. The thread's tile state is configured here and
+ * released at the end. */
+static void tiles_amx(tile_args *a, float *S, uint16_t *P, int64_t ld) {
+    const int64_t G = a->Hq / a->Hkv, hh = G < AR ? G : AR, nhc = (G + hh - 1) / hh, tt = AR / hh;
+    const int64_t nta = (a->T + tt - 1) / tt, per_head = nta * nhc;
+    amx_tiles_on();
+    if (a->lanes) {
+        for (;;) {
+            const int64_t item = __atomic_fetch_add(&a->next, 1, __ATOMIC_RELAXED);
+            if (item >= a->Hkv * MASS_LANES) break;
+            const int64_t g = item / MASS_LANES, lane = item % MASS_LANES;
+            for (int64_t i = lane; i < nta; i += MASS_LANES)
+                for (int64_t c = 0; c < nhc; ++c) {
+                    const int64_t h0 = g * G + c * hh, nh = G - c * hh < hh ? G - c * hh : hh;
+                    tile_amx(a, g, h0, nh, tt, i * tt, S, P, ld, a->lanes + item * a->n);
+                }
+        }
+    } else {
+        for (;;) {
+            const int64_t item = __atomic_fetch_add(&a->next, 1, __ATOMIC_RELAXED);
+            if (item >= a->Hkv * per_head) break;
+            const int64_t g = item / per_head, rem = item % per_head, c = rem % nhc;
+            const int64_t h0 = g * G + c * hh, nh = G - c * hh < hh ? G - c * hh : hh;
+            tile_amx(a, g, h0, nh, tt, (nta - 1 - rem / nhc) * tt, S, P, ld, NULL);
+        }
+    }
+    _tile_release();
+}
+#endif
+
 static _Thread_local float *tl_s = NULL;
 static _Thread_local uint16_t *tl_p = NULL;
 static _Thread_local int64_t tl_cap = 0;
-#define TL_KEEP 16384 /* keys: per-thread tile scratch up to R x 16k x 6 B (~0.6 MB) is kept between calls */
+#define SR 16 /* rows of the tile scratch: R, or the AMX tile's 16 */
+#define TL_KEEP 16384 /* keys: per-thread tile scratch up to 16 x 16k x 6 B (~1.5 MB) is kept between calls */
 
 static void release_tiles(void) {
     free(tl_s);
@@ -463,11 +657,18 @@ static void tiles(tile_args *a) {
     if (tl_cap < ld) {
         free(tl_s);
         free(tl_p);
-        tl_s = (float *)malloc((size_t)(R * ld) * sizeof(float));
-        tl_p = (uint16_t *)malloc((size_t)(R * ld) * sizeof(uint16_t));
+        tl_s = (float *)malloc((size_t)(SR * ld) * sizeof(float));
+        tl_p = (uint16_t *)malloc((size_t)(SR * ld) * sizeof(uint16_t));
         tl_cap = (tl_s && tl_p) ? ld : 0;
         if (!tl_cap) { __atomic_store_n(&a->failed, 1, __ATOMIC_RELAXED); return; }
     }
+#ifdef SLIMLM_PREFILL_AMX
+    if (a->amx) {
+        tiles_amx(a, tl_s, tl_p, ld);
+        if (tl_cap > TL_KEEP) release_tiles();
+        return;
+    }
+#endif
     const int64_t G = a->Hq / a->Hkv, per_head = a->ntiles * G;
     if (a->lanes) { /* item = (KV head, lane): tiles lane, lane + MASS_LANES, ... of its G query heads */
         for (;;) {
@@ -500,9 +701,10 @@ static void release_repack(void) {
 }
 
 /* Repack ``ra``'s keys (ra->n of them from its table, formats and sizes set) into the calling
- * thread's scratch, grown as needed; fills ra->kp, ra->vp, ra->nkg. Returns 0, or 2 without memory. */
-static int repack_all(repack_args *ra, int nthreads) {
+ * thread's scratch, grown as needed; fills ra->kp, ra->vp, ra->nkg (even when ``even``). Returns 0, or 2 without memory. */
+static int repack_all(repack_args *ra, int nthreads, int even) {
     ra->nkg = (ra->n + 15) / 16;
+    if (even) ra->nkg += ra->nkg & 1; /* the AMX tiles read keys in chunks of 32 */
     const size_t need = (size_t)(ra->Hkv * ra->nkg * 16 * ra->d) * (ra->dtype == 1 ? 2 : 4); /* bytes, each of K and V */
     if (need > cap) {
         free(kp);
@@ -518,6 +720,18 @@ static int repack_all(repack_args *ra, int nthreads) {
 #pragma omp parallel num_threads(nthreads)
     repack(ra);
     return 0;
+}
+
+/* Whether the AMX tiles serve a call: bf16 pools read with bf16 arithmetic, on a CPU (and process)
+ * with AMX, SLIMLM_AMX not "0". Other pool formats and fp32 keep the AVX-512 tiles. */
+static int use_amx(int code, int dtype) {
+#ifdef SLIMLM_PREFILL_AMX
+    return code == 1 && dtype == 1 && amx_ready();
+#else
+    (void)code;
+    (void)dtype;
+    return 0;
+#endif
 }
 
 /* The tiles of ``ta`` (its frame and outputs set) over the repacked ``ra``, then the scratch kept
@@ -561,7 +775,8 @@ int slimlm_paged_prefill_ex(const void *q, int64_t qs_t, int64_t qs_h, const voi
     const int64_t n = q_start + T;
     repack_args ra = {k_pool, v_pool, table, NULL, NULL, n, 0, Hkv, d, block_size, dtype, 0,
                       kv_code, k_aux, k_aux2, v_aux, v_aux2};
-    if (repack_all(&ra, nthreads)) return 2;
+    const int amx = use_amx(kv_code, dtype);
+    if (repack_all(&ra, nthreads, amx)) return 2;
     float *lanes = NULL;
     if (mass) {
         lanes = (float *)calloc((size_t)(Hkv * MASS_LANES * n), sizeof(float));
@@ -569,7 +784,7 @@ int slimlm_paged_prefill_ex(const void *q, int64_t qs_t, int64_t qs_h, const voi
     }
     tile_args ta = {.q = q, .out = out, .qs_t = qs_t, .qs_h = qs_h, .os_t = os_t, .os_h = os_h, .T = T, .Hq = Hq,
                     .Hkv = Hkv, .d = d, .lo = 0, .n = n, .cq = q_start, .causal = 1, .scale = scale, .dtype = dtype,
-                    .lanes = lanes};
+                    .lanes = lanes, .amx = amx};
     const int rc = run_tiles(&ta, &ra, nthreads);
     if (lanes) { /* lanes in order, added to each key's slot */
         for (int64_t g = 0; g < Hkv; ++g)
@@ -630,10 +845,11 @@ int slimlm_paged_prefill_range(const void *q, int64_t qs_t, int64_t qs_h, const 
     }
     repack_args ra = {k_pool, v_pool, table + a0 / block_size, NULL, NULL, k_hi - a0, 0, Hkv, d, block_size, dtype, 0,
                       kv_code, k_aux, k_aux2, v_aux, v_aux2};
-    if (repack_all(&ra, nthreads)) return 2;
+    const int amx = use_amx(kv_code, dtype);
+    if (repack_all(&ra, nthreads, amx)) return 2;
     tile_args ta = {.q = q, .out = out, .lse = lse, .qs_t = qs_t, .qs_h = qs_h, .os_t = os_t, .os_h = os_h, .T = T,
                     .Hq = Hq, .Hkv = Hkv, .d = d, .lo = k_lo - a0, .n = k_hi - a0, .cq = q_start - a0,
-                    .causal = causal != 0, .out_f32 = 1, .scale = scale, .dtype = dtype};
+                    .causal = causal != 0, .out_f32 = 1, .scale = scale, .dtype = dtype, .amx = amx};
     return run_tiles(&ta, &ra, nthreads);
 #else
     (void)q; (void)qs_t; (void)qs_h; (void)k_pool; (void)k_aux; (void)k_aux2; (void)v_pool; (void)v_aux; (void)v_aux2;
