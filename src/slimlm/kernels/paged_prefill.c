@@ -521,15 +521,21 @@ static void scores_amx(const tile_args *a, int64_t g, const uint16_t *Q, int64_t
     }
 }
 
+#define KB 256 /* keys per block of the online softmax (S and P of a block stay in L1) */
+
 /* The rows (t0 + r / hh, head h0 + r % hh), r < 16 and t < T, of KV head g (hh heads per position,
- * tt = 16 / hh positions): scores, masked softmax, P V, each row divided once by its sum; written
- * as tile() writes its rows (lse and mass too). */
+ * tt = 16 / hh positions), over blocks of KB keys with an online softmax: per block the scores,
+ * each row's running maximum m (raw scores) and sum l (rescaled by 2^(c (m_old - m)) when m
+ * grows), its bf16 probabilities exp2(c s - c m), then the block's P V, added to the fp32 output
+ * rows rescaled the same way; at the end each row divided once by l. With mass, one block covers
+ * every key (the two-pass softmax of tile(): the fp32 probabilities in S are final). Written as
+ * tile() writes its rows (lse and mass too). */
 static void tile_amx(const tile_args *a, int64_t g, int64_t h0, int64_t hh, int64_t tt, int64_t t0, float *S,
                      uint16_t *P, int64_t ldS, float *mlane) {
     const int64_t d = a->d, nvb = d / 16;
     const int64_t nt = a->T - t0 < tt ? a->T - t0 : tt, nr = nt * hh;
     uint16_t Q[AR * 256] __attribute__((aligned(64)));
-    float O[AR * 64] __attribute__((aligned(64)));
+    float O[AR * 256] __attribute__((aligned(64))), Ob[AR * 64] __attribute__((aligned(64)));
     int64_t hi[AR], tr[AR], hr[AR], n_tile = a->lo;
     for (int64_t r = 0; r < AR; ++r) {
         if (r >= nr) { /* padding row: no query, no key, never written */
@@ -544,7 +550,6 @@ static void tile_amx(const tile_args *a, int64_t g, int64_t h0, int64_t hh, int6
         hi[r] = e > a->lo ? e : a->lo;
         if (hi[r] > n_tile) n_tile = hi[r];
     }
-    float inv[AR];
     if (n_tile <= a->lo) { /* no row has a key here */
         for (int64_t r = 0; r < nr; ++r) {
             const int64_t at = tr[r] * a->os_t + hr[r] * a->os_h;
@@ -554,57 +559,86 @@ static void tile_amx(const tile_args *a, int64_t g, int64_t h0, int64_t hh, int6
         }
         return;
     }
-    const int64_t kg0 = a->lo / 16, base = kg0 * 16, base32 = base & ~(int64_t)31;
-    const int64_t kg1 = ((n_tile + 31) / 32) * 2, ncols = kg1 * 16; /* within the frame's even nkg */
-    scores_amx(a, g, Q, kg0, kg1, S, ldS);
+    const int64_t base = a->lo / 16 * 16, base32 = base & ~(int64_t)31;
+    const int64_t ncols = (n_tile + 31) / 32 * 32; /* within the frame's even nkg */
+    const int64_t kb = mlane ? ncols - base32 : KB;
     const float c = a->scale * 1.44269504088896341f;
-    for (int64_t r = 0; r < AR; ++r) {
-        uint16_t *p = P + r * ldS;
-        if (hi[r] <= a->lo) { /* probabilities 0 */
-            inv[r] = 0.f;
-            memset(p + base32, 0, (size_t)(ncols - base32) * 2);
-            if (mlane) memset(S + r * ldS + base, 0, (size_t)(ncols - base) * sizeof(float));
-            if (a->lse && r < nr) a->lse[tr[r] * a->Hq + hr[r]] = -INFINITY;
-            continue;
-        }
-        float *s = S + r * ldS, mx;
-        if (base32 < base) memset(p + base32, 0, (size_t)(base - base32) * 2);
-        inv[r] = softmax_row(s, base, a->lo, hi[r], ncols, c, mlane ? s : NULL, p, &mx);
-        if (a->lse) a->lse[tr[r] * a->Hq + hr[r]] = mx * a->scale - logf(inv[r]);
-    }
-    if (mlane) add_mass(mlane, S, ldS, inv, hi, nr);
     const uint32_t *vb = (const uint32_t *)a->vp + g * a->nkg * 8 * nvb * 16;
-    for (int64_t cb0 = 0; cb0 < nvb; cb0 += 4) { /* output dimensions in blocks of 64: four C tiles */
-        _tile_zero(4);
-        _tile_zero(5);
-        _tile_zero(6);
-        _tile_zero(7);
-        for (int64_t k = base32; k < ncols; k += 32) {
-            const uint32_t *v = vb + ((k / 2) * nvb + cb0) * 16; /* key pairs k/2 .., dimensions 16 cb0 .. */
-            _tile_loadd(0, P + k, ldS * 2);
-            _tile_loadd(2, v, nvb * 64);
-            _tile_loadd(3, v + 16, nvb * 64);
-            _tile_dpbf16ps(4, 0, 2);
-            _tile_dpbf16ps(5, 0, 3);
-            _tile_loadd(2, v + 32, nvb * 64);
-            _tile_loadd(3, v + 48, nvb * 64);
-            _tile_dpbf16ps(6, 0, 2);
-            _tile_dpbf16ps(7, 0, 3);
+    float m[AR], l[AR], alpha[AR];
+    for (int64_t r = 0; r < AR; ++r) m[r] = -INFINITY, l[r] = 0.f;
+    memset(O, 0, (size_t)(nr * d) * sizeof(float));
+    for (int64_t k0 = base32; k0 < ncols; k0 += kb) {
+        const int64_t k1 = k0 + kb < ncols ? k0 + kb : ncols, b0 = base > k0 ? base : k0;
+        scores_amx(a, g, Q, b0 / 16, k1 / 16, S, ldS);
+        for (int64_t r = 0; r < AR; ++r) {
+            uint16_t *p = P + r * ldS;
+            const int64_t lo = a->lo > k0 ? a->lo : k0, h = hi[r] < k1 ? hi[r] : k1;
+            alpha[r] = 1.f;
+            if (h <= lo) { /* no key of this row in the block: probabilities 0 */
+                memset(p + k0, 0, (size_t)(k1 - k0) * 2);
+                if (mlane) memset(S + r * ldS + b0, 0, (size_t)(k1 - b0) * sizeof(float));
+                continue;
+            }
+            const float *s = S + r * ldS;
+            const int64_t f0 = (lo + 15) & ~(int64_t)15, hf = h & ~(int64_t)15, f1 = hf > f0 ? hf : f0;
+            __m512 mv = _mm512_set1_ps(-INFINITY);
+            for (int64_t k = b0; k < f0; k += 16) mv = _mm512_mask_max_ps(mv, live16(k, lo, h), mv, _mm512_loadu_ps(s + k));
+            for (int64_t k = f0; k < f1; k += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + k));
+            for (int64_t k = f1; k < h; k += 16) mv = _mm512_mask_max_ps(mv, live16(k, lo, h), mv, _mm512_loadu_ps(s + k));
+            const float mb = _mm512_reduce_max_ps(mv), mn = mb > m[r] ? mb : m[r];
+            if (mn > m[r]) alpha[r] = m[r] == -INFINITY ? 0.f : exp2f((m[r] - mn) * c);
+            m[r] = mn;
+            const __m512 cv = _mm512_set1_ps(c), mc = _mm512_set1_ps(mn * c);
+            float *pf = mlane ? S + r * ldS : NULL;
+            __m512 sum = _mm512_setzero_ps();
+            exp_cols(s, b0, f0, lo, h, 1, cv, mc, &sum, pf, p);
+            exp_cols(s, f0, f1, lo, h, 0, cv, mc, &sum, pf, p);
+            exp_cols(s, f1, k1, lo, h, 1, cv, mc, &sum, pf, p);
+            l[r] = l[r] * alpha[r] + _mm512_reduce_add_ps(sum);
+            if (b0 > k0) memset(p + k0, 0, (size_t)(b0 - k0) * 2);
         }
-        _tile_stored(4, O, 256);
-        _tile_stored(5, O + 16, 256);
-        _tile_stored(6, O + 32, 256);
-        _tile_stored(7, O + 48, 256);
-        for (int64_t r = 0; r < nr; ++r) {
-            const int64_t at = tr[r] * a->os_t + hr[r] * a->os_h + cb0 * 16;
-            const __m512 w = _mm512_set1_ps(inv[r]);
-            for (int j = 0; j < 4; ++j) {
-                const __m512 o = _mm512_mul_ps(_mm512_load_ps(O + r * 64 + 16 * j), w);
-                if (a->out_f32) _mm512_storeu_ps((float *)a->out + at + 16 * j, o);
-                else _mm256_storeu_si256((__m256i *)((uint16_t *)a->out + at + 16 * j), (__m256i)_mm512_cvtneps_pbh(o));
+        for (int64_t cb0 = 0; cb0 < nvb; cb0 += 4) { /* output dimensions in blocks of 64: four C tiles */
+            _tile_zero(4);
+            _tile_zero(5);
+            _tile_zero(6);
+            _tile_zero(7);
+            for (int64_t k = k0; k < k1; k += 32) {
+                const uint32_t *v = vb + ((k / 2) * nvb + cb0) * 16; /* key pairs k/2 .., dimensions 16 cb0 .. */
+                _tile_loadd(0, P + k, ldS * 2);
+                _tile_loadd(2, v, nvb * 64);
+                _tile_loadd(3, v + 16, nvb * 64);
+                _tile_dpbf16ps(4, 0, 2);
+                _tile_dpbf16ps(5, 0, 3);
+                _tile_loadd(2, v + 32, nvb * 64);
+                _tile_loadd(3, v + 48, nvb * 64);
+                _tile_dpbf16ps(6, 0, 2);
+                _tile_dpbf16ps(7, 0, 3);
+            }
+            _tile_stored(4, Ob, 256);
+            _tile_stored(5, Ob + 16, 256);
+            _tile_stored(6, Ob + 32, 256);
+            _tile_stored(7, Ob + 48, 256);
+            for (int64_t r = 0; r < nr; ++r) {
+                const __m512 w = _mm512_set1_ps(alpha[r]);
+                float *o = O + r * d + cb0 * 16;
+                for (int j = 0; j < 4; ++j)
+                    _mm512_store_ps(o + 16 * j, _mm512_fmadd_ps(_mm512_load_ps(o + 16 * j), w, _mm512_load_ps(Ob + r * 64 + 16 * j)));
             }
         }
     }
+    float inv[AR];
+    for (int64_t r = 0; r < nr; ++r) {
+        inv[r] = hi[r] > a->lo ? 1.f / l[r] : 0.f;
+        if (a->lse) a->lse[tr[r] * a->Hq + hr[r]] = hi[r] > a->lo ? m[r] * a->scale - logf(inv[r]) : -INFINITY;
+        const int64_t at = tr[r] * a->os_t + hr[r] * a->os_h;
+        const __m512 w = _mm512_set1_ps(inv[r]);
+        for (int64_t j = 0; j < nvb; ++j) {
+            const __m512 o = _mm512_mul_ps(_mm512_load_ps(O + r * d + 16 * j), w);
+            if (a->out_f32) _mm512_storeu_ps((float *)a->out + at + 16 * j, o);
+            else _mm256_storeu_si256((__m256i *)((uint16_t *)a->out + at + 16 * j), (__m256i)_mm512_cvtneps_pbh(o));
+        }
+    }
+    if (mlane) add_mass(mlane, S, ldS, inv, hi, nr);
 }
 
 /* tiles() on AMX: work items (KV head, chunk of its query heads, positions), longest first within
@@ -653,7 +687,9 @@ static void release_tiles(void) {
 }
 
 static void tiles(tile_args *a) {
-    const int64_t ld = a->nkg * 16; /* covers every key, padding included */
+    /* covers every key, padding included; on AMX 32 more, so that the 16 rows a tile stores or
+     * loads at once do not all fall in one L1 set (a power-of-two row stride would) */
+    const int64_t ld = a->nkg * 16 + (a->amx ? 32 : 0);
     if (tl_cap < ld) {
         free(tl_s);
         free(tl_p);
