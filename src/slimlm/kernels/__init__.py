@@ -41,6 +41,7 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
     "paged_prefill": {
         "slimlm_prefill_supported": (_INT, (_I64, _INT)),  # head size, dtype
         "slimlm_prefill_release": (None, (_INT,)),  # nthreads
+        "slimlm_prefill_amx": (_INT, ()),  # 1: bf16 calls run on AMX tiles now
         # q, qs_t, qs_h, k_pool, v_pool, dtype, table, q_start, out, os_t, os_h, T, Hq, Hkv, d, block_size,
         # scale, nthreads
         "slimlm_paged_prefill": (_INT, (_PTR, _I64, _I64, _PTR, _PTR, _INT, _PTR, _I64, _PTR, _I64, _I64,

@@ -465,59 +465,58 @@ static void tile(const tile_args *a, int64_t h, int64_t t0, float *S, uint16_t *
  * P V, the padding keys zero).
  *
  * Tile registers (all 16 rows x 64 bytes): 0, 1 A; 2, 3 B; 4 .. 7 C. */
-#define AR 16 /* rows of an AMX tile */
+#define AR 32 /* query rows of an AMX work tile: two blocks of 16 (the tile registers' rows) */
 
 static void amx_tiles_on(void) {
     int rows[8], colsb[8];
-    for (int i = 0; i < 8; ++i) rows[i] = AR, colsb[i] = 64;
+    for (int i = 0; i < 8; ++i) rows[i] = 16, colsb[i] = 64;
     amx_configure(8, rows, colsb);
 }
 
-/* Raw scores of the 16 rows in Q (d bf16 each, contiguous) against key groups [kg0, kg1) of KV head
- * g into S[r * ldS + 16 kg ..]. */
+/* Raw scores of the 32 rows in Q (d bf16 each, contiguous) against key groups [kg0, kg1) of KV head
+ * g into S[r * ldS + 16 kg ..]: two key groups x two blocks of 16 rows per step, four independent
+ * C tiles (the products of one C tile depend on each other: four chains hide their latency), each
+ * key tile serving 32 rows, the query tiles reloaded from L1. */
 static void scores_amx(const tile_args *a, int64_t g, const uint16_t *Q, int64_t kg0, int64_t kg1, float *S,
                        int64_t ldS) {
-    const int64_t d = a->d, half = d / 2;
+    const int64_t d = a->d, half = d / 2, ldQ = d * 2;
     const uint32_t *kb = (const uint32_t *)a->kp + g * a->nkg * half * 16;
-    if (d == 64) { /* the query tiles stay loaded; two key groups per step into alternating C tiles */
-        _tile_loadd(0, Q, 128);
-        _tile_loadd(1, Q + 32, 128);
-        int64_t kg = kg0;
-        for (; kg + 1 < kg1; kg += 2) {
-            const uint32_t *k = kb + kg * half * 16;
-            _tile_zero(4);
-            _tile_zero(5);
-            _tile_loadd(2, k, 64);
-            _tile_loadd(3, k + 256, 64);
-            _tile_dpbf16ps(4, 0, 2);
-            _tile_dpbf16ps(4, 1, 3);
-            _tile_loadd(2, k + 512, 64);
-            _tile_loadd(3, k + 768, 64);
-            _tile_dpbf16ps(5, 0, 2);
-            _tile_dpbf16ps(5, 1, 3);
-            _tile_stored(4, S + kg * 16, ldS * 4);
-            _tile_stored(5, S + kg * 16 + 16, ldS * 4);
-        }
-        if (kg < kg1) {
-            const uint32_t *k = kb + kg * half * 16;
-            _tile_zero(4);
-            _tile_loadd(2, k, 64);
-            _tile_loadd(3, k + 256, 64);
-            _tile_dpbf16ps(4, 0, 2);
-            _tile_dpbf16ps(4, 1, 3);
-            _tile_stored(4, S + kg * 16, ldS * 4);
-        }
-        return;
-    }
-    for (int64_t kg = kg0; kg < kg1; ++kg) { /* d = 128 .. 256: the query tiles reloaded (from L1) */
+    const uint16_t *Q1 = Q + 16 * d; /* rows 16 .. 31 */
+    int64_t kg = kg0;
+    for (; kg + 1 < kg1; kg += 2) {
         const uint32_t *k = kb + kg * half * 16;
         _tile_zero(4);
-        for (int64_t i = 0; i < d / 32; ++i) {
-            _tile_loadd(0, Q + 32 * i, d * 2);
+        _tile_zero(5);
+        _tile_zero(6);
+        _tile_zero(7);
+        for (int64_t i = 0; i < d / 32; ++i) { /* dimensions 32 i .. 32 i + 31 */
+            _tile_loadd(0, Q + 32 * i, ldQ);
+            _tile_loadd(1, Q1 + 32 * i, ldQ);
             _tile_loadd(2, k + 256 * i, 64);
+            _tile_loadd(3, k + half * 16 + 256 * i, 64);
             _tile_dpbf16ps(4, 0, 2);
+            _tile_dpbf16ps(5, 0, 3);
+            _tile_dpbf16ps(6, 1, 2);
+            _tile_dpbf16ps(7, 1, 3);
         }
         _tile_stored(4, S + kg * 16, ldS * 4);
+        _tile_stored(5, S + kg * 16 + 16, ldS * 4);
+        _tile_stored(6, S + 16 * ldS + kg * 16, ldS * 4);
+        _tile_stored(7, S + 16 * ldS + kg * 16 + 16, ldS * 4);
+    }
+    if (kg < kg1) {
+        const uint32_t *k = kb + kg * half * 16;
+        _tile_zero(4);
+        _tile_zero(6);
+        for (int64_t i = 0; i < d / 32; ++i) {
+            _tile_loadd(0, Q + 32 * i, ldQ);
+            _tile_loadd(1, Q1 + 32 * i, ldQ);
+            _tile_loadd(2, k + 256 * i, 64);
+            _tile_dpbf16ps(4, 0, 2);
+            _tile_dpbf16ps(6, 1, 2);
+        }
+        _tile_stored(4, S + kg * 16, ldS * 4);
+        _tile_stored(6, S + 16 * ldS + kg * 16, ldS * 4);
     }
 }
 
@@ -535,7 +534,7 @@ static void tile_amx(const tile_args *a, int64_t g, int64_t h0, int64_t hh, int6
     const int64_t d = a->d, nvb = d / 16;
     const int64_t nt = a->T - t0 < tt ? a->T - t0 : tt, nr = nt * hh;
     uint16_t Q[AR * 256] __attribute__((aligned(64)));
-    float O[AR * 256] __attribute__((aligned(64))), Ob[AR * 64] __attribute__((aligned(64)));
+    float O[AR * 256] __attribute__((aligned(64))), Ob[AR * 32] __attribute__((aligned(64)));
     int64_t hi[AR], tr[AR], hr[AR], n_tile = a->lo;
     for (int64_t r = 0; r < AR; ++r) {
         if (r >= nr) { /* padding row: no query, no key, never written */
@@ -597,7 +596,8 @@ static void tile_amx(const tile_args *a, int64_t g, int64_t h0, int64_t hh, int6
             l[r] = l[r] * alpha[r] + _mm512_reduce_add_ps(sum);
             if (b0 > k0) memset(p + k0, 0, (size_t)(b0 - k0) * 2);
         }
-        for (int64_t cb0 = 0; cb0 < nvb; cb0 += 4) { /* output dimensions in blocks of 64: four C tiles */
+        for (int64_t cb0 = 0; cb0 < nvb; cb0 += 2) { /* output dimensions in blocks of 32: C tiles 4, 5 rows
+                                                      * 0 .. 15, 6, 7 rows 16 .. 31 */
             _tile_zero(4);
             _tile_zero(5);
             _tile_zero(6);
@@ -605,24 +605,23 @@ static void tile_amx(const tile_args *a, int64_t g, int64_t h0, int64_t hh, int6
             for (int64_t k = k0; k < k1; k += 32) {
                 const uint32_t *v = vb + ((k / 2) * nvb + cb0) * 16; /* key pairs k/2 .., dimensions 16 cb0 .. */
                 _tile_loadd(0, P + k, ldS * 2);
+                _tile_loadd(1, P + 16 * ldS + k, ldS * 2);
                 _tile_loadd(2, v, nvb * 64);
                 _tile_loadd(3, v + 16, nvb * 64);
                 _tile_dpbf16ps(4, 0, 2);
                 _tile_dpbf16ps(5, 0, 3);
-                _tile_loadd(2, v + 32, nvb * 64);
-                _tile_loadd(3, v + 48, nvb * 64);
-                _tile_dpbf16ps(6, 0, 2);
-                _tile_dpbf16ps(7, 0, 3);
+                _tile_dpbf16ps(6, 1, 2);
+                _tile_dpbf16ps(7, 1, 3);
             }
-            _tile_stored(4, Ob, 256);
-            _tile_stored(5, Ob + 16, 256);
-            _tile_stored(6, Ob + 32, 256);
-            _tile_stored(7, Ob + 48, 256);
+            _tile_stored(4, Ob, 128);
+            _tile_stored(5, Ob + 16, 128);
+            _tile_stored(6, Ob + 16 * 32, 128);
+            _tile_stored(7, Ob + 16 * 32 + 16, 128);
             for (int64_t r = 0; r < nr; ++r) {
                 const __m512 w = _mm512_set1_ps(alpha[r]);
                 float *o = O + r * d + cb0 * 16;
-                for (int j = 0; j < 4; ++j)
-                    _mm512_store_ps(o + 16 * j, _mm512_fmadd_ps(_mm512_load_ps(o + 16 * j), w, _mm512_load_ps(Ob + r * 64 + 16 * j)));
+                for (int j = 0; j < 2; ++j)
+                    _mm512_store_ps(o + 16 * j, _mm512_fmadd_ps(_mm512_load_ps(o + 16 * j), w, _mm512_load_ps(Ob + r * 32 + 16 * j)));
             }
         }
     }
@@ -675,8 +674,8 @@ static void tiles_amx(tile_args *a, float *S, uint16_t *P, int64_t ld) {
 static _Thread_local float *tl_s = NULL;
 static _Thread_local uint16_t *tl_p = NULL;
 static _Thread_local int64_t tl_cap = 0;
-#define SR 16 /* rows of the tile scratch: R, or the AMX tile's 16 */
-#define TL_KEEP 16384 /* keys: per-thread tile scratch up to 16 x 16k x 6 B (~1.5 MB) is kept between calls */
+#define SR 32 /* rows of the tile scratch: R, or the AMX work tile's 32 */
+#define TL_KEEP 16384 /* keys: per-thread tile scratch up to 32 x 16k x 6 B (~3 MB) is kept between calls */
 
 static void release_tiles(void) {
     free(tl_s);
@@ -785,6 +784,16 @@ static int run_tiles(tile_args *ta, const repack_args *ra, int nthreads) {
     return ta->failed ? 2 : 0;
 }
 #endif
+
+/* 1 when this build and process run bf16 calls (bf16 pools, bf16 queries) on the AMX tiles now
+ * (SLIMLM_AMX is read at each call), else 0: tests and benchmarks tell which path they measured. */
+int slimlm_prefill_amx(void) {
+#ifdef SLIMLM_HAVE_AVX512
+    return use_amx(1, 1);
+#else
+    return 0;
+#endif
+}
 
 /* Free the scratch every call keeps for the next: the repacked K/V of the calling thread and
  * the tile buffers of each of nthreads OpenMP threads (an OpenMP pool lives as long as the
