@@ -580,10 +580,18 @@ static void tile_amx(const tile_args *a, int64_t g, int64_t h0, int64_t hh, int6
             }
             const float *s = S + r * ldS;
             const int64_t f0 = (lo + 15) & ~(int64_t)15, hf = h & ~(int64_t)15, f1 = hf > f0 ? hf : f0;
-            __m512 mv = _mm512_set1_ps(-INFINITY);
+            __m512 mv = _mm512_set1_ps(-INFINITY), m1 = mv, m2 = mv, m3 = mv; /* four chains of maxima */
             for (int64_t k = b0; k < f0; k += 16) mv = _mm512_mask_max_ps(mv, live16(k, lo, h), mv, _mm512_loadu_ps(s + k));
-            for (int64_t k = f0; k < f1; k += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + k));
-            for (int64_t k = f1; k < h; k += 16) mv = _mm512_mask_max_ps(mv, live16(k, lo, h), mv, _mm512_loadu_ps(s + k));
+            int64_t k = f0;
+            for (; k + 64 <= f1; k += 64) {
+                mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + k));
+                m1 = _mm512_max_ps(m1, _mm512_loadu_ps(s + k + 16));
+                m2 = _mm512_max_ps(m2, _mm512_loadu_ps(s + k + 32));
+                m3 = _mm512_max_ps(m3, _mm512_loadu_ps(s + k + 48));
+            }
+            for (; k < f1; k += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + k));
+            for (k = f1; k < h; k += 16) mv = _mm512_mask_max_ps(mv, live16(k, lo, h), mv, _mm512_loadu_ps(s + k));
+            mv = _mm512_max_ps(_mm512_max_ps(mv, m1), _mm512_max_ps(m2, m3));
             const float mb = _mm512_reduce_max_ps(mv), mn = mb > m[r] ? mb : m[r];
             if (mn > m[r]) alpha[r] = m[r] == -INFINITY ? 0.f : exp2f((m[r] - mn) * c);
             m[r] = mn;
