@@ -61,18 +61,21 @@ def reference(q, kp, vp, table, q0):
 
 
 paths = {"AMX": "1", "AVX-512 (SLIMLM_AMX=0)": "0"}
-err = {}
+err, outs = {}, {}
 for name, env in paths.items():  # warm-up, and each path's largest error against float32 PyTorch
     os.environ["SLIMLM_AMX"] = env
+    assert lib.slimlm_prefill_amx() == (env == "1"), "this build or CPU has no AMX tiles"
     run()
+    outs[name] = [c[5].float().clone() for c in cases]
     err[name] = max(float((c[5].float() - reference(*c[:5])).abs().max()) for c in cases[:: max(1, len(cases) // 12)])
+diff = max(float((x - y).abs().max()) for x, y in zip(*outs.values()))
 times = {name: [] for name in paths}
 for _ in range(a.rounds):
     for name, env in paths.items():
         os.environ["SLIMLM_AMX"] = env
         times[name].append(run())
 print(f"bfloat16: {len(shapes)} chunks, {sum(t for t, _ in shapes)} rows, {flops / 1e9:.1f} GFLOP per round; "
-      f"CPU time at 1 thread, median of {a.rounds} interleaved rounds")
+      f"CPU time at 1 thread, median of {a.rounds} interleaved rounds; max |out AMX - out AVX-512| = {diff:.3g}")
 med = {name: statistics.median(ts) for name, ts in times.items()}
 for name, m in med.items():
     print(f"  {name:>24}: {m * 1e3:8.1f} ms  {flops / m / 1e9:6.1f} GFLOPS  max |out - fp32 ref| {err[name]:.3g}  "
