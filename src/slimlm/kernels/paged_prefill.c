@@ -31,6 +31,10 @@
  *     bf16 for the P V products, as flash-attention kernels do.
  * Work per tile is two passes over the repacked K and V of one head, which stay in L2 while
  * the tiles of that head are served. The key-range entry (below) runs the same tiles.
+ *
+ * On CPUs with AMX (SLIMLM_AMX, amx.h), bf16 pools read with bf16 queries run tile_amx instead:
+ * both products on AMX tiles, 32 query rows per tile (the GQA group's heads stacked), an online
+ * softmax over blocks of 256 keys; SLIMLM_AMX=0 keeps the tiles above (see tile_amx).
  */
 #define _GNU_SOURCE /* syscall() in amx.h under -std=c11 */
 #include <math.h>
@@ -453,16 +457,19 @@ static void tile(const tile_args *a, int64_t h, int64_t t0, float *S, uint16_t *
 
 #ifdef SLIMLM_PREFILL_AMX
 /* ------------------------------------------------------------------------------------------------
- * The AMX tile (bf16 pools, bf16 queries). Its 16 rows stack the query heads of one KV head
- * (GQA: G heads x 16 / G consecutive positions, so a K or V tile load serves every head of the
- * group and the rows of one position share their causal end). Both products run on the tiles,
- * fp32 accumulation: S = Q K^T (A: 16 rows x 32 dimensions of Q, B: the repacked key group, whose
+ * The AMX tile (bf16 pools, bf16 queries). Its 32 rows (two blocks of 16, the tile registers'
+ * rows) stack the query heads of one KV head (GQA: G heads x 32 / G consecutive positions, so a
+ * K or V tile load serves every head of the group and the rows of one position share their causal
+ * end; a group of more than 32 heads is split over tiles). Both products run on the tiles, fp32
+ * accumulation: S = Q K^T (A: 16 rows x 32 dimensions of Q, B: the repacked key group, whose
  * 16-lane layout of dimension pairs is already AMX's pair-interleaved B layout) and O = P V (A: the
  * rows' bf16 probabilities over 32 keys, B: the repacked value pairs, again the B layout as it is).
- * The softmax between them is the AVX-512 one of tile() above; the probabilities are rounded to
- * bf16 for P V as there, so the AMX path differs from the vdpbf16ps one only in the order of the
- * fp32 sums. On this path the repacked frame has an even number of key groups (32-key chunks for
- * P V, the padding keys zero).
+ * The softmax between them is on AVX-512 (exp2_512 as in tile() above), online over blocks of KB
+ * keys; the probabilities are rounded to bf16 for P V as there, so the AMX path differs from the
+ * vdpbf16ps one in the order of the fp32 sums and in rounding each probability against its
+ * block's running maximum rather than its row's maximum (outputs within one bf16 rounding step of
+ * each other at the throughput workload's shapes). On this path the repacked frame has an even
+ * number of key groups (32-key chunks for P V, the padding keys zero).
  *
  * Tile registers (all 16 rows x 64 bytes): 0, 1 A; 2, 3 B; 4 .. 7 C. */
 #define AR 32 /* query rows of an AMX work tile: two blocks of 16 (the tile registers' rows) */
@@ -522,8 +529,8 @@ static void scores_amx(const tile_args *a, int64_t g, const uint16_t *Q, int64_t
 
 #define KB 256 /* keys per block of the online softmax (S and P of a block stay in L1) */
 
-/* The rows (t0 + r / hh, head h0 + r % hh), r < 16 and t < T, of KV head g (hh heads per position,
- * tt = 16 / hh positions), over blocks of KB keys with an online softmax: per block the scores,
+/* The rows (t0 + r / hh, head h0 + r % hh), r < 32 and t < T, of KV head g (hh heads per position,
+ * tt = 32 / hh positions), over blocks of KB keys with an online softmax: per block the scores,
  * each row's running maximum m (raw scores) and sum l (rescaled by 2^(c (m_old - m)) when m
  * grows), its bf16 probabilities exp2(c s - c m), then the block's P V, added to the fp32 output
  * rows rescaled the same way; at the end each row divided once by l. With mass, one block covers
