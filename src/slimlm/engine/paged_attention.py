@@ -251,6 +251,8 @@ class PagedAttention:
         self._masks: dict[tuple, torch.Tensor] = {}
         self._restricted: dict[int, tuple] = {}
         self._sparse_meta: dict[int, dict] = {}
+        if paths.sparse is not None:  # a query policy keeps a summary per decoding row's prefix
+            paths.sparse.begin_step(sum(int(g.rows.numel()) for g in decodes))
 
     # ------------------------------------------------------------------ helpers
     def _mask(self, key, q_pos, k_pos, window, tree=None, kv_start=0, allow=None) -> torch.Tensor:
