@@ -46,7 +46,7 @@ def kmeans(x: torch.Tensor, k: int, iters: int) -> tuple[torch.Tensor, torch.Ten
     base = (torch.arange(H, device=x.device) * k)[:, None]  # each head's clusters in one flat index
     for _ in range(iters):
         # ||x - c||^2 without the ||x||^2 term (the same for every centroid of a point)
-        a = torch.baddbmm((c * c).sum(-1)[:, None, :], x, c.transpose(1, 2), alpha=-2).argmin(-1)  # (H, N)
+        a = torch.baddbmm((c * c).sum(-1)[:, None, :], x, c.transpose(1, 2), alpha=-2).min(-1).indices  # (H, N): argmin
         flat = (a + base).view(-1)
         sums = torch.zeros(H * k, d, dtype=x.dtype, device=x.device).index_add_(0, flat, x.reshape(-1, d))
         counts = torch.bincount(flat, minlength=H * k).to(x.dtype)
