@@ -6,7 +6,10 @@
  *      times an fp32 fits an fp32 FMA), so this is the bf16 matmul with fp32 activations.
  *   2  bfloat16 W, x rounded to bfloat16 (nearest even), `vdpbf16ps` (2 products per fp32 lane):
  *      llama.cpp's BF16 path; x's rounding adds a relative error of at most 2^-9 per channel.
- *      Built only where the compiler targets AVX512-BF16; elsewhere returns 3.
+ *      Built only where the compiler targets AVX512-BF16; elsewhere returns 3. Where AMX is built
+ *      and granted (amx.h's amx_ready; ``SLIMLM_AMX=0`` says no), K a multiple of 32 and N >= 32,
+ *      kind 2 runs on AMX tiles instead (amx_linear below: W read in place, the same x rounding,
+ *      another summation order; every M, so batch invariance holds there too).
  * Rows of W are split between threads in blocks of NR rows (each thread one contiguous range);
  * each block is applied to every row of x while it is in L1. For the first x row the block's rows
  * are read one after the other (two accumulators per row), so a thread's reads of W from DRAM are
@@ -333,8 +336,11 @@ static void block_dpbf16(const uint16_t *xb, int64_t Kp, const uint16_t *w, floa
  * time): four C tiles (32 W rows x 32 x rows) from four TDPBF16PS per 32 k. Every output
  * y[m][n] is one fp32 accumulator summed over k in pair order (per 32 k one tile op), the same at
  * any M (zero x rows only add C columns), so a row's y is bitwise the same at M = 1 as at M = 64:
- * batch invariance, which is why M = 1 takes the tiles too (it is bound by W's DRAM stream either
- * way). Taken where K is a multiple of 32 and N >= 32 (the last block starts at N - 32, recomputing
+ * batch invariance, which is why M = 1 takes the tiles too (bound by W's DRAM stream either way:
+ * batch-1 steps measured at par with the AVX-512 loops). No AVX-512 loop could stand in for the
+ * tiles at M = 1: TDPBF16PS does not round as vdpbf16ps does (lane per output, the same pairs in
+ * the same order: 73 % of outputs differ in the last bits on this CPU), nor as fp32 adds of the
+ * exact products in pair order, nor as one rounding per tile op (~9 % differ each). Taken where K is a multiple of 32 and N >= 32 (the last block starts at N - 32, recomputing
  * a few rows of the one before with the same arithmetic); otherwise the AVX-512 kind 2 above. */
 #define AMX_NB 32
 
@@ -354,12 +360,6 @@ static void amx_block(const uint16_t *w, const uint16_t *xp, float *y, int64_t n
     const int64_t kt = K / 32, ws = 2 * K, chunk = K / 2 * 32; /* uint16 per x chunk */
     const uint16_t *a0 = w + n0 * K, *a1 = a0 + 16 * K;
     float c[4][16 * 16] __attribute__((aligned(64)));
-#ifndef AMX_PF
-#define AMX_PF 1
-#endif
-#ifndef AMX_PD
-#define AMX_PD 0
-#endif
     const char *pf = (const char *)(a0 + AMX_NB * K), *pf_end = pf + AMX_NB * ws; /* the next block */
     const int64_t pf_step = (AMX_NB * ws / 64 + kt - 1) / kt * 64;
     for (int64_t m0 = 0; m0 < M; m0 += 32) {
@@ -372,19 +372,10 @@ static void amx_block(const uint16_t *w, const uint16_t *xp, float *y, int64_t n
             _tile_zero(3);
         }
         for (int64_t t = 0; t < kt; t++) {
-#if AMX_PF
-            if (m0 == 0) {
+            if (m0 == 0) { /* a share of the next block's lines into L2 per tile step */
                 const char *stop = pf + pf_step < pf_end ? pf + pf_step : pf_end;
-                for (; pf < stop; pf += 64) __builtin_prefetch(pf, 0, AMX_PF == 1 ? 2 : 3);
+                for (; pf < stop; pf += 64) __builtin_prefetch(pf, 0, 2);
             }
-#endif
-#if AMX_PD
-            if (t + AMX_PD < kt)
-                for (int r = 0; r < 16; r++) {
-                    __builtin_prefetch(a0 + r * K + (t + AMX_PD) * 32, 0, 3);
-                    __builtin_prefetch(a1 + r * K + (t + AMX_PD) * 32, 0, 3);
-                }
-#endif
             _tile_loadd(4, a0 + t * 32, ws);
             _tile_loadd(5, a1 + t * 32, ws);
             _tile_loadd(6, b0 + t * 512, 64);
@@ -419,10 +410,10 @@ static void amx_block(const uint16_t *w, const uint16_t *xp, float *y, int64_t n
 }
 
 static int amx_linear(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int nthreads) {
-    const int64_t nchunk = (M + 15) / 16 + 1; /* + 1: a zero chunk, so b1 of an odd count is readable */
+    const int64_t nchunk = (M + 15) / 16; /* 16 x rows each; the last one's rows past M zero */
     uint16_t *xp = xb_scratch((size_t)((nchunk * 16 + 1) * K));
     if (!xp) return 2;
-    memset(xp + M / 16 * 16 * K, 0, sizeof(uint16_t) * (size_t)((nchunk - M / 16) * 16 * K));
+    if (M % 16) memset(xp + M / 16 * 16 * K, 0, sizeof(uint16_t) * (size_t)(16 * K));
     for (int64_t m = 0; m < M; m++) amx_pack_x(x, xp, xp + nchunk * 16 * K, m, K); /* M * K: cheap next to N * M * K */
     const int64_t nblk = (N + AMX_NB - 1) / AMX_NB;
 #pragma omp parallel num_threads(nthreads)
