@@ -338,9 +338,10 @@ static void block_dpbf16(const uint16_t *xb, int64_t Kp, const uint16_t *w, floa
  * any M (zero x rows only add C columns), so a row's y is bitwise the same at M = 1 as at M = 64:
  * batch invariance, which is why M = 1 takes the tiles too (bound by W's DRAM stream either way:
  * batch-1 steps measured at par with the AVX-512 loops). No AVX-512 loop could stand in for the
- * tiles at M = 1: TDPBF16PS does not round as vdpbf16ps does (lane per output, the same pairs in
- * the same order: 73 % of outputs differ in the last bits on this CPU), nor as fp32 adds of the
- * exact products in pair order, nor as one rounding per tile op (~9 % differ each). Taken where K is a multiple of 32 and N >= 32 (the last block starts at N - 32, recomputing
+ * tiles at M = 1: TDPBF16PS does not round as vdpbf16ps does (a lane per output, the same pairs in
+ * the same order: 73 % of outputs differ in their last bits at K = 576, 10 % after one tile op),
+ * nor as fp32 adds of the exact products, nor exact pair sums, nor one rounding per tile op
+ * (docs/results/raw/amx_rounding.c). Taken where K is a multiple of 32 and N >= 32 (the last block starts at N - 32, recomputing
  * a few rows of the one before with the same arithmetic); otherwise the AVX-512 kind 2 above. */
 #define AMX_NB 32
 
