@@ -61,7 +61,8 @@ class VerticalSlash:
     the pattern attends, ``causal`` pairs dense attention would (deterministic: the share
     computed predicts the attention part of the TTFT gain)."""
     scratch: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
-    """The probe's reused buffers (``_pattern``)."""
+    """The probe's reused buffers (``_pattern``): its float32 scores and the keys' float32 copy,
+    held for the pattern's life at the largest key range seen (~100 MB at 32k keys, 9 heads)."""
 
     def __post_init__(self) -> None:
         if self.local is None and isinstance(self.slash, int):
