@@ -2,7 +2,7 @@
 decode attention at memory speed"). SmolLM2-135M's shape (9 query heads, 3 KV heads, head size 64,
 blocks of 16), ``rows`` sequences of random lengths around ``ctx`` tokens, and ``layers`` separate
 pools (one per layer, as a step walks them: together larger than the caches), tables in random
-block order. Each round calls every layer once with each kernel (interleaved), CPU time of the
+block order (ORDER=seq: consecutive). Each round calls every layer once with each kernel (interleaved), CPU time of the
 calling thread (time.thread_time, THREADS=1); medians over rounds. GB/s counts the K and V bytes
 each call must read (every attended row once per KV head).
 
@@ -32,10 +32,12 @@ nb = int(-(-lens.max() // bs))
 n_blocks = rows * nb
 pools = [(torch.randn(n_blocks, bs, Hkv, d, generator=g).to(dtype),
           torch.randn(n_blocks, bs, Hkv, d, generator=g).to(dtype)) for _ in range(layers)]
-tables = [torch.randperm(n_blocks, generator=g).view(rows, nb).contiguous() for _ in range(layers)]
+order = os.environ.get("ORDER", "random")  # ORDER=seq: each row's blocks consecutive in the pool
+tables = [(torch.arange(n_blocks) if order == "seq" else torch.randperm(n_blocks, generator=g)).view(rows, nb).contiguous()
+          for _ in range(layers)]
 q = torch.randn(rows, Hq, d, generator=g)
-if dtype == torch.bfloat16:
-    q = q.bfloat16().float()  # a bf16 model's queries
+if dtype == torch.bfloat16 and not os.environ.get("FP32_QUERIES"):
+    q = q.bfloat16().float()  # a bf16 model's queries (FP32_QUERIES=1: not bf16-exact, the hi + lo split)
 out = torch.empty(rows, Hq, d)
 nbytes = int(lens.sum()) * Hkv * d * pools[0][0].element_size() * 2 * layers
 with tempfile.TemporaryDirectory() as tmp:
@@ -63,7 +65,7 @@ with tempfile.TemporaryDirectory() as tmp:
         x.sum()
         st.append(time.thread_time() - c)
 med = {k: statistics.median(v) for k, v in times.items()}
-print(f"{sys.argv[2]} rows={rows} ctx~{ctx} (mean {lens.float().mean():.0f}) layers={layers} threads={torch.get_num_threads()}: "
+print(f"{sys.argv[2]} {order} blocks rows={rows} ctx~{ctx} (mean {lens.float().mean():.0f}) layers={layers} threads={torch.get_num_threads()}: "
       f"{nbytes / 1e6:.0f} MB of K+V a step; max |old - new| {diff:.2e}")
 for k, v in med.items():
     print(f"  {k:4s} {v * 1e3:8.1f} ms  {nbytes / v / 1e9:5.1f} GB/s")

@@ -139,6 +139,7 @@ static inline AI void score_block(const void *k_pool, const int64_t kh, const in
                                   const int dtype, const int bdot, const int use_lo, const int64_t D, const int HN,
                                   const float scale) {
     const int64_t NC = D / 16, N2 = D / 32;
+    (void)N2; /* without AVX512-BF16 */
     __m512 qv[QG][8];
 #ifdef __AVX512BF16__
     __m512bh qhv[QG][4], qlv[QG][4];
