@@ -14,14 +14,17 @@
  *       (attention-score KV policies such as H2O read them)
  *
  * Work items are sequences, handed out through an atomic counter inside one OpenMP parallel
- * region (only GOMP_parallel is needed, so any libgomp, torch's included, serves). A sequence
- * walks its blocks twice: scores of every query head against each key row (fp32 accumulation),
- * a stable softmax per head, then the weighted sum of value rows. With AVX-512 and a head size
- * that is a multiple of 16 (up to 128), rows are converted in registers and four dot products
- * run at once; with AVX512-BF16 and a bf16 pool (head size a multiple of 32), the scores use
- * bf16 dot products on the keys as stored, the query split into two bf16 parts; int8 / int4
- * pools are decoded in registers (``decode_quant_avx512``); otherwise a portable loop over a
- * converted row buffer serves.
+ * region (only GOMP_parallel is needed, so any libgomp, torch's included, serves); a sequence's
+ * result never depends on the others in the batch (same arithmetic alone or among any rows). A
+ * sequence walks its blocks twice: scores of every query head against each key row (fp32
+ * accumulation), a stable softmax per head, then the weighted sum of value rows. With AVX-512,
+ * float32 and bfloat16 pools (head size a multiple of 16, up to 128) run decode_rows_avx512:
+ * each key and value row is read and widened once for all the query heads of its KV head (GQA),
+ * 16 keys' scores are reduced together, and the next block is prefetched a KV head at a time;
+ * with AVX512-BF16 and a bf16 pool (head size a multiple of 32) the scores use bf16 dot
+ * products on the keys as stored, the query split into two bf16 parts; int8 / int4 pools are
+ * decoded in registers (``decode_quant_avx512``); otherwise a portable loop over a converted
+ * row buffer serves.
  */
 #include <math.h>
 #include <stdint.h>
@@ -31,14 +34,17 @@
 #include "kv_pool.h"
 #include "simd_math.h"
 
-/* Prefetch the next block's rows while this one is computed: blocks sit anywhere in the pool. */
-static inline void prefetch_block(const void *pool, size_t elem, const int64_t *tb, int64_t t0, int64_t L,
-                                  int64_t block_size, int64_t W) {
+/* Prefetch part k of np (its lines k/np .. (k+1)/np) of the block after the one at t0: blocks sit
+ * anywhere in the pool, so the hardware sees each as a new stream. Spread over the np KV heads'
+ * passes (not all at once, which stalls on the line fill buffers): 1.2x on out-of-cache pools. */
+static inline void prefetch_part(const void *pool, size_t elem, const int64_t *tb, int64_t t0, int64_t L,
+                                 int64_t block_size, int64_t W, int64_t k, int64_t np) {
     const int64_t next = t0 + block_size;
     if (next >= L) return;
     const int64_t n = L - next < block_size ? L - next : block_size;
+    const size_t bytes = (size_t)(n * W) * elem, lines = (bytes + 63) / 64;
     const char *p = (const char *)pool + (size_t)(tb[next / block_size] * block_size * W) * elem;
-    for (size_t off = 0; off < (size_t)(n * W) * elem; off += 64) __builtin_prefetch(p + off, 0, 3);
+    for (size_t i = lines * k / np; i < lines * (k + 1) / np; ++i) __builtin_prefetch(p + 64 * i, 0, 3);
 }
 
 static inline void softmax_rows(float *s, int64_t Hq, int64_t L) {
@@ -75,140 +81,221 @@ static inline void softmax_rows(float *s, int64_t Hq, int64_t L) {
 }
 
 #ifdef __AVX512F__
-#ifdef __AVX512BF16__
-#define MAX_BF16_HEADS 64 /* query heads the bf16 scoring path keeps split on the stack */
+#define AI __attribute__((always_inline))
+#define QG 4 /* query heads of one KV head served by one read of its rows (2 at head sizes above 64) */
 
-/* Scores of every query head against the keys of blocks, with AVX512-BF16 dot products on the
- * keys as stored (no widening). ``qs`` holds each head's query as bf16 hi + lo parts (32
- * dimensions a vector); with ``use_lo`` 0 the lo parts are all zero (a bf16 model's queries)
- * and are skipped. */
-static inline __attribute__((always_inline)) void bf16_score_blocks(
-    __m512bh (*qs)[2][4], const int use_lo, const uint16_t *k_pool, const int64_t *tb, int64_t L, float *s,
-    const int64_t Hq, const int64_t Hkv, const int64_t d, const int64_t block_size, float scale) {
-    const int64_t G = Hq / Hkv, W = Hkv * d, n2 = d / 32;
-    const __m128 sc = _mm_set1_ps(scale);
-    for (int64_t t0 = 0; t0 < L; t0 += block_size) {
-        prefetch_block(k_pool, 2, tb, t0, L, block_size, W);
-        const int64_t n = L - t0 < block_size ? L - t0 : block_size, base = tb[t0 / block_size] * block_size * W;
-        for (int64_t hq = 0; hq < Hq; ++hq) {
-            const uint16_t *kh = k_pool + base + (hq / G) * d;
-            float *sg = s + hq * L + t0;
-            int64_t o = 0;
-            for (; o + 4 <= n; o += 4) { /* four keys in flight */
-                __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-                for (int64_t j = 0; j < n2; ++j)
-                    for (int i = 0; i < 4; ++i) {
-                        const __m512bh k = (__m512bh)_mm512_loadu_si512((const void *)(kh + (o + i) * W + 32 * j));
-                        a[i] = _mm512_dpbf16_ps(a[i], qs[hq][0][j], k);
-                        if (use_lo) a[i] = _mm512_dpbf16_ps(a[i], qs[hq][1][j], k);
+/* Four keys' dot products a0..a3 (16 partial sums each) folded so that each 128-bit lane j of
+ * the result holds (a0, a1, a2, a3) summed over lane j's four elements. */
+static inline AI __m512 fold4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+    const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+    const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+    return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))));
+}
+
+/* Two folded vectors x, y (each 128-bit lane: the same n keys' partial sums) halved: lanes 0, 1 of
+ * the result hold x's lanes 0+1 and 2+3, lanes 2, 3 y's. fold16 of four fold4's = 16 keys' sums in
+ * key order, one vector: the reduction of 16 dot products in 45 instructions, one store. */
+static inline AI __m512 halve(__m512 x, __m512 y) {
+    return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* A stored row's D channels as D / 16 float32 vectors. float32: as stored. bfloat16 with D a
+ * multiple of 32 ("paired"): each 32-channel chunk's even channels (the low halves of its 32-bit
+ * lanes, shifted up) and odd ones (the high halves, masked): one instruction per 16 values, the
+ * channels in the order even 0..15, odd 0..15 per chunk (queries and outputs are kept in that
+ * order too). Other bfloat16 sizes: widened in order. */
+static inline AI void row16(const void *pool, int64_t idx, const int dtype, const int64_t D, __m512 *r) {
+    if (dtype == 0) {
+        for (int64_t j = 0; j < D / 16; ++j) r[j] = _mm512_loadu_ps((const float *)pool + idx + 16 * j);
+    } else if (D % 32 == 0) {
+        for (int64_t c = 0; c < D / 32; ++c) {
+            const __m512i x = _mm512_loadu_si512((const void *)((const uint16_t *)pool + idx + 32 * c));
+            r[2 * c] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+            r[2 * c + 1] = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32((int)0xFFFF0000u)));
+        }
+    } else {
+        for (int64_t j = 0; j < D / 16; ++j) r[j] = ld16(pool, idx + 16 * j, 1);
+    }
+}
+
+/* Natural order <-> the paired order of row16 for n rows of D channels (dir 1: to paired). */
+static inline AI void repair(const float *x, float *y, int64_t n, const int64_t D, const int dir) {
+    const __m512i ev = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i od = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    const __m512i i0 = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i i1 = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+    for (int64_t c = 0; c < n * D; c += 32) {
+        const __m512 a = _mm512_loadu_ps(x + c), b = _mm512_loadu_ps(x + c + 16);
+        _mm512_storeu_ps(y + c, _mm512_permutex2var_ps(a, dir ? ev : i0, b));
+        _mm512_storeu_ps(y + c + 16, _mm512_permutex2var_ps(a, dir ? od : i1, b));
+    }
+}
+
+/* Scores of HN query heads (qp / qh, ql: their queries, D apart) against the n keys of one block
+ * (row kh of the pool holds its first key's KV head, W apart), scaled, into sg (heads L apart). */
+static inline AI void score_block(const void *k_pool, const int64_t kh, const int64_t n, const int64_t W,
+                                  const float *qp, const uint16_t *qh, const uint16_t *ql, float *sg, const int64_t L,
+                                  const int dtype, const int bdot, const int use_lo, const int64_t D, const int HN,
+                                  const float scale) {
+    const int64_t NC = D / 16, N2 = D / 32;
+    (void)N2; /* without AVX512-BF16 */
+    __m512 qv[QG][8];
+#ifdef __AVX512BF16__
+    __m512bh qhv[QG][4], qlv[QG][4];
+#endif
+    for (int h = 0; h < HN; ++h) {
+        if (bdot) {
+#ifdef __AVX512BF16__
+            for (int64_t j = 0; j < N2; ++j) {
+                qhv[h][j] = (__m512bh)_mm512_loadu_si512((const void *)(qh + h * D + 32 * j));
+                if (use_lo) qlv[h][j] = (__m512bh)_mm512_loadu_si512((const void *)(ql + h * D + 32 * j));
+            }
+#endif
+        } else {
+            for (int64_t j = 0; j < NC; ++j) qv[h][j] = _mm512_loadu_ps(qp + h * D + 16 * j);
+        }
+    }
+    for (int64_t o = 0; o < n; o += 16) {
+        __m512 x[QG], w[QG];
+        for (int i = 0; i < 4; ++i) {
+            __m512 a[QG][4];
+            for (int u = 0; u < 4; ++u) {
+                const int64_t key = o + 4 * i + u;
+                for (int h = 0; h < HN; ++h) a[h][u] = _mm512_setzero_ps();
+                if (key >= n) continue;
+                const int64_t r = kh + key * W;
+                if (bdot) {
+#ifdef __AVX512BF16__
+                    for (int64_t j = 0; j < N2; ++j) {
+                        const __m512bh k = (__m512bh)_mm512_loadu_si512((const void *)((const uint16_t *)k_pool + r + 32 * j));
+                        for (int h = 0; h < HN; ++h) {
+                            a[h][u] = _mm512_dpbf16_ps(a[h][u], qhv[h][j], k);
+                            if (use_lo) a[h][u] = _mm512_dpbf16_ps(a[h][u], qlv[h][j], k);
+                        }
                     }
-                _mm_storeu_ps(sg + o, _mm_mul_ps(sc, sum4(a[0], a[1], a[2], a[3])));
-            }
-            for (; o < n; ++o) {
-                __m512 a0 = _mm512_setzero_ps();
-                for (int64_t j = 0; j < n2; ++j) {
-                    const __m512bh k = (__m512bh)_mm512_loadu_si512((const void *)(kh + o * W + 32 * j));
-                    a0 = _mm512_dpbf16_ps(a0, qs[hq][0][j], k);
-                    if (use_lo) a0 = _mm512_dpbf16_ps(a0, qs[hq][1][j], k);
+#endif
+                } else {
+                    __m512 kr[8];
+                    row16(k_pool, r, dtype, D, kr);
+                    for (int h = 0; h < HN; ++h) {
+                        a[h][u] = _mm512_mul_ps(qv[h][0], kr[0]);
+                        for (int64_t j = 1; j < NC; ++j) a[h][u] = _mm512_fmadd_ps(qv[h][j], kr[j], a[h][u]);
+                    }
                 }
-                sg[o] = scale * _mm512_reduce_add_ps(a0);
+            }
+            for (int h = 0; h < HN; ++h) {
+                const __m512 f = fold4(a[h][0], a[h][1], a[h][2], a[h][3]);
+                if (i == 0 || i == 2) w[h] = f;
+                else if (i == 1) x[h] = halve(w[h], f);
+                else x[h] = halve(x[h], halve(w[h], f));
+            }
+            if (i < 3 && o + 4 * (i + 1) >= n) { /* the rest of the 16 are past the block's end */
+                const __m512 z = _mm512_setzero_ps();
+                for (int h = 0; h < HN; ++h) {
+                    if (i == 0) x[h] = halve(halve(w[h], z), z);
+                    else if (i == 1) x[h] = halve(x[h], z);
+                    else x[h] = halve(x[h], halve(w[h], z));
+                }
+                break;
             }
         }
+        const int64_t m = n - o < 16 ? n - o : 16;
+        const __mmask16 mk = (__mmask16)((1u << m) - 1);
+        for (int h = 0; h < HN; ++h) _mm512_mask_storeu_ps(sg + h * L + o, mk, _mm512_mul_ps(_mm512_set1_ps(scale), x[h]));
     }
 }
 
-/* Scores for a bf16 pool (head size a multiple of 32, at most 128; at most MAX_BF16_HEADS query
- * heads). Each fp32 query is split into hi = bf16(q) and lo = bf16(q - hi): 16 significant bits
- * together, error about 2^-17 relative. A bf16 model's queries are exact in bf16, so their lo
- * parts are zero and only the hi products run. */
-static void bf16_scores(const float *qb, const uint16_t *k_pool, const int64_t *tb, int64_t L, float *s,
-                        int64_t Hq, int64_t Hkv, int64_t d, int64_t block_size, float scale) {
-    const int64_t n2 = d / 32;
-    __m512bh qs[MAX_BF16_HEADS][2][4];
-    __mmask16 any_lo = 0;
-    for (int64_t hq = 0; hq < Hq; ++hq)
-        for (int64_t j = 0; j < n2; ++j) {
-            __m256i hi[2], lo[2];
-            for (int h = 0; h < 2; ++h) {
-                const __m512 x = _mm512_loadu_ps(qb + hq * d + 32 * j + 16 * h);
-                const __m256bh xh = _mm512_cvtneps_pbh(x);
-                const __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)xh), 16));
-                const __m512 rest = _mm512_sub_ps(x, back);
-                any_lo |= _mm512_cmpneq_ps_mask(rest, _mm512_setzero_ps());
-                hi[h] = (__m256i)xh;
-                lo[h] = (__m256i)_mm512_cvtneps_pbh(rest);
-            }
-            qs[hq][0][j] = (__m512bh)_mm512_inserti64x4(_mm512_castsi256_si512(hi[0]), hi[1], 1);
-            qs[hq][1][j] = (__m512bh)_mm512_inserti64x4(_mm512_castsi256_si512(lo[0]), lo[1], 1);
+/* The n value rows of one block (row vh: the first's KV head, W apart), weighted by the HN heads'
+ * probabilities pg (L apart), added to their sums acc (D apart): each row loaded and widened once. */
+static inline AI void value_block(const void *v_pool, const int64_t vh, const int64_t n, const int64_t W,
+                                  const float *pg, const int64_t L, float *acc, const int dtype, const int64_t D,
+                                  const int HN) {
+    const int64_t NC = D / 16;
+    __m512 a[QG][8]; /* the block's sums stay in registers */
+    for (int h = 0; h < HN; ++h)
+        for (int64_t j = 0; j < NC; ++j) a[h][j] = _mm512_loadu_ps(acc + h * D + 16 * j);
+    for (int64_t o = 0; o < n; ++o) {
+        __m512 vr[8];
+        row16(v_pool, vh + o * W, dtype, D, vr);
+        for (int h = 0; h < HN; ++h) {
+            const __m512 p = _mm512_set1_ps(pg[h * L + o]);
+            for (int64_t j = 0; j < NC; ++j) a[h][j] = _mm512_fmadd_ps(p, vr[j], a[h][j]);
         }
-    if (any_lo)
-        bf16_score_blocks(qs, 1, k_pool, tb, L, s, Hq, Hkv, d, block_size, scale);
-    else
-        bf16_score_blocks(qs, 0, k_pool, tb, L, s, Hq, Hkv, d, block_size, scale);
+    }
+    for (int h = 0; h < HN; ++h)
+        for (int64_t j = 0; j < NC; ++j) _mm512_storeu_ps(acc + h * D + 16 * j, a[h][j]);
 }
-#endif
 
-static inline __attribute__((always_inline)) void decode_avx512(
-    const float *qb, const void *k_pool, const void *v_pool, const int dtype, const int64_t *tb, int64_t L,
-    float *ob, float *s, const int64_t Hq, const int64_t Hkv, const int64_t d, const int64_t block_size,
-    float scale) {
-    const int64_t G = Hq / Hkv, W = Hkv * d, nv = d / 16;
+/* One sequence's decode over a float32 (dtype 0) or bfloat16 (dtype 1) pool, head size D (a
+ * multiple of 16, at most 128), as two walks over its blocks (keys, then values), each block
+ * read once: every key and value row is loaded (and widened) once and serves all the query
+ * heads of its KV head (up to QG at a time, a constant number per instance: score_block and
+ * value_block keep their sums in registers), so the work per byte read is what memory speed
+ * allows. Scores: 16 keys' dot products per head reduced together (fold4, halve), one store.
+ * With AVX512-BF16 (bdot: bfloat16 pool, D a multiple of 32) the keys are multiplied as stored,
+ * the query as bf16 hi + lo parts (lo skipped when zero, as a bf16 model's queries are: use_lo 0;
+ * 16 significant bits otherwise, error about 2^-17 relative). ``qx``: scratch of 2 Hq D floats. */
+static inline AI void decode_rows_avx512(const float *qb, const void *k_pool, const void *v_pool, const int dtype,
+                                         const int bdot, const int use_lo, const int64_t *tb, int64_t L, float *ob,
+                                         float *s, float *qx, const int64_t Hq, const int64_t Hkv, const int64_t D,
+                                         const int64_t block_size, const float scale) {
+    const int64_t G = Hq / Hkv, W = Hkv * D, QN = D <= 64 ? QG : 2;
+    const int paired = dtype == 1 && D % 32 == 0;
     const size_t elem = dtype == 0 ? 4 : 2;
-    int scored = 0;
+    const float *qp = qb; /* queries in the rows' channel order */
+    const uint16_t *qh = (const uint16_t *)qx, *ql = qh + Hq * D; /* bdot: bf16 hi and lo parts */
+    if (bdot) {
 #ifdef __AVX512BF16__
-    if (dtype == 1 && d % 32 == 0 && Hq <= MAX_BF16_HEADS) {
-        bf16_scores(qb, (const uint16_t *)k_pool, tb, L, s, Hq, Hkv, d, block_size, scale);
-        scored = 1;
-    }
+        for (int64_t c = 0; c < Hq * D; c += 16) {
+            const __m512 x = _mm512_loadu_ps(qb + c);
+            const __m256bh xh = _mm512_cvtneps_pbh(x);
+            const __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)xh), 16));
+            _mm256_storeu_si256((__m256i *)((uint16_t *)qx + c), (__m256i)xh);
+            _mm256_storeu_si256((__m256i *)((uint16_t *)qx + Hq * D + c), (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(x, back)));
+        }
 #endif
-    for (int64_t t0 = 0; t0 < L && !scored; t0 += block_size) { /* block by block: no division per token */
-        prefetch_block(k_pool, elem, tb, t0, L, block_size, W);
+    } else if (paired) {
+        repair(qb, qx, Hq, D, 1);
+        qp = qx;
+    }
+    for (int64_t t0 = 0; t0 < L; t0 += block_size) { /* scores */
         const int64_t n = L - t0 < block_size ? L - t0 : block_size, base = tb[t0 / block_size] * block_size * W;
-        for (int64_t hq = 0; hq < Hq; ++hq) {
-            __m512 qv[8];
-            for (int64_t j = 0; j < nv; ++j) qv[j] = _mm512_loadu_ps(qb + hq * d + 16 * j);
-            const int64_t kh = base + (hq / G) * d;
-            float *sg = s + hq * L + t0;
-            int64_t o = 0;
-            for (; o + 4 <= n; o += 4) { /* four independent dot products in flight */
-                const int64_t r = kh + o * W;
-                __m512 a0 = _mm512_mul_ps(qv[0], ld16(k_pool, r, dtype));
-                __m512 a1 = _mm512_mul_ps(qv[0], ld16(k_pool, r + W, dtype));
-                __m512 a2 = _mm512_mul_ps(qv[0], ld16(k_pool, r + 2 * W, dtype));
-                __m512 a3 = _mm512_mul_ps(qv[0], ld16(k_pool, r + 3 * W, dtype));
-                for (int64_t j = 1; j < nv; ++j) {
-                    a0 = _mm512_fmadd_ps(qv[j], ld16(k_pool, r + 16 * j, dtype), a0);
-                    a1 = _mm512_fmadd_ps(qv[j], ld16(k_pool, r + W + 16 * j, dtype), a1);
-                    a2 = _mm512_fmadd_ps(qv[j], ld16(k_pool, r + 2 * W + 16 * j, dtype), a2);
-                    a3 = _mm512_fmadd_ps(qv[j], ld16(k_pool, r + 3 * W + 16 * j, dtype), a3);
-                }
-                _mm_storeu_ps(sg + o, _mm_mul_ps(_mm_set1_ps(scale), sum4(a0, a1, a2, a3)));
+        for (int64_t h0 = 0, hn = 0; h0 < Hq; h0 += hn) {
+            const int64_t g = h0 / G; /* heads h0 .. h0 + hn - 1 of KV head g */
+            hn = (g + 1) * G - h0 < QN ? (g + 1) * G - h0 : QN;
+            if (h0 == g * G) prefetch_part(k_pool, elem, tb, t0, L, block_size, W, g, Hkv);
+#define SCORE(HN) score_block(k_pool, base + g * D, n, W, qp + h0 * D, qh + h0 * D, ql + h0 * D, s + h0 * L + t0, L, \
+                              dtype, bdot, use_lo, D, HN, scale)
+            switch (hn) {
+            case 1: SCORE(1); break;
+            case 2: SCORE(2); break;
+            case 3: if (D <= 64) SCORE(3); break;
+            default: if (D <= 64) SCORE(4); break;
             }
-            for (; o < n; ++o) {
-                const int64_t r = kh + o * W;
-                __m512 a0 = _mm512_mul_ps(qv[0], ld16(k_pool, r, dtype));
-                for (int64_t j = 1; j < nv; ++j) a0 = _mm512_fmadd_ps(qv[j], ld16(k_pool, r + 16 * j, dtype), a0);
-                sg[o] = scale * _mm512_reduce_add_ps(a0);
-            }
+#undef SCORE
         }
     }
     softmax_rows(s, Hq, L);
-    memset(ob, 0, (size_t)(Hq * d) * sizeof(float));
-    for (int64_t t0 = 0; t0 < L; t0 += block_size) {
-        prefetch_block(v_pool, elem, tb, t0, L, block_size, W);
+    float *acc = paired ? qx : ob; /* paired: summed in the rows' channel order, put back at the end */
+    memset(acc, 0, (size_t)(Hq * D) * sizeof(float));
+    for (int64_t t0 = 0; t0 < L; t0 += block_size) { /* values */
         const int64_t n = L - t0 < block_size ? L - t0 : block_size, base = tb[t0 / block_size] * block_size * W;
-        for (int64_t hq = 0; hq < Hq; ++hq) { /* accumulators stay in registers across the block */
-            __m512 acc[8];
-            for (int64_t j = 0; j < nv; ++j) acc[j] = _mm512_loadu_ps(ob + hq * d + 16 * j);
-            const int64_t vh = base + (hq / G) * d;
-            const float *pg = s + hq * L + t0;
-            for (int64_t o = 0; o < n; ++o) {
-                const __m512 w = _mm512_set1_ps(pg[o]);
-                for (int64_t j = 0; j < nv; ++j) acc[j] = _mm512_fmadd_ps(w, ld16(v_pool, vh + o * W + 16 * j, dtype), acc[j]);
+        for (int64_t h0 = 0, hn = 0; h0 < Hq; h0 += hn) {
+            const int64_t g = h0 / G;
+            hn = (g + 1) * G - h0 < QN ? (g + 1) * G - h0 : QN;
+            if (h0 == g * G) prefetch_part(v_pool, elem, tb, t0, L, block_size, W, g, Hkv);
+#define VALUE(HN) value_block(v_pool, base + g * D, n, W, s + h0 * L + t0, L, acc + h0 * D, dtype, D, HN)
+            switch (hn) {
+            case 1: VALUE(1); break;
+            case 2: VALUE(2); break;
+            case 3: if (D <= 64) VALUE(3); break;
+            default: if (D <= 64) VALUE(4); break;
             }
-            for (int64_t j = 0; j < nv; ++j) _mm512_storeu_ps(ob + hq * d + 16 * j, acc[j]);
+#undef VALUE
         }
     }
+    if (paired) repair(acc, ob, Hq, D, 0);
 }
 #endif
 
@@ -469,6 +556,20 @@ static inline __attribute__((always_inline)) void decode_quant_avx512(const floa
     }
 #endif
 
+#ifdef __AVX512F__
+#ifdef __AVX512BF16__
+#define HAVE_BDOT 1
+#else
+#define HAVE_BDOT 0
+#endif
+/* decode_rows_avx512 instantiated per pool type and query kind at head size D. */
+#define DECODE_ROWS(D)                                                                                         \
+    if (dtype == 0) decode_rows_avx512(qb, k_pool, v_pool, 0, 0, 0, tb, L, ob, s, row, Hq, Hkv, D, block_size, scale); \
+    else if (!bdot) decode_rows_avx512(qb, k_pool, v_pool, 1, 0, 0, tb, L, ob, s, row, Hq, Hkv, D, block_size, scale); \
+    else if (!use_lo) decode_rows_avx512(qb, k_pool, v_pool, 1, 1, 0, tb, L, ob, s, row, Hq, Hkv, D, block_size, scale); \
+    else decode_rows_avx512(qb, k_pool, v_pool, 1, 1, 1, tb, L, ob, s, row, Hq, Hkv, D, block_size, scale);
+#endif
+
 static void decode_generic(const float *qb, const pool_t *kp, const pool_t *vp, const int64_t *tb,
                            int64_t L, float *ob, float *s, float *row, int64_t Hq, int64_t Hkv, int64_t d,
                            int64_t block_size, float scale) {
@@ -508,7 +609,8 @@ int slimlm_paged_decode(const float *q, const void *k_pool, const void *v_pool, 
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
-        float *row = (float *)malloc((size_t)(Hkv * d) * sizeof(float));
+        /* row: one converted row (portable loop) or the queries rearranged (decode_rows_avx512) */
+        float *row = (float *)malloc((size_t)(2 * Hq * d > Hkv * d ? 2 * Hq * d : Hkv * d) * sizeof(float));
         int64_t cap = 0;
         float *s = NULL;
         if (!row) __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
@@ -528,10 +630,18 @@ int slimlm_paged_decode(const float *q, const void *k_pool, const void *v_pool, 
             const int64_t *tb = table + b * max_blocks;
             int done = 0;
 #ifdef __AVX512F__
-            if (d == 64 && dtype == 0) { decode_avx512(qb, k_pool, v_pool, 0, tb, L, ob, s, Hq, Hkv, 64, block_size, scale); done = 1; }
-            else if (d == 64 && dtype == 1) { decode_avx512(qb, k_pool, v_pool, 1, tb, L, ob, s, Hq, Hkv, 64, block_size, scale); done = 1; }
-            else if (d % 16 == 0 && d <= 128 && dtype == 0) { decode_avx512(qb, k_pool, v_pool, 0, tb, L, ob, s, Hq, Hkv, d, block_size, scale); done = 1; }
-            else if (d % 16 == 0 && d <= 128 && dtype == 1) { decode_avx512(qb, k_pool, v_pool, 1, tb, L, ob, s, Hq, Hkv, d, block_size, scale); done = 1; }
+            if (d % 16 == 0 && d <= 128 && dtype <= 1) {
+                const int bdot = dtype == 1 && d % 32 == 0 && HAVE_BDOT;
+                int use_lo = 0; /* a query not exact in bf16 (low 16 bits of a float32 set) */
+                for (int64_t i = 0; bdot && i < Hq * d && !use_lo; ++i) {
+                    uint32_t u;
+                    memcpy(&u, qb + i, 4);
+                    use_lo = (u & 0xFFFFu) != 0;
+                }
+                if (d == 64) { DECODE_ROWS(64) } /* the common size a constant: the loops unroll */
+                else { DECODE_ROWS(d) }
+                done = 1;
+            }
             else if (((dtype == 2 && d % 16 == 0) || (dtype >= 3 && d % 32 == 0)) && d >= 16 && d <= 128) {
                 if (d == 64) { DECODE_QUANT(64) } /* constant sizes: the accumulators stay in registers */
                 else { DECODE_QUANT(d) }
