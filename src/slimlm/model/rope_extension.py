@@ -121,6 +121,10 @@ class DualChunk:
     logit_scale: float = 1.0
     """Attention logits multiplied by this (1 = none): YaRN's temperature, which Qwen2.5-1M
     combines with DCA, sharpens attention spread over more keys than training saw."""
+    cross_scale: float = 1.0
+    """Logits of the pairs in different chunks (successive and inter) multiplied by this on top of
+    ``logit_scale`` (1 = none); folded into those two query rotations (:func:`dca_queries`), so
+    every path that rotates queries through it applies it. No pair is cross-chunk below ``c``."""
 
     @property
     def chunk_len(self) -> int:
@@ -139,6 +143,9 @@ class DualChunkExtension(RopeExtension):
     logit_scale: float = 1.0
     """Multiplies attention logits (YaRN's temperature: (0.1 ln(L / trained) + 1)^2 for length L;
     1 = off, and DCA below its chunk is then standard attention exactly)."""
+    cross_scale: float = 1.0
+    """Multiplies the logits of cross-chunk pairs only (successive and inter chunks; 1 = off): a
+    temperature for the keys DCA maps to capped distances, leaving the own chunk's exact."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -152,10 +159,13 @@ class DualChunkExtension(RopeExtension):
         self.logit_scale = float(self.logit_scale)
         if not 0 < self.logit_scale <= 4:
             raise SlimLMError(f"dca logit_scale must be in (0, 4], got {self.logit_scale}")
+        self.cross_scale = float(self.cross_scale)
+        if not 0 < self.cross_scale <= 4:
+            raise SlimLMError(f"dca cross_scale must be in (0, 4], got {self.cross_scale}")
 
     @property
     def dual_chunk(self) -> DualChunk:
-        return DualChunk(self.chunk_size, self.local_window, self.logit_scale)
+        return DualChunk(self.chunk_size, self.local_window, self.logit_scale, self.cross_scale)
 
     def rope_positions(self, positions: torch.Tensor) -> torch.Tensor:
         return positions % self.dual_chunk.chunk_len
@@ -164,14 +174,18 @@ class DualChunkExtension(RopeExtension):
 def dca_queries(q: torch.Tensor, q_pos: torch.Tensor, dc: DualChunk,
                 inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The three rotations of queries q (..., T, d) at true positions q_pos (..., T), q already
-    rotated by ``i mod c``: (intra, successive-chunk, inter-chunk), in float32 for half inputs."""
+    rotated by ``i mod c``: (intra, successive-chunk, inter-chunk), in float32 for half inputs; the
+    two cross-chunk ones carry ``dc.cross_scale`` (a query scaled by f scales its logits by f)."""
     c, s = dc.chunk_len, dc.chunk_size
     work = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
     qf = q.to(work)
     qi = q_pos % c  # the rotation q already carries
     cs, ss = rotation(inv_freq, (qi + c).clamp(max=s) - qi, work)
     ci, si = rotation(inv_freq, s - qi, work)
-    return qf, apply_rope(qf, cs, ss), apply_rope(qf, ci, si)
+    succ, inter = apply_rope(qf, cs, ss), apply_rope(qf, ci, si)
+    if dc.cross_scale != 1.0:
+        succ, inter = succ * dc.cross_scale, inter * dc.cross_scale
+    return qf, succ, inter
 
 
 def dca_pick(chunk_distance: torch.Tensor, intra: torch.Tensor, succ: torch.Tensor,
