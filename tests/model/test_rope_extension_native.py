@@ -29,7 +29,7 @@ def d64(tmp_path_factory):
 
 def prompts() -> list[list[int]]:
     g = torch.Generator().manual_seed(1)
-    return [torch.randint(3, 380, (n,), generator=g).tolist() for n in (130, 61)]  # 3 and 2 DCA chunks
+    return [torch.randint(3, 380, (n,), generator=g).tolist() for n in (130, 61, 300)]  # 3, 2, 6 DCA chunks
 
 
 def run(path, dtype="float32", **kw):
@@ -50,7 +50,9 @@ def counting(monkeypatch) -> list:
 
 @pytest.mark.parametrize("kw", [{"max_num_batched_tokens": 2048}, {"max_num_batched_tokens": 37},
                                 {"max_num_batched_tokens": 64, "kv_cache_dtype": "int8"},
-                                {"max_num_batched_tokens": 37, "rope_extension_args": {**DCA, "cross_scale": 1.3}}])
+                                {"max_num_batched_tokens": 37, "rope_extension_args": {**DCA, "cross_scale": 1.3}},
+                                {"max_num_batched_tokens": 37, "rope_extension_args": {**DCA, "logit_scale": "auto",
+                                                                                       "context": 1024}}])
 def test_native_dca_equals_the_pytorch_path(d64, monkeypatch, kw):
     llm0, tok0, lp0 = run(d64, native_kernels=False, **kw)
     assert llm0.engine.runner.paths.dca_native is None

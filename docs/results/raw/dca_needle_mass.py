@@ -32,7 +32,7 @@ torch.set_num_threads(1)
 args = {"context": 40000}
 for kv in a.arg:
     k, v = kv.split("=")
-    args[k] = float(v) if "." in v else int(v)
+    args[k] = v if v == "auto" else float(v) if "." in v else int(v)
 lm = scoring_lm("smollm2-135m-instruct", "slimlm", "auto", 1, {"rope_extension": a.ext, "rope_extension_args": args})
 tok = lm.tokenizer
 depths = [float(x) for x in a.depths.split(",")]
@@ -55,8 +55,8 @@ def spy(lib, q_rows, k_parts, v_parts, code, table, q_start, out, dc, inv_freq, 
     c, i = dc.chunk_len, L - 1
     Q = i // c
     q = q_rows[-1:]
-    _, succ, inter = R.dca_queries(q.transpose(0, 1)[None], torch.tensor([[i]]), dc, inv_freq)
-    rot = {"intra": q, "succ": succ[0].transpose(0, 1).to(q.dtype), "inter": inter[0].transpose(0, 1).to(q.dtype)}
+    intra, succ, inter = R.dca_queries(q.transpose(0, 1)[None], torch.tensor([[i]]), dc, inv_freq)
+    rot = {"intra": intra[0].transpose(0, 1).to(q.dtype) if dc.length_base else q, "succ": succ[0].transpose(0, 1).to(q.dtype), "inter": inter[0].transpose(0, 1).to(q.dtype)}
     cuts = sorted({0, 4, max(Q - 1, 0) * c, Q * c, n_lo, n_hi, L})
     lses, labels = [], []
     for lo, hi in zip(cuts, cuts[1:]):
@@ -87,6 +87,21 @@ out = lm.greedy([ids], 8)[0]
 ans = tok.decode(out)
 res = {"seed": a.seed, "depth": depths[a.di], "key": key, "answer": ans, "correct": N.answer_correct(ans, key),
        "needle": [n_lo, n_hi], "L": L, "args": args, "cpu_s": round(time.process_time() - t, 1)}
+# the answer teacher-forced (" " + the digits): each token's log-probability and rank among the top 20, one
+# short request per token after the cached prompt (prefix caching: only the last block is recomputed)
+from slimlm import SamplingParams
+
+want = tok.encode(" " + key, add_special_tokens=False)
+lps, ranks = [], []
+for m in range(len(want)):
+    o = lm.llm.generate([ids + want[:m]], SamplingParams(temperature=0, max_tokens=1, logprobs=20),
+                        use_tqdm=False)[0].outputs[0]
+    top = o.logprobs[0]
+    order = sorted(top, key=top.get, reverse=True)
+    lps.append(round(top[want[m]], 3) if want[m] in top else None)
+    ranks.append(order.index(want[m]) + 1 if want[m] in top else ">20")
+res["key_logprobs"], res["key_ranks"] = lps, ranks
+res["key_logprob_sum"] = round(sum(x for x in lps if x is not None), 3) if None not in lps else None
 if rows:
     res["mean_over_layers"] = {k: round(sum(r[k] for r in rows) / len(rows), 4) for k in rows[0]}
     if a.layers:

@@ -125,6 +125,10 @@ class DualChunk:
     """Logits of the pairs in different chunks (successive and inter) multiplied by this on top of
     ``logit_scale`` (1 = none); folded into those two query rotations (:func:`dca_queries`), so
     every path that rotates queries through it applies it. No pair is cross-chunk below ``c``."""
+    length_base: int = 0
+    """0 = off; else a query at position i has its logits multiplied by ``max(1, 0.1 ln((i + 1) /
+    length_base) + 1)`` (Qwen2.5-1M's YaRN factor for the keys a query sees; 1 up to
+    ``length_base``, the trained context), folded into the three query rotations."""
 
     @property
     def chunk_len(self) -> int:
@@ -140,9 +144,11 @@ class DualChunkExtension(RopeExtension):
     """s; None = 3/4 of the trained context (ChunkLlama's choice)."""
     local_window: int | None = None
     """w; None = 1/16 of the trained context (ChunkLlama's default), at most s / 2."""
-    logit_scale: float = 1.0
+    logit_scale: float | str = 1.0
     """Multiplies attention logits (YaRN's temperature: (0.1 ln(L / trained) + 1)^2 for length L;
-    1 = off, and DCA below its chunk is then standard attention exactly)."""
+    1 = off, and DCA below its chunk is then standard attention exactly). ``"auto"``: per query,
+    ``max(1, 0.1 ln(n / trained) + 1)`` with n the keys it sees (Qwen2.5-1M's factor, which its
+    DCA applies to every key of a sequence of n tokens): 1 inside the trained context."""
     cross_scale: float = 1.0
     """Multiplies the logits of cross-chunk pairs only (successive and inter chunks; 1 = off): a
     temperature for the keys DCA maps to capped distances, leaving the own chunk's exact."""
@@ -156,7 +162,13 @@ class DualChunkExtension(RopeExtension):
         if s < 2 or not 0 <= w < s:
             raise SlimLMError(f"dca needs chunk_size >= 2 and 0 <= local_window < chunk_size; got {s}, {w}")
         self.chunk_size, self.local_window = s, w
-        self.logit_scale = float(self.logit_scale)
+        self.length_base = 0
+        if self.logit_scale == "auto":
+            self.logit_scale, self.length_base = 1.0, self.trained
+        try:
+            self.logit_scale = float(self.logit_scale)
+        except (TypeError, ValueError):
+            raise SlimLMError(f"dca logit_scale must be a number in (0, 4] or 'auto', got {self.logit_scale!r}") from None
         if not 0 < self.logit_scale <= 4:
             raise SlimLMError(f"dca logit_scale must be in (0, 4], got {self.logit_scale}")
         self.cross_scale = float(self.cross_scale)
@@ -165,7 +177,7 @@ class DualChunkExtension(RopeExtension):
 
     @property
     def dual_chunk(self) -> DualChunk:
-        return DualChunk(self.chunk_size, self.local_window, self.logit_scale, self.cross_scale)
+        return DualChunk(self.chunk_size, self.local_window, self.logit_scale, self.cross_scale, self.length_base)
 
     def rope_positions(self, positions: torch.Tensor) -> torch.Tensor:
         return positions % self.dual_chunk.chunk_len
@@ -185,7 +197,20 @@ def dca_queries(q: torch.Tensor, q_pos: torch.Tensor, dc: DualChunk,
     succ, inter = apply_rope(qf, cs, ss), apply_rope(qf, ci, si)
     if dc.cross_scale != 1.0:
         succ, inter = succ * dc.cross_scale, inter * dc.cross_scale
+    f = length_factor(q_pos, dc)
+    if f is not None:
+        f = f.to(work)[..., None]  # broadcast over heads: q (..., H, T, d), q_pos (..., T)
+        qf, succ, inter = qf * f, succ * f, inter * f
     return qf, succ, inter
+
+
+def length_factor(q_pos: torch.Tensor, dc: DualChunk) -> torch.Tensor | None:
+    """Per query, ``max(1, 0.1 ln((i + 1) / length_base) + 1)`` with a head axis (q_pos (B, T) ->
+    (B, 1, T)); None when off or 1 for every query (positions inside ``length_base``)."""
+    if not dc.length_base or int(q_pos.max()) + 1 <= dc.length_base:
+        return None
+    n = (q_pos + 1).clamp(min=1).to(torch.float64)
+    return (0.1 * torch.log(n / dc.length_base) + 1).clamp(min=1).to(torch.float32)[..., None, :]
 
 
 def dca_pick(chunk_distance: torch.Tensor, intra: torch.Tensor, succ: torch.Tensor,
@@ -330,15 +355,17 @@ def dca_prefill_native(lib, q_rows: torch.Tensor, k_parts: list[torch.Tensor], v
     for r0, r1, ranges in dca_ranges(q_start, T, dc.chunk_len):
         q = q_rows[r0:r1]
         pos = torch.arange(q_start + r0, q_start + r1, device=q.device)[None]
-        rot = None
-        if any(name != "intra" for name, *_ in ranges):
-            _, succ, inter = dca_queries(q.transpose(0, 1)[None], pos, dc, inv_freq)  # (1, Hq, n, d)
-            rot = {"succ": succ[0].transpose(0, 1).to(q.dtype), "inter": inter[0].transpose(0, 1).to(q.dtype)}
+        rot = {"intra": q}
+        scaled = length_factor(pos, dc) is not None  # the own chunk's queries carry the length factor too
+        if scaled or any(name != "intra" for name, *_ in ranges):
+            intra, succ, inter = dca_queries(q.transpose(0, 1)[None], pos, dc, inv_freq)  # (1, Hq, n, d)
+            rot = {"intra": intra[0].transpose(0, 1).to(q.dtype) if scaled else q,
+                   "succ": succ[0].transpose(0, 1).to(q.dtype), "inter": inter[0].transpose(0, 1).to(q.dtype)}
         parts = []
         for name, lo, hi, causal in ranges:
             o = torch.empty(r1 - r0, Hq, d, dtype=torch.float32, device=q.device)
             lse = torch.empty(r1 - r0, Hq, dtype=torch.float32, device=q.device)
-            native_prefill_range(lib, q if name == "intra" else rot[name], k_parts, v_parts, code, table,
+            native_prefill_range(lib, rot[name], k_parts, v_parts, code, table,
                                  q_start + r0, lo, hi, causal, o, lse, scale)
             parts.append((o, lse))
         out[r0:r1] = _merge(parts).to(out.dtype)
