@@ -95,19 +95,21 @@ def test_dca_past_the_chunk_matches_a_dense_definition(tiny, temp):
     assert out.outputs[0].token_ids == [nxt]
 
 
-def test_dca_auto_logit_scale_matches_a_dense_definition(tiny):
+@pytest.mark.parametrize("mode, power", [("auto", 1), ("yarn", 2)])
+def test_dca_auto_logit_scale_matches_a_dense_definition(tiny, mode, power):
     """``logit_scale="auto"``: a query at i scales its logits by max(1, 0.1 ln((i + 1) / trained) + 1)
-    (trained 256 here: rows past it), on every path; inside the trained context nothing changes."""
+    (``"yarn"``: squared; trained 256 here: rows past it), on every path; inside the trained context
+    nothing changes."""
     model = tiny.model
     T = 330
     ids = [(11 * i) % 350 + 3 for i in range(T)]
     pos = torch.arange(T)[None]
-    f = (0.1 * torch.log((pos[0] + 1).double() / 256) + 1).clamp(min=1).float()
+    f = ((0.1 * torch.log((pos[0] + 1).double() / 256) + 1).clamp(min=1) ** power).float()
     ref_attn = DenseDCA(pos, model.rotary, 64, 8, model.attn_scale, rows=f)
     with torch.no_grad():
         logits = model(torch.tensor([ids]), pos % 56, ref_attn)[0].log_softmax(-1)
     ref = logits[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
-    args = {**DCA, "logit_scale": "auto", "context": 512}
+    args = {**DCA, "logit_scale": mode, "context": 512}
     for chunk in (2048, 37):
         llm = LLM(tiny, kv_cache_bytes="8M", rope_extension="dca", rope_extension_args=args,
                   max_num_batched_tokens=chunk)

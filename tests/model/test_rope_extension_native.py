@@ -52,6 +52,8 @@ def counting(monkeypatch) -> list:
                                 {"max_num_batched_tokens": 64, "kv_cache_dtype": "int8"},
                                 {"max_num_batched_tokens": 37, "rope_extension_args": {**DCA, "cross_scale": 1.3}},
                                 {"max_num_batched_tokens": 37, "rope_extension_args": {**DCA, "logit_scale": "auto",
+                                                                                       "context": 1024}},
+                                {"max_num_batched_tokens": 64, "rope_extension_args": {**DCA, "logit_scale": "yarn",
                                                                                        "context": 1024}}])
 def test_native_dca_equals_the_pytorch_path(d64, monkeypatch, kw):
     llm0, tok0, lp0 = run(d64, native_kernels=False, **kw)

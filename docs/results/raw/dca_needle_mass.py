@@ -32,7 +32,7 @@ torch.set_num_threads(1)
 args = {"context": 40000}
 for kv in a.arg:
     k, v = kv.split("=")
-    args[k] = v if v == "auto" else float(v) if "." in v else int(v)
+    args[k] = v if v in ("auto", "yarn") else float(v) if "." in v else int(v)
 lm = scoring_lm("smollm2-135m-instruct", "slimlm", "auto", 1, {"rope_extension": a.ext, "rope_extension_args": args})
 tok = lm.tokenizer
 depths = [float(x) for x in a.depths.split(",")]

@@ -129,6 +129,8 @@ class DualChunk:
     """0 = off; else a query at position i has its logits multiplied by ``max(1, 0.1 ln((i + 1) /
     length_base) + 1)`` (Qwen2.5-1M's YaRN factor for the keys a query sees; 1 up to
     ``length_base``, the trained context), folded into the three query rotations."""
+    length_power: int = 1
+    """The length factor to this power: 1 Qwen2.5-1M's (its keys carry it), 2 YaRN's (q and k)."""
 
     @property
     def chunk_len(self) -> int:
@@ -148,7 +150,8 @@ class DualChunkExtension(RopeExtension):
     """Multiplies attention logits (YaRN's temperature: (0.1 ln(L / trained) + 1)^2 for length L;
     1 = off, and DCA below its chunk is then standard attention exactly). ``"auto"``: per query,
     ``max(1, 0.1 ln(n / trained) + 1)`` with n the keys it sees (Qwen2.5-1M's factor, which its
-    DCA applies to every key of a sequence of n tokens): 1 inside the trained context."""
+    DCA applies to every key of a sequence of n tokens): 1 inside the trained context. ``"yarn"``:
+    that factor squared (YaRN scales q and k by it), e.g. 1.1433 for a query at 16,384 of 8,192."""
     cross_scale: float = 1.0
     """Multiplies the logits of cross-chunk pairs only (successive and inter chunks; 1 = off): a
     temperature for the keys DCA maps to capped distances, leaving the own chunk's exact."""
@@ -162,13 +165,15 @@ class DualChunkExtension(RopeExtension):
         if s < 2 or not 0 <= w < s:
             raise SlimLMError(f"dca needs chunk_size >= 2 and 0 <= local_window < chunk_size; got {s}, {w}")
         self.chunk_size, self.local_window = s, w
-        self.length_base = 0
-        if self.logit_scale == "auto":
-            self.logit_scale, self.length_base = 1.0, self.trained
+        self.length_base, self.length_power = 0, 1
+        if self.logit_scale in ("auto", "yarn"):
+            self.length_base, self.length_power = self.trained, 1 if self.logit_scale == "auto" else 2
+            self.logit_scale = 1.0
         try:
             self.logit_scale = float(self.logit_scale)
         except (TypeError, ValueError):
-            raise SlimLMError(f"dca logit_scale must be a number in (0, 4] or 'auto', got {self.logit_scale!r}") from None
+            raise SlimLMError(f"dca logit_scale must be a number in (0, 4], 'auto' or 'yarn', got "
+                              f"{self.logit_scale!r}") from None
         if not 0 < self.logit_scale <= 4:
             raise SlimLMError(f"dca logit_scale must be in (0, 4], got {self.logit_scale}")
         self.cross_scale = float(self.cross_scale)
@@ -177,7 +182,8 @@ class DualChunkExtension(RopeExtension):
 
     @property
     def dual_chunk(self) -> DualChunk:
-        return DualChunk(self.chunk_size, self.local_window, self.logit_scale, self.cross_scale, self.length_base)
+        return DualChunk(self.chunk_size, self.local_window, self.logit_scale, self.cross_scale, self.length_base,
+                         self.length_power)
 
     def rope_positions(self, positions: torch.Tensor) -> torch.Tensor:
         return positions % self.dual_chunk.chunk_len
@@ -210,7 +216,7 @@ def length_factor(q_pos: torch.Tensor, dc: DualChunk) -> torch.Tensor | None:
     if not dc.length_base or int(q_pos.max()) + 1 <= dc.length_base:
         return None
     n = (q_pos + 1).clamp(min=1).to(torch.float64)
-    return (0.1 * torch.log(n / dc.length_base) + 1).clamp(min=1).to(torch.float32)[..., None, :]
+    return ((0.1 * torch.log(n / dc.length_base) + 1).clamp(min=1) ** dc.length_power).to(torch.float32)[..., None, :]
 
 
 def dca_pick(chunk_distance: torch.Tensor, intra: torch.Tensor, succ: torch.Tensor,
