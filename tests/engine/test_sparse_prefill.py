@@ -247,3 +247,71 @@ def test_sparse_pattern_with_dca_follows_its_definition():
         ref = dca_attention(q[:, h : h + 1], k[:, h // G : h // G + 1], v[:, h // G : h // G + 1], allow[h][None, None],
                             qp, kp, dc, inv, 0.25)
         assert torch.allclose(out[:, h : h + 1], ref, atol=1e-5), h
+
+
+def _pattern_full_size(vs, qf, kx, qp, kp, valid, scale, rot=None):
+    """The probe as first written (session 7-11): every (Hq, probe, S) score tensor materialized
+    afresh, all three DCA rotations over every key, then picked; the reference the reused-buffer
+    probe must reproduce bit for bit."""
+    from slimlm.model.rope_extension import dca_pick
+
+    Hq, T, d = qf.shape
+    Hkv, S = kx.shape[0], kx.shape[1]
+    m = min(vs.probe, T)
+    pq = qp[T - m :]
+    causal = ((pq[:, None] - kp[None, :]) >= 0) & valid[None, :]
+
+    def logits(qx):
+        return ((qx[:, T - m :] * scale).reshape(Hkv, Hq // Hkv * m, d) @ kx.transpose(-1, -2)).view(Hq, m, S)
+
+    if rot is None:
+        att = logits(qf)
+    else:
+        c = rot[3]
+        att = dca_pick(pq[:, None] // c - kp[None, :].clamp(min=0) // c, *(logits(x) for x in rot[:3]))
+    att = att.masked_fill_(~causal, float("-inf")).softmax(-1)
+    n_off = int(qp[-1]) + 1
+    vert = att.sum(1).masked_fill(~valid, -1.0)
+    cols = vert.topk(min(vs.vertical, S), -1).indices
+    slash = torch.zeros(Hq, n_off, dtype=att.dtype)
+    for r, p in enumerate(pq.tolist()):
+        slash[:, : p + 1] += att[:, r, : p + 1].flip(-1)
+    slash[:, : vs.local] = float("inf")
+    offs = slash.topk(min(vs.slash, n_off), -1).indices
+    return cols, offs, att
+
+
+@pytest.mark.parametrize("S, T, c, pad", [
+    (3000, 512, None, 0),    # no DCA, GQA heads
+    (3000, 512, None, 200),  # attend's k_pos: arange then -1 padding
+    (5000, 700, 1200, 0),    # DCA: inter / successive / intra key ranges
+    (4801, 1, 1200, 0),      # DCA: one probe row, its own key range 1 key wide (a matrix-vector product alone)
+    (4801, 300, 1200, 0),    # DCA: the same range, the probe's rows straddling a DCA chunk boundary (4800)
+    (4830, 300, 1200, 0),    # DCA: the probe's rows straddle 4800
+    (4830, 300, 1200, 17),   # the same with padding
+])
+def test_probe_with_reused_buffers_picks_the_same_pattern(S, T, c, pad):
+    from slimlm.model.rope_extension import DualChunk, dca_queries
+
+    torch.manual_seed(S + T + pad)
+    Hq, Hkv, d = 9, 3, 64
+    q, k = torch.randn(1, Hq, T, d) * 2, torch.randn(Hkv, S + pad, d)
+    k[:, S:] = 0
+    qp = torch.arange(S - T, S)
+    kp = torch.cat([torch.arange(S), torch.full((pad,), -1)])
+    vs = VerticalSlash(vertical=300, slash=400, local=32, probe=64)
+    rot = None
+    if c is not None:
+        dc = DualChunk(c + 100, 100)
+        inv_freq = 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d)
+        rot = (*(x[0] for x in dca_queries(q, qp[None], dc, inv_freq)), dc.chunk_len)
+    for _ in range(2):  # the second call reuses the first's buffers
+        cols, offs, is_v, is_s = vs._pattern(q[0], k, qp, kp, kp >= 0, 0.125, rot)
+        rcols, roffs, ratt = _pattern_full_size(vs, q[0], k, qp, kp, kp >= 0, 0.125, rot)
+        assert torch.equal(cols, rcols) and torch.equal(offs, roffs)
+        assert torch.equal(vs.scratch["att"][: ratt.numel()].view_as(ratt), ratt)  # the probe's attention, bit for bit
+        assert torch.equal(is_v.sum(1), torch.full((Hq,), 300)) and bool(is_s[:, :32].all())
+    if c is not None:  # the probe's rows sit where the case says
+        qc = (qp[-64:] // c).unique()
+        assert len(qc) == (2 if S in (4801, 4830) and T > 1 else 1)
+    assert vs.scratch["att"].numel() >= Hq * min(64, T) * (S + pad)

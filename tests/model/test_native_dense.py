@@ -187,3 +187,80 @@ def test_dense_linear_rounds_x_to_bf16_as_torch():
     y = torch.empty(1, K)
     assert lib.slimlm_dense_linear(x.data_ptr(), w.data_ptr(), 2, y.data_ptr(), 1, K, K, 1) == 0
     assert torch.equal(y, x.bfloat16().float())
+
+
+def _amx_lib():
+    from slimlm import kernels
+
+    lib = kernels.load("decode_layer")
+    if lib is None or not lib.slimlm_dense_has_amx():  # the kernel's own answer: built with AMX and granted tiles
+        pytest.skip("no AMX here (CPU, compiler or SLIMLM_AMX=0): kind 2 runs the AVX-512 loops")
+    return lib
+
+
+def _linear(lib, x, w, nthreads=2):
+    y = torch.full((x.shape[0], w.shape[0]), float("nan"))
+    assert lib.slimlm_dense_linear(x.data_ptr(), w.data_ptr(), 2, y.data_ptr(), x.shape[0], w.shape[0], x.shape[1],
+                                   nthreads) == 0
+    return y
+
+
+@pytest.mark.parametrize("N,K", [(32, 32), (40, 64), (100, 576), (960, 576), (576, 1536)])
+def test_dense_linear_amx_matches_the_avx512_path(N, K, monkeypatch):
+    """Kind 2 on AMX tiles (K a multiple of 32, N >= 32; the last block of 32 W rows overlaps the one
+    before where N is not a multiple of 32) against float64 and against the AVX-512 loops
+    (``SLIMLM_AMX=0``). Both sum the same products of bf16 values, exact in fp32, in different
+    orders (tiles: one accumulator per output in k-pair order; AVX-512: two 16-lane accumulators and
+    a tree), so they agree to summation-order rounding: rtol 1e-5, atol 1e-5 sqrt(K) (measured
+    ~1e-5 absolute at K = 576, unit-normal x and W); and they are not the same kernel (some output
+    differs in its last bits: the tiles did run)."""
+    lib = _amx_lib()
+    g = torch.Generator().manual_seed(N + K)
+    x = torch.randn(64, K, generator=g)
+    w = torch.randn(N, K, generator=g).bfloat16()
+    for M in (1, 2, 17, 64):
+        y = _linear(lib, x[:M], w)
+        want = x[:M].bfloat16().double() @ w.double().T
+        torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5 * K ** 0.5, msg=f"{M}x{N}x{K}")
+        monkeypatch.setenv("SLIMLM_AMX", "0")
+        y0 = _linear(lib, x[:M], w)
+        monkeypatch.delenv("SLIMLM_AMX")
+        torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-5 * K ** 0.5, msg=f"{M}x{N}x{K}")
+        if M == 64 and K >= 576:
+            assert not torch.equal(y, y0)
+
+
+def test_dense_linear_amx_rows_are_batch_invariant():
+    """Under AMX every x row's y is bitwise the same at M = 1, 2, 17 and 57, wherever the row sits in
+    the step (another 16-row chunk, another tile of the 2 x 2 C tiles, zero-padded columns), and
+    at 1 or 2 threads."""
+    lib = _amx_lib()
+    g = torch.Generator().manual_seed(13)
+    for N, K in [(960, 576), (576, 1536), (72, 96)]:
+        w = torch.randn(N, K, generator=g).bfloat16()
+        rows = torch.randn(57, K, generator=g)
+        alone = torch.cat([_linear(lib, rows[m: m + 1], w, 1) for m in range(57)])
+        for M in (1, 2, 17, 57):
+            for start in sorted({0, 57 - M, (57 - M) // 2}):
+                x = torch.roll(rows, -start, 0)[:M].contiguous()  # rows start.. at positions 0..
+                y = _linear(lib, x, w)
+                assert torch.equal(y, torch.roll(alone, -start, 0)[:M]), (N, K, M, start)
+
+
+def test_bf16_model_amx_near_avx512(tiny_llama_dir, monkeypatch):
+    """A bf16 model's native decode step with its projections on AMX tiles and on the AVX-512 loops
+    (``SLIMLM_AMX=0``, read at every call: one engine) differs only by the projections' summation
+    order: one decode step's logits within 1e-3 relative L2, and greedy tokens the same."""
+    _amx_lib()
+    prompts = [[5, 9, 33, 71, 8], [100, 3, 17]]
+    llm = LLM(load(tiny_llama_dir, "bfloat16"))
+    assert llm.engine.runner.native_layers is not None
+    la = _step_logits(llm, prompts)
+    monkeypatch.setenv("SLIMLM_AMX", "0")
+    lb = _step_logits(llm, prompts)
+    rel = float((la - lb).norm() / lb.norm())
+    assert rel < 1e-3, rel
+    p = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    off = [o.outputs[0].token_ids for o in llm.generate(prompts, p, use_tqdm=False)]
+    monkeypatch.delenv("SLIMLM_AMX")
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, p, use_tqdm=False)] == off

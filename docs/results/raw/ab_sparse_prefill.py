@@ -7,7 +7,8 @@ time on a shared machine; use --wall on a quiet one). The probe (pattern selecti
 apart, and the pattern's statistics printed: the share of causal pairs it attends and the share
 of query-candidate pairs the kernel scores.
 Usage: python docs/results/raw/ab_sparse_prefill.py [--tokens 8000] [--rounds 1] [--threads 1]
-       [--torch] [--wall] [--yarn 40000]   (--yarn: rope_extension yarn, context=N, past 8k)"""
+       [--torch] [--wall] [--yarn 40000 | --dca 40000]   (rope_extension yarn / dca, context=N, past 8k;
+       --dca takes DCA's defaults unless --dca-arg chunk_size=6144 --dca-arg local_window=512 ... pins them)"""
 import argparse, statistics, sysconfig, time
 from dataclasses import replace
 from pathlib import Path
@@ -24,10 +25,15 @@ ap.add_argument("--threads", type=int, default=1)
 ap.add_argument("--torch", action="store_true")
 ap.add_argument("--wall", action="store_true")
 ap.add_argument("--yarn", type=int, default=None)
+ap.add_argument("--dca", type=int, default=None)
+ap.add_argument("--dca-arg", action="append", default=[], help="KEY=VALUE (repeatable)")
 a = ap.parse_args()
 clock = time.perf_counter if a.wall else time.process_time
 torch.set_num_threads(a.threads)
 ext = {"rope_extension": "yarn", "rope_extension_args": {"context": a.yarn}} if a.yarn else {}
+if a.dca:
+    ext = {"rope_extension": "dca", "rope_extension_args": {"context": a.dca, **{
+        k: float(v) if "." in v else int(v) for k, v in (kv.split("=", 1) for kv in a.dca_arg)}}}
 llm = LLM("smollm2-135m-instruct", enable_prefix_caching=False, **ext)
 text = "".join(p.read_text() for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("[a-t]*.py"))[:120])
 ids = llm.tokenizer.encode(text)[: a.tokens]

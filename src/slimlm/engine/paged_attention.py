@@ -8,11 +8,13 @@ with the paths the :class:`AttentionPaths` chosen at start-up allow:
 
 - decode tokens: the native ``paged_decode`` kernel, reading the stored format in place
   (plain or quantized pools; it also accumulates attention mass for score-based policies; a
-  codec that stores rows rotated gets the query rotated before and the output after);
+  codec that stores rows rotated gets the query rotated before and the output after; a layer of
+  a merged storage, MiniCache, reads the step's blocks rebuilt into a workspace);
   otherwise in groups of similar context length over gathered, decoded blocks;
 - each multi-token chunk alone: the native ``paged_prefill`` kernel (causal, no tree), which
   reads plain and quantized pools in place (a rotating codec's query rotated as for decode) and
-  accumulates attention mass when a policy asks; otherwise over its gathered context with an
+  accumulates attention mass when a policy asks (a merged layer's context is rebuilt into a
+  workspace); otherwise over its gathered context with an
   explicit mask, in blocks of ``Q_BLOCK`` query rows that each see only the keys up to their
   last storage index.
 
@@ -218,7 +220,8 @@ class AttentionPaths:
         decode = prefill = sparse_lib = None
         codec = cache.codec
         compute = NATIVE_DTYPES.get(cache.spec.compute_dtype)  # the kernels read q's dtype
-        if native_kernels and cache.device.type == "cpu" and span == AttentionSpan() and not cache.state:
+        if native_kernels and cache.device.type == "cpu" and span == AttentionSpan():
+            # merged storages (MiniCache) are served too: their layers' rows rebuilt into a workspace
             from slimlm import kernels
 
             if codec.native_code is not None and sparse is None:
@@ -251,6 +254,8 @@ class PagedAttention:
         self._masks: dict[tuple, torch.Tensor] = {}
         self._restricted: dict[int, tuple] = {}
         self._sparse_meta: dict[int, dict] = {}
+        if paths.sparse is not None:  # a query policy keeps a summary per decoding row's prefix
+            paths.sparse.begin_step(sum(int(g.rows.numel()) for g in decodes))
 
     # ------------------------------------------------------------------ helpers
     def _mask(self, key, q_pos, k_pos, window, tree=None, kv_start=0, allow=None) -> torch.Tensor:
@@ -342,7 +347,10 @@ class PagedAttention:
         out = torch.empty(T, q.shape[1], d, dtype=q.dtype, device=q.device)  # (T, Hq, d)
         window = self.windows.get(layer)
         lib = self.paths.native_decode
-        if lib is not None and table is not None and window is None:
+        if lib is not None and table is not None and window is None and cache.merged(layer):
+            out.index_copy_(0, table.rows, self._merged_decode(lib, layer, table, q_full).to(out.dtype))
+            decodes = []
+        elif lib is not None and table is not None and window is None:
             kp, vp = cache.pools(layer)
             mass = cache.mass[layer] if cache.mass is not None else None
             # a rotating codec stores rows @ R: the query goes into the keys' space, the output
@@ -374,6 +382,19 @@ class PagedAttention:
         if q_rows is not None:
             out = out.index_select(0, q_rows)
         return out.transpose(0, 1)[None]  # (1, Hq, R, d)
+
+    def _merged_decode(self, lib, layer: int, table: DecodeTable, q_full: torch.Tensor) -> torch.Tensor:
+        """The native decode kernel for a layer of a merged storage (MiniCache): the step's blocks
+        rebuilt once per layer (``PagedKVCache.gather``) into a workspace the kernel reads through
+        the step's table mapped onto it. (B, Hq, d) float32."""
+        have = self._sparse_meta.get("merged")
+        if have is None or have[0] is not table:  # the step's distinct blocks, and its table into them
+            ub, inv = torch.unique(table.table, return_inverse=True)
+            have = self._sparse_meta["merged"] = (table, ub, inv.contiguous())
+        _, ub, inv = have
+        kd, vd = self.cache.gather("k", layer, ub), self.cache.gather("v", layer, ub)  # (n, bs, Hkv, d)
+        qn = q_full.index_select(0, table.rows).to(kd.dtype)
+        return native_decode(lib, qn, [kd], [vd], NATIVE_DTYPES[kd.dtype], inv, table.lens, self.scale)
 
     def _sparse_group(self, layer: int, g: DecodeGroup, q_full: torch.Tensor) -> torch.Tensor:
         return self.paths.sparse.attend_native(self.paths.sparse_native, layer, q_full.index_select(0, g.rows),
@@ -416,7 +437,8 @@ class PagedAttention:
             return
         if sparse is None and self.paths.native_prefill is not None and p.table is not None and window is None \
                 and p.tree is None and isinstance(p.rows, slice):
-            if self.paths.prefill_in_place:  # the kernel decodes the stored format (and adds mass)
+            merged = cache.merged(layer)  # MiniCache's rows are rebuilt: read through a workspace
+            if self.paths.prefill_in_place and not merged:  # the kernel decodes the stored format (and adds mass)
                 q = q_full[p.rows]
                 apart = cache.vcodec.rotates or (cache.codec.attend_fp32 and q.dtype != torch.float32)
                 # a rotating codec stores keys @ R; a codec that attends in float32 keeps the query there
@@ -429,7 +451,7 @@ class PagedAttention:
                 if apart:
                     out[p.rows] = cache.vcodec.from_storage(o).to(out.dtype)
                 return
-            if self.paths.prefill_decodes:  # decode the context once into a dense workspace
+            if self.paths.prefill_decodes or merged:  # decode the context once into a dense workspace
                 kp, vp = cache.gather("k", layer, p.table).contiguous(), cache.gather("v", layer, p.table).contiguous()
                 table = torch.arange(p.table.numel(), device=p.table.device)
             else:

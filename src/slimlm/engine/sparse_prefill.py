@@ -60,6 +60,9 @@ class VerticalSlash:
     """Running totals over the sparse chunks (all heads and layers): ``computed`` query-key pairs
     the pattern attends, ``causal`` pairs dense attention would (deterministic: the share
     computed predicts the attention part of the TTFT gain)."""
+    scratch: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+    """The probe's reused buffers (``_pattern``): its float32 scores and the keys' float32 copy,
+    held for the pattern's life at the largest key range seen (~100 MB at 32k keys, 9 heads)."""
 
     def __post_init__(self) -> None:
         if self.local is None and isinstance(self.slash, int):
@@ -172,7 +175,8 @@ class VerticalSlash:
         work = torch.float32 if q_rows.dtype in (torch.bfloat16, torch.float16) else q_rows.dtype
         m = min(self.probe, T)
         probe = q_rows[T - m :].transpose(0, 1).to(work)  # (Hq, m, d): only the probe's rows
-        kx = keys.to(work, memory_format=torch.contiguous_format)  # (Hkv, n, d): 4x faster matmul than strided
+        # (Hkv, n, d) contiguous (4x faster matmul than strided), in a reused buffer (no fresh mapping per call)
+        kx = self._buffer("keys", keys.numel(), work, keys.device).view(keys.shape).copy_(keys)
         rot = None
         if dca is not None:
             from slimlm.model.rope_extension import dca_queries
@@ -196,36 +200,102 @@ class VerticalSlash:
     def _pattern(self, qf, kx, qp, kp, valid, scale, rot=None) -> tuple[torch.Tensor, ...]:
         """Per head: the vertical columns (Hq, nv) and slash offsets (Hq, ns) the probe attends
         most, and the same as masks over columns (Hq, S) and offsets (Hq, last position + 1).
-        ``rot``: DCA's query rotations (``attend``), the probe's scores DCA's."""
+        ``rot``: DCA's query rotations (``attend``), the probe's scores DCA's.
+
+        The probe's (Hq, probe, S) scores are written into one float32 buffer reused by every
+        (chunk, layer) (``scratch``, grown to the largest key range seen): fresh tensors of that
+        size (75 MB at 32k keys, several under DCA) were new memory mappings each time, ~100,000
+        minor page faults per call. Under DCA each key range is scored with its own rotation only
+        (not all three over every key, then picked). The values are the same bits as scoring in
+        full (the same GEMM per head, each column range at least 64 keys wide; tested against the
+        full-size formulation), so the pattern is unchanged."""
         Hq, T, d = qf.shape
         Hkv, S = kx.shape[0], kx.shape[1]  # kx: one head per query head, or per KV head (GQA)
+        G = Hq // Hkv
         m = min(self.probe, T)
         pq = qp[T - m :]  # (m,)
-        dist = pq[:, None] - kp[None, :]  # (m, S)
-        causal = (dist >= 0) & valid[None, :]
+        att = self._buffer("att", Hq * m * S, qf.dtype, qf.device).view(Hq, m, S)
+        att_g = att.view(Hkv, G * m, S)
 
-        def logits(qx):  # one plain matmul per KV head
-            return ((qx[:, T - m :] * scale).reshape(Hkv, Hq // Hkv * m, d) @ kx.transpose(-1, -2)).view(Hq, m, S)
+        def probe_rows(qx):  # (Hkv, G*m, d): the probe's scaled rows, grouped by KV head
+            return (qx[:, T - m :] * scale).reshape(Hkv, G * m, d)
 
         if rot is None:
-            att = logits(qf)
+            torch.matmul(probe_rows(qf), kx.transpose(-1, -2), out=att_g)
         else:
-            from slimlm.model.rope_extension import dca_pick
-
-            c = rot[3]
-            att = dca_pick(pq[:, None] // c - kp[None, :].clamp(min=0) // c, *(logits(x) for x in rot[:3]))
-        att = att.masked_fill_(~causal, float("-inf")).softmax(-1)
+            self._dca_logits(att, [probe_rows(x) for x in rot[:3]], kx, pq, rot[3])
+        L = int(valid.sum())
+        if bool((kp[:L] == torch.arange(L, device=kp.device)).all()) and not bool(valid[L:].any()):
+            for r, p in enumerate(pq.tolist()):  # column == position: row r sees keys 0..min(p, L - 1)
+                att[:, r, min(p, L - 1) + 1 :] = float("-inf")
+        else:  # general positions (not produced by the engine)
+            att.masked_fill_(~(((pq[:, None] - kp[None, :]) >= 0) & valid[None, :]), float("-inf"))
+        torch.ops.aten._softmax.out(att, -1, False, out=att)  # in place: the same values as .softmax(-1)
         n_off = int(qp[-1]) + 1  # offsets 0 .. last position
-        vert = att.sum(1).masked_fill(~valid, -1.0)  # (Hq, S)
+        vert = torch.sum(att, 1, out=self._buffer("vert", Hq * S, att.dtype, att.device).view(Hq, S))
+        if L < S:
+            vert.masked_fill_(~valid, -1.0)
         cols = vert.topk(min(self.vertical, S), -1).indices  # padding columns are masked later
         is_v = torch.zeros(Hq, S, dtype=torch.bool, device=qf.device).scatter_(1, cols, True)
-        slash = torch.zeros(Hq, n_off, dtype=att.dtype, device=qf.device)
-        for r, p in enumerate(pq.tolist()):  # keys 0..p (column == position) lie at offsets p..0
-            slash[:, : p + 1] += att[:, r, : p + 1].flip(-1)  # (one add per probe row: no (Hq, m, S) index)
+        # slash[o] sums the probe's attention at offset o = p - j; accumulated reversed (rev[P - o])
+        # so each row adds one contiguous slice: rev[P - p : P + 1] += att[r, 0 : p + 1]
+        P = n_off - 1
+        rev = torch.zeros(Hq, n_off, dtype=att.dtype, device=qf.device)
+        for r, p in enumerate(pq.tolist()):
+            rev[:, P - p :] += att[:, r, : p + 1]
+        slash = rev.flip(-1)
         slash[:, : self.local] = float("inf")  # the local window always
         offs = slash.topk(min(self.slash, n_off), -1).indices
         is_s = torch.zeros(Hq, n_off, dtype=torch.bool, device=qf.device).scatter_(1, offs, True)
         return cols, offs, is_v, is_s
+
+    def _buffer(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A reused flat buffer of at least ``numel`` elements (grown by at least 1.25x, so a
+        prompt's growing key ranges reallocate it a few times, not once per chunk)."""
+        buf = self.scratch.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            size = numel if buf is None or buf.dtype != dtype or buf.device != device else max(numel, buf.numel() * 5 // 4)
+            buf = self.scratch[name] = torch.empty(size, dtype=dtype, device=device)
+        return buf[:numel]
+
+    def _dca_logits(self, att, rows, kx, pq, c) -> None:
+        """DCA's probe scores into ``att`` (Hq, m, S): per key chunk of c keys, each probe row's
+        score with the rotation its chunk distance selects (0 intra, 1 successive, else inter),
+        as :func:`dca_pick` over all three; adjacent key chunks with the same rotations in one
+        GEMM. ``rows`` (intra, succ, inter), each (Hkv, G*m, d)."""
+        Hq, m, S = att.shape
+        Hkv = kx.shape[0]
+        G = Hq // Hkv
+        qc = pq // c  # (m,) the rows' DCA chunks
+        segs = []  # (lo, hi, rotation per row)
+        for kc in range((S + c - 1) // c):
+            dist = qc - kc
+            which = torch.where(dist == 0, 0, torch.where(dist == 1, 1, 2))
+            lo, hi = kc * c, min((kc + 1) * c, S)
+            if segs and torch.equal(segs[-1][2], which):
+                segs[-1] = (segs[-1][0], hi, which)
+            else:
+                segs.append((lo, hi, which))
+        att_g = att.view(Hkv, G * m, S)
+        for lo, hi, which in segs:
+            # a GEMM narrower than 64 keys may round differently (N = 1 is a matrix-vector
+            # product): such a range is scored within the 64 keys ending at it, then copied
+            wlo = min(lo, max(0, hi - 64))
+            whi = min(S, max(hi, wlo + 64))
+            used = which.unique().tolist()
+            direct = len(used) == 1 and (wlo, whi) == (lo, hi)
+            for rho in used:
+                if direct:
+                    for h in range(Hkv):
+                        torch.mm(rows[rho][h], kx[h, lo:hi].transpose(0, 1), out=att_g[h, :, lo:hi])
+                    continue
+                tmp = torch.stack([rows[rho][h] @ kx[h, wlo:whi].transpose(0, 1) for h in range(Hkv)])
+                tmp = tmp.view(Hq, m, whi - wlo)[:, :, lo - wlo : hi - wlo]
+                if len(used) == 1:
+                    att[:, :, lo:hi] = tmp
+                else:
+                    sel = which == rho
+                    att[:, sel, lo:hi] = tmp[:, sel]
 
 
 def _dca_scores(rot: tuple, a: int, e: int, qpos: torch.Tensor, kpos: torch.Tensor, kc: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,7 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
     "paged_prefill": {
         "slimlm_prefill_supported": (_INT, (_I64, _INT)),  # head size, dtype
         "slimlm_prefill_release": (None, (_INT,)),  # nthreads
+        "slimlm_prefill_amx": (_INT, ()),  # 1: bf16 calls run on AMX tiles now
         # q, qs_t, qs_h, k_pool, v_pool, dtype, table, q_start, out, os_t, os_h, T, Hq, Hkv, d, block_size,
         # scale, nthreads
         "slimlm_paged_prefill": (_INT, (_PTR, _I64, _I64, _PTR, _PTR, _INT, _PTR, _I64, _PTR, _I64, _I64,
@@ -112,6 +113,7 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
         # x, w, kind (0 fp32, 1 bf16 widened, 2 bf16 vdpbf16ps), y, M, N, K, nthreads (dense_linear.c)
         "slimlm_dense_linear": (_INT, (_PTR, _PTR, _INT, _PTR, _I64, _I64, _I64, _INT)),
         "slimlm_dense_has_dpbf16": (_INT, ()),
+        "slimlm_dense_has_amx": (_INT, ()),  # 1: bf16 kind 2 runs on AMX tiles here (SLIMLM_AMX=0: 0)
     },
     "gemm": {
         # a, lda, w, bias, c, ldc, dtype (0 fp32, 1 bf16), M, N, K, scratch, scratch_bytes, nthreads
@@ -130,8 +132,8 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
 }
 
 INCLUDES: dict[str, list[str]] = {"decode_layer": ["qlinear.c", "paged_decode.c", "kv_pool.h", "dense_linear.c",
-                                                   "simd_math.h"],
-                                  "paged_decode": ["kv_pool.h", "simd_math.h"], "paged_prefill": ["kv_pool.h", "simd_math.h"],
+                                                   "simd_math.h", "amx.h"],
+                                  "paged_decode": ["kv_pool.h", "simd_math.h"], "paged_prefill": ["kv_pool.h", "simd_math.h", "amx.h"],
                                   "sparse_decode": ["kv_pool.h", "sparse_select.h"], "sparse_prefill": ["kv_pool.h", "simd_math.h"],
                                   "gemm": ["kv_pool.h"], "elementwise": ["kv_pool.h", "simd_math.h"]}
 """Kernel files another one ``#include``s (part of its build key, so editing them rebuilds it)."""

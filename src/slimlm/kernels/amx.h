@@ -24,6 +24,10 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+/* unistd.h declares syscall only under _DEFAULT_SOURCE, which -std=c11 leaves off (an implicit
+ * declaration is an error from GCC 14) */
+extern long syscall(long number, ...);
+
 #define SLIMLM_ARCH_REQ_XCOMP_PERM 0x1023
 #define SLIMLM_XFEATURE_XTILEDATA 18
 

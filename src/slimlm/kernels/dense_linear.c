@@ -6,7 +6,10 @@
  *      times an fp32 fits an fp32 FMA), so this is the bf16 matmul with fp32 activations.
  *   2  bfloat16 W, x rounded to bfloat16 (nearest even), `vdpbf16ps` (2 products per fp32 lane):
  *      llama.cpp's BF16 path; x's rounding adds a relative error of at most 2^-9 per channel.
- *      Built only where the compiler targets AVX512-BF16; elsewhere returns 3.
+ *      Built only where the compiler targets AVX512-BF16; elsewhere returns 3. Where AMX is built
+ *      and granted (amx.h's amx_ready; ``SLIMLM_AMX=0`` says no), K a multiple of 32 and N >= 32,
+ *      kind 2 runs on AMX tiles instead (amx_linear below: W read in place, the same x rounding,
+ *      another summation order; every M, so batch invariance holds there too).
  * Rows of W are split between threads in blocks of NR rows (each thread one contiguous range);
  * each block is applied to every row of x while it is in L1. For the first x row the block's rows
  * are read one after the other (two accumulators per row), so a thread's reads of W from DRAM are
@@ -28,6 +31,7 @@
  */
 #include <stdint.h>
 #include <stdlib.h>
+#include "amx.h"
 #include "kv_pool.h"
 
 #define NR 4     /* output rows per block */
@@ -322,6 +326,120 @@ static void block_dpbf16(const uint16_t *xb, int64_t Kp, const uint16_t *w, floa
 }
 #endif
 
+#if defined(SLIMLM_DPBF16) && defined(SLIMLM_AMX)
+/* Kind 2 on AMX tiles (TDPBF16PS), W read in place: y^T (N, M) = W (N, K) @ xb^T, so W, row-major
+ * (N, K) bf16, is the A operand as it lies (a tile = 16 W rows x 32 k, row stride 2K bytes) and the
+ * few x rows are the B operand, re-laid once per call in the VNNI layout TDPBF16PS wants (per pair
+ * of k, 16 x rows side by side: xp[chunk][K/2][16][2], rows past M zero). No packed copy of the
+ * weights: nothing resident is added, and PyTorch's prefill keeps reading the same tensor.
+ * Blocks of AMX_NB = 32 W rows (two A tiles) against chunks of 16 x rows (one B tile each, two at a
+ * time): four C tiles (32 W rows x 32 x rows) from four TDPBF16PS per 32 k. Every output
+ * y[m][n] is one fp32 accumulator summed over k in pair order (per 32 k one tile op), the same at
+ * any M (zero x rows only add C columns), so a row's y is bitwise the same at M = 1 as at M = 64:
+ * batch invariance, which is why M = 1 takes the tiles too (bound by W's DRAM stream either way:
+ * batch-1 steps measured at par with the AVX-512 loops). No AVX-512 loop could stand in for the
+ * tiles at M = 1: TDPBF16PS does not round as vdpbf16ps does (a lane per output, the same pairs in
+ * the same order: 73 % of outputs differ in their last bits at K = 576, 10 % after one tile op),
+ * nor as fp32 adds of the exact products, nor exact pair sums, nor one rounding per tile op
+ * (docs/results/raw/amx_rounding.c). Taken where K is a multiple of 32 and N >= 32 (the last block starts at N - 32, recomputing
+ * a few rows of the one before with the same arithmetic); otherwise the AVX-512 kind 2 above. */
+#define AMX_NB 32
+
+/* x row m (row stride K) into xp's VNNI layout, rounded to bf16 as kind 2 rounds it (bf16x16);
+ * xb16: scratch for one row (K) */
+static void amx_pack_x(const float *x, uint16_t *xp, uint16_t *xb16, int64_t m, int64_t K) {
+    uint32_t *dst = (uint32_t *)xp + (m / 16) * (K / 2) * 16 + m % 16;
+    to_bf16_row(x + m * K, xb16, K, K);
+    const uint32_t *pairs = (const uint32_t *)xb16;
+    for (int64_t p = 0; p < K / 2; p++) dst[p * 16] = pairs[p];
+}
+
+/* Rows n0..n0+31 of W against the M x rows of xp into y (M, N), rows below n0 + r0 not written
+ * (the last block overlaps the one before: each y written by one thread). */
+static void amx_block(const uint16_t *w, const uint16_t *xp, float *y, int64_t n0, int r0, int64_t M, int64_t N,
+                      int64_t K) {
+    const int64_t kt = K / 32, ws = 2 * K, chunk = K / 2 * 32; /* uint16 per x chunk */
+    const uint16_t *a0 = w + n0 * K, *a1 = a0 + 16 * K;
+    float c[4][16 * 16] __attribute__((aligned(64)));
+    const char *pf = (const char *)(a0 + AMX_NB * K), *pf_end = pf + AMX_NB * ws; /* the next block */
+    const int64_t pf_step = (AMX_NB * ws / 64 + kt - 1) / kt * 64;
+    for (int64_t m0 = 0; m0 < M; m0 += 32) {
+        const uint16_t *b0 = xp + (m0 / 16) * chunk, *b1 = b0 + chunk;
+        const int two = M - m0 > 16;
+        _tile_zero(0);
+        _tile_zero(1);
+        if (two) {
+            _tile_zero(2);
+            _tile_zero(3);
+        }
+        for (int64_t t = 0; t < kt; t++) {
+            if (m0 == 0) { /* a share of the next block's lines into L2 per tile step */
+                const char *stop = pf + pf_step < pf_end ? pf + pf_step : pf_end;
+                for (; pf < stop; pf += 64) __builtin_prefetch(pf, 0, 2);
+            }
+            _tile_loadd(4, a0 + t * 32, ws);
+            _tile_loadd(5, a1 + t * 32, ws);
+            _tile_loadd(6, b0 + t * 512, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 5, 6);
+            if (two) {
+                _tile_loadd(7, b1 + t * 512, 64);
+                _tile_dpbf16ps(2, 4, 7);
+                _tile_dpbf16ps(3, 5, 7);
+            }
+        }
+        _tile_stored(0, c[0], 64);
+        _tile_stored(1, c[1], 64);
+        if (two) {
+            _tile_stored(2, c[2], 64);
+            _tile_stored(3, c[3], 64);
+        }
+        /* c[2 h + i][r][j] = y[m0 + 16 h + j][n0 + 16 i + r]: a column of a C tile is a piece of a y row
+         * (gathered, 16 at a time; rows below r0 masked off) */
+        const __m512i col = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                               _mm512_set1_epi32(16));
+        const __mmask16 keep0 = (__mmask16)(0xffffu << (r0 < 16 ? r0 : 16)), keep1 = (__mmask16)(0xffffu << (r0 > 16 ? r0 - 16 : 0));
+        for (int h = 0; h < 1 + two; h++) {
+            const int64_t mb = m0 + 16 * h, nm = M - mb < 16 ? M - mb : 16;
+            for (int64_t j = 0; j < nm; j++) {
+                float *yr = y + (mb + j) * N + n0;
+                _mm512_mask_storeu_ps(yr, keep0, _mm512_i32gather_ps(col, c[2 * h] + j, 4));
+                _mm512_mask_storeu_ps(yr + 16, keep1, _mm512_i32gather_ps(col, c[2 * h + 1] + j, 4));
+            }
+        }
+    }
+}
+
+static int amx_linear(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int nthreads) {
+    const int64_t nchunk = (M + 15) / 16; /* 16 x rows each; the last one's rows past M zero */
+    uint16_t *xp = xb_scratch((size_t)((nchunk * 16 + 1) * K));
+    if (!xp) return 2;
+    if (M % 16) memset(xp + M / 16 * 16 * K, 0, sizeof(uint16_t) * (size_t)(16 * K));
+    for (int64_t m = 0; m < M; m++) amx_pack_x(x, xp, xp + nchunk * 16 * K, m, K); /* M * K: cheap next to N * M * K */
+    const int64_t nblk = (N + AMX_NB - 1) / AMX_NB;
+#pragma omp parallel num_threads(nthreads)
+    {
+        static const int tr[8] = {16, 16, 16, 16, 16, 16, 16, 16}, tc[8] = {64, 64, 64, 64, 64, 64, 64, 64};
+        amx_configure(8, tr, tc); /* per thread: the tile registers are */
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < nblk; b++) {
+            const int64_t n0 = b * AMX_NB + AMX_NB <= N ? b * AMX_NB : N - AMX_NB;
+            amx_block(w, xp, y, n0, (int)(b * AMX_NB - n0), M, N, K);
+        }
+        _tile_release();
+    }
+    return 0;
+}
+#endif
+
+int slimlm_dense_has_amx(void) {
+#if defined(SLIMLM_DPBF16) && defined(SLIMLM_AMX)
+    return amx_ready();
+#else
+    return 0;
+#endif
+}
+
 int slimlm_dense_linear(const float *x, const void *w, int kind, float *y, int64_t M, int64_t N, int64_t K,
                         int nthreads) {
     if (M <= 0 || N <= 0 || K <= 0 || kind < 0 || kind > 2) return 1;
@@ -330,6 +448,9 @@ int slimlm_dense_linear(const float *x, const void *w, int kind, float *y, int64
 #ifndef SLIMLM_DPBF16
         return 3;
 #else
+#ifdef SLIMLM_AMX
+        if (K % 32 == 0 && N >= AMX_NB && amx_ready()) return amx_linear(x, w, y, M, N, K, nthreads);
+#endif
         const int64_t Kp = (K + 31) / 32 * 32;
         uint16_t *xb = xb_scratch((size_t)(M * Kp));
         if (!xb) return 2;

@@ -31,12 +31,18 @@
  *     bf16 for the P V products, as flash-attention kernels do.
  * Work per tile is two passes over the repacked K and V of one head, which stay in L2 while
  * the tiles of that head are served. The key-range entry (below) runs the same tiles.
+ *
+ * On CPUs with AMX (SLIMLM_AMX, amx.h), bf16 pools read with bf16 queries run tile_amx instead:
+ * both products on AMX tiles, 32 query rows per tile (the GQA group's heads stacked), an online
+ * softmax over blocks of 256 keys; SLIMLM_AMX=0 keeps the tiles above (see tile_amx).
  */
+#define _GNU_SOURCE /* syscall() in amx.h under -std=c11 */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "amx.h"
 #include "kv_pool.h"
 #include "simd_math.h"
 #ifdef __AVX512F__
@@ -44,6 +50,9 @@
 #define SLIMLM_HAVE_AVX512 1
 #ifdef __AVX512BF16__
 #define SLIMLM_HAVE_BF16 1
+#if defined(SLIMLM_AMX)
+#define SLIMLM_PREFILL_AMX 1 /* bf16 pools with bf16 queries: the two products on AMX tiles */
+#endif
 #endif
 #endif
 
@@ -225,6 +234,7 @@ typedef struct {
     int64_t next;
     int failed;
     float *lanes; /* mass: MASS_LANES buffers of n floats per KV head, or NULL */
+    int amx;      /* 1: the AMX tiles (tile_amx) serve this call */
 } tile_args;
 
 #define MASS_LANES 8 /* work items per KV head when mass is accumulated (fixed: deterministic sums) */
@@ -445,10 +455,242 @@ static void tile(const tile_args *a, int64_t h, int64_t t0, float *S, uint16_t *
     }
 }
 
+#ifdef SLIMLM_PREFILL_AMX
+/* ------------------------------------------------------------------------------------------------
+ * The AMX tile (bf16 pools, bf16 queries). Its 32 rows (two blocks of 16, the tile registers'
+ * rows) stack the query heads of one KV head (GQA: G heads x 32 / G consecutive positions, so a
+ * K or V tile load serves every head of the group and the rows of one position share their causal
+ * end; a group of more than 32 heads is split over tiles). Both products run on the tiles, fp32
+ * accumulation: S = Q K^T (A: 16 rows x 32 dimensions of Q, B: the repacked key group, whose
+ * 16-lane layout of dimension pairs is already AMX's pair-interleaved B layout) and O = P V (A: the
+ * rows' bf16 probabilities over 32 keys, B: the repacked value pairs, again the B layout as it is).
+ * The softmax between them is on AVX-512 (exp2_512 as in tile() above), online over blocks of KB
+ * keys; the probabilities are rounded to bf16 for P V as there, so the AMX path differs from the
+ * vdpbf16ps one in the order of the fp32 sums and in rounding each probability against its
+ * block's running maximum rather than its row's maximum (outputs within one bf16 rounding step of
+ * each other at the throughput workload's shapes). On this path the repacked frame has an even
+ * number of key groups (32-key chunks for P V, the padding keys zero).
+ *
+ * Tile registers (all 16 rows x 64 bytes): 0, 1 A; 2, 3 B; 4 .. 7 C. */
+#define AR 32 /* query rows of an AMX work tile: two blocks of 16 (the tile registers' rows) */
+
+static void amx_tiles_on(void) {
+    int rows[8], colsb[8];
+    for (int i = 0; i < 8; ++i) rows[i] = 16, colsb[i] = 64;
+    amx_configure(8, rows, colsb);
+}
+
+/* Raw scores of the 32 rows in Q (d bf16 each, contiguous) against key groups [kg0, kg1) of KV head
+ * g into S[r * ldS + 16 kg ..]: two key groups x two blocks of 16 rows per step, four independent
+ * C tiles (the products of one C tile depend on each other: four chains hide their latency), each
+ * key tile serving 32 rows, the query tiles reloaded from L1. */
+static void scores_amx(const tile_args *a, int64_t g, const uint16_t *Q, int64_t kg0, int64_t kg1, float *S,
+                       int64_t ldS) {
+    const int64_t d = a->d, half = d / 2, ldQ = d * 2;
+    const uint32_t *kb = (const uint32_t *)a->kp + g * a->nkg * half * 16;
+    const uint16_t *Q1 = Q + 16 * d; /* rows 16 .. 31 */
+    int64_t kg = kg0;
+    for (; kg + 1 < kg1; kg += 2) {
+        const uint32_t *k = kb + kg * half * 16;
+        _tile_zero(4);
+        _tile_zero(5);
+        _tile_zero(6);
+        _tile_zero(7);
+        for (int64_t i = 0; i < d / 32; ++i) { /* dimensions 32 i .. 32 i + 31 */
+            _tile_loadd(0, Q + 32 * i, ldQ);
+            _tile_loadd(1, Q1 + 32 * i, ldQ);
+            _tile_loadd(2, k + 256 * i, 64);
+            _tile_loadd(3, k + half * 16 + 256 * i, 64);
+            _tile_dpbf16ps(4, 0, 2);
+            _tile_dpbf16ps(5, 0, 3);
+            _tile_dpbf16ps(6, 1, 2);
+            _tile_dpbf16ps(7, 1, 3);
+        }
+        _tile_stored(4, S + kg * 16, ldS * 4);
+        _tile_stored(5, S + kg * 16 + 16, ldS * 4);
+        _tile_stored(6, S + 16 * ldS + kg * 16, ldS * 4);
+        _tile_stored(7, S + 16 * ldS + kg * 16 + 16, ldS * 4);
+    }
+    if (kg < kg1) {
+        const uint32_t *k = kb + kg * half * 16;
+        _tile_zero(4);
+        _tile_zero(6);
+        for (int64_t i = 0; i < d / 32; ++i) {
+            _tile_loadd(0, Q + 32 * i, ldQ);
+            _tile_loadd(1, Q1 + 32 * i, ldQ);
+            _tile_loadd(2, k + 256 * i, 64);
+            _tile_dpbf16ps(4, 0, 2);
+            _tile_dpbf16ps(6, 1, 2);
+        }
+        _tile_stored(4, S + kg * 16, ldS * 4);
+        _tile_stored(6, S + 16 * ldS + kg * 16, ldS * 4);
+    }
+}
+
+#define KB 256 /* keys per block of the online softmax (S and P of a block stay in L1) */
+
+/* The rows (t0 + r / hh, head h0 + r % hh), r < 32 and t < T, of KV head g (hh heads per position,
+ * tt = 32 / hh positions), over blocks of KB keys with an online softmax: per block the scores,
+ * each row's running maximum m (raw scores) and sum l (rescaled by 2^(c (m_old - m)) when m
+ * grows), its bf16 probabilities exp2(c s - c m), then the block's P V, added to the fp32 output
+ * rows rescaled the same way; at the end each row divided once by l. With mass, one block covers
+ * every key (the two-pass softmax of tile(): the fp32 probabilities in S are final). Written as
+ * tile() writes its rows (lse and mass too). */
+static void tile_amx(const tile_args *a, int64_t g, int64_t h0, int64_t hh, int64_t tt, int64_t t0, float *S,
+                     uint16_t *P, int64_t ldS, float *mlane) {
+    const int64_t d = a->d, nvb = d / 16;
+    const int64_t nt = a->T - t0 < tt ? a->T - t0 : tt, nr = nt * hh;
+    uint16_t Q[AR * 256] __attribute__((aligned(64)));
+    float O[AR * 256] __attribute__((aligned(64))), Ob[AR * 32] __attribute__((aligned(64)));
+    int64_t hi[AR], tr[AR], hr[AR], n_tile = a->lo;
+    for (int64_t r = 0; r < AR; ++r) {
+        if (r >= nr) { /* padding row: no query, no key, never written */
+            memset(Q + r * d, 0, (size_t)d * 2);
+            hi[r] = a->lo;
+            continue;
+        }
+        tr[r] = t0 + r / hh;
+        hr[r] = h0 + r % hh;
+        memcpy(Q + r * d, (const uint16_t *)a->q + tr[r] * a->qs_t + hr[r] * a->qs_h, (size_t)d * 2);
+        const int64_t e = a->causal && a->cq + tr[r] + 1 < a->n ? a->cq + tr[r] + 1 : a->n;
+        hi[r] = e > a->lo ? e : a->lo;
+        if (hi[r] > n_tile) n_tile = hi[r];
+    }
+    if (n_tile <= a->lo) { /* no row has a key here */
+        for (int64_t r = 0; r < nr; ++r) {
+            const int64_t at = tr[r] * a->os_t + hr[r] * a->os_h;
+            if (a->out_f32) memset((float *)a->out + at, 0, (size_t)d * sizeof(float));
+            else memset((uint16_t *)a->out + at, 0, (size_t)d * 2);
+            if (a->lse) a->lse[tr[r] * a->Hq + hr[r]] = -INFINITY;
+        }
+        return;
+    }
+    const int64_t base = a->lo / 16 * 16, base32 = base & ~(int64_t)31;
+    const int64_t ncols = (n_tile + 31) / 32 * 32; /* within the frame's even nkg */
+    const int64_t kb = mlane ? ncols - base32 : KB;
+    const float c = a->scale * 1.44269504088896341f;
+    const uint32_t *vb = (const uint32_t *)a->vp + g * a->nkg * 8 * nvb * 16;
+    float m[AR], l[AR], alpha[AR];
+    for (int64_t r = 0; r < AR; ++r) m[r] = -INFINITY, l[r] = 0.f;
+    memset(O, 0, (size_t)(nr * d) * sizeof(float));
+    for (int64_t k0 = base32; k0 < ncols; k0 += kb) {
+        const int64_t k1 = k0 + kb < ncols ? k0 + kb : ncols, b0 = base > k0 ? base : k0;
+        scores_amx(a, g, Q, b0 / 16, k1 / 16, S, ldS);
+        for (int64_t r = 0; r < AR; ++r) {
+            uint16_t *p = P + r * ldS;
+            const int64_t lo = a->lo > k0 ? a->lo : k0, h = hi[r] < k1 ? hi[r] : k1;
+            alpha[r] = 1.f;
+            if (h <= lo) { /* no key of this row in the block: probabilities 0 */
+                memset(p + k0, 0, (size_t)(k1 - k0) * 2);
+                if (mlane) memset(S + r * ldS + b0, 0, (size_t)(k1 - b0) * sizeof(float));
+                continue;
+            }
+            const float *s = S + r * ldS;
+            const int64_t f0 = (lo + 15) & ~(int64_t)15, hf = h & ~(int64_t)15, f1 = hf > f0 ? hf : f0;
+            __m512 mv = _mm512_set1_ps(-INFINITY), m1 = mv, m2 = mv, m3 = mv; /* four chains of maxima */
+            for (int64_t k = b0; k < f0; k += 16) mv = _mm512_mask_max_ps(mv, live16(k, lo, h), mv, _mm512_loadu_ps(s + k));
+            int64_t k = f0;
+            for (; k + 64 <= f1; k += 64) {
+                mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + k));
+                m1 = _mm512_max_ps(m1, _mm512_loadu_ps(s + k + 16));
+                m2 = _mm512_max_ps(m2, _mm512_loadu_ps(s + k + 32));
+                m3 = _mm512_max_ps(m3, _mm512_loadu_ps(s + k + 48));
+            }
+            for (; k < f1; k += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + k));
+            for (k = f1; k < h; k += 16) mv = _mm512_mask_max_ps(mv, live16(k, lo, h), mv, _mm512_loadu_ps(s + k));
+            mv = _mm512_max_ps(_mm512_max_ps(mv, m1), _mm512_max_ps(m2, m3));
+            const float mb = _mm512_reduce_max_ps(mv), mn = mb > m[r] ? mb : m[r];
+            if (mn > m[r]) alpha[r] = m[r] == -INFINITY ? 0.f : exp2f((m[r] - mn) * c);
+            m[r] = mn;
+            const __m512 cv = _mm512_set1_ps(c), mc = _mm512_set1_ps(mn * c);
+            float *pf = mlane ? S + r * ldS : NULL;
+            __m512 sum = _mm512_setzero_ps();
+            exp_cols(s, b0, f0, lo, h, 1, cv, mc, &sum, pf, p);
+            exp_cols(s, f0, f1, lo, h, 0, cv, mc, &sum, pf, p);
+            exp_cols(s, f1, k1, lo, h, 1, cv, mc, &sum, pf, p);
+            l[r] = l[r] * alpha[r] + _mm512_reduce_add_ps(sum);
+            if (b0 > k0) memset(p + k0, 0, (size_t)(b0 - k0) * 2);
+        }
+        for (int64_t cb0 = 0; cb0 < nvb; cb0 += 2) { /* output dimensions in blocks of 32: C tiles 4, 5 rows
+                                                      * 0 .. 15, 6, 7 rows 16 .. 31 */
+            _tile_zero(4);
+            _tile_zero(5);
+            _tile_zero(6);
+            _tile_zero(7);
+            for (int64_t k = k0; k < k1; k += 32) {
+                const uint32_t *v = vb + ((k / 2) * nvb + cb0) * 16; /* key pairs k/2 .., dimensions 16 cb0 .. */
+                _tile_loadd(0, P + k, ldS * 2);
+                _tile_loadd(1, P + 16 * ldS + k, ldS * 2);
+                _tile_loadd(2, v, nvb * 64);
+                _tile_loadd(3, v + 16, nvb * 64);
+                _tile_dpbf16ps(4, 0, 2);
+                _tile_dpbf16ps(5, 0, 3);
+                _tile_dpbf16ps(6, 1, 2);
+                _tile_dpbf16ps(7, 1, 3);
+            }
+            _tile_stored(4, Ob, 128);
+            _tile_stored(5, Ob + 16, 128);
+            _tile_stored(6, Ob + 16 * 32, 128);
+            _tile_stored(7, Ob + 16 * 32 + 16, 128);
+            for (int64_t r = 0; r < nr; ++r) {
+                const __m512 w = _mm512_set1_ps(alpha[r]);
+                float *o = O + r * d + cb0 * 16;
+                for (int j = 0; j < 2; ++j)
+                    _mm512_store_ps(o + 16 * j, _mm512_fmadd_ps(_mm512_load_ps(o + 16 * j), w, _mm512_load_ps(Ob + r * 32 + 16 * j)));
+            }
+        }
+    }
+    float inv[AR];
+    for (int64_t r = 0; r < nr; ++r) {
+        inv[r] = hi[r] > a->lo ? 1.f / l[r] : 0.f;
+        if (a->lse) a->lse[tr[r] * a->Hq + hr[r]] = hi[r] > a->lo ? m[r] * a->scale - logf(inv[r]) : -INFINITY;
+        const int64_t at = tr[r] * a->os_t + hr[r] * a->os_h;
+        const __m512 w = _mm512_set1_ps(inv[r]);
+        for (int64_t j = 0; j < nvb; ++j) {
+            const __m512 o = _mm512_mul_ps(_mm512_load_ps(O + r * d + 16 * j), w);
+            if (a->out_f32) _mm512_storeu_ps((float *)a->out + at + 16 * j, o);
+            else _mm256_storeu_si256((__m256i *)((uint16_t *)a->out + at + 16 * j), (__m256i)_mm512_cvtneps_pbh(o));
+        }
+    }
+    if (mlane) add_mass(mlane, S, ldS, inv, hi, nr);
+}
+
+/* tiles() on AMX: work items (KV head, chunk of its query heads, positions), longest first within
+ * a KV head; with mass, (KV head, lane) as there. The thread's tile state is configured here and
+ * released at the end. */
+static void tiles_amx(tile_args *a, float *S, uint16_t *P, int64_t ld) {
+    const int64_t G = a->Hq / a->Hkv, hh = G < AR ? G : AR, nhc = (G + hh - 1) / hh, tt = AR / hh;
+    const int64_t nta = (a->T + tt - 1) / tt, per_head = nta * nhc;
+    amx_tiles_on();
+    if (a->lanes) {
+        for (;;) {
+            const int64_t item = __atomic_fetch_add(&a->next, 1, __ATOMIC_RELAXED);
+            if (item >= a->Hkv * MASS_LANES) break;
+            const int64_t g = item / MASS_LANES, lane = item % MASS_LANES;
+            for (int64_t i = lane; i < nta; i += MASS_LANES)
+                for (int64_t c = 0; c < nhc; ++c) {
+                    const int64_t h0 = g * G + c * hh, nh = G - c * hh < hh ? G - c * hh : hh;
+                    tile_amx(a, g, h0, nh, tt, i * tt, S, P, ld, a->lanes + item * a->n);
+                }
+        }
+    } else {
+        for (;;) {
+            const int64_t item = __atomic_fetch_add(&a->next, 1, __ATOMIC_RELAXED);
+            if (item >= a->Hkv * per_head) break;
+            const int64_t g = item / per_head, rem = item % per_head, c = rem % nhc;
+            const int64_t h0 = g * G + c * hh, nh = G - c * hh < hh ? G - c * hh : hh;
+            tile_amx(a, g, h0, nh, tt, (nta - 1 - rem / nhc) * tt, S, P, ld, NULL);
+        }
+    }
+    _tile_release();
+}
+#endif
+
 static _Thread_local float *tl_s = NULL;
 static _Thread_local uint16_t *tl_p = NULL;
 static _Thread_local int64_t tl_cap = 0;
-#define TL_KEEP 16384 /* keys: per-thread tile scratch up to R x 16k x 6 B (~0.6 MB) is kept between calls */
+#define SR 32 /* rows of the tile scratch: R, or the AMX work tile's 32 */
+#define TL_KEEP 16384 /* keys: per-thread tile scratch up to 32 x 16k x 6 B (~3 MB) is kept between calls */
 
 static void release_tiles(void) {
     free(tl_s);
@@ -459,15 +701,24 @@ static void release_tiles(void) {
 }
 
 static void tiles(tile_args *a) {
-    const int64_t ld = a->nkg * 16; /* covers every key, padding included */
+    /* covers every key, padding included; on AMX 32 more, so that the 16 rows a tile stores or
+     * loads at once do not all fall in one L1 set (a power-of-two row stride would) */
+    const int64_t ld = a->nkg * 16 + (a->amx ? 32 : 0);
     if (tl_cap < ld) {
         free(tl_s);
         free(tl_p);
-        tl_s = (float *)malloc((size_t)(R * ld) * sizeof(float));
-        tl_p = (uint16_t *)malloc((size_t)(R * ld) * sizeof(uint16_t));
+        tl_s = (float *)malloc((size_t)(SR * ld) * sizeof(float));
+        tl_p = (uint16_t *)malloc((size_t)(SR * ld) * sizeof(uint16_t));
         tl_cap = (tl_s && tl_p) ? ld : 0;
         if (!tl_cap) { __atomic_store_n(&a->failed, 1, __ATOMIC_RELAXED); return; }
     }
+#ifdef SLIMLM_PREFILL_AMX
+    if (a->amx) {
+        tiles_amx(a, tl_s, tl_p, ld);
+        if (tl_cap > TL_KEEP) release_tiles();
+        return;
+    }
+#endif
     const int64_t G = a->Hq / a->Hkv, per_head = a->ntiles * G;
     if (a->lanes) { /* item = (KV head, lane): tiles lane, lane + MASS_LANES, ... of its G query heads */
         for (;;) {
@@ -500,9 +751,10 @@ static void release_repack(void) {
 }
 
 /* Repack ``ra``'s keys (ra->n of them from its table, formats and sizes set) into the calling
- * thread's scratch, grown as needed; fills ra->kp, ra->vp, ra->nkg. Returns 0, or 2 without memory. */
-static int repack_all(repack_args *ra, int nthreads) {
+ * thread's scratch, grown as needed; fills ra->kp, ra->vp, ra->nkg (even when ``even``). Returns 0, or 2 without memory. */
+static int repack_all(repack_args *ra, int nthreads, int even) {
     ra->nkg = (ra->n + 15) / 16;
+    if (even) ra->nkg += ra->nkg & 1; /* the AMX tiles read keys in chunks of 32 */
     const size_t need = (size_t)(ra->Hkv * ra->nkg * 16 * ra->d) * (ra->dtype == 1 ? 2 : 4); /* bytes, each of K and V */
     if (need > cap) {
         free(kp);
@@ -520,6 +772,18 @@ static int repack_all(repack_args *ra, int nthreads) {
     return 0;
 }
 
+/* Whether the AMX tiles serve a call: bf16 pools read with bf16 arithmetic, on a CPU (and process)
+ * with AMX, SLIMLM_AMX not "0". Other pool formats and fp32 keep the AVX-512 tiles. */
+static int use_amx(int code, int dtype) {
+#ifdef SLIMLM_PREFILL_AMX
+    return code == 1 && dtype == 1 && amx_ready();
+#else
+    (void)code;
+    (void)dtype;
+    return 0;
+#endif
+}
+
 /* The tiles of ``ta`` (its frame and outputs set) over the repacked ``ra``, then the scratch kept
  * small. Returns 0, or 2 when scratch memory could not be allocated. */
 static int run_tiles(tile_args *ta, const repack_args *ra, int nthreads) {
@@ -535,6 +799,16 @@ static int run_tiles(tile_args *ta, const repack_args *ra, int nthreads) {
     return ta->failed ? 2 : 0;
 }
 #endif
+
+/* 1 when this build and process run bf16 calls (bf16 pools, bf16 queries) on the AMX tiles now
+ * (SLIMLM_AMX is read at each call), else 0: tests and benchmarks tell which path they measured. */
+int slimlm_prefill_amx(void) {
+#ifdef SLIMLM_HAVE_AVX512
+    return use_amx(1, 1);
+#else
+    return 0;
+#endif
+}
 
 /* Free the scratch every call keeps for the next: the repacked K/V of the calling thread and
  * the tile buffers of each of nthreads OpenMP threads (an OpenMP pool lives as long as the
@@ -561,7 +835,8 @@ int slimlm_paged_prefill_ex(const void *q, int64_t qs_t, int64_t qs_h, const voi
     const int64_t n = q_start + T;
     repack_args ra = {k_pool, v_pool, table, NULL, NULL, n, 0, Hkv, d, block_size, dtype, 0,
                       kv_code, k_aux, k_aux2, v_aux, v_aux2};
-    if (repack_all(&ra, nthreads)) return 2;
+    const int amx = use_amx(kv_code, dtype);
+    if (repack_all(&ra, nthreads, amx)) return 2;
     float *lanes = NULL;
     if (mass) {
         lanes = (float *)calloc((size_t)(Hkv * MASS_LANES * n), sizeof(float));
@@ -569,7 +844,7 @@ int slimlm_paged_prefill_ex(const void *q, int64_t qs_t, int64_t qs_h, const voi
     }
     tile_args ta = {.q = q, .out = out, .qs_t = qs_t, .qs_h = qs_h, .os_t = os_t, .os_h = os_h, .T = T, .Hq = Hq,
                     .Hkv = Hkv, .d = d, .lo = 0, .n = n, .cq = q_start, .causal = 1, .scale = scale, .dtype = dtype,
-                    .lanes = lanes};
+                    .lanes = lanes, .amx = amx};
     const int rc = run_tiles(&ta, &ra, nthreads);
     if (lanes) { /* lanes in order, added to each key's slot */
         for (int64_t g = 0; g < Hkv; ++g)
@@ -630,10 +905,11 @@ int slimlm_paged_prefill_range(const void *q, int64_t qs_t, int64_t qs_h, const 
     }
     repack_args ra = {k_pool, v_pool, table + a0 / block_size, NULL, NULL, k_hi - a0, 0, Hkv, d, block_size, dtype, 0,
                       kv_code, k_aux, k_aux2, v_aux, v_aux2};
-    if (repack_all(&ra, nthreads)) return 2;
+    const int amx = use_amx(kv_code, dtype);
+    if (repack_all(&ra, nthreads, amx)) return 2;
     tile_args ta = {.q = q, .out = out, .lse = lse, .qs_t = qs_t, .qs_h = qs_h, .os_t = os_t, .os_h = os_h, .T = T,
                     .Hq = Hq, .Hkv = Hkv, .d = d, .lo = k_lo - a0, .n = k_hi - a0, .cq = q_start - a0,
-                    .causal = causal != 0, .out_f32 = 1, .scale = scale, .dtype = dtype};
+                    .causal = causal != 0, .out_f32 = 1, .scale = scale, .dtype = dtype, .amx = amx};
     return run_tiles(&ta, &ra, nthreads);
 #else
     (void)q; (void)qs_t; (void)qs_h; (void)k_pool; (void)k_aux; (void)k_aux2; (void)v_pool; (void)v_aux; (void)v_aux2;

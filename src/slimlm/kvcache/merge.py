@@ -74,6 +74,14 @@ def retain(dist: torch.Tensor, blocks: torch.Tensor, used: torch.Tensor, thresho
     if rows == 0 or not bool(want.any()):
         return torch.full_like(blocks, -1)
     T = blocks.numel()
+    start = torch.ones(T, dtype=torch.bool, device=blocks.device)
+    start[1:] = blocks[1:] != blocks[:-1]
+    if int(start.sum()) == torch.unique(blocks).numel():  # each block's tokens in one run (a step's slots are)
+        w = want.long()
+        excl = w.cumsum(0) - w  # wanting tokens before each token in the step
+        before = excl - excl[start][start.long().cumsum(0) - 1]  # ... in its own block's run
+        row = used + before
+        return torch.where(want & (row < rows), row, torch.full_like(row, -1))
     order = torch.arange(T, device=blocks.device)
     same = (blocks[:, None] == blocks[None, :]) & (order[None, :] < order[:, None])  # (T, T): earlier, same block
     before = (same & want[None, :]).sum(-1)  # wanting tokens before me in my block

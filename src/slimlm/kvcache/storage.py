@@ -189,15 +189,16 @@ class PagedKVCache:
         unmerged state (the row for the first layer, its retention row for the second)."""
         s = self.storage(layer)
         codec = self.codec if which == "k" else self.vcodec
-        data = codec.read(parts, blocks)  # (n, B, H, d)
-        st = self.state[s].index_select(0, blocks).long()  # (n, B)
-        mag = self.mag[layer].index_select(0, blocks)[:, :, 0 if which == "k" else 1]  # (n, B, H)
-        out = torch.where((st == mg.MERGED)[..., None, None], data * mag.to(data.dtype)[..., None], data)
+        out = codec.read(parts, blocks)  # (n, B, H, d), a new tensor
+        st = self.state[s].index_select(0, blocks)  # (n, B)
+        mag = self.mag[layer].index_select(0, blocks)[:, :, 0 if which == "k" else 1].to(out.dtype)  # (n, B, H)
+        # one pass over the rows: merged ones times their magnitude, the others times 1 (exact)
+        out.mul_(torch.where((st == mg.MERGED)[..., None], mag, torch.ones((), dtype=out.dtype))[..., None])
         if self.spec.layers[layer].member == 1 and self.spec.merge.rows:
-            ret = codec.read((self.rk if which == "k" else self.rv)[s], blocks)  # (n, R, H, d)
-            idx = (st - 2).clamp(0, self.spec.merge.rows - 1)  # (n, B)
-            own = ret.gather(1, idx[..., None, None].expand(-1, -1, *ret.shape[2:]))  # (n, B, H, d)
-            out = torch.where((st >= 2)[..., None, None], own, out)
+            i, j = (st >= 2).nonzero(as_tuple=True)  # the few retained tokens: their own rows
+            if i.numel():
+                ret = codec.read((self.rk if which == "k" else self.rv)[s], blocks)  # (n, R, H, d)
+                out[i, j] = ret[i, st[i, j].long() - 2]
         if layer in self._own:  # the rows this layer has just written: as written, not merged
             slots, k, v = self._own[layer]
             i, j = (blocks[:, None] == (slots // self.block_size)[None, :]).nonzero(as_tuple=True)

@@ -32,19 +32,28 @@ from slimlm.kvcache.policy.sparse import QueryPolicy
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (N, d) -> centroids (k, d), assignment (N,). Deterministic: initial centroids are the
-    points at evenly spaced indices; an empty cluster keeps its centroid."""
+    """x (N, d) or (H, N, d): one clustering per leading index -> centroids (k, d) / (H, k, d),
+    assignment (N,) / (H, N). Deterministic: initial centroids are the points at evenly spaced
+    indices; an empty cluster keeps its centroid. The heads run batched (one summary per prefix,
+    layer and sequence inside continuous batching: the per-head loop was most of a batch's time)."""
+    if x.dim() == 2:
+        c, a = kmeans(x[None], k, iters)
+        return c[0], a[0]
     x = x.float()
-    N = x.shape[0]
-    c = x[torch.linspace(0, N - 1, k).round().long()].clone()
-    a = torch.zeros(N, dtype=torch.long, device=x.device)
+    H, N, d = x.shape
+    c = x[:, torch.linspace(0, N - 1, k).round().long()].clone()  # (H, k, d)
+    a = torch.zeros(H, N, dtype=torch.long, device=x.device)
+    base = (torch.arange(H, device=x.device) * k)[:, None]  # each head's clusters in one flat index
     for _ in range(iters):
-        d2 = (x * x).sum(-1, keepdim=True) - 2 * x @ c.T + (c * c).sum(-1)[None]  # (N, k)
-        a = d2.argmin(-1)
-        sums = torch.zeros_like(c).index_add_(0, a, x)
-        counts = torch.bincount(a, minlength=k).to(x.dtype)
+        # ||x - c||^2 without the ||x||^2 term (the same for every centroid of a point)
+        a = torch.baddbmm((c * c).sum(-1)[:, None, :], x, c.transpose(1, 2), alpha=-2).min(-1).indices  # (H, N): argmin
+        flat = (a + base).view(-1)
+        sums = torch.zeros(H * k, d, dtype=x.dtype, device=x.device).index_add_(0, flat, x.reshape(-1, d))
+        counts = torch.bincount(flat, minlength=H * k).to(x.dtype)
         nz = counts > 0
+        c = c.view(-1, d)
         c[nz] = sums[nz] / counts[nz, None]
+        c = c.view(H, k, d)
     return c, a
 
 
@@ -94,18 +103,16 @@ class SqueezedPolicy(QueryPolicy):
         return min(c, P)
 
     def summary(self, layer, keys, values, positions, rotary):
+        Hkv = keys.shape[0]
         C = self.n_clusters(keys.shape[1])
-        cents, assigns = zip(*(kmeans(keys[h], C, self.iters) for h in range(keys.shape[0])))
-        assign = torch.stack(assigns)  # (Hkv, P)
-        sizes = torch.stack([torch.bincount(a, minlength=C) for a in assigns])  # (Hkv, C)
-        cents = torch.stack(cents)  # (Hkv, C, d)
+        cents, assign = kmeans(keys, C, self.iters)  # (Hkv, C, d), (Hkv, P)
+        sizes = torch.zeros(Hkv, C, dtype=torch.long).scatter_add_(1, assign, torch.ones_like(assign))  # (Hkv, C)
         if self.levels == 1:
             return cents, assign, sizes, None
         C1 = max(1, round(self.coarse * C))
-        top, up = zip(*(kmeans(cents[h], C1, self.iters) for h in range(cents.shape[0])))  # over the centroids
-        up = torch.stack(up)  # (Hkv, C): each fine cluster's coarse cluster
-        csizes = torch.zeros(cents.shape[0], C1, dtype=sizes.dtype).scatter_add_(1, up, sizes)  # keys per coarse
-        return cents, assign, sizes, (torch.stack(top), up, csizes)
+        top, up = kmeans(cents, C1, self.iters)  # over the centroids; up (Hkv, C): each fine cluster's coarse one
+        csizes = torch.zeros(Hkv, C1, dtype=sizes.dtype).scatter_add_(1, up, sizes)  # keys per coarse
+        return cents, assign, sizes, (top, up, csizes)
 
     @staticmethod
     def _take(scores, sizes, need) -> torch.Tensor:
