@@ -44,10 +44,12 @@ def test_dca_below_the_chunk_is_standard_attention(tiny):
 class DenseDCA:
     """The definition, pair by pair: un-rotate q and k, then score each (i, j) at the relative
     distance DCA assigns it (intra: i - j; previous chunk: min(i%c + c, s) - j%c; older:
-    s - j%c)."""
+    s - j%c), the logits times ``scale`` and, for pairs in different chunks, times ``cross``."""
 
-    def __init__(self, pos: torch.Tensor, rotary, s: int, w: int, scale: float):
-        self.pos, self.rotary, self.s, self.c, self.scale = pos, rotary, s, s - w, scale
+    def __init__(self, pos: torch.Tensor, rotary, s: int, w: int, scale: float, cross: float = 1.0,
+                 rows: torch.Tensor | None = None):
+        self.pos, self.rotary, self.s, self.c, self.scale, self.cross = pos, rotary, s, s - w, scale, cross
+        self.rows = rows  # (T,) a factor per query row, or None
 
     def attend(self, layer, q, k, v, q_rows=None):
         c, s = self.c, self.s
@@ -65,27 +67,63 @@ class DenseDCA:
             cos, sin = self.rotary(torch.full_like(p, d), q.dtype)
             sc = apply_rope(q0, cos, sin)[0] @ k0[0].transpose(-1, -2)  # (H, T, T)
             scores = torch.where(dist == d, sc, scores)
+        scores = torch.where(i // c == j // c, scores, scores * self.cross)
+        if self.rows is not None:
+            scores = scores * self.rows[:, None]
         scores = (scores * self.scale).masked_fill(~(j <= i), float("-inf"))
         return (scores.softmax(-1) @ v.repeat_interleave(G, 1)[0])[None]
 
 
-def test_dca_past_the_chunk_matches_a_dense_definition(tiny):
+@pytest.mark.parametrize("temp", [{}, {"logit_scale": 1.1, "cross_scale": 1.3}, {"cross_scale": 0.8}])
+def test_dca_past_the_chunk_matches_a_dense_definition(tiny, temp):
     model = tiny.model
     T = 150  # chunks of 56: intra, successive and inter pairs
     ids = [(11 * i) % 350 + 3 for i in range(T)]
     pos = torch.arange(T)[None]
-    ref_attn = DenseDCA(pos, model.rotary, 64, 8, model.attn_scale)
+    ref_attn = DenseDCA(pos, model.rotary, 64, 8, model.attn_scale * temp.get("logit_scale", 1.0),
+                        temp.get("cross_scale", 1.0))
     with torch.no_grad():
         logits = model(torch.tensor([ids]), pos % 56, ref_attn)[0].log_softmax(-1)  # (T, V)
     ref = logits[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
     for chunk in (2048, 37):  # one prefill, and chunked prefill (context from the paged cache)
-        llm = LLM(tiny, kv_cache_bytes="8M", rope_extension="dca", rope_extension_args=DCA,
+        llm = LLM(tiny, kv_cache_bytes="8M", rope_extension="dca", rope_extension_args={**DCA, **temp},
                   max_num_batched_tokens=chunk, native_kernels=True)
         out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
         assert torch.allclose(torch.tensor(_lp(out)), ref, atol=2e-4), chunk
     # a decode step: the next token's distribution also follows the definition
     nxt = int(logits[-1].argmax())
     assert out.outputs[0].token_ids == [nxt]
+
+
+@pytest.mark.parametrize("mode, power", [("auto", 1), ("yarn", 2)])
+def test_dca_auto_logit_scale_matches_a_dense_definition(tiny, mode, power):
+    """``logit_scale="auto"``: a query at i scales its logits by max(1, 0.1 ln((i + 1) / trained) + 1)
+    (``"yarn"``: squared; trained 256 here: rows past it), on every path; inside the trained context
+    nothing changes."""
+    model = tiny.model
+    T = 330
+    ids = [(11 * i) % 350 + 3 for i in range(T)]
+    pos = torch.arange(T)[None]
+    f = ((0.1 * torch.log((pos[0] + 1).double() / 256) + 1).clamp(min=1) ** power).float()
+    ref_attn = DenseDCA(pos, model.rotary, 64, 8, model.attn_scale, rows=f)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), pos % 56, ref_attn)[0].log_softmax(-1)
+    ref = logits[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+    args = {**DCA, "logit_scale": mode, "context": 512}
+    for chunk in (2048, 37):
+        llm = LLM(tiny, kv_cache_bytes="8M", rope_extension="dca", rope_extension_args=args,
+                  max_num_batched_tokens=chunk)
+        out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+        assert torch.allclose(torch.tensor(_lp(out)), ref, atol=2e-4), chunk
+    assert out.outputs[0].token_ids == [int(logits[-1].argmax())]
+    # inside the trained context "auto" is the default exactly
+    short = ids[:200]
+    sp = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+    a = LLM(tiny, kv_cache_bytes="8M", rope_extension="dca", rope_extension_args=DCA).generate([short], sp,
+                                                                                            use_tqdm=False)[0]
+    b = LLM(tiny, kv_cache_bytes="8M", rope_extension="dca", rope_extension_args=args).generate([short], sp,
+                                                                                              use_tqdm=False)[0]
+    assert _lp(a) == _lp(b)
 
 
 def test_dca_dense_attention_helper_agrees_with_sdpa_below_the_chunk():
@@ -100,6 +138,8 @@ def test_dca_dense_attention_helper_agrees_with_sdpa_below_the_chunk():
     assert torch.allclose(out, attention(q, k, v, mask, 0.25), atol=1e-5)
     hot = dca_attention(q, k, v, mask, pos, pos, DualChunk(32, 4, logit_scale=1.5), inv, 0.25)  # YaRN temperature
     assert torch.allclose(hot, attention(q, k, v, mask, 0.25 * 1.5), atol=1e-5)
+    cross = dca_attention(q, k, v, mask, pos, pos, DualChunk(32, 4, cross_scale=1.5), inv, 0.25)  # no cross pair
+    assert torch.equal(cross, out)
 
 
 def test_dca_defaults_are_chunkllamas(tiny):
@@ -135,6 +175,8 @@ def test_extensions_lift_the_context_check(tiny):
     ({"chunk_size": 64, "local_window": 64}, "local_window < chunk_size"),
     ({"chunk": 3}, "unexpected keyword"),
     ({"logit_scale": 0}, "logit_scale must be"),
+    ({"cross_scale": 5}, "cross_scale must be"),
+    ({"logit_scale": "hot"}, "logit_scale must be a number"),
 ])
 def test_bad_dca_settings(tiny, args, msg):
     with pytest.raises(SlimLMError, match=msg):

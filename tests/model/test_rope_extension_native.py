@@ -29,12 +29,12 @@ def d64(tmp_path_factory):
 
 def prompts() -> list[list[int]]:
     g = torch.Generator().manual_seed(1)
-    return [torch.randint(3, 380, (n,), generator=g).tolist() for n in (130, 61)]  # 3 and 2 DCA chunks
+    return [torch.randint(3, 380, (n,), generator=g).tolist() for n in (130, 61, 300)]  # 3, 2, 6 DCA chunks
 
 
 def run(path, dtype="float32", **kw):
-    llm = LLM(load(path, dtype=dtype), kv_cache_bytes="8M", block_size=8, rope_extension="dca",
-              rope_extension_args=DCA, **kw)
+    kw.setdefault("rope_extension_args", DCA)
+    llm = LLM(load(path, dtype=dtype), kv_cache_bytes="8M", block_size=8, rope_extension="dca", **kw)
     ps = prompts()
     outs = llm.generate(ps, SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=0), use_tqdm=False)
     lps = torch.tensor([lp[t] for o, p in zip(outs, ps) for lp, t in zip(o.prompt_logprobs[1:], p[1:])])
@@ -49,7 +49,12 @@ def counting(monkeypatch) -> list:
 
 
 @pytest.mark.parametrize("kw", [{"max_num_batched_tokens": 2048}, {"max_num_batched_tokens": 37},
-                                {"max_num_batched_tokens": 64, "kv_cache_dtype": "int8"}])
+                                {"max_num_batched_tokens": 64, "kv_cache_dtype": "int8"},
+                                {"max_num_batched_tokens": 37, "rope_extension_args": {**DCA, "cross_scale": 1.3}},
+                                {"max_num_batched_tokens": 37, "rope_extension_args": {**DCA, "logit_scale": "auto",
+                                                                                       "context": 1024}},
+                                {"max_num_batched_tokens": 64, "rope_extension_args": {**DCA, "logit_scale": "yarn",
+                                                                                       "context": 1024}}])
 def test_native_dca_equals_the_pytorch_path(d64, monkeypatch, kw):
     llm0, tok0, lp0 = run(d64, native_kernels=False, **kw)
     assert llm0.engine.runner.paths.dca_native is None

@@ -121,6 +121,16 @@ class DualChunk:
     logit_scale: float = 1.0
     """Attention logits multiplied by this (1 = none): YaRN's temperature, which Qwen2.5-1M
     combines with DCA, sharpens attention spread over more keys than training saw."""
+    cross_scale: float = 1.0
+    """Logits of the pairs in different chunks (successive and inter) multiplied by this on top of
+    ``logit_scale`` (1 = none); folded into those two query rotations (:func:`dca_queries`), so
+    every path that rotates queries through it applies it. No pair is cross-chunk below ``c``."""
+    length_base: int = 0
+    """0 = off; else a query at position i has its logits multiplied by ``max(1, 0.1 ln((i + 1) /
+    length_base) + 1)`` (Qwen2.5-1M's YaRN factor for the keys a query sees; 1 up to
+    ``length_base``, the trained context), folded into the three query rotations."""
+    length_power: int = 1
+    """The length factor to this power: 1 Qwen2.5-1M's (its keys carry it), 2 YaRN's (q and k)."""
 
     @property
     def chunk_len(self) -> int:
@@ -136,9 +146,15 @@ class DualChunkExtension(RopeExtension):
     """s; None = 3/4 of the trained context (ChunkLlama's choice)."""
     local_window: int | None = None
     """w; None = 1/16 of the trained context (ChunkLlama's default), at most s / 2."""
-    logit_scale: float = 1.0
+    logit_scale: float | str = 1.0
     """Multiplies attention logits (YaRN's temperature: (0.1 ln(L / trained) + 1)^2 for length L;
-    1 = off, and DCA below its chunk is then standard attention exactly)."""
+    1 = off, and DCA below its chunk is then standard attention exactly). ``"auto"``: per query,
+    ``max(1, 0.1 ln(n / trained) + 1)`` with n the keys it sees (Qwen2.5-1M's factor, which its
+    DCA applies to every key of a sequence of n tokens): 1 inside the trained context. ``"yarn"``:
+    that factor squared (YaRN scales q and k by it), e.g. 1.1433 for a query at 16,384 of 8,192."""
+    cross_scale: float = 1.0
+    """Multiplies the logits of cross-chunk pairs only (successive and inter chunks; 1 = off): a
+    temperature for the keys DCA maps to capped distances, leaving the own chunk's exact."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -149,13 +165,25 @@ class DualChunkExtension(RopeExtension):
         if s < 2 or not 0 <= w < s:
             raise SlimLMError(f"dca needs chunk_size >= 2 and 0 <= local_window < chunk_size; got {s}, {w}")
         self.chunk_size, self.local_window = s, w
-        self.logit_scale = float(self.logit_scale)
+        self.length_base, self.length_power = 0, 1
+        if self.logit_scale in ("auto", "yarn"):
+            self.length_base, self.length_power = self.trained, 1 if self.logit_scale == "auto" else 2
+            self.logit_scale = 1.0
+        try:
+            self.logit_scale = float(self.logit_scale)
+        except (TypeError, ValueError):
+            raise SlimLMError(f"dca logit_scale must be a number in (0, 4], 'auto' or 'yarn', got "
+                              f"{self.logit_scale!r}") from None
         if not 0 < self.logit_scale <= 4:
             raise SlimLMError(f"dca logit_scale must be in (0, 4], got {self.logit_scale}")
+        self.cross_scale = float(self.cross_scale)
+        if not 0 < self.cross_scale <= 4:
+            raise SlimLMError(f"dca cross_scale must be in (0, 4], got {self.cross_scale}")
 
     @property
     def dual_chunk(self) -> DualChunk:
-        return DualChunk(self.chunk_size, self.local_window, self.logit_scale)
+        return DualChunk(self.chunk_size, self.local_window, self.logit_scale, self.cross_scale, self.length_base,
+                         self.length_power)
 
     def rope_positions(self, positions: torch.Tensor) -> torch.Tensor:
         return positions % self.dual_chunk.chunk_len
@@ -164,14 +192,31 @@ class DualChunkExtension(RopeExtension):
 def dca_queries(q: torch.Tensor, q_pos: torch.Tensor, dc: DualChunk,
                 inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The three rotations of queries q (..., T, d) at true positions q_pos (..., T), q already
-    rotated by ``i mod c``: (intra, successive-chunk, inter-chunk), in float32 for half inputs."""
+    rotated by ``i mod c``: (intra, successive-chunk, inter-chunk), in float32 for half inputs; the
+    two cross-chunk ones carry ``dc.cross_scale`` (a query scaled by f scales its logits by f)."""
     c, s = dc.chunk_len, dc.chunk_size
     work = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
     qf = q.to(work)
     qi = q_pos % c  # the rotation q already carries
     cs, ss = rotation(inv_freq, (qi + c).clamp(max=s) - qi, work)
     ci, si = rotation(inv_freq, s - qi, work)
-    return qf, apply_rope(qf, cs, ss), apply_rope(qf, ci, si)
+    succ, inter = apply_rope(qf, cs, ss), apply_rope(qf, ci, si)
+    if dc.cross_scale != 1.0:
+        succ, inter = succ * dc.cross_scale, inter * dc.cross_scale
+    f = length_factor(q_pos, dc)
+    if f is not None:
+        f = f.to(work)[..., None]  # broadcast over heads: q (..., H, T, d), q_pos (..., T)
+        qf, succ, inter = qf * f, succ * f, inter * f
+    return qf, succ, inter
+
+
+def length_factor(q_pos: torch.Tensor, dc: DualChunk) -> torch.Tensor | None:
+    """Per query, ``max(1, 0.1 ln((i + 1) / length_base) + 1)`` with a head axis (q_pos (B, T) ->
+    (B, 1, T)); None when off or 1 for every query (positions inside ``length_base``)."""
+    if not dc.length_base or int(q_pos.max()) + 1 <= dc.length_base:
+        return None
+    n = (q_pos + 1).clamp(min=1).to(torch.float64)
+    return ((0.1 * torch.log(n / dc.length_base) + 1).clamp(min=1) ** dc.length_power).to(torch.float32)[..., None, :]
 
 
 def dca_pick(chunk_distance: torch.Tensor, intra: torch.Tensor, succ: torch.Tensor,
@@ -316,15 +361,17 @@ def dca_prefill_native(lib, q_rows: torch.Tensor, k_parts: list[torch.Tensor], v
     for r0, r1, ranges in dca_ranges(q_start, T, dc.chunk_len):
         q = q_rows[r0:r1]
         pos = torch.arange(q_start + r0, q_start + r1, device=q.device)[None]
-        rot = None
-        if any(name != "intra" for name, *_ in ranges):
-            _, succ, inter = dca_queries(q.transpose(0, 1)[None], pos, dc, inv_freq)  # (1, Hq, n, d)
-            rot = {"succ": succ[0].transpose(0, 1).to(q.dtype), "inter": inter[0].transpose(0, 1).to(q.dtype)}
+        rot = {"intra": q}
+        scaled = length_factor(pos, dc) is not None  # the own chunk's queries carry the length factor too
+        if scaled or any(name != "intra" for name, *_ in ranges):
+            intra, succ, inter = dca_queries(q.transpose(0, 1)[None], pos, dc, inv_freq)  # (1, Hq, n, d)
+            rot = {"intra": intra[0].transpose(0, 1).to(q.dtype) if scaled else q,
+                   "succ": succ[0].transpose(0, 1).to(q.dtype), "inter": inter[0].transpose(0, 1).to(q.dtype)}
         parts = []
         for name, lo, hi, causal in ranges:
             o = torch.empty(r1 - r0, Hq, d, dtype=torch.float32, device=q.device)
             lse = torch.empty(r1 - r0, Hq, dtype=torch.float32, device=q.device)
-            native_prefill_range(lib, q if name == "intra" else rot[name], k_parts, v_parts, code, table,
+            native_prefill_range(lib, rot[name], k_parts, v_parts, code, table,
                                  q_start + r0, lo, hi, causal, o, lse, scale)
             parts.append((o, lse))
         out[r0:r1] = _merge(parts).to(out.dtype)
