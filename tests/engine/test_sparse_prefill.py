@@ -189,22 +189,24 @@ def test_full_pattern_with_dca_equals_dca(tiny, native):
     assert not torch.allclose(_lp(dca), _lp(sparse), atol=1e-3)  # a sparse pattern is applied
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_sparse_dca_native_equals_its_pytorch_path(tiny_llama_dir, dtype):
+@pytest.mark.parametrize("dtype,scale", [("float32", None), ("bfloat16", None), ("float32", "yarn")])
+def test_sparse_dca_native_equals_its_pytorch_path(tiny_llama_dir, dtype, scale):
     """A sparse pattern under DCA: the kernel's key ranges (one call per range with its query
     rotation, merged by log-sum-exps) attend what the PyTorch pattern path attends, and count the
-    same pairs."""
+    same pairs; with ``logit_scale="yarn"`` past the trained 256 tokens, every range's queries
+    (the own chunk's included) carry the length factor on both paths."""
     if not kernels_build():
         pytest.skip("no C compiler / AVX-512: the PyTorch path is the only one")
     from slimlm.model.hub import load
 
     model = load(str(tiny_llama_dir), dtype=dtype)
-    p = [[(11 * i + 5) % 300 + 3 for i in range(170)]]
+    p = [[(11 * i + 5) % 300 + 3 for i in range(170 if scale is None else 300)]]
+    args = DCA if scale is None else {**DCA, "logit_scale": scale}
     sp = SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=0)
     res = []
     for native in (False, True):
         llm = LLM(model, kv_cache_bytes="8M", max_num_batched_tokens=48, rope_extension="dca",
-                  rope_extension_args=DCA, sparse_prefill="vertical-slash",
+                  rope_extension_args=args, sparse_prefill="vertical-slash",
                   sparse_prefill_args={**SMALL, "min_keys": 1}, native_kernels=native)
         assert (_native(llm) is not None) == native
         res.append((llm.generate(p, sp, use_tqdm=False)[0], dict(llm.engine.runner.paths.sparse_prefill.stats)))

@@ -313,17 +313,20 @@ def _dca_ranges_native(lib, q_rows, k_parts, v_parts, code, table, q_start, cols
     ``sparse_prefill_range`` call per key range with that range's query rotation (``scale``
     already carries DCA's ``logit_scale``), merged by log-sum-exps into ``out``."""
     from slimlm.kernels.ops import native_sparse_prefill_range
-    from slimlm.model.rope_extension import _merge, dca_queries, dca_ranges
+    from slimlm.model.rope_extension import _merge, dca_queries, dca_ranges, length_factor
 
     dc, inv_freq = dca
     T, Hq, d = q_rows.shape
     for r0, r1, ranges in dca_ranges(q_start, T, dc.chunk_len):
         q = q_rows[r0:r1]
         rot = {"intra": q}
-        if any(name != "intra" for name, *_ in ranges):
-            p = torch.arange(q_start + r0, q_start + r1, device=q.device)[None]
-            _, succ, inter = dca_queries(q.transpose(0, 1)[None], p, dc, inv_freq)
+        p = torch.arange(q_start + r0, q_start + r1, device=q.device)[None]
+        scaled = length_factor(p, dc) is not None  # logit_scale "auto" / "yarn" past the trained context
+        if scaled or any(name != "intra" for name, *_ in ranges):
+            intra, succ, inter = dca_queries(q.transpose(0, 1)[None], p, dc, inv_freq)
             rot["succ"], rot["inter"] = (x[0].transpose(0, 1).to(q.dtype) for x in (succ, inter))
+            if scaled:  # the own chunk's queries carry the length factor too
+                rot["intra"] = intra[0].transpose(0, 1).to(q.dtype)
         parts = []
         for name, lo, hi, _causal in ranges:  # the kernel is causal in every range
             o = torch.empty(r1 - r0, Hq, d, dtype=torch.float32, device=q.device)
