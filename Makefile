@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.stamp-install
 PROMPT ?= Explain in two sentences why small language models are useful.
 
-.PHONY: setup run chat test bench clean
+.PHONY: setup run chat test test-all bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ chat: setup
 
 test: setup
 	$(PY) -m pytest
+
+test-all: setup  # the multi-process tests too (Ray clusters, torch.distributed ranks)
+	$(PY) -m pytest -m ""
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -10,6 +10,10 @@ import pytest
 import torch
 
 torch.set_num_threads(2)
+# Processes the tests start (ray heads and workers, torch.distributed ranks, CLI runs) share the 2
+# cores with this one: OpenMP threads that spin at every region's end then slow each other
+# many-fold (docs/benchmarks.md, "threads on a busy machine"); sleeping waits change no result.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # dtype="auto" would pick bf16 on CPUs with AVX512-BF16 / AMX: tests compare with fp32 references
 os.environ.setdefault("SLIMLM_AUTO_DTYPE", "float32")
 

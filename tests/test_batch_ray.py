@@ -6,6 +6,8 @@ import signal
 
 import pytest
 
+pytestmark = pytest.mark.multiprocess  # several processes: `make test-all` (pyproject.toml)
+
 ray = pytest.importorskip("ray")
 
 from slimlm.cli import main  # noqa: E402

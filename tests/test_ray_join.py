@@ -22,6 +22,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+pytestmark = pytest.mark.multiprocess  # several processes: `make test-all` (pyproject.toml)
+
 ray = pytest.importorskip("ray")
 
 from tests.serve.test_server import free_port  # noqa: E402

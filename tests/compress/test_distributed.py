@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.multiprocess  # several processes: `make test-all` (pyproject.toml)
 import torch
 from safetensors.torch import load_file
 

@@ -14,6 +14,8 @@ import time
 import httpx
 import pytest
 
+pytestmark = pytest.mark.multiprocess  # several processes: `make test-all` (pyproject.toml)
+
 ray = pytest.importorskip("ray")
 
 from slimlm.cli import main  # noqa: E402

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.multiprocess  # several processes: `make test-all` (pyproject.toml)
+
 from slimlm.train.metrics import read_metrics
 from slimlm.train.trainer import Trainer
 from tests.serve.test_server import free_port

@@ -9,6 +9,8 @@ import subprocess
 import sys
 
 import pytest
+
+pytestmark = pytest.mark.multiprocess  # several processes: `make test-all` (pyproject.toml)
 import torch
 from safetensors.torch import load_file
 
