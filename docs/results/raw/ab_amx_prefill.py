@@ -15,6 +15,7 @@ import torch
 
 from slimlm import kernels
 from slimlm.model.attention import attention
+import kernel_rev  # docs/results/raw/kernel_rev.py  # noqa: E402
 
 HERE = Path(__file__).resolve()
 ap = argparse.ArgumentParser()
@@ -29,17 +30,7 @@ assert lib is not None and lib.slimlm_prefill_supported(64, 1), "needs the nativ
 shapes = [tuple(s) for s in json.loads(Path(a.shapes).read_text())][:: a.every]
 Hq, Hkv, d, bs, scale = 9, 3, 64, 16, 0.125
 dtype = torch.bfloat16
-g = torch.Generator().manual_seed(0)
-cases = []
-for T, q0 in shapes:
-    n = q0 + T
-    nb = -(-n // bs)
-    kp = torch.randn(nb + 4, bs, Hkv, d, generator=g).to(dtype)
-    vp = torch.randn(nb + 4, bs, Hkv, d, generator=g).to(dtype)
-    table = torch.randperm(nb + 4, generator=g)[:nb].contiguous()
-    q = (2 * torch.randn(Hq, T, d, generator=g)).to(dtype).transpose(0, 1)  # (T, Hq, d) strided, as the model's
-    cases.append((q, kp, vp, table, q0, torch.empty(T, Hq, d, dtype=dtype)))
-flops = sum(4 * d * Hq * (T * q0 + T * (T + 1) // 2) for T, q0 in shapes)
+cases, flops = kernel_rev.prefill_cases(shapes, dtype, Hq, Hkv, d, bs)
 
 
 def run() -> float:

@@ -42,17 +42,7 @@ def build(rev: str | None, tmp: Path) -> ctypes.CDLL:
 
 shapes = [tuple(s) for s in json.loads(Path(a.shapes).read_text())]
 Hq, Hkv, d, bs = 9, 3, 64, 16
-g = torch.Generator().manual_seed(0)
-cases = []
-for T, q0 in shapes:
-    n = q0 + T
-    nb = -(-n // bs)
-    kp = torch.randn(nb + 4, bs, Hkv, d, generator=g).to(dtype)
-    vp = torch.randn(nb + 4, bs, Hkv, d, generator=g).to(dtype)
-    table = torch.randperm(nb + 4, generator=g)[:nb].contiguous()
-    q = (2 * torch.randn(Hq, T, d, generator=g)).to(dtype).transpose(0, 1)  # (T, Hq, d) strided, as the model's
-    cases.append((q, kp, vp, table, q0, torch.empty(T, Hq, d, dtype=dtype)))
-flops = sum(4 * d * Hq * (T * q0 + T * (T + 1) // 2) for T, q0 in shapes)
+cases, flops = kernel_rev.prefill_cases(shapes, dtype, Hq, Hkv, d, bs)
 
 
 def run(lib) -> float:

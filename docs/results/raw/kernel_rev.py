@@ -27,3 +27,21 @@ def build(name: str, rev: str | None, tmp: Path) -> ctypes.CDLL:
         if hasattr(lib, fn):  # an older revision may lack a newer entry
             getattr(lib, fn).restype, getattr(lib, fn).argtypes = res, args
     return lib
+
+
+def prefill_cases(shapes, dtype, Hq: int = 9, Hkv: int = 3, d: int = 64, bs: int = 16, seed: int = 0):
+    """Random paged-prefill inputs per (T, q_start) chunk shape, for the prefill A/B scripts: per
+    chunk (q (T, Hq, d) strided as the model's, k_pool, v_pool, a shuffled block table, q_start, out),
+    and the causal work's FLOPs over all chunks."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    cases = []
+    for T, q0 in shapes:
+        nb = -(-(q0 + T) // bs)
+        kp = torch.randn(nb + 4, bs, Hkv, d, generator=g).to(dtype)
+        vp = torch.randn(nb + 4, bs, Hkv, d, generator=g).to(dtype)
+        table = torch.randperm(nb + 4, generator=g)[:nb].contiguous()
+        q = (2 * torch.randn(Hq, T, d, generator=g)).to(dtype).transpose(0, 1)
+        cases.append((q, kp, vp, table, q0, torch.empty(T, Hq, d, dtype=dtype)))
+    return cases, sum(4 * d * Hq * (T * q0 + T * (T + 1) // 2) for T, q0 in shapes)
