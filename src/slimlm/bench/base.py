@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 from slimlm.registry import Registry
 
 BUSY_THRESHOLD = 0.15
+STEAL_THRESHOLD = 0.05  # share of a run's CPU time stolen by the hypervisor
 """Share of the CPU used by other processes above which a run is flagged as noisy."""
 
 
@@ -178,11 +179,20 @@ def speedup_line(sp: dict[str, float] | None, per_repeat: dict[str, dict] | None
 
 
 def busy_warning(report: dict[str, Any], samples: list[float], log=print) -> None:
-    """Record the busiest CPU sample of other processes; warn (and note) above the threshold."""
+    """Record the busiest CPU sample of other processes and the largest steal share of any run
+    (``cpu_steal`` of the runs in ``report["runs"]``); warn (and note) above the thresholds."""
     busy = max(samples, default=0.0)
     report["cpu_busy_others_max"] = busy
+    msgs = []
     if busy > BUSY_THRESHOLD:
-        msg = f"other processes used up to {busy:.0%} of the CPU during this run: numbers are noisy"
+        msgs.append(f"other processes used up to {busy:.0%} of the CPU during this run: numbers are noisy")
+    steal = max((r.get("cpu_steal", 0.0) for rs in report.get("runs", {}).values() if isinstance(rs, list)
+                 for r in rs if isinstance(r, dict)), default=0.0)
+    report["cpu_steal_max"] = steal
+    if steal > STEAL_THRESHOLD:
+        msgs.append(f"the hypervisor took up to {steal:.0%} of this virtual machine's CPU during a run "
+                    f"(steal time): numbers are noisy")
+    for msg in msgs:
         log(f"warning: {msg}")
         report.setdefault("notes", []).append(msg)
 

@@ -83,6 +83,25 @@ def cpu_busy(seconds: float = 0.5) -> float:
     return max(0.0, (total - (i1 - i0) - own) / total) if total else 0.0
 
 
+def cpu_ticks() -> tuple[int, int] | None:
+    """(all ticks, steal ticks) of the machine so far, from /proc/stat (None where unreadable).
+    Steal is the time a virtual machine's CPUs were ready to run but the hypervisor ran something
+    else: a neighbour's load, invisible to :func:`cpu_busy`, that slows every run it overlaps."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return sum(vals[:8]), (vals[7] if len(vals) > 7 else 0)
+
+
+def steal_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float:
+    """Share of the machine's CPU time stolen by the hypervisor between two :func:`cpu_ticks`."""
+    if not before or not after or after[0] <= before[0]:
+        return 0.0
+    return max(0.0, (after[1] - before[1]) / (after[0] - before[0]))
+
+
 def peak_rss_mb() -> float:
     """This process's own peak resident memory: VmHWM of its address space. (``ru_maxrss``
     survives ``exec``, so a worker forked from a parent that loaded a model reported the
