@@ -290,3 +290,19 @@ def test_steal_time_is_measured_per_run_and_flagged():
     logged = []
     busy_warning(noisy, [0.0], log=logged.append)
     assert noisy["cpu_steal_max"] == 0.3 and "steal time" in noisy["notes"][0] and "30%" in logged[0]
+
+
+def test_speed_probe_and_drift_warning():
+    """The probe measures something positive; runs whose probes differ by more than 15 % are flagged
+    (the report keeps max / min per probe), runs within it are not."""
+    from slimlm.bench.base import busy_warning
+    from slimlm.bench.machine import speed_probe
+
+    p = speed_probe(rounds=1)
+    assert p["probe_gflops"] > 0 and p["probe_gbs"] > 0
+    steady = {"runs": {"a": [{"probe_gflops": 100.0, "probe_gbs": 10.0}], "b": [{"probe_gflops": 110.0, "probe_gbs": 10.5}]}}
+    busy_warning(steady, [0.0], log=lambda *_: None)
+    assert steady["machine_speed_drift"]["probe_gflops"] == 1.1 and not steady.get("notes")
+    drifting = {"runs": {"a": [{"probe_gflops": 100.0, "probe_gbs": 10.0}, {"probe_gflops": 160.0, "probe_gbs": 10.0}]}}
+    busy_warning(drifting, [0.0], log=lambda *_: None)
+    assert "drifted" in drifting["notes"][0] and "1.60x" in drifting["notes"][0]

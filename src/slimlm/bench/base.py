@@ -25,6 +25,7 @@ from slimlm.registry import Registry
 
 BUSY_THRESHOLD = 0.15
 STEAL_THRESHOLD = 0.05  # share of a run's CPU time stolen by the hypervisor
+DRIFT_THRESHOLD = 1.15  # max / min of the speed probe over a report's runs
 """Share of the CPU used by other processes above which a run is flagged as noisy."""
 
 
@@ -179,8 +180,9 @@ def speedup_line(sp: dict[str, float] | None, per_repeat: dict[str, dict] | None
 
 
 def busy_warning(report: dict[str, Any], samples: list[float], log=print) -> None:
-    """Record the busiest CPU sample of other processes and the largest steal share of any run
-    (``cpu_steal`` of the runs in ``report["runs"]``); warn (and note) above the thresholds."""
+    """Record the busiest CPU sample of other processes, the largest steal share of any run
+    (``cpu_steal`` of the runs in ``report["runs"]``) and how far the speed probe before each run
+    drifted (max / min); warn (and note) above the thresholds."""
     busy = max(samples, default=0.0)
     report["cpu_busy_others_max"] = busy
     msgs = []
@@ -192,6 +194,15 @@ def busy_warning(report: dict[str, Any], samples: list[float], log=print) -> Non
     if steal > STEAL_THRESHOLD:
         msgs.append(f"the hypervisor took up to {steal:.0%} of this virtual machine's CPU during a run "
                     f"(steal time): numbers are noisy")
+    probes = [r for rs in report.get("runs", {}).values() if isinstance(rs, list) for r in rs
+              if isinstance(r, dict) and r.get("probe_gflops")]
+    if len(probes) > 1:
+        drift = {k: max(r[k] for r in probes) / min(r[k] for r in probes) for k in ("probe_gflops", "probe_gbs")}
+        report["machine_speed_drift"] = drift
+        if max(drift.values()) > DRIFT_THRESHOLD:
+            msgs.append(f"the machine's own speed drifted between runs (a one-thread probe before each: matmul "
+                        f"{drift['probe_gflops']:.2f}x, memory read {drift['probe_gbs']:.2f}x max/min): "
+                        f"compare runs of one repeat (paired ratios), not medians across repeats")
     for msg in msgs:
         log(f"warning: {msg}")
         report.setdefault("notes", []).append(msg)

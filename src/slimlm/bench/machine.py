@@ -102,6 +102,38 @@ def steal_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -
     return max(0.0, (after[1] - before[1]) / (after[0] - before[0]))
 
 
+_PROBE_BUF = []
+
+
+def speed_probe(rounds: int = 3) -> dict[str, float]:
+    """This machine's own speed right now, on one thread: a float32 matmul's GFLOPS and a 64 MB
+    read's GB/s, the best of ``rounds`` (~0.1 s in all). Run before each benchmark run, it shows a
+    machine whose speed drifts between runs (a shared host: frequency, memory bandwidth taken by
+    other guests), which neither :func:`cpu_busy` nor steal time sees."""
+    import torch
+
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if not _PROBE_BUF:
+            g = torch.Generator().manual_seed(0)
+            _PROBE_BUF.extend([torch.randn(384, 384, generator=g), torch.ones(16 * 2**20)])
+        a, buf = _PROBE_BUF
+        best_mm = best_rd = float("inf")
+        for _ in range(rounds):
+            t = time.perf_counter()
+            for _ in range(8):
+                a @ a
+            best_mm = min(best_mm, time.perf_counter() - t)
+            t = time.perf_counter()
+            for _ in range(2):
+                buf.sum()
+            best_rd = min(best_rd, time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(n_threads)
+    return {"probe_gflops": 8 * 2 * 384**3 / best_mm / 1e9, "probe_gbs": 2 * buf.numel() * 4 / best_rd / 1e9}
+
+
 def peak_rss_mb() -> float:
     """This process's own peak resident memory: VmHWM of its address space. (``ru_maxrss``
     survives ``exec``, so a worker forked from a parent that loaded a model reported the

@@ -70,13 +70,15 @@ def interleave(systems: dict[str, tuple[str, dict]], repeats: int, log=print, in
     """{name: (module, args)} -> {name: [result per repeat]}, running A B A B ...
 
     Each result gets ``cpu_busy_others``: the CPU share other processes used just before it ran,
-    and ``cpu_steal``: the share the hypervisor took while it ran (a virtual machine's neighbours)."""
-    from slimlm.bench.machine import cpu_busy, cpu_ticks, steal_share
+    ``cpu_steal``: the share the hypervisor took while it ran (a virtual machine's neighbours), and
+    ``probe_gflops`` / ``probe_gbs``: the machine's own speed just before it (:func:`speed_probe`)."""
+    from slimlm.bench.machine import cpu_busy, cpu_ticks, speed_probe, steal_share
 
     results: dict[str, list[dict]] = {name: [] for name in systems}
     for r in range(repeats):
         for name, (module, args) in systems.items():
             busy = cpu_busy(busy_seconds) if busy_seconds > 0 else 0.0
+            probe = speed_probe() if busy_seconds > 0 else {}
             log(f"[repeat {r + 1}/{repeats}] {name} ...")
             t0 = cpu_ticks()
             res = run_in_process(args) if in_process else run_worker(module, args)
@@ -87,5 +89,6 @@ def interleave(systems: dict[str, tuple[str, dict]], repeats: int, log=print, in
                 log(f"  {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in res.items() if isinstance(v, float))[:300])
             res["cpu_busy_others"] = busy
             res["cpu_steal"] = steal
+            res.update(probe)
             results[name].append(res)
     return results
