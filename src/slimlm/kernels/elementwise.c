@@ -281,3 +281,23 @@ int slimlm_rope(const void *x, int64_t xs, void *y, int64_t ys, const void *cos,
     }
     return 0;
 }
+
+/* The KV write of a plain (unquantized) pool: row t of k (kb bytes at k + t * ks bytes) to
+ * kpool + slots[t] * kb, and row t of v alike to vpool (the same slots; a slot is block *
+ * block_size + offset, a pool row Hkv heads of d values). What ``index_copy_`` does for each of
+ * the two, in one call, a memcpy per row instead of one indexed element at a time. Every slot is
+ * checked against nslots before anything is written: 1 (nothing written) when one is out of
+ * range or an argument is bad, else 0. A slot given twice gets one of its rows (which one is
+ * unspecified, as for index_copy_). */
+int slimlm_kv_write(const void *k, int64_t ks, const void *v, int64_t vs, const int64_t *slots, void *kpool,
+                    void *vpool, int64_t nslots, int64_t rows, int64_t kb, int64_t vb, int nthreads) {
+    if (rows < 0 || kb <= 0 || vb <= 0 || nslots < 0 || ks < kb || vs < vb) return 1;
+    for (int64_t t = 0; t < rows; ++t)
+        if (slots[t] < 0 || slots[t] >= nslots) return 1;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (rows * (kb + vb) >= (1 << 20))
+    for (int64_t t = 0; t < rows; ++t) {
+        memcpy((char *)kpool + slots[t] * kb, (const char *)k + t * ks, (size_t)kb);
+        memcpy((char *)vpool + slots[t] * vb, (const char *)v + t * vs, (size_t)vb);
+    }
+    return 0;
+}
