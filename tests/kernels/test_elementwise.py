@@ -134,3 +134,35 @@ def test_norm_hooks_still_fire_and_training_keeps_pytorch(tiny_llama_dir):
     loss = lm.model(torch.randint(3, 100, (1, 6))).float().logsumexp(-1).mean()
     loss.backward()  # the layer's in-place residual add is skipped when autograd needs its input
     assert layer.post_attention_layernorm.weight.grad is not None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 7, 3000])  # 3000 rows of 2 x 192 values: the multi-threaded branch
+def test_kv_write_stores_what_index_copy_stores(dtype, T):
+    g = torch.Generator().manual_seed(T)
+    nb, bs, H, d = 400, 16, 3, 64
+    qkv = torch.randn(T, 15, d, generator=g).to(dtype)  # k and v as the model passes them: head slices of a row
+    k, v = qkv[:, 9:12], qkv[:, 12:]
+    slots = torch.randperm(nb * bs, generator=g)[:T]
+    kp, vp = torch.randn(nb, bs, H, d, generator=g).to(dtype), torch.randn(nb, bs, H, d, generator=g).to(dtype)
+    rk, rv = kp.clone(), vp.clone()
+    rk.view(-1, H * d).index_copy_(0, slots, k.reshape(T, H * d))
+    rv.view(-1, H * d).index_copy_(0, slots, v.reshape(T, H * d))
+    assert elementwise.kv_write(k, v, slots, kp, vp)
+    assert torch.equal(kp, rk) and torch.equal(vp, rv)
+
+
+def test_kv_write_stands_aside_without_writing(monkeypatch):
+    kp, vp = torch.zeros(4, 2, 3, 8), torch.zeros(4, 2, 3, 8)
+    k = torch.ones(2, 3, 8)
+    assert not elementwise.kv_write(k, k, torch.tensor([1, 8]), kp, vp)  # slot 8 is past the pool's 8 slots
+    assert not elementwise.kv_write(k, k, torch.tensor([1, -1]), kp, vp)
+    assert not kp.any() and not vp.any()  # nothing written: index_copy_ then raises its own error
+    assert not elementwise.kv_write(k, k, torch.tensor([1, 2], dtype=torch.int32), kp, vp)
+    assert not elementwise.kv_write(k.transpose(1, 2).contiguous().transpose(1, 2), k, torch.tensor([1, 2]), kp, vp)
+    assert not elementwise.kv_write(k.half(), k.half(), torch.tensor([1, 2]), kp.half(), vp.half())
+    assert not elementwise.kv_write(k, k, torch.tensor([1, 2]), kp, vp.bfloat16())
+    monkeypatch.setenv("SLIMLM_KV_WRITE", "0")
+    assert not elementwise.kv_write(k, k, torch.tensor([1, 2]), kp, vp)
+    monkeypatch.delenv("SLIMLM_KV_WRITE")
+    assert elementwise.kv_write(k, k, torch.tensor([1, 2]), kp, vp) and kp.view(8, 24)[[1, 2]].eq(1).all()

@@ -128,6 +128,8 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
         "slimlm_silu_mul": (_INT, (_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _INT, _INT)),
         # x, xs, y, ys, cos, sin, cs, rows, heads, d, dtype, nthreads
         "slimlm_rope": (_INT, (_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _INT, _INT)),
+        # k, ks, v, vs, slots, kpool, vpool, nslots, rows, kb, vb, nthreads (strides and row sizes in bytes)
+        "slimlm_kv_write": (_INT, (_PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _INT)),
     },
 }
 

@@ -17,8 +17,9 @@
  *   AVX-512) where PyTorch uses SLEEF's: float32 results agree to a few ulp, bfloat16 ones in all
  *   but rare elements, which are one bf16 ulp apart (tests/kernels/test_elementwise.py).
  *
- * The build needs no particular CPU (plain C loops the compiler vectorises; AVX-512 intrinsics
- * only for SiLU's exp). Strides are in elements between rows; the last dimension is contiguous.
+ * The build needs no particular CPU (plain C loops the compiler vectorises); with AVX-512, SiLU,
+ * RMSNorm's passes (not its sum of squares) and RoPE run on intrinsics, 16 values at a time with
+ * the same roundings (the same bits as the plain loops, which other CPUs keep). Strides are in elements between rows; the last dimension is contiguous.
  * Return codes: 0 ok, 1 bad arguments (the caller then uses PyTorch).
  */
 #include <math.h>
@@ -152,43 +153,6 @@ static float sum_squares(const float *v, int64_t D) {
     return f;
 }
 
-/* y = RMSNorm(x) * w for each row; with r (not NULL) the row is first h = x + r, written to h. */
-int slimlm_rms_norm(const void *x, int64_t xs, const void *r, int64_t rs, void *h, int64_t hs, void *y, int64_t ys,
-                    const void *w, int64_t rows, int64_t D, float eps, int dtype, int nthreads) {
-    if (rows < 0 || D <= 0 || D > EW_ROW_MAX || (dtype != 0 && dtype != 1) || (r != NULL && h == NULL)) return 1;
-    const int64_t es = dtype == 0 ? 4 : 2;
-    float *wf = (float *)malloc((size_t)D * sizeof(float));
-    if (wf == NULL) return 1;
-    load_row(w, dtype, D, wf);
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (rows * D >= EW_MIN_PAR)
-    for (int64_t i = 0; i < rows; ++i) {
-        float v[EW_ROW_MAX], t[EW_CHUNK];
-        load_row(row_at(x, i, xs, dtype), dtype, D, v);
-        if (r != NULL) {
-            for (int64_t c0 = 0; c0 < D; c0 += EW_CHUNK) {
-                const int64_t m = D - c0 < EW_CHUNK ? D - c0 : EW_CHUNK;
-                load_row(row_at(r, i, rs, dtype) + c0 * es, dtype, m, t);
-                for (int64_t k = 0; k < m; ++k) v[c0 + k] = v[c0 + k] + t[k];
-                if (dtype == 1)
-                    for (int64_t k = 0; k < m; ++k) v[c0 + k] = rt_bf16(v[c0 + k]);
-            }
-            store_row(v, dtype, D, (char *)h + i * hs * es);
-        }
-        const float mean = sum_squares(v, D) / (float)D;
-        const float inv = 1.0f / sqrtf(mean + eps);
-        for (int64_t c0 = 0; c0 < D; c0 += EW_CHUNK) {
-            const int64_t m = D - c0 < EW_CHUNK ? D - c0 : EW_CHUNK;
-            if (dtype == 1)
-                for (int64_t k = 0; k < m; ++k) t[k] = rt_bf16(v[c0 + k] * inv) * wf[c0 + k];
-            else
-                for (int64_t k = 0; k < m; ++k) t[k] = (v[c0 + k] * inv) * wf[c0 + k];
-            store_row(t, dtype, m, (char *)y + (i * ys + c0) * es);
-        }
-    }
-    free(wf);
-    return 0;
-}
-
 #ifdef __AVX512F__
 /* 16 (masked) elements as float32 */
 static inline __m512 ld16m(const void *p, int64_t k, __mmask16 m, int dtype) {
@@ -215,6 +179,67 @@ static inline void st16m(void *p, int64_t k, __mmask16 m, __m512 f, int dtype) {
 
 static inline __mmask16 tail16(int64_t left) { return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1); }
 #endif
+
+/* y = RMSNorm(x) * w for each row; with r (not NULL) the row is first h = x + r, written to h. */
+int slimlm_rms_norm(const void *x, int64_t xs, const void *r, int64_t rs, void *h, int64_t hs, void *y, int64_t ys,
+                    const void *w, int64_t rows, int64_t D, float eps, int dtype, int nthreads) {
+    if (rows < 0 || D <= 0 || D > EW_ROW_MAX || (dtype != 0 && dtype != 1) || (r != NULL && h == NULL)) return 1;
+    const int64_t es = dtype == 0 ? 4 : 2;
+    float *wf = (float *)malloc((size_t)D * sizeof(float));
+    if (wf == NULL) return 1;
+    load_row(w, dtype, D, wf);
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (rows * D >= EW_MIN_PAR)
+    for (int64_t i = 0; i < rows; ++i) {
+        float v[EW_ROW_MAX];
+#ifdef __AVX512F__
+        const char *xr = row_at(x, i, xs, dtype), *rr = r != NULL ? row_at(r, i, rs, dtype) : NULL;
+        for (int64_t k = 0; k < D; k += 16) { /* the same roundings as the loops below, 16 at a time */
+            const __mmask16 m = tail16(D - k);
+            __m512 a = ld16m(xr, k, m, dtype);
+            if (rr != NULL) {
+                a = _mm512_add_ps(a, ld16m(rr, k, m, dtype));
+                if (dtype == 1) a = rt16(a);
+                st16m((char *)h + i * hs * es, k, m, a, dtype);
+            }
+            _mm512_mask_storeu_ps(v + k, m, a);
+        }
+        const float inv = 1.0f / sqrtf(sum_squares(v, D) / (float)D + eps);
+        const __m512 iv = _mm512_set1_ps(inv);
+        for (int64_t k = 0; k < D; k += 16) {
+            const __mmask16 m = tail16(D - k);
+            __m512 a = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, v + k), iv);
+            if (dtype == 1) a = rt16(a);
+            st16m((char *)y + i * ys * es, k, m, _mm512_mul_ps(a, _mm512_maskz_loadu_ps(m, wf + k)), dtype);
+        }
+#else
+        float t[EW_CHUNK];
+        load_row(row_at(x, i, xs, dtype), dtype, D, v);
+        if (r != NULL) {
+            for (int64_t c0 = 0; c0 < D; c0 += EW_CHUNK) {
+                const int64_t m = D - c0 < EW_CHUNK ? D - c0 : EW_CHUNK;
+                load_row(row_at(r, i, rs, dtype) + c0 * es, dtype, m, t);
+                for (int64_t k = 0; k < m; ++k) v[c0 + k] = v[c0 + k] + t[k];
+                if (dtype == 1)
+                    for (int64_t k = 0; k < m; ++k) v[c0 + k] = rt_bf16(v[c0 + k]);
+            }
+            store_row(v, dtype, D, (char *)h + i * hs * es);
+        }
+        const float mean = sum_squares(v, D) / (float)D;
+        const float inv = 1.0f / sqrtf(mean + eps);
+        for (int64_t c0 = 0; c0 < D; c0 += EW_CHUNK) {
+            const int64_t m = D - c0 < EW_CHUNK ? D - c0 : EW_CHUNK;
+            if (dtype == 1)
+                for (int64_t k = 0; k < m; ++k) t[k] = rt_bf16(v[c0 + k] * inv) * wf[c0 + k];
+            else
+                for (int64_t k = 0; k < m; ++k) t[k] = (v[c0 + k] * inv) * wf[c0 + k];
+            store_row(t, dtype, m, (char *)y + (i * ys + c0) * es);
+        }
+#endif
+    }
+    free(wf);
+    return 0;
+}
+
 
 /* y = silu(g) * u, rows of n; a bf16 silu(g) is rounded before the product, as PyTorch's two ops do */
 int slimlm_silu_mul(const void *g, int64_t gs, const void *u, int64_t us, void *y, int64_t ys, int64_t rows,
@@ -259,9 +284,28 @@ int slimlm_rope(const void *x, int64_t xs, void *y, int64_t ys, const void *cos,
     const int64_t half = d / 2, es = dtype == 0 ? 4 : 2;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (rows * heads * d >= EW_MIN_PAR)
     for (int64_t i = 0; i < rows; ++i) {
-        float p[EW_CHUNK], c[EW_CHUNK], s[EW_CHUNK];
+        float c[EW_CHUNK], s[EW_CHUNK];
         load_row(row_at(cos, i, cs, dtype), dtype, d, c);
         load_row(row_at(sin, i, cs, dtype), dtype, d, s);
+#ifdef __AVX512F__
+        for (int64_t hd = 0; hd < heads; ++hd) { /* the loops below, 16 pairs at a time (y may be x: both halves
+                                                  * are read before either is written) */
+            const char *xr = row_at(x, i, xs, dtype) + hd * d * es;
+            char *yr = (char *)y + (i * ys + hd * d) * es;
+            for (int64_t k = 0; k < half; k += 16) {
+                const __mmask16 m = tail16(half - k);
+                const __m512 x1 = ld16m(xr, k, m, dtype), x2 = ld16m(xr, k + half, m, dtype);
+                __m512 a = _mm512_mul_ps(x1, _mm512_maskz_loadu_ps(m, c + k));
+                __m512 b = _mm512_mul_ps(x2, _mm512_maskz_loadu_ps(m, s + k));
+                __m512 e = _mm512_mul_ps(x2, _mm512_maskz_loadu_ps(m, c + k + half));
+                __m512 f = _mm512_mul_ps(x1, _mm512_maskz_loadu_ps(m, s + k + half));
+                if (dtype == 1) a = rt16(a), b = rt16(b), e = rt16(e), f = rt16(f);
+                st16m(yr, k, m, _mm512_sub_ps(a, b), dtype);
+                st16m(yr, k + half, m, _mm512_add_ps(e, f), dtype);
+            }
+        }
+#else
+        float p[EW_CHUNK];
         for (int64_t hd = 0; hd < heads; ++hd) {
             load_row(row_at(x, i, xs, dtype) + hd * d * es, dtype, d, p);
             if (dtype == 1)
@@ -278,6 +322,27 @@ int slimlm_rope(const void *x, int64_t xs, void *y, int64_t ys, const void *cos,
                 }
             store_row(p, dtype, d, (char *)y + (i * ys + hd * d) * es);
         }
+#endif
+    }
+    return 0;
+}
+
+/* The KV write of a plain (unquantized) pool: row t of k (kb bytes at k + t * ks bytes) to
+ * kpool + slots[t] * kb, and row t of v alike to vpool (the same slots; a slot is block *
+ * block_size + offset, a pool row Hkv heads of d values). What ``index_copy_`` does for each of
+ * the two, in one call, a memcpy per row instead of one indexed element at a time. Every slot is
+ * checked against nslots before anything is written: 1 (nothing written) when one is out of
+ * range or an argument is bad, else 0. A slot given twice gets one of its rows (which one is
+ * unspecified, as for index_copy_). */
+int slimlm_kv_write(const void *k, int64_t ks, const void *v, int64_t vs, const int64_t *slots, void *kpool,
+                    void *vpool, int64_t nslots, int64_t rows, int64_t kb, int64_t vb, int nthreads) {
+    if (rows < 0 || kb <= 0 || vb <= 0 || nslots < 0 || ks < kb || vs < vb) return 1;
+    for (int64_t t = 0; t < rows; ++t)
+        if (slots[t] < 0 || slots[t] >= nslots) return 1;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (rows * (kb + vb) >= (1 << 20))
+    for (int64_t t = 0; t < rows; ++t) {
+        memcpy((char *)kpool + slots[t] * kb, (const char *)k + t * ks, (size_t)kb);
+        memcpy((char *)vpool + slots[t] * vb, (const char *)v + t * vs, (size_t)vb);
     }
     return 0;
 }

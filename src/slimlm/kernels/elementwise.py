@@ -1,6 +1,7 @@
 """A decoder layer's elementwise work in one native pass each (``kernels/elementwise.c``): RMSNorm
 (optionally after the residual add), SiLU(gate) * up and RoPE, for float32 and bfloat16 tensors on
 the CPU. ``model/transformer.py`` calls these first and uses its PyTorch code when they return None.
+:func:`kv_write` is a plain KV pool's write (``kvcache/storage.py``), a row copy per slot.
 
 They return None (the caller's PyTorch path runs) when the kernel does not apply: another device or
 dtype, a layout the kernel does not take (the last dimension must be contiguous and the leading ones
@@ -9,6 +10,8 @@ flatten to rows of one stride), ``SLIMLM_NATIVE=0``, no compiler, or a call that
 RoPE are bitwise PyTorch's; SiLU * up differs by its exp only (a few fp32 ulp; rarely one bf16 ulp).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -102,3 +105,27 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, d: int) -> torch
                          B * T, W // d, d, CODES[x.dtype], torch.get_num_threads())
     _check(rc, "rope")
     return y
+
+
+def kv_write(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> bool:
+    """A plain pool's KV write: rows k, v (T, Hkv, d) into ``k_pool`` / ``v_pool`` (n_blocks, block_size,
+    Hkv, d), of their dtype, at flat ``slots`` (T,) int64, as ``pool.view(-1, Hkv * d).index_copy_(0, slots,
+    rows)`` does for each. False (nothing written; the caller uses ``index_copy_``) when the kernel does
+    not apply: dtypes or shapes differ, a row's (Hkv, d) is not contiguous, a pool is not contiguous, or a
+    slot is out of range (``index_copy_`` then raises its error). ``SLIMLM_KV_WRITE=0`` turns it off."""
+    if os.environ.get("SLIMLM_KV_WRITE") == "0":
+        return False
+    lib = _lib(k, v, k_pool, v_pool)
+    if (lib is None or k.dim() != 3 or k.shape != v.shape or k_pool.dim() != 4 or k_pool.shape != v_pool.shape
+            or k_pool.shape[2:] != k.shape[1:] or not (k_pool.is_contiguous() and v_pool.is_contiguous())
+            or slots.dtype != torch.long or slots.device.type != "cpu" or slots.shape != (k.shape[0],)
+            or not slots.is_contiguous()):
+        return False
+    H, d = k.shape[1:]
+    if any(t.stride(2) != 1 or t.stride(1) != d for t in (k, v)):
+        return False
+    es = k.element_size()
+    rc = lib.slimlm_kv_write(k.data_ptr(), k.stride(0) * es, v.data_ptr(), v.stride(0) * es, slots.data_ptr(),
+                             k_pool.data_ptr(), v_pool.data_ptr(), k_pool.shape[0] * k_pool.shape[1], k.shape[0],
+                             H * d * es, H * d * es, torch.get_num_threads())
+    return rc == 0

@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import torch
 
+from slimlm.kernels import elementwise
 from slimlm.kvcache import merge as mg
 from slimlm.kvcache.codec.base import zeros
+from slimlm.kvcache.codec.plain import PlainCodec
 from slimlm.kvcache.spec import KVCacheSpec
 
 
@@ -60,6 +62,10 @@ class PagedKVCache:
         for i, ls in enumerate(spec.layers):
             if ls.storage in self.state:
                 self.mag[i] = zeros((num_blocks, block_size, 2, H), mg.MAGNITUDE_DTYPE, device)
+        self._plain = tier is None and all(type(c).write is PlainCodec.write and c.storage_dtype == spec.compute_dtype
+                                           for c in (self.codec, self.vcodec))
+        """Keys and values stored as computed, one tensor each, no key tier: writes may take the native
+        row copy (``kernels/elementwise.py``'s ``kv_write``; ``index_copy_`` where it does not apply)."""
         self._own: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         """Second layer of a merged storage -> (slots, k, v) of its latest write, as the codec
         gives them back: what that layer reads at those slots until its next write."""
@@ -101,8 +107,9 @@ class PagedKVCache:
         if self.merged(layer) and self.spec.layers[layer].member == 1:
             self._merge_write(layer, slots, k, v)
             return
-        self.codec.write(kp, self.key_slots(slots), k)
-        self.vcodec.write(vp, slots, v)
+        if not (self._plain and elementwise.kv_write(k, v, slots, kp[0], vp[0])):
+            self.codec.write(kp, self.key_slots(slots), k)
+            self.vcodec.write(vp, slots, v)
         if self.merged(layer):  # the slots hold this layer's raw rows; later slots of the block are stale
             st = self.state[self.storage(layer)]
             bs = self.block_size

@@ -29,12 +29,16 @@ DTYPES = {
 
 
 def mmap_large_blocks(loading: bool) -> None:
-    """Set glibc's mmap threshold (``mallopt(M_MMAP_THRESHOLD)``). ``loading=True``: 256 KiB, so
-    the many converted / de-quantized temporaries of a load are unmapped as soon as they are freed
-    instead of fragmenting the heap (int4 SmolLM2-135M: load peak 674 -> 529 MiB, steady 444 ->
-    429 MiB; ``docs/results/raw/rss_phases.py``). ``False``: 32 MiB, the ceiling of glibc's own
-    dynamic threshold, where a process that has freed large tensors ends up anyway (activations
-    keep reusing heap pages; setting a value turns the dynamic rule off). A no-op off glibc."""
+    """Set glibc's mmap threshold (``mallopt(M_MMAP_THRESHOLD)``) and heap trim threshold
+    (``M_TRIM_THRESHOLD``). ``loading=True``: 256 KiB and glibc's default 128 KiB, so the many
+    converted / de-quantized temporaries of a load are unmapped as soon as they are freed instead
+    of fragmenting the heap (int4 SmolLM2-135M: load peak 674 -> 529 MiB, steady 444 -> 429 MiB;
+    ``docs/results/raw/rss_phases.py``). ``False``: 32 MiB and 64 MiB, where glibc's own dynamic
+    rule ends up in a process that has freed large tensors (setting a value turns that rule off,
+    so both are set): activations keep reusing heap pages. With the trim threshold left at 128
+    KiB, every freed activation at the top of the heap went back to the OS and the next step
+    faulted it in again: a bf16 prefill of 15.7k tokens took 557k page faults instead of 13k,
+    1.33x its CPU time (docs/benchmarks.md, "session 13: prefill steps"). A no-op off glibc."""
     import ctypes
     import ctypes.util
     import sys
@@ -42,7 +46,9 @@ def mmap_large_blocks(loading: bool) -> None:
     if not sys.platform.startswith("linux"):
         return
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-3, (256 << 10) if loading else (32 << 20))
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, (256 << 10) if loading else (32 << 20))  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, (128 << 10) if loading else (64 << 20))  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass
 
