@@ -19,7 +19,8 @@ from slimlm.eval.needle import build_prompt, filler_ids
 torch.set_num_threads(1)
 MODEL, LENGTH, NEW = "smollm2-135m-instruct", 2048, 8
 policies = [ast.literal_eval(a) for a in sys.argv[1:]] or [{"budget": 0.5}]
-configs = [("fp32 KV", {"kv_cache_dtype": "float32"}), ("bf16 KV (the model dtype)", {}), ("int4", {"kv_cache_dtype": "int4"})]
+configs = [("fp32 KV", {"kv_cache_dtype": "float32"}), ("bf16 KV (the model dtype)", {}),
+           ("int4", {"kv_cache_dtype": "int4"})]
 configs += [(f"int4 + h2o {p}", {"kv_cache_dtype": "int4", "kv_policy": "h2o", "kv_policy_args": p}) for p in policies]
 rows = []
 for name, kw in configs:
@@ -32,7 +33,8 @@ for name, kw in configs:
     rows.append((name, eng.bytes_per_block, out.metrics.kv_peak_bytes, prompt_step))
 fp32, bf16 = rows[0][2], rows[1][2]
 print(f"passkey prompt of {LENGTH} tokens + {NEW} generated, block size {bs}")
-print("| config | bytes per block | kv_peak_bytes (after each step) | vs bf16 | vs fp32 | prompt step holds | vs bf16 |")
+print("| config | bytes per block | kv_peak_bytes (after each step) | vs bf16 | vs fp32 | prompt step holds "
+      "| vs bf16 |")
 print("|---|---|---|---|---|---|---|")
 for name, bpb, peak, step in rows:
     print(f"| {name} | {bpb:,} | {peak:,} | {bf16 / peak:.2f}x | {fp32 / peak:.2f}x | {step:,} | {bf16 / step:.2f}x |")
