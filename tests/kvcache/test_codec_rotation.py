@@ -131,13 +131,14 @@ def head64(tmp_path_factory):
     return load(path)
 
 
+@pytest.mark.parametrize("extra", [{}, {"window": 16, "pool": 3}])
 @pytest.mark.parametrize("native", [True, False])
-def test_h2o_with_rotated_int4_equals_dense_h2o(head64, native):
+def test_h2o_with_rotated_int4_equals_dense_h2o(head64, native, extra):
     """Head size 64: decode reads the rotated int4 pool in place (rotated query, rotated-back
     output) and accumulates H2O's attention mass there; the token choices and the greedy output
     equal a dense H2O over the same quantized keys and values, fed the same chunks."""
     prompts = [(p * 3)[:120] for p in make_prompts(3, seed=21)]
-    args = {"budget": 0.3, "min_tokens": 16}
+    args = {"budget": 0.3, "min_tokens": 16, **extra}  # extra: SnapKV's window scores, read from the int4 pool
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     llm = LLM(head64, kv_policy="h2o", kv_policy_args=args, kv_cache_dtype="int4", block_size=8,
               max_num_batched_tokens=32, native_kernels=native)

@@ -34,6 +34,16 @@ def test_select_keeps_recent_window_and_heaviest_per_head():
     assert torch.equal(shared[0, 0], shared[0, 1]) and shared[0, 0].tolist() == [1, 4, 7, 9, 10, 11]
 
 
+def test_pool_keeps_the_neighbours_of_a_chosen_key():
+    mass = torch.zeros(1, 1, 12)
+    mass[0, 0, 4] = 10.0
+    mass[0, 0, 8] = 1.0
+    plain = H2OPolicy(budget=3, recent_ratio=0.0, min_tokens=1).select(mass, 12, 3)[0, 0].tolist()
+    assert 4 in plain and 8 in plain
+    keep = H2OPolicy(budget=3, recent_ratio=0.0, min_tokens=1, pool=3).select(mass, 12, 3)
+    assert keep[0, 0].tolist() == [3, 4, 5]
+
+
 def test_budget_fraction_and_count():
     assert H2OPolicy(budget=0.2, min_tokens=8).budget(100) == 20
     assert H2OPolicy(budget=0.2, min_tokens=32).budget(100) == 32
@@ -43,7 +53,9 @@ def test_budget_fraction_and_count():
 
 @pytest.mark.parametrize("args,msg", [({"budget": 0.0}, "in \\(0, 1\\]"), ({"budget": 1.5}, "in \\(0, 1\\]"),
                                       ({"budget": 8}, "below min_tokens"), ({"budget": "x"}, "fraction"),
-                                      ({"recent_ratio": 2}, "recent_ratio")])
+                                      ({"recent_ratio": 2}, "recent_ratio"), ({"window": -1}, "window"),
+                                      ({"window": 1.5}, "window"), ({"pool": 2}, "odd"), ({"pool": 0}, "odd"),
+                                      ({"window": 8, "score": "mean"}, "score=sum")])
 def test_bad_arguments_are_refused(tiny, args, msg):
     with pytest.raises((ValueError, SlimLMError), match=msg):
         LLM(tiny, kv_policy="h2o", kv_policy_args=args)
@@ -54,7 +66,8 @@ class DenseH2O:
     explicit softmax, compaction by the policy after every chunk: H2O as the paper writes it,
     fed the same chunks the engine scheduled. Its schedule: with ``schedule="prompt"`` the first
     compaction waits for the prompt's last chunk; ``score="mean"`` divides each key's mass by
-    the queries that saw it (positions kept beside K/V)."""
+    the queries that saw it (positions kept beside K/V); ``window=W``: the chunk that completes
+    the prompt sets every key's mass to the attention of its last W queries."""
 
     def __init__(self, lm, policy, block_size, prompt_len):
         self.lm, self.policy, self.bs, self.prompt_len = lm, policy, block_size, prompt_len
@@ -93,7 +106,11 @@ class DenseH2O:
             s = (q @ K.repeat_interleave(G, 0).transpose(-1, -2)) * m.attn_scale  # (Hq, T, S)
             p = s.masked_fill(~mask, float("-inf")).softmax(-1)
             out = p @ V.repeat_interleave(G, 0)  # (Hq, T, d)
-            self.M[i] = torch.cat([self.M[i], torch.zeros(K.shape[0], T)], 1) + p.view(-1, G, T, S).sum((1, 2))
+            W = min(getattr(self.policy, "window", 0), T) if self.seen < self.prompt_len <= self.seen + T else 0
+            if W:  # the chunk completes the prompt: its last W queries' attention is every key's score
+                self.M[i] = p.view(-1, G, T, S)[:, :, -W:].sum((1, 2))
+            else:
+                self.M[i] = torch.cat([self.M[i], torch.zeros(K.shape[0], T)], 1) + p.view(-1, G, T, S).sum((1, 2))
             self.K[i], self.V[i] = K, V
             self.P[i] = torch.cat([self.P[i], pos[0].expand(K.shape[0], T)], 1)
             h = h + att.o_proj(out.transpose(0, 1).reshape(1, T, -1))
@@ -158,7 +175,11 @@ def engine_chunks(llm, prompts, params):
     (dict(max_num_batched_tokens=512, block_size=8, native_kernels=False), {}),
     (dict(max_num_batched_tokens=32, block_size=8), {"score": "mean"}),
     (dict(max_num_batched_tokens=16, block_size=8), {"schedule": "online"}),
-    (dict(max_num_batched_tokens=64, block_size=16), {"schedule": "online", "score": "mean"})])
+    (dict(max_num_batched_tokens=64, block_size=16), {"schedule": "online", "score": "mean"}),
+    (dict(max_num_batched_tokens=64, block_size=8), {"window": 8, "recent_ratio": 0.2}),
+    (dict(max_num_batched_tokens=16, block_size=8), {"window": 32, "pool": 3}),
+    (dict(max_num_batched_tokens=512, block_size=8, native_kernels=False), {"window": 16, "pool": 5}),
+    (dict(max_num_batched_tokens=32, block_size=8), {"window": 8, "schedule": "online"})])
 def test_engine_equals_dense_h2o_on_the_same_chunks(tiny, settings, schedule):
     prompts = [(p * 3)[:200] for p in make_prompts(5, seed=12)]  # 60-200 tokens
     args = {"budget": 0.3, "min_tokens": 16, **schedule}
@@ -190,6 +211,28 @@ def test_memory_is_given_back(tiny):
     assert peak <= len(prompts) * bound < peak_full
     assert max(o.metrics.kv_peak_bytes for o in outs) <= bound * h2o.engine.bytes_per_block
     assert h2o.engine.stats["kv_peak_bytes"] == peak * h2o.engine.bytes_per_block
+
+
+@pytest.mark.parametrize("codec", ["auto", "int4"])
+def test_kv_bytes_held_multiply_codec_and_budget(tiny, codec):
+    """int4 + H2O compose in the byte accounting: a block costs the codec's bytes whatever the
+    policy (``KVCacheSpec.bytes_per_block``), and each request's peak (``kv_peak_bytes``, counted
+    after each step's compaction) is at most its budget + slack + the step's token, in blocks of
+    those bytes: the two savings multiply (each prompt is read in one step here; one read over
+    several steps is held whole until its last, ``test_prompt_schedule_holds_the_prompt_then_the_budget``)."""
+    prompts = [(p * 4)[:200] for p in make_prompts(3, seed=13)]
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    kw = dict(kv_cache_dtype=codec, block_size=8, max_num_batched_tokens=1024)
+    plain = LLM(tiny, **kw).engine
+    llm = LLM(tiny, kv_policy="h2o", kv_policy_args={"budget": 0.25, "min_tokens": 16, "window": 8}, **kw)
+    eng = llm.engine
+    assert eng.bytes_per_block == plain.bytes_per_block == eng.spec.bytes_per_block(8)
+    outs, _, peak = engine_chunks(llm, prompts, params)
+    assert eng.stats["kv_peak_bytes"] == peak * eng.bytes_per_block
+    for o, p in zip(outs, prompts):
+        held = -(-(eng.policy.budget(len(p) + 20) + eng.policy.slack(8) + 1) // 8)
+        assert 0 < o.metrics.kv_peak_bytes <= held * eng.bytes_per_block
+        assert o.metrics.kv_peak_bytes * 3 < -(-(len(p) + 20) // 8) * plain.bytes_per_block
 
 
 def test_prompt_schedule_holds_the_prompt_then_the_budget(tiny):
@@ -281,3 +324,32 @@ def test_native_prefill_accumulates_mass_at_head_size_64(tmp_path, kv_dtype):
             ref.store = lambda k, v: (roundtrip(codecs[0], k.transpose(0, 1)).transpose(0, 1),  # noqa: E731
                                       roundtrip(codecs[1], v.transpose(0, 1)).transpose(0, 1))
         assert_reference_follows(ref, prompt, log[sid], out)
+
+
+def test_window_scores_are_the_last_queries_attention(tiny):
+    """``window=W``: at the first compaction each key's score is the attention the prompt's last
+    W queries gave it (the dense computation on the same chunks), not the whole prompt's mass
+    (int4 pools with the native kernels: ``test_h2o_with_rotated_int4_equals_dense_h2o``)."""
+    prompt = (make_prompts(1, seed=12)[0] * 3)[:200]
+    args = {"budget": 0.3, "min_tokens": 16, "window": 12}
+    llm = LLM(tiny, kv_policy="h2o", kv_policy_args=args, block_size=8, max_num_batched_tokens=128)
+    pol, seen = llm.engine.policy, []
+    real = pol.select_seq
+
+    def spy(seq_id, mass, *rest):
+        seen.append(mass.clone())
+        return real(seq_id, mass, *rest)
+
+    pol.select_seq = spy
+    # 2 tokens: the sequence still runs after its prompt's step, so it is compacted there
+    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), use_tqdm=False)
+    masses = {}
+    for w in (12, 0):
+        ref = DenseH2O(tiny, H2OPolicy(budget=1.0, window=w), 8, len(prompt))  # budget 1: no compaction
+        ref.chunk(prompt[:128])
+        ref.chunk(prompt[128:])
+        masses[w] = torch.stack(ref.M)  # (L, H, S)
+    assert seen and seen[0].shape == masses[12].shape
+    assert torch.allclose(seen[0], masses[12], atol=1e-4, rtol=1e-3)
+    assert not torch.allclose(seen[0], masses[0], atol=1e-2)
+    assert float(masses[12].sum()) == pytest.approx(12 * tiny.model.cfg.num_heads * tiny.model.cfg.num_layers, rel=1e-4)

@@ -136,7 +136,7 @@ class LLMEngine:
         sparse_lib = sparse_prefill.native_library(sparse_pf, self.cache, cfg.head_dim, config.native_kernels)
         dca_lib = dca_native_library(dca, self.cache, cfg.head_dim, config.native_kernels)  # DCA's key ranges
         paths = replace(paths, dual_chunk=dca, sparse_prefill=sparse_pf, sparse_prefill_native=sparse_lib,
-                        dca_native=dca_lib)
+                        dca_native=dca_lib, observe_window=getattr(self.policy, "observe_window", 0) if track else 0)
         self.runner = ModelRunner(self.model, self.cache, paths, self.hooks, self.rope_ext)
         self.runner.batch_invariant = config.batch_invariant
         if self.proposer is not None:

@@ -142,6 +142,9 @@ class PrefillSegment:
     """(first, end) query rows of each block and how many keys it needs (a prefix of the keys)."""
     allow: torch.Tensor | None = None
     """(T, S) bool: pairs a set-based prompt allows (``engine/segments.py``), ANDed with causality."""
+    observe: bool = False
+    """The chunk completes its prompt and the token policy observes a window of its last queries
+    (``AttentionPaths.observe_window``)."""
 
     def __post_init__(self) -> None:
         if self.parts is None:
@@ -213,6 +216,9 @@ class AttentionPaths:
     dca_native: object | None = None
     """The loaded ``paged_prefill`` library when DCA's prefill chunks run on its key-range entry
     (``rope_extension.dca_native_library``), or None: ``dca_attention``'s PyTorch ranges."""
+    observe_window: int = 0
+    """A token policy's observation window (H2O's ``window``): the attention a prompt's last this
+    many queries give each stored key replaces its mass when the prompt completes (0: off)."""
 
     @classmethod
     def choose(cls, cache: PagedKVCache, head_dim: int, span: AttentionSpan, track_mass: bool,
@@ -379,9 +385,33 @@ class PagedAttention:
             out.index_copy_(0, g.rows, o[:, :, 0])
         for p in prefills:
             self._prefill(layer, p, q_full, k, v, out, window)
+            if p.observe and q_rows is None:
+                self._observe(layer, p, q_full, k)
         if q_rows is not None:
             out = out.index_select(0, q_rows)
         return out.transpose(0, 1)[None]  # (1, Hq, R, d)
+
+    def _observe(self, layer: int, p: PrefillSegment, q_full: torch.Tensor, k: torch.Tensor) -> None:
+        """The chunk completes its prompt: the attention its last ``observe_window`` queries give
+        each stored key (summed over those queries and the query heads of its KV head, float32)
+        replaces the key's accumulated mass; later queries add to it as before."""
+        bs, W = self.cache.block_size, min(self.paths.observe_window, p.q_pos.shape[1])
+        qw = q_full[p.rows][-W:].float()  # (W, Hq, d)
+        if p.blocks is None:  # the chunk is all its context: its own new keys
+            kr = p.key_rows or p.rows
+            ks, slots = k[0, :, kr].float(), self.slots[kr]  # (Hkv, S, d), (S,)
+        else:
+            n, hkv, d = p.blocks.numel(), k.shape[1], k.shape[3]
+            ks = self.cache.gather("k", layer, p.blocks).view(n * bs, hkv, d).transpose(0, 1).float()
+            slots = (p.blocks[:, None] * bs + torch.arange(bs, device=p.blocks.device)).flatten()
+        Hkv, S, d = ks.shape
+        G = qw.shape[1] // Hkv
+        kpos, qpos = p.k_pos[0], p.q_pos[0, -W:]
+        s = (qw.transpose(0, 1).reshape(Hkv, G * W, d) @ ks.transpose(1, 2)).view(Hkv, G, W, S) * self.scale
+        seen = (kpos[None] <= qpos[:, None]) & (kpos[None] >= 0)  # (W, S)
+        m = s.masked_fill(~seen, float("-inf")).softmax(-1).sum((1, 2))  # (Hkv, S)
+        valid = kpos >= 0
+        self.cache.mass[layer].view(-1, Hkv).index_copy_(0, slots[valid], m.T[valid].contiguous())
 
     def _merged_decode(self, lib, layer: int, table: DecodeTable, q_full: torch.Tensor) -> torch.Tensor:
         """The native decode kernel for a layer of a merged storage (MiniCache): the step's blocks

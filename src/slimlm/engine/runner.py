@@ -120,7 +120,8 @@ class ModelRunner:
             logit_rows += range(row + T - c.num_logits, row + T)
             segments.append(Segment(c.seq_id, row, row + T, not c.tree_parents and p[-1] < c.prompt_len, c.prompt_len,
                                     c.block_table))
-            if T == 1 and not (c.layout is not None and c.layout.in_set(c.start, 1)):
+            observed = self.paths.observe_window > 0 and c.start + 1 == c.prompt_len  # a 1-token last chunk
+            if T == 1 and not (c.layout is not None and c.layout.in_set(c.start, 1)) and not observed:
                 decodes.append((row, c.kv_start, *kept_blocks(c.block_table, c.kv_start + 1, bs)))
                 single += 1
             elif c.tree_rows is not None:  # each node a decode row over its ancestors (spec/tree_rows.py)
@@ -192,15 +193,16 @@ class ModelRunner:
         native = self.paths.native_prefill is not None or self.paths.sparse_prefill_native is not None \
             or self.paths.dca_native is not None
         table = self._tensor(phys) if native and all_kept and tree is None and not sets else None
+        observe = self.paths.observe_window > 0 and tree is None and c.start < c.prompt_len <= c.start + T
         if c.kv_start == 0 and self.paths.span.window is None and tree is None and self.cache.lossless:
             # the chunk is its whole context: its own new keys (a lossy codec reads them back
             # through the cache, so every chunking sees the same stored keys)
             allow = set_allow_mask(c.layout, q[0], q[0]) if sets else None
-            return PrefillSegment(slice(row, row + T), q, None, q, table=table, allow=allow)
+            return PrefillSegment(slice(row, row + T), q, None, q, table=table, allow=allow, observe=observe)
         k_pos = self._kpos([logical])
         allow = set_allow_mask(c.layout, q[0], k_pos[0]) if sets else None
         return PrefillSegment(slice(row, row + T), q, self._tensor(phys), k_pos, table=table,
-                              tree=tree, kv_start=c.kv_start, allow=allow)
+                              tree=tree, kv_start=c.kv_start, allow=allow, observe=observe)
 
     def _kpos(self, logical: list[list[int]]) -> torch.Tensor:
         """Key storage indices (B, nb * block_size) of padded logical block lists (-1 = padding)."""

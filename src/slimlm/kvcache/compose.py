@@ -2,7 +2,10 @@
 refused with one line, never silently ignored.
 
 Supported (tested in tests/engine/test_kv_policy.py): every ``kv_cache_dtype`` (plain, int8,
-int4) with every KV policy (sink, h2o, minicache, squeezed, shadowkv); prefix caching and
+int4) with every KV policy (sink, h2o, minicache, squeezed, shadowkv; int4 + h2o, its window
+scores included, against a dense reference in tests/kvcache/test_codec_rotation.py, and its bytes
+held, codec x budget, in tests/kvcache/test_h2o.py); one ``kv_policy`` per engine (h2o and
+minicache do not stack); prefix caching and
 preemption with all of them (token policies switch prefix caching off: a compacted block no
 longer holds its prefix; query policies share their prefix summaries through it).
 Refused: token policies on sliding-window models (checked in the engine), merged layers

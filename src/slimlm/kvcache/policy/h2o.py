@@ -35,11 +35,28 @@ What a key's score is (``score``):
   minus its own position), the average attention it received, as kvpress's
   ObservedAttentionPress scores; the policy keeps each stored key's position per sequence
   to know that count after compactions.
+
+Which queries score a prompt key (``window``, SnapKV's observation window; Li et al., 2024):
+
+- ``0`` (default): every query since the key was written (H2O), the whole prompt included.
+- ``W > 0``: once the chunk that completes the prompt is computed, each stored key's score
+  becomes the attention the prompt's last ``W`` queries gave it (the question at the end of a
+  prompt is in that window; all of the chunk's queries if the chunk is shorter), summed over the
+  query heads of its KV head; every later (decode) query adds its attention as in H2O. The
+  attention paths compute the window's scores (``PagedAttention``'s observation step) and they
+  replace the accumulated mass in the cache, so compaction, forks and preemption carry them as
+  they carry H2O's mass. Only with ``score="sum"`` (a mean over "observing queries" has no
+  meaning once most of them are dropped from the score).
+
+``pool`` (odd, 1 = off): before choosing, each key's score becomes the largest score of the
+``pool`` stored keys centred on it (SnapKV's pooling: a chosen token keeps its neighbours, so a
+kept fact keeps the tokens that spell it).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from slimlm.kvcache.policy.base import KV_POLICIES, KVPolicy
 
@@ -53,14 +70,17 @@ class H2OPolicy(KVPolicy):
     observe_attention = True
 
     def __init__(self, budget: float | int = 0.2, recent_ratio: float = 0.5, per_head: bool = True,
-                 min_tokens: int = 32, block_slack: int = 1, schedule: str = "prompt", score: str = "sum"):
+                 min_tokens: int = 32, block_slack: int = 1, schedule: str = "prompt", score: str = "sum",
+                 window: int = 0, pool: int = 1):
         """``budget``: tokens kept, a fraction (0, 1] of the sequence's tokens or a count (H2O's
         headline setting is 20 %); ``recent_ratio``: share of the budget given to the newest
         tokens (H2O splits half/half); ``per_head``: heavy hitters per KV head (H2O) or once per
         layer; ``min_tokens``: never compact below this; ``block_slack``: blocks stored beyond the
         budget before compacting (amortizes the compaction); ``schedule``: "prompt" (first
         eviction once the prompt is read) or "online" (after every chunk); ``score``: "sum"
-        (accumulated mass) or "mean" (mass per observing query)."""
+        (accumulated mass) or "mean" (mass per observing query); ``window``: score prompt keys by
+        the prompt's last ``window`` queries (0: by all of them); ``pool``: max-pool scores over
+        this many neighbouring keys (1: off)."""
         if isinstance(budget, bool) or not isinstance(budget, (int, float)):
             raise ValueError(f"h2o budget must be a fraction in (0, 1] or a token count, got {budget!r}")
         if isinstance(budget, float) and not 0.0 < budget <= 1.0:
@@ -78,14 +98,26 @@ class H2OPolicy(KVPolicy):
             raise ValueError(f"h2o schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
         if score not in SCORES:
             raise ValueError(f"h2o score must be one of {', '.join(SCORES)}, got {score!r}")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+            raise ValueError(f"h2o window must be a query count >= 0 (0: off), got {window!r}")
+        if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1 or pool % 2 == 0:
+            raise ValueError(f"h2o pool must be an odd key count >= 1 (1: off), got {pool!r}")
+        if window and score != "sum":
+            raise ValueError("h2o window scores keys by the window's summed attention: use it with score=sum")
         self.budget_, self.recent_ratio, self.per_head = budget, recent_ratio, per_head
         self.min_tokens, self.block_slack = min_tokens, block_slack
         self.schedule, self.score = schedule, score
+        self.window, self.pool = window, pool
         self._pos: dict[int, tuple[torch.Tensor, int]] = {}  # seq -> (kept keys' positions (L, H, K), seen then)
 
     def __repr__(self) -> str:
         return (f"H2OPolicy(budget={self.budget_}, recent_ratio={self.recent_ratio}, per_head={self.per_head}, "
-                f"schedule={self.schedule!r}, score={self.score!r})")
+                f"schedule={self.schedule!r}, score={self.score!r}, window={self.window}, pool={self.pool})")
+
+    @property
+    def observe_window(self) -> int:
+        """Queries at the end of a prompt whose attention replaces its keys' mass (0: none)."""
+        return self.window
 
     def budget(self, num_tokens: int) -> int:
         b = self.budget_
@@ -128,6 +160,8 @@ class H2OPolicy(KVPolicy):
     def select(self, mass: torch.Tensor | None, num_stored: int, keep: int) -> torch.Tensor:
         assert mass is not None  # (L, H, S)
         L, H, S = mass.shape
+        if self.pool > 1:  # (L, H, S): each key scores the largest score around it
+            mass = F.max_pool1d(mass.reshape(L * H, 1, S), self.pool, 1, self.pool // 2).view(L, H, S)
         recent = min(keep, int(round(keep * self.recent_ratio)))
         heavy = keep - recent
         old = mass[..., : S - recent]  # candidates for heavy hitters
