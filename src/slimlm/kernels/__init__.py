@@ -36,6 +36,7 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
         "slimlm_kv_quantize": (_INT, (_PTR, _PTR, _I64, _I64, _I64, _INT, _PTR, _PTR, _PTR)),
         # x, mu, rot, slots, T, H, d, code, data, aux, aux2: offset, Hadamard and quantize in one call
         "slimlm_kv_fwht": (_INT, (_PTR, _I64, _I64)),  # x (n, d) float32 rotated in place
+        "slimlm_decode_amx": (_INT, ()),  # 1: bf16 pools run on AMX tiles now (SLIMLM_AMX=0: 0)
         "slimlm_kv_encode": (_INT, (_PTR, _PTR, _INT, _PTR, _I64, _I64, _I64, _INT, _PTR, _PTR, _PTR)),
     },
     "paged_prefill": {
@@ -135,7 +136,7 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
 
 INCLUDES: dict[str, list[str]] = {"decode_layer": ["qlinear.c", "paged_decode.c", "kv_pool.h", "dense_linear.c",
                                                    "simd_math.h", "amx.h"],
-                                  "paged_decode": ["kv_pool.h", "simd_math.h"], "paged_prefill": ["kv_pool.h", "simd_math.h", "amx.h"],
+                                  "paged_decode": ["kv_pool.h", "simd_math.h", "amx.h"], "paged_prefill": ["kv_pool.h", "simd_math.h", "amx.h"],
                                   "sparse_decode": ["kv_pool.h", "sparse_select.h"], "sparse_prefill": ["kv_pool.h", "simd_math.h"],
                                   "gemm": ["kv_pool.h"], "elementwise": ["kv_pool.h", "simd_math.h"]}
 """Kernel files another one ``#include``s (part of its build key, so editing them rebuilds it)."""

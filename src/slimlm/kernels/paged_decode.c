@@ -24,7 +24,9 @@
  * with AVX512-BF16 and a bf16 pool (head size a multiple of 32) the scores use bf16 dot
  * products on the keys as stored, the query split into two bf16 parts; int8 / int4 pools are
  * decoded in registers (``decode_quant_avx512``); otherwise a portable loop over a converted
- * row buffer serves.
+ * row buffer serves. On CPUs with AMX (amx.h: SLIMLM_AMX built, amx_ready(); ``SLIMLM_AMX=0`` says
+ * no) bfloat16 pools with head size a multiple of 32 (up to 128), blocks a multiple of 16 keys and
+ * at most 8 query heads per KV head take ``decode_rows_amx`` instead: both products on AMX tiles.
  */
 #include <math.h>
 #include <stdint.h>
@@ -33,6 +35,7 @@
 
 #include "kv_pool.h"
 #include "simd_math.h"
+#include "amx.h"
 
 /* Prefetch part k of np (its lines k/np .. (k+1)/np) of the block after the one at t0: blocks sit
  * anywhere in the pool, so the hardware sees each as a new stream. Spread over the np KV heads'
@@ -298,6 +301,134 @@ static inline AI void decode_rows_avx512(const float *qb, const void *k_pool, co
     if (paired) repair(acc, ob, Hq, D, 0);
 }
 #endif
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(SLIMLM_AMX)
+#define SLIMLM_DECODE_AMX 1
+/* bfloat16 pools with AMX (amx.h; taken when amx_ready(), so SLIMLM_AMX=0 keeps
+ * decode_rows_avx512): the scores as tile products (TDPBF16PS), the values as decode_rows_avx512
+ * sums them. Per 16 keys (one block's rows; blocks in order, every KV head g in turn, as the AVX-512
+ * path walks them, with its prefetch): C (16 keys x 16) = K (16 keys x 32 channels: the pool's rows
+ * of head g read in place, W apart) . Q (per pair of channels, g's G <= 8 query heads' bf16 hi parts
+ * in columns 0 .. G-1 and lo parts in G .. 2G-1, built once per row: 16 significant bits, as the
+ * AVX-512 path's split); a head's score is its hi column plus its lo column, gathered from the
+ * stored C tile. Where decode_rows_avx512 spends 4 dot-product instructions per key and head (64
+ * channels, hi + lo) and a 16-key reduction, the tiles take 2 tile products per 16 keys and KV head
+ * for all its heads. The scores are the AVX-512 path's products summed in the tiles' order; the
+ * values' arithmetic is that path's. A row's arithmetic is its own (its own tiles and columns), so
+ * its output is the same alone or in any batch. Needs head size a multiple of 32 up to 128, blocks a
+ * multiple of 16 keys (a tile's 16 key rows lie in one block: rows past the length are read and
+ * their scores dropped), at most 8 query heads per KV head.
+ * Tried first (not kept): the values on tiles too (the probabilities as bf16 hi + lo rows, 32 keys'
+ * values re-laid per call as key pairs) with each KV head walking all blocks in turn: 1.11x the
+ * AVX-512 path with the pool in cache, 0.82-0.97x out of cache (docs/benchmarks.md, session 13). */
+#define AMX_MAXG 8
+
+typedef struct {
+    uint32_t *qt;  /* Hkv * (D / 32) tiles of 16 channel pairs x 16 columns: the queries (scores' B) */
+    uint16_t *qx;  /* the queries' bf16 hi parts (Hq D), then lo parts */
+    float *c;      /* four stored C tiles (4 x 256), one per KV head in turn */
+} amx_rows_t;
+
+static int decode_amx_ok(int dtype, int64_t Hq, int64_t Hkv, int64_t D, int64_t block_size) {
+    return dtype == 1 && D % 32 == 0 && D <= 128 && block_size % 16 == 0 && Hq / Hkv <= AMX_MAXG && amx_ready();
+}
+
+/* One thread's scratch; 1 when out of memory. */
+static int amx_rows_init(amx_rows_t *a, int64_t Hq, int64_t Hkv, int64_t D) {
+    const size_t nqt = (size_t)(Hkv * (D / 32) * 256);
+    memset(a, 0, sizeof *a);
+    char *m = (char *)malloc(nqt * 4 + 1024 * 4 + (size_t)(2 * Hq * D) * 2);
+    if (!m) return 1;
+    a->qt = (uint32_t *)m;
+    a->c = (float *)(m + nqt * 4);
+    a->qx = (uint16_t *)(m + nqt * 4 + 4096);
+    return 0;
+}
+
+static inline AI void decode_rows_amx(const float *qb, const uint16_t *k_pool, const uint16_t *v_pool,
+                                      const int64_t *tb, int64_t L, float *ob, float *s, float *qx, amx_rows_t *a,
+                                      const int use_lo, int64_t Hq, int64_t Hkv, const int64_t D, int64_t bs,
+                                      float scale) {
+    const int64_t G = Hq / Hkv, W = Hkv * D, NC = D / 32, QN = D <= 64 ? QG : 2;
+    uint16_t *qh = a->qx, *ql = a->qx + Hq * D;
+    for (int64_t c = 0; c < Hq * D; c += 16) { /* the queries' hi and lo bf16 parts */
+        const __m512 x = _mm512_loadu_ps(qb + c);
+        const __m256bh xh = _mm512_cvtneps_pbh(x);
+        const __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)xh), 16));
+        _mm256_storeu_si256((__m256i *)(qh + c), (__m256i)xh);
+        _mm256_storeu_si256((__m256i *)(ql + c), (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(x, back)));
+    }
+    memset(a->qt, 0, (size_t)(Hkv * NC * 256) * 4);
+    for (int64_t h = 0; h < Hq; ++h) {
+        const int64_t g = h / G, j = h % G;
+        const uint32_t *hi = (const uint32_t *)(qh + h * D), *lo = (const uint32_t *)(ql + h * D);
+        for (int64_t c = 0; c < NC; ++c) {
+            uint32_t *t = a->qt + (g * NC + c) * 256;
+            for (int p = 0; p < 16; ++p) {
+                t[p * 16 + j] = hi[16 * c + p];
+                t[p * 16 + G + j] = lo[16 * c + p];
+            }
+        }
+    }
+    const __m512i col = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32(16));
+    const __m512 vscale = _mm512_set1_ps(scale);
+    for (int64_t t0 = 0; t0 < L; t0 += 16) { /* scores: 16 keys (one block's rows) at a time, every KV head */
+        const int64_t n = L - t0 < 16 ? L - t0 : 16, base = (tb[t0 / bs] * bs + t0 % bs) * W;
+        const __mmask16 mk = (__mmask16)((1u << n) - 1);
+        for (int64_t g = 0; g < Hkv; ++g) {
+            if (t0 % bs == 0) prefetch_part(k_pool, 2, tb, t0, L, bs, W, g, Hkv);
+            const uint32_t *qg = a->qt + g * NC * 256;
+            const uint16_t *kr = k_pool + base + g * D;
+            _tile_zero(0);
+            _tile_loadd(2, qg, 64);
+            _tile_loadd(1, kr, W * 2);
+            _tile_dpbf16ps(0, 1, 2);
+            if (NC > 1) { _tile_loadd(4, qg + 256, 64); _tile_loadd(3, kr + 32, W * 2); _tile_dpbf16ps(0, 3, 4); }
+            if (NC > 2) { _tile_loadd(2, qg + 512, 64); _tile_loadd(1, kr + 64, W * 2); _tile_dpbf16ps(0, 1, 2); }
+            if (NC > 3) { _tile_loadd(4, qg + 768, 64); _tile_loadd(3, kr + 96, W * 2); _tile_dpbf16ps(0, 3, 4); }
+            float *cb = a->c + 256 * (g & 3); /* a store buffer per head in turn: the gathers need not wait on the next store */
+            _tile_stored(0, cb, 64);
+            for (int64_t j = 0; j < G; ++j) {
+                __m512 x = _mm512_i32gather_ps(col, cb + j, 4);
+                if (use_lo) x = _mm512_add_ps(x, _mm512_i32gather_ps(col, cb + G + j, 4));
+                _mm512_mask_storeu_ps(s + (g * G + j) * L + t0, mk, _mm512_mul_ps(vscale, x));
+            }
+        }
+    }
+    softmax_rows(s, Hq, L);
+    /* values: decode_rows_avx512's (bf16 rows widened in the paired channel order, fp32 FMAs) */
+    float *acc = qx;
+    memset(acc, 0, (size_t)(Hq * D) * sizeof(float));
+    for (int64_t t0 = 0; t0 < L; t0 += bs) {
+        const int64_t n = L - t0 < bs ? L - t0 : bs, base = tb[t0 / bs] * bs * W;
+        for (int64_t h0 = 0, hn = 0; h0 < Hq; h0 += hn) {
+            const int64_t g = h0 / G;
+            hn = (g + 1) * G - h0 < QN ? (g + 1) * G - h0 : QN;
+            if (h0 == g * G) prefetch_part(v_pool, 2, tb, t0, L, bs, W, g, Hkv);
+#define VALUE(HN) value_block(v_pool, base + g * D, n, W, s + h0 * L + t0, L, acc + h0 * D, 1, D, HN)
+            switch (hn) {
+            case 1: VALUE(1); break;
+            case 2: VALUE(2); break;
+            case 3: if (D <= 64) VALUE(3); break;
+            default: if (D <= 64) VALUE(4); break;
+            }
+#undef VALUE
+        }
+    }
+    repair(acc, ob, Hq, D, 0);
+}
+#endif
+
+/* 1 when this build and process run bfloat16 pools' decode on AMX tiles now (SLIMLM_AMX is read
+ * at each call), else 0: tests and benchmarks tell which path they measured. */
+int slimlm_decode_amx(void) {
+#ifdef SLIMLM_DECODE_AMX
+    return amx_ready();
+#else
+    return 0;
+#endif
+}
 
 /* One stored row (slot) of all Hkv heads as float32 (W = Hkv * d values). */
 static const float *load_row(const pool_t *p, int64_t slot, float *buf) {
@@ -607,6 +738,9 @@ int slimlm_paged_decode(const float *q, const void *k_pool, const void *v_pool, 
     const int64_t G = Hq / Hkv;
     int64_t next = 0;
     int failed = 0;
+#ifdef SLIMLM_DECODE_AMX
+    const int amx = decode_amx_ok(dtype, Hq, Hkv, d, block_size);
+#endif
 #pragma omp parallel num_threads(nthreads)
     {
         /* row: one converted row (portable loop) or the queries rearranged (decode_rows_avx512) */
@@ -614,6 +748,18 @@ int slimlm_paged_decode(const float *q, const void *k_pool, const void *v_pool, 
         int64_t cap = 0;
         float *s = NULL;
         if (!row) __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
+#ifdef SLIMLM_DECODE_AMX
+        amx_rows_t as;
+        if (amx) {
+            static const int tr[8] = {16, 16, 16, 16, 16, 16, 16, 16}, tc[8] = {64, 64, 64, 64, 64, 64, 64, 64};
+            amx_configure(8, tr, tc); /* per thread: the tile registers are */
+            if (amx_rows_init(&as, Hq, Hkv, d)) {
+                __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
+                free(row);
+                row = NULL;
+            }
+        }
+#endif
         while (row) {
             const int64_t b = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
             if (b >= B) break;
@@ -629,8 +775,21 @@ int slimlm_paged_decode(const float *q, const void *k_pool, const void *v_pool, 
             const float *qb = q + b * Hq * d;
             const int64_t *tb = table + b * max_blocks;
             int done = 0;
+#ifdef SLIMLM_DECODE_AMX
+            if (amx) {
+                int use_lo = 0; /* a query not exact in bf16: its lo parts' scores are added */
+                for (int64_t i = 0; i < Hq * d && !use_lo; ++i) {
+                    uint32_t u;
+                    memcpy(&u, qb + i, 4);
+                    use_lo = (u & 0xFFFFu) != 0;
+                }
+                if (d == 64) decode_rows_amx(qb, k_pool, v_pool, tb, L, ob, s, row, &as, use_lo, Hq, Hkv, 64, block_size, scale);
+                else decode_rows_amx(qb, k_pool, v_pool, tb, L, ob, s, row, &as, use_lo, Hq, Hkv, d, block_size, scale);
+                done = 1;
+            }
+#endif
 #ifdef __AVX512F__
-            if (d % 16 == 0 && d <= 128 && dtype <= 1) {
+            if (!done && d % 16 == 0 && d <= 128 && dtype <= 1) {
                 const int bdot = dtype == 1 && d % 32 == 0 && HAVE_BDOT;
                 int use_lo = 0; /* a query not exact in bf16 (low 16 bits of a float32 set) */
                 for (int64_t i = 0; bdot && i < Hq * d && !use_lo; ++i) {
@@ -642,7 +801,7 @@ int slimlm_paged_decode(const float *q, const void *k_pool, const void *v_pool, 
                 else { DECODE_ROWS(d) }
                 done = 1;
             }
-            else if (((dtype == 2 && d % 16 == 0) || (dtype >= 3 && d % 32 == 0)) && d >= 16 && d <= 128) {
+            else if (!done && ((dtype == 2 && d % 16 == 0) || (dtype >= 3 && d % 32 == 0)) && d >= 16 && d <= 128) {
                 if (d == 64) { DECODE_QUANT(64) } /* constant sizes: the accumulators stay in registers */
                 else { DECODE_QUANT(d) }
                 done = 1;
@@ -656,6 +815,12 @@ int slimlm_paged_decode(const float *q, const void *k_pool, const void *v_pool, 
                 }
             }
         }
+#ifdef SLIMLM_DECODE_AMX
+        if (amx) {
+            _tile_release();
+            free(as.qt);
+        }
+#endif
         free(s);
         free(row);
     }

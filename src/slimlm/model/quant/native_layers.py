@@ -39,7 +39,9 @@ widened to fp32, x unrounded); on a CPU with AMX the same products on AMX tiles 
 batch 1 and batch 64. The tiles read each weight as it lies (row-major W is the tile product's
 first operand; the step's few x rows are re-laid per call), so no packed copy is made and
 resident memory does not grow; 2-3x the AVX-512 loops' GFLOPS on 24-64-row steps, batch 1
-unchanged (docs/benchmarks.md, "session 12: AMX decode projections"). float32 models: identical greedy tokens, logits within 1e-4.
+unchanged (docs/benchmarks.md, "session 12: AMX decode projections"). Decode attention on a bf16 pool
+scores its keys on AMX tiles there too (``paged_decode.c``'s decode_rows_amx, batch-invariant alike;
+docs/benchmarks.md, "session 13: decode steps on the AMX machine"). float32 models: identical greedy tokens, logits within 1e-4.
 
 The C code holds raw pointers to the weights and pools, so this object keeps references to
 every tensor it points at; the model must not be modified while an engine serves it (as for
