@@ -17,18 +17,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from slimlm.model.dtype_auto import cpu_flags
 from slimlm.kernels.ops import native_decode
 
 from tests.kernels.test_paged_decode import _case, lib, reference_mass  # noqa: F401  (lib: fixture)
 
 
 def _cpu_has_amx() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "amx_tile" in flags and "amx_bf16" in flags
+    return {"amx_tile", "amx_bf16"} <= cpu_flags()
 
 
 @pytest.fixture()

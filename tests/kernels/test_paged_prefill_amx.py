@@ -20,6 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from slimlm.model.dtype_auto import cpu_flags
 from slimlm.kernels.ops import native_prefill, native_prefill_ex, native_prefill_range
 
 from tests.kernels.test_paged_prefill import lib, make_case, reference  # noqa: F401  (lib: fixture)
@@ -28,12 +29,7 @@ from tests.kernels.test_paged_prefill_range import reference as range_reference
 
 
 def _cpu_has_amx() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "amx_tile" in flags and "amx_bf16" in flags
+    return {"amx_tile", "amx_bf16"} <= cpu_flags()
 
 
 @pytest.fixture()
