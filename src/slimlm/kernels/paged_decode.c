@@ -230,6 +230,32 @@ static inline AI void value_block(const void *v_pool, const int64_t vh, const in
         for (int64_t j = 0; j < NC; ++j) _mm512_storeu_ps(acc + h * D + 16 * j, a[h][j]);
 }
 
+/* The values walk of one sequence's decode (the AVX-512 and the AMX score paths share it): every
+ * block's value rows, each loaded and widened once for the query heads of its KV head (up to QG at
+ * a time, 2 above head size 64), weighted by the probabilities s (Hq rows of L) into acc (Hq x D,
+ * zeroed by the caller). */
+static inline AI void values_pass(const void *v_pool, const int64_t *tb, const int64_t L, const int64_t block_size,
+                                  const int64_t W, const int64_t D, const int64_t Hq, const int64_t Hkv,
+                                  const int64_t G, const size_t elem, const int dtype, const float *s, float *acc) {
+    const int64_t QN = D <= 64 ? QG : 2;
+    for (int64_t t0 = 0; t0 < L; t0 += block_size) {
+        const int64_t n = L - t0 < block_size ? L - t0 : block_size, base = tb[t0 / block_size] * block_size * W;
+        for (int64_t h0 = 0, hn = 0; h0 < Hq; h0 += hn) {
+            const int64_t g = h0 / G;
+            hn = (g + 1) * G - h0 < QN ? (g + 1) * G - h0 : QN;
+            if (h0 == g * G) prefetch_part(v_pool, elem, tb, t0, L, block_size, W, g, Hkv);
+#define VALUE(HN) value_block(v_pool, base + g * D, n, W, s + h0 * L + t0, L, acc + h0 * D, dtype, D, HN)
+            switch (hn) {
+            case 1: VALUE(1); break;
+            case 2: VALUE(2); break;
+            case 3: if (D <= 64) VALUE(3); break;
+            default: if (D <= 64) VALUE(4); break;
+            }
+#undef VALUE
+        }
+    }
+}
+
 /* One sequence's decode over a float32 (dtype 0) or bfloat16 (dtype 1) pool, head size D (a
  * multiple of 16, at most 128), as two walks over its blocks (keys, then values), each block
  * read once: every key and value row is loaded (and widened) once and serves all the query
@@ -282,22 +308,7 @@ static inline AI void decode_rows_avx512(const float *qb, const void *k_pool, co
     softmax_rows(s, Hq, L);
     float *acc = paired ? qx : ob; /* paired: summed in the rows' channel order, put back at the end */
     memset(acc, 0, (size_t)(Hq * D) * sizeof(float));
-    for (int64_t t0 = 0; t0 < L; t0 += block_size) { /* values */
-        const int64_t n = L - t0 < block_size ? L - t0 : block_size, base = tb[t0 / block_size] * block_size * W;
-        for (int64_t h0 = 0, hn = 0; h0 < Hq; h0 += hn) {
-            const int64_t g = h0 / G;
-            hn = (g + 1) * G - h0 < QN ? (g + 1) * G - h0 : QN;
-            if (h0 == g * G) prefetch_part(v_pool, elem, tb, t0, L, block_size, W, g, Hkv);
-#define VALUE(HN) value_block(v_pool, base + g * D, n, W, s + h0 * L + t0, L, acc + h0 * D, dtype, D, HN)
-            switch (hn) {
-            case 1: VALUE(1); break;
-            case 2: VALUE(2); break;
-            case 3: if (D <= 64) VALUE(3); break;
-            default: if (D <= 64) VALUE(4); break;
-            }
-#undef VALUE
-        }
-    }
+    values_pass(v_pool, tb, L, block_size, W, D, Hq, Hkv, G, elem, dtype, s, acc);
     if (paired) repair(acc, ob, Hq, D, 0);
 }
 #endif
@@ -349,7 +360,7 @@ static inline AI void decode_rows_amx(const float *qb, const uint16_t *k_pool, c
                                       const int64_t *tb, int64_t L, float *ob, float *s, float *qx, amx_rows_t *a,
                                       const int use_lo, int64_t Hq, int64_t Hkv, const int64_t D, int64_t bs,
                                       float scale) {
-    const int64_t G = Hq / Hkv, W = Hkv * D, NC = D / 32, QN = D <= 64 ? QG : 2;
+    const int64_t G = Hq / Hkv, W = Hkv * D, NC = D / 32;
     uint16_t *qh = a->qx, *ql = a->qx + Hq * D;
     for (int64_t c = 0; c < Hq * D; c += 16) { /* the queries' hi and lo bf16 parts */
         const __m512 x = _mm512_loadu_ps(qb + c);
@@ -400,22 +411,7 @@ static inline AI void decode_rows_amx(const float *qb, const uint16_t *k_pool, c
     /* values: decode_rows_avx512's (bf16 rows widened in the paired channel order, fp32 FMAs) */
     float *acc = qx;
     memset(acc, 0, (size_t)(Hq * D) * sizeof(float));
-    for (int64_t t0 = 0; t0 < L; t0 += bs) {
-        const int64_t n = L - t0 < bs ? L - t0 : bs, base = tb[t0 / bs] * bs * W;
-        for (int64_t h0 = 0, hn = 0; h0 < Hq; h0 += hn) {
-            const int64_t g = h0 / G;
-            hn = (g + 1) * G - h0 < QN ? (g + 1) * G - h0 : QN;
-            if (h0 == g * G) prefetch_part(v_pool, 2, tb, t0, L, bs, W, g, Hkv);
-#define VALUE(HN) value_block(v_pool, base + g * D, n, W, s + h0 * L + t0, L, acc + h0 * D, 1, D, HN)
-            switch (hn) {
-            case 1: VALUE(1); break;
-            case 2: VALUE(2); break;
-            case 3: if (D <= 64) VALUE(3); break;
-            default: if (D <= 64) VALUE(4); break;
-            }
-#undef VALUE
-        }
-    }
+    values_pass(v_pool, tb, L, bs, W, D, Hq, Hkv, G, 2, 1, s, acc);
     repair(acc, ob, Hq, D, 0);
 }
 #endif
