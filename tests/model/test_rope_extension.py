@@ -116,11 +116,11 @@ def test_dca_auto_logit_scale_matches_a_dense_definition(tiny, mode, power):
         out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
         assert torch.allclose(torch.tensor(_lp(out)), ref, atol=2e-4), chunk
     assert out.outputs[0].token_ids == [int(logits[-1].argmax())]
-    # inside the trained context "auto" is the default exactly
+    # inside the trained context "auto" / "yarn" is no temperature (logit_scale 1) exactly
     short = ids[:200]
     sp = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
-    a = LLM(tiny, kv_cache_bytes="8M", rope_extension="dca", rope_extension_args=DCA).generate([short], sp,
-                                                                                            use_tqdm=False)[0]
+    a = LLM(tiny, kv_cache_bytes="8M", rope_extension="dca",
+            rope_extension_args={**DCA, "logit_scale": 1}).generate([short], sp, use_tqdm=False)[0]
     b = LLM(tiny, kv_cache_bytes="8M", rope_extension="dca", rope_extension_args=args).generate([short], sp,
                                                                                               use_tqdm=False)[0]
     assert _lp(a) == _lp(b)
@@ -150,9 +150,12 @@ def test_dca_defaults_are_chunkllamas(tiny):
     from slimlm.model.rope_extension import DualChunk, DualChunkExtension
 
     cfg = tiny.model.cfg  # trained to 256
-    assert DualChunkExtension(cfg).dual_chunk == DualChunk(192, 16)
-    assert DualChunkExtension(replace(cfg, max_position_embeddings=8192)).dual_chunk == DualChunk(6144, 512)
-    assert DualChunkExtension(cfg, chunk_size=20).dual_chunk == DualChunk(20, 10)
+    yarn = {"length_base": 256, "length_power": 2}  # the default temperature, logit_scale="yarn"
+    assert DualChunkExtension(cfg).dual_chunk == DualChunk(192, 16, **yarn)
+    assert DualChunkExtension(replace(cfg, max_position_embeddings=8192)).dual_chunk == DualChunk(
+        6144, 512, length_base=8192, length_power=2)
+    assert DualChunkExtension(cfg, chunk_size=20).dual_chunk == DualChunk(20, 10, **yarn)
+    assert DualChunkExtension(cfg, logit_scale=1).dual_chunk == DualChunk(192, 16)  # the old default, selectable
 
 
 def test_extensions_lift_the_context_check(tiny):

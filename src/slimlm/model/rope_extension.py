@@ -146,12 +146,14 @@ class DualChunkExtension(RopeExtension):
     """s; None = 3/4 of the trained context (ChunkLlama's choice)."""
     local_window: int | None = None
     """w; None = 1/16 of the trained context (ChunkLlama's default), at most s / 2."""
-    logit_scale: float | str = 1.0
-    """Multiplies attention logits (YaRN's temperature: (0.1 ln(L / trained) + 1)^2 for length L;
-    1 = off, and DCA below its chunk is then standard attention exactly). ``"auto"``: per query,
-    ``max(1, 0.1 ln(n / trained) + 1)`` with n the keys it sees (Qwen2.5-1M's factor, which its
-    DCA applies to every key of a sequence of n tokens): 1 inside the trained context. ``"yarn"``:
-    that factor squared (YaRN scales q and k by it), e.g. 1.1433 for a query at 16,384 of 8,192."""
+    logit_scale: float | str = "yarn"
+    """Multiplies attention logits. ``"yarn"`` (the default since issue 18's session 13; graded
+    on the 16k passkey grid, docs/prompts.md): per query at i, ``max(1, 0.1 ln((i + 1) /
+    trained) + 1)^2``, YaRN's temperature for the keys the query sees (1.1433 for a query at
+    16,384 of 8,192; 1 inside the trained context, where DCA below its chunk stays standard
+    attention exactly). ``"auto"``: that factor unsquared (Qwen2.5-1M's, which its DCA applies to
+    every key of a sequence of n tokens). A number: a fixed factor on every pair; 1 = off (the
+    default before session 13)."""
     cross_scale: float = 1.0
     """Multiplies the logits of cross-chunk pairs only (successive and inter chunks; 1 = off): a
     temperature for the keys DCA maps to capped distances, leaving the own chunk's exact."""
