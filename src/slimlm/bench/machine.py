@@ -109,7 +109,10 @@ def speed_probe(rounds: int = 3) -> dict[str, float]:
     """This machine's own speed right now, on one thread: a float32 matmul's GFLOPS and a 64 MB
     read's GB/s, the best of ``rounds`` (~0.1 s in all). Run before each benchmark run, it shows a
     machine whose speed drifts between runs (a shared host: frequency, memory bandwidth taken by
-    other guests), which neither :func:`cpu_busy` nor steal time sees."""
+    other guests), which neither :func:`cpu_busy` nor steal time sees. A hint, not a proof: in
+    session 13's interleaved throughput run slimlm's two repeats differed 1.34x (200.0 and 148.8
+    tok/s) and the probe did not follow (its first reading was low, 50 GFLOPS against 94-120: the
+    library's first call, untimed since)."""
     import torch
 
     n_threads = torch.get_num_threads()
@@ -119,6 +122,7 @@ def speed_probe(rounds: int = 3) -> dict[str, float]:
             g = torch.Generator().manual_seed(0)
             _PROBE_BUF.extend([torch.randn(384, 384, generator=g), torch.ones(16 * 2**20)])
         a, buf = _PROBE_BUF
+        a @ a, buf.sum()  # untimed: the first call of a process initializes the matmul library
         best_mm = best_rd = float("inf")
         for _ in range(rounds):
             t = time.perf_counter()
