@@ -18,10 +18,10 @@ import os, statistics, sys, time
 import torch
 
 torch.set_num_threads(int(os.environ.get("THREADS", "1")))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import engine_ab  # noqa: E402
 from slimlm import LLM, SamplingParams  # noqa: E402
-from slimlm.bench.workloads import mixed_prompts  # noqa: E402
 from slimlm.model.hub import load  # noqa: E402
-from slimlm.model.quant.native_layers import NativeDecodeLayers  # noqa: E402
 
 rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
 n_steps = int(sys.argv[2]) if len(sys.argv) > 2 else 8
@@ -51,20 +51,8 @@ def batch1(n=200):
     return t
 
 
-recorded = []
-run = NativeDecodeLayers.run
-
-
-def record(self, h, first, last, cos, sin, slots, table, lens):
-    recorded.append((h.clone(), first, last, cos.clone(), sin.clone(), slots.clone(), table.clone(), lens.clone()))
-    return run(self, h, first, last, cos, sin, slots, table, lens)
-
-
-NativeDecodeLayers.run = record
 llm = LLM(lm, dtype="bfloat16")
-llm.generate(mixed_prompts(lm.tokenizer, n=n_prompts, seed=0),
-             SamplingParams(temperature=0, max_tokens=128, ignore_eos=True), use_tqdm=False)
-NativeDecodeLayers.run = run
+recorded = engine_ab.record_decode_calls(llm, lm.tokenizer, n_prompts)
 nl2 = llm.engine.runner.native_layers
 total_rows = sum(r[0].shape[0] for r in recorded)
 picked = [recorded[i * len(recorded) // n_steps] for i in range(n_steps)]

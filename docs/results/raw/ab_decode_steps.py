@@ -23,12 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 torch.set_num_threads(int(os.environ.get("THREADS", "1")))
+import engine_ab  # noqa: E402
 import kernel_rev  # noqa: E402
-from slimlm import LLM, SamplingParams  # noqa: E402
-from slimlm.bench.workloads import mixed_prompts  # noqa: E402
+from slimlm import LLM  # noqa: E402
 from slimlm.kernels import SIGNATURES  # noqa: E402
 from slimlm.model.hub import load  # noqa: E402
-from slimlm.model.quant.native_layers import NativeDecodeLayers  # noqa: E402
 
 rev = sys.argv[1]
 dtype = sys.argv[2] if len(sys.argv) > 2 else "bfloat16"
@@ -41,19 +40,7 @@ nl = llm.engine.runner.native_layers
 assert nl is not None, "the native decode layers do not serve this model"
 nt = torch.get_num_threads()
 
-recorded = []
-run = NativeDecodeLayers.run
-
-
-def record(self, h, first, last, cos, sin, slots, table, lens):
-    recorded.append((h.clone(), first, last, cos.clone(), sin.clone(), slots.clone(), table.clone(), lens.clone()))
-    return run(self, h, first, last, cos, sin, slots, table, lens)
-
-
-NativeDecodeLayers.run = record
-llm.generate(mixed_prompts(lm.tokenizer, n=n_prompts, seed=0),
-             SamplingParams(temperature=0, max_tokens=128, ignore_eos=True), use_tqdm=False)
-NativeDecodeLayers.run = run
+recorded = engine_ab.record_decode_calls(llm, lm.tokenizer, n_prompts)
 total_rows = sum(r[0].shape[0] for r in recorded)
 picked = [recorded[i * len(recorded) // n_steps] for i in range(n_steps)]
 f = total_rows / sum(s[0].shape[0] for s in picked)

@@ -22,11 +22,11 @@ import ctypes, os, statistics, sys, time
 import torch
 
 torch.set_num_threads(int(os.environ.get("THREADS", "1")))
-from slimlm import LLM, SamplingParams  # noqa: E402
-from slimlm.bench.workloads import mixed_prompts  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import engine_ab  # noqa: E402
+from slimlm import LLM  # noqa: E402
 from slimlm.kernels import SIGNATURES  # noqa: E402
 from slimlm.model.hub import load  # noqa: E402
-from slimlm.model.quant.native_layers import NativeDecodeLayers  # noqa: E402
 
 dtype = sys.argv[1]
 n_steps = int(sys.argv[2]) if len(sys.argv) > 2 else 12
@@ -41,19 +41,7 @@ lib, nt = nl.lib, torch.get_num_threads()
 res, args = SIGNATURES["paged_decode"]["slimlm_paged_decode"]
 lib.slimlm_paged_decode.restype, lib.slimlm_paged_decode.argtypes = res, args  # paged_decode.c, included
 
-recorded = []
-run = NativeDecodeLayers.run
-
-
-def record(self, h, first, last, cos, sin, slots, table, lens):
-    recorded.append((h.clone(), first, last, cos.clone(), sin.clone(), slots.clone(), table.clone(), lens.clone()))
-    return run(self, h, first, last, cos, sin, slots, table, lens)
-
-
-NativeDecodeLayers.run = record
-prompts = mixed_prompts(lm.tokenizer, n=n_prompts, seed=0)
-llm.generate(prompts, SamplingParams(temperature=0, max_tokens=128, ignore_eos=True), use_tqdm=False)
-NativeDecodeLayers.run = run
+recorded = engine_ab.record_decode_calls(llm, lm.tokenizer, n_prompts)
 total_rows = sum(r[0].shape[0] for r in recorded)
 picked = [recorded[i * len(recorded) // n_steps] for i in range(n_steps)]
 print(f"{dtype} threads={nt}: {len(recorded)} native calls, {total_rows} rows; replaying {n_steps} "

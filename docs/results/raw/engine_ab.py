@@ -1,5 +1,7 @@
 """What the same-process engine A/B scripts share (ab_kv_speed.py, ab_kv_int4_groups.py): the
-mixed workload from the environment and the interleaved timing loop. Every round runs each
+mixed workload from the environment and the interleaved timing loop; and, for the decode replay
+scripts (decode_rows_split.py, ab_decode_steps.py, ab_amx_decode.py), the recording of every
+native decode layers call of the throughput workload. Every round runs each
 engine once on the same prompts (prefix cache emptied, counters reset); round 0 warms up.
 
 env N (prompts, 16), HI (longest prompt, 1000), MAXTOK (new tokens each, 48); CPU=1 times by
@@ -60,3 +62,25 @@ def report(res: dict[str, list[float]], info: dict[str, dict], extra: bool = Fal
             if extra else ""
         print(f"{n:12s} {m:7.1f} tok/s  x{m / base:.3f}  rounds {[round(x, 1) for x in res[n]]}  "
               f"KV peak {info[n]['kv_peak_mb']:.1f} MB{more}")
+
+
+def record_decode_calls(llm, tokenizer, n_prompts: int, max_tokens: int = 128) -> list[tuple]:
+    """Run ``n_prompts`` of the mixed workload (``max_tokens`` new tokens each) through ``llm`` and
+    return every all-decode step's arguments to ``NativeDecodeLayers.run`` (tensors cloned), to be
+    replayed against one build or another."""
+    from slimlm.model.quant.native_layers import NativeDecodeLayers
+
+    recorded = []
+    run = NativeDecodeLayers.run
+
+    def record(self, h, first, last, cos, sin, slots, table, lens):
+        recorded.append((h.clone(), first, last, cos.clone(), sin.clone(), slots.clone(), table.clone(), lens.clone()))
+        return run(self, h, first, last, cos, sin, slots, table, lens)
+
+    NativeDecodeLayers.run = record
+    try:
+        llm.generate(mixed_prompts(tokenizer, n=n_prompts, seed=0),
+                     SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
+    finally:
+        NativeDecodeLayers.run = run
+    return recorded
