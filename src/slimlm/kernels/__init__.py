@@ -116,6 +116,7 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
         # x, w, kind (0 fp32, 1 bf16 widened, 2 bf16 vdpbf16ps), y, M, N, K, nthreads (dense_linear.c)
         "slimlm_dense_linear": (_INT, (_PTR, _PTR, _INT, _PTR, _I64, _I64, _I64, _INT)),
         "slimlm_dense_has_dpbf16": (_INT, ()),
+        "slimlm_dense_prefetch": (_INT, (_INT,)),  # bytes ahead the one-row loop prefetches W (0 off; -1 ask)
         "slimlm_dense_has_amx": (_INT, ()),  # 1: bf16 kind 2 runs on AMX tiles here (SLIMLM_AMX=0: 0)
     },
     "gemm": {
