@@ -15,7 +15,9 @@
  * read once and applied to every row of x while it is in L1. AVX-512 intrinsics where the
  * compiler targets it (gcc vectorized the portable loops only 4 lanes wide: 2.5-3x slower).
  * These two are the reference; the *_vnni entry points below (x rounded to int8, integer dot
- * products) are what decode runs by default where the build has AVX512-VNNI.
+ * products) are what decode runs by default where the build has AVX512-VNNI, through restructured
+ * loops with software prefetch for the common layouts (int4 group 32; int8 group 32, per channel or
+ * a multiple of 64; K a multiple of 64), bitwise the original VNNI loops ("Restructured VNNI loops").
  */
 #include <stdint.h>
 #include <stdlib.h>
