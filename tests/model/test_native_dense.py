@@ -167,6 +167,13 @@ def test_dense_linear_kernel_any_shape(kind):
             alone = torch.empty(1, N)
             lib.slimlm_dense_linear(x[m].data_ptr(), w.data_ptr(), kind, alone.data_ptr(), 1, N, K, 1)
             assert torch.equal(alone[0], y[m]), (M, N, K, m)
+        was = lib.slimlm_dense_prefetch(0)  # the one-row loop's software prefetch off: the same bits
+        try:
+            y0 = torch.full((M, N), float("nan"))
+            assert lib.slimlm_dense_linear(x.data_ptr(), w.data_ptr(), kind, y0.data_ptr(), M, N, K, 2) == 0
+        finally:
+            lib.slimlm_dense_prefetch(was)
+        assert was == 4096 and torch.equal(y0, y), (M, N, K)
 
 
 def test_dense_linear_rounds_x_to_bf16_as_torch():

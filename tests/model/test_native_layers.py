@@ -170,6 +170,41 @@ def test_native_layers_with_vnni_kernels_near_the_layer_path(weights, tiny_llama
     assert rel < 0.03, rel
 
 
+@pytest.mark.parametrize("weights", ["int8", "int4", "Q4_1", "Q8_0"])
+def test_native_layers_restructured_vnni_loops_bitwise(weights, tiny_llama_dir, q41, monkeypatch):
+    """The decode layers on qlinear.c's restructured VNNI loops (the default) and on the original
+    ones (``slimlm_qlinear_fast(0)``): the same tokens and the same logits, bit for bit."""
+    from slimlm import kernels
+    from slimlm.model.quant.formats import kernel_mode
+
+    monkeypatch.setenv("SLIMLM_QLINEAR", "vnni")
+    if kernel_mode() != "vnni":
+        pytest.skip("no AVX512-VNNI build here")
+    lm = load(q41[weights], weights="gguf") if weights.startswith("Q") else load(tiny_llama_dir)
+    llm = LLM(lm, **({} if weights.startswith("Q") else {"weights": weights}))
+    assert llm.engine.runner.native_layers is not None
+    libs = [kernels.load("qlinear"), kernels.load("decode_layer")]
+    prompts = make_prompts(3, seed=2)
+    runs = []
+    try:
+        for mode in (0, 2):
+            for lib in libs:
+                lib.slimlm_qlinear_fast(mode)
+            llm.engine.pool.reset_prefix_cache()  # both runs compute every prompt
+            seen = _record(llm)
+            toks = [o.outputs[0].token_ids for o in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6),
+                                                                  use_tqdm=False)]
+            del llm.engine.runner.execute  # _record's wrapper
+            runs.append((toks, [list(r.logits.values()) for r in seen]))
+    finally:
+        for lib in libs:
+            lib.slimlm_qlinear_fast(2)
+    assert runs[0][0] == runs[1][0]
+    assert len(runs[0][1]) == len(runs[1][1])
+    for a, b in zip(runs[0][1], runs[1][1]):
+        assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 def test_native_layers_on_a_cpu_without_avx512(tiny_llama_dir, monkeypatch):
     """The kernels built for x86-64-v3 (AVX2: the portable qlinear and decode loops): same tokens."""
     import platform

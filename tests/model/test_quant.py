@@ -114,6 +114,56 @@ def test_vnni_kernel_within_the_activation_rounding_bound(fmt, rows):
     assert rel < 0.02, rel  # measured: about 0.5 % (int8 x int8 per block of 32)
 
 
+def _half_scales(p: Int8Weight) -> Int8Weight:
+    return Int8Weight(p.q, p.scale.half(), p.group_size)
+
+
+FAST_CASES = {  # the restructured VNNI loops' layouts (K % 64 == 0): fp16 / fp32 scales, odd N (a last single
+    # row for int4's two-row passes), 34 blocks (a last partial chunk of 16 scales)
+    "int4-g32 fp16": (lambda w: quantize_int4(w, 32), (97, 576)),
+    "int4-g32 fp32": (lambda w: quantize_int4(w, 32, torch.float32), (97, 1088)),
+    "int4-g32 K=64": (lambda w: quantize_int4(w, 32), (3, 64)),
+    "int8-g32 fp32": (lambda w: quantize_int8(w, 32), (97, 576)),
+    "int8-g32 fp16": (lambda w: _half_scales(quantize_int8(w, 32)), (33, 1088)),
+    "int8-channel": (lambda w: quantize_int8(w), (97, 576)),
+    "int8-channel fp16": (lambda w: _half_scales(quantize_int8(w)), (5, 1536)),
+    "int8-g64": (lambda w: quantize_int8(w, 64), (33, 576)),
+    "int8-g96 (original loop only)": (lambda w: quantize_int8(w, 96), (9, 576)),
+}
+
+
+@pytest.mark.parametrize("fmt", FAST_CASES)
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_restructured_vnni_loops_equal_the_original_bitwise(fmt, rows):
+    """qlinear.c's restructured loops (with and without prefetch) give the original VNNI loops'
+    outputs bit for bit: the same operations per output in the same order."""
+    from slimlm.model.quant.formats import _native_fn, scale_flags
+
+    lib = _vnni_lib()
+    make, (n, k) = FAST_CASES[fmt]
+    torch.manual_seed(rows)
+    p = make(torch.randn(n, k) * 0.05)
+    x = torch.randn(rows, k) * torch.linspace(0.1, 4, k)
+    x[0, :32] = 0
+    t = p.tensors()
+    args = [t["qweight"].data_ptr(), t["scales"].data_ptr()] + ([t["mins"].data_ptr()] if "mins" in t else [])
+    fn = getattr(lib, f"slimlm_{'q8' if p.kind == 'int8' else 'q4'}_linear_vnni")
+    assert _native_fn(p.kind, p.group_size) is not None
+    out = []
+    was = lib.slimlm_qlinear_fast(-1)
+    try:
+        for mode in (0, 1, 2):
+            lib.slimlm_qlinear_fast(mode)
+            y = torch.full((rows, n), float("nan"))
+            assert fn(x.data_ptr(), *args, y.data_ptr(), rows, n, k, p.group_size, scale_flags(t), 2) == 0
+            out.append(y)
+    finally:
+        lib.slimlm_qlinear_fast(was)
+    assert was == 2  # the default: restructured loops with prefetch
+    assert not out[0].isnan().any()
+    assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])
+
+
 def test_vnni_kernel_exact_on_int8_representable_activations():
     """x already on an int8 grid per block: the integer path is exact up to fp32 rounding."""
     _vnni_lib()

@@ -84,6 +84,7 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
         "slimlm_q8_dequant": (_INT, (_PTR, _PTR, _INT, _PTR, _INT, _I64, _I64, _I64, _INT)),
         "slimlm_q4_dequant": (_INT, (_PTR, _PTR, _PTR, _INT, _PTR, _INT, _I64, _I64, _I64, _INT)),
         "slimlm_qlinear_has_vnni": (_INT, ()),
+        "slimlm_qlinear_fast": (_INT, (_INT,)),  # 1 / 0: the restructured int4 G=32 loop on / off (-1: ask)
     },
     "sparse_prefill": {
         "slimlm_sparse_prefill_supported": (_INT, (_I64,)),  # head size
@@ -111,9 +112,11 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
         # k, v, slots, M, Hkv, d, dtype, krot, one layer's pointer row (the layers' KV write alone)
         "slimlm_decode_layer_store": (_INT, (_PTR, _PTR, _PTR, _I64, _I64, _I64, _INT, _INT, _PTR)),
         "slimlm_qlinear_has_vnni": (_INT, ()),
+        "slimlm_qlinear_fast": (_INT, (_INT,)),
         # x, w, kind (0 fp32, 1 bf16 widened, 2 bf16 vdpbf16ps), y, M, N, K, nthreads (dense_linear.c)
         "slimlm_dense_linear": (_INT, (_PTR, _PTR, _INT, _PTR, _I64, _I64, _I64, _INT)),
         "slimlm_dense_has_dpbf16": (_INT, ()),
+        "slimlm_dense_prefetch": (_INT, (_INT,)),  # bytes ahead the one-row loop prefetches W (0 off; -1 ask)
         "slimlm_dense_has_amx": (_INT, ()),  # 1: bf16 kind 2 runs on AMX tiles here (SLIMLM_AMX=0: 0)
     },
     "gemm": {

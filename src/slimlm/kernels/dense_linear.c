@@ -50,6 +50,20 @@ int slimlm_dense_has_dpbf16(void) {
 #endif
 }
 
+/* Software prefetch of the weight stream a batch-1 row reads (row_f32x): dl_pf bytes ahead of each
+ * 64-byte line (0: off). With one x row nothing overlaps DRAM but the hardware prefetchers, which
+ * stop at every 4 KiB page; asking for the lines DL_PF_BYTES ahead kept more of them in flight
+ * (docs/benchmarks.md, "session 14"). No arithmetic changes (prefetches never fault, so those
+ * past W's end are harmless); ``slimlm_dense_prefetch(0)`` turns it off for A/B runs. */
+#define DL_PF_BYTES 4096
+static int64_t dl_pf = DL_PF_BYTES;
+
+int slimlm_dense_prefetch(int bytes) {
+    const int was = (int)dl_pf;
+    if (bytes >= 0) dl_pf = bytes;
+    return was;
+}
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 /* a loaded vector held in a register: without this GCC folds the loads into the FMAs as memory
  * operands, one load per FMA (the load-bound loop the tiles are there to avoid) */
@@ -106,7 +120,12 @@ static inline __m512 ld_w_tail(const void *w, int bf16, int64_t k, __mmask16 mk)
 static inline float row_f32x(const float *x, const void *w, int bf16, int64_t K) {
     __m512 a0 = _mm512_setzero_ps(), a1 = a0;
     int64_t k = 0;
+    const char *pw = dl_pf ? (const char *)w + dl_pf : NULL; /* the bytes dl_pf on: one line a step (two for fp32) */
     for (; k + 2 * DL_L <= K; k += 2 * DL_L) {
+        if (pw) {
+            __builtin_prefetch(pw + k * (bf16 ? 2 : 4), 0, 3);
+            if (!bf16) __builtin_prefetch(pw + k * 4 + 64, 0, 3);
+        }
         a0 = _mm512_fmadd_ps(ld_w(w, bf16, k), _mm512_loadu_ps(x + k), a0);
         a1 = _mm512_fmadd_ps(ld_w(w, bf16, k + DL_L), _mm512_loadu_ps(x + k + DL_L), a1);
     }

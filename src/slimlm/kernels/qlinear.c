@@ -15,7 +15,9 @@
  * read once and applied to every row of x while it is in L1. AVX-512 intrinsics where the
  * compiler targets it (gcc vectorized the portable loops only 4 lanes wide: 2.5-3x slower).
  * These two are the reference; the *_vnni entry points below (x rounded to int8, integer dot
- * products) are what decode runs by default where the build has AVX512-VNNI.
+ * products) are what decode runs by default where the build has AVX512-VNNI, through restructured
+ * loops with software prefetch for the common layouts (int4 group 32; int8 group 32, per channel or
+ * a multiple of 64; K a multiple of 64), bitwise the original VNNI loops ("Restructured VNNI loops").
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -278,6 +280,92 @@ static inline float hsum8(__m256 v) {
 }
 #endif
 
+/* ---- Restructured VNNI loops (the default where they apply; the loops below are their fallback) --
+ *
+ * ql_fast: 0 the original loops only; 1 the restructured ones; 2 (default) those with software
+ * prefetch too. A batch-1 step streams every weight from DRAM once (SmolLM2-135M int4: ~90 MB a
+ * token), rows in order, each thread its own contiguous range; the hardware prefetchers stop at
+ * every 4 KiB page, so the loops ask for the weight bytes ~QL_PF_BYTES ahead (the rows that far
+ * on: their codes one cache line per step, their scales / minimums once per 16 groups). Measured
+ * on this project's AMX VM, int4 weights streamed at 1 thread: 1.6x the original loop
+ * (docs/benchmarks.md, "session 14"). A prefetch never faults, so the ones past the last row are
+ * harmless. Both restructured loops give the original's result bit for bit (tests/model/test_quant.py). */
+static int ql_fast = 2;
+#define QL_PF_BYTES 4096
+
+int slimlm_qlinear_fast(int on) {
+    const int was = ql_fast;
+    if (on >= 0 && on <= 2) ql_fast = on;
+    return was;
+}
+
+/* rows ahead to prefetch for rows of rb bytes (0: prefetch off) */
+static inline int64_t ql_pf_rows(int64_t rb) { return ql_fast >= 2 ? (QL_PF_BYTES + rb - 1) / rb : 0; }
+
+#ifdef SLIMLM_VNNI
+/* 16 float16 (half = 1) or float32 values at element offset off of a, lanes outside k zero */
+static inline __m512 ql_load16(const void *a, int half, int64_t off, __mmask16 k) {
+    if (half) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, (const uint16_t *)a + off));
+    return _mm512_maskz_loadu_ps(k, (const float *)a + off);
+}
+
+/* slimlm_q8_linear_vnni's loop for G == 32 or G % 64 == 0 and an even number of 32-blocks, with the
+ * weight's scales read in registers (no per-row widening pass: 16 at a time, fp16 widened by
+ * vcvtph2ps) and the prefetch; the same operations per output in the same order, so the same bits. */
+static int q8_fast(const float *x, const int8_t *q, const void *scale, float *y, int64_t M, int64_t N, int64_t K,
+                   int64_t G, int sh, int nthreads) {
+    const int64_t nb = K / 32, ng = K / G;
+    int8_t *xq = malloc(M * K);
+    float *xs = malloc(sizeof(float) * M * nb);
+    float *xv2 = malloc(sizeof(float) * (M * (nb / 2) * 16 + 1));
+    if (!xq || !xs || !xv2) { free(xq); free(xs); free(xv2); return 2; }
+    quant_x32(x, xq, xs, M, K);
+    expand_xs(xs, xv2, M, nb);
+    const int half = sh & QL_SCALE_F16;
+    const int64_t pf = ql_pf_rows(K);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t *w = q + n * K;
+        const __m512i zero = _mm512_setzero_si512(), two = _mm512_set1_epi32(2);
+        const __m512i idx0 = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0); /* lanes 0-7: block 0 */
+        if (pf) {
+            _mm_prefetch((const char *)scale + (n + pf) * ng * (half ? 2 : 4), _MM_HINT_T0);
+            if (ng > 16) _mm_prefetch((const char *)scale + ((n + pf) * ng + 16) * (half ? 2 : 4), _MM_HINT_T0);
+        }
+        for (int64_t m = 0; m < M; m++) {
+            const int8_t *xm = xq + m * K;
+            const float *xvm = xv2 + m * (nb / 2) * 16;
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t b0 = 0; b0 < nb; b0 += 16) { /* 16 blocks (8 steps) at a time */
+                const int64_t cnt = nb - b0 >= 16 ? 16 : nb - b0;
+                __m512 sc = _mm512_setzero_ps();
+                if (G == 32)
+                    sc = ql_load16(scale, half, n * ng + b0, (__mmask16)(cnt == 16 ? 0xFFFF : (1u << cnt) - 1));
+                __m512i idx = idx0;
+                for (int64_t b = b0; b < b0 + cnt; b += 2) {
+                    if (pf && m == 0) _mm_prefetch((const char *)(w + pf * K + b * 32), _MM_HINT_T0);
+                    __m512i wv = _mm512_loadu_si512((const void *)(w + b * 32));
+                    __m512i xv = _mm512_loadu_si512((const void *)(xm + b * 32));
+                    __m512i sx = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv), zero, xv); /* x * sign(w) */
+                    __m512i d = _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(wv), sx);
+                    __m512 ws;
+                    if (G == 32) ws = _mm512_permutexvar_ps(idx, sc);
+                    else {
+                        const int64_t o = n * ng + b * 32 / G;
+                        ws = _mm512_set1_ps(half ? _cvtsh_ss(((const uint16_t *)scale)[o]) : ((const float *)scale)[o]);
+                    }
+                    acc = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(xvm + b * 8)), ws, acc);
+                    idx = _mm512_add_epi32(idx, two);
+                }
+            }
+            y[m * N + n] = _mm512_reduce_add_ps(acc);
+        }
+    }
+    free(xq); free(xs); free(xv2);
+    return 0;
+}
+#endif
+
 int slimlm_q8_linear_vnni(const float *x, const int8_t *q, const void *scale, float *y,
                           int64_t M, int64_t N, int64_t K, int64_t G, int sh, int nthreads) {
 #ifndef SLIMLM_VNNI
@@ -285,6 +373,7 @@ int slimlm_q8_linear_vnni(const float *x, const int8_t *q, const void *scale, fl
     return 3;
 #else
     if (M <= 0 || N <= 0 || K <= 0 || G <= 0 || K % G || G % 32) return 1;
+    if (ql_fast && K % 64 == 0 && (G == 32 || G % 64 == 0)) return q8_fast(x, q, scale, y, M, N, K, G, sh, nthreads);
     const int64_t nb = K / 32, ng = K / G, bpg = G / 32;
     int oom;
     float *sbuf = ql_scratch(sh, ng, nthreads, &oom);
@@ -332,6 +421,109 @@ int slimlm_q8_linear_vnni(const float *x, const int8_t *q, const void *scale, fl
 #endif
 }
 
+/* ---- int4 group 32, restructured (the default where it applies; the loop above is its fallback) --
+ *
+ * The same arithmetic as slimlm_q4_linear_vnni's G == 32 loop, bit for bit, in fewer instructions
+ * (its inner loop spent 10 port-0/5 operations per 64 weights: 5 to unpack the nibbles into the
+ * [lo0 | hi0 | lo1 | hi1] order, 2 to broadcast the pair's scales from a widened buffer):
+ *   - x is permuted once per call into the order the nibbles come in: in each 64-channel pair of
+ *     groups the 2nd and 3rd 16-byte quarters swap ([g0 0-15 | g1 0-15 | g0 16-31 | g1 16-31]), so
+ *     the weight's 32 bytes are unpacked by one broadcast load, one per-qword shift (by 0 in the low
+ *     half, 4 in the high one) and one AND;
+ *   - fp16 scales and minimums are widened 16 groups at a time in registers (no per-row pass through
+ *     a buffer), the pair's scales picked by one permute;
+ *   - two weight rows per pass share the loads of x and of its scales.
+ * Each int32 lane of the dot product holds the same 4 products as one lane of the old loop (lanes
+ * 4-7 and 8-11 trade places), the float steps per lane are the same, and the accumulator's 128-bit
+ * quarters are put back in the old order before the same final reduction: so every output is
+ * bitwise the old kernel's (tests/model/test_quant.py checks it). Needs K % 64 == 0 (an even number
+ * of groups); ``slimlm_qlinear_fast(0)`` turns it off (A/B runs, the bitwise test). The gain is
+ * the prefetch's (ql_fast 2): with the weights streamed from DRAM these loops without it ran as
+ * fast as the old one (memory-bound at 1 thread), 1.26x faster only on weights already in L2. */
+#ifdef SLIMLM_VNNI
+
+/* R (1 or 2) weight rows from n0: y[m, n0 + r] for every row m of x */
+static inline __attribute__((always_inline)) void q4g32_rows(const uint8_t *q, const void *scale, const void *mins,
+                                                             int sh, float *y, int64_t n0, const int R, int64_t M,
+                                                             int64_t N, int64_t K, const int8_t *xp, const float *xw,
+                                                             const float *xsum) {
+    const int64_t ng = K / 32, np = ng / 2;
+    const __m512i zero = _mm512_setzero_si512(), lo4 = _mm512_set1_epi8(15), two = _mm512_set1_epi32(2);
+    const __m512i shv = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0);
+    const __m512i idx0 = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0); /* lanes 0-3, 8-11: g0 */
+    const int64_t ql_pf = ql_pf_rows(K / 2);
+    for (int64_t m = 0; m < M; m++) {
+        const int8_t *xm = xp + m * K;
+        const float *xwm = xw + m * np * 16, *xsu = xsum + m * ng;
+        __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, accv[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int64_t g0 = 0; g0 < ng; g0 += 16) {
+            const int64_t cnt = ng - g0 >= 16 ? 16 : ng - g0;
+            const __mmask16 k = (__mmask16)(cnt == 16 ? 0xFFFF : (1u << cnt) - 1);
+            __m512 sc[2];
+            for (int r = 0; r < R; r++) {
+                sc[r] = ql_load16(scale, sh & QL_SCALE_F16, (n0 + r) * ng + g0, k);
+                accv[r] = _mm512_fmadd_ps(ql_load16(mins, sh & QL_MIN_F16, (n0 + r) * ng + g0, k),
+                                          _mm512_maskz_loadu_ps(k, xsu + g0), accv[r]);
+            }
+            __m512i idx = idx0;
+            if (ql_pf && m == 0) { /* the rows ql_pf ahead: their scales and minimums, then codes (one line a pair) */
+                _mm_prefetch((const char *)scale + ((n0 + ql_pf) * ng + g0) * (sh & QL_SCALE_F16 ? 2 : 4), _MM_HINT_T0);
+                _mm_prefetch((const char *)mins + ((n0 + ql_pf) * ng + g0) * (sh & QL_MIN_F16 ? 2 : 4), _MM_HINT_T0);
+            }
+            for (int64_t p = g0 / 2; p < (g0 + cnt) / 2; p++) {
+                if (ql_pf && m == 0) _mm_prefetch((const char *)(q + (n0 + ql_pf) * (K / 2) + p * 64), _MM_HINT_T0);
+                const __m512i xv = _mm512_loadu_si512((const void *)(xm + p * 64));
+                const __m512 xsv = _mm512_loadu_ps(xwm + p * 16);
+                for (int r = 0; r < R; r++) {
+                    const __m512i wv = _mm512_broadcast_i64x4(
+                        _mm256_loadu_si256((const __m256i *)(q + (n0 + r) * (K / 2) + p * 32)));
+                    const __m512i z = _mm512_and_si512(_mm512_srlv_epi64(wv, shv), lo4);
+                    const __m512i d = _mm512_dpbusd_epi32(zero, z, xv);
+                    acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), xsv), _mm512_permutexvar_ps(idx, sc[r]),
+                                             acc[r]);
+                }
+                idx = _mm512_add_epi32(idx, two);
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            const float t = 0.f, accm = 0.f; /* the old loop's odd-group terms: none here (ng even) */
+            const __m512 a = _mm512_shuffle_f32x4(acc[r], acc[r], _MM_SHUFFLE(3, 1, 2, 0)); /* the old lane order */
+            y[m * N + n0 + r] = _mm512_reduce_add_ps(_mm512_add_ps(a, accv[r])) + t + accm;
+        }
+    }
+}
+
+static int q4g32_fast(const float *x, const uint8_t *q, const void *scale, const void *mins, float *y, int64_t M,
+                      int64_t N, int64_t K, int sh, int nthreads) {
+    const int64_t nb = K / 32, ng = nb, np = nb / 2;
+    int8_t *xq = malloc(2 * M * K);
+    float *xs = malloc(sizeof(float) * M * nb);
+    float *xsum = malloc(sizeof(float) * M * ng);
+    float *xw = malloc(sizeof(float) * M * np * 16);
+    if (!xq || !xs || !xsum || !xw) { free(xq); free(xs); free(xsum); free(xw); return 2; }
+    int8_t *xp = xq + M * K;
+    quant_x32(x, xq, xs, M, K);
+    group_sums(x, xsum, M, K, 32);
+    for (int64_t i = 0; i < M * K; i += 64) { /* quarters 1 and 2 of each 64 swapped */
+        memcpy(xp + i, xq + i, 16);
+        memcpy(xp + i + 16, xq + i + 32, 16);
+        memcpy(xp + i + 32, xq + i + 16, 16);
+        memcpy(xp + i + 48, xq + i + 48, 16);
+    }
+    for (int64_t m = 0; m < M; m++) /* per pair: lanes 0-3, 8-11 the even block's scale, 4-7, 12-15 the odd one's */
+        for (int64_t p = 0; p < np; p++)
+            for (int l = 0; l < 16; l++) xw[(m * np + p) * 16 + l] = xs[m * nb + 2 * p + ((l >> 2) & 1)];
+    const int64_t npairs = (N + 1) / 2;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t i = 0; i < npairs; i++) {
+        if (2 * i + 1 < N) q4g32_rows(q, scale, mins, sh, y, 2 * i, 2, M, N, K, xp, xw, xsum);
+        else q4g32_rows(q, scale, mins, sh, y, 2 * i, 1, M, N, K, xp, xw, xsum);
+    }
+    free(xq); free(xs); free(xsum); free(xw);
+    return 0;
+}
+#endif
+
 int slimlm_q4_linear_vnni(const float *x, const uint8_t *q, const void *scale, const void *mins, float *y,
                           int64_t M, int64_t N, int64_t K, int64_t G, int sh, int nthreads) {
 #ifndef SLIMLM_VNNI
@@ -339,6 +531,7 @@ int slimlm_q4_linear_vnni(const float *x, const uint8_t *q, const void *scale, c
     return 3;
 #else
     if (M <= 0 || N <= 0 || K <= 0 || G <= 0 || K % G || !(G == 32 || G % 64 == 0)) return 1;
+    if (ql_fast && G == 32 && K % 64 == 0) return q4g32_fast(x, q, scale, mins, y, M, N, K, sh, nthreads);
     const int64_t nb = K / 32, ng = K / G, h = G / 2;
     int oom;
     float *sbuf = ql_scratch(sh, ng, nthreads, &oom);

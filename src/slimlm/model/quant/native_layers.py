@@ -182,7 +182,7 @@ class NativeDecodeLayers:
         self.scale = float(model.attn_scale)
         dense = [m.weight for layer in model.model.layers for m in (layer.self_attn.qkv, layer.self_attn.o_proj,
                                                                      layer.mlp.gate_up, layer.mlp.down_proj)
-                 if type(m) is nn.Linear]  # packed weights: no gain measured (their kernels are bound by instructions)
+                 if type(m) is nn.Linear]  # packed weights: no gain measured (again with the prefetching kernels, s14)
         self.huge_bytes = to_huge_pages(model, dense)
         """Bytes of dense weights moved onto 2 MiB pages (``huge_pages.py``; 1.5x a bf16 / fp32 step)."""
         self._keep: list[torch.Tensor] = []  # every tensor a pointer below refers to
