@@ -14,6 +14,10 @@ Quantizers (per token, KV head and group of channels):
   from the absmax's downwards (clipping): d b / 8 + d / g bytes.
 
     PYTHONPATH=src NTOK=2048 python docs/results/raw/kv_lowbit_study.py [variant ...]
+
+The shipped layouts (``codec/lowbit.py``): "int3" is ``X5-k3g32-v3g64``, "int4s" is ``X4-k4g32-v4g64``.
+Variants A-E and those marked vmu in docs/techniques.md give values the offset too (``quant``'s
+default ``mu=True``); the shipped codecs do not.
 """
 
 import math
