@@ -1,7 +1,8 @@
-"""Low-bit KV (``codec/lowbit.py``: "int3", "int4s"): packing, the clipped symmetric quantizer's error bound, the bytes it
-claims, exact value offsets, and inside the engine the same tokens as a dense, unbatched decoder
-whose keys and values pass through the same codec (with the engine's offsets), under small chunks,
-prefix caching, preemption, a token policy and a cross-layer one, the pool given back."""
+"""Low-bit KV (``codec/lowbit.py``: "int3", "int4s"): packing, the clipped symmetric quantizer's
+error bound, the bytes it claims, exact value offsets, and inside the engine the same tokens as a
+dense, unbatched decoder whose keys and values pass through the same codec (with the engine's
+offsets), under small chunks, prefix caching, preemption, a token policy and a cross-layer one,
+the pool given back."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 from slimlm import LLM, SamplingParams
-from slimlm.kvcache.codec import KV_CODECS, lowbit as int3
+from slimlm.kvcache.codec import KV_CODECS
+from slimlm.kvcache.codec import lowbit as int3
 from slimlm.model.attention import attention
 from slimlm.model.hub import load
 from tests.engine.test_engine import make_prompts
@@ -94,7 +96,7 @@ def test_bad_layouts_are_refused(monkeypatch):
         int3.Int3Codec(torch.float32, 48, "k")
 
 
-class Int3Dense:
+class LowBitDense:
     """Dense, unbatched reference: keys and values through the codec with the engine's offsets."""
 
     def __init__(self, lm, name):
@@ -116,7 +118,7 @@ class Int3Dense:
 
 
 def dense_greedy(lm, name, prompt, n):
-    ref, ids = Int3Dense(lm, name), list(prompt)
+    ref, ids = LowBitDense(lm, name), list(prompt)
     with torch.no_grad():
         for _ in range(n):
             logits = lm.model(torch.tensor([ids]), torch.arange(len(ids))[None], ref)

@@ -7,7 +7,7 @@ Block counts depend only on token counts, so one prompt of the graded set is eno
 is the real one (bytes per block follow its layers, KV heads and head size).
 
 PYTHONPATH=src python docs/results/raw/kv_bytes_needle.py "{'budget': 0.5, 'window': 64, 'pool': 7}" ...
-PYTHONPATH=src python docs/results/raw/kv_bytes_needle.py int3 "int4s:{'budget': 0.75}"   (another codec, alone or + H2O)
+PYTHONPATH=src python docs/results/raw/kv_bytes_needle.py int3 "int4s:{'budget': 0.75}"  (a codec, alone or + H2O)
 """
 import ast
 import sys
