@@ -7,6 +7,7 @@ Block counts depend only on token counts, so one prompt of the graded set is eno
 is the real one (bytes per block follow its layers, KV heads and head size).
 
 PYTHONPATH=src python docs/results/raw/kv_bytes_needle.py "{'budget': 0.5, 'window': 64, 'pool': 7}" ...
+PYTHONPATH=src python docs/results/raw/kv_bytes_needle.py int3 "int4s:{'budget': 0.75}"  (a codec, alone or + H2O)
 """
 import ast
 import sys
@@ -18,10 +19,15 @@ from slimlm.eval.needle import build_prompt, filler_ids
 
 torch.set_num_threads(1)
 MODEL, LENGTH, NEW = "smollm2-135m-instruct", 2048, 8
-policies = [ast.literal_eval(a) for a in sys.argv[1:]] or [{"budget": 0.5}]
 configs = [("fp32 KV", {"kv_cache_dtype": "float32"}), ("bf16 KV (the model dtype)", {}),
            ("int4", {"kv_cache_dtype": "int4"})]
-configs += [(f"int4 + h2o {p}", {"kv_cache_dtype": "int4", "kv_policy": "h2o", "kv_policy_args": p}) for p in policies]
+for a in sys.argv[1:] or ["{'budget': 0.5}"]:  # "{h2o args}" (int4), "CODEC" or "CODEC:{h2o args}"
+    codec, _, args = ("int4", "", a) if a.startswith("{") else a.partition(":")
+    if not args:
+        configs.append((codec, {"kv_cache_dtype": codec}))
+        continue
+    p = ast.literal_eval(args)
+    configs.append((f"{codec} + h2o {p}", {"kv_cache_dtype": codec, "kv_policy": "h2o", "kv_policy_args": p}))
 rows = []
 for name, kw in configs:
     llm = LLM(MODEL, **kw)

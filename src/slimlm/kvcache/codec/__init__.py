@@ -4,6 +4,6 @@ Importing this package registers every codec in ``KV_CODECS``.
 """
 
 from slimlm.kvcache.codec.base import KV_CODECS, KVCodec
-from slimlm.kvcache.codec import int4, int8, plain  # noqa: F401  (register the codecs)
+from slimlm.kvcache.codec import int4, int8, lowbit, plain  # noqa: F401  (register the codecs)
 
 __all__ = ["KV_CODECS", "KVCodec"]

@@ -93,6 +93,10 @@ class KVCodec(ABC):
     ``read``. Exact to attention (a constant score per query); only the native readers see the
     stored, shifted keys."""
 
+    wants_value_offsets: bool = False
+    """The same for a value pool (exact: attention weights sum to 1, so a constant row shift
+    comes back out of the weighted sum; ``read`` adds it back for every reader)."""
+
     def __init__(self, compute_dtype: torch.dtype, head_dim: int, role: str = "k"):
         """``role``: "k" or "v", the pool this instance stores (a codec may treat them apart)."""
         if role not in ("k", "v"):

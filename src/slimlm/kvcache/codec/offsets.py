@@ -53,10 +53,11 @@ class _Record:
     """A dense causal attention backend that sums every layer's keys as it runs."""
 
     def __init__(self, scale: float):
-        self.scale, self.sums, self.n = scale, {}, 0
+        self.scale, self.sums, self.vsums, self.n = scale, {}, {}, 0
 
     def attend(self, layer, q, k, v, q_rows=None):
         self.sums[layer] = self.sums.get(layer, 0) + k[0].double().sum(1)  # (Hkv, d)
+        self.vsums[layer] = self.vsums.get(layer, 0) + v[0].double().sum(1)
         if layer == 0:
             self.n += k.shape[2]
         T = k.shape[2]
@@ -75,27 +76,41 @@ def calibration_ids(tokenizer, vocab_size: int) -> list[int]:
 
 
 @torch.no_grad()
-def key_means(model, ids: list[int]) -> list[torch.Tensor]:
-    """Per layer, the mean post-RoPE key (Hkv, d) float32 over ``ids`` (one dense forward)."""
+def kv_means(model, ids: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer, the mean post-RoPE key and the mean value (Hkv, d) float32 over ``ids`` (one
+    dense forward)."""
     rec = _Record(model.attn_scale)
     dev = next(model.parameters()).device
     model(torch.tensor([ids], device=dev), torch.arange(len(ids), device=dev)[None], rec)
-    return [(rec.sums[i] / rec.n).float() for i in range(len(rec.sums))]
+    n = range(len(rec.sums))
+    return [(rec.sums[i] / rec.n).float() for i in n], [(rec.vsums[i] / rec.n).float() for i in n]
+
+
+def key_means(model, ids: list[int]) -> list[torch.Tensor]:
+    """Per layer, the mean post-RoPE key (Hkv, d) float32 over ``ids`` (one dense forward)."""
+    return kv_means(model, ids)[0]
 
 
 def apply(cache, model, tokenizer=None) -> bool:
-    """Give the cache's key codec its per-storage offsets if it asks for them (True if it did)."""
-    codec = cache.codec
-    if not codec.wants_key_offsets:
+    """Give the cache's key codec (and value codec) its per-storage offsets if it asks for them
+    (True if either did). Value offsets are exact too: attention weights sum to 1, so
+    sum_i p_i (v_i - mu) + mu = sum_i p_i v_i; the codec adds mu back in ``read``."""
+    codec, vcodec = cache.codec, cache.vcodec
+    wants_v = getattr(vcodec, "wants_value_offsets", False)
+    if not codec.wants_key_offsets and not wants_v:
         return False
-    means = key_means(model, calibration_ids(tokenizer, model.cfg.vocab_size))
+    kmeans, vmeans = kv_means(model, calibration_ids(tokenizer, model.cfg.vocab_size))
     layers = cache.spec.layers
     want = (cache.spec.num_kv_heads, cache.spec.head_dim)
-    if len(means) != len(layers) or any(tuple(mu.shape) != want for mu in means):
-        return False  # keys shaped unlike the cache (no offsets: exact either way, only less precise)
+    if len(kmeans) != len(layers) or any(tuple(mu.shape) != want for mu in kmeans + vmeans):
+        return False  # rows shaped unlike the cache (no offsets: exact either way, only less precise)
     for st in range(cache.spec.num_storages):
-        mu = torch.stack([means[i] for i, ls in enumerate(layers) if ls.storage == st]).mean(0)
-        codec.set_offset(cache.k[st], mu)
-        if st in cache.rk:  # a merged storage's retention rows hold keys of the same layers
-            codec.set_offset(cache.rk[st], mu)
+        for c, means, main, ret, on in ((codec, kmeans, cache.k, cache.rk, codec.wants_key_offsets),
+                                        (vcodec, vmeans, cache.v, cache.rv, wants_v)):
+            if not on:
+                continue
+            mu = torch.stack([means[i] for i, ls in enumerate(layers) if ls.storage == st]).mean(0)
+            c.set_offset(main[st], mu)
+            if st in ret:  # a merged storage's retention rows hold rows of the same layers
+                c.set_offset(ret[st], mu)
     return True
