@@ -101,6 +101,30 @@ def test_preemption_under_a_tight_kv_budget(tiny, prompts, expected):
     assert llm.engine.pool.num_free() == llm.engine.pool.num_blocks
 
 
+def test_waiting_sequences_never_stall_a_pool_of_one_sequence(tiny):
+    """9 blocks of 8 tokens, each request needing 7 (40 prompt + 12 new tokens), prompts sharing a
+    prefix: preempted sequences come back matching their own cached blocks. A waiting sequence
+    that failed admission used to keep the blocks it matched, so two waiting sequences could hold
+    the whole pool between them with nothing running: the engine stepped forever (found by kv14).
+    Now every request finishes, with the roomy engine's tokens."""
+    qs = [p[:40] for p in make_prompts(6, seed=2)]
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in LLM(tiny, block_size=8).generate(qs, sp, use_tqdm=False)]
+    eng = LLM(tiny, block_size=8, max_num_batched_tokens=64, kv_cache_bytes=9 * block_bytes(tiny, 8)).engine
+    ids = [eng.add_request(q, sp) for q in qs]
+    got: dict = {}
+    for _ in range(1000):  # ~70 steps when it works
+        if not eng.has_unfinished():
+            break
+        for o in eng.step():
+            if o.finished:
+                got[o.request_id] = o.outputs[0].token_ids
+    assert not eng.has_unfinished(), "the engine stalled with requests waiting"
+    assert eng.scheduler.num_preemptions > 0
+    assert [got[i] for i in ids] == want
+    assert eng.pool.num_free() == eng.pool.num_blocks
+
+
 def test_text_outputs_and_finish_reasons(tiny, prompts, expected):
     llm = LLM(tiny)
     outs = llm.generate(prompts[:4], SamplingParams(temperature=0, max_tokens=MAX_NEW), use_tqdm=False)

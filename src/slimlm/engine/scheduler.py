@@ -117,6 +117,14 @@ class Scheduler:
                 continue
             n = min(seq.num_uncomputed, budget)
             if not self.kv.allocate(seq.seq_id, seq.num_stored + n):
+                if not seq.kv_preset and seq.num_computed == len(self.kv.tables.get(seq.seq_id) or []) \
+                        * self.kv.block_size:
+                    # it holds only matched cache blocks: give them back (they stay cached and are
+                    # matched again at the next try). Kept, they would pin blocks no running
+                    # sequence can use, and waiting sequences holding each other's share of the
+                    # pool would stall the engine with nothing running.
+                    self.kv.free(seq.seq_id)
+                    seq.num_computed = 0
                 self.waiting.appendleft(seq)
                 break
             seq.status = SeqStatus.RUNNING
