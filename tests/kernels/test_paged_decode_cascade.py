@@ -5,7 +5,7 @@ attention), on float32 and bfloat16 pools on the AVX-512 path.
 
 Checked on random block tables with and without shared prefixes (several groups, prefixes that end
 inside a chunk, identical tables of different lengths, rows shorter than a chunk), GQA ratios 1 to 8,
-head sizes 32 / 64 / 128 and block sizes 8 / 16 / 32: the output matches dense attention (float32:
+head sizes 32 / 64 / 128 and block sizes 8 / 16 / 32 / 48 (chunks of 96 keys): the output matches dense attention (float32:
 1e-5), each row's output is bitwise the same as the row alone (batch invariance: a shared chunk's
 sums are the same floats as the row's own) and as with ``SLIMLM_DECODE_CASCADE=0`` (every chunk per
 row), and ``slimlm_decode_shared_chunks`` reports that chunks were shared (the test fails if the
@@ -72,7 +72,7 @@ def decode(lib, q, k_pool, v_pool, table, lens, scale, code):  # noqa: F811
 @needs_avx512
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("d,hq,hkv", [(64, 9, 3), (128, 8, 2), (64, 8, 1), (32, 4, 4)])
-@pytest.mark.parametrize("bs", [8, 16, 32])
+@pytest.mark.parametrize("bs", [8, 16, 32, 48])
 def test_shared_chunks_exact(lib, monkeypatch, dtype, d, hq, hkv, bs):  # noqa: F811
     monkeypatch.setenv("SLIMLM_AMX", "0")  # bf16: the AVX-512 path (AMX keeps its own)
     q, kp, vp, table, lens = shared_case(d + hq + bs, hq, hkv, d, bs, dtype)

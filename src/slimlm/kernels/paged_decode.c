@@ -390,11 +390,18 @@ static inline AI void chunk_part(const void *k_pool, const void *v_pool, const i
         }
     }
     for (int64_t h = 0; h < NH; ++h) { /* m, e = exp(s - m) in place, l */
-        float *sg = s + h * C, mx = -INFINITY;
-        for (int64_t t = 0; t < n; ++t) mx = sg[t] > mx ? sg[t] : mx;
+        float *sg = s + h * C;
+        __m512 vx = _mm512_set1_ps(-INFINITY);
+        int64_t t = 0;
+        for (; t + 16 <= n; t += 16) vx = _mm512_max_ps(vx, _mm512_loadu_ps(sg + t));
+        if (t < n) {
+            const __mmask16 mk = (__mmask16)((1u << (n - t)) - 1);
+            vx = _mm512_mask_max_ps(vx, mk, vx, _mm512_maskz_loadu_ps(mk, sg + t));
+        }
+        const float mx = _mm512_reduce_max_ps(vx);
         const __m512 vm = _mm512_set1_ps(mx);
         __m512 vs = _mm512_setzero_ps();
-        int64_t t = 0;
+        t = 0;
         for (; t + 16 <= n; t += 16) {
             const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sg + t), vm));
             _mm512_storeu_ps(sg + t, e);
