@@ -27,6 +27,10 @@
  * row buffer serves. On CPUs with AMX (amx.h: SLIMLM_AMX built, amx_ready(); ``SLIMLM_AMX=0`` says
  * no) bfloat16 pools with head size a multiple of 32 (up to 128), blocks a multiple of 16 keys and
  * at most 8 query heads per KV head take ``decode_rows_amx`` instead: both products on AMX tiles.
+ * Without ``mass``, the float32 / bfloat16 AVX-512 path walks each sequence in chunks of 128 keys
+ * merged by log-sum-exp (``decode_rows_chunked``), and a chunk whose blocks several rows share (a
+ * common prompt prefix) is computed once for all of them before the rows (cascade attention; each
+ * row's floats are still those it gets alone: "Chunked decode and shared chunks" below).
  */
 #include <math.h>
 #include <stdint.h>
