@@ -37,7 +37,6 @@ SIGNATURES: dict[str, dict[str, tuple]] = {
         # x, mu, rot, slots, T, H, d, code, data, aux, aux2: offset, Hadamard and quantize in one call
         "slimlm_kv_fwht": (_INT, (_PTR, _I64, _I64)),  # x (n, d) float32 rotated in place
         "slimlm_decode_amx": (_INT, ()),  # 1: bf16 pools run on AMX tiles now (SLIMLM_AMX=0: 0)
-        "slimlm_decode_shared_chunks": (_I64, ()),  # the calling thread's last call: chunks read once for several rows
         "slimlm_kv_encode": (_INT, (_PTR, _PTR, _INT, _PTR, _I64, _I64, _I64, _INT, _PTR, _PTR, _PTR)),
     },
     "paged_prefill": {

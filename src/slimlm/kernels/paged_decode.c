@@ -27,10 +27,6 @@
  * row buffer serves. On CPUs with AMX (amx.h: SLIMLM_AMX built, amx_ready(); ``SLIMLM_AMX=0`` says
  * no) bfloat16 pools with head size a multiple of 32 (up to 128), blocks a multiple of 16 keys and
  * at most 8 query heads per KV head take ``decode_rows_amx`` instead: both products on AMX tiles.
- * Without ``mass``, the float32 / bfloat16 AVX-512 path walks each sequence in chunks of 128 keys
- * merged by log-sum-exp (``decode_rows_chunked``), and a chunk whose blocks several rows share (a
- * common prompt prefix) is computed once for all of them before the rows (cascade attention; each
- * row's floats are still those it gets alone: "Chunked decode and shared chunks" below).
  */
 #include <math.h>
 #include <stdint.h>
@@ -315,311 +311,6 @@ static inline AI void decode_rows_avx512(const float *qb, const void *k_pool, co
     values_pass(v_pool, tb, L, block_size, W, D, Hq, Hkv, G, elem, dtype, s, acc);
     if (paired) repair(acc, ob, Hq, D, 0);
 }
-
-/* ------------------------------------------------------------------------------------------------
- * Chunked decode and shared chunks (cascade attention; Hydragen, FlashInfer's cascade, BatchLLM's
- * global prefix sharing). Without ``mass`` (and where decode_rows_amx does not serve), float32 and
- * bfloat16 pools on the AVX-512 path walk each sequence's keys in chunks of CHUNK_KEYS keys (whole
- * blocks; a chunk of nbc = max(1, CHUNK_KEYS / block_size) blocks) at fixed offsets 0, C, 2C, ...: per
- * chunk and query head its scores (score_block), their maximum m, e = exp(s - m), l = sum e and
- * o = sum e v (value_block, unnormalised); the chunks merged in order (log-sum-exp: the running sums
- * rescaled by exp(m_old - m_new)), the output o / l at the end. A whole chunk whose blocks (and those
- * before it) are the same physical blocks in several rows of the call (a shared prompt prefix under
- * prefix caching) is computed once for all of them, before the rows: its key and value rows are read
- * once, from memory, and serve every query head of every sharing row (from cache). score_block and
- * value_block compute each head's products on their own whatever heads they serve together, so a
- * chunk's (m, l, o) for a row are the same floats shared or alone, and so is the row's output: batch
- * invariance holds (tests/kernels/test_paged_decode_cascade.py checks it bitwise). Sharing groups are
- * found from the block tables each call: rows sorted by their tables (lexicographically), runs of
- * rows with the same first (j + 1) nbc blocks share chunk j. SLIMLM_DECODE_CASCADE=0 computes every
- * chunk per row (the same output; for A/B measurements).
- * --------------------------------------------------------------------------------------------- */
-#define CHUNK_KEYS 128
-
-static inline int64_t chunk_nblocks(int64_t bs) { return bs >= CHUNK_KEYS ? 1 : CHUNK_KEYS / bs; }
-
-/* A row's n query heads as score_block takes them (decode_rows_avx512's preparation): *qp float32
- * in the rows' channel order (qb itself, or repaired into qx), or with bdot the bf16 hi and lo parts
- * (in qx). qx: 2 n D floats. */
-static inline AI void prep_queries(const float *qb, float *qx, const int dtype, const int bdot, const int64_t n,
-                                   const int64_t D, const float **qp, const uint16_t **qh, const uint16_t **ql) {
-    *qp = qb;
-    *qh = (const uint16_t *)qx;
-    *ql = *qh + n * D;
-    if (bdot) {
-#ifdef __AVX512BF16__
-        for (int64_t c = 0; c < n * D; c += 16) {
-            const __m512 x = _mm512_loadu_ps(qb + c);
-            const __m256bh xh = _mm512_cvtneps_pbh(x);
-            const __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)xh), 16));
-            _mm256_storeu_si256((__m256i *)((uint16_t *)qx + c), (__m256i)xh);
-            _mm256_storeu_si256((__m256i *)((uint16_t *)qx + n * D + c), (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(x, back)));
-        }
-#endif
-    } else if (dtype == 1 && D % 32 == 0) {
-        repair(qb, qx, n, D, 1);
-        *qp = qx;
-    }
-}
-
-/* One chunk (keys [0, n) of blocks tbc) for NH query heads (qp / qh, ql: D apart; head h of KV head
- * g0 + h / Gs): m, l and the unnormalised o (NH x D, in the rows' channel order) as the header
- * above says; s: NH x C scratch. pf 1: prefetch as decode_rows_avx512 does (one part of the next
- * block per KV head; Lp keys from the chunk's start to the row's end), 2: the whole next block of
- * the chunk once. */
-static inline AI void chunk_part(const void *k_pool, const void *v_pool, const int dtype, const int bdot,
-                                 const int use_lo, const int64_t *tbc, const int64_t n, const int64_t Lp,
-                                 const float *qp, const uint16_t *qh, const uint16_t *ql, const int64_t NH,
-                                 const int64_t Gs, const int64_t g0, float *s, const int64_t C, float *m, float *l,
-                                 float *o, const int64_t Hkv, const int64_t D, const int64_t bs, const float scale,
-                                 const int pf) {
-    const int64_t W = Hkv * D, QN = D <= 64 ? QG : 2;
-    const size_t elem = dtype == 0 ? 4 : 2;
-    for (int64_t t0 = 0; t0 < n; t0 += bs) { /* scores */
-        const int64_t nk = n - t0 < bs ? n - t0 : bs, base = tbc[t0 / bs] * bs * W;
-        for (int64_t h0 = 0, hn = 0; h0 < NH; h0 += hn) {
-            const int64_t gi = h0 / Gs, g = g0 + gi;
-            hn = (gi + 1) * Gs - h0 < QN ? (gi + 1) * Gs - h0 : QN;
-            if (pf == 1 && h0 == gi * Gs) prefetch_part(k_pool, elem, tbc, t0, Lp, bs, W, g, Hkv);
-            if (pf == 2 && h0 == 0) prefetch_part(k_pool, elem, tbc, t0, Lp, bs, W, 0, 1);
-#define SCORE(HN) score_block(k_pool, base + g * D, nk, W, qp + h0 * D, qh + h0 * D, ql + h0 * D, s + h0 * C + t0, C, \
-                              dtype, bdot, use_lo, D, HN, scale)
-            switch (hn) {
-            case 1: SCORE(1); break;
-            case 2: SCORE(2); break;
-            case 3: if (D <= 64) SCORE(3); break;
-            default: if (D <= 64) SCORE(4); break;
-            }
-#undef SCORE
-        }
-    }
-    for (int64_t h = 0; h < NH; ++h) { /* m, e = exp(s - m) in place, l */
-        float *sg = s + h * C;
-        __m512 vx = _mm512_set1_ps(-INFINITY);
-        int64_t t = 0;
-        for (; t + 16 <= n; t += 16) vx = _mm512_max_ps(vx, _mm512_loadu_ps(sg + t));
-        if (t < n) {
-            const __mmask16 mk = (__mmask16)((1u << (n - t)) - 1);
-            vx = _mm512_mask_max_ps(vx, mk, vx, _mm512_maskz_loadu_ps(mk, sg + t));
-        }
-        const float mx = _mm512_reduce_max_ps(vx);
-        const __m512 vm = _mm512_set1_ps(mx);
-        __m512 vs = _mm512_setzero_ps();
-        t = 0;
-        for (; t + 16 <= n; t += 16) {
-            const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sg + t), vm));
-            _mm512_storeu_ps(sg + t, e);
-            vs = _mm512_add_ps(vs, e);
-        }
-        if (t < n) {
-            const __mmask16 mk = (__mmask16)((1u << (n - t)) - 1);
-            const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sg + t), vm));
-            _mm512_mask_storeu_ps(sg + t, mk, e);
-            vs = _mm512_mask_add_ps(vs, mk, vs, e);
-        }
-        m[h] = mx;
-        l[h] = _mm512_reduce_add_ps(vs);
-    }
-    memset(o, 0, (size_t)(NH * D) * sizeof(float));
-    for (int64_t t0 = 0; t0 < n; t0 += bs) { /* values */
-        const int64_t nk = n - t0 < bs ? n - t0 : bs, base = tbc[t0 / bs] * bs * W;
-        for (int64_t h0 = 0, hn = 0; h0 < NH; h0 += hn) {
-            const int64_t gi = h0 / Gs, g = g0 + gi;
-            hn = (gi + 1) * Gs - h0 < QN ? (gi + 1) * Gs - h0 : QN;
-            if (pf == 1 && h0 == gi * Gs) prefetch_part(v_pool, elem, tbc, t0, Lp, bs, W, g, Hkv);
-            if (pf == 2 && h0 == 0) prefetch_part(v_pool, elem, tbc, t0, Lp, bs, W, 0, 1);
-#define VALUE(HN) value_block(v_pool, base + g * D, nk, W, s + h0 * C + t0, C, o + h0 * D, dtype, D, HN)
-            switch (hn) {
-            case 1: VALUE(1); break;
-            case 2: VALUE(2); break;
-            case 3: if (D <= 64) VALUE(3); break;
-            default: if (D <= 64) VALUE(4); break;
-            }
-#undef VALUE
-        }
-    }
-}
-
-/* The running (M, Ls, O) of NH heads merged with a chunk's (m, l, o). */
-static inline AI void merge_part(float *M, float *Ls, float *O, const float *m, const float *l, const float *o,
-                                 const int64_t NH, const int64_t D) {
-    for (int64_t h = 0; h < NH; ++h) {
-        const float mn = m[h] > M[h] ? m[h] : M[h], a = expf(M[h] - mn), b = expf(m[h] - mn);
-        Ls[h] = Ls[h] * a + l[h] * b;
-        const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b);
-        for (int64_t i = 0; i < D; i += 16)
-            _mm512_storeu_ps(O + h * D + i, _mm512_fmadd_ps(_mm512_loadu_ps(o + h * D + i), vb,
-                                                            _mm512_mul_ps(_mm512_loadu_ps(O + h * D + i), va)));
-        M[h] = mn;
-    }
-}
-
-/* Per-thread scratch of the chunked path: queries, one chunk's scores and (m, l, o), the running sums. */
-typedef struct {
-    float *qx, *s, *m, *l, *o, *M, *Ls, *O;
-} chunk_scratch;
-
-static int chunk_scratch_init(chunk_scratch *c, int64_t NH, int64_t D, int64_t C) {
-    float *p = (float *)malloc((size_t)(NH * (2 * D + C + 2 * D + 4) + NH * D) * sizeof(float));
-    if (!p) return 1;
-    c->qx = p;
-    c->s = c->qx + 2 * NH * D;
-    c->o = c->s + NH * C;
-    c->O = c->o + NH * D;
-    c->m = c->O + NH * D;
-    c->l = c->m + NH;
-    c->M = c->l + NH;
-    c->Ls = c->M + NH;
-    return 0;
-}
-
-/* Shared chunks of one call: sh[b * maxc + j] = the slot of row b's chunk j when computed ahead
- * (its m, l at pm, pl + slot Hq, o at po + slot Hq D), else -1; tasks (first index into order,
- * rows, chunk). */
-typedef struct {
-    int64_t *sh, *order, *task;
-    float *pm, *pl, *po;
-    int64_t maxc, ntask, nslot;
-} cascade_t;
-
-static int table_cmp(const int64_t *ta, int64_t na, int ua, const int64_t *tb, int64_t nb, int ub) {
-    if (ua != ub) return ua < ub ? -1 : 1;
-    for (int64_t i = 0; i < (na < nb ? na : nb); ++i)
-        if (ta[i] != tb[i]) return ta[i] < tb[i] ? -1 : 1;
-    return na < nb ? -1 : na > nb;
-}
-
-/* Fill ``cs`` for the call (lo[b]: row b's query has bits below bf16's, for bdot). Returns 1 out of memory. */
-static int cascade_plan(cascade_t *cs, const int64_t *table, const int64_t *lens, const unsigned char *lo, int64_t B,
-                        int64_t max_blocks, int64_t bs, int64_t Hq, int64_t D) {
-    const int64_t nbc = chunk_nblocks(bs), C = nbc * bs;
-    memset(cs, 0, sizeof *cs);
-    for (int64_t b = 0; b < B; ++b) {
-        const int64_t c = lens[b] > 0 ? (lens[b] + C - 1) / C : 0;
-        cs->maxc = c > cs->maxc ? c : cs->maxc;
-    }
-    if (cs->maxc == 0) return 0;
-    cs->sh = (int64_t *)malloc((size_t)(B * cs->maxc + B + 3 * B * cs->maxc) * sizeof(int64_t));
-    if (!cs->sh) return 1;
-    cs->order = cs->sh + B * cs->maxc;
-    cs->task = cs->order + B;
-    for (int64_t i = 0; i < B * cs->maxc; ++i) cs->sh[i] = -1;
-    int64_t n = 0; /* rows with a whole chunk, insertion-sorted by (lo, their whole chunks' blocks) */
-    for (int64_t b = 0; b < B; ++b) {
-        const int64_t nf = lens[b] > 0 ? lens[b] / C : 0;
-        if (nf == 0 || nf * nbc > max_blocks) continue;
-        int64_t i = n++;
-        while (i > 0) {
-            const int64_t a = cs->order[i - 1];
-            if (table_cmp(table + a * max_blocks, lens[a] / C * nbc, lo[a], table + b * max_blocks, nf * nbc, lo[b]) <= 0)
-                break;
-            cs->order[i] = a;
-            --i;
-        }
-        cs->order[i] = b;
-    }
-    for (int64_t j = 0; j < cs->maxc; ++j) /* runs of rows whose first j + 1 chunks are the same blocks */
-        for (int64_t i = 0; i < n;) {
-            const int64_t a = cs->order[i];
-            int64_t k = i + 1;
-            if (lens[a] / C > j)
-                while (k < n && lens[cs->order[k]] / C > j && lo[cs->order[k]] == lo[a]
-                       && !memcmp(table + a * max_blocks, table + cs->order[k] * max_blocks,
-                                  (size_t)((j + 1) * nbc) * sizeof(int64_t)))
-                    ++k;
-            if (k - i >= 2) {
-                int64_t *t = cs->task + 3 * cs->ntask++;
-                t[0] = i, t[1] = k - i, t[2] = j;
-                for (int64_t r = i; r < k; ++r) cs->sh[cs->order[r] * cs->maxc + j] = cs->nslot++;
-            }
-            i = k;
-        }
-    if (cs->nslot) {
-        cs->pm = (float *)malloc((size_t)(cs->nslot * Hq * (D + 2)) * sizeof(float));
-        if (!cs->pm) return 1;
-        cs->pl = cs->pm + cs->nslot * Hq;
-        cs->po = cs->pl + cs->nslot * Hq;
-    }
-    return 0;
-}
-
-/* Task ``it`` (shared chunk it / Hkv, KV head it % Hkv): the sharing rows' heads of that KV head
- * gathered (prepared as each row alone prepares them), one chunk_part for all, scattered to the slots. */
-static inline AI void cascade_task(const cascade_t *cs, int64_t it, const float *q, const void *k_pool,
-                                   const void *v_pool, const int dtype, const int bdot, const int use_lo,
-                                   const int64_t *table, int64_t max_blocks, float *buf, float *qx, int64_t Hq,
-                                   int64_t Hkv, const int64_t D, int64_t bs, float scale) {
-    const int64_t *t = cs->task + 3 * (it / Hkv), g = it % Hkv, G = Hq / Hkv, nr = t[1], j = t[2], NH = nr * G;
-    const int64_t nbc = chunk_nblocks(bs), C = nbc * bs;
-    float *gq = buf, *s = gq + 2 * NH * D, *o = s + NH * C, *m = o + NH * D, *l = m + NH;
-    uint16_t *gh = (uint16_t *)gq, *gl = gh + NH * D;
-    for (int64_t r = 0; r < nr; ++r) {
-        const int64_t b = cs->order[t[0] + r];
-        const float *qp;
-        const uint16_t *qh, *ql;
-        prep_queries(q + b * Hq * D, qx, dtype, bdot, Hq, D, &qp, &qh, &ql);
-        if (bdot) {
-            memcpy(gh + r * G * D, qh + g * G * D, (size_t)(G * D) * 2);
-            memcpy(gl + r * G * D, ql + g * G * D, (size_t)(G * D) * 2);
-        } else {
-            memcpy(gq + r * G * D, qp + g * G * D, (size_t)(G * D) * sizeof(float));
-        }
-    }
-    const int64_t *tbc = table + cs->order[t[0]] * max_blocks + j * nbc;
-    chunk_part(k_pool, v_pool, dtype, bdot, use_lo, tbc, C, C, gq, gh, gl, NH, NH, g, s, C, m, l, o, Hkv, D, bs, scale, 2);
-    for (int64_t r = 0; r < nr; ++r) {
-        const int64_t slot = cs->sh[cs->order[t[0] + r] * cs->maxc + j];
-        for (int64_t i = 0; i < G; ++i) {
-            cs->pm[slot * Hq + g * G + i] = m[r * G + i];
-            cs->pl[slot * Hq + g * G + i] = l[r * G + i];
-        }
-        memcpy(cs->po + (slot * Hq + g * G) * D, o + r * G * D, (size_t)(G * D) * sizeof(float));
-    }
-}
-
-/* One row by chunks: its shared chunks read from ``cs`` (NULL: none), the others computed here. */
-static inline AI void decode_rows_chunked(const float *qb, const void *k_pool, const void *v_pool, const int dtype,
-                                          const int bdot, const int use_lo, const int64_t *tb, int64_t L, float *ob,
-                                          chunk_scratch *cw, const cascade_t *cs, int64_t b, const int64_t Hq,
-                                          const int64_t Hkv, const int64_t D, const int64_t bs, const float scale) {
-    const int64_t G = Hq / Hkv, nbc = chunk_nblocks(bs), C = nbc * bs;
-    const float *qp;
-    const uint16_t *qh, *ql;
-    prep_queries(qb, cw->qx, dtype, bdot, Hq, D, &qp, &qh, &ql);
-    for (int64_t h = 0; h < Hq; ++h) cw->M[h] = -INFINITY, cw->Ls[h] = 0.f;
-    memset(cw->O, 0, (size_t)(Hq * D) * sizeof(float));
-    for (int64_t j = 0, t0 = 0; t0 < L; ++j, t0 += C) {
-        const int64_t slot = cs && cs->sh ? cs->sh[b * cs->maxc + j] : -1;
-        if (slot >= 0) {
-            merge_part(cw->M, cw->Ls, cw->O, cs->pm + slot * Hq, cs->pl + slot * Hq, cs->po + slot * Hq * D, Hq, D);
-            continue;
-        }
-        const int64_t n = L - t0 < C ? L - t0 : C;
-        chunk_part(k_pool, v_pool, dtype, bdot, use_lo, tb + j * nbc, n, L - t0, qp, qh, ql, Hq, G, 0, cw->s, C, cw->m,
-                   cw->l, cw->o, Hkv, D, bs, scale, 1);
-        merge_part(cw->M, cw->Ls, cw->O, cw->m, cw->l, cw->o, Hq, D);
-    }
-    const int paired = dtype == 1 && D % 32 == 0;
-    float *dst = paired ? cw->o : ob;
-    for (int64_t h = 0; h < Hq; ++h) {
-        const __m512 w = _mm512_set1_ps(1.f / cw->Ls[h]);
-        for (int64_t i = 0; i < D; i += 16)
-            _mm512_storeu_ps(dst + h * D + i, _mm512_mul_ps(_mm512_loadu_ps(cw->O + h * D + i), w));
-    }
-    if (paired) repair(cw->o, ob, Hq, D, 0);
-}
-
-/* decode_rows_chunked / cascade_task instantiated per pool type and query kind at head size D. */
-#define CHUNKED_ROWS(D)                                                                                                \
-    if (dtype == 0) decode_rows_chunked(qb, k_pool, v_pool, 0, 0, 0, tb, L, ob, &cw, csp, b, Hq, Hkv, D, block_size, scale); \
-    else if (!bdot) decode_rows_chunked(qb, k_pool, v_pool, 1, 0, 0, tb, L, ob, &cw, csp, b, Hq, Hkv, D, block_size, scale); \
-    else if (!use_lo) decode_rows_chunked(qb, k_pool, v_pool, 1, 1, 0, tb, L, ob, &cw, csp, b, Hq, Hkv, D, block_size, scale); \
-    else decode_rows_chunked(qb, k_pool, v_pool, 1, 1, 1, tb, L, ob, &cw, csp, b, Hq, Hkv, D, block_size, scale);
-#define CASCADE_TASK(D)                                                                                                \
-    if (dtype == 0) cascade_task(&cs, it, q, k_pool, v_pool, 0, 0, 0, table, max_blocks, buf, qx, Hq, Hkv, D, block_size, scale); \
-    else if (!bdot) cascade_task(&cs, it, q, k_pool, v_pool, 1, 0, 0, table, max_blocks, buf, qx, Hq, Hkv, D, block_size, scale); \
-    else if (!ulo) cascade_task(&cs, it, q, k_pool, v_pool, 1, 1, 0, table, max_blocks, buf, qx, Hq, Hkv, D, block_size, scale); \
-    else cascade_task(&cs, it, q, k_pool, v_pool, 1, 1, 1, table, max_blocks, buf, qx, Hq, Hkv, D, block_size, scale);
 #endif
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(SLIMLM_AMX)
@@ -1033,8 +724,6 @@ static void decode_generic(const float *qb, const pool_t *kp, const pool_t *vp, 
     }
 }
 
-static _Thread_local int64_t last_shared = 0;
-
 int slimlm_paged_decode(const float *q, const void *k_pool, const void *v_pool, const void *k_aux,
                         const void *k_aux2, const void *v_aux, const void *v_aux2, int dtype,
                         const int64_t *table, const int64_t *lens, float *out, float *mass,
@@ -1048,64 +737,6 @@ int slimlm_paged_decode(const float *q, const void *k_pool, const void *v_pool, 
 #ifdef SLIMLM_DECODE_AMX
     const int amx = decode_amx_ok(dtype, Hq, Hkv, d, block_size);
 #endif
-    int chunked = 0; /* decode_rows_chunked serves (float32 / bfloat16 pools on AVX-512, no mass) */
-#ifdef __AVX512F__
-    const int bdot = dtype == 1 && d % 32 == 0 && HAVE_BDOT;
-    chunked = !mass && d % 16 == 0 && d <= 128 && dtype <= 1;
-#ifdef SLIMLM_DECODE_AMX
-    chunked = chunked && !amx;
-#endif
-    cascade_t cs;
-    memset(&cs, 0, sizeof cs);
-    const cascade_t *csp = NULL;
-    const char *cenv = getenv("SLIMLM_DECODE_CASCADE");
-    if (chunked && B > 1 && !(cenv && cenv[0] == '0' && !cenv[1])) {
-        unsigned char *lo = (unsigned char *)calloc((size_t)B, 1);
-        if (!lo) return 2;
-        for (int64_t b = 0; bdot && b < B; ++b) /* a query not exact in bf16 (low 16 bits set): its rows group apart */
-            for (int64_t i = 0; i < Hq * d && !lo[b]; ++i) {
-                uint32_t u;
-                memcpy(&u, q + b * Hq * d + i, 4);
-                lo[b] = (u & 0xFFFFu) != 0;
-            }
-        const int bad = cascade_plan(&cs, table, lens, lo, B, max_blocks, block_size, Hq, d);
-        if (bad) {
-            free(lo);
-            free(cs.sh);
-            free(cs.pm);
-            return 2;
-        }
-        csp = &cs;
-        last_shared = cs.ntask;
-        if (cs.ntask) { /* the shared chunks first, (chunk, KV head) items */
-            int64_t nrmax = 0, it_next = 0;
-            for (int64_t t = 0; t < cs.ntask; ++t) nrmax = cs.task[3 * t + 1] > nrmax ? cs.task[3 * t + 1] : nrmax;
-            const int64_t NH = nrmax * G, C = chunk_nblocks(block_size) * block_size;
-#pragma omp parallel num_threads(nthreads)
-            {
-                float *buf = (float *)malloc((size_t)(NH * (3 * d + C + 2) + 2 * Hq * d) * sizeof(float));
-                if (!buf) __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
-                float *qx = buf ? buf + NH * (3 * d + C + 2) : NULL;
-                while (buf) {
-                    const int64_t it = __atomic_fetch_add(&it_next, 1, __ATOMIC_RELAXED);
-                    if (it >= cs.ntask * Hkv) break;
-                    const int ulo = lo[cs.order[cs.task[3 * (it / Hkv)]]];
-                    if (d == 64) { CASCADE_TASK(64) }
-                    else { CASCADE_TASK(d) }
-                }
-                free(buf);
-            }
-        }
-        free(lo);
-        if (failed) {
-            free(cs.sh);
-            free(cs.pm);
-            return 2;
-        }
-    } else {
-        last_shared = 0;
-    }
-#endif
 #pragma omp parallel num_threads(nthreads)
     {
         /* row: one converted row (portable loop) or the queries rearranged (decode_rows_avx512) */
@@ -1113,14 +744,6 @@ int slimlm_paged_decode(const float *q, const void *k_pool, const void *v_pool, 
         int64_t cap = 0;
         float *s = NULL;
         if (!row) __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
-#ifdef __AVX512F__
-        chunk_scratch cw = {0};
-        if (row && chunked && chunk_scratch_init(&cw, Hq, d, chunk_nblocks(block_size) * block_size)) {
-            __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
-            free(row);
-            row = NULL;
-        }
-#endif
 #ifdef SLIMLM_DECODE_AMX
         amx_rows_t as;
         if (amx) {
@@ -1139,21 +762,6 @@ int slimlm_paged_decode(const float *q, const void *k_pool, const void *v_pool, 
             const int64_t L = lens[b];
             float *ob = out + b * Hq * d;
             if (L <= 0) { memset(ob, 0, (size_t)(Hq * d) * sizeof(float)); continue; }
-#ifdef __AVX512F__
-            if (chunked) {
-                const float *qb = q + b * Hq * d;
-                const int64_t *tb = table + b * max_blocks;
-                int use_lo = 0; /* a query not exact in bf16 (low 16 bits of a float32 set) */
-                for (int64_t i = 0; bdot && i < Hq * d && !use_lo; ++i) {
-                    uint32_t u;
-                    memcpy(&u, qb + i, 4);
-                    use_lo = (u & 0xFFFFu) != 0;
-                }
-                if (d == 64) { CHUNKED_ROWS(64) }
-                else { CHUNKED_ROWS(d) }
-                continue;
-            }
-#endif
             if (Hq * L > cap) {
                 free(s);
                 cap = Hq * L;
@@ -1211,20 +819,9 @@ int slimlm_paged_decode(const float *q, const void *k_pool, const void *v_pool, 
 #endif
         free(s);
         free(row);
-#ifdef __AVX512F__
-        free(cw.qx);
-#endif
     }
-#ifdef __AVX512F__
-    free(cs.sh);
-    free(cs.pm);
-#endif
     return failed ? 2 : 0;
 }
-
-/* Shared chunks (chunk, all KV heads) the calling thread's last slimlm_paged_decode computed once for
- * several rows (0: none, or the chunked path did not serve): tests and benchmarks tell the cascade ran. */
-int64_t slimlm_decode_shared_chunks(void) { return last_shared; }
 
 /* Quantize rows into a quantized pool, as the codecs' ``write`` computes them (codec/int8.py,
  * codec/int4.py; a rotating codec passes its rows already rotated): x (T, H, d) float32, row t
