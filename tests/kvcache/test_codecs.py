@@ -175,16 +175,19 @@ def dense_greedy(lm, codec_name, prompt, n):
     return ids[len(prompt):]
 
 
+ENGINE_SETTINGS = [dict(max_num_batched_tokens=16, block_size=8), dict(max_num_batched_tokens=64, block_size=16),
+                   dict(max_num_batched_tokens=512, block_size=8, enable_prefix_caching=False),
+                   dict(max_num_batched_tokens=64, block_size=8, native_kernels=False)]
+"""Chunk sizes, block sizes, prefix caching off and the PyTorch path: the engine settings every codec is run under."""
+
+
 @pytest.fixture(scope="module")
 def tiny(tiny_llama_dir):
     return load(tiny_llama_dir)
 
 
 @pytest.mark.parametrize("name", ["int8", "int4"])
-@pytest.mark.parametrize("settings", [dict(max_num_batched_tokens=16, block_size=8),
-                                      dict(max_num_batched_tokens=64, block_size=16),
-                                      dict(max_num_batched_tokens=512, block_size=8, enable_prefix_caching=False),
-                                      dict(max_num_batched_tokens=64, block_size=8, native_kernels=False)])
+@pytest.mark.parametrize("settings", ENGINE_SETTINGS)
 def test_quantized_engine_equals_dense_reference(tiny, name, settings):
     prompts = make_prompts(6, seed=7)
     p = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)

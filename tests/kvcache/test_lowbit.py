@@ -15,7 +15,7 @@ from slimlm.kvcache.codec import lowbit as int3
 from slimlm.model.attention import attention
 from slimlm.model.hub import load
 from tests.engine.test_engine import make_prompts
-from tests.kvcache.test_codecs import roundtrip
+from tests.kvcache.test_codecs import ENGINE_SETTINGS, roundtrip
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -137,10 +137,7 @@ def lm64(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["int3", "int4s"])
-@pytest.mark.parametrize("settings", [dict(max_num_batched_tokens=16, block_size=8),
-                                      dict(max_num_batched_tokens=64, block_size=16),
-                                      dict(max_num_batched_tokens=512, block_size=8, enable_prefix_caching=False),
-                                      dict(max_num_batched_tokens=64, block_size=8, native_kernels=False)])
+@pytest.mark.parametrize("settings", ENGINE_SETTINGS)
 def test_engine_equals_dense_reference(lm64, name, settings):
     prompts = make_prompts(5, seed=7)
     p = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
